@@ -1,0 +1,75 @@
+// Lazy restore: map a snapshot's regions back at their addresses and fill them on first touch.
+//
+//   auto r = lazymem::LazyRestore::start("/var/lib/lazymem/store/app");
+//   if (!r.ok()) { ... r.error().message() ... }
+//   use((*r)->region("heap")->address);   // pages arrive as they are touched
+//
+// A handler thread inside this process reads the faults, fetches the chunks (local store or
+// page server), verifies and decodes them and installs them with UFFDIO_COPY. Background
+// prefetch fills the rest while the application runs.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "lazymem/kernel_features.h"
+#include "lazymem/result.h"
+#include "lazymem/snapshot.h"
+#include "lazymem/stats.h"
+
+namespace lazymem {
+
+struct RestoreOptions {
+  bool prefetch = true;              // fill untouched pages in the background
+  std::string token_file;            // page-server token, for lazymem:// sources
+  bool direct_io = true;             // local store: O_DIRECT (falls back to buffered where refused)
+  bool force_pread = false;          // local store: no io_uring
+  unsigned reads_in_flight = 64;     // chunk requests outstanding per source
+  unsigned fetch_attempts = 3;       // tries per chunk before its pages are failed
+  std::chrono::milliseconds fault_deadline{30000};  // a faulting thread waits at most this long
+};
+
+struct RestoredRegion {
+  std::string name;
+  void* address = nullptr;
+  size_t length = 0;
+};
+
+class LazyRestore {
+ public:
+  // Maps every region at its recorded address (failing, with nothing left mapped, if any range
+  // is taken), registers them with userfaultfd and starts serving faults.
+  static Result<std::unique_ptr<LazyRestore>> start(const std::string& location, const KernelFeatures& features,
+                                                    const RestoreOptions& options = {});
+  static Result<std::unique_ptr<LazyRestore>> start(const std::string& location, const RestoreOptions& options = {});
+
+  // Completes the restore (fetching whatever is still missing), then hands the memory over.
+  // Never leaves pages unrestored behind: a closed userfaultfd would let the kernel zero-fill them.
+  ~LazyRestore();
+
+  const std::vector<RestoredRegion>& regions() const;
+  const RestoredRegion* region(std::string_view name) const;
+  const std::vector<std::byte>& app_state() const;
+  RestoreStats stats() const;
+
+  // Fetches everything still missing (turning prefetch on) and waits for it.
+  Status wait_complete(std::chrono::milliseconds timeout = std::chrono::hours(24));
+  // wait_complete(), then unregisters the memory and stops the handler. Idempotent.
+  Status finish();
+
+  struct Impl;
+
+ private:
+  explicit LazyRestore(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Restores every region now (read, decompress into place), the way a non-lazy restorer does.
+// The memory is left mapped; the caller owns it (munmap when done).
+Result<std::vector<RestoredRegion>> restore_eager(const std::string& location, const RestoreOptions& options = {});
+
+}  // namespace lazymem

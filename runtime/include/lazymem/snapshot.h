@@ -1,0 +1,113 @@
+// Snapshots: what they hold (Manifest) and how to capture one.
+//
+// A snapshot is a manifest (regions, and per chunk its codec, place and checksum) plus a data
+// file of stored chunks. It lives in a store directory as <store>/<name>/, or on a page server
+// as lazymem://HOST:PORT/NAME. See docs/snapshot-format.md.
+#pragma once
+
+#include <sys/mman.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lazymem/result.h"
+
+namespace lazymem {
+
+constexpr uint32_t kDefaultChunkSize = 64 * 1024;
+constexpr uint32_t kMinChunkSize = 4096;
+constexpr uint32_t kMaxChunkSize = 4 * 1024 * 1024;
+
+enum class Codec : uint8_t { kZero = 0, kRaw = 1, kZstd = 2 };
+const char* codec_name(Codec c);
+
+struct ChunkInfo {
+  Codec codec = Codec::kZero;
+  uint64_t offset = 0;       // in the data file
+  uint32_t stored_length = 0;
+  uint64_t checksum = 0;     // xxh3-64 of the uncompressed bytes
+};
+
+enum class RegionKind : uint8_t { kProcess = 0, kRawFile = 1 };
+
+struct RegionInfo {
+  std::string name;
+  uint64_t start_address = 0;  // where it was mapped (kProcess); 0 for kRawFile
+  uint64_t length = 0;
+  uint32_t page_size = 4096;
+  uint32_t protection = PROT_READ | PROT_WRITE;
+  RegionKind kind = RegionKind::kProcess;
+  std::vector<ChunkInfo> chunks;
+};
+
+struct Manifest {
+  uint32_t chunk_size = kDefaultChunkSize;
+  std::vector<RegionInfo> regions;
+  std::vector<std::byte> app_state;
+  std::vector<uint64_t> working_set;
+  uint64_t created_unix_ns = 0;
+  uint64_t data_length = 0;
+  int32_t compression_level = 1;
+
+  // Bytes of chunk `chunk` of region `region` once decompressed (the last chunk may be short).
+  uint32_t chunk_length(size_t region, size_t chunk) const;
+  uint64_t total_bytes() const;   // sum of region lengths
+  uint64_t stored_bytes() const;  // sum of stored chunk lengths
+};
+
+// Where a snapshot lives: a directory "<store>/<name>" or "lazymem://HOST:PORT/NAME".
+struct SnapshotLocation {
+  std::string store_dir;  // local store; empty for a remote one
+  std::string host;       // page server (remote)
+  uint16_t port = 0;
+  std::string name;
+
+  bool remote() const { return !host.empty(); }
+  std::string to_string() const;
+  static Result<SnapshotLocation> parse(const std::string& text);
+};
+
+struct CaptureOptions {
+  uint32_t chunk_size = kDefaultChunkSize;
+  int zstd_level = 1;
+  unsigned threads = 0;                  // compression threads; 0 = one per core
+  std::vector<std::byte> app_state;      // opaque blob returned by restore
+  bool replace = false;                  // replace an existing snapshot of the same name
+  std::string token_file;                // page-server token, for lazymem:// targets
+};
+
+// One range of the calling process's memory to capture.
+struct CaptureRegion {
+  std::string name;
+  const void* address = nullptr;
+  size_t length = 0;  // a multiple of the page size
+  int protection = PROT_READ | PROT_WRITE;
+};
+
+struct CaptureReport {
+  std::string location;
+  uint64_t total_bytes = 0;
+  uint64_t stored_bytes = 0;
+  uint64_t chunks = 0;
+  uint64_t zero_chunks = 0;
+  uint64_t raw_chunks = 0;
+  uint64_t zstd_chunks = 0;
+  double seconds = 0;
+};
+
+// Captures `regions` of this process (plus options.app_state) into a snapshot at `target`.
+// The snapshot appears atomically: a failed or interrupted capture leaves nothing under its name.
+Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions,
+                                      const CaptureOptions& options);
+
+// Captures a raw memory file (e.g. a VM's guest memory image) as one kRawFile region.
+Result<CaptureReport> capture_raw_file(const std::string& target, const std::string& file,
+                                       const CaptureOptions& options);
+
+// Reads and validates a snapshot's manifest (local or remote).
+Result<Manifest> read_manifest(const std::string& location, const std::string& token_file = "");
+
+}  // namespace lazymem

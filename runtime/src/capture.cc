@@ -1,0 +1,86 @@
+// Capturing memory (this process's regions, or a raw memory file) into a snapshot.
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "lazymem/snapshot.h"
+#include "net/remote.h"
+#include "snapshot/snapshot_writer.h"
+#include "snapshot/store.h"
+#include "sys/mapping.h"
+#include "sys/unique_fd.h"
+
+namespace lazymem {
+namespace {
+
+Result<std::unique_ptr<snapshot::SnapshotSink>> open_sink(const std::string& target, const CaptureOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(target));
+  if (loc.remote()) return net::open_remote_sink(loc, options);
+  return snapshot::open_local_sink(loc, options.replace);
+}
+
+Status check_options(const CaptureOptions& o) {
+  if (o.chunk_size < kMinChunkSize || o.chunk_size > kMaxChunkSize || (o.chunk_size & (o.chunk_size - 1)) != 0) {
+    return Error(Errc::kInvalidArgument, fmt::format("chunk size {} must be a power of two from {} to {}", o.chunk_size,
+                                                     kMinChunkSize, kMaxChunkSize));
+  }
+  if (o.zstd_level < -7 || o.zstd_level > 22) {
+    return Error(Errc::kInvalidArgument, fmt::format("zstd level {} is outside -7..22", o.zstd_level));
+  }
+  return ok_status();
+}
+
+}  // namespace
+
+Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions,
+                                      const CaptureOptions& options) {
+  LAZYMEM_TRY(check_options(options));
+  const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
+  for (const auto& r : regions) {
+    if (r.address == nullptr || r.length == 0 || r.length % page != 0 || reinterpret_cast<uintptr_t>(r.address) % page != 0) {
+      return Error(Errc::kInvalidArgument, fmt::format("region '{}': address and length must be page aligned and non-empty", r.name));
+    }
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
+  snapshot::SnapshotWriter writer(std::move(sink), options);
+  for (const auto& r : regions) {
+    RegionInfo meta;
+    meta.name = r.name;
+    meta.start_address = reinterpret_cast<uintptr_t>(r.address);
+    meta.length = r.length;
+    meta.page_size = page;
+    meta.protection = static_cast<uint32_t>(r.protection);
+    meta.kind = RegionKind::kProcess;
+    LAZYMEM_TRY(writer.add_region(std::move(meta), {static_cast<const std::byte*>(r.address), r.length}));
+  }
+  return writer.finish();
+}
+
+Result<CaptureReport> capture_raw_file(const std::string& target, const std::string& file, const CaptureOptions& options) {
+  LAZYMEM_TRY(check_options(options));
+  sys::UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return sys_error("open memory file " + file, errno);
+  struct stat st{};
+  if (::fstat(fd.get(), &st) != 0) return sys_error("stat " + file, errno);
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  if (st.st_size <= 0 || static_cast<uint64_t>(st.st_size) % page != 0) {
+    return Error(Errc::kInvalidArgument,
+                 fmt::format("memory file {} is {} bytes, not a positive multiple of the {}-byte page", file, st.st_size, page));
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(sys::Mapping view, sys::Mapping::file_readonly(fd.get(), static_cast<size_t>(st.st_size)));
+  ::madvise(view.data(), view.size(), MADV_SEQUENTIAL);
+  LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
+  snapshot::SnapshotWriter writer(std::move(sink), options);
+  RegionInfo meta;
+  std::string base = file.substr(file.find_last_of('/') == std::string::npos ? 0 : file.find_last_of('/') + 1);
+  meta.name = base.empty() ? "memory" : base;
+  meta.start_address = 0;
+  meta.length = static_cast<uint64_t>(st.st_size);
+  meta.page_size = static_cast<uint32_t>(page);
+  meta.kind = RegionKind::kRawFile;
+  LAZYMEM_TRY(writer.add_region(std::move(meta), view.bytes()));
+  return writer.finish();
+}
+
+}  // namespace lazymem

@@ -1,0 +1,823 @@
+// FaultEngine: one event loop resolving missing-page faults from chunk sources.
+#include "fault/fault_engine.h"
+
+#include <fmt/format.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+
+#include "core/log.h"
+#include "snapshot/chunk_codec.h"
+#include "sys/syscall_result.h"
+#include "sys/uapi_compat.h"
+
+namespace lazymem::fault {
+namespace {
+
+using snapshot::ChunkRef;
+using snapshot::ChunkRequest;
+
+// Chunk states. Values >= kInFlight are kInFlight + the pending slot fetching the chunk.
+constexpr uint32_t kAbsent = 0;
+constexpr uint32_t kPresent = 1;
+constexpr uint32_t kFailed = 2;
+constexpr uint32_t kInFlight = 16;
+
+constexpr uint64_t kControlTag = ~uint64_t{0};
+constexpr size_t kEventsPerRead = 64;
+constexpr size_t kCompletionsPerPoll = 4;  // between two looks at the uffds: bounds fault latency
+constexpr size_t kZeroInstallsPerRound = 256;
+
+uint64_t now_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ULL + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+enum class InstallStatus { kOk, kRetry, kFailed };
+
+}  // namespace
+
+struct FaultEngine::Session {
+  SessionId id = 0;
+  std::string name;
+  pid_t pid = 0;
+  bool prefetch = true;
+  sys::Uffd uffd;
+  std::shared_ptr<snapshot::ChunkSource> source;
+  const Manifest* manifest = nullptr;
+  std::unique_ptr<snapshot::ChunkReader> reader;
+  AddressMap map;
+  std::vector<std::vector<uint32_t>> state;
+  std::vector<std::unique_ptr<LiveRegionStats>> stats;
+  uint64_t chunks_total = 0;
+  std::atomic<uint64_t> chunks_present{0};
+  uint64_t chunks_failed = 0;
+  std::atomic<bool> complete{false};
+  std::atomic<bool> failed{false};
+  std::string failure;  // guarded by FaultEngine::mu_
+  bool live = false;    // reader open and fds in the epoll set (engine thread)
+
+  // Prefetch planning (engine thread).
+  uint32_t sweep_region = 0, sweep_chunk = 0;
+  uint32_t hint_region = 0, hint_chunk = 0;
+  bool hint_valid = false;
+  size_t window = 4;
+  size_t prefetch_in_flight = 0;
+  size_t prefetch_done_since_demand = 0;
+  std::vector<ChunkRequest> demand_q, prefetch_q;
+
+  uint32_t chunk_size() const { return manifest->chunk_size; }
+};
+
+struct FaultEngine::Pending {
+  uint32_t gen = 0;
+  bool used = false;
+  Session* s = nullptr;
+  ChunkRef ref;
+  bool demand = false;
+  bool queued_as_demand = false;
+  uint64_t fault_ns = 0;  // when the first fault on it was read (0: none yet)
+  uint32_t faults = 0;
+  uint32_t attempts = 0;
+};
+
+// The engine thread's state. Everything here is touched by that thread only.
+class FaultEngine::Loop final : public snapshot::ChunkSink {
+ public:
+  explicit Loop(FaultEngine& e) : e_(e), log_(log::get("runtime")) {}
+
+  void run();
+
+  void on_chunk(uint64_t tag, std::span<const std::byte> stored) override;
+  void on_chunk_error(uint64_t tag, const Error& error) override;
+
+ private:
+  Pending* pending_of(uint64_t tag) {
+    size_t slot = tag & 0xffffffffu;
+    if (slot >= pending_.size()) return nullptr;
+    Pending& p = pending_[slot];
+    if (!p.used || p.gen != (tag >> 32)) return nullptr;
+    return &p;
+  }
+  uint64_t tag_of(size_t slot) const { return (uint64_t{pending_[slot].gen} << 32) | slot; }
+  size_t new_pending(Session& s, ChunkRef ref, bool demand, uint64_t fault_ns);
+  void free_pending(size_t slot);
+
+  void process_commands();
+  void activate(const std::shared_ptr<Session>& s);
+  void deactivate(Session& s);
+  void drain_uffd(Session& s);
+  void on_pagefault(Session& s, uint64_t addr, uint64_t t);
+  void on_remove(Session& s, uint64_t start, uint64_t end);
+  void on_fork(Session& parent, int fd);
+  void fill_prefetch(Session& s);
+  bool next_absent(Session& s, ChunkRef& out);
+  void flush(Session& s);
+  void poll_reader(Session& s);
+  void check_deadlines();
+
+  InstallStatus install(Session& s, ChunkRef ref, const std::byte* data, uint32_t len);
+  InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
+  void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
+  void mark_present(Session& s, ChunkRef ref);
+  void fail_chunk(Session& s, ChunkRef ref, const Error& why);
+  void retry_or_fail(size_t slot, const Error& why);
+
+  FaultEngine& e_;
+  std::shared_ptr<spdlog::logger> log_;
+  sys::UniqueFd epoll_;
+  std::vector<std::shared_ptr<Session>> live_;
+  std::unordered_map<SessionId, Session*> by_id_;
+  std::vector<Pending> pending_;
+  std::vector<size_t> free_slots_;
+  size_t demand_in_flight_ = 0;
+  snapshot::ChunkDecoder decoder_;
+  std::vector<std::byte> buf_;
+  std::vector<uffd_msg> msgs_ = std::vector<uffd_msg>(kEventsPerRead);
+  bool more_ready_ = false;
+};
+
+// ---- pending slots ----
+
+size_t FaultEngine::Loop::new_pending(Session& s, ChunkRef ref, bool demand, uint64_t fault_ns) {
+  size_t slot;
+  if (!free_slots_.empty()) {
+    slot = free_slots_.back();
+    free_slots_.pop_back();
+  } else {
+    slot = pending_.size();
+    pending_.emplace_back();
+  }
+  Pending& p = pending_[slot];
+  p.used = true;
+  p.s = &s;
+  p.ref = ref;
+  p.demand = demand;
+  p.queued_as_demand = demand;
+  p.fault_ns = fault_ns;
+  p.faults = demand ? 1 : 0;
+  p.attempts = 0;
+  s.state[ref.region][ref.chunk] = kInFlight + static_cast<uint32_t>(slot);
+  if (demand) ++demand_in_flight_;
+  else ++s.prefetch_in_flight;
+  return slot;
+}
+
+void FaultEngine::Loop::free_pending(size_t slot) {
+  Pending& p = pending_[slot];
+  if (p.demand) --demand_in_flight_;
+  if (!p.queued_as_demand) --p.s->prefetch_in_flight;
+  p.used = false;
+  ++p.gen;  // a late completion for the old tag is ignored
+  free_slots_.push_back(slot);
+}
+
+// ---- sessions ----
+
+void FaultEngine::Loop::process_commands() {
+  std::vector<Command> cmds;
+  std::vector<std::shared_ptr<Session>> to_add;
+  {
+    std::lock_guard lock(e_.mu_);
+    cmds.swap(e_.commands_);
+    for (const Command& c : cmds) {
+      if (c.kind != Command::kAdd) continue;
+      auto it = e_.sessions_.find(c.id);
+      if (it != e_.sessions_.end()) to_add.push_back(it->second);
+    }
+  }
+  for (auto& s : to_add) activate(s);
+  for (const Command& c : cmds) {
+    auto it = by_id_.find(c.id);
+    if (it == by_id_.end()) continue;
+    Session& s = *it->second;
+    if (c.kind == Command::kPrefetch) {
+      s.prefetch = c.flag;
+    } else if (c.kind == Command::kRemove) {
+      deactivate(s);
+    }
+  }
+}
+
+void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
+  auto reader = s->source->open_reader();
+  if (!reader.ok()) {
+    std::lock_guard lock(e_.mu_);
+    s->failure = reader.error().message();
+    s->failed = true;
+    e_.cv_.notify_all();
+    log_->error("session {}: cannot open chunk reader: {}", s->name, reader.error().message());
+    return;
+  }
+  s->reader = std::move(*reader);
+  buf_.resize(std::max<size_t>(buf_.size(), s->chunk_size()));
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = s->id << 1;
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, s->uffd.fd(), &ev);
+  if (s->reader->wait_fd() >= 0) {
+    ev.data.u64 = (s->id << 1) | 1;
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, s->reader->wait_fd(), &ev);
+  }
+  s->live = true;
+  live_.push_back(s);
+  by_id_[s->id] = s.get();
+  drain_uffd(*s);  // faults may have queued before we listened
+}
+
+void FaultEngine::Loop::deactivate(Session& s) {
+  if (s.live) {
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, s.uffd.fd(), nullptr);
+    if (s.reader && s.reader->wait_fd() >= 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, s.reader->wait_fd(), nullptr);
+  }
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    if (pending_[i].used && pending_[i].s == &s) free_pending(i);
+  }
+  SessionId id = s.id;
+  by_id_.erase(id);
+  std::shared_ptr<Session> keep;
+  auto it = std::find_if(live_.begin(), live_.end(), [&](const auto& p) { return p.get() == &s; });
+  if (it != live_.end()) {
+    keep = *it;
+    live_.erase(it);
+  }
+  std::lock_guard lock(e_.mu_);
+  e_.sessions_.erase(id);
+  e_.cv_.notify_all();
+}
+
+// ---- events ----
+
+void FaultEngine::Loop::drain_uffd(Session& s) {
+  for (;;) {
+    auto n = s.uffd.read_events(msgs_);
+    if (!n.ok()) {
+      log_->debug("session {}: {}", s.name, n.error().message());
+      return;
+    }
+    if (*n == 0) return;
+    uint64_t t = now_ns();
+    for (size_t i = 0; i < *n; ++i) {
+      const uffd_msg& m = msgs_[i];
+      switch (m.event) {
+        case UFFD_EVENT_PAGEFAULT:
+          on_pagefault(s, m.arg.pagefault.address, t);
+          break;
+        case UFFD_EVENT_REMOVE:
+          on_remove(s, m.arg.remove.start, m.arg.remove.end);
+          break;
+        case UFFD_EVENT_UNMAP:
+          s.map.remove(m.arg.remove.start, m.arg.remove.end - m.arg.remove.start);
+          break;
+        case UFFD_EVENT_REMAP:
+          s.map.move(m.arg.remap.from, m.arg.remap.to, m.arg.remap.len);
+          break;
+        case UFFD_EVENT_FORK:
+          on_fork(s, static_cast<int>(m.arg.fork.ufd));
+          break;
+        default:
+          log_->debug("session {}: ignoring uffd event {}", s.name, m.event);
+      }
+    }
+    if (*n < msgs_.size()) return;
+  }
+}
+
+void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
+  const MappedRange* r = s.map.find(addr);
+  if (r == nullptr) {
+    // Registered with us but not ours to fill (bookkeeping lost it): a wrong page is worse
+    // than a visible failure.
+    log_->error("session {}: fault at {:#x} outside every known range", s.name, addr);
+    if (e_.features_.has_uffd_poison()) (void)s.uffd.poison(addr & ~uint64_t{4095}, 4096);
+    return;
+  }
+  uint64_t roff = addr - r->start + r->region_offset;
+  ChunkRef ref{r->region, static_cast<uint32_t>(roff / s.chunk_size())};
+  s.stats[ref.region]->add_fault();
+  uint32_t& st = s.state[ref.region][ref.chunk];
+  const ChunkInfo& info = s.manifest->regions[ref.region].chunks[ref.chunk];
+  if (st >= kInFlight) {
+    Pending& p = pending_[st - kInFlight];
+    if (!p.demand) {
+      p.demand = true;
+      ++demand_in_flight_;
+    }
+    if (p.fault_ns == 0) p.fault_ns = t;
+    ++p.faults;
+    return;
+  }
+  if (st == kFailed) {
+    // Fail this access too: poison again (a no-op if it is) and wake, or the thread hangs.
+    fail_chunk(s, ref, Error(Errc::kIo, "chunk failed earlier"));
+    return;
+  }
+  if (info.codec == Codec::kZero) {
+    install_zero_chunk(s, ref, true, t);
+    return;
+  }
+  if (st == kPresent) s.chunks_present--;  // the page is missing after all (fork, races): fetch again
+  size_t slot = new_pending(s, ref, true, t);
+  s.demand_q.push_back(ChunkRequest{ref, tag_of(slot), true});
+  // Faults are arriving: follow them, and make room for them.
+  s.hint_region = ref.region;
+  s.hint_chunk = ref.chunk + 1;
+  s.hint_valid = true;
+  if (s.prefetch_in_flight > 0) s.window = std::max<size_t>(1, s.window / 2);
+  s.prefetch_done_since_demand = 0;
+}
+
+void FaultEngine::Loop::on_remove(Session& s, uint64_t start, uint64_t end) {
+  // madvise(DONTNEED) dropped these pages: the process expects zeros there from now on. Hand
+  // the range back to the kernel (which zero-fills it) and never install into it again.
+  (void)s.uffd.unregister(start, end - start);
+  s.map.remove(start, end - start);
+}
+
+void FaultEngine::Loop::on_fork(Session& parent, int fd) {
+  auto child = std::make_shared<Session>();
+  {
+    std::lock_guard lock(e_.mu_);
+    child->id = e_.next_id_++;
+  }
+  child->name = parent.name + "/fork";
+  child->prefetch = parent.prefetch;
+  child->uffd = sys::Uffd::adopt(sys::UniqueFd(fd), parent.uffd.features());
+  child->source = parent.source;
+  child->manifest = parent.manifest;
+  child->map = parent.map;
+  child->state = parent.state;
+  uint64_t present = 0;
+  for (auto& region : child->state) {
+    for (auto& st : region) {
+      if (st >= kInFlight) st = kAbsent;  // the parent's fetch will not land in the child
+      if (st == kPresent) ++present;
+    }
+  }
+  child->chunks_total = parent.chunks_total;
+  child->chunks_present = present;
+  for (const auto& r : parent.manifest->regions) child->stats.push_back(std::make_unique<LiveRegionStats>(r.name, r.length));
+  {
+    std::lock_guard lock(e_.mu_);
+    e_.sessions_[child->id] = child;
+  }
+  activate(child);
+}
+
+// ---- fetching ----
+
+bool FaultEngine::Loop::next_absent(Session& s, ChunkRef& out) {
+  const auto& regions = s.manifest->regions;
+  if (s.hint_valid) {
+    for (int step = 0; step < 16 && s.hint_region < regions.size(); ++step) {
+      if (s.hint_chunk >= s.state[s.hint_region].size()) break;
+      uint32_t c = s.hint_chunk++;
+      if (s.state[s.hint_region][c] == kAbsent) {
+        out = ChunkRef{s.hint_region, c};
+        return true;
+      }
+    }
+    s.hint_valid = false;
+  }
+  while (s.sweep_region < regions.size()) {
+    auto& st = s.state[s.sweep_region];
+    while (s.sweep_chunk < st.size()) {
+      uint32_t c = s.sweep_chunk++;
+      if (st[c] == kAbsent) {
+        out = ChunkRef{s.sweep_region, c};
+        return true;
+      }
+    }
+    ++s.sweep_region;
+    s.sweep_chunk = 0;
+  }
+  return false;
+}
+
+void FaultEngine::Loop::fill_prefetch(Session& s) {
+  if (!s.prefetch || !s.reader || s.complete) return;
+  size_t cap = s.reader->capacity() > e_.options_.demand_reserve ? s.reader->capacity() - e_.options_.demand_reserve : 1;
+  size_t limit = std::min(s.window, cap);
+  size_t zeros = 0;
+  while (s.prefetch_in_flight < limit) {
+    ChunkRef ref;
+    if (!next_absent(s, ref)) return;
+    if (s.manifest->regions[ref.region].chunks[ref.chunk].codec == Codec::kZero) {
+      install_zero_chunk(s, ref, false, 0);
+      if (++zeros >= kZeroInstallsPerRound) {
+        more_ready_ = true;
+        return;
+      }
+      continue;
+    }
+    size_t slot = new_pending(s, ref, false, 0);
+    s.prefetch_q.push_back(ChunkRequest{ref, tag_of(slot), false});
+  }
+}
+
+void FaultEngine::Loop::flush(Session& s) {
+  if (!s.reader) return;
+  auto submit = [&](std::vector<ChunkRequest>& q) {
+    size_t room = s.reader->capacity() - s.reader->in_flight();
+    size_t n = std::min(room, q.size());
+    if (n == 0) return;
+    Status st = s.reader->submit(std::span<const ChunkRequest>(q.data(), n));
+    if (!st.ok()) {
+      for (size_t i = 0; i < n; ++i) on_chunk_error(q[i].tag, st.error());
+    }
+    q.erase(q.begin(), q.begin() + static_cast<long>(n));
+  };
+  submit(s.demand_q);  // demand first
+  submit(s.prefetch_q);
+}
+
+void FaultEngine::Loop::poll_reader(Session& s) {
+  if (!s.reader) return;
+  for (;;) {
+    auto n = s.reader->poll(*this, false, kCompletionsPerPoll);
+    if (!n.ok()) {
+      // The reader is broken: everything it had in flight is lost.
+      Error err = std::move(n).error();
+      for (size_t i = 0; i < pending_.size(); ++i) {
+        if (pending_[i].used && pending_[i].s == &s) fail_chunk(s, pending_[i].ref, err), free_pending(i);
+      }
+      return;
+    }
+    // Faults that arrived meanwhile go ahead of the remaining completions.
+    drain_uffd(s);
+    flush(s);
+    if (*n < kCompletionsPerPoll) return;
+  }
+}
+
+void FaultEngine::Loop::check_deadlines() {
+  if (demand_in_flight_ == 0) return;
+  uint64_t now = now_ns();
+  uint64_t limit = static_cast<uint64_t>(e_.options_.demand_deadline.count()) * 1000000ULL;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    Pending& p = pending_[i];
+    if (p.used && p.demand && p.fault_ns != 0 && now - p.fault_ns > limit) {
+      Session& s = *p.s;
+      ChunkRef ref = p.ref;
+      free_pending(i);
+      fail_chunk(s, ref, Error(Errc::kTimeout, fmt::format("no data for chunk {} of region '{}' within {} ms from {}",
+                                                           ref.chunk, s.manifest->regions[ref.region].name,
+                                                           e_.options_.demand_deadline.count(), s.source->describe())));
+    }
+  }
+}
+
+// ---- completions ----
+
+void FaultEngine::Loop::on_chunk(uint64_t tag, std::span<const std::byte> stored) {
+  Pending* p = pending_of(tag);
+  if (p == nullptr) return;  // given up on already (deadline), or session gone
+  size_t slot = tag & 0xffffffffu;
+  Session& s = *p->s;
+  ChunkRef ref = p->ref;
+  const ChunkInfo& info = s.manifest->regions[ref.region].chunks[ref.chunk];
+  uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
+  std::span<std::byte> out(buf_.data(), len);
+  Status st = decoder_.decode(info, stored, out);
+  if (!st.ok()) {
+    retry_or_fail(slot, st.error().wrap(fmt::format("{} region '{}' chunk {}", s.source->describe(),
+                                                    s.manifest->regions[ref.region].name, ref.chunk)));
+    return;
+  }
+  LiveRegionStats& stats = *s.stats[ref.region];
+  stats.add_fetched(stored.size(), len);
+  InstallStatus is = install(s, ref, out.data(), len);
+  if (is == InstallStatus::kRetry) {
+    // A mapping change is pending: read the events first, then fetch and install again.
+    (p->demand ? s.demand_q : s.prefetch_q).push_back(ChunkRequest{ref, tag, p->demand});
+    return;
+  }
+  if (is == InstallStatus::kFailed) {
+    bool demand = p->demand;
+    free_pending(slot);
+    (void)demand;
+    fail_chunk(s, ref, Error(Errc::kIo, fmt::format("installing chunk {} of region '{}' failed", ref.chunk,
+                                                    s.manifest->regions[ref.region].name)));
+    return;
+  }
+  uint32_t pages = len / s.manifest->regions[ref.region].page_size;
+  stats.add_installed(pages, p->demand);
+  if (p->fault_ns != 0) {
+    uint64_t us = (now_ns() - p->fault_ns) / 1000;
+    for (uint32_t i = 0; i < p->faults; ++i) stats.add_latency_us(us);
+  }
+  bool was_prefetch = !p->queued_as_demand;
+  free_pending(slot);
+  mark_present(s, ref);
+  if (was_prefetch && ++s.prefetch_done_since_demand >= s.window) {
+    s.window = std::min(e_.options_.prefetch_window_max, s.window * 2);
+    s.prefetch_done_since_demand = 0;
+  }
+}
+
+void FaultEngine::Loop::on_chunk_error(uint64_t tag, const Error& error) {
+  if (pending_of(tag) == nullptr) return;
+  retry_or_fail(tag & 0xffffffffu, error);
+}
+
+void FaultEngine::Loop::retry_or_fail(size_t slot, const Error& why) {
+  Pending& p = pending_[slot];
+  Session& s = *p.s;
+  if (++p.attempts < e_.options_.fetch_attempts) {
+    log_->debug("session {}: retrying chunk after: {}", s.name, why.message());
+    (p.demand ? s.demand_q : s.prefetch_q).push_back(ChunkRequest{p.ref, tag_of(slot), p.demand});
+    return;
+  }
+  ChunkRef ref = p.ref;
+  free_pending(slot);
+  fail_chunk(s, ref, why);
+}
+
+// ---- installing ----
+
+InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len,
+                                              uint32_t page) {
+  sys::InstallResult r = src ? s.uffd.copy(addr, src, len) : s.uffd.zeropage(addr, len);
+  switch (r.outcome) {
+    case sys::InstallOutcome::kDone: return InstallStatus::kOk;
+    case sys::InstallOutcome::kAgain: return InstallStatus::kRetry;
+    case sys::InstallOutcome::kFailed:
+      log_->error("session {}: install at {:#x} ({} bytes): {}", s.name, addr, len, std::strerror(r.err));
+      return InstallStatus::kFailed;
+    case sys::InstallOutcome::kExists:
+    case sys::InstallOutcome::kGone:
+      break;
+  }
+  // Some page is already there (a racing install, a write after fork) or part of the range is
+  // gone: go page by page from where the kernel stopped, then wake whoever waits on the range.
+  uint64_t done = r.bytes / page * page;
+  bool wake = false;
+  for (uint64_t off = done; off < len; off += page) {
+    sys::InstallResult p = src ? s.uffd.copy(addr + off, src + off, page) : s.uffd.zeropage(addr + off, page);
+    switch (p.outcome) {
+      case sys::InstallOutcome::kDone: break;
+      case sys::InstallOutcome::kExists: wake = true; break;
+      case sys::InstallOutcome::kGone: break;
+      case sys::InstallOutcome::kAgain: return InstallStatus::kRetry;
+      case sys::InstallOutcome::kFailed:
+        log_->error("session {}: install at {:#x}: {}", s.name, addr + off, std::strerror(p.err));
+        return InstallStatus::kFailed;
+    }
+  }
+  if (wake) (void)s.uffd.wake(addr, len);
+  return InstallStatus::kOk;
+}
+
+InstallStatus FaultEngine::Loop::install(Session& s, ChunkRef ref, const std::byte* data, uint32_t len) {
+  uint64_t off = static_cast<uint64_t>(ref.chunk) * s.chunk_size();
+  uint32_t page = s.manifest->regions[ref.region].page_size;
+  InstallStatus result = InstallStatus::kOk;
+  s.map.for_each_span(ref.region, off, len, [&](uint64_t addr, uint64_t roff, uint64_t n) {
+    if (result != InstallStatus::kOk) return;
+    result = install_span(s, addr, data ? data + (roff - off) : nullptr, n, page);
+  });
+  return result;
+}
+
+void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns) {
+  uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
+  bool was_present = s.state[ref.region][ref.chunk] == kPresent;
+  InstallStatus is = install(s, ref, nullptr, len);
+  if (is == InstallStatus::kRetry) return;  // the fault will come again once events are read
+  if (is == InstallStatus::kFailed) {
+    fail_chunk(s, ref, Error(Errc::kIo, "installing zero pages failed"));
+    return;
+  }
+  LiveRegionStats& stats = *s.stats[ref.region];
+  stats.add_zero(len / s.manifest->regions[ref.region].page_size);
+  if (by_fault) stats.add_latency_us((now_ns() - fault_ns) / 1000);
+  if (!was_present) mark_present(s, ref);
+  (void)by_fault;
+}
+
+void FaultEngine::Loop::mark_present(Session& s, ChunkRef ref) {
+  s.state[ref.region][ref.chunk] = kPresent;
+  uint64_t present = ++s.chunks_present;
+  if (present + s.chunks_failed == s.chunks_total && !s.complete) {
+    std::lock_guard lock(e_.mu_);
+    s.complete = true;
+    e_.cv_.notify_all();
+  }
+}
+
+void FaultEngine::Loop::fail_chunk(Session& s, ChunkRef ref, const Error& why) {
+  uint32_t& st = s.state[ref.region][ref.chunk];
+  bool first_for_chunk = st != kFailed;
+  if (first_for_chunk) {
+    st = kFailed;
+    ++s.chunks_failed;
+    s.stats[ref.region]->add_error();
+  }
+  bool first_for_session = false;
+  {
+    std::lock_guard lock(e_.mu_);
+    if (!s.failed) {
+      first_for_session = true;
+      s.failure = why.message();
+      s.failed = true;
+    }
+    e_.cv_.notify_all();
+  }
+  if (first_for_session) log_->error("session {}: {}; failing accesses to the pages that could not be had", s.name, why.message());
+  uint64_t off = static_cast<uint64_t>(ref.chunk) * s.chunk_size();
+  uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
+  if (e_.features_.has_uffd_poison()) {
+    // Faulting threads get SIGBUS on these pages: visible, never a hang, never a wrong page.
+    s.map.for_each_span(ref.region, off, len, [&](uint64_t addr, uint64_t, uint64_t n) {
+      sys::InstallResult r = s.uffd.poison(addr, n);
+      if (r.outcome != sys::InstallOutcome::kDone) {
+        uint32_t page = s.manifest->regions[ref.region].page_size;
+        for (uint64_t o = r.bytes / page * page; o < n; o += page) (void)s.uffd.poison(addr + o, page);
+        (void)s.uffd.wake(addr, n);
+      }
+    });
+  } else if (e_.options_.kill_on_failure && s.pid > 0) {
+    log_->error("session {}: kernel has no UFFDIO_POISON; killing pid {} rather than leave it hanging", s.name, s.pid);
+    ::kill(s.pid, SIGKILL);
+  }
+}
+
+// ---- the loop ----
+
+void FaultEngine::Loop::run() {
+  epoll_.reset(::epoll_create1(EPOLL_CLOEXEC));
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kControlTag;
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, e_.control_.get(), &ev);
+  std::vector<epoll_event> events(64);
+  while (!e_.stopping_.load()) {
+    process_commands();
+    more_ready_ = false;
+    bool sync_reader_busy = false;
+    for (auto& s : live_) {
+      fill_prefetch(*s);
+      flush(*s);
+      if (s->reader && s->reader->wait_fd() < 0 && s->reader->in_flight() > 0) sync_reader_busy = true;
+    }
+    int timeout = (more_ready_ || sync_reader_busy) ? 0 : -1;
+    if (demand_in_flight_ > 0 && timeout != 0) timeout = 100;  // to enforce the deadline
+    int n = ::epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeout);
+    if (n < 0 && errno != EINTR) {
+      log_->error("fault engine: epoll_wait: {}", std::strerror(errno));
+      break;
+    }
+    for (int i = 0; i < n; ++i) {
+      uint64_t tag = events[static_cast<size_t>(i)].data.u64;
+      if (tag == kControlTag) {
+        uint64_t v;
+        (void)!::read(e_.control_.get(), &v, sizeof v);
+        continue;
+      }
+      auto it = by_id_.find(tag >> 1);
+      if (it == by_id_.end()) continue;
+      if (tag & 1) poll_reader(*it->second);
+      else drain_uffd(*it->second);
+    }
+    for (size_t i = 0; i < live_.size(); ++i) {
+      Session& s = *live_[i];
+      if (s.reader && s.reader->wait_fd() < 0) poll_reader(s);
+    }
+    check_deadlines();
+  }
+}
+
+// ---- FaultEngine ----
+
+FaultEngine::FaultEngine(const KernelFeatures& features, EngineOptions options)
+    : features_(features), options_(options), control_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+FaultEngine::~FaultEngine() { stop(); }
+
+Status FaultEngine::start() {
+  if (!control_.valid()) return sys_error("eventfd for the fault engine", errno);
+  if (thread_.joinable()) return ok_status();
+  thread_ = std::thread([this] {
+    Loop loop(*this);
+    loop.run();
+  });
+  return ok_status();
+}
+
+void FaultEngine::stop() {
+  if (!thread_.joinable()) return;
+  stopping_ = true;
+  notify();
+  thread_.join();
+}
+
+void FaultEngine::notify() {
+  uint64_t one = 1;
+  (void)!::write(control_.get(), &one, sizeof one);
+}
+
+Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
+  if (!spec.source) return Error(Errc::kInvalidArgument, "fault engine: session without a chunk source");
+  auto s = std::make_shared<Session>();
+  s->name = spec.name;
+  s->pid = spec.pid;
+  s->prefetch = spec.prefetch;
+  s->uffd = std::move(spec.uffd);
+  s->source = std::move(spec.source);
+  s->manifest = &s->source->manifest();
+  for (const MappedRange& r : spec.ranges) {
+    if (r.region >= s->manifest->regions.size() || r.region_offset + r.length > s->manifest->regions[r.region].length) {
+      return Error(Errc::kInvalidArgument, fmt::format("fault engine: range {:#x}+{} lies outside snapshot region {}",
+                                                       r.start, r.length, r.region));
+    }
+  }
+  s->map = AddressMap(std::move(spec.ranges));
+  for (const auto& r : s->manifest->regions) {
+    s->state.emplace_back(r.chunks.size(), kAbsent);
+    s->chunks_total += r.chunks.size();
+    s->stats.push_back(std::make_unique<LiveRegionStats>(r.name, r.length));
+  }
+  {
+    std::lock_guard lock(mu_);
+    s->id = next_id_++;
+    sessions_[s->id] = s;
+    commands_.push_back(Command{Command::kAdd, s->id, false});
+  }
+  notify();
+  return s->id;
+}
+
+void FaultEngine::remove_session(SessionId id) {
+  {
+    std::lock_guard lock(mu_);
+    commands_.push_back(Command{Command::kRemove, id, false});
+  }
+  notify();
+}
+
+void FaultEngine::set_prefetch(SessionId id, bool on) {
+  {
+    std::lock_guard lock(mu_);
+    commands_.push_back(Command{Command::kPrefetch, id, on});
+  }
+  notify();
+}
+
+std::optional<SessionInfo> FaultEngine::session_info(SessionId id) const {
+  std::lock_guard lock(mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return std::nullopt;
+  const Session& s = *it->second;
+  SessionInfo info;
+  info.id = s.id;
+  info.name = s.name;
+  info.pid = s.pid;
+  info.stats.source = s.source->describe();
+  for (const auto& r : s.stats) info.stats.regions.push_back(r->read());
+  info.chunks_total = s.chunks_total;
+  info.chunks_present = s.chunks_present.load();
+  info.complete = s.complete.load();
+  info.failed = s.failed.load();
+  info.failure = s.failure;
+  info.stats.complete = info.complete;
+  info.stats.failed = info.failed;
+  return info;
+}
+
+std::vector<SessionInfo> FaultEngine::sessions() const {
+  std::vector<SessionId> ids;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [id, s] : sessions_) ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
+  std::vector<SessionInfo> out;
+  for (SessionId id : ids) {
+    if (auto i = session_info(id)) out.push_back(std::move(*i));
+  }
+  return out;
+}
+
+Status FaultEngine::wait_complete(SessionId id, std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) return Error(Errc::kNotFound, fmt::format("fault engine: no session {}", id));
+    const Session& s = *it->second;
+    if (s.failed) return Error(Errc::kIo, s.failure);
+    if (s.complete) return ok_status();
+    if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+      return Error(Errc::kTimeout, fmt::format("session {}: not complete after {} ms ({} of {} chunks present)", s.name,
+                                               timeout.count(), s.chunks_present.load(), s.chunks_total));
+    }
+  }
+}
+
+}  // namespace lazymem::fault

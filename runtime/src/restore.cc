@@ -1,0 +1,219 @@
+// Lazy (and eager) restore of a snapshot into the calling process.
+#include "lazymem/restore.h"
+
+#include <fmt/format.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "core/log.h"
+#include "fault/fault_engine.h"
+#include "net/remote.h"
+#include "snapshot/chunk_codec.h"
+#include "snapshot/snapshot_reader.h"
+#include "source.h"
+#include "sys/mapping.h"
+#include "sys/uapi_compat.h"
+#include "sys/uffd.h"
+
+namespace lazymem {
+
+Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(const std::string& location,
+                                                                 const RestoreOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
+  if (loc.remote()) {
+    net::RemoteOptions ro;
+    ro.token_file = options.token_file;
+    ro.reads_in_flight = options.reads_in_flight;
+    ro.fetch_attempts = options.fetch_attempts;
+    ro.deadline = options.fault_deadline;
+    return net::open_remote_source(loc, ro);
+  }
+  snapshot::LocalReaderOptions lo;
+  lo.direct = options.direct_io;
+  lo.io = options.force_pread ? snapshot::IoEngine::kPread : snapshot::IoEngine::kAuto;
+  lo.max_batch = options.reads_in_flight;
+  LAZYMEM_ASSIGN_OR_RETURN(auto snap, snapshot::LocalSnapshot::open(loc, lo));
+  return std::shared_ptr<snapshot::ChunkSource>(std::move(snap));
+}
+
+Result<Manifest> read_manifest(const std::string& location, const std::string& token_file) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
+  if (loc.remote()) return net::read_remote_manifest(loc, token_file);
+  return snapshot::read_local_manifest(loc);
+}
+
+struct LazyRestore::Impl {
+  std::shared_ptr<snapshot::ChunkSource> source;
+  std::vector<sys::Mapping> mappings;  // released to the application once restored
+  std::vector<RestoredRegion> regions;
+  std::unique_ptr<fault::FaultEngine> engine;
+  fault::SessionId session = 0;
+  bool finished = false;
+};
+
+LazyRestore::LazyRestore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+LazyRestore::~LazyRestore() {
+  Status s = finish();
+  if (!s.ok()) {
+    // The pages that failed are poisoned (or the process was killed); say so once.
+    log::get("runtime")->error("lazy restore did not complete: {}", s.error().message());
+  }
+}
+
+Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& location, const RestoreOptions& options) {
+  KernelFeatures kf = probe_kernel();
+  return start(location, kf, options);
+}
+
+Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& location, const KernelFeatures& features,
+                                                        const RestoreOptions& options) {
+  if (!features.uffd_usable) return Error(Errc::kUnsupported, features.uffd_error);
+  auto impl = std::make_unique<Impl>();
+  LAZYMEM_ASSIGN_OR_RETURN(impl->source, open_chunk_source(location, options));
+  const Manifest& m = impl->source->manifest();
+  long sys_page = ::sysconf(_SC_PAGESIZE);
+
+  // Map everything first: if any range is taken, the Mapping destructors undo the rest.
+  std::vector<fault::MappedRange> ranges;
+  for (size_t i = 0; i < m.regions.size(); ++i) {
+    const RegionInfo& r = m.regions[i];
+    if (r.kind != RegionKind::kProcess) {
+      return Error(Errc::kInvalidArgument,
+                   fmt::format("{}: region '{}' is a raw memory image with no address; restore it through the agent "
+                               "(Firecracker handshake) or restore_into()",
+                               location, r.name));
+    }
+    if (r.page_size != static_cast<uint32_t>(sys_page)) {
+      return Error(Errc::kUnsupported, fmt::format("{}: region '{}' uses {}-byte pages; only {}-byte pages are supported",
+                                                   location, r.name, r.page_size, sys_page));
+    }
+    int prot = static_cast<int>(r.protection) & (PROT_READ | PROT_WRITE | PROT_EXEC);
+    if ((prot & PROT_READ) == 0) prot |= PROT_READ;
+    auto map = sys::Mapping::anonymous_at(r.start_address, r.length, prot);
+    if (!map.ok()) return std::move(map).error().wrap(fmt::format("{}: region '{}'", location, r.name));
+    impl->regions.push_back(RestoredRegion{r.name, map->data(), r.length});
+    ranges.push_back(fault::MappedRange{r.start_address, r.length, static_cast<uint32_t>(i), 0});
+    impl->mappings.push_back(std::move(*map));
+  }
+
+  uint64_t wanted = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP |
+                    UFFD_FEATURE_EVENT_FORK;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, sys::Uffd::open(wanted & features.uffd_features));
+  for (const auto& mp : impl->mappings) {
+    auto ioctls = uffd.register_missing(mp.address(), mp.size());
+    if (!ioctls.ok()) return std::move(ioctls).error();
+    if ((*ioctls & (1ULL << _UFFDIO_COPY)) == 0) {
+      return Error(Errc::kUnsupported, "userfaultfd: UFFDIO_COPY is not supported on anonymous memory here");
+    }
+  }
+
+  fault::EngineOptions eo;
+  eo.fetch_attempts = options.fetch_attempts;
+  eo.demand_deadline = options.fault_deadline;
+  impl->engine = std::make_unique<fault::FaultEngine>(features, eo);
+  LAZYMEM_TRY(impl->engine->start());
+  fault::SessionSpec spec;
+  spec.name = location;
+  spec.uffd = std::move(uffd);
+  spec.source = impl->source;
+  spec.ranges = std::move(ranges);
+  spec.pid = ::getpid();
+  spec.prefetch = options.prefetch;
+  LAZYMEM_ASSIGN_OR_RETURN(impl->session, impl->engine->add_session(std::move(spec)));
+  return std::unique_ptr<LazyRestore>(new LazyRestore(std::move(impl)));
+}
+
+const std::vector<RestoredRegion>& LazyRestore::regions() const { return impl_->regions; }
+
+const RestoredRegion* LazyRestore::region(std::string_view name) const {
+  for (const auto& r : impl_->regions)
+    if (r.name == name) return &r;
+  return nullptr;
+}
+
+const std::vector<std::byte>& LazyRestore::app_state() const { return impl_->source->manifest().app_state; }
+
+RestoreStats LazyRestore::stats() const {
+  auto info = impl_->engine->session_info(impl_->session);
+  if (!info) return RestoreStats{};
+  return info->stats;
+}
+
+Status LazyRestore::wait_complete(std::chrono::milliseconds timeout) {
+  if (impl_->finished) return ok_status();
+  impl_->engine->set_prefetch(impl_->session, true);
+  return impl_->engine->wait_complete(impl_->session, timeout);
+}
+
+Status LazyRestore::finish() {
+  if (impl_->finished) return ok_status();
+  Status s = wait_complete();
+  if (!s.ok() && s.error().code() == Errc::kTimeout) return s;  // keep serving: never abandon missing pages
+  // Complete, or failed with every failed page poisoned: either way no page is left for the
+  // kernel to zero-fill. Stop serving and give the memory to the application.
+  impl_->engine->remove_session(impl_->session);
+  impl_->engine->stop();
+  for (auto& mp : impl_->mappings) mp.release();
+  impl_->finished = true;
+  return s;
+}
+
+Result<std::vector<RestoredRegion>> restore_eager(const std::string& location, const RestoreOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(auto source, open_chunk_source(location, options));
+  const Manifest& m = source->manifest();
+  std::vector<sys::Mapping> maps;
+  for (const RegionInfo& r : m.regions) {
+    auto map = r.kind == RegionKind::kProcess ? sys::Mapping::anonymous_at(r.start_address, r.length, PROT_READ | PROT_WRITE)
+                                              : sys::Mapping::anonymous(r.length);
+    if (!map.ok()) return std::move(map).error().wrap(fmt::format("{}: region '{}'", location, r.name));
+    maps.push_back(std::move(*map));
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(auto reader, source->open_reader());
+
+  // Decodes straight into the destination: the baseline a non-lazy restorer sets.
+  struct Sink final : snapshot::ChunkSink {
+    const Manifest* m;
+    std::vector<sys::Mapping>* maps;
+    std::vector<snapshot::ChunkRef> refs;
+    snapshot::ChunkDecoder decoder;
+    std::optional<Error> error;
+    void on_chunk(uint64_t tag, std::span<const std::byte> stored) override {
+      snapshot::ChunkRef ref = refs[tag];
+      uint64_t off = uint64_t{ref.chunk} * m->chunk_size;
+      std::span<std::byte> out((*maps)[ref.region].data() + off, m->chunk_length(ref.region, ref.chunk));
+      Status s = decoder.decode(m->regions[ref.region].chunks[ref.chunk], stored, out);
+      if (!s.ok() && !error) error = s.error().wrap(fmt::format("region '{}' chunk {}", m->regions[ref.region].name, ref.chunk));
+    }
+    void on_chunk_error(uint64_t, const Error& e) override {
+      if (!error) error = e;
+    }
+  } sink;
+  sink.m = &m;
+  sink.maps = &maps;
+  for (size_t r = 0; r < m.regions.size(); ++r)
+    for (size_t c = 0; c < m.regions[r].chunks.size(); ++c)
+      if (m.regions[r].chunks[c].codec != Codec::kZero)
+        sink.refs.push_back(snapshot::ChunkRef{static_cast<uint32_t>(r), static_cast<uint32_t>(c)});
+  size_t next = 0;
+  std::vector<snapshot::ChunkRequest> batch;
+  while (next < sink.refs.size() || reader->in_flight() > 0) {
+    batch.clear();
+    while (next < sink.refs.size() && batch.size() + reader->in_flight() < reader->capacity()) {
+      batch.push_back(snapshot::ChunkRequest{sink.refs[next], next, false});
+      ++next;
+    }
+    if (!batch.empty()) LAZYMEM_TRY(reader->submit(batch));
+    auto n = reader->poll(sink, true, reader->capacity());
+    if (!n.ok()) return std::move(n).error();
+    if (sink.error) return *sink.error;
+  }
+  std::vector<RestoredRegion> out;
+  for (size_t i = 0; i < maps.size(); ++i) {
+    out.push_back(RestoredRegion{m.regions[i].name, maps[i].data(), maps[i].size()});
+    maps[i].release();
+  }
+  return out;
+}
+
+}  // namespace lazymem

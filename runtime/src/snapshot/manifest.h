@@ -1,0 +1,33 @@
+// Manifest file: a fixed header (magic, format version, body length and checksum) followed by a
+// Cap'n Proto message (proto/snapshot.capnp). Decoding validates every field against the others,
+// so code past this point may trust the Manifest's ranges.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lazymem/result.h"
+#include "lazymem/snapshot.h"
+
+namespace lazymem::snapshot {
+
+constexpr char kManifestMagic[8] = {'L', 'Z', 'M', 'M', 'A', 'N', 'I', 'F'};
+constexpr uint32_t kFormatVersion = 1;
+constexpr size_t kManifestHeaderSize = 32;
+// A manifest larger than this is rejected before parsing (a 1 TiB snapshot at 64 KiB chunks is ~400 MiB).
+constexpr uint64_t kMaxManifestBytes = 1ULL << 30;
+
+constexpr const char* kManifestFile = "manifest";
+constexpr const char* kDataFile = "data";
+
+std::vector<std::byte> encode_manifest(const Manifest& m);
+
+// `what` names the source in error messages (a path or a URI).
+Result<Manifest> decode_manifest(std::span<const std::byte> bytes, const std::string& what);
+
+// Checks the structural invariants decode_manifest relies on; used by writers too.
+Status validate_manifest(const Manifest& m);
+
+}  // namespace lazymem::snapshot

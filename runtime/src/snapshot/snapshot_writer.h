@@ -1,0 +1,52 @@
+// SnapshotWriter: turns memory into a snapshot: chunks, zero detection, zstd on every core,
+// checksums, then an atomic commit of data and manifest to a sink (local store or page server).
+//
+// Thread-safety: one thread calls the writer; it runs its own compression threads inside.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "lazymem/result.h"
+#include "lazymem/snapshot.h"
+#include "snapshot/chunk_codec.h"
+#include "snapshot/store.h"
+
+namespace lazymem::snapshot {
+
+class SnapshotWriter {
+ public:
+  // Called after each batch of chunks with (bytes done, bytes total of this region).
+  using Progress = std::function<void(uint64_t done, uint64_t total)>;
+
+  SnapshotWriter(std::unique_ptr<SnapshotSink> sink, const CaptureOptions& options);
+
+  // Adds one region. `meta.chunks` is filled in here; `bytes` must stay readable during the call.
+  Status add_region(RegionInfo meta, std::span<const std::byte> bytes, const Progress& progress = {});
+
+  // Writes the manifest and publishes the snapshot.
+  Result<CaptureReport> finish();
+
+ private:
+  struct Slot {
+    std::vector<std::byte> buf;
+    ChunkInfo info;
+    std::span<const std::byte> stored;
+    Status status;
+  };
+
+  std::unique_ptr<SnapshotSink> sink_;
+  CaptureOptions options_;
+  unsigned threads_;
+  std::vector<std::unique_ptr<ChunkEncoder>> encoders_;
+  std::vector<Slot> slots_;
+  Manifest manifest_;
+  CaptureReport report_;
+  uint64_t offset_ = 0;
+  std::chrono::steady_clock::time_point started_;
+};
+
+}  // namespace lazymem::snapshot

@@ -1,0 +1,179 @@
+// Local snapshot store: a directory of named snapshots, each written atomically.
+#include "snapshot/store.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+
+#include "snapshot/manifest.h"
+#include "sys/syscall_result.h"
+
+namespace lazymem::snapshot {
+namespace {
+
+namespace fs = std::filesystem;
+
+Status write_all(int fd, std::span<const std::byte> data, const std::string& what) {
+  size_t done = 0;
+  while (done < data.size()) {
+    auto r = sys::call([&] { return ::write(fd, data.data() + done, data.size() - done); });
+    if (!r.ok()) return r.error(what);
+    done += static_cast<size_t>(r.value);
+  }
+  return ok_status();
+}
+
+Status fsync_path(const std::string& path) {
+  sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECTORY));
+  if (!fd.valid()) return sys_error("open " + path, errno);
+  if (::fsync(fd.get()) != 0) return sys_error("fsync " + path, errno);
+  return ok_status();
+}
+
+class LocalSink final : public SnapshotSink {
+ public:
+  LocalSink(SnapshotLocation loc, std::string tmp_dir, sys::UniqueFd data, bool replace)
+      : loc_(std::move(loc)), tmp_dir_(std::move(tmp_dir)), data_(std::move(data)), replace_(replace) {}
+  ~LocalSink() override {
+    if (!committed_) abort();
+  }
+
+  Status append(std::span<const std::byte> data) override {
+    return write_all(data_.get(), data, fmt::format("write snapshot data in {}", tmp_dir_));
+  }
+
+  Status commit(std::span<const std::byte> manifest) override {
+    if (::fsync(data_.get()) != 0) return sys_error("fsync snapshot data in " + tmp_dir_, errno);
+    data_.reset();
+    std::string mpath = tmp_dir_ + "/" + kManifestFile;
+    sys::UniqueFd mfd(::open(mpath.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    if (!mfd.valid()) return sys_error("create " + mpath, errno);
+    LAZYMEM_TRY(write_all(mfd.get(), manifest, "write " + mpath));
+    if (::fsync(mfd.get()) != 0) return sys_error("fsync " + mpath, errno);
+    mfd.reset();
+    LAZYMEM_TRY(fsync_path(tmp_dir_));
+    std::string final_dir = loc_.store_dir + "/" + loc_.name;
+    std::error_code ec;
+    if (replace_ && fs::exists(final_dir, ec)) {
+      // Move the old one aside first so the name always points at a complete snapshot.
+      std::string old = fmt::format("{}/.{}.old-{}", loc_.store_dir, loc_.name, ::getpid());
+      if (::rename(final_dir.c_str(), old.c_str()) != 0) return sys_error("rename " + final_dir, errno);
+      if (::rename(tmp_dir_.c_str(), final_dir.c_str()) != 0) {
+        int e = errno;
+        (void)::rename(old.c_str(), final_dir.c_str());
+        return sys_error("rename into " + final_dir, e);
+      }
+      fs::remove_all(old, ec);
+    } else if (::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_NOREPLACE) != 0) {
+      int e = errno;
+      if (e == EEXIST) {
+        return Error(Errc::kExists, fmt::format("snapshot {} already exists; choose another name or replace it", final_dir), e);
+      }
+      return sys_error("rename into " + final_dir, e);
+    }
+    committed_ = true;
+    return fsync_path(loc_.store_dir);
+  }
+
+  void abort() override {
+    data_.reset();
+    std::error_code ec;
+    fs::remove_all(tmp_dir_, ec);
+    committed_ = true;  // nothing left to clean
+  }
+
+  std::string describe() const override { return loc_.to_string(); }
+
+ private:
+  SnapshotLocation loc_;
+  std::string tmp_dir_;
+  sys::UniqueFd data_;
+  bool replace_;
+  bool committed_ = false;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& loc, bool replace) {
+  std::error_code ec;
+  if (!fs::is_directory(loc.store_dir, ec)) {
+    if (!fs::create_directories(loc.store_dir, ec) && !fs::is_directory(loc.store_dir)) {
+      return Error(Errc::kNotFound, fmt::format("snapshot store {} does not exist and cannot be created: {}",
+                                                loc.store_dir, ec.message()));
+    }
+  }
+  std::string final_dir = loc.store_dir + "/" + loc.name;
+  if (!replace && fs::exists(final_dir, ec)) {
+    return Error(Errc::kExists, fmt::format("snapshot {} already exists; choose another name or replace it", final_dir));
+  }
+  static std::atomic<unsigned> counter{0};
+  std::string tmp = fmt::format("{}/.{}.tmp-{}-{}", loc.store_dir, loc.name, ::getpid(), counter++);
+  if (::mkdir(tmp.c_str(), 0755) != 0) return sys_error("create " + tmp, errno);
+  std::string dpath = tmp + "/" + kDataFile;
+  sys::UniqueFd fd(::open(dpath.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  if (!fd.valid()) {
+    int e = errno;
+    fs::remove_all(tmp, ec);
+    return sys_error("create " + dpath, e);
+  }
+  return std::unique_ptr<SnapshotSink>(new LocalSink(loc, tmp, std::move(fd), replace));
+}
+
+Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit) {
+  sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return sys_error("open " + path, errno);
+  struct stat st{};
+  if (::fstat(fd.get(), &st) != 0) return sys_error("stat " + path, errno);
+  if (static_cast<uint64_t>(st.st_size) > limit) {
+    return Error(Errc::kCorrupt, fmt::format("{} is {} bytes, more than the {} allowed", path, st.st_size, limit));
+  }
+  std::vector<std::byte> out(static_cast<size_t>(st.st_size));
+  size_t done = 0;
+  while (done < out.size()) {
+    auto r = sys::call([&] { return ::read(fd.get(), out.data() + done, out.size() - done); });
+    if (!r.ok()) return r.error("read " + path);
+    if (r.value == 0) break;
+    done += static_cast<size_t>(r.value);
+  }
+  out.resize(done);
+  return out;
+}
+
+Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
+  std::error_code ec;
+  if (!fs::is_directory(store_dir, ec)) {
+    return Error(Errc::kNotFound, fmt::format("snapshot store {} is not a directory", store_dir));
+  }
+  std::vector<SnapshotSummary> out;
+  for (const auto& entry : fs::directory_iterator(store_dir, ec)) {
+    std::string name = entry.path().filename().string();
+    if (name.empty() || name[0] == '.' || !entry.is_directory()) continue;
+    auto bytes = read_small_file(entry.path().string() + "/" + kManifestFile, kMaxManifestBytes);
+    if (!bytes.ok()) continue;
+    auto m = decode_manifest(*bytes, entry.path().string());
+    if (!m.ok()) continue;
+    out.push_back(SnapshotSummary{name, m->total_bytes(), m->stored_bytes(), m->regions.size(), m->created_unix_ns});
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  return out;
+}
+
+Status remove_snapshot(const SnapshotLocation& loc) {
+  std::string dir = loc.store_dir + "/" + loc.name;
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return Error(Errc::kNotFound, fmt::format("snapshot {} does not exist", dir));
+  // Rename first so a concurrent reader either sees the whole snapshot or none.
+  std::string doomed = fmt::format("{}/.{}.rm-{}", loc.store_dir, loc.name, ::getpid());
+  if (::rename(dir.c_str(), doomed.c_str()) != 0) return sys_error("rename " + dir, errno);
+  fs::remove_all(doomed, ec);
+  return ok_status();
+}
+
+}  // namespace lazymem::snapshot

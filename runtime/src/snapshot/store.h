@@ -1,0 +1,51 @@
+// Local snapshot store: a directory of named snapshots, each written atomically.
+//
+// Layout: <store>/<name>/{manifest,data}. A snapshot being written lives in
+// <store>/.<name>.tmp-<pid>-<n>/ and is renamed into place only when complete, so a reader never
+// sees half a snapshot and a crash leaves only a temporary directory (removed by gc_temporaries).
+#pragma once
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lazymem/result.h"
+#include "lazymem/snapshot.h"
+#include "sys/unique_fd.h"
+
+namespace lazymem::snapshot {
+
+// Where the bytes of a snapshot being written go. One writer thread.
+class SnapshotSink {
+ public:
+  virtual ~SnapshotSink() = default;
+  // Appends the next bytes of the data file.
+  virtual Status append(std::span<const std::byte> data) = 0;
+  // Publishes the snapshot with this manifest (encoded), atomically.
+  virtual Status commit(std::span<const std::byte> manifest) = 0;
+  // Drops everything written so far. Also done by the destructor of an uncommitted sink.
+  virtual void abort() = 0;
+  virtual std::string describe() const = 0;
+};
+
+Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& loc, bool replace);
+
+struct SnapshotSummary {
+  std::string name;
+  uint64_t total_bytes = 0;
+  uint64_t stored_bytes = 0;
+  size_t regions = 0;
+  uint64_t created_unix_ns = 0;
+  double compression_ratio() const { return stored_bytes ? double(total_bytes) / double(stored_bytes) : 0.0; }
+};
+
+// Lists the complete snapshots of a store (damaged ones are listed with the error in `name`'s log).
+Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir);
+
+Status remove_snapshot(const SnapshotLocation& loc);
+
+// Reads a whole small file (a manifest). Refuses files larger than `limit`.
+Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit);
+
+}  // namespace lazymem::snapshot

@@ -1,0 +1,148 @@
+// Uffd: an owned userfaultfd with its negotiated features, and the ioctls the fault engine uses.
+#include "sys/uffd.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+
+#include <cstring>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "sys/syscall_result.h"
+#include "sys/uapi_compat.h"
+
+namespace lazymem::sys {
+namespace {
+
+InstallResult classify(long r, int err, __s64 done, size_t len) {
+  if (r == 0 && done >= 0 && static_cast<size_t>(done) == len) return {InstallOutcome::kDone, len, 0};
+  size_t bytes = done > 0 ? static_cast<size_t>(done) : 0;
+  if (r == 0) return {InstallOutcome::kAgain, bytes, 0};  // partial copy without an error
+  switch (err) {
+    case EEXIST: return {InstallOutcome::kExists, bytes, err};
+    case EAGAIN: return {InstallOutcome::kAgain, bytes, err};
+    case ENOENT:  // the vma is gone or no longer registered
+    case ESRCH:   // the mm exited
+    case EFAULT: return {InstallOutcome::kGone, bytes, err};
+    default: return {InstallOutcome::kFailed, bytes, err};
+  }
+}
+
+}  // namespace
+
+Result<UniqueFd> open_userfaultfd_fd(bool nonblocking) {
+  int flags = O_CLOEXEC | (nonblocking ? O_NONBLOCK : 0);
+  SysResult r = call([&] { return ::syscall(SYS_userfaultfd, flags); });
+  if (r.ok()) return UniqueFd(static_cast<int>(r.value));
+  int syscall_err = r.err;
+  // The syscall refuses unprivileged callers unless vm.unprivileged_userfaultfd=1; the device
+  // node (Linux 6.1) is governed by its file permissions instead.
+  SysResult dev = call([] { return ::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC); });
+  if (dev.ok()) {
+    UniqueFd dev_fd(static_cast<int>(dev.value));
+    SysResult u = call([&] { return ::ioctl(dev_fd.get(), USERFAULTFD_IOC_NEW, flags); });
+    if (u.ok()) return UniqueFd(static_cast<int>(u.value));
+    return Error(Errc::kPermission,
+                 fmt::format("userfaultfd: syscall failed ({}) and /dev/userfaultfd refused a new fd ({})",
+                             std::strerror(syscall_err), std::strerror(u.err)),
+                 u.err);
+  }
+  if (syscall_err == ENOSYS) {
+    return Error(Errc::kUnsupported,
+                 "userfaultfd: this kernel was built without CONFIG_USERFAULTFD; lazy restore is impossible here",
+                 syscall_err);
+  }
+  return Error(Errc::kPermission,
+               fmt::format("userfaultfd: permission denied ({}; /dev/userfaultfd: {}). Run as root or with "
+                           "CAP_SYS_PTRACE, or set vm.unprivileged_userfaultfd=1, or give this user read-write "
+                           "access to /dev/userfaultfd",
+                           std::strerror(syscall_err), std::strerror(dev.err)),
+               syscall_err);
+}
+
+Result<Uffd> Uffd::open(uint64_t wanted, uint64_t required, bool nonblocking) {
+  // Ask for features once on a throw-away fd: UFFDIO_API may be called only once per fd.
+  uint64_t available = 0;
+  {
+    LAZYMEM_ASSIGN_OR_RETURN(UniqueFd probe_fd, open_userfaultfd_fd(nonblocking));
+    uffdio_api api{};
+    api.api = UFFD_API;
+    api.features = 0;
+    SysResult r = call([&] { return ::ioctl(probe_fd.get(), UFFDIO_API, &api); });
+    if (!r.ok()) return r.error("userfaultfd: UFFDIO_API handshake");
+    available = api.features;
+  }
+  if ((available & required) != required) {
+    return Error(Errc::kUnsupported,
+                 fmt::format("userfaultfd: kernel lacks required features {:#x} (has {:#x})",
+                             required & ~available, available));
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(UniqueFd fd, open_userfaultfd_fd(nonblocking));
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = (wanted | required) & available;
+  SysResult r = call([&] { return ::ioctl(fd.get(), UFFDIO_API, &api); });
+  if (!r.ok()) return r.error(fmt::format("userfaultfd: UFFDIO_API with features {:#x}", api.features));
+  return Uffd(std::move(fd), (wanted | required) & available);
+}
+
+Result<uint64_t> Uffd::register_missing(uintptr_t addr, size_t len) {
+  uffdio_register reg{};
+  reg.range.start = addr;
+  reg.range.len = len;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_REGISTER, &reg); });
+  if (!r.ok()) return r.error(fmt::format("userfaultfd: register {:#x}-{:#x}", addr, addr + len));
+  return static_cast<uint64_t>(reg.ioctls);
+}
+
+Status Uffd::unregister(uintptr_t addr, size_t len) {
+  uffdio_range range{addr, len};
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_UNREGISTER, &range); });
+  if (!r.ok()) return r.error(fmt::format("userfaultfd: unregister {:#x}-{:#x}", addr, addr + len));
+  return ok_status();
+}
+
+InstallResult Uffd::copy(uintptr_t dst, const void* src, size_t len, bool wake) {
+  uffdio_copy c{};
+  c.dst = dst;
+  c.src = reinterpret_cast<uintptr_t>(src);
+  c.len = len;
+  c.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE;
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_COPY, &c); });
+  return classify(r.value, r.err, c.copy, len);
+}
+
+InstallResult Uffd::zeropage(uintptr_t dst, size_t len, bool wake) {
+  uffdio_zeropage z{};
+  z.range.start = dst;
+  z.range.len = len;
+  z.mode = wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE;
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_ZEROPAGE, &z); });
+  return classify(r.value, r.err, z.zeropage, len);
+}
+
+InstallResult Uffd::poison(uintptr_t dst, size_t len) {
+  uffdio_poison p{};
+  p.range.start = dst;
+  p.range.len = len;
+  p.mode = 0;
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_POISON, &p); });
+  return classify(r.value, r.err, p.updated, len);
+}
+
+Status Uffd::wake(uintptr_t addr, size_t len) {
+  uffdio_range range{addr, len};
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_WAKE, &range); });
+  if (!r.ok()) return r.error(fmt::format("userfaultfd: wake {:#x}", addr));
+  return ok_status();
+}
+
+Result<size_t> Uffd::read_events(std::span<uffd_msg> out) {
+  SysResult r = call([&] { return ::read(fd_.get(), out.data(), out.size_bytes()); });
+  if (r.again()) return size_t{0};
+  if (!r.ok()) return r.error("userfaultfd: read events");
+  return static_cast<size_t>(r.value) / sizeof(uffd_msg);
+}
+
+}  // namespace lazymem::sys

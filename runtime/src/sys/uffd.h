@@ -1,0 +1,73 @@
+// Uffd: an owned userfaultfd with its negotiated features, and the ioctls the fault engine uses.
+//
+// Thread-safety: the ioctls (copy, zeropage, wake, poison, register) may be called from any
+// thread at once; reading events is done by one thread.
+#pragma once
+
+#include <linux/userfaultfd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "lazymem/result.h"
+#include "sys/unique_fd.h"
+
+namespace lazymem::sys {
+
+// How an install ioctl ended. EEXIST (someone installed it first) and EAGAIN (a mapping change
+// is pending; retry after reading events) are normal flow, not errors.
+enum class InstallOutcome {
+  kDone,      // the whole range was installed
+  kExists,    // a page in the range was already present; `bytes` says how far we got before it
+  kAgain,     // mapping change pending (mmap_changing) or partial copy; retry the rest later
+  kGone,      // the range is no longer registered (unmapped / moved): drop the request
+  kFailed,    // anything else: see error
+};
+
+struct InstallResult {
+  InstallOutcome outcome = InstallOutcome::kDone;
+  size_t bytes = 0;  // bytes installed before the outcome
+  int err = 0;
+};
+
+class Uffd {
+ public:
+  Uffd() = default;
+  Uffd(UniqueFd fd, uint64_t features) : fd_(std::move(fd)), features_(features) {}
+
+  // Opens a userfaultfd (syscall, then /dev/userfaultfd) and negotiates `wanted` features.
+  // Features the kernel lacks are dropped unless they are also in `required`.
+  static Result<Uffd> open(uint64_t wanted, uint64_t required = 0, bool nonblocking = true);
+  // Adopts an fd created elsewhere (handed over by SCM_RIGHTS) whose API handshake was done.
+  static Uffd adopt(UniqueFd fd, uint64_t features) { return Uffd(std::move(fd), features); }
+
+  int fd() const { return fd_.get(); }
+  uint64_t features() const { return features_; }
+  bool has(uint64_t feature) const { return (features_ & feature) == feature; }
+
+  // Registers [addr, addr+len) for MISSING faults; returns the ioctls the range supports.
+  Result<uint64_t> register_missing(uintptr_t addr, size_t len);
+  Status unregister(uintptr_t addr, size_t len);
+
+  InstallResult copy(uintptr_t dst, const void* src, size_t len, bool wake = true);
+  InstallResult zeropage(uintptr_t dst, size_t len, bool wake = true);
+  // Makes accesses to the range raise SIGBUS (UFFD_FEATURE_POISON, Linux 6.6).
+  InstallResult poison(uintptr_t dst, size_t len);
+  Status wake(uintptr_t addr, size_t len);
+
+  // Reads up to out.size() events; returns how many (0 when none are pending, nonblocking fd).
+  Result<size_t> read_events(std::span<uffd_msg> out);
+
+  UniqueFd& owned_fd() { return fd_; }
+
+ private:
+  UniqueFd fd_;
+  uint64_t features_ = 0;
+};
+
+// Opens a raw userfaultfd without the API handshake: syscall first, then /dev/userfaultfd.
+// The error says exactly which permission is missing and how to grant it.
+Result<UniqueFd> open_userfaultfd_fd(bool nonblocking);
+
+}  // namespace lazymem::sys
