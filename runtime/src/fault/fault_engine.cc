@@ -691,6 +691,9 @@ void FaultEngine::Loop::run() {
     }
     check_deadlines();
   }
+  // Removals queued before stop() still happen, so callers that removed a session and then
+  // stopped know its uffd is closed (the kernel waits on an open uffd at munmap).
+  process_commands();
 }
 
 // ---- FaultEngine ----

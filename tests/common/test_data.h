@@ -1,0 +1,76 @@
+// Test helpers: deterministic memory contents of mixed kinds and scratch directories.
+#pragma once
+
+#include <sys/mman.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <string>
+
+namespace lazymem::testing {
+
+// Fills `len` bytes with a mix that exercises every codec path: random (stored raw), text-like
+// records (zstd), all-zero chunks (not stored) and chunks with zero pages inside.
+inline void fill_mixed(std::byte* p, size_t len, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  static const char* kWords[] = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+                                 "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"};
+  constexpr size_t kBlock = 256 * 1024;
+  for (size_t off = 0; off < len; off += kBlock) {
+    size_t n = std::min(kBlock, len - off);
+    std::byte* b = p + off;
+    switch ((off / kBlock + seed) % 4) {
+      case 0:  // random
+        for (size_t i = 0; i + 8 <= n; i += 8) {
+          uint64_t v = rng();
+          std::memcpy(b + i, &v, 8);
+        }
+        break;
+      case 1: {  // text records
+        size_t i = 0;
+        while (i < n) {
+          char rec[96];
+          int k = std::snprintf(rec, sizeof rec, "id=%llu name=%s city=%s score=%u;\n",
+                                static_cast<unsigned long long>(rng() % 1000000), kWords[rng() % 16],
+                                kWords[rng() % 16], static_cast<unsigned>(rng() % 1000));
+          size_t m = std::min(static_cast<size_t>(k), n - i);
+          std::memcpy(b + i, rec, m);
+          i += m;
+        }
+        break;
+      }
+      case 2:  // zeros
+        std::memset(b, 0, n);
+        break;
+      default:  // sparse: mostly zero pages with a few numbers
+        std::memset(b, 0, n);
+        for (size_t i = 0; i < n; i += 4096 * 3) {
+          uint64_t v = rng();
+          std::memcpy(b + i + (rng() % 4000), &v, 8);
+        }
+    }
+  }
+}
+
+// A fresh directory under /tmp removed at destruction.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::string tmpl = "/var/tmp/lazymem-test-XXXXXX";  // /var/tmp: on disk, so O_DIRECT applies
+    char* d = ::mkdtemp(tmpl.data());
+    path_ = d ? d : "";
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+}  // namespace lazymem::testing
