@@ -2,6 +2,7 @@
 // pattern; stats match what was touched; bad snapshots fail cleanly with nothing installed.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -208,6 +209,35 @@ TEST_F(RestoreTest, FlippedBitInChunkPoisonsInsteadOfInstalling) {
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
   EXPECT_EQ(WTERMSIG(status), SIGBUS);
+}
+
+// Without the right to use userfaultfd, the error says which right is missing and how to get it.
+TEST(RestorePermissionTest, UnprivilegedUserGetsActionableError) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch to an unprivileged user";
+  int pipefd[2];
+  ASSERT_EQ(::pipe(pipefd), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(pipefd[0]);
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) _exit(2);
+    KernelFeatures kf = probe_kernel(ProbeOptions{"/tmp"});
+    std::string msg = kf.uffd_usable ? "usable" : kf.uffd_error;
+    (void)!::write(pipefd[1], msg.data(), msg.size());
+    _exit(0);
+  }
+  ::close(pipefd[1]);
+  std::string msg;
+  char buf[512];
+  ssize_t n;
+  while ((n = ::read(pipefd[0], buf, sizeof buf)) > 0) msg.append(buf, static_cast<size_t>(n));
+  ::close(pipefd[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  if (msg == "usable") GTEST_SKIP() << "this machine lets unprivileged users use userfaultfd";
+  EXPECT_NE(msg.find("vm.unprivileged_userfaultfd"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("/dev/userfaultfd"), std::string::npos) << msg;
 }
 
 }  // namespace

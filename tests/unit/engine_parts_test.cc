@@ -1,0 +1,65 @@
+// Fault engine building blocks: the address map follows munmap/mremap; histogram maths.
+#include <gtest/gtest.h>
+
+#include "fault/address_map.h"
+#include "lazymem/stats.h"
+
+namespace lazymem {
+namespace {
+
+using fault::AddressMap;
+using fault::MappedRange;
+
+TEST(AddressMapTest, FindAndSpans) {
+  AddressMap m({{0x20000, 0x10000, 1, 0}, {0x10000, 0x8000, 0, 0x1000}});
+  ASSERT_NE(m.find(0x10000), nullptr);
+  EXPECT_EQ(m.find(0x10000)->region, 0u);
+  EXPECT_EQ(m.find(0x18000), nullptr);
+  EXPECT_EQ(m.find(0x2ffff)->region, 1u);
+  std::vector<std::pair<uint64_t, uint64_t>> spans;
+  m.for_each_span(0, 0, 0x4000, [&](uint64_t a, uint64_t, uint64_t n) { spans.push_back({a, n}); });
+  ASSERT_EQ(spans.size(), 1u);
+  EXPECT_EQ(spans[0].first, 0x10000u);  // region offset 0x1000 is at 0x10000
+  EXPECT_EQ(spans[0].second, 0x3000u);
+}
+
+TEST(AddressMapTest, RemoveSplits) {
+  AddressMap m({{0x10000, 0x10000, 0, 0}});
+  m.remove(0x14000, 0x4000);
+  ASSERT_EQ(m.ranges().size(), 2u);
+  EXPECT_EQ(m.ranges()[0].length, 0x4000u);
+  EXPECT_EQ(m.ranges()[1].start, 0x18000u);
+  EXPECT_EQ(m.ranges()[1].region_offset, 0x8000u);
+  EXPECT_EQ(m.find(0x15000), nullptr);
+}
+
+TEST(AddressMapTest, MoveKeepsRegionOffsets) {
+  AddressMap m({{0x10000, 0x10000, 0, 0}});
+  m.move(0x18000, 0x80000, 0x8000);
+  ASSERT_NE(m.find(0x80000), nullptr);
+  EXPECT_EQ(m.find(0x80000)->region_offset, 0x8000u);
+  EXPECT_EQ(m.find(0x18000), nullptr);
+  EXPECT_NE(m.find(0x17fff), nullptr);
+}
+
+TEST(LatencyHistogramTest, Percentiles) {
+  LatencyHistogram h;
+  auto add = [&](uint64_t us) {
+    h.buckets[LatencyHistogram::bucket_of(us)]++;
+    h.count++;
+    h.sum_us += us;
+    h.max_us = std::max(h.max_us, us);
+  };
+  for (int i = 0; i < 99; ++i) add(10);  // bucket [8,16)
+  add(5000);
+  EXPECT_EQ(h.percentile_us(50), 16u);
+  EXPECT_EQ(h.percentile_us(99), 16u);
+  EXPECT_EQ(h.percentile_us(100), 5000u);
+  EXPECT_EQ(LatencyHistogram::bucket_of(0), 0u);
+  EXPECT_EQ(LatencyHistogram::bucket_of(1), 1u);
+  EXPECT_EQ(LatencyHistogram::bucket_of(2), 2u);
+  EXPECT_EQ(LatencyHistogram::bucket_of(3), 2u);
+}
+
+}  // namespace
+}  // namespace lazymem

@@ -1,0 +1,230 @@
+// Snapshot format: round trips, and every kind of damage gives one clear error.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "../common/test_data.h"
+#include "lazymem/snapshot.h"
+#include "snapshot/chunk_codec.h"
+#include "snapshot/manifest.h"
+#include "snapshot/snapshot_reader.h"
+#include "snapshot/store.h"
+
+namespace lazymem {
+namespace {
+
+using testing::ScratchDir;
+
+class SnapshotFormatTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    len_ = 8 * 1024 * 1024;
+    mem_ = static_cast<std::byte*>(::mmap(nullptr, len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    ASSERT_NE(mem_, MAP_FAILED);
+    testing::fill_mixed(mem_, len_, 11);
+  }
+  void TearDown() override { ::munmap(mem_, len_); }
+
+  std::string capture(const std::string& name) {
+    CaptureRegion r{"heap", mem_, len_, PROT_READ | PROT_WRITE};
+    CaptureOptions o;
+    o.app_state = {std::byte{1}, std::byte{2}, std::byte{3}};
+    auto rep = capture_regions(dir_.path() + "/" + name, std::span(&r, 1), o);
+    EXPECT_TRUE(rep.ok()) << rep.error().message();
+    return dir_.path() + "/" + name;
+  }
+
+  static void patch(const std::string& path, size_t offset, const void* bytes, size_t n) {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(offset));
+    f.write(static_cast<const char*>(bytes), static_cast<std::streamsize>(n));
+  }
+
+  ScratchDir dir_;
+  std::byte* mem_ = nullptr;
+  size_t len_ = 0;
+};
+
+TEST_F(SnapshotFormatTest, RoundTripEveryChunk) {
+  std::string loc = capture("rt");
+  auto m = read_manifest(loc);
+  ASSERT_TRUE(m.ok()) << m.error().message();
+  ASSERT_EQ(m->regions.size(), 1u);
+  EXPECT_EQ(m->regions[0].start_address, reinterpret_cast<uint64_t>(mem_));
+  EXPECT_EQ(m->app_state.size(), 3u);
+  size_t zero = 0, raw = 0, zstd = 0;
+  for (const auto& c : m->regions[0].chunks) {
+    zero += c.codec == Codec::kZero;
+    raw += c.codec == Codec::kRaw;
+    zstd += c.codec == Codec::kZstd;
+  }
+  EXPECT_GT(zero, 0u);
+  EXPECT_GT(raw, 0u);
+  EXPECT_GT(zstd, 0u);
+
+  // Decode every chunk from the data file and compare with memory.
+  auto parsed = SnapshotLocation::parse(loc);
+  ASSERT_TRUE(parsed.ok());
+  std::vector<std::byte> data;
+  {
+    std::ifstream f(loc + "/data", std::ios::binary);
+    std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    data.resize(raw.size());
+    std::memcpy(data.data(), raw.data(), raw.size());
+  }
+  snapshot::ChunkDecoder dec;
+  std::vector<std::byte> out(kDefaultChunkSize);
+  for (size_t c = 0; c < m->regions[0].chunks.size(); ++c) {
+    const ChunkInfo& ci = m->regions[0].chunks[c];
+    std::span<const std::byte> stored(data.data() + ci.offset, ci.stored_length);
+    uint32_t n = m->chunk_length(0, c);
+    ASSERT_TRUE(dec.decode(ci, stored, std::span(out.data(), n)).ok()) << "chunk " << c;
+    ASSERT_EQ(std::memcmp(out.data(), mem_ + c * kDefaultChunkSize, n), 0) << "chunk " << c;
+  }
+}
+
+TEST_F(SnapshotFormatTest, CorruptManifestIsRejected) {
+  std::string loc = capture("corrupt");
+  uint8_t junk = 0xff;
+  patch(loc + "/manifest", snapshot::kManifestHeaderSize + 40, &junk, 1);
+  auto m = read_manifest(loc);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.error().code(), Errc::kCorrupt);
+  EXPECT_NE(m.error().message().find("checksum"), std::string::npos) << m.error().message();
+}
+
+TEST_F(SnapshotFormatTest, ForeignFileIsRejected) {
+  std::string loc = capture("foreign");
+  std::ofstream(loc + "/manifest", std::ios::trunc) << "this is a text file, not a manifest\n";
+  auto m = read_manifest(loc);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.error().message().find("not a lazymem snapshot"), std::string::npos) << m.error().message();
+}
+
+TEST_F(SnapshotFormatTest, FutureVersionIsRejected) {
+  std::string loc = capture("future");
+  uint32_t v = 2;
+  patch(loc + "/manifest", 8, &v, 4);
+  auto m = read_manifest(loc);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.error().code(), Errc::kUnsupported);
+  EXPECT_NE(m.error().message().find("version 2"), std::string::npos) << m.error().message();
+}
+
+TEST_F(SnapshotFormatTest, TruncatedManifestIsRejected) {
+  std::string loc = capture("tman");
+  std::filesystem::resize_file(loc + "/manifest", 100);
+  auto m = read_manifest(loc);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.error().code(), Errc::kCorrupt);
+}
+
+TEST_F(SnapshotFormatTest, TruncatedDataFileIsRejectedAtOpen) {
+  std::string loc = capture("tdata");
+  auto size = std::filesystem::file_size(loc + "/data");
+  std::filesystem::resize_file(loc + "/data", size / 2);
+  auto parsed = SnapshotLocation::parse(loc);
+  ASSERT_TRUE(parsed.ok());
+  auto snap = snapshot::LocalSnapshot::open(*parsed);
+  ASSERT_FALSE(snap.ok());
+  EXPECT_NE(snap.error().message().find("truncated"), std::string::npos) << snap.error().message();
+}
+
+TEST_F(SnapshotFormatTest, ManifestWithChunkOutsideDataIsRejected) {
+  Manifest m;
+  RegionInfo r;
+  r.name = "x";
+  r.start_address = 0x10000000;
+  r.length = kDefaultChunkSize;
+  r.chunks.push_back(ChunkInfo{Codec::kRaw, 100, kDefaultChunkSize, 1});
+  m.regions.push_back(r);
+  m.data_length = 4096;
+  auto bytes = snapshot::encode_manifest(m);
+  auto d = snapshot::decode_manifest(bytes, "test");
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(d.error().message().find("outside the data file"), std::string::npos) << d.error().message();
+}
+
+TEST_F(SnapshotFormatTest, FailedCaptureLeavesNothing) {
+  CaptureRegion bad{"heap", mem_ + 1, 4096, PROT_READ};
+  auto rep = capture_regions(dir_.path() + "/bad", std::span(&bad, 1), {});
+  ASSERT_FALSE(rep.ok());
+  for (const auto& e : std::filesystem::directory_iterator(dir_.path())) ADD_FAILURE() << "left behind: " << e.path();
+}
+
+TEST_F(SnapshotFormatTest, ExistingNameIsRefusedUnlessReplacing) {
+  capture("dup");
+  CaptureRegion r{"heap", mem_, 4096 * 4, PROT_READ};
+  auto again = capture_regions(dir_.path() + "/dup", std::span(&r, 1), {});
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code(), Errc::kExists);
+  CaptureOptions o;
+  o.replace = true;
+  auto replaced = capture_regions(dir_.path() + "/dup", std::span(&r, 1), o);
+  ASSERT_TRUE(replaced.ok()) << replaced.error().message();
+  auto m = read_manifest(dir_.path() + "/dup");
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->regions[0].length, 4096u * 4);
+  auto list = snapshot::list_store(dir_.path());
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].name, "dup");
+}
+
+TEST(ChunkCodecTest, ChecksumMismatchIsCorrupt) {
+  std::vector<std::byte> in(kDefaultChunkSize);
+  testing::fill_mixed(in.data(), in.size(), 1);  // text → zstd
+  snapshot::ChunkEncoder enc(1, kDefaultChunkSize);
+  auto e = enc.encode(in);
+  ASSERT_TRUE(e.ok());
+  ASSERT_EQ(e->codec, Codec::kZstd);
+  ChunkInfo info{e->codec, 0, static_cast<uint32_t>(e->stored.size()), e->checksum ^ 1};
+  std::vector<std::byte> out(in.size());
+  snapshot::ChunkDecoder dec;
+  Status s = dec.decode(info, e->stored, out);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code(), Errc::kCorrupt);
+  info.checksum ^= 1;
+  EXPECT_TRUE(dec.decode(info, e->stored, out).ok());
+  EXPECT_EQ(out, in);
+}
+
+TEST(ChunkCodecTest, ZeroAndIncompressibleChunks) {
+  std::vector<std::byte> zeros(kDefaultChunkSize);
+  snapshot::ChunkEncoder enc(1, kDefaultChunkSize);
+  auto z = enc.encode(zeros);
+  ASSERT_TRUE(z.ok());
+  EXPECT_EQ(z->codec, Codec::kZero);
+  std::vector<std::byte> rnd(kDefaultChunkSize);
+  testing::fill_mixed(rnd.data(), rnd.size(), 0);  // random block
+  auto r = enc.encode(rnd);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->codec, Codec::kRaw);
+  EXPECT_EQ(r->stored.size(), rnd.size());
+}
+
+TEST(SnapshotLocationTest, ParsesPathsAndUris) {
+  auto a = SnapshotLocation::parse("/var/lib/lazymem/store/app");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->store_dir, "/var/lib/lazymem/store");
+  EXPECT_EQ(a->name, "app");
+  auto b = SnapshotLocation::parse("lazymem://10.0.0.2:7070/vm1");
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->host, "10.0.0.2");
+  EXPECT_EQ(b->port, 7070);
+  EXPECT_EQ(b->name, "vm1");
+  auto c = SnapshotLocation::parse("lazymem://[::1]:7070/vm1");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->host, "::1");
+  EXPECT_FALSE(SnapshotLocation::parse("lazymem://host/vm").ok());
+  EXPECT_FALSE(SnapshotLocation::parse("lazymem://host:99999/vm").ok());
+  EXPECT_FALSE(SnapshotLocation::parse("/store/.hidden").ok());
+  EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1/").ok());
+}
+
+}  // namespace
+}  // namespace lazymem
