@@ -449,8 +449,10 @@ void FaultEngine::Loop::poll_reader(Session& s) {
       }
       return;
     }
-    // Faults that arrived meanwhile go ahead of the remaining completions.
+    // Faults that arrived meanwhile go ahead of the remaining completions; then keep the
+    // prefetch window full so reads overlap decoding.
     drain_uffd(s);
+    fill_prefetch(s);
     flush(s);
     if (*n < kCompletionsPerPoll) return;
   }
