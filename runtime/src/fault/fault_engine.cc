@@ -12,6 +12,7 @@
 #include <ctime>
 
 #include "core/log.h"
+#include "fault/decode_pool.h"
 #include "snapshot/chunk_codec.h"
 #include "sys/syscall_result.h"
 #include "sys/uapi_compat.h"
@@ -29,8 +30,10 @@ constexpr uint32_t kFailed = 2;
 constexpr uint32_t kInFlight = 16;
 
 constexpr uint64_t kControlTag = ~uint64_t{0};
+constexpr uint64_t kDecodeTag = ~uint64_t{0} - 1;
 constexpr size_t kEventsPerRead = 64;
 constexpr size_t kCompletionsPerPoll = 4;  // between two looks at the uffds: bounds fault latency
+constexpr int kRoundsPerPoll = 16;         // then back to epoll
 constexpr size_t kZeroInstallsPerRound = 256;
 
 uint64_t now_ns() {
@@ -98,6 +101,8 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   void on_chunk_error(uint64_t tag, const Error& error) override;
 
  private:
+  void finish_fetch(uint64_t tag, const Status& decoded, std::span<std::byte> out, size_t stored_size);
+  void drain_decoded();
   Pending* pending_of(uint64_t tag) {
     size_t slot = tag & 0xffffffffu;
     if (slot >= pending_.size()) return nullptr;
@@ -138,6 +143,7 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   std::vector<size_t> free_slots_;
   size_t demand_in_flight_ = 0;
   snapshot::ChunkDecoder decoder_;
+  std::unique_ptr<DecodePool> pool_;  // decodes prefetched chunks on the other cores
   std::vector<std::byte> buf_;
   std::vector<uffd_msg> msgs_ = std::vector<uffd_msg>(kEventsPerRead);
   bool more_ready_ = false;
@@ -217,6 +223,7 @@ void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
   }
   s->reader = std::move(*reader);
   buf_.resize(std::max<size_t>(buf_.size(), s->chunk_size()));
+  if (pool_) pool_->reserve_chunk(s->chunk_size());
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = s->id << 1;
@@ -437,9 +444,19 @@ void FaultEngine::Loop::flush(Session& s) {
   submit(s.prefetch_q);
 }
 
+void FaultEngine::Loop::drain_decoded() {
+  if (pool_) pool_->drain_done([&](DecodeJob& j) { finish_fetch(j.tag, j.status, {j.out.data(), j.length}, j.stored_size); });
+}
+
 void FaultEngine::Loop::poll_reader(Session& s) {
   if (!s.reader) return;
-  for (;;) {
+  // Bounded: with a fast source and a full prefetch window there is always another completion,
+  // and the loop must get back to epoll (other sessions, commands) now and then.
+  for (int round = 0;; ++round) {
+    if (round == kRoundsPerPoll) {
+      more_ready_ = true;
+      return;
+    }
     auto n = s.reader->poll(*this, false, kCompletionsPerPoll);
     if (!n.ok()) {
       // The reader is broken: everything it had in flight is lost.
@@ -449,9 +466,10 @@ void FaultEngine::Loop::poll_reader(Session& s) {
       }
       return;
     }
-    // Faults that arrived meanwhile go ahead of the remaining completions; then keep the
-    // prefetch window full so reads overlap decoding.
+    // Faults that arrived meanwhile go ahead of the remaining completions; decoded prefetches
+    // are installed; then the prefetch window is refilled so reads overlap decoding.
     drain_uffd(s);
+    drain_decoded();
     fill_prefetch(s);
     flush(s);
     if (*n < kCompletionsPerPoll) return;
@@ -480,20 +498,31 @@ void FaultEngine::Loop::check_deadlines() {
 void FaultEngine::Loop::on_chunk(uint64_t tag, std::span<const std::byte> stored) {
   Pending* p = pending_of(tag);
   if (p == nullptr) return;  // given up on already (deadline), or session gone
-  size_t slot = tag & 0xffffffffu;
   Session& s = *p->s;
   ChunkRef ref = p->ref;
   const ChunkInfo& info = s.manifest->regions[ref.region].chunks[ref.chunk];
   uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
+  // Prefetched chunks are decoded by the pool when it has room; nobody is waiting on them.
+  if (!p->demand && pool_ && pool_->try_submit(tag, info, len, stored)) return;
   std::span<std::byte> out(buf_.data(), len);
   Status st = decoder_.decode(info, stored, out);
-  if (!st.ok()) {
-    retry_or_fail(slot, st.error().wrap(fmt::format("{} region '{}' chunk {}", s.source->describe(),
-                                                    s.manifest->regions[ref.region].name, ref.chunk)));
+  finish_fetch(tag, st, out, stored.size());
+}
+
+void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::span<std::byte> out, size_t stored_size) {
+  Pending* p = pending_of(tag);
+  if (p == nullptr) return;
+  size_t slot = tag & 0xffffffffu;
+  Session& s = *p->s;
+  ChunkRef ref = p->ref;
+  uint32_t len = static_cast<uint32_t>(out.size());
+  if (!decoded.ok()) {
+    retry_or_fail(slot, decoded.error().wrap(fmt::format("{} region '{}' chunk {}", s.source->describe(),
+                                                         s.manifest->regions[ref.region].name, ref.chunk)));
     return;
   }
   LiveRegionStats& stats = *s.stats[ref.region];
-  stats.add_fetched(stored.size(), len);
+  stats.add_fetched(stored_size, len);
   InstallStatus is = install(s, ref, out.data(), len);
   if (is == InstallStatus::kRetry) {
     // A mapping change is pending: read the events first, then fetch and install again.
@@ -597,10 +626,11 @@ void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fau
     return;
   }
   LiveRegionStats& stats = *s.stats[ref.region];
-  stats.add_zero(len / s.manifest->regions[ref.region].page_size);
   if (by_fault) stats.add_latency_us((now_ns() - fault_ns) / 1000);
-  if (!was_present) mark_present(s, ref);
-  (void)by_fault;
+  if (!was_present) {
+    stats.add_zero(len / s.manifest->regions[ref.region].page_size);
+    mark_present(s, ref);
+  }
 }
 
 void FaultEngine::Loop::mark_present(Session& s, ChunkRef ref) {
@@ -658,6 +688,13 @@ void FaultEngine::Loop::run() {
   ev.events = EPOLLIN;
   ev.data.u64 = kControlTag;
   ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, e_.control_.get(), &ev);
+  unsigned decoders = e_.options_.decode_threads;
+  if (decoders == 0) decoders = std::max(1u, std::thread::hardware_concurrency()) - 1;
+  if (decoders > 0) {
+    pool_ = std::make_unique<DecodePool>(decoders, e_.options_.decode_jobs, kDefaultChunkSize);
+    ev.data.u64 = kDecodeTag;
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, pool_->done_fd(), &ev);
+  }
   std::vector<epoll_event> events(64);
   while (!e_.stopping_.load()) {
     process_commands();
@@ -680,6 +717,10 @@ void FaultEngine::Loop::run() {
       if (tag == kControlTag) {
         uint64_t v;
         (void)!::read(e_.control_.get(), &v, sizeof v);
+        continue;
+      }
+      if (tag == kDecodeTag) {
+        drain_decoded();
         continue;
       }
       auto it = by_id_.find(tag >> 1);

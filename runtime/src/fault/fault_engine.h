@@ -70,6 +70,10 @@ struct EngineOptions {
   // When nothing else is possible (no UFFDIO_POISON), kill the process rather than leave it
   // hanging. In-process restores set the pid to their own.
   bool kill_on_failure = true;
+  // Threads that decode prefetched chunks (0: one per core but the engine's own). Demand
+  // faults are always decoded by the engine thread itself.
+  unsigned decode_threads = 0;
+  size_t decode_jobs = 16;  // chunks in decoding at once, at most
 };
 
 class FaultEngine {
