@@ -65,6 +65,9 @@ struct FaultEngine::Session {
   std::atomic<bool> failed{false};
   std::string failure;  // guarded by FaultEngine::mu_
   bool live = false;    // reader open and fds in the epoll set (engine thread)
+  // The reader has completions ready that its fd no longer signals (a bounded poll stopped
+  // early): poll it again without waiting for the fd.
+  bool backlog = false;
 
   // Prefetch planning (engine thread).
   uint32_t sweep_region = 0, sweep_chunk = 0;
@@ -452,9 +455,10 @@ void FaultEngine::Loop::poll_reader(Session& s) {
   if (!s.reader) return;
   // Bounded: with a fast source and a full prefetch window there is always another completion,
   // and the loop must get back to epoll (other sessions, commands) now and then.
+  s.backlog = false;
   for (int round = 0;; ++round) {
     if (round == kRoundsPerPoll) {
-      more_ready_ = true;
+      s.backlog = true;
       return;
     }
     auto n = s.reader->poll(*this, false, kCompletionsPerPoll);
@@ -703,7 +707,7 @@ void FaultEngine::Loop::run() {
     for (auto& s : live_) {
       fill_prefetch(*s);
       flush(*s);
-      if (s->reader && s->reader->wait_fd() < 0 && s->reader->in_flight() > 0) sync_reader_busy = true;
+      if (s->backlog || (s->reader && s->reader->wait_fd() < 0 && s->reader->in_flight() > 0)) sync_reader_busy = true;
     }
     int timeout = (more_ready_ || sync_reader_busy) ? 0 : -1;
     if (demand_in_flight_ > 0 && timeout != 0) timeout = 100;  // to enforce the deadline
@@ -730,7 +734,7 @@ void FaultEngine::Loop::run() {
     }
     for (size_t i = 0; i < live_.size(); ++i) {
       Session& s = *live_[i];
-      if (s.reader && s.reader->wait_fd() < 0) poll_reader(s);
+      if (s.backlog || (s.reader && s.reader->wait_fd() < 0)) poll_reader(s);
     }
     check_deadlines();
   }
