@@ -49,3 +49,13 @@ struct RestoreStats {
 };
 
 }  // namespace lazymem
+
+namespace lazymem {
+
+// A readable table: one row per region and a total row (faults, pages by fault / prefetch /
+// zero, bytes fetched and decompressed, compression ratio, latency p50/p99/max, blocked time).
+std::string format_stats_table(const RestoreStats& stats);
+// The same figures as one JSON object (histogram buckets included).
+std::string format_stats_json(const RestoreStats& stats);
+
+}  // namespace lazymem
