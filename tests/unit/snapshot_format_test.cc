@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "../common/test_data.h"
+#include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/manifest.h"
@@ -173,6 +174,33 @@ TEST_F(SnapshotFormatTest, ExistingNameIsRefusedUnlessReplacing) {
   ASSERT_TRUE(list.ok());
   ASSERT_EQ(list->size(), 1u);
   EXPECT_EQ((*list)[0].name, "dup");
+}
+
+TEST_F(SnapshotFormatTest, RawMemoryFileRoundTrip) {
+  // A VM's guest memory image: captured by offset, restored (eagerly here) anywhere.
+  std::string file = dir_.path() + "/guest.mem";
+  {
+    std::ofstream f(file, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(mem_), static_cast<std::streamsize>(len_));
+  }
+  CaptureOptions o;
+  o.chunk_size = 16 * 1024;
+  auto rep = capture_raw_file(dir_.path() + "/vm", file, o);
+  ASSERT_TRUE(rep.ok()) << rep.error().message();
+  auto m = read_manifest(dir_.path() + "/vm");
+  ASSERT_TRUE(m.ok()) << m.error().message();
+  ASSERT_EQ(m->regions.size(), 1u);
+  EXPECT_EQ(m->regions[0].kind, RegionKind::kRawFile);
+  EXPECT_EQ(m->regions[0].length, len_);
+  auto restored = restore_eager(dir_.path() + "/vm");
+  ASSERT_TRUE(restored.ok()) << restored.error().message();
+  EXPECT_EQ(std::memcmp((*restored)[0].address, mem_, len_), 0);
+  ::munmap((*restored)[0].address, (*restored)[0].length);
+
+  std::ofstream(dir_.path() + "/odd.mem") << "not a page multiple";
+  auto odd = capture_raw_file(dir_.path() + "/odd", dir_.path() + "/odd.mem", o);
+  ASSERT_FALSE(odd.ok());
+  EXPECT_NE(odd.error().message().find("multiple"), std::string::npos) << odd.error().message();
 }
 
 TEST(ChunkCodecTest, ChecksumMismatchIsCorrupt) {
