@@ -10,7 +10,7 @@ packages=(
   g++ meson ninja-build pkg-config ccache
   liburing-dev capnproto libcapnp-dev libzstd-dev libxxhash-dev
   libspdlog-dev libfmt-dev nlohmann-json3-dev libboost-program-options-dev
-  libgtest-dev libgmock-dev
+  libgtest-dev libgmock-dev libssl-dev
   iproute2 clang
 )
 missing=()

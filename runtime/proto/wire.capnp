@@ -1,9 +1,84 @@
-# Page-server wire protocol (issue 3 fills this in).
+# Page-server wire protocol, version 1.
+#
+# A frame is: u32 header length (LE) | u32 payload length (LE) | header | payload.
+# The header is one unpacked Cap'n Proto message (Request from client, Reply from server);
+# the payload is raw bytes (chunk data, a manifest) so it can be sent without copying.
+# Peers are untrusted: header <= 64 KiB, payload <= 16 MiB, reader limits set, every field
+# checked. Field numbers are never reused.
 @0x87a73e6b3ab34cd0;
 
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("lazymem::proto::wire");
 
-struct Placeholder {
-  unused @0 :UInt32;
+const protocolVersion :UInt32 = 1;
+
+struct ChunkId {
+  region @0 :UInt32;
+  chunk @1 :UInt32;
+  tag @2 :UInt64;     # echoed in the reply; replies may come in any order
+}
+
+struct Request {
+  id @0 :UInt64;      # echoed in the reply
+  union {
+    hello @1 :Hello;
+    authenticate @2 :Data;        # HMAC-SHA256(token, serverNonce || clientNonce)
+    list @3 :Void;
+    getManifest @4 :Text;         # snapshot name; reply payload = manifest file bytes
+    getChunks @5 :GetChunks;      # one Reply.chunk (or error) per id
+  }
+}
+
+struct Hello {
+  version @0 :UInt32;
+  clientNonce @1 :Data;           # 32 random bytes
+}
+
+struct GetChunks {
+  snapshot @0 :Text;
+  demand @1 :Bool;                # a thread waits: served before prefetch
+  chunks @2 :List(ChunkId);
+}
+
+enum ErrorCode {
+  badRequest @0;
+  notFound @1;
+  authRequired @2;
+  authFailed @3;
+  outOfRange @4;
+  ioError @5;
+  unsupportedVersion @6;
+  busy @7;
+}
+
+struct Reply {
+  id @0 :UInt64;
+  union {
+    hello @1 :HelloReply;
+    error @2 :ErrorReply;
+    ok @3 :Void;
+    snapshots @4 :List(SnapshotInfo);
+    manifest @5 :Void;            # payload = manifest bytes
+    chunk @6 :ChunkId;            # payload = the chunk's stored bytes
+  }
+}
+
+struct HelloReply {
+  version @0 :UInt32;
+  serverNonce @1 :Data;
+  authRequired @2 :Bool;
+}
+
+struct ErrorReply {
+  code @0 :ErrorCode;
+  message @1 :Text;
+  tag @2 :UInt64;                 # for a failed chunk: its tag
+}
+
+struct SnapshotInfo {
+  name @0 :Text;
+  totalBytes @1 :UInt64;
+  storedBytes @2 :UInt64;
+  regions @3 :UInt32;
+  createdUnixNs @4 :UInt64;
 }

@@ -1,22 +1,26 @@
-// Page-server access for the runtime. The client lands with the page server (issue 3); until
-// then lazymem:// locations are refused with a clear message.
+// Page-server access for the runtime: lazymem:// sources and manifests.
 #include "net/remote.h"
 
+#include "net/client.h"
+
 namespace lazymem::net {
-namespace {
 
-Error not_yet(const SnapshotLocation& loc) {
-  return Error(Errc::kUnsupported, loc.to_string() + ": this build has no page-server client yet; use a local store path");
+Result<std::shared_ptr<snapshot::ChunkSource>> open_remote_source(const SnapshotLocation& loc, const RemoteOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(auto src, RemoteSource::open(loc, options));
+  return std::shared_ptr<snapshot::ChunkSource>(std::move(src));
 }
 
-}  // namespace
-
-Result<std::shared_ptr<snapshot::ChunkSource>> open_remote_source(const SnapshotLocation& loc, const RemoteOptions&) {
-  return not_yet(loc);
-}
 Result<std::unique_ptr<snapshot::SnapshotSink>> open_remote_sink(const SnapshotLocation& loc, const CaptureOptions&) {
-  return not_yet(loc);
+  return Error(Errc::kUnsupported, loc.to_string() +
+                                       ": uploading a snapshot to a page server is not supported yet; capture to a "
+                                       "local store and run lazymem-pageserver on it");
 }
-Result<Manifest> read_remote_manifest(const SnapshotLocation& loc, const std::string&) { return not_yet(loc); }
+
+Result<Manifest> read_remote_manifest(const SnapshotLocation& loc, const std::string& token_file) {
+  RemoteOptions o;
+  o.token_file = token_file;
+  LAZYMEM_ASSIGN_OR_RETURN(auto src, RemoteSource::open(loc, o));
+  return src->manifest();
+}
 
 }  // namespace lazymem::net

@@ -1,0 +1,164 @@
+// lazymem-pageserver: holds snapshots and streams their chunks. This file only parses options.
+//   serve  --store DIR --listen HOST:PORT [--token-file F]
+//   import --store DIR --raw FILE --name N [--chunk-kib K] [--zstd-level L]
+//   ls     --store DIR | --server lazymem://HOST:PORT [--token-file F]
+#include <csignal>
+#include <boost/program_options.hpp>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+
+#include "core/log.h"
+#include "lazymem/snapshot.h"
+#include "net/auth.h"
+#include "net/client.h"
+#include "page_server.h"
+#include "snapshot/store.h"
+
+namespace po = boost::program_options;
+using namespace lazymem;
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: lazymem-pageserver <command> [options]\n"
+    "  serve   --store DIR --listen HOST:PORT [--token-file F]   serve every snapshot in DIR\n"
+    "  import  --store DIR --raw FILE --name N                   snapshot a raw memory file (e.g. VM memory)\n"
+    "  ls      --store DIR | --server lazymem://HOST:PORT        list snapshots, sizes, compression\n";
+
+pageserver::PageServer* g_server = nullptr;  // for the signal handler only
+void on_signal(int) {
+  if (g_server) g_server->stop();
+}
+
+po::variables_map parse(const std::vector<std::string>& args, po::options_description& desc) {
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(desc).run(), vm);
+  po::notify(vm);
+  return vm;
+}
+
+void print_list(const std::vector<snapshot::SnapshotSummary>& list) {
+  std::printf("%-32s %12s %12s %8s %8s\n", "name", "size", "stored", "ratio", "regions");
+  for (const auto& s : list) {
+    std::printf("%-32s %9.1f MiB %9.1f MiB %7.2fx %8zu\n", s.name.c_str(), s.total_bytes / 1048576.0,
+                s.stored_bytes / 1048576.0, s.compression_ratio(), s.regions);
+  }
+}
+
+int serve(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-pageserver serve");
+  desc.add_options()("store", po::value<std::string>()->required(), "snapshot store directory")(
+      "listen", po::value<std::string>()->default_value("127.0.0.1:7070"), "HOST:PORT to listen on")(
+      "token-file", po::value<std::string>(), "shared token clients must prove they know");
+  auto vm = parse(args, desc);
+  pageserver::ServerOptions o;
+  o.store_dir = vm["store"].as<std::string>();
+  std::string listen = vm["listen"].as<std::string>();
+  auto colon = listen.rfind(':');
+  if (colon == std::string::npos) throw std::invalid_argument("--listen wants HOST:PORT, got '" + listen + "'");
+  o.host = listen.substr(0, colon);
+  if (o.host.size() > 2 && o.host.front() == '[') o.host = o.host.substr(1, o.host.size() - 2);
+  o.port = static_cast<uint16_t>(std::stoi(listen.substr(colon + 1)));
+  if (vm.count("token-file")) {
+    auto t = net::read_token_file(vm["token-file"].as<std::string>());
+    if (!t.ok()) throw std::runtime_error(t.error().message());
+    o.token = *t;
+  }
+  auto list = snapshot::list_store(o.store_dir);
+  if (!list.ok()) throw std::runtime_error(list.error().message());
+  auto server = pageserver::PageServer::listen(o);
+  if (!server.ok()) throw std::runtime_error(server.error().message());
+  g_server = server->get();
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  log::get("pageserver")->info("serving {} snapshots from {} on {}:{}{}", list->size(), o.store_dir, o.host,
+                               (*server)->port(), o.token.empty() ? " (no token: anyone who can connect may read)" : "");
+  std::fflush(stdout);
+  Status s = (*server)->run();
+  auto st = (*server)->stats();
+  log::get("pageserver")->info("stopped: {} connections, {} requests, {} chunks, {} bytes; errors: {} protocol, {} auth, "
+                               "{} not-found, {} range, {} io, {} handshake timeouts",
+                               st.connections, st.requests, st.chunks, st.bytes, st.errors_protocol, st.errors_auth,
+                               st.errors_not_found, st.errors_range, st.errors_io, st.handshake_timeouts);
+  if (!s.ok()) throw std::runtime_error(s.error().message());
+  return 0;
+}
+
+int import_raw(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-pageserver import");
+  desc.add_options()("store", po::value<std::string>()->required(), "snapshot store directory")(
+      "raw", po::value<std::string>()->required(), "raw memory file")("name", po::value<std::string>()->required(),
+                                                                     "snapshot name")(
+      "chunk-kib", po::value<uint32_t>()->default_value(64), "chunk size in KiB")(
+      "zstd-level", po::value<int>()->default_value(1), "zstd level");
+  auto vm = parse(args, desc);
+  CaptureOptions o;
+  o.chunk_size = vm["chunk-kib"].as<uint32_t>() * 1024;
+  o.zstd_level = vm["zstd-level"].as<int>();
+  auto rep = capture_raw_file(vm["store"].as<std::string>() + "/" + vm["name"].as<std::string>(),
+                              vm["raw"].as<std::string>(), o);
+  if (!rep.ok()) throw std::runtime_error(rep.error().message());
+  std::printf("imported %s: %.1f MiB stored of %.1f MiB (%.2fx) in %.2f s\n", rep->location.c_str(),
+              rep->stored_bytes / 1048576.0, rep->total_bytes / 1048576.0,
+              double(rep->total_bytes) / double(std::max<uint64_t>(1, rep->stored_bytes)), rep->seconds);
+  return 0;
+}
+
+int ls(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-pageserver ls");
+  desc.add_options()("store", po::value<std::string>(), "snapshot store directory")(
+      "server", po::value<std::string>(), "lazymem://HOST:PORT of a running server")(
+      "token-file", po::value<std::string>(), "token for --server");
+  auto vm = parse(args, desc);
+  if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
+  if (vm.count("store")) {
+    auto list = snapshot::list_store(vm["store"].as<std::string>());
+    if (!list.ok()) throw std::runtime_error(list.error().message());
+    print_list(*list);
+    return 0;
+  }
+  auto loc = SnapshotLocation::parse(vm["server"].as<std::string>() + "/x");
+  if (!loc.ok()) throw std::invalid_argument(loc.error().message());
+  std::string token;
+  if (vm.count("token-file")) {
+    auto t = net::read_token_file(vm["token-file"].as<std::string>());
+    if (!t.ok()) throw std::runtime_error(t.error().message());
+    token = *t;
+  }
+  auto list = net::list_remote(*loc, token, std::chrono::steady_clock::now() + std::chrono::seconds(10));
+  if (!list.ok()) throw std::runtime_error(list.error().message());
+  print_list(*list);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  std::string cmd = argv[1];
+  std::vector<std::string> args(argv + 2, argv + argc);
+  try {
+    if (cmd == "serve") return serve(args);
+    if (cmd == "import") return import_raw(args);
+    if (cmd == "ls") return ls(args);
+    if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+      std::cout << kUsage;
+      return 0;
+    }
+    std::cerr << "lazymem-pageserver: unknown command '" << cmd << "'\n" << kUsage;
+    return 2;
+  } catch (const po::error& e) {
+    std::cerr << "lazymem-pageserver " << cmd << ": " << e.what() << "\n";
+    return 2;
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "lazymem-pageserver " << cmd << ": " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "lazymem-pageserver " << cmd << ": " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,375 @@
+// Page-server client.
+#include "net/client.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <unordered_map>
+
+#include "net/auth.h"
+#include "snapshot/manifest.h"
+#include "sys/syscall_result.h"
+
+namespace lazymem::net {
+namespace wire = proto::wire;
+namespace {
+
+int ms_left(Deadline d) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(d - std::chrono::steady_clock::now()).count();
+  return left <= 0 ? 0 : static_cast<int>(std::min<long>(left, 1 << 30));
+}
+
+Status wait_fd(int fd, short events, Deadline d, const char* what) {
+  for (;;) {
+    pollfd p{fd, events, 0};
+    int r = ::poll(&p, 1, ms_left(d));
+    if (r > 0) return ok_status();
+    if (r == 0) return Error(Errc::kTimeout, fmt::format("page server: timed out {}", what));
+    if (errno != EINTR) return sys_error("poll", errno);
+  }
+}
+
+}  // namespace
+
+Result<sys::UniqueFd> dial(const std::string& host, uint16_t port, Deadline deadline) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  int g = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
+  if (g != 0) return Error(Errc::kNotFound, fmt::format("page server {}: {}", host, gai_strerror(g)));
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, ::freeaddrinfo);
+  Error last(Errc::kPeerGone, fmt::format("page server {}:{}: no address", host, port));
+  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    sys::UniqueFd fd(::socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!fd.valid()) continue;
+    int one = 1;
+    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (::connect(fd.get(), a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
+      last = sys_error(fmt::format("connect to page server {}:{}", host, port), errno);
+      continue;
+    }
+    Status w = wait_fd(fd.get(), POLLOUT, deadline, "connecting");
+    if (!w.ok()) {
+      last = w.error();
+      continue;
+    }
+    int err = 0;
+    socklen_t len = sizeof err;
+    ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) {
+      last = sys_error(fmt::format("connect to page server {}:{} (is it running?)", host, port), err);
+      continue;
+    }
+    return fd;
+  }
+  return last;
+}
+
+Status send_frame(int fd, capnp::MessageBuilder& header, std::span<const std::byte> payload, Deadline deadline) {
+  std::vector<std::byte> head = encode_frame(header, static_cast<uint32_t>(payload.size()));
+  for (std::span<const std::byte> part : {std::span<const std::byte>(head), payload}) {
+    size_t done = 0;
+    while (done < part.size()) {
+      ssize_t n = ::send(fd, part.data() + done, part.size() - done, MSG_NOSIGNAL);
+      if (n > 0) {
+        done += static_cast<size_t>(n);
+      } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        LAZYMEM_TRY(wait_fd(fd, POLLOUT, deadline, "sending"));
+      } else {
+        return sys_error("send to page server", n < 0 ? errno : EPIPE);
+      }
+    }
+  }
+  return ok_status();
+}
+
+Result<OwnedFrame> recv_frame(int fd, FrameBuffer& buf, Deadline deadline) {
+  for (;;) {
+    auto f = buf.next();
+    if (!f.ok()) return std::move(f).error();
+    if (f->has_value()) {
+      OwnedFrame out;
+      LAZYMEM_ASSIGN_OR_RETURN(out.header, Header::parse((*f)->header));
+      out.payload.assign((*f)->payload.begin(), (*f)->payload.end());
+      buf.consume();
+      return out;
+    }
+    auto space = buf.writable();
+    ssize_t n = ::recv(fd, space.data(), space.size(), 0);
+    if (n > 0) {
+      buf.commit(static_cast<size_t>(n));
+    } else if (n == 0) {
+      return Error(Errc::kPeerGone, "page server closed the connection");
+    } else if (errno == EAGAIN || errno == EINTR) {
+      LAZYMEM_TRY(wait_fd(fd, POLLIN, deadline, "waiting for a reply"));
+    } else {
+      return sys_error("receive from page server", errno);
+    }
+  }
+}
+
+Error reply_error(const SnapshotLocation& loc, wire::ErrorReply::Reader e) {
+  Errc code = Errc::kIo;
+  switch (e.getCode()) {
+    case wire::ErrorCode::NOT_FOUND: code = Errc::kNotFound; break;
+    case wire::ErrorCode::AUTH_REQUIRED:
+    case wire::ErrorCode::AUTH_FAILED: code = Errc::kPermission; break;
+    case wire::ErrorCode::OUT_OF_RANGE:
+    case wire::ErrorCode::BAD_REQUEST: code = Errc::kProtocol; break;
+    case wire::ErrorCode::UNSUPPORTED_VERSION: code = Errc::kUnsupported; break;
+    default: break;
+  }
+  return Error(code, fmt::format("page server {}:{}: {}", loc.host, loc.port, e.getMessage().cStr()));
+}
+
+Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline) {
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, dial(loc.host, loc.port, deadline));
+  FrameBuffer buf;
+  Nonce cn = random_nonce();
+  {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<wire::Request>();
+    rq.setId(1);
+    auto h = rq.initHello();
+    h.setVersion(wire::PROTOCOL_VERSION);
+    h.setClientNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(cn.data()), cn.size()));
+    LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
+  auto reply = f.header->root<wire::Reply>();
+  if (reply.isError()) return reply_error(loc, reply.getError());
+  if (!reply.isHello()) return Error(Errc::kProtocol, "page server: unexpected reply to hello");
+  auto hr = reply.getHello();
+  if (hr.getAuthRequired()) {
+    if (token.empty()) {
+      return Error(Errc::kPermission, fmt::format("page server {}:{} requires a token; pass --token-file", loc.host, loc.port));
+    }
+    auto sn = hr.getServerNonce();
+    Mac mac = auth_mac(token, std::span(reinterpret_cast<const std::byte*>(sn.begin()), sn.size()), cn);
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<wire::Request>();
+    rq.setId(2);
+    rq.setAuthenticate(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(mac.data()), mac.size()));
+    LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
+    LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame a, recv_frame(fd.get(), buf, deadline));
+    auto ar = a.header->root<wire::Reply>();
+    if (ar.isError()) return reply_error(loc, ar.getError());
+    if (!ar.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to authenticate");
+  }
+  return fd;
+}
+
+Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocation& server, const std::string& token,
+                                                           Deadline deadline) {
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline));
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<wire::Request>();
+  rq.setId(4);
+  rq.setList();
+  LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
+  FrameBuffer buf;
+  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
+  auto reply = f.header->root<wire::Reply>();
+  if (reply.isError()) return reply_error(server, reply.getError());
+  if (!reply.isSnapshots()) return Error(Errc::kProtocol, "page server: unexpected reply to list");
+  std::vector<snapshot::SnapshotSummary> out;
+  for (auto s : reply.getSnapshots()) {
+    out.push_back(snapshot::SnapshotSummary{s.getName(), s.getTotalBytes(), s.getStoredBytes(), s.getRegions(),
+                                            s.getCreatedUnixNs()});
+  }
+  return out;
+}
+
+// ---- remote source ----
+
+namespace {
+
+class RemoteReader final : public snapshot::ChunkReader {
+ public:
+  RemoteReader(const RemoteSource& src, const SnapshotLocation& loc, std::string token, const RemoteOptions& opts)
+      : src_(src), loc_(loc), token_(std::move(token)), opts_(opts), epoll_(::epoll_create1(EPOLL_CLOEXEC)) {}
+
+  Status connect() {
+    auto deadline = std::chrono::steady_clock::now() + opts_.deadline;
+    auto fd = open_connection(loc_, token_, deadline);
+    if (!fd.ok()) return std::move(fd).error();
+    if (sock_.valid()) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sock_.get(), nullptr);
+    sock_ = std::move(*fd);
+    buf_ = FrameBuffer();
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, sock_.get(), &ev);
+    return ok_status();
+  }
+
+  Status submit(std::span<const snapshot::ChunkRequest> requests) override {
+    for (const auto& rq : requests) in_flight_[rq.tag] = rq;
+    Status s = send_requests(requests);
+    if (!s.ok()) return recover(s.error());
+    return ok_status();
+  }
+
+  Result<size_t> poll(snapshot::ChunkSink& sink, bool block, size_t max) override {
+    size_t delivered = 0;
+    for (;;) {
+      while (delivered < max) {
+        auto f = buf_.next();
+        if (!f.ok()) {
+          LAZYMEM_TRY(recover(f.error()));
+          break;
+        }
+        if (!f->has_value()) break;
+        auto h = Header::parse((*f)->header);
+        if (!h.ok()) {
+          LAZYMEM_TRY(recover(h.error()));
+          break;
+        }
+        deliver(**h, (*f)->payload, sink, delivered);
+        buf_.consume();
+      }
+      if (delivered >= max) return delivered;
+      auto space = buf_.writable();
+      ssize_t n = ::recv(sock_.get(), space.data(), space.size(), MSG_DONTWAIT);
+      if (n > 0) {
+        buf_.commit(static_cast<size_t>(n));
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) {
+        if (block && delivered == 0 && !in_flight_.empty()) {
+          pollfd p{sock_.get(), POLLIN, 0};
+          ::poll(&p, 1, static_cast<int>(opts_.deadline.count()));
+          block = false;
+          continue;
+        }
+        return delivered;
+      }
+      LAZYMEM_TRY(recover(n == 0 ? Error(Errc::kPeerGone, "page server closed the connection")
+                                 : sys_error("receive from page server", errno)));
+    }
+  }
+
+  int wait_fd() const override { return epoll_.get(); }
+  size_t in_flight() const override { return in_flight_.size(); }
+  size_t capacity() const override { return opts_.reads_in_flight; }
+
+ private:
+  Status send_requests(std::span<const snapshot::ChunkRequest> requests) {
+    // One frame per lane: demand requests travel in their own frame so the server can put them
+    // ahead of the prefetch it has queued.
+    for (bool demand : {true, false}) {
+      capnp::MallocMessageBuilder m;
+      auto rq = m.initRoot<wire::Request>();
+      rq.setId(++next_id_);
+      auto gc = rq.initGetChunks();
+      gc.setSnapshot(loc_.name);
+      gc.setDemand(demand);
+      unsigned n = 0;
+      for (const auto& r : requests) n += r.demand == demand;
+      if (n == 0) continue;
+      auto list = gc.initChunks(n);
+      unsigned i = 0;
+      for (const auto& r : requests) {
+        if (r.demand != demand) continue;
+        list[i].setRegion(r.ref.region);
+        list[i].setChunk(r.ref.chunk);
+        list[i].setTag(r.tag);
+        ++i;
+      }
+      LAZYMEM_TRY(send_frame(sock_.get(), m, {}, std::chrono::steady_clock::now() + opts_.deadline));
+    }
+    return ok_status();
+  }
+
+  void deliver(Header& h, std::span<const std::byte> payload, snapshot::ChunkSink& sink, size_t& delivered) {
+    auto reply = h.root<wire::Reply>();
+    if (reply.isChunk()) {
+      auto c = reply.getChunk();
+      auto it = in_flight_.find(c.getTag());
+      if (it == in_flight_.end()) return;  // a reply to a request re-sent after a reconnect
+      snapshot::ChunkRequest rq = it->second;
+      in_flight_.erase(it);
+      ++delivered;
+      const Manifest& m = src_.manifest();
+      if (c.getRegion() != rq.ref.region || c.getChunk() != rq.ref.chunk ||
+          payload.size() != m.regions[rq.ref.region].chunks[rq.ref.chunk].stored_length) {
+        sink.on_chunk_error(rq.tag, Error(Errc::kProtocol, fmt::format("page server {}: reply does not match the "
+                                                                       "request for chunk {}", loc_.to_string(), rq.ref.chunk)));
+        return;
+      }
+      sink.on_chunk(rq.tag, payload);
+    } else if (reply.isError()) {
+      auto e = reply.getError();
+      auto it = in_flight_.find(e.getTag());
+      if (it == in_flight_.end()) return;
+      uint64_t tag = it->first;
+      in_flight_.erase(it);
+      ++delivered;
+      sink.on_chunk_error(tag, reply_error(loc_, e));
+    }
+  }
+
+  // The connection broke: reconnect and re-send everything in flight, or give up.
+  Status recover(const Error& why) {
+    for (unsigned attempt = 1; attempt <= opts_.fetch_attempts; ++attempt) {
+      if (connect().ok()) {
+        std::vector<snapshot::ChunkRequest> again;
+        for (const auto& [tag, rq] : in_flight_) again.push_back(rq);
+        if (send_requests(again).ok()) return ok_status();
+      }
+    }
+    in_flight_.clear();
+    return why.wrap(fmt::format("page server {} (gave up after {} reconnects)", loc_.to_string(), opts_.fetch_attempts));
+  }
+
+  const RemoteSource& src_;
+  SnapshotLocation loc_;
+  std::string token_;
+  RemoteOptions opts_;
+  sys::UniqueFd epoll_;  // stable fd for the engine, whatever socket is current
+  sys::UniqueFd sock_;
+  FrameBuffer buf_;
+  std::unordered_map<uint64_t, snapshot::ChunkRequest> in_flight_;
+  uint64_t next_id_ = 100;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<RemoteSource>> RemoteSource::open(const SnapshotLocation& loc, const RemoteOptions& options) {
+  std::unique_ptr<RemoteSource> src(new RemoteSource());
+  src->loc_ = loc;
+  src->options_ = options;
+  if (!options.token_file.empty()) {
+    LAZYMEM_ASSIGN_OR_RETURN(src->token_, read_token_file(options.token_file));
+  }
+  auto deadline = std::chrono::steady_clock::now() + options.deadline;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, src->token_, deadline));
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<wire::Request>();
+  rq.setId(3);
+  rq.setGetManifest(loc.name);
+  LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
+  FrameBuffer buf;
+  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
+  auto reply = f.header->root<wire::Reply>();
+  if (reply.isError()) return reply_error(loc, reply.getError());
+  if (!reply.isManifest()) return Error(Errc::kProtocol, "page server: unexpected reply to getManifest");
+  LAZYMEM_ASSIGN_OR_RETURN(src->manifest_, snapshot::decode_manifest(f.payload, loc.to_string()));
+  return src;
+}
+
+Result<std::unique_ptr<snapshot::ChunkReader>> RemoteSource::open_reader() {
+  auto r = std::make_unique<RemoteReader>(*this, loc_, token_, options_);
+  LAZYMEM_TRY(r->connect());
+  return std::unique_ptr<snapshot::ChunkReader>(std::move(r));
+}
+
+}  // namespace lazymem::net

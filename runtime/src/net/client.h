@@ -1,0 +1,60 @@
+// Page-server client: connection set-up (hello + challenge-response), blocking calls for the
+// control messages, and a non-blocking ChunkReader for the fault engine.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lazymem/result.h"
+#include "lazymem/snapshot.h"
+#include "net/frame.h"
+#include "net/remote.h"
+#include "snapshot/chunk_source.h"
+#include "snapshot/store.h"
+#include "sys/unique_fd.h"
+#include "wire.capnp.h"
+
+namespace lazymem::net {
+
+using Deadline = std::chrono::steady_clock::time_point;
+
+// Connects to HOST:PORT (TCP_NODELAY) within the deadline.
+Result<sys::UniqueFd> dial(const std::string& host, uint16_t port, Deadline deadline);
+
+// Sends one frame (header + payload) completely, waiting for the socket as needed.
+Status send_frame(int fd, capnp::MessageBuilder& header, std::span<const std::byte> payload, Deadline deadline);
+
+// A received frame that owns its bytes.
+struct OwnedFrame {
+  std::unique_ptr<Header> header;
+  std::vector<std::byte> payload;
+};
+Result<OwnedFrame> recv_frame(int fd, FrameBuffer& buf, Deadline deadline);
+
+// Dials and authenticates: a connection ready for requests.
+Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline);
+
+// Turns an error reply into an Error naming the server.
+Error reply_error(const SnapshotLocation& loc, proto::wire::ErrorReply::Reader e);
+
+// The snapshots a page server holds.
+Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocation& server, const std::string& token,
+                                                           Deadline deadline);
+
+class RemoteSource final : public snapshot::ChunkSource {
+ public:
+  static Result<std::unique_ptr<RemoteSource>> open(const SnapshotLocation& loc, const RemoteOptions& options);
+  const Manifest& manifest() const override { return manifest_; }
+  Result<std::unique_ptr<snapshot::ChunkReader>> open_reader() override;
+  std::string describe() const override { return loc_.to_string(); }
+
+ private:
+  SnapshotLocation loc_;
+  RemoteOptions options_;
+  std::string token_;
+  Manifest manifest_;
+};
+
+}  // namespace lazymem::net

@@ -1,0 +1,87 @@
+// Wire frames: u32 header length | u32 payload length | Cap'n Proto header | raw payload.
+#include "net/frame.h"
+
+#include <fmt/format.h>
+
+#include <cstring>
+
+namespace lazymem::net {
+namespace {
+
+void put_le32(std::byte* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = std::byte((v >> (8 * i)) & 0xff);
+}
+uint32_t get_le32(const std::byte* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
+  return v;
+}
+
+}  // namespace
+
+std::vector<std::byte> encode_frame(capnp::MessageBuilder& header, uint32_t payload_len) {
+  kj::Array<capnp::word> words = capnp::messageToFlatArray(header);
+  auto bytes = words.asBytes();
+  std::vector<std::byte> out(kFramePrefix + bytes.size());
+  put_le32(out.data(), static_cast<uint32_t>(bytes.size()));
+  put_le32(out.data() + 4, payload_len);
+  std::memcpy(out.data() + kFramePrefix, bytes.begin(), bytes.size());
+  return out;
+}
+
+Result<std::unique_ptr<Header>> Header::parse(std::span<const std::byte> bytes) {
+  auto h = std::make_unique<Header>();
+  h->words_ = kj::heapArray<capnp::word>(bytes.size() / sizeof(capnp::word));
+  std::memcpy(h->words_.begin(), bytes.data(), bytes.size());
+  capnp::ReaderOptions opts;
+  opts.traversalLimitInWords = h->words_.size() * 4 + 64;
+  opts.nestingLimit = 8;
+  try {
+    h->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(h->words_.asPtr(), opts);
+    // Touch the root so a malformed segment table fails here, not in the caller.
+    (void)h->reader_->getRoot<capnp::AnyPointer>();
+  } catch (const kj::Exception& e) {
+    return Error(Errc::kProtocol, fmt::format("malformed frame header: {}", e.getDescription().cStr()));
+  }
+  return h;
+}
+
+std::span<std::byte> FrameBuffer::writable(size_t at_least) {
+  if (start_ == end_) start_ = end_ = 0;
+  if (buf_.size() - end_ < at_least) {
+    if (start_ > 0) {  // compact before growing
+      std::memmove(buf_.data(), buf_.data() + start_, end_ - start_);
+      end_ -= start_;
+      start_ = 0;
+    }
+    if (buf_.size() - end_ < at_least) buf_.resize(end_ + at_least);
+  }
+  return {buf_.data() + end_, buf_.size() - end_};
+}
+
+Result<std::optional<FrameView>> FrameBuffer::next() {
+  size_t have = end_ - start_;
+  if (have < kFramePrefix) return std::optional<FrameView>();
+  const std::byte* p = buf_.data() + start_;
+  uint32_t hlen = get_le32(p);
+  uint32_t plen = get_le32(p + 4);
+  if (hlen == 0 || hlen > kMaxHeader || hlen % sizeof(capnp::word) != 0) {
+    return Error(Errc::kProtocol, fmt::format("bad frame: header length {} (limit {}, multiple of 8)", hlen, kMaxHeader));
+  }
+  if (plen > kMaxPayload) return Error(Errc::kProtocol, fmt::format("bad frame: payload length {} over {}", plen, kMaxPayload));
+  size_t total = kFramePrefix + hlen + plen;
+  if (have < total) {
+    (void)writable(total - have);  // make room for the rest of this frame
+    return std::optional<FrameView>();
+  }
+  pending_ = total;
+  p = buf_.data() + start_;
+  return std::optional<FrameView>(FrameView{{p + kFramePrefix, hlen}, {p + kFramePrefix + hlen, plen}});
+}
+
+void FrameBuffer::consume() {
+  start_ += pending_;
+  pending_ = 0;
+}
+
+}  // namespace lazymem::net

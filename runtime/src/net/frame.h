@@ -1,0 +1,63 @@
+// Wire frames: u32 header length | u32 payload length | Cap'n Proto header | raw payload.
+//
+// FrameBuffer accumulates bytes from a socket and yields whole frames, refusing lengths over
+// the limits before buffering them (a hostile peer cannot make us allocate much).
+#pragma once
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "lazymem/result.h"
+
+namespace lazymem::net {
+
+constexpr size_t kFramePrefix = 8;
+constexpr uint32_t kMaxHeader = 64 * 1024;
+constexpr uint32_t kMaxPayload = 16 * 1024 * 1024;
+
+// Prefix + header bytes of a frame whose payload (payload_len bytes) is sent after it.
+std::vector<std::byte> encode_frame(capnp::MessageBuilder& header, uint32_t payload_len);
+
+// A parsed header. The reader is valid as long as this object lives.
+class Header {
+ public:
+  static Result<std::unique_ptr<Header>> parse(std::span<const std::byte> bytes);
+  template <typename T>
+  typename T::Reader root() {
+    return reader_->getRoot<T>();
+  }
+
+ private:
+  kj::Array<capnp::word> words_;
+  std::unique_ptr<capnp::FlatArrayMessageReader> reader_;
+};
+
+struct FrameView {
+  std::span<const std::byte> header;
+  std::span<const std::byte> payload;
+};
+
+class FrameBuffer {
+ public:
+  // Space to receive into (grows as needed, never beyond one maximal frame).
+  std::span<std::byte> writable(size_t at_least = 64 * 1024);
+  void commit(size_t n) { end_ += n; }
+  // The next complete frame, if there is one; an error if the peer broke the framing.
+  Result<std::optional<FrameView>> next();
+  // Drops the frame last returned by next().
+  void consume();
+  size_t buffered() const { return end_ - start_; }
+
+ private:
+  std::vector<std::byte> buf_;
+  size_t start_ = 0, end_ = 0, pending_ = 0;
+};
+
+}  // namespace lazymem::net
