@@ -197,8 +197,12 @@ class RemoteReader final : public snapshot::ChunkReader {
   RemoteReader(const RemoteSource& src, const SnapshotLocation& loc, std::string token, const RemoteOptions& opts)
       : src_(src), loc_(loc), token_(std::move(token)), opts_(opts), epoll_(::epoll_create1(EPOLL_CLOEXEC)) {}
 
+  // Reconnects run on the engine thread, which cannot serve faults meanwhile: each attempt
+  // gets a slice of the fault deadline, so all of them together stay within it.
+  // TODO(perf): reconnect asynchronously, keeping the engine loop running.
   Status connect() {
-    auto deadline = std::chrono::steady_clock::now() + opts_.deadline;
+    auto slice = opts_.deadline / (opts_.fetch_attempts + 1);
+    auto deadline = std::chrono::steady_clock::now() + std::min<std::chrono::milliseconds>(slice, std::chrono::seconds(5));
     auto fd = open_connection(loc_, token_, deadline);
     if (!fd.ok()) return std::move(fd).error();
     if (sock_.valid()) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sock_.get(), nullptr);

@@ -1,0 +1,328 @@
+// Restores through a real page server on loopback (and in another network namespace), with
+// every byte compared; hostile peers; wrong tokens; a server that dies mid-restore.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <fcntl.h>
+#include <sched.h>
+#include <cstring>
+#include <fstream>
+#include <thread>
+
+#include "../common/test_data.h"
+#include "lazymem/kernel_features.h"
+#include "lazymem/restore.h"
+#include "lazymem/snapshot.h"
+#include "net/client.h"
+#include "net/frame.h"
+#include "page_server.h"
+#include "wire.capnp.h"
+
+namespace lazymem {
+namespace {
+
+using testing::ScratchDir;
+constexpr size_t kMiB = 1 << 20;
+
+class PageServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    kf_ = probe_kernel();
+    if (!kf_.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf_.uffd_error;
+  }
+  void TearDown() override { stop_server(); }
+
+  void capture(size_t len, uint64_t seed) {
+    void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(p, MAP_FAILED);
+    testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
+    expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len);
+    len_ = len;
+    CaptureRegion r{"heap", p, len, PROT_READ | PROT_WRITE};
+    auto rep = capture_regions(dir_.path() + "/snap", std::span(&r, 1), {});
+    ASSERT_TRUE(rep.ok()) << rep.error().message();
+    ::munmap(p, len);
+  }
+
+  void start_server(const std::string& token = "", std::chrono::milliseconds handshake = std::chrono::seconds(10)) {
+    pageserver::ServerOptions o;
+    o.store_dir = dir_.path();
+    o.token = token;
+    o.handshake_timeout = handshake;
+    auto s = pageserver::PageServer::listen(o);
+    ASSERT_TRUE(s.ok()) << s.error().message();
+    server_ = std::move(*s);
+    thread_ = std::thread([this] { (void)server_->run(); });
+  }
+  void stop_server() {
+    if (server_ && thread_.joinable()) server_->stop();
+    if (thread_.joinable()) thread_.join();
+  }
+  std::string uri() const { return "lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/snap"; }
+
+  void restore_and_compare(const std::string& location, RestoreOptions opts) {
+    auto r = LazyRestore::start(location, kf_, opts);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+    for (size_t off = 0; off < len_; off += 4096) {
+      ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
+    }
+    ASSERT_TRUE((*r)->finish().ok());
+    ::munmap(const_cast<std::byte*>(got), len_);
+  }
+
+  KernelFeatures kf_;
+  ScratchDir dir_;
+  std::vector<std::byte> expected_;
+  size_t len_ = 0;
+  std::unique_ptr<pageserver::PageServer> server_;
+  std::thread thread_;
+};
+
+TEST_F(PageServerTest, RestoresEveryByteOverLoopback) {
+  capture(256 * kMiB, 21);
+  start_server();
+  RestoreOptions prefetch;
+  restore_and_compare(uri(), prefetch);
+  RestoreOptions demand_only;
+  demand_only.prefetch = false;
+  restore_and_compare(uri(), demand_only);
+  auto st = server_->stats();
+  EXPECT_GT(st.chunks, 0u);
+  EXPECT_EQ(st.errors_protocol + st.errors_auth + st.errors_io, 0u);
+}
+
+TEST_F(PageServerTest, ThirtyTwoClientsRestoreAtOnce) {
+  capture(32 * kMiB, 27);
+  start_server();
+  std::string u = uri();
+  std::vector<pid_t> kids;
+  for (int i = 0; i < 32; ++i) {
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      RestoreOptions o;
+      o.prefetch = (i % 2) == 0;  // half demand-only, half with prefetch
+      auto r = LazyRestore::start(u, kf_, o);
+      if (!r.ok()) _exit(3);
+      const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+      for (size_t off = 0; off < len_; off += 4096) {
+        size_t pg = (off / 4096 * 7919 + static_cast<size_t>(i) * 131) % (len_ / 4096) * 4096;  // scattered order
+        if (std::memcmp(got + pg, expected_.data() + pg, 4096) != 0) _exit(4);
+      }
+      _exit((*r)->finish().ok() ? 0 : 5);
+    }
+    kids.push_back(pid);
+  }
+  int failed = 0;
+  for (pid_t pid : kids) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) ++failed;
+  }
+  EXPECT_EQ(failed, 0);
+  EXPECT_GE(server_->stats().connections, 64u);  // a control and a data connection per client
+}
+
+TEST_F(PageServerTest, TokenIsRequiredAndChecked) {
+  capture(8 * kMiB, 22);
+  start_server("correct horse battery staple");
+  std::string good = dir_.path() + "/good.token", bad = dir_.path() + "/bad.token";
+  std::ofstream(good) << "correct horse battery staple\n";
+  std::ofstream(bad) << "wrong\n";
+  RestoreOptions o;
+  auto none = LazyRestore::start(uri(), kf_, o);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.error().message().find("requires a token"), std::string::npos) << none.error().message();
+  o.token_file = bad;
+  auto wrong = LazyRestore::start(uri(), kf_, o);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_EQ(wrong.error().code(), Errc::kPermission);
+  EXPECT_NE(wrong.error().message().find("wrong token"), std::string::npos) << wrong.error().message();
+  o.token_file = good;
+  restore_and_compare(uri(), o);
+  EXPECT_GE(server_->stats().errors_auth, 1u);
+}
+
+TEST_F(PageServerTest, UnknownSnapshotIsAClearError) {
+  capture(4 * kMiB, 23);
+  start_server();
+  auto r = LazyRestore::start("lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/nope", kf_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Errc::kNotFound);
+}
+
+// Sends raw bytes on a fresh connection and reports whether the server closed it.
+bool server_closes_after(uint16_t port, const std::vector<std::byte>& bytes) {
+  auto fd = net::dial("127.0.0.1", port, std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  if (!fd.ok()) return false;
+  (void)!::send(fd->get(), bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  char buf[4096];
+  for (;;) {
+    pollfd p{fd->get(), POLLIN, 0};
+    if (::poll(&p, 1, 5000) <= 0) return false;  // still open after 5 s
+    ssize_t n = ::recv(fd->get(), buf, sizeof buf, 0);
+    if (n <= 0) return true;
+  }
+}
+
+TEST_F(PageServerTest, HostilePeersAreCutOffAndOthersKeepBeingServed) {
+  capture(16 * kMiB, 24);
+  start_server("", std::chrono::milliseconds(300));
+  uint16_t port = server_->port();
+  // Garbage that is not a frame.
+  std::vector<std::byte> garbage(64, std::byte{0xff});
+  EXPECT_TRUE(server_closes_after(port, garbage));
+  // A frame claiming a 1 GiB payload.
+  std::vector<std::byte> huge(8);
+  uint32_t h = 8, p = 1u << 30;
+  std::memcpy(huge.data(), &h, 4);
+  std::memcpy(huge.data() + 4, &p, 4);
+  EXPECT_TRUE(server_closes_after(port, huge));
+  // A well-framed header that is not a valid message.
+  std::vector<std::byte> bad(8 + 16, std::byte{0x41});
+  uint32_t hl = 16, pl = 0;
+  std::memcpy(bad.data(), &hl, 4);
+  std::memcpy(bad.data() + 4, &pl, 4);
+  EXPECT_TRUE(server_closes_after(port, bad));
+  // Requests before hello.
+  {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(1);
+    rq.setList();
+    EXPECT_TRUE(server_closes_after(port, net::encode_frame(m, 0)));
+  }
+  // A client that connects and says nothing is closed after the handshake timeout.
+  EXPECT_TRUE(server_closes_after(port, {}));
+  // Out-of-range chunks get an error reply, not a crash.
+  {
+    auto loc = SnapshotLocation::parse("lazymem://127.0.0.1:" + std::to_string(port) + "/snap");
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    auto fd = net::open_connection(*loc, "", deadline);
+    ASSERT_TRUE(fd.ok()) << fd.error().message();
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(9);
+    auto gc = rq.initGetChunks();
+    gc.setSnapshot("snap");
+    auto l = gc.initChunks(2);
+    l[0].setRegion(0);
+    l[0].setChunk(1u << 30);
+    l[0].setTag(5);
+    l[1].setRegion(7);
+    l[1].setChunk(0);
+    l[1].setTag(6);
+    ASSERT_TRUE(net::send_frame(fd->get(), m, {}, deadline).ok());
+    net::FrameBuffer buf;
+    for (int i = 0; i < 2; ++i) {
+      auto f = net::recv_frame(fd->get(), buf, deadline);
+      ASSERT_TRUE(f.ok()) << f.error().message();
+      auto reply = f->header->root<proto::wire::Reply>();
+      ASSERT_TRUE(reply.isError());
+      EXPECT_EQ(reply.getError().getCode(), proto::wire::ErrorCode::OUT_OF_RANGE);
+    }
+  }
+  // And the server still serves a real client, correctly.
+  restore_and_compare(uri(), RestoreOptions{});
+  auto st = server_->stats();
+  EXPECT_GE(st.errors_protocol, 3u);
+  EXPECT_GE(st.errors_range, 2u);
+  EXPECT_GE(st.handshake_timeouts, 1u);
+}
+
+// The server dies while a process restores from it: the process's access to a page that was
+// never fetched fails visibly (SIGBUS from UFFDIO_POISON) within the deadline, never hangs.
+TEST_F(PageServerTest, ServerDeathFailsTheFaultVisibly) {
+  if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
+  capture(64 * kMiB, 25);
+  start_server();
+  std::string u = uri();
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    RestoreOptions o;
+    o.prefetch = false;
+    o.fault_deadline = std::chrono::milliseconds(3000);
+    o.fetch_attempts = 2;
+    auto r = LazyRestore::start(u, kf_, o);
+    if (!r.ok()) _exit(3);
+    volatile const char* p = static_cast<const char*>((*r)->regions()[0].address);
+    (void)p[0];  // one page fetched while the server lives
+    char c = 1;
+    (void)!::write(ready[1], &c, 1);
+    (void)!::read(go[0], &c, 1);  // the parent has stopped the server
+    ::signal(SIGBUS, SIG_DFL);
+    (void)p[32 * kMiB];  // never fetched: must raise SIGBUS
+    _exit(5);
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  stop_server();
+  server_.reset();  // the listening socket goes too: reconnects are refused
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  EXPECT_EQ(WTERMSIG(status), SIGBUS);
+  EXPECT_LT(secs, 10.0);
+}
+
+// A second "host": the page server runs in its own network namespace, reached over a veth pair.
+TEST_F(PageServerTest, RestoresFromAnotherHostInANetworkNamespace) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces";
+  if (std::system("command -v ip >/dev/null 2>&1") != 0) GTEST_SKIP() << "iproute2 (ip) is not installed";
+  std::string ns = "lzm-ps-" + std::to_string(::getpid());
+  std::string veth = "lzmv" + std::to_string(::getpid() % 100000);
+  auto sh = [](const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; };
+  if (!sh("ip netns add " + ns)) GTEST_SKIP() << "cannot create a network namespace here";
+  struct Cleanup {
+    std::string ns, veth;
+    ~Cleanup() {
+      (void)!std::system(("ip link del " + veth + " >/dev/null 2>&1").c_str());
+      (void)!std::system(("ip netns del " + ns + " >/dev/null 2>&1").c_str());
+    }
+  } cleanup{ns, veth};
+  ASSERT_TRUE(sh("ip link add " + veth + "a type veth peer name " + veth + "b netns " + ns));
+  ASSERT_TRUE(sh("ip addr add 10.231.0.1/30 dev " + veth + "a && ip link set " + veth + "a up"));
+  ASSERT_TRUE(sh("ip -n " + ns + " addr add 10.231.0.2/30 dev " + veth + "b && ip -n " + ns + " link set " + veth +
+                 "b up && ip -n " + ns + " link set lo up"));
+  capture(256 * kMiB, 26);
+
+  int portpipe[2];
+  ASSERT_EQ(::pipe(portpipe), 0);
+  pid_t server = ::fork();
+  ASSERT_GE(server, 0);
+  if (server == 0) {
+    int nsfd = ::open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC);
+    if (nsfd < 0 || ::setns(nsfd, CLONE_NEWNET) != 0) _exit(3);
+    pageserver::ServerOptions o;
+    o.store_dir = dir_.path();
+    o.host = "10.231.0.2";
+    auto s = pageserver::PageServer::listen(o);
+    if (!s.ok()) _exit(4);
+    uint16_t port = (*s)->port();
+    (void)!::write(portpipe[1], &port, sizeof port);
+    (void)(*s)->run();
+    _exit(0);
+  }
+  uint16_t port = 0;
+  ASSERT_EQ(::read(portpipe[0], &port, sizeof port), static_cast<ssize_t>(sizeof port));
+  restore_and_compare("lazymem://10.231.0.2:" + std::to_string(port) + "/snap", RestoreOptions{});
+  ::kill(server, SIGKILL);
+  ::waitpid(server, nullptr, 0);
+}
+
+}  // namespace
+}  // namespace lazymem
