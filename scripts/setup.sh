@@ -11,7 +11,7 @@ packages=(
   liburing-dev capnproto libcapnp-dev libzstd-dev libxxhash-dev
   libspdlog-dev libfmt-dev nlohmann-json3-dev libboost-program-options-dev
   libgtest-dev libgmock-dev libssl-dev
-  iproute2 clang
+  iproute2 clang libclang-rt-14-dev python3
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,84 @@
+// The decoders a hostile peer can reach, driven the way the page server and the client drive
+// them: frames out of a byte stream, headers parsed, every field of the message read, a
+// manifest payload decoded. Shared by the libFuzzer target and the replay test.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+
+#include "net/frame.h"
+#include "snapshot/manifest.h"
+#include "wire.capnp.h"
+
+namespace lazymem::fuzz {
+
+inline uint64_t walk_request(proto::wire::Request::Reader r) {
+  uint64_t acc = r.getId();
+  switch (r.which()) {
+    case proto::wire::Request::HELLO: acc += r.getHello().getVersion() + r.getHello().getClientNonce().size(); break;
+    case proto::wire::Request::AUTHENTICATE: acc += r.getAuthenticate().size(); break;
+    case proto::wire::Request::LIST: break;
+    case proto::wire::Request::GET_MANIFEST: acc += r.getGetManifest().size(); break;
+    case proto::wire::Request::GET_CHUNKS: {
+      auto g = r.getGetChunks();
+      acc += g.getSnapshot().size() + g.getDemand();
+      for (auto c : g.getChunks()) acc += c.getRegion() + c.getChunk() + c.getTag();
+      break;
+    }
+  }
+  return acc;
+}
+
+inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
+  uint64_t acc = r.getId();
+  switch (r.which()) {
+    case proto::wire::Reply::HELLO: acc += r.getHello().getServerNonce().size() + r.getHello().getAuthRequired(); break;
+    case proto::wire::Reply::ERROR: acc += r.getError().getMessage().size() + static_cast<uint64_t>(r.getError().getCode()); break;
+    case proto::wire::Reply::OK: break;
+    case proto::wire::Reply::SNAPSHOTS:
+      for (auto s : r.getSnapshots()) acc += s.getName().size() + s.getTotalBytes();
+      break;
+    case proto::wire::Reply::MANIFEST: break;
+    case proto::wire::Reply::CHUNK: acc += r.getChunk().getTag(); break;
+  }
+  return acc;
+}
+
+// Feeds `data` in uneven pieces, like recv() would deliver it. Never crashes, never hangs.
+inline uint64_t decode_stream(std::span<const uint8_t> data) {
+  net::FrameBuffer buf;
+  uint64_t acc = 0;
+  size_t pos = 0, step = 1;
+  while (pos < data.size()) {
+    size_t n = std::min(step, data.size() - pos);
+    auto space = buf.writable(n);
+    std::memcpy(space.data(), data.data() + pos, n);
+    buf.commit(n);
+    pos += n;
+    step = step * 3 % 4093 + 1;
+    for (;;) {
+      auto f = buf.next();
+      if (!f.ok()) return acc;  // the server closes the connection here
+      if (!f->has_value()) break;
+      auto h = net::Header::parse((*f)->header);
+      if (h.ok()) {
+        try {
+          acc += walk_request((*h)->root<proto::wire::Request>());
+        } catch (const kj::Exception&) {
+        }
+        try {
+          acc += walk_reply((*h)->root<proto::wire::Reply>());
+        } catch (const kj::Exception&) {
+        }
+      }
+      auto m = snapshot::decode_manifest((*f)->payload, "fuzz");
+      if (m.ok()) acc += m->regions.size();
+      buf.consume();
+    }
+  }
+  return acc;
+}
+
+}  // namespace lazymem::fuzz
