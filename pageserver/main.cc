@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "core/log.h"
 #include "lazymem/snapshot.h"
@@ -24,7 +25,8 @@ constexpr const char* kUsage =
     "usage: lazymem-pageserver <command> [options]\n"
     "  serve   --store DIR --listen HOST:PORT [--token-file F]   serve every snapshot in DIR\n"
     "  import  --store DIR --raw FILE --name N                   snapshot a raw memory file (e.g. VM memory)\n"
-    "  ls      --store DIR | --server lazymem://HOST:PORT        list snapshots, sizes, compression\n";
+    "  ls      --store DIR | --server lazymem://HOST:PORT        list snapshots, sizes, compression\n"
+    "  stats   --server lazymem://HOST:PORT [--json]             counters of a running server\n";
 
 pageserver::PageServer* g_server = nullptr;  // for the signal handler only
 void on_signal(int) {
@@ -132,6 +134,30 @@ int ls(const std::vector<std::string>& args) {
   return 0;
 }
 
+int stats(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-pageserver stats");
+  desc.add_options()("server", po::value<std::string>()->required(), "lazymem://HOST:PORT of a running server")(
+      "token-file", po::value<std::string>(), "token")("json", "print JSON");
+  auto vm = parse(args, desc);
+  auto loc = SnapshotLocation::parse(vm["server"].as<std::string>() + "/x");
+  if (!loc.ok()) throw std::invalid_argument(loc.error().message());
+  std::string token;
+  if (vm.count("token-file")) {
+    auto t = net::read_token_file(vm["token-file"].as<std::string>());
+    if (!t.ok()) throw std::runtime_error(t.error().message());
+    token = *t;
+  }
+  auto js = net::server_stats_json(*loc, token, std::chrono::steady_clock::now() + std::chrono::seconds(10));
+  if (!js.ok()) throw std::runtime_error(js.error().message());
+  if (vm.count("json")) {
+    std::printf("%s\n", js->c_str());
+    return 0;
+  }
+  auto j = nlohmann::json::parse(*js);
+  for (auto& [k, v] : j.items()) std::printf("%-20s %s\n", k.c_str(), v.dump().c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -145,6 +171,7 @@ int main(int argc, char** argv) {
     if (cmd == "serve") return serve(args);
     if (cmd == "import") return import_raw(args);
     if (cmd == "ls") return ls(args);
+    if (cmd == "stats") return stats(args);
     if (cmd == "-h" || cmd == "--help" || cmd == "help") {
       std::cout << kUsage;
       return 0;

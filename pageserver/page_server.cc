@@ -60,6 +60,10 @@ struct Conn {
   net::Nonce client_nonce{};
   std::deque<Job> demand, prefetch;
   Clock::time_point opened = Clock::now();
+  // An upload in progress: dropped (and its temporary directory removed) if the connection
+  // ends before putCommit, so a half-uploaded snapshot is never served.
+  std::unique_ptr<snapshot::SnapshotSink> upload;
+  std::string upload_name;
 };
 
 }  // namespace
@@ -70,7 +74,7 @@ struct PageServer::Impl {
   std::unordered_map<int, std::unique_ptr<Conn>> conns;
   std::map<std::string, std::shared_ptr<OpenSnapshot>> snapshots;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
-      st_nf{0}, st_range{0}, st_io{0}, st_hs{0};
+      st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0};
   std::byte* io_buf = nullptr;
   size_t io_buf_size = 0;
   std::shared_ptr<spdlog::logger> log = log::get("pageserver");
@@ -131,8 +135,67 @@ struct PageServer::Impl {
     return snap;
   }
 
+  void reply_ok(Conn& c, uint64_t id) {
+    capnp::MallocMessageBuilder m;
+    auto r = m.initRoot<wire::Reply>();
+    r.setId(id);
+    r.setOk();
+    queue(c, m, {});
+  }
+
+  void handle_upload(Conn& c, wire::Request::Reader rq, std::span<const std::byte> payload) {
+    uint64_t id = rq.getId();
+    if (rq.isPutBegin()) {
+      auto pb = rq.getPutBegin();
+      std::string name = pb.getName();
+      auto loc = SnapshotLocation::parse(opt.store_dir + "/" + name);
+      if (!loc.ok()) {
+        reply_error(c, id, wire::ErrorCode::BAD_REQUEST, loc.error().message());
+        return;
+      }
+      auto sink = snapshot::open_local_sink(*loc, pb.getReplace());
+      if (!sink.ok()) {
+        reply_error(c, id, sink.error().code() == Errc::kExists ? wire::ErrorCode::BAD_REQUEST : wire::ErrorCode::IO_ERROR,
+                    sink.error().message());
+        return;
+      }
+      c.upload = std::move(*sink);
+      c.upload_name = name;
+      reply_ok(c, id);
+      return;
+    }
+    if (!c.upload) {
+      bump(st_proto);
+      reply_error(c, id, wire::ErrorCode::BAD_REQUEST, "no upload in progress (putBegin first)");
+      c.closing = true;
+      return;
+    }
+    if (rq.isPutData()) {
+      Status s = c.upload->append(payload);
+      if (!s.ok()) {
+        bump(st_io);
+        reply_error(c, id, wire::ErrorCode::IO_ERROR, s.error().message());
+        c.upload.reset();
+        c.closing = true;
+      }
+      return;
+    }
+    // putCommit: the manifest must be valid before anything appears under the name.
+    auto m = snapshot::decode_manifest(payload, c.upload_name);
+    Status s = m.ok() ? c.upload->commit(payload) : Status(std::move(m).error());
+    if (!s.ok()) {
+      reply_error(c, id, wire::ErrorCode::BAD_REQUEST, s.error().message());
+      c.upload.reset();
+      return;
+    }
+    c.upload.reset();
+    snapshots.erase(c.upload_name);  // a replaced snapshot is reopened on next use
+    bump(st_up);
+    log->info("upload of snapshot '{}' complete", c.upload_name);
+    reply_ok(c, id);
+  }
+
   void handle(Conn& c, net::Header& h, std::span<const std::byte> payload) {
-    (void)payload;
     bump(st_req);
     wire::Request::Reader rq;
     try {
@@ -203,6 +266,31 @@ struct PageServer::Impl {
         bump(st_auth);
         reply_error(c, id, wire::ErrorCode::AUTH_REQUIRED, "authenticate first (this server needs a token)");
         c.closing = true;
+        return;
+      }
+      if (rq.isPutBegin() || rq.isPutData() || rq.isPutCommit()) {
+        handle_upload(c, rq, payload);
+        return;
+      }
+      if (rq.isStats()) {
+        ServerStats st = snapshot_stats();
+        capnp::MallocMessageBuilder m;
+        auto r = m.initRoot<wire::Reply>();
+        r.setId(id);
+        auto o = r.initStats();
+        o.setConnections(st.connections);
+        o.setOpenConnections(st.open_connections);
+        o.setRequests(st.requests);
+        o.setChunks(st.chunks);
+        o.setBytes(st.bytes);
+        o.setErrorsProtocol(st.errors_protocol);
+        o.setErrorsAuth(st.errors_auth);
+        o.setErrorsNotFound(st.errors_not_found);
+        o.setErrorsRange(st.errors_range);
+        o.setErrorsIo(st.errors_io);
+        o.setHandshakeTimeouts(st.handshake_timeouts);
+        o.setUploads(st.uploads);
+        queue(c, m, {});
         return;
       }
       if (rq.isList()) {
@@ -393,6 +481,12 @@ struct PageServer::Impl {
     }
   }
 
+  ServerStats snapshot_stats() const {
+    auto r = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+    return ServerStats{r(st_conn),  r(st_open), r(st_req),   r(st_chunks), r(st_bytes), r(st_proto), r(st_auth),
+                       r(st_nf),    r(st_range), r(st_io),   r(st_hs),     r(st_up)};
+  }
+
   void expire_handshakes() {
     auto now = Clock::now();
     std::vector<int> doomed;
@@ -489,11 +583,6 @@ void PageServer::stop() {
   (void)!::write(impl_->stop_fd.get(), &one, sizeof one);
 }
 
-ServerStats PageServer::stats() const {
-  const Impl& im = *impl_;
-  auto r = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
-  return ServerStats{r(im.st_conn), r(im.st_open),  r(im.st_req),   r(im.st_chunks), r(im.st_bytes), r(im.st_proto),
-                     r(im.st_auth), r(im.st_nf),    r(im.st_range), r(im.st_io),     r(im.st_hs)};
-}
+ServerStats PageServer::stats() const { return impl_->snapshot_stats(); }
 
 }  // namespace lazymem::pageserver

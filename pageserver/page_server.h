@@ -40,6 +40,7 @@ struct ServerStats {
   uint64_t errors_range = 0;
   uint64_t errors_io = 0;
   uint64_t handshake_timeouts = 0;
+  uint64_t uploads = 0;
 };
 
 class PageServer {

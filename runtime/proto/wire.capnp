@@ -26,7 +26,16 @@ struct Request {
     list @3 :Void;
     getManifest @4 :Text;         # snapshot name; reply payload = manifest file bytes
     getChunks @5 :GetChunks;      # one Reply.chunk (or error) per id
+    putBegin @6 :PutBegin;        # start an upload; reply ok
+    putData @7 :Void;             # payload = next bytes of the data file; no reply unless error
+    putCommit @8 :Void;           # payload = manifest file; the snapshot appears atomically; reply ok
+    stats @9 :Void;               # reply: stats
   }
+}
+
+struct PutBegin {
+  name @0 :Text;
+  replace @1 :Bool;
 }
 
 struct Hello {
@@ -60,7 +69,23 @@ struct Reply {
     snapshots @4 :List(SnapshotInfo);
     manifest @5 :Void;            # payload = manifest bytes
     chunk @6 :ChunkId;            # payload = the chunk's stored bytes
+    stats @7 :ServerStats;
   }
+}
+
+struct ServerStats {
+  connections @0 :UInt64;
+  openConnections @1 :UInt64;
+  requests @2 :UInt64;
+  chunks @3 :UInt64;
+  bytes @4 :UInt64;
+  errorsProtocol @5 :UInt64;
+  errorsAuth @6 :UInt64;
+  errorsNotFound @7 :UInt64;
+  errorsRange @8 :UInt64;
+  errorsIo @9 :UInt64;
+  handshakeTimeouts @10 :UInt64;
+  uploads @11 :UInt64;
 }
 
 struct HelloReply {

@@ -27,6 +27,10 @@ inline uint64_t walk_request(proto::wire::Request::Reader r) {
       for (auto c : g.getChunks()) acc += c.getRegion() + c.getChunk() + c.getTag();
       break;
     }
+    case proto::wire::Request::PUT_BEGIN: acc += r.getPutBegin().getName().size() + r.getPutBegin().getReplace(); break;
+    case proto::wire::Request::PUT_DATA:
+    case proto::wire::Request::PUT_COMMIT:
+    case proto::wire::Request::STATS: break;
   }
   return acc;
 }
@@ -42,6 +46,7 @@ inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
       break;
     case proto::wire::Reply::MANIFEST: break;
     case proto::wire::Reply::CHUNK: acc += r.getChunk().getTag(); break;
+    case proto::wire::Reply::STATS: acc += r.getStats().getBytes() + r.getStats().getUploads(); break;
   }
   return acc;
 }

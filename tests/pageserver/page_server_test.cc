@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -148,6 +149,47 @@ TEST_F(PageServerTest, TokenIsRequiredAndChecked) {
   o.token_file = good;
   restore_and_compare(uri(), o);
   EXPECT_GE(server_->stats().errors_auth, 1u);
+}
+
+TEST_F(PageServerTest, UploadThenRestoreEveryByte) {
+  capture(4 * kMiB, 28);  // leaves `snap` in the store; we upload a second one
+  start_server();
+  void* p = ::mmap(nullptr, 32 * kMiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  testing::fill_mixed(static_cast<std::byte*>(p), 32 * kMiB, 29);
+  expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + 32 * kMiB);
+  len_ = 32 * kMiB;
+  CaptureRegion r{"heap", p, len_, PROT_READ | PROT_WRITE};
+  std::string target = "lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/uploaded";
+  auto rep = capture_regions(target, std::span(&r, 1), {});
+  ASSERT_TRUE(rep.ok()) << rep.error().message();
+  ::munmap(p, len_);
+  restore_and_compare(target, RestoreOptions{});
+  EXPECT_EQ(server_->stats().uploads, 1u);
+}
+
+TEST_F(PageServerTest, InterruptedUploadLeavesNothing) {
+  capture(4 * kMiB, 30);
+  start_server();
+  auto loc = SnapshotLocation::parse("lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/half");
+  ASSERT_TRUE(loc.ok());
+  {
+    auto sink = net::open_upload(*loc, "", false, std::chrono::seconds(5));
+    ASSERT_TRUE(sink.ok()) << sink.error().message();
+    std::vector<std::byte> some(1 << 20, std::byte{7});
+    ASSERT_TRUE((*sink)->append(some).ok());
+    (*sink)->abort();  // the connection drops before putCommit
+  }
+  // The server notices the close on its own; wait until it has (it answers in order).
+  auto list = net::list_remote(*loc, "", std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  ASSERT_TRUE(list.ok()) << list.error().message();
+  for (const auto& s : *list) EXPECT_NE(s.name, "half");
+  auto r = LazyRestore::start(loc->to_string(), kf_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Errc::kNotFound);
+  for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
+    EXPECT_EQ(e.path().filename().string().find(".half"), std::string::npos) << "left behind: " << e.path();
+  }
 }
 
 TEST_F(PageServerTest, UnknownSnapshotIsAClearError) {

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <unordered_map>
 
 #include "net/auth.h"
@@ -186,6 +187,110 @@ Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocatio
                                             s.getCreatedUnixNs()});
   }
   return out;
+}
+
+Result<std::string> server_stats_json(const SnapshotLocation& server, const std::string& token, Deadline deadline) {
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline));
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<wire::Request>();
+  rq.setId(5);
+  rq.setStats();
+  LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
+  FrameBuffer buf;
+  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
+  auto reply = f.header->root<wire::Reply>();
+  if (reply.isError()) return reply_error(server, reply.getError());
+  if (!reply.isStats()) return Error(Errc::kProtocol, "page server: unexpected reply to stats");
+  auto st = reply.getStats();
+  nlohmann::json j = {{"connections", st.getConnections()},       {"open_connections", st.getOpenConnections()},
+                      {"requests", st.getRequests()},             {"chunks", st.getChunks()},
+                      {"bytes", st.getBytes()},                   {"errors_protocol", st.getErrorsProtocol()},
+                      {"errors_auth", st.getErrorsAuth()},        {"errors_not_found", st.getErrorsNotFound()},
+                      {"errors_range", st.getErrorsRange()},      {"errors_io", st.getErrorsIo()},
+                      {"handshake_timeouts", st.getHandshakeTimeouts()}, {"uploads", st.getUploads()}};
+  return j.dump();
+}
+
+namespace {
+
+class RemoteSink final : public snapshot::SnapshotSink {
+ public:
+  RemoteSink(SnapshotLocation loc, sys::UniqueFd fd, std::chrono::milliseconds timeout)
+      : loc_(std::move(loc)), fd_(std::move(fd)), timeout_(timeout) {}
+
+  Status append(std::span<const std::byte> data) override {
+    LAZYMEM_TRY(check_no_error());
+    constexpr size_t kPiece = 4 << 20;
+    for (size_t off = 0; off < data.size(); off += kPiece) {
+      capnp::MallocMessageBuilder m;
+      auto rq = m.initRoot<wire::Request>();
+      rq.setId(++id_);
+      rq.setPutData();
+      LAZYMEM_TRY(send_frame(fd_.get(), m, data.subspan(off, std::min(kPiece, data.size() - off)), deadline()));
+    }
+    return ok_status();
+  }
+
+  Status commit(std::span<const std::byte> manifest) override {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<wire::Request>();
+    rq.setId(++id_);
+    rq.setPutCommit();
+    LAZYMEM_TRY(send_frame(fd_.get(), m, manifest, deadline()));
+    LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd_.get(), buf_, deadline()));
+    auto reply = f.header->root<wire::Reply>();
+    if (reply.isError()) return reply_error(loc_, reply.getError());
+    if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to putCommit");
+    fd_.reset();
+    return ok_status();
+  }
+
+  void abort() override { fd_.reset(); }  // the server drops an upload whose connection ends
+  std::string describe() const override { return loc_.to_string(); }
+
+ private:
+  Deadline deadline() const { return std::chrono::steady_clock::now() + timeout_; }
+
+  // The server answers putData only to refuse it (disk full...): look before sending more.
+  Status check_no_error() {
+    auto space = buf_.writable();
+    ssize_t n = ::recv(fd_.get(), space.data(), space.size(), MSG_DONTWAIT);
+    if (n == 0) return Error(Errc::kPeerGone, "page server closed the connection during the upload");
+    if (n > 0) {
+      buf_.commit(static_cast<size_t>(n));
+      LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd_.get(), buf_, deadline()));
+      auto reply = f.header->root<wire::Reply>();
+      if (reply.isError()) return reply_error(loc_, reply.getError());
+    }
+    return ok_status();
+  }
+
+  SnapshotLocation loc_;
+  sys::UniqueFd fd_;
+  std::chrono::milliseconds timeout_;
+  FrameBuffer buf_;
+  uint64_t id_ = 10;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<snapshot::SnapshotSink>> open_upload(const SnapshotLocation& loc, const std::string& token,
+                                                            bool replace, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, token, deadline));
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<wire::Request>();
+  rq.setId(6);
+  auto pb = rq.initPutBegin();
+  pb.setName(loc.name);
+  pb.setReplace(replace);
+  LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
+  FrameBuffer buf;
+  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
+  auto reply = f.header->root<wire::Reply>();
+  if (reply.isError()) return reply_error(loc, reply.getError());
+  if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to putBegin");
+  return std::unique_ptr<snapshot::SnapshotSink>(new RemoteSink(loc, std::move(fd), timeout));
 }
 
 // ---- remote source ----

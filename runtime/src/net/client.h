@@ -43,6 +43,13 @@ Error reply_error(const SnapshotLocation& loc, proto::wire::ErrorReply::Reader e
 Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocation& server, const std::string& token,
                                                            Deadline deadline);
 
+// Counters of a running server.
+Result<std::string> server_stats_json(const SnapshotLocation& server, const std::string& token, Deadline deadline);
+
+// Uploads a snapshot: the server stores it atomically, so an interrupted upload leaves nothing.
+Result<std::unique_ptr<snapshot::SnapshotSink>> open_upload(const SnapshotLocation& loc, const std::string& token,
+                                                            bool replace, std::chrono::milliseconds timeout);
+
 class RemoteSource final : public snapshot::ChunkSource {
  public:
   static Result<std::unique_ptr<RemoteSource>> open(const SnapshotLocation& loc, const RemoteOptions& options);

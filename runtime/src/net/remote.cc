@@ -1,6 +1,7 @@
 // Page-server access for the runtime: lazymem:// sources and manifests.
 #include "net/remote.h"
 
+#include "net/auth.h"
 #include "net/client.h"
 
 namespace lazymem::net {
@@ -10,10 +11,12 @@ Result<std::shared_ptr<snapshot::ChunkSource>> open_remote_source(const Snapshot
   return std::shared_ptr<snapshot::ChunkSource>(std::move(src));
 }
 
-Result<std::unique_ptr<snapshot::SnapshotSink>> open_remote_sink(const SnapshotLocation& loc, const CaptureOptions&) {
-  return Error(Errc::kUnsupported, loc.to_string() +
-                                       ": uploading a snapshot to a page server is not supported yet; capture to a "
-                                       "local store and run lazymem-pageserver on it");
+Result<std::unique_ptr<snapshot::SnapshotSink>> open_remote_sink(const SnapshotLocation& loc, const CaptureOptions& options) {
+  std::string token;
+  if (!options.token_file.empty()) {
+    LAZYMEM_ASSIGN_OR_RETURN(token, read_token_file(options.token_file));
+  }
+  return open_upload(loc, token, options.replace, std::chrono::seconds(60));
 }
 
 Result<Manifest> read_remote_manifest(const SnapshotLocation& loc, const std::string& token_file) {
