@@ -76,6 +76,8 @@ int serve(const std::vector<std::string>& args) {
   std::signal(SIGTERM, on_signal);
   log::get("pageserver")->info("serving {} snapshots from {} on {}:{}{}", list->size(), o.store_dir, o.host,
                                (*server)->port(), o.token.empty() ? " (no token: anyone who can connect may read)" : "");
+  // One line on stdout once connections are accepted: scripts wait for it instead of polling.
+  std::printf("listening on %s:%u\n", o.host.c_str(), static_cast<unsigned>((*server)->port()));
   std::fflush(stdout);
   Status s = (*server)->run();
   auto st = (*server)->stats();
