@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kv_table.h"
+#include "lazymem/agent_client.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 #include "lazymem/stats.h"
@@ -75,33 +76,55 @@ int fill(const po::variables_map& vm) {
   return 0;
 }
 
+// What restore needs from either way of restoring (in-process or through the agent).
+struct Restored {
+  std::unique_ptr<lazymem::LazyRestore> local;
+  std::unique_ptr<lazymem::AgentRestore> agent;
+  const std::vector<std::byte>& app_state() const { return local ? local->app_state() : agent->app_state(); }
+};
+
 int restore(const po::variables_map& vm) {
   std::string loc = vm["snapshot"].as<std::string>();
-  lazymem::RestoreOptions opts;
-  opts.prefetch = !vm.count("no-prefetch");
-  if (vm.count("token-file")) opts.token_file = vm["token-file"].as<std::string>();
   bool json = vm.count("json") > 0;
+  std::string token = vm.count("token-file") ? vm["token-file"].as<std::string>() : "";
   auto t0 = Clock::now();
-  auto r = lazymem::LazyRestore::start(loc, opts);
-  if (!r.ok()) {
-    std::fprintf(stderr, "restore failed: %s\n", r.error().message().c_str());
-    return 1;
+  Restored r;
+  if (vm.count("agent")) {
+    lazymem::AgentRestoreOptions opts;
+    opts.prefetch = !vm.count("no-prefetch");
+    opts.token_file = token;
+    auto a = lazymem::AgentRestore::start(vm["agent"].as<std::string>(), loc, opts);
+    if (!a.ok()) {
+      std::fprintf(stderr, "restore failed: %s\n", a.error().message().c_str());
+      return 1;
+    }
+    r.agent = std::move(*a);
+  } else {
+    lazymem::RestoreOptions opts;
+    opts.prefetch = !vm.count("no-prefetch");
+    opts.token_file = token;
+    auto l = lazymem::LazyRestore::start(loc, opts);
+    if (!l.ok()) {
+      std::fprintf(stderr, "restore failed: %s\n", l.error().message().c_str());
+      return 1;
+    }
+    r.local = std::move(*l);
   }
   double started_ms = ms_since(t0);
   AppState st{};
-  if ((*r)->app_state().size() != sizeof st) {
+  if (r.app_state().size() != sizeof st) {
     std::fprintf(stderr, "restore: snapshot %s was not made by lazymem-example-kv\n", loc.c_str());
     return 1;
   }
-  std::memcpy(&st, (*r)->app_state().data(), sizeof st);
+  std::memcpy(&st, r.app_state().data(), sizeof st);
   KvTable table(reinterpret_cast<void*>(st.arena_address), st.arena_bytes);
 
   // The application is running: answer a first lookup, then check everything.
   uint64_t key = lazymem::example::key_of(st.seed, 12345 % st.records);
   const auto* rec = table.find(key);
   double first_ms = ms_since(t0);
-  if (rec == nullptr || std::memcmp(rec, &*std::make_unique<lazymem::example::Record>(lazymem::example::make_record(key)),
-                                    sizeof *rec) != 0) {
+  lazymem::example::Record want = lazymem::example::make_record(key);
+  if (rec == nullptr || std::memcmp(rec, &want, sizeof want) != 0) {
     std::fprintf(stderr, "restore: first lookup returned a wrong record\n");
     return 1;
   }
@@ -111,23 +134,34 @@ int restore(const po::variables_map& vm) {
     std::fprintf(stderr, "restore: verification FAILED: %s\n", bad.c_str());
     return 1;
   }
-  lazymem::RestoreStats stats = (*r)->stats();
-  if (json) {
-    nlohmann::json j = nlohmann::json::parse(lazymem::format_stats_json(stats));
-    j["restore_started_ms"] = started_ms;
-    j["first_lookup_ms"] = first_ms;
-    j["verified_ms"] = verified_ms;
-    j["records"] = st.records;
-    std::printf("%s\n", j.dump().c_str());
+  const char* via = r.agent ? " through lazymem-agent" : "";
+  if (r.local) {
+    lazymem::RestoreStats stats = r.local->stats();
+    if (json) {
+      nlohmann::json j = nlohmann::json::parse(lazymem::format_stats_json(stats));
+      j["restore_started_ms"] = started_ms;
+      j["first_lookup_ms"] = first_ms;
+      j["verified_ms"] = verified_ms;
+      j["records"] = st.records;
+      std::printf("%s\n", j.dump().c_str());
+    } else {
+      std::printf("restored %s: first lookup after %.2f ms; all %llu records verified after %.0f ms\n", loc.c_str(),
+                  first_ms, static_cast<unsigned long long>(st.records), verified_ms);
+      std::printf("%s", lazymem::format_stats_table(stats).c_str());
+    }
+    lazymem::Status done = r.local->finish();
+    if (!done.ok()) {
+      std::fprintf(stderr, "restore: %s\n", done.error().message().c_str());
+      return 1;
+    }
   } else {
-    std::printf("restored %s: first lookup after %.2f ms; all %llu records verified after %.0f ms\n", loc.c_str(),
+    std::printf("restored %s%s: first lookup after %.2f ms; all %llu records verified after %.0f ms\n", loc.c_str(), via,
                 first_ms, static_cast<unsigned long long>(st.records), verified_ms);
-    std::printf("%s", lazymem::format_stats_table(stats).c_str());
-  }
-  lazymem::Status done = (*r)->finish();
-  if (!done.ok()) {
-    std::fprintf(stderr, "restore: %s\n", done.error().message().c_str());
-    return 1;
+    lazymem::Status done = r.agent->wait_complete();
+    if (!done.ok()) {
+      std::fprintf(stderr, "restore: %s\n", done.error().message().c_str());
+      return 1;
+    }
   }
   return 0;
 }
@@ -144,7 +178,8 @@ int main(int argc, char** argv) {
       "chunk-kib", po::value<uint32_t>()->default_value(64), "fill: chunk size in KiB")(
       "no-prefetch", "restore: fetch only what is touched")("token-file", po::value<std::string>(),
                                                             "restore: page-server token file")(
-      "json", "restore: print figures as JSON");
+      "json", "restore: print figures as JSON")("agent", po::value<std::string>(),
+                                                 "restore: through the lazymem-agent at this socket");
   po::options_description hidden;
   hidden.add_options()("command", po::value<std::string>());
   po::positional_options_description pos;

@@ -1,9 +1,42 @@
-# Agent control protocol (issue 4 fills this in).
+# Agent control protocol, version 1: between lazymem-agent and the processes it serves (and
+# its CLI), over a Unix socket. Frames as in wire.capnp (u32 header len | u32 payload len |
+# header | payload). A restore request carries the process's userfaultfd as SCM_RIGHTS.
 @0xfdc47f7286472e4a;
 
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("lazymem::proto::agent");
 
-struct Placeholder {
-  unused @0 :UInt32;
+struct MappedRange {
+  start @0 :UInt64;          # address in the client process
+  length @1 :UInt64;
+  region @2 :UInt32;         # snapshot region index
+  regionOffset @3 :UInt64;   # offset of `start` in that region
+}
+
+struct Restore {
+  snapshot @0 :Text;         # location: STORE/NAME or lazymem://HOST:PORT/NAME
+  ranges @1 :List(MappedRange);
+  prefetch @2 :Bool;
+  uffdFeatures @3 :UInt64;   # features negotiated on the uffd sent along
+  tokenFile @4 :Text;        # page-server token file, read by the agent
+}
+
+struct Request {
+  id @0 :UInt64;
+  union {
+    restore @1 :Restore;     # SCM_RIGHTS: the uffd, registered over every range
+    status @2 :Void;         # reply: json
+    stats @3 :Void;          # reply: json
+  }
+}
+
+struct Reply {
+  id @0 :UInt64;
+  union {
+    error @1 :Text;          # what was wrong with the request and what to do
+    accepted @2 :UInt64;     # session id: the agent now serves the uffd
+    complete @3 :UInt64;     # every page is present: the client may close its copy of the uffd
+    failed @4 :Text;         # some pages could not be had (they are poisoned)
+    json @5 :Text;
+  }
 }

@@ -221,6 +221,7 @@ void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
     s->failure = reader.error().message();
     s->failed = true;
     e_.cv_.notify_all();
+    e_.signal_change();
     log_->error("session {}: cannot open chunk reader: {}", s->name, reader.error().message());
     return;
   }
@@ -260,6 +261,7 @@ void FaultEngine::Loop::deactivate(Session& s) {
   std::lock_guard lock(e_.mu_);
   e_.sessions_.erase(id);
   e_.cv_.notify_all();
+    e_.signal_change();
 }
 
 // ---- events ----
@@ -644,6 +646,7 @@ void FaultEngine::Loop::mark_present(Session& s, ChunkRef ref) {
     std::lock_guard lock(e_.mu_);
     s.complete = true;
     e_.cv_.notify_all();
+    e_.signal_change();
   }
 }
 
@@ -664,6 +667,7 @@ void FaultEngine::Loop::fail_chunk(Session& s, ChunkRef ref, const Error& why) {
       s.failed = true;
     }
     e_.cv_.notify_all();
+    e_.signal_change();
   }
   if (first_for_session) log_->error("session {}: {}; failing accesses to the pages that could not be had", s.name, why.message());
   uint64_t off = static_cast<uint64_t>(ref.chunk) * s.chunk_size();
@@ -746,7 +750,13 @@ void FaultEngine::Loop::run() {
 // ---- FaultEngine ----
 
 FaultEngine::FaultEngine(const KernelFeatures& features, EngineOptions options)
-    : features_(features), options_(options), control_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+    : features_(features), options_(options), control_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      changes_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+void FaultEngine::signal_change() {
+  uint64_t one = 1;
+  (void)!::write(changes_.get(), &one, sizeof one);
+}
 
 FaultEngine::~FaultEngine() { stop(); }
 

@@ -103,6 +103,10 @@ class FaultEngine {
   // the timeout passes (kTimeout).
   Status wait_complete(SessionId id, std::chrono::milliseconds timeout);
 
+  // Readable (eventfd) whenever a session completes, fails or goes away: lets an event loop
+  // (the agent's) react without polling. Read it to clear it, then look at sessions().
+  int changes_fd() const { return changes_.get(); }
+
  private:
   struct Session;
   struct Pending;
@@ -114,6 +118,8 @@ class FaultEngine {
   KernelFeatures features_;
   EngineOptions options_;
   sys::UniqueFd control_;  // eventfd: wakes the loop for commands
+  sys::UniqueFd changes_;  // eventfd: signalled when a session completes, fails or is removed
+  void signal_change();
   std::thread thread_;
   std::atomic<bool> stopping_{false};
 

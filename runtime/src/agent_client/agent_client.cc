@@ -1,0 +1,204 @@
+// Restoring through lazymem-agent: map, create and register the uffd here, hand it over.
+#include "lazymem/agent_client.h"
+
+#include <fmt/format.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "agent.capnp.h"
+#include "agent_client/unix_channel.h"
+#include "core/log.h"
+#include "sys/mapping.h"
+#include "sys/uapi_compat.h"
+#include "sys/uffd.h"
+
+namespace lazymem {
+namespace pa = proto::agent;
+
+struct AgentRestore::Impl {
+  Manifest manifest;
+  std::vector<sys::Mapping> mappings;
+  std::vector<RestoredRegion> regions;
+  sys::Uffd uffd;  // our copy: kept until complete, so the agent's death cannot zero-fill pages
+  sys::UniqueFd sock;
+  net::FrameBuffer buf;
+  std::thread watchdog;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::optional<Error> failure;
+
+  // Runs until the agent says complete, or dies. Owns `sock` reads.
+  void watch() {
+    std::deque<sys::UniqueFd> fds;
+    for (;;) {
+      auto f = buf.next();
+      if (!f.ok()) return on_agent_gone(f.error().message());
+      if (f->has_value()) {
+        auto h = net::Header::parse((*f)->header);
+        if (!h.ok()) return on_agent_gone(h.error().message());
+        auto reply = (*h)->root<pa::Reply>();
+        buf.consume();
+        if (reply.isComplete()) return finish(std::nullopt);
+        if (reply.isFailed()) {
+          // The failed pages are poisoned by the agent; the rest keeps being served.
+          std::lock_guard lock(mu);
+          failure = Error(Errc::kIo, fmt::format("lazymem-agent: {}", reply.getFailed().cStr()));
+          cv.notify_all();
+        }
+        continue;
+      }
+      Status s = agent::recv_some(sock.get(), buf, fds, -1);
+      if (!s.ok()) return on_agent_gone(s.error().message());
+    }
+  }
+
+  void finish(std::optional<Error> err) {
+    std::lock_guard lock(mu);
+    if (err && !failure) failure = std::move(err);
+    done = true;
+    uffd = sys::Uffd();  // every page is present (or poisoned): nothing left to zero-fill
+    cv.notify_all();
+  }
+
+  // The agent is gone with pages still missing: nobody will ever fill them. Poison them so an
+  // access fails visibly (SIGBUS) instead of hanging or reading zeros.
+  void on_agent_gone(const std::string& why) {
+    log::get("runtime")->error("lazymem-agent went away before the restore completed ({}); "
+                               "pages not yet restored will raise SIGBUS",
+                               why);
+    for (const auto& m : mappings) {
+      for (size_t off = 0; off < m.size(); off += 4096) {
+        sys::InstallResult r = uffd.poison(m.address() + off, 4096);
+        if (r.outcome == sys::InstallOutcome::kFailed && r.err == EINVAL) {
+          // No UFFDIO_POISON here: the only visible failure left is to stop the process.
+          log::get("runtime")->error("kernel has no UFFDIO_POISON; terminating");
+          ::kill(::getpid(), SIGKILL);
+        }
+      }
+    }
+    finish(Error(Errc::kPeerGone, "lazymem-agent went away before the restore completed: " + why));
+  }
+};
+
+AgentRestore::AgentRestore(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+AgentRestore::~AgentRestore() {
+  // The memory is the application's, and the agent keeps serving it: the watchdog (which owns
+  // a reference to our state) lives on until the restore completes or the agent goes away.
+  for (auto& m : impl_->mappings) m.release();
+  if (impl_->watchdog.joinable()) impl_->watchdog.detach();
+}
+
+Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& socket_path, const std::string& location,
+                                                          const AgentRestoreOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  LAZYMEM_ASSIGN_OR_RETURN(impl->manifest, read_manifest(location, options.token_file));
+  const Manifest& m = impl->manifest;
+  for (size_t i = 0; i < m.regions.size(); ++i) {
+    const RegionInfo& r = m.regions[i];
+    if (r.kind != RegionKind::kProcess) {
+      return Error(Errc::kInvalidArgument, fmt::format("{}: region '{}' is a raw memory image; hand it to the agent "
+                                                       "with the Firecracker handshake instead",
+                                                       location, r.name));
+    }
+    int prot = static_cast<int>(r.protection) & (PROT_READ | PROT_WRITE | PROT_EXEC);
+    auto map = sys::Mapping::anonymous_at(r.start_address, r.length, prot | PROT_READ);
+    if (!map.ok()) return std::move(map).error().wrap(fmt::format("{}: region '{}'", location, r.name));
+    impl->regions.push_back(RestoredRegion{r.name, map->data(), r.length});
+    impl->mappings.push_back(std::move(*map));
+  }
+  uint64_t wanted = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP |
+                    UFFD_FEATURE_EVENT_FORK;
+  LAZYMEM_ASSIGN_OR_RETURN(impl->uffd, sys::Uffd::open(wanted, 0, true));
+  for (const auto& mp : impl->mappings) {
+    auto ioctls = impl->uffd.register_missing(mp.address(), mp.size());
+    if (!ioctls.ok()) return std::move(ioctls).error();
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(impl->sock, agent::connect_unix(socket_path));
+
+  capnp::MallocMessageBuilder b;
+  auto rq = b.initRoot<pa::Request>();
+  rq.setId(1);
+  auto rs = rq.initRestore();
+  rs.setSnapshot(location);
+  rs.setPrefetch(options.prefetch);
+  rs.setUffdFeatures(impl->uffd.features());
+  rs.setTokenFile(options.token_file);
+  auto ranges = rs.initRanges(static_cast<unsigned>(m.regions.size()));
+  for (unsigned i = 0; i < m.regions.size(); ++i) {
+    ranges[i].setStart(m.regions[i].start_address);
+    ranges[i].setLength(m.regions[i].length);
+    ranges[i].setRegion(i);
+    ranges[i].setRegionOffset(0);
+  }
+  LAZYMEM_TRY(agent::send_frame_fd(impl->sock.get(), b, {}, impl->uffd.fd()));
+  std::deque<sys::UniqueFd> fds;
+  for (;;) {
+    auto f = impl->buf.next();
+    if (!f.ok()) return std::move(f).error();
+    if (f->has_value()) {
+      LAZYMEM_ASSIGN_OR_RETURN(auto h, net::Header::parse((*f)->header));
+      auto reply = h->root<pa::Reply>();
+      impl->buf.consume();
+      if (reply.isError()) return Error(Errc::kInvalidArgument, fmt::format("lazymem-agent refused the restore: {}", reply.getError().cStr()));
+      if (reply.isAccepted()) break;
+      return Error(Errc::kProtocol, "lazymem-agent: unexpected reply to restore");
+    }
+    LAZYMEM_TRY(agent::recv_some(impl->sock.get(), impl->buf, fds, 30000));
+  }
+  std::shared_ptr<Impl> shared = std::move(impl);
+  shared->watchdog = std::thread([shared] { shared->watch(); });
+  return std::unique_ptr<AgentRestore>(new AgentRestore(std::move(shared)));
+}
+
+const std::vector<RestoredRegion>& AgentRestore::regions() const { return impl_->regions; }
+
+const RestoredRegion* AgentRestore::region(std::string_view name) const {
+  for (const auto& r : impl_->regions)
+    if (r.name == name) return &r;
+  return nullptr;
+}
+
+const std::vector<std::byte>& AgentRestore::app_state() const { return impl_->manifest.app_state; }
+
+Status AgentRestore::wait_complete(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(impl_->mu);
+  if (!impl_->cv.wait_for(lock, timeout, [&] { return impl_->done; })) {
+    return Error(Errc::kTimeout, "restore through lazymem-agent not complete yet");
+  }
+  if (impl_->failure) return *impl_->failure;
+  return ok_status();
+}
+
+Result<std::string> agent_query(const std::string& socket_path, bool stats) {
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd sock, agent::connect_unix(socket_path));
+  capnp::MallocMessageBuilder b;
+  auto rq = b.initRoot<pa::Request>();
+  rq.setId(2);
+  if (stats) rq.setStats();
+  else rq.setStatus();
+  LAZYMEM_TRY(agent::send_frame_fd(sock.get(), b, {}, -1));
+  net::FrameBuffer buf;
+  std::deque<sys::UniqueFd> fds;
+  for (;;) {
+    auto f = buf.next();
+    if (!f.ok()) return std::move(f).error();
+    if (f->has_value()) {
+      LAZYMEM_ASSIGN_OR_RETURN(auto h, net::Header::parse((*f)->header));
+      auto reply = h->root<pa::Reply>();
+      if (reply.isError()) return Error(Errc::kPermission, std::string("lazymem-agent: ") + reply.getError().cStr());
+      if (reply.isJson()) return std::string(reply.getJson().cStr());
+      return Error(Errc::kProtocol, "lazymem-agent: unexpected reply");
+    }
+    LAZYMEM_TRY(agent::recv_some(sock.get(), buf, fds, 10000));
+  }
+}
+
+}  // namespace lazymem
