@@ -55,6 +55,16 @@ inline void fill_mixed(std::byte* p, size_t len, uint64_t seed) {
   }
 }
 
+// Memory to capture, at an address of its own (per seed) far from where malloc and thread
+// stacks go: after it is unmapped, a restore must find the range still free, even once the
+// test has started threads (whose malloc arenas would happily reuse a freed range).
+inline void* map_for_capture(size_t len, uint64_t seed) {
+  uintptr_t at = 0x6a0000000000ULL + (seed % 64) * (uintptr_t{1} << 34);
+  void* p = ::mmap(reinterpret_cast<void*>(at), len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
 // A fresh directory under /tmp removed at destruction.
 class ScratchDir {
  public:

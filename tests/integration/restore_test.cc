@@ -34,8 +34,8 @@ class RestoreTest : public ::testing::Test {
   // Captures `len` bytes of mixed content from a fresh mapping, keeps a copy for comparison,
   // and unmaps the original so the restore can take its address.
   void capture(size_t len, uint64_t seed, const std::string& name, CaptureOptions opts = {}) {
-    void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    ASSERT_NE(p, MAP_FAILED);
+    void* p = testing::map_for_capture(len, seed);
+    ASSERT_NE(p, nullptr);
     testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
     expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len);
     addr_ = p;

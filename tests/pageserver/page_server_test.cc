@@ -40,8 +40,8 @@ class PageServerTest : public ::testing::Test {
   void TearDown() override { stop_server(); }
 
   void capture(size_t len, uint64_t seed) {
-    void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    ASSERT_NE(p, MAP_FAILED);
+    void* p = testing::map_for_capture(len, seed);
+    ASSERT_NE(p, nullptr);
     testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
     expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len);
     len_ = len;

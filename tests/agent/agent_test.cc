@@ -1,0 +1,357 @@
+// The agent: many processes restoring through one daemon, every byte compared; fork and
+// madvise(DONTNEED) during restore; Firecracker's handshake; hostile peers; agent death.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "../common/test_data.h"
+#include "agent.capnp.h"
+#include "agent_client/unix_channel.h"
+#include "daemon.h"
+#include "lazymem/agent_client.h"
+#include "lazymem/kernel_features.h"
+#include "lazymem/snapshot.h"
+#include "sys/uapi_compat.h"
+#include "sys/uffd.h"
+
+namespace lazymem {
+namespace {
+
+using testing::ScratchDir;
+constexpr size_t kMiB = 1 << 20;
+
+class AgentTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    kf_ = probe_kernel();
+    if (!kf_.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf_.uffd_error;
+    socket_ = dir_.path() + "/agent.sock";
+  }
+  void TearDown() override {
+    if (daemon_) daemon_->stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // A snapshot of mixed content at a fresh address; `expected_` keeps the bytes.
+  std::string capture(size_t len, uint64_t seed, const std::string& name = "snap") {
+    void* p = testing::map_for_capture(len, seed);
+    EXPECT_NE(p, nullptr);
+    testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
+    expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len);
+    len_ = len;
+    CaptureRegion r{"heap", p, len, PROT_READ | PROT_WRITE};
+    auto rep = capture_regions(dir_.path() + "/" + name, std::span(&r, 1), {});
+    EXPECT_TRUE(rep.ok()) << rep.error().message();
+    ::munmap(p, len);
+    return dir_.path() + "/" + name;
+  }
+
+  void start_daemon(agent::DaemonOptions o = {}) {
+    o.socket_path = socket_;
+    auto d = agent::Daemon::start(o, kf_);
+    ASSERT_TRUE(d.ok()) << d.error().message();
+    daemon_ = std::move(*d);
+    thread_ = std::thread([this] { (void)daemon_->run(); });
+  }
+
+  // Runs `fn` in a child process; returns its exit status (or 128+signal).
+  template <typename Fn>
+  static int in_child(Fn&& fn) {
+    pid_t pid = ::fork();
+    if (pid == 0) _exit(fn());
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+  bool same(const std::byte* got, size_t off, size_t n) const { return std::memcmp(got + off, expected_.data() + off, n) == 0; }
+
+  KernelFeatures kf_;
+  ScratchDir dir_;
+  std::string socket_;
+  std::vector<std::byte> expected_;
+  size_t len_ = 0;
+  std::unique_ptr<agent::Daemon> daemon_;
+  std::thread thread_;
+};
+
+TEST_F(AgentTest, EightProcessesAtOnceEveryByte) {
+  std::string loc = capture(64 * kMiB, 41);
+  start_daemon();
+  std::vector<pid_t> kids;
+  for (int i = 0; i < 8; ++i) {
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      AgentRestoreOptions o;
+      o.prefetch = i % 2 == 0;
+      auto r = AgentRestore::start(socket_, loc, o);
+      if (!r.ok()) {
+        std::fprintf(stderr, "%s\n", r.error().message().c_str());
+        _exit(3);
+      }
+      const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+      for (size_t k = 0; k < len_ / 4096; ++k) {
+        size_t pg = (k * 2654435761u + static_cast<size_t>(i)) % (len_ / 4096);  // scattered, covers all
+        if (!same(got, pg * 4096, 4096)) _exit(4);
+      }
+      _exit((*r)->wait_complete(std::chrono::seconds(60)).ok() ? 0 : 5);
+    }
+    kids.push_back(pid);
+  }
+  for (pid_t pid : kids) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+  }
+  auto js = agent_query(socket_, true);
+  ASSERT_TRUE(js.ok()) << js.error().message();
+  auto j = nlohmann::json::parse(*js);
+  EXPECT_EQ(j["sessions"].size(), 8u);
+  for (const auto& s : j["sessions"]) EXPECT_EQ(s["state"], "complete") << s.dump();
+}
+
+TEST_F(AgentTest, DontneedAndForkDuringRestore) {
+  std::string loc = capture(32 * kMiB, 42);
+  start_daemon();
+  int rc = in_child([&] {
+    AgentRestoreOptions o;
+    o.prefetch = false;
+    auto r = AgentRestore::start(socket_, loc, o);
+    if (!r.ok()) return 3;
+    auto* got = static_cast<std::byte*>((*r)->regions()[0].address);
+    if (!same(got, 0, 4096)) return 4;
+    // madvise(DONTNEED) on a range never fetched: it must read as zeros afterwards, and the
+    // agent must never install snapshot bytes there.
+    size_t hole = 8 * kMiB;
+    if (::madvise(got + hole, 1 * kMiB, MADV_DONTNEED) != 0) return 5;
+    for (size_t off = 0; off < kMiB; off += 4096)
+      if (got[hole + off] != std::byte{0}) return 6;
+    // fork: the child's own faults are served too (a new uffd from UFFD_EVENT_FORK).
+    pid_t kid = ::fork();
+    if (kid == 0) {
+      for (size_t off = 16 * kMiB; off < 24 * kMiB; off += 4096)
+        if (!same(got, off, 4096)) _exit(7);
+      _exit(0);
+    }
+    int st = 0;
+    ::waitpid(kid, &st, 0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) return 8;
+    // The parent's other pages are still right.
+    for (size_t off = 0; off < len_; off += 4096) {
+      if (off >= hole && off < hole + kMiB) continue;
+      if (!same(got, off, 4096)) return 9;
+    }
+    for (size_t off = 0; off < kMiB; off += 4096)
+      if (got[hole + off] != std::byte{0}) return 10;
+    return 0;
+  });
+  EXPECT_EQ(rc, 0);
+}
+
+// Firecracker's side of the handshake, as Firecracker does it: guest memory mapped anonymous,
+// a uffd registered over it, and one message: JSON array of GuestRegionUffdMapping + the uffd.
+TEST_F(AgentTest, FirecrackerHandshakeRestoresRawImage) {
+  size_t len = 48 * kMiB;
+  std::vector<std::byte> image(len);
+  testing::fill_mixed(image.data(), len, 43);
+  std::string file = dir_.path() + "/guest.mem";
+  std::ofstream(file, std::ios::binary).write(reinterpret_cast<const char*>(image.data()), static_cast<std::streamsize>(len));
+  auto rep = capture_raw_file(dir_.path() + "/vm", file, {});
+  ASSERT_TRUE(rep.ok()) << rep.error().message();
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = dir_.path() + "/vm";
+  start_daemon(o);
+  int rc = in_child([&] {
+    // Two guest regions, like a VM with a hole below 4 GiB: offsets index the memory file.
+    size_t a = 16 * kMiB, b = len - a;
+    auto* r1 = static_cast<std::byte*>(::mmap(nullptr, a, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    auto* r2 = static_cast<std::byte*>(::mmap(nullptr, b, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    auto uffd = sys::Uffd::open(0);
+    if (!uffd.ok() || !uffd->register_missing(reinterpret_cast<uintptr_t>(r1), a).ok() ||
+        !uffd->register_missing(reinterpret_cast<uintptr_t>(r2), b).ok())
+      return 3;
+    nlohmann::json regions = nlohmann::json::array(
+        {{{"base_host_virt_addr", reinterpret_cast<uintptr_t>(r1)}, {"size", a}, {"offset", 0}, {"page_size", 4096}, {"page_size_kib", 4}},
+         {{"base_host_virt_addr", reinterpret_cast<uintptr_t>(r2)}, {"size", b}, {"offset", a}, {"page_size_kib", 4}}});
+    std::string body = regions.dump();
+    body.append(2048, ' ');  // larger than 1 KiB, as with many regions
+    auto sock = agent::connect_unix(dir_.path() + "/fc.sock");
+    if (!sock.ok()) return 4;
+    iovec iov{body.data(), body.size()};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    int fd = uffd->fd();
+    std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    if (::sendmsg(sock->get(), &msg, 0) < 0) return 5;
+    // Like Firecracker, keep the socket open while the VM runs.
+    for (size_t off = 0; off < a; off += 4096)
+      if (std::memcmp(r1 + off, image.data() + off, 4096) != 0) return 6;
+    for (size_t off = 0; off < b; off += 4096)
+      if (std::memcmp(r2 + off, image.data() + a + off, 4096) != 0) return 7;
+    return 0;
+  });
+  EXPECT_EQ(rc, 0);
+}
+
+TEST_F(AgentTest, HostilePeersAreRefusedAndOthersServed) {
+  std::string loc = capture(8 * kMiB, 44);
+  start_daemon();
+  auto send_raw = [&](const std::vector<std::byte>& bytes) {
+    auto s = agent::connect_unix(socket_);
+    ASSERT_TRUE(s.ok());
+    (void)!::send(s->get(), bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  };
+  send_raw(std::vector<std::byte>(100, std::byte{0xee}));  // garbage
+  std::vector<std::byte> oversized(8);
+  uint32_t h = 8, p = 1u << 31;
+  std::memcpy(oversized.data(), &h, 4);
+  std::memcpy(oversized.data() + 4, &p, 4);
+  send_raw(oversized);
+  { auto s = agent::connect_unix(socket_); }  // connects and leaves mid-handshake
+
+  auto ask = [&](bool with_fd, uint64_t start) -> std::string {
+    auto s = agent::connect_unix(socket_);
+    EXPECT_TRUE(s.ok());
+    capnp::MallocMessageBuilder b;
+    auto rq = b.initRoot<proto::agent::Request>();
+    rq.setId(1);
+    auto rs = rq.initRestore();
+    rs.setSnapshot(loc);
+    auto rr = rs.initRanges(1);
+    rr[0].setStart(start);
+    rr[0].setLength(8 * kMiB);
+    auto uffd = sys::Uffd::open(0);
+    EXPECT_TRUE(agent::send_frame_fd(s->get(), b, {}, with_fd ? uffd->fd() : -1).ok());
+    net::FrameBuffer buf;
+    std::deque<sys::UniqueFd> fds;
+    for (;;) {
+      auto f = buf.next();
+      if (f.ok() && f->has_value()) {
+        auto hd = net::Header::parse((*f)->header);
+        auto reply = (*hd)->root<proto::agent::Reply>();
+        return reply.isError() ? std::string(reply.getError().cStr()) : "accepted";
+      }
+      if (!agent::recv_some(s->get(), buf, fds, 5000).ok()) return "no reply";
+    }
+  };
+  std::string no_fd = ask(false, 0x7f0000000000);
+  EXPECT_NE(no_fd.find("userfaultfd"), std::string::npos) << no_fd;
+  std::string unmapped = ask(true, 0x7f0000000000);  // nothing is mapped there in this process
+  EXPECT_NE(unmapped.find("not mapped"), std::string::npos) << unmapped;
+
+  // After all that, a real client is served, correctly.
+  int rc = in_child([&] {
+    auto r = AgentRestore::start(socket_, loc);
+    if (!r.ok()) return 3;
+    const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+    for (size_t off = 0; off < len_; off += 4096)
+      if (!same(got, off, 4096)) return 4;
+    return (*r)->wait_complete(std::chrono::seconds(30)).ok() ? 0 : 5;
+  });
+  EXPECT_EQ(rc, 0);
+}
+
+// The agent dies mid-restore: the process must not hang and must not read zeros; pages not
+// yet restored raise SIGBUS (the client's watchdog poisons them).
+TEST_F(AgentTest, AgentDeathFailsVisibly) {
+  if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
+  std::string loc = capture(32 * kMiB, 45);
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  pid_t agent_pid = ::fork();
+  ASSERT_GE(agent_pid, 0);
+  if (agent_pid == 0) {
+    agent::DaemonOptions o;
+    o.socket_path = socket_;
+    auto d = agent::Daemon::start(o, kf_);
+    if (!d.ok()) _exit(3);
+    char c = 1;
+    (void)!::write(ready[1], &c, 1);
+    (void)(*d)->run();
+    _exit(0);
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  int go[2], touched[2];
+  ASSERT_EQ(::pipe(go), 0);
+  ASSERT_EQ(::pipe(touched), 0);
+  pid_t client = ::fork();
+  ASSERT_GE(client, 0);
+  if (client == 0) {
+    AgentRestoreOptions o;
+    o.prefetch = false;
+    auto r = AgentRestore::start(socket_, loc, o);
+    if (!r.ok()) _exit(3);
+    volatile const std::byte* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+    if (got[0] != expected_[0]) _exit(4);
+    (void)!::write(touched[1], &c, 1);
+    (void)!::read(go[0], &c, 1);  // the agent is dead now
+    // Wait for the watchdog to have seen it: wait_complete returns with the failure.
+    if ((*r)->wait_complete(std::chrono::seconds(30)).ok()) _exit(5);
+    ::signal(SIGBUS, SIG_DFL);
+    (void)got[20 * kMiB];  // never fetched: SIGBUS, not zeros, not a hang
+    _exit(6);
+  }
+  ASSERT_EQ(::read(touched[0], &c, 1), 1);
+  ::kill(agent_pid, SIGKILL);
+  ::waitpid(agent_pid, nullptr, 0);
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(client, &status, 0), client);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "client exited with " << WEXITSTATUS(status);
+  EXPECT_EQ(WTERMSIG(status), SIGBUS);
+}
+
+TEST_F(AgentTest, CliPrintsTablesAndJson) {
+  std::string loc = capture(8 * kMiB, 46);
+  start_daemon();
+  ASSERT_EQ(in_child([&] {
+              auto r = AgentRestore::start(socket_, loc);
+              return r.ok() && (*r)->wait_complete(std::chrono::seconds(30)).ok() ? 0 : 3;
+            }),
+            0);
+  const char* bin = std::getenv("LAZYMEM_AGENT");
+  ASSERT_NE(bin, nullptr);
+  auto run = [&](const std::string& args) {
+    std::string out;
+    FILE* p = ::popen((std::string(bin) + " " + args + " --socket " + socket_ + " 2>&1").c_str(), "r");
+    char buf[4096];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    EXPECT_EQ(::pclose(p), 0) << out;
+    return out;
+  };
+  std::string table = run("stats");
+  EXPECT_NE(table.find("pg:fault"), std::string::npos) << table;
+  EXPECT_NE(table.find("heap"), std::string::npos) << table;
+  auto j = nlohmann::json::parse(run("stats --json"));
+  ASSERT_EQ(j["sessions"].size(), 1u);
+  auto total = j["sessions"][0]["stats"]["total"];
+  EXPECT_EQ(total["pages_fault"].get<uint64_t>() + total["pages_prefetch"].get<uint64_t>() +
+                total["pages_zero"].get<uint64_t>(),
+            len_ / 4096);
+  EXPECT_NE(run("status").find("complete"), std::string::npos);
+  EXPECT_NE(run("regions").find("100.0%"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace lazymem
