@@ -88,10 +88,17 @@ TEST_F(AgentTest, EightProcessesAtOnceEveryByte) {
   std::string loc = capture(64 * kMiB, 41);
   start_daemon();
   std::vector<pid_t> kids;
+  // Every child is forked before any of them talks to the agent, whose threads could otherwise
+  // hold a lock (a logger's, say) at the moment of a fork.
+  int go[2];
+  ASSERT_EQ(::pipe(go), 0);
   for (int i = 0; i < 8; ++i) {
     pid_t pid = ::fork();
     ASSERT_GE(pid, 0);
     if (pid == 0) {
+      ::close(go[1]);
+      char c;
+      (void)!::read(go[0], &c, 1);  // EOF once everyone is forked
       AgentRestoreOptions o;
       o.prefetch = i % 2 == 0;
       auto r = AgentRestore::start(socket_, loc, o);
@@ -108,6 +115,8 @@ TEST_F(AgentTest, EightProcessesAtOnceEveryByte) {
     }
     kids.push_back(pid);
   }
+  ::close(go[0]);
+  ::close(go[1]);
   for (pid_t pid : kids) {
     int status = 0;
     ::waitpid(pid, &status, 0);

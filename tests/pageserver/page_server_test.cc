@@ -104,10 +104,17 @@ TEST_F(PageServerTest, ThirtyTwoClientsRestoreAtOnce) {
   start_server();
   std::string u = uri();
   std::vector<pid_t> kids;
+  // Every child is forked before any of them talks to the server: a fork while the server
+  // thread is busy (in OpenSSL's RNG for a hello, say) would copy a held lock into the child.
+  int go[2];
+  ASSERT_EQ(::pipe(go), 0);
   for (int i = 0; i < 32; ++i) {
     pid_t pid = ::fork();
     ASSERT_GE(pid, 0);
     if (pid == 0) {
+      ::close(go[1]);
+      char c;
+      (void)!::read(go[0], &c, 1);  // EOF once the parent has forked everyone
       RestoreOptions o;
       o.prefetch = (i % 2) == 0;  // half demand-only, half with prefetch
       auto r = LazyRestore::start(u, kf_, o);
@@ -121,6 +128,8 @@ TEST_F(PageServerTest, ThirtyTwoClientsRestoreAtOnce) {
     }
     kids.push_back(pid);
   }
+  ::close(go[0]);
+  ::close(go[1]);
   int failed = 0;
   for (pid_t pid : kids) {
     int status = 0;
