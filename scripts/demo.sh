@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The demo: builds lazymem, fills a 512 MiB in-memory table of records, snapshots it, restores
-# it lazily in a new process (pages arrive on first touch, prefetch fills the rest), verifies
-# every record, and prints the fault statistics. Then the same restore without prefetch, to
-# show what demand faults alone cost.
+# The demo: builds lazymem, fills a 512 MiB in-memory table of records, snapshots it, and
+# restores it lazily in new processes (pages arrive on first touch, prefetch fills the rest),
+# verifying every record: from the local store (with and without prefetch), from a page server
+# on loopback, and through the per-host agent; it ends with the agent's fault statistics.
 #   DEMO_MIB=N   table size (default 512)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,7 +43,20 @@ port=${addr##*:}
 "$kv" restore --snapshot "lazymem://127.0.0.1:$port/kv" --token-file "$work/token"
 echo "page server counters:"
 "$ps" stats --server "lazymem://127.0.0.1:$port" --token-file "$work/token"
-kill "$server"; wait "$server" 2>/dev/null || true
+
+step "5. through the agent: lazymem-agent owns the uffd and serves the faults from the page server"
+agent="$build/agent/lazymem-agent"
+mkfifo "$work/agent-ready"
+"$agent" run --socket "$work/agent.sock" --token-file "$work/token" >"$work/agent-ready" 2>"$work/agent.log" &
+agent_pid=$!
+trap 'kill $server $agent_pid 2>/dev/null; rm -rf "$work"' EXIT
+read -r _ _ <"$work/agent-ready"   # "listening on PATH"
+"$kv" restore --snapshot "lazymem://127.0.0.1:$port/kv" --token-file "$work/token" --agent "$work/agent.sock"
+"$kv" restore --snapshot "$work/store/kv" --agent "$work/agent.sock" --no-prefetch
+echo
+echo "lazymem-agent stats:"
+"$agent" stats --socket "$work/agent.sock"
+kill "$agent_pid" "$server"; wait "$agent_pid" "$server" 2>/dev/null || true
 
 echo
-echo "demo: done (snapshot, lazy restores from the store and from a page server, every record verified)"
+echo "demo: done (snapshot; lazy restores from the store, from a page server and through the agent; every record verified)"
