@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "../../examples/kv_table.h"
+#include "../common/bench_util.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 
@@ -32,8 +32,7 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-constexpr uintptr_t kArena = 0x5b0000000000;
-constexpr size_t kPage = 4096;
+using namespace lazymem::bench;
 
 struct Sample {
   double first_s = 0;   // start → first byte readable
@@ -41,35 +40,6 @@ struct Sample {
   uint64_t hash = 0;    // xxh3 of the whole region, computed after timing
   int ok = 0;
 };
-
-double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-// Touches one byte per page, in address order, the way a scan of a restored heap would.
-uint64_t touch_all(const volatile unsigned char* p, size_t len) {
-  uint64_t s = 0;
-  for (size_t off = 0; off < len; off += kPage) s += p[off];
-  return s;
-}
-
-template <typename Fn>
-Sample in_child(Fn&& fn) {
-  int fds[2];
-  if (::pipe(fds) != 0) return {};
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::close(fds[0]);
-    Sample s = fn();
-    (void)!::write(fds[1], &s, sizeof s);
-    _exit(0);
-  }
-  ::close(fds[1]);
-  Sample s{};
-  if (::read(fds[0], &s, sizeof s) != sizeof s) s.ok = 0;
-  ::close(fds[0]);
-  int status;
-  ::waitpid(pid, &status, 0);
-  return s;
-}
 
 Sample run_eager(const std::string& loc, size_t len) {
   auto t0 = Clock::now();
@@ -127,11 +97,6 @@ Sample run_kernel_mmap(const std::string& image, size_t len) {
   return s;
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -159,48 +124,20 @@ int main(int argc, char** argv) {
   const std::string loc = work + "/store/heap";
   const std::string image = work + "/heap.raw";
 
-  // Build the heap (a hash table of records, ~5x with zstd-1), snapshot it and keep a raw
-  // image for the kernel-mmap baseline; all in a child so the address stays free here.
-  struct Made {
-    uint64_t hash;
-    double ratio;
-    int ok;
-  };
-  int fds[2];
-  if (::pipe(fds) != 0) return 1;
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    Made made{};
-    void* a = ::mmap(reinterpret_cast<void*>(kArena), len, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
-    if (a != MAP_FAILED) {
-      lazymem::example::KvTable t(a, len);
-      t.fill(7, 0.7);
-      lazymem::CaptureRegion r{"heap", a, len, PROT_READ | PROT_WRITE};
-      auto rep = lazymem::capture_regions(loc, std::span(&r, 1), {});
-      int fd = ::open(image.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      bool wrote = fd >= 0 && ::write(fd, a, len) == static_cast<ssize_t>(len) && ::fsync(fd) == 0;
-      if (fd >= 0) ::close(fd);
-      if (rep.ok() && wrote) made = Made{XXH3_64bits(a, len), double(rep->total_bytes) / double(rep->stored_bytes), 1};
-      else if (!rep.ok()) std::fprintf(stderr, "capture: %s\n", rep.error().message().c_str());
-    }
-    (void)!::write(fds[1], &made, sizeof made);
-    _exit(0);
-  }
-  ::close(fds[1]);
-  Made made{};
-  if (::read(fds[0], &made, sizeof made) != sizeof made || !made.ok) {
+  // The heap (a hash table of records, ~5x with zstd-1), snapshotted, plus a raw image for the
+  // kernel-mmap baseline; made in a child so the address stays free here.
+  MadeSnapshot made = make_heap_snapshot(loc, len, image);
+  if (!made.ok) {
     std::fprintf(stderr, "lazymem-bench-local: could not build the snapshot\n");
     return 1;
   }
-  ::waitpid(pid, nullptr, 0);
 
   const char* names[] = {"eager", "lazy+prefetch", "lazy", "kernel-mmap"};
   std::vector<double> first[4], all[4];
   bool bad = false;
   for (int round = 0; round < rounds; ++round) {
     for (int m = 0; m < 4; ++m) {  // interleaved, so drift hits every mode alike
-      Sample s = in_child([&] {
+      Sample s = in_child<Sample>([&] {
         switch (m) {
           case 0: return run_eager(loc, len);
           case 1: return run_lazy(loc, len, true);
