@@ -1,0 +1,423 @@
+// lazymem-bench-remote: restores from a page server on loopback against the baselines, in one
+// run: remote lazy (prefetch) vs local lazy vs eager download (fetch all, decompress, touch);
+// single-fault latency (prefetch off, random chunks) next to a plain TCP round trip of the
+// same payload; page-server CPU per GiB served next to a read()+send() server. Every server
+// is its own process, as in production; every restore checks every byte.
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/program_options.hpp>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "../common/bench_util.h"
+#include "core/log.h"
+#include "lazymem/restore.h"
+#include "page_server.h"
+#include "snapshot/snapshot_reader.h"
+
+namespace po = boost::program_options;
+using namespace lazymem::bench;
+
+namespace {
+
+struct ServerReport {
+  double cpu_s = 0;
+  uint64_t bytes = 0;
+};
+
+// A server process: started with fork(), reports its port on `ready`, serves until SIGTERM,
+// then reports CPU seconds and bytes served on `done`.
+struct ServerProc {
+  pid_t pid = -1;
+  uint16_t port = 0;
+  int done_fd = -1;
+
+  ServerReport stop() {
+    ::kill(pid, SIGTERM);
+    ServerReport r;
+    if (::read(done_fd, &r, sizeof r) != sizeof r) r = {};
+    ::waitpid(pid, nullptr, 0);
+    ::close(done_fd);
+    return r;
+  }
+};
+
+volatile sig_atomic_t g_stop = 0;
+lazymem::pageserver::PageServer* g_server = nullptr;
+void on_term(int) {
+  g_stop = 1;
+  if (g_server) g_server->stop();
+}
+
+double cpu_seconds() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+template <typename Serve>
+ServerProc spawn_server(Serve&& serve) {
+  int ready[2], done[2];
+  if (::pipe(ready) != 0 || ::pipe(done) != 0) return {};
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(ready[0]);
+    ::close(done[0]);
+    struct sigaction sa {};
+    sa.sa_handler = on_term;  // no SA_RESTART: a blocked accept() returns and sees g_stop
+    ::sigaction(SIGTERM, &sa, nullptr);
+    lazymem::log::set_level("warn");
+    double cpu0 = cpu_seconds();
+    uint64_t bytes = serve(ready[1]);
+    ServerReport r{cpu_seconds() - cpu0, bytes};
+    (void)!::write(done[1], &r, sizeof r);
+    _exit(0);
+  }
+  ::close(ready[1]);
+  ::close(done[1]);
+  ServerProc s;
+  s.pid = pid;
+  s.done_fd = done[0];
+  if (::read(ready[0], &s.port, sizeof s.port) != sizeof s.port) s.port = 0;
+  ::close(ready[0]);
+  return s;
+}
+
+int listen_loopback(uint16_t& port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  ::listen(fd, 16);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  port = ntohs(a.sin_port);
+  return fd;
+}
+
+int dial_loopback(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(port);
+  return ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 ? fd : -1;
+}
+
+bool read_full(int fd, void* buf, size_t n) {
+  auto* p = static_cast<char*>(buf);
+  while (n > 0) {
+    ssize_t r = ::read(fd, p, n);
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool write_full(int fd, const void* buf, size_t n) {
+  auto* p = static_cast<const char*>(buf);
+  while (n > 0) {
+    ssize_t r = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+// The baseline server: for each request {u64 offset, u32 length} it pread()s the bytes from
+// the data file and send()s them back. One client at a time, like the echo below.
+uint64_t serve_read_send(int ready_fd, const std::string& data_file) {
+  uint16_t port;
+  int lfd = listen_loopback(port);
+  (void)!::write(ready_fd, &port, sizeof port);
+  int dfd = ::open(data_file.c_str(), O_RDONLY | O_CLOEXEC);
+  std::vector<char> buf(4 << 20);
+  uint64_t bytes = 0;
+  while (!g_stop) {
+    int c = ::accept(lfd, nullptr, nullptr);
+    if (c < 0) continue;
+    int one = 1;
+    ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct {
+      uint64_t off;
+      uint32_t len;
+    } __attribute__((packed)) rq;
+    while (read_full(c, &rq, sizeof rq)) {
+      if (rq.len > buf.size()) break;
+      ssize_t n = ::pread(dfd, buf.data(), rq.len, static_cast<off_t>(rq.off));
+      if (n != static_cast<ssize_t>(rq.len) || !write_full(c, buf.data(), rq.len)) break;
+      bytes += rq.len;
+    }
+    ::close(c);
+  }
+  return bytes;
+}
+
+// A plain TCP round trip: 32 bytes out, `payload` bytes back.
+uint64_t serve_echo(int ready_fd, uint32_t payload) {
+  uint16_t port;
+  int lfd = listen_loopback(port);
+  (void)!::write(ready_fd, &port, sizeof port);
+  std::vector<char> buf(payload, 'x');
+  char rq[32];
+  while (!g_stop) {
+    int c = ::accept(lfd, nullptr, nullptr);
+    if (c < 0) continue;
+    int one = 1;
+    ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    while (read_full(c, rq, sizeof rq) && write_full(c, buf.data(), buf.size())) {
+    }
+    ::close(c);
+  }
+  return 0;
+}
+
+struct Run {
+  double seconds = 0;
+  double p50_us = 0, p99_us = 0;
+  uint64_t hash = 0;
+  int ok = 0;
+};
+
+Run lazy_touch_all(const std::string& loc, size_t len) {
+  Run out;
+  auto t0 = Clock::now();
+  auto r = lazymem::LazyRestore::start(loc);
+  if (!r.ok()) {
+    std::fprintf(stderr, "%s: %s\n", loc.c_str(), r.error().message().c_str());
+    return out;
+  }
+  auto* p = static_cast<const unsigned char*>((*r)->regions()[0].address);
+  (void)touch_all(p, len);
+  out.seconds = since(t0);
+  out.hash = XXH3_64bits(p, len);
+  out.ok = (*r)->finish().ok();
+  return out;
+}
+
+Run eager_download(const std::string& loc, size_t len) {
+  Run out;
+  auto t0 = Clock::now();
+  auto r = lazymem::restore_eager(loc);
+  if (!r.ok()) return out;
+  auto* p = static_cast<const unsigned char*>((*r)[0].address);
+  (void)touch_all(p, len);
+  out.seconds = since(t0);
+  out.hash = XXH3_64bits(p, len);
+  out.ok = 1;
+  return out;
+}
+
+Run fault_latency(const std::string& loc, size_t len, int faults) {
+  Run out;
+  lazymem::RestoreOptions o;
+  o.prefetch = false;
+  auto r = lazymem::LazyRestore::start(loc, o);
+  if (!r.ok()) return out;
+  auto* p = static_cast<const unsigned char*>((*r)->regions()[0].address);
+  std::mt19937_64 rng(5);
+  size_t chunks = len / lazymem::kDefaultChunkSize;
+  std::vector<size_t> order(chunks);
+  for (size_t i = 0; i < chunks; ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<double> lat;
+  volatile const unsigned char* vp = p;
+  for (int i = 0; i < faults && static_cast<size_t>(i) < chunks; ++i) {
+    auto t = Clock::now();
+    (void)vp[order[static_cast<size_t>(i)] * lazymem::kDefaultChunkSize + (rng() % 16) * kPage];
+    lat.push_back(since(t) * 1e6);
+  }
+  out.p50_us = percentile(lat, 50);
+  out.p99_us = percentile(lat, 99);
+  (void)touch_all(p, len);
+  out.hash = XXH3_64bits(p, len);
+  out.ok = (*r)->finish().ok();
+  return out;
+}
+
+Run plain_rtt(uint16_t port, uint32_t payload, int n) {
+  Run out;
+  int fd = dial_loopback(port);
+  if (fd < 0) return out;
+  char rq[32] = {};
+  std::vector<char> buf(payload);
+  std::vector<double> lat;
+  for (int i = 0; i < n; ++i) {
+    auto t = Clock::now();
+    if (!write_full(fd, rq, sizeof rq) || !read_full(fd, buf.data(), payload)) return out;
+    lat.push_back(since(t) * 1e6);
+  }
+  ::close(fd);
+  out.p50_us = percentile(lat, 50);
+  out.p99_us = percentile(lat, 99);
+  out.ok = 1;
+  return out;
+}
+
+// Fetches every stored chunk once through the read()+send() server.
+Run fetch_all_baseline(uint16_t port, const lazymem::Manifest& m) {
+  Run out;
+  int fd = dial_loopback(port);
+  if (fd < 0) return out;
+  std::vector<char> buf(m.chunk_size);
+  auto t0 = Clock::now();
+  for (const auto& c : m.regions[0].chunks) {
+    if (c.stored_length == 0) continue;
+    struct {
+      uint64_t off;
+      uint32_t len;
+    } __attribute__((packed)) rq{c.offset, c.stored_length};
+    if (!write_full(fd, &rq, sizeof rq) || !read_full(fd, buf.data(), c.stored_length)) return out;
+  }
+  out.seconds = since(t0);
+  ::close(fd);
+  out.ok = 1;
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  po::options_description desc("lazymem-bench-remote [options]");
+  desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
+      "mib", po::value<size_t>()->default_value(1024), "snapshot size in MiB")(
+      "rounds", po::value<int>()->default_value(3), "runs of each mode (median reported)")(
+      "faults", po::value<int>()->default_value(2000), "single faults timed per latency run")(
+      "dir", po::value<std::string>()->default_value("/var/tmp"), "where to put the store");
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, desc), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    std::cerr << "lazymem-bench-remote: " << e.what() << "\n" << desc;
+    return 2;
+  }
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  const size_t len = vm["mib"].as<size_t>() << 20;
+  const int rounds = vm["rounds"].as<int>(), faults = vm["faults"].as<int>();
+  std::string work = vm["dir"].as<std::string>() + "/lazymem-bench-remote." + std::to_string(::getpid());
+  std::filesystem::create_directories(work + "/store");
+  const std::string local = work + "/store/heap";
+  MadeSnapshot made = make_heap_snapshot(local, len);
+  if (!made.ok) return 1;
+  auto manifest = lazymem::read_manifest(local);
+  if (!manifest.ok()) return 1;
+  uint32_t avg_chunk = static_cast<uint32_t>(made.stored / std::max<uint64_t>(1, made.chunks));
+
+  // Servers first, while this process has no threads.
+  ServerProc ps = spawn_server([&](int ready) -> uint64_t {
+    lazymem::pageserver::ServerOptions o;
+    o.store_dir = work + "/store";
+    auto s = lazymem::pageserver::PageServer::listen(o);
+    if (!s.ok()) return 0;
+    g_server = s->get();
+    uint16_t port = (*s)->port();
+    (void)!::write(ready, &port, sizeof port);
+    (void)(*s)->run();
+    return (*s)->stats().bytes;
+  });
+  ServerProc base = spawn_server([&](int ready) { return serve_read_send(ready, local + "/data"); });
+  ServerProc echo = spawn_server([&](int ready) { return serve_echo(ready, avg_chunk); });
+  if (!ps.port || !base.port || !echo.port) {
+    std::fprintf(stderr, "lazymem-bench-remote: a server did not start\n");
+    return 1;
+  }
+  const std::string remote = "lazymem://127.0.0.1:" + std::to_string(ps.port) + "/heap";
+
+  std::vector<double> t_remote, t_local, t_eager, f50, f99, r50, r99;
+  bool bad = false;
+  auto check = [&](const Run& r, const char* what) {
+    if (!r.ok || (r.hash != 0 && r.hash != made.hash)) {
+      std::fprintf(stderr, "%s: %s\n", what, r.ok ? "restored WRONG bytes" : "failed");
+      bad = true;
+      return false;
+    }
+    return true;
+  };
+  for (int round = 0; round < rounds; ++round) {
+    Run a = in_child<Run>([&] { return lazy_touch_all(remote, len); });
+    if (check(a, "remote lazy")) t_remote.push_back(a.seconds);
+    Run b = in_child<Run>([&] { return lazy_touch_all(local, len); });
+    if (check(b, "local lazy")) t_local.push_back(b.seconds);
+    Run c = in_child<Run>([&] { return eager_download(remote, len); });
+    if (check(c, "eager download")) t_eager.push_back(c.seconds);
+    Run f = in_child<Run>([&] { return fault_latency(remote, len, faults); });
+    if (check(f, "fault latency")) {
+      f50.push_back(f.p50_us);
+      f99.push_back(f.p99_us);
+    }
+    Run e = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults); });
+    if (check(e, "plain round trip")) {
+      r50.push_back(e.p50_us);
+      r99.push_back(e.p99_us);
+    }
+  }
+  ServerReport ps_report = ps.stop();
+  // The baseline server serves the same bytes once per round, same as one full restore.
+  for (int round = 0; round < rounds; ++round) {
+    Run b = in_child<Run>([&] { return fetch_all_baseline(base.port, *manifest); });
+    check(b, "baseline fetch");
+  }
+  ServerReport base_report = base.stop();
+  echo.stop();
+  std::filesystem::remove_all(work);
+  if (bad) return 1;
+
+  auto per_gib = [](const ServerReport& r) { return r.bytes ? r.cpu_s / (double(r.bytes) / double(1ULL << 30)) : 0.0; };
+  double cpu_ps = per_gib(ps_report), cpu_base = per_gib(base_report);
+  double fault_vs_rtt = median(f50) / median(r50);
+  double remote_vs_eager = median(t_remote) / median(t_eager);
+  double cpu_ratio = cpu_base > 0 ? cpu_ps / cpu_base : 0;
+
+  std::printf("lazymem-bench-remote: %zu MiB heap-like snapshot (zstd-1, %.2fx, %u-byte average stored chunk), "
+              "median of %d runs, every byte checked\n\n",
+              len >> 20, made.ratio, avg_chunk, rounds);
+  std::printf("%-34s %12.1f ms\n", "remote lazy restore, touch all", median(t_remote) * 1e3);
+  std::printf("%-34s %12.1f ms\n", "local lazy restore, touch all", median(t_local) * 1e3);
+  std::printf("%-34s %12.1f ms\n", "eager download, touch all", median(t_eager) * 1e3);
+  std::printf("%-34s %9.0f us p50 %9.0f us p99\n", "remote fault (prefetch off)", median(f50), median(f99));
+  std::printf("%-34s %9.0f us p50 %9.0f us p99\n", "plain TCP round trip, same payload", median(r50), median(r99));
+  std::printf("%-34s %12.3f CPU-s/GiB\n", "page server", cpu_ps);
+  std::printf("%-34s %12.3f CPU-s/GiB\n", "read()+send() server", cpu_base);
+  std::printf("\ntargets: fault p50 <= 1.5x round trip: %.2fx %s; remote touch-all <= 1.1x eager download: %.2fx %s; "
+              "server CPU <= 0.5x baseline: %.2fx %s\n",
+              fault_vs_rtt, fault_vs_rtt <= 1.5 ? "(met)" : "(MISSED)", remote_vs_eager,
+              remote_vs_eager <= 1.1 ? "(met)" : "(MISSED)", cpu_ratio, cpu_ratio <= 0.5 ? "(met)" : "(MISSED)");
+  if (vm.count("json")) {
+    nlohmann::json j;
+    j["mib"] = len >> 20;
+    j["rounds"] = rounds;
+    j["compression_ratio"] = made.ratio;
+    j["remote_lazy_touch_all_s"] = median(t_remote);
+    j["local_lazy_touch_all_s"] = median(t_local);
+    j["eager_download_touch_all_s"] = median(t_eager);
+    j["fault_p50_us"] = median(f50);
+    j["fault_p99_us"] = median(f99);
+    j["rtt_p50_us"] = median(r50);
+    j["rtt_p99_us"] = median(r99);
+    j["server_cpu_s_per_gib"] = cpu_ps;
+    j["baseline_cpu_s_per_gib"] = cpu_base;
+    j["fault_p50_vs_rtt"] = fault_vs_rtt;
+    j["touch_all_remote_vs_eager_download"] = remote_vs_eager;
+    j["server_cpu_vs_baseline"] = cpu_ratio;
+    std::printf("%s\n", j.dump().c_str());
+  }
+  return 0;
+}
