@@ -17,9 +17,11 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <set>
 #include <unordered_map>
 
 #include "core/log.h"
+#include "sys/ring.h"
 #include "net/auth.h"
 #include "net/frame.h"
 #include "snapshot/manifest.h"
@@ -48,6 +50,9 @@ struct Job {
 
 struct Conn {
   sys::UniqueFd fd;
+  uint64_t serial = 0;        // tells a reused fd number from the connection a read was for
+  size_t reads_in_flight = 0;
+  size_t read_bytes_in_flight = 0;
   net::FrameBuffer in;
   std::deque<std::vector<std::byte>> out;
   size_t out_off = 0;
@@ -75,11 +80,33 @@ struct PageServer::Impl {
   std::map<std::string, std::shared_ptr<OpenSnapshot>> snapshots;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0};
-  std::byte* io_buf = nullptr;
+  std::byte* io_buf = nullptr;  // synchronous fallback: chunks larger than a read slot
   size_t io_buf_size = 0;
+
+  // Chunk reads go through io_uring, O_DIRECT, into aligned slots, many in flight at once
+  // (demand first): the device works on a queue instead of one pread at a time.
+  static constexpr size_t kReadSlots = 64;
+  static constexpr size_t kSlotSize = 64 * 1024 + 2 * kAlign;
+  struct ReadSlot {
+    int conn_fd = -1;
+    uint64_t conn_serial = 0;
+    Job job;
+    uint64_t skip = 0;  // chunk starts this far into the aligned read
+  };
+  std::unique_ptr<sys::Ring> ring;
+  sys::UniqueFd ring_event;
+  std::byte* arena = nullptr;
+  std::vector<ReadSlot> slots = std::vector<ReadSlot>(kReadSlots);
+  std::vector<size_t> free_slots;
+  bool ring_pending = false;  // SQEs prepared but not submitted
+  uint64_t next_serial = 1;
   std::shared_ptr<spdlog::logger> log = log::get("pageserver");
 
-  ~Impl() { std::free(io_buf); }
+  ~Impl() {
+    ring.reset();  // no read may land in the arena after it is freed
+    std::free(io_buf);
+    std::free(arena);
+  }
 
   static void bump(std::atomic<uint64_t>& c, uint64_t n = 1) { c.fetch_add(n, std::memory_order_relaxed); }
 
@@ -122,14 +149,6 @@ struct PageServer::Impl {
     struct stat st{};
     if (::fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < snap->manifest.data_length) {
       return Error(Errc::kCorrupt, fmt::format("snapshot '{}': data file is truncated", name));
-    }
-    size_t need = snap->manifest.chunk_size + 2 * kAlign;
-    if (need > io_buf_size) {
-      std::free(io_buf);
-      void* p = nullptr;
-      if (::posix_memalign(&p, kAlign, need) != 0) throw std::bad_alloc();
-      io_buf = static_cast<std::byte*>(p);
-      io_buf_size = need;
     }
     snapshots[name] = snap;
     return snap;
@@ -361,36 +380,128 @@ struct PageServer::Impl {
     }
   }
 
-  // Reads queued chunks into the output queue, demand first, until the queue is full.
-  void serve_jobs(Conn& c) {
-    while (c.out_bytes < opt.max_queued_bytes && (!c.demand.empty() || !c.prefetch.empty())) {
-      auto& lane = c.demand.empty() ? c.prefetch : c.demand;
-      Job j = std::move(lane.front());
-      lane.pop_front();
-      const ChunkInfo& ci = j.snap->manifest.regions[j.region].chunks[j.chunk];
-      std::span<const std::byte> payload;
-      if (ci.stored_length > 0) {
-        uint64_t a = ci.offset & ~(kAlign - 1);
-        uint64_t end = (ci.offset + ci.stored_length + kAlign - 1) & ~(kAlign - 1);
-        ssize_t n = ::pread(j.snap->data.get(), io_buf, end - a, static_cast<off_t>(a));
-        if (n < 0 || static_cast<uint64_t>(n) < ci.offset - a + ci.stored_length) {
-          bump(st_io);
-          reply_error(c, j.id, wire::ErrorCode::IO_ERROR, fmt::format("reading chunk {} failed", j.chunk), j.tag);
-          continue;
-        }
-        payload = std::span<const std::byte>(io_buf + (ci.offset - a), ci.stored_length);
-      }
-      capnp::MallocMessageBuilder m;
-      auto r = m.initRoot<wire::Reply>();
-      r.setId(j.id);
-      auto ch = r.initChunk();
-      ch.setRegion(j.region);
-      ch.setChunk(j.chunk);
-      ch.setTag(j.tag);
-      queue(c, m, payload);
-      bump(st_chunks);
-      bump(st_bytes, payload.size());
+  void queue_chunk(Conn& c, const Job& j, std::span<const std::byte> payload) {
+    capnp::MallocMessageBuilder m;
+    auto r = m.initRoot<wire::Reply>();
+    r.setId(j.id);
+    auto ch = r.initChunk();
+    ch.setRegion(j.region);
+    ch.setChunk(j.chunk);
+    ch.setTag(j.tag);
+    queue(c, m, payload);
+    bump(st_chunks);
+    bump(st_bytes, payload.size());
+  }
+
+  // Synchronous read, for chunks larger than a slot (chunk size above 64 KiB).
+  void read_now(Conn& c, const Job& j) {
+    const ChunkInfo& ci = j.snap->manifest.regions[j.region].chunks[j.chunk];
+    uint64_t a = ci.offset & ~(kAlign - 1);
+    uint64_t end = (ci.offset + ci.stored_length + kAlign - 1) & ~(kAlign - 1);
+    if (end - a > io_buf_size) {
+      std::free(io_buf);
+      void* p = nullptr;
+      if (::posix_memalign(&p, kAlign, end - a) != 0) throw std::bad_alloc();
+      io_buf = static_cast<std::byte*>(p);
+      io_buf_size = end - a;
     }
+    ssize_t n = ::pread(j.snap->data.get(), io_buf, end - a, static_cast<off_t>(a));
+    if (n < 0 || static_cast<uint64_t>(n) < ci.offset - a + ci.stored_length) {
+      bump(st_io);
+      reply_error(c, j.id, wire::ErrorCode::IO_ERROR, fmt::format("reading chunk {} failed", j.chunk), j.tag);
+      return;
+    }
+    queue_chunk(c, j, std::span<const std::byte>(io_buf + (ci.offset - a), ci.stored_length));
+  }
+
+  // Starts reads of queued chunks, demand first, while the connection's output (queued plus
+  // being read) stays under the limit and slots are free.
+  void serve_jobs(Conn& c) {
+    while (c.out_bytes + c.read_bytes_in_flight < opt.max_queued_bytes && (!c.demand.empty() || !c.prefetch.empty())) {
+      auto& lane = c.demand.empty() ? c.prefetch : c.demand;
+      const ChunkInfo& ci = lane.front().snap->manifest.regions[lane.front().region].chunks[lane.front().chunk];
+      uint64_t a = ci.offset & ~(kAlign - 1);
+      uint64_t end = (ci.offset + ci.stored_length + kAlign - 1) & ~(kAlign - 1);
+      if (ci.stored_length == 0 || !ring || end - a > kSlotSize) {
+        Job j = std::move(lane.front());
+        lane.pop_front();
+        if (ci.stored_length == 0) queue_chunk(c, j, {});
+        else read_now(c, j);
+        continue;
+      }
+      if (free_slots.empty()) return;  // resumed when a read completes
+      size_t slot = free_slots.back();
+      free_slots.pop_back();
+      ReadSlot& rs = slots[slot];
+      rs.job = std::move(lane.front());
+      lane.pop_front();
+      rs.conn_fd = c.fd.get();
+      rs.conn_serial = c.serial;
+      rs.skip = ci.offset - a;
+      io_uring_sqe* sqe = ring->sqe();
+      io_uring_prep_read_fixed(sqe, rs.job.snap->data.get(), arena + slot * kSlotSize, static_cast<unsigned>(end - a), a, 0);
+      io_uring_sqe_set_data64(sqe, slot);
+      ring_pending = true;
+      ++c.reads_in_flight;
+      c.read_bytes_in_flight += ci.stored_length;
+    }
+  }
+
+  void submit_reads() {
+    if (ring_pending) {
+      io_uring_submit(ring->get());
+      ring_pending = false;
+    }
+  }
+
+  // Completed reads become replies on their connections.
+  void on_reads_done() {
+    uint64_t junk;
+    (void)!::read(ring_event.get(), &junk, sizeof junk);
+    std::set<int> touched;
+    io_uring_cqe* cqe = nullptr;
+    while (io_uring_peek_cqe(ring->get(), &cqe) == 0) {
+      size_t slot = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
+      int res = cqe->res;
+      io_uring_cqe_seen(ring->get(), cqe);
+      ReadSlot& rs = slots[slot];
+      Job job = std::move(rs.job);
+      free_slots.push_back(slot);
+      auto it = conns.find(rs.conn_fd);
+      if (it == conns.end() || it->second->serial != rs.conn_serial) continue;  // connection gone
+      Conn& c = *it->second;
+      const ChunkInfo& ci = job.snap->manifest.regions[job.region].chunks[job.chunk];
+      --c.reads_in_flight;
+      c.read_bytes_in_flight -= ci.stored_length;
+      if (res < 0 || static_cast<uint64_t>(res) < rs.skip + ci.stored_length) {
+        bump(st_io);
+        reply_error(c, job.id, wire::ErrorCode::IO_ERROR, fmt::format("reading chunk {} failed", job.chunk), job.tag);
+      } else {
+        queue_chunk(c, job, std::span<const std::byte>(arena + slot * kSlotSize + rs.skip, ci.stored_length));
+      }
+      touched.insert(c.fd.get());
+    }
+    for (int fd : touched) pump(fd);
+    // Slots freed: connections waiting for one may go on.
+    for (auto& [fd, c] : conns)
+      if (!c->demand.empty() || !c->prefetch.empty()) serve_jobs(*c);
+    submit_reads();
+  }
+
+  // Moves a connection forward: write what is queued, start more reads, re-arm epoll.
+  void pump(int fd) {
+    auto it = conns.find(fd);
+    if (it == conns.end()) return;
+    Conn& c = *it->second;
+    bool keep = true;
+    if (!c.out.empty()) keep = on_writable(c);
+    if (keep) serve_jobs(c);
+    if (keep && c.closing && c.out.empty() && c.reads_in_flight == 0) keep = false;
+    if (!keep) {
+      close_conn(fd);
+      return;
+    }
+    update_events(c);
   }
 
   void update_events(Conn& c) {
@@ -471,6 +582,7 @@ struct PageServer::Impl {
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       auto c = std::make_unique<Conn>();
       c->fd.reset(fd);
+      c->serial = next_serial++;
       epoll_event ev{};
       ev.events = EPOLLIN;
       ev.data.fd = fd;
@@ -528,12 +640,32 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
                                             : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
   im.epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
   im.stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  {
+    void* arena = nullptr;
+    if (::posix_memalign(&arena, kAlign, Impl::kReadSlots * Impl::kSlotSize) != 0) throw std::bad_alloc();
+    im.arena = static_cast<std::byte*>(arena);
+    auto ring = sys::Ring::create(Impl::kReadSlots * 2);
+    if (ring.ok()) {
+      iovec iov{im.arena, Impl::kReadSlots * Impl::kSlotSize};
+      im.ring_event.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+      if (io_uring_register_buffers((*ring)->get(), &iov, 1) == 0 &&
+          io_uring_register_eventfd((*ring)->get(), im.ring_event.get()) == 0) {
+        im.ring = std::move(*ring);
+        for (size_t i = Impl::kReadSlots; i > 0; --i) im.free_slots.push_back(i - 1);
+      }
+    }
+    if (!im.ring) im.log->info("io_uring unavailable: reading chunks with pread, one at a time");
+  }
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.fd = im.listen_fd.get();
   ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.listen_fd.get(), &ev);
   ev.data.fd = im.stop_fd.get();
   ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.stop_fd.get(), &ev);
+  if (im.ring) {
+    ev.data.fd = im.ring_event.get();
+    ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.ring_event.get(), &ev);
+  }
   return s;
 }
 
@@ -556,6 +688,10 @@ Status PageServer::run() {
         im.accept_all();
         continue;
       }
+      if (im.ring_event.valid() && fd == im.ring_event.get()) {
+        im.on_reads_done();
+        continue;
+      }
       auto it = im.conns.find(fd);
       if (it == im.conns.end()) continue;
       Conn& c = *it->second;
@@ -567,13 +703,14 @@ Status PageServer::run() {
         im.serve_jobs(c);  // the queue drained: read more chunks
         if (!c.out.empty()) keep = im.on_writable(c);
       }
-      if (keep && c.closing && c.out.empty()) keep = false;
+      if (keep && c.closing && c.out.empty() && c.reads_in_flight == 0) keep = false;
       if (!keep) {
         im.close_conn(fd);
         continue;
       }
       im.update_events(c);
     }
+    im.submit_reads();
     im.expire_handshakes();
   }
 }
