@@ -27,11 +27,20 @@ if ((${#missing[@]})); then
 fi
 
 build=${BUILD_DIR:-build}
-opts=(--buildtype=debugoptimized)
-if [[ "${CI:-}" == "true" ]]; then opts+=(--werror); fi
+werror=false
+if [[ "${CI:-}" == "true" ]]; then werror=true; fi
 if [[ ! -f "$build/build.ninja" ]]; then
-  meson setup "$build" "${opts[@]}"
+  # --wipe: a directory left behind by a setup that failed (a missing package) starts afresh.
+  wipe=()
+  [[ -f "$build/meson-private/coredata.dat" ]] && wipe=(--wipe)
+  meson setup "$build" "${wipe[@]}" --buildtype=debugoptimized -Dwerror="$werror"
 else
-  meson configure "$build" "${opts[@]}" >/dev/null
+  # Reconfigure only on a change: a reconfigure regenerates build.ninja, and a build directory
+  # configured by hand keeps its other options either way.
+  current=$(meson introspect "$build" --buildoptions |
+    python3 -c 'import json, sys; o = {x["name"]: x["value"] for x in json.load(sys.stdin)}; print(o["buildtype"], str(o["werror"]).lower())')
+  if [[ "$current" != "debugoptimized $werror" ]]; then
+    meson configure "$build" --buildtype=debugoptimized -Dwerror="$werror" >/dev/null
+  fi
 fi
 ninja -C "$build"
