@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The demo: builds lazymem, fills a 512 MiB in-memory table of records, snapshots it, and
+# The demo: builds lazymem, fills a 512 MiB arena with a hash table of records (its last eighth
+# left free, as allocators leave the tail of an arena untouched), snapshots it, and
 # restores it lazily in new processes (pages arrive on first touch, prefetch fills the rest),
 # verifying every record: from the local store (with and without prefetch), from a page server
 # on loopback, and through the per-host agent; it ends with the agent's fault statistics.
-#   DEMO_MIB=N   table size (default 512)
+#   DEMO_MIB=N   arena size (default 512)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh >/dev/null
@@ -12,7 +13,17 @@ mib=${DEMO_MIB:-512}
 kv="$build/examples/lazymem-example-kv"
 
 work=$(mktemp -d /var/tmp/lazymem-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+daemons=()  # background servers this script started, stopped on the way out
+cleanup() {
+  # A failing kill (the daemon already gone) must not turn a good run into a failure (set -e
+  # holds inside traps too).
+  if ((${#daemons[@]})); then
+    kill "${daemons[@]}" 2>/dev/null || true
+    wait "${daemons[@]}" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -20,7 +31,7 @@ step "kernel features"
 "$build/agent/lazymem-agent" check --store "$work" || {
   echo "demo: this machine cannot run lazy restores (see above)"; exit 1; }
 
-step "1. fill a ${mib} MiB table of records and snapshot it to $work/store/kv"
+step "1. fill a ${mib} MiB arena with a table of records and snapshot it to $work/store/kv"
 "$kv" fill --mib "$mib" --snapshot "$work/store/kv"
 
 step "2. restore it lazily in a new process (prefetch on), verify every record"
@@ -35,9 +46,10 @@ head -c 32 /dev/urandom | base64 > "$work/token"
 mkfifo "$work/ready"
 "$ps" serve --store "$work/store" --listen 127.0.0.1:0 --token-file "$work/token" >"$work/ready" 2>"$work/server.log" &
 server=$!
-trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
-read -r _ addr <"$work/ready"   # "listening on 127.0.0.1:PORT": the server is accepting
+daemons+=("$server")
+read -r _ addr <"$work/ready" || true   # "listening on 127.0.0.1:PORT": the server is accepting
 addr=${addr#on }
+[[ -n "$addr" ]] || { echo "demo: the page server did not start:"; cat "$work/server.log"; exit 1; }
 port=${addr##*:}
 "$ps" ls --server "lazymem://127.0.0.1:$port" --token-file "$work/token"
 "$kv" restore --snapshot "lazymem://127.0.0.1:$port/kv" --token-file "$work/token"
@@ -49,14 +61,14 @@ agent="$build/agent/lazymem-agent"
 mkfifo "$work/agent-ready"
 "$agent" run --socket "$work/agent.sock" --token-file "$work/token" >"$work/agent-ready" 2>"$work/agent.log" &
 agent_pid=$!
-trap 'kill $server $agent_pid 2>/dev/null; rm -rf "$work"' EXIT
-read -r _ _ <"$work/agent-ready"   # "listening on PATH"
+daemons+=("$agent_pid")
+read -r _ sock <"$work/agent-ready" || true   # "listening on PATH"
+[[ -n "${sock:-}" ]] || { echo "demo: the agent did not start:"; cat "$work/agent.log"; exit 1; }
 "$kv" restore --snapshot "lazymem://127.0.0.1:$port/kv" --token-file "$work/token" --agent "$work/agent.sock"
 "$kv" restore --snapshot "$work/store/kv" --agent "$work/agent.sock" --no-prefetch
 echo
 echo "lazymem-agent stats:"
 "$agent" stats --socket "$work/agent.sock"
-kill "$agent_pid" "$server"; wait "$agent_pid" "$server" 2>/dev/null || true
 
 echo
 echo "demo: done (snapshot; lazy restores from the store, from a page server and through the agent; every record verified)"
