@@ -120,7 +120,8 @@ struct Daemon::Impl {
     auto r = b.initRoot<pa::Reply>();
     r.setId(id);
     fill(r);
-    (void)send_frame_fd(c.fd.get(), b, {}, -1);
+    Status st = send_frame_fd(c.fd.get(), b, {}, -1);
+    if (!st.ok()) log->warn("pid {}: reply not delivered: {}", c.pid, st.error().message());
   }
 
   Result<std::shared_ptr<snapshot::ChunkSource>> source_for(const std::string& location, const std::string& token_file) {

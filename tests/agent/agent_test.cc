@@ -111,7 +111,9 @@ TEST_F(AgentTest, EightProcessesAtOnceEveryByte) {
         size_t pg = (k * 2654435761u + static_cast<size_t>(i)) % (len_ / 4096);  // scattered, covers all
         if (!same(got, pg * 4096, 4096)) _exit(4);
       }
-      _exit((*r)->wait_complete(std::chrono::seconds(60)).ok() ? 0 : 5);
+      lazymem::Status done = (*r)->wait_complete(std::chrono::seconds(60));
+      if (!done.ok()) std::fprintf(stderr, "child %d: %s\n", i, done.error().message().c_str());
+      _exit(done.ok() ? 0 : 5);
     }
     kids.push_back(pid);
   }
