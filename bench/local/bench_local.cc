@@ -164,7 +164,8 @@ int main(int argc, char** argv) {
   // kernel-mmap baseline; made in a child so the address stays free here.
   MadeSnapshot made = make_heap_snapshot(loc, len, image);
   if (!made.ok) {
-    std::fprintf(stderr, "lazymem-bench-local: could not build the snapshot\n");
+    std::fprintf(stderr, "lazymem-bench-local: could not build the snapshot in %s\n", work.c_str());
+    std::filesystem::remove_all(work);
     return 1;
   }
 
