@@ -34,13 +34,12 @@ if [[ ! -f "$build/build.ninja" ]]; then
   wipe=()
   [[ -f "$build/meson-private/coredata.dat" ]] && wipe=(--wipe)
   meson setup "$build" "${wipe[@]}" --buildtype=debugoptimized -Dwerror="$werror"
-else
-  # Reconfigure only on a change: a reconfigure regenerates build.ninja, and a build directory
-  # configured by hand keeps its other options either way.
+elif [[ "$werror" == true ]]; then
+  # An existing directory keeps the options it was given (flipping -Werror would recompile
+  # everything), except that CI must see warnings as errors. Reconfigure only on a change:
+  # a reconfigure regenerates build.ninja.
   current=$(meson introspect "$build" --buildoptions |
-    python3 -c 'import json, sys; o = {x["name"]: x["value"] for x in json.load(sys.stdin)}; print(o["buildtype"], str(o["werror"]).lower())')
-  if [[ "$current" != "debugoptimized $werror" ]]; then
-    meson configure "$build" --buildtype=debugoptimized -Dwerror="$werror" >/dev/null
-  fi
+    python3 -c 'import json, sys; print(str({o["name"]: o["value"] for o in json.load(sys.stdin)}["werror"]).lower())')
+  [[ "$current" == true ]] || meson configure "$build" -Dwerror=true >/dev/null
 fi
 ninja -C "$build"
