@@ -1,5 +1,6 @@
 // The agent: many processes restoring through one daemon, every byte compared; fork and
 // madvise(DONTNEED) during restore; Firecracker's handshake; hostile peers; agent death.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -37,8 +38,10 @@ class AgentTest : public ::testing::Test {
     socket_ = dir_.path() + "/agent.sock";
   }
   void TearDown() override {
-    if (daemon_) daemon_->stop();
-    if (thread_.joinable()) thread_.join();
+    if (daemon_pid_ > 0) {
+      ::kill(daemon_pid_, SIGTERM);
+      ::waitpid(daemon_pid_, nullptr, 0);
+    }
   }
 
   // A snapshot of mixed content at a fresh address; `expected_` keeps the bytes.
@@ -55,12 +58,35 @@ class AgentTest : public ::testing::Test {
     return dir_.path() + "/" + name;
   }
 
+  // The daemon runs in a process of its own, forked while this one has no other thread. Every
+  // later fork (the clients) then copies a single-threaded process: no child can inherit a lock
+  // that a daemon, engine or decoder thread held at that instant. (With the daemon's threads in
+  // this process, clients forked while the engine was starting its decode threads hung, under
+  // ASan, on an inherited lock: one thread left, in a futex wait, no watchdog.)
   void start_daemon(agent::DaemonOptions o = {}) {
     o.socket_path = socket_;
-    auto d = agent::Daemon::start(o, kf_);
-    ASSERT_TRUE(d.ok()) << d.error().message();
-    daemon_ = std::move(*d);
-    thread_ = std::thread([this] { (void)daemon_->run(); });
+    int ready[2];
+    ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+    daemon_pid_ = ::fork();
+    ASSERT_GE(daemon_pid_, 0);
+    if (daemon_pid_ == 0) {
+      ::close(ready[0]);
+      auto d = agent::Daemon::start(o, kf_);
+      if (!d.ok()) {
+        std::fprintf(stderr, "agent: %s\n", d.error().message().c_str());
+        _exit(3);
+      }
+      char c = 1;
+      (void)!::write(ready[1], &c, 1);  // listening: clients may connect
+      ::close(ready[1]);
+      (void)(*d)->run();  // until SIGTERM
+      _exit(0);
+    }
+    ::close(ready[1]);
+    char c;
+    ssize_t n = ::read(ready[0], &c, 1);
+    ::close(ready[0]);
+    ASSERT_EQ(n, 1) << "lazymem-agent did not start";
   }
 
   // Runs `fn` in a child process; returns its exit status (or 128+signal).
@@ -80,8 +106,7 @@ class AgentTest : public ::testing::Test {
   std::string socket_;
   std::vector<std::byte> expected_;
   size_t len_ = 0;
-  std::unique_ptr<agent::Daemon> daemon_;
-  std::thread thread_;
+  pid_t daemon_pid_ = -1;
 };
 
 TEST_F(AgentTest, EightProcessesAtOnceEveryByte) {
