@@ -9,7 +9,8 @@ case "$which" in
   local|remote|agent) shift ;;
   *) echo "usage: scripts/bench.sh {local|remote|agent} [--json] [options]" >&2; exit 2 ;;
 esac
-scripts/setup.sh >/dev/null
+# Quiet when all is well; the whole setup/build log when it is not.
+if ! setup_log=$(scripts/setup.sh 2>&1); then echo "$setup_log" >&2; exit 1; fi
 build=${BUILD_DIR:-build}
 bin="$build/bench/$which/lazymem-bench-$which"
 if [[ ! -x "$bin" ]]; then

@@ -7,7 +7,8 @@
 #   DEMO_MIB=N   arena size (default 512)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/setup.sh >/dev/null
+# Quiet when all is well; the whole setup/build log when it is not.
+if ! setup_log=$(scripts/setup.sh 2>&1); then echo "$setup_log" >&2; exit 1; fi
 build=${BUILD_DIR:-build}
 mib=${DEMO_MIB:-512}
 kv="$build/examples/lazymem-example-kv"
