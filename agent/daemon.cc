@@ -2,15 +2,21 @@
 #include "daemon.h"
 
 #include <fmt/format.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -26,10 +32,14 @@ namespace lazymem::agent {
 namespace pa = proto::agent;
 namespace {
 
-constexpr uint64_t kListenTag = 1, kFirecrackerTag = 2, kStopTag = 3, kEngineTag = 4;
-constexpr uint64_t kConnBase = 1ULL << 32;   // + fd
-constexpr uint64_t kPidfdBase = 2ULL << 32;  // + fd
+// epoll tags: kind << 32 | fd. Kind 0 is for the single objects below.
+constexpr uint64_t kListenTag = 1, kStopTag = 3, kEngineTag = 4, kMetricsTag = 5;
+enum Kind : uint64_t { kSingle = 0, kConn = 1, kPidfd = 2, kFcListen = 3, kFcConn = 4, kFcTimer = 5, kMetricsConn = 6 };
+uint64_t tag(Kind k, int fd) { return (uint64_t{k} << 32) | static_cast<uint32_t>(fd); }
+
 constexpr size_t kMaxHandshake = 1 << 20;    // Firecracker's region JSON, at most
+constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
+constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
 
 struct Conn {
   sys::UniqueFd fd;
@@ -46,26 +56,110 @@ struct Served {
   int conn_fd;  // -1: none (Firecracker, or the client went away)
   sys::UniqueFd pidfd;
   bool reported = false;
+  uint64_t reply_id = 0;    // request id the complete / failed notices answer
+  sys::UniqueFd peer_sock;  // Firecracker's handshake connection, held open while we serve it
+  std::string name;         // the engine session's name; forked children's are "<name>/fork..."
 };
 
-Result<sys::UniqueFd> listen_unix(const std::string& path, mode_t mode, gid_t group) {
+// A socket accepting Firecracker's UFFD handshake, and the snapshot it serves.
+struct FcListener {
+  sys::UniqueFd fd;
+  std::string path, snapshot, token_file;
+  bool prefetch = true;
+  bool once = false;    // a per-VM socket made by `restore`: closed after one handshake
+  int notify_conn = -1;  // control connection told of complete / failed (-1: none)
+  uint64_t notify_id = 0;
+};
+
+// A Firecracker connection whose handshake message has not fully arrived yet.
+struct FcHandshake {
+  sys::UniqueFd fd, timer;
+  ucred cred{};
+  std::string body;
+  std::vector<sys::UniqueFd> fds;
+  std::string snapshot, token_file;
+  bool prefetch = true;
+  int notify_conn = -1;
+  uint64_t notify_id = 0;
+};
+
+struct MetricsConn {
+  sys::UniqueFd fd;
+  std::string out;
+  size_t sent = 0;
+  bool responded = false;
+};
+
+// Creates a listening Unix socket at `path`, mode 0600 (0660 with a group), owned by `owner`
+// (when not -1). The parent directory is opened first and everything after goes through it, so
+// a peer that owns the directory cannot redirect us with a symlink; `require_dir_owner` (when
+// not -1) must own that directory. Only a stale socket is ever removed at the path.
+Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, uid_t owner = static_cast<uid_t>(-1),
+                                  uid_t require_dir_owner = static_cast<uid_t>(-1)) {
+  size_t slash = path.rfind('/');
+  std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (name.empty() || name == "." || name == "..") return Error(Errc::kInvalidArgument, "not a socket path: " + path);
+  sys::UniqueFd dfd(::open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!dfd.valid()) return sys_error("open directory " + dir + " (does it exist?)", errno);
+  struct stat st {};
+  if (::fstat(dfd.get(), &st) != 0) return sys_error("stat " + dir, errno);
+  if (require_dir_owner != static_cast<uid_t>(-1) && st.st_uid != require_dir_owner) {
+    return Error(Errc::kPermission, fmt::format("{}: the directory must belong to the requesting user (uid {})", dir,
+                                                require_dir_owner));
+  }
+  if (::fstatat(dfd.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    if (!S_ISSOCK(st.st_mode)) return Error(Errc::kExists, path + " exists and is not a socket; not replacing it");
+    ::unlinkat(dfd.get(), name.c_str(), 0);  // a stale socket from a previous run
+  }
+  std::string via = fmt::format("/proc/self/fd/{}/{}", dfd.get(), name);
   sys::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd.valid()) return sys_error("socket", errno);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
-  if (path.size() >= sizeof addr.sun_path) return Error(Errc::kInvalidArgument, "socket path too long: " + path);
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  ::unlink(path.c_str());  // a stale socket from a previous run
-  mode_t old = ::umask(0177);
+  if (via.size() >= sizeof addr.sun_path) return Error(Errc::kInvalidArgument, "socket name too long: " + path);
+  std::memcpy(addr.sun_path, via.c_str(), via.size() + 1);
+  // The mode is set at creation (umask), never by a chmod that a swapped-in symlink could redirect.
+  bool grouped = group != static_cast<gid_t>(-1);
+  mode_t old = ::umask(grouped ? 0117 : 0177);
   int r = ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
   ::umask(old);
-  if (r != 0) return sys_error("bind " + path + " (does its directory exist?)", errno);
-  if (group != static_cast<gid_t>(-1) && ::chown(path.c_str(), static_cast<uid_t>(-1), group) != 0) {
+  if (r != 0) return sys_error("bind " + path, errno);
+  if ((grouped || owner != static_cast<uid_t>(-1)) &&
+      ::fchownat(dfd.get(), name.c_str(), owner, grouped ? group : static_cast<gid_t>(-1), AT_SYMLINK_NOFOLLOW) != 0) {
     return sys_error("chown " + path, errno);
   }
-  if (::chmod(path.c_str(), mode) != 0) return sys_error("chmod " + path, errno);
   if (::listen(fd.get(), 128) != 0) return sys_error("listen " + path, errno);
   return fd;
+}
+
+// Parses Firecracker's handshake body: a JSON array of GuestRegionUffdMapping. nullopt while the
+// message is incomplete (it may arrive in pieces when larger than a socket read).
+Result<std::optional<std::vector<fault::MappedRange>>> parse_guest_regions(const std::string& body) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(body);
+  } catch (const nlohmann::json::parse_error& e) {
+    if (e.byte >= body.size()) return std::optional<std::vector<fault::MappedRange>>();  // more to come
+    return Error(Errc::kProtocol, std::string("bad JSON: ") + e.what());
+  }
+  if (!j.is_array() || j.empty()) return Error(Errc::kProtocol, "expected a non-empty JSON array of GuestRegionUffdMapping");
+  std::vector<fault::MappedRange> ranges;
+  try {
+    for (const auto& r : j) {
+      uint64_t page = r.contains("page_size") ? r["page_size"].get<uint64_t>()
+                                              : r.value("page_size_kib", uint64_t{4}) * 1024;  // deprecated field
+      if (page != 4096) return Error(Errc::kUnsupported, fmt::format("page size {} is not supported (4 KiB only)", page));
+      uint64_t base = r.at("base_host_virt_addr").get<uint64_t>(), size = r.at("size").get<uint64_t>();
+      if (size == 0 || base % 4096 != 0 || size % 4096 != 0 || base + size < base) {
+        return Error(Errc::kProtocol, fmt::format("region {:#x}+{:#x} is not page-aligned or wraps", base, size));
+      }
+      ranges.push_back(fault::MappedRange{base, size, 0, r.at("offset").get<uint64_t>()});
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return Error(Errc::kProtocol, std::string("bad GuestRegionUffdMapping: ") + e.what());
+  }
+  return std::optional<std::vector<fault::MappedRange>>(std::move(ranges));
 }
 
 // Every range must lie inside the peer's own mappings: a client cannot point the agent at
@@ -98,31 +192,39 @@ struct Daemon::Impl {
   DaemonOptions opt;
   KernelFeatures kf;
   std::unique_ptr<fault::FaultEngine> engine;
-  sys::UniqueFd listen_fd, fc_fd, epoll_fd, stop_fd;
+  sys::UniqueFd listen_fd, epoll_fd, stop_fd, metrics_fd;
   std::map<int, std::unique_ptr<Conn>> conns;
+  std::map<int, FcListener> fc_listeners;
+  std::map<int, std::unique_ptr<FcHandshake>> handshakes;  // by connection fd
+  std::map<int, int> handshake_timers;                     // timer fd -> connection fd
+  std::map<int, MetricsConn> metrics_conns;
   std::map<fault::SessionId, Served> served;
-  std::map<std::string, std::shared_ptr<snapshot::ChunkSource>> sources;  // one per snapshot, shared
+  // One per snapshot location, shared by every client restoring it (one manifest in memory, one
+  // page-server connection setup). Shared ownership: the engine's sessions hold it too.
+  std::map<std::string, std::shared_ptr<snapshot::ChunkSource>> sources;
   // Sessions that ended (complete, or their process exited), newest last, so `stats` still
   // shows them: (owner uid, report entry).
   std::deque<std::pair<uid_t, nlohmann::json>> finished;
   static constexpr size_t kFinishedKept = 64;
   std::shared_ptr<spdlog::logger> log = log::get("agent");
 
-  void add(int fd, uint64_t tag) {
+  void add(int fd, uint64_t t, uint32_t events = EPOLLIN) {
     epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.u64 = tag;
+    ev.events = events;
+    ev.data.u64 = t;
     ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, fd, &ev);
   }
+  void del(int fd) { ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, fd, nullptr); }
 
-  void reply(Conn& c, uint64_t id, const std::function<void(pa::Reply::Builder)>& fill) {
+  void reply_on(int fd, uint64_t id, const std::function<void(pa::Reply::Builder)>& fill) {
     capnp::MallocMessageBuilder b;
     auto r = b.initRoot<pa::Reply>();
     r.setId(id);
     fill(r);
-    Status st = send_frame_fd(c.fd.get(), b, {}, -1);
-    if (!st.ok()) log->warn("pid {}: reply not delivered: {}", c.pid, st.error().message());
+    Status st = send_frame_fd(fd, b, {}, -1);
+    if (!st.ok()) log->warn("reply not delivered: {}", st.error().message());
   }
+  void reply(Conn& c, uint64_t id, const std::function<void(pa::Reply::Builder)>& fill) { reply_on(c.fd.get(), id, fill); }
 
   Result<std::shared_ptr<snapshot::ChunkSource>> source_for(const std::string& location, const std::string& token_file) {
     auto it = sources.find(location);
@@ -136,7 +238,9 @@ struct Daemon::Impl {
 
   Result<fault::SessionId> serve(const std::string& name, sys::UniqueFd uffd, uint64_t features,
                                  const std::string& location, const std::string& token_file,
-                                 std::vector<fault::MappedRange> ranges, pid_t pid, uid_t uid, bool prefetch, int conn_fd) {
+                                 std::vector<fault::MappedRange> ranges, pid_t pid, uid_t uid, bool prefetch, int conn_fd,
+                                 uint64_t reply_id) {
+    if (ranges.empty()) return Error(Errc::kInvalidArgument, "an empty region table");
     LAZYMEM_TRY(check_ranges_mapped(pid, ranges));
     LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(location, token_file));
     sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
@@ -149,8 +253,15 @@ struct Daemon::Impl {
     spec.pid = pid;
     spec.prefetch = prefetch;
     LAZYMEM_ASSIGN_OR_RETURN(fault::SessionId id, engine->add_session(std::move(spec)));
-    add(pidfd.get(), kPidfdBase + static_cast<uint64_t>(pidfd.get()));
-    served[id] = Served{id, pid, uid, conn_fd, std::move(pidfd)};
+    add(pidfd.get(), tag(kPidfd, pidfd.get()));
+    Served& sv = served[id];
+    sv.session = id;
+    sv.pid = pid;
+    sv.uid = uid;
+    sv.conn_fd = conn_fd;
+    sv.pidfd = std::move(pidfd);
+    sv.reply_id = reply_id;
+    sv.name = name;
     log->info("serving pid {} ({}) from {}", pid, name, location);
     return id;
   }
@@ -172,7 +283,7 @@ struct Daemon::Impl {
         std::vector<fault::MappedRange> ranges;
         for (auto m : r.getRanges()) ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
         auto sid = serve(fmt::format("pid {}", c.pid), std::move(uffd), r.getUffdFeatures(), r.getSnapshot().cStr(),
-                         r.getTokenFile().cStr(), std::move(ranges), c.pid, c.uid, r.getPrefetch(), c.fd.get());
+                         r.getTokenFile().cStr(), std::move(ranges), c.pid, c.uid, r.getPrefetch(), c.fd.get(), 0);
         if (!sid.ok()) {
           log->warn("pid {}: restore refused: {}", c.pid, sid.error().message());
           std::string msg = sid.error().message();
@@ -182,16 +293,53 @@ struct Daemon::Impl {
         reply(c, id, [&](auto b) { b.setAccepted(*sid); });
         return;
       }
+      c.fds.clear();  // descriptors only ever come with a restore
+      if (rq.isServeFirecracker()) {
+        Status st = open_fc_listener(c, id, rq.getServeFirecracker());
+        if (!st.ok()) {
+          log->warn("pid {}: serve-firecracker refused: {}", c.pid, st.error().message());
+          std::string msg = st.error().message();
+          reply(c, id, [&](auto b) { b.setError(msg); });
+          return;
+        }
+        reply(c, id, [](auto b) { b.setAccepted(0); });
+        return;
+      }
       if (rq.isStatus() || rq.isStats()) {
-        std::string js = report(c.uid, rq.isStats());
+        std::string js = report(c.uid, rq.isStats()).dump();
         reply(c, id, [&](auto b) { b.setJson(js); });
         return;
       }
-      reply(c, id, [](auto b) { b.setError("unknown request"); });
+      reply(c, id, [](auto b) { b.setError("unknown request (a newer client than this agent?)"); });
     } catch (const kj::Exception& e) {
       std::string msg = fmt::format("malformed request: {}", e.getDescription().cStr());
+      log->warn("pid {}: {}", c.pid, msg);
       reply(c, id, [&](auto b) { b.setError(msg); });
     }
+  }
+
+  // `lazymem-agent restore --firecracker-socket PATH --snapshot URI`: a per-VM handshake socket.
+  Status open_fc_listener(Conn& c, uint64_t id, pa::ServeFirecracker::Reader r) {
+    std::string path = r.getSocketPath().cStr(), snap = r.getSnapshot().cStr(), token = r.getTokenFile().cStr();
+    if (path.empty() || snap.empty()) return Error(Errc::kInvalidArgument, "need a socket path and a snapshot");
+    // Open the snapshot now: a wrong location is reported to the operator, not to the VM later.
+    LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(snap, token));
+    for (const auto& reg : src->manifest().regions) {
+      if (reg.kind != RegionKind::kRawFile) {
+        return Error(Errc::kInvalidArgument, fmt::format("{}: region '{}' is not a raw memory image (make the snapshot "
+                                                         "with `lazymem-agent snapshot --raw` or `lazymem-pageserver import --raw`)",
+                                                         snap, reg.name));
+      }
+    }
+    // A user other than root gets the socket only in a directory of its own, owned by it.
+    uid_t owner = c.uid == ::geteuid() ? static_cast<uid_t>(-1) : c.uid;
+    uid_t dir_owner = c.uid == 0 ? static_cast<uid_t>(-1) : c.uid;
+    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, listen_unix(path, static_cast<gid_t>(-1), owner, dir_owner));
+    int f = fd.get();
+    add(f, tag(kFcListen, f));
+    fc_listeners[f] = FcListener{std::move(fd), path, snap, token, r.getPrefetch(), true, c.fd.get(), id};
+    log->info("pid {}: accepting a Firecracker handshake on {} for {}", c.pid, path, snap);
+    return ok_status();
   }
 
   static nlohmann::json entry(const fault::SessionInfo& info, const char* state) {
@@ -216,7 +364,7 @@ struct Daemon::Impl {
   }
 
   // Sessions a peer may see: its own user's, or all for root.
-  std::string report(uid_t uid, bool with_stats) {
+  nlohmann::json report(uid_t uid, bool with_stats) {
     nlohmann::json j;
     j["sessions"] = nlohmann::json::array();
     for (const auto& [owner, e] : finished) {
@@ -225,14 +373,20 @@ struct Daemon::Impl {
     }
     for (const auto& info : engine->sessions()) {
       auto it = served.find(info.id);
+      // A forked child's session was made by the engine ("<parent>/fork"); it is the parent's
+      // owner's. A session we cannot attribute is shown to root only.
       uid_t owner = it != served.end() ? it->second.uid : 0;
+      if (it == served.end()) {
+        for (const auto& [sid, sv] : served)
+          if (info.name.rfind(sv.name + "/fork", 0) == 0) owner = sv.uid;
+      }
       if (uid != 0 && owner != uid) continue;
       j["sessions"].push_back(entry(info, info.failed ? "failed" : "restoring"));
     }
     if (!with_stats)
       for (auto& e : j["sessions"]) e.erase("stats");
     j["pid"] = ::getpid();
-    return j.dump();
+    return j;
   }
 
   void on_engine_change() {
@@ -242,15 +396,15 @@ struct Daemon::Impl {
     for (auto& [id, s] : served) {
       auto info = engine->session_info(id);
       if (!info) continue;
-      auto cit = s.conn_fd >= 0 ? conns.find(s.conn_fd) : conns.end();
+      int to = s.conn_fd >= 0 && conns.count(s.conn_fd) ? s.conn_fd : -1;
       if (info->failed && !s.reported) {
         s.reported = true;
-        if (cit != conns.end()) reply(*cit->second, 0, [&](auto b) { b.setFailed(info->failure); });
+        if (to >= 0) reply_on(to, s.reply_id, [&](auto b) { b.setFailed(info->failure); });
       }
       if (info->complete) {
         // Every page is present: the process no longer needs us. Tell it, and let go of our
         // copy of its uffd (it closes its own on the message).
-        if (cit != conns.end()) reply(*cit->second, 0, [&](auto b) { b.setComplete(id); });
+        if (to >= 0) reply_on(to, s.reply_id, [&](auto b) { b.setComplete(id); });
         log->info("pid {}: restore complete", s.pid);
         done.push_back(id);
       }
@@ -258,7 +412,7 @@ struct Daemon::Impl {
     for (auto id : done) {
       auto it = served.find(id);
       remember(id, it->second.uid, "complete");
-      ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, it->second.pidfd.get(), nullptr);
+      del(it->second.pidfd.get());
       engine->remove_session(id);
       served.erase(it);
     }
@@ -269,7 +423,7 @@ struct Daemon::Impl {
       if (it->second.pidfd.get() != pidfd) continue;
       log->info("pid {} exited; dropping its session", it->second.pid);
       remember(it->first, it->second.uid, "exited");
-      ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, pidfd, nullptr);
+      del(pidfd);
       engine->remove_session(it->first);
       served.erase(it);
       return;
@@ -298,11 +452,17 @@ struct Daemon::Impl {
       on_request(c, **h);
       c.buf.consume();
     }
+    // Descriptors that came without a restore request are not kept (a peer could pile them up).
+    if (c.buf.buffered() == 0) c.fds.clear();
     if (!s.ok()) {
       // The client's sessions go on (its process may still run); only the notifications stop.
       for (auto& [id, sv] : served)
         if (sv.conn_fd == fd) sv.conn_fd = -1;
-      ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, fd, nullptr);
+      for (auto& [lfd, l] : fc_listeners)
+        if (l.notify_conn == fd) l.notify_conn = -1;
+      for (auto& [hfd, hs] : handshakes)
+        if (hs->notify_conn == fd) hs->notify_conn = -1;
+      del(fd);
       conns.erase(it);
     }
   }
@@ -318,65 +478,237 @@ struct Daemon::Impl {
       if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) continue;
       c->pid = cred.pid;
       c->uid = cred.uid;
-      add(fd, kConnBase + static_cast<uint64_t>(fd));
+      add(fd, tag(kConn, fd));
       conns[fd] = std::move(c);
     }
   }
 
-  // Firecracker: one message holding a JSON array of GuestRegionUffdMapping and the uffd.
-  void accept_firecracker() {
-    int fd = ::accept4(fc_fd.get(), nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) return;
-    sys::UniqueFd conn(fd);
-    ucred cred{};
-    socklen_t len = sizeof cred;
-    ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len);
-    timeval tv{5, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    std::vector<char> body(kMaxHandshake);
-    net::FrameBuffer unused;
-    iovec iov{body.data(), body.size()};
+  // Firecracker: one message holding a JSON array of GuestRegionUffdMapping and the uffd. The
+  // connection joins the event loop; a peer that stays silent or sends half a message holds an
+  // fd until its deadline, never the loop.
+  void accept_firecracker(int lfd) {
+    auto lit = fc_listeners.find(lfd);
+    if (lit == fc_listeners.end()) return;
+    for (;;) {
+      int fd = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd < 0) return;
+      auto hs = std::make_unique<FcHandshake>();
+      hs->fd.reset(fd);
+      socklen_t len = sizeof hs->cred;
+      ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &hs->cred, &len);
+      if (handshakes.size() >= kMaxPendingHandshakes) {
+        log->warn("firecracker handshake from pid {}: too many handshakes pending; refused", hs->cred.pid);
+        continue;
+      }
+      hs->timer.reset(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
+      itimerspec its{};
+      its.it_value.tv_sec = kHandshakeSeconds;
+      ::timerfd_settime(hs->timer.get(), 0, &its, nullptr);
+      FcListener& l = lit->second;
+      hs->snapshot = l.snapshot;
+      hs->token_file = l.token_file;
+      hs->prefetch = l.prefetch;
+      hs->notify_conn = l.notify_conn;
+      hs->notify_id = l.notify_id;
+      add(fd, tag(kFcConn, fd));
+      add(hs->timer.get(), tag(kFcTimer, hs->timer.get()));
+      handshake_timers[hs->timer.get()] = fd;
+      handshakes[fd] = std::move(hs);
+      if (l.once) {  // a per-VM socket: its one handshake has come
+        del(lfd);
+        ::unlink(l.path.c_str());
+        fc_listeners.erase(lit);
+        return;
+      }
+    }
+  }
+
+  void end_handshake(int fd) {
+    auto it = handshakes.find(fd);
+    if (it == handshakes.end()) return;
+    del(fd);
+    del(it->second->timer.get());
+    handshake_timers.erase(it->second->timer.get());
+    handshakes.erase(it);
+  }
+
+  void refuse_handshake(FcHandshake& hs, const std::string& why) {
+    log->warn("firecracker handshake from pid {}: {}", hs.cred.pid, why);
+    if (hs.notify_conn >= 0 && conns.count(hs.notify_conn)) {
+      reply_on(hs.notify_conn, hs.notify_id, [&](auto b) { b.setFailed("Firecracker handshake refused: " + why); });
+    }
+    end_handshake(hs.fd.get());
+  }
+
+  void on_handshake_timer(int tfd) {
+    auto it = handshake_timers.find(tfd);
+    if (it == handshake_timers.end()) return;
+    auto h = handshakes.find(it->second);
+    if (h != handshakes.end()) {
+      refuse_handshake(*h->second, fmt::format("no complete handshake within {} s", kHandshakeSeconds));
+    }
+  }
+
+  void on_handshake_data(int fd) {
+    auto it = handshakes.find(fd);
+    if (it == handshakes.end()) return;
+    FcHandshake& hs = *it->second;
+    std::vector<char> chunk(64 * 1024);
+    iovec iov{chunk.data(), chunk.size()};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
     msg.msg_control = control;
     msg.msg_controllen = sizeof control;
-    ssize_t n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
-    std::vector<sys::UniqueFd> fds;
+    ssize_t n;
+    do n = ::recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EAGAIN) return;
     for (cmsghdr* c = CMSG_FIRSTHDR(&msg); n >= 0 && c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
       if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
         for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); ++i) {
           int f;
           std::memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
-          fds.emplace_back(f);
+          hs.fds.emplace_back(f);
         }
       }
     }
-    auto refuse = [&](const std::string& why) { log->warn("firecracker handshake from pid {}: {}", cred.pid, why); };
-    if (n <= 0) return refuse("no message");
-    if (fds.size() != 1) return refuse(fmt::format("expected one uffd, got {}", fds.size()));
-    std::vector<fault::MappedRange> ranges;
-    try {
-      auto j = nlohmann::json::parse(std::string(body.data(), static_cast<size_t>(n)));
-      if (!j.is_array() || j.empty()) return refuse("expected a non-empty JSON array of GuestRegionUffdMapping");
-      for (const auto& r : j) {
-        uint64_t page = r.contains("page_size") ? r["page_size"].get<uint64_t>()
-                                                : r.value("page_size_kib", uint64_t{4}) * 1024;  // deprecated field
-        if (page != 4096) return refuse(fmt::format("page size {} is not supported (4 KiB only)", page));
-        ranges.push_back(fault::MappedRange{r.at("base_host_virt_addr").get<uint64_t>(), r.at("size").get<uint64_t>(), 0,
-                                            r.at("offset").get<uint64_t>()});
-      }
-    } catch (const std::exception& e) {
-      return refuse(std::string("bad JSON: ") + e.what());
-    }
+    if (n < 0) return refuse_handshake(hs, fmt::format("receive failed: {}", std::strerror(errno)));
+    if (msg.msg_flags & MSG_CTRUNC) return refuse_handshake(hs, "too many descriptors sent (expected one uffd)");
+    if (n == 0) return refuse_handshake(hs, "disconnected before the handshake was complete");
+    hs.body.append(chunk.data(), static_cast<size_t>(n));
+    if (hs.body.size() > kMaxHandshake) return refuse_handshake(hs, fmt::format("message over {} bytes", kMaxHandshake));
+    auto parsed = parse_guest_regions(hs.body);
+    if (!parsed.ok()) return refuse_handshake(hs, parsed.error().message());
+    if (!parsed->has_value()) return;  // the rest of the message is on its way
+    if (hs.fds.size() != 1) return refuse_handshake(hs, fmt::format("expected one uffd with the message, got {}", hs.fds.size()));
     // The uffd was created by Firecracker; the events it asked for are its business. We use
-    // the ioctls only, which every uffd supports.
-    auto sid = serve(fmt::format("firecracker pid {}", cred.pid), std::move(fds[0]), 0, opt.firecracker_snapshot, "",
-                     std::move(ranges), cred.pid, cred.uid, true, -1);
-    if (!sid.ok()) return refuse(sid.error().message());
+    // the ioctls only, which every uffd supports, and handle whatever events it delivers.
+    auto sid = serve(fmt::format("firecracker pid {}", hs.cred.pid), std::move(hs.fds[0]), 0, hs.snapshot, hs.token_file,
+                     std::move(**parsed), hs.cred.pid, hs.cred.uid, hs.prefetch, hs.notify_conn, hs.notify_id);
+    if (!sid.ok()) return refuse_handshake(hs, sid.error().message());
+    if (hs.notify_conn >= 0 && conns.count(hs.notify_conn)) {
+      reply_on(hs.notify_conn, hs.notify_id, [&](auto b) { b.setAccepted(*sid); });  // the VM's session
+    }
+    // Firecracker keeps its end open while the VM runs; so do we, while we serve it.
+    del(fd);
+    served[*sid].peer_sock = std::move(hs.fd);
+    end_handshake(fd);
+  }
+
+  // ---- Prometheus text exposition on --metrics HOST:PORT ----
+
+  std::string metrics_text() {
+    nlohmann::json j = report(0, true);
+    std::string out;
+    auto family = [&](const char* name, const char* type, const char* help) {
+      out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+    };
+    auto each_region = [&](const std::function<void(const std::string& labels, const nlohmann::json& r)>& fn) {
+      for (const auto& s : j["sessions"]) {
+        for (const auto& r : s["stats"]["regions"]) {
+          std::string labels = fmt::format("session=\"{}\",pid=\"{}\",region=\"{}\",state=\"{}\"", s["id"].get<uint64_t>(),
+                                           s["pid"].get<int>(), r["name"].get<std::string>(), s["state"].get<std::string>());
+          fn(labels, r);
+        }
+      }
+    };
+    family("lazymem_sessions", "gauge", "Sessions being served.");
+    size_t active = 0;
+    for (const auto& s : j["sessions"]) active += s["state"] == "restoring";
+    out += fmt::format("lazymem_sessions {}\n", active);
+    family("lazymem_faults_total", "counter", "Fault messages read from the userfaultfds.");
+    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_faults_total{{{}}} {}\n", l, r["faults"].get<uint64_t>()); });
+    family("lazymem_pages_total", "counter", "Pages installed, by how: fault, prefetch, zero.");
+    each_region([&](const std::string& l, const nlohmann::json& r) {
+      for (const char* k : {"fault", "prefetch", "zero"})
+        out += fmt::format("lazymem_pages_total{{{},how=\"{}\"}} {}\n", l, k, r[std::string("pages_") + k].get<uint64_t>());
+    });
+    family("lazymem_bytes_fetched_total", "counter", "Stored (compressed) bytes read from the snapshot source.");
+    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_bytes_fetched_total{{{}}} {}\n", l, r["bytes_fetched"].get<uint64_t>()); });
+    family("lazymem_bytes_decompressed_total", "counter", "Bytes after decoding.");
+    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_bytes_decompressed_total{{{}}} {}\n", l, r["bytes_decompressed"].get<uint64_t>()); });
+    family("lazymem_errors_total", "counter", "Chunks that could not be had (poisoned, or the process killed).");
+    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_errors_total{{{}}} {}\n", l, r["errors"].get<uint64_t>()); });
+    family("lazymem_blocked_seconds_total", "counter", "Time faulting threads spent waiting.");
+    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_blocked_seconds_total{{{}}} {:.6f}\n", l, double(r["blocked_us"].get<uint64_t>()) / 1e6); });
+    family("lazymem_fault_latency_seconds", "summary", "Fault latency (upper bounds of power-of-two microsecond buckets).");
+    each_region([&](const std::string& l, const nlohmann::json& r) {
+      for (const auto& [q, k] : {std::pair{"0.5", "p50"}, std::pair{"0.99", "p99"}, std::pair{"1", "max"}})
+        out += fmt::format("lazymem_fault_latency_seconds{{{},quantile=\"{}\"}} {:.6f}\n", l, q, double(r["latency_us"][k].get<uint64_t>()) / 1e6);
+    });
+    return out;
+  }
+
+  void accept_metrics() {
+    for (;;) {
+      int fd = ::accept4(metrics_fd.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd < 0) return;
+      if (metrics_conns.size() >= 16) {  // scrapers are few; anything more is not one
+        ::close(fd);
+        continue;
+      }
+      add(fd, tag(kMetricsConn, fd), EPOLLIN);
+      metrics_conns[fd].fd.reset(fd);
+    }
+  }
+
+  void on_metrics_conn(int fd) {
+    auto it = metrics_conns.find(fd);
+    if (it == metrics_conns.end()) return;
+    MetricsConn& m = it->second;
+    if (!m.responded) {
+      // Any request gets the metrics: this port serves nothing else. Read it and answer.
+      char buf[4096];
+      ssize_t n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+      if (n < 0 && errno == EAGAIN) return;
+      if (n <= 0) {
+        del(fd);
+        metrics_conns.erase(it);
+        return;
+      }
+      std::string body = metrics_text();
+      m.out = fmt::format("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n"
+                          "Connection: close\r\n\r\n{}",
+                          body.size(), body);
+      m.responded = true;
+      epoll_event ev{};
+      ev.events = EPOLLOUT;
+      ev.data.u64 = tag(kMetricsConn, fd);
+      ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, fd, &ev);
+    }
+    while (m.sent < m.out.size()) {
+      ssize_t n = ::send(fd, m.out.data() + m.sent, m.out.size() - m.sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n < 0 && errno == EAGAIN) return;  // EPOLLOUT brings us back
+      if (n <= 0) break;
+      m.sent += static_cast<size_t>(n);
+    }
+    del(fd);
+    metrics_conns.erase(it);
   }
 };
+
+Result<sys::UniqueFd> listen_tcp(const std::string& hostport) {
+  size_t colon = hostport.rfind(':');
+  if (colon == std::string::npos) return Error(Errc::kInvalidArgument, "--metrics wants HOST:PORT, got " + hostport);
+  std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* ai = nullptr;
+  int rc = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &ai);
+  if (rc != 0) return Error(Errc::kInvalidArgument, fmt::format("--metrics {}: {}", hostport, ::gai_strerror(rc)));
+  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> hold(ai, ::freeaddrinfo);
+  sys::UniqueFd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return sys_error("socket", errno);
+  int one = 1;
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) return sys_error("bind --metrics " + hostport, errno);
+  if (::listen(fd.get(), 16) != 0) return sys_error("listen --metrics " + hostport, errno);
+  return fd;
+}
 
 Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, const KernelFeatures& features) {
   if (!features.uffd_usable) return Error(Errc::kUnsupported, features.uffd_error);
@@ -385,20 +717,27 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
   Impl& im = *d->impl_;
   im.opt = options;
   im.kf = features;
-  mode_t mode = options.socket_group != static_cast<gid_t>(-1) ? 0660 : 0600;
-  LAZYMEM_ASSIGN_OR_RETURN(im.listen_fd, listen_unix(options.socket_path, mode, options.socket_group));
+  im.epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
+  im.stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!im.epoll_fd.valid() || !im.stop_fd.valid()) return sys_error("epoll/eventfd for the agent", errno);
+  LAZYMEM_ASSIGN_OR_RETURN(im.listen_fd, listen_unix(options.socket_path, options.socket_group));
   if (!options.firecracker_socket.empty()) {
     if (options.firecracker_snapshot.empty()) {
       return Error(Errc::kInvalidArgument, "--firecracker-socket needs --snapshot (the VM memory snapshot to serve)");
     }
-    LAZYMEM_ASSIGN_OR_RETURN(im.fc_fd, listen_unix(options.firecracker_socket, mode, options.socket_group));
+    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fc, listen_unix(options.firecracker_socket, options.socket_group));
+    int f = fc.get();
+    im.add(f, tag(kFcListen, f));
+    im.fc_listeners[f] = FcListener{std::move(fc), options.firecracker_socket, options.firecracker_snapshot,
+                                    options.token_file, true, false, -1, 0};
+  }
+  if (!options.metrics_address.empty()) {
+    LAZYMEM_ASSIGN_OR_RETURN(im.metrics_fd, listen_tcp(options.metrics_address));
+    im.add(im.metrics_fd.get(), kMetricsTag);
   }
   im.engine = std::make_unique<fault::FaultEngine>(features, options.engine);
   LAZYMEM_TRY(im.engine->start());
-  im.epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
-  im.stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   im.add(im.listen_fd.get(), kListenTag);
-  if (im.fc_fd.valid()) im.add(im.fc_fd.get(), kFirecrackerTag);
   im.add(im.stop_fd.get(), kStopTag);
   im.add(im.engine->changes_fd(), kEngineTag);
   return d;
@@ -408,7 +747,7 @@ Daemon::~Daemon() {
   if (impl_) {
     impl_->engine->stop();
     ::unlink(impl_->opt.socket_path.c_str());
-    if (!impl_->opt.firecracker_socket.empty()) ::unlink(impl_->opt.firecracker_socket.c_str());
+    for (const auto& [fd, l] : impl_->fc_listeners) ::unlink(l.path.c_str());
   }
 }
 
@@ -419,13 +758,22 @@ Status Daemon::run() {
     int n = ::epoll_wait(im.epoll_fd.get(), events.data(), static_cast<int>(events.size()), -1);
     if (n < 0 && errno != EINTR) return sys_error("epoll_wait", errno);
     for (int i = 0; i < n; ++i) {
-      uint64_t tag = events[static_cast<size_t>(i)].data.u64;
-      if (tag == kStopTag) return ok_status();
-      if (tag == kListenTag) im.accept_conn();
-      else if (tag == kFirecrackerTag) im.accept_firecracker();
-      else if (tag == kEngineTag) im.on_engine_change();
-      else if (tag >= kPidfdBase) im.on_pid_exit(static_cast<int>(tag - kPidfdBase));
-      else if (tag >= kConnBase) im.on_conn(static_cast<int>(tag - kConnBase));
+      uint64_t t = events[static_cast<size_t>(i)].data.u64;
+      int fd = static_cast<int>(t & 0xffffffffu);
+      switch (static_cast<Kind>(t >> 32)) {
+        case kSingle:
+          if (t == kStopTag) return ok_status();
+          if (t == kListenTag) im.accept_conn();
+          else if (t == kEngineTag) im.on_engine_change();
+          else if (t == kMetricsTag) im.accept_metrics();
+          break;
+        case kConn: im.on_conn(fd); break;
+        case kPidfd: im.on_pid_exit(fd); break;
+        case kFcListen: im.accept_firecracker(fd); break;
+        case kFcConn: im.on_handshake_data(fd); break;
+        case kFcTimer: im.on_handshake_timer(fd); break;
+        case kMetricsConn: im.on_metrics_conn(fd); break;
+      }
     }
   }
 }

@@ -22,6 +22,7 @@ struct DaemonOptions {
   std::string firecracker_socket;      // optional: Firecracker UFFD handshake socket
   std::string firecracker_snapshot;    // the snapshot (of the VM's memory file) it serves
   std::string token_file;              // page-server token for lazymem:// snapshots
+  std::string metrics_address;         // optional HOST:PORT: Prometheus text exposition
   fault::EngineOptions engine;
 };
 

@@ -4,12 +4,15 @@
 #include <iostream>
 
 #include <grp.h>
+#include <pthread.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <thread>
 
 #include "check.h"
 #include "cli_format.h"
+#include "commands.h"
 #include "daemon.h"
 #include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
@@ -25,12 +28,10 @@ constexpr const char* kUsage =
     "  run      the daemon: serves the faults of processes that restore through it\n"
     "  status   sessions being served\n"
     "  regions  per process and region: size, fetched and zero pages, source\n"
-    "  stats    per region and totals: faults, pages, bytes, compression, latency\n";
-
-lazymem::agent::Daemon* g_daemon = nullptr;  // for the signal handler only
-void on_signal(int) {
-  if (g_daemon) g_daemon->stop();
-}
+    "  stats    per region and totals: faults, pages, bytes, compression, latency\n"
+    "  snapshot capture a raw memory file (--raw FILE) or ranges of a process (--pid PID --region A-B)\n"
+    "  restore  serve a Firecracker VM's memory: the agent makes the UFFD handshake socket\n"
+    "every command: --help for its options\n";
 
 int run_daemon(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent run");
@@ -40,7 +41,8 @@ int run_daemon(const std::vector<std::string>& args) {
       "firecracker-socket", po::value<std::string>(), "accept Firecracker's UFFD handshake here")(
       "snapshot", po::value<std::string>(), "with --firecracker-socket: the VM memory snapshot to serve")(
       "token-file", po::value<std::string>(), "page-server token for lazymem:// snapshots")(
-      "fault-deadline-ms", po::value<unsigned>()->default_value(30000), "a faulting thread waits at most this long");
+      "fault-deadline-ms", po::value<unsigned>()->default_value(30000), "a faulting thread waits at most this long")(
+      "metrics", po::value<std::string>(), "serve Prometheus text metrics on HOST:PORT (e.g. 127.0.0.1:9477)");
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(desc).run(), vm);
   po::notify(vm);
@@ -59,16 +61,29 @@ int run_daemon(const std::vector<std::string>& args) {
   if (vm.count("snapshot")) o.firecracker_snapshot = vm["snapshot"].as<std::string>();
   if (vm.count("token-file")) o.token_file = vm["token-file"].as<std::string>();
   o.engine.demand_deadline = std::chrono::milliseconds(vm["fault-deadline-ms"].as<unsigned>());
+  if (vm.count("metrics")) o.metrics_address = vm["metrics"].as<std::string>();
+  // SIGINT/SIGTERM are taken by one thread with sigwait (blocked everywhere else, the engine's
+  // threads included): a clean stop without a global for a signal handler.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   lazymem::KernelFeatures kf = lazymem::probe_kernel();
   auto d = lazymem::agent::Daemon::start(o, kf);
   if (!d.ok()) throw std::runtime_error(d.error().message());
-  g_daemon = d->get();
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
+  lazymem::agent::Daemon& daemon = **d;
+  std::thread on_signal([&] {
+    int sig = 0;
+    sigwait(&stop_signals, &sig);
+    daemon.stop();
+  });
   // One line once the socket accepts: scripts wait for it instead of polling.
   std::printf("listening on %s\n", o.socket_path.c_str());
   std::fflush(stdout);
-  lazymem::Status s = (*d)->run();
+  lazymem::Status s = daemon.run();
+  if (!s.ok()) ::kill(::getpid(), SIGTERM);  // lets the signal thread finish
+  on_signal.join();
   if (!s.ok()) throw std::runtime_error(s.error().message());
   return 0;
 }
@@ -98,6 +113,85 @@ int run_query(const std::string& cmd, const std::vector<std::string>& args) {
     if (!vm.count("watch")) return 0;
     std::this_thread::sleep_for(std::chrono::duration<double>(vm["watch"].as<double>()));
   }
+}
+
+int run_snapshot(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-agent snapshot [options] TARGET   (TARGET: STORE/NAME or lazymem://HOST:PORT/NAME)");
+  desc.add_options()("help,h", "show this help")("raw", po::value<std::string>(), "capture this raw memory file (a VM's guest memory)")(
+      "pid", po::value<int>(), "capture ranges of this process (stop it first for a consistent image)")(
+      "region", po::value<std::vector<std::string>>(), "with --pid: START-END[=NAME] in hex, as in /proc/PID/maps; repeatable")(
+      "chunk-size", po::value<uint32_t>()->default_value(lazymem::kDefaultChunkSize), "bytes per chunk")(
+      "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
+      "replace", "replace an existing snapshot of that name")("token-file", po::value<std::string>(), "page-server token")(
+      "json", "print JSON")("target", po::value<std::string>(), "where the snapshot goes");
+  po::positional_options_description pos;
+  pos.add("target", 1);
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(desc).positional(pos).run(), vm);
+  po::notify(vm);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  if (!vm.count("target")) throw std::invalid_argument("give the TARGET (STORE/NAME or lazymem://HOST:PORT/NAME)");
+  if (vm.count("raw") == vm.count("pid")) throw std::invalid_argument("give exactly one of --raw FILE or --pid PID");
+  lazymem::CaptureOptions co;
+  co.chunk_size = vm["chunk-size"].as<uint32_t>();
+  co.zstd_level = vm["zstd-level"].as<int>();
+  co.replace = vm.count("replace") > 0;
+  if (vm.count("token-file")) co.token_file = vm["token-file"].as<std::string>();
+  std::string target = vm["target"].as<std::string>();
+  lazymem::Result<lazymem::CaptureReport> rep = lazymem::Error(lazymem::Errc::kInvalidArgument, "");
+  if (vm.count("raw")) {
+    rep = lazymem::capture_raw_file(target, vm["raw"].as<std::string>(), co);
+  } else {
+    std::vector<lazymem::agent::ProcessRange> ranges;
+    if (vm.count("region")) {
+      for (const auto& t : vm["region"].as<std::vector<std::string>>()) {
+        auto r = lazymem::agent::parse_process_range(t);
+        if (!r.ok()) throw std::invalid_argument(r.error().message());
+        ranges.push_back(*r);
+      }
+    }
+    rep = lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
+  }
+  if (!rep.ok()) throw std::runtime_error(rep.error().message());
+  if (vm.count("json")) std::printf("%s\n", lazymem::agent::format_capture_json(*rep).c_str());
+  else std::printf("%s", lazymem::agent::format_capture_table(*rep).c_str());
+  return 0;
+}
+
+int run_restore(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-agent restore");
+  desc.add_options()("help,h", "show this help")(
+      "socket", po::value<std::string>()->default_value(lazymem::kDefaultAgentSocket), "the daemon's socket")(
+      "firecracker-socket", po::value<std::string>(), "the UFFD handshake socket to make (Firecracker's mem_backend backend_path)")(
+      "snapshot", po::value<std::string>(), "the VM memory snapshot (STORE/NAME or lazymem://HOST:PORT/NAME)")(
+      "token-file", po::value<std::string>(), "page-server token, read by the agent")(
+      "no-prefetch", "fetch only the pages the VM touches")(
+      "no-wait", "return once the socket listens, without following the restore");
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(desc).run(), vm);
+  po::notify(vm);
+  if (vm.count("help")) {
+    std::cout << desc;
+    return 0;
+  }
+  if (!vm.count("firecracker-socket") || !vm.count("snapshot")) {
+    throw std::invalid_argument("give --firecracker-socket PATH and --snapshot URI (a process restores through the "
+                                "agent itself, with AgentRestore in lazymem/agent_client.h)");
+  }
+  lazymem::agent::FirecrackerRestoreConfig c;
+  c.agent_socket = vm["socket"].as<std::string>();
+  c.handshake_socket = vm["firecracker-socket"].as<std::string>();
+  c.snapshot = vm["snapshot"].as<std::string>();
+  if (vm.count("token-file")) c.token_file = vm["token-file"].as<std::string>();
+  c.prefetch = !vm.count("no-prefetch");
+  c.wait = !vm.count("no-wait");
+  c.progress = ::isatty(STDERR_FILENO) != 0;
+  lazymem::Status s = lazymem::agent::restore_firecracker(c);
+  if (!s.ok()) throw std::runtime_error(s.error().message());
+  return 0;
 }
 
 int run_check(const std::vector<std::string>& args) {
@@ -133,6 +227,8 @@ int main(int argc, char** argv) {
     if (cmd == "check") return run_check(args);
     if (cmd == "run") return run_daemon(args);
     if (cmd == "status" || cmd == "regions" || cmd == "stats") return run_query(cmd, args);
+    if (cmd == "snapshot") return run_snapshot(args);
+    if (cmd == "restore") return run_restore(args);
     if (cmd == "-h" || cmd == "--help" || cmd == "help") {
       std::cout << kUsage;
       return 0;

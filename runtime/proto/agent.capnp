@@ -21,12 +21,24 @@ struct Restore {
   tokenFile @4 :Text;        # page-server token file, read by the agent
 }
 
+# Accept one Firecracker UFFD handshake on a new socket and serve that VM's guest memory from
+# a snapshot of its memory file (one socket per VM restore, as Firecracker's
+# mem_backend {backend_type: "Uffd", backend_path} expects). Reply: accepted (0) once the socket
+# listens, then complete / failed on this connection when the VM's memory is all present.
+struct ServeFirecracker {
+  socketPath @0 :Text;       # created 0600, owned by the requesting user
+  snapshot @1 :Text;         # location of the raw memory-file snapshot
+  tokenFile @2 :Text;        # page-server token file, read by the agent
+  prefetch @3 :Bool;
+}
+
 struct Request {
   id @0 :UInt64;
   union {
     restore @1 :Restore;     # SCM_RIGHTS: the uffd, registered over every range
     status @2 :Void;         # reply: json
     stats @3 :Void;          # reply: json
+    serveFirecracker @4 :ServeFirecracker;
   }
 }
 

@@ -46,6 +46,38 @@ class AgentRestore {
   std::shared_ptr<Impl> impl_;
 };
 
+// Serving a Firecracker VM's memory: the agent makes a handshake socket for one VM restore
+// (Firecracker's mem_backend {"backend_type": "Uffd", "backend_path": socket_path}) and serves
+// the guest memory from a raw memory-file snapshot once Firecracker has connected.
+struct FirecrackerServeOptions {
+  std::string socket_path;  // created by the agent, 0600, owned by the caller (in a directory it owns)
+  std::string snapshot;     // STORE/NAME or lazymem://HOST:PORT/NAME of the VM's memory file
+  std::string token_file;   // for lazymem:// snapshots; read by the agent
+  bool prefetch = true;
+};
+
+// Holds the control connection on which the agent reports on one Firecracker restore.
+class AgentFirecrackerServe {
+ public:
+  // Returns once the handshake socket listens (Firecracker may be started then).
+  static Result<std::unique_ptr<AgentFirecrackerServe>> start(const std::string& agent_socket,
+                                                              const FirecrackerServeOptions& options);
+  ~AgentFirecrackerServe();
+  // The agent's session id for the VM, once Firecracker's handshake has been accepted (0 before).
+  uint64_t session() const;
+  // Waits for the next report: handshake accepted (ok, session() set), every page present (ok,
+  // complete() true), or a failure (handshake refused, pages that could not be had, agent gone).
+  // kTimeout if nothing came within `timeout`.
+  Status wait_event(std::chrono::milliseconds timeout);
+  bool complete() const;
+
+  struct Impl;
+
+ private:
+  explicit AgentFirecrackerServe(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
 // Asks a running agent for its status or stats (JSON text).
 Result<std::string> agent_query(const std::string& socket_path, bool stats);
 

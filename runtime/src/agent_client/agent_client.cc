@@ -177,6 +177,69 @@ Status AgentRestore::wait_complete(std::chrono::milliseconds timeout) {
   return ok_status();
 }
 
+struct AgentFirecrackerServe::Impl {
+  sys::UniqueFd sock;
+  net::FrameBuffer buf;
+  uint64_t session = 0;
+  bool complete = false;
+};
+
+AgentFirecrackerServe::AgentFirecrackerServe(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+AgentFirecrackerServe::~AgentFirecrackerServe() = default;
+uint64_t AgentFirecrackerServe::session() const { return impl_->session; }
+bool AgentFirecrackerServe::complete() const { return impl_->complete; }
+
+Result<std::unique_ptr<AgentFirecrackerServe>> AgentFirecrackerServe::start(const std::string& agent_socket,
+                                                                            const FirecrackerServeOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  LAZYMEM_ASSIGN_OR_RETURN(impl->sock, agent::connect_unix(agent_socket));
+  capnp::MallocMessageBuilder b;
+  auto rq = b.initRoot<pa::Request>();
+  rq.setId(3);
+  auto fc = rq.initServeFirecracker();
+  fc.setSocketPath(options.socket_path);
+  fc.setSnapshot(options.snapshot);
+  fc.setTokenFile(options.token_file);
+  fc.setPrefetch(options.prefetch);
+  LAZYMEM_TRY(agent::send_frame_fd(impl->sock.get(), b, {}, -1));
+  std::unique_ptr<AgentFirecrackerServe> out(new AgentFirecrackerServe(std::move(impl)));
+  Status first = out->wait_event(std::chrono::seconds(30));  // the socket listens, or why not
+  if (!first.ok()) return std::move(first).error();
+  return out;
+}
+
+Status AgentFirecrackerServe::wait_event(std::chrono::milliseconds timeout) {
+  std::deque<sys::UniqueFd> fds;
+  for (;;) {
+    auto f = impl_->buf.next();
+    if (!f.ok()) return std::move(f).error();
+    if (f->has_value()) {
+      LAZYMEM_ASSIGN_OR_RETURN(auto h, net::Header::parse((*f)->header));
+      auto reply = h->root<pa::Reply>();
+      impl_->buf.consume();
+      if (reply.isError()) return Error(Errc::kInvalidArgument, fmt::format("lazymem-agent: {}", reply.getError().cStr()));
+      if (reply.isFailed()) return Error(Errc::kIo, fmt::format("lazymem-agent: {}", reply.getFailed().cStr()));
+      if (reply.isAccepted()) {
+        if (reply.getAccepted() != 0) impl_->session = reply.getAccepted();
+        return ok_status();
+      }
+      if (reply.isComplete()) {
+        impl_->complete = true;
+        return ok_status();
+      }
+      return Error(Errc::kProtocol, "lazymem-agent: unexpected reply");
+    }
+    Status s = agent::recv_some(impl_->sock.get(), impl_->buf, fds, static_cast<int>(timeout.count()));
+    if (!s.ok() && s.error().code() == Errc::kPeerGone) {
+      // Firecracker keeps its own copy of the uffd, so the kernel neither zero-fills nor fails
+      // its missing pages: vCPUs touching them would block. Whoever holds this must stop the VM.
+      return Error(Errc::kPeerGone, "lazymem-agent went away before the VM's memory was complete: vCPUs touching "
+                                    "pages not yet restored will block; stop the VM (see lazymem-agent's log)");
+    }
+    if (!s.ok()) return s;
+  }
+}
+
 Result<std::string> agent_query(const std::string& socket_path, bool stats) {
   LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd sock, agent::connect_unix(socket_path));
   capnp::MallocMessageBuilder b;

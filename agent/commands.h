@@ -1,0 +1,50 @@
+// The agent CLI's `snapshot` and `restore` commands: the work behind them (main.cc only parses
+// options into these structs).
+#pragma once
+
+#include <sys/types.h>
+
+#include <string>
+#include <vector>
+
+#include "lazymem/result.h"
+#include "lazymem/snapshot.h"
+
+namespace lazymem::agent {
+
+// One range of another process's memory: START-END in hex, as in /proc/PID/maps.
+struct ProcessRange {
+  std::string name;
+  uintptr_t start = 0;
+  size_t length = 0;
+};
+
+// Parses "START-END[=NAME]" (hex, page-aligned).
+Result<ProcessRange> parse_process_range(const std::string& text);
+
+// Captures ranges of process `pid` into `target`. The bytes are read with process_vm_readv into
+// a mapping at the same addresses in this process (the snapshot records addresses; a restore
+// maps them there), so a range this process already uses cannot be captured: a clear error.
+// The process should be stopped (SIGSTOP, a freezer cgroup) for a consistent image.
+Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
+                                      const CaptureOptions& options);
+
+std::string format_capture_table(const CaptureReport& r);
+std::string format_capture_json(const CaptureReport& r);
+
+struct FirecrackerRestoreConfig {
+  std::string agent_socket;
+  std::string handshake_socket;
+  std::string snapshot;
+  std::string token_file;
+  bool prefetch = true;
+  bool wait = true;       // until the VM's memory is complete (or failed)
+  bool progress = false;  // a progress bar on stderr (a terminal)
+};
+
+// `lazymem-agent restore --firecracker-socket PATH --snapshot URI`: has the agent make the
+// handshake socket, prints "listening on PATH" (start Firecracker then), and with `wait` follows
+// the restore to its end.
+Status restore_firecracker(const FirecrackerRestoreConfig& config);
+
+}  // namespace lazymem::agent
