@@ -1,7 +1,11 @@
 // The agent: many processes restoring through one daemon, every byte compared; fork and
 // madvise(DONTNEED) during restore; Firecracker's handshake; hostile peers; agent death.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/stat.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -29,6 +33,65 @@ namespace {
 
 using testing::ScratchDir;
 constexpr size_t kMiB = 1 << 20;
+
+// Firecracker's side of the handshake, as Firecracker does it: guest memory mapped anonymous in
+// two regions (like a VM with a hole below 4 GiB), a uffd registered over it, one message (JSON
+// array of GuestRegionUffdMapping, padded past 1 KiB as with many regions) + the uffd. With
+// `split`, the message goes out in two writes (the fd with the first). Returns 0 when every
+// page equals `image`; keeps the socket open while it checks, as Firecracker does while it runs.
+int firecracker_vm(const std::string& socket_path, const std::vector<std::byte>& image, bool split) {
+  size_t len = image.size(), a = len / 3 / 4096 * 4096, b = len - a;
+  auto* r1 = static_cast<std::byte*>(::mmap(nullptr, a, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto* r2 = static_cast<std::byte*>(::mmap(nullptr, b, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto uffd = sys::Uffd::open(UFFD_FEATURE_EVENT_REMOVE);
+  if (!uffd.ok() || !uffd->register_missing(reinterpret_cast<uintptr_t>(r1), a).ok() ||
+      !uffd->register_missing(reinterpret_cast<uintptr_t>(r2), b).ok())
+    return 3;
+  nlohmann::json regions = nlohmann::json::array(
+      {{{"base_host_virt_addr", reinterpret_cast<uintptr_t>(r1)}, {"size", a}, {"offset", 0}, {"page_size", 4096}, {"page_size_kib", 4}},
+       {{"base_host_virt_addr", reinterpret_cast<uintptr_t>(r2)}, {"size", b}, {"offset", a}, {"page_size_kib", 4}}});
+  std::string body = regions.dump();
+  body.insert(1, 2048, ' ');  // larger than 1 KiB, as with many regions
+  auto sock = agent::connect_unix(socket_path);
+  if (!sock.ok()) return 4;
+  size_t first = split ? body.size() / 2 : body.size();
+  iovec iov{body.data(), first};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int));
+  int fd = uffd->fd();
+  std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+  if (::sendmsg(sock->get(), &msg, 0) < 0) return 5;
+  if (split && ::send(sock->get(), body.data() + first, body.size() - first, 0) < 0) return 5;
+  for (size_t off = 0; off < a; off += 4096)
+    if (std::memcmp(r1 + off, image.data() + off, 4096) != 0) return 6;
+  for (size_t off = 0; off < b; off += 4096)
+    if (std::memcmp(r2 + off, image.data() + a + off, 4096) != 0) return 7;
+  return 0;
+}
+
+// Runs `cmd` (a shell command line); returns its output and exit status.
+std::pair<std::string, int> run_cli(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  int st = ::pclose(p);
+  return {out, WIFEXITED(st) ? WEXITSTATUS(st) : 128};
+}
+
+std::string agent_bin() {
+  const char* bin = std::getenv("LAZYMEM_AGENT");
+  return bin ? bin : "";
+}
 
 class AgentTest : public ::testing::Test {
  protected:
@@ -387,6 +450,169 @@ TEST_F(AgentTest, CliPrintsTablesAndJson) {
             len_ / 4096);
   EXPECT_NE(run("status").find("complete"), std::string::npos);
   EXPECT_NE(run("regions").find("100.0%"), std::string::npos);
+}
+
+// A raw memory image `len` bytes long, captured with `lazymem-agent snapshot --raw`.
+#define RAW_IMAGE(image, len, seed, loc)                                                              \
+  std::vector<std::byte> image(len);                                                                  \
+  testing::fill_mixed(image.data(), len, seed);                                                       \
+  std::string loc = dir_.path() + "/vm";                                                              \
+  {                                                                                                   \
+    std::ofstream(dir_.path() + "/guest.mem", std::ios::binary)                                       \
+        .write(reinterpret_cast<const char*>(image.data()), static_cast<std::streamsize>(len));       \
+    auto [out, rc] = run_cli(agent_bin() + " snapshot --raw " + dir_.path() + "/guest.mem " + loc + " --json"); \
+    ASSERT_EQ(rc, 0) << out;                                                                          \
+    ASSERT_EQ(nlohmann::json::parse(out)["total_bytes"].get<uint64_t>(), len) << out;                 \
+  }
+
+// Peers on the Firecracker socket that stay silent, leave halfway, send no fd or bad JSON: each
+// refused with a reason, none holds up a VM that does the handshake properly (in two writes).
+TEST_F(AgentTest, FirecrackerHostilePeersDoNotHoldUpAVm) {
+  ASSERT_FALSE(agent_bin().empty());
+  RAW_IMAGE(image, 8 * kMiB, 47, loc);
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = loc;
+  start_daemon(o);
+  auto silent = agent::connect_unix(o.firecracker_socket);  // says nothing, stays connected
+  ASSERT_TRUE(silent.ok());
+  {
+    auto half = agent::connect_unix(o.firecracker_socket);  // half a message, then gone
+    ASSERT_TRUE(half.ok());
+    ASSERT_GT(::send(half->get(), "[{\"size\": 4096, ", 16, 0), 0);
+  }
+  {
+    auto no_fd = agent::connect_unix(o.firecracker_socket);  // a whole message, no uffd
+    ASSERT_TRUE(no_fd.ok());
+    std::string m = R"([{"base_host_virt_addr": 4096, "size": 4096, "offset": 0, "page_size": 4096}])";
+    ASSERT_GT(::send(no_fd->get(), m.data(), m.size(), 0), 0);
+    auto garbage = agent::connect_unix(o.firecracker_socket);
+    ASSERT_TRUE(garbage.ok());
+    ASSERT_GT(::send(garbage->get(), "{not json]", 10, 0), 0);
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(in_child([&] { return firecracker_vm(o.firecracker_socket, image, true); }), 0);
+  // Well inside the 5 s handshake deadline the silent peer still has.
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
+}
+
+// `lazymem-agent restore` makes a per-VM handshake socket on a running agent, prints
+// "listening on PATH", and follows the restore to "restore complete".
+TEST_F(AgentTest, RestoreCliServesAFirecrackerVm) {
+  ASSERT_FALSE(agent_bin().empty());
+  RAW_IMAGE(image, 16 * kMiB, 48, loc);
+  start_daemon();
+  std::string fc = dir_.path() + "/vm1.sock";
+  FILE* cli = ::popen((agent_bin() + " restore --socket " + socket_ + " --firecracker-socket " + fc + " --snapshot " +
+                       loc + " 2>&1").c_str(), "r");
+  ASSERT_NE(cli, nullptr);
+  char line[4096];
+  ASSERT_NE(std::fgets(line, sizeof line, cli), nullptr);
+  ASSERT_EQ(std::string(line), "listening on " + fc + "\n");
+  struct stat st {};
+  ASSERT_EQ(::stat(fc.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_EQ(in_child([&] { return firecracker_vm(fc, image, false); }), 0);
+  std::string rest;
+  while (std::fgets(line, sizeof line, cli) != nullptr) rest += line;
+  EXPECT_EQ(::pclose(cli), 0) << rest;
+  EXPECT_NE(rest.find("restore complete"), std::string::npos) << rest;
+  EXPECT_NE(::stat(fc.c_str(), &st), 0) << "a per-VM socket is gone after its one handshake";
+  // A snapshot that is not a raw image, or a path that is not ours to replace: refused, said why.
+  auto [out, rc] = run_cli(agent_bin() + " restore --socket " + socket_ + " --firecracker-socket " + dir_.path() +
+                           "/vm2.sock --snapshot " + capture(4 * kMiB, 49));
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("not a raw memory image"), std::string::npos) << out;
+  std::ofstream(dir_.path() + "/file") << "x";
+  std::tie(out, rc) = run_cli(agent_bin() + " restore --socket " + socket_ + " --firecracker-socket " + dir_.path() +
+                              "/file --snapshot " + loc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("not a socket"), std::string::npos) << out;
+}
+
+// `--metrics HOST:PORT` answers an HTTP GET with the counters in Prometheus text format.
+TEST_F(AgentTest, MetricsInPrometheusText) {
+  sys::UniqueFd probe(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t alen = sizeof a;
+  ASSERT_EQ(::bind(probe.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::getsockname(probe.get(), reinterpret_cast<sockaddr*>(&a), &alen), 0);
+  int port = ntohs(a.sin_port);
+  probe = sys::UniqueFd();  // a free port, for the agent
+  std::string loc = capture(4 * kMiB, 50);
+  agent::DaemonOptions o;
+  o.metrics_address = fmt::format("127.0.0.1:{}", port);
+  start_daemon(o);
+  ASSERT_EQ(in_child([&] {
+              auto r = AgentRestore::start(socket_, loc);
+              return r.ok() && (*r)->wait_complete(std::chrono::seconds(30)).ok() ? 0 : 3;
+            }),
+            0);
+  sys::UniqueFd c(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_EQ(::connect(c.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  std::string get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  ASSERT_GT(::send(c.get(), get.data(), get.size(), 0), 0);
+  std::string resp;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::recv(c.get(), buf, sizeof buf, 0)) > 0) resp.append(buf, static_cast<size_t>(n));
+  EXPECT_EQ(resp.rfind("HTTP/1.0 200 OK\r\n", 0), 0u) << resp;
+  EXPECT_NE(resp.find("# TYPE lazymem_faults_total counter"), std::string::npos) << resp;
+  EXPECT_NE(resp.find("region=\"heap\",state=\"complete\",how=\"fault\"}"), std::string::npos) << resp;
+  EXPECT_NE(resp.find("lazymem_fault_latency_seconds{"), std::string::npos) << resp;
+}
+
+// `lazymem-agent snapshot --pid` captures ranges of another (stopped) process; the snapshot then
+// restores through the agent byte for byte.
+TEST_F(AgentTest, SnapshotCliCapturesAProcess) {
+  ASSERT_FALSE(agent_bin().empty());
+  size_t len = 8 * kMiB;
+  uint64_t seed = 51;
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  pid_t app = ::fork();
+  ASSERT_GE(app, 0);
+  if (app == 0) {
+    auto* p = static_cast<std::byte*>(testing::map_for_capture(len, seed));
+    if (p == nullptr) _exit(3);
+    testing::fill_mixed(p, len, seed);
+    char c = 1;
+    (void)!::write(ready[1], &c, 1);
+    for (;;) ::pause();  // until killed
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  auto* expect = static_cast<std::byte*>(testing::map_for_capture(len, seed));  // the same bytes, here
+  ASSERT_NE(expect, nullptr);
+  testing::fill_mixed(expect, len, seed);
+  expected_.assign(expect, expect + len);
+  len_ = len;
+  uintptr_t at = reinterpret_cast<uintptr_t>(expect);
+  ::munmap(expect, len);
+  std::string loc = dir_.path() + "/proc";
+  ::kill(app, SIGSTOP);
+  auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --region {:x}-{:x}=heap {}", agent_bin(), app, at, at + len, loc));
+  ::kill(app, SIGKILL);
+  ::waitpid(app, nullptr, 0);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("8.0 MiB"), std::string::npos) << out;
+  std::tie(out, rc) = run_cli(fmt::format("{} snapshot --pid {} --region {:x}-{:x} {}", agent_bin(), ::getpid(), at, at + len,
+                                          dir_.path() + "/bad"));
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("mapped and readable"), std::string::npos) << out;
+  start_daemon();
+  EXPECT_EQ(in_child([&] {
+              auto r = AgentRestore::start(socket_, loc);
+              if (!r.ok()) return 3;
+              if ((*r)->regions()[0].name != "heap") return 4;
+              const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+              for (size_t off = 0; off < len_; off += 4096)
+                if (!same(got, off, 4096)) return 5;
+              return 0;
+            }),
+            0);
 }
 
 }  // namespace
