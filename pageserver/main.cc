@@ -52,9 +52,13 @@ int serve(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-pageserver serve");
   desc.add_options()("store", po::value<std::string>()->required(), "snapshot store directory")(
       "listen", po::value<std::string>()->default_value("127.0.0.1:7070"), "HOST:PORT to listen on")(
-      "token-file", po::value<std::string>(), "shared token clients must prove they know");
+      "token-file", po::value<std::string>(), "shared token clients must prove they know")(
+      "cache-mib", po::value<size_t>()->default_value(256), "chunk data kept in memory after it was read (MiB)")(
+      "no-zerocopy", "never send with MSG_ZEROCOPY");
   auto vm = parse(args, desc);
   pageserver::ServerOptions o;
+  o.cache_bytes = vm["cache-mib"].as<size_t>() << 20;
+  o.zerocopy = vm.count("no-zerocopy") == 0;
   o.store_dir = vm["store"].as<std::string>();
   std::string listen = vm["listen"].as<std::string>();
   auto colon = listen.rfind(':');
@@ -156,7 +160,7 @@ int stats(const std::vector<std::string>& args) {
     return 0;
   }
   auto j = nlohmann::json::parse(*js);
-  for (auto& [k, v] : j.items()) std::printf("%-20s %s\n", k.c_str(), v.dump().c_str());
+  for (auto& [k, v] : j.items()) std::printf("%-24s %s\n", k.c_str(), v.dump().c_str());
   return 0;
 }
 

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -21,6 +22,8 @@
 #include <unordered_map>
 
 #include "core/log.h"
+#include "extent_cache.h"
+#include "send_queue.h"
 #include "sys/ring.h"
 #include "net/auth.h"
 #include "net/frame.h"
@@ -33,10 +36,10 @@ namespace wire = proto::wire;
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr uint64_t kAlign = 4096;
 
 struct OpenSnapshot {
   std::string name;
+  uint64_t file_id = 0;  // names its extents in the cache; a replaced snapshot gets a new one
   Manifest manifest;
   std::vector<std::byte> manifest_bytes;
   sys::UniqueFd data;
@@ -46,29 +49,38 @@ struct Job {
   std::shared_ptr<OpenSnapshot> snap;
   uint32_t region, chunk;
   uint64_t tag, id;
+  bool demand;
+};
+
+// A chunk reply waiting for reads of its extents.
+struct Waiting {
+  Job job;
+  boost::container::small_vector<Pin, 2> pins;
 };
 
 struct Conn {
+  explicit Conn(bool zerocopy) : out(zerocopy) {}
   sys::UniqueFd fd;
   uint64_t serial = 0;        // tells a reused fd number from the connection a read was for
-  size_t reads_in_flight = 0;
-  size_t read_bytes_in_flight = 0;
   net::FrameBuffer in;
-  std::deque<std::vector<std::byte>> out;
-  size_t out_off = 0;
-  size_t out_bytes = 0;
+  SendQueue out;
   bool hello = false;
   bool authed = false;
-  bool reading = true;
-  bool closing = false;  // close once the output queue is flushed
+  bool closing = false;  // close once everything is sent (and its zero-copy completions are in)
+  bool starved = false;  // waits for a free extent
   net::Nonce server_nonce{};
   net::Nonce client_nonce{};
   std::deque<Job> demand, prefetch;
+  std::deque<Waiting> waiting;
+  size_t waiting_bytes = 0;
   Clock::time_point opened = Clock::now();
   // An upload in progress: dropped (and its temporary directory removed) if the connection
   // ends before putCommit, so a half-uploaded snapshot is never served.
   std::unique_ptr<snapshot::SnapshotSink> upload;
   std::string upload_name;
+
+  // Bytes this connection holds: replies queued or in the kernel's hands, and reads for it.
+  size_t held() const { return out.bytes() + waiting_bytes; }
 };
 
 }  // namespace
@@ -76,47 +88,47 @@ struct Conn {
 struct PageServer::Impl {
   ServerOptions opt;
   sys::UniqueFd listen_fd, epoll_fd, stop_fd;
-  std::unordered_map<int, std::unique_ptr<Conn>> conns;
   std::map<std::string, std::shared_ptr<OpenSnapshot>> snapshots;
+  uint64_t next_file_id = 1;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
-      st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0};
-  std::byte* io_buf = nullptr;  // synchronous fallback: chunks larger than a read slot
-  size_t io_buf_size = 0;
+      st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0};
+  SendCounters sends;
 
-  // Chunk reads go through io_uring, O_DIRECT, into aligned slots, many in flight at once
-  // (demand first): the device works on a queue instead of one pread at a time.
-  static constexpr size_t kReadSlots = 64;
-  static constexpr size_t kSlotSize = 64 * 1024 + 2 * kAlign;
-  struct ReadSlot {
-    int conn_fd = -1;
-    uint64_t conn_serial = 0;
-    Job job;
-    uint64_t skip = 0;  // chunk starts this far into the aligned read
-  };
+  // Chunk reads go through io_uring, O_DIRECT, into extents of the cache, many in flight at
+  // once (demand first): the device works on a queue instead of one pread at a time.
+  static constexpr size_t kMaxReads = 256;
   std::unique_ptr<sys::Ring> ring;
   sys::UniqueFd ring_event;
-  std::byte* arena = nullptr;
-  std::vector<ReadSlot> slots = std::vector<ReadSlot>(kReadSlots);
-  std::vector<size_t> free_slots;
   bool ring_pending = false;  // SQEs prepared but not submitted
+  std::unique_ptr<ExtentCache> cache;
+  std::unordered_map<Extent*, Pin> reading;  // the read's own pin, until it completes
+  bool reads_completed = false;              // since the last retry of starved connections
   uint64_t next_serial = 1;
+  // Declared after the cache: connections (and their pins) go first.
+  std::unordered_map<int, std::unique_ptr<Conn>> conns;
+  // Frames of connections closed while the kernel may still read them (zero-copy in flight):
+  // their extents stay pinned a while so that no read overwrites them.
+  std::deque<std::pair<Clock::time_point, std::deque<OutFrame>>> graveyard;
   std::shared_ptr<spdlog::logger> log = log::get("pageserver");
 
   ~Impl() {
-    ring.reset();  // no read may land in the arena after it is freed
-    std::free(io_buf);
-    std::free(arena);
+    conns.clear();
+    graveyard.clear();
+    reading.clear();
+    ring.reset();  // no read may land in an extent after the cache is gone
+    cache.reset();
   }
 
   static void bump(std::atomic<uint64_t>& c, uint64_t n = 1) { c.fetch_add(n, std::memory_order_relaxed); }
 
+  // A small reply (header and payload copied into one buffer).
   void queue(Conn& c, capnp::MessageBuilder& m, std::span<const std::byte> payload) {
-    std::vector<std::byte> f = net::encode_frame(m, static_cast<uint32_t>(payload.size()));
-    size_t head = f.size();
-    f.resize(head + payload.size());
-    if (!payload.empty()) std::memcpy(f.data() + head, payload.data(), payload.size());
-    c.out_bytes += f.size();
-    c.out.push_back(std::move(f));
+    OutFrame f;
+    f.head = net::encode_frame(m, static_cast<uint32_t>(payload.size()));
+    size_t head = f.head.size();
+    f.head.resize(head + payload.size());
+    if (!payload.empty()) std::memcpy(f.head.data() + head, payload.data(), payload.size());
+    c.out.push(std::move(f));
   }
 
   void reply_error(Conn& c, uint64_t id, wire::ErrorCode code, const std::string& msg, uint64_t tag = 0) {
@@ -137,6 +149,7 @@ struct PageServer::Impl {
     if (!loc.ok()) return std::move(loc).error();
     auto snap = std::make_shared<OpenSnapshot>();
     snap->name = name;
+    snap->file_id = next_file_id++;
     std::string dir = opt.store_dir + "/" + name;
     auto bytes = snapshot::read_small_file(dir + "/" + snapshot::kManifestFile, snapshot::kMaxManifestBytes);
     if (!bytes.ok()) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
@@ -208,7 +221,10 @@ struct PageServer::Impl {
       return;
     }
     c.upload.reset();
-    snapshots.erase(c.upload_name);  // a replaced snapshot is reopened on next use
+    if (auto old = snapshots.find(c.upload_name); old != snapshots.end()) {  // replaced: reopened on next use
+      cache->drop_file(old->second->file_id);
+      snapshots.erase(old);
+    }
     bump(st_up);
     log->info("upload of snapshot '{}' complete", c.upload_name);
     reply_ok(c, id);
@@ -309,6 +325,15 @@ struct PageServer::Impl {
         o.setErrorsIo(st.errors_io);
         o.setHandshakeTimeouts(st.handshake_timeouts);
         o.setUploads(st.uploads);
+        o.setDiskReadBytes(st.disk_read_bytes);
+        o.setCacheHits(st.cache_hits);
+        o.setCacheMisses(st.cache_misses);
+        o.setZerocopySends(st.zerocopy_sends);
+        o.setZerocopyBytes(st.zerocopy_bytes);
+        o.setZerocopyCopiedSends(st.zerocopy_copied_sends);
+        o.setZerocopyFallbacks(st.zerocopy_fallbacks);
+        o.setPlainSends(st.plain_sends);
+        o.setPlainBytes(st.plain_bytes);
         queue(c, m, {});
         return;
       }
@@ -367,7 +392,7 @@ struct PageServer::Impl {
                         ch.getTag());
             continue;
           }
-          lane.push_back(Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id});
+          lane.push_back(Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id, gc.getDemand()});
         }
         return;
       }
@@ -380,71 +405,121 @@ struct PageServer::Impl {
     }
   }
 
-  void queue_chunk(Conn& c, const Job& j, std::span<const std::byte> payload) {
-    capnp::MallocMessageBuilder m;
+  // A chunk reply: the header, then the chunk's bytes straight from the extents that hold them.
+  void queue_chunk(Conn& c, const Job& j, boost::container::small_vector<Pin, 2> pins) {
+    const ChunkInfo& ci = j.snap->manifest.regions[j.region].chunks[j.chunk];
+    OutFrame f;
+    f.urgent = j.demand;
+    uint64_t got = 0;
+    for (Pin& p : pins) {
+      if (p->state != Extent::State::kReady) break;
+      uint64_t base = p->index * ExtentCache::kExtentSize;
+      uint64_t from = std::max(ci.offset, base), to = std::min(ci.offset + ci.stored_length, base + p->valid);
+      if (from >= to) break;
+      std::span<const std::byte> slice(p->data + (from - base), to - from);
+      got += slice.size();
+      f.slices.emplace_back(std::move(p), slice);
+    }
+    if (got != ci.stored_length) {
+      bump(st_io);
+      reply_error(c, j.id, wire::ErrorCode::IO_ERROR,
+                  fmt::format("reading chunk {}/{} of snapshot '{}' failed", j.region, j.chunk, j.snap->name), j.tag);
+      return;
+    }
+    word_buffer_.fill(capnp::word{});
+    capnp::MallocMessageBuilder m(kj::arrayPtr(word_buffer_.data(), word_buffer_.size()));
     auto r = m.initRoot<wire::Reply>();
     r.setId(j.id);
     auto ch = r.initChunk();
     ch.setRegion(j.region);
     ch.setChunk(j.chunk);
     ch.setTag(j.tag);
-    queue(c, m, payload);
+    f.head = net::encode_frame(m, static_cast<uint32_t>(ci.stored_length));
+    c.out.push(std::move(f));
     bump(st_chunks);
-    bump(st_bytes, payload.size());
+    bump(st_bytes, ci.stored_length);
   }
+  std::array<capnp::word, 16> word_buffer_{};  // a chunk reply header without a malloc
 
-  // Synchronous read, for chunks larger than a slot (chunk size above 64 KiB).
-  void read_now(Conn& c, const Job& j) {
-    const ChunkInfo& ci = j.snap->manifest.regions[j.region].chunks[j.chunk];
-    uint64_t a = ci.offset & ~(kAlign - 1);
-    uint64_t end = (ci.offset + ci.stored_length + kAlign - 1) & ~(kAlign - 1);
-    if (end - a > io_buf_size) {
-      std::free(io_buf);
-      void* p = nullptr;
-      if (::posix_memalign(&p, kAlign, end - a) != 0) throw std::bad_alloc();
-      io_buf = static_cast<std::byte*>(p);
-      io_buf_size = end - a;
-    }
-    ssize_t n = ::pread(j.snap->data.get(), io_buf, end - a, static_cast<off_t>(a));
-    if (n < 0 || static_cast<uint64_t>(n) < ci.offset - a + ci.stored_length) {
-      bump(st_io);
-      reply_error(c, j.id, wire::ErrorCode::IO_ERROR, fmt::format("reading chunk {} failed", j.chunk), j.tag);
+  // Starts the read of a claimed extent (or does it now, without io_uring).
+  void start_read(Pin read_pin, int data_fd) {
+    Extent* e = read_pin.get();
+    off_t at = static_cast<off_t>(e->index * ExtentCache::kExtentSize);
+    if (!ring) {
+      ssize_t n = ::pread(data_fd, e->data, ExtentCache::kExtentSize, at);
+      cache->read_done(e, n < 0 ? -errno : static_cast<int>(n));
+      if (n > 0) bump(st_disk, static_cast<uint64_t>(n));
       return;
     }
-    queue_chunk(c, j, std::span<const std::byte>(io_buf + (ci.offset - a), ci.stored_length));
+    io_uring_sqe* sqe = ring->sqe();
+    if (e->buf_index >= 0) {
+      io_uring_prep_read_fixed(sqe, data_fd, e->data, ExtentCache::kExtentSize, at, e->buf_index);
+    } else {
+      io_uring_prep_read(sqe, data_fd, e->data, ExtentCache::kExtentSize, static_cast<uint64_t>(at));
+    }
+    io_uring_sqe_set_data(sqe, e);
+    ring_pending = true;
+    reading.emplace(e, std::move(read_pin));
   }
 
-  // Starts reads of queued chunks, demand first, while the connection's output (queued plus
-  // being read) stays under the limit and slots are free.
+  // Turns queued chunk requests into replies, demand first, while the connection holds less
+  // than its limit: from the cache at once, or after reads of the missing extents.
   void serve_jobs(Conn& c) {
-    while (c.out_bytes + c.read_bytes_in_flight < opt.max_queued_bytes && (!c.demand.empty() || !c.prefetch.empty())) {
+    c.starved = false;
+
+    while (c.held() < opt.max_queued_bytes && (!c.demand.empty() || !c.prefetch.empty())) {
       auto& lane = c.demand.empty() ? c.prefetch : c.demand;
-      const ChunkInfo& ci = lane.front().snap->manifest.regions[lane.front().region].chunks[lane.front().chunk];
-      uint64_t a = ci.offset & ~(kAlign - 1);
-      uint64_t end = (ci.offset + ci.stored_length + kAlign - 1) & ~(kAlign - 1);
-      if (ci.stored_length == 0 || !ring || end - a > kSlotSize) {
-        Job j = std::move(lane.front());
-        lane.pop_front();
-        if (ci.stored_length == 0) queue_chunk(c, j, {});
-        else read_now(c, j);
+      const Job& j = lane.front();
+      const ChunkInfo& ci = j.snap->manifest.regions[j.region].chunks[j.chunk];
+      boost::container::small_vector<Pin, 2> pins;
+      bool ready = true;
+      if (ci.stored_length > 0) {
+        uint64_t first = ci.offset / ExtentCache::kExtentSize;
+        uint64_t last = (ci.offset + ci.stored_length - 1) / ExtentCache::kExtentSize;
+        for (uint64_t i = first; i <= last; ++i) {
+          Pin p = cache->lookup(j.snap->file_id, i);
+          if (!p.get()) {
+            if (reading.size() >= kMaxReads || !(p = cache->claim(j.snap->file_id, i)).get()) {
+              c.starved = true;  // resumed when an extent is unpinned or a read completes
+              return;
+            }
+            start_read(cache->share(p.get()), j.snap->data.get());
+          }
+          if (p->state == Extent::State::kReading) {
+            ready = false;
+            p->waiters.emplace_back(c.fd.get(), c.serial);
+          }
+          pins.push_back(std::move(p));
+        }
+      }
+      Job job = std::move(lane.front());
+      lane.pop_front();
+      if (ready) {
+        queue_chunk(c, job, std::move(pins));
+      } else {
+        c.waiting_bytes += ci.stored_length;
+        c.waiting.push_back(Waiting{std::move(job), std::move(pins)});
+      }
+    }
+  }
+
+  // Replies whose extents have all been read (or failed) go out.
+  void finish_waiting(Conn& c) {
+    auto reading_any = [](const Waiting& w) {
+      for (const Pin& p : w.pins)
+        if (p->state == Extent::State::kReading) return true;
+      return false;
+    };
+    std::deque<Waiting> still;
+    for (Waiting& w : c.waiting) {
+      if (reading_any(w)) {
+        still.push_back(std::move(w));
         continue;
       }
-      if (free_slots.empty()) return;  // resumed when a read completes
-      size_t slot = free_slots.back();
-      free_slots.pop_back();
-      ReadSlot& rs = slots[slot];
-      rs.job = std::move(lane.front());
-      lane.pop_front();
-      rs.conn_fd = c.fd.get();
-      rs.conn_serial = c.serial;
-      rs.skip = ci.offset - a;
-      io_uring_sqe* sqe = ring->sqe();
-      io_uring_prep_read_fixed(sqe, rs.job.snap->data.get(), arena + slot * kSlotSize, static_cast<unsigned>(end - a), a, 0);
-      io_uring_sqe_set_data64(sqe, slot);
-      ring_pending = true;
-      ++c.reads_in_flight;
-      c.read_bytes_in_flight += ci.stored_length;
+      c.waiting_bytes -= w.job.snap->manifest.regions[w.job.region].chunks[w.job.chunk].stored_length;
+      queue_chunk(c, w.job, std::move(w.pins));
     }
+    c.waiting = std::move(still);
   }
 
   void submit_reads() {
@@ -454,38 +529,43 @@ struct PageServer::Impl {
     }
   }
 
-  // Completed reads become replies on their connections.
+  // Completed reads: their waiting replies go out.
   void on_reads_done() {
     uint64_t junk;
     (void)!::read(ring_event.get(), &junk, sizeof junk);
     std::set<int> touched;
     io_uring_cqe* cqe = nullptr;
     while (io_uring_peek_cqe(ring->get(), &cqe) == 0) {
-      size_t slot = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
+      auto* e = static_cast<Extent*>(io_uring_cqe_get_data(cqe));
       int res = cqe->res;
       io_uring_cqe_seen(ring->get(), cqe);
-      ReadSlot& rs = slots[slot];
-      Job job = std::move(rs.job);
-      free_slots.push_back(slot);
-      auto it = conns.find(rs.conn_fd);
-      if (it == conns.end() || it->second->serial != rs.conn_serial) continue;  // connection gone
-      Conn& c = *it->second;
-      const ChunkInfo& ci = job.snap->manifest.regions[job.region].chunks[job.chunk];
-      --c.reads_in_flight;
-      c.read_bytes_in_flight -= ci.stored_length;
-      if (res < 0 || static_cast<uint64_t>(res) < rs.skip + ci.stored_length) {
-        bump(st_io);
-        reply_error(c, job.id, wire::ErrorCode::IO_ERROR, fmt::format("reading chunk {} failed", job.chunk), job.tag);
-      } else {
-        queue_chunk(c, job, std::span<const std::byte>(arena + slot * kSlotSize + rs.skip, ci.stored_length));
+      if (res > 0) bump(st_disk, static_cast<uint64_t>(res));
+      else if (res < 0) log->warn("reading the data file failed: {}", std::strerror(-res));
+      cache->read_done(e, res);
+      for (auto [fd, serial] : e->waiters) {
+        auto it = conns.find(fd);
+        if (it != conns.end() && it->second->serial == serial) touched.insert(fd);
       }
-      touched.insert(c.fd.get());
+      e->waiters.clear();
+      reading.erase(e);  // drops the read's pin
+      reads_completed = true;
     }
-    for (int fd : touched) pump(fd);
-    // Slots freed: connections waiting for one may go on.
+    for (int fd : touched) {
+      auto it = conns.find(fd);
+      if (it == conns.end()) continue;
+      finish_waiting(*it->second);
+      pump(fd);
+    }
+  }
+
+  // Connections that found no free extent (or read slot) try again once some were released.
+  void retry_starved() {
+    bool freed = cache->take_unpinned();
+    if (!std::exchange(reads_completed, false) && !freed) return;
+    std::vector<int> fds;
     for (auto& [fd, c] : conns)
-      if (!c->demand.empty() || !c->prefetch.empty()) serve_jobs(*c);
-    submit_reads();
+      if (c->starved) fds.push_back(fd);
+    for (int fd : fds) pump(fd);
   }
 
   // Moves a connection forward: write what is queued, start more reads, re-arm epoll.
@@ -493,10 +573,16 @@ struct PageServer::Impl {
     auto it = conns.find(fd);
     if (it == conns.end()) return;
     Conn& c = *it->second;
+    // Send, then turn more requests into replies, for as long as the socket takes them.
     bool keep = true;
-    if (!c.out.empty()) keep = on_writable(c);
-    if (keep) serve_jobs(c);
-    if (keep && c.closing && c.out.empty() && c.reads_in_flight == 0) keep = false;
+    while (keep) {
+      if (c.out.has_unsent()) keep = on_writable(c);
+      if (!keep || c.out.has_unsent()) break;  // the socket is full: EPOLLOUT resumes us
+      size_t before = c.out.bytes();
+      serve_jobs(c);
+      if (c.out.bytes() == before) break;  // nothing new to send (waiting for reads, or done)
+    }
+    if (keep && c.closing && c.out.idle() && c.waiting.empty()) keep = false;
     if (!keep) {
       close_conn(fd);
       return;
@@ -505,23 +591,32 @@ struct PageServer::Impl {
   }
 
   void update_events(Conn& c) {
-    bool want_read = !c.closing && c.out_bytes < opt.max_queued_bytes;
+    bool want_read = !c.closing && c.held() < opt.max_queued_bytes;
     epoll_event ev{};
-    ev.events = (want_read ? uint32_t{EPOLLIN} : 0u) | (c.out.empty() ? 0u : uint32_t{EPOLLOUT});
+    ev.events = (want_read ? uint32_t{EPOLLIN} : 0u) | (c.out.has_unsent() ? uint32_t{EPOLLOUT} : 0u);
     ev.data.fd = c.fd.get();
     ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, c.fd.get(), &ev);
-    c.reading = want_read;
   }
 
   void close_conn(int fd) {
     ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, fd, nullptr);
-    conns.erase(fd);
+    auto it = conns.find(fd);
+    if (it == conns.end()) return;
+    std::deque<OutFrame> held = it->second->out.take_in_flight();
+    if (!held.empty()) {
+      // The kernel may still send from these extents: reset the connection (its send queue is
+      // dropped at once) and keep them pinned a little longer.
+      linger lg{1, 0};
+      ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+      graveyard.emplace_back(Clock::now() + std::chrono::seconds(2), std::move(held));
+    }
+    conns.erase(it);
     st_open.fetch_sub(1, std::memory_order_relaxed);
   }
 
   // Returns false when the connection is to be closed.
   bool on_readable(Conn& c) {
-    for (int rounds = 0; rounds < 16 && c.out_bytes < opt.max_queued_bytes; ++rounds) {
+    for (int rounds = 0; rounds < 16 && c.held() < opt.max_queued_bytes; ++rounds) {
       auto space = c.in.writable();
       ssize_t n = ::recv(c.fd.get(), space.data(), space.size(), MSG_DONTWAIT);
       if (n == 0) return false;
@@ -552,23 +647,8 @@ struct PageServer::Impl {
     return true;
   }
 
-  bool on_writable(Conn& c) {
-    while (!c.out.empty()) {
-      auto& f = c.out.front();
-      ssize_t n = ::send(c.fd.get(), f.data() + c.out_off, f.size() - c.out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
-      if (n < 0) {
-        if (errno == EAGAIN || errno == EINTR) return true;
-        return false;
-      }
-      c.out_off += static_cast<size_t>(n);
-      if (c.out_off == f.size()) {
-        c.out_bytes -= f.size();
-        c.out.pop_front();
-        c.out_off = 0;
-      }
-    }
-    return !c.closing;
-  }
+  // Returns false when the connection is to be closed (a send failed).
+  bool on_writable(Conn& c) { return c.out.send(c.fd.get(), sends) != SendQueue::Outcome::kError; }
 
   void accept_all() {
     for (;;) {
@@ -580,7 +660,8 @@ struct PageServer::Impl {
       }
       int one = 1;
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-      auto c = std::make_unique<Conn>();
+      bool zc = opt.zerocopy && ::setsockopt(fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) == 0;
+      auto c = std::make_unique<Conn>(zc);
       c->fd.reset(fd);
       c->serial = next_serial++;
       epoll_event ev{};
@@ -595,8 +676,40 @@ struct PageServer::Impl {
 
   ServerStats snapshot_stats() const {
     auto r = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
-    return ServerStats{r(st_conn),  r(st_open), r(st_req),   r(st_chunks), r(st_bytes), r(st_proto), r(st_auth),
-                       r(st_nf),    r(st_range), r(st_io),   r(st_hs),     r(st_up)};
+    ServerStats st;
+    st.connections = r(st_conn);
+    st.open_connections = r(st_open);
+    st.requests = r(st_req);
+    st.chunks = r(st_chunks);
+    st.bytes = r(st_bytes);
+    st.errors_protocol = r(st_proto);
+    st.errors_auth = r(st_auth);
+    st.errors_not_found = r(st_nf);
+    st.errors_range = r(st_range);
+    st.errors_io = r(st_io);
+    st.handshake_timeouts = r(st_hs);
+    st.uploads = r(st_up);
+    st.disk_read_bytes = r(st_disk);
+    st.cache_hits = r(st_hits);
+    st.cache_misses = r(st_misses);
+    st.zerocopy_sends = r(sends.zerocopy_sends);
+    st.zerocopy_bytes = r(sends.zerocopy_bytes);
+    st.zerocopy_copied_sends = r(sends.copied_sends);
+    st.zerocopy_fallbacks = r(sends.fallbacks);
+    st.plain_sends = r(sends.plain_sends);
+    st.plain_bytes = r(sends.plain_bytes);
+    return st;
+  }
+
+  // Per loop turn: counters other threads read, starved connections, expired pins.
+  void housekeeping() {
+    st_hits.store(cache->stats().hits, std::memory_order_relaxed);
+    st_misses.store(cache->stats().misses, std::memory_order_relaxed);
+    auto now = Clock::now();
+    while (!graveyard.empty() && graveyard.front().first <= now) graveyard.pop_front();
+    retry_starved();
+    submit_reads();
+    expire_handshakes();
   }
 
   void expire_handshakes() {
@@ -641,20 +754,13 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
   im.epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
   im.stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   {
-    void* arena = nullptr;
-    if (::posix_memalign(&arena, kAlign, Impl::kReadSlots * Impl::kSlotSize) != 0) throw std::bad_alloc();
-    im.arena = static_cast<std::byte*>(arena);
-    auto ring = sys::Ring::create(Impl::kReadSlots * 2);
+    auto ring = sys::Ring::create(static_cast<unsigned>(Impl::kMaxReads));
     if (ring.ok()) {
-      iovec iov{im.arena, Impl::kReadSlots * Impl::kSlotSize};
       im.ring_event.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-      if (io_uring_register_buffers((*ring)->get(), &iov, 1) == 0 &&
-          io_uring_register_eventfd((*ring)->get(), im.ring_event.get()) == 0) {
-        im.ring = std::move(*ring);
-        for (size_t i = Impl::kReadSlots; i > 0; --i) im.free_slots.push_back(i - 1);
-      }
+      if (io_uring_register_eventfd((*ring)->get(), im.ring_event.get()) == 0) im.ring = std::move(*ring);
     }
     if (!im.ring) im.log->info("io_uring unavailable: reading chunks with pread, one at a time");
+    im.cache = std::make_unique<ExtentCache>(options.cache_bytes, im.ring ? im.ring->get() : nullptr);
   }
   epoll_event ev{};
   ev.events = EPOLLIN;
@@ -695,23 +801,16 @@ Status PageServer::run() {
       auto it = im.conns.find(fd);
       if (it == im.conns.end()) continue;
       Conn& c = *it->second;
+      if (what & EPOLLERR) c.out.on_error_queue(fd, im.sends);  // zero-copy completions
       bool keep = true;
       if (what & (EPOLLIN | EPOLLHUP | EPOLLERR)) keep = im.on_readable(c);
-      if (keep) im.serve_jobs(c);
-      if (keep && !c.out.empty()) keep = im.on_writable(c);
-      if (keep && c.out.empty()) {
-        im.serve_jobs(c);  // the queue drained: read more chunks
-        if (!c.out.empty()) keep = im.on_writable(c);
-      }
-      if (keep && c.closing && c.out.empty() && c.reads_in_flight == 0) keep = false;
       if (!keep) {
         im.close_conn(fd);
         continue;
       }
-      im.update_events(c);
+      im.pump(fd);
     }
-    im.submit_reads();
-    im.expire_handshakes();
+    im.housekeeping();
   }
 }
 

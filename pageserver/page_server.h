@@ -1,8 +1,11 @@
 // PageServer: serves the snapshots of a local store to restoring hosts over TCP.
 //
-// One thread, one epoll loop, no thread per connection. Per connection: a bounded output queue
-// (a slow reader gets backpressure: we stop reading its requests, we do not buffer without
-// limit), and two lanes of pending chunk reads, demand before prefetch.
+// One thread, one epoll loop, no thread per connection. Chunk data is read with O_DIRECT through
+// io_uring into the extents of a cache (extent_cache.h) and sent from there, zero-copy where the
+// kernel really does it (send_queue.h). Per connection: a bound on the bytes it holds (a slow
+// reader gets backpressure: we stop reading its requests, we do not buffer without limit), and
+// two lanes of chunk requests, demand before prefetch; demand replies overtake queued prefetch
+// replies.
 //
 // Thread-safety: run() on one thread; stop() and stats() from any thread.
 #pragma once
@@ -28,6 +31,10 @@ struct ServerOptions {
   size_t max_queued_bytes = 512 << 10;
   size_t max_connections = 1024;
   std::chrono::milliseconds handshake_timeout{10000};  // a client that says nothing is closed
+  // Chunk data kept in memory after it was read (extents of 64 KiB, least recently used go
+  // first). A snapshot restored on many hosts is read from disk once.
+  size_t cache_bytes = 256 << 20;
+  bool zerocopy = true;  // MSG_ZEROCOPY for large sends, until the kernel says it copies anyway
 };
 
 struct ServerStats {
@@ -43,6 +50,12 @@ struct ServerStats {
   uint64_t errors_io = 0;
   uint64_t handshake_timeouts = 0;
   uint64_t uploads = 0;
+  uint64_t disk_read_bytes = 0;  // O_DIRECT reads into the cache
+  uint64_t cache_hits = 0, cache_misses = 0;  // extents found / read
+  uint64_t zerocopy_sends = 0, zerocopy_bytes = 0;
+  uint64_t zerocopy_copied_sends = 0;  // the kernel copied after all (loopback)
+  uint64_t zerocopy_fallbacks = 0;     // connections switched to plain sends because of that
+  uint64_t plain_sends = 0, plain_bytes = 0;
 };
 
 class PageServer {

@@ -86,6 +86,15 @@ struct ServerStats {
   errorsIo @9 :UInt64;
   handshakeTimeouts @10 :UInt64;
   uploads @11 :UInt64;
+  diskReadBytes @12 :UInt64;
+  cacheHits @13 :UInt64;
+  cacheMisses @14 :UInt64;
+  zerocopySends @15 :UInt64;
+  zerocopyBytes @16 :UInt64;
+  zerocopyCopiedSends @17 :UInt64;   # zero-copy sends the kernel copied after all
+  zerocopyFallbacks @18 :UInt64;     # connections switched to plain sends
+  plainSends @19 :UInt64;
+  plainBytes @20 :UInt64;
 }
 
 struct HelloReply {

@@ -53,9 +53,12 @@ class PageServerTest : public ::testing::Test {
 
   void start_server(const std::string& token = "", std::chrono::milliseconds handshake = std::chrono::seconds(10)) {
     pageserver::ServerOptions o;
-    o.store_dir = dir_.path();
     o.token = token;
     o.handshake_timeout = handshake;
+    start_server(o);
+  }
+  void start_server(pageserver::ServerOptions o) {
+    o.store_dir = dir_.path();
     auto s = pageserver::PageServer::listen(o);
     ASSERT_TRUE(s.ok()) << s.error().message();
     server_ = std::move(*s);
@@ -97,6 +100,57 @@ TEST_F(PageServerTest, RestoresEveryByteOverLoopback) {
   auto st = server_->stats();
   EXPECT_GT(st.chunks, 0u);
   EXPECT_EQ(st.errors_protocol + st.errors_auth + st.errors_io, 0u);
+}
+
+// A cache far smaller than the snapshot: extents are evicted and read again, every byte still
+// right. A cache that holds it all: a second restore reads nothing more from disk.
+TEST_F(PageServerTest, CacheEvictsUnderASmallBudgetAndServesRepeatsFromMemory) {
+  capture(64 * kMiB, 28);
+  auto m = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(m.ok());
+  uint64_t stored = 0;
+  for (const auto& c : m->regions[0].chunks) stored += c.stored_length;
+  pageserver::ServerOptions small;
+  small.cache_bytes = 4 * kMiB;
+  start_server(small);
+  RestoreOptions demand_only;
+  demand_only.prefetch = false;
+  restore_and_compare(uri(), {});
+  restore_and_compare(uri(), demand_only);
+  auto st = server_->stats();
+  EXPECT_GE(st.disk_read_bytes, 2 * stored) << "both restores read from disk: 4 MiB holds little";
+  EXPECT_EQ(st.errors_io, 0u);
+  stop_server();
+
+  start_server(pageserver::ServerOptions{});
+  restore_and_compare(uri(), {});
+  uint64_t after_first = server_->stats().disk_read_bytes;
+  EXPECT_GE(after_first, stored);
+  restore_and_compare(uri(), demand_only);
+  st = server_->stats();
+  EXPECT_EQ(st.disk_read_bytes, after_first) << "the second restore came from the cache";
+  EXPECT_GT(st.cache_hits, st.cache_misses);
+}
+
+// Zero-copy sends where asked for; on loopback the kernel copies anyway and says so, and the
+// connection goes back to plain sends (counted). Turned off: never.
+TEST_F(PageServerTest, ZeroCopySendsFallBackWhereTheKernelCopies) {
+  if (!kf_.msg_zerocopy) GTEST_SKIP() << "MSG_ZEROCOPY not available on this kernel";
+  capture(32 * kMiB, 29);
+  start_server(pageserver::ServerOptions{});
+  restore_and_compare(uri(), {});
+  auto st = server_->stats();
+  EXPECT_GE(st.zerocopy_sends, 1u);
+  EXPECT_GE(st.zerocopy_copied_sends, 1u) << "loopback copies zero-copy sends";
+  EXPECT_GE(st.zerocopy_fallbacks, 1u);
+  EXPECT_GT(st.plain_bytes, st.zerocopy_bytes) << "after the fallback, sends are plain";
+  EXPECT_EQ(st.zerocopy_bytes + st.plain_bytes >= st.bytes, true);
+  stop_server();
+  pageserver::ServerOptions off;
+  off.zerocopy = false;
+  start_server(off);
+  restore_and_compare(uri(), {});
+  EXPECT_EQ(server_->stats().zerocopy_sends, 0u);
 }
 
 TEST_F(PageServerTest, ThirtyTwoClientsRestoreAtOnce) {

@@ -207,7 +207,12 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                       {"bytes", st.getBytes()},                   {"errors_protocol", st.getErrorsProtocol()},
                       {"errors_auth", st.getErrorsAuth()},        {"errors_not_found", st.getErrorsNotFound()},
                       {"errors_range", st.getErrorsRange()},      {"errors_io", st.getErrorsIo()},
-                      {"handshake_timeouts", st.getHandshakeTimeouts()}, {"uploads", st.getUploads()}};
+                      {"handshake_timeouts", st.getHandshakeTimeouts()}, {"uploads", st.getUploads()},
+                      {"disk_read_bytes", st.getDiskReadBytes()},     {"cache_hits", st.getCacheHits()},
+                      {"cache_misses", st.getCacheMisses()},          {"zerocopy_sends", st.getZerocopySends()},
+                      {"zerocopy_bytes", st.getZerocopyBytes()},      {"zerocopy_copied_sends", st.getZerocopyCopiedSends()},
+                      {"zerocopy_fallbacks", st.getZerocopyFallbacks()}, {"plain_sends", st.getPlainSends()},
+                      {"plain_bytes", st.getPlainBytes()}};
   return j.dump();
 }
 
