@@ -68,6 +68,7 @@ struct Conn {
   bool authed = false;
   bool closing = false;  // close once everything is sent (and its zero-copy completions are in)
   bool starved = false;  // waits for a free extent
+  uint32_t events = EPOLLIN;  // what epoll watches for now
   net::Nonce server_nonce{};
   net::Nonce client_nonce{};
   std::deque<Job> demand, prefetch;
@@ -592,8 +593,11 @@ struct PageServer::Impl {
 
   void update_events(Conn& c) {
     bool want_read = !c.closing && c.held() < opt.max_queued_bytes;
+    uint32_t events = (want_read ? uint32_t{EPOLLIN} : 0u) | (c.out.has_unsent() ? uint32_t{EPOLLOUT} : 0u);
+    if (events == c.events) return;  // a syscall saved on nearly every turn
+    c.events = events;
     epoll_event ev{};
-    ev.events = (want_read ? uint32_t{EPOLLIN} : 0u) | (c.out.has_unsent() ? uint32_t{EPOLLOUT} : 0u);
+    ev.events = events;
     ev.data.fd = c.fd.get();
     ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, c.fd.get(), &ev);
   }
@@ -625,6 +629,7 @@ struct PageServer::Impl {
         return false;
       }
       c.in.commit(static_cast<size_t>(n));
+      bool drained = static_cast<size_t>(n) < space.size();  // a short read: no need to ask again
       for (;;) {
         auto f = c.in.next();
         if (!f.ok()) {
@@ -643,6 +648,7 @@ struct PageServer::Impl {
         c.in.consume();
         if (c.closing) return true;
       }
+      if (drained) break;  // epoll is level-triggered: more data wakes us again
     }
     return true;
   }

@@ -416,6 +416,10 @@ void FaultEngine::Loop::fill_prefetch(Session& s) {
   if (!s.prefetch || !s.reader || s.complete) return;
   size_t cap = s.reader->capacity() > e_.options_.demand_reserve ? s.reader->capacity() - e_.options_.demand_reserve : 1;
   size_t limit = std::min(s.window, cap);
+  // Top the window up in batches (once half of it has come back), not one request per
+  // completion: a remote source then gets one request frame per batch and the server sends
+  // its replies in one go, instead of waking up for every chunk.
+  if (s.prefetch_in_flight > limit / 2) return;
   size_t zeros = 0;
   while (s.prefetch_in_flight < limit) {
     ChunkRef ref;
