@@ -74,7 +74,8 @@ struct MadeSnapshot {
 
 // Builds a hash table of records (~5x with zstd-1) at kArena in a child and captures it to
 // `location`; `raw_image` (optional) also gets the uncompressed bytes.
-inline MadeSnapshot make_heap_snapshot(const std::string& location, size_t len, const std::string& raw_image = "") {
+inline MadeSnapshot make_heap_snapshot(const std::string& location, size_t len, const std::string& raw_image = "",
+                                       uint32_t chunk_size = 64 * 1024) {
   return in_child<MadeSnapshot>([&] {
     MadeSnapshot made;
     void* a = ::mmap(reinterpret_cast<void*>(kArena), len, PROT_READ | PROT_WRITE,
@@ -83,7 +84,9 @@ inline MadeSnapshot make_heap_snapshot(const std::string& location, size_t len, 
     lazymem::example::KvTable t(a, len);
     t.fill(7, 0.7);
     lazymem::CaptureRegion r{"heap", a, len, PROT_READ | PROT_WRITE};
-    auto rep = lazymem::capture_regions(location, std::span(&r, 1), {});
+    lazymem::CaptureOptions opts;
+    opts.chunk_size = chunk_size;
+    auto rep = lazymem::capture_regions(location, std::span(&r, 1), opts);
     if (!rep.ok()) {
       std::fprintf(stderr, "capture: %s\n", rep.error().message().c_str());
       return made;

@@ -339,6 +339,7 @@ int main(int argc, char** argv) {
       "mib", po::value<size_t>()->default_value(1024), "snapshot size in MiB")(
       "rounds", po::value<int>()->default_value(3), "runs of each mode (median reported)")(
       "faults", po::value<int>()->default_value(2000), "single faults timed per latency run")(
+      "chunk-kib", po::value<uint32_t>()->default_value(64), "snapshot chunk size (smaller: faster faults, less compression)")(
       "dir", po::value<std::string>()->default_value("/var/tmp"), "where to put the store");
   po::variables_map vm;
   try {
@@ -361,7 +362,7 @@ int main(int argc, char** argv) {
     std::cerr << "lazymem-bench-remote: --mib, --rounds and --faults must be positive\n";
     return 2;
   }
-  MadeSnapshot made = make_heap_snapshot(local, len);
+  MadeSnapshot made = make_heap_snapshot(local, len, "", vm["chunk-kib"].as<uint32_t>() * 1024);
   auto manifest = lazymem::read_manifest(local);
   if (!made.ok || !manifest.ok()) {
     std::fprintf(stderr, "lazymem-bench-remote: could not build the snapshot in %s\n", work.c_str());
@@ -473,9 +474,9 @@ int main(int argc, char** argv) {
   const double cpu_ratio = cpu_base > 0 ? cpu_ps / cpu_base : 0;
   const bool met_fault = fault_vs_rtt <= 1.5, met_touch = remote_vs_eager <= 1.1, met_cpu = cpu_ratio <= 0.5;
 
-  std::printf("lazymem-bench-remote: %zu MiB heap-like snapshot (zstd-1, %.2fx, %u-byte average stored chunk), "
+  std::printf("lazymem-bench-remote: %zu MiB heap-like snapshot (%u KiB chunks, zstd-1, %.2fx, %u-byte average stored chunk), "
               "page server on loopback, median of %d runs, every byte checked\n\n",
-              len >> 20, made.ratio, avg_chunk, rounds);
+              len >> 20, manifest->chunk_size / 1024, made.ratio, avg_chunk, rounds);
   std::printf("%-36s %12.1f ms\n", "remote lazy restore, touch all", median(t_remote) * 1e3);
   std::printf("%-36s %12.1f ms\n", "local lazy restore, touch all", median(t_local) * 1e3);
   std::printf("%-36s %12.1f ms\n", "eager download, touch all", median(t_eager) * 1e3);
@@ -493,6 +494,7 @@ int main(int argc, char** argv) {
   if (vm.count("json")) {
     nlohmann::json j;
     j["mib"] = len >> 20;
+    j["chunk_kib"] = manifest->chunk_size / 1024;
     j["rounds"] = rounds;
     j["faults"] = faults;
     j["compression_ratio"] = made.ratio;
