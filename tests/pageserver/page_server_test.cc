@@ -384,6 +384,83 @@ TEST_F(PageServerTest, ServerDeathFailsTheFaultVisibly) {
   EXPECT_LT(secs, 10.0);
 }
 
+// The server restarts (same port) mid-restore: the client reconnects and every byte is right.
+TEST_F(PageServerTest, ServerRestartMidRestoreIsInvisible) {
+  capture(32 * kMiB, 30);
+  start_server();
+  uint16_t port = server_->port();
+  RestoreOptions o;
+  o.prefetch = false;  // faults keep coming after the restart
+  auto r = LazyRestore::start(uri(), kf_, o);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+  for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
+  stop_server();
+  server_.reset();
+  pageserver::ServerOptions again;
+  again.port = port;
+  start_server(again);
+  for (size_t off = len_ / 2; off < len_; off += 4096) {
+    ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
+  }
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+// Reconnecting to a server that accepts connections but never answers does not block the
+// caller (the engine thread, which serves every other session meanwhile): each poll() returns
+// at once, and the requests fail once the attempts are spent.
+TEST_F(PageServerTest, ReconnectNeverBlocksTheEngine) {
+  capture(4 * kMiB, 31);
+  start_server();
+  uint16_t port = server_->port();
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  net::RemoteOptions ro;
+  ro.deadline = std::chrono::milliseconds(1500);
+  ro.fetch_attempts = 2;
+  auto src = net::RemoteSource::open(*loc, ro);
+  ASSERT_TRUE(src.ok()) << src.error().message();
+  auto reader = (*src)->open_reader();
+  ASSERT_TRUE(reader.ok());
+  stop_server();
+  server_.reset();
+  // A listener that takes connections into its backlog and never reads them.
+  sys::UniqueFd silent(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  int one = 1;
+  ::setsockopt(silent.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(port);
+  ASSERT_EQ(::bind(silent.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(silent.get(), 16), 0);
+
+  struct Sink : snapshot::ChunkSink {
+    int chunks = 0, errors = 0;
+    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
+    void on_chunk_error(uint64_t, const Error&) override { ++errors; }
+  } sink;
+  snapshot::ChunkRequest rq{snapshot::ChunkRef{0, 1}, 7, true};
+  (void)(*reader)->submit(std::span(&rq, 1));  // the send may or may not notice the dead peer
+  auto t0 = std::chrono::steady_clock::now();
+  bool failed = false;
+  while (!failed && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10)) {
+    pollfd p{(*reader)->wait_fd(), POLLIN, 0};
+    ::poll(&p, 1, 100);
+    auto t = std::chrono::steady_clock::now();
+    auto n = (*reader)->poll(sink, false, 16);
+    EXPECT_LT(std::chrono::steady_clock::now() - t, std::chrono::milliseconds(50)) << "poll() blocked";
+    if (!n.ok()) {
+      failed = true;
+      EXPECT_NE(n.error().message().find("gave up after 2 reconnects"), std::string::npos) << n.error().message();
+    }
+  }
+  EXPECT_TRUE(failed) << "the request never failed";
+  EXPECT_EQ(sink.chunks, 0);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+}
+
 // A second "host": the page server runs in its own network namespace, reached over a veth pair.
 TEST_F(PageServerTest, RestoresFromAnotherHostInANetworkNamespace) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces";

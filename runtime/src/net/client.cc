@@ -9,13 +9,16 @@
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
 #include "net/auth.h"
+#include "net/dialer.h"
 #include "snapshot/manifest.h"
 #include "sys/syscall_result.h"
 
@@ -41,35 +44,27 @@ Status wait_fd(int fd, short events, Deadline d, const char* what) {
 }  // namespace
 
 Result<sys::UniqueFd> dial(const std::string& host, uint16_t port, Deadline deadline) {
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  int g = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
-  if (g != 0) return Error(Errc::kNotFound, fmt::format("page server {}: {}", host, gai_strerror(g)));
-  std::unique_ptr<addrinfo, void (*)(addrinfo*)> guard(res, ::freeaddrinfo);
+  LAZYMEM_ASSIGN_OR_RETURN(auto addrs, resolve(host, port));
   Error last(Errc::kPeerGone, fmt::format("page server {}:{}: no address", host, port));
-  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
-    sys::UniqueFd fd(::socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-    if (!fd.valid()) continue;
-    int one = 1;
-    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (::connect(fd.get(), a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
-      last = sys_error(fmt::format("connect to page server {}:{}", host, port), errno);
+  for (const SocketAddress& a : addrs) {
+    auto fd = start_connect(a);
+    if (!fd.ok()) {
+      last = std::move(fd).error();
       continue;
     }
-    Status w = wait_fd(fd.get(), POLLOUT, deadline, "connecting");
+    Status w = wait_fd(fd->get(), POLLOUT, deadline, "connecting");
     if (!w.ok()) {
       last = w.error();
       continue;
     }
     int err = 0;
     socklen_t len = sizeof err;
-    ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    ::getsockopt(fd->get(), SOL_SOCKET, SO_ERROR, &err, &len);
     if (err != 0) {
       last = sys_error(fmt::format("connect to page server {}:{} (is it running?)", host, port), err);
       continue;
     }
-    return fd;
+    return std::move(*fd);
   }
   return last;
 }
@@ -132,40 +127,12 @@ Error reply_error(const SnapshotLocation& loc, wire::ErrorReply::Reader e) {
 }
 
 Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline) {
-  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, dial(loc.host, loc.port, deadline));
-  FrameBuffer buf;
-  Nonce cn = random_nonce();
-  {
-    capnp::MallocMessageBuilder m;
-    auto rq = m.initRoot<wire::Request>();
-    rq.setId(1);
-    auto h = rq.initHello();
-    h.setVersion(wire::PROTOCOL_VERSION);
-    h.setClientNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(cn.data()), cn.size()));
-    LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
+  LAZYMEM_ASSIGN_OR_RETURN(Dialer d, Dialer::start(loc, token));
+  for (;;) {
+    LAZYMEM_ASSIGN_OR_RETURN(bool done, d.step());
+    if (done) return d.take();
+    LAZYMEM_TRY(wait_fd(d.fd(), d.events(), deadline, d.doing()));
   }
-  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(loc, reply.getError());
-  if (!reply.isHello()) return Error(Errc::kProtocol, "page server: unexpected reply to hello");
-  auto hr = reply.getHello();
-  if (hr.getAuthRequired()) {
-    if (token.empty()) {
-      return Error(Errc::kPermission, fmt::format("page server {}:{} requires a token; pass --token-file", loc.host, loc.port));
-    }
-    auto sn = hr.getServerNonce();
-    Mac mac = auth_mac(token, std::span(reinterpret_cast<const std::byte*>(sn.begin()), sn.size()), cn);
-    capnp::MallocMessageBuilder m;
-    auto rq = m.initRoot<wire::Request>();
-    rq.setId(2);
-    rq.setAuthenticate(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(mac.data()), mac.size()));
-    LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
-    LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame a, recv_frame(fd.get(), buf, deadline));
-    auto ar = a.header->root<wire::Reply>();
-    if (ar.isError()) return reply_error(loc, ar.getError());
-    if (!ar.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to authenticate");
-  }
-  return fd;
 }
 
 Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocation& server, const std::string& token,
@@ -305,27 +272,29 @@ namespace {
 class RemoteReader final : public snapshot::ChunkReader {
  public:
   RemoteReader(const RemoteSource& src, const SnapshotLocation& loc, std::string token, const RemoteOptions& opts)
-      : src_(src), loc_(loc), token_(std::move(token)), opts_(opts), epoll_(::epoll_create1(EPOLL_CLOEXEC)) {}
-
-  // Reconnects run on the engine thread, which cannot serve faults meanwhile: each attempt
-  // gets a slice of the fault deadline, so all of them together stay within it.
-  // TODO(perf): reconnect asynchronously, keeping the engine loop running.
-  Status connect() {
-    auto slice = opts_.deadline / (opts_.fetch_attempts + 1);
-    auto deadline = std::chrono::steady_clock::now() + std::min<std::chrono::milliseconds>(slice, std::chrono::seconds(5));
-    auto fd = open_connection(loc_, token_, deadline);
-    if (!fd.ok()) return std::move(fd).error();
-    if (sock_.valid()) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sock_.get(), nullptr);
-    sock_ = std::move(*fd);
-    buf_ = FrameBuffer();
+      : src_(src), loc_(loc), token_(std::move(token)), opts_(opts), epoll_(::epoll_create1(EPOLL_CLOEXEC)),
+        timer_(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK)) {
     epoll_event ev{};
     ev.events = EPOLLIN;
-    ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, sock_.get(), &ev);
+    ev.data.fd = timer_.get();
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, timer_.get(), &ev);
+  }
+
+  // The first connection, made before the engine serves anything: blocking is fine here.
+  Status connect() {
+    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc_, token_, std::chrono::steady_clock::now() + attempt_limit()));
+    use_socket(std::move(fd));
     return ok_status();
   }
 
   Status submit(std::span<const snapshot::ChunkRequest> requests) override {
     for (const auto& rq : requests) in_flight_[rq.tag] = rq;
+    if (gave_up_) {  // new requests after giving up: a fresh round of attempts
+      gave_up_ = false;
+      attempts_ = 0;
+      return next_attempt();
+    }
+    if (link_ != Link::kReady) return ok_status();  // sent once the connection is back
     Status s = send_requests(requests);
     if (!s.ok()) return recover(s.error());
     return ok_status();
@@ -334,6 +303,18 @@ class RemoteReader final : public snapshot::ChunkReader {
   Result<size_t> poll(snapshot::ChunkSink& sink, bool block, size_t max) override {
     size_t delivered = 0;
     for (;;) {
+      if (link_ != Link::kReady) {
+        LAZYMEM_TRY(advance_reconnect());
+        if (link_ != Link::kReady) {
+          if (block && delivered == 0) {
+            pollfd p{epoll_.get(), POLLIN, 0};
+            ::poll(&p, 1, static_cast<int>(opts_.deadline.count()));
+            block = false;
+            continue;
+          }
+          return delivered;
+        }
+      }
       while (delivered < max) {
         auto f = buf_.next();
         if (!f.ok()) {
@@ -350,6 +331,7 @@ class RemoteReader final : public snapshot::ChunkReader {
         buf_.consume();
       }
       if (delivered >= max) return delivered;
+      if (link_ != Link::kReady) continue;
       auto space = buf_.writable();
       ssize_t n = ::recv(sock_.get(), space.data(), space.size(), MSG_DONTWAIT);
       if (n > 0) {
@@ -376,6 +358,116 @@ class RemoteReader final : public snapshot::ChunkReader {
   size_t capacity() const override { return opts_.reads_in_flight; }
 
  private:
+  // kReady: requests flow. kDialing: a reconnect is under way (its socket and a deadline timer
+  // are in our epoll set, so the engine calls poll() as it moves). kBackoff: waiting a moment
+  // before the next attempt.
+  enum class Link { kReady, kDialing, kBackoff };
+
+  // Each attempt gets a slice of the fault deadline, so all of them together stay within it.
+  std::chrono::milliseconds attempt_limit() const {
+    return std::min<std::chrono::milliseconds>(opts_.deadline / (opts_.fetch_attempts + 1), std::chrono::seconds(5));
+  }
+
+  void use_socket(sys::UniqueFd fd) {
+    drop_socket();
+    sock_ = std::move(fd);
+    buf_ = FrameBuffer();
+    watch(sock_.get(), EPOLLIN, EPOLL_CTL_ADD);
+    link_ = Link::kReady;
+  }
+  void drop_socket() {
+    if (sock_.valid()) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sock_.get(), nullptr);
+    sock_.reset();
+  }
+  void watch(int fd, uint32_t events, int op) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.fd = fd;
+    ::epoll_ctl(epoll_.get(), op, fd, &ev);
+  }
+  void arm_timer(std::chrono::milliseconds in) {
+    itimerspec t{};
+    t.it_value.tv_sec = in.count() / 1000;
+    t.it_value.tv_nsec = (in.count() % 1000) * 1000000 + 1;  // never all zero (that disarms)
+    ::timerfd_settime(timer_.get(), 0, &t, nullptr);
+  }
+  bool timer_fired() {
+    uint64_t n;
+    return ::read(timer_.get(), &n, sizeof n) == sizeof n;
+  }
+
+  // The connection broke: start reconnecting in the background, or give up.
+  Status recover(const Error& why) {
+    drop_socket();
+    dialer_.reset();
+    last_error_ = why;
+    return next_attempt();
+  }
+
+  Status next_attempt() {
+    if (++attempts_ > opts_.fetch_attempts) {
+      in_flight_.clear();
+      link_ = Link::kBackoff;
+      gave_up_ = true;
+      return last_error_.wrap(fmt::format("page server {} (gave up after {} reconnects)", loc_.to_string(),
+                                          opts_.fetch_attempts));
+    }
+    auto d = Dialer::start(loc_, token_);
+    if (!d.ok()) {  // nothing to wait for: try again after a pause
+      last_error_ = std::move(d).error();
+      link_ = Link::kBackoff;
+      arm_timer(backoff());
+      return ok_status();
+    }
+    dialer_.emplace(std::move(*d));
+    watch(dialer_->fd(), dialer_->events() == POLLIN ? EPOLLIN : EPOLLOUT, EPOLL_CTL_ADD);
+    link_ = Link::kDialing;
+    arm_timer(attempt_limit());
+    return advance_reconnect();
+  }
+
+  std::chrono::milliseconds backoff() const { return std::chrono::milliseconds(50) * attempts_; }
+
+  // Moves a reconnect on as far as it goes without blocking.
+  Status advance_reconnect() {
+    if (link_ == Link::kBackoff) {
+      if (gave_up_ || !timer_fired()) return ok_status();
+      return next_attempt();
+    }
+    if (link_ != Link::kDialing) return ok_status();
+    auto done = dialer_->step();
+    if (done.ok() && *done) {
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, dialer_->fd(), nullptr);
+      sys::UniqueFd fd = dialer_->take();
+      dialer_.reset();
+      disarm_timer();
+      (void)timer_fired();
+      use_socket(std::move(fd));
+      attempts_ = 0;
+      std::vector<snapshot::ChunkRequest> again;
+      for (const auto& [tag, rq] : in_flight_) again.push_back(rq);
+      Status s = send_requests(again);
+      return s.ok() ? ok_status() : recover(s.error());
+    }
+    bool expired = timer_fired();
+    if (done.ok() && !expired) {  // waiting for the socket
+      watch(dialer_->fd(), dialer_->events() == POLLIN ? EPOLLIN : EPOLLOUT, EPOLL_CTL_MOD);
+      return ok_status();
+    }
+    last_error_ = done.ok() ? Error(Errc::kTimeout, fmt::format("page server {}: timed out {}", loc_.to_string(),
+                                                                dialer_->doing()))
+                            : std::move(done).error();
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, dialer_->fd(), nullptr);
+    dialer_.reset();
+    link_ = Link::kBackoff;
+    arm_timer(backoff());
+    return ok_status();
+  }
+  void disarm_timer() {
+    itimerspec t{};
+    ::timerfd_settime(timer_.get(), 0, &t, nullptr);
+  }
+
   Status send_requests(std::span<const snapshot::ChunkRequest> requests) {
     // One frame per lane: demand requests travel in their own frame so the server can put them
     // ahead of the prefetch it has queued.
@@ -431,25 +523,18 @@ class RemoteReader final : public snapshot::ChunkReader {
     }
   }
 
-  // The connection broke: reconnect and re-send everything in flight, or give up.
-  Status recover(const Error& why) {
-    for (unsigned attempt = 1; attempt <= opts_.fetch_attempts; ++attempt) {
-      if (connect().ok()) {
-        std::vector<snapshot::ChunkRequest> again;
-        for (const auto& [tag, rq] : in_flight_) again.push_back(rq);
-        if (send_requests(again).ok()) return ok_status();
-      }
-    }
-    in_flight_.clear();
-    return why.wrap(fmt::format("page server {} (gave up after {} reconnects)", loc_.to_string(), opts_.fetch_attempts));
-  }
-
   const RemoteSource& src_;
   SnapshotLocation loc_;
   std::string token_;
   RemoteOptions opts_;
   sys::UniqueFd epoll_;  // stable fd for the engine, whatever socket is current
+  sys::UniqueFd timer_;  // an attempt's deadline, or the pause before the next one
   sys::UniqueFd sock_;
+  Link link_ = Link::kReady;
+  std::optional<Dialer> dialer_;
+  unsigned attempts_ = 0;  // failed reconnects in a row
+  bool gave_up_ = false;   // the last round of attempts failed: the engine has been told
+  Error last_error_{Errc::kPeerGone, "page server connection lost"};
   FrameBuffer buf_;
   std::unordered_map<uint64_t, snapshot::ChunkRequest> in_flight_;
   uint64_t next_id_ = 100;

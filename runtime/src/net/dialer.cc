@@ -1,0 +1,185 @@
+// Dialer: non-blocking connect + hello + challenge-response to a page server.
+#include "net/dialer.h"
+
+#include <fmt/format.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "net/client.h"
+#include "sys/syscall_result.h"
+#include "wire.capnp.h"
+
+namespace lazymem::net {
+namespace wire = proto::wire;
+
+Result<std::vector<SocketAddress>> resolve(const std::string& host, uint16_t port) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  int g = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
+  if (g != 0) return Error(Errc::kNotFound, fmt::format("page server {}: {}", host, gai_strerror(g)));
+  std::vector<SocketAddress> out;
+  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    SocketAddress s;
+    std::memcpy(&s.addr, a->ai_addr, a->ai_addrlen);
+    s.len = a->ai_addrlen;
+    out.push_back(s);
+  }
+  ::freeaddrinfo(res);
+  if (out.empty()) return Error(Errc::kNotFound, fmt::format("page server {}:{}: no address", host, port));
+  return out;
+}
+
+Result<sys::UniqueFd> start_connect(const SocketAddress& a) {
+  sys::UniqueFd fd(::socket(a.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return sys_error("socket", errno);
+  int one = 1;
+  ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&a.addr), a.len) != 0 && errno != EINPROGRESS) {
+    return sys_error("connect to page server", errno);
+  }
+  return fd;
+}
+
+Result<Dialer> Dialer::start(const SnapshotLocation& loc, const std::string& token) {
+  Dialer d;
+  d.loc_ = loc;
+  d.token_ = token;
+  LAZYMEM_ASSIGN_OR_RETURN(d.addrs_, resolve(loc.host, loc.port));
+  LAZYMEM_TRY(d.connect_next());
+  return d;
+}
+
+Status Dialer::connect_next() {
+  Error last(Errc::kPeerGone, fmt::format("page server {}:{}: no address", loc_.host, loc_.port));
+  while (next_addr_ < addrs_.size()) {
+    auto fd = start_connect(addrs_[next_addr_++]);
+    if (fd.ok()) {
+      fd_ = std::move(*fd);
+      phase_ = Phase::kConnecting;
+      return ok_status();
+    }
+    last = std::move(fd).error();
+  }
+  return last.wrap(fmt::format("page server {}:{}", loc_.host, loc_.port));
+}
+
+short Dialer::events() const { return phase_ == Phase::kConnecting || phase_ == Phase::kSending ? POLLOUT : POLLIN; }
+
+const char* Dialer::doing() const {
+  switch (phase_) {
+    case Phase::kConnecting: return "connecting";
+    case Phase::kSending: return "sending the handshake";
+    case Phase::kAwaitHello: return "waiting for the server's hello";
+    case Phase::kAwaitAuth: return "waiting for the token check";
+    case Phase::kDone: break;
+  }
+  return "connected";
+}
+
+void Dialer::send_next(capnp::MessageBuilder& m, Phase after) {
+  out_ = encode_frame(m, 0);
+  out_off_ = 0;
+  phase_ = Phase::kSending;
+  after_send_ = after;
+}
+
+Result<bool> Dialer::on_reply(Header& h) {
+  auto reply = h.root<wire::Reply>();
+  if (reply.isError()) return reply_error(loc_, reply.getError());
+  if (phase_ == Phase::kAwaitAuth) {
+    if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to authenticate");
+    phase_ = Phase::kDone;
+    return true;
+  }
+  if (!reply.isHello()) return Error(Errc::kProtocol, "page server: unexpected reply to hello");
+  auto hr = reply.getHello();
+  if (!hr.getAuthRequired()) {
+    phase_ = Phase::kDone;
+    return true;
+  }
+  if (token_.empty()) {
+    return Error(Errc::kPermission,
+                 fmt::format("page server {}:{} requires a token; pass --token-file", loc_.host, loc_.port));
+  }
+  auto sn = hr.getServerNonce();
+  Mac mac = auth_mac(token_, std::span(reinterpret_cast<const std::byte*>(sn.begin()), sn.size()), client_nonce_);
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<wire::Request>();
+  rq.setId(2);
+  rq.setAuthenticate(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(mac.data()), mac.size()));
+  send_next(m, Phase::kAwaitAuth);
+  return false;
+}
+
+Result<bool> Dialer::step() {
+  for (;;) {
+    switch (phase_) {
+      case Phase::kDone:
+        return true;
+      case Phase::kConnecting: {
+        pollfd p{fd_.get(), POLLOUT, 0};
+        if (::poll(&p, 1, 0) == 0) return false;  // still connecting
+        int err = 0;
+        socklen_t len = sizeof err;
+        ::getsockopt(fd_.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err != 0) {
+          Error e = sys_error(fmt::format("connect to page server {}:{} (is it running?)", loc_.host, loc_.port), err);
+          if (next_addr_ >= addrs_.size()) return e;
+          LAZYMEM_TRY(connect_next());
+          continue;
+        }
+        client_nonce_ = random_nonce();
+        capnp::MallocMessageBuilder m;
+        auto rq = m.initRoot<wire::Request>();
+        rq.setId(1);
+        auto h = rq.initHello();
+        h.setVersion(wire::PROTOCOL_VERSION);
+        h.setClientNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(client_nonce_.data()), client_nonce_.size()));
+        send_next(m, Phase::kAwaitHello);
+        continue;
+      }
+      case Phase::kSending: {
+        ssize_t n = ::send(fd_.get(), out_.data() + out_off_, out_.size() - out_off_, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+          if (errno == EAGAIN || errno == EINTR) return false;
+          return sys_error(fmt::format("send to page server {}:{}", loc_.host, loc_.port), errno);
+        }
+        out_off_ += static_cast<size_t>(n);
+        if (out_off_ == out_.size()) phase_ = after_send_;
+        continue;
+      }
+      case Phase::kAwaitHello:
+      case Phase::kAwaitAuth: {
+        auto f = in_.next();
+        if (!f.ok()) return std::move(f).error();
+        if (f->has_value()) {
+          LAZYMEM_ASSIGN_OR_RETURN(auto h, Header::parse((*f)->header));
+          in_.consume();
+          LAZYMEM_ASSIGN_OR_RETURN(bool done, on_reply(*h));
+          if (done) return true;
+          continue;
+        }
+        auto space = in_.writable(4096);
+        ssize_t n = ::recv(fd_.get(), space.data(), space.size(), MSG_DONTWAIT);
+        if (n == 0) {
+          return Error(Errc::kPeerGone,
+                       fmt::format("page server {}:{} closed the connection during the handshake", loc_.host, loc_.port));
+        }
+        if (n < 0) {
+          if (errno == EAGAIN || errno == EINTR) return false;
+          return sys_error(fmt::format("receive from page server {}:{}", loc_.host, loc_.port), errno);
+        }
+        in_.commit(static_cast<size_t>(n));
+        continue;
+      }
+    }
+  }
+}
+
+}  // namespace lazymem::net

@@ -1,0 +1,68 @@
+// Dialer: a connection to a page server made without blocking — TCP connect, hello, and the
+// token's challenge-response — moved on by step() whenever its socket is ready.
+//
+// The fault engine's thread reconnects with it while it keeps serving every other session (a
+// blocking reconnect would stall them all for as long as a dead server takes to time out);
+// open_connection() drives the same steps with poll().
+//
+// Thread-safety: one thread at a time.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <string>
+#include <vector>
+
+#include "lazymem/result.h"
+#include "lazymem/snapshot.h"
+#include "net/auth.h"
+#include "net/frame.h"
+#include "sys/unique_fd.h"
+
+namespace lazymem::net {
+
+struct SocketAddress {
+  sockaddr_storage addr{};
+  socklen_t len = 0;
+};
+
+// HOST:PORT to addresses (getaddrinfo: numeric addresses never block; names may).
+Result<std::vector<SocketAddress>> resolve(const std::string& host, uint16_t port);
+// A non-blocking TCP socket (TCP_NODELAY) with connect() started.
+Result<sys::UniqueFd> start_connect(const SocketAddress& a);
+
+class Dialer {
+ public:
+  static Result<Dialer> start(const SnapshotLocation& loc, const std::string& token);
+  Dialer(Dialer&&) = default;
+  Dialer& operator=(Dialer&&) = default;
+
+  // true: connected and authenticated (take() the socket); false: wait for events() on fd().
+  // An error ends the attempt.
+  Result<bool> step();
+  int fd() const { return fd_.get(); }
+  short events() const;           // POLLIN or POLLOUT
+  const char* doing() const;      // for timeout messages: "connecting", ...
+  sys::UniqueFd take() { return std::move(fd_); }
+
+ private:
+  enum class Phase { kConnecting, kSending, kAwaitHello, kAwaitAuth, kDone };
+  Dialer() = default;
+  Status connect_next();
+  void send_next(capnp::MessageBuilder& m, Phase after);
+  Result<bool> on_reply(Header& h);
+
+  SnapshotLocation loc_;
+  std::string token_;
+  std::vector<SocketAddress> addrs_;
+  size_t next_addr_ = 0;
+  sys::UniqueFd fd_;
+  Phase phase_ = Phase::kConnecting;
+  Phase after_send_ = Phase::kDone;
+  std::vector<std::byte> out_;
+  size_t out_off_ = 0;
+  FrameBuffer in_;
+  Nonce client_nonce_{};
+};
+
+}  // namespace lazymem::net
