@@ -1,7 +1,12 @@
 // Fault engine building blocks: the address map follows munmap/mremap; histogram maths.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdint>
 
 #include "fault/address_map.h"
+#include "sys/cpu_latency.h"
 #include "lazymem/stats.h"
 
 namespace lazymem {
@@ -59,6 +64,33 @@ TEST(LatencyHistogramTest, Percentiles) {
   EXPECT_EQ(LatencyHistogram::bucket_of(1), 1u);
   EXPECT_EQ(LatencyHistogram::bucket_of(2), 2u);
   EXPECT_EQ(LatencyHistogram::bucket_of(3), 2u);
+}
+
+}  // namespace
+}  // namespace lazymem
+
+namespace lazymem {
+namespace {
+
+// The system-wide CPU latency limit, as the kernel reports it.
+int32_t cpu_latency_limit() {
+  int fd = ::open("/dev/cpu_dma_latency", O_RDONLY | O_CLOEXEC);
+  int32_t v = -1;
+  if (fd >= 0 && ::read(fd, &v, sizeof v) != sizeof v) v = -1;
+  if (fd >= 0) ::close(fd);
+  return v;
+}
+
+TEST(CpuLatencyHoldTest, HeldWhileAskedAndGivenBack) {
+  if (::access("/dev/cpu_dma_latency", W_OK) != 0) GTEST_SKIP() << "/dev/cpu_dma_latency not writable (needs root)";
+  int32_t before = cpu_latency_limit();
+  if (before == 0) GTEST_SKIP() << "something else already holds a 0 us CPU latency request";
+  sys::CpuLatencyHold hold;
+  EXPECT_TRUE(hold.set(true));
+  EXPECT_TRUE(hold.set(true));  // idempotent
+  EXPECT_EQ(cpu_latency_limit(), 0);
+  EXPECT_FALSE(hold.set(false));
+  EXPECT_EQ(cpu_latency_limit(), before);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include "core/log.h"
 #include "fault/decode_pool.h"
 #include "snapshot/chunk_codec.h"
+#include "sys/cpu_latency.h"
 #include "sys/syscall_result.h"
 #include "sys/uapi_compat.h"
 
@@ -147,6 +148,8 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   size_t demand_in_flight_ = 0;
   snapshot::ChunkDecoder decoder_;
   std::unique_ptr<DecodePool> pool_;  // decodes prefetched chunks on the other cores
+  sys::CpuLatencyHold cpu_latency_;   // held while faults and fetches are under way
+  uint64_t last_activity_ns_ = 0;     // the last fault read or chunk received
   std::vector<std::byte> buf_;
   std::vector<uffd_msg> msgs_ = std::vector<uffd_msg>(kEventsPerRead);
   bool more_ready_ = false;
@@ -275,6 +278,7 @@ void FaultEngine::Loop::drain_uffd(Session& s) {
     }
     if (*n == 0) return;
     uint64_t t = now_ns();
+    last_activity_ns_ = t;
     for (size_t i = 0; i < *n; ++i) {
       const uffd_msg& m = msgs_[i];
       switch (m.event) {
@@ -508,6 +512,7 @@ void FaultEngine::Loop::check_deadlines() {
 void FaultEngine::Loop::on_chunk(uint64_t tag, std::span<const std::byte> stored) {
   Pending* p = pending_of(tag);
   if (p == nullptr) return;  // given up on already (deadline), or session gone
+  last_activity_ns_ = now_ns();
   Session& s = *p->s;
   ChunkRef ref = p->ref;
   const ChunkInfo& info = s.manifest->regions[ref.region].chunks[ref.chunk];
@@ -719,6 +724,13 @@ void FaultEngine::Loop::run() {
     }
     int timeout = (more_ready_ || sync_reader_busy) ? 0 : -1;
     if (demand_in_flight_ > 0 && timeout != 0) timeout = 100;  // to enforce the deadline
+    // Keep CPUs quick to wake while fetching, and let them sleep deeply within 100 ms of the
+    // last activity (we wake up to give the request back).
+    constexpr uint64_t kQosLingerNs = 100'000'000;
+    if (e_.options_.cpu_latency_qos) {
+      bool busy = now_ns() - last_activity_ns_ < kQosLingerNs;
+      if (cpu_latency_.set(busy) && timeout == -1) timeout = 100;
+    }
     int n = ::epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeout);
     if (n < 0 && errno != EINTR) {
       log_->error("fault engine: epoll_wait: {}", std::strerror(errno));

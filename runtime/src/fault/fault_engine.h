@@ -74,6 +74,8 @@ struct EngineOptions {
   // faults are always decoded by the engine thread itself.
   unsigned decode_threads = 0;
   size_t decode_jobs = 16;  // chunks in decoding at once, at most
+  // Hold a CPU latency request (sys/cpu_latency.h) while faults and fetches are under way.
+  bool cpu_latency_qos = true;
 };
 
 class FaultEngine {
