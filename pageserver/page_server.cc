@@ -24,6 +24,7 @@
 #include "core/log.h"
 #include "extent_cache.h"
 #include "send_queue.h"
+#include "sys/cpu_latency.h"
 #include "sys/ring.h"
 #include "net/auth.h"
 #include "net/frame.h"
@@ -105,6 +106,8 @@ struct PageServer::Impl {
   std::unordered_map<Extent*, Pin> reading;  // the read's own pin, until it completes
   bool reads_completed = false;              // since the last retry of starved connections
   uint64_t next_serial = 1;
+  sys::CpuLatencyHold cpu_latency;  // held while requests keep coming
+  Clock::time_point last_request{};
   // Declared after the cache: connections (and their pins) go first.
   std::unordered_map<int, std::unique_ptr<Conn>> conns;
   // Frames of connections closed while the kernel may still read them (zero-copy in flight):
@@ -233,6 +236,7 @@ struct PageServer::Impl {
 
   void handle(Conn& c, net::Header& h, std::span<const std::byte> payload) {
     bump(st_req);
+    last_request = Clock::now();
     wire::Request::Reader rq;
     try {
       rq = h.root<wire::Request>();
@@ -708,7 +712,8 @@ struct PageServer::Impl {
   }
 
   // Per loop turn: counters other threads read, starved connections, expired pins.
-  void housekeeping() {
+  // Returns the epoll timeout for the next turn (ms).
+  int housekeeping() {
     st_hits.store(cache->stats().hits, std::memory_order_relaxed);
     st_misses.store(cache->stats().misses, std::memory_order_relaxed);
     auto now = Clock::now();
@@ -716,6 +721,8 @@ struct PageServer::Impl {
     retry_starved();
     submit_reads();
     expire_handshakes();
+    bool busy = opt.cpu_latency_qos && now - last_request < std::chrono::milliseconds(100);
+    return cpu_latency.set(busy) ? 100 : 1000;  // held: wake up in time to give it back
   }
 
   void expire_handshakes() {
@@ -786,8 +793,9 @@ PageServer::~PageServer() = default;
 Status PageServer::run() {
   Impl& im = *impl_;
   std::vector<epoll_event> events(256);
+  int timeout = 1000;
   for (;;) {
-    int n = ::epoll_wait(im.epoll_fd.get(), events.data(), static_cast<int>(events.size()), 1000);
+    int n = ::epoll_wait(im.epoll_fd.get(), events.data(), static_cast<int>(events.size()), timeout);
     if (n < 0 && errno != EINTR) return sys_error("epoll_wait", errno);
     for (int i = 0; i < n; ++i) {
       int fd = events[static_cast<size_t>(i)].data.fd;
@@ -816,7 +824,7 @@ Status PageServer::run() {
       }
       im.pump(fd);
     }
-    im.housekeeping();
+    timeout = im.housekeeping();
   }
 }
 

@@ -35,6 +35,9 @@ struct ServerOptions {
   // first). A snapshot restored on many hosts is read from disk once.
   size_t cache_bytes = 256 << 20;
   bool zerocopy = true;  // MSG_ZEROCOPY for large sends, until the kernel says it copies anyway
+  // Hold a 0 us CPU latency request (sys/cpu_latency.h) within 100 ms of the last request: a
+  // demand request that finds the CPU in a deep idle state waits for it to wake up.
+  bool cpu_latency_qos = true;
 };
 
 struct ServerStats {
