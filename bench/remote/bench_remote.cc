@@ -1,10 +1,11 @@
 // lazymem-bench-remote: restores from a page server on loopback against the baselines, in one
 // run: remote lazy (prefetch) vs local lazy vs eager download (fetch all, decompress, touch);
 // single-fault latency (prefetch off, random chunks) next to a plain TCP round trip of the
-// same payload; page-server CPU per GiB served next to a read()+send() server. Every server
+// same payload (across CPUs, as between hosts); page-server CPU per GiB served next to a read()+send() server. Every server
 // is its own process, as in production; every restore checks every byte.
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -200,8 +201,20 @@ void serve_read_send(int ready_fd, Served& served, const std::string& data_file)
   }
 }
 
-// A plain TCP round trip: 32 bytes out, `payload` bytes back.
+// The CPU the echo server runs on, and the client's for a round trip across CPUs.
+int echo_cpu() { return std::max(0, static_cast<int>(std::thread::hardware_concurrency()) - 1); }
+void pin_to(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  (void)::sched_setaffinity(0, sizeof set, &set);
+}
+
+// A plain TCP round trip: 32 bytes out, `payload` bytes back. The server stays on one CPU, so a
+// client can measure the round trip across CPUs (as between hosts, where there is no shared
+// CPU) and on the same CPU (the scheduler's best case on loopback).
 void serve_echo(int ready_fd, uint32_t payload) {
+  pin_to(echo_cpu());
   uint16_t port;
   int lfd = listen_loopback(port);
   (void)!::write(ready_fd, &port, sizeof port);
@@ -291,7 +304,8 @@ Run fault_latency(const std::string& loc, size_t len, int faults, const lazymem:
   return out;
 }
 
-Run plain_rtt(uint16_t port, uint32_t payload, int n) {
+Run plain_rtt(uint16_t port, uint32_t payload, int n, int cpu) {
+  pin_to(cpu);
   Run out;
   int fd = dial_loopback(port);
   if (fd < 0) return out;
@@ -406,7 +420,7 @@ int main(int argc, char** argv) {
   const std::string remote = "lazymem://127.0.0.1:" + std::to_string(ps.port) + "/heap";
 
   constexpr double kGiB = double(1ULL << 30);
-  std::vector<double> t_remote, t_local, t_eager, f50, f99, r50, r99;
+  std::vector<double> t_remote, t_local, t_eager, f50, f99, r50, r99, s50, s99;
   std::vector<double> ps_cpu_gib, ps_cpu_s, ps_gib, base_cpu_gib, base_cpu_s, base_gib, t_base;
   bool bad = false;
   auto check = [&](const Run& r, const char* what, int round) {
@@ -450,10 +464,16 @@ int main(int argc, char** argv) {
       f50.push_back(f.p50_us);
       f99.push_back(f.p99_us);
     }
-    Run e = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults); });
+    const int other_cpu = echo_cpu() > 0 ? 0 : echo_cpu();
+    Run e = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults, other_cpu); });
     if (check(e, "plain round trip", round)) {
       r50.push_back(e.p50_us);
       r99.push_back(e.p99_us);
+    }
+    Run e1 = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults, echo_cpu()); });
+    if (check(e1, "plain round trip, same CPU", round)) {
+      s50.push_back(e1.p50_us);
+      s99.push_back(e1.p99_us);
     }
     bracket(
         base,
@@ -482,7 +502,9 @@ int main(int argc, char** argv) {
   std::printf("%-36s %12.1f ms\n", "eager download, touch all", median(t_eager) * 1e3);
   std::printf("%-36s %9.0f us p50 %9.0f us p99  (%d faults)\n", "remote fault (prefetch off)", median(f50), median(f99),
               faults);
-  std::printf("%-36s %9.0f us p50 %9.0f us p99\n", "plain TCP round trip, same payload", median(r50), median(r99));
+  std::printf("%-36s %9.0f us p50 %9.0f us p99\n", "plain TCP round trip, across CPUs", median(r50), median(r99));
+  std::printf("%-36s %9.0f us p50 %9.0f us p99  (not the baseline: no host pair shares a CPU)\n",
+              "plain TCP round trip, same CPU", median(s50), median(s99));
   std::printf("%-36s %12.3f CPU-s/GiB  (%.3f CPU-s for %.3f GiB, one remote restore)\n", "page server", cpu_ps,
               median(ps_cpu_s), median(ps_gib));
   std::printf("%-36s %12.3f CPU-s/GiB  (%.3f CPU-s for %.3f GiB, every chunk once, %.1f ms)\n", "read()+send() server",
@@ -508,6 +530,8 @@ int main(int argc, char** argv) {
     j["fault_p99_us"] = median(f99);
     j["rtt_p50_us"] = median(r50);
     j["rtt_p99_us"] = median(r99);
+    j["rtt_same_cpu_p50_us"] = median(s50);
+    j["rtt_same_cpu_p99_us"] = median(s99);
     j["server_cpu_s_per_gib"] = cpu_ps;
     j["server_cpu_s_per_restore"] = median(ps_cpu_s);
     j["server_gib_per_restore"] = median(ps_gib);
