@@ -26,6 +26,7 @@
 #include "lazymem/restore.h"
 #include "page_server.h"
 #include "snapshot/snapshot_reader.h"
+#include "sys/cpu_latency.h"
 
 namespace po = boost::program_options;
 using namespace lazymem::bench;
@@ -306,6 +307,10 @@ Run fault_latency(const std::string& loc, size_t len, int faults, const lazymem:
 
 Run plain_rtt(uint16_t port, uint32_t payload, int n, int cpu) {
   pin_to(cpu);
+  // The same CPU latency request a restore holds (sys/cpu_latency.h), so the baseline gets the
+  // same quick wake-ups as the fault path it is compared with.
+  lazymem::sys::CpuLatencyHold quick_wakeups;
+  (void)quick_wakeups.set(true);
   Run out;
   int fd = dial_loopback(port);
   if (fd < 0) return out;

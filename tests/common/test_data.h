@@ -59,7 +59,13 @@ inline void fill_mixed(std::byte* p, size_t len, uint64_t seed) {
 // stacks go: after it is unmapped, a restore must find the range still free, even once the
 // test has started threads (whose malloc arenas would happily reuse a freed range).
 inline void* map_for_capture(size_t len, uint64_t seed) {
+#if defined(__SANITIZE_THREAD__)
+  // ThreadSanitizer keeps its shadow where the addresses below are; its application range
+  // starts at 0x7e8000000000 (and holds the libraries near its top: stay low, 4 GiB apart).
+  uintptr_t at = 0x7e8000000000ULL + (seed % 64) * (uintptr_t{1} << 32);
+#else
   uintptr_t at = 0x6a0000000000ULL + (seed % 64) * (uintptr_t{1} << 34);
+#endif
   void* p = ::mmap(reinterpret_cast<void*>(at), len, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
   return p == MAP_FAILED ? nullptr : p;
