@@ -93,20 +93,15 @@ std::string format_capture_json(const CaptureReport& r) {
   return j.dump();
 }
 
-namespace {
-
-// One line redrawn in place: [#####.....]  45.0%  1234/2742 chunks
-void draw_progress(uint64_t present, uint64_t total) {
+void draw_progress(uint64_t done, uint64_t total, const char* unit) {
   constexpr int kWidth = 40;
-  double f = total ? double(present) / double(total) : 0.0;
+  double f = total ? double(done) / double(total) : 0.0;
   int fill = static_cast<int>(f * kWidth);
-  std::fprintf(stderr, "\r[%s%s] %5.1f%%  %lu/%lu chunks", std::string(static_cast<size_t>(fill), '#').c_str(),
-               std::string(static_cast<size_t>(kWidth - fill), '.').c_str(), f * 100.0, static_cast<unsigned long>(present),
-               static_cast<unsigned long>(total));
+  std::fprintf(stderr, "\r[%s%s] %5.1f%%  %lu/%lu %s", std::string(static_cast<size_t>(fill), '#').c_str(),
+               std::string(static_cast<size_t>(kWidth - fill), '.').c_str(), f * 100.0, static_cast<unsigned long>(done),
+               static_cast<unsigned long>(total), unit);
   std::fflush(stderr);
 }
-
-}  // namespace
 
 Status restore_firecracker(const FirecrackerRestoreConfig& c) {
   FirecrackerServeOptions o;
@@ -132,9 +127,10 @@ Status restore_firecracker(const FirecrackerRestoreConfig& c) {
     if (serve->session() == 0) continue;  // Firecracker has not connected yet
     auto js = agent_query(c.agent_socket, false);
     if (!js.ok()) continue;
-    for (const auto& e : nlohmann::json::parse(*js)["sessions"]) {
+    auto j = nlohmann::json::parse(*js);  // (kept: the loop below refers into it)
+    for (const auto& e : j["sessions"]) {
       if (e["id"].get<uint64_t>() == serve->session()) {
-        draw_progress(e["chunks_present"].get<uint64_t>(), e["chunks_total"].get<uint64_t>());
+        draw_progress(e["chunks_present"].get<uint64_t>(), e["chunks_total"].get<uint64_t>(), "chunks");
       }
     }
   }

@@ -32,6 +32,10 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
 std::string format_capture_table(const CaptureReport& r);
 std::string format_capture_json(const CaptureReport& r);
 
+// A progress bar redrawn in place on stderr (for a terminal):
+// [#####.....]  45.0%  1234/2742 chunks
+void draw_progress(uint64_t done, uint64_t total, const char* unit);
+
 struct FirecrackerRestoreConfig {
   std::string agent_socket;
   std::string handshake_socket;

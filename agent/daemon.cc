@@ -205,6 +205,7 @@ struct Daemon::Impl {
   // Sessions that ended (complete, or their process exited), newest last, so `stats` still
   // shows them: (owner uid, report entry).
   std::deque<std::pair<uid_t, nlohmann::json>> finished;
+  std::unordered_map<fault::SessionId, uid_t> child_owner;  // forked children's sessions
   static constexpr size_t kFinishedKept = 64;
   std::shared_ptr<spdlog::logger> log = log::get("agent");
 
@@ -363,6 +364,20 @@ struct Daemon::Impl {
     if (finished.size() > kFinishedKept) finished.pop_front();
   }
 
+  // A forked child's session was made by the engine ("<parent>/fork"); it is the parent's
+  // owner's, remembered while the parent is known. One we cannot attribute is root's.
+  uid_t owner_of(const fault::SessionInfo& info) {
+    if (auto it = served.find(info.id); it != served.end()) return it->second.uid;
+    if (auto it = child_owner.find(info.id); it != child_owner.end()) return it->second;
+    for (const auto& [sid, sv] : served) {
+      if (info.name.rfind(sv.name + "/fork", 0) == 0) {
+        child_owner[info.id] = sv.uid;
+        return sv.uid;
+      }
+    }
+    return 0;
+  }
+
   // Sessions a peer may see: its own user's, or all for root.
   nlohmann::json report(uid_t uid, bool with_stats) {
     nlohmann::json j;
@@ -372,14 +387,7 @@ struct Daemon::Impl {
       j["sessions"].push_back(e);
     }
     for (const auto& info : engine->sessions()) {
-      auto it = served.find(info.id);
-      // A forked child's session was made by the engine ("<parent>/fork"); it is the parent's
-      // owner's. A session we cannot attribute is shown to root only.
-      uid_t owner = it != served.end() ? it->second.uid : 0;
-      if (it == served.end()) {
-        for (const auto& [sid, sv] : served)
-          if (info.name.rfind(sv.name + "/fork", 0) == 0) owner = sv.uid;
-      }
+      uid_t owner = owner_of(info);
       if (uid != 0 && owner != uid) continue;
       j["sessions"].push_back(entry(info, info.failed ? "failed" : "restoring"));
     }
@@ -415,6 +423,17 @@ struct Daemon::Impl {
       del(it->second.pidfd.get());
       engine->remove_session(id);
       served.erase(it);
+    }
+    // Forked children's sessions: the engine made them and tells us when their process has
+    // gone (they have no pidfd) or every page is there; either way their uffd is let go now.
+    for (const auto& info : engine->sessions()) {
+      if (served.count(info.id)) continue;
+      uid_t owner = owner_of(info);
+      if (!info.exited && !info.complete) continue;
+      log->info("{}: {}", info.name, info.exited ? "its process exited; dropping the session" : "restore complete");
+      remember(info.id, owner, info.exited ? "exited" : "complete");
+      engine->remove_session(info.id);
+      child_owner.erase(info.id);
     }
   }
 

@@ -141,6 +141,9 @@ int run_snapshot(const std::vector<std::string>& args) {
   co.replace = vm.count("replace") > 0;
   if (vm.count("token-file")) co.token_file = vm["token-file"].as<std::string>();
   std::string target = vm["target"].as<std::string>();
+  // A bar on a terminal, where a person watches; never in a pipe or with --json.
+  const bool bar = !vm.count("json") && ::isatty(STDERR_FILENO) != 0;
+  if (bar) co.progress = [](uint64_t done, uint64_t total) { lazymem::agent::draw_progress(done >> 20, total >> 20, "MiB"); };
   lazymem::Result<lazymem::CaptureReport> rep = lazymem::Error(lazymem::Errc::kInvalidArgument, "");
   if (vm.count("raw")) {
     rep = lazymem::capture_raw_file(target, vm["raw"].as<std::string>(), co);
@@ -155,6 +158,7 @@ int run_snapshot(const std::vector<std::string>& args) {
     }
     rep = lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
   }
+  if (bar) std::fprintf(stderr, "\n");
   if (!rep.ok()) throw std::runtime_error(rep.error().message());
   if (vm.count("json")) std::printf("%s\n", lazymem::agent::format_capture_json(*rep).c_str());
   else std::printf("%s", lazymem::agent::format_capture_table(*rep).c_str());

@@ -44,6 +44,10 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
   }
   LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
   snapshot::SnapshotWriter writer(std::move(sink), options);
+  uint64_t total = 0, before = 0;
+  for (const auto& r : regions) total += r.length;
+  snapshot::SnapshotWriter::Progress progress;
+  if (options.progress) progress = [&](uint64_t done, uint64_t) { options.progress(before + done, total); };
   for (const auto& r : regions) {
     RegionInfo meta;
     meta.name = r.name;
@@ -52,7 +56,8 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
     meta.page_size = page;
     meta.protection = static_cast<uint32_t>(r.protection);
     meta.kind = RegionKind::kProcess;
-    LAZYMEM_TRY(writer.add_region(std::move(meta), {static_cast<const std::byte*>(r.address), r.length}));
+    LAZYMEM_TRY(writer.add_region(std::move(meta), {static_cast<const std::byte*>(r.address), r.length}, progress));
+    before += r.length;
   }
   return writer.finish();
 }
@@ -79,7 +84,7 @@ Result<CaptureReport> capture_raw_file(const std::string& target, const std::str
   meta.length = static_cast<uint64_t>(st.st_size);
   meta.page_size = static_cast<uint32_t>(page);
   meta.kind = RegionKind::kRawFile;
-  LAZYMEM_TRY(writer.add_region(std::move(meta), view.bytes()));
+  LAZYMEM_TRY(writer.add_region(std::move(meta), view.bytes(), options.progress));
   return writer.finish();
 }
 

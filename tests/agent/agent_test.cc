@@ -245,6 +245,26 @@ TEST_F(AgentTest, DontneedAndForkDuringRestore) {
     int st = 0;
     ::waitpid(kid, &st, 0);
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) return 8;
+    // The child had no pidfd (UFFD_EVENT_FORK names no pid) and prefetch is off, so nothing
+    // would ever fail to install: the agent must still notice it has gone and let go of its uffd.
+    bool dropped = false;
+    for (int i = 0; i < 50 && !dropped; ++i) {
+      auto js = agent_query(socket_, false);
+      if (!js.ok()) return 11;
+      size_t exited = 0, open = 0;
+      auto j = nlohmann::json::parse(*js);
+      for (const auto& e : j["sessions"]) {
+        if (e["name"].get<std::string>().find("/fork") == std::string::npos) continue;
+        (e["state"] == "exited" ? exited : open)++;
+      }
+      dropped = exited == 1 && open == 0;
+      if (!dropped) ::usleep(100'000);
+    }
+    if (!dropped) {
+      auto js = agent_query(socket_, false);
+      std::fprintf(stderr, "fork session not dropped: %s\n", js.ok() ? js->c_str() : "?");
+      return 12;
+    }
     // The parent's other pages are still right.
     for (size_t off = 0; off < len_; off += 4096) {
       if (off >= hole && off < hole + kMiB) continue;

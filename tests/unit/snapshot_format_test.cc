@@ -254,5 +254,25 @@ TEST(SnapshotLocationTest, ParsesPathsAndUris) {
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1/").ok());
 }
 
+
+// The progress callback (the CLI's bar) covers every region, in order, and ends at the total.
+TEST_F(SnapshotFormatTest, ProgressCoversAllRegions) {
+  CaptureRegion r[2] = {{"a", mem_, len_ / 2, PROT_READ | PROT_WRITE}, {"b", mem_ + len_ / 2, len_ / 2, PROT_READ | PROT_WRITE}};
+  CaptureOptions o;
+  o.chunk_size = 4096;  // several calls per region (one per 256 chunks)
+  std::vector<std::pair<uint64_t, uint64_t>> calls;
+  o.progress = [&](uint64_t done, uint64_t total) { calls.emplace_back(done, total); };
+  auto rep = capture_regions(dir_.path() + "/p", std::span(r, 2), o);
+  ASSERT_TRUE(rep.ok()) << rep.error().message();
+  ASSERT_GE(calls.size(), 4u);
+  for (size_t i = 0; i < calls.size(); ++i) {
+    EXPECT_EQ(calls[i].second, len_);
+    if (i > 0) {
+      EXPECT_GT(calls[i].first, calls[i - 1].first);
+    }
+  }
+  EXPECT_EQ(calls.back().first, len_);
+}
+
 }  // namespace
 }  // namespace lazymem

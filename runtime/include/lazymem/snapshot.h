@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -77,6 +78,9 @@ struct CaptureOptions {
   std::vector<std::byte> app_state;      // opaque blob returned by restore
   bool replace = false;                  // replace an existing snapshot of the same name
   std::string token_file;                // page-server token, for lazymem:// targets
+  // Called on the capturing thread as chunks are stored: bytes of all regions done so far, and
+  // in all (a progress bar's input). Called once per 256 chunks.
+  std::function<void(uint64_t done, uint64_t total)> progress;
 };
 
 // One range of the calling process's memory to capture.

@@ -64,6 +64,8 @@ struct FaultEngine::Session {
   uint64_t chunks_failed = 0;
   std::atomic<bool> complete{false};
   std::atomic<bool> failed{false};
+  std::atomic<bool> exited{false};  // its process is gone (ESRCH): nothing more to serve
+  bool removing = false;            // remove_session() was called (guarded by FaultEngine::mu_)
   std::string failure;  // guarded by FaultEngine::mu_
   bool live = false;    // reader open and fds in the epoll set (engine thread)
   // The reader has completions ready that its fd no longer signals (a bounded poll stopped
@@ -130,6 +132,8 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   void flush(Session& s);
   void poll_reader(Session& s);
   void check_deadlines();
+  void mark_exited(Session& s);
+  void probe_orphans();
 
   InstallStatus install(Session& s, ChunkRef ref, const std::byte* data, uint32_t len);
   InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
@@ -150,6 +154,14 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   std::unique_ptr<DecodePool> pool_;  // decodes prefetched chunks on the other cores
   sys::CpuLatencyHold cpu_latency_;   // held while faults and fetches are under way
   uint64_t last_activity_ns_ = 0;     // the last fault read or chunk received
+  uint64_t last_probe_ns_ = 0;        // probe_orphans() last ran
+  // Any page-aligned user address does for the liveness probe (sys::Uffd::mm_alive).
+  static constexpr uintptr_t kProbeAddress = uintptr_t{1} << 30;
+  bool has_orphans() const {
+    for (const auto& s : live_)
+      if (s->pid <= 0 && !s->exited && !s->complete) return true;
+    return false;
+  }
   std::vector<std::byte> buf_;
   std::vector<uffd_msg> msgs_ = std::vector<uffd_msg>(kEventsPerRead);
   bool more_ready_ = false;
@@ -384,6 +396,7 @@ void FaultEngine::Loop::on_fork(Session& parent, int fd) {
     e_.sessions_[child->id] = child;
   }
   activate(child);
+  e_.signal_change();  // a session appeared: the agent learns whose it is while the parent is known
 }
 
 // ---- fetching ----
@@ -417,7 +430,7 @@ bool FaultEngine::Loop::next_absent(Session& s, ChunkRef& out) {
 }
 
 void FaultEngine::Loop::fill_prefetch(Session& s) {
-  if (!s.prefetch || !s.reader || s.complete) return;
+  if (!s.prefetch || !s.reader || s.complete || s.exited) return;
   size_t cap = s.reader->capacity() > e_.options_.demand_reserve ? s.reader->capacity() - e_.options_.demand_reserve : 1;
   size_t limit = std::min(s.window, cap);
   // Top the window up in batches (once half of it has come back), not one request per
@@ -596,6 +609,7 @@ InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const s
     case sys::InstallOutcome::kFailed:
       log_->error("session {}: install at {:#x} ({} bytes): {}", s.name, addr, len, std::strerror(r.err));
       return InstallStatus::kFailed;
+    case sys::InstallOutcome::kExited: mark_exited(s); return InstallStatus::kOk;
     case sys::InstallOutcome::kExists:
     case sys::InstallOutcome::kGone:
       break;
@@ -610,6 +624,7 @@ InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const s
       case sys::InstallOutcome::kDone: break;
       case sys::InstallOutcome::kExists: wake = true; break;
       case sys::InstallOutcome::kGone: break;
+      case sys::InstallOutcome::kExited: mark_exited(s); return InstallStatus::kOk;
       case sys::InstallOutcome::kAgain: return InstallStatus::kRetry;
       case sys::InstallOutcome::kFailed:
         log_->error("session {}: install at {:#x}: {}", s.name, addr + off, std::strerror(p.err));
@@ -656,6 +671,29 @@ void FaultEngine::Loop::mark_present(Session& s, ChunkRef ref) {
     s.complete = true;
     e_.cv_.notify_all();
     e_.signal_change();
+  }
+}
+
+void FaultEngine::Loop::mark_exited(Session& s) {
+  if (s.exited.exchange(true)) return;
+  log_->info("session {}: its process has exited; nothing more to serve", s.name);
+  s.demand_q.clear();
+  s.prefetch_q.clear();
+  std::lock_guard lock(e_.mu_);
+  e_.cv_.notify_all();
+  e_.signal_change();
+}
+
+// Sessions without a process id (a forked child's: UFFD_EVENT_FORK does not say which pid) have
+// no pidfd to tell us when they exit; a failed install does, but only if something is installed.
+// Ask the kernel about them once a second instead.
+void FaultEngine::Loop::probe_orphans() {
+  uint64_t now = now_ns();
+  if (now - last_probe_ns_ < 1'000'000'000ULL) return;
+  last_probe_ns_ = now;
+  for (auto& s : live_) {
+    if (s->pid > 0 || s->exited || s->complete) continue;
+    if (!s->uffd.mm_alive(kProbeAddress)) mark_exited(*s);
   }
 }
 
@@ -724,6 +762,7 @@ void FaultEngine::Loop::run() {
     }
     int timeout = (more_ready_ || sync_reader_busy) ? 0 : -1;
     if (demand_in_flight_ > 0 && timeout != 0) timeout = 100;  // to enforce the deadline
+    if (timeout == -1 && has_orphans()) timeout = 1000;          // to probe them
     // Keep CPUs quick to wake while fetching, and let them sleep deeply within 100 ms of the
     // last activity (we wake up to give the request back).
     constexpr uint64_t kQosLingerNs = 100'000'000;
@@ -757,6 +796,7 @@ void FaultEngine::Loop::run() {
       if (s.backlog || (s.reader && s.reader->wait_fd() < 0)) poll_reader(s);
     }
     check_deadlines();
+    probe_orphans();
   }
   // Removals queued before stop() still happen, so callers that removed a session and then
   // stopped know its uffd is closed (the kernel waits on an open uffd at munmap).
@@ -832,6 +872,8 @@ Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
 void FaultEngine::remove_session(SessionId id) {
   {
     std::lock_guard lock(mu_);
+    // Gone from sessions() at once, although the engine thread closes it a moment later.
+    if (auto it = sessions_.find(id); it != sessions_.end()) it->second->removing = true;
     commands_.push_back(Command{Command::kRemove, id, false});
   }
   notify();
@@ -860,6 +902,7 @@ std::optional<SessionInfo> FaultEngine::session_info(SessionId id) const {
   info.chunks_present = s.chunks_present.load();
   info.complete = s.complete.load();
   info.failed = s.failed.load();
+  info.exited = s.exited.load();
   info.failure = s.failure;
   info.stats.complete = info.complete;
   info.stats.failed = info.failed;
@@ -870,7 +913,8 @@ std::vector<SessionInfo> FaultEngine::sessions() const {
   std::vector<SessionId> ids;
   {
     std::lock_guard lock(mu_);
-    for (const auto& [id, s] : sessions_) ids.push_back(id);
+    for (const auto& [id, s] : sessions_)
+      if (!s->removing) ids.push_back(id);
   }
   std::sort(ids.begin(), ids.end());
   std::vector<SessionInfo> out;

@@ -59,6 +59,7 @@ struct SessionInfo {
   uint64_t chunks_present = 0;
   bool complete = false;
   bool failed = false;
+  bool exited = false;  // the process went away (found by the engine: forked children have no pidfd)
   std::string failure;  // the first failure's message
 };
 
@@ -93,7 +94,8 @@ class FaultEngine {
 
   // Adds a session; the engine opens a reader for it on its own thread.
   Result<SessionId> add_session(SessionSpec spec);
-  // Forgets a session (its process exited, or it is complete): closes the uffd.
+  // Forgets a session (its process exited, or it is complete): closes the uffd. It leaves
+  // sessions() at once; session_info() still answers until the engine thread has closed it.
   void remove_session(SessionId id);
   // Turns background prefetch on or off for a session.
   void set_prefetch(SessionId id, bool on);
@@ -105,7 +107,7 @@ class FaultEngine {
   // the timeout passes (kTimeout).
   Status wait_complete(SessionId id, std::chrono::milliseconds timeout);
 
-  // Readable (eventfd) whenever a session completes, fails or goes away: lets an event loop
+  // Readable (eventfd) whenever a session completes, fails, exits or goes away: lets an event loop
   // (the agent's) react without polling. Read it to clear it, then look at sessions().
   int changes_fd() const { return changes_.get(); }
 

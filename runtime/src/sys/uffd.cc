@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <cstring>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -22,8 +23,8 @@ InstallResult classify(long r, int err, __s64 done, size_t len) {
     case EEXIST: return {InstallOutcome::kExists, bytes, err};
     case EAGAIN: return {InstallOutcome::kAgain, bytes, err};
     case ENOENT:  // the vma is gone or no longer registered
-    case ESRCH:   // the mm exited
     case EFAULT: return {InstallOutcome::kGone, bytes, err};
+    case ESRCH: return {InstallOutcome::kExited, bytes, err};  // the mm exited
     default: return {InstallOutcome::kFailed, bytes, err};
   }
 }
@@ -111,6 +112,20 @@ InstallResult Uffd::copy(uintptr_t dst, const void* src, size_t len, bool wake) 
   c.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE;
   SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_COPY, &c); });
   return classify(r.value, r.err, c.copy, len);
+}
+
+bool Uffd::mm_alive(uintptr_t page_addr) {
+  // One page nobody can read, for the life of the process. The copy checks the mm before it
+  // looks at anything else, then fails reading the source before a page is installed.
+  static void* const unreadable = ::mmap(nullptr, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (unreadable == MAP_FAILED) return true;  // cannot tell: assume it lives
+  uffdio_copy c{};
+  c.dst = page_addr & ~uintptr_t{4095};
+  c.src = reinterpret_cast<uintptr_t>(unreadable);
+  c.len = 4096;
+  c.mode = UFFDIO_COPY_MODE_DONTWAKE;
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_COPY, &c); });
+  return r.ok() || r.err != ESRCH;
 }
 
 InstallResult Uffd::zeropage(uintptr_t dst, size_t len, bool wake) {

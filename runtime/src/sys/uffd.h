@@ -22,6 +22,7 @@ enum class InstallOutcome {
   kExists,    // a page in the range was already present; `bytes` says how far we got before it
   kAgain,     // mapping change pending (mmap_changing) or partial copy; retry the rest later
   kGone,      // the range is no longer registered (unmapped / moved): drop the request
+  kExited,    // the process (its mm) is gone: nothing will ever be installed again
   kFailed,    // anything else: see error
 };
 
@@ -55,6 +56,10 @@ class Uffd {
   // Makes accesses to the range raise SIGBUS (UFFD_FEATURE_POISON, Linux 6.6).
   InstallResult poison(uintptr_t dst, size_t len);
   Status wake(uintptr_t addr, size_t len);
+  // Whether the process this uffd serves still has its memory. Side-effect free: asks for a
+  // copy from a source the kernel cannot read, which fails (EEXIST, EFAULT, ENOENT) without
+  // installing anything unless the mm is gone (ESRCH). `page_addr`: any page-aligned user address.
+  bool mm_alive(uintptr_t page_addr);
 
   // Reads up to out.size() events; returns how many (0 when none are pending, nonblocking fd).
   Result<size_t> read_events(std::span<uffd_msg> out);
