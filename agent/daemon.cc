@@ -40,6 +40,7 @@ uint64_t tag(Kind k, int fd) { return (uint64_t{k} << 32) | static_cast<uint32_t
 constexpr size_t kMaxHandshake = 1 << 20;    // Firecracker's region JSON, at most
 constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
 constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
+constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
 
 struct Conn {
   sys::UniqueFd fd;
@@ -206,6 +207,15 @@ struct Daemon::Impl {
   // shows them: (owner uid, report entry).
   std::deque<std::pair<uid_t, nlohmann::json>> finished;
   std::unordered_map<fault::SessionId, uid_t> child_owner;  // forked children's sessions
+  // Status long polls (Request.waitChange), answered when `generation` passes `after`.
+  struct Waiter {
+    int conn_fd;
+    uint64_t id;
+    uid_t uid;
+    uint64_t after;
+  };
+  std::vector<Waiter> waiters;
+  uint64_t generation = 0;
   static constexpr size_t kFinishedKept = 64;
   std::shared_ptr<spdlog::logger> log = log::get("agent");
 
@@ -264,6 +274,7 @@ struct Daemon::Impl {
     sv.reply_id = reply_id;
     sv.name = name;
     log->info("serving pid {} ({}) from {}", pid, name, location);
+    changed();
     return id;
   }
 
@@ -309,6 +320,15 @@ struct Daemon::Impl {
       if (rq.isStatus() || rq.isStats()) {
         std::string js = report(c.uid, rq.isStats()).dump();
         reply(c, id, [&](auto b) { b.setJson(js); });
+        return;
+      }
+      if (rq.isWaitChange()) {
+        if (waiters.size() >= kMaxWaiters) {
+          reply(c, id, [](auto b) { b.setError("too many waiting status requests; try again"); });
+          return;
+        }
+        waiters.push_back(Waiter{c.fd.get(), id, c.uid, rq.getWaitChange()});
+        answer_waiters();
         return;
       }
       reply(c, id, [](auto b) { b.setError("unknown request (a newer client than this agent?)"); });
@@ -378,6 +398,20 @@ struct Daemon::Impl {
     return 0;
   }
 
+  // Something a status shows has changed: answer the long polls waiting for it.
+  void changed() {
+    ++generation;
+    answer_waiters();
+  }
+  void answer_waiters() {
+    std::erase_if(waiters, [&](const Waiter& w) {
+      if (generation <= w.after) return false;
+      std::string js = report(w.uid, false).dump();
+      reply_on(w.conn_fd, w.id, [&](auto b) { b.setJson(js); });
+      return true;
+    });
+  }
+
   // Sessions a peer may see: its own user's, or all for root.
   nlohmann::json report(uid_t uid, bool with_stats) {
     nlohmann::json j;
@@ -394,6 +428,7 @@ struct Daemon::Impl {
     if (!with_stats)
       for (auto& e : j["sessions"]) e.erase("stats");
     j["pid"] = ::getpid();
+    j["generation"] = generation;
     return j;
   }
 
@@ -434,7 +469,7 @@ struct Daemon::Impl {
       remember(info.id, owner, info.exited ? "exited" : "complete");
       engine->remove_session(info.id);
       child_owner.erase(info.id);
-    }
+    }    changed();
   }
 
   void on_pid_exit(int pidfd) {
@@ -445,6 +480,7 @@ struct Daemon::Impl {
       del(pidfd);
       engine->remove_session(it->first);
       served.erase(it);
+      changed();
       return;
     }
   }
@@ -477,6 +513,7 @@ struct Daemon::Impl {
       // The client's sessions go on (its process may still run); only the notifications stop.
       for (auto& [id, sv] : served)
         if (sv.conn_fd == fd) sv.conn_fd = -1;
+      std::erase_if(waiters, [&](const Waiter& w) { return w.conn_fd == fd; });
       for (auto& [lfd, l] : fc_listeners)
         if (l.notify_conn == fd) l.notify_conn = -1;
       for (auto& [hfd, hs] : handshakes)

@@ -39,6 +39,10 @@ struct Request {
     status @2 :Void;         # reply: json
     stats @3 :Void;          # reply: json
     serveFirecracker @4 :ServeFirecracker;
+    # Long poll: reply json (as status) once the agent's "generation" (in every status) is
+    # past this value, at once if it already is. A session appearing, completing, failing or
+    # ending moves it on.
+    waitChange @5 :UInt64;
   }
 }
 

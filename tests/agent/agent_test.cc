@@ -247,22 +247,22 @@ TEST_F(AgentTest, DontneedAndForkDuringRestore) {
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) return 8;
     // The child had no pidfd (UFFD_EVENT_FORK names no pid) and prefetch is off, so nothing
     // would ever fail to install: the agent must still notice it has gone and let go of its uffd.
+    // Each status change is awaited (a long poll), never slept for.
+    auto js = agent_query(socket_, false);
     bool dropped = false;
-    for (int i = 0; i < 50 && !dropped; ++i) {
-      auto js = agent_query(socket_, false);
-      if (!js.ok()) return 11;
-      size_t exited = 0, open = 0;
+    while (js.ok()) {
       auto j = nlohmann::json::parse(*js);
+      size_t exited = 0, open = 0;
       for (const auto& e : j["sessions"]) {
         if (e["name"].get<std::string>().find("/fork") == std::string::npos) continue;
         (e["state"] == "exited" ? exited : open)++;
       }
       dropped = exited == 1 && open == 0;
-      if (!dropped) ::usleep(100'000);
+      if (dropped) break;
+      js = agent_wait_change(socket_, j["generation"].get<uint64_t>(), std::chrono::seconds(5));
     }
     if (!dropped) {
-      auto js = agent_query(socket_, false);
-      std::fprintf(stderr, "fork session not dropped: %s\n", js.ok() ? js->c_str() : "?");
+      std::fprintf(stderr, "fork session not dropped: %s\n", js.ok() ? js->c_str() : js.error().message().c_str());
       return 12;
     }
     // The parent's other pages are still right.

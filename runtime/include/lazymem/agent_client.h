@@ -80,5 +80,9 @@ class AgentFirecrackerServe {
 
 // Asks a running agent for its status or stats (JSON text).
 Result<std::string> agent_query(const std::string& socket_path, bool stats);
+// Waits until the agent's status differs from the one whose "generation" was `after` (a
+// session appeared, completed, failed or ended) and returns the new status; kTimeout if
+// nothing changed within `timeout`.
+Result<std::string> agent_wait_change(const std::string& socket_path, uint64_t after, std::chrono::milliseconds timeout);
 
 }  // namespace lazymem

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -240,13 +241,16 @@ Status AgentFirecrackerServe::wait_event(std::chrono::milliseconds timeout) {
   }
 }
 
-Result<std::string> agent_query(const std::string& socket_path, bool stats) {
+namespace {
+
+// One request on a fresh connection, its json reply within `timeout_ms`.
+Result<std::string> ask_json(const std::string& socket_path, const std::function<void(pa::Request::Builder)>& fill,
+                             int timeout_ms) {
   LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd sock, agent::connect_unix(socket_path));
   capnp::MallocMessageBuilder b;
   auto rq = b.initRoot<pa::Request>();
   rq.setId(2);
-  if (stats) rq.setStats();
-  else rq.setStatus();
+  fill(rq);
   LAZYMEM_TRY(agent::send_frame_fd(sock.get(), b, {}, -1));
   net::FrameBuffer buf;
   std::deque<sys::UniqueFd> fds;
@@ -260,8 +264,22 @@ Result<std::string> agent_query(const std::string& socket_path, bool stats) {
       if (reply.isJson()) return std::string(reply.getJson().cStr());
       return Error(Errc::kProtocol, "lazymem-agent: unexpected reply");
     }
-    LAZYMEM_TRY(agent::recv_some(sock.get(), buf, fds, 10000));
+    LAZYMEM_TRY(agent::recv_some(sock.get(), buf, fds, timeout_ms));
   }
+}
+
+}  // namespace
+
+Result<std::string> agent_query(const std::string& socket_path, bool stats) {
+  return ask_json(socket_path, [&](pa::Request::Builder rq) {
+    if (stats) rq.setStats();
+    else rq.setStatus();
+  }, 10000);
+}
+
+Result<std::string> agent_wait_change(const std::string& socket_path, uint64_t after, std::chrono::milliseconds timeout) {
+  return ask_json(socket_path, [&](pa::Request::Builder rq) { rq.setWaitChange(after); },
+                  static_cast<int>(timeout.count()));
 }
 
 }  // namespace lazymem
