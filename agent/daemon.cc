@@ -404,10 +404,12 @@ struct Daemon::Impl {
     answer_waiters();
   }
   void answer_waiters() {
+    std::unordered_map<uid_t, std::string> by_uid;  // one report per user, however many wait
     std::erase_if(waiters, [&](const Waiter& w) {
       if (generation <= w.after) return false;
-      std::string js = report(w.uid, false).dump();
-      reply_on(w.conn_fd, w.id, [&](auto b) { b.setJson(js); });
+      auto [it, fresh] = by_uid.try_emplace(w.uid);
+      if (fresh) it->second = report(w.uid, false).dump();
+      reply_on(w.conn_fd, w.id, [&](auto b) { b.setJson(it->second); });
       return true;
     });
   }
@@ -463,13 +465,14 @@ struct Daemon::Impl {
     // gone (they have no pidfd) or every page is there; either way their uffd is let go now.
     for (const auto& info : engine->sessions()) {
       if (served.count(info.id)) continue;
-      uid_t owner = owner_of(info);
+      uid_t owner = owner_of(info);  // asked now, while the parent is still known
       if (!info.exited && !info.complete) continue;
       log->info("{}: {}", info.name, info.exited ? "its process exited; dropping the session" : "restore complete");
       remember(info.id, owner, info.exited ? "exited" : "complete");
       engine->remove_session(info.id);
       child_owner.erase(info.id);
-    }    changed();
+    }
+    changed();
   }
 
   void on_pid_exit(int pidfd) {

@@ -4,7 +4,6 @@
 // chunks, and pages compressed one by one with a dictionary trained on the snapshot, which a
 // fault could decode alone. Prints compression ratio and decode time per block, and each
 // layout's ratios against the 64 KiB baseline measured in the same run.
-#include <sys/mman.h>
 #include <xxhash.h>
 #include <zdict.h>
 #include <zstd.h>
@@ -50,7 +49,10 @@ bool measure(const std::vector<char>& data, Layout& l, const std::vector<char>& 
     const char* in = data.data() + off;
     size_t n = cd ? ZSTD_compress_usingCDict(cc, out.data(), out.size(), in, l.block, cd)
                   : ZSTD_compressCCtx(cc, out.data(), out.size(), in, l.block, 1);
-    if (ZSTD_isError(n)) return false;
+    if (ZSTD_isError(n)) {
+      ok = false;
+      break;
+    }
     stored += std::min(n, l.block);
     if (n >= l.block || (off / l.block) % 16 != 0) continue;
     auto t = Clock::now();
@@ -65,8 +67,8 @@ bool measure(const std::vector<char>& data, Layout& l, const std::vector<char>& 
     ok = ok && m == l.block && std::memcmp(back.data(), in, l.block) == 0;
   }
   l.ratio = double(data.size()) / double(stored);
-  l.decode_us = percentile(lat, 50);
-  l.bulk_gbps = double(decoded) / decode_s / 1e9;
+  l.decode_us = lat.empty() ? 0 : percentile(lat, 50);
+  l.bulk_gbps = decode_s > 0 ? double(decoded) / decode_s / 1e9 : 0;
   ZSTD_freeCDict(cd);
   ZSTD_freeDDict(dd);
   ZSTD_freeCCtx(cc);

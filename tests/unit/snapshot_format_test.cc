@@ -254,7 +254,6 @@ TEST(SnapshotLocationTest, ParsesPathsAndUris) {
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1/").ok());
 }
 
-
 // The progress callback (the CLI's bar) covers every region, in order, and ends at the total.
 TEST_F(SnapshotFormatTest, ProgressCoversAllRegions) {
   CaptureRegion r[2] = {{"a", mem_, len_ / 2, PROT_READ | PROT_WRITE}, {"b", mem_ + len_ / 2, len_ / 2, PROT_READ | PROT_WRITE}};
