@@ -11,7 +11,8 @@ $Cxx.namespace("lazymem::proto");
 enum Codec {
   zero @0;   # all bytes zero: nothing stored, installed with UFFDIO_ZEROPAGE
   raw @1;    # stored as is (compression did not pay)
-  zstd @2;   # one zstd frame holding exactly the chunk's bytes
+  zstd @2;   # one zstd frame holding exactly the chunk's bytes (format 1)
+  zstdPages @3;  # format 2: u32 frame ends, one per page, then one frame per page (see docs)
 }
 
 struct Chunk {
@@ -19,6 +20,7 @@ struct Chunk {
   offset @1 :UInt64;        # byte offset in the data file (unused for zero)
   storedLength @2 :UInt32;  # bytes stored in the data file (0 for zero)
   checksum @3 :UInt64;      # xxh3-64 of the uncompressed bytes (0 for zero)
+  storedChecksum @4 :UInt64;  # zstdPages: xxh3-64 of the stored bytes
 }
 
 enum RegionKind {
@@ -44,4 +46,5 @@ struct Manifest {
   createdUnixNs @4 :UInt64;
   dataLength @5 :UInt64;         # expected size of the data file; shorter means truncated
   compressionLevel @6 :Int32;
+  dictionary @7 :Data;           # format 2: zstd dictionary of the zstdPages chunks (may be empty)
 }

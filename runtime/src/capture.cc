@@ -25,6 +25,9 @@ Status check_options(const CaptureOptions& o) {
     return Error(Errc::kInvalidArgument, fmt::format("chunk size {} must be a power of two from {} to {}", o.chunk_size,
                                                      kMinChunkSize, kMaxChunkSize));
   }
+  if (o.format_version < 1 || o.format_version > 2) {
+    return Error(Errc::kInvalidArgument, fmt::format("snapshot format {} does not exist (1 or 2)", o.format_version));
+  }
   if (o.zstd_level < -7 || o.zstd_level > 22) {
     return Error(Errc::kInvalidArgument, fmt::format("zstd level {} is outside -7..22", o.zstd_level));
   }
@@ -44,6 +47,9 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
   }
   LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
   snapshot::SnapshotWriter writer(std::move(sink), options);
+  std::vector<std::span<const std::byte>> spans;
+  for (const auto& r : regions) spans.emplace_back(static_cast<const std::byte*>(r.address), r.length);
+  LAZYMEM_TRY(writer.train(spans, page));
   uint64_t total = 0, before = 0;
   for (const auto& r : regions) total += r.length;
   snapshot::SnapshotWriter::Progress progress;
@@ -84,6 +90,8 @@ Result<CaptureReport> capture_raw_file(const std::string& target, const std::str
   meta.length = static_cast<uint64_t>(st.st_size);
   meta.page_size = static_cast<uint32_t>(page);
   meta.kind = RegionKind::kRawFile;
+  std::span<const std::byte> whole = view.bytes();
+  LAZYMEM_TRY(writer.train(std::span(&whole, 1), meta.page_size));
   LAZYMEM_TRY(writer.add_region(std::move(meta), view.bytes(), options.progress));
   return writer.finish();
 }

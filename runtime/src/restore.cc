@@ -177,20 +177,24 @@ Result<std::vector<RestoredRegion>> restore_eager(const std::string& location, c
     std::vector<sys::Mapping>* maps;
     std::vector<snapshot::ChunkRef> refs;
     snapshot::ChunkDecoder decoder;
+    const ZSTD_DDict* dict = nullptr;
     std::optional<Error> error;
     void on_chunk(uint64_t tag, std::span<const std::byte> stored) override {
       snapshot::ChunkRef ref = refs[tag];
       uint64_t off = uint64_t{ref.chunk} * m->chunk_size;
       std::span<std::byte> out((*maps)[ref.region].data() + off, m->chunk_length(ref.region, ref.chunk));
-      Status s = decoder.decode(m->regions[ref.region].chunks[ref.chunk], stored, out);
+      Status s = decoder.decode(m->regions[ref.region].chunks[ref.chunk], stored, out,
+                                snapshot::ChunkLayout{m->regions[ref.region].page_size, dict});
       if (!s.ok() && !error) error = s.error().wrap(fmt::format("region '{}' chunk {}", m->regions[ref.region].name, ref.chunk));
     }
     void on_chunk_error(uint64_t, const Error& e) override {
       if (!error) error = e;
     }
   } sink;
+  LAZYMEM_ASSIGN_OR_RETURN(auto dict, source->dictionary());
   sink.m = &m;
   sink.maps = &maps;
+  sink.dict = dict ? dict->get() : nullptr;
   for (size_t r = 0; r < m.regions.size(); ++r)
     for (size_t c = 0; c < m.regions[r].chunks.size(); ++c)
       if (m.regions[r].chunks[c].codec != Codec::kZero)

@@ -78,10 +78,12 @@ TEST_F(RestoreTest, SequentialTouchRestoresEveryByte) {
   expect_equal(got, expected_);
   EXPECT_EQ((*r)->app_state().size(), 2u);
 
-  // Every chunk was touched exactly once, by one thread, in order: one fault per chunk, and
-  // every page installed either by that fault or as a zero page.
+  // Every chunk was touched by one thread, in order: every page installed by a fault or as a
+  // zero page. A chunk's faulting page goes in first (format 2), so the page after it may
+  // fault too, while the rest of that chunk is decoded: one or two faults per chunk.
   RegionStats t = (*r)->stats().total();
-  EXPECT_EQ(t.faults, len_ / kDefaultChunkSize);
+  EXPECT_GE(t.faults, len_ / kDefaultChunkSize);
+  EXPECT_LE(t.faults, 2 * len_ / kDefaultChunkSize);
   EXPECT_EQ(t.pages_fault + t.pages_zero, len_ / 4096);
   EXPECT_EQ(t.pages_prefetch, 0u);
   EXPECT_EQ(t.latency.count, t.faults);
@@ -147,6 +149,24 @@ TEST_F(RestoreTest, SmallChunksAndPreadEngine) {
   opts.force_pread = true;
   opts.direct_io = false;
   auto r = LazyRestore::start(location("small"), kf_, opts);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
+  expect_equal(got, expected_);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+// Snapshots written before format 2 (one zstd frame per chunk) still restore lazily.
+TEST_F(RestoreTest, FormatOneSnapshotRestores) {
+  CaptureOptions co;
+  co.format_version = 1;
+  capture(64 * kMiB, 6, "v1", co);
+  auto m = read_manifest(location("v1"));
+  ASSERT_TRUE(m.ok());
+  ASSERT_EQ(m->format_version, 1u);
+  RestoreOptions opts;
+  opts.prefetch = false;
+  auto r = LazyRestore::start(location("v1"), kf_, opts);
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
   expect_equal(got, expected_);

@@ -30,9 +30,10 @@ class SnapshotFormatTest : public ::testing::Test {
   }
   void TearDown() override { ::munmap(mem_, len_); }
 
-  std::string capture(const std::string& name) {
+  std::string capture(const std::string& name, uint32_t format = 2) {
     CaptureRegion r{"heap", mem_, len_, PROT_READ | PROT_WRITE};
     CaptureOptions o;
+    o.format_version = format;
     o.app_state = {std::byte{1}, std::byte{2}, std::byte{3}};
     auto rep = capture_regions(dir_.path() + "/" + name, std::span(&r, 1), o);
     EXPECT_TRUE(rep.ok()) << rep.error().message();
@@ -50,42 +51,74 @@ class SnapshotFormatTest : public ::testing::Test {
   size_t len_ = 0;
 };
 
-TEST_F(SnapshotFormatTest, RoundTripEveryChunk) {
-  std::string loc = capture("rt");
+// Decodes every chunk of a snapshot from its data file and compares it with memory.
+void expect_every_chunk_decodes(const std::string& loc, const std::byte* mem, Codec compressed) {
   auto m = read_manifest(loc);
   ASSERT_TRUE(m.ok()) << m.error().message();
   ASSERT_EQ(m->regions.size(), 1u);
-  EXPECT_EQ(m->regions[0].start_address, reinterpret_cast<uint64_t>(mem_));
+  EXPECT_EQ(m->regions[0].start_address, reinterpret_cast<uint64_t>(mem));
   EXPECT_EQ(m->app_state.size(), 3u);
-  size_t zero = 0, raw = 0, zstd = 0;
+  size_t zero = 0, raw = 0, packed = 0;
   for (const auto& c : m->regions[0].chunks) {
     zero += c.codec == Codec::kZero;
     raw += c.codec == Codec::kRaw;
-    zstd += c.codec == Codec::kZstd;
+    packed += c.codec == compressed;
   }
   EXPECT_GT(zero, 0u);
   EXPECT_GT(raw, 0u);
-  EXPECT_GT(zstd, 0u);
+  EXPECT_EQ(zero + raw + packed, m->regions[0].chunks.size());
+  EXPECT_GT(packed, 0u);
+  EXPECT_EQ(m->dictionary.empty(), compressed == Codec::kZstd);
 
-  // Decode every chunk from the data file and compare with memory.
-  auto parsed = SnapshotLocation::parse(loc);
-  ASSERT_TRUE(parsed.ok());
   std::vector<std::byte> data;
   {
     std::ifstream f(loc + "/data", std::ios::binary);
-    std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    data.resize(raw.size());
-    std::memcpy(data.data(), raw.data(), raw.size());
+    std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    data.resize(bytes.size());
+    std::memcpy(data.data(), bytes.data(), bytes.size());
   }
+  auto dict = snapshot::DecodeDictionary::load(m->dictionary);
+  ASSERT_TRUE(dict.ok());
+  snapshot::ChunkLayout layout{m->regions[0].page_size, *dict ? (*dict)->get() : nullptr};
   snapshot::ChunkDecoder dec;
   std::vector<std::byte> out(kDefaultChunkSize);
   for (size_t c = 0; c < m->regions[0].chunks.size(); ++c) {
     const ChunkInfo& ci = m->regions[0].chunks[c];
     std::span<const std::byte> stored(data.data() + ci.offset, ci.stored_length);
     uint32_t n = m->chunk_length(0, c);
-    ASSERT_TRUE(dec.decode(ci, stored, std::span(out.data(), n)).ok()) << "chunk " << c;
-    ASSERT_EQ(std::memcmp(out.data(), mem_ + c * kDefaultChunkSize, n), 0) << "chunk " << c;
+    ASSERT_TRUE(dec.decode(ci, stored, std::span(out.data(), n), layout).ok()) << "chunk " << c;
+    ASSERT_EQ(std::memcmp(out.data(), mem + c * kDefaultChunkSize, n), 0) << "chunk " << c;
   }
+}
+
+TEST_F(SnapshotFormatTest, RoundTripEveryChunk) {
+  std::string loc = capture("rt");
+  auto m = read_manifest(loc);
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->format_version, 2u);
+  expect_every_chunk_decodes(loc, mem_, Codec::kZstdPages);
+}
+
+// Format 1 (one zstd frame per chunk) is still written on request and read.
+TEST_F(SnapshotFormatTest, RoundTripFormatOne) {
+  std::string loc = capture("v1", 1);
+  std::ifstream f(loc + "/manifest", std::ios::binary);
+  char header[12];
+  f.read(header, sizeof header);
+  uint32_t version;
+  std::memcpy(&version, header + 8, 4);
+  EXPECT_EQ(version, 1u);
+  expect_every_chunk_decodes(loc, mem_, Codec::kZstd);
+}
+
+TEST_F(SnapshotFormatTest, PageFramesInAFormatOneManifestAreRejected) {
+  std::string loc = capture("mixed");
+  auto m = read_manifest(loc);
+  ASSERT_TRUE(m.ok());
+  m->format_version = 1;
+  Status s = snapshot::validate_manifest(*m);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message().find("format 1"), std::string::npos) << s.error().message();
 }
 
 TEST_F(SnapshotFormatTest, CorruptManifestIsRejected) {
@@ -108,12 +141,12 @@ TEST_F(SnapshotFormatTest, ForeignFileIsRejected) {
 
 TEST_F(SnapshotFormatTest, FutureVersionIsRejected) {
   std::string loc = capture("future");
-  uint32_t v = 2;
+  uint32_t v = snapshot::kFormatVersion + 1;
   patch(loc + "/manifest", 8, &v, 4);
   auto m = read_manifest(loc);
   ASSERT_FALSE(m.ok());
   EXPECT_EQ(m.error().code(), Errc::kUnsupported);
-  EXPECT_NE(m.error().message().find("version 2"), std::string::npos) << m.error().message();
+  EXPECT_NE(m.error().message().find("upgrade lazymem"), std::string::npos) << m.error().message();
 }
 
 TEST_F(SnapshotFormatTest, TruncatedManifestIsRejected) {
@@ -221,6 +254,89 @@ TEST(ChunkCodecTest, ChecksumMismatchIsCorrupt) {
   EXPECT_EQ(out, in);
 }
 
+// A page-frame chunk: each page decodes alone to its bytes; damage to the stored bytes is caught
+// before anything is decoded, and a frame that decodes wrong is caught by its own checksum.
+TEST(ChunkCodecTest, PagesDecodeAloneAndDamageIsCaught) {
+  constexpr uint32_t kPage = 4096;
+  std::vector<std::byte> in(kDefaultChunkSize);
+  testing::fill_mixed(in.data(), in.size(), 1);                  // text: compresses
+  std::memset(in.data() + 3 * kPage, 0, kPage);                    // a zero page
+  testing::fill_mixed(in.data() + 5 * kPage, kPage, 0);            // random: a raw page
+  snapshot::ChunkEncoder enc(1, kDefaultChunkSize);
+  auto e = enc.encode_pages(in, kPage);
+  ASSERT_TRUE(e.ok());
+  ASSERT_EQ(e->codec, Codec::kZstdPages);
+  std::vector<std::byte> stored(e->stored.begin(), e->stored.end());
+  ChunkInfo info{e->codec, 0, static_cast<uint32_t>(stored.size()), e->checksum, e->stored_checksum};
+  const uint32_t len = static_cast<uint32_t>(in.size());
+  snapshot::ChunkDecoder dec;
+  snapshot::ChunkLayout layout{kPage, nullptr};
+  ASSERT_TRUE(dec.verify_stored(info, stored, len, kPage).ok());
+  std::vector<std::byte> page(kPage);
+  for (uint32_t i = len / kPage; i-- > 0;) {  // any order
+    ASSERT_TRUE(dec.decode_page(stored, len, i, page, layout).ok()) << "page " << i;
+    ASSERT_EQ(std::memcmp(page.data(), in.data() + size_t{i} * kPage, kPage), 0) << "page " << i;
+  }
+  std::vector<std::byte> out(in.size());
+  ASSERT_TRUE(dec.decode(info, stored, out, layout).ok());
+  EXPECT_EQ(out, in);
+
+  // One flipped byte anywhere in the stored bytes: the stored checksum.
+  for (size_t at : {size_t{0}, size_t{70}, stored.size() - 1}) {
+    stored[at] ^= std::byte{1};
+    Status s = dec.verify_stored(info, stored, len, kPage);
+    ASSERT_FALSE(s.ok());
+    EXPECT_NE(s.error().message().find("stored chunk checksum"), std::string::npos) << s.error().message();
+    EXPECT_FALSE(dec.decode(info, stored, out, layout).ok());
+    stored[at] ^= std::byte{1};
+  }
+  // The same flip with a checksum to match (a writer bug): page 0's frame checksum.
+  stored[64 + 20] ^= std::byte{1};
+  info.stored_checksum = snapshot::chunk_checksum(stored);
+  ASSERT_TRUE(dec.verify_stored(info, stored, len, kPage).ok());
+  Status s = dec.decode_page(stored, len, 0, page, layout);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code(), Errc::kCorrupt);
+  // A frame table that points past the chunk.
+  stored[64 + 20] ^= std::byte{1};
+  stored[0] = std::byte{0xff};
+  stored[1] = std::byte{0xff};
+  info.stored_checksum = snapshot::chunk_checksum(stored);
+  s = dec.verify_stored(info, stored, len, kPage);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message().find("frame end"), std::string::npos) << s.error().message();
+}
+
+// Pages compressed with a dictionary decode only with that dictionary.
+TEST(ChunkCodecTest, DictionaryIsNeededAndChecked) {
+  constexpr uint32_t kPage = 4096;
+  std::vector<std::byte> mem(16 << 20);
+  testing::fill_mixed(mem.data(), mem.size(), 1);
+  std::span<const std::byte> all(mem);
+  std::vector<std::byte> bytes = snapshot::train_dictionary(std::span(&all, 1), kPage);
+  ASSERT_FALSE(bytes.empty());
+  auto cdict = snapshot::EncodeDictionary::load(bytes, 1);
+  ASSERT_TRUE(cdict.ok());
+  snapshot::ChunkEncoder with(1, kDefaultChunkSize, *cdict), without(1, kDefaultChunkSize);
+  auto in = all.subspan(4 << 20, kDefaultChunkSize);
+  auto a = with.encode_pages(in, kPage);
+  ASSERT_TRUE(a.ok());
+  std::vector<std::byte> stored(a->stored.begin(), a->stored.end());
+  auto b = without.encode_pages(in, kPage);
+  ASSERT_TRUE(b.ok());
+  EXPECT_LT(stored.size(), b->stored.size());  // the point of the dictionary
+  ChunkInfo info{a->codec, 0, static_cast<uint32_t>(stored.size()), a->checksum, a->stored_checksum};
+  auto ddict = snapshot::DecodeDictionary::load(bytes);
+  ASSERT_TRUE(ddict.ok());
+  snapshot::ChunkDecoder dec;
+  std::vector<std::byte> out(in.size());
+  ASSERT_TRUE(dec.decode(info, stored, out, {kPage, (*ddict)->get()}).ok());
+  EXPECT_EQ(std::memcmp(out.data(), in.data(), in.size()), 0);
+  Status s = dec.decode(info, stored, out, {kPage, nullptr});
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code(), Errc::kCorrupt);
+}
+
 TEST(ChunkCodecTest, ZeroAndIncompressibleChunks) {
   std::vector<std::byte> zeros(kDefaultChunkSize);
   snapshot::ChunkEncoder enc(1, kDefaultChunkSize);
@@ -233,6 +349,13 @@ TEST(ChunkCodecTest, ZeroAndIncompressibleChunks) {
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->codec, Codec::kRaw);
   EXPECT_EQ(r->stored.size(), rnd.size());
+  auto zp = enc.encode_pages(zeros, 4096);
+  ASSERT_TRUE(zp.ok());
+  EXPECT_EQ(zp->codec, Codec::kZero);
+  auto rp = enc.encode_pages(rnd, 4096);
+  ASSERT_TRUE(rp.ok());
+  EXPECT_EQ(rp->codec, Codec::kRaw);
+  EXPECT_EQ(rp->stored.size(), rnd.size());
 }
 
 TEST(SnapshotLocationTest, ParsesPathsAndUris) {

@@ -22,7 +22,9 @@ constexpr uint32_t kDefaultChunkSize = 64 * 1024;
 constexpr uint32_t kMinChunkSize = 4096;
 constexpr uint32_t kMaxChunkSize = 4 * 1024 * 1024;
 
-enum class Codec : uint8_t { kZero = 0, kRaw = 1, kZstd = 2 };
+// kZstd: one zstd frame per chunk (format v1). kZstdPages: one frame per page, with the
+// snapshot's dictionary, so a fault decodes only its own page (format v2).
+enum class Codec : uint8_t { kZero = 0, kRaw = 1, kZstd = 2, kZstdPages = 3 };
 const char* codec_name(Codec c);
 
 struct ChunkInfo {
@@ -30,6 +32,7 @@ struct ChunkInfo {
   uint64_t offset = 0;       // in the data file
   uint32_t stored_length = 0;
   uint64_t checksum = 0;     // xxh3-64 of the uncompressed bytes
+  uint64_t stored_checksum = 0;  // kZstdPages: xxh3-64 of the stored bytes (checked before any page is decoded)
 };
 
 enum class RegionKind : uint8_t { kProcess = 0, kRawFile = 1 };
@@ -52,6 +55,8 @@ struct Manifest {
   uint64_t created_unix_ns = 0;
   uint64_t data_length = 0;
   int32_t compression_level = 1;
+  std::vector<std::byte> dictionary;  // zstd dictionary of the kZstdPages chunks (may be empty)
+  uint32_t format_version = 2;        // as read; writers always write the current version's header
 
   // Bytes of chunk `chunk` of region `region` once decompressed (the last chunk may be short).
   uint32_t chunk_length(size_t region, size_t chunk) const;
@@ -74,6 +79,9 @@ struct SnapshotLocation {
 struct CaptureOptions {
   uint32_t chunk_size = kDefaultChunkSize;
   int zstd_level = 1;
+  // 2: pages compressed one by one with a dictionary trained on the snapshot (a fault decodes
+  // one page). 1: one frame per chunk, for readers older than format v2.
+  uint32_t format_version = 2;
   unsigned threads = 0;                  // compression threads; 0 = one per core
   std::vector<std::byte> app_state;      // opaque blob returned by restore
   bool replace = false;                  // replace an existing snapshot of the same name

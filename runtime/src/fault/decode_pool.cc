@@ -41,7 +41,9 @@ void DecodePool::reserve_chunk(uint32_t max_chunk) {
   }
 }
 
-bool DecodePool::try_submit(uint64_t tag, const ChunkInfo& info, uint32_t length, std::span<const std::byte> stored) {
+bool DecodePool::try_submit(uint64_t tag, const ChunkInfo& info, uint32_t length, uint32_t page_size,
+                            const std::shared_ptr<const snapshot::DecodeDictionary>& dict,
+                            std::span<const std::byte> stored, uint32_t installed_page) {
   if (free_.empty() || threads_.empty() || stored.size() > max_chunk_ || length > max_chunk_) return false;
   DecodeJob* j = free_.back();
   if (j->stored.size() < max_chunk_) {
@@ -51,7 +53,10 @@ bool DecodePool::try_submit(uint64_t tag, const ChunkInfo& info, uint32_t length
   free_.pop_back();
   j->tag = tag;
   j->info = info;
+  j->dict = dict;
+  j->layout = snapshot::ChunkLayout{page_size, dict ? dict->get() : nullptr};
   j->length = length;
+  j->installed_page = installed_page;
   j->stored_size = stored.size();
   std::memcpy(j->stored.data(), stored.data(), stored.size());
   {
@@ -72,6 +77,7 @@ size_t DecodePool::drain_done(const std::function<void(DecodeJob&)>& fn) {
   }
   for (DecodeJob* j : done) {
     fn(*j);
+    j->dict.reset();
     free_.push_back(j);
   }
   return done.size();
@@ -89,7 +95,7 @@ void DecodePool::work() {
       todo_.pop_front();
     }
     j->status = decoder.decode(j->info, std::span<const std::byte>(j->stored.data(), j->stored_size),
-                               std::span<std::byte>(j->out.data(), j->length));
+                               std::span<std::byte>(j->out.data(), j->length), j->layout);
     bool was_empty;
     {
       std::lock_guard lock(mu_);

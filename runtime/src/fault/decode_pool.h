@@ -4,7 +4,8 @@
 // Only decoding moves off the engine thread; installing (UFFDIO_COPY) stays on it, so the
 // ordering of installs against REMOVE/UNMAP/REMAP events is still decided in one place.
 // Demand faults are decoded inline by the engine thread: a hand-off would add a cross-CPU
-// wake-up (~30 µs here) to the latency of a thread that is waiting.
+// wake-up (~30 µs here) to the latency of a thread that is waiting. Once a faulting page is
+// installed alone (format v2), nobody waits on the rest of its chunk: that comes here too.
 //
 // Thread-safety: try_submit / drain_done / done_fd on the engine thread; workers inside.
 #pragma once
@@ -21,6 +22,7 @@
 
 #include "lazymem/result.h"
 #include "lazymem/snapshot.h"
+#include "snapshot/chunk_codec.h"
 #include "sys/unique_fd.h"
 
 namespace lazymem::fault {
@@ -28,7 +30,10 @@ namespace lazymem::fault {
 struct DecodeJob {
   uint64_t tag = 0;
   ChunkInfo info;
+  snapshot::ChunkLayout layout;
+  std::shared_ptr<const snapshot::DecodeDictionary> dict;  // keeps layout.dict alive
   uint32_t length = 0;
+  uint32_t installed_page = 0;  // handed back as given: a page of the chunk already installed
   size_t stored_size = 0;
   std::vector<std::byte> stored;
   std::vector<std::byte> out;
@@ -44,7 +49,9 @@ class DecodePool {
   DecodePool& operator=(const DecodePool&) = delete;
 
   // Queues a copy of `stored` for decoding; false if every job buffer is busy (decode inline).
-  bool try_submit(uint64_t tag, const ChunkInfo& info, uint32_t length, std::span<const std::byte> stored);
+  bool try_submit(uint64_t tag, const ChunkInfo& info, uint32_t length, uint32_t page_size,
+                  const std::shared_ptr<const snapshot::DecodeDictionary>& dict, std::span<const std::byte> stored,
+                  uint32_t installed_page = snapshot::ChunkDecoder::kNoPage);
   // Hands every finished job to `fn` and recycles it. Returns how many.
   size_t drain_done(const std::function<void(DecodeJob&)>& fn);
   // Readable when finished jobs are waiting.

@@ -36,6 +36,7 @@ constexpr size_t kEventsPerRead = 64;
 constexpr size_t kCompletionsPerPoll = 4;  // between two looks at the uffds: bounds fault latency
 constexpr int kRoundsPerPoll = 16;         // then back to epoll
 constexpr size_t kZeroInstallsPerRound = 256;
+constexpr uint64_t kNoFault = ~uint64_t{0};
 
 uint64_t now_ns() {
   timespec ts{};
@@ -55,6 +56,7 @@ struct FaultEngine::Session {
   sys::Uffd uffd;
   std::shared_ptr<snapshot::ChunkSource> source;
   const Manifest* manifest = nullptr;
+  std::shared_ptr<const snapshot::DecodeDictionary> dict;  // the snapshot's (null: none)
   std::unique_ptr<snapshot::ChunkReader> reader;
   AddressMap map;
   std::vector<std::vector<uint32_t>> state;
@@ -76,6 +78,7 @@ struct FaultEngine::Session {
   uint32_t sweep_region = 0, sweep_chunk = 0;
   uint32_t hint_region = 0, hint_chunk = 0;
   bool hint_valid = false;
+  ChunkRef last_fault{~0u, ~0u};  // the chunk of the last fault that missed (a scan's previous one)
   size_t window = 4;
   size_t prefetch_in_flight = 0;
   size_t prefetch_done_since_demand = 0;
@@ -92,6 +95,8 @@ struct FaultEngine::Pending {
   bool demand = false;
   bool queued_as_demand = false;
   uint64_t fault_ns = 0;  // when the first fault on it was read (0: none yet)
+  uint64_t fault_offset = kNoFault;  // region offset of the first faulting page
+  bool scanning = false;  // faulted on right after the chunk before it: the next page comes next
   uint32_t faults = 0;
   uint32_t attempts = 0;
 };
@@ -107,7 +112,10 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   void on_chunk_error(uint64_t tag, const Error& error) override;
 
  private:
-  void finish_fetch(uint64_t tag, const Status& decoded, std::span<std::byte> out, size_t stored_size);
+  void finish_fetch(uint64_t tag, const Status& decoded, std::span<std::byte> out, size_t stored_size,
+                    uint32_t installed_page = snapshot::ChunkDecoder::kNoPage);
+  bool install_faulting_page(size_t slot, const ChunkInfo& info, std::span<const std::byte> stored,
+                             std::span<std::byte> out, uint32_t& index);
   void drain_decoded();
   Pending* pending_of(uint64_t tag) {
     size_t slot = tag & 0xffffffffu;
@@ -135,7 +143,12 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   void mark_exited(Session& s);
   void probe_orphans();
 
-  InstallStatus install(Session& s, ChunkRef ref, const std::byte* data, uint32_t len);
+  static snapshot::ChunkLayout layout(const Session& s, uint32_t region) {
+    return snapshot::ChunkLayout{s.manifest->regions[region].page_size, s.dict ? s.dict->get() : nullptr};
+  }
+  InstallStatus install(Session& s, ChunkRef ref, const std::byte* data, uint32_t len,
+                        uint32_t skip_page = snapshot::ChunkDecoder::kNoPage);
+  InstallStatus install_range(Session& s, uint32_t region, uint64_t roff, const std::byte* data, uint64_t len);
   InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
   void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
   void mark_present(Session& s, ChunkRef ref);
@@ -185,6 +198,8 @@ size_t FaultEngine::Loop::new_pending(Session& s, ChunkRef ref, bool demand, uin
   p.demand = demand;
   p.queued_as_demand = demand;
   p.fault_ns = fault_ns;
+  p.fault_offset = kNoFault;
+  p.scanning = false;
   p.faults = demand ? 1 : 0;
   p.attempts = 0;
   s.state[ref.region][ref.chunk] = kInFlight + static_cast<uint32_t>(slot);
@@ -338,6 +353,7 @@ void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
       ++demand_in_flight_;
     }
     if (p.fault_ns == 0) p.fault_ns = t;
+    if (p.fault_offset == kNoFault) p.fault_offset = roff;
     ++p.faults;
     return;
   }
@@ -346,12 +362,16 @@ void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
     fail_chunk(s, ref, Error(Errc::kIo, "chunk failed earlier"));
     return;
   }
+  const bool scanning = s.last_fault.region == ref.region && s.last_fault.chunk + 1 == ref.chunk;
+  s.last_fault = ref;
   if (info.codec == Codec::kZero) {
     install_zero_chunk(s, ref, true, t);
     return;
   }
   if (st == kPresent) s.chunks_present--;  // the page is missing after all (fork, races): fetch again
   size_t slot = new_pending(s, ref, true, t);
+  pending_[slot].fault_offset = roff;
+  pending_[slot].scanning = scanning;
   s.demand_q.push_back(ChunkRequest{ref, tag_of(slot), true});
   // Faults are arriving: follow them, and make room for them.
   s.hint_region = ref.region;
@@ -379,6 +399,7 @@ void FaultEngine::Loop::on_fork(Session& parent, int fd) {
   child->uffd = sys::Uffd::adopt(sys::UniqueFd(fd), parent.uffd.features());
   child->source = parent.source;
   child->manifest = parent.manifest;
+  child->dict = parent.dict;
   child->map = parent.map;
   child->state = parent.state;
   uint64_t present = 0;
@@ -471,7 +492,11 @@ void FaultEngine::Loop::flush(Session& s) {
 }
 
 void FaultEngine::Loop::drain_decoded() {
-  if (pool_) pool_->drain_done([&](DecodeJob& j) { finish_fetch(j.tag, j.status, {j.out.data(), j.length}, j.stored_size); });
+  if (pool_) {
+    pool_->drain_done([&](DecodeJob& j) {
+      finish_fetch(j.tag, j.status, {j.out.data(), j.length}, j.stored_size, j.installed_page);
+    });
+  }
 }
 
 void FaultEngine::Loop::poll_reader(Session& s) {
@@ -531,13 +556,67 @@ void FaultEngine::Loop::on_chunk(uint64_t tag, std::span<const std::byte> stored
   const ChunkInfo& info = s.manifest->regions[ref.region].chunks[ref.chunk];
   uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
   // Prefetched chunks are decoded by the pool when it has room; nobody is waiting on them.
-  if (!p->demand && pool_ && pool_->try_submit(tag, info, len, stored)) return;
+  const uint32_t page = s.manifest->regions[ref.region].page_size;
+  if (!p->demand && pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored)) return;
   std::span<std::byte> out(buf_.data(), len);
-  Status st = decoder_.decode(info, stored, out);
+  if (p->demand && p->fault_offset != kNoFault && info.codec == Codec::kZstdPages) {
+    uint32_t index;
+    if (!install_faulting_page(tag & 0xffffffffu, info, stored, out, index)) return;
+    // The thread runs again. A thread scanning memory faults on the next page at once: decode
+    // the rest here and now. Otherwise the rest is decoded on another core when one is free,
+    // and this one gets back to reading faults (random access: the next fault is elsewhere).
+    if (!p->scanning && pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored, index)) return;
+    Status st = decoder_.decode_rest(info, stored, out, layout(s, ref.region), index);
+    finish_fetch(tag, st, out, stored.size(), index);
+    return;
+  }
+  Status st = decoder_.decode(info, stored, out, layout(s, ref.region));
   finish_fetch(tag, st, out, stored.size());
 }
 
-void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::span<std::byte> out, size_t stored_size) {
+// A demand fault on a page-frame chunk: the faulting page is verified, decoded and installed
+// alone, so the thread resumes before the rest of the chunk is decoded (then the caller
+// installs the rest around it). False when the chunk is done with (retried, failed or
+// re-queued); then nothing was installed.
+bool FaultEngine::Loop::install_faulting_page(size_t slot, const ChunkInfo& info, std::span<const std::byte> stored,
+                                              std::span<std::byte> out, uint32_t& index) {
+  Pending& p = pending_[slot];
+  Session& s = *p.s;
+  ChunkRef ref = p.ref;
+  const snapshot::ChunkLayout lay = layout(s, ref.region);
+  const uint64_t chunk_off = uint64_t{ref.chunk} * s.chunk_size();
+  index = static_cast<uint32_t>((p.fault_offset - chunk_off) / lay.page_size);
+  auto page = out.subspan(size_t{index} * lay.page_size, lay.page_size);
+  Status st = decoder_.verify_stored(info, stored, static_cast<uint32_t>(out.size()), lay.page_size);
+  if (st.ok()) st = decoder_.decode_page(stored, static_cast<uint32_t>(out.size()), index, page, lay);
+  if (!st.ok()) {
+    retry_or_fail(slot, st.error().wrap(fmt::format("{} region '{}' chunk {}", s.source->describe(),
+                                                    s.manifest->regions[ref.region].name, ref.chunk)));
+    return false;
+  }
+  InstallStatus is = install_range(s, ref.region, chunk_off + uint64_t{index} * lay.page_size, page.data(), page.size());
+  if (is == InstallStatus::kRetry) {
+    s.demand_q.push_back(ChunkRequest{ref, tag_of(slot), true});
+    return false;
+  }
+  if (is == InstallStatus::kFailed) {
+    free_pending(slot);
+    fail_chunk(s, ref, Error(Errc::kIo, fmt::format("installing a page of chunk {} of region '{}' failed", ref.chunk,
+                                                    s.manifest->regions[ref.region].name)));
+    return false;
+  }
+  // The first fault is answered now; any others on this chunk when the rest is in. Should the
+  // rest need fetching again, the page is in: no page goes first then.
+  if (p.faults > 0) {
+    s.stats[ref.region]->add_latency_us((now_ns() - p.fault_ns) / 1000);
+    --p.faults;
+  }
+  p.fault_offset = kNoFault;
+  return true;
+}
+
+void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::span<std::byte> out, size_t stored_size,
+                                     uint32_t installed_page) {
   Pending* p = pending_of(tag);
   if (p == nullptr) return;
   size_t slot = tag & 0xffffffffu;
@@ -551,7 +630,7 @@ void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::s
   }
   LiveRegionStats& stats = *s.stats[ref.region];
   stats.add_fetched(stored_size, len);
-  InstallStatus is = install(s, ref, out.data(), len);
+  InstallStatus is = install(s, ref, out.data(), len, installed_page);
   if (is == InstallStatus::kRetry) {
     // A mapping change is pending: read the events first, then fetch and install again.
     (p->demand ? s.demand_q : s.prefetch_q).push_back(ChunkRequest{ref, tag, p->demand});
@@ -635,13 +714,25 @@ InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const s
   return InstallStatus::kOk;
 }
 
-InstallStatus FaultEngine::Loop::install(Session& s, ChunkRef ref, const std::byte* data, uint32_t len) {
+InstallStatus FaultEngine::Loop::install(Session& s, ChunkRef ref, const std::byte* data, uint32_t len,
+                                         uint32_t skip_page) {
   uint64_t off = static_cast<uint64_t>(ref.chunk) * s.chunk_size();
-  uint32_t page = s.manifest->regions[ref.region].page_size;
+  if (skip_page == snapshot::ChunkDecoder::kNoPage) return install_range(s, ref.region, off, data, len);
+  // That page is in already: the two spans around it (page by page past it measured slower).
+  uint64_t page = s.manifest->regions[ref.region].page_size;
+  uint64_t before = skip_page * page, after = before + page;
+  InstallStatus result = before ? install_range(s, ref.region, off, data, before) : InstallStatus::kOk;
+  if (result == InstallStatus::kOk && after < len) result = install_range(s, ref.region, off + after, data + after, len - after);
+  return result;
+}
+
+InstallStatus FaultEngine::Loop::install_range(Session& s, uint32_t region, uint64_t roff, const std::byte* data,
+                                               uint64_t len) {
+  uint32_t page = s.manifest->regions[region].page_size;
   InstallStatus result = InstallStatus::kOk;
-  s.map.for_each_span(ref.region, off, len, [&](uint64_t addr, uint64_t roff, uint64_t n) {
+  s.map.for_each_span(region, roff, len, [&](uint64_t addr, uint64_t at, uint64_t n) {
     if (result != InstallStatus::kOk) return;
-    result = install_span(s, addr, data ? data + (roff - off) : nullptr, n, page);
+    result = install_span(s, addr, data ? data + (at - roff) : nullptr, n, page);
   });
   return result;
 }
@@ -847,6 +938,7 @@ Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
   s->uffd = std::move(spec.uffd);
   s->source = std::move(spec.source);
   s->manifest = &s->source->manifest();
+  LAZYMEM_ASSIGN_OR_RETURN(s->dict, s->source->dictionary());
   for (const MappedRange& r : spec.ranges) {
     if (r.region >= s->manifest->regions.size() || r.region_offset + r.length > s->manifest->regions[r.region].length) {
       return Error(Errc::kInvalidArgument, fmt::format("fault engine: range {:#x}+{} lies outside snapshot region {}",

@@ -1,4 +1,4 @@
-// Chunk codec: zero detection, zstd or raw encoding, and checksum-verified decoding.
+// Chunk codec: zero detection, page-frame and whole-chunk encoding, checksum-verified decoding.
 #include "snapshot/chunk_codec.h"
 
 #include <fmt/format.h>
@@ -8,6 +8,24 @@
 #include <new>
 
 namespace lazymem::snapshot {
+namespace {
+
+constexpr size_t kEndBytes = sizeof(uint32_t);
+
+uint32_t frame_end(std::span<const std::byte> stored, uint32_t i) {
+  uint32_t v = 0;
+  for (size_t b = 0; b < kEndBytes; ++b) v |= static_cast<uint32_t>(stored[i * kEndBytes + b]) << (8 * b);
+  return v;
+}
+
+void put_frame_end(std::byte* p, uint32_t v) {
+  for (size_t b = 0; b < kEndBytes; ++b) p[b] = std::byte((v >> (8 * b)) & 0xff);
+}
+
+// Compressing costs CPU on every fault: only worth it when it saves a sixteenth or more.
+bool worth_compressing(size_t compressed, size_t plain) { return compressed < plain - plain / 16; }
+
+}  // namespace
 
 uint64_t chunk_checksum(std::span<const std::byte> bytes) { return XXH3_64bits(bytes.data(), bytes.size()); }
 
@@ -32,28 +50,71 @@ bool is_all_zero(std::span<const std::byte> bytes) {
   return true;
 }
 
-ChunkEncoder::ChunkEncoder(int level, uint32_t max_chunk)
-    : cctx_(ZSTD_createCCtx()), level_(level), out_(ZSTD_compressBound(max_chunk)) {
-  if (cctx_ == nullptr) throw std::bad_alloc();
-  ZSTD_CCtx_setParameter(cctx_, ZSTD_c_compressionLevel, level_);
-  // The manifest keeps the checksum of the uncompressed bytes; zstd's own is redundant.
+ChunkEncoder::ChunkEncoder(int level, uint32_t max_chunk, std::shared_ptr<const EncodeDictionary> dict)
+    : cctx_(ZSTD_createCCtx()), page_ctx_(ZSTD_createCCtx()), dict_(std::move(dict)),
+      out_(ZSTD_compressBound(max_chunk) + max_chunk / 4096 * kEndBytes) {
+  if (cctx_ == nullptr || page_ctx_ == nullptr) {
+    ZSTD_freeCCtx(cctx_);
+    ZSTD_freeCCtx(page_ctx_);
+    throw std::bad_alloc();
+  }
+  ZSTD_CCtx_setParameter(cctx_, ZSTD_c_compressionLevel, level);
+  // The manifest keeps the checksum of the uncompressed chunk; zstd's own is redundant.
   ZSTD_CCtx_setParameter(cctx_, ZSTD_c_checksumFlag, 0);
   ZSTD_CCtx_setParameter(cctx_, ZSTD_c_contentSizeFlag, 1);
+  ZSTD_CCtx_setParameter(page_ctx_, ZSTD_c_compressionLevel, level);
+  // A page installed before the rest of its chunk is decoded is verified by its own frame's
+  // checksum (4 bytes). The dictionary id is implied by the snapshot: 4 bytes saved per page.
+  ZSTD_CCtx_setParameter(page_ctx_, ZSTD_c_checksumFlag, 1);
+  ZSTD_CCtx_setParameter(page_ctx_, ZSTD_c_contentSizeFlag, 1);
+  ZSTD_CCtx_setParameter(page_ctx_, ZSTD_c_dictIDFlag, 0);
+  if (dict_) ZSTD_CCtx_refCDict(page_ctx_, dict_->get());
 }
 
-ChunkEncoder::~ChunkEncoder() { ZSTD_freeCCtx(cctx_); }
+ChunkEncoder::~ChunkEncoder() {
+  ZSTD_freeCCtx(cctx_);
+  ZSTD_freeCCtx(page_ctx_);
+}
 
 Result<EncodedChunk> ChunkEncoder::encode(std::span<const std::byte> in) {
-  if (is_all_zero(in)) return EncodedChunk{Codec::kZero, 0, {}};
+  if (is_all_zero(in)) return EncodedChunk{Codec::kZero, 0, 0, {}};
   uint64_t sum = chunk_checksum(in);
   if (out_.size() < ZSTD_compressBound(in.size())) out_.resize(ZSTD_compressBound(in.size()));
   size_t n = ZSTD_compress2(cctx_, out_.data(), out_.size(), in.data(), in.size());
   if (ZSTD_isError(n)) {
     return Error(Errc::kIo, fmt::format("zstd compression failed: {}", ZSTD_getErrorName(n)));
   }
-  // Decompressing costs CPU on every fault: only worth it when it saves a sixteenth or more.
-  if (n >= in.size() - in.size() / 16) return EncodedChunk{Codec::kRaw, sum, in};
-  return EncodedChunk{Codec::kZstd, sum, std::span<const std::byte>(out_.data(), n)};
+  if (!worth_compressing(n, in.size())) return EncodedChunk{Codec::kRaw, sum, 0, in};
+  return EncodedChunk{Codec::kZstd, sum, 0, std::span<const std::byte>(out_.data(), n)};
+}
+
+Result<EncodedChunk> ChunkEncoder::encode_pages(std::span<const std::byte> in, uint32_t page_size) {
+  if (is_all_zero(in)) return EncodedChunk{Codec::kZero, 0, 0, {}};
+  uint64_t sum = chunk_checksum(in);
+  const uint32_t pages = static_cast<uint32_t>(in.size() / page_size);
+  const size_t table = pages * kEndBytes;
+  // Every page at worst raw, and zstd needs its bound as room to write into.
+  size_t need = table + in.size() + ZSTD_compressBound(page_size);
+  if (out_.size() < need) out_.resize(need);
+  size_t end = 0;  // relative to the end of the table
+  for (uint32_t i = 0; i < pages; ++i) {
+    auto page = in.subspan(size_t{i} * page_size, page_size);
+    std::byte* dst = out_.data() + table + end;
+    if (!is_all_zero(page)) {
+      size_t n = ZSTD_compress2(page_ctx_, dst, out_.size() - table - end, page.data(), page.size());
+      if (ZSTD_isError(n)) return Error(Errc::kIo, fmt::format("zstd compression failed: {}", ZSTD_getErrorName(n)));
+      if (!worth_compressing(n, page_size)) {
+        std::memcpy(dst, page.data(), page_size);
+        n = page_size;
+      }
+      end += n;
+    }
+    put_frame_end(out_.data() + i * kEndBytes, static_cast<uint32_t>(end));
+  }
+  size_t stored = table + end;
+  if (!worth_compressing(stored, in.size())) return EncodedChunk{Codec::kRaw, sum, 0, in};
+  std::span<const std::byte> bytes(out_.data(), stored);
+  return EncodedChunk{Codec::kZstdPages, sum, chunk_checksum(bytes), bytes};
 }
 
 ChunkDecoder::ChunkDecoder() : dctx_(ZSTD_createDCtx()) {
@@ -62,7 +123,58 @@ ChunkDecoder::ChunkDecoder() : dctx_(ZSTD_createDCtx()) {
 
 ChunkDecoder::~ChunkDecoder() { ZSTD_freeDCtx(dctx_); }
 
-Status ChunkDecoder::decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out) {
+Status ChunkDecoder::verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
+                                   uint32_t page_size) const {
+  const uint32_t pages = length / page_size;
+  const size_t table = size_t{pages} * kEndBytes;
+  if (stored.size() != info.stored_length || stored.size() < table) {
+    return Error(Errc::kCorrupt, fmt::format("page-frame chunk holds {} bytes, expected {}", stored.size(), info.stored_length));
+  }
+  uint64_t sum = chunk_checksum(stored);
+  if (sum != info.stored_checksum) {
+    return Error(Errc::kCorrupt, fmt::format("stored chunk checksum mismatch (manifest {:016x}, received {:016x})",
+                                             info.stored_checksum, sum));
+  }
+  // The bytes are the ones captured; the table is checked anyway, so a writer bug cannot make
+  // a page decode from outside its chunk.
+  uint32_t prev = 0;
+  for (uint32_t i = 0; i < pages; ++i) {
+    uint32_t end = frame_end(stored, i);
+    if (end < prev || end - prev > page_size) {
+      return Error(Errc::kCorrupt, fmt::format("page-frame chunk: page {} has a bad frame end {}", i, end));
+    }
+    prev = end;
+  }
+  if (prev != stored.size() - table) {
+    return Error(Errc::kCorrupt, fmt::format("page-frame chunk: frames end at {}, the chunk at {}", prev, stored.size() - table));
+  }
+  return ok_status();
+}
+
+Status ChunkDecoder::decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index,
+                                 std::span<std::byte> out, const ChunkLayout& layout) {
+  const uint32_t pages = length / layout.page_size;
+  const size_t table = size_t{pages} * kEndBytes;
+  uint32_t begin = index == 0 ? 0 : frame_end(stored, index - 1);
+  uint32_t end = frame_end(stored, index);
+  auto frame = stored.subspan(table + begin, end - begin);
+  if (frame.empty()) {
+    std::memset(out.data(), 0, out.size());
+  } else if (frame.size() == out.size()) {
+    std::memcpy(out.data(), frame.data(), out.size());
+  } else {
+    size_t n = layout.dict ? ZSTD_decompress_usingDDict(dctx_, out.data(), out.size(), frame.data(), frame.size(), layout.dict)
+                           : ZSTD_decompressDCtx(dctx_, out.data(), out.size(), frame.data(), frame.size());
+    if (ZSTD_isError(n)) {
+      return Error(Errc::kCorrupt, fmt::format("page {} does not decode: {}", index, ZSTD_getErrorName(n)));
+    }
+    if (n != out.size()) return Error(Errc::kCorrupt, fmt::format("page {} decodes to {} bytes, not {}", index, n, out.size()));
+  }
+  return ok_status();
+}
+
+Status ChunkDecoder::decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                            const ChunkLayout& layout) {
   switch (info.codec) {
     case Codec::kZero:
       std::memset(out.data(), 0, out.size());
@@ -83,9 +195,31 @@ Status ChunkDecoder::decode(const ChunkInfo& info, std::span<const std::byte> st
       }
       break;
     }
+    case Codec::kZstdPages:
+      LAZYMEM_TRY(verify_stored(info, stored, static_cast<uint32_t>(out.size()), layout.page_size));
+      return decode_pages(info, stored, out, layout, kNoPage);
     default:
       return Error(Errc::kUnsupported, fmt::format("unknown chunk codec {}", static_cast<int>(info.codec)));
   }
+  return verify_checksum(info, out);
+}
+
+Status ChunkDecoder::decode_rest(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                                 const ChunkLayout& layout, uint32_t index) {
+  return decode_pages(info, stored, out, layout, index);
+}
+
+Status ChunkDecoder::decode_pages(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                                  const ChunkLayout& layout, uint32_t skip) {
+  const uint32_t length = static_cast<uint32_t>(out.size());
+  for (uint32_t i = 0; i < length / layout.page_size; ++i) {
+    if (i == skip) continue;
+    LAZYMEM_TRY(decode_page(stored, length, i, out.subspan(size_t{i} * layout.page_size, layout.page_size), layout));
+  }
+  return verify_checksum(info, out);
+}
+
+Status ChunkDecoder::verify_checksum(const ChunkInfo& info, std::span<const std::byte> out) const {
   uint64_t sum = chunk_checksum(out);
   if (sum != info.checksum) {
     return Error(Errc::kCorrupt,

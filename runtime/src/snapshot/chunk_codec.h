@@ -1,4 +1,10 @@
-// Chunk codec: zero detection, zstd or raw encoding, and checksum-verified decoding.
+// Chunk codec: zero detection, encoding (page frames with the snapshot's dictionary, or v1's
+// one frame per chunk), and checksum-verified decoding of every codec.
+//
+// A kZstdPages chunk (format v2) stores a little-endian u32 table with the end offset of each
+// page's frame (relative to the end of the table), then the frames: nothing for an all-zero
+// page, the page itself when zstd does not save 1/16 of it, else one zstd frame (with the
+// dictionary, and its own content checksum). So one page decodes and verifies alone.
 //
 // Thread-safety: an encoder or decoder belongs to one thread (it owns a zstd context).
 // The decoder never allocates after construction: it is on the fault path.
@@ -8,11 +14,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
 #include "lazymem/result.h"
 #include "lazymem/snapshot.h"
+#include "snapshot/dictionary.h"
 
 namespace lazymem::snapshot {
 
@@ -22,23 +30,35 @@ bool is_all_zero(std::span<const std::byte> bytes);
 struct EncodedChunk {
   Codec codec = Codec::kZero;
   uint64_t checksum = 0;
+  uint64_t stored_checksum = 0;       // kZstdPages only
   std::span<const std::byte> stored;  // what to store: points into the encoder's buffer or the input
 };
 
 class ChunkEncoder {
  public:
-  ChunkEncoder(int level, uint32_t max_chunk);
+  // `dict` may be null (pages are then compressed without one).
+  ChunkEncoder(int level, uint32_t max_chunk, std::shared_ptr<const EncodeDictionary> dict = nullptr);
   ~ChunkEncoder();
   ChunkEncoder(const ChunkEncoder&) = delete;
   ChunkEncoder& operator=(const ChunkEncoder&) = delete;
 
-  // Zero chunks store nothing; chunks zstd cannot shrink by 1/16 are stored raw.
+  // Format v2: kZstdPages, one frame per page. Zero chunks store nothing; chunks that do not
+  // shrink by 1/16 are stored raw.
+  Result<EncodedChunk> encode_pages(std::span<const std::byte> in, uint32_t page_size);
+  // Format v1: kZstd, one frame for the whole chunk (written only when asked for v1).
   Result<EncodedChunk> encode(std::span<const std::byte> in);
 
  private:
-  ZSTD_CCtx* cctx_;
-  int level_;
+  ZSTD_CCtx* cctx_;      // whole chunks (v1)
+  ZSTD_CCtx* page_ctx_;  // pages, with the dictionary and content checksums
+  std::shared_ptr<const EncodeDictionary> dict_;
   std::vector<std::byte> out_;
+};
+
+// What decoding a chunk needs besides its bytes.
+struct ChunkLayout {
+  uint32_t page_size = 4096;
+  const ZSTD_DDict* dict = nullptr;  // the snapshot's (kZstdPages), if it has one
 };
 
 class ChunkDecoder {
@@ -48,11 +68,30 @@ class ChunkDecoder {
   ChunkDecoder(const ChunkDecoder&) = delete;
   ChunkDecoder& operator=(const ChunkDecoder&) = delete;
 
+  static constexpr uint32_t kNoPage = ~uint32_t{0};
+
   // Decodes `stored` into exactly out.size() bytes and verifies the checksum. On any failure
   // (kCorrupt) the contents of `out` must not be used.
-  Status decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out);
+  Status decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                const ChunkLayout& layout = {});
+
+  // kZstdPages, one page at a time: verify_stored() checks the stored bytes (their checksum and
+  // frame table) for a chunk of `length` bytes; then decode_page() decodes and verifies page
+  // `index` into `out` (page_size bytes). A page is never decoded from unverified bytes.
+  Status verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
+                       uint32_t page_size) const;
+  Status decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index, std::span<std::byte> out,
+                     const ChunkLayout& layout);
+  // After decode_page(index) into its place in `out`: decodes every other page and verifies the
+  // whole chunk's checksum, as decode() would.
+  Status decode_rest(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                     const ChunkLayout& layout, uint32_t index);
 
  private:
+  Status decode_pages(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                      const ChunkLayout& layout, uint32_t skip);
+  Status verify_checksum(const ChunkInfo& info, std::span<const std::byte> out) const;
+
   ZSTD_DCtx* dctx_;
 };
 

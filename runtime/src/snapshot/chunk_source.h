@@ -7,11 +7,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 
 #include "lazymem/result.h"
 #include "lazymem/snapshot.h"
+#include "snapshot/dictionary.h"
 
 namespace lazymem::snapshot {
 
@@ -61,6 +63,21 @@ class ChunkSource {
   // A reader for the calling thread.
   virtual Result<std::unique_ptr<ChunkReader>> open_reader() = 0;
   virtual std::string describe() const = 0;
+
+  // The manifest's dictionary ready for decoding, built once per source (null: it has none).
+  Result<std::shared_ptr<const DecodeDictionary>> dictionary() {
+    std::lock_guard lock(dict_mu_);
+    if (!dict_loaded_) {
+      LAZYMEM_ASSIGN_OR_RETURN(dict_, DecodeDictionary::load(manifest().dictionary));
+      dict_loaded_ = true;
+    }
+    return dict_;
+  }
+
+ private:
+  std::mutex dict_mu_;
+  bool dict_loaded_ = false;
+  std::shared_ptr<const DecodeDictionary> dict_;
 };
 
 }  // namespace lazymem::snapshot

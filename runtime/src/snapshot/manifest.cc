@@ -18,6 +18,7 @@ const char* codec_name(Codec c) {
     case Codec::kZero: return "zero";
     case Codec::kRaw: return "raw";
     case Codec::kZstd: return "zstd";
+    case Codec::kZstdPages: return "zstd-pages";
   }
   return "unknown";
 }
@@ -112,6 +113,12 @@ bool is_power_of_two(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 }  // namespace
 
 Status validate_manifest(const Manifest& m) {
+  if (m.format_version < kOldestFormatVersion || m.format_version > kFormatVersion) {
+    return Error(Errc::kUnsupported, fmt::format("format version {} is not one this build knows", m.format_version));
+  }
+  if (m.dictionary.size() > kMaxDictionaryBytes) {
+    return Error(Errc::kCorrupt, fmt::format("dictionary of {} bytes is larger than {}", m.dictionary.size(), kMaxDictionaryBytes));
+  }
   if (m.chunk_size < kMinChunkSize || m.chunk_size > kMaxChunkSize || !is_power_of_two(m.chunk_size)) {
     return Error(Errc::kCorrupt, fmt::format("chunk size {} is not a power of two in [{}, {}]", m.chunk_size,
                                              kMinChunkSize, kMaxChunkSize));
@@ -145,6 +152,14 @@ Status validate_manifest(const Manifest& m) {
             return bad(fmt::format("zstd chunk {} stores {} bytes (must be 1..{})", c, ch.stored_length, len));
           }
           break;
+        case Codec::kZstdPages: {
+          uint64_t table = uint64_t{len / r.page_size} * 4;
+          if (m.format_version < 2) return bad(fmt::format("chunk {} uses page frames, which format 1 does not have", c));
+          if (ch.stored_length <= table || ch.stored_length > len) {
+            return bad(fmt::format("page-frame chunk {} stores {} bytes (must be {}..{})", c, ch.stored_length, table + 1, len));
+          }
+          break;
+        }
         default:
           return Error(Errc::kUnsupported, fmt::format("region {}: chunk {} uses codec {}, which this version does not know", i, c, static_cast<int>(ch.codec)));
       }
@@ -164,6 +179,7 @@ std::vector<std::byte> encode_manifest(const Manifest& m) {
   root.setDataLength(m.data_length);
   root.setCompressionLevel(m.compression_level);
   root.setAppState(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(m.app_state.data()), m.app_state.size()));
+  root.setDictionary(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(m.dictionary.data()), m.dictionary.size()));
   auto ws = root.initWorkingSet(static_cast<unsigned>(m.working_set.size()));
   for (size_t i = 0; i < m.working_set.size(); ++i) ws.set(static_cast<unsigned>(i), m.working_set[i]);
   auto regions = root.initRegions(static_cast<unsigned>(m.regions.size()));
@@ -184,13 +200,14 @@ std::vector<std::byte> encode_manifest(const Manifest& m) {
       ch.setOffset(in.offset);
       ch.setStoredLength(in.stored_length);
       ch.setChecksum(in.checksum);
+      ch.setStoredChecksum(in.stored_checksum);
     }
   }
   kj::Array<capnp::word> words = capnp::messageToFlatArray(builder);
   auto body = words.asBytes();
   std::vector<std::byte> out(kManifestHeaderSize + body.size());
   std::memcpy(out.data(), kManifestMagic, sizeof kManifestMagic);
-  put_le32(out.data() + 8, kFormatVersion);
+  put_le32(out.data() + 8, m.format_version);
   put_le32(out.data() + 12, kManifestHeaderSize);
   put_le64(out.data() + 16, body.size());
   put_le64(out.data() + 24, XXH3_64bits(body.begin(), body.size()));
@@ -204,10 +221,10 @@ Result<Manifest> decode_manifest(std::span<const std::byte> bytes, const std::st
     return fail(Errc::kCorrupt, "not a lazymem snapshot manifest (bad magic); check the path");
   }
   uint32_t version = get_le32(bytes.data() + 8);
-  if (version != kFormatVersion) {
+  if (version < kOldestFormatVersion || version > kFormatVersion) {
     return fail(Errc::kUnsupported,
-                fmt::format("format version {} is not supported (this build reads version {}); upgrade lazymem",
-                            version, kFormatVersion));
+                fmt::format("format version {} is not supported (this build reads versions {} to {}); upgrade lazymem",
+                            version, kOldestFormatVersion, kFormatVersion));
   }
   uint32_t header_size = get_le32(bytes.data() + 12);
   uint64_t body_len = get_le64(bytes.data() + 16);
@@ -234,6 +251,9 @@ Result<Manifest> decode_manifest(std::span<const std::byte> bytes, const std::st
     m.created_unix_ns = root.getCreatedUnixNs();
     m.data_length = root.getDataLength();
     m.compression_level = root.getCompressionLevel();
+    m.format_version = version;
+    auto dict = root.getDictionary();
+    m.dictionary.assign(reinterpret_cast<const std::byte*>(dict.begin()), reinterpret_cast<const std::byte*>(dict.end()));
     auto state = root.getAppState();
     m.app_state.assign(reinterpret_cast<const std::byte*>(state.begin()), reinterpret_cast<const std::byte*>(state.end()));
     for (uint64_t w : root.getWorkingSet()) m.working_set.push_back(w);
@@ -249,7 +269,7 @@ Result<Manifest> decode_manifest(std::span<const std::byte> bytes, const std::st
       info.chunks.reserve(chunks.size());
       for (auto c : chunks) {
         info.chunks.push_back(ChunkInfo{static_cast<Codec>(static_cast<uint16_t>(c.getCodec())), c.getOffset(),
-                                        c.getStoredLength(), c.getChecksum()});
+                                        c.getStoredLength(), c.getChecksum(), c.getStoredChecksum()});
       }
       m.regions.push_back(std::move(info));
     }

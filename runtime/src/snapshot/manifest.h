@@ -14,7 +14,11 @@
 namespace lazymem::snapshot {
 
 constexpr char kManifestMagic[8] = {'L', 'Z', 'M', 'M', 'A', 'N', 'I', 'F'};
-constexpr uint32_t kFormatVersion = 1;
+// Written by this build; readers also accept every version from kOldestFormatVersion.
+constexpr uint32_t kFormatVersion = 2;
+constexpr uint32_t kOldestFormatVersion = 1;
+// A dictionary larger than this is not one lazymem wrote.
+constexpr size_t kMaxDictionaryBytes = 1 << 20;
 constexpr size_t kManifestHeaderSize = 32;
 // A manifest larger than this is rejected before parsing (a 1 TiB snapshot at 64 KiB chunks is ~400 MiB).
 constexpr uint64_t kMaxManifestBytes = 1ULL << 30;

@@ -22,14 +22,19 @@ constexpr size_t kChunksPerRound = 256;
 SnapshotWriter::SnapshotWriter(std::unique_ptr<SnapshotSink> sink, const CaptureOptions& options)
     : sink_(std::move(sink)), options_(options), started_(std::chrono::steady_clock::now()) {
   threads_ = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
-  for (unsigned i = 0; i < threads_; ++i) {
-    encoders_.push_back(std::make_unique<ChunkEncoder>(options.zstd_level, options.chunk_size));
-  }
   slots_.resize(kChunksPerRound);
+  manifest_.format_version = options.format_version;
   manifest_.chunk_size = options.chunk_size;
   manifest_.app_state = options.app_state;
   manifest_.compression_level = options.zstd_level;
   report_.location = sink_->describe();
+}
+
+Status SnapshotWriter::train(std::span<const std::span<const std::byte>> regions, uint32_t page_size) {
+  if (options_.format_version < 2 || !encoders_.empty()) return ok_status();
+  manifest_.dictionary = train_dictionary(regions, page_size);
+  LAZYMEM_ASSIGN_OR_RETURN(dict_, EncodeDictionary::load(manifest_.dictionary, options_.zstd_level));
+  return ok_status();
 }
 
 Status SnapshotWriter::add_region(RegionInfo meta, std::span<const std::byte> bytes, const Progress& progress) {
@@ -42,6 +47,10 @@ Status SnapshotWriter::add_region(RegionInfo meta, std::span<const std::byte> by
     return Error(Errc::kInvalidArgument, fmt::format("region '{}': chunk size {} is not a multiple of its page size {}",
                                                      meta.name, cs, meta.page_size));
   }
+  if (encoders_.empty()) {
+    for (unsigned i = 0; i < threads_; ++i) encoders_.push_back(std::make_unique<ChunkEncoder>(options_.zstd_level, cs, dict_));
+  }
+  const bool pages = options_.format_version >= 2;
   const size_t nchunks = (meta.length + cs - 1) / cs;
   meta.chunks.assign(nchunks, ChunkInfo{});
   for (size_t base = 0; base < nchunks; base += kChunksPerRound) {
@@ -54,14 +63,15 @@ Status SnapshotWriter::add_region(RegionInfo meta, std::span<const std::byte> by
         uint64_t start = static_cast<uint64_t>(c) * cs;
         auto in = bytes.subspan(start, std::min<uint64_t>(cs, meta.length - start));
         Slot& slot = slots_[i];
-        auto enc_r = enc.encode(in);
+        auto enc_r = pages ? enc.encode_pages(in, meta.page_size) : enc.encode(in);
         if (!enc_r.ok()) {
           slot.status = enc_r.error();
           continue;
         }
         slot.status = ok_status();
-        slot.info = ChunkInfo{enc_r->codec, 0, static_cast<uint32_t>(enc_r->stored.size()), enc_r->checksum};
-        if (enc_r->codec == Codec::kZstd) {
+        slot.info = ChunkInfo{enc_r->codec, 0, static_cast<uint32_t>(enc_r->stored.size()), enc_r->checksum,
+                              enc_r->stored_checksum};
+        if (enc_r->codec == Codec::kZstd || enc_r->codec == Codec::kZstdPages) {
           // The encoder reuses its buffer for the next chunk: keep a copy.
           slot.buf.assign(enc_r->stored.begin(), enc_r->stored.end());
           slot.stored = slot.buf;
@@ -86,7 +96,8 @@ Status SnapshotWriter::add_region(RegionInfo meta, std::span<const std::byte> by
       switch (info.codec) {
         case Codec::kZero: ++report_.zero_chunks; break;
         case Codec::kRaw: ++report_.raw_chunks; break;
-        case Codec::kZstd: ++report_.zstd_chunks; break;
+        case Codec::kZstd:
+        case Codec::kZstdPages: ++report_.zstd_chunks; break;
       }
       report_.stored_bytes += info.stored_length;
       meta.chunks[base + i] = info;

@@ -24,6 +24,10 @@ class SnapshotWriter {
 
   SnapshotWriter(std::unique_ptr<SnapshotSink> sink, const CaptureOptions& options);
 
+  // Format v2: trains the snapshot's dictionary on a sample of every region to be added (call
+  // before the first add_region; without it pages are compressed without a dictionary).
+  Status train(std::span<const std::span<const std::byte>> regions, uint32_t page_size);
+
   // Adds one region. `meta.chunks` is filled in here; `bytes` must stay readable during the call.
   Status add_region(RegionInfo meta, std::span<const std::byte> bytes, const Progress& progress = {});
 
@@ -41,7 +45,8 @@ class SnapshotWriter {
   std::unique_ptr<SnapshotSink> sink_;
   CaptureOptions options_;
   unsigned threads_;
-  std::vector<std::unique_ptr<ChunkEncoder>> encoders_;
+  std::vector<std::unique_ptr<ChunkEncoder>> encoders_;  // one per thread, made at the first region
+  std::shared_ptr<const EncodeDictionary> dict_;
   std::vector<Slot> slots_;
   Manifest manifest_;
   CaptureReport report_;
