@@ -480,6 +480,10 @@ struct Daemon::Impl {
       if (it->second.pidfd.get() != pidfd) continue;
       log->info("pid {} exited; dropping its session", it->second.pid);
       remember(it->first, it->second.uid, "exited");
+      // Whoever waits on it (the CLI serving a Firecracker VM) learns it is over.
+      if (int to = it->second.conn_fd; to >= 0 && conns.count(to)) {
+        reply_on(to, it->second.reply_id, [&](auto b) { b.setExited(it->first); });
+      }
       del(pidfd);
       engine->remove_session(it->first);
       served.erase(it);

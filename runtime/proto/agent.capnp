@@ -54,5 +54,6 @@ struct Reply {
     complete @3 :UInt64;     # every page is present: the client may close its copy of the uffd
     failed @4 :Text;         # some pages could not be had (they are poisoned)
     json @5 :Text;
+    exited @6 :UInt64;       # session id: its process went away before every page was present
   }
 }

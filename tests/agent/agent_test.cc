@@ -536,7 +536,11 @@ TEST_F(AgentTest, RestoreCliServesAFirecrackerVm) {
   std::string rest;
   while (std::fgets(line, sizeof line, cli) != nullptr) rest += line;
   EXPECT_EQ(::pclose(cli), 0) << rest;
-  EXPECT_NE(rest.find("restore complete"), std::string::npos) << rest;
+  // The VM (which checked every byte) may exit before the agent has installed the rest of the
+  // chunk its last page came in: the CLI reports that, and does not wait for more.
+  EXPECT_TRUE(rest.find("restore complete") != std::string::npos ||
+              rest.find("VM exited before its restore completed") != std::string::npos)
+      << rest;
   EXPECT_NE(::stat(fc.c_str(), &st), 0) << "a per-VM socket is gone after its one handshake";
   // A snapshot that is not a raw image, or a path that is not ours to replace: refused, said why.
   auto [out, rc] = run_cli(agent_bin() + " restore --socket " + socket_ + " --firecracker-socket " + dir_.path() +

@@ -66,10 +66,11 @@ class AgentFirecrackerServe {
   // The agent's session id for the VM, once Firecracker's handshake has been accepted (0 before).
   uint64_t session() const;
   // Waits for the next report: handshake accepted (ok, session() set), every page present (ok,
-  // complete() true), or a failure (handshake refused, pages that could not be had, agent gone).
-  // kTimeout if nothing came within `timeout`.
+  // complete() true), the VM gone before that (ok, exited() true), or a failure (handshake
+  // refused, pages that could not be had, agent gone). kTimeout if nothing came within `timeout`.
   Status wait_event(std::chrono::milliseconds timeout);
   bool complete() const;
+  bool exited() const;
 
   struct Impl;
 

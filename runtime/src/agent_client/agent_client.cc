@@ -183,12 +183,14 @@ struct AgentFirecrackerServe::Impl {
   net::FrameBuffer buf;
   uint64_t session = 0;
   bool complete = false;
+  bool exited = false;
 };
 
 AgentFirecrackerServe::AgentFirecrackerServe(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 AgentFirecrackerServe::~AgentFirecrackerServe() = default;
 uint64_t AgentFirecrackerServe::session() const { return impl_->session; }
 bool AgentFirecrackerServe::complete() const { return impl_->complete; }
+bool AgentFirecrackerServe::exited() const { return impl_->exited; }
 
 Result<std::unique_ptr<AgentFirecrackerServe>> AgentFirecrackerServe::start(const std::string& agent_socket,
                                                                             const FirecrackerServeOptions& options) {
@@ -226,6 +228,10 @@ Status AgentFirecrackerServe::wait_event(std::chrono::milliseconds timeout) {
       }
       if (reply.isComplete()) {
         impl_->complete = true;
+        return ok_status();
+      }
+      if (reply.isExited()) {
+        impl_->exited = true;
         return ok_status();
       }
       return Error(Errc::kProtocol, "lazymem-agent: unexpected reply");
