@@ -1,6 +1,7 @@
 // The decoders a hostile peer can reach, driven the way the page server and the client drive
 // them: frames out of a byte stream, headers parsed, every field of the message read, a
-// manifest payload decoded. Shared by the libFuzzer target and the replay test.
+// manifest payload decoded (and its dictionary loaded), a chunk payload decoded as page frames
+// (a hostile server can send frames whose checksums match: the manifest is its too). Shared by the libFuzzer target and the replay test.
 #pragma once
 
 #include <cstddef>
@@ -9,6 +10,8 @@
 #include <span>
 
 #include "net/frame.h"
+#include "snapshot/chunk_codec.h"
+#include "snapshot/dictionary.h"
 #include "snapshot/manifest.h"
 #include "wire.capnp.h"
 
@@ -51,6 +54,19 @@ inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
   return acc;
 }
 
+// `stored` as the stored bytes of a 64 KiB page-frame chunk that passed its stored checksum.
+inline uint64_t decode_page_frames(std::span<const std::byte> stored) {
+  static snapshot::ChunkDecoder dec;
+  static std::vector<std::byte> out(kDefaultChunkSize);
+  ChunkInfo info{Codec::kZstdPages, 0, static_cast<uint32_t>(stored.size()), 0, snapshot::chunk_checksum(stored)};
+  if (!dec.verify_stored(info, stored, kDefaultChunkSize, 4096).ok()) return 0;
+  uint64_t acc = 1;
+  for (uint32_t i = 0; i < kDefaultChunkSize / 4096; ++i) {
+    acc += dec.decode_page(stored, kDefaultChunkSize, i, std::span(out).subspan(size_t{i} * 4096, 4096), {}).ok();
+  }
+  return acc;
+}
+
 // Feeds `data` in uneven pieces, like recv() would deliver it. Never crashes, never hangs.
 inline uint64_t decode_stream(std::span<const uint8_t> data) {
   net::FrameBuffer buf;
@@ -79,7 +95,12 @@ inline uint64_t decode_stream(std::span<const uint8_t> data) {
         }
       }
       auto m = snapshot::decode_manifest((*f)->payload, "fuzz");
-      if (m.ok()) acc += m->regions.size();
+      if (m.ok()) {
+        acc += m->regions.size();
+        auto d = snapshot::DecodeDictionary::load(m->dictionary);
+        acc += d.ok() && *d;
+      }
+      acc += decode_page_frames((*f)->payload);
       buf.consume();
     }
   }

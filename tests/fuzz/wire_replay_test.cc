@@ -49,6 +49,21 @@ std::vector<std::vector<uint8_t>> seeds() {
     out.push_back(frame_of(m, bytes));
   }
   {
+    // A chunk reply carrying real page frames (text: compressed; a zero page; a random page).
+    std::vector<std::byte> chunk(kDefaultChunkSize);
+    std::mt19937_64 rng(9);
+    for (size_t i = 0; i < chunk.size(); ++i) chunk[i] = std::byte("lazymem page frames "[i % 20]);
+    std::memset(chunk.data() + 4096, 0, 4096);
+    for (size_t i = 8192; i < 12288; ++i) chunk[i] = static_cast<std::byte>(rng());
+    snapshot::ChunkEncoder enc(1, kDefaultChunkSize);
+    auto e = enc.encode_pages(chunk, 4096);
+    EXPECT_TRUE(e.ok() && e->codec == Codec::kZstdPages);
+    capnp::MallocMessageBuilder m;
+    m.initRoot<proto::wire::Reply>().initChunk().setTag(1);
+    out.push_back(frame_of(m, e->stored));
+    EXPECT_EQ(fuzz::decode_page_frames(e->stored), 1u + kDefaultChunkSize / 4096);  // every page decodes
+  }
+  {
     capnp::MallocMessageBuilder m;
     auto e = m.initRoot<proto::wire::Reply>().initError();
     e.setMessage("nope");
