@@ -559,13 +559,14 @@ void FaultEngine::Loop::on_chunk(uint64_t tag, std::span<const std::byte> stored
   const uint32_t page = s.manifest->regions[ref.region].page_size;
   if (!p->demand && pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored)) return;
   std::span<std::byte> out(buf_.data(), len);
-  if (p->demand && p->fault_offset != kNoFault && info.codec == Codec::kZstdPages) {
+  // A thread scanning memory would fault on the next page at once: give it the whole chunk in
+  // one go (one fault per chunk, as in format 1). Elsewhere its page goes first.
+  if (p->demand && !p->scanning && p->fault_offset != kNoFault && info.codec == Codec::kZstdPages) {
     uint32_t index;
     if (!install_faulting_page(tag & 0xffffffffu, info, stored, out, index)) return;
-    // The thread runs again. A thread scanning memory faults on the next page at once: decode
-    // the rest here and now. Otherwise the rest is decoded on another core when one is free,
-    // and this one gets back to reading faults (random access: the next fault is elsewhere).
-    if (!p->scanning && pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored, index)) return;
+    // The thread runs again; the rest is decoded on another core when one is free, and this
+    // one gets back to reading faults (the next one is elsewhere).
+    if (pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored, index)) return;
     Status st = decoder_.decode_rest(info, stored, out, layout(s, ref.region), index);
     finish_fetch(tag, st, out, stored.size(), index);
     return;
