@@ -122,6 +122,8 @@ int run_snapshot(const std::vector<std::string>& args) {
       "region", po::value<std::vector<std::string>>(), "with --pid: START-END[=NAME] in hex, as in /proc/PID/maps; repeatable")(
       "chunk-size", po::value<uint32_t>()->default_value(lazymem::kDefaultChunkSize), "bytes per chunk")(
       "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
+      "format", po::value<uint32_t>()->default_value(2),
+      "snapshot format: 2, or 1 for hosts running lazymem older than format 2")(
       "replace", "replace an existing snapshot of that name")("token-file", po::value<std::string>(), "page-server token")(
       "json", "print JSON")("target", po::value<std::string>(), "where the snapshot goes");
   po::positional_options_description pos;
@@ -138,6 +140,7 @@ int run_snapshot(const std::vector<std::string>& args) {
   lazymem::CaptureOptions co;
   co.chunk_size = vm["chunk-size"].as<uint32_t>();
   co.zstd_level = vm["zstd-level"].as<int>();
+  co.format_version = vm["format"].as<uint32_t>();
   co.replace = vm.count("replace") > 0;
   if (vm.count("token-file")) co.token_file = vm["token-file"].as<std::string>();
   std::string target = vm["target"].as<std::string>();

@@ -1,6 +1,6 @@
 // lazymem-pageserver: holds snapshots and streams their chunks. This file only parses options.
 //   serve  --store DIR --listen HOST:PORT [--token-file F]
-//   import --store DIR --raw FILE --name N [--chunk-kib K] [--zstd-level L]
+//   import --store DIR --raw FILE --name N [--chunk-kib K] [--zstd-level L] [--format 1|2]
 //   ls     --store DIR | --server lazymem://HOST:PORT [--token-file F]
 #include <csignal>
 #include <boost/program_options.hpp>
@@ -99,9 +99,12 @@ int import_raw(const std::vector<std::string>& args) {
       "raw", po::value<std::string>()->required(), "raw memory file")("name", po::value<std::string>()->required(),
                                                                      "snapshot name")(
       "chunk-kib", po::value<uint32_t>()->default_value(64), "chunk size in KiB")(
-      "zstd-level", po::value<int>()->default_value(1), "zstd level");
+      "zstd-level", po::value<int>()->default_value(1), "zstd level")(
+      "format", po::value<uint32_t>()->default_value(2),
+      "snapshot format: 2, or 1 for hosts running lazymem older than format 2");
   auto vm = parse(args, desc);
   CaptureOptions o;
+  o.format_version = vm["format"].as<uint32_t>();
   o.chunk_size = vm["chunk-kib"].as<uint32_t>() * 1024;
   o.zstd_level = vm["zstd-level"].as<int>();
   auto rep = capture_raw_file(vm["store"].as<std::string>() + "/" + vm["name"].as<std::string>(),
