@@ -480,8 +480,9 @@ struct Daemon::Impl {
       if (it->second.pidfd.get() != pidfd) continue;
       log->info("pid {} exited; dropping its session", it->second.pid);
       remember(it->first, it->second.uid, "exited");
-      // Whoever waits on it (the CLI serving a Firecracker VM) learns it is over.
-      if (int to = it->second.conn_fd; to >= 0 && conns.count(to)) {
+      // The CLI serving a Firecracker VM waits on it: it learns it is over. (A process restoring
+      // through its own connection is the one that exited: nobody to tell.)
+      if (int to = it->second.conn_fd; it->second.peer_sock.valid() && to >= 0 && conns.count(to)) {
         reply_on(to, it->second.reply_id, [&](auto b) { b.setExited(it->first); });
       }
       del(pidfd);

@@ -133,6 +133,9 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   void deactivate(Session& s);
   void drain_uffd(Session& s);
   void on_pagefault(Session& s, uint64_t addr, uint64_t t);
+  static bool follows_last_fault(const Session& s, ChunkRef ref) {
+    return s.last_fault.region == ref.region && s.last_fault.chunk + 1 == ref.chunk;
+  }
   void on_remove(Session& s, uint64_t start, uint64_t end);
   void on_fork(Session& parent, int fd);
   void fill_prefetch(Session& s);
@@ -352,7 +355,11 @@ void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
       p.demand = true;
       ++demand_in_flight_;
     }
-    if (p.fault_ns == 0) p.fault_ns = t;
+    if (p.fault_ns == 0) {  // the first fault on a prefetch already under way
+      p.fault_ns = t;
+      p.scanning = follows_last_fault(s, ref);
+      s.last_fault = ref;
+    }
     if (p.fault_offset == kNoFault) p.fault_offset = roff;
     ++p.faults;
     return;
@@ -362,7 +369,7 @@ void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
     fail_chunk(s, ref, Error(Errc::kIo, "chunk failed earlier"));
     return;
   }
-  const bool scanning = s.last_fault.region == ref.region && s.last_fault.chunk + 1 == ref.chunk;
+  const bool scanning = follows_last_fault(s, ref);
   s.last_fault = ref;
   if (info.codec == Codec::kZero) {
     install_zero_chunk(s, ref, true, t);

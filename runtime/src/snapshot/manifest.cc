@@ -268,7 +268,9 @@ Result<Manifest> decode_manifest(std::span<const std::byte> bytes, const std::st
       auto chunks = r.getChunks();
       info.chunks.reserve(chunks.size());
       for (auto c : chunks) {
-        info.chunks.push_back(ChunkInfo{static_cast<Codec>(static_cast<uint16_t>(c.getCodec())), c.getOffset(),
+        // A codec number past what fits is kept unknown (validation refuses it), never wrapped.
+        uint16_t codec = static_cast<uint16_t>(c.getCodec());
+        info.chunks.push_back(ChunkInfo{static_cast<Codec>(codec > 255 ? 255 : codec), c.getOffset(),
                                         c.getStoredLength(), c.getChecksum(), c.getStoredChecksum()});
       }
       m.regions.push_back(std::move(info));
