@@ -41,10 +41,10 @@ po::variables_map parse(const std::vector<std::string>& args, po::options_descri
 }
 
 void print_list(const std::vector<snapshot::SnapshotSummary>& list) {
-  std::printf("%-32s %12s %12s %8s %8s\n", "name", "size", "stored", "ratio", "regions");
+  std::printf("%-32s %12s %12s %8s %8s %7s\n", "name", "size", "stored", "ratio", "regions", "format");
   for (const auto& s : list) {
-    std::printf("%-32s %9.1f MiB %9.1f MiB %7.2fx %8zu\n", s.name.c_str(), s.total_bytes / 1048576.0,
-                s.stored_bytes / 1048576.0, s.compression_ratio(), s.regions);
+    std::printf("%-32s %9.1f MiB %9.1f MiB %7.2fx %8zu %7u\n", s.name.c_str(), s.total_bytes / 1048576.0,
+                s.stored_bytes / 1048576.0, s.compression_ratio(), s.regions, s.format_version);
   }
 }
 

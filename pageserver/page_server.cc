@@ -359,6 +359,7 @@ struct PageServer::Impl {
           o.setTotalBytes(s.total_bytes);
           o.setStoredBytes(s.stored_bytes);
           o.setRegions(static_cast<uint32_t>(s.regions));
+          o.setFormatVersion(s.format_version);
           o.setCreatedUnixNs(s.created_unix_ns);
         }
         queue(c, m, {});

@@ -115,4 +115,5 @@ struct SnapshotInfo {
   storedBytes @2 :UInt64;
   regions @3 :UInt32;
   createdUnixNs @4 :UInt64;
+  formatVersion @5 :UInt32;  # snapshot format (0 from servers before format 2: they hold format 1)
 }

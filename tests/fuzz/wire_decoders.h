@@ -45,7 +45,7 @@ inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
     case proto::wire::Reply::ERROR: acc += r.getError().getMessage().size() + static_cast<uint64_t>(r.getError().getCode()); break;
     case proto::wire::Reply::OK: break;
     case proto::wire::Reply::SNAPSHOTS:
-      for (auto s : r.getSnapshots()) acc += s.getName().size() + s.getTotalBytes();
+      for (auto s : r.getSnapshots()) acc += s.getName().size() + s.getTotalBytes() + s.getFormatVersion();
       break;
     case proto::wire::Reply::MANIFEST: break;
     case proto::wire::Reply::CHUNK: acc += r.getChunk().getTag(); break;

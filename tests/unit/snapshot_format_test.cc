@@ -207,6 +207,7 @@ TEST_F(SnapshotFormatTest, ExistingNameIsRefusedUnlessReplacing) {
   ASSERT_TRUE(list.ok());
   ASSERT_EQ(list->size(), 1u);
   EXPECT_EQ((*list)[0].name, "dup");
+  EXPECT_EQ((*list)[0].format_version, 2u);
 }
 
 TEST_F(SnapshotFormatTest, RawMemoryFileRoundTrip) {

@@ -159,7 +159,8 @@ Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
     if (!bytes.ok()) continue;
     auto m = decode_manifest(*bytes, entry.path().string());
     if (!m.ok()) continue;
-    out.push_back(SnapshotSummary{name, m->total_bytes(), m->stored_bytes(), m->regions.size(), m->created_unix_ns});
+    out.push_back(SnapshotSummary{name, m->total_bytes(), m->stored_bytes(), m->regions.size(), m->created_unix_ns,
+                                  m->format_version});
   }
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
   return out;

@@ -37,6 +37,7 @@ struct SnapshotSummary {
   uint64_t stored_bytes = 0;
   size_t regions = 0;
   uint64_t created_unix_ns = 0;
+  uint32_t format_version = 1;
   double compression_ratio() const { return stored_bytes ? double(total_bytes) / double(stored_bytes) : 0.0; }
 };
 
