@@ -92,7 +92,7 @@ Result<CaptureReport> capture_raw_file(const std::string& target, const std::str
   meta.kind = RegionKind::kRawFile;
   std::span<const std::byte> whole = view.bytes();
   LAZYMEM_TRY(writer.train(std::span(&whole, 1), meta.page_size));
-  LAZYMEM_TRY(writer.add_region(std::move(meta), view.bytes(), options.progress));
+  LAZYMEM_TRY(writer.add_region(std::move(meta), whole, options.progress));
   return writer.finish();
 }
 

@@ -43,7 +43,8 @@ void DecodePool::reserve_chunk(uint32_t max_chunk) {
 
 bool DecodePool::try_submit(uint64_t tag, const ChunkInfo& info, uint32_t length, uint32_t page_size,
                             const std::shared_ptr<const snapshot::DecodeDictionary>& dict,
-                            std::span<const std::byte> stored, uint32_t installed_page) {
+                            std::span<const std::byte> stored, uint32_t installed_page,
+                            std::span<const std::byte> installed) {
   if (free_.empty() || threads_.empty() || stored.size() > max_chunk_ || length > max_chunk_) return false;
   DecodeJob* j = free_.back();
   if (j->stored.size() < max_chunk_) {
@@ -59,6 +60,9 @@ bool DecodePool::try_submit(uint64_t tag, const ChunkInfo& info, uint32_t length
   j->installed_page = installed_page;
   j->stored_size = stored.size();
   std::memcpy(j->stored.data(), stored.data(), stored.size());
+  if (installed_page != snapshot::ChunkDecoder::kNoPage) {
+    std::memcpy(j->out.data() + size_t{installed_page} * page_size, installed.data(), installed.size());
+  }
   {
     std::lock_guard lock(mu_);
     todo_.push_back(j);
@@ -94,8 +98,11 @@ void DecodePool::work() {
       j = todo_.front();
       todo_.pop_front();
     }
-    j->status = decoder.decode(j->info, std::span<const std::byte>(j->stored.data(), j->stored_size),
-                               std::span<std::byte>(j->out.data(), j->length), j->layout);
+    std::span<const std::byte> stored(j->stored.data(), j->stored_size);
+    std::span<std::byte> out(j->out.data(), j->length);
+    j->status = j->installed_page == snapshot::ChunkDecoder::kNoPage
+                    ? decoder.decode(j->info, stored, out, j->layout)
+                    : decoder.decode_rest(j->info, stored, out, j->layout, j->installed_page);
     bool was_empty;
     {
       std::lock_guard lock(mu_);

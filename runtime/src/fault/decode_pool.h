@@ -33,7 +33,9 @@ struct DecodeJob {
   snapshot::ChunkLayout layout;
   std::shared_ptr<const snapshot::DecodeDictionary> dict;  // keeps layout.dict alive
   uint32_t length = 0;
-  uint32_t installed_page = 0;  // handed back as given: a page of the chunk already installed
+  // kNoPage, or a page of the chunk already decoded (into `out`), verified and installed: the
+  // job decodes the rest around it (decode_rest) and hands the index back.
+  uint32_t installed_page = 0;
   size_t stored_size = 0;
   std::vector<std::byte> stored;
   std::vector<std::byte> out;
@@ -49,9 +51,12 @@ class DecodePool {
   DecodePool& operator=(const DecodePool&) = delete;
 
   // Queues a copy of `stored` for decoding; false if every job buffer is busy (decode inline).
+  // With `installed_page`, `stored` has been verified and `installed` holds that page, decoded:
+  // only the rest of the chunk is decoded.
   bool try_submit(uint64_t tag, const ChunkInfo& info, uint32_t length, uint32_t page_size,
                   const std::shared_ptr<const snapshot::DecodeDictionary>& dict, std::span<const std::byte> stored,
-                  uint32_t installed_page = snapshot::ChunkDecoder::kNoPage);
+                  uint32_t installed_page = snapshot::ChunkDecoder::kNoPage,
+                  std::span<const std::byte> installed = {});
   // Hands every finished job to `fn` and recycles it. Returns how many.
   size_t drain_done(const std::function<void(DecodeJob&)>& fn);
   // Readable when finished jobs are waiting.

@@ -573,7 +573,9 @@ void FaultEngine::Loop::on_chunk(uint64_t tag, std::span<const std::byte> stored
     if (!install_faulting_page(tag & 0xffffffffu, info, stored, out, index)) return;
     // The thread runs again; the rest is decoded on another core when one is free, and this
     // one gets back to reading faults (the next one is elsewhere).
-    if (pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored, index)) return;
+    if (pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored, index, out.subspan(size_t{index} * page, page))) {
+      return;
+    }
     Status st = decoder_.decode_rest(info, stored, out, layout(s, ref.region), index);
     finish_fetch(tag, st, out, stored.size(), index);
     return;
