@@ -10,9 +10,7 @@
 // the snapshot's dictionary). Every faulted page is compared with the original.
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
-#include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <sched.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -30,6 +28,7 @@
 #include <vector>
 
 #include "../common/bench_util.h"
+#include "../common/loopback.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/dictionary.h"
 #include "sys/cpu_latency.h"
@@ -41,29 +40,6 @@ namespace snap = lazymem::snapshot;
 namespace {
 
 constexpr uint32_t kPageBytes = 4096, kChunk = 64 * 1024;
-
-void pin(int cpu) {
-  cpu_set_t s;
-  CPU_ZERO(&s);
-  CPU_SET(cpu, &s);
-  (void)::sched_setaffinity(0, sizeof s, &s);
-}
-bool read_all(int fd, void* b, size_t n) {
-  for (auto* p = static_cast<char*>(b); n;) {
-    ssize_t r = ::read(fd, p, n);
-    if (r <= 0) return false;
-    p += r, n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-bool write_all(int fd, const void* b, size_t n) {
-  for (auto* p = static_cast<const char*>(b); n;) {
-    ssize_t r = ::write(fd, p, n);
-    if (r <= 0) return false;
-    p += r, n -= static_cast<size_t>(r);
-  }
-  return true;
-}
 
 // Request: what to send back. Reply: u32 length, then the bytes.
 struct Ask {
@@ -80,12 +56,12 @@ struct Snapshot {
 };
 
 void serve(int fd, const Snapshot& s) {
-  pin(static_cast<int>(std::thread::hardware_concurrency()) - 1);
+  pin_to(server_cpu());
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   std::vector<std::byte> filler(1 << 20);
   Ask a;
-  while (read_all(fd, &a, sizeof a)) {
+  while (read_full(fd, &a, sizeof a)) {
     std::span<const std::byte> out;
     if (a.kind == 0) out = std::span(filler).first(std::min<size_t>(a.size, filler.size()));
     else if (a.kind == 1) out = std::span(s.data).subspan(a.page * kPageBytes, kPageBytes);
@@ -94,7 +70,7 @@ void serve(int fd, const Snapshot& s) {
     std::vector<std::byte> msg(4 + n);
     std::memcpy(msg.data(), &n, 4);
     std::memcpy(msg.data() + 4, out.data(), n);
-    if (!write_all(fd, msg.data(), msg.size())) break;
+    if (!write_full(fd, msg.data(), msg.size())) break;
   }
   _exit(0);
 }
@@ -117,7 +93,7 @@ void on_sigbus(int, siginfo_t* si, void*) {
   uint64_t pg = (addr - g.base) / kPageBytes;
   Ask a{g.kind, 0, pg};
   uint32_t n = 0;
-  if (!write_all(g.sock, &a, sizeof a) || !read_all(g.sock, &n, 4) || n > sizeof g.reply || !read_all(g.sock, g.reply, n)) {
+  if (!write_full(g.sock, &a, sizeof a) || !read_full(g.sock, &n, 4) || n > sizeof g.reply || !read_full(g.sock, g.reply, n)) {
     g.failed = true;
     ::_exit(3);  // no page to give: never return into the access
   }
@@ -199,29 +175,19 @@ int main(int argc, char** argv) {
   }
   const uint32_t avg_chunk = static_cast<uint32_t>(stored_total / s.stored.size());
 
-  int lfd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t alen = sizeof a;
-  if (::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(lfd, 1) != 0 ||
-      ::getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &alen) != 0) {
-    std::perror("listen");
-    return 1;
-  }
+  uint16_t port = 0;
+  int lfd = listen_loopback(port);
   pid_t server = ::fork();
   if (server == 0) {
     int c = ::accept(lfd, nullptr, nullptr);
     serve(c, s);
   }
   ::close(lfd);
-  pin(0);
+  pin_to(0);  // two CPUs at least (checked above); the server has the last one
   lazymem::sys::CpuLatencyHold quick_wakeups;  // as the engine and the remote bench's baseline hold
   (void)quick_wakeups.set(true);
-  g.sock = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  int one = 1;
-  ::setsockopt(g.sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  if (::connect(g.sock, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return 1;
+  g.sock = dial_loopback(port);
+  if (g.sock < 0) return 1;
 
   auto round_trips = [&](uint32_t size) {
     std::vector<double> lat;
@@ -229,7 +195,7 @@ int main(int argc, char** argv) {
       Ask q{0, size, 0};
       uint32_t n;
       auto t = Clock::now();
-      if (!write_all(g.sock, &q, sizeof q) || !read_all(g.sock, &n, 4) || !read_all(g.sock, g.reply, n)) std::exit(1);
+      if (!write_full(g.sock, &q, sizeof q) || !read_full(g.sock, &n, 4) || !read_full(g.sock, g.reply, n)) std::exit(1);
       lat.push_back(since(t) * 1e6);
     }
     return percentile(lat, 50);
@@ -286,9 +252,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "lazymem-bench-floor: a faulted page held WRONG bytes\n");
     return 1;
   }
-  std::printf("lazymem-bench-floor: %zu MiB heap-like data, format 2 (%u-byte average stored chunk), server on CPU %u, "
+  std::printf("lazymem-bench-floor: %zu MiB heap-like data, format 2 (%u-byte average stored chunk), server on CPU %d, "
               "faulting thread on CPU 0, p50 of %d each, every faulted page checked\n\n",
-              len >> 20, avg_chunk, std::thread::hardware_concurrency() - 1, faults);
+              len >> 20, avg_chunk, server_cpu(), faults);
   std::printf("%-58s %7.1f us\n", "plain TCP round trip, 4 KiB back", rtt_page);
   std::printf("%-58s %7.1f us\n", "plain TCP round trip, one stored chunk back", rtt_chunk);
   std::printf("%-58s %7.1f us  %.2fx the chunk round trip\n", "fault on the faulting thread, page sent decompressed", f_page,

@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "../common/bench_util.h"
+#include "../common/loopback.h"
 #include "core/log.h"
 #include "lazymem/restore.h"
 #include "page_server.h"
@@ -129,52 +130,6 @@ ServerProc spawn_server(Serve&& serve) {
   return s;
 }
 
-int listen_loopback(uint16_t& port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  ::listen(fd, 16);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  port = ntohs(a.sin_port);
-  return fd;
-}
-
-int dial_loopback(uint16_t port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  int one = 1;
-  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(port);
-  return ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 ? fd : -1;
-}
-
-bool read_full(int fd, void* buf, size_t n) {
-  auto* p = static_cast<char*>(buf);
-  while (n > 0) {
-    ssize_t r = ::read(fd, p, n);
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
-bool write_full(int fd, const void* buf, size_t n) {
-  auto* p = static_cast<const char*>(buf);
-  while (n > 0) {
-    ssize_t r = ::send(fd, p, n, MSG_NOSIGNAL);
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
 // The baseline server: for each request {u64 offset, u32 length} it pread()s the bytes from
 // the data file and send()s them back. One client at a time, like the echo below.
 void serve_read_send(int ready_fd, Served& served, const std::string& data_file) {
@@ -202,20 +157,11 @@ void serve_read_send(int ready_fd, Served& served, const std::string& data_file)
   }
 }
 
-// The CPU the echo server runs on, and the client's for a round trip across CPUs.
-int echo_cpu() { return std::max(0, static_cast<int>(std::thread::hardware_concurrency()) - 1); }
-void pin_to(int cpu) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(cpu, &set);
-  (void)::sched_setaffinity(0, sizeof set, &set);
-}
-
 // A plain TCP round trip: 32 bytes out, `payload` bytes back. The server stays on one CPU, so a
 // client can measure the round trip across CPUs (as between hosts, where there is no shared
 // CPU) and on the same CPU (the scheduler's best case on loopback).
 void serve_echo(int ready_fd, uint32_t payload) {
-  pin_to(echo_cpu());
+  pin_to(server_cpu());
   uint16_t port;
   int lfd = listen_loopback(port);
   (void)!::write(ready_fd, &port, sizeof port);
@@ -469,13 +415,13 @@ int main(int argc, char** argv) {
       f50.push_back(f.p50_us);
       f99.push_back(f.p99_us);
     }
-    const int other_cpu = echo_cpu() > 0 ? 0 : echo_cpu();
+    const int other_cpu = server_cpu() > 0 ? 0 : server_cpu();
     Run e = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults, other_cpu); });
     if (check(e, "plain round trip", round)) {
       r50.push_back(e.p50_us);
       r99.push_back(e.p99_us);
     }
-    Run e1 = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults, echo_cpu()); });
+    Run e1 = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults, server_cpu()); });
     if (check(e1, "plain round trip, same CPU", round)) {
       s50.push_back(e1.p50_us);
       s99.push_back(e1.p99_us);
