@@ -409,7 +409,8 @@ struct Daemon::Impl {
       if (generation <= w.after) return false;
       auto [it, fresh] = by_uid.try_emplace(w.uid);
       if (fresh) it->second = report(w.uid, false).dump();
-      reply_on(w.conn_fd, w.id, [&](auto b) { b.setJson(it->second); });
+      const std::string& json = it->second;  // a named reference: clang cannot capture a binding
+      reply_on(w.conn_fd, w.id, [&](auto b) { b.setJson(json); });
       return true;
     });
   }
@@ -449,7 +450,7 @@ struct Daemon::Impl {
       if (info->complete) {
         // Every page is present: the process no longer needs us. Tell it, and let go of our
         // copy of its uffd (it closes its own on the message).
-        if (to >= 0) reply_on(to, s.reply_id, [&](auto b) { b.setComplete(id); });
+        if (to >= 0) reply_on(to, s.reply_id, [&, sid = id](auto b) { b.setComplete(sid); });
         log->info("pid {}: restore complete", s.pid);
         done.push_back(id);
       }
