@@ -694,7 +694,11 @@ InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const s
   sys::InstallResult r = src ? s.uffd.copy(addr, src, len) : s.uffd.zeropage(addr, len);
   switch (r.outcome) {
     case sys::InstallOutcome::kDone: return InstallStatus::kOk;
-    case sys::InstallOutcome::kAgain: return InstallStatus::kRetry;
+    case sys::InstallOutcome::kAgain:
+      // The kernel says EAGAIN both for a pending mapping change (nothing copied) and for a
+      // copy that stopped at a page already present (some copied): the latter goes on below.
+      if (r.bytes == 0) return InstallStatus::kRetry;
+      break;
     case sys::InstallOutcome::kFailed:
       log_->error("session {}: install at {:#x} ({} bytes): {}", s.name, addr, len, std::strerror(r.err));
       return InstallStatus::kFailed;
@@ -703,8 +707,9 @@ InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const s
     case sys::InstallOutcome::kGone:
       break;
   }
-  // Some page is already there (a racing install, a write after fork) or part of the range is
-  // gone: go page by page from where the kernel stopped, then wake whoever waits on the range.
+  // Some page is already there (a racing install, a page a faulting thread installed itself, a
+  // write after fork) or part of the range is gone: go page by page from where the kernel
+  // stopped, then wake whoever waits on the range.
   uint64_t done = r.bytes / page * page;
   bool wake = false;
   for (uint64_t off = done; off < len; off += page) {

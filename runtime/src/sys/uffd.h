@@ -20,7 +20,8 @@ namespace lazymem::sys {
 enum class InstallOutcome {
   kDone,      // the whole range was installed
   kExists,    // a page in the range was already present; `bytes` says how far we got before it
-  kAgain,     // mapping change pending (mmap_changing) or partial copy; retry the rest later
+  kAgain,     // mapping change pending (mmap_changing; bytes == 0), or a copy that stopped at a
+              // page already present (bytes > 0): go on past it
   kGone,      // the range is no longer registered (unmapped / moved): drop the request
   kExited,    // the process (its mm) is gone: nothing will ever be installed again
   kFailed,    // anything else: see error
