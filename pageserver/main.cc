@@ -85,10 +85,11 @@ int serve(const std::vector<std::string>& args) {
   std::fflush(stdout);
   Status s = (*server)->run();
   auto st = (*server)->stats();
-  log::get("pageserver")->info("stopped: {} connections, {} requests, {} chunks, {} bytes; errors: {} protocol, {} auth, "
-                               "{} not-found, {} range, {} io, {} handshake timeouts",
-                               st.connections, st.requests, st.chunks, st.bytes, st.errors_protocol, st.errors_auth,
-                               st.errors_not_found, st.errors_range, st.errors_io, st.handshake_timeouts);
+  log::get("pageserver")->info("stopped: {} connections, {} requests, {} chunks, {} pages, {} bytes; errors: {} protocol, "
+                               "{} auth, {} not-found, {} range, {} io, {} corrupt, {} handshake timeouts",
+                               st.connections, st.requests, st.chunks, st.pages, st.bytes, st.errors_protocol,
+                               st.errors_auth, st.errors_not_found, st.errors_range, st.errors_io, st.errors_corrupt,
+                               st.handshake_timeouts);
   if (!s.ok()) throw std::runtime_error(s.error().message());
   return 0;
 }

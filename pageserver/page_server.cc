@@ -18,6 +18,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <optional>
 #include <set>
 #include <unordered_map>
 
@@ -28,6 +29,7 @@
 #include "sys/ring.h"
 #include "net/auth.h"
 #include "net/frame.h"
+#include "snapshot/chunk_codec.h"
 #include "snapshot/manifest.h"
 #include "snapshot/store.h"
 #include "wire.capnp.h"
@@ -46,11 +48,13 @@ struct OpenSnapshot {
   sys::UniqueFd data;
 };
 
+// A chunk to send (getChunks), or one page of it (getPage: `page` set), once its extents are in.
 struct Job {
   std::shared_ptr<OpenSnapshot> snap;
   uint32_t region, chunk;
   uint64_t tag, id;
   bool demand;
+  std::optional<uint32_t> page;
 };
 
 // A chunk reply waiting for reads of its extents.
@@ -93,7 +97,8 @@ struct PageServer::Impl {
   std::map<std::string, std::shared_ptr<OpenSnapshot>> snapshots;
   uint64_t next_file_id = 1;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
-      st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0};
+      st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
+      st_corrupt{0};
   SendCounters sends;
 
   // Chunk reads go through io_uring, O_DIRECT, into extents of the cache, many in flight at
@@ -339,6 +344,8 @@ struct PageServer::Impl {
         o.setZerocopyFallbacks(st.zerocopy_fallbacks);
         o.setPlainSends(st.plain_sends);
         o.setPlainBytes(st.plain_bytes);
+        o.setPages(st.pages);
+        o.setErrorsCorrupt(st.errors_corrupt);
         queue(c, m, {});
         return;
       }
@@ -388,18 +395,19 @@ struct PageServer::Impl {
           for (auto ch : chunks) reply_error(c, id, wire::ErrorCode::NOT_FOUND, snap.error().message(), ch.getTag());
           return;
         }
-        const Manifest& man = (*snap)->manifest;
-        auto& lane = gc.getDemand() ? c.demand : c.prefetch;
-        for (auto ch : chunks) {
-          if (ch.getRegion() >= man.regions.size() || ch.getChunk() >= man.regions[ch.getRegion()].chunks.size()) {
-            bump(st_range);
-            reply_error(c, id, wire::ErrorCode::OUT_OF_RANGE,
-                        fmt::format("chunk {}/{} is outside snapshot '{}'", ch.getRegion(), ch.getChunk(), (*snap)->name),
-                        ch.getTag());
-            continue;
-          }
-          lane.push_back(Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id, gc.getDemand()});
+        for (auto ch : chunks) enqueue(c, Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id, gc.getDemand(), {}});
+        return;
+      }
+      if (rq.isGetPage()) {
+        auto gp = rq.getGetPage();
+        auto snap = open_snapshot(gp.getSnapshot().cStr());
+        if (!snap.ok()) {
+          bump(st_nf);
+          reply_error(c, id, wire::ErrorCode::NOT_FOUND, snap.error().message(), gp.getTag());
+          return;
         }
+        // A thread waits on it: the demand lane.
+        enqueue(c, Job{*snap, gp.getRegion(), gp.getChunk(), gp.getTag(), id, true, gp.getPage()});
         return;
       }
       bump(st_proto);
@@ -411,7 +419,46 @@ struct PageServer::Impl {
     }
   }
 
+  // A chunk (or page) asked for by a peer: checked against the manifest, then queued in its lane.
+  void enqueue(Conn& c, Job j) {
+    const Manifest& man = j.snap->manifest;
+    if (j.region >= man.regions.size() || j.chunk >= man.regions[j.region].chunks.size()) {
+      bump(st_range);
+      reply_error(c, j.id, wire::ErrorCode::OUT_OF_RANGE,
+                  fmt::format("chunk {}/{} is outside snapshot '{}'", j.region, j.chunk, j.snap->name), j.tag);
+      return;
+    }
+    if (j.page) {
+      uint32_t pages = man.chunk_length(j.region, j.chunk) / man.regions[j.region].page_size;
+      if (*j.page >= pages) {
+        bump(st_range);
+        reply_error(c, j.id, wire::ErrorCode::OUT_OF_RANGE,
+                    fmt::format("page {} is outside chunk {}/{} of snapshot '{}' ({} pages)", *j.page, j.region,
+                                j.chunk, j.snap->name, pages),
+                    j.tag);
+        return;
+      }
+    }
+    (j.demand ? c.demand : c.prefetch).push_back(std::move(j));
+  }
+
+  // A chunk's stored bytes in one span: the extent's own when one extent holds them, else
+  // copied into scratch_ (a chunk may straddle extents).
+  std::span<const std::byte> contiguous(const decltype(OutFrame::slices)& slices, size_t length) {
+    if (slices.size() == 1) return slices.front().second;
+    if (scratch_.size() < length) scratch_.resize(length);  // grows to the largest chunk, once
+    size_t at = 0;
+    for (const auto& s : slices) {
+      std::memcpy(scratch_.data() + at, s.second.data(), s.second.size());
+      at += s.second.size();
+    }
+    return {scratch_.data(), at};
+  }
+
   // A chunk reply: the header, then the chunk's bytes straight from the extents that hold them.
+  // A page reply is the same (whole = true) unless the page is stored as a zstd frame of a
+  // kZstdPages chunk: then the server verifies the stored chunk (the client, given one frame,
+  // cannot check the chunk's storedChecksum) and sends that frame alone, copied.
   void queue_chunk(Conn& c, const Job& j, boost::container::small_vector<Pin, 2> pins) {
     const ChunkInfo& ci = j.snap->manifest.regions[j.region].chunks[j.chunk];
     OutFrame f;
@@ -432,20 +479,60 @@ struct PageServer::Impl {
                   fmt::format("reading chunk {}/{} of snapshot '{}' failed", j.region, j.chunk, j.snap->name), j.tag);
       return;
     }
-    word_buffer_.fill(capnp::word{});
+    std::span<const std::byte> frame;  // a page reply's own frame; empty: the whole chunk goes
+    if (j.page && ci.codec == Codec::kZstdPages) {
+      const Manifest& man = j.snap->manifest;
+      const uint32_t length = man.chunk_length(j.region, j.chunk), page_size = man.regions[j.region].page_size;
+      auto stored = contiguous(f.slices, ci.stored_length);
+      if (Status s = verifier_.verify_stored(ci, stored, length, page_size); !s.ok()) {
+        bump(st_corrupt);
+        std::string msg = fmt::format("stored chunk {}/{} of snapshot '{}' is corrupt on the server ({}); the store "
+                                      "needs the snapshot again (upload it with --replace)",
+                                      j.region, j.chunk, j.snap->name, s.error().message());
+        log->warn("{}", msg);
+        reply_error(c, j.id, wire::ErrorCode::IO_ERROR, msg, j.tag);
+        return;
+      }
+      auto pf = snapshot::page_frame(stored, length, page_size, *j.page);
+      if (snapshot::is_compressed_frame(pf, page_size)) frame = pf;
+    }
+    // capnp::word cannot be assigned (clang's capnp deletes it): cleared as bytes.
+    std::memset(static_cast<void*>(word_buffer_.data()), 0, sizeof word_buffer_);
     capnp::MallocMessageBuilder m(kj::arrayPtr(word_buffer_.data(), word_buffer_.size()));
     auto r = m.initRoot<wire::Reply>();
     r.setId(j.id);
-    auto ch = r.initChunk();
-    ch.setRegion(j.region);
-    ch.setChunk(j.chunk);
-    ch.setTag(j.tag);
+    if (j.page) {
+      auto pg = r.initPage();
+      pg.setRegion(j.region);
+      pg.setChunk(j.chunk);
+      pg.setPage(*j.page);
+      pg.setTag(j.tag);
+      pg.setWhole(frame.empty());
+    } else {
+      auto ch = r.initChunk();
+      ch.setRegion(j.region);
+      ch.setChunk(j.chunk);
+      ch.setTag(j.tag);
+    }
+    if (!frame.empty()) {
+      // A few KiB at most: copied after the header (small sends are copied anyway), and the
+      // extents are released at once.
+      f.head = net::encode_frame(m, static_cast<uint32_t>(frame.size()));
+      f.head.insert(f.head.end(), frame.begin(), frame.end());
+      f.slices.clear();
+      c.out.push(std::move(f));
+      bump(st_pages);
+      bump(st_bytes, frame.size());
+      return;
+    }
     f.head = net::encode_frame(m, static_cast<uint32_t>(ci.stored_length));
     c.out.push(std::move(f));
     bump(st_chunks);
     bump(st_bytes, ci.stored_length);
   }
-  std::array<capnp::word, 16> word_buffer_{};  // a chunk reply header without a malloc
+  std::array<capnp::word, 16> word_buffer_{};  // a chunk or page reply header without a malloc
+  std::vector<std::byte> scratch_;            // a page request's stored chunk that straddles extents
+  snapshot::ChunkDecoder verifier_;           // verify_stored() only: never decodes here
 
   // Starts the read of a claimed extent (or does it now, without io_uring).
   void start_read(Pin read_pin, int data_fd) {
@@ -709,6 +796,8 @@ struct PageServer::Impl {
     st.zerocopy_fallbacks = r(sends.fallbacks);
     st.plain_sends = r(sends.plain_sends);
     st.plain_bytes = r(sends.plain_bytes);
+    st.pages = r(st_pages);
+    st.errors_corrupt = r(st_corrupt);
     return st;
   }
 

@@ -5,7 +5,8 @@
 // kernel really does it (send_queue.h). Per connection: a bound on the bytes it holds (a slow
 // reader gets backpressure: we stop reading its requests, we do not buffer without limit), and
 // two lanes of chunk requests, demand before prefetch; demand replies overtake queued prefetch
-// replies.
+// replies. A getPage request (one page, for a thread waiting on it) is a demand chunk request
+// whose reply may be that page's frame alone, after the server has verified the stored chunk.
 //
 // Thread-safety: run() on one thread; stop() and stats() from any thread.
 #pragma once
@@ -59,6 +60,8 @@ struct ServerStats {
   uint64_t zerocopy_copied_sends = 0;  // the kernel copied after all (loopback)
   uint64_t zerocopy_fallbacks = 0;     // connections switched to plain sends because of that
   uint64_t plain_sends = 0, plain_bytes = 0;
+  uint64_t pages = 0;           // getPage replies sent as one page frame (others count as chunks)
+  uint64_t errors_corrupt = 0;  // stored chunks that failed their checksum here (getPage)
 };
 
 class PageServer {

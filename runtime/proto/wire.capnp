@@ -30,7 +30,19 @@ struct Request {
     putData @7 :Void;             # payload = next bytes of the data file; no reply unless error
     putCommit @8 :Void;           # payload = manifest file; the snapshot appears atomically; reply ok
     stats @9 :Void;               # reply: stats
+    getPage @10 :GetPage;         # one page for a thread waiting on it; reply: page (or error)
   }
+}
+
+# One page of a chunk, asked for by the faulting thread itself (RestoreOptions::fault_on_thread).
+# Served like a demand chunk. The server checks the chunk's storedChecksum first (the client
+# cannot: it gets only part of the chunk).
+struct GetPage {
+  snapshot @0 :Text;
+  region @1 :UInt32;
+  chunk @2 :UInt32;
+  page @3 :UInt32;                # page index inside the chunk (region page size)
+  tag @4 :UInt64;
 }
 
 struct PutBegin {
@@ -70,7 +82,20 @@ struct Reply {
     manifest @5 :Void;            # payload = manifest bytes
     chunk @6 :ChunkId;            # payload = the chunk's stored bytes
     stats @7 :ServerStats;
+    page @8 :PageReply;
   }
+}
+
+# Payload of a page reply: for a page of a zstdPages chunk stored as a dictionary frame, that
+# frame alone (its own content checksum, required, verifies it; decoded with the snapshot's
+# dictionary). For every other page (zero or raw page frames, other codecs) the chunk's whole
+# stored bytes (whole = true), which the client verifies against the manifest as for getChunks.
+struct PageReply {
+  region @0 :UInt32;
+  chunk @1 :UInt32;
+  page @2 :UInt32;
+  tag @3 :UInt64;
+  whole @4 :Bool;
 }
 
 struct ServerStats {
@@ -95,6 +120,8 @@ struct ServerStats {
   zerocopyFallbacks @18 :UInt64;     # connections switched to plain sends
   plainSends @19 :UInt64;
   plainBytes @20 :UInt64;
+  pages @21 :UInt64;                 # getPage replies sent as one page frame
+  errorsCorrupt @22 :UInt64;         # stored chunks whose checksum failed on the server
 }
 
 struct HelloReply {

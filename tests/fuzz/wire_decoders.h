@@ -1,7 +1,8 @@
 // The decoders a hostile peer can reach, driven the way the page server and the client drive
 // them: frames out of a byte stream, headers parsed, every field of the message read, a
 // manifest payload decoded (and its dictionary loaded), a chunk payload decoded as page frames
-// (a hostile server can send frames whose checksums match: the manifest is its too). Shared by the libFuzzer target and the replay test.
+// (a hostile server can send frames whose checksums match: the manifest is its too), and as the
+// single page frame of a getPage reply. Shared by the libFuzzer target and the replay test.
 #pragma once
 
 #include <cstddef>
@@ -30,6 +31,11 @@ inline uint64_t walk_request(proto::wire::Request::Reader r) {
       for (auto c : g.getChunks()) acc += c.getRegion() + c.getChunk() + c.getTag();
       break;
     }
+    case proto::wire::Request::GET_PAGE: {
+      auto g = r.getGetPage();
+      acc += g.getSnapshot().size() + g.getRegion() + g.getChunk() + g.getPage() + g.getTag();
+      break;
+    }
     case proto::wire::Request::PUT_BEGIN: acc += r.getPutBegin().getName().size() + r.getPutBegin().getReplace(); break;
     case proto::wire::Request::PUT_DATA:
     case proto::wire::Request::PUT_COMMIT:
@@ -49,6 +55,11 @@ inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
       break;
     case proto::wire::Reply::MANIFEST: break;
     case proto::wire::Reply::CHUNK: acc += r.getChunk().getTag(); break;
+    case proto::wire::Reply::PAGE: {
+      auto p = r.getPage();
+      acc += p.getRegion() + p.getChunk() + p.getPage() + p.getTag() + p.getWhole();
+      break;
+    }
     case proto::wire::Reply::STATS: acc += r.getStats().getBytes() + r.getStats().getUploads(); break;
   }
   return acc;
@@ -65,6 +76,13 @@ inline uint64_t decode_page_frames(std::span<const std::byte> stored) {
     acc += dec.decode_page(stored, kDefaultChunkSize, i, std::span(out).subspan(size_t{i} * 4096, 4096), {}).ok();
   }
   return acc;
+}
+
+// `frame` as a getPage reply's page frame (what a faulting thread decodes in its handler).
+inline uint64_t decode_one_frame(std::span<const std::byte> frame) {
+  static snapshot::ChunkDecoder dec;
+  static std::vector<std::byte> out(4096);
+  return dec.decode_frame(frame, out, {}).ok();
 }
 
 // Feeds `data` in uneven pieces, like recv() would deliver it. Never crashes, never hangs.
@@ -101,6 +119,7 @@ inline uint64_t decode_stream(std::span<const uint8_t> data) {
         acc += d.ok() && *d;
       }
       acc += decode_page_frames((*f)->payload);
+      acc += decode_one_frame((*f)->payload);
       buf.consume();
     }
   }

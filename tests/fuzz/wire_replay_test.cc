@@ -35,6 +35,16 @@ std::vector<std::vector<uint8_t>> seeds() {
     out.push_back(frame_of(m));
   }
   {
+    capnp::MallocMessageBuilder m;
+    auto g = m.initRoot<proto::wire::Request>().initGetPage();
+    g.setSnapshot("snap");
+    g.setRegion(1);
+    g.setChunk(2);
+    g.setPage(3);
+    g.setTag(4);
+    out.push_back(frame_of(m));
+  }
+  {
     Manifest man;
     RegionInfo r;
     r.name = "heap";

@@ -14,6 +14,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <random>
 #include <thread>
 
 #include "../common/test_data.h"
@@ -23,6 +25,9 @@
 #include "net/client.h"
 #include "net/frame.h"
 #include "page_server.h"
+#include "snapshot/chunk_codec.h"
+#include "snapshot/dictionary.h"
+#include "snapshot/manifest.h"
 #include "wire.capnp.h"
 
 namespace lazymem {
@@ -507,6 +512,360 @@ TEST_F(PageServerTest, RestoresFromAnotherHostInANetworkNamespace) {
   restore_and_compare("lazymem://10.231.0.2:" + std::to_string(port) + "/snap", RestoreOptions{});
   ::kill(server, SIGKILL);
   ::waitpid(server, nullptr, 0);
+}
+
+
+// getPage spoken on the wire directly: no userfaultfd needed.
+class GetPageTest : public PageServerTest {
+ protected:
+  void SetUp() override {}
+
+  // Mixed data (text chunks first: seed % 4 == 1) as snapshot `name`, in the given format, with
+  // a zero page (1) and an incompressible page (2) planted in chunk 1. A length that is not a
+  // multiple of the chunk size leaves the last chunk short.
+  void capture_as(const std::string& name, size_t len, uint64_t seed, uint32_t format) {
+    void* p = testing::map_for_capture(len, seed);
+    ASSERT_NE(p, nullptr);
+    auto* b = static_cast<std::byte*>(p);
+    testing::fill_mixed(b, len, seed);
+    std::memset(b + kDefaultChunkSize + 4096, 0, 4096);
+    std::mt19937_64 rng(seed);
+    for (size_t i = 0; i < 4096; i += 8) {
+      uint64_t v = rng();
+      std::memcpy(b + kDefaultChunkSize + 2 * 4096 + i, &v, 8);
+    }
+    expected_.assign(b, b + len);
+    len_ = len;
+    CaptureRegion r{"heap", p, len, PROT_READ | PROT_WRITE};
+    CaptureOptions o;
+    o.format_version = format;
+    auto rep = capture_regions(dir_.path() + "/" + name, std::span(&r, 1), o);
+    ASSERT_TRUE(rep.ok()) << rep.error().message();
+    ::munmap(p, len);
+    auto m = read_manifest(dir_.path() + "/" + name);
+    ASSERT_TRUE(m.ok()) << m.error().message();
+    man_ = std::move(*m);
+    auto d = snapshot::DecodeDictionary::load(man_.dictionary);
+    ASSERT_TRUE(d.ok()) << d.error().message();
+    dict_ = std::move(*d);
+  }
+
+  void connect() {
+    auto loc = SnapshotLocation::parse(uri());
+    ASSERT_TRUE(loc.ok());
+    auto fd = net::open_connection(*loc, "", deadline());
+    ASSERT_TRUE(fd.ok()) << fd.error().message();
+    fd_ = std::move(*fd);
+  }
+  static net::Deadline deadline() { return std::chrono::steady_clock::now() + std::chrono::seconds(10); }
+
+  static void get_page(capnp::MallocMessageBuilder& m, const std::string& snap, uint32_t region, uint32_t chunk,
+                       uint32_t page, uint64_t tag) {
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(tag + 1000);
+    auto g = rq.initGetPage();
+    g.setSnapshot(snap);
+    g.setRegion(region);
+    g.setChunk(chunk);
+    g.setPage(page);
+    g.setTag(tag);
+  }
+  void send_get_page(const std::string& snap, uint32_t region, uint32_t chunk, uint32_t page, uint64_t tag) {
+    capnp::MallocMessageBuilder m;
+    get_page(m, snap, region, chunk, page, tag);
+    ASSERT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
+  }
+  net::OwnedFrame recv() {
+    auto f = net::recv_frame(fd_.get(), in_, deadline());
+    EXPECT_TRUE(f.ok()) << f.error().message();
+    return f.ok() ? std::move(*f) : net::OwnedFrame{};
+  }
+  proto::wire::ServerStats::Reader wire_stats(net::OwnedFrame& holder) {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(77);
+    rq.setStats();
+    EXPECT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
+    holder = recv();
+    auto r = holder.header->root<proto::wire::Reply>();
+    EXPECT_TRUE(r.isStats());
+    return r.getStats();
+  }
+
+  // The reply to getPage(region 0, chunk, page, tag) is that page, every byte: from its frame
+  // alone (whole = false), or from the whole stored chunk, verified. Returns whether it was whole.
+  bool check_page_reply(net::OwnedFrame& f, uint32_t chunk, uint32_t page, uint64_t tag) {
+    auto r = f.header->root<proto::wire::Reply>();
+    EXPECT_EQ(r.getId(), tag + 1000);
+    if (!r.isPage()) {
+      ADD_FAILURE() << "chunk " << chunk << " page " << page << ": not a page reply"
+                    << (r.isError() ? std::string(": ") + r.getError().getMessage().cStr() : "");
+      return false;
+    }
+    auto pg = r.getPage();
+    EXPECT_EQ(pg.getRegion(), 0u);
+    EXPECT_EQ(pg.getChunk(), chunk);
+    EXPECT_EQ(pg.getPage(), page);
+    EXPECT_EQ(pg.getTag(), tag);
+    const ChunkInfo& ci = man_.regions[0].chunks[chunk];
+    const uint32_t ps = man_.regions[0].page_size;
+    std::vector<std::byte> out(man_.chunk_length(0, chunk));
+    std::span<const std::byte> got;
+    if (!pg.getWhole()) {
+      EXPECT_EQ(ci.codec, Codec::kZstdPages) << "a page frame alone comes only from a page-frame chunk";
+      EXPECT_LT(f.payload.size(), ps);
+      Status s = dec_.decode_frame(f.payload, std::span(out).first(ps), {ps, dict_ ? dict_->get() : nullptr});
+      EXPECT_TRUE(s.ok()) << "chunk " << chunk << " page " << page << ": " << s.error().message();
+      got = std::span(out).first(ps);
+    } else {
+      EXPECT_EQ(f.payload.size(), ci.stored_length);
+      Status s = dec_.decode(ci, f.payload, out, {ps, dict_ ? dict_->get() : nullptr});
+      EXPECT_TRUE(s.ok()) << "chunk " << chunk << ": " << s.error().message();
+      got = std::span(out).subspan(size_t{page} * ps, ps);
+    }
+    size_t at = size_t{chunk} * man_.chunk_size + size_t{page} * ps;
+    EXPECT_EQ(std::memcmp(got.data(), expected_.data() + at, ps), 0) << "chunk " << chunk << " page " << page;
+    return pg.getWhole();
+  }
+
+  // Asks for every page of every stored chunk of snapshot `name`; returns replies sent as a
+  // frame alone (the rest were whole chunks).
+  uint64_t get_every_page(const std::string& name) {
+    uint64_t frames = 0;
+    for (uint32_t c = 0; c < man_.regions[0].chunks.size(); ++c) {
+      const ChunkInfo& ci = man_.regions[0].chunks[c];
+      if (ci.codec == Codec::kZero) continue;  // never asked for: the client zero-fills those
+      uint32_t pages = man_.chunk_length(0, c) / man_.regions[0].page_size;
+      for (uint32_t p = 0; p < pages; ++p) {  // pipelined: every request of the chunk, then the replies
+        send_get_page(name, 0, c, p, uint64_t{c} << 16 | p);
+      }
+      for (uint32_t p = 0; p < pages; ++p) {
+        auto f = recv();
+        if (!f.header) return frames;
+        bool whole = check_page_reply(f, c, p, uint64_t{c} << 16 | p);
+        frames += !whole;
+        if (man_.format_version >= 2 && c == 1) {
+          EXPECT_EQ(ci.codec, Codec::kZstdPages);
+          EXPECT_EQ(whole, p == 1 || p == 2) << "zero and raw page frames go as the whole chunk; page " << p;
+        }
+      }
+    }
+    return frames;
+  }
+
+  Manifest man_;
+  std::shared_ptr<const snapshot::DecodeDictionary> dict_;
+  snapshot::ChunkDecoder dec_;
+  sys::UniqueFd fd_;
+  net::FrameBuffer in_;
+};
+
+// Every page of every stored chunk: a page of a page-frame chunk stored as a zstd frame comes
+// as that frame alone and decodes to the captured bytes; zero and raw pages, raw chunks and a
+// format-1 snapshot come as the whole chunk. Some chunk straddles two cache extents.
+TEST_F(GetPageTest, ServesEveryPageAsItsFrameOrTheWholeChunk) {
+  const size_t len = 8 * kMiB + 3 * 4096;  // the last chunk holds 3 pages
+  capture_as("v2", len, 41, 2);
+  Manifest v2 = man_;
+  start_server();
+  connect();
+  bool straddles = false;
+  for (const ChunkInfo& ci : v2.regions[0].chunks) {
+    straddles |= ci.codec == Codec::kZstdPages && ci.offset / (64 << 10) != (ci.offset + ci.stored_length - 1) / (64 << 10);
+  }
+  EXPECT_TRUE(straddles) << "no page-frame chunk crosses an extent: the copy into one span goes untested";
+  ASSERT_EQ(v2.regions[0].chunks.back().codec, Codec::kZstdPages);
+
+  uint64_t frames = get_every_page("v2");
+  EXPECT_GT(frames, 0u);
+  auto st = server_->stats();
+  EXPECT_EQ(st.pages, frames);
+  EXPECT_EQ(st.errors_corrupt + st.errors_io + st.errors_range, 0u);
+  net::OwnedFrame holder;
+  auto ws = wire_stats(holder);
+  EXPECT_EQ(ws.getPages(), frames);
+  EXPECT_EQ(ws.getErrorsCorrupt(), 0u);
+
+  // Format 1 (one zstd frame per chunk): always the whole chunk.
+  capture_as("v1", len, 42, 1);
+  EXPECT_EQ(get_every_page("v1"), 0u);
+  EXPECT_EQ(server_->stats().pages, frames);
+}
+
+// A page outside its chunk (the short last chunk's limit is its own length, not the chunk
+// size), a chunk or region outside the snapshot, an unknown snapshot: an error carrying the
+// tag, and the connection goes on.
+TEST_F(GetPageTest, OutOfRangeAndUnknownAreErrorsWithTheTag) {
+  capture_as("snap", 4 * kMiB + 3 * 4096, 45, 2);
+  start_server();
+  connect();
+  const uint32_t last = static_cast<uint32_t>(man_.regions[0].chunks.size() - 1);
+  struct Case {
+    std::string snap;
+    uint32_t region, chunk, page;
+    proto::wire::ErrorCode code;
+  };
+  const Case cases[] = {
+      {"snap", 0, 0, 16, proto::wire::ErrorCode::OUT_OF_RANGE},
+      {"snap", 0, last, 3, proto::wire::ErrorCode::OUT_OF_RANGE},
+      {"snap", 0, last + 1, 0, proto::wire::ErrorCode::OUT_OF_RANGE},
+      {"snap", 1, 0, 0, proto::wire::ErrorCode::OUT_OF_RANGE},
+      {"snap", 0, 0, ~0u, proto::wire::ErrorCode::OUT_OF_RANGE},
+      {"nope", 0, 0, 0, proto::wire::ErrorCode::NOT_FOUND},
+  };
+  uint64_t tag = 500;
+  for (const Case& k : cases) {
+    send_get_page(k.snap, k.region, k.chunk, k.page, ++tag);
+    auto f = recv();
+    ASSERT_TRUE(f.header);
+    auto r = f.header->root<proto::wire::Reply>();
+    ASSERT_TRUE(r.isError()) << k.snap << " " << k.region << "/" << k.chunk << " page " << k.page;
+    EXPECT_EQ(r.getError().getCode(), k.code);
+    EXPECT_EQ(r.getError().getTag(), tag);
+    EXPECT_EQ(r.getId(), tag + 1000);
+  }
+  // The last page of the short chunk is served.
+  send_get_page("snap", 0, last, 2, 9);
+  auto f = recv();
+  ASSERT_TRUE(f.header);
+  check_page_reply(f, last, 2, 9);
+  EXPECT_EQ(server_->stats().errors_range, 5u);
+  EXPECT_EQ(server_->stats().errors_not_found, 1u);
+}
+
+// A stored chunk damaged on the server's disk: getPage refuses it (IO_ERROR naming it, with the
+// tag; counted once as corrupt), and the connection keeps being served.
+TEST_F(GetPageTest, CorruptStoredChunkIsAnIoErrorAndServingGoesOn) {
+  capture_as("snap", 4 * kMiB, 49, 2);
+  uint32_t bad = 0;
+  while (man_.regions[0].chunks[bad].codec != Codec::kZstdPages) ++bad;
+  {
+    const ChunkInfo& ci = man_.regions[0].chunks[bad];
+    std::fstream data(dir_.path() + "/snap/" + snapshot::kDataFile, std::ios::in | std::ios::out | std::ios::binary);
+    ASSERT_TRUE(data.good());
+    auto at = static_cast<std::streamoff>(ci.offset + ci.stored_length - 10);  // inside the last frame
+    data.seekg(at);
+    char b = 0;
+    data.read(&b, 1);
+    data.seekp(at);
+    b = static_cast<char>(b ^ 0x40);
+    data.write(&b, 1);
+    ASSERT_TRUE(data.good());
+  }
+  start_server();
+  connect();
+  send_get_page("snap", 0, bad, 0, 31);
+  auto f = recv();
+  ASSERT_TRUE(f.header);
+  auto r = f.header->root<proto::wire::Reply>();
+  ASSERT_TRUE(r.isError());
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::IO_ERROR);
+  EXPECT_EQ(r.getError().getTag(), 31u);
+  std::string msg = r.getError().getMessage().cStr();
+  EXPECT_NE(msg.find("corrupt"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("'snap'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("0/" + std::to_string(bad)), std::string::npos) << msg;
+  EXPECT_EQ(server_->stats().errors_corrupt, 1u);
+
+  // Same connection: another chunk's pages, as before.
+  uint32_t good = bad + 1;
+  while (man_.regions[0].chunks[good].codec != Codec::kZstdPages) ++good;
+  for (uint32_t p = 0; p < 16; ++p) send_get_page("snap", 0, good, p, 40 + p);
+  for (uint32_t p = 0; p < 16; ++p) {
+    auto g = recv();
+    ASSERT_TRUE(g.header);
+    check_page_reply(g, good, p, 40 + p);
+  }
+  net::OwnedFrame holder;
+  auto ws = wire_stats(holder);
+  EXPECT_EQ(ws.getErrorsCorrupt(), 1u);
+  EXPECT_GT(ws.getPages(), 0u);
+}
+
+// A demand getPage and a demand getChunks sent after a large prefetch getChunks on the same
+// connection are answered before all but the prefetch the connection already held (one
+// backpressure window), not after the whole prefetch.
+TEST_F(GetPageTest, DemandOvertakesQueuedPrefetch) {
+  capture_as("snap", 32 * kMiB, 53, 2);
+  pageserver::ServerOptions o;
+  start_server(o);
+  connect();
+  const auto& chunks = man_.regions[0].chunks;
+  uint32_t text = 0;
+  while (chunks[text].codec != Codec::kZstdPages) ++text;
+  std::vector<uint32_t> stored;
+  uint64_t prefetch_bytes = 0;
+  for (uint32_t c = 0; c < chunks.size(); ++c) {
+    if (chunks[c].codec == Codec::kZero) continue;
+    stored.push_back(c);
+    prefetch_bytes += chunks[c].stored_length;
+  }
+  ASSERT_GT(prefetch_bytes, 8 * o.max_queued_bytes);
+  // All three requests in one write, so the server reads them together: prefetch first.
+  std::vector<std::byte> wire;
+  auto append = [&](capnp::MessageBuilder& m) {
+    auto f = net::encode_frame(m, 0);
+    wire.insert(wire.end(), f.begin(), f.end());
+  };
+  {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(1);
+    auto gc = rq.initGetChunks();
+    gc.setSnapshot("snap");
+    gc.setDemand(false);
+    auto l = gc.initChunks(static_cast<unsigned>(stored.size()));
+    for (unsigned i = 0; i < stored.size(); ++i) {
+      l[i].setChunk(stored[i]);
+      l[i].setTag(stored[i]);
+    }
+    append(m);
+  }
+  const uint32_t demand_chunk = stored.back();
+  {
+    capnp::MallocMessageBuilder m;
+    get_page(m, "snap", 0, text, 3, 1u << 30);
+    append(m);
+  }
+  {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(2);
+    auto gc = rq.initGetChunks();
+    gc.setSnapshot("snap");
+    gc.setDemand(true);
+    auto l = gc.initChunks(1);
+    l[0].setChunk(demand_chunk);
+    l[0].setTag(1u << 31);
+    append(m);
+  }
+  ASSERT_EQ(::send(fd_.get(), wire.data(), wire.size(), MSG_NOSIGNAL), static_cast<ssize_t>(wire.size()));
+
+  uint64_t before = 0, got_prefetch = 0;
+  std::optional<uint64_t> page_after, chunk_after;
+  for (size_t n = 0; n < stored.size() + 2; ++n) {
+    auto f = recv();
+    ASSERT_TRUE(f.header) << "reply " << n;
+    auto r = f.header->root<proto::wire::Reply>();
+    if (r.isPage()) {
+      page_after = before;
+      EXPECT_FALSE(check_page_reply(f, text, 3, 1u << 30)) << "a text page goes as its frame alone";
+    } else if (r.isChunk() && r.getChunk().getTag() == 1u << 31) {
+      chunk_after = before;
+      EXPECT_EQ(r.getId(), 2u);
+      EXPECT_EQ(f.payload.size(), chunks[demand_chunk].stored_length);
+    } else {
+      ASSERT_TRUE(r.isChunk()) << (r.isError() ? r.getError().getMessage().cStr() : "");
+      before += f.payload.size();
+      ++got_prefetch;
+    }
+  }
+  EXPECT_EQ(got_prefetch, stored.size());
+  ASSERT_TRUE(page_after && chunk_after);
+  // At most what the connection held when the demand came (its limit, plus the chunk that
+  // crossed it) went first.
+  EXPECT_LE(*page_after, o.max_queued_bytes + kDefaultChunkSize) << "of " << prefetch_bytes;
+  EXPECT_LE(*chunk_after, o.max_queued_bytes + kDefaultChunkSize) << "of " << prefetch_bytes;
 }
 
 }  // namespace

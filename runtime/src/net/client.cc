@@ -179,7 +179,8 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                       {"cache_misses", st.getCacheMisses()},          {"zerocopy_sends", st.getZerocopySends()},
                       {"zerocopy_bytes", st.getZerocopyBytes()},      {"zerocopy_copied_sends", st.getZerocopyCopiedSends()},
                       {"zerocopy_fallbacks", st.getZerocopyFallbacks()}, {"plain_sends", st.getPlainSends()},
-                      {"plain_bytes", st.getPlainBytes()}};
+                      {"plain_bytes", st.getPlainBytes()},            {"pages", st.getPages()},
+                      {"errors_corrupt", st.getErrorsCorrupt()}};
   return j.dump();
 }
 

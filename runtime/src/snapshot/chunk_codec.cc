@@ -161,11 +161,7 @@ Status ChunkDecoder::verify_stored(const ChunkInfo& info, std::span<const std::b
 
 Status ChunkDecoder::decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index,
                                  std::span<std::byte> out, const ChunkLayout& layout) {
-  const uint32_t pages = length / layout.page_size;
-  const size_t table = size_t{pages} * kEndBytes;
-  uint32_t begin = index == 0 ? 0 : frame_end(stored, index - 1);
-  uint32_t end = frame_end(stored, index);
-  auto frame = stored.subspan(table + begin, end - begin);
+  auto frame = page_frame(stored, length, layout.page_size, index);
   if (frame.empty()) {
     std::memset(out.data(), 0, out.size());
   } else if (frame.size() == out.size()) {
@@ -177,6 +173,28 @@ Status ChunkDecoder::decode_page(std::span<const std::byte> stored, uint32_t len
       return Error(Errc::kCorrupt, fmt::format("page {} does not decode: {}", index, ZSTD_getErrorName(n)));
     }
     if (n != out.size()) return Error(Errc::kCorrupt, fmt::format("page {} decodes to {} bytes, not {}", index, n, out.size()));
+  }
+  return ok_status();
+}
+
+std::span<const std::byte> page_frame(std::span<const std::byte> stored, uint32_t length, uint32_t page_size,
+                                      uint32_t index) {
+  const size_t table = size_t{length / page_size} * kEndBytes;
+  uint32_t begin = index == 0 ? 0 : frame_end(stored, index - 1);
+  return stored.subspan(table + begin, frame_end(stored, index) - begin);
+}
+
+Status ChunkDecoder::decode_frame(std::span<const std::byte> frame, std::span<std::byte> out, const ChunkLayout& layout) {
+  ZSTD_frameHeader h;
+  size_t r = ZSTD_getFrameHeader(&h, frame.data(), frame.size());
+  if (r != 0 || h.frameType != ZSTD_frame || h.frameContentSize != out.size() || !h.checksumFlag) {
+    // A frame without a checksum would decode unverified: refused, whatever it holds.
+    return Error(Errc::kCorrupt, "page frame: not a checksummed zstd frame of one page");
+  }
+  size_t n = layout.dict ? ZSTD_decompress_usingDDict(dctx_, out.data(), out.size(), frame.data(), frame.size(), layout.dict)
+                         : ZSTD_decompressDCtx(dctx_, out.data(), out.size(), frame.data(), frame.size());
+  if (ZSTD_isError(n) || n != out.size()) {
+    return Error(Errc::kCorrupt, fmt::format("page frame does not decode: {}", ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short"));
   }
   return ok_status();
 }

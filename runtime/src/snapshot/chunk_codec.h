@@ -34,6 +34,16 @@ struct EncodedChunk {
   std::span<const std::byte> stored;  // what to store: points into the encoder's buffer or the input
 };
 
+// kZstdPages, after verify_stored(): the stored frame of page `index` (empty: a zero page;
+// page_size bytes: the raw page; else a zstd frame).
+std::span<const std::byte> page_frame(std::span<const std::byte> stored, uint32_t length, uint32_t page_size,
+                                      uint32_t index);
+// Whether a page frame is a zstd frame, which carries its own content checksum and so can be
+// sent and verified alone (zero and raw page frames cannot: they are checked by the chunk's).
+inline bool is_compressed_frame(std::span<const std::byte> frame, uint32_t page_size) {
+  return !frame.empty() && frame.size() != page_size;
+}
+
 class ChunkEncoder {
  public:
   // `dict` may be null (pages are then compressed without one).
@@ -82,6 +92,9 @@ class ChunkDecoder {
                        uint32_t page_size) const;
   Status decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index, std::span<std::byte> out,
                      const ChunkLayout& layout);
+  // One page from its zstd frame alone (a getPage reply): the frame must declare its content
+  // size (out.size()) and carry a content checksum, which zstd verifies while decoding.
+  Status decode_frame(std::span<const std::byte> frame, std::span<std::byte> out, const ChunkLayout& layout);
   // After decode_page(index) into its place in `out`: decodes every other page and verifies the
   // whole chunk's checksum, as decode() would.
   Status decode_rest(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
