@@ -7,6 +7,7 @@
 
 #include "core/log.h"
 #include "fault/fault_engine.h"
+#include "fault/thread_faults.h"
 #include "net/remote.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/snapshot_reader.h"
@@ -48,6 +49,7 @@ struct LazyRestore::Impl {
   std::vector<RestoredRegion> regions;
   std::unique_ptr<fault::FaultEngine> engine;
   fault::SessionId session = 0;
+  std::shared_ptr<fault::ThreadFaults> thread_faults;  // fault_on_thread
   bool finished = false;
 };
 
@@ -99,7 +101,15 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
 
   uint64_t wanted = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP |
                     UFFD_FEATURE_EVENT_FORK;
-  LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, sys::Uffd::open(wanted & features.uffd_features));
+  uint64_t required = 0;
+  if (options.fault_on_thread) {
+    required = UFFD_FEATURE_SIGBUS;
+    if (!features.has_uffd_feature(required)) {
+      return Error(Errc::kUnsupported, "fault_on_thread: this kernel's userfaultfd has no UFFD_FEATURE_SIGBUS (Linux 4.14); "
+                                       "restore without it");
+    }
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, sys::Uffd::open((wanted & features.uffd_features) | required, required));
   for (const auto& mp : impl->mappings) {
     auto ioctls = uffd.register_missing(mp.address(), mp.size());
     if (!ioctls.ok()) return std::move(ioctls).error();
@@ -112,8 +122,22 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
   eo.fetch_attempts = options.fetch_attempts;
   eo.demand_deadline = options.fault_deadline;
   impl->engine = std::make_unique<fault::FaultEngine>(features, eo);
-  LAZYMEM_TRY(impl->engine->start());
   fault::SessionSpec spec;
+  if (options.fault_on_thread) {
+    fault::ThreadFaultOptions to;
+    to.connections = options.fault_connections;
+    to.deadline = options.fault_deadline;
+    to.fetch_attempts = options.fetch_attempts;
+    to.can_poison = features.has_uffd_poison();
+    Impl* self = impl.get();
+    to.complete_before_fork = [self] {
+      self->engine->set_prefetch(self->session, true);
+      (void)self->engine->wait_complete(self->session, std::chrono::hours(24));
+    };
+    LAZYMEM_ASSIGN_OR_RETURN(impl->thread_faults, fault::ThreadFaults::start(impl->source, uffd.fd(), ranges, std::move(to)));
+    spec.follower = impl->thread_faults;
+  }
+  LAZYMEM_TRY(impl->engine->start());
   spec.name = location;
   spec.uffd = std::move(uffd);
   spec.source = impl->source;
@@ -137,6 +161,11 @@ const std::vector<std::byte>& LazyRestore::app_state() const { return impl_->sou
 RestoreStats LazyRestore::stats() const {
   auto info = impl_->engine->session_info(impl_->session);
   if (!info) return RestoreStats{};
+  if (impl_->thread_faults) {
+    std::vector<RegionStats> own = impl_->thread_faults->stats();
+    for (size_t i = 0; i < own.size() && i < info->stats.regions.size(); ++i) info->stats.regions[i].merge(own[i]);
+    if (!impl_->thread_faults->failure().empty()) info->stats.failed = true;
+  }
   return info->stats;
 }
 
@@ -150,10 +179,14 @@ Status LazyRestore::finish() {
   if (impl_->finished) return ok_status();
   Status s = wait_complete();
   if (!s.ok() && s.error().code() == Errc::kTimeout) return s;  // keep serving: never abandon missing pages
+  if (s.ok() && impl_->thread_faults && !impl_->thread_faults->failure().empty()) {
+    s = Error(Errc::kIo, impl_->thread_faults->failure());
+  }
   // Complete, or failed with every failed page poisoned: either way no page is left for the
   // kernel to zero-fill. Stop serving and give the memory to the application.
   impl_->engine->remove_session(impl_->session);
   impl_->engine->stop();
+  impl_->thread_faults.reset();  // after the engine: it no longer calls the follower
   for (auto& mp : impl_->mappings) mp.release();
   impl_->finished = true;
   return s;

@@ -31,6 +31,13 @@ struct RestoreOptions {
   unsigned reads_in_flight = 64;     // chunk requests outstanding per source
   unsigned fetch_attempts = 3;       // tries per chunk before its pages are failed
   std::chrono::milliseconds fault_deadline{30000};  // a faulting thread waits at most this long
+  // Page-server sources: a faulting thread fetches and installs its own page (one round trip,
+  // no hand-off to the handler thread), inside a SIGBUS handler; background prefetch stays on
+  // the handler thread. Caveat: while it is on, a system call that writes into a page not yet
+  // restored fails with EFAULT instead of waiting (userfaultfd's SIGBUS mode), and fork()
+  // first completes the restore. See docs/design-notes.md, "Faults on the faulting thread".
+  bool fault_on_thread = false;
+  unsigned fault_connections = 2;  // page-server connections the faulting threads share
 };
 
 struct RestoredRegion {

@@ -17,6 +17,17 @@ struct MappedRange {
   uint64_t end() const { return start + length; }
 };
 
+// Follows a session's address map from outside the engine thread (fault/thread_faults.h). The
+// engine calls begin_update() before it reads the userfaultfd's events and end_update() with the
+// ranges as they are once it has applied them, so a thread resolving its own fault never
+// installs a page by a map the process has already changed.
+class MapFollower {
+ public:
+  virtual ~MapFollower() = default;
+  virtual void begin_update() = 0;
+  virtual void end_update(const std::vector<MappedRange>& ranges) = 0;
+};
+
 class AddressMap {
  public:
   AddressMap() = default;

@@ -53,6 +53,7 @@ struct FaultEngine::Session {
   std::string name;
   pid_t pid = 0;
   bool prefetch = true;
+  std::shared_ptr<MapFollower> follower;  // faults served on the faulting threads (SessionSpec)
   sys::Uffd uffd;
   std::shared_ptr<snapshot::ChunkSource> source;
   const Manifest* manifest = nullptr;
@@ -300,6 +301,15 @@ void FaultEngine::Loop::deactivate(Session& s) {
 // ---- events ----
 
 void FaultEngine::Loop::drain_uffd(Session& s) {
+  struct Follow {  // holds the follower's readers off until the events read are applied
+    Session& s;
+    explicit Follow(Session& s) : s(s) {
+      if (s.follower) s.follower->begin_update();
+    }
+    ~Follow() {
+      if (s.follower) s.follower->end_update(s.map.ranges());
+    }
+  } follow(s);
   for (;;) {
     auto n = s.uffd.read_events(msgs_);
     if (!n.ok()) {
@@ -950,6 +960,7 @@ Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
   s->name = spec.name;
   s->pid = spec.pid;
   s->prefetch = spec.prefetch;
+  s->follower = std::move(spec.follower);
   s->uffd = std::move(spec.uffd);
   s->source = std::move(spec.source);
   s->manifest = &s->source->manifest();

@@ -48,6 +48,9 @@ struct SessionSpec {
   std::vector<MappedRange> ranges;
   pid_t pid = 0;           // the served process (killed if a page cannot be had and POISON is missing)
   bool prefetch = true;    // fetch every chunk in the background, not just faulted ones
+  // Faults resolved by the faulting threads themselves (uffd in SIGBUS mode): the engine only
+  // prefetches and applies events, keeping this follower's view of the map in step.
+  std::shared_ptr<MapFollower> follower;
 };
 
 struct SessionInfo {

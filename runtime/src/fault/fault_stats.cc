@@ -60,7 +60,9 @@ void LiveRegionStats::add_latency_us(uint64_t us) {
   bump(buckets_[LatencyHistogram::bucket_of(us)]);
   bump(lat_count_);
   bump(lat_sum_, us);
-  if (us > lat_max_.load(std::memory_order_relaxed)) lat_max_.store(us, std::memory_order_relaxed);
+  uint64_t max = lat_max_.load(std::memory_order_relaxed);
+  while (us > max && !lat_max_.compare_exchange_weak(max, us, std::memory_order_relaxed)) {
+  }
 }
 
 RegionStats LiveRegionStats::read() const {

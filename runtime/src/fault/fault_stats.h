@@ -1,4 +1,5 @@
-// Live fault counters: written by the engine thread, read (as RegionStats copies) by any thread.
+// Live fault counters: written by the engine thread (and by faulting threads that resolve their
+// own faults), read (as RegionStats copies) by any thread.
 #pragma once
 
 #include <atomic>
@@ -13,7 +14,7 @@ class LiveRegionStats {
  public:
   LiveRegionStats(std::string name, uint64_t length) : name_(std::move(name)), length_(length) {}
 
-  // Engine thread only (relaxed stores; readers tolerate a torn snapshot across counters).
+  // Any thread (relaxed atomic adds; readers tolerate a torn snapshot across counters).
   void add_fault() { bump(faults_); }
   void add_installed(uint64_t pages, bool by_fault) { bump(by_fault ? pages_fault_ : pages_prefetch_, pages); }
   void add_zero(uint64_t pages) { bump(pages_zero_, pages); }
@@ -28,7 +29,7 @@ class LiveRegionStats {
 
  private:
   static void bump(std::atomic<uint64_t>& c, uint64_t n = 1) {
-    c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    c.fetch_add(n, std::memory_order_relaxed);
   }
   std::string name_;
   uint64_t length_;

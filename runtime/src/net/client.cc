@@ -19,6 +19,7 @@
 
 #include "net/auth.h"
 #include "net/dialer.h"
+#include "net/page_fetcher.h"
 #include "snapshot/manifest.h"
 #include "sys/syscall_result.h"
 
@@ -570,6 +571,12 @@ Result<std::unique_ptr<snapshot::ChunkReader>> RemoteSource::open_reader() {
   auto r = std::make_unique<RemoteReader>(*this, loc_, token_, options_);
   LAZYMEM_TRY(r->connect());
   return std::unique_ptr<snapshot::ChunkReader>(std::move(r));
+}
+
+Result<std::unique_ptr<snapshot::PageFetcher>> RemoteSource::open_page_fetcher() {
+  LAZYMEM_ASSIGN_OR_RETURN(auto dict, dictionary());
+  LAZYMEM_ASSIGN_OR_RETURN(auto f, RemotePageFetcher::open(loc_, token_, manifest_, std::move(dict), options_.deadline));
+  return std::unique_ptr<snapshot::PageFetcher>(std::move(f));
 }
 
 }  // namespace lazymem::net

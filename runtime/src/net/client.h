@@ -56,6 +56,7 @@ class RemoteSource final : public snapshot::ChunkSource {
   const Manifest& manifest() const override { return manifest_; }
   Result<std::unique_ptr<snapshot::ChunkReader>> open_reader() override;
   std::string describe() const override { return loc_.to_string(); }
+  Result<std::unique_ptr<snapshot::PageFetcher>> open_page_fetcher() override;
 
  private:
   SnapshotLocation loc_;

@@ -4,6 +4,7 @@
 // all run in one event loop with no thread hand-off.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -56,6 +57,30 @@ class ChunkReader {
   virtual size_t capacity() const = 0;
 };
 
+// Fetches one page synchronously on the calling thread: a fault resolved by the faulting thread
+// itself, inside its SIGBUS handler (RestoreOptions::fault_on_thread). Everything is allocated
+// when it is opened; fetch() then allocates nothing and takes no lock unless the data it gets
+// is bad (reporting that may allocate: docs/design-notes.md, "Faults on the faulting thread").
+//
+// Thread-safety: one thread at a time (the pool that hands fetchers out sees to it).
+class PageFetcher {
+ public:
+  enum class Outcome {
+    kOk,      // `out` holds the page, verified
+    kBroken,  // the connection failed or timed out: reopen() it (not in a signal handler) and retry
+    kBad,     // the data failed verification or the server refused: an attempt spent
+  };
+  virtual ~PageFetcher() = default;
+  // Page `page` of chunk `ref` into `out` (the region's page size), by `deadline_ns`
+  // (CLOCK_MONOTONIC). Not for zero chunks (nothing to fetch).
+  virtual Outcome fetch(ChunkRef ref, uint32_t page, std::span<std::byte> out, int64_t deadline_ns) noexcept = 0;
+  // Bytes the last successful fetch received from the source (for statistics).
+  virtual size_t received() const noexcept = 0;
+  // Why the last fetch failed, as a static string (safe to write from a signal handler).
+  virtual const char* failure() const noexcept = 0;
+  virtual Status reopen(std::chrono::milliseconds timeout) = 0;
+};
+
 class ChunkSource {
  public:
   virtual ~ChunkSource() = default;
@@ -63,6 +88,10 @@ class ChunkSource {
   // A reader for the calling thread.
   virtual Result<std::unique_ptr<ChunkReader>> open_reader() = 0;
   virtual std::string describe() const = 0;
+  // A page fetcher, for sources that have one (page servers).
+  virtual Result<std::unique_ptr<PageFetcher>> open_page_fetcher() {
+    return Error(Errc::kUnsupported, describe() + ": faults on the faulting thread need a page server (lazymem://) source");
+  }
 
   // The manifest's dictionary ready for decoding, built once per source (null: it has none).
   Result<std::shared_ptr<const DecodeDictionary>> dictionary() {

@@ -1,0 +1,264 @@
+// RemotePageFetcher: getPage on the faulting thread (see page_fetcher.h).
+#include "net/page_fetcher.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "net/client.h"
+#include "net/frame.h"
+#include "wire.capnp.h"
+
+namespace lazymem::net {
+namespace wire = proto::wire;
+namespace {
+
+constexpr uint32_t kMaxReplyHeader = 4096;
+constexpr long kRecvSliceMs = 50;
+constexpr int64_t kSpinNs = 50'000;  // a page reply header is ~64 bytes; an error's text more
+
+int64_t now_ns() noexcept {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+}
+
+void put_le32(std::byte* p, uint32_t v) noexcept {
+  for (int i = 0; i < 4; ++i) p[i] = std::byte((v >> (8 * i)) & 0xff);
+}
+uint32_t get_le32(const std::byte* p) noexcept {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
+  return v;
+}
+
+// Waits for `events` on fd until the deadline; false on timeout or error.
+bool wait_until(int fd, short events, int64_t deadline_ns) noexcept {
+  for (;;) {
+    int64_t left = deadline_ns - now_ns();
+    if (left <= 0) return false;
+    timespec ts{static_cast<time_t>(left / 1000000000), static_cast<long>(left % 1000000000)};
+    pollfd p{fd, events, 0};
+    int r = ::ppoll(&p, 1, &ts, nullptr);
+    if (r > 0) return (p.revents & (POLLERR | POLLNVAL)) == 0 || (p.revents & events) != 0;
+    if (r < 0 && errno != EINTR) return false;
+  }
+}
+
+}  // namespace
+
+RemotePageFetcher::RemotePageFetcher(const SnapshotLocation& loc, std::string token, const Manifest& manifest,
+                                     std::shared_ptr<const snapshot::DecodeDictionary> dict)
+    : loc_(loc), token_(std::move(token)), manifest_(manifest), dict_(std::move(dict)) {}
+
+Result<std::unique_ptr<RemotePageFetcher>> RemotePageFetcher::open(const SnapshotLocation& loc, std::string token,
+                                                                   const Manifest& manifest,
+                                                                   std::shared_ptr<const snapshot::DecodeDictionary> dict,
+                                                                   std::chrono::milliseconds timeout) {
+  std::unique_ptr<RemotePageFetcher> f(new RemotePageFetcher(loc, std::move(token), manifest, std::move(dict)));
+  if (loc.name.size() > 8 * (f->request_words_.size() - 16)) {
+    return Error(Errc::kInvalidArgument, "snapshot name too long for a page request");
+  }
+  f->request_ = std::make_unique<capnp::MallocMessageBuilder>(kj::arrayPtr(f->request_words_.data(), f->request_words_.size()));
+  auto rq = f->request_->initRoot<wire::Request>();
+  rq.initGetPage().setSnapshot(loc.name);
+  auto segments = f->request_->getSegmentsForOutput();
+  if (segments.size() != 1 || segments[0].begin() != f->request_words_.data()) {
+    return Error(Errc::kInvalidArgument, "page request does not fit its buffer");
+  }
+  uint32_t seg_words = static_cast<uint32_t>(segments[0].size());
+  put_le32(f->request_prefix_.data(), 8 + seg_words * 8);  // header: segment table + segment
+  put_le32(f->request_prefix_.data() + 4, 0);              // no payload
+  put_le32(f->request_prefix_.data() + 8, 0);              // one segment
+  put_le32(f->request_prefix_.data() + 12, seg_words);
+
+  uint64_t max_stored = 0;
+  for (const RegionInfo& r : manifest.regions)
+    for (const ChunkInfo& c : r.chunks) max_stored = std::max<uint64_t>(max_stored, c.stored_length);
+  f->in_ = kj::heapArray<capnp::word>((kFramePrefix + kMaxReplyHeader + max_stored) / sizeof(capnp::word) + 1);
+  f->chunk_.resize(manifest.chunk_size);
+  LAZYMEM_TRY(f->reopen(timeout));
+  return f;
+}
+
+Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
+  fd_.reset();
+  LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, std::chrono::steady_clock::now() + timeout));
+  // Replies are waited for in a blocking recv() (one syscall, where poll() then recv() is two on
+  // every fault), woken every kRecvSliceMs to check the deadline. Sends stay non-blocking.
+  int flags = ::fcntl(fd_.get(), F_GETFL);
+  timeval slice{0, kRecvSliceMs * 1000};
+  if (flags < 0 || ::fcntl(fd_.get(), F_SETFL, flags & ~O_NONBLOCK) != 0 ||
+      ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &slice, sizeof slice) != 0) {
+    return Error(Errc::kIo, fmt::format("page-server connection: socket options: {}", std::strerror(errno)));
+  }
+  failure_ = "";
+  return ok_status();
+}
+
+snapshot::PageFetcher::Outcome RemotePageFetcher::broken(const char* why) noexcept {
+  failure_ = why;
+  fd_.reset();  // whatever is still on the wire belongs to no one: start clean
+  return Outcome::kBroken;
+}
+
+snapshot::PageFetcher::Outcome RemotePageFetcher::bad(const char* why) noexcept {
+  failure_ = why;
+  return Outcome::kBad;
+}
+
+bool RemotePageFetcher::send_request(int64_t deadline_ns) noexcept {
+  auto words = request_->getSegmentsForOutput()[0].asBytes();
+  iovec iov[2] = {{request_prefix_.data(), request_prefix_.size()},
+                  {const_cast<kj::byte*>(words.begin()), words.size()}};
+  size_t total = request_prefix_.size() + words.size(), done = 0;
+  while (done < total) {
+    msghdr mh{};
+    // Skip what was sent already (a partial send of a ~100-byte request is rare but legal).
+    iovec rest[2];
+    int n_iov = 0;
+    size_t skip = done;
+    for (const iovec& v : iov) {
+      if (skip >= v.iov_len) {
+        skip -= v.iov_len;
+        continue;
+      }
+      rest[n_iov++] = {static_cast<char*>(v.iov_base) + skip, v.iov_len - skip};
+      skip = 0;
+    }
+    mh.msg_iov = rest;
+    mh.msg_iovlen = static_cast<size_t>(n_iov);
+    ssize_t n = ::sendmsg(fd_.get(), &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+    } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+      if (!wait_until(fd_.get(), POLLOUT, deadline_ns)) return false;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool RemotePageFetcher::receive(uint32_t& header_len, uint32_t& payload_len, int64_t deadline_ns) noexcept {
+  auto* buf = reinterpret_cast<std::byte*>(in_.begin());
+  const size_t cap = in_.size() * sizeof(capnp::word);
+  size_t got = 0, need = kFramePrefix;
+  bool sized = false;
+  // Spin first: the reply usually comes within a round trip, and a thread found running needs
+  // no cross-CPU wake-up (~5-10 us here). The thread waits for its page either way; after
+  // kSpinNs it sleeps in recv(), woken every kRecvSliceMs to check the deadline.
+  const int64_t spin_until = now_ns() + kSpinNs;
+  while (got < need) {
+    const bool spin = now_ns() < spin_until;
+    // Everything on the socket is this reply (one request at a time; a broken exchange closes
+    // the connection), so read as much as there is room for.
+    ssize_t n = ::recv(fd_.get(), buf + got, cap - got, spin ? MSG_DONTWAIT : 0);
+    if (n > 0) {
+      got += static_cast<size_t>(n);
+      if (!sized && got >= kFramePrefix) {
+        sized = true;
+        header_len = get_le32(buf);
+        payload_len = get_le32(buf + 4);
+        if (header_len == 0 || header_len > kMaxReplyHeader || header_len % sizeof(capnp::word) != 0 ||
+            kFramePrefix + size_t{header_len} + payload_len > cap) {
+          failure_ = "page server sent a frame over the limits";
+          return false;
+        }
+        need = kFramePrefix + header_len + payload_len;
+      }
+    } else if (n == 0) {
+      failure_ = "page server closed the connection";
+      return false;
+    } else if (errno == EAGAIN || errno == EINTR) {
+      if (!spin && now_ns() >= deadline_ns) {
+        failure_ = "page server did not answer in time";
+        return false;
+      }
+    } else {
+      failure_ = "receive from page server failed";
+      return false;
+    }
+  }
+  if (got != need) {
+    failure_ = "page server sent more than the reply";
+    return false;
+  }
+  return true;
+}
+
+snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out,
+                                                        int64_t deadline_ns) noexcept {
+  if (fd_.get() < 0) return broken("not connected to the page server");
+  const uint64_t id = next_id_++;
+  auto rq = request_->getRoot<wire::Request>();
+  rq.setId(id);
+  auto gp = rq.getGetPage();
+  gp.setRegion(ref.region);
+  gp.setChunk(ref.chunk);
+  gp.setPage(page);
+  gp.setTag(id);
+  if (!send_request(deadline_ns)) return broken("send to page server failed");
+  uint32_t header_len = 0, payload_len = 0;
+  if (!receive(header_len, payload_len, deadline_ns)) return broken(failure_);
+  try {
+    return use_reply(ref, page, out, header_len, payload_len);
+  } catch (const kj::Exception&) {
+    // A malformed header: capnp reports it by throwing (which allocates; docs/design-notes.md).
+    return broken("page server sent a malformed reply");
+  }
+}
+
+snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef ref, uint32_t page,
+                                                            std::span<std::byte> out, uint32_t header_len,
+                                                            uint32_t payload_len) {
+  capnp::ReaderOptions opts;
+  opts.traversalLimitInWords = header_len / sizeof(capnp::word) * 4 + 64;
+  opts.nestingLimit = 8;
+  capnp::FlatArrayMessageReader reader(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)), opts);
+  auto reply = reader.getRoot<wire::Reply>();
+  if (reply.getId() != next_id_ - 1) return broken("page server answered another request");
+  if (reply.isError()) {
+    switch (reply.getError().getCode()) {
+      case wire::ErrorCode::NOT_FOUND: return bad("the page server no longer has the snapshot");
+      case wire::ErrorCode::OUT_OF_RANGE: return bad("the page server says the page is outside the snapshot");
+      case wire::ErrorCode::IO_ERROR: return bad("the page server could not read the page (or holds it corrupt)");
+      case wire::ErrorCode::BUSY: return bad("the page server is busy");
+      default: return bad("the page server refused the page request");
+    }
+  }
+  if (!reply.isPage()) return broken("page server sent an unexpected reply");
+  auto pr = reply.getPage();
+  if (pr.getRegion() != ref.region || pr.getChunk() != ref.chunk || pr.getPage() != page || pr.getTag() != next_id_ - 1) {
+    return broken("page server answered for another page");
+  }
+  const RegionInfo& region = manifest_.regions[ref.region];
+  const ChunkInfo& info = region.chunks[ref.chunk];
+  const uint32_t length = manifest_.chunk_length(ref.region, ref.chunk);
+  std::span<const std::byte> payload(reinterpret_cast<const std::byte*>(in_.begin()) + kFramePrefix + header_len, payload_len);
+  snapshot::ChunkLayout layout{region.page_size, dict_ ? dict_->get() : nullptr};
+  received_ = kFramePrefix + header_len + payload_len;
+  if (!pr.getWhole()) {
+    if (info.codec != Codec::kZstdPages) return bad("page server sent a page frame of a chunk without page frames");
+    if (!decoder_.decode_frame(payload, out, layout).ok()) return bad("a page frame failed its checksum");
+    return Outcome::kOk;
+  }
+  if (info.codec == Codec::kZstdPages) {
+    if (!decoder_.verify_stored(info, payload, length, region.page_size).ok()) return bad("a chunk failed its checksum");
+    if (!decoder_.decode_page(payload, length, page, out, layout).ok()) return bad("a page failed to decode");
+    return Outcome::kOk;
+  }
+  std::span<std::byte> whole(chunk_.data(), length);
+  if (!decoder_.decode(info, payload, whole, layout).ok()) return bad("a chunk failed its checksum");
+  std::memcpy(out.data(), whole.data() + size_t{page} * region.page_size, out.size());
+  return Outcome::kOk;
+}
+
+}  // namespace lazymem::net

@@ -1,0 +1,68 @@
+// RemotePageFetcher: one authenticated page-server connection used by a faulting thread to get
+// the page it faults on (getPage), from inside its SIGBUS handler.
+//
+// Built for that context: the request message is laid out once and only its numbers change,
+// the reply lands in a fixed buffer, and the decoder (zstd context, dictionary) is made when
+// the fetcher is opened. One request is in flight at a time, so a reply is always the answer
+// to the request just sent; a reply that is late, malformed or answers something else breaks
+// the connection (the next reopen() starts clean) rather than being guessed at.
+#pragma once
+
+#include <capnp/message.h>
+
+#include <array>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lazymem/snapshot.h"
+#include "snapshot/chunk_codec.h"
+#include "snapshot/chunk_source.h"
+#include "sys/unique_fd.h"
+
+namespace lazymem::net {
+
+class RemotePageFetcher final : public snapshot::PageFetcher {
+ public:
+  // `manifest` and `dict` must outlive the fetcher (the source owns them).
+  static Result<std::unique_ptr<RemotePageFetcher>> open(const SnapshotLocation& loc, std::string token,
+                                                         const Manifest& manifest,
+                                                         std::shared_ptr<const snapshot::DecodeDictionary> dict,
+                                                         std::chrono::milliseconds timeout);
+
+  Outcome fetch(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out, int64_t deadline_ns) noexcept override;
+  size_t received() const noexcept override { return received_; }
+  const char* failure() const noexcept override { return failure_; }
+  Status reopen(std::chrono::milliseconds timeout) override;
+
+ private:
+  RemotePageFetcher(const SnapshotLocation& loc, std::string token, const Manifest& manifest,
+                    std::shared_ptr<const snapshot::DecodeDictionary> dict);
+  Outcome broken(const char* why) noexcept;
+  Outcome bad(const char* why) noexcept;
+  bool send_request(int64_t deadline_ns) noexcept;
+  // Receives one whole frame into in_; returns its header and payload lengths.
+  bool receive(uint32_t& header_len, uint32_t& payload_len, int64_t deadline_ns) noexcept;
+  Outcome use_reply(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out, uint32_t header_len,
+                    uint32_t payload_len);
+
+  SnapshotLocation loc_;
+  std::string token_;
+  const Manifest& manifest_;
+  std::shared_ptr<const snapshot::DecodeDictionary> dict_;
+  sys::UniqueFd fd_;
+  uint64_t next_id_ = 1;
+  const char* failure_ = "";
+  size_t received_ = 0;
+
+  // The request, built once: fetch() sets its numbers in place and sends the segment as is.
+  std::array<capnp::word, 64> request_words_{};
+  std::unique_ptr<capnp::MallocMessageBuilder> request_;
+  std::array<std::byte, 16> request_prefix_{};  // frame prefix + the one-segment table
+
+  kj::Array<capnp::word> in_;  // a whole reply frame, word-aligned (kj::Array: clang rejects std::vector<word>)
+  std::vector<std::byte> chunk_;                // a whole chunk decoded (v1 replies)
+  snapshot::ChunkDecoder decoder_;
+};
+
+}  // namespace lazymem::net

@@ -1,0 +1,267 @@
+// Faults resolved on the faulting thread (RestoreOptions::fault_on_thread) through a real page
+// server: every byte compared; threads that allocate while they fault; the process's own map
+// changes (madvise, mremap) mid-restore; fork; a server that restarts or dies.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "../common/test_data.h"
+#include "lazymem/kernel_features.h"
+#include "lazymem/restore.h"
+#include "lazymem/snapshot.h"
+#include "page_server.h"
+#include "sys/uapi_compat.h"
+
+namespace lazymem {
+namespace {
+
+using testing::ScratchDir;
+constexpr size_t kMiB = 1 << 20;
+constexpr size_t kPage = 4096;
+
+class FaultOnThreadTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    kf_ = probe_kernel();
+    if (!kf_.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf_.uffd_error;
+    if (!kf_.has_uffd_feature(UFFD_FEATURE_SIGBUS)) GTEST_SKIP() << "userfaultfd lacks UFFD_FEATURE_SIGBUS";
+  }
+  void TearDown() override { stop_server(); }
+
+  void capture(size_t len, uint64_t seed, uint32_t format = 2) {
+    void* p = testing::map_for_capture(len, seed);
+    ASSERT_NE(p, nullptr);
+    testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
+    expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len);
+    len_ = len;
+    CaptureRegion r{"heap", p, len, PROT_READ | PROT_WRITE};
+    CaptureOptions co;
+    co.format_version = format;
+    co.replace = true;
+    auto rep = capture_regions(dir_.path() + "/snap", std::span(&r, 1), co);
+    ASSERT_TRUE(rep.ok()) << rep.error().message();
+    ::munmap(p, len);
+  }
+  void start_server(uint16_t port = 0) {
+    pageserver::ServerOptions o;
+    o.store_dir = dir_.path();
+    o.port = port;
+    auto s = pageserver::PageServer::listen(o);
+    ASSERT_TRUE(s.ok()) << s.error().message();
+    server_ = std::move(*s);
+    thread_ = std::thread([this] { (void)server_->run(); });
+  }
+  void stop_server() {
+    if (server_ && thread_.joinable()) server_->stop();
+    if (thread_.joinable()) thread_.join();
+  }
+  std::string uri() const { return "lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/snap"; }
+  static RestoreOptions on_thread(bool prefetch) {
+    RestoreOptions o;
+    o.fault_on_thread = true;
+    o.prefetch = prefetch;
+    return o;
+  }
+  void expect_page(const std::byte* got, size_t off) {
+    ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, kPage), 0) << "page at " << off;
+  }
+
+  KernelFeatures kf_;
+  ScratchDir dir_;
+  std::vector<std::byte> expected_;
+  size_t len_ = 0;
+  std::unique_ptr<pageserver::PageServer> server_;
+  std::thread thread_;
+};
+
+// Random touches then every page, prefetch off: each fault is one getPage served on the
+// faulting thread; the statistics say so and every byte is right.
+TEST_F(FaultOnThreadTest, RestoresEveryByteFromFaultingThreads) {
+  for (uint32_t format : {2u, 1u}) {
+    SCOPED_TRACE(format);
+    capture(64 * kMiB, 40 + format, format);
+    start_server();
+    auto r = LazyRestore::start(uri(), kf_, on_thread(false));
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+    std::mt19937_64 rng(format);
+    for (int i = 0; i < 500; ++i) expect_page(got, rng() % (len_ / kPage) * kPage);
+    RegionStats mid = (*r)->stats().total();
+    EXPECT_GE(mid.faults, 400u);  // some touches hit the same page or a zero chunk
+    EXPECT_GE(mid.pages_fault + mid.pages_zero, mid.faults);
+    EXPECT_EQ(mid.pages_prefetch, 0u);
+    EXPECT_EQ(mid.errors, 0u);
+    EXPECT_GT(mid.latency.count, 0u);
+    for (size_t off = 0; off < len_; off += kPage) expect_page(got, off);
+    ASSERT_TRUE((*r)->finish().ok());
+    ::munmap(const_cast<std::byte*>(got), len_);
+    if (format == 2) {
+      EXPECT_GT(server_->stats().pages, 0u);  // frames sent alone
+    }
+    stop_server();
+    server_.reset();
+  }
+}
+
+// Four threads fault while they allocate and free (the handler must not need the allocator
+// the interrupted code may be inside), with prefetch racing them for the same chunks.
+TEST_F(FaultOnThreadTest, ThreadsAllocatingWhileFaultingWithPrefetch) {
+  capture(64 * kMiB, 44);
+  start_server();
+  auto r = LazyRestore::start(uri(), kf_, on_thread(true));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+  std::atomic<size_t> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(t);
+      std::vector<std::unique_ptr<std::vector<char>>> junk(64);
+      for (int i = 0; i < 2000; ++i) {
+        junk[rng() % junk.size()] = std::make_unique<std::vector<char>>(rng() % 5000 + 1);
+        size_t off = rng() % (len_ / kPage) * kPage;
+        if (std::memcmp(got + off, expected_.data() + off, kPage) != 0) ++wrong;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0u);
+  ASSERT_TRUE((*r)->finish().ok());
+  for (size_t off = 0; off < len_; off += kPage) expect_page(got, off);
+  ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+// The process drops part of the region (zeros from then on) and moves another part mid-restore:
+// faults follow the engine's map, never installing snapshot bytes where the process dropped them.
+TEST_F(FaultOnThreadTest, FollowsMadviseAndMremap) {
+  capture(32 * kMiB, 45);
+  start_server();
+  auto r = LazyRestore::start(uri(), kf_, on_thread(false));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto* base = static_cast<std::byte*>((*r)->regions()[0].address);
+  expect_page(base, 0);
+  ASSERT_EQ(::madvise(base + 4 * kMiB, 4 * kMiB, MADV_DONTNEED), 0);
+  for (size_t off = 4 * kMiB; off < 8 * kMiB; off += kPage) {
+    ASSERT_TRUE(std::all_of(base + off, base + off + kPage, [](std::byte b) { return b == std::byte{0}; })) << off;
+  }
+  // Move the last 8 MiB elsewhere: its pages come with it, still restored on touch.
+  void* spot = ::mmap(nullptr, 8 * kMiB, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(spot, MAP_FAILED);
+  void* moved = ::mremap(base + 24 * kMiB, 8 * kMiB, 8 * kMiB, MREMAP_MAYMOVE | MREMAP_FIXED, spot);
+  ASSERT_NE(moved, MAP_FAILED);
+  const auto* mv = static_cast<const std::byte*>(moved);
+  for (size_t off = 0; off < 8 * kMiB; off += kPage) {
+    ASSERT_EQ(std::memcmp(mv + off, expected_.data() + 24 * kMiB + off, kPage), 0) << "moved page at " << off;
+  }
+  for (size_t off = 8 * kMiB; off < 24 * kMiB; off += kPage) expect_page(base, off);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(mv), 8 * kMiB);
+  ::munmap(base, 24 * kMiB);
+}
+
+// fork() mid-restore: the restore completes first, so the child sees every byte.
+TEST_F(FaultOnThreadTest, ForkCompletesTheRestoreFirst) {
+  capture(16 * kMiB, 46);
+  start_server();
+  auto r = LazyRestore::start(uri(), kf_, on_thread(false));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+  expect_page(got, 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    for (size_t off = 0; off < len_; off += kPage)
+      if (std::memcmp(got + off, expected_.data() + off, kPage) != 0) _exit(7);
+    _exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "child died of signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_TRUE((*r)->stats().complete);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+// The server restarts on the same port mid-restore: broken connections are reopened and the
+// faults that met them are served again; every byte is right.
+TEST_F(FaultOnThreadTest, ServerRestartIsInvisible) {
+  capture(16 * kMiB, 47);
+  start_server();
+  uint16_t port = server_->port();
+  auto r = LazyRestore::start(uri(), kf_, on_thread(false));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+  for (size_t off = 0; off < len_ / 2; off += kPage) expect_page(got, off);
+  stop_server();
+  server_.reset();
+  start_server(port);
+  for (size_t off = len_ / 2; off < len_; off += kPage) expect_page(got, off);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+// The server dies: the faulting access fails visibly (SIGBUS) within the deadline, no hang.
+TEST_F(FaultOnThreadTest, ServerDeathFailsTheFaultVisibly) {
+  if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
+  capture(32 * kMiB, 48);
+  start_server();
+  std::string u = uri();
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    RestoreOptions o = on_thread(false);
+    o.fault_deadline = std::chrono::milliseconds(2000);
+    auto r = LazyRestore::start(u, kf_, o);
+    if (!r.ok()) _exit(3);
+    volatile const char* p = static_cast<const char*>((*r)->regions()[0].address);
+    (void)p[0];
+    char c = 1;
+    (void)!::write(ready[1], &c, 1);
+    (void)!::read(go[0], &c, 1);
+    (void)p[16 * kMiB];  // never fetched: must die of SIGBUS
+    _exit(5);
+  }
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  stop_server();
+  server_.reset();
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // The SIGBUS goes on to the handler that was there first: the sanitizer's, which reports it
+  // and exits (1, or 66 for TSan) instead of dying of the signal.
+  ASSERT_TRUE((WIFEXITED(status) && (WEXITSTATUS(status) == 1 || WEXITSTATUS(status) == 66)) ||
+              (WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS))
+      << "child status " << status;
+#else
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  EXPECT_EQ(WTERMSIG(status), SIGBUS);
+#endif
+  EXPECT_LT(secs, 8.0);
+}
+
+TEST_F(FaultOnThreadTest, LocalSourceIsAClearError) {
+  capture(1 * kMiB, 49);
+  auto r = LazyRestore::start(dir_.path() + "/snap", kf_, on_thread(false));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code(), Errc::kUnsupported);
+  EXPECT_NE(r.error().message().find("page server"), std::string::npos) << r.error().message();
+}
+
+}  // namespace
+}  // namespace lazymem
