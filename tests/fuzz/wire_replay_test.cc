@@ -82,6 +82,81 @@ std::vector<std::vector<uint8_t>> seeds() {
   return out;
 }
 
+// The header words of a message, as a reply frame carries them (segment table first).
+kj::Array<capnp::word> words_of(capnp::MessageBuilder& m) { return capnp::messageToFlatArray(m); }
+
+uint64_t get_word(const kj::Array<capnp::word>& w, size_t i) {
+  uint64_t v;
+  std::memcpy(&v, &w[i], sizeof v);
+  return v;
+}
+void set_word(kj::Array<capnp::word>& w, size_t i, uint64_t v) { std::memcpy(static_cast<void*>(&w[i]), &v, sizeof v); }
+std::span<const std::byte> bytes_of(const kj::Array<capnp::word>& w) {
+  return {reinterpret_cast<const std::byte*>(w.begin()), w.size() * sizeof(capnp::word)};
+}
+
+kj::Array<capnp::word> page_reply() {
+  capnp::MallocMessageBuilder m;
+  auto r = m.initRoot<proto::wire::Reply>();
+  r.setId(7);
+  auto p = r.initPage();
+  p.setRegion(1);
+  p.setChunk(2);
+  p.setPage(3);
+  p.setTag(7);
+  return words_of(m);
+}
+
+TEST(WireReplay, ShallowCheckPassesRealReplies) {
+  EXPECT_TRUE(net::shallow_structs_in_bounds(page_reply()));
+  capnp::MallocMessageBuilder m;
+  auto e = m.initRoot<proto::wire::Reply>().initError();
+  e.setCode(proto::wire::ErrorCode::IO_ERROR);
+  e.setMessage("stored chunk is corrupt");
+  EXPECT_TRUE(net::shallow_structs_in_bounds(words_of(m)));
+  EXPECT_EQ(fuzz::read_checked_reply(bytes_of(page_reply())) & ~uint64_t{1},
+            (7u + proto::wire::Reply::PAGE + 1 + 2 + 3 + 7) & ~uint64_t{1});
+}
+
+TEST(WireReplay, ShallowCheckRefusesWhatWouldThrow) {
+  // Word 0: the segment table; word 1: the root pointer; the root struct's pointer follows its
+  // data section.
+  auto w = page_reply();
+  const uint64_t root = get_word(w, 1);
+  const size_t data_words = (root >> 32) & 0xffff, page_ptr = 2 + (root >> 2 & 0x3fffffff) + data_words;
+  ASSERT_NE(get_word(w, page_ptr), 0u);
+
+  auto two_segments = page_reply();
+  set_word(two_segments, 0, get_word(two_segments, 0) | 1);
+  EXPECT_FALSE(net::shallow_structs_in_bounds(two_segments));
+  auto long_segment = page_reply();
+  set_word(long_segment, 0, get_word(long_segment, 0) + (uint64_t{1} << 32));
+  EXPECT_FALSE(net::shallow_structs_in_bounds(long_segment));
+  auto root_out = page_reply();
+  set_word(root_out, 1, root + (uint64_t{100} << 2));  // the root struct past the segment's end
+  EXPECT_FALSE(net::shallow_structs_in_bounds(root_out));
+  auto root_before = page_reply();
+  set_word(root_before, 1, (root & ~uint64_t{0xfffffffc}) | (uint64_t{0x3fffffff} << 2));  // offset -1: before it
+  EXPECT_FALSE(net::shallow_structs_in_bounds(root_before));
+  auto page_out = page_reply();
+  set_word(page_out, page_ptr, get_word(page_out, page_ptr) + (uint64_t{100} << 2));
+  EXPECT_FALSE(net::shallow_structs_in_bounds(page_out));
+  auto page_list = page_reply();
+  set_word(page_list, page_ptr, get_word(page_list, page_ptr) | 1);  // a list pointer where a struct is read
+  EXPECT_FALSE(net::shallow_structs_in_bounds(page_list));
+  auto far = page_reply();
+  set_word(far, 1, root | 2);
+  EXPECT_FALSE(net::shallow_structs_in_bounds(far));
+  EXPECT_FALSE(net::shallow_structs_in_bounds({}));
+
+  // Every single-bit flip of a real reply: either refused, or read without a throw.
+  for (size_t bit = 0; bit < w.size() * 64; ++bit) {
+    auto m = page_reply();
+    set_word(m, bit / 64, get_word(m, bit / 64) ^ (uint64_t{1} << (bit % 64)));
+    (void)fuzz::read_checked_reply(bytes_of(m));
+  }
+}
+
 TEST(WireReplay, ValidFramesDecode) {
   for (const auto& s : seeds()) EXPECT_NE(fuzz::decode_stream(s), ~uint64_t{0});
 }

@@ -84,4 +84,46 @@ void FrameBuffer::consume() {
   pending_ = 0;
 }
 
+namespace {
+
+uint64_t word_at(std::span<const capnp::word> m, size_t i) noexcept {
+  uint64_t v;
+  std::memcpy(&v, m.data() + i, sizeof v);
+  return v;  // little-endian hosts only, as the rest of the wire code
+}
+
+// The struct a pointer at word `at` of `seg` points to: false unless it is null or a struct
+// pointer whose target lies inside the segment. On success, `data`/`ptrs` locate the target.
+bool struct_in_bounds(std::span<const capnp::word> seg, size_t at, size_t& data, size_t& data_words,
+                      size_t& ptr_words) noexcept {
+  const uint64_t p = word_at(seg, at);
+  data = data_words = ptr_words = 0;
+  if (p == 0) return true;           // null: the reader gives the default
+  if ((p & 3) != 0) return false;    // a list, far or capability pointer
+  const int64_t offset = static_cast<int32_t>(static_cast<uint32_t>(p)) >> 2;  // signed, words
+  data_words = (p >> 32) & 0xffff;
+  ptr_words = p >> 48;
+  const int64_t start = static_cast<int64_t>(at) + 1 + offset;
+  if (start < 0 || static_cast<uint64_t>(start) + data_words + ptr_words > seg.size()) return false;
+  data = static_cast<size_t>(start);
+  return true;
+}
+
+}  // namespace
+
+bool shallow_structs_in_bounds(std::span<const capnp::word> message) noexcept {
+  if (message.size() < 2) return false;
+  const uint64_t table = word_at(message, 0);
+  const uint32_t segments_minus_one = static_cast<uint32_t>(table), seg_words = static_cast<uint32_t>(table >> 32);
+  if (segments_minus_one != 0 || seg_words < 1 || seg_words > message.size() - 1) return false;
+  auto seg = message.subspan(1, seg_words);
+  size_t root = 0, root_data = 0, root_ptrs = 0;
+  if (!struct_in_bounds(seg, 0, root, root_data, root_ptrs)) return false;
+  for (size_t i = 0; i < root_ptrs; ++i) {
+    size_t d, dw, pw;
+    if (!struct_in_bounds(seg, root + root_data + i, d, dw, pw)) return false;
+  }
+  return true;
+}
+
 }  // namespace lazymem::net

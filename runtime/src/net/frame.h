@@ -39,6 +39,13 @@ class Header {
   std::unique_ptr<capnp::FlatArrayMessageReader> reader_;
 };
 
+// Whether `message` (a segment table and its segments, as a Header holds them) is one segment
+// whose root struct, and every struct its pointers point to, lie inside it, each pointer being
+// null or a struct pointer. Then reading the root's fields and its pointers' structs' fields
+// cannot make Cap'n Proto throw (which allocates): what a SIGBUS handler checks before it reads
+// a reply (net/page_fetcher.cc). Lists, text and deeper levels are not checked: not for them.
+bool shallow_structs_in_bounds(std::span<const capnp::word> message) noexcept;
+
 struct FrameView {
   std::span<const std::byte> header;
   std::span<const std::byte> payload;

@@ -208,17 +208,17 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, 
   if (!send_request(deadline_ns)) return broken("send to page server failed");
   uint32_t header_len = 0, payload_len = 0;
   if (!receive(header_len, payload_len, deadline_ns)) return broken(failure_);
-  try {
-    return use_reply(ref, page, out, header_len, payload_len);
-  } catch (const kj::Exception&) {
-    // A malformed header: capnp reports it by throwing (which allocates; docs/design-notes.md).
+  // Checked before Cap'n Proto reads it: a malformed header would make it throw, and throwing
+  // allocates (the thread may have faulted inside malloc).
+  if (!shallow_structs_in_bounds(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)))) {
     return broken("page server sent a malformed reply");
   }
+  return use_reply(ref, page, out, header_len, payload_len);
 }
 
 snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef ref, uint32_t page,
                                                             std::span<std::byte> out, uint32_t header_len,
-                                                            uint32_t payload_len) {
+                                                            uint32_t payload_len) noexcept {
   capnp::ReaderOptions opts;
   opts.traversalLimitInWords = header_len / sizeof(capnp::word) * 4 + 64;
   opts.nestingLimit = 8;
@@ -247,16 +247,18 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef r
   received_ = kFramePrefix + header_len + payload_len;
   if (!pr.getWhole()) {
     if (info.codec != Codec::kZstdPages) return bad("page server sent a page frame of a chunk without page frames");
-    if (!decoder_.decode_frame(payload, out, layout).ok()) return bad("a page frame failed its checksum");
+    if (decoder_.decode_frame(payload, out, layout, snapshot::kFaultOnly)) return bad("a page frame failed its checksum");
     return Outcome::kOk;
   }
   if (info.codec == Codec::kZstdPages) {
-    if (!decoder_.verify_stored(info, payload, length, region.page_size).ok()) return bad("a chunk failed its checksum");
-    if (!decoder_.decode_page(payload, length, page, out, layout).ok()) return bad("a page failed to decode");
+    if (decoder_.verify_stored(info, payload, length, region.page_size, snapshot::kFaultOnly)) {
+      return bad("a chunk failed its checksum");
+    }
+    if (decoder_.decode_page(payload, length, page, out, layout, snapshot::kFaultOnly)) return bad("a page failed to decode");
     return Outcome::kOk;
   }
   std::span<std::byte> whole(chunk_.data(), length);
-  if (!decoder_.decode(info, payload, whole, layout).ok()) return bad("a chunk failed its checksum");
+  if (decoder_.decode(info, payload, whole, layout, snapshot::kFaultOnly)) return bad("a chunk failed its checksum");
   std::memcpy(out.data(), whole.data() + size_t{page} * region.page_size, out.size());
   return Outcome::kOk;
 }

@@ -44,7 +44,7 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   // Receives one whole frame into in_; returns its header and payload lengths.
   bool receive(uint32_t& header_len, uint32_t& payload_len, int64_t deadline_ns) noexcept;
   Outcome use_reply(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out, uint32_t header_len,
-                    uint32_t payload_len);
+                    uint32_t payload_len) noexcept;
 
   SnapshotLocation loc_;
   std::string token_;

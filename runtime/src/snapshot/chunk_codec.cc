@@ -131,36 +131,44 @@ ChunkDecoder::ChunkDecoder() : dctx_(ZSTD_createDCtx()) {
 
 ChunkDecoder::~ChunkDecoder() { ZSTD_freeDCtx(dctx_); }
 
-Status ChunkDecoder::verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
-                                   uint32_t page_size) const {
+Error CodecFault::error() const {
+  return Error(code, fmt::format(fmt::runtime(format != nullptr ? format : "chunk does not decode"), a, b, detail));
+}
+
+namespace {
+Status as_status(const CodecFault& f) { return f ? Status(f.error()) : ok_status(); }
+CodecFault corrupt(const char* format, uint64_t a = 0, uint64_t b = 0, const char* detail = "") noexcept {
+  return CodecFault{format, a, b, detail, Errc::kCorrupt};
+}
+}  // namespace
+
+CodecFault ChunkDecoder::verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
+                                       uint32_t page_size, CodecFaultOnly) const noexcept {
   const uint32_t pages = length / page_size;
   const size_t table = size_t{pages} * kEndBytes;
   if (stored.size() != info.stored_length || stored.size() < table) {
-    return Error(Errc::kCorrupt, fmt::format("page-frame chunk holds {} bytes, expected {}", stored.size(), info.stored_length));
+    return corrupt("page-frame chunk holds {0} bytes, expected {1}", stored.size(), info.stored_length);
   }
   uint64_t sum = chunk_checksum(stored);
   if (sum != info.stored_checksum) {
-    return Error(Errc::kCorrupt, fmt::format("stored chunk checksum mismatch (manifest {:016x}, received {:016x})",
-                                             info.stored_checksum, sum));
+    return corrupt("stored chunk checksum mismatch (manifest {0:016x}, received {1:016x})", info.stored_checksum, sum);
   }
   // The bytes are the ones captured; the table is checked anyway, so a writer bug cannot make
   // a page decode from outside its chunk.
   uint32_t prev = 0;
   for (uint32_t i = 0; i < pages; ++i) {
     uint32_t end = frame_end(stored, i);
-    if (end < prev || end - prev > page_size) {
-      return Error(Errc::kCorrupt, fmt::format("page-frame chunk: page {} has a bad frame end {}", i, end));
-    }
+    if (end < prev || end - prev > page_size) return corrupt("page-frame chunk: page {0} has a bad frame end {1}", i, end);
     prev = end;
   }
   if (prev != stored.size() - table) {
-    return Error(Errc::kCorrupt, fmt::format("page-frame chunk: frames end at {}, the chunk at {}", prev, stored.size() - table));
+    return corrupt("page-frame chunk: frames end at {0}, the chunk at {1}", prev, stored.size() - table);
   }
-  return ok_status();
+  return {};
 }
 
-Status ChunkDecoder::decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index,
-                                 std::span<std::byte> out, const ChunkLayout& layout) {
+CodecFault ChunkDecoder::decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index,
+                                     std::span<std::byte> out, const ChunkLayout& layout, CodecFaultOnly) noexcept {
   auto frame = page_frame(stored, length, layout.page_size, index);
   if (frame.empty()) {
     std::memset(out.data(), 0, out.size());
@@ -169,12 +177,10 @@ Status ChunkDecoder::decode_page(std::span<const std::byte> stored, uint32_t len
   } else {
     size_t n = layout.dict ? ZSTD_decompress_usingDDict(dctx_, out.data(), out.size(), frame.data(), frame.size(), layout.dict)
                            : ZSTD_decompressDCtx(dctx_, out.data(), out.size(), frame.data(), frame.size());
-    if (ZSTD_isError(n)) {
-      return Error(Errc::kCorrupt, fmt::format("page {} does not decode: {}", index, ZSTD_getErrorName(n)));
-    }
-    if (n != out.size()) return Error(Errc::kCorrupt, fmt::format("page {} decodes to {} bytes, not {}", index, n, out.size()));
+    if (ZSTD_isError(n)) return corrupt("page {0} does not decode: {2}", index, 0, ZSTD_getErrorName(n));
+    if (n != out.size()) return corrupt("page {0} decodes to {1} bytes, not a page", index, n);
   }
-  return ok_status();
+  return {};
 }
 
 std::span<const std::byte> page_frame(std::span<const std::byte> stored, uint32_t length, uint32_t page_size,
@@ -184,74 +190,86 @@ std::span<const std::byte> page_frame(std::span<const std::byte> stored, uint32_
   return stored.subspan(table + begin, frame_end(stored, index) - begin);
 }
 
-Status ChunkDecoder::decode_frame(std::span<const std::byte> frame, std::span<std::byte> out, const ChunkLayout& layout) {
+CodecFault ChunkDecoder::decode_frame(std::span<const std::byte> frame, std::span<std::byte> out,
+                                      const ChunkLayout& layout, CodecFaultOnly) noexcept {
   ZSTD_frameHeader h;
   size_t r = ZSTD_getFrameHeader(&h, frame.data(), frame.size());
   if (r != 0 || h.frameType != ZSTD_frame || h.frameContentSize != out.size() || !h.checksumFlag) {
     // A frame without a checksum would decode unverified: refused, whatever it holds.
-    return Error(Errc::kCorrupt, "page frame: not a checksummed zstd frame of one page");
+    return corrupt("page frame: not a checksummed zstd frame of one page");
   }
   size_t n = layout.dict ? ZSTD_decompress_usingDDict(dctx_, out.data(), out.size(), frame.data(), frame.size(), layout.dict)
                          : ZSTD_decompressDCtx(dctx_, out.data(), out.size(), frame.data(), frame.size());
   if (ZSTD_isError(n) || n != out.size()) {
-    return Error(Errc::kCorrupt, fmt::format("page frame does not decode: {}", ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short"));
+    return corrupt("page frame does not decode: {2}", 0, 0, ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short");
   }
-  return ok_status();
+  return {};
 }
 
-Status ChunkDecoder::decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
-                            const ChunkLayout& layout) {
+CodecFault ChunkDecoder::decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                                const ChunkLayout& layout, CodecFaultOnly) noexcept {
   switch (info.codec) {
     case Codec::kZero:
       std::memset(out.data(), 0, out.size());
-      return ok_status();
+      return {};
     case Codec::kRaw:
-      if (stored.size() != out.size()) {
-        return Error(Errc::kCorrupt, fmt::format("raw chunk holds {} bytes, expected {}", stored.size(), out.size()));
-      }
+      if (stored.size() != out.size()) return corrupt("raw chunk holds {0} bytes, expected {1}", stored.size(), out.size());
       std::memcpy(out.data(), stored.data(), out.size());
       break;
     case Codec::kZstd: {
       size_t n = ZSTD_decompressDCtx(dctx_, out.data(), out.size(), stored.data(), stored.size());
-      if (ZSTD_isError(n)) {
-        return Error(Errc::kCorrupt, fmt::format("zstd chunk does not decode: {}", ZSTD_getErrorName(n)));
-      }
-      if (n != out.size()) {
-        return Error(Errc::kCorrupt, fmt::format("zstd chunk decodes to {} bytes, expected {}", n, out.size()));
-      }
+      if (ZSTD_isError(n)) return corrupt("zstd chunk does not decode: {2}", 0, 0, ZSTD_getErrorName(n));
+      if (n != out.size()) return corrupt("zstd chunk decodes to {0} bytes, expected {1}", n, out.size());
       break;
     }
     case Codec::kZstdPages:
-      LAZYMEM_TRY(verify_stored(info, stored, static_cast<uint32_t>(out.size()), layout.page_size));
+      if (auto f = verify_stored(info, stored, static_cast<uint32_t>(out.size()), layout.page_size, kFaultOnly)) return f;
       return decode_pages(info, stored, out, layout, kNoPage);
     default:
-      return Error(Errc::kUnsupported, fmt::format("unknown chunk codec {}", static_cast<int>(info.codec)));
+      return CodecFault{"unknown chunk codec {0}", static_cast<uint64_t>(info.codec), 0, "", Errc::kUnsupported};
   }
   return verify_checksum(info, out);
+}
+
+CodecFault ChunkDecoder::decode_pages(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                                      const ChunkLayout& layout, uint32_t skip) noexcept {
+  const uint32_t length = static_cast<uint32_t>(out.size());
+  for (uint32_t i = 0; i < length / layout.page_size; ++i) {
+    if (i == skip) continue;
+    auto page = out.subspan(size_t{i} * layout.page_size, layout.page_size);
+    if (auto f = decode_page(stored, length, i, page, layout, kFaultOnly)) return f;
+  }
+  return verify_checksum(info, out);
+}
+
+CodecFault ChunkDecoder::verify_checksum(const ChunkInfo& info, std::span<const std::byte> out) const noexcept {
+  uint64_t sum = chunk_checksum(out);
+  if (sum != info.checksum) return corrupt("chunk checksum mismatch (stored {0:016x}, computed {1:016x})", info.checksum, sum);
+  return {};
+}
+
+Status ChunkDecoder::decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                            const ChunkLayout& layout) {
+  return as_status(decode(info, stored, out, layout, kFaultOnly));
+}
+
+Status ChunkDecoder::verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
+                                   uint32_t page_size) const {
+  return as_status(verify_stored(info, stored, length, page_size, kFaultOnly));
+}
+
+Status ChunkDecoder::decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index,
+                                 std::span<std::byte> out, const ChunkLayout& layout) {
+  return as_status(decode_page(stored, length, index, out, layout, kFaultOnly));
+}
+
+Status ChunkDecoder::decode_frame(std::span<const std::byte> frame, std::span<std::byte> out, const ChunkLayout& layout) {
+  return as_status(decode_frame(frame, out, layout, kFaultOnly));
 }
 
 Status ChunkDecoder::decode_rest(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
                                  const ChunkLayout& layout, uint32_t index) {
-  return decode_pages(info, stored, out, layout, index);
-}
-
-Status ChunkDecoder::decode_pages(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
-                                  const ChunkLayout& layout, uint32_t skip) {
-  const uint32_t length = static_cast<uint32_t>(out.size());
-  for (uint32_t i = 0; i < length / layout.page_size; ++i) {
-    if (i == skip) continue;
-    LAZYMEM_TRY(decode_page(stored, length, i, out.subspan(size_t{i} * layout.page_size, layout.page_size), layout));
-  }
-  return verify_checksum(info, out);
-}
-
-Status ChunkDecoder::verify_checksum(const ChunkInfo& info, std::span<const std::byte> out) const {
-  uint64_t sum = chunk_checksum(out);
-  if (sum != info.checksum) {
-    return Error(Errc::kCorrupt,
-                 fmt::format("chunk checksum mismatch (stored {:016x}, computed {:016x})", info.checksum, sum));
-  }
-  return ok_status();
+  return as_status(decode_pages(info, stored, out, layout, index));
 }
 
 }  // namespace lazymem::snapshot

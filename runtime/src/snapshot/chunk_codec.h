@@ -7,7 +7,8 @@
 // dictionary, and its own content checksum). So one page decodes and verifies alone.
 //
 // Thread-safety: an encoder or decoder belongs to one thread (it owns a zstd context).
-// The decoder never allocates after construction: it is on the fault path.
+// The decoder never allocates after construction (its CodecFault forms not even on failure):
+// it is on the fault path, and in a SIGBUS handler.
 #pragma once
 
 #include <zstd.h>
@@ -65,6 +66,22 @@ class ChunkEncoder {
   std::vector<std::byte> out_;
 };
 
+// Why a chunk or page failed to decode or verify, without building a message: a format string
+// (fmt, positional: {0} = a, {1} = b, {2} = detail) and its arguments, all static. What a
+// SIGBUS handler can afford (net/page_fetcher.cc); error() makes the message.
+struct CodecFault {
+  const char* format = nullptr;  // null: no fault
+  uint64_t a = 0, b = 0;
+  const char* detail = "";
+  Errc code = Errc::kCorrupt;
+
+  explicit operator bool() const noexcept { return format != nullptr; }
+  Error error() const;
+};
+// Selects the CodecFault form of a ChunkDecoder call: same checks, nothing allocated.
+struct CodecFaultOnly {};
+inline constexpr CodecFaultOnly kFaultOnly{};
+
 // What decoding a chunk needs besides its bytes.
 struct ChunkLayout {
   uint32_t page_size = 4096;
@@ -100,10 +117,20 @@ class ChunkDecoder {
   Status decode_rest(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
                      const ChunkLayout& layout, uint32_t index);
 
+  // The same calls reporting a CodecFault (the Status forms above wrap these).
+  CodecFault decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                    const ChunkLayout& layout, CodecFaultOnly) noexcept;
+  CodecFault verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length, uint32_t page_size,
+                           CodecFaultOnly) const noexcept;
+  CodecFault decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index, std::span<std::byte> out,
+                         const ChunkLayout& layout, CodecFaultOnly) noexcept;
+  CodecFault decode_frame(std::span<const std::byte> frame, std::span<std::byte> out, const ChunkLayout& layout,
+                          CodecFaultOnly) noexcept;
+
  private:
-  Status decode_pages(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
-                      const ChunkLayout& layout, uint32_t skip);
-  Status verify_checksum(const ChunkInfo& info, std::span<const std::byte> out) const;
+  CodecFault decode_pages(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
+                          const ChunkLayout& layout, uint32_t skip) noexcept;
+  CodecFault verify_checksum(const ChunkInfo& info, std::span<const std::byte> out) const noexcept;
 
   ZSTD_DCtx* dctx_;
 };
