@@ -385,7 +385,7 @@ int main(int argc, char** argv) {
   const std::string remote = "lazymem://127.0.0.1:" + std::to_string(ps.port) + "/heap";
 
   constexpr double kGiB = double(1ULL << 30);
-  std::vector<double> t_remote, t_local, t_eager, f50, f99, r50, r99, s50, s99, t50, t99, t_bytes, rt50;
+  std::vector<double> t_remote, t_local, t_eager, f50, f99, r50, r99, s50, s99, t50, t99, t_bytes, rt50, rp50;
   std::vector<double> ps_cpu_gib, ps_cpu_s, ps_gib, base_cpu_gib, base_cpu_s, base_gib, t_base;
   bool bad = false;
   auto check = [&](const Run& r, const char* what, int round) {
@@ -439,6 +439,9 @@ int main(int argc, char** argv) {
       uint32_t got = static_cast<uint32_t>(ft.bytes_per_fault + 0.5);
       Run et = in_child<Run>([&] { return plain_rtt(echo.port, got, faults, other_cpu); });
       if (check(et, "plain round trip, page-reply size", round)) rt50.push_back(et.p50_us);
+      // And the page the touch needed, 4 KiB, as it would travel uncompressed: for reference.
+      Run ep = in_child<Run>([&] { return plain_rtt(echo.port, kPage, faults, other_cpu); });
+      if (check(ep, "plain round trip, one page", round)) rp50.push_back(ep.p50_us);
     }
     Run e = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults, other_cpu); });
     if (check(e, "plain round trip", round)) {
@@ -483,6 +486,8 @@ int main(int argc, char** argv) {
               "remote fault, faulting thread", median(t50), median(t99), median(t_bytes));
   std::printf("%-36s %9.0f us p50               (as many bytes back as that fault got)\n",
               "plain TCP round trip, same payload", median(rt50));
+  std::printf("%-36s %9.0f us p50               (the page uncompressed; the fault is %.2fx it)\n",
+              "plain TCP round trip, 4 KiB", median(rp50), median(t50) / median(rp50));
   std::printf("%-36s %9.0f us p50 %9.0f us p99  (not the baseline: no host pair shares a CPU)\n",
               "plain TCP round trip, same CPU", median(s50), median(s99));
   std::printf("%-36s %12.3f CPU-s/GiB  (%.3f CPU-s for %.3f GiB, one remote restore)\n", "page server", cpu_ps,
@@ -510,6 +515,8 @@ int main(int argc, char** argv) {
     j["fault_p99_us"] = median(t99);
     j["fault_bytes_per_fault"] = median(t_bytes);
     j["rtt_same_payload_p50_us"] = median(rt50);
+    j["rtt_page_p50_us"] = median(rp50);
+    j["fault_p50_vs_rtt_page"] = median(t50) / median(rp50);
     j["fault_handler_thread_p50_us"] = median(f50);
     j["fault_handler_thread_p99_us"] = median(f99);
     j["fault_handler_thread_p50_vs_rtt"] = fault_engine_vs_rtt;
