@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../common/test_data.h"
+#include "served_snapshot.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
@@ -27,43 +28,14 @@ using testing::ScratchDir;
 constexpr size_t kMiB = 1 << 20;
 constexpr size_t kPage = 4096;
 
-class FaultOnThreadTest : public ::testing::Test {
+class FaultOnThreadTest : public testing::ServedSnapshotTest {
  protected:
   void SetUp() override {
-    kf_ = probe_kernel();
-    if (!kf_.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf_.uffd_error;
+    ServedSnapshotTest::SetUp();
+    if (IsSkipped()) return;
     if (!kf_.has_uffd_feature(UFFD_FEATURE_SIGBUS)) GTEST_SKIP() << "userfaultfd lacks UFFD_FEATURE_SIGBUS";
   }
-  void TearDown() override { stop_server(); }
-
-  void capture(size_t len, uint64_t seed, uint32_t format = 2) {
-    void* p = testing::map_for_capture(len, seed);
-    ASSERT_NE(p, nullptr);
-    testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
-    expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len);
-    len_ = len;
-    CaptureRegion r{"heap", p, len, PROT_READ | PROT_WRITE};
-    CaptureOptions co;
-    co.format_version = format;
-    co.replace = true;
-    auto rep = capture_regions(dir_.path() + "/snap", std::span(&r, 1), co);
-    ASSERT_TRUE(rep.ok()) << rep.error().message();
-    ::munmap(p, len);
-  }
-  void start_server(uint16_t port = 0) {
-    pageserver::ServerOptions o;
-    o.store_dir = dir_.path();
-    o.port = port;
-    auto s = pageserver::PageServer::listen(o);
-    ASSERT_TRUE(s.ok()) << s.error().message();
-    server_ = std::move(*s);
-    thread_ = std::thread([this] { (void)server_->run(); });
-  }
-  void stop_server() {
-    if (server_ && thread_.joinable()) server_->stop();
-    if (thread_.joinable()) thread_.join();
-  }
-  std::string uri() const { return "lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/snap"; }
+  void capture(size_t len, uint64_t seed, uint32_t format = 2) { ServedSnapshotTest::capture(len, seed, format); }
   static RestoreOptions on_thread(bool prefetch) {
     RestoreOptions o;
     o.fault_on_thread = true;
@@ -73,13 +45,6 @@ class FaultOnThreadTest : public ::testing::Test {
   void expect_page(const std::byte* got, size_t off) {
     ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, kPage), 0) << "page at " << off;
   }
-
-  KernelFeatures kf_;
-  ScratchDir dir_;
-  std::vector<std::byte> expected_;
-  size_t len_ = 0;
-  std::unique_ptr<pageserver::PageServer> server_;
-  std::thread thread_;
 };
 
 // Random touches then every page, prefetch off: each fault is one getPage served on the
@@ -203,7 +168,9 @@ TEST_F(FaultOnThreadTest, ServerRestartIsInvisible) {
   for (size_t off = 0; off < len_ / 2; off += kPage) expect_page(got, off);
   stop_server();
   server_.reset();
-  start_server(port);
+  pageserver::ServerOptions same_port;
+  same_port.port = port;
+  start_server(same_port);
   for (size_t off = len_ / 2; off < len_; off += kPage) expect_page(got, off);
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
@@ -217,40 +184,12 @@ TEST_F(FaultOnThreadTest, ServerDeathFailsTheFaultVisibly) {
 #endif
   capture(32 * kMiB, 48);
   start_server();
-  std::string u = uri();
-  int ready[2], go[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  ASSERT_EQ(::pipe(go), 0);
-  pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::close(ready[0]);
-    ::close(go[1]);
-    RestoreOptions o = on_thread(false);
-    o.fault_deadline = std::chrono::milliseconds(2000);
-    auto r = LazyRestore::start(u, kf_, o);
-    if (!r.ok()) _exit(3);
-    volatile const char* p = static_cast<const char*>((*r)->regions()[0].address);
-    (void)p[0];
-    char c = 1;
-    (void)!::write(ready[1], &c, 1);
-    (void)!::read(go[0], &c, 1);
-    (void)p[16 * kMiB];  // never fetched: must die of SIGBUS
-    _exit(5);
-  }
-  ::close(ready[1]);  // a child that dies early gives end-of-file, not a wait forever
-  ::close(go[0]);
-  char c;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "the child died before its first page";
-  stop_server();
-  server_.reset();
-  auto t0 = std::chrono::steady_clock::now();
-  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  RestoreOptions o = on_thread(false);
+  o.fault_deadline = std::chrono::milliseconds(2000);
   int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ::close(ready[0]);
-  ::close(go[1]);
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double secs = 0;
+  child_touches_after_server_death(o, 16 * kMiB, false, status, secs);
+  if (HasFatalFailure()) return;
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
   // The SIGBUS goes on to the handler that was there first: the sanitizer's, which reports it
   // and exits (1, or 66 for TSan) instead of dying of the signal.

@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "../common/test_data.h"
+#include "served_snapshot.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
@@ -36,44 +37,15 @@ namespace {
 using testing::ScratchDir;
 constexpr size_t kMiB = 1 << 20;
 
-class PageServerTest : public ::testing::Test {
+class PageServerTest : public testing::ServedSnapshotTest {
  protected:
-  void SetUp() override {
-    kf_ = probe_kernel();
-    if (!kf_.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf_.uffd_error;
-  }
-  void TearDown() override { stop_server(); }
-
-  void capture(size_t len, uint64_t seed) {
-    void* p = testing::map_for_capture(len, seed);
-    ASSERT_NE(p, nullptr);
-    testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
-    expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len);
-    len_ = len;
-    CaptureRegion r{"heap", p, len, PROT_READ | PROT_WRITE};
-    auto rep = capture_regions(dir_.path() + "/snap", std::span(&r, 1), {});
-    ASSERT_TRUE(rep.ok()) << rep.error().message();
-    ::munmap(p, len);
-  }
-
-  void start_server(const std::string& token = "", std::chrono::milliseconds handshake = std::chrono::seconds(10)) {
+  using ServedSnapshotTest::start_server;
+  void start_server(const std::string& token, std::chrono::milliseconds handshake = std::chrono::seconds(10)) {
     pageserver::ServerOptions o;
     o.token = token;
     o.handshake_timeout = handshake;
     start_server(o);
   }
-  void start_server(pageserver::ServerOptions o) {
-    o.store_dir = dir_.path();
-    auto s = pageserver::PageServer::listen(o);
-    ASSERT_TRUE(s.ok()) << s.error().message();
-    server_ = std::move(*s);
-    thread_ = std::thread([this] { (void)server_->run(); });
-  }
-  void stop_server() {
-    if (server_ && thread_.joinable()) server_->stop();
-    if (thread_.joinable()) thread_.join();
-  }
-  std::string uri() const { return "lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/snap"; }
 
   void restore_and_compare(const std::string& location, RestoreOptions opts) {
     auto r = LazyRestore::start(location, kf_, opts);
@@ -85,13 +57,6 @@ class PageServerTest : public ::testing::Test {
     ASSERT_TRUE((*r)->finish().ok());
     ::munmap(const_cast<std::byte*>(got), len_);
   }
-
-  KernelFeatures kf_;
-  ScratchDir dir_;
-  std::vector<std::byte> expected_;
-  size_t len_ = 0;
-  std::unique_ptr<pageserver::PageServer> server_;
-  std::thread thread_;
 };
 
 TEST_F(PageServerTest, RestoresEveryByteOverLoopback) {
@@ -362,43 +327,14 @@ TEST_F(PageServerTest, ServerDeathFailsTheFaultVisibly) {
 #endif
   capture(64 * kMiB, 25);
   start_server();
-  std::string u = uri();
-  int ready[2], go[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  ASSERT_EQ(::pipe(go), 0);
-  pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::close(ready[0]);
-    ::close(go[1]);
-    RestoreOptions o;
-    o.prefetch = false;
-    o.fault_deadline = std::chrono::milliseconds(3000);
-    o.fetch_attempts = 2;
-    auto r = LazyRestore::start(u, kf_, o);
-    if (!r.ok()) _exit(3);
-    volatile const char* p = static_cast<const char*>((*r)->regions()[0].address);
-    (void)p[0];  // one page fetched while the server lives
-    char c = 1;
-    (void)!::write(ready[1], &c, 1);
-    (void)!::read(go[0], &c, 1);  // the parent has stopped the server
-    ::signal(SIGBUS, SIG_DFL);
-    (void)p[32 * kMiB];  // never fetched: must raise SIGBUS
-    _exit(5);
-  }
-  ::close(ready[1]);  // a child that dies early gives end-of-file, not a wait forever
-  ::close(go[0]);
-  char c;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "the child died before its first page";
-  stop_server();
-  server_.reset();  // the listening socket goes too: reconnects are refused
-  auto t0 = std::chrono::steady_clock::now();
-  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  RestoreOptions o;
+  o.prefetch = false;
+  o.fault_deadline = std::chrono::milliseconds(3000);
+  o.fetch_attempts = 2;
   int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ::close(ready[0]);
-  ::close(go[1]);
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double secs = 0;
+  child_touches_after_server_death(o, 32 * kMiB, true, status, secs);
+  if (HasFatalFailure()) return;
   ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
   EXPECT_EQ(WTERMSIG(status), SIGBUS);
   EXPECT_LT(secs, 10.0);
