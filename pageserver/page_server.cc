@@ -508,6 +508,7 @@ struct PageServer::Impl {
       pg.setPage(*j.page);
       pg.setTag(j.tag);
       pg.setWhole(frame.empty());
+      pg.setStoredChecksum(ci.stored_checksum);
     } else {
       auto ch = r.initChunk();
       ch.setRegion(j.region);

@@ -96,6 +96,9 @@ struct PageReply {
   page @2 :UInt32;
   tag @3 :UInt64;
   whole @4 :Bool;
+  storedChecksum @5 :UInt64;      # the chunk's, from the server's manifest: a frame sent alone is
+                                  # used only if this matches the client's (the snapshot may have
+                                  # been replaced since the client read its manifest)
 }
 
 struct ServerStats {

@@ -59,7 +59,7 @@ inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
     case proto::wire::Reply::CHUNK: acc += r.getChunk().getTag(); break;
     case proto::wire::Reply::PAGE: {
       auto p = r.getPage();
-      acc += p.getRegion() + p.getChunk() + p.getPage() + p.getTag() + p.getWhole();
+      acc += p.getRegion() + p.getChunk() + p.getPage() + p.getTag() + p.getWhole() + p.getStoredChecksum();
       break;
     }
     case proto::wire::Reply::STATS: acc += r.getStats().getBytes() + r.getStats().getUploads(); break;
@@ -104,7 +104,7 @@ inline uint64_t read_checked_reply(std::span<const std::byte> header) {
     uint64_t acc = r.getId() + r.which();
     if (r.isPage()) {
       auto p = r.getPage();
-      acc += p.getRegion() + p.getChunk() + p.getPage() + p.getTag() + p.getWhole();
+      acc += p.getRegion() + p.getChunk() + p.getPage() + p.getTag() + p.getWhole() + p.getStoredChecksum();
     }
     if (r.isError()) acc += static_cast<uint64_t>(r.getError().getCode()) + r.getError().getTag();
     return acc | 1;

@@ -563,6 +563,7 @@ class GetPageTest : public PageServerTest {
     if (!pg.getWhole()) {
       EXPECT_EQ(ci.codec, Codec::kZstdPages) << "a page frame alone comes only from a page-frame chunk";
       EXPECT_LT(f.payload.size(), ps);
+      EXPECT_EQ(pg.getStoredChecksum(), ci.stored_checksum) << "the client matches it against its manifest";
       Status s = dec_.decode_frame(f.payload, std::span(out).first(ps), {ps, dict_ ? dict_->get() : nullptr});
       EXPECT_TRUE(s.ok()) << "chunk " << chunk << " page " << page << ": " << s.error().message();
       got = std::span(out).first(ps);

@@ -247,6 +247,9 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef r
   received_ = kFramePrefix + header_len + payload_len;
   if (!pr.getWhole()) {
     if (info.codec != Codec::kZstdPages) return bad("page server sent a page frame of a chunk without page frames");
+    // The frame's own checksum says it decodes to what the server holds; this says the server
+    // holds what our manifest describes (a snapshot replaced under the same name would not).
+    if (pr.getStoredChecksum() != info.stored_checksum) return bad("the page server holds another version of the snapshot");
     if (decoder_.decode_frame(payload, out, layout, snapshot::kFaultOnly)) return bad("a page frame failed its checksum");
     return Outcome::kOk;
   }
