@@ -2,6 +2,7 @@
 // server: every byte compared; threads that allocate while they fault; the process's own map
 // changes (madvise, mremap) mid-restore; fork; a server that restarts or dies.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -201,6 +202,120 @@ TEST_F(FaultOnThreadTest, ServerDeathFailsTheFaultVisibly) {
   EXPECT_EQ(WTERMSIG(status), SIGBUS);
 #endif
   EXPECT_LT(secs, 8.0);
+}
+
+// The snapshot is replaced under the same name while a process restores from it: a page of the
+// new one is never installed, though its frame decodes and passes its own checksum (too few
+// pages for a dictionary, so nothing else differs): the fault fails visibly instead.
+TEST_F(FaultOnThreadTest, ReplacedSnapshotIsNeverServed) {
+  if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
+#if defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the restoring child starts threads, which TSan refuses after a multi-threaded fork";
+#endif
+  constexpr size_t kLen = 12 * kPage;  // under kMinSamplePages: no dictionary
+  auto text_pages = [](char version) {
+    std::vector<std::byte> v(kLen);
+    for (size_t i = 0; i < kLen; ++i) v[i] = std::byte("snapshot ?, page ??; "[i % 21] == '?' ? version : "snapshot ?, page ??; "[i % 21]);
+    for (size_t pg = 0; pg < kLen / kPage; ++pg) v[pg * kPage] = std::byte(pg);
+    return v;
+  };
+  auto capture_text = [&](const std::string& where, char version) {
+    void* p = testing::map_for_capture(kLen, 7);
+    ASSERT_NE(p, nullptr);
+    auto bytes = text_pages(version);
+    std::memcpy(p, bytes.data(), kLen);
+    CaptureRegion r{"heap", p, kLen, PROT_READ | PROT_WRITE};
+    CaptureOptions co;
+    co.replace = true;
+    auto rep = capture_regions(where, std::span(&r, 1), co);
+    ASSERT_TRUE(rep.ok()) << rep.error().message();
+    ::munmap(p, kLen);
+  };
+  capture_text(dir_.path() + "/snap", 'A');
+  start_server();
+  const std::vector<std::byte> a = text_pages('A');
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const std::string u = uri();
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(ready[0]);
+    ::close(go[1]);
+    RestoreOptions o = on_thread(false);
+    o.fault_deadline = std::chrono::milliseconds(2000);
+    o.fetch_attempts = 1;
+    auto r = LazyRestore::start(u, kf_, o);
+    if (!r.ok()) _exit(3);
+    const auto* p = static_cast<const std::byte*>((*r)->regions()[0].address);
+    if (std::memcmp(p, a.data(), kPage) != 0) _exit(6);
+    char c = 1;
+    (void)!::write(ready[1], &c, 1);
+    (void)!::read(go[0], &c, 1);  // the parent has replaced the snapshot
+    _exit(std::memcmp(p + 5 * kPage, a.data() + 5 * kPage, kPage) != 0 ? 7 : 8);  // 7: a wrong page
+  }
+  ::close(ready[1]);
+  ::close(go[0]);
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "the child died before its first page";
+  capture_text(u, 'B');  // uploaded: the server serves the new one from now on
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ::close(ready[0]);
+  ::close(go[1]);
+  ASSERT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 7) << "a page of the replacement was installed";
+#if defined(__SANITIZE_ADDRESS__)
+  ASSERT_TRUE((WIFEXITED(status) && WEXITSTATUS(status) == 1) || (WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS))
+      << "child status " << status;
+#else
+  ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+  EXPECT_EQ(WTERMSIG(status), SIGBUS);
+#endif
+}
+
+// A bus error that is not a missing page of ours (an access past the end of a mapped file)
+// goes on as if the restore's handler were not there: to the handler there was before, or to
+// the default action. Death tests re-run in a fresh process, where the handler goes in first.
+void touch_past_end_of_file(const std::string& dir) {
+  int fd = ::open((dir + "/short").c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+  if (fd < 0 || ::ftruncate(fd, kPage) != 0) _exit(10);
+  auto* m = static_cast<volatile char*>(::mmap(nullptr, 2 * kPage, PROT_READ, MAP_SHARED, fd, 0));
+  if (m == MAP_FAILED) _exit(11);
+  (void)m[kPage];  // past the end: SIGBUS
+}
+
+TEST_F(FaultOnThreadTest, ForeignBusErrorsGoToThePreviousHandler) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  capture(1 * kMiB, 50);
+  start_server();
+  EXPECT_EXIT(
+      {
+        struct sigaction sa {};
+        sa.sa_sigaction = [](int, siginfo_t* si, void*) { _exit(si->si_code == BUS_ADRERR ? 42 : 43); };
+        sa.sa_flags = SA_SIGINFO;
+        ::sigaction(SIGBUS, &sa, nullptr);
+        auto r = LazyRestore::start(uri(), kf_, on_thread(false));
+        if (!r.ok()) _exit(3);
+        touch_past_end_of_file(dir_.path());
+        _exit(5);
+      },
+      ::testing::ExitedWithCode(42), "");
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)  // theirs is the previous handler
+  EXPECT_EXIT(
+      {
+        struct sigaction sa {};
+        sa.sa_handler = SIG_DFL;
+        sa.sa_flags = SA_SIGINFO;  // the default action, with a flag that must not matter
+        ::sigaction(SIGBUS, &sa, nullptr);
+        auto r = LazyRestore::start(uri(), kf_, on_thread(false));
+        if (!r.ok()) _exit(3);
+        touch_past_end_of_file(dir_.path());
+        _exit(5);
+      },
+      ::testing::KilledBySignal(SIGBUS), "");
+#endif
 }
 
 TEST_F(FaultOnThreadTest, LocalSourceIsAClearError) {

@@ -61,25 +61,37 @@ std::once_flag g_installed;
 
 // The handler that was there before ours, for every SIGBUS that is not a missing page of ours.
 void pass_on(int sig, siginfo_t* info, void* context) noexcept {
-  if (g_previous.sa_flags & SA_SIGINFO) {
-    if (g_previous.sa_sigaction != nullptr) g_previous.sa_sigaction(sig, info, context);
+  // SIG_DFL and SIG_IGN are values of the handler whatever SA_SIGINFO says: compared first.
+  const bool dfl = g_previous.sa_handler == SIG_DFL, ign = g_previous.sa_handler == SIG_IGN;
+  if (!dfl && !ign) {
+    if (g_previous.sa_flags & SA_SIGINFO) {
+      g_previous.sa_sigaction(sig, info, context);
+    } else {
+      g_previous.sa_handler(sig);
+    }
     return;
   }
-  if (g_previous.sa_handler == SIG_DFL || g_previous.sa_handler == SIG_IGN) {
-    // Return into the access with the default action in place: it faults again and dies of
-    // SIGBUS, as it would have without us (a core dump shows the real access).
-    struct sigaction dfl {};
-    dfl.sa_handler = SIG_DFL;
-    ::sigaction(SIGBUS, &dfl, nullptr);
-    return;
-  }
-  g_previous.sa_handler(sig);
+  const bool sent = info->si_code <= 0;  // by kill(), tgkill(), sigqueue(): not a fault
+  if (ign && sent) return;               // ignored, as it was before us
+  // The default action, as without us (a fault cannot be ignored): put it back and raise the
+  // signal again; it arrives as this handler returns and the process dies of SIGBUS at the
+  // access (a core dump shows it).
+  struct sigaction def {};
+  def.sa_handler = SIG_DFL;
+  ::sigaction(SIGBUS, &def, nullptr);
+  ::raise(SIGBUS);
 }
 
-// The page this thread last found already present: faulting on it again means it is poisoned.
-thread_local uint64_t t_last_exists = 0;
+// initial-exec: the handler's first use on a thread must not allocate (a dlopen()ed library's
+// dynamic TLS would, in __tls_get_addr).
+#define LAZYMEM_HANDLER_TLS thread_local __attribute__((tls_model("initial-exec")))
+// The page this thread last found already present, and when: faulting on it again at once
+// means it is poisoned.
+LAZYMEM_HANDLER_TLS uint64_t t_last_exists = 0;
+LAZYMEM_HANDLER_TLS int64_t t_last_exists_ns = 0;
+constexpr int64_t kRetryWindowNs = 100'000'000;  // a retried access comes back in microseconds
 // The page of the last fault no restore knew, retried once (on_sigbus).
-thread_local uint64_t t_last_unknown = 0;
+LAZYMEM_HANDLER_TLS uint64_t t_last_unknown = 0;
 
 constexpr int kIdle = 0, kBusy = 1, kBroken = 2, kReopening = 3;
 constexpr uint32_t kWriter = 1u << 31;
@@ -93,10 +105,13 @@ struct ThreadFaults::Table {
   std::vector<MappedRange> ranges;  // sorted by start
   uint64_t generation = 0;
 
-  void read_lock() noexcept {
-    for (;;) {
+  // False when the deadline passes first: the engine holds the table that long only if it is
+  // stuck (on the allocator lock this thread holds, say), and a fault must not wait forever.
+  bool read_lock(int64_t deadline_ns) noexcept {
+    for (unsigned spins = 0;; ++spins) {
       uint32_t s = state.load(std::memory_order_relaxed);
-      if ((s & kWriter) == 0 && state.compare_exchange_weak(s, s + 1, std::memory_order_acquire)) return;
+      if ((s & kWriter) == 0 && state.compare_exchange_weak(s, s + 1, std::memory_order_acquire)) return true;
+      if (spins % 64 == 63 && now_ns() >= deadline_ns) return false;
       ::sched_yield();
     }
   }
@@ -203,7 +218,10 @@ Result<std::shared_ptr<ThreadFaults>> ThreadFaults::start(std::shared_ptr<snapsh
     struct sigaction sa {};
     sa.sa_sigaction = &ThreadFaults::on_sigbus;
     sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
+    // Nothing else runs on this thread while it holds the table or a connection: a handler that
+    // longjmp()ed out of ours would leave them held, and one touching a missing page would find
+    // SIGBUS blocked (the kernel then kills the process).
+    sigfillset(&sa.sa_mask);
     ::sigaction(SIGBUS, &sa, &g_previous);
     ::pthread_atfork(&ThreadFaults::before_fork, nullptr, nullptr);
   });
@@ -353,7 +371,11 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
   snapshot::ChunkRef have_ref;
   uint32_t have_index = 0;
   for (;;) {
-    table_->read_lock();
+    if (!table_->read_lock(deadline)) {
+      if (conn) pool_->checkin(conn);
+      fail(addr & ~uint64_t{4095}, kNoRegion, "the restore's address map stayed locked past the fault deadline");
+      return Served::kFailed;
+    }
     const MappedRange* r = table_->find(addr);
     if (r == nullptr) {
       table_->read_unlock();
@@ -404,10 +426,14 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
 
     // Install by the map the page was looked up in: the table is held across the ioctl, so the
     // engine cannot apply a change in between (a change not yet read makes the ioctl EAGAIN).
-    table_->read_lock();
+    if (!table_->read_lock(deadline)) {
+      if (conn) pool_->checkin(conn);
+      fail(page_addr, region, "the restore's address map stayed locked past the fault deadline");
+      return Served::kFailed;
+    }
     if (table_->generation != generation) {
       table_->read_unlock();
-      continue;
+      continue;  // looked up again (the lock above is bounded by the deadline)
     }
     sys::InstallResult res = zero ? uffd_.zeropage(page_addr, page_size, false)
                                   : uffd_.copy(page_addr, conn->page.data(), page_size, false);
@@ -440,11 +466,14 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
         // Prefetch or another thread was first, and the retried access finds the page. Unless
         // this thread was told so for this very page last time: then the page is poisoned (a
         // failure: the kernel reports those as BUS_ADRERR too without CONFIG_MEMORY_FAILURE).
-        if (t_last_exists == page_addr) {
+        if (t_last_exists == page_addr && now_ns() - t_last_exists_ns < kRetryWindowNs) {
           t_last_exists = 0;
+          const char* why = failure_.load();
+          report(page_addr, why != nullptr ? why : "the page was poisoned", "the access dies of SIGBUS");
           return Served::kFailed;
         }
         t_last_exists = page_addr;
+        t_last_exists_ns = now_ns();
         return Served::kDone;
       case sys::InstallOutcome::kGone:  // dropped or unmapped meanwhile: the retried access decides
       case sys::InstallOutcome::kExited:
@@ -461,8 +490,8 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
 void ThreadFaults::fail(uint64_t page_addr, uint32_t region, const char* why) noexcept {
   const char* none = nullptr;
   if (failure_.compare_exchange_strong(none, why)) failed_addr_.store(page_addr);
-  stats_[region]->add_error();
-  const uint32_t page_size = manifest_->regions[region].page_size;
+  if (region != kNoRegion) stats_[region]->add_error();
+  const uint32_t page_size = region != kNoRegion ? manifest_->regions[region].page_size : 4096;
   if (options_.can_poison) {
     report(page_addr, why, "poisoned: the access dies of SIGBUS");
     (void)uffd_.poison(page_addr, page_size);  // other threads touching it fail too

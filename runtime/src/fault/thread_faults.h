@@ -76,6 +76,7 @@ class ThreadFaults final : public MapFollower {
  private:
   enum class Served { kDone, kFailed, kNotOurs, kMapChanging };
   Served serve(uint64_t addr, int64_t start_ns) noexcept;
+  static constexpr uint32_t kNoRegion = ~uint32_t{0};  // a failure before the address was looked up
   void fail(uint64_t page_addr, uint32_t region, const char* why) noexcept;
   void keep_connections();  // the keeper thread: reopens broken connections
   static void on_sigbus(int sig, siginfo_t* info, void* context);
