@@ -34,8 +34,9 @@ struct RestoreOptions {
   // Page-server sources: a faulting thread fetches and installs its own page (one round trip,
   // no hand-off to the handler thread), inside a SIGBUS handler; background prefetch stays on
   // the handler thread. Caveat: while it is on, a system call that writes into a page not yet
-  // restored fails with EFAULT instead of waiting (userfaultfd's SIGBUS mode), and fork()
-  // first completes the restore. See docs/design-notes.md, "Faults on the faulting thread".
+  // restored fails with EFAULT instead of waiting (userfaultfd's SIGBUS mode), a thread that
+  // touches one with SIGBUS blocked is killed, and fork() first completes the restore. See
+  // docs/design-notes.md, "Faults on the faulting thread".
   bool fault_on_thread = false;
   unsigned fault_connections = 2;  // page-server connections the faulting threads share
 };
