@@ -484,7 +484,7 @@ struct PageServer::Impl {
       const Manifest& man = j.snap->manifest;
       const uint32_t length = man.chunk_length(j.region, j.chunk), page_size = man.regions[j.region].page_size;
       auto stored = contiguous(f.slices, ci.stored_length);
-      if (Status s = verifier_.verify_stored(ci, stored, length, page_size); !s.ok()) {
+      if (Status s = snapshot::ChunkDecoder::verify_stored(ci, stored, length, page_size); !s.ok()) {
         bump(st_corrupt);
         std::string msg = fmt::format("stored chunk {}/{} of snapshot '{}' is corrupt on the server ({}); the store "
                                       "needs the snapshot again (upload it with --replace)",
@@ -533,7 +533,6 @@ struct PageServer::Impl {
   }
   std::array<capnp::word, 16> word_buffer_{};  // a chunk or page reply header without a malloc
   std::vector<std::byte> scratch_;            // a page request's stored chunk that straddles extents
-  snapshot::ChunkDecoder verifier_;           // verify_stored() only: never decodes here
 
   // Starts the read of a claimed extent (or does it now, without io_uring).
   void start_read(Pin read_pin, int data_fd) {

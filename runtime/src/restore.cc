@@ -164,7 +164,7 @@ RestoreStats LazyRestore::stats() const {
   if (impl_->thread_faults) {
     std::vector<RegionStats> own = impl_->thread_faults->stats();
     for (size_t i = 0; i < own.size() && i < info->stats.regions.size(); ++i) info->stats.regions[i].merge(own[i]);
-    if (!impl_->thread_faults->failure().empty()) info->stats.failed = true;
+    if (impl_->thread_faults->failed()) info->stats.failed = true;
   }
   return info->stats;
 }
@@ -179,7 +179,7 @@ Status LazyRestore::finish() {
   if (impl_->finished) return ok_status();
   Status s = wait_complete();
   if (!s.ok() && s.error().code() == Errc::kTimeout) return s;  // keep serving: never abandon missing pages
-  if (s.ok() && impl_->thread_faults && !impl_->thread_faults->failure().empty()) {
+  if (s.ok() && impl_->thread_faults && impl_->thread_faults->failed()) {
     s = Error(Errc::kIo, impl_->thread_faults->failure());
   }
   // Complete, or failed with every failed page poisoned: either way no page is left for the

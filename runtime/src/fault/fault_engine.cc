@@ -14,6 +14,7 @@
 #include "core/log.h"
 #include "fault/decode_pool.h"
 #include "snapshot/chunk_codec.h"
+#include "sys/clock.h"
 #include "sys/cpu_latency.h"
 #include "sys/syscall_result.h"
 #include "sys/uapi_compat.h"
@@ -38,11 +39,7 @@ constexpr int kRoundsPerPoll = 16;         // then back to epoll
 constexpr size_t kZeroInstallsPerRound = 256;
 constexpr uint64_t kNoFault = ~uint64_t{0};
 
-uint64_t now_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ULL + static_cast<uint64_t>(ts.tv_nsec);
-}
+uint64_t now_ns() { return static_cast<uint64_t>(sys::monotonic_ns()); }  // the engine counts unsigned
 
 enum class InstallStatus { kOk, kRetry, kFailed };
 

@@ -20,17 +20,12 @@
 #include <mutex>
 
 #include "core/log.h"
+#include "sys/clock.h"
 #include "sys/cpu_latency.h"
 #include "sys/unique_fd.h"
 
 namespace lazymem::fault {
 namespace {
-
-int64_t now_ns() noexcept {
-  timespec ts;
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
-}
 
 void nap_us(long us) noexcept {
   timespec ts{0, us * 1000};
@@ -111,7 +106,7 @@ struct ThreadFaults::Table {
     for (unsigned spins = 0;; ++spins) {
       uint32_t s = state.load(std::memory_order_relaxed);
       if ((s & kWriter) == 0 && state.compare_exchange_weak(s, s + 1, std::memory_order_acquire)) return true;
-      if (spins % 64 == 63 && now_ns() >= deadline_ns) return false;
+      if (spins % 64 == 63 && sys::monotonic_ns() >= deadline_ns) return false;
       ::sched_yield();
     }
   }
@@ -171,7 +166,7 @@ struct ThreadFaults::Pool {
         if (c.state.compare_exchange_strong(idle, kBusy, std::memory_order_acquire)) return &c;
         any_alive |= idle == kBusy;
       }
-      if (now_ns() >= deadline_ns) return nullptr;
+      if (sys::monotonic_ns() >= deadline_ns) return nullptr;
       nap_us(any_alive ? 10 : 200);  // busy: another thread's round trip; broken: a reconnect
     }
   }
@@ -267,7 +262,7 @@ void ThreadFaults::keep_connections() {
     uint64_t n;
     (void)!::read(pool_->wake.get(), &n, sizeof n);
     retry_soon = false;
-    bool busy = now_ns() - pool_->last_fault_ns.load(std::memory_order_relaxed) < kLingerNs;
+    bool busy = sys::monotonic_ns() - pool_->last_fault_ns.load(std::memory_order_relaxed) < kLingerNs;
     (void)hold.set(busy);
     // While busy the handler need not ask again (held, or not permitted: nothing to do).
     pool_->quick_wakeups.store(busy, std::memory_order_relaxed);
@@ -323,7 +318,7 @@ void ThreadFaults::on_sigbus(int sig, siginfo_t* info, void* context) {
   const int saved_errno = errno;
   if (info->si_code == BUS_ADRERR) {  // a missing page in SIGBUS mode (poisoned ones are BUS_MCEERR_AR)
     const uint64_t addr = reinterpret_cast<uint64_t>(info->si_addr);
-    const int64_t start = now_ns();
+    const int64_t start = sys::monotonic_ns();
     const pid_t self = ::getpid();
     bool failed = false;
     while (!failed) {
@@ -343,7 +338,7 @@ void ThreadFaults::on_sigbus(int sig, siginfo_t* info, void* context) {
       }
       // An address no restore knows while the process is changing its map (mremap): the engine
       // is about to apply it. Anything else is not ours.
-      if (failed || !changing || now_ns() - start > 1000000000) break;
+      if (failed || !changing || sys::monotonic_ns() - start > 1000000000) break;
       nap_us(20);
     }
     // Not ours now, but maybe a moment ago: madvise(MADV_DONTNEED) returns once the engine has
@@ -407,14 +402,14 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
           const char* why = conn->fetcher->failure();
           pool_->broke(conn);
           conn = nullptr;
-          if (now_ns() >= deadline) {
+          if (sys::monotonic_ns() >= deadline) {
             fail(page_addr, region, why);
             return Served::kFailed;
           }
           continue;  // on another connection, or this one reopened
         }
         case snapshot::PageFetcher::Outcome::kBad:
-          if (++bad >= std::max(1u, options_.fetch_attempts) || now_ns() >= deadline) {
+          if (++bad >= std::max(1u, options_.fetch_attempts) || sys::monotonic_ns() >= deadline) {
             const char* why = conn->fetcher->failure();
             pool_->checkin(conn);
             fail(page_addr, region, why);
@@ -439,7 +434,7 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
                                   : uffd_.copy(page_addr, conn->page.data(), page_size, false);
     table_->read_unlock();
     if (res.outcome == sys::InstallOutcome::kAgain) {
-      if (now_ns() >= deadline) {
+      if (sys::monotonic_ns() >= deadline) {
         if (conn) pool_->checkin(conn);
         fail(page_addr, region, "the process kept changing its memory map");
         return Served::kFailed;
@@ -460,20 +455,20 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
           st.add_installed(1, true);
           st.add_fetched(received, page_size);
         }
-        st.add_latency_us(static_cast<uint64_t>(now_ns() - start_ns) / 1000);
+        st.add_latency_us(static_cast<uint64_t>(sys::monotonic_ns() - start_ns) / 1000);
         return Served::kDone;
       case sys::InstallOutcome::kExists:
         // Prefetch or another thread was first, and the retried access finds the page. Unless
         // this thread was told so for this very page last time: then the page is poisoned (a
         // failure: the kernel reports those as BUS_ADRERR too without CONFIG_MEMORY_FAILURE).
-        if (t_last_exists == page_addr && now_ns() - t_last_exists_ns < kRetryWindowNs) {
+        if (t_last_exists == page_addr && sys::monotonic_ns() - t_last_exists_ns < kRetryWindowNs) {
           t_last_exists = 0;
           const char* why = failure_.load();
           report(page_addr, why != nullptr ? why : "the page was poisoned", "the access dies of SIGBUS");
           return Served::kFailed;
         }
         t_last_exists = page_addr;
-        t_last_exists_ns = now_ns();
+        t_last_exists_ns = sys::monotonic_ns();
         return Served::kDone;
       case sys::InstallOutcome::kGone:  // dropped or unmapped meanwhile: the retried access decides
       case sys::InstallOutcome::kExited:

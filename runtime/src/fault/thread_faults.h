@@ -66,7 +66,8 @@ class ThreadFaults final : public MapFollower {
 
   // Faults served here, per snapshot region.
   std::vector<RegionStats> stats() const;
-  // A page this class could not restore (poisoned), with why; empty if none.
+  // Whether a page could not be restored (poisoned), and which and why; empty if none.
+  bool failed() const { return failure_.load() != nullptr; }
   std::string failure() const;
 
   struct Pool;

@@ -14,6 +14,7 @@
 
 #include "net/client.h"
 #include "net/frame.h"
+#include "sys/clock.h"
 #include "wire.capnp.h"
 
 namespace lazymem::net {
@@ -23,12 +24,6 @@ namespace {
 constexpr uint32_t kMaxReplyHeader = 4096;
 constexpr long kRecvSliceMs = 50;
 constexpr int64_t kSpinNs = 50'000;  // a page reply header is ~64 bytes; an error's text more
-
-int64_t now_ns() noexcept {
-  timespec ts;
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
-}
 
 void put_le32(std::byte* p, uint32_t v) noexcept {
   for (int i = 0; i < 4; ++i) p[i] = std::byte((v >> (8 * i)) & 0xff);
@@ -42,7 +37,7 @@ uint32_t get_le32(const std::byte* p) noexcept {
 // Waits for `events` on fd until the deadline; false on timeout or error.
 bool wait_until(int fd, short events, int64_t deadline_ns) noexcept {
   for (;;) {
-    int64_t left = deadline_ns - now_ns();
+    int64_t left = deadline_ns - sys::monotonic_ns();
     if (left <= 0) return false;
     timespec ts{static_cast<time_t>(left / 1000000000), static_cast<long>(left % 1000000000)};
     pollfd p{fd, events, 0};
@@ -155,9 +150,9 @@ bool RemotePageFetcher::receive(uint32_t& header_len, uint32_t& payload_len, int
   // Spin first: the reply usually comes within a round trip, and a thread found running needs
   // no cross-CPU wake-up (~5-10 us here). The thread waits for its page either way; after
   // kSpinNs it sleeps in recv(), woken every kRecvSliceMs to check the deadline.
-  const int64_t spin_until = now_ns() + kSpinNs;
+  const int64_t spin_until = sys::monotonic_ns() + kSpinNs;
   while (got < need) {
-    const bool spin = now_ns() < spin_until;
+    const bool spin = sys::monotonic_ns() < spin_until;
     // Everything on the socket is this reply (one request at a time; a broken exchange closes
     // the connection), so read as much as there is room for.
     ssize_t n = ::recv(fd_.get(), buf + got, cap - got, spin ? MSG_DONTWAIT : 0);
@@ -178,7 +173,7 @@ bool RemotePageFetcher::receive(uint32_t& header_len, uint32_t& payload_len, int
       failure_ = "page server closed the connection";
       return false;
     } else if (errno == EAGAIN || errno == EINTR) {
-      if (!spin && now_ns() >= deadline_ns) {
+      if (!spin && sys::monotonic_ns() >= deadline_ns) {
         failure_ = "page server did not answer in time";
         return false;
       }

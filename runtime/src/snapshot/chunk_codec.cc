@@ -143,7 +143,7 @@ CodecFault corrupt(const char* format, uint64_t a = 0, uint64_t b = 0, const cha
 }  // namespace
 
 CodecFault ChunkDecoder::verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
-                                       uint32_t page_size, CodecFaultOnly) const noexcept {
+                                       uint32_t page_size, CodecFaultOnly) noexcept {
   const uint32_t pages = length / page_size;
   const size_t table = size_t{pages} * kEndBytes;
   if (stored.size() != info.stored_length || stored.size() < table) {
@@ -254,7 +254,7 @@ Status ChunkDecoder::decode(const ChunkInfo& info, std::span<const std::byte> st
 }
 
 Status ChunkDecoder::verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
-                                   uint32_t page_size) const {
+                                   uint32_t page_size) {
   return as_status(verify_stored(info, stored, length, page_size, kFaultOnly));
 }
 

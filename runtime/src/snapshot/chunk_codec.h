@@ -105,8 +105,8 @@ class ChunkDecoder {
   // kZstdPages, one page at a time: verify_stored() checks the stored bytes (their checksum and
   // frame table) for a chunk of `length` bytes; then decode_page() decodes and verifies page
   // `index` into `out` (page_size bytes). A page is never decoded from unverified bytes.
-  Status verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
-                       uint32_t page_size) const;
+  static Status verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
+                              uint32_t page_size);
   Status decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index, std::span<std::byte> out,
                      const ChunkLayout& layout);
   // One page from its zstd frame alone (a getPage reply): the frame must declare its content
@@ -120,8 +120,8 @@ class ChunkDecoder {
   // The same calls reporting a CodecFault (the Status forms above wrap these).
   CodecFault decode(const ChunkInfo& info, std::span<const std::byte> stored, std::span<std::byte> out,
                     const ChunkLayout& layout, CodecFaultOnly) noexcept;
-  CodecFault verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length, uint32_t page_size,
-                           CodecFaultOnly) const noexcept;
+  static CodecFault verify_stored(const ChunkInfo& info, std::span<const std::byte> stored, uint32_t length,
+                                  uint32_t page_size, CodecFaultOnly) noexcept;
   CodecFault decode_page(std::span<const std::byte> stored, uint32_t length, uint32_t index, std::span<std::byte> out,
                          const ChunkLayout& layout, CodecFaultOnly) noexcept;
   CodecFault decode_frame(std::span<const std::byte> frame, std::span<std::byte> out, const ChunkLayout& layout,

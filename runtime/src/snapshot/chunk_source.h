@@ -59,8 +59,8 @@ class ChunkReader {
 
 // Fetches one page synchronously on the calling thread: a fault resolved by the faulting thread
 // itself, inside its SIGBUS handler (RestoreOptions::fault_on_thread). Everything is allocated
-// when it is opened; fetch() then allocates nothing and takes no lock unless the data it gets
-// is bad (reporting that may allocate: docs/design-notes.md, "Faults on the faulting thread").
+// when it is opened; fetch() then allocates nothing and takes no lock, whatever data it gets
+// (docs/design-notes.md, "Faults on the faulting thread").
 //
 // Thread-safety: one thread at a time (the pool that hands fetchers out sees to it).
 class PageFetcher {
