@@ -104,6 +104,7 @@ void ExtentCache::read_done(Extent* e, int bytes) {
     return;
   }
   e->valid = static_cast<uint32_t>(bytes);
+  e->loaded = ++loads_;
   e->state = Extent::State::kReady;
 }
 

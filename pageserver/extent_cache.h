@@ -33,6 +33,7 @@ struct Extent {
   uint64_t file = 0;   // key: which data file (a number per opened snapshot) ...
   uint64_t index = 0;  // ... and which 64 KiB of it
   uint32_t valid = 0;  // bytes read (short at the end of a file)
+  uint64_t loaded = 0;  // when it was read, as a count of reads: tells a re-read from the bytes once checked
   State state = State::kFree;
   uint32_t pins = 0;
   bool in_lru = false;
@@ -120,6 +121,7 @@ class ExtentCache {
   std::unordered_map<Key, Extent*, KeyHash> map_;
   CacheStats stats_;
   bool unpinned_ = false;
+  uint64_t loads_ = 0;
 };
 
 }  // namespace lazymem::pageserver

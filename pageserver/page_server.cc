@@ -46,7 +46,37 @@ struct OpenSnapshot {
   Manifest manifest;
   std::vector<std::byte> manifest_bytes;
   sys::UniqueFd data;
+  // Per region and chunk: the newest Extent::loaded of the extents its stored checksum was last
+  // checked in (0: never). A getPage checks a chunk again only when one of its extents was read
+  // since: the bytes in memory were checked once; it is the disk we do not trust.
+  std::vector<std::vector<uint64_t>> verified;
 };
+
+// A peer's address: where a datagram came from, and where its reply goes.
+struct Peer {
+  sockaddr_storage addr{};
+  socklen_t len = 0;
+};
+
+// Whether two addresses are the same host (ports aside).
+bool same_host(const Peer& a, const Peer& b) {
+  if (a.addr.ss_family != b.addr.ss_family) return false;
+  if (a.addr.ss_family == AF_INET) {
+    return reinterpret_cast<const sockaddr_in&>(a.addr).sin_addr.s_addr ==
+           reinterpret_cast<const sockaddr_in&>(b.addr).sin_addr.s_addr;
+  }
+  if (a.addr.ss_family == AF_INET6) {
+    return std::memcmp(&reinterpret_cast<const sockaddr_in6&>(a.addr).sin6_addr,
+                       &reinterpret_cast<const sockaddr_in6&>(b.addr).sin6_addr, sizeof(in6_addr)) == 0;
+  }
+  return false;
+}
+
+using Session = std::array<std::byte, 16>;
+
+// The largest page frame sent by datagram (4 KiB pages compress below it; anything bigger, or a
+// reply that needs the whole chunk, is refused with useStream).
+constexpr uint32_t kMaxDatagramPayload = 8192;
 
 // A chunk to send (getChunks), or one page of it (getPage: `page` set), once its extents are in.
 struct Job {
@@ -55,6 +85,7 @@ struct Job {
   uint64_t tag, id;
   bool demand;
   std::optional<uint32_t> page;
+  std::optional<Peer> reply_to;  // a getPage that came by datagram: answered by datagram
 };
 
 // A chunk reply waiting for reads of its extents.
@@ -76,6 +107,8 @@ struct Conn {
   uint32_t events = EPOLLIN;  // what epoll watches for now
   net::Nonce server_nonce{};
   net::Nonce client_nonce{};
+  Peer peer;                       // the TCP peer: the only sender its session's datagrams may have
+  std::optional<Session> session;  // openDatagrams was asked on this connection
   std::deque<Job> demand, prefetch;
   std::deque<Waiting> waiting;
   size_t waiting_bytes = 0;
@@ -98,8 +131,14 @@ struct PageServer::Impl {
   uint64_t next_file_id = 1;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
-      st_corrupt{0};
+      st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0};
   SendCounters sends;
+  // getPage by datagram: the socket (invalid: datagrams off), the live sessions (each names its
+  // connection, by fd and serial), and when the last page request came (the loop polls a while).
+  sys::UniqueFd udp_fd;
+  std::map<Session, std::pair<int, uint64_t>> sessions;
+  std::array<std::byte, 4096> dgram_{};  // a request datagram (a getPage is ~150 bytes)
+  Clock::time_point last_page{}, next_drop_log{};
 
   // Chunk reads go through io_uring, O_DIRECT, into extents of the cache, many in flight at
   // once (demand first): the device works on a queue instead of one pread at a time.
@@ -151,6 +190,32 @@ struct PageServer::Impl {
     queue(c, m, {});
   }
 
+  // A reply to a getPage datagram: one frame in one datagram, to its sender. The socket is not
+  // waited for: a reply it refuses is counted, and the client, not hearing back, asks again.
+  void send_datagram(const Peer& to, capnp::MessageBuilder& m, std::span<const std::byte> payload) {
+    std::vector<std::byte> head = net::encode_frame(m, static_cast<uint32_t>(payload.size()));
+    iovec iov[2] = {{head.data(), head.size()}, {const_cast<std::byte*>(payload.data()), payload.size()}};
+    msghdr mh{};
+    mh.msg_name = const_cast<sockaddr_storage*>(&to.addr);
+    mh.msg_namelen = to.len;
+    mh.msg_iov = iov;
+    mh.msg_iovlen = payload.empty() ? 1 : 2;
+    if (::sendmsg(udp_fd.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) bump(st_dgram_unsent);
+  }
+
+  // An error for a chunk or page job: on its connection, or by datagram if it came as one.
+  void reply_error(Conn& c, const Job& j, wire::ErrorCode code, const std::string& msg) {
+    if (!j.reply_to) return reply_error(c, j.id, code, msg, j.tag);
+    capnp::MallocMessageBuilder m;
+    auto r = m.initRoot<wire::Reply>();
+    r.setId(j.id);
+    auto e = r.initError();
+    e.setCode(code);
+    e.setMessage(msg);
+    e.setTag(j.tag);
+    send_datagram(*j.reply_to, m, {});
+  }
+
   Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name) {
     auto it = snapshots.find(name);
     if (it != snapshots.end()) return it->second;
@@ -164,6 +229,7 @@ struct PageServer::Impl {
     if (!bytes.ok()) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
     LAZYMEM_ASSIGN_OR_RETURN(snap->manifest, snapshot::decode_manifest(*bytes, dir));
     snap->manifest_bytes = std::move(*bytes);
+    for (const RegionInfo& r : snap->manifest.regions) snap->verified.emplace_back(r.chunks.size(), 0);
     int fd = ::open((dir + "/" + snapshot::kDataFile).c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
     if (fd < 0) fd = ::open((dir + "/" + snapshot::kDataFile).c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return sys_error("open data of snapshot " + name, errno);
@@ -346,6 +412,9 @@ struct PageServer::Impl {
         o.setPlainBytes(st.plain_bytes);
         o.setPages(st.pages);
         o.setErrorsCorrupt(st.errors_corrupt);
+        o.setDatagramRequests(st.datagram_requests);
+        o.setDatagramsDropped(st.datagrams_dropped);
+        o.setDatagramsUnsent(st.datagrams_unsent);
         queue(c, m, {});
         return;
       }
@@ -395,19 +464,15 @@ struct PageServer::Impl {
           for (auto ch : chunks) reply_error(c, id, wire::ErrorCode::NOT_FOUND, snap.error().message(), ch.getTag());
           return;
         }
-        for (auto ch : chunks) enqueue(c, Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id, gc.getDemand(), {}});
+        for (auto ch : chunks) enqueue(c, Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id, gc.getDemand(), {}, {}});
         return;
       }
       if (rq.isGetPage()) {
-        auto gp = rq.getGetPage();
-        auto snap = open_snapshot(gp.getSnapshot().cStr());
-        if (!snap.ok()) {
-          bump(st_nf);
-          reply_error(c, id, wire::ErrorCode::NOT_FOUND, snap.error().message(), gp.getTag());
-          return;
-        }
-        // A thread waits on it: the demand lane.
-        enqueue(c, Job{*snap, gp.getRegion(), gp.getChunk(), gp.getTag(), id, true, gp.getPage()});
+        get_page(c, rq.getGetPage(), id, std::nullopt);
+        return;
+      }
+      if (rq.isOpenDatagrams()) {
+        open_datagrams(c, id);
         return;
       }
       bump(st_proto);
@@ -419,23 +484,121 @@ struct PageServer::Impl {
     }
   }
 
+  // getPage, from the connection or (reply_to) by datagram: a thread waits on it, so the demand lane.
+  void get_page(Conn& c, wire::GetPage::Reader gp, uint64_t id, std::optional<Peer> reply_to) {
+    last_page = Clock::now();
+    auto snap = open_snapshot(gp.getSnapshot().cStr());
+    Job j{nullptr, gp.getRegion(), gp.getChunk(), gp.getTag(), id, true, gp.getPage(), std::move(reply_to)};
+    if (!snap.ok()) {
+      bump(st_nf);
+      reply_error(c, j, wire::ErrorCode::NOT_FOUND, snap.error().message());
+      return;
+    }
+    j.snap = *snap;
+    enqueue(c, std::move(j));
+  }
+
+  void open_datagrams(Conn& c, uint64_t id) {
+    if (!udp_fd.valid()) {
+      reply_error(c, id, wire::ErrorCode::BAD_REQUEST,
+                  "this server takes no datagrams (started without them, or its UDP port was taken): ask on the "
+                  "connection");
+      return;
+    }
+    if (!c.session) {
+      net::Nonce n = net::random_nonce();
+      Session s;
+      std::memcpy(s.data(), n.data(), s.size());
+      c.session = s;
+      sessions[s] = {c.fd.get(), c.serial};
+    }
+    capnp::MallocMessageBuilder m;
+    auto r = m.initRoot<wire::Reply>();
+    r.setId(id);
+    auto d = r.initDatagrams();
+    d.setSession(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.session->data()), c.session->size()));
+    d.setMaxPayload(kMaxDatagramPayload);
+    queue(c, m, {});
+  }
+
+  // Request datagrams waiting on the UDP socket, a bounded number per loop turn.
+  void on_datagrams() {
+    for (int i = 0; i < 64; ++i) {
+      Peer from;
+      from.len = sizeof from.addr;
+      ssize_t n = ::recvfrom(udp_fd.get(), dgram_.data(), dgram_.size(), MSG_DONTWAIT | MSG_TRUNC,
+                             reinterpret_cast<sockaddr*>(&from.addr), &from.len);
+      if (n < 0) return;  // none left (or an error the socket reports once: nothing to do)
+      handle_datagram(std::span(dgram_.data(), std::min(static_cast<size_t>(n), dgram_.size())),
+                      static_cast<size_t>(n) > dgram_.size(), from);
+    }
+  }
+
+  // Anyone can send us datagrams: one that is not a well-formed getPage of a live session, from
+  // that session's peer, is dropped without an answer (no reflection), counted, and logged at
+  // most once a second.
+  void handle_datagram(std::span<const std::byte> d, bool truncated, const Peer& from) {
+    auto drop = [&](const char* why) {
+      bump(st_dgram_drop);
+      auto now = Clock::now();
+      if (now < next_drop_log) return;
+      next_drop_log = now + std::chrono::seconds(1);
+      char host[INET6_ADDRSTRLEN] = "?";
+      const void* a = from.addr.ss_family == AF_INET6
+                          ? static_cast<const void*>(&reinterpret_cast<const sockaddr_in6&>(from.addr).sin6_addr)
+                          : static_cast<const void*>(&reinterpret_cast<const sockaddr_in&>(from.addr).sin_addr);
+      ::inet_ntop(from.addr.ss_family, a, host, sizeof host);
+      log->warn("datagram from {}: {}; dropped (further drops this second only counted)", host, why);
+    };
+    if (truncated || d.size() < net::kFramePrefix) return drop("not one request frame (too short or too long)");
+    uint32_t header_len = 0, payload_len = 0;
+    std::memcpy(&header_len, d.data(), 4);  // little-endian, as the stream's frames (x86, arm64)
+    std::memcpy(&payload_len, d.data() + 4, 4);
+    if (payload_len != 0 || size_t{header_len} + net::kFramePrefix != d.size()) {
+      return drop("its frame lengths do not match the datagram");
+    }
+    auto h = net::Header::parse(d.subspan(net::kFramePrefix));
+    if (!h.ok()) return drop("malformed header");
+    try {
+      auto rq = (*h)->root<wire::Request>();
+      if (!rq.isGetPage()) return drop("not a getPage request");
+      auto gp = rq.getGetPage();
+      auto sd = gp.getSession();
+      Session key;
+      if (sd.size() != key.size()) return drop("no session");
+      std::memcpy(key.data(), sd.begin(), key.size());
+      auto s = sessions.find(key);
+      if (s == sessions.end()) return drop("no live session of that id (its connection is gone?)");
+      auto it = conns.find(s->second.first);
+      if (it == conns.end() || it->second->serial != s->second.second) return drop("no live session of that id");
+      Conn& c = *it->second;
+      if (!same_host(c.peer, from)) return drop("not from the address of the session's connection");
+      bump(st_req);
+      bump(st_dgram_req);
+      last_request = Clock::now();
+      get_page(c, gp, rq.getId(), from);
+      pump(c.fd.get());
+    } catch (const kj::Exception&) {
+      drop("malformed request");
+    }
+  }
+
   // A chunk (or page) asked for by a peer: checked against the manifest, then queued in its lane.
   void enqueue(Conn& c, Job j) {
     const Manifest& man = j.snap->manifest;
     if (j.region >= man.regions.size() || j.chunk >= man.regions[j.region].chunks.size()) {
       bump(st_range);
-      reply_error(c, j.id, wire::ErrorCode::OUT_OF_RANGE,
-                  fmt::format("chunk {}/{} is outside snapshot '{}'", j.region, j.chunk, j.snap->name), j.tag);
+      reply_error(c, j, wire::ErrorCode::OUT_OF_RANGE,
+                  fmt::format("chunk {}/{} is outside snapshot '{}'", j.region, j.chunk, j.snap->name));
       return;
     }
     if (j.page) {
       uint32_t pages = man.chunk_length(j.region, j.chunk) / man.regions[j.region].page_size;
       if (*j.page >= pages) {
         bump(st_range);
-        reply_error(c, j.id, wire::ErrorCode::OUT_OF_RANGE,
+        reply_error(c, j, wire::ErrorCode::OUT_OF_RANGE,
                     fmt::format("page {} is outside chunk {}/{} of snapshot '{}' ({} pages)", *j.page, j.region,
-                                j.chunk, j.snap->name, pages),
-                    j.tag);
+                                j.chunk, j.snap->name, pages));
         return;
       }
     }
@@ -475,8 +638,8 @@ struct PageServer::Impl {
     }
     if (got != ci.stored_length) {
       bump(st_io);
-      reply_error(c, j.id, wire::ErrorCode::IO_ERROR,
-                  fmt::format("reading chunk {}/{} of snapshot '{}' failed", j.region, j.chunk, j.snap->name), j.tag);
+      reply_error(c, j, wire::ErrorCode::IO_ERROR,
+                  fmt::format("reading chunk {}/{} of snapshot '{}' failed", j.region, j.chunk, j.snap->name));
       return;
     }
     std::span<const std::byte> frame;  // a page reply's own frame; empty: the whole chunk goes
@@ -484,14 +647,20 @@ struct PageServer::Impl {
       const Manifest& man = j.snap->manifest;
       const uint32_t length = man.chunk_length(j.region, j.chunk), page_size = man.regions[j.region].page_size;
       auto stored = contiguous(f.slices, ci.stored_length);
-      if (Status s = snapshot::ChunkDecoder::verify_stored(ci, stored, length, page_size); !s.ok()) {
-        bump(st_corrupt);
-        std::string msg = fmt::format("stored chunk {}/{} of snapshot '{}' is corrupt on the server ({}); the store "
-                                      "needs the snapshot again (upload it with --replace)",
-                                      j.region, j.chunk, j.snap->name, s.error().message());
-        log->warn("{}", msg);
-        reply_error(c, j.id, wire::ErrorCode::IO_ERROR, msg, j.tag);
-        return;
+      uint64_t newest = 0;
+      for (const auto& sl : f.slices) newest = std::max(newest, sl.first->loaded);
+      uint64_t& verified = j.snap->verified[j.region][j.chunk];
+      if (verified == 0 || newest > verified) {  // not checked since its extents were read
+        if (Status s = snapshot::ChunkDecoder::verify_stored(ci, stored, length, page_size); !s.ok()) {
+          bump(st_corrupt);
+          std::string msg = fmt::format("stored chunk {}/{} of snapshot '{}' is corrupt on the server ({}); the store "
+                                        "needs the snapshot again (upload it with --replace)",
+                                        j.region, j.chunk, j.snap->name, s.error().message());
+          log->warn("{}", msg);
+          reply_error(c, j, wire::ErrorCode::IO_ERROR, msg);
+          return;
+        }
+        verified = newest;
       }
       auto pf = snapshot::page_frame(stored, length, page_size, *j.page);
       if (snapshot::is_compressed_frame(pf, page_size)) frame = pf;
@@ -514,6 +683,16 @@ struct PageServer::Impl {
       ch.setRegion(j.region);
       ch.setChunk(j.chunk);
       ch.setTag(j.tag);
+    }
+    if (j.reply_to) {
+      if (frame.empty() || frame.size() > kMaxDatagramPayload) {
+        reply_error(c, j, wire::ErrorCode::USE_STREAM, "this page goes as its whole chunk: ask on the connection");
+        return;
+      }
+      send_datagram(*j.reply_to, m, frame);
+      bump(st_pages);
+      bump(st_bytes, frame.size());
+      return;
     }
     if (!frame.empty()) {
       // A few KiB at most: copied after the header (small sends are copied anyway), and the
@@ -706,6 +885,7 @@ struct PageServer::Impl {
       ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
       graveyard.emplace_back(Clock::now() + std::chrono::seconds(2), std::move(held));
     }
+    if (it->second->session) sessions.erase(*it->second->session);  // its datagrams are strangers now
     conns.erase(it);
     st_open.fetch_sub(1, std::memory_order_relaxed);
   }
@@ -750,7 +930,9 @@ struct PageServer::Impl {
 
   void accept_all() {
     for (;;) {
-      int fd = ::accept4(listen_fd.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      Peer peer;
+      peer.len = sizeof peer.addr;
+      int fd = ::accept4(listen_fd.get(), reinterpret_cast<sockaddr*>(&peer.addr), &peer.len, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) return;
       if (conns.size() >= opt.max_connections) {
         ::close(fd);
@@ -762,6 +944,7 @@ struct PageServer::Impl {
       auto c = std::make_unique<Conn>(zc);
       c->fd.reset(fd);
       c->serial = next_serial++;
+      c->peer = peer;
       epoll_event ev{};
       ev.events = EPOLLIN;
       ev.data.fd = fd;
@@ -798,6 +981,9 @@ struct PageServer::Impl {
     st.plain_bytes = r(sends.plain_bytes);
     st.pages = r(st_pages);
     st.errors_corrupt = r(st_corrupt);
+    st.datagram_requests = r(st_dgram_req);
+    st.datagrams_dropped = r(st_dgram_drop);
+    st.datagrams_unsent = r(st_dgram_unsent);
     return st;
   }
 
@@ -854,6 +1040,15 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
   ::getsockname(im.listen_fd.get(), reinterpret_cast<sockaddr*>(&ss), &len);
   s->port_ = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
                                             : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  if (options.datagrams) {
+    // The TCP socket's address and port (ss), by UDP. Not fatal when taken: clients use TCP.
+    sys::UniqueFd udp(::socket(ss.ss_family, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (udp.valid() && ::bind(udp.get(), reinterpret_cast<sockaddr*>(&ss), len) == 0) {
+      im.udp_fd = std::move(udp);
+    } else {
+      im.log->warn("UDP port {} unavailable ({}): serving getPage on connections only", s->port_, std::strerror(errno));
+    }
+  }
   im.epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
   im.stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   {
@@ -875,6 +1070,10 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
     ev.data.fd = im.ring_event.get();
     ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.ring_event.get(), &ev);
   }
+  if (im.udp_fd.valid()) {
+    ev.data.fd = im.udp_fd.get();
+    ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.udp_fd.get(), &ev);
+  }
   return s;
 }
 
@@ -884,6 +1083,7 @@ Status PageServer::run() {
   Impl& im = *impl_;
   std::vector<epoll_event> events(256);
   int timeout = 1000;
+  Clock::time_point next_housekeeping{};
   for (;;) {
     int n = ::epoll_wait(im.epoll_fd.get(), events.data(), static_cast<int>(events.size()), timeout);
     if (n < 0 && errno != EINTR) return sys_error("epoll_wait", errno);
@@ -902,6 +1102,10 @@ Status PageServer::run() {
         im.on_reads_done();
         continue;
       }
+      if (im.udp_fd.valid() && fd == im.udp_fd.get()) {
+        im.on_datagrams();
+        continue;
+      }
       auto it = im.conns.find(fd);
       if (it == im.conns.end()) continue;
       Conn& c = *it->second;
@@ -914,7 +1118,14 @@ Status PageServer::run() {
       }
       im.pump(fd);
     }
-    timeout = im.housekeeping();
+    // Polling after a page request (ServerOptions::poll_after_page): housekeeping once a ms.
+    auto now = Clock::now();
+    const bool polling = now - im.last_page < im.opt.poll_after_page;
+    if (!polling || now >= next_housekeeping) {
+      timeout = im.housekeeping();
+      next_housekeeping = now + std::chrono::milliseconds(1);
+    }
+    if (polling) timeout = 0;
   }
 }
 

@@ -7,6 +7,8 @@
 // two lanes of chunk requests, demand before prefetch; demand replies overtake queued prefetch
 // replies. A getPage request (one page, for a thread waiting on it) is a demand chunk request
 // whose reply may be that page's frame alone, after the server has verified the stored chunk.
+// getPage also comes by UDP on the same port, from clients given a session on their
+// connection; such a job lives in its connection's demand lane and is answered by datagram.
 //
 // Thread-safety: run() on one thread; stop() and stats() from any thread.
 #pragma once
@@ -39,6 +41,14 @@ struct ServerOptions {
   // Hold a 0 us CPU latency request (sys/cpu_latency.h) within 100 ms of the last request: a
   // demand request that finds the CPU in a deep idle state waits for it to wake up.
   bool cpu_latency_qos = true;
+  // getPage by UDP on the same port (wire.capnp, DatagramSession): a faulting thread's page
+  // without a stream to wait behind. A server that cannot bind the UDP port serves TCP only.
+  bool datagrams = true;
+  // After a getPage datagram the loop polls instead of sleeping for this long: a restoring
+  // thread's next fault usually follows within a few microseconds of its page, and a server
+  // CPU that went to sleep takes longer than that to wake (~3 us here, ~10+ without the CPU
+  // latency request). Costs CPU only while faults come. 0: never poll.
+  std::chrono::microseconds poll_after_page{100};
 };
 
 struct ServerStats {
@@ -62,6 +72,9 @@ struct ServerStats {
   uint64_t plain_sends = 0, plain_bytes = 0;
   uint64_t pages = 0;           // getPage replies sent as one page frame (others count as chunks)
   uint64_t errors_corrupt = 0;  // stored chunks that failed their checksum here (getPage)
+  uint64_t datagram_requests = 0;  // getPage datagrams from live sessions
+  uint64_t datagrams_dropped = 0;  // malformed, no live session, or not from the session's peer
+  uint64_t datagrams_unsent = 0;   // replies the UDP socket refused (the client asks again)
 };
 
 class PageServer {

@@ -351,41 +351,48 @@ int main(int argc, char** argv) {
   uint32_t avg_chunk = static_cast<uint32_t>(made.stored / std::max<uint64_t>(1, made.chunks));
 
   // Servers first, while this process has no threads.
-  ServerProc ps = spawn_server([&](int ready, Served& served) {
-    lazymem::pageserver::ServerOptions o;
-    o.store_dir = work + "/store";
-    o.host = "127.0.0.1";
-    o.port = 0;
-    auto s = lazymem::pageserver::PageServer::listen(o);
-    if (!s.ok()) {
-      std::fprintf(stderr, "page server: %s\n", s.error().message().c_str());
-      return;
-    }
-    g_server = s->get();
-    served.server = s->get();
-    uint16_t port = (*s)->port();
-    (void)!::write(ready, &port, sizeof port);
-    if (!g_stop) (void)(*s)->run();
-    g_server = nullptr;
-    served.bytes = (*s)->stats().bytes;
-    served.server = nullptr;
-  });
+  auto page_server = [&](bool datagrams) {
+    return [&, datagrams](int ready, Served& served) {
+      lazymem::pageserver::ServerOptions o;
+      o.store_dir = work + "/store";
+      o.host = "127.0.0.1";
+      o.port = 0;
+      o.datagrams = datagrams;
+      auto s = lazymem::pageserver::PageServer::listen(o);
+      if (!s.ok()) {
+        std::fprintf(stderr, "page server: %s\n", s.error().message().c_str());
+        return;
+      }
+      g_server = s->get();
+      served.server = s->get();
+      uint16_t port = (*s)->port();
+      (void)!::write(ready, &port, sizeof port);
+      if (!g_stop) (void)(*s)->run();
+      g_server = nullptr;
+      served.bytes = (*s)->stats().bytes;
+      served.server = nullptr;
+    };
+  };
+  ServerProc ps = spawn_server(page_server(true));
+  // The same without datagrams: faults on the faulting thread then ask on the TCP connection.
+  ServerProc ps_stream = spawn_server(page_server(false));
   ServerProc base = spawn_server([&](int ready, Served& served) { serve_read_send(ready, served, local + "/data"); });
   ServerProc echo = spawn_server([&](int ready, Served&) { serve_echo(ready, manifest->chunk_size); });
   auto stop_all = [&] {
-    for (ServerProc* p : {&ps, &base, &echo})
+    for (ServerProc* p : {&ps, &ps_stream, &base, &echo})
       if (p->pid > 0) p->stop();
     std::filesystem::remove_all(work);
   };
-  if (!ps.port || !base.port || !echo.port) {
+  if (!ps.port || !ps_stream.port || !base.port || !echo.port) {
     std::fprintf(stderr, "lazymem-bench-remote: a server did not start\n");
     stop_all();
     return 1;
   }
   const std::string remote = "lazymem://127.0.0.1:" + std::to_string(ps.port) + "/heap";
+  const std::string remote_stream = "lazymem://127.0.0.1:" + std::to_string(ps_stream.port) + "/heap";
 
   constexpr double kGiB = double(1ULL << 30);
-  std::vector<double> t_remote, t_local, t_eager, f50, f99, r50, r99, s50, s99, t50, t99, t_bytes, rt50, rp50;
+  std::vector<double> t_remote, t_local, t_eager, f50, f99, r50, r99, s50, s99, t50, t99, t_bytes, rt50, rp50, ts50;
   std::vector<double> ps_cpu_gib, ps_cpu_s, ps_gib, base_cpu_gib, base_cpu_s, base_gib, t_base;
   bool bad = false;
   auto check = [&](const Run& r, const char* what, int round) {
@@ -443,6 +450,8 @@ int main(int argc, char** argv) {
       Run ep = in_child<Run>([&] { return plain_rtt(echo.port, kPage, faults, other_cpu); });
       if (check(ep, "plain round trip, one page", round)) rp50.push_back(ep.p50_us);
     }
+    Run fs = in_child<Run>([&] { return fault_latency(remote_stream, len, faults, *manifest, true); });
+    if (check(fs, "fault latency, on the faulting thread, TCP only", round)) ts50.push_back(fs.p50_us);
     Run e = in_child<Run>([&] { return plain_rtt(echo.port, avg_chunk, faults, other_cpu); });
     if (check(e, "plain round trip", round)) {
       r50.push_back(e.p50_us);
@@ -484,6 +493,8 @@ int main(int argc, char** argv) {
   std::printf("%-36s %9.0f us p50 %9.0f us p99\n", "plain TCP round trip, across CPUs", median(r50), median(r99));
   std::printf("%-36s %9.0f us p50 %9.0f us p99  (fault_on_thread; %.0f bytes per fault)\n",
               "remote fault, faulting thread", median(t50), median(t99), median(t_bytes));
+  std::printf("%-36s %9.0f us p50               (a server without datagrams: getPage on the TCP connection)\n",
+              "remote fault, faulting thread, TCP", median(ts50));
   std::printf("%-36s %9.0f us p50               (as many bytes back as that fault got)\n",
               "plain TCP round trip, same payload", median(rt50));
   std::printf("%-36s %9.0f us p50               (the page uncompressed; the fault is %.2fx it)\n",
@@ -514,6 +525,7 @@ int main(int argc, char** argv) {
     j["fault_p50_us"] = median(t50);
     j["fault_p99_us"] = median(t99);
     j["fault_bytes_per_fault"] = median(t_bytes);
+    j["fault_tcp_only_p50_us"] = median(ts50);
     j["rtt_same_payload_p50_us"] = median(rt50);
     j["rtt_page_p50_us"] = median(rp50);
     j["fault_p50_vs_rtt_page"] = median(t50) / median(rp50);

@@ -31,6 +31,7 @@ struct Request {
     putCommit @8 :Void;           # payload = manifest file; the snapshot appears atomically; reply ok
     stats @9 :Void;               # reply: stats
     getPage @10 :GetPage;         # one page for a thread waiting on it; reply: page (or error)
+    openDatagrams @11 :Void;      # reply: datagrams (a session for getPage by UDP) or an error
   }
 }
 
@@ -43,6 +44,20 @@ struct GetPage {
   chunk @2 :UInt32;
   page @3 :UInt32;                # page index inside the chunk (region page size)
   tag @4 :UInt64;
+  session @5 :Data;               # sent as a datagram: the session from openDatagrams
+}
+
+# getPage by UDP, for the lowest fault latency (no stream to wait behind, a lost datagram retried
+# in a millisecond where TCP waits 200 ms or more): a datagram to the server's port holds one
+# frame, as on the stream, whose Request is a getPage carrying the session; the reply datagram
+# (to the sender) holds one frame too. The session is 16 random bytes given on an authenticated
+# connection, lives as long as that connection, and is honoured only from that connection's peer
+# address; datagrams without a live session get no answer (no reflection). A page that does not
+# fit one datagram is refused with useStream: ask on the connection. Replies may be lost or come
+# late: the client matches the id, and asks on the connection when one does not come in time.
+struct DatagramSession {
+  session @0 :Data;
+  maxPayload @1 :UInt32;          # the largest payload the server sends by datagram
 }
 
 struct PutBegin {
@@ -70,6 +85,7 @@ enum ErrorCode {
   ioError @5;
   unsupportedVersion @6;
   busy @7;
+  useStream @8;                   # (datagrams) the reply does not fit one: ask on the connection
 }
 
 struct Reply {
@@ -83,6 +99,7 @@ struct Reply {
     chunk @6 :ChunkId;            # payload = the chunk's stored bytes
     stats @7 :ServerStats;
     page @8 :PageReply;
+    datagrams @9 :DatagramSession;
   }
 }
 
@@ -125,6 +142,9 @@ struct ServerStats {
   plainBytes @20 :UInt64;
   pages @21 :UInt64;                 # getPage replies sent as one page frame
   errorsCorrupt @22 :UInt64;         # stored chunks whose checksum failed on the server
+  datagramRequests @23 :UInt64;      # getPage datagrams from live sessions
+  datagramsDropped @24 :UInt64;      # datagrams dropped: malformed, no live session, wrong sender
+  datagramsUnsent @25 :UInt64;       # replies the socket refused (full): the client asks again
 }
 
 struct HelloReply {

@@ -35,9 +35,10 @@ inline uint64_t walk_request(proto::wire::Request::Reader r) {
     }
     case proto::wire::Request::GET_PAGE: {
       auto g = r.getGetPage();
-      acc += g.getSnapshot().size() + g.getRegion() + g.getChunk() + g.getPage() + g.getTag();
+      acc += g.getSnapshot().size() + g.getRegion() + g.getChunk() + g.getPage() + g.getTag() + g.getSession().size();
       break;
     }
+    case proto::wire::Request::OPEN_DATAGRAMS: break;
     case proto::wire::Request::PUT_BEGIN: acc += r.getPutBegin().getName().size() + r.getPutBegin().getReplace(); break;
     case proto::wire::Request::PUT_DATA:
     case proto::wire::Request::PUT_COMMIT:
@@ -63,6 +64,7 @@ inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
       break;
     }
     case proto::wire::Reply::STATS: acc += r.getStats().getBytes() + r.getStats().getUploads(); break;
+    case proto::wire::Reply::DATAGRAMS: acc += r.getDatagrams().getSession().size() + r.getDatagrams().getMaxPayload(); break;
   }
   return acc;
 }

@@ -2,12 +2,17 @@
 // server: every byte compared; threads that allocate while they fault; the process's own map
 // changes (madvise, mremap) mid-restore; fork; a server that restarts or dies.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <random>
@@ -21,6 +26,8 @@
 #include "lazymem/snapshot.h"
 #include "page_server.h"
 #include "sys/uapi_compat.h"
+#include "net/client.h"
+#include <nlohmann/json.hpp>
 
 namespace lazymem {
 namespace {
@@ -71,6 +78,7 @@ TEST_F(FaultOnThreadTest, RestoresEveryByteFromFaultingThreads) {
     ::munmap(const_cast<std::byte*>(got), len_);
     if (format == 2) {
       EXPECT_GT(server_->stats().pages, 0u);  // frames sent alone
+      EXPECT_GT(server_->stats().datagram_requests, 0u);  // asked for by datagram
     }
     stop_server();
     server_.reset();
@@ -174,6 +182,91 @@ TEST_F(FaultOnThreadTest, ServerRestartIsInvisible) {
   start_server(same_port);
   for (size_t off = len_ / 2; off < len_; off += kPage) expect_page(got, off);
   ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+// Datagrams lost or late: the server (a process of its own here) is stopped and continued
+// again and again while a thread faults, its UDP buffer full meanwhile. A fault whose datagram
+// gets no answer within the wait is asked for on the connection, which answers once the server
+// runs again; late datagram replies are told apart by their id and skipped. Every byte is right.
+TEST_F(FaultOnThreadTest, LostOrLateDatagramsFallBackToTheConnection) {
+  capture(32 * kMiB, 52);
+  int port_pipe[2];
+  ASSERT_EQ(::pipe(port_pipe), 0);
+  pid_t server = ::fork();  // before the restore starts threads: the child runs the server alone
+  ASSERT_GE(server, 0);
+  if (server == 0) {
+    ::close(port_pipe[0]);
+    pageserver::ServerOptions o;
+    o.store_dir = dir_.path();
+    auto srv = pageserver::PageServer::listen(o);
+    if (!srv.ok()) _exit(3);
+    uint16_t port = (*srv)->port();
+    (void)!::write(port_pipe[1], &port, sizeof port);
+    (void)(*srv)->run();
+    _exit(0);
+  }
+  ::close(port_pipe[1]);
+  uint16_t port = 0;
+  ASSERT_EQ(::read(port_pipe[0], &port, sizeof port), static_cast<ssize_t>(sizeof port)) << "the server did not start";
+  ::close(port_pipe[0]);
+  struct Reaper {
+    pid_t pid;
+    ~Reaper() {
+      ::kill(pid, SIGCONT);
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reaper{server};
+  const std::string u = "lazymem://127.0.0.1:" + std::to_string(port) + "/snap";
+  auto r = LazyRestore::start(u, kf_, on_thread(false));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+
+  std::atomic<bool> done{false};
+  std::atomic<size_t> wrong{0}, slow{0};
+  std::thread toucher([&] {
+    std::vector<size_t> order(len_ / kPage);
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i * kPage;
+    std::shuffle(order.begin(), order.end(), std::mt19937_64(52));
+    for (size_t off : order) {
+      auto t0 = std::chrono::steady_clock::now();
+      bool ok = std::memcmp(got + off, expected_.data() + off, kPage) == 0;
+      if (std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(3)) ++slow;  // longer than a datagram wait
+      if (!ok) ++wrong;
+    }
+    done = true;
+  });
+  // While the server is stopped its UDP receive buffer is filled with junk, so the kernel drops
+  // a fault's request datagram: lost for good, not just late.
+  sys::UniqueFd junk(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  to.sin_port = htons(port);
+  ASSERT_EQ(::connect(junk.get(), reinterpret_cast<sockaddr*>(&to), sizeof to), 0);
+  int stops = 0;
+  while (!done) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(4));
+    ::kill(server, SIGSTOP);
+    char b[64] = {};
+    for (int i = 0; i < 2000; ++i) (void)::send(junk.get(), b, sizeof b, 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(12));
+    ::kill(server, SIGCONT);
+    ++stops;
+  }
+  toucher.join();
+  EXPECT_EQ(wrong.load(), 0u);
+  EXPECT_GT(slow.load(), 0u) << "no fault met a stopped server (" << stops << " stops): the fallback went untested";
+  auto loc = SnapshotLocation::parse(u);
+  ASSERT_TRUE(loc.ok());
+  auto st = net::server_stats_json(*loc, "", std::chrono::steady_clock::now() + std::chrono::seconds(10));
+  ASSERT_TRUE(st.ok()) << st.error().message();
+  auto j = nlohmann::json::parse(*st);
+  EXPECT_GT(j["datagram_requests"].get<uint64_t>(), 0u) << *st;
+  EXPECT_GT(j["datagrams_dropped"].get<uint64_t>(), 0u) << *st;  // the junk
+  ASSERT_TRUE((*r)->finish().ok());
+  for (size_t off = 0; off < len_; off += kPage) expect_page(got, off);
   ::munmap(const_cast<std::byte*>(got), len_);
 }
 

@@ -1,6 +1,7 @@
 // Restores through a real page server on loopback (and in another network namespace), with
 // every byte compared; hostile peers; wrong tokens; a server that dies mid-restore.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/mman.h>
@@ -17,6 +18,7 @@
 #include <optional>
 #include <random>
 #include <thread>
+#include <array>
 
 #include "../common/test_data.h"
 #include "served_snapshot.h"
@@ -730,6 +732,241 @@ TEST_F(GetPageTest, CorruptStoredChunkIsAnIoErrorAndServingGoesOn) {
   auto ws = wire_stats(holder);
   EXPECT_EQ(ws.getErrorsCorrupt(), 1u);
   EXPECT_GT(ws.getPages(), 0u);
+}
+
+// A chunk's stored checksum is checked on its first getPage and not again while its extents
+// stay in memory (the disk is what is not trusted); once they were evicted and read again, it
+// is checked again: damage done on disk meanwhile is then found.
+TEST_F(GetPageTest, StoredChunkIsCheckedAgainWhenReadAgain) {
+  capture_as("snap", 32 * kMiB, 50, 2);
+  uint32_t x = 0;
+  while (man_.regions[0].chunks[x].codec != Codec::kZstdPages) ++x;
+  uint64_t stored = 0;
+  for (const ChunkInfo& ci : man_.regions[0].chunks) stored += ci.stored_length;
+  pageserver::ServerOptions o;
+  o.cache_bytes = 4 << 20;  // one arena
+  ASSERT_GT(stored, 2 * o.cache_bytes) << "the snapshot must not fit the cache";
+  start_server(o);
+  connect();
+  send_get_page("snap", 0, x, 0, 1);
+  auto f = recv();
+  ASSERT_TRUE(f.header);
+  check_page_reply(f, x, 0, 1);
+  {  // damage it on disk
+    const ChunkInfo& ci = man_.regions[0].chunks[x];
+    std::fstream data(dir_.path() + "/snap/" + snapshot::kDataFile, std::ios::in | std::ios::out | std::ios::binary);
+    auto at = static_cast<std::streamoff>(ci.offset + ci.stored_length - 10);
+    data.seekg(at);
+    char b = 0;
+    data.read(&b, 1);
+    data.seekp(at);
+    b = static_cast<char>(b ^ 0x40);
+    data.write(&b, 1);
+    ASSERT_TRUE(data.good());
+  }
+  // Still in memory, checked already: served from there (page 0's frame is not the damaged one).
+  send_get_page("snap", 0, x, 0, 2);
+  f = recv();
+  ASSERT_TRUE(f.header);
+  check_page_reply(f, x, 0, 2);
+  EXPECT_EQ(server_->stats().errors_corrupt, 0u);
+  // Every other chunk once: the cache turns over, chunk x's extents are evicted.
+  uint64_t tag = 100;
+  for (uint32_t c = 0; c < man_.regions[0].chunks.size(); ++c) {
+    if (c == x || man_.regions[0].chunks[c].codec == Codec::kZero) continue;
+    send_get_page("snap", 0, c, 0, ++tag);
+    f = recv();
+    ASSERT_TRUE(f.header);
+  }
+  send_get_page("snap", 0, x, 0, 3);
+  f = recv();
+  ASSERT_TRUE(f.header);
+  auto r = f.header->root<proto::wire::Reply>();
+  ASSERT_TRUE(r.isError()) << "a chunk read again was not checked again";
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::IO_ERROR);
+  EXPECT_EQ(server_->stats().errors_corrupt, 1u);
+}
+
+// getPage by datagram (wire.capnp, DatagramSession). A session comes from openDatagrams on an
+// authenticated connection; with it, every page of the snapshot comes back by datagram as its
+// frame, or as useStream where it needs its whole chunk; errors come by datagram with the tag.
+// Datagrams that are not a getPage of a live session from the session's own host get no answer
+// at all (no reflection) and are counted; a session dies with its connection.
+TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
+  capture_as("snap", 4 * kMiB + 3 * 4096, 57, 2);
+  start_server();
+  connect();
+  std::array<std::byte, 16> session{};
+  {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(3);
+    rq.setOpenDatagrams();
+    ASSERT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
+    auto f = recv();
+    ASSERT_TRUE(f.header);
+    auto r = f.header->root<proto::wire::Reply>();
+    ASSERT_TRUE(r.isDatagrams());
+    ASSERT_EQ(r.getDatagrams().getSession().size(), session.size());
+    EXPECT_GE(r.getDatagrams().getMaxPayload(), 4096u);
+    std::memcpy(session.data(), r.getDatagrams().getSession().begin(), session.size());
+  }
+  // A UDP socket on `source` (127.0.0.1: the connection's host), connected to the server.
+  auto udp_from = [&](const char* source) {
+    sys::UniqueFd u(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    ::inet_pton(AF_INET, source, &a.sin_addr);
+    EXPECT_EQ(::bind(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+    ::inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    a.sin_port = htons(server_->port());
+    EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+    return u;
+  };
+  auto request = [&](uint32_t chunk, uint32_t page, uint64_t tag, std::span<const std::byte> sess) {
+    capnp::MallocMessageBuilder m;
+    get_page(m, "snap", 0, chunk, page, tag);
+    m.getRoot<proto::wire::Request>().getGetPage().setSession(
+        capnp::Data::Reader(reinterpret_cast<const kj::byte*>(sess.data()), sess.size()));
+    return net::encode_frame(m, 0);
+  };
+  // The next datagram on `u` as a frame; none within `wait`: no header.
+  auto answer = [&](int u, std::chrono::milliseconds wait) {
+    net::OwnedFrame f;
+    pollfd p{u, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(wait.count())) != 1) return f;
+    std::vector<std::byte> d(70000);
+    ssize_t n = ::recv(u, d.data(), d.size(), 0);
+    EXPECT_GE(n, 8);
+    uint32_t hl = 0, pl = 0;
+    std::memcpy(&hl, d.data(), 4);
+    std::memcpy(&pl, d.data() + 4, 4);
+    EXPECT_EQ(size_t{8} + hl + pl, static_cast<size_t>(n)) << "one frame per datagram";
+    auto h = net::Header::parse(std::span(d).subspan(8, hl));
+    EXPECT_TRUE(h.ok());
+    if (!h.ok()) return f;
+    f.header = std::move(*h);
+    f.payload.assign(d.begin() + 8 + hl, d.begin() + 8 + hl + pl);
+    return f;
+  };
+  auto ask = [&](int u, const std::vector<std::byte>& dgram) {
+    ASSERT_EQ(::send(u, dgram.data(), dgram.size(), 0), static_cast<ssize_t>(dgram.size())) << std::strerror(errno);
+  };
+
+  sys::UniqueFd u = udp_from("127.0.0.1");
+  uint64_t frames = 0, use_stream = 0;
+  for (uint32_t c = 0; c < man_.regions[0].chunks.size(); ++c) {
+    if (man_.regions[0].chunks[c].codec == Codec::kZero) continue;
+    const uint32_t pages = man_.chunk_length(0, c) / man_.regions[0].page_size;
+    for (uint32_t p = 0; p < pages; ++p) {
+      const uint64_t tag = uint64_t{c} << 16 | p;
+      ask(u.get(), request(c, p, tag, session));
+      auto f = answer(u.get(), std::chrono::seconds(5));
+      ASSERT_TRUE(f.header) << "no datagram answer for chunk " << c << " page " << p;
+      auto r = f.header->root<proto::wire::Reply>();
+      if (r.isError()) {
+        EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::USE_STREAM) << r.getError().getMessage().cStr();
+        EXPECT_EQ(r.getError().getTag(), tag);
+        ++use_stream;
+        continue;
+      }
+      EXPECT_FALSE(check_page_reply(f, c, p, tag)) << "a datagram carries a page frame, never a whole chunk";
+      ++frames;
+    }
+  }
+  EXPECT_GT(frames, 0u);
+  EXPECT_GT(use_stream, 0u) << "the data has zero and raw page frames (chunk 1, pages 1 and 2)";
+  // An error comes by datagram, with its tag.
+  ask(u.get(), request(0, 16, 4242, session));
+  {
+    auto f = answer(u.get(), std::chrono::seconds(5));
+    ASSERT_TRUE(f.header);
+    auto r = f.header->root<proto::wire::Reply>();
+    ASSERT_TRUE(r.isError());
+    EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::OUT_OF_RANGE);
+    EXPECT_EQ(r.getError().getTag(), 4242u);
+  }
+  uint32_t text = 0;
+  while (man_.regions[0].chunks[text].codec != Codec::kZstdPages) ++text;
+
+  // Strangers: each gets no answer, and is counted.
+  std::vector<std::vector<std::byte>> hostile;
+  hostile.push_back(std::vector<std::byte>(64, std::byte{0x5a}));  // not a frame
+  hostile.push_back(std::vector<std::byte>(5));                    // shorter than a prefix
+  {
+    auto d = request(text, 0, 1, session);
+    d[4] = std::byte{1};  // claims a payload the datagram does not hold
+    hostile.push_back(d);
+    d = request(text, 0, 1, session);
+    d.resize(d.size() + 8);  // more than its frame
+    hostile.push_back(d);
+  }
+  hostile.push_back(request(text, 0, 1, {}));  // no session
+  std::array<std::byte, 16> forged = session;
+  forged[0] ^= std::byte{1};
+  hostile.push_back(request(text, 0, 1, forged));  // not a live session
+  {
+    capnp::MallocMessageBuilder m;  // a live session, but not a getPage
+    m.initRoot<proto::wire::Request>().setStats();
+    hostile.push_back(net::encode_frame(m, 0));
+  }
+  hostile.push_back(std::vector<std::byte>(9000, std::byte{0}));  // larger than any request
+  for (const auto& d : hostile) ask(u.get(), d);
+  EXPECT_FALSE(answer(u.get(), std::chrono::milliseconds(200)).header) << "a stranger got an answer";
+  uint64_t dropped = hostile.size();
+  EXPECT_EQ(server_->stats().datagrams_dropped, dropped);
+  // A live session's datagram from another host (here 127.0.0.2) is a stranger too: the server
+  // would otherwise send pages wherever a forged source address points.
+  {
+    sys::UniqueFd other = udp_from("127.0.0.2");
+    ask(other.get(), request(text, 0, 1, session));
+    EXPECT_FALSE(answer(other.get(), std::chrono::milliseconds(200)).header);
+    EXPECT_EQ(server_->stats().datagrams_dropped, ++dropped);
+  }
+  // Still served.
+  ask(u.get(), request(text, 0, 7, session));
+  {
+    auto f = answer(u.get(), std::chrono::seconds(5));
+    ASSERT_TRUE(f.header);
+    EXPECT_FALSE(check_page_reply(f, text, 0, 7));
+  }
+  const uint64_t answered = server_->stats().datagram_requests;
+  EXPECT_EQ(answered, frames + use_stream + 2);
+  // The session dies with its connection.
+  fd_.reset();
+  for (int i = 0; i < 100 && server_->stats().open_connections > 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ask(u.get(), request(text, 0, 8, session));
+  EXPECT_FALSE(answer(u.get(), std::chrono::milliseconds(200)).header) << "a dead session was answered";
+  EXPECT_EQ(server_->stats().datagrams_dropped, dropped + 1);
+  EXPECT_EQ(server_->stats().datagram_requests, answered);
+}
+
+// A server started without datagrams says so to openDatagrams, and serves getPage on the
+// connection as before.
+TEST_F(GetPageTest, ServerWithoutDatagramsRefusesASession) {
+  capture_as("snap", 1 * kMiB, 58, 2);
+  pageserver::ServerOptions o;
+  o.datagrams = false;
+  start_server(o);
+  connect();
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<proto::wire::Request>();
+  rq.setId(3);
+  rq.setOpenDatagrams();
+  ASSERT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
+  auto f = recv();
+  ASSERT_TRUE(f.header);
+  auto r = f.header->root<proto::wire::Reply>();
+  ASSERT_TRUE(r.isError());
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::BAD_REQUEST);
+  uint32_t text = 0;
+  while (man_.regions[0].chunks[text].codec != Codec::kZstdPages) ++text;
+  send_get_page("snap", 0, text, 0, 5);
+  auto g = recv();
+  ASSERT_TRUE(g.header);
+  check_page_reply(g, text, 0, 5);
 }
 
 // A demand getPage and a demand getChunks sent after a large prefetch getChunks on the same

@@ -63,7 +63,9 @@ Result<std::unique_ptr<RemotePageFetcher>> RemotePageFetcher::open(const Snapsho
   }
   f->request_ = std::make_unique<capnp::MallocMessageBuilder>(kj::arrayPtr(f->request_words_.data(), f->request_words_.size()));
   auto rq = f->request_->initRoot<wire::Request>();
-  rq.initGetPage().setSnapshot(loc.name);
+  auto gp = rq.initGetPage();
+  gp.setSnapshot(loc.name);
+  f->session_ = gp.initSession(16).begin();  // laid out now: a new session is copied in, not re-set
   auto segments = f->request_->getSegmentsForOutput();
   if (segments.size() != 1 || segments[0].begin() != f->request_words_.data()) {
     return Error(Errc::kInvalidArgument, "page request does not fit its buffer");
@@ -85,7 +87,10 @@ Result<std::unique_ptr<RemotePageFetcher>> RemotePageFetcher::open(const Snapsho
 
 Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
   fd_.reset();
-  LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, std::chrono::steady_clock::now() + timeout));
+  udp_.reset();
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, deadline));
+  open_datagrams(deadline);
   // Replies are waited for in a blocking recv() (one syscall, where poll() then recv() is two on
   // every fault), woken every kRecvSliceMs to check the deadline. Sends stay non-blocking.
   int flags = ::fcntl(fd_.get(), F_GETFL);
@@ -96,6 +101,34 @@ Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
   }
   failure_ = "";
   return ok_status();
+}
+
+void RemotePageFetcher::open_datagrams(std::chrono::steady_clock::time_point deadline) {
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<wire::Request>();
+  rq.setId(next_id_++);
+  rq.setOpenDatagrams();
+  const int64_t start = sys::monotonic_ns();
+  FrameBuffer buf;
+  if (!send_frame(fd_.get(), m, {}, deadline).ok()) return;  // the first fetch finds out
+  auto f = recv_frame(fd_.get(), buf, deadline);
+  if (!f.ok()) return;
+  auto reply = f->header->root<wire::Reply>();
+  if (!reply.isDatagrams() || reply.getDatagrams().getSession().size() != 16) return;  // no datagrams here
+  // Wait for a datagram reply a few of this exchange's round trips (which includes the server's
+  // turn), 2 ms at least: a lost one is asked for on the connection long before TCP would
+  // retransmit (200 ms at least).
+  datagram_wait_ns_ = std::max<int64_t>(2'000'000, 4 * (sys::monotonic_ns() - start));
+  sockaddr_storage peer{};
+  socklen_t len = sizeof peer;
+  if (::getpeername(fd_.get(), reinterpret_cast<sockaddr*>(&peer), &len) != 0) return;
+  sys::UniqueFd udp(::socket(peer.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  // Connected: the kernel passes us only datagrams from the server's address and port.
+  if (!udp.valid() || ::connect(udp.get(), reinterpret_cast<sockaddr*>(&peer), len) != 0) return;
+  std::memcpy(session_, reply.getDatagrams().getSession().begin(), 16);
+  udp_ = std::move(udp);
+  lost_in_row_ = 0;
+  datagrams_off_until_ns_ = 0;
 }
 
 snapshot::PageFetcher::Outcome RemotePageFetcher::broken(const char* why) noexcept {
@@ -200,6 +233,9 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, 
   gp.setChunk(ref.chunk);
   gp.setPage(page);
   gp.setTag(id);
+  if (udp_.valid() && sys::monotonic_ns() >= datagrams_off_until_ns_) {
+    if (auto done = fetch_by_datagram(ref, page, out, deadline_ns)) return *done;
+  }
   if (!send_request(deadline_ns)) return broken("send to page server failed");
   uint32_t header_len = 0, payload_len = 0;
   if (!receive(header_len, payload_len, deadline_ns)) return broken(failure_);
@@ -209,6 +245,59 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, 
     return broken("page server sent a malformed reply");
   }
   return use_reply(ref, page, out, header_len, payload_len);
+}
+
+std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagram(snapshot::ChunkRef ref,
+                                                                                 uint32_t page,
+                                                                                 std::span<std::byte> out,
+                                                                                 int64_t deadline_ns) noexcept {
+  auto words = request_->getSegmentsForOutput()[0].asBytes();
+  iovec iov[2] = {{request_prefix_.data(), request_prefix_.size()}, {const_cast<kj::byte*>(words.begin()), words.size()}};
+  msghdr mh{};
+  mh.msg_iov = iov;
+  mh.msg_iovlen = 2;
+  if (::sendmsg(udp_.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) return std::nullopt;
+  const int64_t start = sys::monotonic_ns();
+  const int64_t spin_until = start + kSpinNs, give_up = std::min(deadline_ns, start + datagram_wait_ns_);
+  auto* buf = reinterpret_cast<std::byte*>(in_.begin());
+  const size_t cap = in_.size() * sizeof(capnp::word);
+  const uint64_t id = next_id_ - 1;
+  for (;;) {
+    // Spin first, as on the connection (receive()), then sleep in ppoll() until give_up.
+    const int64_t now = sys::monotonic_ns();
+    if (now >= give_up) break;
+    if (now >= spin_until) {
+      timespec ts{0, static_cast<long>(std::min<int64_t>(give_up - now, 999'999'999))};
+      pollfd p{udp_.get(), POLLIN, 0};
+      if (::ppoll(&p, 1, &ts, nullptr) == 0) continue;
+    }
+    ssize_t n = ::recv(udp_.get(), buf, cap, MSG_DONTWAIT | MSG_TRUNC);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) continue;
+      break;  // ECONNREFUSED: the server's UDP port answered with an ICMP error
+    }
+    // Anything not a whole, well-formed reply to this request is skipped: a late reply to an
+    // earlier one (asked again on the connection meanwhile), or junk.
+    if (static_cast<size_t>(n) < kFramePrefix || static_cast<size_t>(n) > cap) continue;
+    const uint32_t header_len = get_le32(buf), payload_len = get_le32(buf + 4);
+    if (header_len == 0 || header_len > kMaxReplyHeader || header_len % sizeof(capnp::word) != 0 ||
+        kFramePrefix + size_t{header_len} + payload_len != static_cast<size_t>(n) ||
+        !shallow_structs_in_bounds(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)))) {
+      continue;
+    }
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)));
+    auto reply = reader.getRoot<wire::Reply>();
+    if (reply.getId() != id) continue;
+    lost_in_row_ = 0;
+    if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::USE_STREAM) return std::nullopt;
+    return use_reply(ref, page, out, header_len, payload_len);
+  }
+  // Lost (the request or the reply), or late: asked again on the connection.
+  if (++lost_in_row_ >= 3) {
+    lost_in_row_ = 0;
+    datagrams_off_until_ns_ = sys::monotonic_ns() + 1'000'000'000;
+  }
+  return std::nullopt;
 }
 
 snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef ref, uint32_t page,
