@@ -54,11 +54,16 @@ int serve(const std::vector<std::string>& args) {
       "listen", po::value<std::string>()->default_value("127.0.0.1:7070"), "HOST:PORT to listen on")(
       "token-file", po::value<std::string>(), "shared token clients must prove they know")(
       "cache-mib", po::value<size_t>()->default_value(256), "chunk data kept in memory after it was read (MiB)")(
-      "no-zerocopy", "never send with MSG_ZEROCOPY");
+      "no-zerocopy", "never send with MSG_ZEROCOPY")(
+      "no-datagrams", "serve getPage on TCP connections only (no UDP socket on the port)")(
+      "poll-after-page-us", po::value<unsigned>()->default_value(100),
+      "after a page request, poll this long instead of sleeping (lower fault latency for CPU; 0: never)");
   auto vm = parse(args, desc);
   pageserver::ServerOptions o;
   o.cache_bytes = vm["cache-mib"].as<size_t>() << 20;
   o.zerocopy = vm.count("no-zerocopy") == 0;
+  o.datagrams = vm.count("no-datagrams") == 0;
+  o.poll_after_page = std::chrono::microseconds(vm["poll-after-page-us"].as<unsigned>());
   o.store_dir = vm["store"].as<std::string>();
   std::string listen = vm["listen"].as<std::string>();
   auto colon = listen.rfind(':');
@@ -86,10 +91,11 @@ int serve(const std::vector<std::string>& args) {
   Status s = (*server)->run();
   auto st = (*server)->stats();
   log::get("pageserver")->info("stopped: {} connections, {} requests, {} chunks, {} pages, {} bytes; errors: {} protocol, "
-                               "{} auth, {} not-found, {} range, {} io, {} corrupt, {} handshake timeouts",
+                               "{} auth, {} not-found, {} range, {} io, {} corrupt, {} handshake timeouts; datagrams: "
+                               "{} page requests, {} dropped, {} replies unsent",
                                st.connections, st.requests, st.chunks, st.pages, st.bytes, st.errors_protocol,
                                st.errors_auth, st.errors_not_found, st.errors_range, st.errors_io, st.errors_corrupt,
-                               st.handshake_timeouts);
+                               st.handshake_timeouts, st.datagram_requests, st.datagrams_dropped, st.datagrams_unsent);
   if (!s.ok()) throw std::runtime_error(s.error().message());
   return 0;
 }

@@ -77,6 +77,7 @@ using Session = std::array<std::byte, 16>;
 // The largest page frame sent by datagram (4 KiB pages compress below it; anything bigger, or a
 // reply that needs the whole chunk, is refused with useStream).
 constexpr uint32_t kMaxDatagramPayload = 8192;
+constexpr size_t kMaxQueuedDatagramJobs = 64;
 
 // A chunk to send (getChunks), or one page of it (getPage: `page` set), once its extents are in.
 struct Job {
@@ -554,7 +555,8 @@ struct PageServer::Impl {
     uint32_t header_len = 0, payload_len = 0;
     std::memcpy(&header_len, d.data(), 4);  // little-endian, as the stream's frames (x86, arm64)
     std::memcpy(&payload_len, d.data() + 4, 4);
-    if (payload_len != 0 || size_t{header_len} + net::kFramePrefix != d.size()) {
+    if (payload_len != 0 || size_t{header_len} + net::kFramePrefix != d.size() || header_len == 0 ||
+        header_len % sizeof(capnp::word) != 0) {
       return drop("its frame lengths do not match the datagram");
     }
     auto h = net::Header::parse(d.subspan(net::kFramePrefix));
@@ -573,6 +575,9 @@ struct PageServer::Impl {
       if (it == conns.end() || it->second->serial != s->second.second) return drop("no live session of that id");
       Conn& c = *it->second;
       if (!same_host(c.peer, from)) return drop("not from the address of the session's connection");
+      // Datagram jobs skip the connection's read backpressure: bounded here instead (a fetcher
+      // has one request in flight; the client asks on the connection when we drop one).
+      if (c.demand.size() + c.waiting.size() >= kMaxQueuedDatagramJobs) return drop("its connection has too many queued");
       bump(st_req);
       bump(st_dgram_req);
       last_request = Clock::now();
@@ -601,6 +606,11 @@ struct PageServer::Impl {
                                 j.chunk, j.snap->name, pages));
         return;
       }
+    }
+    if (j.reply_to && man.regions[j.region].chunks[j.chunk].codec != Codec::kZstdPages) {
+      // Its pages go as the whole chunk, never in a datagram: said before anything is read.
+      reply_error(c, j, wire::ErrorCode::USE_STREAM, "this page goes as its whole chunk: ask on the connection");
+      return;
     }
     (j.demand ? c.demand : c.prefetch).push_back(std::move(j));
   }
@@ -989,13 +999,17 @@ struct PageServer::Impl {
 
   // Per loop turn: counters other threads read, starved connections, expired pins.
   // Returns the epoll timeout for the next turn (ms).
+  // Every loop turn, polling or not: reads prepared this turn go to the device now.
+  void every_turn() {
+    retry_starved();
+    submit_reads();
+  }
+
   int housekeeping() {
     st_hits.store(cache->stats().hits, std::memory_order_relaxed);
     st_misses.store(cache->stats().misses, std::memory_order_relaxed);
     auto now = Clock::now();
     while (!graveyard.empty() && graveyard.front().first <= now) graveyard.pop_front();
-    retry_starved();
-    submit_reads();
     expire_handshakes();
     bool busy = opt.cpu_latency_qos && now - last_request < std::chrono::milliseconds(100);
     return cpu_latency.set(busy) ? 100 : 1000;  // held: wake up in time to give it back
@@ -1118,6 +1132,7 @@ Status PageServer::run() {
       }
       im.pump(fd);
     }
+    im.every_turn();
     // Polling after a page request (ServerOptions::poll_after_page): housekeeping once a ms.
     auto now = Clock::now();
     const bool polling = now - im.last_page < im.opt.poll_after_page;

@@ -900,6 +900,11 @@ TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
     d = request(text, 0, 1, session);
     d.resize(d.size() + 8);  // more than its frame
     hostile.push_back(d);
+    d.assign(8 + 13, std::byte{0});  // lengths that agree, but a header not made of 8-byte words
+    d[0] = std::byte{13};
+    hostile.push_back(d);
+    d.assign(8, std::byte{0});  // an empty header
+    hostile.push_back(d);
   }
   hostile.push_back(request(text, 0, 1, {}));  // no session
   std::array<std::byte, 16> forged = session;

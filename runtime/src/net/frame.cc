@@ -30,6 +30,10 @@ std::vector<std::byte> encode_frame(capnp::MessageBuilder& header, uint32_t payl
 }
 
 Result<std::unique_ptr<Header>> Header::parse(std::span<const std::byte> bytes) {
+  if (bytes.empty() || bytes.size() % sizeof(capnp::word) != 0 || bytes.size() > kMaxHeader) {
+    return Error(Errc::kProtocol, fmt::format("frame header of {} bytes (a whole number of 8-byte words, at most {})",
+                                              bytes.size(), kMaxHeader));
+  }
   auto h = std::make_unique<Header>();
   h->words_ = kj::heapArray<capnp::word>(bytes.size() / sizeof(capnp::word));
   std::memcpy(h->words_.begin(), bytes.data(), bytes.size());

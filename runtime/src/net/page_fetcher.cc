@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -58,6 +59,10 @@ Result<std::unique_ptr<RemotePageFetcher>> RemotePageFetcher::open(const Snapsho
                                                                    std::shared_ptr<const snapshot::DecodeDictionary> dict,
                                                                    std::chrono::milliseconds timeout) {
   std::unique_ptr<RemotePageFetcher> f(new RemotePageFetcher(loc, std::move(token), manifest, std::move(dict)));
+  if (::getrandom(&f->next_id_, sizeof f->next_id_, 0) != static_cast<ssize_t>(sizeof f->next_id_)) {
+    return Error(Errc::kIo, fmt::format("page fetcher: no randomness for request ids: {}", std::strerror(errno)));
+  }
+  f->next_id_ >>= 1;  // never wraps to 0 in a lifetime
   if (loc.name.size() > 8 * (f->request_words_.size() - 16)) {
     return Error(Errc::kInvalidArgument, "snapshot name too long for a page request");
   }
@@ -90,7 +95,10 @@ Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
   udp_.reset();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, deadline));
-  open_datagrams(deadline);
+  if (Status s = open_datagrams(deadline); !s.ok()) {
+    fd_.reset();  // an answer may still be on its way: start clean next time
+    return s;
+  }
   // Replies are waited for in a blocking recv() (one syscall, where poll() then recv() is two on
   // every fault), woken every kRecvSliceMs to check the deadline. Sends stay non-blocking.
   int flags = ::fcntl(fd_.get(), F_GETFL);
@@ -103,32 +111,44 @@ Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
   return ok_status();
 }
 
-void RemotePageFetcher::open_datagrams(std::chrono::steady_clock::time_point deadline) {
+Status RemotePageFetcher::open_datagrams(std::chrono::steady_clock::time_point deadline) {
   capnp::MallocMessageBuilder m;
   auto rq = m.initRoot<wire::Request>();
-  rq.setId(next_id_++);
+  const uint64_t id = next_id_++;
+  rq.setId(id);
   rq.setOpenDatagrams();
   const int64_t start = sys::monotonic_ns();
   FrameBuffer buf;
-  if (!send_frame(fd_.get(), m, {}, deadline).ok()) return;  // the first fetch finds out
-  auto f = recv_frame(fd_.get(), buf, deadline);
-  if (!f.ok()) return;
-  auto reply = f->header->root<wire::Reply>();
-  if (!reply.isDatagrams() || reply.getDatagrams().getSession().size() != 16) return;  // no datagrams here
+  LAZYMEM_TRY(send_frame(fd_.get(), m, {}, deadline));
+  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd_.get(), buf, deadline));
+  std::array<std::byte, 16> session;
+  try {
+    auto reply = f.header->root<wire::Reply>();
+    if (reply.getId() != id) return Error(Errc::kProtocol, "page server answered another request than openDatagrams");
+    if (!reply.isDatagrams() || reply.getDatagrams().getSession().size() != session.size()) {
+      return ok_status();  // no datagrams here (an older server, or one without them): the connection alone
+    }
+    std::memcpy(session.data(), reply.getDatagrams().getSession().begin(), session.size());
+    datagram_max_payload_ = reply.getDatagrams().getMaxPayload();
+  } catch (const kj::Exception& e) {
+    return Error(Errc::kProtocol, fmt::format("page server sent a malformed openDatagrams reply: {}", e.getDescription().cStr()));
+  }
   // Wait for a datagram reply a few of this exchange's round trips (which includes the server's
-  // turn), 2 ms at least: a lost one is asked for on the connection long before TCP would
-  // retransmit (200 ms at least).
-  datagram_wait_ns_ = std::max<int64_t>(2'000'000, 4 * (sys::monotonic_ns() - start));
+  // turn), 2 to 20 ms: a lost one is asked for on the connection long before TCP would
+  // retransmit (200 ms at least), and a network that loses them all costs little.
+  datagram_wait_ns_ = std::clamp<int64_t>(4 * (sys::monotonic_ns() - start), 2'000'000, 20'000'000);
   sockaddr_storage peer{};
   socklen_t len = sizeof peer;
-  if (::getpeername(fd_.get(), reinterpret_cast<sockaddr*>(&peer), &len) != 0) return;
+  if (::getpeername(fd_.get(), reinterpret_cast<sockaddr*>(&peer), &len) != 0) return ok_status();
   sys::UniqueFd udp(::socket(peer.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0));
   // Connected: the kernel passes us only datagrams from the server's address and port.
-  if (!udp.valid() || ::connect(udp.get(), reinterpret_cast<sockaddr*>(&peer), len) != 0) return;
-  std::memcpy(session_, reply.getDatagrams().getSession().begin(), 16);
+  if (!udp.valid() || ::connect(udp.get(), reinterpret_cast<sockaddr*>(&peer), len) != 0) return ok_status();
+  std::memcpy(session_, session.data(), session.size());
   udp_ = std::move(udp);
   lost_in_row_ = 0;
   datagrams_off_until_ns_ = 0;
+  datagrams_off_ns_ = 1'000'000'000;
+  return ok_status();
 }
 
 snapshot::PageFetcher::Outcome RemotePageFetcher::broken(const char* why) noexcept {
@@ -233,7 +253,10 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, 
   gp.setChunk(ref.chunk);
   gp.setPage(page);
   gp.setTag(id);
-  if (udp_.valid() && sys::monotonic_ns() >= datagrams_off_until_ns_) {
+  // Datagrams carry page frames only: a page that goes as its whole chunk is asked on the connection.
+  const RegionInfo& region = manifest_.regions[ref.region];
+  if (udp_.valid() && region.chunks[ref.chunk].codec == Codec::kZstdPages && region.page_size <= datagram_max_payload_ &&
+      sys::monotonic_ns() >= datagrams_off_until_ns_) {
     if (auto done = fetch_by_datagram(ref, page, out, deadline_ns)) return *done;
   }
   if (!send_request(deadline_ns)) return broken("send to page server failed");
@@ -287,15 +310,24 @@ std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagr
     }
     capnp::FlatArrayMessageReader reader(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)));
     auto reply = reader.getRoot<wire::Reply>();
+    // Not the answer to this request (late, or forged): skipped, the connection left alone.
     if (reply.getId() != id) continue;
+    if (reply.isError()) {
+      if (reply.getError().getTag() != id) continue;
+    } else if (!reply.isPage() || reply.getPage().getTag() != id || reply.getPage().getRegion() != ref.region ||
+               reply.getPage().getChunk() != ref.chunk || reply.getPage().getPage() != page) {
+      continue;
+    }
     lost_in_row_ = 0;
+    datagrams_off_ns_ = 1'000'000'000;
     if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::USE_STREAM) return std::nullopt;
     return use_reply(ref, page, out, header_len, payload_len);
   }
   // Lost (the request or the reply), or late: asked again on the connection.
   if (++lost_in_row_ >= 3) {
     lost_in_row_ = 0;
-    datagrams_off_until_ns_ = sys::monotonic_ns() + 1'000'000'000;
+    datagrams_off_until_ns_ = sys::monotonic_ns() + datagrams_off_ns_;
+    datagrams_off_ns_ = std::min<int64_t>(datagrams_off_ns_ * 2, 64'000'000'000);
   }
   return std::nullopt;
 }
@@ -310,6 +342,7 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef r
   auto reply = reader.getRoot<wire::Reply>();
   if (reply.getId() != next_id_ - 1) return broken("page server answered another request");
   if (reply.isError()) {
+    if (reply.getError().getTag() != next_id_ - 1) return broken("page server answered another request");
     switch (reply.getError().getCode()) {
       case wire::ErrorCode::NOT_FOUND: return bad("the page server no longer has the snapshot");
       case wire::ErrorCode::OUT_OF_RANGE: return bad("the page server says the page is outside the snapshot");

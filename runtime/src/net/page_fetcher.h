@@ -9,9 +9,10 @@
 //
 // Where the server offers datagrams (wire.capnp, DatagramSession) the request goes by UDP first:
 // no stream to wait behind and, here, ~4 us less per round trip than TCP. A reply that does not
-// come within a few round trips of the connection's (2 ms at least) is asked for again on the
-// connection, where replies are reliable; late datagram replies are told apart by their id and
-// skipped. Three losses in a row and the fetcher uses the connection alone for a second.
+// come within a few round trips of the connection's (2 to 20 ms) is asked for again on the
+// connection, where replies are reliable; a datagram that does not answer the request just
+// sent (late, or forged: ids start at random) is skipped. Three losses in a row and the
+// fetcher uses the connection alone for a second, then two, four... up to a minute.
 #pragma once
 
 #include <capnp/message.h>
@@ -58,14 +59,14 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
                                            int64_t deadline_ns) noexcept;
   // Asks the fresh connection for a datagram session; without one (an older server, or one
   // without datagrams) the fetcher uses the connection alone.
-  void open_datagrams(std::chrono::steady_clock::time_point deadline);
+  Status open_datagrams(std::chrono::steady_clock::time_point deadline);
 
   SnapshotLocation loc_;
   std::string token_;
   const Manifest& manifest_;
   std::shared_ptr<const snapshot::DecodeDictionary> dict_;
   sys::UniqueFd fd_;
-  uint64_t next_id_ = 1;
+  uint64_t next_id_ = 1;  // from a random start (open()): a forged datagram reply must guess it
   const char* failure_ = "";
   size_t received_ = 0;
 
@@ -76,8 +77,10 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   kj::byte* session_ = nullptr;                 // the request's session bytes, set per connection
 
   sys::UniqueFd udp_;                // connected to the server's UDP port; invalid: no datagrams
+  uint32_t datagram_max_payload_ = 0;
   int64_t datagram_wait_ns_ = 0;     // how long a datagram reply is waited for
   int64_t datagrams_off_until_ns_ = 0;
+  int64_t datagrams_off_ns_ = 0;     // the next pause after losses in a row (doubles, up to a minute)
   unsigned lost_in_row_ = 0;
 
   kj::Array<capnp::word> in_;  // a whole reply frame, word-aligned (kj::Array: clang rejects std::vector<word>)
