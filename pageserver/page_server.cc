@@ -56,6 +56,14 @@ struct OpenSnapshot {
 struct Peer {
   sockaddr_storage addr{};
   socklen_t len = 0;
+  // The address a datagram was sent to (IP_PKTINFO / IPV6_PKTINFO; level 0: unknown): its reply
+  // leaves from there. Else, on a host with several addresses, the kernel may pick another
+  // source, and the client's UDP socket, connected to the address it asked, drops the reply.
+  int pktinfo_level = 0;
+  union {
+    in_pktinfo v4;
+    in6_pktinfo v6;
+  } pktinfo{};
 };
 
 // Whether two addresses are the same host (ports aside).
@@ -201,6 +209,18 @@ struct PageServer::Impl {
     mh.msg_namelen = to.len;
     mh.msg_iov = iov;
     mh.msg_iovlen = payload.empty() ? 1 : 2;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(in6_pktinfo))] = {};
+    if (to.pktinfo_level == IPPROTO_IP || to.pktinfo_level == IPPROTO_IPV6) {
+      const bool v4 = to.pktinfo_level == IPPROTO_IP;
+      const size_t len = v4 ? sizeof(in_pktinfo) : sizeof(in6_pktinfo);
+      mh.msg_control = control;
+      mh.msg_controllen = CMSG_SPACE(len);
+      cmsghdr* cm = CMSG_FIRSTHDR(&mh);
+      cm->cmsg_level = to.pktinfo_level;
+      cm->cmsg_type = v4 ? IP_PKTINFO : IPV6_PKTINFO;
+      cm->cmsg_len = CMSG_LEN(len);
+      std::memcpy(CMSG_DATA(cm), &to.pktinfo, len);
+    }
     if (::sendmsg(udp_fd.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) bump(st_dgram_unsent);
   }
 
@@ -526,10 +546,29 @@ struct PageServer::Impl {
   void on_datagrams() {
     for (int i = 0; i < 64; ++i) {
       Peer from;
-      from.len = sizeof from.addr;
-      ssize_t n = ::recvfrom(udp_fd.get(), dgram_.data(), dgram_.size(), MSG_DONTWAIT | MSG_TRUNC,
-                             reinterpret_cast<sockaddr*>(&from.addr), &from.len);
+      iovec iov{dgram_.data(), dgram_.size()};
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(in6_pktinfo)) + CMSG_SPACE(sizeof(in_pktinfo))];
+      msghdr mh{};
+      mh.msg_name = &from.addr;
+      mh.msg_namelen = sizeof from.addr;
+      mh.msg_iov = &iov;
+      mh.msg_iovlen = 1;
+      mh.msg_control = control;
+      mh.msg_controllen = sizeof control;
+      ssize_t n = ::recvmsg(udp_fd.get(), &mh, MSG_DONTWAIT | MSG_TRUNC);
       if (n < 0) return;  // none left (or an error the socket reports once: nothing to do)
+      from.len = mh.msg_namelen;
+      for (cmsghdr* cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_PKTINFO) {
+          from.pktinfo_level = IPPROTO_IP;
+          std::memcpy(&from.pktinfo.v4, CMSG_DATA(cm), sizeof(in_pktinfo));
+          from.pktinfo.v4.ipi_spec_dst = from.pktinfo.v4.ipi_addr;  // reply from where it was sent
+          from.pktinfo.v4.ipi_ifindex = 0;                          // by whichever route
+        } else if (cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_PKTINFO) {
+          from.pktinfo_level = IPPROTO_IPV6;
+          std::memcpy(&from.pktinfo.v6, CMSG_DATA(cm), sizeof(in6_pktinfo));  // its interface kept: link-local
+        }
+      }
       handle_datagram(std::span(dgram_.data(), std::min(static_cast<size_t>(n), dgram_.size())),
                       static_cast<size_t>(n) > dgram_.size(), from);
     }
@@ -1057,6 +1096,10 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
   if (options.datagrams) {
     // The TCP socket's address and port (ss), by UDP. Not fatal when taken: clients use TCP.
     sys::UniqueFd udp(::socket(ss.ss_family, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (udp.valid()) {  // where each datagram was sent to, so that its reply leaves from there
+      (void)::setsockopt(udp.get(), IPPROTO_IP, IP_PKTINFO, &one, sizeof one);
+      if (ss.ss_family == AF_INET6) (void)::setsockopt(udp.get(), IPPROTO_IPV6, IPV6_RECVPKTINFO, &one, sizeof one);
+    }
     if (udp.valid() && ::bind(udp.get(), reinterpret_cast<sockaddr*>(&ss), len) == 0) {
       im.udp_fd = std::move(udp);
     } else {

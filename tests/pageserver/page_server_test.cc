@@ -948,6 +948,57 @@ TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
   EXPECT_EQ(server_->stats().datagram_requests, answered);
 }
 
+// A server listening on every address answers a datagram from the address it was sent to:
+// asked at 127.0.0.2, its reply must come from 127.0.0.2 (the kernel would pick 127.0.0.1 for
+// a reply to 127.0.0.1), or the client's connected UDP socket drops it (multi-homed hosts).
+TEST_F(GetPageTest, DatagramRepliesLeaveFromTheAddressAsked) {
+  capture_as("snap", 1 * kMiB, 59, 2);
+  pageserver::ServerOptions o;
+  o.host = "0.0.0.0";
+  start_server(o);
+  auto loc = SnapshotLocation::parse("lazymem://127.0.0.2:" + std::to_string(server_->port()) + "/snap");
+  ASSERT_TRUE(loc.ok());
+  auto fd = net::open_connection(*loc, "", deadline());
+  ASSERT_TRUE(fd.ok()) << fd.error().message();
+  fd_ = std::move(*fd);
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<proto::wire::Request>();
+  rq.setId(3);
+  rq.setOpenDatagrams();
+  ASSERT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
+  auto f = recv();
+  ASSERT_TRUE(f.header);
+  auto r = f.header->root<proto::wire::Reply>();
+  ASSERT_TRUE(r.isDatagrams());
+  auto session = r.getDatagrams().getSession();
+  sys::UniqueFd u(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  ::inet_pton(AF_INET, "127.0.0.2", &a.sin_addr);
+  a.sin_port = htons(server_->port());
+  ASSERT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  uint32_t text = 0;
+  while (man_.regions[0].chunks[text].codec != Codec::kZstdPages) ++text;
+  capnp::MallocMessageBuilder q;
+  get_page(q, "snap", 0, text, 0, 9);
+  q.getRoot<proto::wire::Request>().getGetPage().setSession(session);
+  auto d = net::encode_frame(q, 0);
+  ASSERT_EQ(::send(u.get(), d.data(), d.size(), 0), static_cast<ssize_t>(d.size()));
+  pollfd p{u.get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1) << "no answer from 127.0.0.2";
+  std::vector<std::byte> got(70000);
+  ssize_t n = ::recv(u.get(), got.data(), got.size(), 0);
+  ASSERT_GT(n, 8);
+  uint32_t hl = 0;
+  std::memcpy(&hl, got.data(), 4);
+  auto h = net::Header::parse(std::span(got).subspan(8, hl));
+  ASSERT_TRUE(h.ok());
+  net::OwnedFrame g;
+  g.header = std::move(*h);
+  g.payload.assign(got.begin() + 8 + hl, got.begin() + n);
+  EXPECT_FALSE(check_page_reply(g, text, 0, 9));
+}
+
 // A server started without datagrams says so to openDatagrams, and serves getPage on the
 // connection as before.
 TEST_F(GetPageTest, ServerWithoutDatagramsRefusesASession) {
