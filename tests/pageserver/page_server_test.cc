@@ -605,6 +605,95 @@ class GetPageTest : public PageServerTest {
     return frames;
   }
 
+  // openDatagrams on the connection: its reply.
+  net::OwnedFrame open_datagrams() {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(3);
+    rq.setOpenDatagrams();
+    EXPECT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
+    return recv();
+  }
+  // The session openDatagrams gives (all zero, and a failure, without one).
+  std::array<std::byte, 16> datagram_session() {
+    std::array<std::byte, 16> session{};
+    auto f = open_datagrams();
+    if (!f.header) return session;
+    auto r = f.header->root<proto::wire::Reply>();
+    EXPECT_TRUE(r.isDatagrams());
+    if (!r.isDatagrams() || r.getDatagrams().getSession().size() != session.size()) {
+      ADD_FAILURE() << "no 16-byte session";
+      return session;
+    }
+    EXPECT_GE(r.getDatagrams().getMaxPayload(), 4096u);
+    std::memcpy(session.data(), r.getDatagrams().getSession().begin(), session.size());
+    return session;
+  }
+  // A UDP socket bound to `source`, connected to the server's port at `host`.
+  sys::UniqueFd udp_socket(const char* source, const char* host = "127.0.0.1") {
+    sys::UniqueFd u(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    ::inet_pton(AF_INET, source, &a.sin_addr);
+    EXPECT_EQ(::bind(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+    ::inet_pton(AF_INET, host, &a.sin_addr);
+    a.sin_port = htons(server_->port());
+    EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+    return u;
+  }
+  // A getPage datagram of snapshot "snap" with `session`.
+  static std::vector<std::byte> page_datagram(uint32_t chunk, uint32_t page, uint64_t tag,
+                                              std::span<const std::byte> session) {
+    capnp::MallocMessageBuilder m;
+    get_page(m, "snap", 0, chunk, page, tag);
+    m.getRoot<proto::wire::Request>().getGetPage().setSession(
+        capnp::Data::Reader(reinterpret_cast<const kj::byte*>(session.data()), session.size()));
+    return net::encode_frame(m, 0);
+  }
+  static void send_datagram(int u, const std::vector<std::byte>& d) {
+    ASSERT_EQ(::send(u, d.data(), d.size(), 0), static_cast<ssize_t>(d.size())) << std::strerror(errno);
+  }
+  // The next datagram on `u` as a frame; none within `wait`: no header.
+  static net::OwnedFrame datagram_answer(int u, std::chrono::milliseconds wait) {
+    net::OwnedFrame f;
+    pollfd p{u, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(wait.count())) != 1) return f;
+    std::vector<std::byte> d(70000);
+    ssize_t n = ::recv(u, d.data(), d.size(), 0);
+    EXPECT_GE(n, 8);
+    if (n < 8) return f;
+    uint32_t hl = 0, pl = 0;
+    std::memcpy(&hl, d.data(), 4);
+    std::memcpy(&pl, d.data() + 4, 4);
+    EXPECT_EQ(size_t{8} + hl + pl, static_cast<size_t>(n)) << "one frame per datagram";
+    if (size_t{8} + hl + pl != static_cast<size_t>(n)) return f;
+    auto h = net::Header::parse(std::span(d).subspan(8, hl));
+    EXPECT_TRUE(h.ok());
+    if (!h.ok()) return f;
+    f.header = std::move(*h);
+    f.payload.assign(d.begin() + 8 + hl, d.begin() + 8 + hl + pl);
+    return f;
+  }
+  // Flips a bit of stored chunk `c` of snapshot "snap" on disk, inside its last frame.
+  void damage_on_disk(uint32_t c) {
+    const ChunkInfo& ci = man_.regions[0].chunks[c];
+    std::fstream data(dir_.path() + "/snap/" + snapshot::kDataFile, std::ios::in | std::ios::out | std::ios::binary);
+    ASSERT_TRUE(data.good());
+    auto at = static_cast<std::streamoff>(ci.offset + ci.stored_length - 10);
+    data.seekg(at);
+    char b = 0;
+    data.read(&b, 1);
+    data.seekp(at);
+    b = static_cast<char>(b ^ 0x40);
+    data.write(&b, 1);
+    ASSERT_TRUE(data.good());
+  }
+  uint32_t first_page_frame_chunk() const {
+    uint32_t c = 0;
+    while (man_.regions[0].chunks[c].codec != Codec::kZstdPages) ++c;
+    return c;
+  }
+
   Manifest man_;
   std::shared_ptr<const snapshot::DecodeDictionary> dict_;
   snapshot::ChunkDecoder dec_;
@@ -691,19 +780,7 @@ TEST_F(GetPageTest, CorruptStoredChunkIsAnIoErrorAndServingGoesOn) {
   capture_as("snap", 4 * kMiB, 49, 2);
   uint32_t bad = 0;
   while (man_.regions[0].chunks[bad].codec != Codec::kZstdPages) ++bad;
-  {
-    const ChunkInfo& ci = man_.regions[0].chunks[bad];
-    std::fstream data(dir_.path() + "/snap/" + snapshot::kDataFile, std::ios::in | std::ios::out | std::ios::binary);
-    ASSERT_TRUE(data.good());
-    auto at = static_cast<std::streamoff>(ci.offset + ci.stored_length - 10);  // inside the last frame
-    data.seekg(at);
-    char b = 0;
-    data.read(&b, 1);
-    data.seekp(at);
-    b = static_cast<char>(b ^ 0x40);
-    data.write(&b, 1);
-    ASSERT_TRUE(data.good());
-  }
+  damage_on_disk(bad);
   start_server();
   connect();
   send_get_page("snap", 0, bad, 0, 31);
@@ -752,18 +829,7 @@ TEST_F(GetPageTest, StoredChunkIsCheckedAgainWhenReadAgain) {
   auto f = recv();
   ASSERT_TRUE(f.header);
   check_page_reply(f, x, 0, 1);
-  {  // damage it on disk
-    const ChunkInfo& ci = man_.regions[0].chunks[x];
-    std::fstream data(dir_.path() + "/snap/" + snapshot::kDataFile, std::ios::in | std::ios::out | std::ios::binary);
-    auto at = static_cast<std::streamoff>(ci.offset + ci.stored_length - 10);
-    data.seekg(at);
-    char b = 0;
-    data.read(&b, 1);
-    data.seekp(at);
-    b = static_cast<char>(b ^ 0x40);
-    data.write(&b, 1);
-    ASSERT_TRUE(data.good());
-  }
+  damage_on_disk(x);
   // Still in memory, checked already: served from there (page 0's frame is not the damaged one).
   send_get_page("snap", 0, x, 0, 2);
   f = recv();
@@ -796,72 +862,16 @@ TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
   capture_as("snap", 4 * kMiB + 3 * 4096, 57, 2);
   start_server();
   connect();
-  std::array<std::byte, 16> session{};
-  {
-    capnp::MallocMessageBuilder m;
-    auto rq = m.initRoot<proto::wire::Request>();
-    rq.setId(3);
-    rq.setOpenDatagrams();
-    ASSERT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
-    auto f = recv();
-    ASSERT_TRUE(f.header);
-    auto r = f.header->root<proto::wire::Reply>();
-    ASSERT_TRUE(r.isDatagrams());
-    ASSERT_EQ(r.getDatagrams().getSession().size(), session.size());
-    EXPECT_GE(r.getDatagrams().getMaxPayload(), 4096u);
-    std::memcpy(session.data(), r.getDatagrams().getSession().begin(), session.size());
-  }
-  // A UDP socket on `source` (127.0.0.1: the connection's host), connected to the server.
-  auto udp_from = [&](const char* source) {
-    sys::UniqueFd u(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    ::inet_pton(AF_INET, source, &a.sin_addr);
-    EXPECT_EQ(::bind(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
-    ::inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    a.sin_port = htons(server_->port());
-    EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
-    return u;
-  };
-  auto request = [&](uint32_t chunk, uint32_t page, uint64_t tag, std::span<const std::byte> sess) {
-    capnp::MallocMessageBuilder m;
-    get_page(m, "snap", 0, chunk, page, tag);
-    m.getRoot<proto::wire::Request>().getGetPage().setSession(
-        capnp::Data::Reader(reinterpret_cast<const kj::byte*>(sess.data()), sess.size()));
-    return net::encode_frame(m, 0);
-  };
-  // The next datagram on `u` as a frame; none within `wait`: no header.
-  auto answer = [&](int u, std::chrono::milliseconds wait) {
-    net::OwnedFrame f;
-    pollfd p{u, POLLIN, 0};
-    if (::poll(&p, 1, static_cast<int>(wait.count())) != 1) return f;
-    std::vector<std::byte> d(70000);
-    ssize_t n = ::recv(u, d.data(), d.size(), 0);
-    EXPECT_GE(n, 8);
-    uint32_t hl = 0, pl = 0;
-    std::memcpy(&hl, d.data(), 4);
-    std::memcpy(&pl, d.data() + 4, 4);
-    EXPECT_EQ(size_t{8} + hl + pl, static_cast<size_t>(n)) << "one frame per datagram";
-    auto h = net::Header::parse(std::span(d).subspan(8, hl));
-    EXPECT_TRUE(h.ok());
-    if (!h.ok()) return f;
-    f.header = std::move(*h);
-    f.payload.assign(d.begin() + 8 + hl, d.begin() + 8 + hl + pl);
-    return f;
-  };
-  auto ask = [&](int u, const std::vector<std::byte>& dgram) {
-    ASSERT_EQ(::send(u, dgram.data(), dgram.size(), 0), static_cast<ssize_t>(dgram.size())) << std::strerror(errno);
-  };
-
-  sys::UniqueFd u = udp_from("127.0.0.1");
+  const std::array<std::byte, 16> session = datagram_session();
+  sys::UniqueFd u = udp_socket("127.0.0.1");
   uint64_t frames = 0, use_stream = 0;
   for (uint32_t c = 0; c < man_.regions[0].chunks.size(); ++c) {
     if (man_.regions[0].chunks[c].codec == Codec::kZero) continue;
     const uint32_t pages = man_.chunk_length(0, c) / man_.regions[0].page_size;
     for (uint32_t p = 0; p < pages; ++p) {
       const uint64_t tag = uint64_t{c} << 16 | p;
-      ask(u.get(), request(c, p, tag, session));
-      auto f = answer(u.get(), std::chrono::seconds(5));
+      send_datagram(u.get(), page_datagram(c, p, tag, session));
+      auto f = datagram_answer(u.get(), std::chrono::seconds(5));
       ASSERT_TRUE(f.header) << "no datagram answer for chunk " << c << " page " << p;
       auto r = f.header->root<proto::wire::Reply>();
       if (r.isError()) {
@@ -877,27 +887,26 @@ TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
   EXPECT_GT(frames, 0u);
   EXPECT_GT(use_stream, 0u) << "the data has zero and raw page frames (chunk 1, pages 1 and 2)";
   // An error comes by datagram, with its tag.
-  ask(u.get(), request(0, 16, 4242, session));
+  send_datagram(u.get(), page_datagram(0, 16, 4242, session));
   {
-    auto f = answer(u.get(), std::chrono::seconds(5));
+    auto f = datagram_answer(u.get(), std::chrono::seconds(5));
     ASSERT_TRUE(f.header);
     auto r = f.header->root<proto::wire::Reply>();
     ASSERT_TRUE(r.isError());
     EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::OUT_OF_RANGE);
     EXPECT_EQ(r.getError().getTag(), 4242u);
   }
-  uint32_t text = 0;
-  while (man_.regions[0].chunks[text].codec != Codec::kZstdPages) ++text;
+  const uint32_t text = first_page_frame_chunk();
 
   // Strangers: each gets no answer, and is counted.
   std::vector<std::vector<std::byte>> hostile;
   hostile.push_back(std::vector<std::byte>(64, std::byte{0x5a}));  // not a frame
   hostile.push_back(std::vector<std::byte>(5));                    // shorter than a prefix
   {
-    auto d = request(text, 0, 1, session);
+    auto d = page_datagram(text, 0, 1, session);
     d[4] = std::byte{1};  // claims a payload the datagram does not hold
     hostile.push_back(d);
-    d = request(text, 0, 1, session);
+    d = page_datagram(text, 0, 1, session);
     d.resize(d.size() + 8);  // more than its frame
     hostile.push_back(d);
     d.assign(8 + 13, std::byte{0});  // lengths that agree, but a header not made of 8-byte words
@@ -906,32 +915,32 @@ TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
     d.assign(8, std::byte{0});  // an empty header
     hostile.push_back(d);
   }
-  hostile.push_back(request(text, 0, 1, {}));  // no session
+  hostile.push_back(page_datagram(text, 0, 1, {}));  // no session
   std::array<std::byte, 16> forged = session;
   forged[0] ^= std::byte{1};
-  hostile.push_back(request(text, 0, 1, forged));  // not a live session
+  hostile.push_back(page_datagram(text, 0, 1, forged));  // not a live session
   {
     capnp::MallocMessageBuilder m;  // a live session, but not a getPage
     m.initRoot<proto::wire::Request>().setStats();
     hostile.push_back(net::encode_frame(m, 0));
   }
   hostile.push_back(std::vector<std::byte>(9000, std::byte{0}));  // larger than any request
-  for (const auto& d : hostile) ask(u.get(), d);
-  EXPECT_FALSE(answer(u.get(), std::chrono::milliseconds(200)).header) << "a stranger got an answer";
+  for (const auto& d : hostile) send_datagram(u.get(), d);
+  EXPECT_FALSE(datagram_answer(u.get(), std::chrono::milliseconds(200)).header) << "a stranger got an answer";
   uint64_t dropped = hostile.size();
   EXPECT_EQ(server_->stats().datagrams_dropped, dropped);
   // A live session's datagram from another host (here 127.0.0.2) is a stranger too: the server
   // would otherwise send pages wherever a forged source address points.
   {
-    sys::UniqueFd other = udp_from("127.0.0.2");
-    ask(other.get(), request(text, 0, 1, session));
-    EXPECT_FALSE(answer(other.get(), std::chrono::milliseconds(200)).header);
+    sys::UniqueFd other = udp_socket("127.0.0.2");
+    send_datagram(other.get(), page_datagram(text, 0, 1, session));
+    EXPECT_FALSE(datagram_answer(other.get(), std::chrono::milliseconds(200)).header);
     EXPECT_EQ(server_->stats().datagrams_dropped, ++dropped);
   }
   // Still served.
-  ask(u.get(), request(text, 0, 7, session));
+  send_datagram(u.get(), page_datagram(text, 0, 7, session));
   {
-    auto f = answer(u.get(), std::chrono::seconds(5));
+    auto f = datagram_answer(u.get(), std::chrono::seconds(5));
     ASSERT_TRUE(f.header);
     EXPECT_FALSE(check_page_reply(f, text, 0, 7));
   }
@@ -942,8 +951,8 @@ TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
   for (int i = 0; i < 100 && server_->stats().open_connections > 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  ask(u.get(), request(text, 0, 8, session));
-  EXPECT_FALSE(answer(u.get(), std::chrono::milliseconds(200)).header) << "a dead session was answered";
+  send_datagram(u.get(), page_datagram(text, 0, 8, session));
+  EXPECT_FALSE(datagram_answer(u.get(), std::chrono::milliseconds(200)).header) << "a dead session was answered";
   EXPECT_EQ(server_->stats().datagrams_dropped, dropped + 1);
   EXPECT_EQ(server_->stats().datagram_requests, answered);
 }
@@ -961,42 +970,13 @@ TEST_F(GetPageTest, DatagramRepliesLeaveFromTheAddressAsked) {
   auto fd = net::open_connection(*loc, "", deadline());
   ASSERT_TRUE(fd.ok()) << fd.error().message();
   fd_ = std::move(*fd);
-  capnp::MallocMessageBuilder m;
-  auto rq = m.initRoot<proto::wire::Request>();
-  rq.setId(3);
-  rq.setOpenDatagrams();
-  ASSERT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
-  auto f = recv();
-  ASSERT_TRUE(f.header);
-  auto r = f.header->root<proto::wire::Reply>();
-  ASSERT_TRUE(r.isDatagrams());
-  auto session = r.getDatagrams().getSession();
-  sys::UniqueFd u(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  ::inet_pton(AF_INET, "127.0.0.2", &a.sin_addr);
-  a.sin_port = htons(server_->port());
-  ASSERT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  uint32_t text = 0;
-  while (man_.regions[0].chunks[text].codec != Codec::kZstdPages) ++text;
-  capnp::MallocMessageBuilder q;
-  get_page(q, "snap", 0, text, 0, 9);
-  q.getRoot<proto::wire::Request>().getGetPage().setSession(session);
-  auto d = net::encode_frame(q, 0);
-  ASSERT_EQ(::send(u.get(), d.data(), d.size(), 0), static_cast<ssize_t>(d.size()));
-  pollfd p{u.get(), POLLIN, 0};
-  ASSERT_EQ(::poll(&p, 1, 5000), 1) << "no answer from 127.0.0.2";
-  std::vector<std::byte> got(70000);
-  ssize_t n = ::recv(u.get(), got.data(), got.size(), 0);
-  ASSERT_GT(n, 8);
-  uint32_t hl = 0;
-  std::memcpy(&hl, got.data(), 4);
-  auto h = net::Header::parse(std::span(got).subspan(8, hl));
-  ASSERT_TRUE(h.ok());
-  net::OwnedFrame g;
-  g.header = std::move(*h);
-  g.payload.assign(got.begin() + 8 + hl, got.begin() + n);
-  EXPECT_FALSE(check_page_reply(g, text, 0, 9));
+  const std::array<std::byte, 16> session = datagram_session();
+  sys::UniqueFd u = udp_socket("127.0.0.1", "127.0.0.2");
+  const uint32_t text = first_page_frame_chunk();
+  send_datagram(u.get(), page_datagram(text, 0, 9, session));
+  auto f = datagram_answer(u.get(), std::chrono::seconds(5));
+  ASSERT_TRUE(f.header) << "no answer from 127.0.0.2";
+  EXPECT_FALSE(check_page_reply(f, text, 0, 9));
 }
 
 // A server started without datagrams says so to openDatagrams, and serves getPage on the
@@ -1007,18 +987,12 @@ TEST_F(GetPageTest, ServerWithoutDatagramsRefusesASession) {
   o.datagrams = false;
   start_server(o);
   connect();
-  capnp::MallocMessageBuilder m;
-  auto rq = m.initRoot<proto::wire::Request>();
-  rq.setId(3);
-  rq.setOpenDatagrams();
-  ASSERT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
-  auto f = recv();
+  auto f = open_datagrams();
   ASSERT_TRUE(f.header);
   auto r = f.header->root<proto::wire::Reply>();
   ASSERT_TRUE(r.isError());
   EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::BAD_REQUEST);
-  uint32_t text = 0;
-  while (man_.regions[0].chunks[text].codec != Codec::kZstdPages) ++text;
+  const uint32_t text = first_page_frame_chunk();
   send_get_page("snap", 0, text, 0, 5);
   auto g = recv();
   ASSERT_TRUE(g.header);
