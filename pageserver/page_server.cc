@@ -590,15 +590,10 @@ struct PageServer::Impl {
       ::inet_ntop(from.addr.ss_family, a, host, sizeof host);
       log->warn("datagram from {}: {}; dropped (further drops this second only counted)", host, why);
     };
-    if (truncated || d.size() < net::kFramePrefix) return drop("not one request frame (too short or too long)");
-    uint32_t header_len = 0, payload_len = 0;
-    std::memcpy(&header_len, d.data(), 4);  // little-endian, as the stream's frames (x86, arm64)
-    std::memcpy(&payload_len, d.data() + 4, 4);
-    if (payload_len != 0 || size_t{header_len} + net::kFramePrefix != d.size() || header_len == 0 ||
-        header_len % sizeof(capnp::word) != 0) {
-      return drop("its frame lengths do not match the datagram");
-    }
-    auto h = net::Header::parse(d.subspan(net::kFramePrefix));
+    if (truncated) return drop("longer than any request");
+    auto header = net::request_datagram_header(d);
+    if (!header.ok()) return drop(header.error().message().c_str());
+    auto h = net::Header::parse(*header);
     if (!h.ok()) return drop("malformed header");
     try {
       auto rq = (*h)->root<wire::Request>();

@@ -116,6 +116,19 @@ inline uint64_t read_checked_reply(std::span<const std::byte> header) {
   }
 }
 
+// `data` as one request datagram, as the page server reads it (getPage by UDP).
+inline uint64_t decode_datagram(std::span<const uint8_t> data) {
+  auto header = net::request_datagram_header(std::as_bytes(data));
+  if (!header.ok()) return 0;
+  auto h = net::Header::parse(*header);
+  if (!h.ok()) return 1;
+  try {
+    return walk_request((*h)->root<proto::wire::Request>()) | 2;
+  } catch (const kj::Exception&) {
+    return 3;
+  }
+}
+
 // Feeds `data` in uneven pieces, like recv() would deliver it. Never crashes, never hangs.
 inline uint64_t decode_stream(std::span<const uint8_t> data) {
   net::FrameBuffer buf;

@@ -3,5 +3,6 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   (void)lazymem::fuzz::decode_stream({data, size});
+  (void)lazymem::fuzz::decode_datagram({data, size});
   return 0;
 }

@@ -185,6 +185,7 @@ TEST(WireReplay, MutationsNeverCrash) {
       }
     }
     (void)fuzz::decode_stream(d);
+    (void)fuzz::decode_datagram(d);
   }
   SUCCEED();
 }

@@ -979,6 +979,58 @@ TEST_F(GetPageTest, DatagramRepliesLeaveFromTheAddressAsked) {
   EXPECT_FALSE(check_page_reply(f, text, 0, 9));
 }
 
+// A dual-stack server (listening on "::") answers datagrams from IPv6 and IPv4 clients alike,
+// from the address each asked (v4 peers come as v4-mapped addresses on both sockets).
+TEST_F(GetPageTest, DatagramsOverIpv6AndDualStack) {
+  capture_as("snap", 1 * kMiB, 61, 2);
+  {
+    sys::UniqueFd probe(::socket(AF_INET6, SOCK_DGRAM, 0));
+    sockaddr_in6 a{};
+    a.sin6_family = AF_INET6;
+    a.sin6_addr = in6addr_loopback;
+    if (!probe.valid() || ::bind(probe.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+      GTEST_SKIP() << "no IPv6 loopback here";
+    }
+  }
+  pageserver::ServerOptions o;
+  o.host = "::";
+  start_server(o);
+  const uint32_t text = first_page_frame_chunk();
+  for (const char* host : {"::1", "127.0.0.1"}) {
+    SCOPED_TRACE(host);
+    const bool v6 = std::strchr(host, ':') != nullptr;
+    auto loc = SnapshotLocation::parse(std::string("lazymem://") + (v6 ? "[::1]" : host) + ":" +
+                                       std::to_string(server_->port()) + "/snap");
+    ASSERT_TRUE(loc.ok());
+    auto fd = net::open_connection(*loc, "", deadline());
+    ASSERT_TRUE(fd.ok()) << fd.error().message();
+    fd_ = std::move(*fd);
+    const std::array<std::byte, 16> session = datagram_session();
+    sys::UniqueFd u(::socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    sockaddr_storage to{};
+    socklen_t len = 0;
+    if (v6) {
+      auto& a = reinterpret_cast<sockaddr_in6&>(to);
+      a.sin6_family = AF_INET6;
+      a.sin6_addr = in6addr_loopback;
+      a.sin6_port = htons(server_->port());
+      len = sizeof a;
+    } else {
+      auto& a = reinterpret_cast<sockaddr_in&>(to);
+      a.sin_family = AF_INET;
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      a.sin_port = htons(server_->port());
+      len = sizeof a;
+    }
+    ASSERT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&to), len), 0) << std::strerror(errno);
+    send_datagram(u.get(), page_datagram(text, 0, 11, session));
+    auto f = datagram_answer(u.get(), std::chrono::seconds(5));
+    ASSERT_TRUE(f.header) << "no datagram answer";
+    EXPECT_FALSE(check_page_reply(f, text, 0, 11));
+  }
+  EXPECT_EQ(server_->stats().datagrams_dropped, 0u);
+}
+
 // A server started without datagrams says so to openDatagrams, and serves getPage on the
 // connection as before.
 TEST_F(GetPageTest, ServerWithoutDatagramsRefusesASession) {

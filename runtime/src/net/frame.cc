@@ -50,6 +50,16 @@ Result<std::unique_ptr<Header>> Header::parse(std::span<const std::byte> bytes) 
   return h;
 }
 
+Result<std::span<const std::byte>> request_datagram_header(std::span<const std::byte> datagram) {
+  if (datagram.size() < kFramePrefix) return Error(Errc::kProtocol, "datagram shorter than a frame prefix");
+  const uint32_t header_len = get_le32(datagram.data()), payload_len = get_le32(datagram.data() + 4);
+  if (payload_len != 0 || size_t{header_len} + kFramePrefix != datagram.size() || header_len == 0 ||
+      header_len % sizeof(capnp::word) != 0 || header_len > kMaxHeader) {
+    return Error(Errc::kProtocol, "its frame lengths do not match the datagram");
+  }
+  return datagram.subspan(kFramePrefix);
+}
+
 std::span<std::byte> FrameBuffer::writable(size_t at_least) {
   if (start_ == end_) start_ = end_ = 0;
   if (buf_.size() - end_ < at_least) {

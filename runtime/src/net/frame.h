@@ -46,6 +46,10 @@ class Header {
 // a reply (net/page_fetcher.cc). Lists, text and deeper levels are not checked: not for them.
 bool shallow_structs_in_bounds(std::span<const capnp::word> message) noexcept;
 
+// The header of a request that came as one datagram (getPage by UDP): its frame must fill the
+// datagram exactly, carry no payload, and have a header of whole 8-byte words within the limit.
+Result<std::span<const std::byte>> request_datagram_header(std::span<const std::byte> datagram);
+
 struct FrameView {
   std::span<const std::byte> header;
   std::span<const std::byte> payload;
