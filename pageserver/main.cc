@@ -2,6 +2,8 @@
 //   serve  --store DIR --listen HOST:PORT [--token-file F]
 //   import --store DIR --raw FILE --name N [--chunk-kib K] [--zstd-level L] [--format 1|2]
 //   ls     --store DIR | --server lazymem://HOST:PORT [--token-file F]
+#include <sys/resource.h>
+
 #include <csignal>
 #include <boost/program_options.hpp>
 #include <chrono>
@@ -78,6 +80,18 @@ int serve(const std::vector<std::string>& args) {
   }
   auto list = snapshot::list_store(o.store_dir);
   if (!list.ok()) throw std::runtime_error(list.error().message());
+  // Each connection may hold two descriptors (its socket, its datagram session's own socket):
+  // the soft limit goes up to the hard one, as servers do, and a shortfall is said once here
+  // (sockets that cannot be had are refused or fall back, never crash the loop).
+  rlimit nofile{};
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &nofile);
+  }
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < 2 * o.max_connections + 64) {
+    log::get("pageserver")->warn("open-file limit {} is below what {} connections may need ({}): raise it (ulimit -n)",
+                                 nofile.rlim_cur, o.max_connections, 2 * o.max_connections + 64);
+  }
   auto server = pageserver::PageServer::listen(o);
   if (!server.ok()) throw std::runtime_error(server.error().message());
   g_server = server->get();
