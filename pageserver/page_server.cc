@@ -151,7 +151,7 @@ struct PageServer::Impl {
   uint64_t next_file_id = 1;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
-      st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0};
+      st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0};
   SendCounters sends;
   // getPage by datagram: the socket (invalid: datagrams off), the live sessions (each names its
   // connection, by fd and serial), and when the last page request came (the loop polls a while).
@@ -159,6 +159,8 @@ struct PageServer::Impl {
   uint16_t port = 0;
   std::map<Session, std::pair<int, uint64_t>> sessions;
   std::unordered_map<int, int> dgram_owner;  // a session's own UDP socket -> its connection's fd
+  sys::UniqueFd spare_fd{::open("/dev/null", O_RDONLY | O_CLOEXEC)};  // given up when out of descriptors
+  Clock::time_point next_refused_log{};
   std::array<std::byte, 4096> dgram_{};  // a request datagram (a getPage is ~150 bytes)
   Clock::time_point last_page{}, next_drop_log{};
 
@@ -453,6 +455,7 @@ struct PageServer::Impl {
         o.setDatagramRequests(st.datagram_requests);
         o.setDatagramsDropped(st.datagrams_dropped);
         o.setDatagramsUnsent(st.datagrams_unsent);
+        o.setConnectionsRefused(st.connections_refused);
         queue(c, m, {});
         return;
       }
@@ -1041,9 +1044,26 @@ struct PageServer::Impl {
       Peer peer;
       peer.len = sizeof peer.addr;
       int fd = ::accept4(listen_fd.get(), reinterpret_cast<sockaddr*>(&peer.addr), &peer.len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0 && (errno == EMFILE || errno == ENFILE) && spare_fd.valid()) {
+        // Out of descriptors: the connection stays queued and the listening socket readable, so
+        // the loop would spin. The spare descriptor makes room to take it and close it.
+        spare_fd.reset();
+        int doomed = ::accept4(listen_fd.get(), nullptr, nullptr, SOCK_CLOEXEC);
+        if (doomed >= 0) ::close(doomed);
+        spare_fd.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+        bump(st_refused);
+        auto now = Clock::now();
+        if (now >= next_refused_log) {
+          next_refused_log = now + std::chrono::seconds(1);
+          log->warn("out of file descriptors ({}): connections refused; raise the open-file limit (ulimit -n)",
+                    std::strerror(EMFILE));
+        }
+        if (doomed >= 0) continue;
+      }
       if (fd < 0) return;
       if (conns.size() >= opt.max_connections) {
         ::close(fd);
+        bump(st_refused);
         continue;
       }
       int one = 1;
@@ -1092,6 +1112,7 @@ struct PageServer::Impl {
     st.datagram_requests = r(st_dgram_req);
     st.datagrams_dropped = r(st_dgram_drop);
     st.datagrams_unsent = r(st_dgram_unsent);
+    st.connections_refused = r(st_refused);
     return st;
   }
 

@@ -75,6 +75,7 @@ struct ServerStats {
   uint64_t datagram_requests = 0;  // getPage datagrams from live sessions
   uint64_t datagrams_dropped = 0;  // malformed, no live session, or not from the session's peer
   uint64_t datagrams_unsent = 0;   // replies the UDP socket refused (the client asks again)
+  uint64_t connections_refused = 0;  // over max_connections, or no descriptor left
 };
 
 class PageServer {

@@ -145,6 +145,7 @@ struct ServerStats {
   datagramRequests @23 :UInt64;      # getPage datagrams from live sessions
   datagramsDropped @24 :UInt64;      # datagrams dropped: malformed, no live session, wrong sender
   datagramsUnsent @25 :UInt64;       # replies the socket refused (full): the client asks again
+  connectionsRefused @26 :UInt64;    # over the connection limit, or out of file descriptors
 }
 
 struct HelloReply {

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include <fstream>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <thread>
 #include <array>
 
@@ -253,6 +255,93 @@ bool server_closes_after(uint16_t port, const std::vector<std::byte>& bytes) {
     ssize_t n = ::recv(fd->get(), buf, sizeof buf, 0);
     if (n <= 0) return true;
   }
+}
+
+// A server out of file descriptors refuses new connections (takes each and closes it) instead of
+// spinning on a listening socket that stays readable, and keeps serving the connections it has.
+// The server runs in a child process whose open-file limit is a few above what it holds.
+TEST_F(PageServerTest, OutOfDescriptorsRefusesWithoutSpinning) {
+  int port_pipe[2];
+  ASSERT_EQ(::pipe(port_pipe), 0);
+  pid_t server = ::fork();
+  ASSERT_GE(server, 0);
+  if (server == 0) {
+    ::close(port_pipe[0]);
+    pageserver::ServerOptions o;
+    o.store_dir = dir_.path();
+    auto srv = pageserver::PageServer::listen(o);
+    if (!srv.ok()) _exit(3);
+    size_t open_fds = 0;
+    for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) (void)e, ++open_fds;
+    rlimit lim{open_fds + 4, open_fds + 4};  // room for a few connections, no more
+    if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) _exit(4);
+    uint16_t port = (*srv)->port();
+    (void)!::write(port_pipe[1], &port, sizeof port);
+    (void)(*srv)->run();
+    _exit(0);
+  }
+  ::close(port_pipe[1]);
+  uint16_t port = 0;
+  ASSERT_EQ(::read(port_pipe[0], &port, sizeof port), static_cast<ssize_t>(sizeof port)) << "the server did not start";
+  ::close(port_pipe[0]);
+  struct Reaper {
+    pid_t pid;
+    ~Reaper() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reaper{server};
+  auto loc = SnapshotLocation::parse("lazymem://127.0.0.1:" + std::to_string(port) + "/x");
+  ASSERT_TRUE(loc.ok());
+  const auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(10); };
+  auto first = net::open_connection(*loc, "", deadline());
+  ASSERT_TRUE(first.ok()) << first.error().message();
+  std::vector<sys::UniqueFd> flood;
+  for (int i = 0; i < 40; ++i) {
+    sys::UniqueFd f(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    ASSERT_EQ(::connect(f.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+    flood.push_back(std::move(f));
+  }
+  auto cpu_ms = [&] {
+    std::ifstream st("/proc/" + std::to_string(server) + "/stat");
+    std::string line;
+    std::getline(st, line);
+    std::istringstream rest(line.substr(line.rfind(')') + 2));
+    std::string field;
+    uint64_t utime = 0, stime = 0;
+    for (int k = 3; k <= 15 && rest >> field; ++k) {
+      if (k == 14) utime = std::stoull(field);
+      if (k == 15) stime = std::stoull(field);
+    }
+    return (utime + stime) * 1000.0 / static_cast<double>(::sysconf(_SC_CLK_TCK));
+  };
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the flood is taken in
+  const double before = cpu_ms();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  EXPECT_LT(cpu_ms() - before, 150.0) << "the server spins while out of descriptors";
+  // Refused ones were closed: they read end-of-file (or a reset), not silence.
+  size_t closed = 0;
+  for (auto& f : flood) {
+    pollfd p{f.get(), POLLIN, 0};
+    if (::poll(&p, 1, 0) == 1) ++closed;
+  }
+  EXPECT_GT(closed, 0u);
+  // The connection it had is still served.
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<proto::wire::Request>();
+  rq.setId(9);
+  rq.setStats();
+  ASSERT_TRUE(net::send_frame(first->get(), m, {}, deadline()).ok());
+  net::FrameBuffer buf;
+  auto f = net::recv_frame(first->get(), buf, deadline());
+  ASSERT_TRUE(f.ok()) << f.error().message();
+  auto r = f->header->root<proto::wire::Reply>();
+  ASSERT_TRUE(r.isStats());
+  EXPECT_GT(r.getStats().getConnectionsRefused(), 0u);
 }
 
 TEST_F(PageServerTest, HostilePeersAreCutOffAndOthersKeepBeingServed) {

@@ -182,7 +182,8 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                       {"zerocopy_fallbacks", st.getZerocopyFallbacks()}, {"plain_sends", st.getPlainSends()},
                       {"plain_bytes", st.getPlainBytes()},            {"pages", st.getPages()},
                       {"errors_corrupt", st.getErrorsCorrupt()},      {"datagram_requests", st.getDatagramRequests()},
-                      {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()}};
+                      {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()},
+                      {"connections_refused", st.getConnectionsRefused()}};
   return j.dump();
 }
 
