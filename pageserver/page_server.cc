@@ -79,8 +79,10 @@ bool same_host(const Peer& a, const Peer& b) {
            reinterpret_cast<const sockaddr_in&>(b.addr).sin_addr.s_addr;
   }
   if (a.addr.ss_family == AF_INET6) {
-    return std::memcmp(&reinterpret_cast<const sockaddr_in6&>(a.addr).sin6_addr,
-                       &reinterpret_cast<const sockaddr_in6&>(b.addr).sin6_addr, sizeof(in6_addr)) == 0;
+    const auto& x = reinterpret_cast<const sockaddr_in6&>(a.addr);
+    const auto& y = reinterpret_cast<const sockaddr_in6&>(b.addr);
+    return std::memcmp(&x.sin6_addr, &y.sin6_addr, sizeof(in6_addr)) == 0 &&
+           (!IN6_IS_ADDR_LINKLOCAL(&x.sin6_addr) || x.sin6_scope_id == y.sin6_scope_id);  // fe80:: on another link
   }
   return false;
 }
