@@ -342,7 +342,6 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef r
   auto reply = reader.getRoot<wire::Reply>();
   if (reply.getId() != next_id_ - 1) return broken("page server answered another request");
   if (reply.isError()) {
-    if (reply.getError().getTag() != next_id_ - 1) return broken("page server answered another request");
     switch (reply.getError().getCode()) {
       case wire::ErrorCode::NOT_FOUND: return bad("the page server no longer has the snapshot");
       case wire::ErrorCode::OUT_OF_RANGE: return bad("the page server says the page is outside the snapshot");
