@@ -14,6 +14,8 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <fstream>
+#include <sstream>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -186,59 +188,67 @@ TEST_F(FaultOnThreadTest, ServerRestartIsInvisible) {
 }
 
 // Datagrams lost or late: the server (a process of its own here) is stopped and continued
-// again and again while a thread faults, its UDP buffer full meanwhile. A fault whose datagram
-// gets no answer within the wait is asked for on the connection, which answers once the server
-// runs again; late datagram replies are told apart by their id and skipped. Every byte is right.
+// again and again while a thread faults. A fault whose datagram gets no answer within the wait
+// is asked for on the connection, which answers once the server runs again; late datagram
+// replies are told apart by their id and skipped. Every byte is right.
 TEST_F(FaultOnThreadTest, LostOrLateDatagramsFallBackToTheConnection) {
   capture(32 * kMiB, 52);
-  int port_pipe[2];
-  ASSERT_EQ(::pipe(port_pipe), 0);
-  pid_t server = ::fork();  // before the restore starts threads: the child runs the server alone
-  ASSERT_GE(server, 0);
-  if (server == 0) {
-    ::close(port_pipe[0]);
-    pageserver::ServerOptions o;
-    o.store_dir = dir_.path();
-    auto srv = pageserver::PageServer::listen(o);
-    if (!srv.ok()) _exit(3);
-    uint16_t port = (*srv)->port();
-    (void)!::write(port_pipe[1], &port, sizeof port);
-    (void)(*srv)->run();
-    _exit(0);
-  }
-  ::close(port_pipe[1]);
-  uint16_t port = 0;
-  ASSERT_EQ(::read(port_pipe[0], &port, sizeof port), static_cast<ssize_t>(sizeof port)) << "the server did not start";
-  ::close(port_pipe[0]);
-  struct Reaper {
-    pid_t pid;
-    ~Reaper() {
-      ::kill(pid, SIGCONT);
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  } reaper{server};
+  ServerProcess server;
+  fork_server(server);
+  if (HasFatalFailure()) return;
+  const uint16_t port = server.port;
   const std::string u = "lazymem://127.0.0.1:" + std::to_string(port) + "/snap";
   auto r = LazyRestore::start(u, kf_, on_thread(false));
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
 
   std::atomic<bool> done{false};
-  std::atomic<size_t> wrong{0}, slow{0};
+  std::atomic<size_t> wrong{0}, slow{0}, touched{0};
+  std::atomic<int64_t> touch_began{0};  // CLOCK_MONOTONIC ns of the touch in progress (0: none)
   std::thread toucher([&] {
     std::vector<size_t> order(len_ / kPage);
     for (size_t i = 0; i < order.size(); ++i) order[i] = i * kPage;
     std::shuffle(order.begin(), order.end(), std::mt19937_64(52));
     for (size_t off : order) {
       auto t0 = std::chrono::steady_clock::now();
+      touch_began = t0.time_since_epoch().count();
       bool ok = std::memcmp(got + off, expected_.data() + off, kPage) == 0;
-      if (std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(3)) ++slow;  // longer than a datagram wait
+      touch_began = 0;
+      // As long as a datagram wait at least (2 ms): it went to the connection.
+      if (std::chrono::steady_clock::now() - t0 >= std::chrono::milliseconds(2)) ++slow;
       if (!ok) ++wrong;
+      touched.fetch_add(1);
+      touched.notify_all();
     }
     done = true;
+    touched.fetch_add(1);
+    touched.notify_all();
   });
-  // While the server is stopped its UDP receive buffer is filled with junk, so the kernel drops
-  // a fault's request datagram: lost for good, not just late.
+  // Waits until the thread has touched `n` more pages (or is done).
+  auto wait_for_touches = [&](size_t n) {
+    const size_t target = touched.load() + n;
+    for (size_t v = touched.load(); v < target && !done; v = touched.load()) touched.wait(v);
+  };
+  // Whether a request waits unread on one of the server's TCP connections: a fault that gave
+  // up on its datagram and asked on the connection (/proc/net/tcp: local port, state 01 =
+  // established, rx_queue).
+  auto request_on_a_connection = [&] {
+    std::ifstream tcp("/proc/net/tcp");
+    std::string line;
+    std::getline(tcp, line);  // the heading
+    while (std::getline(tcp, line)) {
+      std::istringstream f(line);
+      std::string sl, local, remote, state, queues;
+      if (!(f >> sl >> local >> remote >> state >> queues)) continue;
+      const unsigned long local_port = std::stoul(local.substr(local.find(':') + 1), nullptr, 16);
+      const unsigned long rx = std::stoul(queues.substr(queues.find(':') + 1), nullptr, 16);
+      if (local_port == port && state == "01" && rx > 0) return true;
+    }
+    return false;
+  };
+  // While the server is stopped its shared UDP socket's buffer is filled with junk (counted and
+  // dropped once it runs): a datagram sent there then is lost for good; one already on its
+  // session's own socket is answered late, after the fault asked on the connection.
   sys::UniqueFd junk(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   sockaddr_in to{};
   to.sin_family = AF_INET;
@@ -247,12 +257,19 @@ TEST_F(FaultOnThreadTest, LostOrLateDatagramsFallBackToTheConnection) {
   ASSERT_EQ(::connect(junk.get(), reinterpret_cast<sockaddr*>(&to), sizeof to), 0);
   int stops = 0;
   while (!done) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(4));
-    ::kill(server, SIGSTOP);
+    wait_for_touches(64);  // served as usual a while
+    ::kill(server.pid, SIGSTOP);
     char b[64] = {};
-    for (int i = 0; i < 2000; ++i) (void)::send(junk.get(), b, sizeof b, 0);
-    std::this_thread::sleep_for(std::chrono::milliseconds(12));
-    ::kill(server, SIGCONT);
+    for (int i = 0; i < 400; ++i) (void)::send(junk.get(), b, sizeof b, 0);  // ~2x what the buffer holds
+    // Stopped until a fault has given up on its datagram and asked on the connection, or (the
+    // server stopped between reading a request and answering it) has waited longer than any
+    // datagram wait (20 ms).
+    auto stuck = [&] {
+      const int64_t began = touch_began.load();
+      return began != 0 && std::chrono::steady_clock::now().time_since_epoch().count() - began > 25'000'000;
+    };
+    while (!done && !request_on_a_connection() && !stuck()) std::this_thread::yield();
+    ::kill(server.pid, SIGCONT);
     ++stops;
   }
   toucher.join();

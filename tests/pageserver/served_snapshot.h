@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -61,6 +62,45 @@ class ServedSnapshotTest : public ::testing::Test {
     if (thread_.joinable()) thread_.join();
   }
   std::string uri() const { return "lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/snap"; }
+
+  // A page server of this store in a child process of its own, which a test can stop (SIGSTOP)
+  // or limit; killed (continued first) when this goes. Forked before the test starts threads:
+  // the child runs the server loop alone.
+  struct ServerProcess {
+    pid_t pid = -1;
+    uint16_t port = 0;
+    ServerProcess() = default;
+    ServerProcess(const ServerProcess&) = delete;
+    ServerProcess& operator=(const ServerProcess&) = delete;
+    ~ServerProcess() {
+      if (pid <= 0) return;
+      ::kill(pid, SIGCONT);
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  };
+  // Starts `out`; `in_child` runs in the child once the server listens (false: the child quits).
+  void fork_server(ServerProcess& out, const std::function<bool()>& in_child = {}) {
+    int port_pipe[2];
+    ASSERT_EQ(::pipe(port_pipe), 0);
+    out.pid = ::fork();
+    ASSERT_GE(out.pid, 0);
+    if (out.pid == 0) {
+      ::close(port_pipe[0]);
+      pageserver::ServerOptions o;
+      o.store_dir = dir_.path();
+      auto srv = pageserver::PageServer::listen(o);
+      if (!srv.ok() || (in_child && !in_child())) _exit(3);
+      uint16_t port = (*srv)->port();
+      (void)!::write(port_pipe[1], &port, sizeof port);
+      (void)(*srv)->run();
+      _exit(0);
+    }
+    ::close(port_pipe[1]);
+    ASSERT_EQ(::read(port_pipe[0], &out.port, sizeof out.port), static_cast<ssize_t>(sizeof out.port))
+        << "the server did not start";
+    ::close(port_pipe[0]);
+  }
 
   // A child restores from the server with `o` and touches its first page; the server is then
   // stopped and the child touches `offset`, never fetched (SIGBUS left to the handler there
