@@ -93,6 +93,7 @@ using Session = std::array<std::byte, 16>;
 // reply that needs the whole chunk, is refused with useStream).
 constexpr uint32_t kMaxDatagramPayload = 8192;
 constexpr size_t kMaxQueuedDatagramJobs = 64;
+constexpr const char* kUseStream = "this page goes as its whole chunk: ask on the connection";
 
 // A chunk to send (getChunks), or one page of it (getPage: `page` set), once its extents are in.
 struct Job {
@@ -205,14 +206,19 @@ struct PageServer::Impl {
     c.out.push(std::move(f));
   }
 
-  void reply_error(Conn& c, uint64_t id, wire::ErrorCode code, const std::string& msg, uint64_t tag = 0) {
-    capnp::MallocMessageBuilder m;
+  static void build_error(capnp::MessageBuilder& m, uint64_t id, wire::ErrorCode code, const std::string& msg,
+                          uint64_t tag) {
     auto r = m.initRoot<wire::Reply>();
     r.setId(id);
     auto e = r.initError();
     e.setCode(code);
     e.setMessage(msg);
     e.setTag(tag);
+  }
+
+  void reply_error(Conn& c, uint64_t id, wire::ErrorCode code, const std::string& msg, uint64_t tag = 0) {
+    capnp::MallocMessageBuilder m;
+    build_error(m, id, code, msg, tag);
     queue(c, m, {});
   }
 
@@ -249,12 +255,7 @@ struct PageServer::Impl {
   void reply_error(Conn& c, const Job& j, wire::ErrorCode code, const std::string& msg) {
     if (!j.reply_to) return reply_error(c, j.id, code, msg, j.tag);
     capnp::MallocMessageBuilder m;
-    auto r = m.initRoot<wire::Reply>();
-    r.setId(j.id);
-    auto e = r.initError();
-    e.setCode(code);
-    e.setMessage(msg);
-    e.setTag(j.tag);
+    build_error(m, j.id, code, msg, j.tag);
     send_datagram(*j.reply_to, m, {});
   }
 
@@ -708,7 +709,7 @@ struct PageServer::Impl {
     }
     if (j.reply_to && man.regions[j.region].chunks[j.chunk].codec != Codec::kZstdPages) {
       // Its pages go as the whole chunk, never in a datagram: said before anything is read.
-      reply_error(c, j, wire::ErrorCode::USE_STREAM, "this page goes as its whole chunk: ask on the connection");
+      reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
       return;
     }
     (j.demand ? c.demand : c.prefetch).push_back(std::move(j));
@@ -795,7 +796,7 @@ struct PageServer::Impl {
     }
     if (j.reply_to) {
       if (frame.empty() || frame.size() > kMaxDatagramPayload) {
-        reply_error(c, j, wire::ErrorCode::USE_STREAM, "this page goes as its whole chunk: ask on the connection");
+        reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
         return;
       }
       send_datagram(*j.reply_to, m, frame);
