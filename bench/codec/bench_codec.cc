@@ -42,17 +42,17 @@ struct Stored {
   std::vector<std::byte> bytes;
 };
 
-bool measure(const std::vector<std::byte>& data, Layout& l) {
+bool measure(const std::vector<std::byte>& data, Layout& l, int level) {
   std::vector<std::byte> dict;
   auto t0 = Clock::now();
   if (l.format == 2) {
     std::span<const std::byte> all(data);
     dict = snap::train_dictionary(std::span(&all, 1), kPage);
   }
-  auto cdict = snap::EncodeDictionary::load(dict, 1);
+  auto cdict = snap::EncodeDictionary::load(dict, level);
   auto ddict = snap::DecodeDictionary::load(dict);
   if (!cdict.ok() || !ddict.ok()) return false;
-  snap::ChunkEncoder enc(1, l.chunk, *cdict);
+  snap::ChunkEncoder enc(level, l.chunk, *cdict);
   std::vector<Stored> chunks;
   size_t stored = dict.size();
   for (size_t off = 0; off < data.size(); off += l.chunk) {
@@ -105,7 +105,8 @@ bool measure(const std::vector<std::byte>& data, Layout& l) {
 int main(int argc, char** argv) {
   po::options_description desc("lazymem-bench-codec [options]");
   desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
-      "mib", po::value<size_t>()->default_value(256), "heap-like data in MiB");
+      "mib", po::value<size_t>()->default_value(256), "heap-like data in MiB")(
+      "level", po::value<int>()->default_value(1), "zstd compression level");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, desc), vm);
@@ -119,6 +120,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   const size_t len = vm["mib"].as<size_t>() << 20;
+  const int level = vm["level"].as<int>();
   if (len == 0) {
     std::fprintf(stderr, "lazymem-bench-codec: --mib must be positive\n");
     return 2;
@@ -131,14 +133,14 @@ int main(int argc, char** argv) {
                                  {"format 1, 16 KiB chunks", 16384, 1},
                                  {"format 2, 64 KiB chunks of page frames", 65536, 2}};
   for (auto& l : layouts) {
-    if (!measure(data, l)) {
+    if (!measure(data, l, level)) {
       std::fprintf(stderr, "%s: a chunk did not decode to its bytes\n", l.name.c_str());
       return 1;
     }
   }
   const Layout& base = layouts[0];
-  std::printf("lazymem-bench-codec: %zu MiB heap-like data, zstd-1, one thread, every decoded byte checked\n\n",
-              len >> 20);
+  std::printf("lazymem-bench-codec: %zu MiB heap-like data, zstd-%d, one thread, every decoded byte checked\n\n",
+              len >> 20, level);
   std::printf("%-40s %7s %13s %15s %9s %12s %9s\n", "layout", "ratio", "encode", "fault decode", "vs f1", "bulk", "vs f1");
   nlohmann::json j;
   for (const auto& l : layouts) {

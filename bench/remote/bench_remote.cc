@@ -2,7 +2,8 @@
 // run: remote lazy (prefetch) vs local lazy vs eager download (fetch all, decompress, touch);
 // single-fault latency (prefetch off, random chunks), served by the restore's handler thread and
 // by the faulting thread itself (RestoreOptions::fault_on_thread), each next to a plain TCP round
-// trip of the payload it receives per fault (across CPUs, as between hosts); page-server CPU per
+// trip of the payload it receives per fault (across CPUs, as between hosts; the faulting thread's
+// measured between its own faults, as the machine drifts); page-server CPU per
 // GiB served next to a read()+send() server. Every server is its own process, as in production;
 // every restore checks every byte.
 #include <netinet/in.h>
@@ -189,6 +190,8 @@ struct Run {
   int restored = 0;   // 1: a restore, whose hash must match the captured memory
   int ok = 0;
   double bytes_per_fault = 0;  // fault latency runs: what each fault received from the server
+  double rtt_p50_us = 0;       // interleaved with the faults: a round trip of what a fault received
+  double rtt_page_p50_us = 0;  // and of a 4 KiB page
 };
 
 Run lazy_touch_all(const std::string& loc, size_t len) {
@@ -222,20 +225,50 @@ Run eager_download(const std::string& loc, size_t len) {
   return out;
 }
 
+// One plain round trip on `fd` (32 bytes out, `payload` back); microseconds, or -1 on failure.
+double round_trip_us(int fd, uint32_t payload, std::vector<char>& buf) {
+  char rq[32] = {};
+  std::memcpy(rq, &payload, sizeof payload);
+  if (buf.size() < payload) buf.resize(payload);
+  auto t = Clock::now();
+  if (!write_full(fd, rq, sizeof rq) || !read_full(fd, buf.data(), payload)) return -1;
+  return since(t) * 1e6;
+}
+
+void pause_ms(long ms) {
+  timespec ts{0, ms * 1'000'000};
+  ::nanosleep(&ts, nullptr);
+}
+
 // Times `faults` single faults, each on a random page of a different stored chunk (a zero
 // chunk is installed without a fetch), then touches the rest and checks every byte. The faults
 // are served by the restore's handler thread, or (on_thread) by the faulting thread itself.
-Run fault_latency(const std::string& loc, size_t len, int faults, const lazymem::Manifest& m, bool on_thread) {
+//
+// With `echo_port`, the fault's baselines are measured interleaved with the faults, from the
+// same thread: blocks of kBlock faults, kBlock plain round trips bringing back as many bytes as
+// a fault received (learnt from the first block), kBlock round trips of a 4 KiB page, and so on.
+// This machine drifts (a round trip measured 17, 21 and 31 us within a minute), so baselines
+// measured seconds apart from the faults compared the fault with another machine. Between
+// blocks the thread pauses 1 ms: the page server stops polling for requests (it would take the
+// echo server's CPU) and each block starts from idle servers alike.
+Run fault_latency(const std::string& loc, size_t len, int faults, const lazymem::Manifest& m, bool on_thread,
+                  uint16_t echo_port = 0) {
   Run out;
   // The faulting thread does the round trip itself: placed as the round trip's client is (off
   // the server's CPU, as between hosts). The handler-thread path is left to the scheduler: its
   // engine and decode threads need the CPUs too (pinning it all to one measured worse).
   if (on_thread) pin_to(server_cpu() > 0 ? 0 : server_cpu());
+  // The CPU latency request a restore holds while faults come (sys/cpu_latency.h), held for the
+  // round trips between them too.
+  lazymem::sys::CpuLatencyHold quick_wakeups;
+  (void)quick_wakeups.set(echo_port != 0);
   lazymem::RestoreOptions o;
   o.prefetch = false;
   o.fault_on_thread = on_thread;
   auto r = lazymem::LazyRestore::start(loc, o);
   if (!r.ok()) return out;
+  int echo = echo_port != 0 ? dial_loopback(echo_port) : -1;
+  if (echo_port != 0 && echo < 0) return out;
   auto* p = static_cast<const unsigned char*>((*r)->regions()[0].address);
   std::mt19937_64 rng(5);
   std::vector<size_t> order;
@@ -243,18 +276,41 @@ Run fault_latency(const std::string& loc, size_t len, int faults, const lazymem:
     if (m.regions[0].chunks[i].stored_length != 0 && (i + 1) * m.chunk_size <= len) order.push_back(i);
   std::shuffle(order.begin(), order.end(), rng);
   if (order.size() > static_cast<size_t>(faults)) order.resize(static_cast<size_t>(faults));
-  std::vector<double> lat;
+  std::vector<double> lat, rtt, rtt_page;
   lat.reserve(order.size());
+  std::vector<char> buf;
+  uint32_t payload = 0;
   volatile const unsigned char* vp = p;
   const size_t pages_per_chunk = m.chunk_size / kPage;
-  for (size_t c : order) {
-    size_t off = c * m.chunk_size + (rng() % pages_per_chunk) * kPage;
+  constexpr size_t kBlock = 200;
+  for (size_t i = 0; i < order.size(); ++i) {
+    size_t off = order[i] * m.chunk_size + (rng() % pages_per_chunk) * kPage;
     auto t = Clock::now();
     (void)vp[off];
     lat.push_back(since(t) * 1e6);
+    if (echo < 0 || ((i + 1) % kBlock != 0 && i + 1 != order.size())) continue;
+    if (payload == 0) {
+      lazymem::RegionStats st = (*r)->stats().total();
+      payload = static_cast<uint32_t>(st.faults ? (st.bytes_fetched + st.faults / 2) / st.faults : 0);
+      if (payload == 0) return out;
+    }
+    for (auto [size, into] : {std::pair{payload, &rtt}, std::pair{static_cast<uint32_t>(kPage), &rtt_page}}) {
+      pause_ms(1);
+      for (size_t k = 0; k < kBlock; ++k) {
+        double us = round_trip_us(echo, size, buf);
+        if (us < 0) return out;
+        into->push_back(us);
+      }
+    }
+    pause_ms(1);
   }
+  if (echo >= 0) ::close(echo);
   out.p50_us = percentile(lat, 50);
   out.p99_us = percentile(lat, 99);
+  if (!rtt.empty()) {
+    out.rtt_p50_us = percentile(rtt, 50);
+    out.rtt_page_p50_us = percentile(rtt_page, 50);
+  }
   lazymem::RegionStats st = (*r)->stats().total();
   out.bytes_per_fault = st.faults ? static_cast<double>(st.bytes_fetched) / static_cast<double>(st.faults) : 0;
   (void)touch_all(p, len);
@@ -437,18 +493,15 @@ int main(int argc, char** argv) {
       f99.push_back(f.p99_us);
     }
     const int other_cpu = server_cpu() > 0 ? 0 : server_cpu();
-    Run ft = in_child<Run>([&] { return fault_latency(remote, len, faults, *manifest, true); });
+    // Its baselines, measured between its faults: a round trip bringing back as many bytes as
+    // each fault received; and the page the touch needed, 4 KiB, as it would travel uncompressed.
+    Run ft = in_child<Run>([&] { return fault_latency(remote, len, faults, *manifest, true, echo.port); });
     if (check(ft, "fault latency, on the faulting thread", round)) {
       t50.push_back(ft.p50_us);
       t99.push_back(ft.p99_us);
       t_bytes.push_back(ft.bytes_per_fault);
-      // Its baseline: a round trip bringing back as many bytes as each such fault received.
-      uint32_t got = static_cast<uint32_t>(ft.bytes_per_fault + 0.5);
-      Run et = in_child<Run>([&] { return plain_rtt(echo.port, got, faults, other_cpu); });
-      if (check(et, "plain round trip, page-reply size", round)) rt50.push_back(et.p50_us);
-      // And the page the touch needed, 4 KiB, as it would travel uncompressed: for reference.
-      Run ep = in_child<Run>([&] { return plain_rtt(echo.port, kPage, faults, other_cpu); });
-      if (check(ep, "plain round trip, one page", round)) rp50.push_back(ep.p50_us);
+      rt50.push_back(ft.rtt_p50_us);
+      rp50.push_back(ft.rtt_page_p50_us);
     }
     Run fs = in_child<Run>([&] { return fault_latency(remote_stream, len, faults, *manifest, true); });
     if (check(fs, "fault latency, on the faulting thread, TCP only", round)) ts50.push_back(fs.p50_us);
@@ -495,9 +548,9 @@ int main(int argc, char** argv) {
               "remote fault, faulting thread", median(t50), median(t99), median(t_bytes));
   std::printf("%-36s %9.0f us p50               (a server without datagrams: getPage on the TCP connection)\n",
               "remote fault, faulting thread, TCP", median(ts50));
-  std::printf("%-36s %9.0f us p50               (as many bytes back as that fault got)\n",
+  std::printf("%-36s %9.0f us p50               (as many bytes back as that fault got; between its faults)\n",
               "plain TCP round trip, same payload", median(rt50));
-  std::printf("%-36s %9.0f us p50               (the page uncompressed; the fault is %.2fx it)\n",
+  std::printf("%-36s %9.0f us p50               (the page uncompressed, between the faults; the fault is %.2fx it)\n",
               "plain TCP round trip, 4 KiB", median(rp50), median(t50) / median(rp50));
   std::printf("%-36s %9.0f us p50 %9.0f us p99  (not the baseline: no host pair shares a CPU)\n",
               "plain TCP round trip, same CPU", median(s50), median(s99));
