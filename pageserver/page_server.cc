@@ -67,6 +67,16 @@ struct Peer {
   int socket = -1;  // a reply goes out of this connected socket (the session's own), if set
 };
 
+// A datagram socket that never fragments: DF set, and a datagram over the path MTU (the route's,
+// lowered by ICMP "fragmentation needed") fails with EMSGSIZE instead of leaving in fragments,
+// which firewalls drop and which are lost whole when one is. Both families' options on an IPv6
+// socket: a dual-stack one sends v4 too.
+void never_fragment(int fd, int family) {
+  int v4 = IP_PMTUDISC_DO, v6 = IPV6_PMTUDISC_DO;
+  (void)::setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, &v4, sizeof v4);
+  if (family == AF_INET6) (void)::setsockopt(fd, IPPROTO_IPV6, IPV6_MTU_DISCOVER, &v6, sizeof v6);
+}
+
 bool same_endpoint(const Peer& a, const Peer& b) {
   return a.len == b.len && std::memcmp(&a.addr, &b.addr, a.len) == 0;
 }
@@ -154,7 +164,7 @@ struct PageServer::Impl {
   uint64_t next_file_id = 1;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
-      st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0};
+      st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0}, st_dgram_over_mtu{0};
   SendCounters sends;
   // getPage by datagram: the socket (invalid: datagrams off), the live sessions (each names its
   // connection, by fd and serial), and when the last page request came (the loop polls a while).
@@ -224,16 +234,21 @@ struct PageServer::Impl {
 
   // A reply to a getPage datagram: one frame in one datagram, to its sender. The socket is not
   // waited for: a reply it refuses is counted, and the client, not hearing back, asks again.
-  void send_datagram(const Peer& to, capnp::MessageBuilder& m, std::span<const std::byte> payload) {
+  // Never fragmented (never_fragment()): one too big for the path MTU is not sent, and false
+  // is returned for the caller to say so in a small one.
+  bool send_datagram(const Peer& to, capnp::MessageBuilder& m, std::span<const std::byte> payload) {
     std::vector<std::byte> head = net::encode_frame(m, static_cast<uint32_t>(payload.size()));
     iovec iov[2] = {{head.data(), head.size()}, {const_cast<std::byte*>(payload.data()), payload.size()}};
     msghdr mh{};
     mh.msg_iov = iov;
     mh.msg_iovlen = payload.empty() ? 1 : 2;
-    if (to.socket >= 0) {  // connected: no address, no source option
-      if (::sendmsg(to.socket, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) bump(st_dgram_unsent);
-      return;
-    }
+    auto sent = [&](ssize_t r) {
+      if (r >= 0) return true;
+      if (errno == EMSGSIZE) return false;
+      bump(st_dgram_unsent);
+      return true;  // lost like any datagram: the client asks again
+    };
+    if (to.socket >= 0) return sent(::sendmsg(to.socket, &mh, MSG_DONTWAIT | MSG_NOSIGNAL));  // connected: no address, no source option
     mh.msg_name = const_cast<sockaddr_storage*>(&to.addr);
     mh.msg_namelen = to.len;
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(in6_pktinfo))] = {};
@@ -248,7 +263,7 @@ struct PageServer::Impl {
       cm->cmsg_len = CMSG_LEN(len);
       std::memcpy(CMSG_DATA(cm), &to.pktinfo, len);
     }
-    if (::sendmsg(udp_fd.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) bump(st_dgram_unsent);
+    return sent(::sendmsg(udp_fd.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL));
   }
 
   // An error for a chunk or page job: on its connection, or by datagram if it came as one.
@@ -256,7 +271,7 @@ struct PageServer::Impl {
     if (!j.reply_to) return reply_error(c, j.id, code, msg, j.tag);
     capnp::MallocMessageBuilder m;
     build_error(m, j.id, code, msg, j.tag);
-    send_datagram(*j.reply_to, m, {});
+    (void)send_datagram(*j.reply_to, m, {});  // a few hundred bytes: under any MTU
   }
 
   Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name) {
@@ -458,6 +473,7 @@ struct PageServer::Impl {
         o.setDatagramRequests(st.datagram_requests);
         o.setDatagramsDropped(st.datagrams_dropped);
         o.setDatagramsUnsent(st.datagrams_unsent);
+        o.setDatagramsOverMtu(st.datagrams_over_mtu);
         o.setConnectionsRefused(st.connections_refused);
         queue(c, m, {});
         return;
@@ -624,6 +640,7 @@ struct PageServer::Impl {
     }
     sys::UniqueFd s(::socket(from.addr.ss_family, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
     int one = 1;
+    if (s.valid()) never_fragment(s.get(), from.addr.ss_family);
     if (!s.valid() || ::setsockopt(s.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
         ::bind(s.get(), reinterpret_cast<sockaddr*>(&local), len) != 0 ||
         ::connect(s.get(), reinterpret_cast<sockaddr*>(&from.addr), from.len) != 0) {
@@ -799,7 +816,13 @@ struct PageServer::Impl {
         reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
         return;
       }
-      send_datagram(*j.reply_to, m, frame);
+      if (!send_datagram(*j.reply_to, m, frame)) {
+        // Over the path MTU: fragments are lost whole where a firewall drops them, and the
+        // client would wait milliseconds for nothing. Told at once to ask on the connection.
+        bump(st_dgram_over_mtu);
+        reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
+        return;
+      }
       bump(st_pages);
       bump(st_bytes, frame.size());
       return;
@@ -1115,6 +1138,7 @@ struct PageServer::Impl {
     st.datagram_requests = r(st_dgram_req);
     st.datagrams_dropped = r(st_dgram_drop);
     st.datagrams_unsent = r(st_dgram_unsent);
+    st.datagrams_over_mtu = r(st_dgram_over_mtu);
     st.connections_refused = r(st_refused);
     return st;
   }
@@ -1184,6 +1208,7 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
       (void)::setsockopt(udp.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);  // sessions' own bind it too
       (void)::setsockopt(udp.get(), IPPROTO_IP, IP_PKTINFO, &one, sizeof one);
       if (ss.ss_family == AF_INET6) (void)::setsockopt(udp.get(), IPPROTO_IPV6, IPV6_RECVPKTINFO, &one, sizeof one);
+      never_fragment(udp.get(), ss.ss_family);
     }
     if (udp.valid() && ::bind(udp.get(), reinterpret_cast<sockaddr*>(&ss), len) == 0) {
       im.udp_fd = std::move(udp);

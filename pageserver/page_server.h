@@ -76,6 +76,7 @@ struct ServerStats {
   uint64_t datagrams_dropped = 0;  // malformed, no live session, or not from the session's peer
   uint64_t datagrams_unsent = 0;   // replies the UDP socket refused (the client asks again)
   uint64_t connections_refused = 0;  // over max_connections, or no descriptor left
+  uint64_t datagrams_over_mtu = 0;   // page frames over the path MTU: told to ask on the connection
 };
 
 class PageServer {

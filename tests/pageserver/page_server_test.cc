@@ -500,25 +500,54 @@ TEST_F(PageServerTest, ReconnectNeverBlocksTheEngine) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
 }
 
-// A second "host": the page server runs in its own network namespace, reached over a veth pair.
-TEST_F(PageServerTest, RestoresFromAnotherHostInANetworkNamespace) {
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root to create network namespaces";
-  if (std::system("command -v ip >/dev/null 2>&1") != 0) GTEST_SKIP() << "iproute2 (ip) is not installed";
+// A second "host": a network namespace joined to this one by a veth pair, `net`.1 on this side,
+// `net`.2 on the other, with the given MTU on both ends. Gone with the object.
+struct VethHost {
   std::string ns = "lzm-ps-" + std::to_string(::getpid());
   std::string veth = "lzmv" + std::to_string(::getpid() % 100000);
-  auto sh = [](const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; };
-  if (!sh("ip netns add " + ns)) GTEST_SKIP() << "cannot create a network namespace here";
-  struct Cleanup {
-    std::string ns, veth;
-    ~Cleanup() {
-      (void)!std::system(("ip link del " + veth + " >/dev/null 2>&1").c_str());
-      (void)!std::system(("ip netns del " + ns + " >/dev/null 2>&1").c_str());
+  bool made = false;
+  static bool sh(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; }
+  // Why it cannot be made here (the test skips), or "" once it is up.
+  std::string create(const std::string& net, unsigned mtu = 1500) {
+    if (::geteuid() != 0) return "needs root to create network namespaces";
+    if (!sh("command -v ip")) return "iproute2 (ip) is not installed";
+    if (!sh("ip netns add " + ns)) return "cannot create a network namespace here";
+    made = true;
+    const std::string m = " mtu " + std::to_string(mtu);
+    if (!sh("ip link add " + veth + "a" + m + " type veth peer name " + veth + "b" + m + " netns " + ns) ||
+        !sh("ip addr add " + net + ".1/30 dev " + veth + "a && ip link set " + veth + "a up") ||
+        !sh("ip -n " + ns + " addr add " + net + ".2/30 dev " + veth + "b && ip -n " + ns + " link set " + veth +
+            "b up && ip -n " + ns + " link set lo up")) {
+      return "cannot set up a veth pair here";
     }
-  } cleanup{ns, veth};
-  ASSERT_TRUE(sh("ip link add " + veth + "a type veth peer name " + veth + "b netns " + ns));
-  ASSERT_TRUE(sh("ip addr add 10.231.0.1/30 dev " + veth + "a && ip link set " + veth + "a up"));
-  ASSERT_TRUE(sh("ip -n " + ns + " addr add 10.231.0.2/30 dev " + veth + "b && ip -n " + ns + " link set " + veth +
-                 "b up && ip -n " + ns + " link set lo up"));
+    return "";
+  }
+  ~VethHost() {
+    if (!made) return;
+    (void)sh("ip link del " + veth + "a");
+    (void)sh("ip netns del " + ns);
+  }
+};
+
+// Sockets made while one of these lives belong to the namespace; the calling thread goes back
+// to its own when it ends.
+struct InNamespace {
+  sys::UniqueFd own{::open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)};
+  bool entered = false;
+  explicit InNamespace(const std::string& ns) {
+    sys::UniqueFd target(::open(("/var/run/netns/" + ns).c_str(), O_RDONLY | O_CLOEXEC));
+    entered = own.valid() && target.valid() && ::setns(target.get(), CLONE_NEWNET) == 0;
+  }
+  ~InNamespace() {
+    if (entered) (void)!::setns(own.get(), CLONE_NEWNET);
+  }
+};
+
+// A second "host": the page server runs in its own network namespace, reached over a veth pair.
+TEST_F(PageServerTest, RestoresFromAnotherHostInANetworkNamespace) {
+  VethHost host;
+  if (std::string why = host.create("10.231.0"); !why.empty()) GTEST_SKIP() << why;
+  const std::string& ns = host.ns;
   capture(256 * kMiB, 26);
 
   int portpipe[2];
@@ -768,6 +797,16 @@ class GetPageTest : public PageServerTest {
     b = static_cast<char>(b ^ 0x40);
     data.write(&b, 1);
     ASSERT_TRUE(data.good());
+  }
+  // The size of page `page`'s frame in stored chunk `c` of snapshot "snap", as on disk.
+  size_t frame_size(uint32_t c, uint32_t page) {
+    const ChunkInfo& ci = man_.regions[0].chunks[c];
+    std::vector<std::byte> stored(ci.stored_length);
+    std::ifstream data(dir_.path() + "/snap/" + snapshot::kDataFile, std::ios::binary);
+    data.seekg(static_cast<std::streamoff>(ci.offset));
+    data.read(reinterpret_cast<char*>(stored.data()), static_cast<std::streamsize>(stored.size()));
+    EXPECT_TRUE(data.good());
+    return snapshot::page_frame(stored, man_.chunk_length(0, c), man_.regions[0].page_size, page).size();
   }
   uint32_t first_page_frame_chunk() const {
     uint32_t c = 0;
@@ -1110,6 +1149,61 @@ TEST_F(GetPageTest, DatagramsOverIpv6AndDualStack) {
     EXPECT_FALSE(check_page_reply(f, text, 0, 11));
   }
   EXPECT_EQ(server_->stats().datagrams_dropped, 0u);
+}
+
+// On a path whose MTU a page frame does not fit (a 1280-byte veth to a second host), the reply
+// is not sent in fragments (which firewalls drop, and which are lost whole when one is: the
+// client would wait milliseconds for nothing) but as useStream, at once; frames that fit still
+// come by datagram.
+TEST_F(GetPageTest, DatagramsNeverFragment) {
+  VethHost host;
+  if (std::string why = host.create("10.231.2", 1280); !why.empty()) GTEST_SKIP() << why;
+  capture_as("snap", 1 * kMiB, 63, 2);
+  // A page whose frame cannot fit a 1280-byte datagram, and one whose frame can.
+  std::optional<std::pair<uint32_t, uint32_t>> big, small;
+  for (uint32_t c = 0; c < man_.regions[0].chunks.size() && !(big && small); ++c) {
+    if (man_.regions[0].chunks[c].codec != Codec::kZstdPages) continue;
+    for (uint32_t p = 0; p < man_.chunk_length(0, c) / 4096; ++p) {
+      const size_t n = frame_size(c, p);
+      if (!big && n >= 1300 && n < 4096) big = {{c, p}};
+      if (!small && n > 0 && n < 600) small = {{c, p}};
+    }
+  }
+  ASSERT_TRUE(big && small) << "the snapshot has no page frame of each size";
+  pageserver::ServerOptions o;
+  o.host = "10.231.2.1";
+  start_server(o);
+  sys::UniqueFd u[2];
+  {
+    InNamespace other(host.ns);  // the client's sockets are on the far side of the veth
+    ASSERT_TRUE(other.entered) << std::strerror(errno);
+    auto loc = SnapshotLocation::parse("lazymem://10.231.2.1:" + std::to_string(server_->port()) + "/snap");
+    ASSERT_TRUE(loc.ok());
+    auto fd = net::open_connection(*loc, "", deadline());
+    ASSERT_TRUE(fd.ok()) << fd.error().message();
+    fd_ = std::move(*fd);
+    for (auto& s : u) s = udp_socket("10.231.2.2", "10.231.2.1");
+  }
+  const std::array<std::byte, 16> session = datagram_session();
+  // The first port gets the session's own socket as its replies' source; a second port of the
+  // same host is answered from the shared one.
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round);
+    const int s = u[round].get();
+    send_datagram(s, page_datagram(big->first, big->second, 70 + round, session));
+    auto f = datagram_answer(s, std::chrono::seconds(5));
+    ASSERT_TRUE(f.header) << "no answer: the reply was sent in fragments or not at all";
+    auto r = f.header->root<proto::wire::Reply>();
+    ASSERT_TRUE(r.isError()) << "a " << frame_size(big->first, big->second) << "-byte frame came over a 1280-byte MTU";
+    EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::USE_STREAM);
+    EXPECT_EQ(r.getError().getTag(), 70u + round);
+    send_datagram(s, page_datagram(small->first, small->second, 80 + round, session));
+    f = datagram_answer(s, std::chrono::seconds(5));
+    ASSERT_TRUE(f.header) << "a frame that fits did not come";
+    EXPECT_FALSE(check_page_reply(f, small->first, small->second, 80 + round));
+  }
+  EXPECT_EQ(server_->stats().datagrams_over_mtu, 2u);
+  EXPECT_EQ(server_->stats().datagrams_unsent, 0u);
 }
 
 // A server started without datagrams says so to openDatagrams, and serves getPage on the
