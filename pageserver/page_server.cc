@@ -104,6 +104,7 @@ using Session = std::array<std::byte, 16>;
 constexpr uint32_t kMaxDatagramPayload = 8192;
 constexpr size_t kMaxQueuedDatagramJobs = 64;
 constexpr const char* kUseStream = "this page goes as its whole chunk: ask on the connection";
+constexpr const char* kReadingUseStream = "this page's chunk is being read from disk: ask on the connection";
 
 // A chunk to send (getChunks), or one page of it (getPage: `page` set), once its extents are in.
 struct Job {
@@ -901,6 +902,12 @@ struct PageServer::Impl {
       lane.pop_front();
       if (ready) {
         queue_chunk(c, job, std::move(pins));
+      } else if (job.reply_to) {
+        // Asked by datagram for a chunk that is being read from disk: the client is told at
+        // once to ask on its connection (where it can wait as long as the read takes), not
+        // left to take a reply later than its datagram wait for a loss and, after three such,
+        // to stop using datagrams for a while. The read goes on for that request.
+        reply_error(c, job, wire::ErrorCode::USE_STREAM, kReadingUseStream);
       } else {
         c.waiting_bytes += ci.stored_length;
         c.waiting.push_back(Waiting{std::move(job), std::move(pins)});

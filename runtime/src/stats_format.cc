@@ -42,6 +42,8 @@ nlohmann::json region_json(const RegionStats& r) {
           {"bytes_decompressed", r.bytes_decompressed},
           {"errors", r.errors},
           {"blocked_us", r.blocked_us},
+          {"pages_by_datagram", r.pages_by_datagram},
+          {"datagrams_lost", r.datagrams_lost},
           {"latency_us", {{"count", r.latency.count},
                           {"p50", r.latency.percentile_us(50)},
                           {"p99", r.latency.percentile_us(99)},

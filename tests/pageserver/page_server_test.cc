@@ -798,6 +798,14 @@ class GetPageTest : public PageServerTest {
     data.write(&b, 1);
     ASSERT_TRUE(data.good());
   }
+  // Chunk `c` of snapshot "snap" read into the server's memory, by a getPage on the connection:
+  // a datagram asking for a chunk still on disk is told to use the connection.
+  void warm(uint32_t c) {
+    send_get_page("snap", 0, c, 0, 999);
+    auto f = recv();
+    ASSERT_TRUE(f.header);
+    ASSERT_TRUE(f.header->root<proto::wire::Reply>().isPage()) << "chunk " << c;
+  }
   // The size of page `page`'s frame in stored chunk `c` of snapshot "snap", as on disk.
   size_t frame_size(uint32_t c, uint32_t page) {
     const ChunkInfo& ci = man_.regions[0].chunks[c];
@@ -987,6 +995,7 @@ TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
   uint64_t frames = 0, use_stream = 0;
   for (uint32_t c = 0; c < man_.regions[0].chunks.size(); ++c) {
     if (man_.regions[0].chunks[c].codec == Codec::kZero) continue;
+    warm(c);
     const uint32_t pages = man_.chunk_length(0, c) / man_.regions[0].page_size;
     for (uint32_t p = 0; p < pages; ++p) {
       const uint64_t tag = uint64_t{c} << 16 | p;
@@ -1093,6 +1102,7 @@ TEST_F(GetPageTest, DatagramRepliesLeaveFromTheAddressAsked) {
   const std::array<std::byte, 16> session = datagram_session();
   sys::UniqueFd u = udp_socket("127.0.0.1", "127.0.0.2");
   const uint32_t text = first_page_frame_chunk();
+  warm(text);
   send_datagram(u.get(), page_datagram(text, 0, 9, session));
   auto f = datagram_answer(u.get(), std::chrono::seconds(5));
   ASSERT_TRUE(f.header) << "no answer from 127.0.0.2";
@@ -1143,6 +1153,7 @@ TEST_F(GetPageTest, DatagramsOverIpv6AndDualStack) {
       len = sizeof a;
     }
     ASSERT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&to), len), 0) << std::strerror(errno);
+    warm(text);
     send_datagram(u.get(), page_datagram(text, 0, 11, session));
     auto f = datagram_answer(u.get(), std::chrono::seconds(5));
     ASSERT_TRUE(f.header) << "no datagram answer";
@@ -1185,6 +1196,8 @@ TEST_F(GetPageTest, DatagramsNeverFragment) {
     for (auto& s : u) s = udp_socket("10.231.2.2", "10.231.2.1");
   }
   const std::array<std::byte, 16> session = datagram_session();
+  warm(big->first);  // in memory: useStream below is for the MTU, not for a read
+  warm(small->first);
   // The first port gets the session's own socket as its replies' source; a second port of the
   // same host is answered from the shared one.
   for (int round = 0; round < 2; ++round) {
@@ -1204,6 +1217,36 @@ TEST_F(GetPageTest, DatagramsNeverFragment) {
   }
   EXPECT_EQ(server_->stats().datagrams_over_mtu, 2u);
   EXPECT_EQ(server_->stats().datagrams_unsent, 0u);
+}
+
+// A page asked by datagram whose chunk is still on disk: useStream at once (the client asks on
+// its connection, which waits for the read however long it takes, instead of taking a late
+// reply for a lost datagram), and the read is under way for it: once in, pages come by datagram.
+TEST_F(GetPageTest, DatagramForAChunkOnDiskIsToldToUseTheConnection) {
+  capture_as("snap", 1 * kMiB, 65, 2);
+  start_server();
+  connect();
+  const std::array<std::byte, 16> session = datagram_session();
+  sys::UniqueFd u = udp_socket("127.0.0.1");
+  const uint32_t text = first_page_frame_chunk();
+  const uint64_t read_before = server_->stats().disk_read_bytes;
+  send_datagram(u.get(), page_datagram(text, 0, 21, session));
+  auto f = datagram_answer(u.get(), std::chrono::seconds(5));
+  ASSERT_TRUE(f.header) << "no answer";
+  auto r = f.header->root<proto::wire::Reply>();
+  ASSERT_TRUE(r.isError()) << "a page came before its chunk was read";
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::USE_STREAM);
+  EXPECT_EQ(r.getError().getTag(), 21u);
+  // As the client then does: on the connection, answered once the read is in.
+  send_get_page("snap", 0, text, 0, 22);
+  auto c = recv();
+  ASSERT_TRUE(c.header);
+  EXPECT_FALSE(check_page_reply(c, text, 0, 22));
+  EXPECT_GT(server_->stats().disk_read_bytes, read_before);
+  send_datagram(u.get(), page_datagram(text, 1, 23, session));
+  f = datagram_answer(u.get(), std::chrono::seconds(5));
+  ASSERT_TRUE(f.header);
+  EXPECT_FALSE(check_page_reply(f, text, 1, 23));
 }
 
 // A server started without datagrams says so to openDatagrams, and serves getPage on the

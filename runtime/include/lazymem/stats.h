@@ -34,6 +34,9 @@ struct RegionStats {
   uint64_t bytes_decompressed = 0; // bytes after decoding
   uint64_t errors = 0;             // chunks that could not be had (poisoned / process failed)
   uint64_t blocked_us = 0;         // sum over faults of the time the faulting thread waited
+  // Faults on the faulting thread (fault_on_thread) with a page server that takes datagrams:
+  uint64_t pages_by_datagram = 0;  // pages that came in a datagram
+  uint64_t datagrams_lost = 0;     // requests unanswered in time, asked again on the connection
   LatencyHistogram latency;        // from the fault being read to the page being installed
 
   uint64_t pages_present() const { return pages_fault + pages_prefetch + pages_zero; }

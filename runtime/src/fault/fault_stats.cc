@@ -44,6 +44,8 @@ void RegionStats::merge(const RegionStats& o) {
   bytes_decompressed += o.bytes_decompressed;
   errors += o.errors;
   blocked_us += o.blocked_us;
+  pages_by_datagram += o.pages_by_datagram;
+  datagrams_lost += o.datagrams_lost;
   latency.merge(o.latency);
 }
 
@@ -76,6 +78,8 @@ RegionStats LiveRegionStats::read() const {
   s.bytes_fetched = bytes_fetched_.load(std::memory_order_relaxed);
   s.bytes_decompressed = bytes_decompressed_.load(std::memory_order_relaxed);
   s.errors = errors_.load(std::memory_order_relaxed);
+  s.pages_by_datagram = by_datagram_.load(std::memory_order_relaxed);
+  s.datagrams_lost = datagrams_lost_.load(std::memory_order_relaxed);
   s.latency.count = lat_count_.load(std::memory_order_relaxed);
   s.latency.sum_us = lat_sum_.load(std::memory_order_relaxed);
   s.latency.max_us = lat_max_.load(std::memory_order_relaxed);

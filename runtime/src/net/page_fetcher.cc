@@ -253,6 +253,7 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, 
   gp.setChunk(ref.chunk);
   gp.setPage(page);
   gp.setTag(id);
+  datagrams_ = {};
   // Datagrams carry page frames only: a page that goes as its whole chunk is asked on the connection.
   const RegionInfo& region = manifest_.regions[ref.region];
   if (udp_.valid() && region.chunks[ref.chunk].codec == Codec::kZstdPages && region.page_size <= datagram_max_payload_ &&
@@ -286,18 +287,20 @@ std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagr
   const size_t cap = in_.size() * sizeof(capnp::word);
   const uint64_t id = next_id_ - 1;
   for (;;) {
-    // Spin first, as on the connection (receive()), then sleep in ppoll() until give_up.
+    // Spin first, as on the connection (receive()), then sleep in ppoll() until give_up. Past
+    // it, what the socket holds is still read before the datagram counts as lost: a thread
+    // that was not running when its reply came finds it there.
     const int64_t now = sys::monotonic_ns();
-    if (now >= give_up) break;
-    if (now >= spin_until) {
+    const bool past = now >= give_up;
+    if (!past && now >= spin_until) {
       timespec ts{0, static_cast<long>(std::min<int64_t>(give_up - now, 999'999'999))};
       pollfd p{udp_.get(), POLLIN, 0};
       if (::ppoll(&p, 1, &ts, nullptr) == 0) continue;
     }
     ssize_t n = ::recv(udp_.get(), buf, cap, MSG_DONTWAIT | MSG_TRUNC);
     if (n < 0) {
-      if (errno == EAGAIN || errno == EINTR) continue;
-      break;  // ECONNREFUSED: the server's UDP port answered with an ICMP error
+      if ((errno == EAGAIN || errno == EINTR) && !past) continue;
+      break;  // nothing came in time; or ECONNREFUSED: the server's UDP port answered with an ICMP error
     }
     // Anything not a whole, well-formed reply to this request is skipped: a late reply to an
     // earlier one (asked again on the connection meanwhile), or junk.
@@ -310,8 +313,13 @@ std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagr
     }
     capnp::FlatArrayMessageReader reader(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)));
     auto reply = reader.getRoot<wire::Reply>();
-    // Not the answer to this request (late, or forged): skipped, the connection left alone.
-    if (reply.getId() != id) continue;
+    // Not the answer to this request (late, or forged): skipped, the connection left alone. A
+    // late one says the datagram given up on was slow, not lost (a server descheduled for a
+    // time slice, say): the path works, so it does not count towards turning datagrams off.
+    if (reply.getId() != id) {
+      if (reply.getId() < id && reply.getId() + 64 >= id) lost_in_row_ = 0;
+      continue;
+    }
     if (reply.isError()) {
       if (reply.getError().getTag() != id) continue;
     } else if (!reply.isPage() || reply.getPage().getTag() != id || reply.getPage().getRegion() != ref.region ||
@@ -321,9 +329,11 @@ std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagr
     lost_in_row_ = 0;
     datagrams_off_ns_ = 1'000'000'000;
     if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::USE_STREAM) return std::nullopt;
+    datagrams_.answered = true;
     return use_reply(ref, page, out, header_len, payload_len);
   }
   // Lost (the request or the reply), or late: asked again on the connection.
+  datagrams_.lost = true;
   if (++lost_in_row_ >= 3) {
     lost_in_row_ = 0;
     datagrams_off_until_ns_ = sys::monotonic_ns() + datagrams_off_ns_;

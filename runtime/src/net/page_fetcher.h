@@ -40,6 +40,7 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
 
   Outcome fetch(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out, int64_t deadline_ns) noexcept override;
   size_t received() const noexcept override { return received_; }
+  Datagrams datagrams() const noexcept override { return datagrams_; }
   const char* failure() const noexcept override { return failure_; }
   Status reopen(std::chrono::milliseconds timeout) override;
 
@@ -69,6 +70,7 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   uint64_t next_id_ = 1;  // from a random start (open()): a forged datagram reply must guess it
   const char* failure_ = "";
   size_t received_ = 0;
+  Datagrams datagrams_;  // the last fetch's
 
   // The request, built once: fetch() sets its numbers in place and sends the segment as is.
   std::array<capnp::word, 64> request_words_{};
