@@ -272,7 +272,9 @@ struct PageServer::Impl {
     if (!j.reply_to) return reply_error(c, j.id, code, msg, j.tag);
     capnp::MallocMessageBuilder m;
     build_error(m, j.id, code, msg, j.tag);
-    (void)send_datagram(*j.reply_to, m, {});  // a few hundred bytes: under any MTU
+    // Small, but its text may repeat what the client sent (a snapshot name): one that the path
+    // cannot carry either is counted as unsent, and the client asks again on its connection.
+    if (!send_datagram(*j.reply_to, m, {})) bump(st_dgram_unsent);
   }
 
   Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name) {

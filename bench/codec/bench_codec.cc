@@ -143,6 +143,7 @@ int main(int argc, char** argv) {
               len >> 20, level);
   std::printf("%-40s %7s %13s %15s %9s %12s %9s\n", "layout", "ratio", "encode", "fault decode", "vs f1", "bulk", "vs f1");
   nlohmann::json j;
+  j["level"] = level;
   for (const auto& l : layouts) {
     std::printf("%-40s %6.2fx %8.0f MB/s %12.1f us %8.2fx %7.2f GB/s %8.2fx\n", l.name.c_str(), l.ratio, l.encode_mbps,
                 l.fault_us, l.fault_us / base.fault_us, l.bulk_gbps, l.bulk_gbps / base.bulk_gbps);

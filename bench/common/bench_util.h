@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -24,6 +25,12 @@ constexpr uintptr_t kArena = 0x5b0000000000;
 constexpr size_t kPage = 4096;
 
 inline double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Sleeps `ms` milliseconds: between blocks of measurements, so polling servers go idle.
+inline void pause_ms(long ms) {
+  timespec ts{ms / 1000, ms % 1000 * 1'000'000};
+  ::nanosleep(&ts, nullptr);
+}
 
 inline double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());

@@ -500,26 +500,30 @@ TEST_F(PageServerTest, ReconnectNeverBlocksTheEngine) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
 }
 
-// A second "host": a network namespace joined to this one by a veth pair, `net`.1 on this side,
-// `net`.2 on the other, with the given MTU on both ends. Gone with the object.
+// A second "host": a network namespace joined to this one by a veth pair with the given MTU on
+// both ends, near() on this side, far() on the other. Gone with the object. The subnet is this
+// process's own, so a pair left behind by a killed run cannot take its addresses.
 struct VethHost {
   std::string ns = "lzm-ps-" + std::to_string(::getpid());
   std::string veth = "lzmv" + std::to_string(::getpid() % 100000);
+  std::string net = "10." + std::to_string(100 + ::getpid() % 100) + "." + std::to_string(::getpid() / 100 % 250);
   bool made = false;
   static bool sh(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; }
-  // Why it cannot be made here (the test skips), or "" once it is up.
-  std::string create(const std::string& net, unsigned mtu = 1500) {
+  std::string near() const { return net + ".1"; }
+  std::string far() const { return net + ".2"; }
+  // Why it cannot be had here (the test skips), or "" once it is up; a pair that cannot be set
+  // up once the namespace exists is a failure.
+  std::string create(unsigned mtu = 1500) {
     if (::geteuid() != 0) return "needs root to create network namespaces";
     if (!sh("command -v ip")) return "iproute2 (ip) is not installed";
     if (!sh("ip netns add " + ns)) return "cannot create a network namespace here";
     made = true;
     const std::string m = " mtu " + std::to_string(mtu);
-    if (!sh("ip link add " + veth + "a" + m + " type veth peer name " + veth + "b" + m + " netns " + ns) ||
-        !sh("ip addr add " + net + ".1/30 dev " + veth + "a && ip link set " + veth + "a up") ||
-        !sh("ip -n " + ns + " addr add " + net + ".2/30 dev " + veth + "b && ip -n " + ns + " link set " + veth +
-            "b up && ip -n " + ns + " link set lo up")) {
-      return "cannot set up a veth pair here";
-    }
+    EXPECT_TRUE(sh("ip link add " + veth + "a" + m + " type veth peer name " + veth + "b" + m + " netns " + ns) &&
+                sh("ip addr add " + near() + "/30 dev " + veth + "a && ip link set " + veth + "a up") &&
+                sh("ip -n " + ns + " addr add " + far() + "/30 dev " + veth + "b && ip -n " + ns + " link set " +
+                   veth + "b up && ip -n " + ns + " link set lo up"))
+        << "a veth pair to namespace " << ns << " could not be set up";
     return "";
   }
   ~VethHost() {
@@ -546,7 +550,8 @@ struct InNamespace {
 // A second "host": the page server runs in its own network namespace, reached over a veth pair.
 TEST_F(PageServerTest, RestoresFromAnotherHostInANetworkNamespace) {
   VethHost host;
-  if (std::string why = host.create("10.231.0"); !why.empty()) GTEST_SKIP() << why;
+  if (std::string why = host.create(); !why.empty()) GTEST_SKIP() << why;
+  if (HasFailure()) return;
   const std::string& ns = host.ns;
   capture(256 * kMiB, 26);
 
@@ -559,7 +564,7 @@ TEST_F(PageServerTest, RestoresFromAnotherHostInANetworkNamespace) {
     if (nsfd < 0 || ::setns(nsfd, CLONE_NEWNET) != 0) _exit(3);
     pageserver::ServerOptions o;
     o.store_dir = dir_.path();
-    o.host = "10.231.0.2";
+    o.host = host.far();
     auto s = pageserver::PageServer::listen(o);
     if (!s.ok()) _exit(4);
     uint16_t port = (*s)->port();
@@ -570,7 +575,7 @@ TEST_F(PageServerTest, RestoresFromAnotherHostInANetworkNamespace) {
   ::close(portpipe[1]);  // a server that dies early gives end-of-file, not a wait forever
   uint16_t port = 0;
   ASSERT_EQ(::read(portpipe[0], &port, sizeof port), static_cast<ssize_t>(sizeof port));
-  restore_and_compare("lazymem://10.231.0.2:" + std::to_string(port) + "/snap", RestoreOptions{});
+  restore_and_compare("lazymem://" + host.far() + ":" + std::to_string(port) + "/snap", RestoreOptions{});
   ::kill(server, SIGKILL);
   ::waitpid(server, nullptr, 0);
 }
@@ -1168,7 +1173,8 @@ TEST_F(GetPageTest, DatagramsOverIpv6AndDualStack) {
 // come by datagram.
 TEST_F(GetPageTest, DatagramsNeverFragment) {
   VethHost host;
-  if (std::string why = host.create("10.231.2", 1280); !why.empty()) GTEST_SKIP() << why;
+  if (std::string why = host.create(1280); !why.empty()) GTEST_SKIP() << why;
+  if (HasFailure()) return;
   capture_as("snap", 1 * kMiB, 63, 2);
   // A page whose frame cannot fit a 1280-byte datagram, and one whose frame can.
   std::optional<std::pair<uint32_t, uint32_t>> big, small;
@@ -1182,18 +1188,18 @@ TEST_F(GetPageTest, DatagramsNeverFragment) {
   }
   ASSERT_TRUE(big && small) << "the snapshot has no page frame of each size";
   pageserver::ServerOptions o;
-  o.host = "10.231.2.1";
+  o.host = host.near();
   start_server(o);
   sys::UniqueFd u[2];
   {
     InNamespace other(host.ns);  // the client's sockets are on the far side of the veth
     ASSERT_TRUE(other.entered) << std::strerror(errno);
-    auto loc = SnapshotLocation::parse("lazymem://10.231.2.1:" + std::to_string(server_->port()) + "/snap");
+    auto loc = SnapshotLocation::parse("lazymem://" + host.near() + ":" + std::to_string(server_->port()) + "/snap");
     ASSERT_TRUE(loc.ok());
     auto fd = net::open_connection(*loc, "", deadline());
     ASSERT_TRUE(fd.ok()) << fd.error().message();
     fd_ = std::move(*fd);
-    for (auto& s : u) s = udp_socket("10.231.2.2", "10.231.2.1");
+    for (auto& s : u) s = udp_socket(host.far().c_str(), host.near().c_str());
   }
   const std::array<std::byte, 16> session = datagram_session();
   warm(big->first);  // in memory: useStream below is for the MTU, not for a read
