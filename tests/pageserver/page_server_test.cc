@@ -22,6 +22,8 @@
 #include <thread>
 #include <array>
 
+#include <fmt/format.h>
+
 #include "../common/test_data.h"
 #include "served_snapshot.h"
 #include "lazymem/kernel_features.h"
@@ -509,8 +511,11 @@ struct VethHost {
   std::string net = "10." + std::to_string(100 + ::getpid() % 100) + "." + std::to_string(::getpid() / 100 % 250);
   bool made = false;
   static bool sh(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; }
+  std::string net6 = fmt::format("fd00:6c7a:{:x}::", ::getpid() % 65536);
   std::string near() const { return net + ".1"; }
   std::string far() const { return net + ".2"; }
+  std::string near6() const { return net6 + "1"; }
+  std::string far6() const { return net6 + "2"; }
   // Why it cannot be had here (the test skips), or "" once it is up; a pair that cannot be set
   // up once the namespace exists is a failure.
   std::string create(unsigned mtu = 1500) {
@@ -522,7 +527,10 @@ struct VethHost {
     EXPECT_TRUE(sh("ip link add " + veth + "a" + m + " type veth peer name " + veth + "b" + m + " netns " + ns) &&
                 sh("ip addr add " + near() + "/30 dev " + veth + "a && ip link set " + veth + "a up") &&
                 sh("ip -n " + ns + " addr add " + far() + "/30 dev " + veth + "b && ip -n " + ns + " link set " +
-                   veth + "b up && ip -n " + ns + " link set lo up"))
+                   veth + "b up && ip -n " + ns + " link set lo up") &&
+                // IPv6 too, usable at once (no duplicate address detection)
+                sh("ip addr add " + near6() + "/64 dev " + veth + "a nodad") &&
+                sh("ip -n " + ns + " addr add " + far6() + "/64 dev " + veth + "b nodad"))
         << "a veth pair to namespace " << ns << " could not be set up";
     return "";
   }
@@ -744,15 +752,26 @@ class GetPageTest : public PageServerTest {
     std::memcpy(session.data(), r.getDatagrams().getSession().begin(), session.size());
     return session;
   }
-  // A UDP socket bound to `source`, connected to the server's port at `host`.
+  // A UDP socket bound to `source`, connected to the server's port at `host` (IPv4 or IPv6).
   sys::UniqueFd udp_socket(const char* source, const char* host = "127.0.0.1") {
-    sys::UniqueFd u(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    ::inet_pton(AF_INET, source, &a.sin_addr);
+    if (std::strchr(source, ':') == nullptr) {
+      sys::UniqueFd u(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      ::inet_pton(AF_INET, source, &a.sin_addr);
+      EXPECT_EQ(::bind(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+      ::inet_pton(AF_INET, host, &a.sin_addr);
+      a.sin_port = htons(server_->port());
+      EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+      return u;
+    }
+    sys::UniqueFd u(::socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    sockaddr_in6 a{};
+    a.sin6_family = AF_INET6;
+    ::inet_pton(AF_INET6, source, &a.sin6_addr);
     EXPECT_EQ(::bind(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
-    ::inet_pton(AF_INET, host, &a.sin_addr);
-    a.sin_port = htons(server_->port());
+    ::inet_pton(AF_INET6, host, &a.sin6_addr);
+    a.sin6_port = htons(server_->port());
     EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
     return u;
   }
@@ -1171,10 +1190,14 @@ TEST_F(GetPageTest, DatagramsOverIpv6AndDualStack) {
 // is not sent in fragments (which firewalls drop, and which are lost whole when one is: the
 // client would wait milliseconds for nothing) but as useStream, at once; frames that fit still
 // come by datagram.
-TEST_F(GetPageTest, DatagramsNeverFragment) {
+class NeverFragmentTest : public GetPageTest, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(NeverFragmentTest, AcrossA1280ByteLink) {
+  const bool v6 = GetParam();
   VethHost host;
   if (std::string why = host.create(1280); !why.empty()) GTEST_SKIP() << why;
   if (HasFailure()) return;
+  const std::string near = v6 ? host.near6() : host.near(), far = v6 ? host.far6() : host.far();
   capture_as("snap", 1 * kMiB, 63, 2);
   // A page whose frame cannot fit a 1280-byte datagram, and one whose frame can.
   std::optional<std::pair<uint32_t, uint32_t>> big, small;
@@ -1188,18 +1211,19 @@ TEST_F(GetPageTest, DatagramsNeverFragment) {
   }
   ASSERT_TRUE(big && small) << "the snapshot has no page frame of each size";
   pageserver::ServerOptions o;
-  o.host = host.near();
+  o.host = near;
   start_server(o);
   sys::UniqueFd u[2];
   {
     InNamespace other(host.ns);  // the client's sockets are on the far side of the veth
     ASSERT_TRUE(other.entered) << std::strerror(errno);
-    auto loc = SnapshotLocation::parse("lazymem://" + host.near() + ":" + std::to_string(server_->port()) + "/snap");
+    const std::string at = v6 ? "[" + near + "]" : near;
+    auto loc = SnapshotLocation::parse("lazymem://" + at + ":" + std::to_string(server_->port()) + "/snap");
     ASSERT_TRUE(loc.ok());
     auto fd = net::open_connection(*loc, "", deadline());
     ASSERT_TRUE(fd.ok()) << fd.error().message();
     fd_ = std::move(*fd);
-    for (auto& s : u) s = udp_socket(host.far().c_str(), host.near().c_str());
+    for (auto& s : u) s = udp_socket(far.c_str(), near.c_str());
   }
   const std::array<std::byte, 16> session = datagram_session();
   warm(big->first);  // in memory: useStream below is for the MTU, not for a read
@@ -1224,6 +1248,8 @@ TEST_F(GetPageTest, DatagramsNeverFragment) {
   EXPECT_EQ(server_->stats().datagrams_over_mtu, 2u);
   EXPECT_EQ(server_->stats().datagrams_unsent, 0u);
 }
+INSTANTIATE_TEST_SUITE_P(GetPageTest, NeverFragmentTest, ::testing::Values(false, true),
+                         [](const auto& i) { return std::string(i.param ? "IPv6" : "IPv4"); });
 
 // A page asked by datagram whose chunk is still on disk: useStream at once (the client asks on
 // its connection, which waits for the read however long it takes, instead of taking a late
