@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -323,8 +324,23 @@ TEST_F(PageServerTest, OutOfDescriptorsRefusesWithoutSpinning) {
     if (HasFailure() || st.getConnections() + st.getConnectionsRefused() >= 1 + flood.size()) break;
     ASSERT_LT(std::chrono::steady_clock::now(), limit) << "the server did not take in the flood";
   }
+  // A server that spins never sleeps: its listening socket stays readable, so epoll_wait returns
+  // at once. One that does not is seen asleep in epoll_wait with the flood still pending.
+  auto asleep_in_epoll = [&] {
+    const std::string proc = "/proc/" + std::to_string(server.pid);
+    std::ifstream st(proc + "/stat");
+    std::string line;
+    std::getline(st, line);
+    if (line.size() < 2 || line.substr(line.rfind(')') + 2, 1) != "S") return false;
+    long nr = -1;
+    std::ifstream(proc + "/syscall") >> nr;  // "running" while on a CPU: no number
+    return nr == SYS_epoll_wait || nr == SYS_epoll_pwait || nr == SYS_epoll_pwait2;
+  };
   const double before = cpu_ms();
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  for (const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5); !asleep_in_epoll();) {
+    ASSERT_LT(std::chrono::steady_clock::now(), until) << "the server spins while out of descriptors";
+    std::this_thread::yield();
+  }
   EXPECT_LT(cpu_ms() - before, 150.0) << "the server spins while out of descriptors";
   // Refused ones were closed: they read end-of-file (or a reset), not silence.
   size_t closed = 0;
@@ -754,25 +770,29 @@ class GetPageTest : public PageServerTest {
   }
   // A UDP socket bound to `source`, connected to the server's port at `host` (IPv4 or IPv6).
   sys::UniqueFd udp_socket(const char* source, const char* host = "127.0.0.1") {
-    if (std::strchr(source, ':') == nullptr) {
-      sys::UniqueFd u(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
-      sockaddr_in a{};
+    const bool v6 = std::strchr(source, ':') != nullptr;
+    // `ip` with `port` as a socket address of the family.
+    auto address = [v6](const char* ip, uint16_t port, sockaddr_storage& ss) -> socklen_t {
+      ss = {};
+      if (v6) {
+        auto& a = reinterpret_cast<sockaddr_in6&>(ss);
+        a.sin6_family = AF_INET6;
+        a.sin6_port = htons(port);
+        ::inet_pton(AF_INET6, ip, &a.sin6_addr);
+        return sizeof a;
+      }
+      auto& a = reinterpret_cast<sockaddr_in&>(ss);
       a.sin_family = AF_INET;
-      ::inet_pton(AF_INET, source, &a.sin_addr);
-      EXPECT_EQ(::bind(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
-      ::inet_pton(AF_INET, host, &a.sin_addr);
-      a.sin_port = htons(server_->port());
-      EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
-      return u;
-    }
-    sys::UniqueFd u(::socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0));
-    sockaddr_in6 a{};
-    a.sin6_family = AF_INET6;
-    ::inet_pton(AF_INET6, source, &a.sin6_addr);
-    EXPECT_EQ(::bind(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
-    ::inet_pton(AF_INET6, host, &a.sin6_addr);
-    a.sin6_port = htons(server_->port());
-    EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+      a.sin_port = htons(port);
+      ::inet_pton(AF_INET, ip, &a.sin_addr);
+      return sizeof a;
+    };
+    sys::UniqueFd u(::socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    sockaddr_storage ss;
+    socklen_t len = address(source, 0, ss);
+    EXPECT_EQ(::bind(u.get(), reinterpret_cast<sockaddr*>(&ss), len), 0) << std::strerror(errno);
+    len = address(host, server_->port(), ss);
+    EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&ss), len), 0) << std::strerror(errno);
     return u;
   }
   // A getPage datagram of snapshot "snap" with `session`.
@@ -1099,11 +1119,16 @@ TEST_F(GetPageTest, DatagramsAnswerLiveSessionsOnlyAndDropStrangers) {
   }
   const uint64_t answered = server_->stats().datagram_requests;
   EXPECT_EQ(answered, frames + use_stream + 2);
-  // The session dies with its connection.
-  fd_.reset();
-  for (int i = 0; i < 100 && server_->stats().open_connections > 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  // The session dies with its connection: once the server has closed its side (end-of-file
+  // here), the session is gone.
+  ASSERT_EQ(::shutdown(fd_.get(), SHUT_WR), 0);
+  {
+    pollfd p{fd_.get(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 5000), 1) << "the server did not close the connection";
+    char b;
+    ASSERT_EQ(::recv(fd_.get(), &b, 1, 0), 0);
   }
+  fd_.reset();
   send_datagram(u.get(), page_datagram(text, 0, 8, session));
   EXPECT_FALSE(datagram_answer(u.get(), std::chrono::milliseconds(200)).header) << "a dead session was answered";
   EXPECT_EQ(server_->stats().datagrams_dropped, dropped + 1);
