@@ -286,12 +286,14 @@ std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagr
   auto* buf = reinterpret_cast<std::byte*>(in_.begin());
   const size_t cap = in_.size() * sizeof(capnp::word);
   const uint64_t id = next_id_ - 1;
+  int reads_past = 64;  // a bound: datagrams that keep coming cannot hold the fault past its wait
   for (;;) {
     // Spin first, as on the connection (receive()), then sleep in ppoll() until give_up. Past
     // it, what the socket holds is still read before the datagram counts as lost: a thread
     // that was not running when its reply came finds it there.
     const int64_t now = sys::monotonic_ns();
     const bool past = now >= give_up;
+    if (past && reads_past-- == 0) break;
     if (!past && now >= spin_until) {
       timespec ts{0, static_cast<long>(std::min<int64_t>(give_up - now, 999'999'999))};
       pollfd p{udp_.get(), POLLIN, 0};
