@@ -5,10 +5,14 @@
 // and decodes its page alone. Prints, per layout: compression ratio, single-thread encode speed
 // (format 2 including the dictionary's training), what a fault decodes before it can install its
 // page, and bulk decode speed (prefetch), each next to format 1's 64 KiB chunks measured in the
-// same run. Every decoded byte is compared with the original.
+// same run. Every decoded byte is compared with the original. For format 2 it also sorts the
+// pages by what a single-page request (getPage) gets: zero, raw (sent as their whole chunk), or a
+// frame small enough for one datagram over a 1500-byte link, or not. `--raw FILE` measures a
+// memory image of your own instead of the synthetic heap.
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -26,6 +30,20 @@ namespace snap = lazymem::snapshot;
 namespace {
 
 constexpr uint32_t kPage = 4096;
+// The largest page frame one getPage reply datagram carries over a 1500-byte MTU without
+// fragments: 1500 - 28 (IPv4 + UDP; IPv6: 48) - ~72 (frame prefix and the Cap'n Proto reply).
+constexpr size_t kFrameFitsMtu1500 = 1400;
+
+// Pages of format 2 by what a getPage for them gets.
+struct FrameSizes {
+  uint64_t zero = 0;       // no frame: the zero page
+  uint64_t raw = 0;        // stored raw (alone, or the whole chunk): sent as the whole chunk
+  uint64_t fit = 0;        // a zstd frame of at most kFrameFitsMtu1500 bytes
+  uint64_t over = 0;       // a zstd frame larger than that: by the connection on a 1500-byte link
+  std::vector<double> sizes;  // of every zstd frame
+  uint64_t pages() const { return zero + raw + fit + over; }
+  double share(uint64_t n) const { return pages() ? 100.0 * double(n) / double(pages()) : 0.0; }
+};
 
 struct Layout {
   std::string name;
@@ -42,7 +60,32 @@ struct Stored {
   std::vector<std::byte> bytes;
 };
 
-bool measure(const std::vector<std::byte>& data, Layout& l, int level) {
+void count_frames(lazymem::Codec codec, std::span<const std::byte> stored, std::span<const std::byte> in,
+                  FrameSizes& f) {
+  const uint32_t pages = static_cast<uint32_t>(in.size() / kPage);
+  for (uint32_t p = 0; p < pages; ++p) {
+    if (codec == lazymem::Codec::kZero) {
+      ++f.zero;
+      continue;
+    }
+    if (codec != lazymem::Codec::kZstdPages) {  // a raw chunk
+      (snap::is_all_zero(in.subspan(size_t{p} * kPage, kPage)) ? f.zero : f.raw) += 1;
+      continue;
+    }
+    auto frame = snap::page_frame(stored, static_cast<uint32_t>(in.size()), kPage, p);
+    if (frame.empty()) {
+      ++f.zero;
+    } else if (!snap::is_compressed_frame(frame, kPage)) {
+      ++f.raw;
+    } else {
+      (frame.size() <= kFrameFitsMtu1500 ? f.fit : f.over) += 1;
+      f.sizes.push_back(double(frame.size()));
+    }
+  }
+}
+
+// `frames`, if given, counts format 2's pages by their frames.
+bool measure(const std::vector<std::byte>& data, Layout& l, int level, FrameSizes* frames) {
   std::vector<std::byte> dict;
   auto t0 = Clock::now();
   if (l.format == 2) {
@@ -63,6 +106,7 @@ bool measure(const std::vector<std::byte>& data, Layout& l, int level) {
                                          e->stored_checksum},
                       {e->stored.begin(), e->stored.end()}});
     stored += e->stored.size();
+    if (frames) count_frames(chunks.back().info.codec, chunks.back().bytes, in, *frames);
   }
   l.encode_mbps = double(data.size()) / 1e6 / since(t0);
   l.ratio = double(data.size()) / double(stored);
@@ -106,7 +150,8 @@ int main(int argc, char** argv) {
   po::options_description desc("lazymem-bench-codec [options]");
   desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
       "mib", po::value<size_t>()->default_value(256), "heap-like data in MiB")(
-      "level", po::value<int>()->default_value(1), "zstd compression level");
+      "level", po::value<int>()->default_value(1), "zstd compression level")(
+      "raw", po::value<std::string>(), "a memory image (raw file) to measure instead of heap-like data");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, desc), vm);
@@ -119,28 +164,51 @@ int main(int argc, char** argv) {
     std::cout << desc;
     return 0;
   }
-  const size_t len = vm["mib"].as<size_t>() << 20;
   const int level = vm["level"].as<int>();
-  if (len == 0) {
-    std::fprintf(stderr, "lazymem-bench-codec: --mib must be positive\n");
-    return 2;
+  std::vector<std::byte> data;
+  std::string what;
+  if (vm.count("raw")) {
+    const std::string path = vm["raw"].as<std::string>();
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (in) {
+      data.resize(static_cast<size_t>(in.tellg()));
+      in.seekg(0).read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(data.size()));
+    }
+    what = path;
+    if (!in) {
+      std::fprintf(stderr, "lazymem-bench-codec: cannot read %s: %s\n", path.c_str(), std::strerror(errno));
+      return 2;
+    }
+    data.resize(data.size() / 65536 * 65536);  // whole chunks of every layout
+    if (data.empty()) {
+      std::fprintf(stderr, "lazymem-bench-codec: %s is shorter than one 64 KiB chunk\n", path.c_str());
+      return 2;
+    }
+  } else {
+    const size_t len = vm["mib"].as<size_t>() << 20;
+    if (len == 0) {
+      std::fprintf(stderr, "lazymem-bench-codec: --mib must be positive\n");
+      return 2;
+    }
+    data.resize(len);
+    lazymem::example::KvTable t(data.data(), len);
+    t.fill(7, 0.7);
+    what = "heap-like data";
   }
-  std::vector<std::byte> data(len);
-  lazymem::example::KvTable t(data.data(), len);
-  t.fill(7, 0.7);
 
   std::vector<Layout> layouts = {{"format 1, 64 KiB chunks", 65536, 1},
                                  {"format 1, 16 KiB chunks", 16384, 1},
                                  {"format 2, 64 KiB chunks of page frames", 65536, 2}};
+  FrameSizes frames;  // of format 2
   for (auto& l : layouts) {
-    if (!measure(data, l, level)) {
+    if (!measure(data, l, level, l.format == 2 ? &frames : nullptr)) {
       std::fprintf(stderr, "%s: a chunk did not decode to its bytes\n", l.name.c_str());
       return 1;
     }
   }
   const Layout& base = layouts[0];
-  std::printf("lazymem-bench-codec: %zu MiB heap-like data, zstd-%d, one thread, every decoded byte checked\n\n",
-              len >> 20, level);
+  std::printf("lazymem-bench-codec: %.1f MiB of %s, zstd-%d, one thread, every decoded byte checked\n\n",
+              double(data.size()) / (1 << 20), what.c_str(), level);
   std::printf("%-40s %7s %13s %15s %9s %12s %9s\n", "layout", "ratio", "encode", "fault decode", "vs f1", "bulk", "vs f1");
   nlohmann::json j;
   j["level"] = level;
@@ -152,6 +220,18 @@ int main(int argc, char** argv) {
                             {"fault_decode_vs_format1", l.fault_us / base.fault_us},
                             {"bulk_vs_format1", l.bulk_gbps / base.bulk_gbps}});
   }
+  const FrameSizes& f = frames;
+  const std::vector<double>& sizes = f.sizes;
+  std::printf("\nformat 2 pages, by what a single-page request (getPage) gets:\n"
+              "  zero %.1f%%, raw (sent as the whole chunk) %.1f%%, a zstd frame of <= %zu B (one datagram over a "
+              "1500-byte link) %.1f%%, larger %.1f%%\n",
+              f.share(f.zero), f.share(f.raw), kFrameFitsMtu1500, f.share(f.fit), f.share(f.over));
+  if (!sizes.empty()) {
+    std::printf("  zstd frame size p50 %.0f B, p90 %.0f B, p99 %.0f B\n", percentile(sizes, 50), percentile(sizes, 90),
+                percentile(sizes, 99));
+  }
+  j["input"] = what;
+  j["format2_pages"] = {{"zero", f.zero}, {"raw", f.raw}, {"frame_fits_mtu1500", f.fit}, {"frame_over_mtu1500", f.over}};
   if (vm.count("json")) std::printf("%s\n", j.dump().c_str());
   return 0;
 }
