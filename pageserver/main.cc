@@ -106,11 +106,11 @@ int serve(const std::vector<std::string>& args) {
   auto st = (*server)->stats();
   log::get("pageserver")->info("stopped: {} connections, {} requests, {} chunks, {} pages, {} bytes; errors: {} protocol, "
                                "{} auth, {} not-found, {} range, {} io, {} corrupt, {} handshake timeouts; datagrams: "
-                               "{} page requests, {} dropped, {} replies unsent, {} over the path MTU",
+                               "{} page requests, {} dropped, {} replies unsent, {} over the path MTU, {} answered on the connection",
                                st.connections, st.requests, st.chunks, st.pages, st.bytes, st.errors_protocol,
                                st.errors_auth, st.errors_not_found, st.errors_range, st.errors_io, st.errors_corrupt,
                                st.handshake_timeouts, st.datagram_requests, st.datagrams_dropped, st.datagrams_unsent,
-                               st.datagrams_over_mtu);
+                               st.datagrams_over_mtu, st.datagrams_on_stream);
   if (!s.ok()) throw std::runtime_error(s.error().message());
   return 0;
 }

@@ -105,6 +105,7 @@ constexpr uint32_t kMaxDatagramPayload = 8192;
 constexpr size_t kMaxQueuedDatagramJobs = 64;
 constexpr const char* kUseStream = "this page goes as its whole chunk: ask on the connection";
 constexpr const char* kReadingUseStream = "this page's chunk is being read from disk: ask on the connection";
+constexpr const char* kOnStream = "this page's reply comes on the connection";
 
 // A chunk to send (getChunks), or one page of it (getPage: `page` set), once its extents are in.
 struct Job {
@@ -114,6 +115,7 @@ struct Job {
   bool demand;
   std::optional<uint32_t> page;
   std::optional<Peer> reply_to;  // a getPage that came by datagram: answered by datagram
+  bool on_stream;                // (reply_to) what no datagram can carry goes on the connection
 };
 
 // A chunk reply waiting for reads of its extents.
@@ -165,7 +167,8 @@ struct PageServer::Impl {
   uint64_t next_file_id = 1;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
-      st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0}, st_dgram_over_mtu{0};
+      st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0}, st_dgram_over_mtu{0},
+      st_dgram_on_stream{0};
   SendCounters sends;
   // getPage by datagram: the socket (invalid: datagrams off), the live sessions (each names its
   // connection, by fd and serial), and when the last page request came (the loop polls a while).
@@ -275,6 +278,19 @@ struct PageServer::Impl {
     // Small, but its text may repeat what the client sent (a snapshot name): one that the path
     // cannot carry either is counted as unsent, and the client asks again on its connection.
     if (!send_datagram(*j.reply_to, m, {})) bump(st_dgram_unsent);
+  }
+
+  // A getPage datagram whose reply no datagram can carry (the whole chunk, a frame over the path
+  // MTU, a chunk still being read): where the client takes it on the connection (replyOnStream)
+  // the job becomes the connection's, under the datagram request's id and tag, and an onStream
+  // datagram says so at once: the client reads its connection instead of asking again there (a
+  // round trip saved). False where it does not: the caller answers useStream.
+  bool move_to_stream(Conn& c, Job& j) {
+    if (!j.reply_to || !j.on_stream) return false;
+    reply_error(c, j, wire::ErrorCode::ON_STREAM, kOnStream);
+    j.reply_to.reset();
+    bump(st_dgram_on_stream);
+    return true;
   }
 
   Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name) {
@@ -477,6 +493,7 @@ struct PageServer::Impl {
         o.setDatagramsDropped(st.datagrams_dropped);
         o.setDatagramsUnsent(st.datagrams_unsent);
         o.setDatagramsOverMtu(st.datagrams_over_mtu);
+        o.setDatagramsOnStream(st.datagrams_on_stream);
         o.setConnectionsRefused(st.connections_refused);
         queue(c, m, {});
         return;
@@ -527,7 +544,7 @@ struct PageServer::Impl {
           for (auto ch : chunks) reply_error(c, id, wire::ErrorCode::NOT_FOUND, snap.error().message(), ch.getTag());
           return;
         }
-        for (auto ch : chunks) enqueue(c, Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id, gc.getDemand(), {}, {}});
+        for (auto ch : chunks) enqueue(c, Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id, gc.getDemand(), {}, {}, false});
         return;
       }
       if (rq.isGetPage()) {
@@ -551,7 +568,8 @@ struct PageServer::Impl {
   void get_page(Conn& c, wire::GetPage::Reader gp, uint64_t id, std::optional<Peer> reply_to) {
     last_page = Clock::now();
     auto snap = open_snapshot(gp.getSnapshot().cStr());
-    Job j{nullptr, gp.getRegion(), gp.getChunk(), gp.getTag(), id, true, gp.getPage(), std::move(reply_to)};
+    const bool on_stream = reply_to && gp.getReplyOnStream();
+    Job j{nullptr, gp.getRegion(), gp.getChunk(), gp.getTag(), id, true, gp.getPage(), std::move(reply_to), on_stream};
     if (!snap.ok()) {
       bump(st_nf);
       reply_error(c, j, wire::ErrorCode::NOT_FOUND, snap.error().message());
@@ -727,7 +745,7 @@ struct PageServer::Impl {
         return;
       }
     }
-    if (j.reply_to && man.regions[j.region].chunks[j.chunk].codec != Codec::kZstdPages) {
+    if (j.reply_to && man.regions[j.region].chunks[j.chunk].codec != Codec::kZstdPages && !move_to_stream(c, j)) {
       // Its pages go as the whole chunk, never in a datagram: said before anything is read.
       reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
       return;
@@ -752,7 +770,7 @@ struct PageServer::Impl {
   // A page reply is the same (whole = true) unless the page is stored as a zstd frame of a
   // kZstdPages chunk: then the server verifies the stored chunk (the client, given one frame,
   // cannot check the chunk's storedChecksum) and sends that frame alone, copied.
-  void queue_chunk(Conn& c, const Job& j, boost::container::small_vector<Pin, 2> pins) {
+  void queue_chunk(Conn& c, Job& j, boost::container::small_vector<Pin, 2> pins) {
     const ChunkInfo& ci = j.snap->manifest.regions[j.region].chunks[j.chunk];
     OutFrame f;
     f.urgent = j.demand;
@@ -815,20 +833,20 @@ struct PageServer::Impl {
       ch.setTag(j.tag);
     }
     if (j.reply_to) {
-      if (frame.empty() || frame.size() > kMaxDatagramPayload) {
+      const bool fits = !frame.empty() && frame.size() <= kMaxDatagramPayload;
+      if (fits && send_datagram(*j.reply_to, m, frame)) {
+        bump(st_pages);
+        bump(st_bytes, frame.size());
+        return;
+      }
+      // Over the path MTU: fragments are lost whole where a firewall drops them, and the client
+      // would wait milliseconds for nothing. Sent on the connection, or the client told at once
+      // to ask there.
+      if (fits) bump(st_dgram_over_mtu);
+      if (!move_to_stream(c, j)) {
         reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
         return;
       }
-      if (!send_datagram(*j.reply_to, m, frame)) {
-        // Over the path MTU: fragments are lost whole where a firewall drops them, and the
-        // client would wait milliseconds for nothing. Told at once to ask on the connection.
-        bump(st_dgram_over_mtu);
-        reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
-        return;
-      }
-      bump(st_pages);
-      bump(st_bytes, frame.size());
-      return;
     }
     if (!frame.empty()) {
       // A few KiB at most: copied after the header (small sends are copied anyway), and the
@@ -904,11 +922,12 @@ struct PageServer::Impl {
       lane.pop_front();
       if (ready) {
         queue_chunk(c, job, std::move(pins));
-      } else if (job.reply_to) {
+      } else if (job.reply_to && !move_to_stream(c, job)) {
         // Asked by datagram for a chunk that is being read from disk: the client is told at
         // once to ask on its connection (where it can wait as long as the read takes), not
         // left to take a reply later than its datagram wait for a loss and, after three such,
-        // to stop using datagrams for a while. The read goes on for that request.
+        // to stop using datagrams for a while. The read goes on for that request. (With
+        // replyOnStream the job waits for the read as the connection's, announced.)
         reply_error(c, job, wire::ErrorCode::USE_STREAM, kReadingUseStream);
       } else {
         c.waiting_bytes += ci.stored_length;
@@ -1148,6 +1167,7 @@ struct PageServer::Impl {
     st.datagrams_dropped = r(st_dgram_drop);
     st.datagrams_unsent = r(st_dgram_unsent);
     st.datagrams_over_mtu = r(st_dgram_over_mtu);
+    st.datagrams_on_stream = r(st_dgram_on_stream);
     st.connections_refused = r(st_refused);
     return st;
   }

@@ -45,6 +45,8 @@ struct GetPage {
   page @3 :UInt32;                # page index inside the chunk (region page size)
   tag @4 :UInt64;
   session @5 :Data;               # sent as a datagram: the session from openDatagrams
+  replyOnStream @6 :Bool;         # (datagrams) what cannot come by datagram comes on the session's
+                                  # connection, announced by an onStream datagram, not useStream
 }
 
 # getPage by UDP, for the lowest fault latency (no stream to wait behind, a lost datagram retried
@@ -53,8 +55,11 @@ struct GetPage {
 # (to the sender) holds one frame too. The session is 16 random bytes given on an authenticated
 # connection, lives as long as that connection, and is honoured only from that connection's peer
 # address; datagrams without a live session get no answer (no reflection). A page that does not
-# fit one datagram is refused with useStream: ask on the connection. Replies may be lost or come
-# late: the client matches the id, and asks on the connection when one does not come in time.
+# fit one datagram is refused with useStream: ask on the connection; or, where the request says
+# replyOnStream, sent on the session's connection as the answer to the datagram's request (its
+# id and tag), announced by an onStream error datagram: a round trip saved. Replies may be lost
+# or come late: the client matches the id, and asks on the connection when one does not come in
+# time; a reply on the connection to a request it gave up on is skipped by its id.
 struct DatagramSession {
   session @0 :Data;
   maxPayload @1 :UInt32;          # the largest payload the server sends by datagram
@@ -86,6 +91,7 @@ enum ErrorCode {
   unsupportedVersion @6;
   busy @7;
   useStream @8;                   # (datagrams) the reply does not fit one: ask on the connection
+  onStream @9;                    # (datagrams) the reply does not fit one: it comes on the connection
 }
 
 struct Reply {
@@ -147,6 +153,7 @@ struct ServerStats {
   datagramsUnsent @25 :UInt64;       # replies the socket refused (full): the client asks again
   connectionsRefused @26 :UInt64;    # over the connection limit, or out of file descriptors
   datagramsOverMtu @27 :UInt64;      # page frames too big for one unfragmented datagram: useStream
+  datagramsOnStream @28 :UInt64;     # datagram requests answered on their session's connection
 }
 
 struct HelloReply {

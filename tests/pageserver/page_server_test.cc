@@ -32,6 +32,8 @@
 #include "lazymem/snapshot.h"
 #include "net/client.h"
 #include "net/frame.h"
+#include "net/page_fetcher.h"
+#include "sys/clock.h"
 #include "page_server.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/dictionary.h"
@@ -550,6 +552,13 @@ struct VethHost {
         << "a veth pair to namespace " << ns << " could not be set up";
     return "";
   }
+  // From now on the far side drops every datagram from the near side (policy routing: a
+  // blackhole rule for UDP from there, ahead of local delivery); TCP still passes.
+  bool drop_datagrams_to_far() const {
+    const std::string rule = "ip -n " + ns + " rule ";
+    return sh(rule + "add pref 10 from " + near() + " ipproto udp blackhole") &&
+           sh(rule + "add pref 100 lookup local") && sh(rule + "del pref 0");
+  }
   ~VethHost() {
     if (!made) return;
     (void)sh("ip link del " + veth + "a");
@@ -795,14 +804,24 @@ class GetPageTest : public PageServerTest {
     EXPECT_EQ(::connect(u.get(), reinterpret_cast<sockaddr*>(&ss), len), 0) << std::strerror(errno);
     return u;
   }
-  // A getPage datagram of snapshot "snap" with `session`.
+  // A getPage datagram of snapshot "snap" with `session`; `on_stream`: replyOnStream.
   static std::vector<std::byte> page_datagram(uint32_t chunk, uint32_t page, uint64_t tag,
-                                              std::span<const std::byte> session) {
+                                              std::span<const std::byte> session, bool on_stream = false) {
     capnp::MallocMessageBuilder m;
     get_page(m, "snap", 0, chunk, page, tag);
-    m.getRoot<proto::wire::Request>().getGetPage().setSession(
-        capnp::Data::Reader(reinterpret_cast<const kj::byte*>(session.data()), session.size()));
+    auto gp = m.getRoot<proto::wire::Request>().getGetPage();
+    gp.setSession(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(session.data()), session.size()));
+    gp.setReplyOnStream(on_stream);
     return net::encode_frame(m, 0);
+  }
+  // The datagram answer to a replyOnStream request with `tag` is the onStream notice.
+  static void expect_on_stream_notice(int u, uint64_t tag) {
+    auto f = datagram_answer(u, std::chrono::seconds(5));
+    ASSERT_TRUE(f.header) << "no onStream notice";
+    auto r = f.header->root<proto::wire::Reply>();
+    ASSERT_TRUE(r.isError()) << "not a notice";
+    EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::ON_STREAM);
+    EXPECT_EQ(r.getError().getTag(), tag);
   }
   static void send_datagram(int u, const std::vector<std::byte>& d) {
     ASSERT_EQ(::send(u, d.data(), d.size(), 0), static_cast<ssize_t>(d.size())) << std::strerror(errno);
@@ -1213,8 +1232,9 @@ TEST_F(GetPageTest, DatagramsOverIpv6AndDualStack) {
 
 // On a path whose MTU a page frame does not fit (a 1280-byte veth to a second host), the reply
 // is not sent in fragments (which firewalls drop, and which are lost whole when one is: the
-// client would wait milliseconds for nothing) but as useStream, at once; frames that fit still
-// come by datagram.
+// client would wait milliseconds for nothing) but as useStream, at once, or, where the request
+// says replyOnStream, on the session's connection, announced; frames that fit still come by
+// datagram.
 class NeverFragmentTest : public GetPageTest, public ::testing::WithParamInterface<bool> {};
 
 TEST_P(NeverFragmentTest, AcrossA1280ByteLink) {
@@ -1269,12 +1289,89 @@ TEST_P(NeverFragmentTest, AcrossA1280ByteLink) {
     f = datagram_answer(s, std::chrono::seconds(5));
     ASSERT_TRUE(f.header) << "a frame that fits did not come";
     EXPECT_FALSE(check_page_reply(f, small->first, small->second, 80 + round));
+    // replyOnStream: the frame comes on the connection, as the datagram request's answer.
+    send_datagram(s, page_datagram(big->first, big->second, 90 + round, session, true));
+    expect_on_stream_notice(s, 90 + round);
+    auto c = recv();
+    ASSERT_TRUE(c.header);
+    EXPECT_FALSE(check_page_reply(c, big->first, big->second, 90 + round)) << "the frame alone, on the connection";
   }
-  EXPECT_EQ(server_->stats().datagrams_over_mtu, 2u);
+  EXPECT_EQ(server_->stats().datagrams_over_mtu, 4u);
+  EXPECT_EQ(server_->stats().datagrams_on_stream, 2u);
   EXPECT_EQ(server_->stats().datagrams_unsent, 0u);
 }
 INSTANTIATE_TEST_SUITE_P(GetPageTest, NeverFragmentTest, ::testing::Values(false, true),
                          [](const auto& i) { return std::string(i.param ? "IPv6" : "IPv4"); });
+
+// The page fetcher (a faulting thread's) across a 1280-byte link: a page whose frame no datagram
+// carries comes on its connection after the one datagram request, not a second request there.
+// Then, with every datagram to the client dropped (on the far side), the onStream notice is
+// lost: the fetcher gives up waiting, asks on the connection and takes the first of the two
+// answers there; the next fetch skips the second, an answer to a request it already has.
+TEST_F(GetPageTest, FetcherTakesWhatNoDatagramCarriesFromItsConnection) {
+  VethHost host;
+  if (std::string why = host.create(1280); !why.empty()) GTEST_SKIP() << why;
+  if (HasFailure()) return;
+  capture_as("snap", 1 * kMiB, 63, 2);
+  std::optional<std::pair<uint32_t, uint32_t>> big, small;
+  for (uint32_t c = 0; c < man_.regions[0].chunks.size() && !(big && small); ++c) {
+    if (man_.regions[0].chunks[c].codec != Codec::kZstdPages) continue;
+    for (uint32_t p = 0; p < man_.chunk_length(0, c) / 4096; ++p) {
+      const size_t n = frame_size(c, p);
+      if (!big && n >= 1300 && n < 4096) big = {{c, p}};
+      if (!small && n > 0 && n < 600) small = {{c, p}};
+    }
+  }
+  ASSERT_TRUE(big && small) << "the snapshot has no page frame of each size";
+  pageserver::ServerOptions o;
+  o.host = host.near();
+  start_server(o);
+  {  // In the server's memory (as after a restore's first faults): the wait below is the network's.
+    auto loc = SnapshotLocation::parse("lazymem://" + host.near() + ":" + std::to_string(server_->port()) + "/snap");
+    ASSERT_TRUE(loc.ok());
+    auto fd = net::open_connection(*loc, "", deadline());
+    ASSERT_TRUE(fd.ok()) << fd.error().message();
+    fd_ = std::move(*fd);
+    warm(big->first);
+    warm(small->first);
+  }
+  std::unique_ptr<net::RemotePageFetcher> fetcher;
+  {
+    InNamespace other(host.ns);
+    ASSERT_TRUE(other.entered) << std::strerror(errno);
+    auto loc = SnapshotLocation::parse("lazymem://" + host.near() + ":" + std::to_string(server_->port()) + "/snap");
+    ASSERT_TRUE(loc.ok());
+    auto f = net::RemotePageFetcher::open(*loc, "", man_, dict_, std::chrono::seconds(5));
+    ASSERT_TRUE(f.ok()) << f.error().message();
+    fetcher = std::move(*f);
+  }
+  std::vector<std::byte> out(4096);
+  auto fetch = [&](std::pair<uint32_t, uint32_t> at) {
+    std::fill(out.begin(), out.end(), std::byte{0x5a});
+    auto r = fetcher->fetch({0, at.first}, at.second, out, sys::monotonic_ns() + 5'000'000'000);
+    EXPECT_EQ(r, snapshot::PageFetcher::Outcome::kOk) << fetcher->failure();
+    const size_t off = size_t{at.first} * man_.chunk_size + size_t{at.second} * 4096;
+    EXPECT_EQ(std::memcmp(out.data(), expected_.data() + off, 4096), 0) << "chunk " << at.first << " page " << at.second;
+  };
+  auto before = server_->stats();
+  fetch(*big);
+  auto after = server_->stats();
+  EXPECT_EQ(after.requests - before.requests, 1u) << "asked again on the connection";
+  EXPECT_EQ(after.datagrams_on_stream - before.datagrams_on_stream, 1u);
+  EXPECT_FALSE(fetcher->datagrams().lost);
+
+  ASSERT_TRUE(host.drop_datagrams_to_far()) << "could not drop datagrams to the client";
+  before = after;
+  fetch(*big);
+  EXPECT_TRUE(fetcher->datagrams().lost) << "the notice came through";
+  fetch(*small);  // its datagram reply dropped too: on the connection, behind the stale answer
+  EXPECT_TRUE(fetcher->datagrams().lost) << "the page came through";
+  EXPECT_STREQ(fetcher->failure(), "");
+  // Counted once the last answer came: the server takes a connection's requests in order.
+  after = server_->stats();
+  EXPECT_EQ(after.datagrams_on_stream - before.datagrams_on_stream, 1u);
+  EXPECT_EQ(after.requests - before.requests, 4u) << "each: the datagram, then the connection";
+}
 
 // A page asked by datagram whose chunk is still on disk: useStream at once (the client asks on
 // its connection, which waits for the read however long it takes, instead of taking a late
@@ -1304,6 +1401,40 @@ TEST_F(GetPageTest, DatagramForAChunkOnDiskIsToldToUseTheConnection) {
   f = datagram_answer(u.get(), std::chrono::seconds(5));
   ASSERT_TRUE(f.header);
   EXPECT_FALSE(check_page_reply(f, text, 1, 23));
+}
+
+// With replyOnStream, what no datagram carries comes on the session's connection without being
+// asked there, announced by onStream: a page whose chunk is still being read (once it is in),
+// and zero and raw pages of a page-frame chunk (their whole chunk). The datagram is the only
+// request the server sees for each.
+TEST_F(GetPageTest, WhatNoDatagramCarriesComesOnTheConnectionWhenAsked) {
+  capture_as("snap", 1 * kMiB, 65, 2);
+  start_server();
+  connect();
+  const std::array<std::byte, 16> session = datagram_session();
+  sys::UniqueFd u = udp_socket("127.0.0.1");
+  const uint32_t text = first_page_frame_chunk();
+  ASSERT_EQ(man_.regions[0].chunks[1].codec, Codec::kZstdPages);
+  const auto before = server_->stats();
+  // On disk still: announced at once, answered once read.
+  send_datagram(u.get(), page_datagram(text, 0, 21, session, true));
+  expect_on_stream_notice(u.get(), 21);
+  auto c = recv();
+  ASSERT_TRUE(c.header);
+  EXPECT_FALSE(check_page_reply(c, text, 0, 21));
+  EXPECT_GT(server_->stats().disk_read_bytes, before.disk_read_bytes);
+  // The zero page (1) and the raw page (2) of chunk 1: its whole chunk.
+  for (uint32_t page : {1u, 2u}) {
+    send_datagram(u.get(), page_datagram(1, page, 30 + page, session, true));
+    expect_on_stream_notice(u.get(), 30 + page);
+    c = recv();
+    ASSERT_TRUE(c.header);
+    EXPECT_TRUE(check_page_reply(c, 1, page, 30 + page)) << "page " << page << " comes as its whole chunk";
+  }
+  const auto after = server_->stats();
+  EXPECT_EQ(after.requests - before.requests, 3u) << "the client asked nothing on the connection";
+  EXPECT_EQ(after.datagram_requests - before.datagram_requests, 3u);
+  EXPECT_EQ(after.datagrams_on_stream - before.datagrams_on_stream, 3u);
 }
 
 // A server started without datagrams says so to openDatagrams, and serves getPage on the

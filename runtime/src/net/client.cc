@@ -183,7 +183,8 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                       {"plain_bytes", st.getPlainBytes()},            {"pages", st.getPages()},
                       {"errors_corrupt", st.getErrorsCorrupt()},      {"datagram_requests", st.getDatagramRequests()},
                       {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()},
-                      {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()}};
+                      {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()},
+                      {"datagrams_on_stream", st.getDatagramsOnStream()}};
   return j.dump();
 }
 

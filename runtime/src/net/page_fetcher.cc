@@ -71,6 +71,7 @@ Result<std::unique_ptr<RemotePageFetcher>> RemotePageFetcher::open(const Snapsho
   auto gp = rq.initGetPage();
   gp.setSnapshot(loc.name);
   f->session_ = gp.initSession(16).begin();  // laid out now: a new session is copied in, not re-set
+  gp.setReplyOnStream(true);
   auto segments = f->request_->getSegmentsForOutput();
   if (segments.size() != 1 || segments[0].begin() != f->request_words_.data()) {
     return Error(Errc::kInvalidArgument, "page request does not fit its buffer");
@@ -107,6 +108,7 @@ Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
       ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &slice, sizeof slice) != 0) {
     return Error(Errc::kIo, fmt::format("page-server connection: socket options: {}", std::strerror(errno)));
   }
+  connection_first_id_ = next_id_;
   failure_ = "";
   return ok_status();
 }
@@ -195,34 +197,14 @@ bool RemotePageFetcher::send_request(int64_t deadline_ns) noexcept {
   return true;
 }
 
-bool RemotePageFetcher::receive(uint32_t& header_len, uint32_t& payload_len, int64_t deadline_ns) noexcept {
-  auto* buf = reinterpret_cast<std::byte*>(in_.begin());
-  const size_t cap = in_.size() * sizeof(capnp::word);
-  size_t got = 0, need = kFramePrefix;
-  bool sized = false;
-  // Spin first: the reply usually comes within a round trip, and a thread found running needs
-  // no cross-CPU wake-up (~5-10 us here). The thread waits for its page either way; after
-  // kSpinNs it sleeps in recv(), woken every kRecvSliceMs to check the deadline.
-  const int64_t spin_until = sys::monotonic_ns() + kSpinNs;
-  while (got < need) {
+bool RemotePageFetcher::read_exactly(std::byte* to, size_t n, int64_t spin_until, int64_t deadline_ns) noexcept {
+  size_t got = 0;
+  while (got < n) {
     const bool spin = sys::monotonic_ns() < spin_until;
-    // Everything on the socket is this reply (one request at a time; a broken exchange closes
-    // the connection), so read as much as there is room for.
-    ssize_t n = ::recv(fd_.get(), buf + got, cap - got, spin ? MSG_DONTWAIT : 0);
-    if (n > 0) {
-      got += static_cast<size_t>(n);
-      if (!sized && got >= kFramePrefix) {
-        sized = true;
-        header_len = get_le32(buf);
-        payload_len = get_le32(buf + 4);
-        if (header_len == 0 || header_len > kMaxReplyHeader || header_len % sizeof(capnp::word) != 0 ||
-            kFramePrefix + size_t{header_len} + payload_len > cap) {
-          failure_ = "page server sent a frame over the limits";
-          return false;
-        }
-        need = kFramePrefix + header_len + payload_len;
-      }
-    } else if (n == 0) {
+    ssize_t r = ::recv(fd_.get(), to + got, n - got, spin ? MSG_DONTWAIT : 0);
+    if (r > 0) {
+      got += static_cast<size_t>(r);
+    } else if (r == 0) {
       failure_ = "page server closed the connection";
       return false;
     } else if (errno == EAGAIN || errno == EINTR) {
@@ -235,11 +217,26 @@ bool RemotePageFetcher::receive(uint32_t& header_len, uint32_t& payload_len, int
       return false;
     }
   }
-  if (got != need) {
-    failure_ = "page server sent more than the reply";
+  return true;
+}
+
+bool RemotePageFetcher::receive(uint32_t& header_len, uint32_t& payload_len, int64_t deadline_ns) noexcept {
+  auto* buf = reinterpret_cast<std::byte*>(in_.begin());
+  const size_t cap = in_.size() * sizeof(capnp::word);
+  // Spin first: the reply usually comes within a round trip, and a thread found running needs
+  // no cross-CPU wake-up (~5-10 us here). The thread waits for its page either way; after
+  // kSpinNs it sleeps in recv(), woken every kRecvSliceMs to check the deadline. The prefix is
+  // read alone, then exactly the rest: another reply may follow this one on the connection.
+  const int64_t spin_until = sys::monotonic_ns() + kSpinNs;
+  if (!read_exactly(buf, kFramePrefix, spin_until, deadline_ns)) return false;
+  header_len = get_le32(buf);
+  payload_len = get_le32(buf + 4);
+  if (header_len == 0 || header_len > kMaxReplyHeader || header_len % sizeof(capnp::word) != 0 ||
+      kFramePrefix + size_t{header_len} + payload_len > cap) {
+    failure_ = "page server sent a frame over the limits";
     return false;
   }
-  return true;
+  return read_exactly(buf + kFramePrefix, size_t{header_len} + payload_len, spin_until, deadline_ns);
 }
 
 snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out,
@@ -256,31 +253,41 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, 
   datagrams_ = {};
   // Datagrams carry page frames only: a page that goes as its whole chunk is asked on the connection.
   const RegionInfo& region = manifest_.regions[ref.region];
+  ByDatagram by = ByDatagram::kAsk;
   if (udp_.valid() && region.chunks[ref.chunk].codec == Codec::kZstdPages && region.page_size <= datagram_max_payload_ &&
       sys::monotonic_ns() >= datagrams_off_until_ns_) {
-    if (auto done = fetch_by_datagram(ref, page, out, deadline_ns)) return *done;
+    Outcome done = Outcome::kOk;
+    by = fetch_by_datagram(ref, page, out, deadline_ns, done);
+    if (by == ByDatagram::kDone) return done;
   }
-  if (!send_request(deadline_ns)) return broken("send to page server failed");
+  if (by == ByDatagram::kAsk && !send_request(deadline_ns)) return broken("send to page server failed");
   uint32_t header_len = 0, payload_len = 0;
-  if (!receive(header_len, payload_len, deadline_ns)) return broken(failure_);
-  // Checked before Cap'n Proto reads it: a malformed header would make it throw, and throwing
-  // allocates (the thread may have faulted inside malloc).
-  if (!shallow_structs_in_bounds(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)))) {
-    return broken("page server sent a malformed reply");
+  for (int skipped = 0;; ++skipped) {
+    if (!receive(header_len, payload_len, deadline_ns)) return broken(failure_);
+    // Checked before Cap'n Proto reads it: a malformed header would make it throw, and throwing
+    // allocates (the thread may have faulted inside malloc).
+    if (!shallow_structs_in_bounds(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)))) {
+      return broken("page server sent a malformed reply");
+    }
+    // An answer to an earlier request of this connection: a datagram's that the server sent
+    // here (replyOnStream) while its onStream notice was lost or late and the fetcher, given
+    // up waiting, asked again. Skipped; the answer to this request follows.
+    capnp::FlatArrayMessageReader reader(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)));
+    const uint64_t answered = reader.getRoot<wire::Reply>().getId();
+    if (answered < connection_first_id_ || answered >= id || skipped == 64) break;
   }
   return use_reply(ref, page, out, header_len, payload_len);
 }
 
-std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagram(snapshot::ChunkRef ref,
-                                                                                 uint32_t page,
-                                                                                 std::span<std::byte> out,
-                                                                                 int64_t deadline_ns) noexcept {
+RemotePageFetcher::ByDatagram RemotePageFetcher::fetch_by_datagram(snapshot::ChunkRef ref, uint32_t page,
+                                                                   std::span<std::byte> out, int64_t deadline_ns,
+                                                                   Outcome& done) noexcept {
   auto words = request_->getSegmentsForOutput()[0].asBytes();
   iovec iov[2] = {{request_prefix_.data(), request_prefix_.size()}, {const_cast<kj::byte*>(words.begin()), words.size()}};
   msghdr mh{};
   mh.msg_iov = iov;
   mh.msg_iovlen = 2;
-  if (::sendmsg(udp_.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) return std::nullopt;
+  if (::sendmsg(udp_.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) return ByDatagram::kAsk;
   const int64_t start = sys::monotonic_ns();
   const int64_t spin_until = start + kSpinNs, give_up = std::min(deadline_ns, start + datagram_wait_ns_);
   auto* buf = reinterpret_cast<std::byte*>(in_.begin());
@@ -330,9 +337,11 @@ std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagr
     }
     lost_in_row_ = 0;
     datagrams_off_ns_ = 1'000'000'000;
-    if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::USE_STREAM) return std::nullopt;
+    if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::USE_STREAM) return ByDatagram::kAsk;
+    if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::ON_STREAM) return ByDatagram::kComing;
     datagrams_.answered = true;
-    return use_reply(ref, page, out, header_len, payload_len);
+    done = use_reply(ref, page, out, header_len, payload_len);
+    return ByDatagram::kDone;
   }
   // Lost (the request or the reply), or late: asked again on the connection.
   datagrams_.lost = true;
@@ -341,7 +350,7 @@ std::optional<snapshot::PageFetcher::Outcome> RemotePageFetcher::fetch_by_datagr
     datagrams_off_until_ns_ = sys::monotonic_ns() + datagrams_off_ns_;
     datagrams_off_ns_ = std::min<int64_t>(datagrams_off_ns_ * 2, 64'000'000'000);
   }
-  return std::nullopt;
+  return ByDatagram::kAsk;
 }
 
 snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef ref, uint32_t page,

@@ -3,23 +3,26 @@
 //
 // Built for that context: the request message is laid out once and only its numbers change,
 // the reply lands in a fixed buffer, and the decoder (zstd context, dictionary) is made when
-// the fetcher is opened. One request is in flight at a time, so a reply is always the answer
-// to the request just sent; a reply that is late, malformed or answers something else breaks
-// the connection (the next reopen() starts clean) rather than being guessed at.
+// the fetcher is opened. One request is in flight at a time; on the connection, a reply to an
+// earlier request of this connection (a datagram's, answered there after the fetcher gave up
+// waiting: below) is skipped, and one that is malformed or answers something else breaks the
+// connection (the next reopen() starts clean) rather than being guessed at.
 //
 // Where the server offers datagrams (wire.capnp, DatagramSession) the request goes by UDP first:
 // no stream to wait behind and, here, ~4 us less per round trip than TCP. A reply that does not
 // come within a few round trips of the connection's (2 to 20 ms) is asked for again on the
 // connection, where replies are reliable; a datagram that does not answer the request just
 // sent (late, or forged: ids start at random) is skipped. Three losses in a row and the
-// fetcher uses the connection alone for a second, then two, four... up to a minute.
+// fetcher uses the connection alone for a second, then two, four... up to a minute. What no
+// datagram can carry (a frame over the path MTU, a zero or raw page's whole chunk, a chunk the
+// server is still reading) the server sends on the connection, announced by an onStream
+// datagram (replyOnStream): the fetcher then reads its connection, with nothing to ask.
 #pragma once
 
 #include <capnp/message.h>
 
 #include <array>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -50,14 +53,20 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   Outcome broken(const char* why) noexcept;
   Outcome bad(const char* why) noexcept;
   bool send_request(int64_t deadline_ns) noexcept;
-  // Receives one whole frame into in_; returns its header and payload lengths.
+  // Receives one whole frame (and nothing of the next) into in_; returns its header and payload
+  // lengths.
   bool receive(uint32_t& header_len, uint32_t& payload_len, int64_t deadline_ns) noexcept;
+  // Reads exactly n bytes of the connection: non-blocking until spin_until, then blocking.
+  bool read_exactly(std::byte* to, size_t n, int64_t spin_until, int64_t deadline_ns) noexcept;
   Outcome use_reply(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out, uint32_t header_len,
                     uint32_t payload_len) noexcept;
-  // Asks for the page by datagram; nothing when it is to be asked on the connection instead
-  // (no reply in time, or the server says useStream).
-  std::optional<Outcome> fetch_by_datagram(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out,
-                                           int64_t deadline_ns) noexcept;
+  enum class ByDatagram {
+    kDone,    // answered: `done` says how it went
+    kAsk,     // to be asked on the connection (no reply in time, or the server says useStream)
+    kComing,  // the server sends the reply on the connection (onStream)
+  };
+  ByDatagram fetch_by_datagram(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out, int64_t deadline_ns,
+                               Outcome& done) noexcept;
   // Asks the fresh connection for a datagram session; without one (an older server, or one
   // without datagrams) the fetcher uses the connection alone.
   Status open_datagrams(std::chrono::steady_clock::time_point deadline);
@@ -68,6 +77,7 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   std::shared_ptr<const snapshot::DecodeDictionary> dict_;
   sys::UniqueFd fd_;
   uint64_t next_id_ = 1;  // from a random start (open()): a forged datagram reply must guess it
+  uint64_t connection_first_id_ = 0;  // the first getPage id on this connection
   const char* failure_ = "";
   size_t received_ = 0;
   Datagrams datagrams_;  // the last fetch's
