@@ -2,6 +2,7 @@
 //   serve  --store DIR --listen HOST:PORT [--token-file F]
 //   import --store DIR --raw FILE --name N [--chunk-kib K] [--zstd-level L] [--format 1|2]
 //   ls     --store DIR | --server lazymem://HOST:PORT [--token-file F]
+//   rm     --store DIR | --server lazymem://HOST:PORT [--token-file F] --name N
 #include <sys/resource.h>
 
 #include <csignal>
@@ -28,6 +29,7 @@ constexpr const char* kUsage =
     "  serve   --store DIR --listen HOST:PORT [--token-file F]   serve every snapshot in DIR\n"
     "  import  --store DIR --raw FILE --name N                   snapshot a raw memory file (e.g. VM memory)\n"
     "  ls      --store DIR | --server lazymem://HOST:PORT        list snapshots, sizes, compression\n"
+    "  rm      --store DIR | --server lazymem://HOST:PORT --name N   remove a snapshot\n"
     "  stats   --server lazymem://HOST:PORT [--json]             counters of a running server\n";
 
 pageserver::PageServer* g_server = nullptr;  // for the signal handler only
@@ -40,6 +42,14 @@ po::variables_map parse(const std::vector<std::string>& args, po::options_descri
   po::store(po::command_line_parser(args).options(desc).run(), vm);
   po::notify(vm);
   return vm;
+}
+
+// The token of --token-file, or none.
+std::string token_from(const po::variables_map& vm) {
+  if (!vm.count("token-file")) return {};
+  auto t = net::read_token_file(vm["token-file"].as<std::string>());
+  if (!t.ok()) throw std::runtime_error(t.error().message());
+  return *t;
 }
 
 void print_list(const std::vector<snapshot::SnapshotSummary>& list) {
@@ -80,6 +90,9 @@ int serve(const std::vector<std::string>& args) {
   }
   auto list = snapshot::list_store(o.store_dir);
   if (!list.ok()) throw std::runtime_error(list.error().message());
+  if (size_t n = snapshot::gc_leftovers(o.store_dir)) {
+    log::get("pageserver")->info("deleted {} leftovers of uploads or removals whose process died", n);
+  }
   // Each connection may hold two descriptors (its socket, its datagram session's own socket):
   // the soft limit goes up to the hard one, as servers do, and a shortfall is said once here
   // (sockets that cannot be had are refused or fall back, never crash the loop).
@@ -153,15 +166,33 @@ int ls(const std::vector<std::string>& args) {
   }
   auto loc = SnapshotLocation::parse(vm["server"].as<std::string>() + "/x");
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
-  std::string token;
-  if (vm.count("token-file")) {
-    auto t = net::read_token_file(vm["token-file"].as<std::string>());
-    if (!t.ok()) throw std::runtime_error(t.error().message());
-    token = *t;
-  }
+  const std::string token = token_from(vm);
   auto list = net::list_remote(*loc, token, std::chrono::steady_clock::now() + std::chrono::seconds(10));
   if (!list.ok()) throw std::runtime_error(list.error().message());
   print_list(*list);
+  return 0;
+}
+
+int rm(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-pageserver rm");
+  desc.add_options()("store", po::value<std::string>(), "snapshot store directory")(
+      "server", po::value<std::string>(), "lazymem://HOST:PORT of a running server")(
+      "token-file", po::value<std::string>(), "token for --server")(
+      "name", po::value<std::string>()->required(), "the snapshot to remove");
+  auto vm = parse(args, desc);
+  if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
+  const std::string name = vm["name"].as<std::string>();
+  const std::string where = vm.count("store") ? vm["store"].as<std::string>() : vm["server"].as<std::string>();
+  auto loc = SnapshotLocation::parse(where + "/" + name);
+  if (!loc.ok()) throw std::invalid_argument(loc.error().message());
+  Status s = ok_status();
+  if (loc->remote()) {
+    s = net::remove_remote(*loc, token_from(vm), std::chrono::steady_clock::now() + std::chrono::seconds(10));
+  } else {
+    s = snapshot::remove_snapshot(*loc);
+  }
+  if (!s.ok()) throw std::runtime_error(s.error().message());
+  std::printf("removed %s\n", name.c_str());
   return 0;
 }
 
@@ -172,12 +203,7 @@ int stats(const std::vector<std::string>& args) {
   auto vm = parse(args, desc);
   auto loc = SnapshotLocation::parse(vm["server"].as<std::string>() + "/x");
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
-  std::string token;
-  if (vm.count("token-file")) {
-    auto t = net::read_token_file(vm["token-file"].as<std::string>());
-    if (!t.ok()) throw std::runtime_error(t.error().message());
-    token = *t;
-  }
+  const std::string token = token_from(vm);
   auto js = net::server_stats_json(*loc, token, std::chrono::steady_clock::now() + std::chrono::seconds(10));
   if (!js.ok()) throw std::runtime_error(js.error().message());
   if (vm.count("json")) {
@@ -202,6 +228,7 @@ int main(int argc, char** argv) {
     if (cmd == "serve") return serve(args);
     if (cmd == "import") return import_raw(args);
     if (cmd == "ls") return ls(args);
+    if (cmd == "rm") return rm(args);
     if (cmd == "stats") return stats(args);
     if (cmd == "-h" || cmd == "--help" || cmd == "help") {
       std::cout << kUsage;

@@ -17,9 +17,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <optional>
 #include <set>
+#include <thread>
 #include <unordered_map>
 
 #include "core/log.h"
@@ -45,6 +47,8 @@ struct OpenSnapshot {
   uint64_t file_id = 0;  // names its extents in the cache; a replaced snapshot gets a new one
   Manifest manifest;
   std::vector<std::byte> manifest_bytes;
+  dev_t manifest_dev = 0;  // the manifest file opened: another there now means removed or replaced
+  ino_t manifest_ino = 0;
   sys::UniqueFd data;
   // Per region and chunk: the newest Extent::loaded of the extents its stored checksum was last
   // checked in (0: never). A getPage checks a chunk again only when one of its extents was read
@@ -293,15 +297,30 @@ struct PageServer::Impl {
     return true;
   }
 
-  Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name) {
+  // `recheck` (a restore starting: getManifest): a snapshot held open is first checked to be
+  // still the one in the store, so one removed or replaced there by another program is seen.
+  // Requests for its pages keep what is open: a stat() per request would cost every fault.
+  Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name, bool recheck = false) {
     auto it = snapshots.find(name);
-    if (it != snapshots.end()) return it->second;
+    if (it != snapshots.end()) {
+      struct stat st{};
+      if (!recheck || (::stat((opt.store_dir + "/" + name + "/" + snapshot::kManifestFile).c_str(), &st) == 0 &&
+                       st.st_dev == it->second->manifest_dev && st.st_ino == it->second->manifest_ino)) {
+        return it->second;
+      }
+      snapshots.erase(it);
+    }
     auto loc = SnapshotLocation::parse(opt.store_dir + "/" + name);
     if (!loc.ok()) return std::move(loc).error();
     auto snap = std::make_shared<OpenSnapshot>();
     snap->name = name;
     snap->file_id = next_file_id++;
     std::string dir = opt.store_dir + "/" + name;
+    struct stat mst{};
+    if (::stat((dir + "/" + snapshot::kManifestFile).c_str(), &mst) == 0) {
+      snap->manifest_dev = mst.st_dev;
+      snap->manifest_ino = mst.st_ino;
+    }
     auto bytes = snapshot::read_small_file(dir + "/" + snapshot::kManifestFile, snapshot::kMaxManifestBytes);
     if (!bytes.ok()) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
     LAZYMEM_ASSIGN_OR_RETURN(snap->manifest, snapshot::decode_manifest(*bytes, dir));
@@ -317,6 +336,28 @@ struct PageServer::Impl {
     }
     snapshots[name] = snap;
     return snap;
+  }
+
+  // Out of the store at once (renamed away: restores still reading it fail from their next
+  // request, their pages poisoned, never wrong), deleted on a thread of its own: a large data
+  // file takes a while, and this loop serves faults.
+  void remove_snapshot(Conn& c, uint64_t id, const std::string& name) {
+    auto loc = SnapshotLocation::parse(opt.store_dir + "/" + name);
+    if (!loc.ok()) return reply_error(c, id, wire::ErrorCode::BAD_REQUEST, loc.error().message());
+    auto doomed = snapshot::retire_snapshot(*loc);
+    if (!doomed.ok()) {
+      const bool missing = doomed.error().code() == Errc::kNotFound;
+      bump(missing ? st_nf : st_io);
+      return reply_error(c, id, missing ? wire::ErrorCode::NOT_FOUND : wire::ErrorCode::IO_ERROR,
+                         missing ? fmt::format("no snapshot '{}' in this store", name) : doomed.error().message());
+    }
+    snapshots.erase(name);
+    std::thread([dir = *doomed] {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }).detach();
+    log->info("snapshot '{}' removed (connection {})", name, c.fd.get());
+    reply_ok(c, id);
   }
 
   void reply_ok(Conn& c, uint64_t id) {
@@ -522,7 +563,7 @@ struct PageServer::Impl {
         return;
       }
       if (rq.isGetManifest()) {
-        auto snap = open_snapshot(rq.getGetManifest().cStr());
+        auto snap = open_snapshot(rq.getGetManifest().cStr(), true);
         if (!snap.ok()) {
           bump(st_nf);
           reply_error(c, id, wire::ErrorCode::NOT_FOUND, snap.error().message());
@@ -533,6 +574,10 @@ struct PageServer::Impl {
         r.setId(id);
         r.setManifest();
         queue(c, m, (*snap)->manifest_bytes);
+        return;
+      }
+      if (rq.isRemove()) {
+        remove_snapshot(c, id, rq.getRemove());
         return;
       }
       if (rq.isGetChunks()) {

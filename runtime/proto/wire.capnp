@@ -32,6 +32,7 @@ struct Request {
     stats @9 :Void;               # reply: stats
     getPage @10 :GetPage;         # one page for a thread waiting on it; reply: page (or error)
     openDatagrams @11 :Void;      # reply: datagrams (a session for getPage by UDP) or an error
+    remove @12 :Text;             # snapshot name: removed from the store; reply ok (or notFound)
   }
 }
 

@@ -35,10 +35,12 @@ inline uint64_t walk_request(proto::wire::Request::Reader r) {
     }
     case proto::wire::Request::GET_PAGE: {
       auto g = r.getGetPage();
-      acc += g.getSnapshot().size() + g.getRegion() + g.getChunk() + g.getPage() + g.getTag() + g.getSession().size();
+      acc += g.getSnapshot().size() + g.getRegion() + g.getChunk() + g.getPage() + g.getTag() + g.getSession().size() +
+             g.getReplyOnStream();
       break;
     }
     case proto::wire::Request::OPEN_DATAGRAMS: break;
+    case proto::wire::Request::REMOVE: acc += r.getRemove().size(); break;
     case proto::wire::Request::PUT_BEGIN: acc += r.getPutBegin().getName().size() + r.getPutBegin().getReplace(); break;
     case proto::wire::Request::PUT_DATA:
     case proto::wire::Request::PUT_COMMIT:

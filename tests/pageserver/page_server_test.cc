@@ -38,6 +38,7 @@
 #include "snapshot/chunk_codec.h"
 #include "snapshot/dictionary.h"
 #include "snapshot/manifest.h"
+#include "snapshot/store.h"
 #include "wire.capnp.h"
 
 namespace lazymem {
@@ -238,6 +239,52 @@ TEST_F(PageServerTest, InterruptedUploadLeavesNothing) {
   for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
     EXPECT_EQ(e.path().filename().string().find(".half"), std::string::npos) << "left behind: " << e.path();
   }
+}
+
+// Removed through the server: gone for new restores and from the list at once, a second
+// removal is a clear "not found", and the files are deleted (on a thread of the server's).
+TEST_F(PageServerTest, RemovedSnapshotIsGoneAtOnce) {
+  capture(4 * kMiB, 31);
+  start_server();
+  restore_and_compare(uri(), {});  // held open by the server now
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  const auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(5); };
+  Status s = net::remove_remote(*loc, "", deadline());
+  ASSERT_TRUE(s.ok()) << s.error().message();
+  auto list = net::list_remote(*loc, "", deadline());
+  ASSERT_TRUE(list.ok()) << list.error().message();
+  EXPECT_TRUE(list->empty());
+  auto r = LazyRestore::start(uri(), kf_);
+  ASSERT_FALSE(r.ok()) << "restored a removed snapshot";
+  EXPECT_EQ(r.error().code(), Errc::kNotFound);
+  s = net::remove_remote(*loc, "", deadline());
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code(), Errc::kNotFound) << s.error().message();
+  EXPECT_NE(s.error().message().find("snap"), std::string::npos) << s.error().message();
+  auto leftovers = [&] {
+    size_t n = 0;
+    for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir_.path())) ++n;
+    return n;
+  };
+  for (auto until = deadline(); leftovers() != 0 && std::chrono::steady_clock::now() < until;) std::this_thread::yield();
+  EXPECT_EQ(leftovers(), 0u) << "the removed snapshot's files are still there";
+}
+
+// Replaced or removed in the store by another program while the server holds it open: a
+// restore starting afterwards gets what the store holds now.
+TEST_F(PageServerTest, SnapshotChangedInTheStoreIsSeenByNewRestores) {
+  capture(4 * kMiB, 32);
+  start_server();
+  restore_and_compare(uri(), {});
+  capture(4 * kMiB, 33);  // replaced in place (another capture, an import)
+  restore_and_compare(uri(), {});
+  auto loc = SnapshotLocation::parse(dir_.path() + "/snap");
+  ASSERT_TRUE(loc.ok());
+  ASSERT_TRUE(snapshot::remove_snapshot(*loc).ok());
+  auto r = LazyRestore::start(uri(), kf_);
+  ASSERT_FALSE(r.ok()) << "restored a snapshot removed from the store";
+  EXPECT_EQ(r.error().code(), Errc::kNotFound);
 }
 
 TEST_F(PageServerTest, UnknownSnapshotIsAClearError) {

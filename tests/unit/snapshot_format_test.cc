@@ -1,6 +1,8 @@
 // Snapshot format: round trips, and every kind of damage gives one clear error.
 #include <gtest/gtest.h>
+#include <fmt/format.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -208,6 +210,38 @@ TEST_F(SnapshotFormatTest, ExistingNameIsRefusedUnlessReplacing) {
   ASSERT_EQ(list->size(), 1u);
   EXPECT_EQ((*list)[0].name, "dup");
   EXPECT_EQ((*list)[0].format_version, 2u);
+  for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
+    EXPECT_EQ(e.path().filename(), "dup") << "left behind by the replacement";
+  }
+}
+
+// A removal takes the name away at once; what dead writers and removers left (their temporary
+// directories) is collected, what live ones are working on is not.
+TEST_F(SnapshotFormatTest, RemovalAndLeftoversOfDeadProcesses) {
+  capture("gone");
+  capture("keep");
+  auto gone = SnapshotLocation::parse(dir_.path() + "/gone");
+  ASSERT_TRUE(gone.ok());
+  ASSERT_TRUE(snapshot::remove_snapshot(*gone).ok());
+  Status again = snapshot::remove_snapshot(*gone);
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code(), Errc::kNotFound);
+  auto list = snapshot::list_store(dir_.path());
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].name, "keep");
+
+  pid_t dead = ::fork();
+  ASSERT_GE(dead, 0);
+  if (dead == 0) ::_exit(0);
+  ASSERT_EQ(::waitpid(dead, nullptr, 0), dead);
+  const std::vector<std::string> collected = {fmt::format(".a.tmp-{}-0", dead), fmt::format(".b.rm-{}-3", dead)};
+  const std::vector<std::string> kept = {fmt::format(".a.tmp-{}-1", ::getpid()), ".c.tmp-1-0", ".d.rm-x-0", "keep"};
+  for (const auto& d : collected) ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + d));
+  for (const auto& d : kept) std::filesystem::create_directories(dir_.path() + "/" + d + "/sub");
+  EXPECT_EQ(snapshot::gc_leftovers(dir_.path()), collected.size());
+  for (const auto& d : collected) EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/" + d)) << d;
+  for (const auto& d : kept) EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/" + d)) << d;
 }
 
 TEST_F(SnapshotFormatTest, RawMemoryFileRoundTrip) {

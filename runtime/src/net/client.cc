@@ -157,6 +157,21 @@ Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocatio
   return out;
 }
 
+Status remove_remote(const SnapshotLocation& loc, const std::string& token, Deadline deadline) {
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, token, deadline));
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<wire::Request>();
+  rq.setId(6);
+  rq.setRemove(loc.name);
+  LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
+  FrameBuffer buf;
+  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
+  auto reply = f.header->root<wire::Reply>();
+  if (reply.isError()) return reply_error(loc, reply.getError());
+  if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to remove");
+  return ok_status();
+}
+
 Result<std::string> server_stats_json(const SnapshotLocation& server, const std::string& token, Deadline deadline) {
   LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline));
   capnp::MallocMessageBuilder m;

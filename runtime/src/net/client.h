@@ -44,6 +44,9 @@ Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocatio
                                                            Deadline deadline);
 
 // Counters of a running server.
+// Removes snapshot `loc` (its name) from the page server's store. Restores still reading it
+// fail from then on (their pages are poisoned, never wrong).
+Status remove_remote(const SnapshotLocation& loc, const std::string& token, Deadline deadline);
 Result<std::string> server_stats_json(const SnapshotLocation& server, const std::string& token, Deadline deadline);
 
 // Uploads a snapshot: the server stores it atomically, so an interrupted upload leaves nothing.

@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -60,17 +61,14 @@ class LocalSink final : public SnapshotSink {
     mfd.reset();
     LAZYMEM_TRY(fsync_path(tmp_dir_));
     std::string final_dir = loc_.store_dir + "/" + loc_.name;
-    std::error_code ec;
-    if (replace_ && fs::exists(final_dir, ec)) {
-      // Move the old one aside first so the name always points at a complete snapshot.
-      std::string old = fmt::format("{}/.{}.old-{}", loc_.store_dir, loc_.name, ::getpid());
-      if (::rename(final_dir.c_str(), old.c_str()) != 0) return sys_error("rename " + final_dir, errno);
-      if (::rename(tmp_dir_.c_str(), final_dir.c_str()) != 0) {
-        int e = errno;
-        (void)::rename(old.c_str(), final_dir.c_str());
-        return sys_error("rename into " + final_dir, e);
-      }
-      fs::remove_all(old, ec);
+    // A replacement is swapped in one step, so the name always points at a complete snapshot
+    // (two renames would leave a moment with none); the old one is then in the temporary
+    // directory, deleted with it. Nothing to replace (any more): put in place as new.
+    if (replace_ && ::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+      std::error_code ec;
+      fs::remove_all(tmp_dir_, ec);
+    } else if (replace_ && errno != ENOENT) {
+      return sys_error("swap the new snapshot into " + final_dir, errno);
     } else if (::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_NOREPLACE) != 0) {
       int e = errno;
       if (e == EEXIST) {
@@ -166,15 +164,48 @@ Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
   return out;
 }
 
-Status remove_snapshot(const SnapshotLocation& loc) {
+Result<std::string> retire_snapshot(const SnapshotLocation& loc) {
   std::string dir = loc.store_dir + "/" + loc.name;
+  struct stat st{};
+  if (::stat((dir + "/" + kManifestFile).c_str(), &st) != 0) {
+    return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in store {}", loc.name, loc.store_dir));
+  }
+  // Renamed first, so a reader sees the whole snapshot or none; deleting a large data file takes
+  // a while, and what is left of it after a crash is a leftover (gc_leftovers).
+  static std::atomic<unsigned> counter{0};
+  std::string doomed = fmt::format("{}/.{}.rm-{}-{}", loc.store_dir, loc.name, ::getpid(), counter++);
+  if (::rename(dir.c_str(), doomed.c_str()) != 0) return sys_error("remove snapshot " + dir, errno);
+  return doomed;
+}
+
+Status remove_snapshot(const SnapshotLocation& loc) {
+  LAZYMEM_ASSIGN_OR_RETURN(std::string doomed, retire_snapshot(loc));
   std::error_code ec;
-  if (!fs::exists(dir, ec)) return Error(Errc::kNotFound, fmt::format("snapshot {} does not exist", dir));
-  // Rename first so a concurrent reader either sees the whole snapshot or none.
-  std::string doomed = fmt::format("{}/.{}.rm-{}", loc.store_dir, loc.name, ::getpid());
-  if (::rename(dir.c_str(), doomed.c_str()) != 0) return sys_error("rename " + dir, errno);
   fs::remove_all(doomed, ec);
+  if (ec) return Error(Errc::kIo, fmt::format("snapshot {} is removed, but deleting {} failed: {}", loc.name, doomed, ec.message()));
   return ok_status();
+}
+
+size_t gc_leftovers(const std::string& store_dir) {
+  size_t removed = 0;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(store_dir, ec)) {
+    // Ours are ".<name>.tmp-<pid>-<n>" and ".<name>.rm-<pid>-<n>" (snapshot names never start
+    // with '.'); the process that made one is alive while it writes or deletes it.
+    const std::string name = entry.path().filename().string();
+    if (name.empty() || name[0] != '.') continue;
+    size_t at = name.rfind(".tmp-"), skip = 5;
+    if (size_t rm = name.rfind(".rm-"); rm != std::string::npos && (at == std::string::npos || rm > at)) at = rm, skip = 4;
+    if (at == std::string::npos || at == 0) continue;
+    const char* digits = name.c_str() + at + skip;
+    char* end = nullptr;
+    const long pid = std::strtol(digits, &end, 10);
+    if (end == digits || *end != '-' || pid <= 0) continue;
+    if (pid == ::getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    std::error_code rm_ec;
+    if (fs::remove_all(entry.path(), rm_ec) > 0 && !rm_ec) ++removed;
+  }
+  return removed;
 }
 
 }  // namespace lazymem::snapshot

@@ -2,7 +2,7 @@
 //
 // Layout: <store>/<name>/{manifest,data}. A snapshot being written lives in
 // <store>/.<name>.tmp-<pid>-<n>/ and is renamed into place only when complete, so a reader never
-// sees half a snapshot and a crash leaves only a temporary directory (removed by gc_temporaries).
+// sees half a snapshot and a crash leaves only a temporary directory (removed by gc_leftovers).
 #pragma once
 
 #include <memory>
@@ -44,7 +44,14 @@ struct SnapshotSummary {
 // Lists the complete snapshots of a store (damaged ones are listed with the error in `name`'s log).
 Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir);
 
+// Removes a snapshot: out of sight at once (renamed to <store>/.<name>.rm-<pid>-<n>), then deleted.
 Status remove_snapshot(const SnapshotLocation& loc);
+// The first half of that, for callers that must not wait for a large file's deletion: returns
+// the directory to delete.
+Result<std::string> retire_snapshot(const SnapshotLocation& loc);
+// Deletes what writers and removals left when their process died (temporary directories whose
+// process is gone); returns how many.
+size_t gc_leftovers(const std::string& store_dir);
 
 // Reads a whole small file (a manifest). Refuses files larger than `limit`.
 Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit);
