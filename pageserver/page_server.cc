@@ -118,7 +118,8 @@ struct Job {
   uint64_t tag, id;
   bool demand;
   std::optional<uint32_t> page;
-  std::optional<Peer> reply_to;  // a getPage that came by datagram: answered by datagram
+  std::optional<Peer> reply_to;  // a getPage that came by datagram: answered by datagram (reset
+                                 // by move_to_stream: then answered on the connection)
   bool on_stream;                // (reply_to) what no datagram can carry goes on the connection
 };
 
@@ -241,20 +242,21 @@ struct PageServer::Impl {
   }
 
   // A reply to a getPage datagram: one frame in one datagram, to its sender. The socket is not
-  // waited for: a reply it refuses is counted, and the client, not hearing back, asks again.
-  // Never fragmented (never_fragment()): one too big for the path MTU is not sent, and false
-  // is returned for the caller to say so in a small one.
-  bool send_datagram(const Peer& to, capnp::MessageBuilder& m, std::span<const std::byte> payload) {
+  // waited for: a reply it refuses is counted (kRefused), and the client, not hearing back, asks
+  // again. Never fragmented (never_fragment()): one too big for the path MTU is not sent
+  // (kTooBig), for the caller to say so in a small one.
+  enum class Sent { kSent, kTooBig, kRefused };
+  Sent send_datagram(const Peer& to, capnp::MessageBuilder& m, std::span<const std::byte> payload) {
     std::vector<std::byte> head = net::encode_frame(m, static_cast<uint32_t>(payload.size()));
     iovec iov[2] = {{head.data(), head.size()}, {const_cast<std::byte*>(payload.data()), payload.size()}};
     msghdr mh{};
     mh.msg_iov = iov;
     mh.msg_iovlen = payload.empty() ? 1 : 2;
     auto sent = [&](ssize_t r) {
-      if (r >= 0) return true;
-      if (errno == EMSGSIZE) return false;
+      if (r >= 0) return Sent::kSent;
+      if (errno == EMSGSIZE) return Sent::kTooBig;
       bump(st_dgram_unsent);
-      return true;  // lost like any datagram: the client asks again
+      return Sent::kRefused;
     };
     if (to.socket >= 0) return sent(::sendmsg(to.socket, &mh, MSG_DONTWAIT | MSG_NOSIGNAL));  // connected: no address, no source option
     mh.msg_name = const_cast<sockaddr_storage*>(&to.addr);
@@ -281,7 +283,7 @@ struct PageServer::Impl {
     build_error(m, j.id, code, msg, j.tag);
     // Small, but its text may repeat what the client sent (a snapshot name): one that the path
     // cannot carry either is counted as unsent, and the client asks again on its connection.
-    if (!send_datagram(*j.reply_to, m, {})) bump(st_dgram_unsent);
+    if (send_datagram(*j.reply_to, m, {}) == Sent::kTooBig) bump(st_dgram_unsent);
   }
 
   // A getPage datagram whose reply no datagram can carry (the whole chunk, a frame over the path
@@ -879,17 +881,19 @@ struct PageServer::Impl {
     }
     if (j.reply_to) {
       const bool fits = !frame.empty() && frame.size() <= kMaxDatagramPayload;
-      if (fits && send_datagram(*j.reply_to, m, frame)) {
+      const Sent sent = fits ? send_datagram(*j.reply_to, m, frame) : Sent::kTooBig;
+      if (sent == Sent::kSent) {
         bump(st_pages);
         bump(st_bytes, frame.size());
         return;
       }
       // Over the path MTU: fragments are lost whole where a firewall drops them, and the client
       // would wait milliseconds for nothing. Sent on the connection, or the client told at once
-      // to ask there.
-      if (fits) bump(st_dgram_over_mtu);
+      // to ask there. Refused by a full socket: on the connection too where the client takes
+      // it there, else lost like any datagram (the client asks again).
+      if (fits && sent == Sent::kTooBig) bump(st_dgram_over_mtu);
       if (!move_to_stream(c, j)) {
-        reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
+        if (sent == Sent::kTooBig) reply_error(c, j, wire::ErrorCode::USE_STREAM, kUseStream);
         return;
       }
     }

@@ -153,7 +153,7 @@ struct ServerStats {
   datagramsDropped @24 :UInt64;      # datagrams dropped: malformed, no live session, wrong sender
   datagramsUnsent @25 :UInt64;       # replies the socket refused (full): the client asks again
   connectionsRefused @26 :UInt64;    # over the connection limit, or out of file descriptors
-  datagramsOverMtu @27 :UInt64;      # page frames too big for one unfragmented datagram: useStream
+  datagramsOverMtu @27 :UInt64;      # page frames too big for one unfragmented datagram: onStream or useStream
   datagramsOnStream @28 :UInt64;     # datagram requests answered on their session's connection
 }
 

@@ -599,13 +599,14 @@ struct VethHost {
         << "a veth pair to namespace " << ns << " could not be set up";
     return "";
   }
-  // From now on the far side drops every datagram from the near side (policy routing: a
-  // blackhole rule for UDP from there, ahead of local delivery); TCP still passes.
-  bool drop_datagrams_to_far() const {
+  // From now on the far side drops every packet of `proto` ("udp", "tcp") from the near side
+  // (policy routing: a blackhole rule ahead of local delivery); the other passes.
+  bool drop_from_near(const std::string& proto) const {
     const std::string rule = "ip -n " + ns + " rule ";
-    return sh(rule + "add pref 10 from " + near() + " ipproto udp blackhole") &&
+    return sh(rule + "add pref 10 from " + near() + " ipproto " + proto + " blackhole") &&
            sh(rule + "add pref 100 lookup local") && sh(rule + "del pref 0");
   }
+  bool stop_dropping() const { return sh("ip -n " + ns + " rule del pref 10"); }
   ~VethHost() {
     if (!made) return;
     (void)sh("ip link del " + veth + "a");
@@ -1407,7 +1408,7 @@ TEST_F(GetPageTest, FetcherTakesWhatNoDatagramCarriesFromItsConnection) {
   EXPECT_EQ(after.datagrams_on_stream - before.datagrams_on_stream, 1u);
   EXPECT_FALSE(fetcher->datagrams().lost);
 
-  ASSERT_TRUE(host.drop_datagrams_to_far()) << "could not drop datagrams to the client";
+  ASSERT_TRUE(host.drop_from_near("udp")) << "could not drop datagrams to the client";
   before = after;
   fetch(*big);
   EXPECT_TRUE(fetcher->datagrams().lost) << "the notice came through";
@@ -1420,10 +1421,58 @@ TEST_F(GetPageTest, FetcherTakesWhatNoDatagramCarriesFromItsConnection) {
   EXPECT_EQ(after.requests - before.requests, 4u) << "each: the datagram, then the connection";
 }
 
+// An onStream notice whose reply does not start on the connection (here: the far side drops
+// the server's TCP segments until the fetcher has asked again; a forged notice, or a server
+// that dropped the job, look the same) is not waited for until the fault's deadline: after a
+// few datagram waits the fetcher asks on the connection, and takes the first answer that comes.
+TEST_F(GetPageTest, FetcherAsksWhenAnAnnouncedReplyDoesNotCome) {
+  VethHost host;
+  if (std::string why = host.create(); !why.empty()) GTEST_SKIP() << why;
+  if (HasFailure()) return;
+  capture_as("snap", 1 * kMiB, 65, 2);
+  ASSERT_EQ(man_.regions[0].chunks[1].codec, Codec::kZstdPages);
+  pageserver::ServerOptions o;
+  o.host = host.near();
+  start_server(o);
+  auto loc = SnapshotLocation::parse("lazymem://" + host.near() + ":" + std::to_string(server_->port()) + "/snap");
+  ASSERT_TRUE(loc.ok());
+  auto fd = net::open_connection(*loc, "", deadline());
+  ASSERT_TRUE(fd.ok()) << fd.error().message();
+  fd_ = std::move(*fd);
+  warm(1);  // in memory: the announced reply would leave at once
+  std::unique_ptr<net::RemotePageFetcher> fetcher;
+  {
+    InNamespace other(host.ns);
+    ASSERT_TRUE(other.entered) << std::strerror(errno);
+    auto f = net::RemotePageFetcher::open(*loc, "", man_, dict_, std::chrono::seconds(5));
+    ASSERT_TRUE(f.ok()) << f.error().message();
+    fetcher = std::move(*f);
+  }
+  ASSERT_TRUE(host.drop_from_near("tcp")) << "could not drop the server's TCP segments";
+  const auto before = server_->stats();
+  std::vector<std::byte> out(4096, std::byte{0x5a});
+  snapshot::PageFetcher::Outcome outcome = snapshot::PageFetcher::Outcome::kBroken;
+  std::thread faulting([&] {
+    outcome = fetcher->fetch({0, 1}, 1, out, sys::monotonic_ns() + 5'000'000'000);  // the zero page: its whole chunk
+  });
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  while (server_->stats().requests - before.requests < 2 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::yield();
+  }
+  const uint64_t asked = server_->stats().requests - before.requests;
+  EXPECT_TRUE(host.stop_dropping());
+  faulting.join();
+  EXPECT_EQ(asked, 2u) << "the fetcher waited for the announced reply instead of asking";
+  EXPECT_EQ(server_->stats().datagrams_on_stream - before.datagrams_on_stream, 1u);
+  ASSERT_EQ(outcome, snapshot::PageFetcher::Outcome::kOk) << fetcher->failure();
+  EXPECT_EQ(std::memcmp(out.data(), expected_.data() + man_.chunk_size + 4096, 4096), 0);
+}
+
 // A page asked by datagram whose chunk is still on disk: useStream at once (the client asks on
 // its connection, which waits for the read however long it takes, instead of taking a late
 // reply for a lost datagram), and the read is under way for it: once in, pages come by datagram.
 TEST_F(GetPageTest, DatagramForAChunkOnDiskIsToldToUseTheConnection) {
+  if (!probe_kernel().io_uring_usable) GTEST_SKIP() << "no io_uring: the server reads synchronously";
   capture_as("snap", 1 * kMiB, 65, 2);
   start_server();
   connect();
@@ -1451,11 +1500,21 @@ TEST_F(GetPageTest, DatagramForAChunkOnDiskIsToldToUseTheConnection) {
 }
 
 // With replyOnStream, what no datagram carries comes on the session's connection without being
-// asked there, announced by onStream: a page whose chunk is still being read (once it is in),
-// and zero and raw pages of a page-frame chunk (their whole chunk). The datagram is the only
-// request the server sees for each.
+// asked there, announced by onStream, under the datagram's id and tag: a page whose chunk is
+// still being read (once it is in), zero and raw pages of a page-frame chunk in memory (their
+// whole chunk), a page of a raw chunk, and the error for a chunk found corrupt once read. The
+// datagram is the only request the server sees for each, and each is answered once.
 TEST_F(GetPageTest, WhatNoDatagramCarriesComesOnTheConnectionWhenAsked) {
-  capture_as("snap", 1 * kMiB, 65, 2);
+  if (!probe_kernel().io_uring_usable) GTEST_SKIP() << "no io_uring: the server reads synchronously";
+  capture_as("snap", 8 * kMiB, 65, 2);  // the last chunk far from the first ones on disk
+  std::optional<uint32_t> raw;
+  for (uint32_t c = 0; c < man_.regions[0].chunks.size() && !raw; ++c) {
+    if (man_.regions[0].chunks[c].codec == Codec::kRaw) raw = c;
+  }
+  ASSERT_TRUE(raw) << "the snapshot has no raw chunk";
+  uint32_t last = static_cast<uint32_t>(man_.regions[0].chunks.size()) - 1;
+  while (man_.regions[0].chunks[last].codec != Codec::kZstdPages) --last;
+  damage_on_disk(last);
   start_server();
   connect();
   const std::array<std::byte, 16> session = datagram_session();
@@ -1470,7 +1529,9 @@ TEST_F(GetPageTest, WhatNoDatagramCarriesComesOnTheConnectionWhenAsked) {
   ASSERT_TRUE(c.header);
   EXPECT_FALSE(check_page_reply(c, text, 0, 21));
   EXPECT_GT(server_->stats().disk_read_bytes, before.disk_read_bytes);
-  // The zero page (1) and the raw page (2) of chunk 1: its whole chunk.
+  // The zero page (1) and the raw page (2) of chunk 1, in memory: its whole chunk.
+  warm(1);
+  const uint64_t read = server_->stats().disk_read_bytes;
   for (uint32_t page : {1u, 2u}) {
     send_datagram(u.get(), page_datagram(1, page, 30 + page, session, true));
     expect_on_stream_notice(u.get(), 30 + page);
@@ -1478,10 +1539,32 @@ TEST_F(GetPageTest, WhatNoDatagramCarriesComesOnTheConnectionWhenAsked) {
     ASSERT_TRUE(c.header);
     EXPECT_TRUE(check_page_reply(c, 1, page, 30 + page)) << "page " << page << " comes as its whole chunk";
   }
+  EXPECT_EQ(server_->stats().disk_read_bytes, read) << "chunk 1 was not in memory";
+  // A raw chunk: said before anything is read.
+  send_datagram(u.get(), page_datagram(*raw, 0, 40, session, true));
+  expect_on_stream_notice(u.get(), 40);
+  c = recv();
+  ASSERT_TRUE(c.header);
+  EXPECT_TRUE(check_page_reply(c, *raw, 0, 40));
+  // A chunk found corrupt once read: the error, on the connection.
+  const uint64_t unread = server_->stats().disk_read_bytes;
+  send_datagram(u.get(), page_datagram(last, 0, 50, session, true));
+  expect_on_stream_notice(u.get(), 50);
+  c = recv();
+  ASSERT_TRUE(c.header);
+  auto r = c.header->root<proto::wire::Reply>();
+  ASSERT_TRUE(r.isError());
+  EXPECT_EQ(r.getId(), 1050u);
+  EXPECT_EQ(r.getError().getTag(), 50u);
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::IO_ERROR);
+  EXPECT_GT(server_->stats().disk_read_bytes, unread) << "the damaged chunk was in memory already";
+  // Nothing else queued on the connection: the next frame answers the next request.
+  net::OwnedFrame holder;
+  wire_stats(holder);
   const auto after = server_->stats();
-  EXPECT_EQ(after.requests - before.requests, 3u) << "the client asked nothing on the connection";
-  EXPECT_EQ(after.datagram_requests - before.datagram_requests, 3u);
-  EXPECT_EQ(after.datagrams_on_stream - before.datagrams_on_stream, 3u);
+  EXPECT_EQ(after.requests - before.requests, 7u) << "asked on the connection: only warm(1) and stats";
+  EXPECT_EQ(after.datagram_requests - before.datagram_requests, 5u);
+  EXPECT_EQ(after.datagrams_on_stream - before.datagrams_on_stream, 5u);
 }
 
 // A server started without datagrams says so to openDatagrams, and serves getPage on the

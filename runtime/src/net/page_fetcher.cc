@@ -25,6 +25,9 @@ namespace {
 constexpr uint32_t kMaxReplyHeader = 4096;
 constexpr long kRecvSliceMs = 50;
 constexpr int64_t kSpinNs = 50'000;  // a page reply header is ~64 bytes; an error's text more
+// After an onStream notice, how many datagram waits (2-20 ms each) the fetcher gives the reply
+// to start on its connection before asking there (a chunk may be being read from disk).
+constexpr int64_t kAnnouncedWaits = 4;
 
 void put_le32(std::byte* p, uint32_t v) noexcept {
   for (int i = 0; i < 4; ++i) p[i] = std::byte((v >> (8 * i)) & 0xff);
@@ -106,7 +109,9 @@ Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
   timeval slice{0, kRecvSliceMs * 1000};
   if (flags < 0 || ::fcntl(fd_.get(), F_SETFL, flags & ~O_NONBLOCK) != 0 ||
       ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &slice, sizeof slice) != 0) {
-    return Error(Errc::kIo, fmt::format("page-server connection: socket options: {}", std::strerror(errno)));
+    const int e = errno;
+    fd_.reset();
+    return Error(Errc::kIo, fmt::format("page-server connection: socket options: {}", std::strerror(e)));
   }
   connection_first_id_ = next_id_;
   failure_ = "";
@@ -220,6 +225,18 @@ bool RemotePageFetcher::read_exactly(std::byte* to, size_t n, int64_t spin_until
   return true;
 }
 
+bool RemotePageFetcher::reply_starts(int64_t until_ns) noexcept {
+  const int64_t spin_until = sys::monotonic_ns() + kSpinNs;
+  for (;;) {
+    const int64_t now = sys::monotonic_ns();
+    if (now >= until_ns) return false;
+    if (now >= spin_until) return wait_until(fd_.get(), POLLIN, until_ns);
+    std::byte b;
+    ssize_t r = ::recv(fd_.get(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r >= 0 || (errno != EAGAIN && errno != EINTR)) return true;  // bytes, the end, or an error: receive() tells
+  }
+}
+
 bool RemotePageFetcher::receive(uint32_t& header_len, uint32_t& payload_len, int64_t deadline_ns) noexcept {
   auto* buf = reinterpret_cast<std::byte*>(in_.begin());
   const size_t cap = in_.size() * sizeof(capnp::word);
@@ -260,6 +277,12 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, 
     by = fetch_by_datagram(ref, page, out, deadline_ns, done);
     if (by == ByDatagram::kDone) return done;
   }
+  // Announced but not coming (a forged notice: it needs only the id; a server that dropped the
+  // job): asked after a while after all. Both answers are then safe: the second is skipped.
+  if (by == ByDatagram::kComing &&
+      !reply_starts(std::min(deadline_ns, sys::monotonic_ns() + kAnnouncedWaits * datagram_wait_ns_))) {
+    by = ByDatagram::kAsk;
+  }
   if (by == ByDatagram::kAsk && !send_request(deadline_ns)) return broken("send to page server failed");
   uint32_t header_len = 0, payload_len = 0;
   for (int skipped = 0;; ++skipped) {
@@ -274,7 +297,8 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::fetch(snapshot::ChunkRef ref, 
     // up waiting, asked again. Skipped; the answer to this request follows.
     capnp::FlatArrayMessageReader reader(kj::arrayPtr(in_.begin() + 1, header_len / sizeof(capnp::word)));
     const uint64_t answered = reader.getRoot<wire::Reply>().getId();
-    if (answered < connection_first_id_ || answered >= id || skipped == 64) break;
+    if (answered < connection_first_id_ || answered >= id) break;
+    if (skipped == 64) return broken("page server sent too many answers to earlier requests");
   }
   return use_reply(ref, page, out, header_len, payload_len);
 }

@@ -56,6 +56,8 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   // Receives one whole frame (and nothing of the next) into in_; returns its header and payload
   // lengths.
   bool receive(uint32_t& header_len, uint32_t& payload_len, int64_t deadline_ns) noexcept;
+  // Whether a reply starts on the connection by until_ns (spinning first, as receive() does).
+  bool reply_starts(int64_t until_ns) noexcept;
   // Reads exactly n bytes of the connection: non-blocking until spin_until, then blocking.
   bool read_exactly(std::byte* to, size_t n, int64_t spin_until, int64_t deadline_ns) noexcept;
   Outcome use_reply(snapshot::ChunkRef ref, uint32_t page, std::span<std::byte> out, uint32_t header_len,
