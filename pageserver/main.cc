@@ -3,6 +3,7 @@
 //   import --store DIR --raw FILE --name N [--chunk-kib K] [--zstd-level L] [--format 1|2]
 //   ls     --store DIR | --server lazymem://HOST:PORT [--token-file F]
 //   rm     --store DIR | --server lazymem://HOST:PORT [--token-file F] --name N
+//   verify --store DIR [--name N] | --server lazymem://HOST:PORT [--token-file F] --name N
 #include <sys/resource.h>
 
 #include <csignal>
@@ -30,6 +31,7 @@ constexpr const char* kUsage =
     "  import  --store DIR --raw FILE --name N                   snapshot a raw memory file (e.g. VM memory)\n"
     "  ls      --store DIR | --server lazymem://HOST:PORT        list snapshots, sizes, compression\n"
     "  rm      --store DIR | --server lazymem://HOST:PORT --name N   remove a snapshot\n"
+    "  verify  --store DIR [--name N] | --server lazymem://HOST:PORT --name N   read and check every chunk\n"
     "  stats   --server lazymem://HOST:PORT [--json]             counters of a running server\n";
 
 pageserver::PageServer* g_server = nullptr;  // for the signal handler only
@@ -196,6 +198,47 @@ int rm(const std::vector<std::string>& args) {
   return 0;
 }
 
+// Exit status 1 when any chunk is damaged: scripts (a nightly scrub) act on it.
+int verify(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-pageserver verify");
+  desc.add_options()("store", po::value<std::string>(), "snapshot store directory")(
+      "server", po::value<std::string>(), "lazymem://HOST:PORT of a running server (checks what it serves)")(
+      "token-file", po::value<std::string>(), "token for --server")(
+      "name", po::value<std::string>(), "the snapshot (default with --store: every snapshot)");
+  auto vm = parse(args, desc);
+  if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
+  if (vm.count("server") && !vm.count("name")) throw std::invalid_argument("--server needs --name");
+  const std::string where = vm.count("store") ? vm["store"].as<std::string>() : vm["server"].as<std::string>();
+  std::vector<std::string> names;
+  if (vm.count("name")) {
+    names.push_back(vm["name"].as<std::string>());
+  } else {
+    auto list = snapshot::list_store(where);
+    if (!list.ok()) throw std::runtime_error(list.error().message());
+    for (const auto& s : *list) names.push_back(s.name);
+  }
+  const std::string token_file = vm.count("token-file") ? vm["token-file"].as<std::string>() : "";
+  size_t bad = 0;
+  for (const std::string& name : names) {
+    auto rep = verify_snapshot(where + "/" + name, token_file);
+    if (!rep.ok()) {
+      std::printf("%s: cannot be read: %s\n", name.c_str(), rep.error().message().c_str());
+      ++bad;
+      continue;
+    }
+    std::printf("%s: %s, %llu chunks, %.1f MiB stored, %.1f MiB decoded in %.2f s\n", name.c_str(),
+                rep->damaged.empty() ? "ok" : "DAMAGED", static_cast<unsigned long long>(rep->chunks),
+                rep->stored_bytes / 1048576.0, rep->bytes / 1048576.0, rep->seconds);
+    for (const auto& d : rep->damaged) std::printf("  %s\n", d.c_str());
+    bad += !rep->damaged.empty();
+  }
+  if (bad) {
+    std::fprintf(stderr, "%zu of %zu snapshots damaged or unreadable: capture or upload them again (--replace)\n", bad,
+                 names.size());
+  }
+  return bad ? 1 : 0;
+}
+
 int stats(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-pageserver stats");
   desc.add_options()("server", po::value<std::string>()->required(), "lazymem://HOST:PORT of a running server")(
@@ -229,6 +272,7 @@ int main(int argc, char** argv) {
     if (cmd == "import") return import_raw(args);
     if (cmd == "ls") return ls(args);
     if (cmd == "rm") return rm(args);
+    if (cmd == "verify") return verify(args);
     if (cmd == "stats") return stats(args);
     if (cmd == "-h" || cmd == "--help" || cmd == "help") {
       std::cout << kUsage;

@@ -10,6 +10,7 @@
 #include "fault/thread_faults.h"
 #include "net/remote.h"
 #include "snapshot/chunk_codec.h"
+#include "snapshot/read_chunks.h"
 #include "snapshot/snapshot_reader.h"
 #include "source.h"
 #include "sys/mapping.h"
@@ -228,23 +229,9 @@ Result<std::vector<RestoredRegion>> restore_eager(const std::string& location, c
   sink.m = &m;
   sink.maps = &maps;
   sink.dict = dict ? dict->get() : nullptr;
-  for (size_t r = 0; r < m.regions.size(); ++r)
-    for (size_t c = 0; c < m.regions[r].chunks.size(); ++c)
-      if (m.regions[r].chunks[c].codec != Codec::kZero)
-        sink.refs.push_back(snapshot::ChunkRef{static_cast<uint32_t>(r), static_cast<uint32_t>(c)});
-  size_t next = 0;
-  std::vector<snapshot::ChunkRequest> batch;
-  while (next < sink.refs.size() || reader->in_flight() > 0) {
-    batch.clear();
-    while (next < sink.refs.size() && batch.size() + reader->in_flight() < reader->capacity()) {
-      batch.push_back(snapshot::ChunkRequest{sink.refs[next], next, false});
-      ++next;
-    }
-    if (!batch.empty()) LAZYMEM_TRY(reader->submit(batch));
-    auto n = reader->poll(sink, true, reader->capacity());
-    if (!n.ok()) return std::move(n).error();
-    if (sink.error) return *sink.error;
-  }
+  sink.refs = snapshot::stored_chunks(m);
+  LAZYMEM_TRY(snapshot::read_chunks(*reader, sink.refs, sink, [&] { return sink.error.has_value(); }));
+  if (sink.error) return *sink.error;
   std::vector<RestoredRegion> out;
   for (size_t i = 0; i < maps.size(); ++i) {
     out.push_back(RestoredRegion{m.regions[i].name, maps[i].data(), maps[i].size()});

@@ -287,6 +287,32 @@ TEST_F(PageServerTest, SnapshotChangedInTheStoreIsSeenByNewRestores) {
   EXPECT_EQ(r.error().code(), Errc::kNotFound);
 }
 
+// Verified through the server: what a restore from it would get, every stored chunk.
+TEST_F(PageServerTest, VerifyThroughTheServerFindsADamagedChunk) {
+  capture(4 * kMiB, 34);
+  start_server();
+  auto clean = verify_snapshot(uri());
+  ASSERT_TRUE(clean.ok()) << clean.error().message();
+  EXPECT_TRUE(clean->damaged.empty());
+  auto m = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(m.ok());
+  uint32_t c = static_cast<uint32_t>(m->regions[0].chunks.size()) - 1;
+  while (m->regions[0].chunks[c].codec == Codec::kZero) --c;
+  stop_server();  // its cache holds the chunk: a new server reads the damaged disk
+  {
+    std::fstream data(dir_.path() + "/snap/" + snapshot::kDataFile, std::ios::in | std::ios::out | std::ios::binary);
+    data.seekp(static_cast<std::streamoff>(m->regions[0].chunks[c].offset + 3));
+    data.put('\x5a').put('\x5a');
+    ASSERT_TRUE(data.good());
+  }
+  start_server();
+  auto rep = verify_snapshot(uri());
+  ASSERT_TRUE(rep.ok()) << rep.error().message();
+  EXPECT_EQ(rep->chunks, clean->chunks);
+  ASSERT_EQ(rep->damaged.size(), 1u);
+  EXPECT_NE(rep->damaged[0].find("chunk " + std::to_string(c) + " "), std::string::npos) << rep->damaged[0];
+}
+
 TEST_F(PageServerTest, UnknownSnapshotIsAClearError) {
   capture(4 * kMiB, 23);
   start_server();

@@ -244,6 +244,38 @@ TEST_F(SnapshotFormatTest, RemovalAndLeftoversOfDeadProcesses) {
   for (const auto& d : kept) EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/" + d)) << d;
 }
 
+// verify_snapshot reads every stored chunk and names each damaged one (not only the first).
+TEST_F(SnapshotFormatTest, VerifyNamesEveryDamagedChunk) {
+  for (uint32_t format : {1u, 2u}) {
+    SCOPED_TRACE(format);
+    const std::string loc = capture("v" + std::to_string(format), format);
+    auto m = read_manifest(loc);
+    ASSERT_TRUE(m.ok());
+    std::vector<uint32_t> stored;
+    for (uint32_t c = 0; c < m->regions[0].chunks.size(); ++c) {
+      if (m->regions[0].chunks[c].codec != Codec::kZero) stored.push_back(c);
+    }
+    ASSERT_GE(stored.size(), 3u);
+    auto clean = verify_snapshot(loc);
+    ASSERT_TRUE(clean.ok()) << clean.error().message();
+    EXPECT_EQ(clean->chunks, stored.size());
+    EXPECT_TRUE(clean->damaged.empty());
+    const std::vector<uint32_t> hit = {stored[1], stored.back()};
+    for (uint32_t c : hit) {
+      const ChunkInfo& ci = m->regions[0].chunks[c];
+      const char flip = 0x5a;
+      patch(loc + "/data", ci.offset + ci.stored_length / 2, &flip, 1);
+    }
+    auto rep = verify_snapshot(loc);
+    ASSERT_TRUE(rep.ok()) << rep.error().message();
+    EXPECT_EQ(rep->chunks, stored.size());
+    ASSERT_EQ(rep->damaged.size(), hit.size());
+    for (size_t i = 0; i < hit.size(); ++i) {
+      EXPECT_NE(rep->damaged[i].find("chunk " + std::to_string(hit[i]) + " "), std::string::npos) << rep->damaged[i];
+    }
+  }
+}
+
 TEST_F(SnapshotFormatTest, RawMemoryFileRoundTrip) {
   // A VM's guest memory image: captured by offset, restored (eagerly here) anywhere.
   std::string file = dir_.path() + "/guest.mem";

@@ -122,4 +122,17 @@ Result<CaptureReport> capture_raw_file(const std::string& target, const std::str
 // Reads and validates a snapshot's manifest (local or remote).
 Result<Manifest> read_manifest(const std::string& location, const std::string& token_file = "");
 
+struct VerifyReport {
+  uint64_t chunks = 0;        // stored chunks read (zero chunks store nothing)
+  uint64_t stored_bytes = 0;  // as stored (compressed)
+  uint64_t bytes = 0;         // decoded
+  std::vector<std::string> damaged;  // one line per chunk that failed: where, and why
+  double seconds = 0;
+};
+
+// Reads every stored chunk of a snapshot (local, or through a page server: the whole path a
+// restore would take) and checks that it decodes to its checksum. Damaged chunks are listed
+// in the report; an error means the snapshot could not be read at all.
+Result<VerifyReport> verify_snapshot(const std::string& location, const std::string& token_file = "");
+
 }  // namespace lazymem
