@@ -953,6 +953,17 @@ class GetPageTest : public PageServerTest {
     EXPECT_TRUE(data.good());
     return snapshot::page_frame(stored, man_.chunk_length(0, c), man_.regions[0].page_size, page).size();
   }
+  // The first page of snapshot "snap" stored as a zstd frame of [min, max) bytes: (chunk, page).
+  std::optional<std::pair<uint32_t, uint32_t>> page_with_frame(size_t min, size_t max) {
+    for (uint32_t c = 0; c < man_.regions[0].chunks.size(); ++c) {
+      if (man_.regions[0].chunks[c].codec != Codec::kZstdPages) continue;
+      for (uint32_t p = 0; p < man_.chunk_length(0, c) / 4096; ++p) {
+        const size_t n = frame_size(c, p);
+        if (n >= min && n < max) return {{c, p}};
+      }
+    }
+    return std::nullopt;
+  }
   uint32_t first_page_frame_chunk() const {
     uint32_t c = 0;
     while (man_.regions[0].chunks[c].codec != Codec::kZstdPages) ++c;
@@ -1319,15 +1330,7 @@ TEST_P(NeverFragmentTest, AcrossA1280ByteLink) {
   const std::string near = v6 ? host.near6() : host.near(), far = v6 ? host.far6() : host.far();
   capture_as("snap", 1 * kMiB, 63, 2);
   // A page whose frame cannot fit a 1280-byte datagram, and one whose frame can.
-  std::optional<std::pair<uint32_t, uint32_t>> big, small;
-  for (uint32_t c = 0; c < man_.regions[0].chunks.size() && !(big && small); ++c) {
-    if (man_.regions[0].chunks[c].codec != Codec::kZstdPages) continue;
-    for (uint32_t p = 0; p < man_.chunk_length(0, c) / 4096; ++p) {
-      const size_t n = frame_size(c, p);
-      if (!big && n >= 1300 && n < 4096) big = {{c, p}};
-      if (!small && n > 0 && n < 600) small = {{c, p}};
-    }
-  }
+  const auto big = page_with_frame(1300, 4096), small = page_with_frame(1, 600);
   ASSERT_TRUE(big && small) << "the snapshot has no page frame of each size";
   pageserver::ServerOptions o;
   o.host = near;
@@ -1387,15 +1390,7 @@ TEST_F(GetPageTest, FetcherTakesWhatNoDatagramCarriesFromItsConnection) {
   if (std::string why = host.create(1280); !why.empty()) GTEST_SKIP() << why;
   if (HasFailure()) return;
   capture_as("snap", 1 * kMiB, 63, 2);
-  std::optional<std::pair<uint32_t, uint32_t>> big, small;
-  for (uint32_t c = 0; c < man_.regions[0].chunks.size() && !(big && small); ++c) {
-    if (man_.regions[0].chunks[c].codec != Codec::kZstdPages) continue;
-    for (uint32_t p = 0; p < man_.chunk_length(0, c) / 4096; ++p) {
-      const size_t n = frame_size(c, p);
-      if (!big && n >= 1300 && n < 4096) big = {{c, p}};
-      if (!small && n > 0 && n < 600) small = {{c, p}};
-    }
-  }
+  const auto big = page_with_frame(1300, 4096), small = page_with_frame(1, 600);
   ASSERT_TRUE(big && small) << "the snapshot has no page frame of each size";
   pageserver::ServerOptions o;
   o.host = host.near();
