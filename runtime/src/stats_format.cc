@@ -44,6 +44,7 @@ nlohmann::json region_json(const RegionStats& r) {
           {"blocked_us", r.blocked_us},
           {"pages_by_datagram", r.pages_by_datagram},
           {"datagrams_lost", r.datagrams_lost},
+          {"datagram_pages_on_connection", r.datagram_pages_on_connection},
           {"latency_us", {{"count", r.latency.count},
                           {"p50", r.latency.percentile_us(50)},
                           {"p99", r.latency.percentile_us(99)},

@@ -1428,6 +1428,8 @@ TEST_F(GetPageTest, FetcherTakesWhatNoDatagramCarriesFromItsConnection) {
   EXPECT_EQ(after.requests - before.requests, 1u) << "asked again on the connection";
   EXPECT_EQ(after.datagrams_on_stream - before.datagrams_on_stream, 1u);
   EXPECT_FALSE(fetcher->datagrams().lost);
+  EXPECT_TRUE(fetcher->datagrams().on_connection) << "counted as announced";
+  EXPECT_FALSE(fetcher->datagrams().answered);
 
   ASSERT_TRUE(host.drop_from_near("udp")) << "could not drop datagrams to the client";
   before = after;

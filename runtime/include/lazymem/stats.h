@@ -37,6 +37,7 @@ struct RegionStats {
   // Faults on the faulting thread (fault_on_thread) with a page server that takes datagrams:
   uint64_t pages_by_datagram = 0;  // pages that came in a datagram
   uint64_t datagrams_lost = 0;     // requests unanswered in time, asked again on the connection
+  uint64_t datagram_pages_on_connection = 0;  // asked by datagram, sent on the connection (too big)
   LatencyHistogram latency;        // from the fault being read to the page being installed
 
   uint64_t pages_present() const { return pages_fault + pages_prefetch + pages_zero; }

@@ -46,6 +46,7 @@ void RegionStats::merge(const RegionStats& o) {
   blocked_us += o.blocked_us;
   pages_by_datagram += o.pages_by_datagram;
   datagrams_lost += o.datagrams_lost;
+  datagram_pages_on_connection += o.datagram_pages_on_connection;
   latency.merge(o.latency);
 }
 
@@ -80,6 +81,7 @@ RegionStats LiveRegionStats::read() const {
   s.errors = errors_.load(std::memory_order_relaxed);
   s.pages_by_datagram = by_datagram_.load(std::memory_order_relaxed);
   s.datagrams_lost = datagrams_lost_.load(std::memory_order_relaxed);
+  s.datagram_pages_on_connection = datagram_on_connection_.load(std::memory_order_relaxed);
   s.latency.count = lat_count_.load(std::memory_order_relaxed);
   s.latency.sum_us = lat_sum_.load(std::memory_order_relaxed);
   s.latency.max_us = lat_max_.load(std::memory_order_relaxed);

@@ -23,9 +23,10 @@ class LiveRegionStats {
     bump(bytes_decompressed_, decompressed);
   }
   void add_error() { bump(errors_); }
-  void add_datagrams(bool answered, bool lost) {
+  void add_datagrams(bool answered, bool lost, bool on_connection) {
     if (answered) bump(by_datagram_);
     if (lost) bump(datagrams_lost_);
+    if (on_connection) bump(datagram_on_connection_);
   }
   void add_latency_us(uint64_t us);
 
@@ -39,7 +40,7 @@ class LiveRegionStats {
   uint64_t length_;
   std::atomic<uint64_t> faults_{0}, pages_fault_{0}, pages_prefetch_{0}, pages_zero_{0};
   std::atomic<uint64_t> bytes_fetched_{0}, bytes_decompressed_{0}, errors_{0};
-  std::atomic<uint64_t> by_datagram_{0}, datagrams_lost_{0};
+  std::atomic<uint64_t> by_datagram_{0}, datagrams_lost_{0}, datagram_on_connection_{0};
   std::atomic<uint64_t> lat_count_{0}, lat_sum_{0}, lat_max_{0};
   std::array<std::atomic<uint64_t>, LatencyHistogram::kBuckets> buckets_{};
 };

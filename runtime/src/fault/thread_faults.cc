@@ -396,7 +396,7 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
       }
       const auto outcome = conn->fetcher->fetch(ref, index, std::span(conn->page.data(), page_size), deadline);
       const auto dg = conn->fetcher->datagrams();  // read before a broken connection goes to the keeper
-      stats_[region]->add_datagrams(dg.answered, dg.lost);
+      stats_[region]->add_datagrams(dg.answered, dg.lost, dg.on_connection);
       switch (outcome) {
         case snapshot::PageFetcher::Outcome::kOk:
           have = true, have_ref = ref, have_index = index;

@@ -362,7 +362,10 @@ RemotePageFetcher::ByDatagram RemotePageFetcher::fetch_by_datagram(snapshot::Chu
     lost_in_row_ = 0;
     datagrams_off_ns_ = 1'000'000'000;
     if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::USE_STREAM) return ByDatagram::kAsk;
-    if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::ON_STREAM) return ByDatagram::kComing;
+    if (reply.isError() && reply.getError().getCode() == wire::ErrorCode::ON_STREAM) {
+      datagrams_.on_connection = true;
+      return ByDatagram::kComing;
+    }
     datagrams_.answered = true;
     done = use_reply(ref, page, out, header_len, payload_len);
     return ByDatagram::kDone;

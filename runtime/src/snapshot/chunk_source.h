@@ -76,11 +76,13 @@ class PageFetcher {
   virtual Outcome fetch(ChunkRef ref, uint32_t page, std::span<std::byte> out, int64_t deadline_ns) noexcept = 0;
   // Bytes the last successful fetch received from the source (for statistics).
   virtual size_t received() const noexcept = 0;
-  // How the last fetch went by datagram (for statistics): its page came in one, and whether a
-  // datagram request went unanswered in time (asked again on the connection).
+  // How the last fetch went by datagram (for statistics): its page came in one, whether a
+  // datagram request went unanswered in time (asked again on the connection), and whether the
+  // server announced the page on the connection instead (too big for a datagram).
   struct Datagrams {
     bool answered = false;
     bool lost = false;
+    bool on_connection = false;
   };
   virtual Datagrams datagrams() const noexcept { return {}; }
   // Why the last fetch failed, as a static string (safe to write from a signal handler).
