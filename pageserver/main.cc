@@ -144,7 +144,9 @@ int import_raw(const std::vector<std::string>& args) {
   o.format_version = vm["format"].as<uint32_t>();
   o.chunk_size = vm["chunk-kib"].as<uint32_t>() * 1024;
   o.zstd_level = vm["zstd-level"].as<int>();
-  auto rep = capture_raw_file(vm["store"].as<std::string>() + "/" + vm["name"].as<std::string>(),
+  auto target = SnapshotLocation::in_store(vm["store"].as<std::string>(), vm["name"].as<std::string>());
+  if (!target.ok()) throw std::invalid_argument(target.error().message());
+  auto rep = capture_raw_file(target->to_string(),
                               vm["raw"].as<std::string>(), o);
   if (!rep.ok()) throw std::runtime_error(rep.error().message());
   std::printf("imported %s: %.1f MiB stored of %.1f MiB (%.2fx) in %.2f s\n", rep->location.c_str(),
@@ -185,7 +187,8 @@ int rm(const std::vector<std::string>& args) {
   if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
   const std::string name = vm["name"].as<std::string>();
   const std::string where = vm.count("store") ? vm["store"].as<std::string>() : vm["server"].as<std::string>();
-  auto loc = SnapshotLocation::parse(where + "/" + name);
+  // A remote location checks its name the same way (parse), a local one here (in_store).
+  auto loc = vm.count("store") ? SnapshotLocation::in_store(where, name) : SnapshotLocation::parse(where + "/" + name);
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
   Status s = ok_status();
   if (loc->remote()) {
@@ -220,7 +223,8 @@ int verify(const std::vector<std::string>& args) {
   const std::string token_file = vm.count("token-file") ? vm["token-file"].as<std::string>() : "";
   size_t bad = 0;
   for (const std::string& name : names) {
-    auto rep = verify_snapshot(where + "/" + name, token_file);
+    auto loc = vm.count("store") ? SnapshotLocation::in_store(where, name) : SnapshotLocation::parse(where + "/" + name);
+    auto rep = loc.ok() ? verify_snapshot(loc->to_string(), token_file) : Result<VerifyReport>(std::move(loc).error());
     if (!rep.ok()) {
       std::printf("%s: cannot be read: %s\n", name.c_str(), rep.error().message().c_str());
       ++bad;

@@ -312,7 +312,7 @@ struct PageServer::Impl {
       }
       snapshots.erase(it);
     }
-    auto loc = SnapshotLocation::parse(opt.store_dir + "/" + name);
+    auto loc = SnapshotLocation::in_store(opt.store_dir, name);
     if (!loc.ok()) return std::move(loc).error();
     auto snap = std::make_shared<OpenSnapshot>();
     snap->name = name;
@@ -344,7 +344,7 @@ struct PageServer::Impl {
   // request, their pages poisoned, never wrong), deleted on a thread of its own: a large data
   // file takes a while, and this loop serves faults.
   void remove_snapshot(Conn& c, uint64_t id, const std::string& name) {
-    auto loc = SnapshotLocation::parse(opt.store_dir + "/" + name);
+    auto loc = SnapshotLocation::in_store(opt.store_dir, name);
     if (!loc.ok()) return reply_error(c, id, wire::ErrorCode::BAD_REQUEST, loc.error().message());
     auto doomed = snapshot::retire_snapshot(*loc);
     if (!doomed.ok()) {
@@ -375,7 +375,7 @@ struct PageServer::Impl {
     if (rq.isPutBegin()) {
       auto pb = rq.getPutBegin();
       std::string name = pb.getName();
-      auto loc = SnapshotLocation::parse(opt.store_dir + "/" + name);
+      auto loc = SnapshotLocation::in_store(opt.store_dir, name);
       if (!loc.ok()) {
         reply_error(c, id, wire::ErrorCode::BAD_REQUEST, loc.error().message());
         return;

@@ -271,6 +271,43 @@ TEST_F(PageServerTest, RemovedSnapshotIsGoneAtOnce) {
   EXPECT_EQ(leftovers(), 0u) << "the removed snapshot's files are still there";
 }
 
+// Names from the network never lead out of the store: a snapshot beside the store (reachable as
+// "../<dir>/victim") can be neither read, replaced nor removed, and "a/../snap" is no way to
+// remove "snap".
+TEST_F(PageServerTest, NamesFromTheNetworkStayInTheStore) {
+  capture(1 * kMiB, 35);
+  ScratchDir outside;
+  std::filesystem::copy(dir_.path() + "/snap", outside.path() + "/victim");
+  start_server();
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  auto fd = net::open_connection(*loc, "", std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  ASSERT_TRUE(fd.ok()) << fd.error().message();
+  net::FrameBuffer in;
+  auto ask = [&](auto fill) {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(9);
+    fill(rq);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    EXPECT_TRUE(net::send_frame(fd->get(), m, {}, deadline).ok());
+    auto f = net::recv_frame(fd->get(), in, deadline);
+    EXPECT_TRUE(f.ok()) << f.error().message();
+    return f.ok() && f->header->root<proto::wire::Reply>().isError();
+  };
+  const std::string escape = "../" + std::filesystem::path(outside.path()).filename().string() + "/victim";
+  EXPECT_TRUE(ask([&](auto rq) { rq.setGetManifest(escape); })) << "served a snapshot outside the store";
+  EXPECT_TRUE(ask([&](auto rq) { rq.setRemove(escape); })) << "removed a snapshot outside the store";
+  EXPECT_TRUE(ask([&](auto rq) { rq.setRemove("x/../snap"); }));
+  EXPECT_TRUE(ask([&](auto rq) {
+    auto pb = rq.initPutBegin();
+    pb.setName(escape);
+    pb.setReplace(true);
+  })) << "began an upload outside the store";
+  EXPECT_TRUE(std::filesystem::exists(outside.path() + "/victim/" + snapshot::kManifestFile));
+  EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/snap/" + snapshot::kManifestFile));
+}
+
 // Replaced or removed in the store by another program while the server holds it open: a
 // restore starting afterwards gets what the store holds now.
 TEST_F(PageServerTest, SnapshotChangedInTheStoreIsSeenByNewRestores) {

@@ -74,6 +74,10 @@ struct SnapshotLocation {
   bool remote() const { return !host.empty(); }
   std::string to_string() const;
   static Result<SnapshotLocation> parse(const std::string& text);
+  // Snapshot `name` of local store `store_dir`. The name is checked as given (1-200 characters,
+  // no '/' or NUL, not starting with '.'): a name from the network or a --name flag never
+  // leads out of the store ("../x", "a/../b").
+  static Result<SnapshotLocation> in_store(const std::string& store_dir, const std::string& name);
 };
 
 struct CaptureOptions {

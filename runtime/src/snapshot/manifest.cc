@@ -47,6 +47,20 @@ std::string SnapshotLocation::to_string() const {
   return store_dir + "/" + name;
 }
 
+namespace {
+
+bool valid_name(const std::string& name) {
+  return !name.empty() && name.size() <= 200 && name[0] != '.' && name.find('/') == std::string::npos &&
+         name.find('\0') == std::string::npos;
+}
+
+Error bad_name(const std::string& text) {
+  return Error(Errc::kInvalidArgument,
+               fmt::format("'{}': a snapshot name must be 1-200 characters, no '/', not starting with '.'", text));
+}
+
+}  // namespace
+
 Result<SnapshotLocation> SnapshotLocation::parse(const std::string& text) {
   SnapshotLocation loc;
   constexpr std::string_view kScheme = "lazymem://";
@@ -80,11 +94,15 @@ Result<SnapshotLocation> SnapshotLocation::parse(const std::string& text) {
     loc.store_dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
     loc.name = slash == std::string::npos ? path : path.substr(slash + 1);
   }
-  if (loc.name.empty() || loc.name == "." || loc.name == ".." || loc.name.find('/') != std::string::npos ||
-      loc.name[0] == '.' || loc.name.size() > 200) {
-    return Error(Errc::kInvalidArgument,
-                 fmt::format("'{}': a snapshot name must be 1-200 characters, no '/', not starting with '.'", text));
-  }
+  if (!valid_name(loc.name)) return bad_name(text);
+  return loc;
+}
+
+Result<SnapshotLocation> SnapshotLocation::in_store(const std::string& store_dir, const std::string& name) {
+  if (!valid_name(name)) return bad_name(name);
+  SnapshotLocation loc;
+  loc.store_dir = store_dir;
+  loc.name = name;
   return loc;
 }
 
