@@ -10,6 +10,9 @@
 #include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <algorithm>
+#include <fmt/format.h>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -216,9 +219,14 @@ int verify(const std::vector<std::string>& args) {
   if (vm.count("name")) {
     names.push_back(vm["name"].as<std::string>());
   } else {
-    auto list = snapshot::list_store(where);
-    if (!list.ok()) throw std::runtime_error(list.error().message());
-    for (const auto& s : *list) names.push_back(s.name);
+    // Every snapshot directory, not the list (which leaves out those whose manifest is broken).
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(where, ec)) {
+      const std::string n = e.path().filename().string();
+      if (!n.empty() && n[0] != '.' && e.is_directory()) names.push_back(n);
+    }
+    if (ec) throw std::runtime_error(fmt::format("snapshot store {}: {}", where, ec.message()));
+    std::sort(names.begin(), names.end());
   }
   const std::string token_file = vm.count("token-file") ? vm["token-file"].as<std::string>() : "";
   size_t bad = 0;

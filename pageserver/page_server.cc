@@ -47,8 +47,6 @@ struct OpenSnapshot {
   uint64_t file_id = 0;  // names its extents in the cache; a replaced snapshot gets a new one
   Manifest manifest;
   std::vector<std::byte> manifest_bytes;
-  dev_t manifest_dev = 0;  // the manifest file opened: another there now means removed or replaced
-  ino_t manifest_ino = 0;
   sys::UniqueFd data;
   // Per region and chunk: the newest Extent::loaded of the extents its stored checksum was last
   // checked in (0: never). A getPage checks a chunk again only when one of its extents was read
@@ -193,7 +191,13 @@ struct PageServer::Impl {
   sys::UniqueFd ring_event;
   bool ring_pending = false;  // SQEs prepared but not submitted
   std::unique_ptr<ExtentCache> cache;
-  std::unordered_map<Extent*, Pin> reading;  // the read's own pin, until it completes
+  // A read in flight: its own pin, and its snapshot, whose data descriptor the read uses (were
+  // the snapshot dropped meanwhile, removed or replaced, the number could name another file).
+  struct Read {
+    Pin pin;
+    std::shared_ptr<OpenSnapshot> snap;
+  };
+  std::unordered_map<Extent*, Read> reading;  // until each completes
   bool reads_completed = false;              // since the last retry of starved connections
   uint64_t next_serial = 1;
   sys::CpuLatencyHold cpu_latency;  // held while requests keep coming
@@ -305,9 +309,12 @@ struct PageServer::Impl {
   Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name, bool recheck = false) {
     auto it = snapshots.find(name);
     if (it != snapshots.end()) {
-      struct stat st{};
-      if (!recheck || (::stat((opt.store_dir + "/" + name + "/" + snapshot::kManifestFile).c_str(), &st) == 0 &&
-                       st.st_dev == it->second->manifest_dev && st.st_ino == it->second->manifest_ino)) {
+      // The data file held open is still the one in the store (its inode number cannot be
+      // given to another file while it is open; a manifest's could).
+      struct stat now{}, held{};
+      if (!recheck || (::stat((opt.store_dir + "/" + name + "/" + snapshot::kDataFile).c_str(), &now) == 0 &&
+                       ::fstat(it->second->data.get(), &held) == 0 && now.st_dev == held.st_dev &&
+                       now.st_ino == held.st_ino)) {
         return it->second;
       }
       snapshots.erase(it);
@@ -318,11 +325,6 @@ struct PageServer::Impl {
     snap->name = name;
     snap->file_id = next_file_id++;
     std::string dir = opt.store_dir + "/" + name;
-    struct stat mst{};
-    if (::stat((dir + "/" + snapshot::kManifestFile).c_str(), &mst) == 0) {
-      snap->manifest_dev = mst.st_dev;
-      snap->manifest_ino = mst.st_ino;
-    }
     auto bytes = snapshot::read_small_file(dir + "/" + snapshot::kManifestFile, snapshot::kMaxManifestBytes);
     if (!bytes.ok()) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
     LAZYMEM_ASSIGN_OR_RETURN(snap->manifest, snapshot::decode_manifest(*bytes, dir));
@@ -354,10 +356,16 @@ struct PageServer::Impl {
                          missing ? fmt::format("no snapshot '{}' in this store", name) : doomed.error().message());
     }
     snapshots.erase(name);
-    std::thread([dir = *doomed] {
+    auto erase = [dir = *doomed, log = log] {
       std::error_code ec;
       std::filesystem::remove_all(dir, ec);
-    }).detach();
+      if (ec) log->warn("deleting removed snapshot {} failed: {} (delete it by hand)", dir, ec.message());
+    };
+    try {
+      std::thread(erase).detach();
+    } catch (const std::system_error&) {
+      erase();  // no thread to be had: the loop waits this once
+    }
     log->info("snapshot '{}' removed (connection {})", name, c.fd.get());
     reply_ok(c, id);
   }
@@ -917,7 +925,8 @@ struct PageServer::Impl {
   std::vector<std::byte> scratch_;            // a page request's stored chunk that straddles extents
 
   // Starts the read of a claimed extent (or does it now, without io_uring).
-  void start_read(Pin read_pin, int data_fd) {
+  void start_read(Pin read_pin, const std::shared_ptr<OpenSnapshot>& snap) {
+    const int data_fd = snap->data.get();
     Extent* e = read_pin.get();
     off_t at = static_cast<off_t>(e->index * ExtentCache::kExtentSize);
     if (!ring) {
@@ -934,7 +943,7 @@ struct PageServer::Impl {
     }
     io_uring_sqe_set_data(sqe, e);
     ring_pending = true;
-    reading.emplace(e, std::move(read_pin));
+    reading.emplace(e, Read{std::move(read_pin), snap});
   }
 
   // Turns queued chunk requests into replies, demand first, while the connection holds less
@@ -958,7 +967,7 @@ struct PageServer::Impl {
               c.starved = true;  // resumed when an extent is unpinned or a read completes
               return;
             }
-            start_read(cache->share(p.get()), j.snap->data.get());
+            start_read(cache->share(p.get()), j.snap);
           }
           if (p->state == Extent::State::kReading) {
             ready = false;
@@ -1029,7 +1038,7 @@ struct PageServer::Impl {
         if (it != conns.end() && it->second->serial == serial) touched.insert(fd);
       }
       e->waiters.clear();
-      reading.erase(e);  // drops the read's pin
+      reading.erase(e);  // drops the read's pin (and its hold on the snapshot)
       reads_completed = true;
     }
     for (int fd : touched) {

@@ -1,6 +1,8 @@
 // verify_snapshot: every stored chunk of a snapshot read and checked, as a restore would.
 #include <fmt/format.h>
 
+#include <optional>
+
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 #include "snapshot/chunk_codec.h"
@@ -44,16 +46,24 @@ Result<VerifyReport> verify_snapshot(const std::string& location, const std::str
       report.bytes += to.size();
       if (!s.ok()) damaged(tag, s.error().message());
     }
+    // Damage is counted; anything else (the server gone, the snapshot removed meanwhile) ends
+    // the check: it says nothing about the chunks.
     void on_chunk_error(uint64_t tag, const Error& e) override {
+      if (e.code() != Errc::kCorrupt) {
+        if (!failed) failed = e;
+        return;
+      }
       ++report.chunks;
       damaged(tag, e.message());
     }
+    std::optional<Error> failed;
   } sink;
   sink.m = &m;
   sink.dict = dict ? dict->get() : nullptr;
   sink.refs = snapshot::stored_chunks(m);
   sink.out.resize(m.chunk_size);
-  LAZYMEM_TRY(snapshot::read_chunks(*reader, sink.refs, sink));
+  LAZYMEM_TRY(snapshot::read_chunks(*reader, sink.refs, sink, [&] { return sink.failed.has_value(); }));
+  if (sink.failed) return sink.failed->wrap(fmt::format("{}: verification stopped", location));
   sink.report.seconds = static_cast<double>(sys::monotonic_ns() - start) / 1e9;
   return std::move(sink.report);
 }

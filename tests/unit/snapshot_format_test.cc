@@ -236,7 +236,9 @@ TEST_F(SnapshotFormatTest, RemovalAndLeftoversOfDeadProcesses) {
   if (dead == 0) ::_exit(0);
   ASSERT_EQ(::waitpid(dead, nullptr, 0), dead);
   const std::vector<std::string> collected = {fmt::format(".a.tmp-{}-0", dead), fmt::format(".b.rm-{}-3", dead)};
-  const std::vector<std::string> kept = {fmt::format(".a.tmp-{}-1", ::getpid()), ".c.tmp-1-0", ".d.rm-x-0", "keep"};
+  const std::vector<std::string> kept = {fmt::format(".a.tmp-{}-1", ::getpid()), ".c.tmp-1-0", ".d.rm-x-0", "keep",
+                                         fmt::format(".e.tmp-+{}-0", dead), fmt::format(".f.tmp-{}-1z", dead),
+                                         fmt::format(".g.old-{}-0", dead), fmt::format(".tmp-{}-0", dead)};
   for (const auto& d : collected) ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + d));
   for (const auto& d : kept) std::filesystem::create_directories(dir_.path() + "/" + d + "/sub");
   EXPECT_EQ(snapshot::gc_leftovers(dir_.path()), collected.size());

@@ -12,6 +12,8 @@
 #include <atomic>
 #include <cstring>
 #include <filesystem>
+#include <optional>
+#include <string_view>
 
 #include "snapshot/manifest.h"
 #include "sys/syscall_result.h"
@@ -67,6 +69,17 @@ class LocalSink final : public SnapshotSink {
     if (replace_ && ::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
       std::error_code ec;
       fs::remove_all(tmp_dir_, ec);
+    } else if (replace_ && errno == EINVAL) {
+      // A filesystem without RENAME_EXCHANGE: the old one is moved out of the way first (a
+      // moment with no snapshot under the name), then the new one in.
+      LAZYMEM_ASSIGN_OR_RETURN(std::string old, retire_snapshot(loc_));
+      if (::rename(tmp_dir_.c_str(), final_dir.c_str()) != 0) {
+        const int e = errno;
+        (void)::rename(old.c_str(), final_dir.c_str());
+        return sys_error("rename into " + final_dir, e);
+      }
+      std::error_code ec;
+      fs::remove_all(old, ec);
     } else if (replace_ && errno != ENOENT) {
       return sys_error("swap the new snapshot into " + final_dir, errno);
     } else if (::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_NOREPLACE) != 0) {
@@ -186,22 +199,41 @@ Status remove_snapshot(const SnapshotLocation& loc) {
   return ok_status();
 }
 
+namespace {
+
+// The pid in a leftover's name, ".<name>.tmp-<pid>-<n>" or ".<name>.rm-<pid>-<n>" (all digits,
+// a pid in range); nothing for any other name.
+std::optional<pid_t> leftover_pid(const std::string& name) {
+  if (name.size() < 2 || name[0] != '.') return std::nullopt;
+  const size_t dash = name.rfind('-');
+  if (dash == std::string::npos || dash + 1 == name.size()) return std::nullopt;
+  auto digits = [](std::string_view s) {
+    return !s.empty() && s.size() <= 9 && std::all_of(s.begin(), s.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+  };
+  if (!digits(std::string_view(name).substr(dash + 1))) return std::nullopt;
+  const size_t pid_dash = name.rfind('-', dash - 1);
+  if (pid_dash == std::string::npos) return std::nullopt;
+  const std::string_view pid = std::string_view(name).substr(pid_dash + 1, dash - pid_dash - 1);
+  const std::string_view kind = std::string_view(name).substr(0, pid_dash);
+  if (!digits(pid) || !(kind.ends_with(".tmp") || kind.ends_with(".rm")) || kind.size() < 5) return std::nullopt;
+  const long value = std::stol(std::string(pid));
+  if (value <= 0) return std::nullopt;
+  return static_cast<pid_t>(value);
+}
+
+}  // namespace
+
 size_t gc_leftovers(const std::string& store_dir) {
   size_t removed = 0;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(store_dir, ec)) {
     // Ours are ".<name>.tmp-<pid>-<n>" and ".<name>.rm-<pid>-<n>" (snapshot names never start
-    // with '.'); the process that made one is alive while it writes or deletes it.
+    // with '.'); the process that made one is alive while it writes or deletes it. A pid is
+    // only meaningful on this host and in this pid namespace: a store shared between hosts or
+    // containers must not be collected this way (serve collects its own store at start).
     const std::string name = entry.path().filename().string();
-    if (name.empty() || name[0] != '.') continue;
-    size_t at = name.rfind(".tmp-"), skip = 5;
-    if (size_t rm = name.rfind(".rm-"); rm != std::string::npos && (at == std::string::npos || rm > at)) at = rm, skip = 4;
-    if (at == std::string::npos || at == 0) continue;
-    const char* digits = name.c_str() + at + skip;
-    char* end = nullptr;
-    const long pid = std::strtol(digits, &end, 10);
-    if (end == digits || *end != '-' || pid <= 0) continue;
-    if (pid == ::getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    const auto pid = leftover_pid(name);
+    if (!pid || *pid == ::getpid() || ::kill(*pid, 0) == 0 || errno != ESRCH) continue;
     std::error_code rm_ec;
     if (fs::remove_all(entry.path(), rm_ec) > 0 && !rm_ec) ++removed;
   }
