@@ -230,7 +230,8 @@ Result<std::vector<RestoredRegion>> restore_eager(const std::string& location, c
   sink.maps = &maps;
   sink.dict = dict ? dict->get() : nullptr;
   sink.refs = snapshot::stored_chunks(m);
-  LAZYMEM_TRY(snapshot::read_chunks(*reader, sink.refs, sink, [&] { return sink.error.has_value(); }));
+  LAZYMEM_TRY(snapshot::read_chunks(*reader, sink.refs, sink, options.fault_deadline,
+                                     [&] { return sink.error.has_value(); }));
   if (sink.error) return *sink.error;
   std::vector<RestoredRegion> out;
   for (size_t i = 0; i < maps.size(); ++i) {

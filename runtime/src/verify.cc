@@ -12,10 +12,12 @@
 
 namespace lazymem {
 
-Result<VerifyReport> verify_snapshot(const std::string& location, const std::string& token_file) {
+Result<VerifyReport> verify_snapshot(const std::string& location, const std::string& token_file,
+                                     std::chrono::milliseconds stalled_after) {
   const int64_t start = sys::monotonic_ns();
   RestoreOptions options;
   options.token_file = token_file;
+  options.fault_deadline = stalled_after;  // also how long the page-server reader waits per poll
   LAZYMEM_ASSIGN_OR_RETURN(auto source, open_chunk_source(location, options));
   const Manifest& m = source->manifest();
   LAZYMEM_ASSIGN_OR_RETURN(auto dict, source->dictionary());
@@ -62,7 +64,7 @@ Result<VerifyReport> verify_snapshot(const std::string& location, const std::str
   sink.dict = dict ? dict->get() : nullptr;
   sink.refs = snapshot::stored_chunks(m);
   sink.out.resize(m.chunk_size);
-  LAZYMEM_TRY(snapshot::read_chunks(*reader, sink.refs, sink, [&] { return sink.failed.has_value(); }));
+  LAZYMEM_TRY(snapshot::read_chunks(*reader, sink.refs, sink, stalled_after, [&] { return sink.failed.has_value(); }));
   if (sink.failed) return sink.failed->wrap(fmt::format("{}: verification stopped", location));
   sink.report.seconds = static_cast<double>(sys::monotonic_ns() - start) / 1e9;
   return std::move(sink.report);

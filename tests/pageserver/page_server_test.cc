@@ -38,7 +38,9 @@
 #include "snapshot/chunk_codec.h"
 #include "snapshot/dictionary.h"
 #include "snapshot/manifest.h"
+#include "snapshot/read_chunks.h"
 #include "snapshot/store.h"
+#include "source.h"
 #include "wire.capnp.h"
 
 namespace lazymem {
@@ -370,6 +372,35 @@ bool server_closes_after(uint16_t port, const std::vector<std::byte>& bytes) {
     ssize_t n = ::recv(fd->get(), buf, sizeof buf, 0);
     if (n <= 0) return true;
   }
+}
+
+// Reading every chunk (eager restore, verify) from a server that stops answering without closing
+// its connection (here: stopped, SIGSTOP) ends with a timeout error, not a wait without end.
+TEST_F(PageServerTest, ReadingEveryChunkFromAStalledServerTimesOut) {
+  capture(4 * kMiB, 36);
+  ServerProcess server;
+  fork_server(server);
+  if (HasFatalFailure()) return;
+  RestoreOptions o;
+  o.fault_deadline = std::chrono::milliseconds(300);
+  auto source = open_chunk_source("lazymem://127.0.0.1:" + std::to_string(server.port) + "/snap", o);
+  ASSERT_TRUE(source.ok()) << source.error().message();
+  auto reader = (*source)->open_reader();
+  ASSERT_TRUE(reader.ok()) << reader.error().message();
+  ASSERT_EQ(::kill(server.pid, SIGSTOP), 0);
+  struct Sink final : snapshot::ChunkSink {
+    size_t chunks = 0;
+    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
+    void on_chunk_error(uint64_t, const Error&) override {}
+  } sink;
+  const auto refs = snapshot::stored_chunks((*source)->manifest());
+  const auto start = std::chrono::steady_clock::now();
+  Status s = snapshot::read_chunks(**reader, refs, sink, std::chrono::milliseconds(300));
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_FALSE(s.ok()) << "read every chunk from a stopped server";
+  EXPECT_EQ(s.error().code(), Errc::kTimeout) << s.error().message();
+  EXPECT_LT(sink.chunks, refs.size());
+  EXPECT_LT(took, std::chrono::seconds(5));
 }
 
 // A server out of file descriptors refuses new connections (takes each and closes it) instead of

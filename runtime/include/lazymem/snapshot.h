@@ -7,6 +7,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -136,7 +137,9 @@ struct VerifyReport {
 
 // Reads every stored chunk of a snapshot (local, or through a page server: the whole path a
 // restore would take) and checks that it decodes to its checksum. Damaged chunks are listed
-// in the report; an error means the snapshot could not be read at all.
-Result<VerifyReport> verify_snapshot(const std::string& location, const std::string& token_file = "");
+// in the report; an error means the snapshot could not be read at all, or (kTimeout) its
+// source stopped answering for `stalled_after`.
+Result<VerifyReport> verify_snapshot(const std::string& location, const std::string& token_file = "",
+                                     std::chrono::milliseconds stalled_after = std::chrono::seconds(30));
 
 }  // namespace lazymem
