@@ -57,6 +57,12 @@ std::string token_from(const po::variables_map& vm) {
   return *t;
 }
 
+// Snapshot `name` in --store (its name checked as given) or on --server (parse checks it).
+Result<SnapshotLocation> location_of(const po::variables_map& vm, const std::string& name) {
+  if (vm.count("store")) return SnapshotLocation::in_store(vm["store"].as<std::string>(), name);
+  return SnapshotLocation::parse(vm["server"].as<std::string>() + "/" + name);
+}
+
 void print_list(const std::vector<snapshot::SnapshotSummary>& list) {
   std::printf("%-32s %12s %12s %8s %8s %7s\n", "name", "size", "stored", "ratio", "regions", "format");
   for (const auto& s : list) {
@@ -189,9 +195,7 @@ int rm(const std::vector<std::string>& args) {
   auto vm = parse(args, desc);
   if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
   const std::string name = vm["name"].as<std::string>();
-  const std::string where = vm.count("store") ? vm["store"].as<std::string>() : vm["server"].as<std::string>();
-  // A remote location checks its name the same way (parse), a local one here (in_store).
-  auto loc = vm.count("store") ? SnapshotLocation::in_store(where, name) : SnapshotLocation::parse(where + "/" + name);
+  auto loc = location_of(vm, name);
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
   Status s = ok_status();
   if (loc->remote()) {
@@ -231,7 +235,7 @@ int verify(const std::vector<std::string>& args) {
   const std::string token_file = vm.count("token-file") ? vm["token-file"].as<std::string>() : "";
   size_t bad = 0;
   for (const std::string& name : names) {
-    auto loc = vm.count("store") ? SnapshotLocation::in_store(where, name) : SnapshotLocation::parse(where + "/" + name);
+    auto loc = location_of(vm, name);
     auto rep = loc.ok() ? verify_snapshot(loc->to_string(), token_file) : Result<VerifyReport>(std::move(loc).error());
     if (!rep.ok()) {
       std::printf("%s: cannot be read: %s\n", name.c_str(), rep.error().message().c_str());
