@@ -80,13 +80,17 @@ int serve(const std::vector<std::string>& args) {
       "no-zerocopy", "never send with MSG_ZEROCOPY")(
       "no-datagrams", "serve getPage on TCP connections only (no UDP socket on the port)")(
       "poll-after-page-us", po::value<unsigned>()->default_value(100),
-      "after a page request, poll this long instead of sleeping (lower fault latency for CPU; 0: never)");
+      "after a page request, poll this long instead of sleeping (lower fault latency for CPU; 0: never)")(
+      "keep-replaced-s", po::value<unsigned>()->default_value(60),
+      "a snapshot replaced or removed while restores read it stays readable to them, and this long after the last "
+      "one disconnects (its disk space is held meanwhile)");
   auto vm = parse(args, desc);
   pageserver::ServerOptions o;
   o.cache_bytes = vm["cache-mib"].as<size_t>() << 20;
   o.zerocopy = vm.count("no-zerocopy") == 0;
   o.datagrams = vm.count("no-datagrams") == 0;
   o.poll_after_page = std::chrono::microseconds(vm["poll-after-page-us"].as<unsigned>());
+  o.keep_replaced = std::chrono::seconds(vm["keep-replaced-s"].as<unsigned>());
   o.store_dir = vm["store"].as<std::string>();
   std::string listen = vm["listen"].as<std::string>();
   auto colon = listen.rfind(':');

@@ -156,6 +156,13 @@ struct Conn {
   // ends before putCommit, so a half-uploaded snapshot is never served.
   std::unique_ptr<snapshot::SnapshotSink> upload;
   std::string upload_name;
+  // The version of a snapshot this connection reads (Hello.manifestChecksum): its requests for
+  // that name are served from it, whatever the store holds under the name now. Bound once the
+  // connection is authenticated; `reads` null with `reads_name` set: that version is not held
+  // here (its requests fail with notFound, never with another version's pages).
+  std::string reads_name;
+  uint64_t reads_checksum = 0;
+  std::shared_ptr<OpenSnapshot> reads;
 
   // Bytes this connection holds: replies queued or in the kernel's hands, and reads for it.
   size_t held() const { return out.bytes() + waiting_bytes; }
@@ -166,12 +173,23 @@ struct Conn {
 struct PageServer::Impl {
   ServerOptions opt;
   sys::UniqueFd listen_fd, epoll_fd, stop_fd;
-  std::map<std::string, std::shared_ptr<OpenSnapshot>> snapshots;
+  std::map<std::string, std::shared_ptr<OpenSnapshot>> snapshots;  // what the store holds, as opened
   uint64_t next_file_id = 1;
+  // Versions no longer in the store (replaced or removed) that restores may still read, by
+  // manifest checksum: alive while a connection reads one (Conn::reads), and kept `lingering`
+  // for opt.keep_replaced after it left the store and after its last reader closed, so that a
+  // restore between its manifest and its first connection, or reconnecting, still finds it.
+  struct Retired {
+    std::weak_ptr<OpenSnapshot> snap;
+    uint64_t file_id;  // its extents leave the cache when it is gone
+    std::string name;
+  };
+  std::unordered_map<uint64_t, Retired> retired;
+  std::deque<std::pair<Clock::time_point, std::shared_ptr<OpenSnapshot>>> lingering;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
       st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0}, st_dgram_over_mtu{0},
-      st_dgram_on_stream{0};
+      st_dgram_on_stream{0}, st_retired{0};
   SendCounters sends;
   // getPage by datagram: the socket (invalid: datagrams off), the live sessions (each names its
   // connection, by fd and serial), and when the last page request came (the loop polls a while).
@@ -317,7 +335,7 @@ struct PageServer::Impl {
                        now.st_ino == held.st_ino)) {
         return it->second;
       }
-      snapshots.erase(it);
+      retire(it);
     }
     auto loc = SnapshotLocation::in_store(opt.store_dir, name);
     if (!loc.ok()) return std::move(loc).error();
@@ -342,8 +360,50 @@ struct PageServer::Impl {
     return snap;
   }
 
-  // Out of the store at once (renamed away: restores still reading it fail from their next
-  // request, their pages poisoned, never wrong), deleted on a thread of its own: a large data
+  // A version leaves the store (replaced or removed): restores that read it keep it.
+  void retire(std::map<std::string, std::shared_ptr<OpenSnapshot>>::iterator it) {
+    std::shared_ptr<OpenSnapshot> old = std::move(it->second);
+    snapshots.erase(it);
+    retired[old->manifest.checksum] = Retired{old, old->file_id, old->name};
+    keep_a_while(std::move(old));
+  }
+  void keep_a_while(std::shared_ptr<OpenSnapshot> snap) {
+    lingering.emplace_back(Clock::now() + opt.keep_replaced, std::move(snap));
+  }
+
+  // Version `checksum` of snapshot `name`: the store's (checked against the store first if what
+  // is open differs: another server may share it), or one that left it and is still held.
+  std::shared_ptr<OpenSnapshot> find_version(const std::string& name, uint64_t checksum) {
+    for (bool recheck : {false, true}) {
+      auto cur = open_snapshot(name, recheck);
+      if (cur.ok() && (*cur)->manifest.checksum == checksum) return *cur;
+    }
+    if (auto it = retired.find(checksum); it != retired.end()) {
+      if (auto s = it->second.snap.lock(); s && s->name == name) return s;
+    }
+    return nullptr;
+  }
+
+  // The connection is authenticated: the version its hello named, if any, is what it reads.
+  void bind_version(Conn& c) {
+    if (c.reads_name.empty()) return;
+    c.reads = find_version(c.reads_name, c.reads_checksum);
+    if (!c.reads) log->info("connection {}: reads a version of snapshot '{}' not held here ({:016x})", c.fd.get(), c.reads_name, c.reads_checksum);
+  }
+
+  // The snapshot a request of `c` names: the version the connection reads, or the store's.
+  Result<std::shared_ptr<OpenSnapshot>> snapshot_for(const Conn& c, const char* name) {
+    if (c.reads_name.empty() || c.reads_name != name) return open_snapshot(name);
+    if (c.reads) return c.reads;
+    return Error(Errc::kNotFound,
+                 fmt::format("snapshot '{}' changed in the store since this restore read its manifest, and the "
+                             "version it reads is no longer held here (the server restarted, or no restore read it "
+                             "for {} s): restore again",
+                             name, opt.keep_replaced.count()));
+  }
+
+  // Out of the store at once (renamed away: restores reading it keep it, see `retired`; its
+  // disk space is freed when they are done), deleted on a thread of its own: a large data
   // file takes a while, and this loop serves faults.
   void remove_snapshot(Conn& c, uint64_t id, const std::string& name) {
     auto loc = SnapshotLocation::in_store(opt.store_dir, name);
@@ -355,7 +415,7 @@ struct PageServer::Impl {
       return reply_error(c, id, missing ? wire::ErrorCode::NOT_FOUND : wire::ErrorCode::IO_ERROR,
                          missing ? fmt::format("no snapshot '{}' in this store", name) : doomed.error().message());
     }
-    snapshots.erase(name);
+    if (auto it = snapshots.find(name); it != snapshots.end()) retire(it);
     auto erase = [dir = *doomed, log = log] {
       std::error_code ec;
       std::filesystem::remove_all(dir, ec);
@@ -424,10 +484,7 @@ struct PageServer::Impl {
       return;
     }
     c.upload.reset();
-    if (auto old = snapshots.find(c.upload_name); old != snapshots.end()) {  // replaced: reopened on next use
-      cache->drop_file(old->second->file_id);
-      snapshots.erase(old);
-    }
+    if (auto old = snapshots.find(c.upload_name); old != snapshots.end()) retire(old);  // reopened on next use
     bump(st_up);
     log->info("upload of snapshot '{}' complete", c.upload_name);
     reply_ok(c, id);
@@ -466,6 +523,11 @@ struct PageServer::Impl {
         c.server_nonce = net::random_nonce();
         c.hello = true;
         c.authed = opt.token.empty();
+        if (hello.getManifestChecksum() != 0 && hello.hasSnapshot()) {
+          c.reads_name = hello.getSnapshot().cStr();
+          c.reads_checksum = hello.getManifestChecksum();
+          if (c.authed) bind_version(c);
+        }
         capnp::MallocMessageBuilder m;
         auto r = m.initRoot<wire::Reply>();
         r.setId(id);
@@ -488,6 +550,7 @@ struct PageServer::Impl {
         if (opt.token.empty() ||
             net::mac_equal(std::span(reinterpret_cast<const std::byte*>(mac.begin()), mac.size()), want)) {
           c.authed = true;
+          bind_version(c);
           capnp::MallocMessageBuilder m;
           auto r = m.initRoot<wire::Reply>();
           r.setId(id);
@@ -545,6 +608,7 @@ struct PageServer::Impl {
         o.setDatagramsUnsent(st.datagrams_unsent);
         o.setDatagramsOverMtu(st.datagrams_over_mtu);
         o.setDatagramsOnStream(st.datagrams_on_stream);
+        o.setSnapshotsRetired(st.snapshots_retired);
         o.setConnectionsRefused(st.connections_refused);
         queue(c, m, {});
         return;
@@ -592,7 +656,7 @@ struct PageServer::Impl {
       }
       if (rq.isGetChunks()) {
         auto gc = rq.getGetChunks();
-        auto snap = open_snapshot(gc.getSnapshot().cStr());
+        auto snap = snapshot_for(c, gc.getSnapshot().cStr());
         auto chunks = gc.getChunks();
         if (!snap.ok()) {
           bump(st_nf);
@@ -622,7 +686,7 @@ struct PageServer::Impl {
   // getPage, from the connection or (reply_to) by datagram: a thread waits on it, so the demand lane.
   void get_page(Conn& c, wire::GetPage::Reader gp, uint64_t id, std::optional<Peer> reply_to) {
     last_page = Clock::now();
-    auto snap = open_snapshot(gp.getSnapshot().cStr());
+    auto snap = snapshot_for(c, gp.getSnapshot().cStr());
     const bool on_stream = reply_to && gp.getReplyOnStream();
     Job j{nullptr, gp.getRegion(), gp.getChunk(), gp.getTag(), id, true, gp.getPage(), std::move(reply_to), on_stream};
     if (!snap.ok()) {
@@ -1105,6 +1169,7 @@ struct PageServer::Impl {
       graveyard.emplace_back(Clock::now() + std::chrono::seconds(2), std::move(held));
     }
     if (it->second->session) sessions.erase(*it->second->session);  // its datagrams are strangers now
+    if (const auto& v = it->second->reads; v && retired.count(v->manifest.checksum)) keep_a_while(v);  // it may reconnect
     if (it->second->dgram.valid()) {
       ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, it->second->dgram.get(), nullptr);
       dgram_owner.erase(it->second->dgram.get());
@@ -1227,6 +1292,7 @@ struct PageServer::Impl {
     st.datagrams_over_mtu = r(st_dgram_over_mtu);
     st.datagrams_on_stream = r(st_dgram_on_stream);
     st.connections_refused = r(st_refused);
+    st.snapshots_retired = r(st_retired);
     return st;
   }
 
@@ -1243,6 +1309,18 @@ struct PageServer::Impl {
     st_misses.store(cache->stats().misses, std::memory_order_relaxed);
     auto now = Clock::now();
     while (!graveyard.empty() && graveyard.front().first <= now) graveyard.pop_front();
+    while (!lingering.empty() && lingering.front().first <= now) lingering.pop_front();
+    for (auto it = retired.begin(); it != retired.end();) {
+      if (!it->second.snap.expired()) {
+        ++it;
+        continue;
+      }
+      cache->drop_file(it->second.file_id);
+      log->info("snapshot '{}': the version that left the store ({:016x}) is no longer read; closed",
+                it->second.name, it->first);
+      it = retired.erase(it);
+    }
+    st_retired.store(retired.size(), std::memory_order_relaxed);
     expire_handshakes();
     bool busy = opt.cpu_latency_qos && now - last_request < std::chrono::milliseconds(100);
     return cpu_latency.set(busy) ? 100 : 1000;  // held: wake up in time to give it back

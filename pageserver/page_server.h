@@ -49,6 +49,11 @@ struct ServerOptions {
   // CPU that went to sleep takes longer than that to wake (~3 us here, ~10+ without the CPU
   // latency request). Costs CPU only while faults come. 0: never poll.
   std::chrono::microseconds poll_after_page{100};
+  // A version of a snapshot replaced or removed in the store stays readable for restores that
+  // read it (they name it when they connect): while one of their connections lives, and this
+  // long after it left the store and after the last of them closed (a restore reconnecting, or
+  // one that read the manifest and has not connected yet). Its disk space is held meanwhile.
+  std::chrono::seconds keep_replaced{60};
 };
 
 struct ServerStats {
@@ -78,6 +83,7 @@ struct ServerStats {
   uint64_t connections_refused = 0;  // over max_connections, or no descriptor left
   uint64_t datagrams_over_mtu = 0;   // page frames over the path MTU: sent on the connection, or told to ask there
   uint64_t datagrams_on_stream = 0;  // datagram requests answered on their session's connection
+  uint64_t snapshots_retired = 0;    // versions replaced or removed in the store, still held for restores reading them
 };
 
 class PageServer {

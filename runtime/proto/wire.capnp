@@ -74,6 +74,14 @@ struct PutBegin {
 struct Hello {
   version @0 :UInt32;
   clientNonce @1 :Data;           # 32 random bytes
+  # The version of a snapshot this connection reads (a restore's connections name the one whose
+  # manifest it holds; 0: none). Its requests for that name are served from that version even
+  # after the store's copy is replaced or removed: the server keeps it while such a connection
+  # lives, and a while after the last one closes (a restore reconnecting). If the server no
+  # longer holds it (restarted since, or kept it no longer), those requests fail with notFound.
+  # Taken once the connection is authenticated. Older servers ignore it (serve by name).
+  snapshot @2 :Text;
+  manifestChecksum @3 :UInt64;    # the manifest's own checksum (its header's): names the version
 }
 
 struct GetChunks {
@@ -155,6 +163,7 @@ struct ServerStats {
   connectionsRefused @26 :UInt64;    # over the connection limit, or out of file descriptors
   datagramsOverMtu @27 :UInt64;      # page frames too big for one unfragmented datagram: onStream or useStream
   datagramsOnStream @28 :UInt64;     # datagram requests answered on their session's connection
+  snapshotsRetired @29 :UInt64;      # versions replaced or removed in the store still held for restores reading them
 }
 
 struct HelloReply {

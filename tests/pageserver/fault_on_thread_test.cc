@@ -330,45 +330,29 @@ TEST_F(FaultOnThreadTest, ServerDeathFailsTheFaultVisibly) {
   EXPECT_LT(secs, 8.0);
 }
 
-// The snapshot is replaced under the same name while a process restores from it: a page of the
-// new one is never installed, though its frame decodes and passes its own checksum (too few
-// pages for a dictionary, so nothing else differs): the fault fails visibly instead.
-TEST_F(FaultOnThreadTest, ReplacedSnapshotIsNeverServed) {
+// The snapshot is replaced under the same name while a process restores from it: its faults
+// are still served the version it read. The server then restarts with only the replacement in
+// its store: a fault now fails visibly (the version is gone), never installs the other's page.
+TEST_F(FaultOnThreadTest, ReplacedSnapshotServesTheVersionTheRestoreRead) {
   if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
 #if defined(__SANITIZE_THREAD__)
   GTEST_SKIP() << "the restoring child starts threads, which TSan refuses after a multi-threaded fork";
 #endif
-  constexpr size_t kLen = 12 * kPage;  // under kMinSamplePages: no dictionary
-  auto text_pages = [](char version) {
-    std::vector<std::byte> v(kLen);
-    for (size_t i = 0; i < kLen; ++i) v[i] = std::byte("snapshot ?, page ??; "[i % 21] == '?' ? version : "snapshot ?, page ??; "[i % 21]);
-    for (size_t pg = 0; pg < kLen / kPage; ++pg) v[pg * kPage] = std::byte(pg);
-    return v;
-  };
-  auto capture_text = [&](const std::string& where, char version) {
-    void* p = testing::map_for_capture(kLen, 7);
-    ASSERT_NE(p, nullptr);
-    auto bytes = text_pages(version);
-    std::memcpy(p, bytes.data(), kLen);
-    CaptureRegion r{"heap", p, kLen, PROT_READ | PROT_WRITE};
-    CaptureOptions co;
-    co.replace = true;
-    auto rep = capture_regions(where, std::span(&r, 1), co);
-    ASSERT_TRUE(rep.ok()) << rep.error().message();
-    ::munmap(p, kLen);
-  };
-  capture_text(dir_.path() + "/snap", 'A');
-  start_server();
-  const std::vector<std::byte> a = text_pages('A');
+  capture(1 * kMiB, 51);
+  const std::vector<std::byte> a = expected_;
+  constexpr size_t kSecond = 65 * kPage, kThird = 100 * kPage;  // in chunks of their own, data in both versions
   int ready[2], go[2];
   ASSERT_EQ(::pipe(ready), 0);
   ASSERT_EQ(::pipe(go), 0);
-  const std::string u = uri();
+  // Forked before the server starts: a child holding the server's sockets would keep its port.
   pid_t pid = ::fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     ::close(ready[0]);
     ::close(go[1]);
+    uint16_t port = 0;
+    if (::read(go[0], &port, sizeof port) != sizeof port) _exit(2);
+    const std::string u = "lazymem://127.0.0.1:" + std::to_string(port) + "/snap";
     RestoreOptions o = on_thread(false);
     o.fault_deadline = std::chrono::milliseconds(2000);
     o.fetch_attempts = 1;
@@ -379,19 +363,42 @@ TEST_F(FaultOnThreadTest, ReplacedSnapshotIsNeverServed) {
     char c = 1;
     (void)!::write(ready[1], &c, 1);
     (void)!::read(go[0], &c, 1);  // the parent has replaced the snapshot
-    _exit(std::memcmp(p + 5 * kPage, a.data() + 5 * kPage, kPage) != 0 ? 7 : 8);  // 7: a wrong page
+    if (std::memcmp(p + kSecond, a.data() + kSecond, kPage) != 0) _exit(7);  // another version's page
+    (void)!::write(ready[1], &c, 1);
+    (void)!::read(go[0], &c, 1);  // the parent has restarted the server
+    _exit(std::memcmp(p + kThird, a.data() + kThird, kPage) == 0 ? 8 : 9);  // 9: another version's page
   }
   ::close(ready[1]);
   ::close(go[0]);
+  start_server();
+  const uint16_t port = server_->port();
+  ASSERT_EQ(::write(go[1], &port, sizeof port), static_cast<ssize_t>(sizeof port));
   char c;
   ASSERT_EQ(::read(ready[0], &c, 1), 1) << "the child died before its first page";
-  capture_text(u, 'B');  // uploaded: the server serves the new one from now on
+  capture(1 * kMiB, 52);  // replaced in the store
+  for (size_t off : {kSecond, kThird}) ASSERT_NE(std::memcmp(a.data() + off, expected_.data() + off, kPage), 0);
+  {
+    auto r = LazyRestore::start(uri(), kf_);  // a restore starting now reads the replacement
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    const auto* p = static_cast<const std::byte*>((*r)->regions()[0].address);
+    EXPECT_EQ(std::memcmp(p, expected_.data(), len_), 0);
+    ASSERT_TRUE((*r)->finish().ok());
+    ::munmap(const_cast<std::byte*>(p), len_);
+  }
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "the child did not get the page of the version it read";
+  stop_server();
+  server_.reset();
+  pageserver::ServerOptions again;
+  again.port = port;
+  start_server(again);
+  if (HasFatalFailure()) ::kill(pid, SIGKILL);
   ASSERT_EQ(::write(go[1], &c, 1), 1);
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   ::close(ready[0]);
   ::close(go[1]);
-  ASSERT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 7) << "a page of the replacement was installed";
+  ASSERT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 9) << "a page of the replacement was installed";
 #if defined(__SANITIZE_ADDRESS__)
   ASSERT_TRUE((WIFEXITED(status) && WEXITSTATUS(status) == 1) || (WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS))
       << "child status " << status;

@@ -326,6 +326,86 @@ TEST_F(PageServerTest, SnapshotChangedInTheStoreIsSeenByNewRestores) {
   EXPECT_EQ(r.error().code(), Errc::kNotFound);
 }
 
+// A restore reads the version whose manifest it read to its end, whatever happens to the name
+// meanwhile: replaced in the store by another program, replaced by an upload, removed. Restores
+// starting meanwhile get what the store holds then. Once no restore reads a version that left
+// the store (and its keep period is over), the server lets it go, and a connection naming it is
+// told so (notFound), never served another version.
+TEST_F(PageServerTest, RunningRestoreKeepsTheVersionItRead) {
+  capture(8 * kMiB, 36);
+  const std::vector<std::byte> a = expected_;
+  auto a_manifest = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(a_manifest.ok()) << a_manifest.error().message();
+  pageserver::ServerOptions so;
+  so.keep_replaced = std::chrono::seconds(0);  // held by its readers only
+  start_server(so);
+  RestoreOptions o;
+  o.prefetch = false;  // every page below is fetched when touched, after the change above it
+  auto r = LazyRestore::start(uri(), kf_, o);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+  size_t next = 0;
+  auto touch_up_to = [&](size_t end) {
+    for (; next < end; next += 4096) ASSERT_EQ(std::memcmp(got + next, a.data() + next, 4096), 0) << "page at " << next;
+  };
+  touch_up_to(len_ / 4);
+
+  capture(8 * kMiB, 37);  // replaced in the store by another program
+  restore_and_compare(uri(), {});
+  touch_up_to(len_ / 2);
+
+  {  // replaced by an upload through the server
+    void* p = testing::map_for_capture(len_, 38);
+    ASSERT_NE(p, nullptr);
+    testing::fill_mixed(static_cast<std::byte*>(p), len_, 38);
+    expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len_);
+    CaptureRegion cr{"heap", p, len_, PROT_READ | PROT_WRITE};
+    CaptureOptions co;
+    co.replace = true;
+    auto rep = capture_regions(uri(), std::span(&cr, 1), co);
+    ASSERT_TRUE(rep.ok()) << rep.error().message();
+    ::munmap(p, len_);
+  }
+  restore_and_compare(uri(), {});
+  touch_up_to(3 * len_ / 4);
+
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  const auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(10); };
+  Status s = net::remove_remote(*loc, "", deadline());
+  ASSERT_TRUE(s.ok()) << s.error().message();
+  touch_up_to(len_);
+  EXPECT_GE(server_->stats().snapshots_retired, 1u);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), len_);
+
+  for (auto until = deadline(); server_->stats().snapshots_retired != 0 && std::chrono::steady_clock::now() < until;) {
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(server_->stats().snapshots_retired, 0u) << "versions no restore reads are still held";
+  capture(8 * kMiB, 36);  // the name exists again, with other content (another capture time)
+  auto fd = net::open_connection(*loc, "", deadline(), a_manifest->checksum);
+  ASSERT_TRUE(fd.ok()) << fd.error().message();
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<proto::wire::Request>();
+  rq.setId(5);
+  auto gc = rq.initGetChunks();
+  gc.setSnapshot("snap");
+  gc.setDemand(true);
+  auto ids = gc.initChunks(1);
+  ids[0].setTag(77);
+  ASSERT_TRUE(net::send_frame(fd->get(), m, {}, deadline()).ok());
+  net::FrameBuffer in;
+  auto f = net::recv_frame(fd->get(), in, deadline());
+  ASSERT_TRUE(f.ok()) << f.error().message();
+  auto reply = f->header->root<proto::wire::Reply>();
+  ASSERT_TRUE(reply.isError()) << "served a chunk of another version";
+  EXPECT_EQ(reply.getError().getCode(), proto::wire::ErrorCode::NOT_FOUND);
+  EXPECT_EQ(reply.getError().getTag(), 77u);
+  EXPECT_NE(std::string(reply.getError().getMessage().cStr()).find("no longer held"), std::string::npos)
+      << reply.getError().getMessage().cStr();
+}
+
 // Verified through the server: what a restore from it would get, every stored chunk.
 TEST_F(PageServerTest, VerifyThroughTheServerFindsADamagedChunk) {
   capture(4 * kMiB, 34);
@@ -1510,6 +1590,65 @@ TEST_F(GetPageTest, FetcherTakesWhatNoDatagramCarriesFromItsConnection) {
   after = server_->stats();
   EXPECT_EQ(after.datagrams_on_stream - before.datagrams_on_stream, 1u);
   EXPECT_EQ(after.requests - before.requests, 4u) << "each: the datagram, then the connection";
+}
+
+// The version a fetcher reads is the one it names when it connects (its manifest's checksum):
+// after the name is replaced, its pages still come from that version. A fetcher that names none
+// (as against a server from before versions were named) is served whatever holds the name now,
+// and refuses a page of another version by the chunk's stored checksum, though the frame
+// decodes and passes its own checksum (too few pages for a dictionary: nothing else differs).
+TEST_F(GetPageTest, FetcherGetsTheVersionItNamesAndRefusesAnyOther) {
+  constexpr size_t kLen = 12 * 4096;  // under kMinSamplePages: no dictionary
+  auto text_pages = [](char version) {
+    const char* line = "snapshot ?, page ??; ";
+    std::vector<std::byte> v(kLen);
+    for (size_t i = 0; i < kLen; ++i) v[i] = std::byte(line[i % 21] == '?' ? version : line[i % 21]);
+    for (size_t pg = 0; pg < kLen / 4096; ++pg) v[pg * 4096] = std::byte(pg);
+    return v;
+  };
+  auto capture_text = [&](const std::string& where, char version) {
+    void* p = testing::map_for_capture(kLen, 7);
+    ASSERT_NE(p, nullptr);
+    auto bytes = text_pages(version);
+    std::memcpy(p, bytes.data(), kLen);
+    CaptureRegion r{"heap", p, kLen, PROT_READ | PROT_WRITE};
+    CaptureOptions co;
+    co.replace = true;
+    auto rep = capture_regions(where, std::span(&r, 1), co);
+    ASSERT_TRUE(rep.ok()) << rep.error().message();
+    ::munmap(p, kLen);
+  };
+  capture_text(dir_.path() + "/snap", 'A');
+  auto m = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(m.ok()) << m.error().message();
+  ASSERT_TRUE(m->dictionary.empty());
+  Manifest named = *m, unnamed = *m;
+  unnamed.checksum = 0;
+  auto dict = snapshot::DecodeDictionary::load({});
+  ASSERT_TRUE(dict.ok()) << dict.error().message();
+  start_server();
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  auto a = net::RemotePageFetcher::open(*loc, "", named, *dict, std::chrono::seconds(5));
+  auto b = net::RemotePageFetcher::open(*loc, "", unnamed, *dict, std::chrono::seconds(5));
+  ASSERT_TRUE(a.ok() && b.ok());
+  const std::vector<std::byte> want = text_pages('A');
+  std::vector<std::byte> out(4096);
+  auto fetch = [&](net::RemotePageFetcher& f, uint32_t page) {
+    std::fill(out.begin(), out.end(), std::byte{0x5a});
+    auto r = f.fetch({0, 0}, page, out, sys::monotonic_ns() + 5'000'000'000);
+    if (r == snapshot::PageFetcher::Outcome::kOk) {
+      EXPECT_EQ(std::memcmp(out.data(), want.data() + page * 4096, 4096), 0);
+    }
+    return r;
+  };
+  ASSERT_EQ(fetch(**a, 1), snapshot::PageFetcher::Outcome::kOk) << (*a)->failure();
+  ASSERT_EQ(fetch(**b, 1), snapshot::PageFetcher::Outcome::kOk) << (*b)->failure();
+  capture_text(uri(), 'B');  // uploaded: the store holds the new one from now on
+  EXPECT_EQ(fetch(**a, 5), snapshot::PageFetcher::Outcome::kOk) << (*a)->failure();
+  EXPECT_NE(fetch(**b, 5), snapshot::PageFetcher::Outcome::kOk) << "installed a page of the replacement";
+  EXPECT_NE(std::string((*b)->failure()).find("another version"), std::string::npos) << (*b)->failure();
+  EXPECT_EQ(server_->stats().snapshots_retired, 1u);
 }
 
 // An onStream notice whose reply does not start on the connection (here: the far side drops

@@ -58,6 +58,10 @@ struct Manifest {
   int32_t compression_level = 1;
   std::vector<std::byte> dictionary;  // zstd dictionary of the kZstdPages chunks (may be empty)
   uint32_t format_version = 2;        // as read; writers always write the current version's header
+  // The manifest's own checksum (xxh3-64 of its body, from its header), as read: names this
+  // version of the snapshot (a page server keeps serving it to restores that read it after the
+  // store's copy is replaced). 0 for a manifest not read from bytes.
+  uint64_t checksum = 0;
 
   // Bytes of chunk `chunk` of region `region` once decompressed (the last chunk may be short).
   uint32_t chunk_length(size_t region, size_t chunk) const;

@@ -127,8 +127,9 @@ Error reply_error(const SnapshotLocation& loc, wire::ErrorReply::Reader e) {
   return Error(code, fmt::format("page server {}:{}: {}", loc.host, loc.port, e.getMessage().cStr()));
 }
 
-Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline) {
-  LAZYMEM_ASSIGN_OR_RETURN(Dialer d, Dialer::start(loc, token));
+Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
+                                      uint64_t reads) {
+  LAZYMEM_ASSIGN_OR_RETURN(Dialer d, Dialer::start(loc, token, reads));
   for (;;) {
     LAZYMEM_ASSIGN_OR_RETURN(bool done, d.step());
     if (done) return d.take();
@@ -199,7 +200,8 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                       {"errors_corrupt", st.getErrorsCorrupt()},      {"datagram_requests", st.getDatagramRequests()},
                       {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()},
                       {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()},
-                      {"datagrams_on_stream", st.getDatagramsOnStream()}};
+                      {"datagrams_on_stream", st.getDatagramsOnStream()},
+                      {"snapshots_retired", st.getSnapshotsRetired()}};
   return j.dump();
 }
 
@@ -302,7 +304,8 @@ class RemoteReader final : public snapshot::ChunkReader {
 
   // The first connection, made before the engine serves anything: blocking is fine here.
   Status connect() {
-    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc_, token_, std::chrono::steady_clock::now() + attempt_limit()));
+    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc_, token_, std::chrono::steady_clock::now() + attempt_limit(),
+                                                               src_.manifest().checksum));
     use_socket(std::move(fd));
     return ok_status();
   }
@@ -432,7 +435,7 @@ class RemoteReader final : public snapshot::ChunkReader {
       return last_error_.wrap(fmt::format("page server {} (gave up after {} reconnects)", loc_.to_string(),
                                           opts_.fetch_attempts));
     }
-    auto d = Dialer::start(loc_, token_);
+    auto d = Dialer::start(loc_, token_, src_.manifest().checksum);
     if (!d.ok()) {  // nothing to wait for: try again after a pause
       last_error_ = std::move(d).error();
       link_ = Link::kBackoff;

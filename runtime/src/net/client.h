@@ -33,8 +33,9 @@ struct OwnedFrame {
 };
 Result<OwnedFrame> recv_frame(int fd, FrameBuffer& buf, Deadline deadline);
 
-// Dials and authenticates: a connection ready for requests.
-Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline);
+// Dials and authenticates: a connection ready for requests. `reads`: see Dialer::start.
+Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
+                                      uint64_t reads = 0);
 
 // Turns an error reply into an Error naming the server.
 Error reply_error(const SnapshotLocation& loc, proto::wire::ErrorReply::Reader e);
@@ -43,10 +44,10 @@ Error reply_error(const SnapshotLocation& loc, proto::wire::ErrorReply::Reader e
 Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocation& server, const std::string& token,
                                                            Deadline deadline);
 
-// Counters of a running server.
 // Removes snapshot `loc` (its name) from the page server's store. Restores still reading it
-// fail from then on (their pages are poisoned, never wrong).
+// go on with it (the server keeps the version they read until they are done).
 Status remove_remote(const SnapshotLocation& loc, const std::string& token, Deadline deadline);
+// Counters of a running server.
 Result<std::string> server_stats_json(const SnapshotLocation& server, const std::string& token, Deadline deadline);
 
 // Uploads a snapshot: the server stores it atomically, so an interrupted upload leaves nothing.

@@ -46,10 +46,11 @@ Result<sys::UniqueFd> start_connect(const SocketAddress& a) {
   return fd;
 }
 
-Result<Dialer> Dialer::start(const SnapshotLocation& loc, const std::string& token) {
+Result<Dialer> Dialer::start(const SnapshotLocation& loc, const std::string& token, uint64_t reads) {
   Dialer d;
   d.loc_ = loc;
   d.token_ = token;
+  d.reads_ = reads;
   LAZYMEM_ASSIGN_OR_RETURN(d.addrs_, resolve(loc.host, loc.port));
   LAZYMEM_TRY(d.connect_next());
   return d;
@@ -141,6 +142,10 @@ Result<bool> Dialer::step() {
         auto h = rq.initHello();
         h.setVersion(wire::PROTOCOL_VERSION);
         h.setClientNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(client_nonce_.data()), client_nonce_.size()));
+        if (reads_ != 0) {
+          h.setSnapshot(loc_.name);
+          h.setManifestChecksum(reads_);
+        }
         send_next(m, Phase::kAwaitHello);
         continue;
       }

@@ -33,7 +33,9 @@ Result<sys::UniqueFd> start_connect(const SocketAddress& a);
 
 class Dialer {
  public:
-  static Result<Dialer> start(const SnapshotLocation& loc, const std::string& token);
+  // `reads` (non-zero): the manifest checksum of the version of snapshot loc.name this connection
+  // reads, named in the hello (wire Hello.manifestChecksum): the server serves that version to it.
+  static Result<Dialer> start(const SnapshotLocation& loc, const std::string& token, uint64_t reads = 0);
   Dialer(Dialer&&) = default;
   Dialer& operator=(Dialer&&) = default;
 
@@ -54,6 +56,7 @@ class Dialer {
 
   SnapshotLocation loc_;
   std::string token_;
+  uint64_t reads_ = 0;
   std::vector<SocketAddress> addrs_;
   size_t next_addr_ = 0;
   sys::UniqueFd fd_;

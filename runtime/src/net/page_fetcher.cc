@@ -98,7 +98,7 @@ Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
   fd_.reset();
   udp_.reset();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, deadline));
+  LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, deadline, manifest_.checksum));
   if (Status s = open_datagrams(deadline); !s.ok()) {
     fd_.reset();  // an answer may still be on its way: start clean next time
     return s;

@@ -270,6 +270,7 @@ Result<Manifest> decode_manifest(std::span<const std::byte> bytes, const std::st
     m.data_length = root.getDataLength();
     m.compression_level = root.getCompressionLevel();
     m.format_version = version;
+    m.checksum = body_sum;
     auto dict = root.getDictionary();
     m.dictionary.assign(reinterpret_cast<const std::byte*>(dict.begin()), reinterpret_cast<const std::byte*>(dict.end()));
     auto state = root.getAppState();
