@@ -241,9 +241,26 @@ TEST_F(SnapshotFormatTest, RemovalAndLeftoversOfDeadProcesses) {
                                          fmt::format(".g.old-{}-0", dead), fmt::format(".tmp-{}-0", dead)};
   for (const auto& d : collected) ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + d));
   for (const auto& d : kept) std::filesystem::create_directories(dir_.path() + "/" + d + "/sub");
+  // A writer whose pid means nothing here (another host sharing the store, another pid
+  // namespace): its data file is locked while it writes. A sink of ours holds it, renamed as theirs.
+  const std::string elsewhere = fmt::format(".h.tmp-{}-0", dead);
+  auto writer = snapshot::open_local_sink(*SnapshotLocation::in_store(dir_.path(), "h"), false);
+  ASSERT_TRUE(writer.ok()) << writer.error().message();
+  std::string own;
+  for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
+    if (e.path().filename().string().starts_with(".h.tmp-")) own = e.path().string();
+  }
+  ASSERT_FALSE(own.empty());
+  std::filesystem::rename(own, dir_.path() + "/" + elsewhere);  // named as by the other writer
   EXPECT_EQ(snapshot::gc_leftovers(dir_.path()), collected.size());
   for (const auto& d : collected) EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/" + d)) << d;
   for (const auto& d : kept) EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/" + d)) << d;
+  EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/" + elsewhere)) << "an upload in progress was deleted";
+  (*writer)->abort();  // its directory is gone from under it: nothing to clean, the lock goes
+  std::filesystem::create_directory(dir_.path() + "/" + elsewhere);
+  std::ofstream(dir_.path() + "/" + elsewhere + "/" + snapshot::kDataFile) << "half";
+  EXPECT_EQ(snapshot::gc_leftovers(dir_.path()), 1u) << "a dead writer's unlocked data file is kept";
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/" + elsewhere));
 }
 
 // verify_snapshot reads every stored chunk and names each damaged one (not only the first).

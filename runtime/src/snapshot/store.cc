@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <signal.h>
 #include <fmt/format.h>
 #include <sys/stat.h>
@@ -43,7 +44,8 @@ Status fsync_path(const std::string& path) {
 class LocalSink final : public SnapshotSink {
  public:
   LocalSink(SnapshotLocation loc, std::string tmp_dir, sys::UniqueFd data, bool replace)
-      : loc_(std::move(loc)), tmp_dir_(std::move(tmp_dir)), data_(std::move(data)), replace_(replace) {}
+      : loc_(std::move(loc)), tmp_dir_(std::move(tmp_dir)), data_(std::move(data)),
+        lock_(::fcntl(data_.get(), F_DUPFD_CLOEXEC, 0)), replace_(replace) {}
   ~LocalSink() override {
     if (!committed_) abort();
   }
@@ -90,6 +92,7 @@ class LocalSink final : public SnapshotSink {
       return sys_error("rename into " + final_dir, e);
     }
     committed_ = true;
+    lock_.reset();
     return fsync_path(loc_.store_dir);
   }
 
@@ -97,6 +100,7 @@ class LocalSink final : public SnapshotSink {
     data_.reset();
     std::error_code ec;
     fs::remove_all(tmp_dir_, ec);
+    lock_.reset();
     committed_ = true;  // nothing left to clean
   }
 
@@ -106,6 +110,11 @@ class LocalSink final : public SnapshotSink {
   SnapshotLocation loc_;
   std::string tmp_dir_;
   sys::UniqueFd data_;
+  // The data file's lock (flock, taken at open), held until the snapshot is in place or gone:
+  // gc_leftovers leaves a temporary directory whose data file is locked alone, whatever its pid
+  // says (a writer on another host sharing the store, or in another pid namespace). A dup, so
+  // that closing the data file at commit keeps it.
+  sys::UniqueFd lock_;
   bool replace_;
   bool committed_ = false;
 };
@@ -134,6 +143,9 @@ Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& lo
     fs::remove_all(tmp, ec);
     return sys_error("create " + dpath, e);
   }
+  // New, so nobody else holds it; a filesystem without locks (ENOLCK) leaves the pid alone to
+  // say whether the writer lives.
+  (void)::flock(fd.get(), LOCK_EX | LOCK_NB);
   return std::unique_ptr<SnapshotSink>(new LocalSink(loc, tmp, std::move(fd), replace));
 }
 
@@ -229,11 +241,15 @@ size_t gc_leftovers(const std::string& store_dir) {
   for (const auto& entry : fs::directory_iterator(store_dir, ec)) {
     // Ours are ".<name>.tmp-<pid>-<n>" and ".<name>.rm-<pid>-<n>" (snapshot names never start
     // with '.'); the process that made one is alive while it writes or deletes it. A pid is
-    // only meaningful on this host and in this pid namespace: a store shared between hosts or
-    // containers must not be collected this way (serve collects its own store at start).
+    // only meaningful on this host and in this pid namespace, so a writer's data file is also
+    // locked while it writes (LocalSink::lock_): one whose lock is held is kept, whatever its
+    // pid, and a store shared between hosts or containers loses no upload in progress. (A
+    // removal deleted twice at once loses nothing.)
     const std::string name = entry.path().filename().string();
     const auto pid = leftover_pid(name);
     if (!pid || *pid == ::getpid() || ::kill(*pid, 0) == 0 || errno != ESRCH) continue;
+    sys::UniqueFd data(::open((entry.path() / kDataFile).c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK));
+    if (data.valid() && ::flock(data.get(), LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) continue;
     std::error_code rm_ec;
     if (fs::remove_all(entry.path(), rm_ec) > 0 && !rm_ec) ++removed;
   }
