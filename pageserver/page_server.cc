@@ -45,6 +45,7 @@ using Clock = std::chrono::steady_clock;
 struct OpenSnapshot {
   std::string name;
   uint64_t file_id = 0;  // names its extents in the cache; a replaced snapshot gets a new one
+  bool retired = false;  // no longer what the store holds under the name (PageServer::Impl::retired)
   Manifest manifest;
   std::vector<std::byte> manifest_bytes;
   sys::UniqueFd data;
@@ -176,13 +177,14 @@ struct PageServer::Impl {
   std::map<std::string, std::shared_ptr<OpenSnapshot>> snapshots;  // what the store holds, as opened
   uint64_t next_file_id = 1;
   // Versions no longer in the store (replaced or removed) that restores may still read, by
-  // manifest checksum: alive while a connection reads one (Conn::reads), and kept `lingering`
-  // for opt.keep_replaced after it left the store and after its last reader closed, so that a
+  // file id (a checksum is no key: the same bytes may be stored twice, or under two names):
+  // alive while a connection reads one (Conn::reads), and kept `lingering` for
+  // opt.keep_replaced after it left the store and after its last reader closed, so that a
   // restore between its manifest and its first connection, or reconnecting, still finds it.
   struct Retired {
     std::weak_ptr<OpenSnapshot> snap;
-    uint64_t file_id;  // its extents leave the cache when it is gone
     std::string name;
+    uint64_t checksum;
   };
   std::unordered_map<uint64_t, Retired> retired;
   std::deque<std::pair<Clock::time_point, std::shared_ptr<OpenSnapshot>>> lingering;
@@ -343,13 +345,23 @@ struct PageServer::Impl {
     snap->name = name;
     snap->file_id = next_file_id++;
     std::string dir = opt.store_dir + "/" + name;
-    auto bytes = snapshot::read_small_file(dir + "/" + snapshot::kManifestFile, snapshot::kMaxManifestBytes);
-    if (!bytes.ok()) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
+    // Manifest and data from one directory, opened once: a snapshot swapped in by another
+    // program between the two opens would otherwise pair one's manifest with the other's data.
+    sys::UniqueFd dir_fd(::open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (!dir_fd.valid()) {
+      if (errno == ENOENT || errno == ENOTDIR) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
+      return sys_error("open snapshot " + name, errno);
+    }
+    auto bytes = snapshot::read_small_file(snapshot::kManifestFile, snapshot::kMaxManifestBytes, dir_fd.get());
+    if (!bytes.ok()) {
+      if (bytes.error().code() == Errc::kNotFound) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
+      return std::move(bytes).error();
+    }
     LAZYMEM_ASSIGN_OR_RETURN(snap->manifest, snapshot::decode_manifest(*bytes, dir));
     snap->manifest_bytes = std::move(*bytes);
     for (const RegionInfo& r : snap->manifest.regions) snap->verified.emplace_back(r.chunks.size(), 0);
-    int fd = ::open((dir + "/" + snapshot::kDataFile).c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
-    if (fd < 0) fd = ::open((dir + "/" + snapshot::kDataFile).c_str(), O_RDONLY | O_CLOEXEC);
+    int fd = ::openat(dir_fd.get(), snapshot::kDataFile, O_RDONLY | O_CLOEXEC | O_DIRECT);
+    if (fd < 0) fd = ::openat(dir_fd.get(), snapshot::kDataFile, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return sys_error("open data of snapshot " + name, errno);
     snap->data.reset(fd);
     struct stat st{};
@@ -364,7 +376,8 @@ struct PageServer::Impl {
   void retire(std::map<std::string, std::shared_ptr<OpenSnapshot>>::iterator it) {
     std::shared_ptr<OpenSnapshot> old = std::move(it->second);
     snapshots.erase(it);
-    retired[old->manifest.checksum] = Retired{old, old->file_id, old->name};
+    old->retired = true;
+    retired[old->file_id] = Retired{old, old->name, old->manifest.checksum};
     keep_a_while(std::move(old));
   }
   void keep_a_while(std::shared_ptr<OpenSnapshot> snap) {
@@ -373,33 +386,51 @@ struct PageServer::Impl {
 
   // Version `checksum` of snapshot `name`: the store's (checked against the store first if what
   // is open differs: another server may share it), or one that left it and is still held.
-  std::shared_ptr<OpenSnapshot> find_version(const std::string& name, uint64_t checksum) {
+  // kNotFound if neither; another error if the store's could not be opened (it may be that one).
+  Result<std::shared_ptr<OpenSnapshot>> find_version(const std::string& name, uint64_t checksum) {
+    std::optional<Error> failed;
     for (bool recheck : {false, true}) {
       auto cur = open_snapshot(name, recheck);
       if (cur.ok() && (*cur)->manifest.checksum == checksum) return *cur;
+      if (!cur.ok() && cur.error().code() != Errc::kNotFound) failed = std::move(cur).error();
     }
-    if (auto it = retired.find(checksum); it != retired.end()) {
-      if (auto s = it->second.snap.lock(); s && s->name == name) return s;
+    for (const auto& [file_id, r] : retired) {  // a few at most
+      if (r.checksum != checksum || r.name != name) continue;
+      if (auto s = r.snap.lock()) return s;
     }
-    return nullptr;
-  }
-
-  // The connection is authenticated: the version its hello named, if any, is what it reads.
-  void bind_version(Conn& c) {
-    if (c.reads_name.empty()) return;
-    c.reads = find_version(c.reads_name, c.reads_checksum);
-    if (!c.reads) log->info("connection {}: reads a version of snapshot '{}' not held here ({:016x})", c.fd.get(), c.reads_name, c.reads_checksum);
-  }
-
-  // The snapshot a request of `c` names: the version the connection reads, or the store's.
-  Result<std::shared_ptr<OpenSnapshot>> snapshot_for(const Conn& c, const char* name) {
-    if (c.reads_name.empty() || c.reads_name != name) return open_snapshot(name);
-    if (c.reads) return c.reads;
+    if (failed) return std::move(*failed);
     return Error(Errc::kNotFound,
                  fmt::format("snapshot '{}' changed in the store since this restore read its manifest, and the "
                              "version it reads is no longer held here (the server restarted, or no restore read it "
                              "for {} s): restore again",
                              name, opt.keep_replaced.count()));
+  }
+
+  // A snapshot that could not be opened for a request: counted, and the code its reply says.
+  wire::ErrorCode open_failure(const Error& e) {
+    switch (e.code()) {
+      case Errc::kNotFound: bump(st_nf); return wire::ErrorCode::NOT_FOUND;
+      case Errc::kInvalidArgument: bump(st_proto); return wire::ErrorCode::BAD_REQUEST;  // a name no store has
+      default: bump(st_io); return wire::ErrorCode::IO_ERROR;
+    }
+  }
+
+  // The connection is authenticated: the version its hello named, if any, is what it reads.
+  void bind_version(Conn& c) {
+    if (c.reads_name.empty()) return;
+    auto v = find_version(c.reads_name, c.reads_checksum);
+    if (v.ok()) c.reads = std::move(*v);
+  }
+
+  // The snapshot a request of `c` names: the version the connection reads, or the store's. One
+  // not found when the connection was made is looked for again (it may have been out of the
+  // store a moment, or the store unreadable): a failed bind never sticks.
+  Result<std::shared_ptr<OpenSnapshot>> snapshot_for(Conn& c, const char* name) {
+    if (c.reads_name.empty() || c.reads_name != name) return open_snapshot(name);
+    if (!c.reads) {
+      LAZYMEM_ASSIGN_OR_RETURN(c.reads, find_version(c.reads_name, c.reads_checksum));
+    }
+    return c.reads;
   }
 
   // Out of the store at once (renamed away: restores reading it keep it, see `retired`; its
@@ -523,6 +554,9 @@ struct PageServer::Impl {
         c.server_nonce = net::random_nonce();
         c.hello = true;
         c.authed = opt.token.empty();
+        c.reads_name.clear();
+        c.reads_checksum = 0;
+        c.reads.reset();
         if (hello.getManifestChecksum() != 0 && hello.hasSnapshot()) {
           c.reads_name = hello.getSnapshot().cStr();
           c.reads_checksum = hello.getManifestChecksum();
@@ -637,10 +671,11 @@ struct PageServer::Impl {
         return;
       }
       if (rq.isGetManifest()) {
-        auto snap = open_snapshot(rq.getGetManifest().cStr(), true);
+        // A connection that reads a version gets that version's manifest; any other, the store's.
+        const char* name = rq.getGetManifest().cStr();
+        auto snap = c.reads_name == name ? snapshot_for(c, name) : open_snapshot(name, true);
         if (!snap.ok()) {
-          bump(st_nf);
-          reply_error(c, id, wire::ErrorCode::NOT_FOUND, snap.error().message());
+          reply_error(c, id, open_failure(snap.error()), snap.error().message());
           return;
         }
         capnp::MallocMessageBuilder m;
@@ -659,8 +694,8 @@ struct PageServer::Impl {
         auto snap = snapshot_for(c, gc.getSnapshot().cStr());
         auto chunks = gc.getChunks();
         if (!snap.ok()) {
-          bump(st_nf);
-          for (auto ch : chunks) reply_error(c, id, wire::ErrorCode::NOT_FOUND, snap.error().message(), ch.getTag());
+          const auto code = open_failure(snap.error());
+          for (auto ch : chunks) reply_error(c, id, code, snap.error().message(), ch.getTag());
           return;
         }
         for (auto ch : chunks) enqueue(c, Job{*snap, ch.getRegion(), ch.getChunk(), ch.getTag(), id, gc.getDemand(), {}, {}, false});
@@ -690,8 +725,7 @@ struct PageServer::Impl {
     const bool on_stream = reply_to && gp.getReplyOnStream();
     Job j{nullptr, gp.getRegion(), gp.getChunk(), gp.getTag(), id, true, gp.getPage(), std::move(reply_to), on_stream};
     if (!snap.ok()) {
-      bump(st_nf);
-      reply_error(c, j, wire::ErrorCode::NOT_FOUND, snap.error().message());
+      reply_error(c, j, open_failure(snap.error()), snap.error().message());
       return;
     }
     j.snap = *snap;
@@ -1169,7 +1203,7 @@ struct PageServer::Impl {
       graveyard.emplace_back(Clock::now() + std::chrono::seconds(2), std::move(held));
     }
     if (it->second->session) sessions.erase(*it->second->session);  // its datagrams are strangers now
-    if (const auto& v = it->second->reads; v && retired.count(v->manifest.checksum)) keep_a_while(v);  // it may reconnect
+    if (const auto& v = it->second->reads; v && v->retired) keep_a_while(v);  // it may reconnect
     if (it->second->dgram.valid()) {
       ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, it->second->dgram.get(), nullptr);
       dgram_owner.erase(it->second->dgram.get());
@@ -1315,9 +1349,9 @@ struct PageServer::Impl {
         ++it;
         continue;
       }
-      cache->drop_file(it->second.file_id);
+      cache->drop_file(it->first);
       log->info("snapshot '{}': the version that left the store ({:016x}) is no longer read; closed",
-                it->second.name, it->first);
+                it->second.name, it->second.checksum);
       it = retired.erase(it);
     }
     st_retired.store(retired.size(), std::memory_order_relaxed);

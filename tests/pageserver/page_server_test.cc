@@ -406,6 +406,108 @@ TEST_F(PageServerTest, RunningRestoreKeepsTheVersionItRead) {
       << reply.getError().getMessage().cStr();
 }
 
+// Asks for chunk `chunk` of region 0 of "snap" on connection `fd`: "" and its stored bytes, or
+// what went wrong (an error reply's text).
+std::string ask_chunk(int fd, uint32_t chunk, std::vector<std::byte>& out) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  capnp::MallocMessageBuilder m;
+  auto gc = m.initRoot<proto::wire::Request>().initGetChunks();
+  gc.setSnapshot("snap");
+  gc.setDemand(true);
+  gc.initChunks(1)[0].setChunk(chunk);
+  if (Status st = net::send_frame(fd, m, {}, deadline); !st.ok()) return st.error().message();
+  net::FrameBuffer in;
+  auto f = net::recv_frame(fd, in, deadline);
+  if (!f.ok()) return f.error().message();
+  auto reply = f->header->root<proto::wire::Reply>();
+  if (!reply.isChunk()) return reply.isError() ? reply.getError().getMessage().cStr() : "not a chunk";
+  out = f->payload;
+  return "";
+}
+
+// A version that left the store stays readable for a while with no connection reading it: a
+// restore that read the manifest connects after the replacement, or one reconnects after its
+// connections all closed. Its chunks are that version's, not the store's.
+TEST_F(PageServerTest, VersionThatLeftTheStoreIsFoundByLaterConnections) {
+  capture(2 * kMiB, 39);
+  auto a = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(a.ok()) << a.error().message();
+  uint32_t chunk = 0;  // one whose pages are stored as frames: its stored checksum names its bytes
+  while (chunk < a->regions[0].chunks.size() && a->regions[0].chunks[chunk].codec != Codec::kZstdPages) ++chunk;
+  ASSERT_LT(chunk, a->regions[0].chunks.size());
+  start_server();  // keeps versions that left the store for the default 60 s
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  const auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(10); };
+  // Reads a's chunk on a new connection that names a's version.
+  auto read_chunk = [&](std::vector<std::byte>& out) -> std::string {
+    auto fd = net::open_connection(*loc, "", deadline(), a->checksum);
+    if (!fd.ok()) return fd.error().message();
+    return ask_chunk(fd->get(), chunk, out);
+  };
+  std::vector<std::byte> got;
+  ASSERT_EQ(read_chunk(got), "");  // the server holds a open now, as the store's
+  capture(2 * kMiB, 40);          // replaced by another program
+  restore_and_compare(uri(), {});  // a restore starting now sees it (and the server lets a go)
+  EXPECT_EQ(server_->stats().snapshots_retired, 1u);
+  got.clear();
+  ASSERT_EQ(read_chunk(got), "") << "a version that left the store a moment ago is gone";
+  ASSERT_EQ(got.size(), a->regions[0].chunks[chunk].stored_length);
+  EXPECT_EQ(snapshot::chunk_checksum(got), a->regions[0].chunks[chunk].stored_checksum) << "another version's chunk";
+}
+
+// A connection whose version could not be found when it was made (the snapshot out of the store
+// a moment) looks again when asked: a failed bind does not stick.
+TEST_F(PageServerTest, VersionNotFoundAtConnectIsLookedForAgain) {
+  capture(1 * kMiB, 41);
+  auto a = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(a.ok()) << a.error().message();
+  start_server();
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  std::filesystem::rename(dir_.path() + "/snap", dir_.path() + "/.away");
+  auto fd = net::open_connection(*loc, "", std::chrono::steady_clock::now() + std::chrono::seconds(10), a->checksum);
+  ASSERT_TRUE(fd.ok()) << fd.error().message();
+  std::vector<std::byte> got;
+  EXPECT_NE(ask_chunk(fd->get(), 0, got), "") << "served a snapshot that is not there";
+  std::filesystem::rename(dir_.path() + "/.away", dir_.path() + "/snap");
+  EXPECT_EQ(ask_chunk(fd->get(), 0, got), "");
+  EXPECT_EQ(got.size(), a->regions[0].chunks[0].stored_length);
+}
+
+// The same bytes stored twice under the name (a copy put back in place) are two versions with
+// one checksum: while a connection reads the first, it stays held and findable after the
+// second has come and gone.
+TEST_F(PageServerTest, SameBytesStoredTwiceAreHeldApart) {
+  capture(1 * kMiB, 42);
+  auto a = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(a.ok()) << a.error().message();
+  pageserver::ServerOptions so;
+  so.keep_replaced = std::chrono::seconds(0);
+  start_server(so);
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  const auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(10); };
+  auto reader = net::open_connection(*loc, "", deadline(), a->checksum);  // reads the first copy
+  ASSERT_TRUE(reader.ok()) << reader.error().message();
+  std::filesystem::copy(dir_.path() + "/snap", dir_.path() + "/.copy");
+  std::filesystem::rename(dir_.path() + "/snap", dir_.path() + "/.first");
+  std::filesystem::rename(dir_.path() + "/.copy", dir_.path() + "/snap");
+  std::filesystem::remove_all(dir_.path() + "/.first");
+  restore_and_compare(uri(), {});  // the second copy, from now on
+  capture(1 * kMiB, 43);
+  restore_and_compare(uri(), {});  // then another snapshot: the second copy is let go
+  for (auto until = deadline(); server_->stats().snapshots_retired != 1 && std::chrono::steady_clock::now() < until;) {
+    std::this_thread::yield();
+  }
+  EXPECT_EQ(server_->stats().snapshots_retired, 1u) << "the version still read is not counted, or the other not let go";
+  auto again = net::open_connection(*loc, "", deadline(), a->checksum);  // a reconnect, meanwhile
+  ASSERT_TRUE(again.ok()) << again.error().message();
+  std::vector<std::byte> got;
+  EXPECT_EQ(ask_chunk(again->get(), 0, got), "");
+  EXPECT_EQ(ask_chunk(reader->get(), 0, got), "");
+}
+
 // Verified through the server: what a restore from it would get, every stored chunk.
 TEST_F(PageServerTest, VerifyThroughTheServerFindsADamagedChunk) {
   capture(4 * kMiB, 34);

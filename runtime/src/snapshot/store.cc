@@ -149,8 +149,8 @@ Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& lo
   return std::unique_ptr<SnapshotSink>(new LocalSink(loc, tmp, std::move(fd), replace));
 }
 
-Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit) {
-  sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit, int dir_fd) {
+  sys::UniqueFd fd(::openat(dir_fd, path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) return sys_error("open " + path, errno);
   struct stat st{};
   if (::fstat(fd.get(), &st) != 0) return sys_error("stat " + path, errno);

@@ -5,6 +5,8 @@
 // sees half a snapshot and a crash leaves only a temporary directory (removed by gc_leftovers).
 #pragma once
 
+#include <fcntl.h>
+
 #include <memory>
 #include <span>
 #include <string>
@@ -53,7 +55,8 @@ Result<std::string> retire_snapshot(const SnapshotLocation& loc);
 // process is gone here, and whose data file no writer elsewhere holds locked); returns how many.
 size_t gc_leftovers(const std::string& store_dir);
 
-// Reads a whole small file (a manifest). Refuses files larger than `limit`.
-Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit);
+// Reads a whole small file (a manifest). Refuses files larger than `limit`. A relative `path` is
+// taken from directory `dir_fd` (openat).
+Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit, int dir_fd = AT_FDCWD);
 
 }  // namespace lazymem::snapshot
