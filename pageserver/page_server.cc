@@ -557,7 +557,9 @@ struct PageServer::Impl {
         c.reads_name.clear();
         c.reads_checksum = 0;
         c.reads.reset();
-        if (hello.getManifestChecksum() != 0 && hello.hasSnapshot()) {
+        // (A name no store can hold is not kept: requests naming it are refused anyway.)
+        if (hello.getManifestChecksum() != 0 && hello.hasSnapshot() &&
+            SnapshotLocation::in_store(opt.store_dir, hello.getSnapshot().cStr()).ok()) {
           c.reads_name = hello.getSnapshot().cStr();
           c.reads_checksum = hello.getManifestChecksum();
           if (c.authed) bind_version(c);
