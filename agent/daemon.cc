@@ -26,6 +26,7 @@
 #include "agent.capnp.h"
 #include "agent_client/unix_channel.h"
 #include "core/log.h"
+#include "net/metrics_endpoint.h"
 #include "source.h"
 
 namespace lazymem::agent {
@@ -34,7 +35,7 @@ namespace {
 
 // epoll tags: kind << 32 | fd. Kind 0 is for the single objects below.
 constexpr uint64_t kListenTag = 1, kStopTag = 3, kEngineTag = 4, kMetricsTag = 5;
-enum Kind : uint64_t { kSingle = 0, kConn = 1, kPidfd = 2, kFcListen = 3, kFcConn = 4, kFcTimer = 5, kMetricsConn = 6 };
+enum Kind : uint64_t { kSingle = 0, kConn = 1, kPidfd = 2, kFcListen = 3, kFcConn = 4, kFcTimer = 5 };
 uint64_t tag(Kind k, int fd) { return (uint64_t{k} << 32) | static_cast<uint32_t>(fd); }
 
 constexpr size_t kMaxHandshake = 1 << 20;    // Firecracker's region JSON, at most
@@ -82,13 +83,6 @@ struct FcHandshake {
   bool prefetch = true;
   int notify_conn = -1;
   uint64_t notify_id = 0;
-};
-
-struct MetricsConn {
-  sys::UniqueFd fd;
-  std::string out;
-  size_t sent = 0;
-  bool responded = false;
 };
 
 // Creates a listening Unix socket at `path`, mode 0600 (0660 with a group), owned by `owner`
@@ -193,12 +187,12 @@ struct Daemon::Impl {
   DaemonOptions opt;
   KernelFeatures kf;
   std::unique_ptr<fault::FaultEngine> engine;
-  sys::UniqueFd listen_fd, epoll_fd, stop_fd, metrics_fd;
+  sys::UniqueFd listen_fd, epoll_fd, stop_fd;
+  std::unique_ptr<net::MetricsEndpoint> metrics;  // --metrics
   std::map<int, std::unique_ptr<Conn>> conns;
   std::map<int, FcListener> fc_listeners;
   std::map<int, std::unique_ptr<FcHandshake>> handshakes;  // by connection fd
   std::map<int, int> handshake_timers;                     // timer fd -> connection fd
-  std::map<int, MetricsConn> metrics_conns;
   std::map<fault::SessionId, Served> served;
   // One per snapshot location, shared by every client restoring it (one manifest in memory, one
   // page-server connection setup). Shared ownership: the engine's sessions hold it too.
@@ -666,10 +660,7 @@ struct Daemon::Impl {
 
   std::string metrics_text() {
     nlohmann::json j = report(0, true);
-    std::string out;
-    auto family = [&](const char* name, const char* type, const char* help) {
-      out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
-    };
+    net::MetricsText out;
     auto each_region = [&](const std::function<void(const std::string& labels, const nlohmann::json& r)>& fn) {
       for (const auto& s : j["sessions"]) {
         for (const auto& r : s["stats"]["regions"]) {
@@ -679,101 +670,36 @@ struct Daemon::Impl {
         }
       }
     };
-    family("lazymem_sessions", "gauge", "Sessions being served.");
-    size_t active = 0;
+    auto counter = [&](const char* name, const char* help, const char* key) {
+      out.family(name, "counter", help);
+      each_region([&](const std::string& l, const nlohmann::json& r) { out.sample(name, l, r[key].get<uint64_t>()); });
+    };
+    out.family("lazymem_sessions", "gauge", "Sessions being served.");
+    uint64_t active = 0;
     for (const auto& s : j["sessions"]) active += s["state"] == "restoring";
-    out += fmt::format("lazymem_sessions {}\n", active);
-    family("lazymem_faults_total", "counter", "Fault messages read from the userfaultfds.");
-    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_faults_total{{{}}} {}\n", l, r["faults"].get<uint64_t>()); });
-    family("lazymem_pages_total", "counter", "Pages installed, by how: fault, prefetch, zero.");
+    out.sample("lazymem_sessions", "", active);
+    counter("lazymem_faults_total", "Fault messages read from the userfaultfds.", "faults");
+    out.family("lazymem_pages_total", "counter", "Pages installed, by how: fault, prefetch, zero.");
     each_region([&](const std::string& l, const nlohmann::json& r) {
       for (const char* k : {"fault", "prefetch", "zero"})
-        out += fmt::format("lazymem_pages_total{{{},how=\"{}\"}} {}\n", l, k, r[std::string("pages_") + k].get<uint64_t>());
+        out.sample("lazymem_pages_total", fmt::format("{},how=\"{}\"", l, k), r[std::string("pages_") + k].get<uint64_t>());
     });
-    family("lazymem_bytes_fetched_total", "counter", "Stored (compressed) bytes read from the snapshot source.");
-    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_bytes_fetched_total{{{}}} {}\n", l, r["bytes_fetched"].get<uint64_t>()); });
-    family("lazymem_bytes_decompressed_total", "counter", "Bytes after decoding.");
-    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_bytes_decompressed_total{{{}}} {}\n", l, r["bytes_decompressed"].get<uint64_t>()); });
-    family("lazymem_errors_total", "counter", "Chunks that could not be had (poisoned, or the process killed).");
-    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_errors_total{{{}}} {}\n", l, r["errors"].get<uint64_t>()); });
-    family("lazymem_blocked_seconds_total", "counter", "Time faulting threads spent waiting.");
-    each_region([&](const std::string& l, const nlohmann::json& r) { out += fmt::format("lazymem_blocked_seconds_total{{{}}} {:.6f}\n", l, double(r["blocked_us"].get<uint64_t>()) / 1e6); });
-    family("lazymem_fault_latency_seconds", "summary", "Fault latency (upper bounds of power-of-two microsecond buckets).");
+    counter("lazymem_bytes_fetched_total", "Stored (compressed) bytes read from the snapshot source.", "bytes_fetched");
+    counter("lazymem_bytes_decompressed_total", "Bytes after decoding.", "bytes_decompressed");
+    counter("lazymem_errors_total", "Chunks that could not be had (poisoned, or the process killed).", "errors");
+    out.family("lazymem_blocked_seconds_total", "counter", "Time faulting threads spent waiting.");
+    each_region([&](const std::string& l, const nlohmann::json& r) {
+      out.sample("lazymem_blocked_seconds_total", l, double(r["blocked_us"].get<uint64_t>()) / 1e6);
+    });
+    out.family("lazymem_fault_latency_seconds", "summary", "Fault latency (upper bounds of power-of-two microsecond buckets).");
     each_region([&](const std::string& l, const nlohmann::json& r) {
       for (const auto& [q, k] : {std::pair{"0.5", "p50"}, std::pair{"0.99", "p99"}, std::pair{"1", "max"}})
-        out += fmt::format("lazymem_fault_latency_seconds{{{},quantile=\"{}\"}} {:.6f}\n", l, q, double(r["latency_us"][k].get<uint64_t>()) / 1e6);
+        out.sample("lazymem_fault_latency_seconds", fmt::format("{},quantile=\"{}\"", l, q),
+                   double(r["latency_us"][k].get<uint64_t>()) / 1e6);
     });
-    return out;
-  }
-
-  void accept_metrics() {
-    for (;;) {
-      int fd = ::accept4(metrics_fd.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (fd < 0) return;
-      if (metrics_conns.size() >= 16) {  // scrapers are few; anything more is not one
-        ::close(fd);
-        continue;
-      }
-      add(fd, tag(kMetricsConn, fd), EPOLLIN);
-      metrics_conns[fd].fd.reset(fd);
-    }
-  }
-
-  void on_metrics_conn(int fd) {
-    auto it = metrics_conns.find(fd);
-    if (it == metrics_conns.end()) return;
-    MetricsConn& m = it->second;
-    if (!m.responded) {
-      // Any request gets the metrics: this port serves nothing else. Read it and answer.
-      char buf[4096];
-      ssize_t n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
-      if (n < 0 && errno == EAGAIN) return;
-      if (n <= 0) {
-        del(fd);
-        metrics_conns.erase(it);
-        return;
-      }
-      std::string body = metrics_text();
-      m.out = fmt::format("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n"
-                          "Connection: close\r\n\r\n{}",
-                          body.size(), body);
-      m.responded = true;
-      epoll_event ev{};
-      ev.events = EPOLLOUT;
-      ev.data.u64 = tag(kMetricsConn, fd);
-      ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, fd, &ev);
-    }
-    while (m.sent < m.out.size()) {
-      ssize_t n = ::send(fd, m.out.data() + m.sent, m.out.size() - m.sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-      if (n < 0 && errno == EAGAIN) return;  // EPOLLOUT brings us back
-      if (n <= 0) break;
-      m.sent += static_cast<size_t>(n);
-    }
-    del(fd);
-    metrics_conns.erase(it);
+    return out.take();
   }
 };
-
-Result<sys::UniqueFd> listen_tcp(const std::string& hostport) {
-  size_t colon = hostport.rfind(':');
-  if (colon == std::string::npos) return Error(Errc::kInvalidArgument, "--metrics wants HOST:PORT, got " + hostport);
-  std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
-  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  addrinfo* ai = nullptr;
-  int rc = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &ai);
-  if (rc != 0) return Error(Errc::kInvalidArgument, fmt::format("--metrics {}: {}", hostport, ::gai_strerror(rc)));
-  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> hold(ai, ::freeaddrinfo);
-  sys::UniqueFd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd.valid()) return sys_error("socket", errno);
-  int one = 1;
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) return sys_error("bind --metrics " + hostport, errno);
-  if (::listen(fd.get(), 16) != 0) return sys_error("listen --metrics " + hostport, errno);
-  return fd;
-}
 
 Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, const KernelFeatures& features) {
   if (!features.uffd_usable) return Error(Errc::kUnsupported, features.uffd_error);
@@ -797,8 +723,8 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
                                     options.token_file, true, false, -1, 0};
   }
   if (!options.metrics_address.empty()) {
-    LAZYMEM_ASSIGN_OR_RETURN(im.metrics_fd, listen_tcp(options.metrics_address));
-    im.add(im.metrics_fd.get(), kMetricsTag);
+    LAZYMEM_ASSIGN_OR_RETURN(im.metrics, net::MetricsEndpoint::listen(options.metrics_address));
+    im.add(im.metrics->fd(), kMetricsTag);
   }
   im.engine = std::make_unique<fault::FaultEngine>(features, options.engine);
   LAZYMEM_TRY(im.engine->start());
@@ -830,14 +756,13 @@ Status Daemon::run() {
           if (t == kStopTag) return ok_status();
           if (t == kListenTag) im.accept_conn();
           else if (t == kEngineTag) im.on_engine_change();
-          else if (t == kMetricsTag) im.accept_metrics();
+          else if (t == kMetricsTag) im.metrics->serve([&] { return im.metrics_text(); });
           break;
         case kConn: im.on_conn(fd); break;
         case kPidfd: im.on_pid_exit(fd); break;
         case kFcListen: im.accept_firecracker(fd); break;
         case kFcConn: im.on_handshake_data(fd); break;
         case kFcTimer: im.on_handshake_timer(fd); break;
-        case kMetricsConn: im.on_metrics_conn(fd); break;
       }
     }
   }

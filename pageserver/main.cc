@@ -81,6 +81,7 @@ int serve(const std::vector<std::string>& args) {
       "no-datagrams", "serve getPage on TCP connections only (no UDP socket on the port)")(
       "poll-after-page-us", po::value<unsigned>()->default_value(100),
       "after a page request, poll this long instead of sleeping (lower fault latency for CPU; 0: never)")(
+      "metrics", po::value<std::string>(), "serve the stats in Prometheus text format on HOST:PORT (e.g. 127.0.0.1:9478)")(
       "keep-replaced-s", po::value<unsigned>()->default_value(60),
       "a snapshot replaced or removed while restores read it stays readable to them, and this long after the last "
       "one disconnects (its disk space is held meanwhile)");
@@ -91,6 +92,7 @@ int serve(const std::vector<std::string>& args) {
   o.datagrams = vm.count("no-datagrams") == 0;
   o.poll_after_page = std::chrono::microseconds(vm["poll-after-page-us"].as<unsigned>());
   o.keep_replaced = std::chrono::seconds(vm["keep-replaced-s"].as<unsigned>());
+  if (vm.count("metrics")) o.metrics = vm["metrics"].as<std::string>();
   o.store_dir = vm["store"].as<std::string>();
   std::string listen = vm["listen"].as<std::string>();
   auto colon = listen.rfind(':');

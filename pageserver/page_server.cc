@@ -31,6 +31,7 @@
 #include "sys/ring.h"
 #include "net/auth.h"
 #include "net/frame.h"
+#include "net/metrics_endpoint.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/manifest.h"
 #include "snapshot/store.h"
@@ -174,6 +175,7 @@ struct Conn {
 struct PageServer::Impl {
   ServerOptions opt;
   sys::UniqueFd listen_fd, epoll_fd, stop_fd;
+  std::unique_ptr<net::MetricsEndpoint> metrics;  // ServerOptions::metrics
   std::map<std::string, std::shared_ptr<OpenSnapshot>> snapshots;  // what the store holds, as opened
   uint64_t next_file_id = 1;
   // Versions no longer in the store (replaced or removed) that restores may still read, by
@@ -1376,6 +1378,49 @@ struct PageServer::Impl {
   }
 };
 
+namespace {
+
+// The server's stats in Prometheus text format (ServerOptions::metrics).
+std::string metrics_text(const ServerStats& st) {
+  net::MetricsText out;
+  auto one = [&](const char* name, const char* type, const char* help, uint64_t v) {
+    out.family(name, type, help);
+    out.sample(name, "", v);
+  };
+  auto by = [&](const char* name, const char* help, const char* label,
+                std::initializer_list<std::pair<const char*, uint64_t>> values) {
+    out.family(name, "counter", help);
+    for (const auto& [k, v] : values) out.sample(name, fmt::format("{}=\"{}\"", label, k), v);
+  };
+  one("lazymem_pageserver_connections_total", "counter", "Connections accepted.", st.connections);
+  one("lazymem_pageserver_open_connections", "gauge", "Connections open now.", st.open_connections);
+  one("lazymem_pageserver_connections_refused_total", "counter", "Connections refused: over the limit, or out of descriptors.", st.connections_refused);
+  one("lazymem_pageserver_requests_total", "counter", "Requests, on connections and by datagram.", st.requests);
+  one("lazymem_pageserver_chunks_total", "counter", "Chunks sent (getChunks, and pages sent as their whole chunk).", st.chunks);
+  one("lazymem_pageserver_pages_total", "counter", "Pages sent as their own frame (getPage).", st.pages);
+  by("lazymem_pageserver_sent_bytes_total", "Chunk and page bytes sent, by how.", "how",
+     {{"zerocopy", st.zerocopy_bytes}, {"plain", st.plain_bytes}});
+  by("lazymem_pageserver_sends_total", "Sends of chunk and page data, by how (copied: zero-copy sends the kernel copied).", "how",
+     {{"zerocopy", st.zerocopy_sends}, {"copied", st.zerocopy_copied_sends}, {"plain", st.plain_sends}});
+  one("lazymem_pageserver_zerocopy_fallbacks_total", "counter", "Connections switched to plain sends (the kernel copied).", st.zerocopy_fallbacks);
+  one("lazymem_pageserver_disk_read_bytes_total", "counter", "Bytes read from the store (O_DIRECT).", st.disk_read_bytes);
+  by("lazymem_pageserver_cache_lookups_total", "Extents of chunk data looked up in memory.", "result",
+     {{"hit", st.cache_hits}, {"miss", st.cache_misses}});
+  by("lazymem_pageserver_errors_total", "Requests refused or failed, by kind.", "kind",
+     {{"protocol", st.errors_protocol}, {"auth", st.errors_auth}, {"not_found", st.errors_not_found},
+      {"range", st.errors_range}, {"io", st.errors_io}, {"corrupt", st.errors_corrupt},
+      {"handshake_timeout", st.handshake_timeouts}});
+  one("lazymem_pageserver_uploads_total", "counter", "Snapshots uploaded and committed.", st.uploads);
+  by("lazymem_pageserver_datagrams_total", "getPage datagrams, by outcome.", "outcome",
+     {{"request", st.datagram_requests}, {"dropped", st.datagrams_dropped}, {"unsent", st.datagrams_unsent},
+      {"over_mtu", st.datagrams_over_mtu}, {"on_stream", st.datagrams_on_stream}});
+  one("lazymem_pageserver_snapshots_retired", "gauge", "Snapshot versions replaced or removed in the store, still held for restores reading them.",
+      st.snapshots_retired);
+  return out.take();
+}
+
+}  // namespace
+
 Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& options) {
   std::unique_ptr<PageServer> s(new PageServer());
   s->impl_ = std::make_unique<Impl>();
@@ -1442,8 +1487,15 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
     ev.data.fd = im.udp_fd.get();
     ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.udp_fd.get(), &ev);
   }
+  if (!options.metrics.empty()) {
+    LAZYMEM_ASSIGN_OR_RETURN(im.metrics, net::MetricsEndpoint::listen(options.metrics));
+    ev.data.fd = im.metrics->fd();
+    ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.metrics->fd(), &ev);
+  }
   return s;
 }
+
+uint16_t PageServer::metrics_port() const { return impl_->metrics ? impl_->metrics->port() : 0; }
 
 PageServer::~PageServer() = default;
 
@@ -1468,6 +1520,10 @@ Status PageServer::run() {
       }
       if (im.ring_event.valid() && fd == im.ring_event.get()) {
         im.on_reads_done();
+        continue;
+      }
+      if (im.metrics && fd == im.metrics->fd()) {
+        im.metrics->serve([&] { return metrics_text(im.snapshot_stats()); });
         continue;
       }
       if ((im.udp_fd.valid() && fd == im.udp_fd.get()) || im.dgram_owner.count(fd) != 0) {

@@ -54,6 +54,9 @@ struct ServerOptions {
   // long after it left the store and after the last of them closed (a restore reconnecting, or
   // one that read the manifest and has not connected yet). Its disk space is held meanwhile.
   std::chrono::seconds keep_replaced{60};
+  // HOST:PORT (port 0: pick one, see metrics_port()): the stats below in Prometheus text format,
+  // over HTTP, from the serving loop (a scrape costs it tens of microseconds). Empty: none.
+  std::string metrics;
 };
 
 struct ServerStats {
@@ -92,6 +95,7 @@ class PageServer {
   ~PageServer();
 
   uint16_t port() const { return port_; }
+  uint16_t metrics_port() const;  // 0 without ServerOptions::metrics
   // Serves until stop().
   Status run();
   void stop();

@@ -508,6 +508,43 @@ TEST_F(PageServerTest, SameBytesStoredTwiceAreHeldApart) {
   EXPECT_EQ(ask_chunk(reader->get(), 0, got), "");
 }
 
+// `serve --metrics HOST:PORT`: the stats in Prometheus text format over HTTP, while peers that
+// connected to that port and say nothing (as many as it takes scrapers at once) are connected.
+TEST_F(PageServerTest, MetricsInPrometheusText) {
+  capture(4 * kMiB, 44);
+  pageserver::ServerOptions so;
+  so.metrics = "127.0.0.1:0";
+  start_server(so);
+  ASSERT_NE(server_->metrics_port(), 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(server_->metrics_port());
+  std::vector<sys::UniqueFd> silent;
+  for (int i = 0; i < 16; ++i) {
+    silent.emplace_back(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ASSERT_EQ(::connect(silent.back().get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  }
+  restore_and_compare(uri(), {});
+  const auto st = server_->stats();
+  sys::UniqueFd c(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_EQ(::connect(c.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  const std::string get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  ASSERT_EQ(::send(c.get(), get.data(), get.size(), 0), static_cast<ssize_t>(get.size()));
+  timeval limit{10, 0};
+  ::setsockopt(c.get(), SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+  std::string resp;
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(c.get(), buf, sizeof buf, 0)) > 0;) resp.append(buf, static_cast<size_t>(n));
+  EXPECT_EQ(resp.rfind("HTTP/1.0 200 OK\r\n", 0), 0u) << resp;
+  EXPECT_NE(resp.find("Content-Type: text/plain; version=0.0.4"), std::string::npos);
+  EXPECT_NE(resp.find("# TYPE lazymem_pageserver_requests_total counter"), std::string::npos) << resp;
+  EXPECT_NE(resp.find(fmt::format("\nlazymem_pageserver_requests_total {}\n", st.requests)), std::string::npos) << resp;
+  EXPECT_NE(resp.find(fmt::format("\nlazymem_pageserver_chunks_total {}\n", st.chunks)), std::string::npos) << resp;
+  EXPECT_NE(resp.find("lazymem_pageserver_errors_total{kind=\"not_found\"} 0\n"), std::string::npos) << resp;
+  EXPECT_NE(resp.find("# TYPE lazymem_pageserver_open_connections gauge"), std::string::npos) << resp;
+}
+
 // Verified through the server: what a restore from it would get, every stored chunk.
 TEST_F(PageServerTest, VerifyThroughTheServerFindsADamagedChunk) {
   capture(4 * kMiB, 34);

@@ -1,0 +1,148 @@
+// MetricsEndpoint: Prometheus text over HTTP/1.0, non-blocking, from the owner's event loop.
+#include "net/metrics_endpoint.h"
+
+#include <fmt/format.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <vector>
+
+namespace lazymem::net {
+namespace {
+
+constexpr size_t kMaxScrapes = 16;
+constexpr auto kScrapeLimit = std::chrono::seconds(10);
+
+}  // namespace
+
+Result<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::listen(const std::string& hostport) {
+  const size_t colon = hostport.rfind(':');
+  if (colon == std::string::npos) return Error(Errc::kInvalidArgument, "--metrics wants HOST:PORT, got " + hostport);
+  std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* ai = nullptr;
+  int rc = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &ai);
+  if (rc != 0) return Error(Errc::kInvalidArgument, fmt::format("--metrics {}: {}", hostport, ::gai_strerror(rc)));
+  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> hold(ai, ::freeaddrinfo);
+  std::unique_ptr<MetricsEndpoint> m(new MetricsEndpoint());
+  m->listen_.reset(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!m->listen_.valid()) return sys_error("socket", errno);
+  int one = 1;
+  ::setsockopt(m->listen_.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(m->listen_.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
+    return sys_error(fmt::format("bind --metrics {} (in use? pick another port)", hostport), errno);
+  }
+  if (::listen(m->listen_.get(), 16) != 0) return sys_error("listen --metrics " + hostport, errno);
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  ::getsockname(m->listen_.get(), reinterpret_cast<sockaddr*>(&ss), &len);
+  m->port_ = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                            : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  m->epoll_.reset(::epoll_create1(EPOLL_CLOEXEC));
+  if (!m->epoll_.valid()) return sys_error("epoll_create1", errno);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = m->listen_.get();
+  if (::epoll_ctl(m->epoll_.get(), EPOLL_CTL_ADD, m->listen_.get(), &ev) != 0) return sys_error("epoll_ctl", errno);
+  return m;
+}
+
+void MetricsEndpoint::serve(const std::function<std::string()>& text) {
+  epoll_event events[kMaxScrapes + 1];
+  const int n = ::epoll_wait(epoll_.get(), events, static_cast<int>(std::size(events)), 0);
+  for (int i = 0; i < n; ++i) {
+    const int fd = events[i].data.fd;
+    if (fd == listen_.get()) {
+      accept_all();
+      continue;
+    }
+    auto it = scrapes_.find(fd);
+    if (it != scrapes_.end() && !step(it->second, text)) drop(fd);
+  }
+}
+
+void MetricsEndpoint::accept_all() {
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<int> stale;
+  for (const auto& [fd, s] : scrapes_) {
+    if (now - s.opened > kScrapeLimit) stale.push_back(fd);
+  }
+  for (int fd : stale) drop(fd);
+  for (;;) {
+    sys::UniqueFd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+    if (!fd.valid()) return;
+    if (scrapes_.size() >= kMaxScrapes) {  // the oldest makes room: a peer that says nothing locks nobody out
+      auto oldest = scrapes_.begin();
+      for (auto it = scrapes_.begin(); it != scrapes_.end(); ++it) {
+        if (it->second.opened < oldest->second.opened) oldest = it;
+      }
+      drop(oldest->first);
+    }
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd.get();
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd.get(), &ev) != 0) continue;
+    const int key = fd.get();
+    scrapes_[key] = Scrape{std::move(fd), {}, 0, now};
+  }
+}
+
+void MetricsEndpoint::drop(int fd) {
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+  scrapes_.erase(fd);
+}
+
+bool MetricsEndpoint::step(Scrape& s, const std::function<std::string()>& text) {
+  if (s.out.empty()) {
+    // Any request gets the metrics: read what came (the request line is all we would look at,
+    // and this port answers one thing), then answer.
+    char buf[4096];
+    const ssize_t n = ::recv(s.fd.get(), buf, sizeof buf, MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return true;
+    if (n <= 0) return false;
+    const std::string body = text();
+    s.out = fmt::format("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n"
+                        "Connection: close\r\n\r\n{}",
+                        body.size(), body);
+    epoll_event ev{};
+    ev.events = EPOLLOUT;
+    ev.data.fd = s.fd.get();
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, s.fd.get(), &ev);
+  }
+  while (s.sent < s.out.size()) {
+    const ssize_t n = ::send(s.fd.get(), s.out.data() + s.sent, s.out.size() - s.sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return true;  // EPOLLOUT brings us back
+    if (n <= 0) return false;
+    s.sent += static_cast<size_t>(n);
+  }
+  return false;
+}
+
+void MetricsText::family(std::string_view name, std::string_view type, std::string_view help) {
+  out_ += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+}
+
+void MetricsText::sample(std::string_view name, std::string_view labels, double value) {
+  if (labels.empty()) {
+    out_ += fmt::format("{} {:.6f}\n", name, value);
+  } else {
+    out_ += fmt::format("{}{{{}}} {:.6f}\n", name, labels, value);
+  }
+}
+
+void MetricsText::sample(std::string_view name, std::string_view labels, uint64_t value) {
+  if (labels.empty()) {
+    out_ += fmt::format("{} {}\n", name, value);
+  } else {
+    out_ += fmt::format("{}{{{}}} {}\n", name, labels, value);
+  }
+}
+
+}  // namespace lazymem::net
