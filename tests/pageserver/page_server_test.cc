@@ -2,6 +2,7 @@
 // every byte compared; hostile peers; wrong tokens; a server that dies mid-restore.
 #include <gtest/gtest.h>
 #include <arpa/inet.h>
+#include <linux/userfaultfd.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/mman.h>
@@ -811,6 +812,74 @@ TEST_F(PageServerTest, ServerRestartMidRestoreIsInvisible) {
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
 }
+
+// A restore from several page servers sharing a store (lazymem://A,B/NAME) goes on with the
+// next when its server dies mid-restore (its port closed) or stops answering (SIGSTOP: it still
+// accepts connections, which then say nothing), by the fault engine and by faulting threads
+// alike; every byte compared.
+struct Failover {
+  bool on_thread;
+  bool stalled;
+};
+class FailoverTest : public PageServerTest, public ::testing::WithParamInterface<Failover> {};
+
+TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
+  const auto [on_thread, stalled] = GetParam();
+  if (on_thread && !kf_.has_uffd_feature(UFFD_FEATURE_SIGBUS)) GTEST_SKIP() << "userfaultfd lacks UFFD_FEATURE_SIGBUS";
+  capture(16 * kMiB, 45);
+  ServerProcess forked;  // the first server, when it is to be stopped (forked before any thread)
+  if (stalled) {
+    fork_server(forked);
+    if (HasFatalFailure()) return;
+  } else {
+    start_server();
+  }
+  const uint16_t first_port = stalled ? forked.port : server_->port();
+  pageserver::ServerOptions o2;
+  o2.store_dir = dir_.path();
+  auto second = pageserver::PageServer::listen(o2);
+  ASSERT_TRUE(second.ok()) << second.error().message();
+  std::thread second_thread([&] { (void)(*second)->run(); });
+  struct Join {
+    pageserver::PageServer& s;
+    std::thread& t;
+    ~Join() {
+      s.stop();
+      t.join();
+    }
+  } join{**second, second_thread};
+  const std::string both = fmt::format("lazymem://127.0.0.1:{},127.0.0.1:{}/snap", first_port, (*second)->port());
+  RestoreOptions o;
+  o.prefetch = false;  // faults keep coming after the first server is gone
+  o.fault_on_thread = on_thread;
+  o.fault_deadline = std::chrono::milliseconds(4000);
+  o.fetch_attempts = 3;
+  auto r = LazyRestore::start(both, kf_, o);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+  for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
+  EXPECT_EQ((*second)->stats().chunks + (*second)->stats().pages, 0u) << "the second server served while the first lived";
+  if (stalled) {
+    ASSERT_EQ(::kill(forked.pid, SIGSTOP), 0);
+  } else {
+    stop_server();
+    server_.reset();  // its port closes: reconnects to it are refused
+  }
+  for (size_t off = len_ / 2; off < len_; off += 4096) {
+    ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
+  }
+  EXPECT_GT((*second)->stats().chunks + (*second)->stats().pages, 0u);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+INSTANTIATE_TEST_SUITE_P(PageServerTest, FailoverTest,
+                         ::testing::Values(Failover{false, false}, Failover{true, false}, Failover{false, true},
+                                           Failover{true, true}),
+                         [](const auto& info) {
+                           return std::string(info.param.on_thread ? "FaultOnThread" : "Engine") +
+                                  (info.param.stalled ? "FirstStops" : "FirstDies");
+                         });
 
 // Reconnecting to a server that accepts connections but never answers does not block the
 // caller (the engine thread, which serves every other session meanwhile): each poll() returns

@@ -461,6 +461,16 @@ TEST(SnapshotLocationTest, ParsesPathsAndUris) {
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://host:99999/vm").ok());
   EXPECT_FALSE(SnapshotLocation::parse("/store/.hidden").ok());
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1/").ok());
+  auto d = SnapshotLocation::parse("lazymem://pages1:7070,[fd00::2]:7071,10.0.0.3:7072/vm1");
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  ASSERT_EQ(d->servers().size(), 3u);
+  EXPECT_EQ(d->servers()[1].host, "fd00::2");
+  EXPECT_EQ(d->servers()[2].port, 7072);
+  EXPECT_EQ(d->name, "vm1");
+  EXPECT_EQ(d->to_string(), "lazymem://pages1:7070,[fd00::2]:7071,10.0.0.3:7072/vm1");
+  EXPECT_EQ(c->to_string(), "lazymem://[::1]:7070/vm1");
+  EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1,/vm").ok());
+  EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1,h2/vm").ok());
 }
 
 // The progress callback (the CLI's bar) covers every region, in order, and ends at the total.

@@ -69,12 +69,24 @@ struct Manifest {
   uint64_t stored_bytes() const;  // sum of stored chunk lengths
 };
 
-// Where a snapshot lives: a directory "<store>/<name>" or "lazymem://HOST:PORT/NAME".
+// Where a snapshot lives: a directory "<store>/<name>" or "lazymem://HOST:PORT/NAME", or on any of
+// several page servers, "lazymem://HOST1:PORT1,HOST2:PORT2/NAME" (a store they share, or copies of
+// it): a restore that loses its server goes on with the next (a restore's connections name the
+// version they read, so another server serves it that version or refuses, never another's).
 struct SnapshotLocation {
+  struct Server {
+    std::string host;
+    uint16_t port = 0;
+    std::string to_string() const;  // HOST:PORT ([HOST]:PORT for IPv6)
+  };
   std::string store_dir;  // local store; empty for a remote one
-  std::string host;       // page server (remote)
+  std::string host;       // page server (remote): the first one
   uint16_t port = 0;
+  std::vector<Server> more_servers;  // the others, in order
   std::string name;
+
+  // Every page server: host:port, then more_servers.
+  std::vector<Server> servers() const;
 
   bool remote() const { return !host.empty(); }
   std::string to_string() const;

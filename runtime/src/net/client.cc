@@ -124,12 +124,12 @@ Error reply_error(const SnapshotLocation& loc, wire::ErrorReply::Reader e) {
     case wire::ErrorCode::UNSUPPORTED_VERSION: code = Errc::kUnsupported; break;
     default: break;
   }
-  return Error(code, fmt::format("page server {}:{}: {}", loc.host, loc.port, e.getMessage().cStr()));
+  return Error(code, fmt::format("page server {}: {}", loc.to_string(), e.getMessage().cStr()));
 }
 
 Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
-                                      uint64_t reads) {
-  LAZYMEM_ASSIGN_OR_RETURN(Dialer d, Dialer::start(loc, token, reads));
+                                      uint64_t reads, size_t first_server) {
+  LAZYMEM_ASSIGN_OR_RETURN(Dialer d, Dialer::start(loc, token, reads, first_server));
   for (;;) {
     LAZYMEM_ASSIGN_OR_RETURN(bool done, d.step());
     if (done) return d.take();
@@ -311,6 +311,7 @@ class RemoteReader final : public snapshot::ChunkReader {
   }
 
   Status submit(std::span<const snapshot::ChunkRequest> requests) override {
+    if (in_flight_.empty()) heard_ = std::chrono::steady_clock::now();  // silence counts from the first request
     for (const auto& rq : requests) in_flight_[rq.tag] = rq;
     if (gave_up_) {  // new requests after giving up: a fresh round of attempts
       gave_up_ = false;
@@ -320,12 +321,14 @@ class RemoteReader final : public snapshot::ChunkReader {
     if (link_ != Link::kReady) return ok_status();  // sent once the connection is back
     Status s = send_requests(requests);
     if (!s.ok()) return recover(s.error());
+    watch_silence();
     return ok_status();
   }
 
   Result<size_t> poll(snapshot::ChunkSink& sink, bool block, size_t max) override {
     size_t delivered = 0;
     for (;;) {
+      if (link_ == Link::kReady) LAZYMEM_TRY(check_silence());
       if (link_ != Link::kReady) {
         LAZYMEM_TRY(advance_reconnect());
         if (link_ != Link::kReady) {
@@ -359,12 +362,13 @@ class RemoteReader final : public snapshot::ChunkReader {
       ssize_t n = ::recv(sock_.get(), space.data(), space.size(), MSG_DONTWAIT);
       if (n > 0) {
         buf_.commit(static_cast<size_t>(n));
+        heard_ = std::chrono::steady_clock::now();
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && errno == EAGAIN) {
         if (block && delivered == 0 && !in_flight_.empty()) {
-          pollfd p{sock_.get(), POLLIN, 0};
+          pollfd p{epoll_.get(), POLLIN, 0};  // the socket, or the silence timer
           ::poll(&p, 1, static_cast<int>(opts_.deadline.count()));
           block = false;
           continue;
@@ -397,10 +401,39 @@ class RemoteReader final : public snapshot::ChunkReader {
     buf_ = FrameBuffer();
     watch(sock_.get(), EPOLLIN, EPOLL_CTL_ADD);
     link_ = Link::kReady;
+    heard_ = std::chrono::steady_clock::now();
+    silence_due_.reset();
+  }
+
+  // Silence: requests waiting and not a byte from the server for an attempt's time. A server
+  // that stopped (hung, or a stopped process: its kernel still accepts and acknowledges) or a
+  // path that died without a reset gives TCP nothing to notice for minutes: the connection is
+  // dropped and made again, to the next server where there are several, and the requests asked
+  // again. Checked when the timer set for it fires (the timer is the reconnect's otherwise).
+  void watch_silence() {
+    if (silence_due_ || in_flight_.empty()) return;
+    const auto in = attempt_limit() - std::chrono::duration_cast<std::chrono::milliseconds>(
+                                          std::chrono::steady_clock::now() - heard_);
+    arm_timer(std::max(in, std::chrono::milliseconds(1)));
+    silence_due_ = std::chrono::steady_clock::now() + std::max(in, std::chrono::milliseconds(1));
+  }
+  Status check_silence() {
+    const auto now = std::chrono::steady_clock::now();
+    if (!silence_due_ || now < *silence_due_) return ok_status();
+    (void)timer_fired();
+    silence_due_.reset();
+    if (in_flight_.empty()) return ok_status();
+    if (now - heard_ >= attempt_limit()) {
+      return recover(Error(Errc::kTimeout, fmt::format("page server sent nothing for {} ms while {} requests waited",
+                                                       attempt_limit().count(), in_flight_.size())));
+    }
+    watch_silence();
+    return ok_status();
   }
   void drop_socket() {
     if (sock_.valid()) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sock_.get(), nullptr);
     sock_.reset();
+    silence_due_.reset();  // the timer is the reconnect's now
   }
   void watch(int fd, uint32_t events, int op) {
     epoll_event ev{};
@@ -435,7 +468,7 @@ class RemoteReader final : public snapshot::ChunkReader {
       return last_error_.wrap(fmt::format("page server {} (gave up after {} reconnects)", loc_.to_string(),
                                           opts_.fetch_attempts));
     }
-    auto d = Dialer::start(loc_, token_, src_.manifest().checksum);
+    auto d = Dialer::start(loc_, token_, src_.manifest().checksum, attempts_);  // the next server first
     if (!d.ok()) {  // nothing to wait for: try again after a pause
       last_error_ = std::move(d).error();
       link_ = Link::kBackoff;
@@ -470,7 +503,9 @@ class RemoteReader final : public snapshot::ChunkReader {
       std::vector<snapshot::ChunkRequest> again;
       for (const auto& [tag, rq] : in_flight_) again.push_back(rq);
       Status s = send_requests(again);
-      return s.ok() ? ok_status() : recover(s.error());
+      if (!s.ok()) return recover(s.error());
+      watch_silence();
+      return ok_status();
     }
     bool expired = timer_fired();
     if (done.ok() && !expired) {  // waiting for the socket
@@ -560,6 +595,8 @@ class RemoteReader final : public snapshot::ChunkReader {
   Error last_error_{Errc::kPeerGone, "page server connection lost"};
   FrameBuffer buf_;
   std::unordered_map<uint64_t, snapshot::ChunkRequest> in_flight_;
+  std::chrono::steady_clock::time_point heard_;  // the last bytes from the server (or the connection, or the wait, began)
+  std::optional<std::chrono::steady_clock::time_point> silence_due_;  // the timer is set for watch_silence
   uint64_t next_id_ = 100;
 };
 

@@ -33,9 +33,10 @@ struct OwnedFrame {
 };
 Result<OwnedFrame> recv_frame(int fd, FrameBuffer& buf, Deadline deadline);
 
-// Dials and authenticates: a connection ready for requests. `reads`: see Dialer::start.
+// Dials and authenticates: a connection ready for requests. `reads`, `first_server`: see
+// Dialer::start.
 Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
-                                      uint64_t reads = 0);
+                                      uint64_t reads = 0, size_t first_server = 0);
 
 // Turns an error reply into an Error naming the server.
 Error reply_error(const SnapshotLocation& loc, proto::wire::ErrorReply::Reader e);

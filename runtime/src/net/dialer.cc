@@ -46,28 +46,42 @@ Result<sys::UniqueFd> start_connect(const SocketAddress& a) {
   return fd;
 }
 
-Result<Dialer> Dialer::start(const SnapshotLocation& loc, const std::string& token, uint64_t reads) {
+Result<Dialer> Dialer::start(const SnapshotLocation& loc, const std::string& token, uint64_t reads,
+                             size_t first_server) {
   Dialer d;
   d.loc_ = loc;
   d.token_ = token;
   d.reads_ = reads;
-  LAZYMEM_ASSIGN_OR_RETURN(d.addrs_, resolve(loc.host, loc.port));
+  const auto servers = loc.servers();
+  std::optional<Error> unresolved;
+  for (size_t k = 0; k < servers.size(); ++k) {
+    const auto& s = servers[(first_server + k) % servers.size()];
+    auto addrs = resolve(s.host, s.port);
+    if (!addrs.ok()) {
+      unresolved = std::move(addrs).error();
+      continue;
+    }
+    for (const SocketAddress& a : *addrs) d.addrs_.push_back({a, s.to_string()});
+  }
+  if (d.addrs_.empty()) return std::move(*unresolved);
   LAZYMEM_TRY(d.connect_next());
   return d;
 }
 
 Status Dialer::connect_next() {
-  Error last(Errc::kPeerGone, fmt::format("page server {}:{}: no address", loc_.host, loc_.port));
+  std::optional<Error> last;
   while (next_addr_ < addrs_.size()) {
-    auto fd = start_connect(addrs_[next_addr_++]);
+    const Target& t = addrs_[next_addr_++];
+    server_ = t.server;
+    auto fd = start_connect(t.addr);
     if (fd.ok()) {
       fd_ = std::move(*fd);
       phase_ = Phase::kConnecting;
       return ok_status();
     }
-    last = std::move(fd).error();
+    last = std::move(fd).error().wrap(fmt::format("page server {}", server_));
   }
-  return last.wrap(fmt::format("page server {}:{}", loc_.host, loc_.port));
+  return last ? std::move(*last) : Error(Errc::kPeerGone, fmt::format("page server {}: no address", server_));
 }
 
 short Dialer::events() const { return phase_ == Phase::kConnecting || phase_ == Phase::kSending ? POLLOUT : POLLIN; }
@@ -106,7 +120,7 @@ Result<bool> Dialer::on_reply(Header& h) {
   }
   if (token_.empty()) {
     return Error(Errc::kPermission,
-                 fmt::format("page server {}:{} requires a token; pass --token-file", loc_.host, loc_.port));
+                 fmt::format("page server {} requires a token; pass --token-file", server_));
   }
   auto sn = hr.getServerNonce();
   Mac mac = auth_mac(token_, std::span(reinterpret_cast<const std::byte*>(sn.begin()), sn.size()), client_nonce_);
@@ -130,7 +144,7 @@ Result<bool> Dialer::step() {
         socklen_t len = sizeof err;
         ::getsockopt(fd_.get(), SOL_SOCKET, SO_ERROR, &err, &len);
         if (err != 0) {
-          Error e = sys_error(fmt::format("connect to page server {}:{} (is it running?)", loc_.host, loc_.port), err);
+          Error e = sys_error(fmt::format("connect to page server {} (is it running?)", server_), err);
           if (next_addr_ >= addrs_.size()) return e;
           LAZYMEM_TRY(connect_next());
           continue;
@@ -153,7 +167,7 @@ Result<bool> Dialer::step() {
         ssize_t n = ::send(fd_.get(), out_.data() + out_off_, out_.size() - out_off_, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
           if (errno == EAGAIN || errno == EINTR) return false;
-          return sys_error(fmt::format("send to page server {}:{}", loc_.host, loc_.port), errno);
+          return sys_error(fmt::format("send to page server {}", server_), errno);
         }
         out_off_ += static_cast<size_t>(n);
         if (out_off_ == out_.size()) phase_ = after_send_;
@@ -174,11 +188,11 @@ Result<bool> Dialer::step() {
         ssize_t n = ::recv(fd_.get(), space.data(), space.size(), MSG_DONTWAIT);
         if (n == 0) {
           return Error(Errc::kPeerGone,
-                       fmt::format("page server {}:{} closed the connection during the handshake", loc_.host, loc_.port));
+                       fmt::format("page server {} closed the connection during the handshake", server_));
         }
         if (n < 0) {
           if (errno == EAGAIN || errno == EINTR) return false;
-          return sys_error(fmt::format("receive from page server {}:{}", loc_.host, loc_.port), errno);
+          return sys_error(fmt::format("receive from page server {}", server_), errno);
         }
         in_.commit(static_cast<size_t>(n));
         continue;

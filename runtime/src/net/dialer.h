@@ -10,6 +10,7 @@
 
 #include <sys/socket.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,7 +36,12 @@ class Dialer {
  public:
   // `reads` (non-zero): the manifest checksum of the version of snapshot loc.name this connection
   // reads, named in the hello (wire Hello.manifestChecksum): the server serves that version to it.
-  static Result<Dialer> start(const SnapshotLocation& loc, const std::string& token, uint64_t reads = 0);
+  // Servers (loc.servers()) are tried from `first_server` (modulo their number) on, each of
+  // their addresses in turn while connecting is refused: a caller retrying after a failed
+  // attempt passes its attempt count, so that a server that accepts and then fails is not the
+  // only one it ever tries.
+  static Result<Dialer> start(const SnapshotLocation& loc, const std::string& token, uint64_t reads = 0,
+                              size_t first_server = 0);
   Dialer(Dialer&&) = default;
   Dialer& operator=(Dialer&&) = default;
 
@@ -54,10 +60,15 @@ class Dialer {
   void send_next(capnp::MessageBuilder& m, Phase after);
   Result<bool> on_reply(Header& h);
 
+  struct Target {
+    SocketAddress addr;
+    std::string server;  // HOST:PORT it is an address of, for messages
+  };
   SnapshotLocation loc_;
   std::string token_;
   uint64_t reads_ = 0;
-  std::vector<SocketAddress> addrs_;
+  std::vector<Target> addrs_;
+  std::string server_;  // the one being dialed
   size_t next_addr_ = 0;
   sys::UniqueFd fd_;
   Phase phase_ = Phase::kConnecting;

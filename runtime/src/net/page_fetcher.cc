@@ -98,7 +98,9 @@ Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
   fd_.reset();
   udp_.reset();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, deadline, manifest_.checksum));
+  // Each reopen starts at the next server (SnapshotLocation::servers): one that accepts and then
+  // fails is not the only one tried.
+  LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, deadline, manifest_.checksum, reopens_++));
   if (Status s = open_datagrams(deadline); !s.ok()) {
     fd_.reset();  // an answer may still be on its way: start clean next time
     return s;

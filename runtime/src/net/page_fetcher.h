@@ -96,6 +96,7 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   int64_t datagrams_off_until_ns_ = 0;
   int64_t datagrams_off_ns_ = 0;     // the next pause after losses in a row (doubles, up to a minute)
   unsigned lost_in_row_ = 0;
+  size_t reopens_ = 0;  // connections opened: the next starts at the next server
 
   kj::Array<capnp::word> in_;  // a whole reply frame, word-aligned (kj::Array: clang rejects std::vector<word>)
   std::vector<std::byte> chunk_;                // a whole chunk decoded (v1 replies)

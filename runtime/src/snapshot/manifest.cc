@@ -42,9 +42,21 @@ uint64_t Manifest::stored_bytes() const {
   return t;
 }
 
+std::string SnapshotLocation::Server::to_string() const {
+  return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port) : fmt::format("{}:{}", host, port);
+}
+
+std::vector<SnapshotLocation::Server> SnapshotLocation::servers() const {
+  std::vector<Server> all{Server{host, port}};
+  all.insert(all.end(), more_servers.begin(), more_servers.end());
+  return all;
+}
+
 std::string SnapshotLocation::to_string() const {
-  if (remote()) return fmt::format("lazymem://{}:{}/{}", host, port, name);
-  return store_dir + "/" + name;
+  if (!remote()) return store_dir + "/" + name;
+  std::string out = "lazymem://";
+  for (const Server& s : servers()) out += (out.size() > 10 ? "," : "") + s.to_string();
+  return out + "/" + name;
 }
 
 namespace {
@@ -70,23 +82,33 @@ Result<SnapshotLocation> SnapshotLocation::parse(const std::string& text) {
     if (slash == std::string::npos || slash + 1 >= rest.size()) {
       return Error(Errc::kInvalidArgument, fmt::format("'{}': expected lazymem://HOST:PORT/NAME", text));
     }
-    std::string hostport = rest.substr(0, slash);
     loc.name = rest.substr(slash + 1);
-    size_t colon = hostport.rfind(':');
-    if (colon == std::string::npos) {
-      return Error(Errc::kInvalidArgument, fmt::format("'{}': the page server address needs a port", text));
+    // HOST:PORT[,HOST:PORT...]
+    for (size_t at = 0; at <= slash;) {
+      size_t end = rest.find(',', at);
+      if (end == std::string::npos || end > slash) end = slash;
+      const std::string hostport = rest.substr(at, end - at);
+      at = end + 1;
+      size_t colon = hostport.rfind(':');
+      if (colon == std::string::npos) {
+        return Error(Errc::kInvalidArgument, fmt::format("'{}': the page server address '{}' needs a port", text, hostport));
+      }
+      Server s{hostport.substr(0, colon), 0};
+      if (s.host.size() > 2 && s.host.front() == '[' && s.host.back() == ']') s.host = s.host.substr(1, s.host.size() - 2);
+      std::string port = hostport.substr(colon + 1);
+      unsigned value = 0;
+      auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+      if (ec != std::errc() || p != port.data() + port.size() || value == 0 || value > 65535 || s.host.empty()) {
+        return Error(Errc::kInvalidArgument, fmt::format("'{}': bad page server address '{}'", text, hostport));
+      }
+      s.port = static_cast<uint16_t>(value);
+      if (loc.host.empty()) {
+        loc.host = s.host;
+        loc.port = s.port;
+      } else {
+        loc.more_servers.push_back(std::move(s));
+      }
     }
-    loc.host = hostport.substr(0, colon);
-    if (loc.host.size() > 2 && loc.host.front() == '[' && loc.host.back() == ']') {
-      loc.host = loc.host.substr(1, loc.host.size() - 2);
-    }
-    std::string port = hostport.substr(colon + 1);
-    unsigned value = 0;
-    auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
-    if (ec != std::errc() || p != port.data() + port.size() || value == 0 || value > 65535 || loc.host.empty()) {
-      return Error(Errc::kInvalidArgument, fmt::format("'{}': bad page server address '{}'", text, hostport));
-    }
-    loc.port = static_cast<uint16_t>(value);
   } else {
     std::string path = text;
     while (path.size() > 1 && path.back() == '/') path.pop_back();
