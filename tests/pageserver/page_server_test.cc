@@ -816,15 +816,17 @@ TEST_F(PageServerTest, ServerRestartMidRestoreIsInvisible) {
 // A restore from several page servers sharing a store (lazymem://A,B/NAME) goes on with the
 // next when its server dies mid-restore (its port closed) or stops answering (SIGSTOP: it still
 // accepts connections, which then say nothing), by the fault engine and by faulting threads
-// alike; every byte compared.
+// alike; and starts from the second when the first has stopped before it began. Every byte
+// compared.
 struct Failover {
   bool on_thread;
   bool stalled;
+  bool before_start = false;  // (stalled) stopped before the restore starts
 };
 class FailoverTest : public PageServerTest, public ::testing::WithParamInterface<Failover> {};
 
 TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
-  const auto [on_thread, stalled] = GetParam();
+  const auto [on_thread, stalled, before_start] = GetParam();
   if (on_thread && !kf_.has_uffd_feature(UFFD_FEATURE_SIGBUS)) GTEST_SKIP() << "userfaultfd lacks UFFD_FEATURE_SIGBUS";
   capture(16 * kMiB, 45);
   ServerProcess forked;  // the first server, when it is to be stopped (forked before any thread)
@@ -849,6 +851,9 @@ TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
     }
   } join{**second, second_thread};
   const std::string both = fmt::format("lazymem://127.0.0.1:{},127.0.0.1:{}/snap", first_port, (*second)->port());
+  if (before_start) {
+    ASSERT_EQ(::kill(forked.pid, SIGSTOP), 0);
+  }
   RestoreOptions o;
   o.prefetch = false;  // faults keep coming after the first server is gone
   o.fault_on_thread = on_thread;
@@ -858,10 +863,12 @@ TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
   for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
-  EXPECT_EQ((*second)->stats().chunks + (*second)->stats().pages, 0u) << "the second server served while the first lived";
-  if (stalled) {
+  if (!before_start) {
+    EXPECT_EQ((*second)->stats().chunks + (*second)->stats().pages, 0u) << "the second server served while the first lived";
+  }
+  if (stalled && !before_start) {
     ASSERT_EQ(::kill(forked.pid, SIGSTOP), 0);
-  } else {
+  } else if (!stalled) {
     stop_server();
     server_.reset();  // its port closes: reconnects to it are refused
   }
@@ -875,10 +882,11 @@ TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
 
 INSTANTIATE_TEST_SUITE_P(PageServerTest, FailoverTest,
                          ::testing::Values(Failover{false, false}, Failover{true, false}, Failover{false, true},
-                                           Failover{true, true}),
+                                           Failover{true, true}, Failover{false, true, true}, Failover{true, true, true}),
                          [](const auto& info) {
                            return std::string(info.param.on_thread ? "FaultOnThread" : "Engine") +
-                                  (info.param.stalled ? "FirstStops" : "FirstDies");
+                                  (info.param.before_start ? "FirstStoppedAtStart"
+                                                           : info.param.stalled ? "FirstStops" : "FirstDies");
                          });
 
 // Reconnecting to a server that accepts connections but never answers does not block the

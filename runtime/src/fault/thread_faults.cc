@@ -397,8 +397,9 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
       // One connection gets a share of the deadline (as the engine's reconnects do): a server
       // that stops answering without closing (hung, stopped, a dead path) is given up on in
       // time to reopen (to the next server, where there are several) and ask again.
-      const int64_t attempt_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(options_.deadline).count() /
-                                 (std::max(1u, options_.fetch_attempts) + 1);
+      const int64_t attempt_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                     snapshot::attempt_slice(options_.deadline, options_.fetch_attempts))
+                                     .count();
       const auto outcome = conn->fetcher->fetch(ref, index, std::span(conn->page.data(), page_size),
                                                 std::min(deadline, sys::monotonic_ns() + attempt_ns));
       const auto dg = conn->fetcher->datagrams();  // read before a broken connection goes to the keeper

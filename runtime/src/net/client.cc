@@ -127,13 +127,30 @@ Error reply_error(const SnapshotLocation& loc, wire::ErrorReply::Reader e) {
   return Error(code, fmt::format("page server {}: {}", loc.to_string(), e.getMessage().cStr()));
 }
 
-Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
-                                      uint64_t reads, size_t first_server) {
+namespace {
+
+Result<sys::UniqueFd> dial(const SnapshotLocation& loc, const std::string& token, Deadline deadline, uint64_t reads,
+                           size_t first_server) {
   LAZYMEM_ASSIGN_OR_RETURN(Dialer d, Dialer::start(loc, token, reads, first_server));
   for (;;) {
     LAZYMEM_ASSIGN_OR_RETURN(bool done, d.step());
     if (done) return d.take();
     LAZYMEM_TRY(wait_fd(d.fd(), d.events(), deadline, d.doing()));
+  }
+}
+
+}  // namespace
+
+// Where there are several servers, each gets a share of the time left in turn: one that accepts
+// and then says nothing (hung, stopped) must not use it all.
+Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
+                                      uint64_t reads, size_t first_server) {
+  const size_t n = loc.servers().size();
+  for (size_t k = 0;; ++k) {
+    const auto now = std::chrono::steady_clock::now();
+    const Deadline mine = k + 1 >= n ? deadline : now + (deadline - now) / static_cast<long>(n - k);
+    auto fd = dial(loc, token, mine, reads, first_server + k);
+    if (fd.ok() || k + 1 >= n) return fd;
   }
 }
 
@@ -328,7 +345,6 @@ class RemoteReader final : public snapshot::ChunkReader {
   Result<size_t> poll(snapshot::ChunkSink& sink, bool block, size_t max) override {
     size_t delivered = 0;
     for (;;) {
-      if (link_ == Link::kReady) LAZYMEM_TRY(check_silence());
       if (link_ != Link::kReady) {
         LAZYMEM_TRY(advance_reconnect());
         if (link_ != Link::kReady) {
@@ -363,10 +379,17 @@ class RemoteReader final : public snapshot::ChunkReader {
       if (n > 0) {
         buf_.commit(static_cast<size_t>(n));
         heard_ = std::chrono::steady_clock::now();
+        attempts_ = 0;
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && errno == EAGAIN) {
+        // All that came is read: only now may quiet mean silence (an engine thread that did not
+        // run for a while finds replies waiting, not a dead server).
+        if (silence_due_ && std::chrono::steady_clock::now() >= *silence_due_) {
+          LAZYMEM_TRY(check_silence());
+          if (link_ != Link::kReady) continue;
+        }
         if (block && delivered == 0 && !in_flight_.empty()) {
           pollfd p{epoll_.get(), POLLIN, 0};  // the socket, or the silence timer
           ::poll(&p, 1, static_cast<int>(opts_.deadline.count()));
@@ -391,9 +414,7 @@ class RemoteReader final : public snapshot::ChunkReader {
   enum class Link { kReady, kDialing, kBackoff };
 
   // Each attempt gets a slice of the fault deadline, so all of them together stay within it.
-  std::chrono::milliseconds attempt_limit() const {
-    return std::min<std::chrono::milliseconds>(opts_.deadline / (opts_.fetch_attempts + 1), std::chrono::seconds(5));
-  }
+  std::chrono::milliseconds attempt_limit() const { return snapshot::attempt_slice(opts_.deadline, opts_.fetch_attempts); }
 
   void use_socket(sys::UniqueFd fd) {
     drop_socket();
@@ -412,10 +433,11 @@ class RemoteReader final : public snapshot::ChunkReader {
   // again. Checked when the timer set for it fires (the timer is the reconnect's otherwise).
   void watch_silence() {
     if (silence_due_ || in_flight_.empty()) return;
-    const auto in = attempt_limit() - std::chrono::duration_cast<std::chrono::milliseconds>(
-                                          std::chrono::steady_clock::now() - heard_);
-    arm_timer(std::max(in, std::chrono::milliseconds(1)));
-    silence_due_ = std::chrono::steady_clock::now() + std::max(in, std::chrono::milliseconds(1));
+    const auto now = std::chrono::steady_clock::now();
+    const auto in = std::max(attempt_limit() - std::chrono::duration_cast<std::chrono::milliseconds>(now - heard_),
+                             std::chrono::milliseconds(1));
+    silence_due_ = now + in;
+    arm_timer(in);
   }
   Status check_silence() {
     const auto now = std::chrono::steady_clock::now();
@@ -465,10 +487,12 @@ class RemoteReader final : public snapshot::ChunkReader {
       in_flight_.clear();
       link_ = Link::kBackoff;
       gave_up_ = true;
+      disarm_timer();  // nothing to wake for until new requests come
+      (void)timer_fired();
       return last_error_.wrap(fmt::format("page server {} (gave up after {} reconnects)", loc_.to_string(),
                                           opts_.fetch_attempts));
     }
-    auto d = Dialer::start(loc_, token_, src_.manifest().checksum, attempts_);  // the next server first
+    auto d = Dialer::start(loc_, token_, src_.manifest().checksum, ++dials_);  // the next server first
     if (!d.ok()) {  // nothing to wait for: try again after a pause
       last_error_ = std::move(d).error();
       link_ = Link::kBackoff;
@@ -498,8 +522,8 @@ class RemoteReader final : public snapshot::ChunkReader {
       dialer_.reset();
       disarm_timer();
       (void)timer_fired();
-      use_socket(std::move(fd));
-      attempts_ = 0;
+      use_socket(std::move(fd));  // attempts_ is reset by the first reply: a server that accepts and
+                                  // then says nothing must not keep the restore trying it forever
       std::vector<snapshot::ChunkRequest> again;
       for (const auto& [tag, rq] : in_flight_) again.push_back(rq);
       Status s = send_requests(again);
@@ -590,7 +614,8 @@ class RemoteReader final : public snapshot::ChunkReader {
   sys::UniqueFd sock_;
   Link link_ = Link::kReady;
   std::optional<Dialer> dialer_;
-  unsigned attempts_ = 0;  // failed reconnects in a row
+  unsigned attempts_ = 0;  // reconnects since the server last sent anything
+  size_t dials_ = 0;       // reconnects ever: each starts at the next server (Dialer::start)
   bool gave_up_ = false;   // the last round of attempts failed: the engine has been told
   Error last_error_{Errc::kPeerGone, "page server connection lost"};
   FrameBuffer buf_;

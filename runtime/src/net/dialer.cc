@@ -53,33 +53,35 @@ Result<Dialer> Dialer::start(const SnapshotLocation& loc, const std::string& tok
   d.token_ = token;
   d.reads_ = reads;
   const auto servers = loc.servers();
-  std::optional<Error> unresolved;
-  for (size_t k = 0; k < servers.size(); ++k) {
-    const auto& s = servers[(first_server + k) % servers.size()];
-    auto addrs = resolve(s.host, s.port);
-    if (!addrs.ok()) {
-      unresolved = std::move(addrs).error();
-      continue;
-    }
-    for (const SocketAddress& a : *addrs) d.addrs_.push_back({a, s.to_string()});
-  }
-  if (d.addrs_.empty()) return std::move(*unresolved);
+  for (size_t k = 0; k < servers.size(); ++k) d.order_.push_back(servers[(first_server + k) % servers.size()]);
   LAZYMEM_TRY(d.connect_next());
   return d;
 }
 
+// Each server's name is resolved when its turn comes (a reconnect runs on the engine's thread: a
+// slow name further down the list must not hold up the first server).
 Status Dialer::connect_next() {
   std::optional<Error> last;
-  while (next_addr_ < addrs_.size()) {
-    const Target& t = addrs_[next_addr_++];
-    server_ = t.server;
-    auto fd = start_connect(t.addr);
-    if (fd.ok()) {
-      fd_ = std::move(*fd);
-      phase_ = Phase::kConnecting;
-      return ok_status();
+  for (;;) {
+    while (next_addr_ < addrs_.size()) {
+      auto fd = start_connect(addrs_[next_addr_++]);
+      if (fd.ok()) {
+        fd_ = std::move(*fd);
+        phase_ = Phase::kConnecting;
+        return ok_status();
+      }
+      last = std::move(fd).error().wrap(fmt::format("page server {}", server_));
     }
-    last = std::move(fd).error().wrap(fmt::format("page server {}", server_));
+    if (next_server_ >= order_.size()) break;
+    const SnapshotLocation::Server& s = order_[next_server_++];
+    server_ = s.to_string();
+    auto addrs = resolve(s.host, s.port);
+    if (!addrs.ok()) {
+      last = std::move(addrs).error();
+      continue;
+    }
+    addrs_ = std::move(*addrs);
+    next_addr_ = 0;
   }
   return last ? std::move(*last) : Error(Errc::kPeerGone, fmt::format("page server {}: no address", server_));
 }
@@ -145,8 +147,7 @@ Result<bool> Dialer::step() {
         ::getsockopt(fd_.get(), SOL_SOCKET, SO_ERROR, &err, &len);
         if (err != 0) {
           Error e = sys_error(fmt::format("connect to page server {} (is it running?)", server_), err);
-          if (next_addr_ >= addrs_.size()) return e;
-          LAZYMEM_TRY(connect_next());
+          if (!connect_next().ok()) return e;  // nothing left to try: this one's failure says most
           continue;
         }
         client_nonce_ = random_nonce();

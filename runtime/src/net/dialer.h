@@ -60,15 +60,13 @@ class Dialer {
   void send_next(capnp::MessageBuilder& m, Phase after);
   Result<bool> on_reply(Header& h);
 
-  struct Target {
-    SocketAddress addr;
-    std::string server;  // HOST:PORT it is an address of, for messages
-  };
   SnapshotLocation loc_;
   std::string token_;
   uint64_t reads_ = 0;
-  std::vector<Target> addrs_;
-  std::string server_;  // the one being dialed
+  std::vector<SnapshotLocation::Server> order_;  // the servers, in the order they are tried
+  size_t next_server_ = 0;
+  std::vector<SocketAddress> addrs_;  // the current server's
+  std::string server_;                // the one being dialed (HOST:PORT, for messages)
   size_t next_addr_ = 0;
   sys::UniqueFd fd_;
   Phase phase_ = Phase::kConnecting;

@@ -2,6 +2,7 @@
 #include "net/metrics_endpoint.h"
 
 #include <fmt/format.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <sys/epoll.h>
@@ -15,6 +16,7 @@ namespace lazymem::net {
 namespace {
 
 constexpr size_t kMaxScrapes = 16;
+constexpr size_t kMaxRequest = 16 << 10;  // a GET and its headers
 constexpr auto kScrapeLimit = std::chrono::seconds(10);
 
 }  // namespace
@@ -55,6 +57,12 @@ Result<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::listen(const std::stri
 }
 
 void MetricsEndpoint::serve(const std::function<std::string()>& text) {
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<int> stale;
+  for (const auto& [fd, s] : scrapes_) {
+    if (now - s.opened > kScrapeLimit) stale.push_back(fd);
+  }
+  for (int fd : stale) drop(fd);
   epoll_event events[kMaxScrapes + 1];
   const int n = ::epoll_wait(epoll_.get(), events, static_cast<int>(std::size(events)), 0);
   for (int i = 0; i < n; ++i) {
@@ -70,27 +78,35 @@ void MetricsEndpoint::serve(const std::function<std::string()>& text) {
 
 void MetricsEndpoint::accept_all() {
   const auto now = std::chrono::steady_clock::now();
-  std::vector<int> stale;
-  for (const auto& [fd, s] : scrapes_) {
-    if (now - s.opened > kScrapeLimit) stale.push_back(fd);
-  }
-  for (int fd : stale) drop(fd);
   for (;;) {
     sys::UniqueFd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
-    if (!fd.valid()) return;
-    if (scrapes_.size() >= kMaxScrapes) {  // the oldest makes room: a peer that says nothing locks nobody out
-      auto oldest = scrapes_.begin();
-      for (auto it = scrapes_.begin(); it != scrapes_.end(); ++it) {
-        if (it->second.opened < oldest->second.opened) oldest = it;
+    if (!fd.valid()) {
+      if (errno == EMFILE || errno == ENFILE) {
+        // Out of descriptors: the waiting peer is taken with the spare and closed, or the
+        // listener would stay readable and the owner's loop spin.
+        spare_.reset();
+        sys::UniqueFd refused(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+        spare_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
       }
-      drop(oldest->first);
+      return;
     }
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.fd = fd.get();
     if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd.get(), &ev) != 0) continue;
+    if (scrapes_.size() >= kMaxScrapes) {
+      // Room is made: a peer that says nothing locks nobody out. The oldest that has not asked
+      // goes first (one being answered is left to finish).
+      auto victim = scrapes_.end();
+      for (auto it = scrapes_.begin(); it != scrapes_.end(); ++it) {
+        const bool better = victim == scrapes_.end() || (it->second.out.empty() && !victim->second.out.empty()) ||
+                            (it->second.out.empty() == victim->second.out.empty() && it->second.opened < victim->second.opened);
+        if (better) victim = it;
+      }
+      drop(victim->first);
+    }
     const int key = fd.get();
-    scrapes_[key] = Scrape{std::move(fd), {}, 0, now};
+    scrapes_[key] = Scrape{std::move(fd), {}, {}, 0, now};
   }
 }
 
@@ -101,12 +117,15 @@ void MetricsEndpoint::drop(int fd) {
 
 bool MetricsEndpoint::step(Scrape& s, const std::function<std::string()>& text) {
   if (s.out.empty()) {
-    // Any request gets the metrics: read what came (the request line is all we would look at,
-    // and this port answers one thing), then answer.
+    // Any request gets the metrics (this port answers one thing), once it is read to its end:
+    // closing with a request partly unread would reset the connection, and lose the reply.
     char buf[4096];
     const ssize_t n = ::recv(s.fd.get(), buf, sizeof buf, MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return true;
     if (n <= 0) return false;
+    s.in.append(buf, static_cast<size_t>(n));
+    if (s.in.size() > kMaxRequest) return false;
+    if (s.in.find("\r\n\r\n") == std::string::npos) return true;
     const std::string body = text();
     s.out = fmt::format("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n"
                         "Connection: close\r\n\r\n{}",

@@ -10,6 +10,8 @@
 // Thread-safety: one thread (the loop's).
 #pragma once
 
+#include <fcntl.h>
+
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -37,6 +39,7 @@ class MetricsEndpoint {
  private:
   struct Scrape {
     sys::UniqueFd fd;
+    std::string in;   // the request so far
     std::string out;  // the whole reply, once the request came
     size_t sent = 0;
     std::chrono::steady_clock::time_point opened;
@@ -48,6 +51,7 @@ class MetricsEndpoint {
   bool step(Scrape& s, const std::function<std::string()>& text);
 
   sys::UniqueFd listen_, epoll_;
+  sys::UniqueFd spare_{::open("/dev/null", O_RDONLY | O_CLOEXEC)};  // given up when out of descriptors
   uint16_t port_ = 0;
   std::map<int, Scrape> scrapes_;
 };

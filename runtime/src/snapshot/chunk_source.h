@@ -4,6 +4,7 @@
 // all run in one event loop with no thread hand-off.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -56,6 +57,14 @@ class ChunkReader {
   virtual size_t in_flight() const = 0;
   virtual size_t capacity() const = 0;
 };
+
+// How long one connection to a page server is given to answer before it is dropped and made again
+// (to the next server, where there are several): a share of the fault deadline, so that every
+// attempt fits in it, but 1 s at least (a busy disk is not a dead server) and 5 s at most.
+inline std::chrono::milliseconds attempt_slice(std::chrono::milliseconds deadline, unsigned attempts) {
+  const auto share = deadline / (attempts + 1);
+  return std::min(std::clamp<std::chrono::milliseconds>(share, std::chrono::seconds(1), std::chrono::seconds(5)), deadline);
+}
 
 // Fetches one page synchronously on the calling thread: a fault resolved by the faulting thread
 // itself, inside its SIGBUS handler (RestoreOptions::fault_on_thread). Everything is allocated
