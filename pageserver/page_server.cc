@@ -347,18 +347,13 @@ struct PageServer::Impl {
     snap->name = name;
     snap->file_id = next_file_id++;
     std::string dir = opt.store_dir + "/" + name;
+    auto missing = [&] { return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name)); };
     // Manifest and data from one directory, opened once: a snapshot swapped in by another
     // program between the two opens would otherwise pair one's manifest with the other's data.
     sys::UniqueFd dir_fd(::open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
-    if (!dir_fd.valid()) {
-      if (errno == ENOENT || errno == ENOTDIR) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
-      return sys_error("open snapshot " + name, errno);
-    }
+    if (const int e = errno; !dir_fd.valid()) return e == ENOENT || e == ENOTDIR ? missing() : sys_error("open snapshot " + name, e);
     auto bytes = snapshot::read_small_file(snapshot::kManifestFile, snapshot::kMaxManifestBytes, dir_fd.get());
-    if (!bytes.ok()) {
-      if (bytes.error().code() == Errc::kNotFound) return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in this store", name));
-      return std::move(bytes).error();
-    }
+    if (!bytes.ok()) return bytes.error().code() == Errc::kNotFound ? missing() : std::move(bytes).error();
     LAZYMEM_ASSIGN_OR_RETURN(snap->manifest, snapshot::decode_manifest(*bytes, dir));
     snap->manifest_bytes = std::move(*bytes);
     for (const RegionInfo& r : snap->manifest.regions) snap->verified.emplace_back(r.chunks.size(), 0);

@@ -186,6 +186,9 @@ Result<std::shared_ptr<ThreadFaults>> ThreadFaults::start(std::shared_ptr<snapsh
   tf->source_ = std::move(source);
   tf->manifest_ = &tf->source_->manifest();
   tf->options_ = std::move(options);
+  tf->attempt_ns_ = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        snapshot::attempt_slice(tf->options_.deadline, tf->options_.fetch_attempts))
+                        .count();
   tf->owner_ = ::getpid();
   int dup = ::fcntl(uffd, F_DUPFD_CLOEXEC, 0);
   if (dup < 0) return Error(Errc::kIo, fmt::format("dup userfaultfd: {}", std::strerror(errno)));
@@ -397,11 +400,8 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
       // One connection gets a share of the deadline (as the engine's reconnects do): a server
       // that stops answering without closing (hung, stopped, a dead path) is given up on in
       // time to reopen (to the next server, where there are several) and ask again.
-      const int64_t attempt_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                     snapshot::attempt_slice(options_.deadline, options_.fetch_attempts))
-                                     .count();
       const auto outcome = conn->fetcher->fetch(ref, index, std::span(conn->page.data(), page_size),
-                                                std::min(deadline, sys::monotonic_ns() + attempt_ns));
+                                                std::min(deadline, sys::monotonic_ns() + attempt_ns_));
       const auto dg = conn->fetcher->datagrams();  // read before a broken connection goes to the keeper
       stats_[region]->add_datagrams(dg.answered, dg.lost, dg.on_connection);
       switch (outcome) {

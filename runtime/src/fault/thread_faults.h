@@ -87,6 +87,8 @@ class ThreadFaults final : public MapFollower {
   const Manifest* manifest_ = nullptr;
   sys::Uffd uffd_;
   ThreadFaultOptions options_;
+  // How long one connection is given per fetch (snapshot::attempt_slice of the options), in ns.
+  int64_t attempt_ns_ = 0;
   pid_t owner_ = 0;
   std::unique_ptr<Table> table_;
   std::unique_ptr<Pool> pool_;

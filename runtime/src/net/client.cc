@@ -386,10 +386,8 @@ class RemoteReader final : public snapshot::ChunkReader {
       if (n < 0 && errno == EAGAIN) {
         // All that came is read: only now may quiet mean silence (an engine thread that did not
         // run for a while finds replies waiting, not a dead server).
-        if (silence_due_ && std::chrono::steady_clock::now() >= *silence_due_) {
-          LAZYMEM_TRY(check_silence());
-          if (link_ != Link::kReady) continue;
-        }
+        LAZYMEM_TRY(check_silence());
+        if (link_ != Link::kReady) continue;
         if (block && delivered == 0 && !in_flight_.empty()) {
           pollfd p{epoll_.get(), POLLIN, 0};  // the socket, or the silence timer
           ::poll(&p, 1, static_cast<int>(opts_.deadline.count()));
