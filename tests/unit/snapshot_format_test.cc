@@ -469,6 +469,9 @@ TEST(SnapshotLocationTest, ParsesPathsAndUris) {
   EXPECT_EQ(d->name, "vm1");
   EXPECT_EQ(d->to_string(), "lazymem://pages1:7070,[fd00::2]:7071,10.0.0.3:7072/vm1");
   EXPECT_EQ(c->to_string(), "lazymem://[::1]:7070/vm1");
+  EXPECT_EQ(d->at(1).to_string(), "lazymem://[fd00::2]:7071/vm1");  // the server that answered, in messages
+  EXPECT_EQ(d->at(3).to_string(), "lazymem://pages1:7070/vm1");
+  EXPECT_EQ(c->at(5).to_string(), "lazymem://[::1]:7070/vm1");
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1,/vm").ok());
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1,h2/vm").ok());
 }

@@ -87,6 +87,9 @@ struct SnapshotLocation {
 
   // Every page server: host:port, then more_servers.
   std::vector<Server> servers() const;
+  // The same snapshot on server `i` of servers() alone (modulo their number): names the server
+  // that answered, in messages.
+  SnapshotLocation at(size_t i) const;
 
   bool remote() const { return !host.empty(); }
   std::string to_string() const;

@@ -273,7 +273,7 @@ void ThreadFaults::keep_connections() {
       if (pool_->stopping) return;
       int broken = kBroken;
       if (!c->state.compare_exchange_strong(broken, kReopening)) continue;
-      log->warn("{}: page-server connection lost ({}); reconnecting", source_->describe(), c->fetcher->failure());
+      log->warn("{}: reopening a page-server connection ({})", source_->describe(), c->fetcher->failure());
       Status s = c->fetcher->reopen(std::min<std::chrono::milliseconds>(options_.deadline, std::chrono::seconds(5)));
       if (!s.ok()) {
         log->warn("{}: reconnecting: {}", source_->describe(), s.error().message());
@@ -365,6 +365,7 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
   pool_->note_fault(start_ns);
   Pool::Conn* conn = nullptr;
   unsigned bad = 0;
+  uint64_t refused_by = 0;  // servers (by index, modulo 64) that refused this page
   bool have = false;  // conn->page holds `have_ref`'s page
   snapshot::ChunkRef have_ref;
   uint32_t have_index = 0;
@@ -417,6 +418,24 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
             return Served::kFailed;
           }
           continue;  // on another connection, or this one reopened
+        }
+        case snapshot::PageFetcher::Outcome::kRefused: {
+          // The connection goes to the keeper, to be reopened at the next server. A server's
+          // refusal spends one attempt per fault, however many connections sit on it; once
+          // every server has refused, the page fails.
+          const char* why = conn->fetcher->failure();
+          const size_t servers = std::min<size_t>(conn->fetcher->servers(), 64);
+          const uint64_t bit = uint64_t{1} << (conn->fetcher->server() % 64);
+          pool_->broke(conn);
+          conn = nullptr;
+          const bool again = (refused_by & bit) != 0;
+          refused_by |= bit;
+          if ((!again && ++bad >= std::max(1u, options_.fetch_attempts)) ||
+              static_cast<size_t>(__builtin_popcountll(refused_by)) >= servers || sys::monotonic_ns() >= deadline) {
+            fail(page_addr, region, why);
+            return Served::kFailed;
+          }
+          continue;
         }
         case snapshot::PageFetcher::Outcome::kBad:
           if (++bad >= std::max(1u, options_.fetch_attempts) || sys::monotonic_ns() >= deadline) {

@@ -130,11 +130,14 @@ Error reply_error(const SnapshotLocation& loc, wire::ErrorReply::Reader e) {
 namespace {
 
 Result<sys::UniqueFd> dial(const SnapshotLocation& loc, const std::string& token, Deadline deadline, uint64_t reads,
-                           size_t first_server) {
+                           size_t first_server, size_t* connected) {
   LAZYMEM_ASSIGN_OR_RETURN(Dialer d, Dialer::start(loc, token, reads, first_server));
   for (;;) {
     LAZYMEM_ASSIGN_OR_RETURN(bool done, d.step());
-    if (done) return d.take();
+    if (done) {
+      if (connected != nullptr) *connected = d.server();
+      return d.take();
+    }
     LAZYMEM_TRY(wait_fd(d.fd(), d.events(), deadline, d.doing()));
   }
 }
@@ -144,19 +147,20 @@ Result<sys::UniqueFd> dial(const SnapshotLocation& loc, const std::string& token
 // Where there are several servers, each gets a share of the time left in turn: one that accepts
 // and then says nothing (hung, stopped) must not use it all.
 Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
-                                      uint64_t reads, size_t first_server) {
+                                      uint64_t reads, size_t first_server, size_t* connected) {
   const size_t n = loc.servers().size();
   for (size_t k = 0;; ++k) {
     const auto now = std::chrono::steady_clock::now();
     const Deadline mine = k + 1 >= n ? deadline : now + (deadline - now) / static_cast<long>(n - k);
-    auto fd = dial(loc, token, mine, reads, first_server + k);
+    auto fd = dial(loc, token, mine, reads, first_server + k, connected);
     if (fd.ok() || k + 1 >= n) return fd;
   }
 }
 
 Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocation& server, const std::string& token,
                                                            Deadline deadline) {
-  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline));
+  size_t at = 0;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline, 0, 0, &at));
   capnp::MallocMessageBuilder m;
   auto rq = m.initRoot<wire::Request>();
   rq.setId(4);
@@ -165,7 +169,7 @@ Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocatio
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
   auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(server, reply.getError());
+  if (reply.isError()) return reply_error(server.at(at), reply.getError());
   if (!reply.isSnapshots()) return Error(Errc::kProtocol, "page server: unexpected reply to list");
   std::vector<snapshot::SnapshotSummary> out;
   for (auto s : reply.getSnapshots()) {
@@ -176,7 +180,8 @@ Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocatio
 }
 
 Status remove_remote(const SnapshotLocation& loc, const std::string& token, Deadline deadline) {
-  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, token, deadline));
+  size_t at = 0;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, token, deadline, 0, 0, &at));
   capnp::MallocMessageBuilder m;
   auto rq = m.initRoot<wire::Request>();
   rq.setId(6);
@@ -185,13 +190,14 @@ Status remove_remote(const SnapshotLocation& loc, const std::string& token, Dead
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
   auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(loc, reply.getError());
+  if (reply.isError()) return reply_error(loc.at(at), reply.getError());
   if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to remove");
   return ok_status();
 }
 
 Result<std::string> server_stats_json(const SnapshotLocation& server, const std::string& token, Deadline deadline) {
-  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline));
+  size_t at = 0;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline, 0, 0, &at));
   capnp::MallocMessageBuilder m;
   auto rq = m.initRoot<wire::Request>();
   rq.setId(5);
@@ -200,7 +206,7 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
   auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(server, reply.getError());
+  if (reply.isError()) return reply_error(server.at(at), reply.getError());
   if (!reply.isStats()) return Error(Errc::kProtocol, "page server: unexpected reply to stats");
   auto st = reply.getStats();
   nlohmann::json j = {{"connections", st.getConnections()},       {"open_connections", st.getOpenConnections()},
@@ -288,7 +294,9 @@ class RemoteSink final : public snapshot::SnapshotSink {
 Result<std::unique_ptr<snapshot::SnapshotSink>> open_upload(const SnapshotLocation& loc, const std::string& token,
                                                             bool replace, std::chrono::milliseconds timeout) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
-  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, token, deadline));
+  size_t at = 0;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, token, deadline, 0, 0, &at));
+  const SnapshotLocation to = loc.at(at);  // the server the upload goes to (they share a store)
   capnp::MallocMessageBuilder m;
   auto rq = m.initRoot<wire::Request>();
   rq.setId(6);
@@ -299,9 +307,9 @@ Result<std::unique_ptr<snapshot::SnapshotSink>> open_upload(const SnapshotLocati
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
   auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(loc, reply.getError());
+  if (reply.isError()) return reply_error(to, reply.getError());
   if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to putBegin");
-  return std::unique_ptr<snapshot::SnapshotSink>(new RemoteSink(loc, std::move(fd), timeout));
+  return std::unique_ptr<snapshot::SnapshotSink>(new RemoteSink(to, std::move(fd), timeout));
 }
 
 // ---- remote source ----
@@ -322,7 +330,8 @@ class RemoteReader final : public snapshot::ChunkReader {
   // The first connection, made before the engine serves anything: blocking is fine here.
   Status connect() {
     LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc_, token_, std::chrono::steady_clock::now() + attempt_limit(),
-                                                               src_.manifest().checksum));
+                                                               src_.manifest().checksum, 0, &server_));
+    next_first_ = server_ + 1;
     use_socket(std::move(fd));
     return ok_status();
   }
@@ -371,6 +380,12 @@ class RemoteReader final : public snapshot::ChunkReader {
         }
         deliver(**h, (*f)->payload, sink, delivered);
         buf_.consume();
+      }
+      if (pass_over_) {  // after the frames read: a reconnect may reset buf_
+        pass_over_ = false;
+        LAZYMEM_TRY(recover(Error(Errc::kNotFound, fmt::format("page server {} cannot serve some of the snapshot",
+                                                               loc_.at(server_).to_string()))));
+        continue;
       }
       if (delivered >= max) return delivered;
       if (link_ != Link::kReady) continue;
@@ -454,6 +469,7 @@ class RemoteReader final : public snapshot::ChunkReader {
     if (sock_.valid()) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sock_.get(), nullptr);
     sock_.reset();
     silence_due_.reset();  // the timer is the reconnect's now
+    pass_over_ = false;    // done with that server already
   }
   void watch(int fd, uint32_t events, int op) {
     epoll_event ev{};
@@ -490,9 +506,10 @@ class RemoteReader final : public snapshot::ChunkReader {
       return last_error_.wrap(fmt::format("page server {} (gave up after {} reconnects)", loc_.to_string(),
                                           opts_.fetch_attempts));
     }
-    auto d = Dialer::start(loc_, token_, src_.manifest().checksum, ++dials_);  // the next server first
+    auto d = Dialer::start(loc_, token_, src_.manifest().checksum, next_first_);
     if (!d.ok()) {  // nothing to wait for: try again after a pause
       last_error_ = std::move(d).error();
+      ++next_first_;
       link_ = Link::kBackoff;
       arm_timer(backoff());
       return ok_status();
@@ -514,8 +531,13 @@ class RemoteReader final : public snapshot::ChunkReader {
     }
     if (link_ != Link::kDialing) return ok_status();
     auto done = dialer_->step();
+    // The next attempt starts after the server this one reached, whether it works or fails:
+    // rotation that never resets (a server that accepts and then fails is not the only one
+    // ever tried, nor one that refuses a request).
+    next_first_ = dialer_->server() + 1;
     if (done.ok() && *done) {
       ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, dialer_->fd(), nullptr);
+      server_ = dialer_->server();
       sys::UniqueFd fd = dialer_->take();
       dialer_.reset();
       disarm_timer();
@@ -588,7 +610,7 @@ class RemoteReader final : public snapshot::ChunkReader {
       if (c.getRegion() != rq.ref.region || c.getChunk() != rq.ref.chunk ||
           payload.size() != m.regions[rq.ref.region].chunks[rq.ref.chunk].stored_length) {
         sink.on_chunk_error(rq.tag, Error(Errc::kProtocol, fmt::format("page server {}: reply does not match the "
-                                                                       "request for chunk {}", loc_.to_string(), rq.ref.chunk)));
+                                                                       "request for chunk {}", loc_.at(server_).to_string(), rq.ref.chunk)));
         return;
       }
       sink.on_chunk(rq.tag, payload);
@@ -599,7 +621,13 @@ class RemoteReader final : public snapshot::ChunkReader {
       uint64_t tag = it->first;
       in_flight_.erase(it);
       ++delivered;
-      sink.on_chunk_error(tag, reply_error(loc_, e));
+      sink.on_chunk_error(tag, reply_error(loc_.at(server_), e));
+      // Where there are several servers, one that cannot serve a chunk (it does not hold the
+      // version this restore reads: reached after a reconnect, it never opened it; its disk
+      // fails; busy) is passed over: the engine's retry goes to the next.
+      const auto code = e.getCode();
+      pass_over_ |= !loc_.more_servers.empty() && (code == wire::ErrorCode::NOT_FOUND ||
+                                                   code == wire::ErrorCode::IO_ERROR || code == wire::ErrorCode::BUSY);
     }
   }
 
@@ -613,7 +641,9 @@ class RemoteReader final : public snapshot::ChunkReader {
   Link link_ = Link::kReady;
   std::optional<Dialer> dialer_;
   unsigned attempts_ = 0;  // reconnects since the server last sent anything
-  size_t dials_ = 0;       // reconnects ever: each starts at the next server (Dialer::start)
+  size_t server_ = 0;      // the connected server's index in loc_.servers()
+  size_t next_first_ = 0;  // where the next reconnect starts (Dialer::start)
+  bool pass_over_ = false; // the connected server refused a chunk: reconnect to the next
   bool gave_up_ = false;   // the last round of attempts failed: the engine has been told
   Error last_error_{Errc::kPeerGone, "page server connection lost"};
   FrameBuffer buf_;
@@ -633,7 +663,8 @@ Result<std::unique_ptr<RemoteSource>> RemoteSource::open(const SnapshotLocation&
     LAZYMEM_ASSIGN_OR_RETURN(src->token_, read_token_file(options.token_file));
   }
   auto deadline = std::chrono::steady_clock::now() + options.deadline;
-  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, src->token_, deadline));
+  size_t at = 0;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, src->token_, deadline, 0, 0, &at));
   capnp::MallocMessageBuilder m;
   auto rq = m.initRoot<wire::Request>();
   rq.setId(3);
@@ -642,7 +673,7 @@ Result<std::unique_ptr<RemoteSource>> RemoteSource::open(const SnapshotLocation&
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
   auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(loc, reply.getError());
+  if (reply.isError()) return reply_error(loc.at(at), reply.getError());
   if (!reply.isManifest()) return Error(Errc::kProtocol, "page server: unexpected reply to getManifest");
   LAZYMEM_ASSIGN_OR_RETURN(src->manifest_, snapshot::decode_manifest(f.payload, loc.to_string()));
   return src;

@@ -34,9 +34,10 @@ struct OwnedFrame {
 Result<OwnedFrame> recv_frame(int fd, FrameBuffer& buf, Deadline deadline);
 
 // Dials and authenticates: a connection ready for requests. `reads`, `first_server`: see
-// Dialer::start.
+// Dialer::start. `connected` (if given) is set to the index in loc.servers() of the server it
+// reached.
 Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
-                                      uint64_t reads = 0, size_t first_server = 0);
+                                      uint64_t reads = 0, size_t first_server = 0, size_t* connected = nullptr);
 
 // Turns an error reply into an Error naming the server.
 Error reply_error(const SnapshotLocation& loc, proto::wire::ErrorReply::Reader e);

@@ -53,6 +53,7 @@ Result<Dialer> Dialer::start(const SnapshotLocation& loc, const std::string& tok
   d.token_ = token;
   d.reads_ = reads;
   const auto servers = loc.servers();
+  d.first_server_ = first_server % servers.size();
   for (size_t k = 0; k < servers.size(); ++k) d.order_.push_back(servers[(first_server + k) % servers.size()]);
   LAZYMEM_TRY(d.connect_next());
   return d;
@@ -108,7 +109,7 @@ void Dialer::send_next(capnp::MessageBuilder& m, Phase after) {
 
 Result<bool> Dialer::on_reply(Header& h) {
   auto reply = h.root<wire::Reply>();
-  if (reply.isError()) return reply_error(loc_, reply.getError());
+  if (reply.isError()) return reply_error(loc_.at(server()), reply.getError());
   if (phase_ == Phase::kAwaitAuth) {
     if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to authenticate");
     phase_ = Phase::kDone;

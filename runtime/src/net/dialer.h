@@ -51,6 +51,8 @@ class Dialer {
   int fd() const { return fd_.get(); }
   short events() const;           // POLLIN or POLLOUT
   const char* doing() const;      // for timeout messages: "connecting", ...
+  // The server being dialed (connected to, once step() says so): its index in loc.servers().
+  size_t server() const { return (first_server_ + next_server_ - 1) % order_.size(); }
   sys::UniqueFd take() { return std::move(fd_); }
 
  private:
@@ -64,6 +66,7 @@ class Dialer {
   std::string token_;
   uint64_t reads_ = 0;
   std::vector<SnapshotLocation::Server> order_;  // the servers, in the order they are tried
+  size_t first_server_ = 0;                       // order_[0]'s index in loc.servers()
   size_t next_server_ = 0;
   std::vector<SocketAddress> addrs_;  // the current server's
   std::string server_;                // the one being dialed (HOST:PORT, for messages)

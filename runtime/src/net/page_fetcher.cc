@@ -98,9 +98,15 @@ Status RemotePageFetcher::reopen(std::chrono::milliseconds timeout) {
   fd_.reset();
   udp_.reset();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  // Each reopen starts at the next server (SnapshotLocation::servers): one that accepts and then
-  // fails is not the only one tried.
-  LAZYMEM_ASSIGN_OR_RETURN(fd_, open_connection(loc_, token_, deadline, manifest_.checksum, reopens_++));
+  // Each reopen starts after the server last reached (SnapshotLocation::servers): one that
+  // accepts and then fails, or refuses a page, is not the only one tried.
+  auto fd = open_connection(loc_, token_, deadline, manifest_.checksum, next_first_, &server_);
+  if (!fd.ok()) {
+    ++next_first_;
+    return std::move(fd).error();
+  }
+  fd_ = std::move(*fd);
+  next_first_ = server_ + 1;
   if (Status s = open_datagrams(deadline); !s.ok()) {
     fd_.reset();  // an answer may still be on its way: start clean next time
     return s;
@@ -169,6 +175,16 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::broken(const char* why) noexce
 snapshot::PageFetcher::Outcome RemotePageFetcher::bad(const char* why) noexcept {
   failure_ = why;
   return Outcome::kBad;
+}
+
+// Where there are several servers, one that cannot serve a page (it does not hold the version
+// this restore reads: reached after a reconnect, it never opened it; its disk fails; busy) is
+// passed over: the connection is reopened to the next.
+snapshot::PageFetcher::Outcome RemotePageFetcher::refused(const char* why) noexcept {
+  if (loc_.more_servers.empty()) return bad(why);
+  failure_ = why;
+  fd_.reset();
+  return Outcome::kRefused;
 }
 
 bool RemotePageFetcher::send_request(int64_t deadline_ns) noexcept {
@@ -393,10 +409,10 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef r
   if (reply.getId() != next_id_ - 1) return broken("page server answered another request");
   if (reply.isError()) {
     switch (reply.getError().getCode()) {
-      case wire::ErrorCode::NOT_FOUND: return bad("the page server no longer has the snapshot");
+      case wire::ErrorCode::NOT_FOUND: return refused("the page server no longer has the snapshot");
       case wire::ErrorCode::OUT_OF_RANGE: return bad("the page server says the page is outside the snapshot");
-      case wire::ErrorCode::IO_ERROR: return bad("the page server could not read the page (or holds it corrupt)");
-      case wire::ErrorCode::BUSY: return bad("the page server is busy");
+      case wire::ErrorCode::IO_ERROR: return refused("the page server could not read the page (or holds it corrupt)");
+      case wire::ErrorCode::BUSY: return refused("the page server is busy");
       default: return bad("the page server refused the page request");
     }
   }
@@ -415,7 +431,7 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef r
     if (info.codec != Codec::kZstdPages) return bad("page server sent a page frame of a chunk without page frames");
     // The frame's own checksum says it decodes to what the server holds; this says the server
     // holds what our manifest describes (a snapshot replaced under the same name would not).
-    if (pr.getStoredChecksum() != info.stored_checksum) return bad("the page server holds another version of the snapshot");
+    if (pr.getStoredChecksum() != info.stored_checksum) return refused("the page server holds another version of the snapshot");
     if (decoder_.decode_frame(payload, out, layout, snapshot::kFaultOnly)) return bad("a page frame failed its checksum");
     return Outcome::kOk;
   }

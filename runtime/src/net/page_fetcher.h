@@ -45,6 +45,8 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   size_t received() const noexcept override { return received_; }
   Datagrams datagrams() const noexcept override { return datagrams_; }
   const char* failure() const noexcept override { return failure_; }
+  size_t servers() const noexcept override { return 1 + loc_.more_servers.size(); }
+  size_t server() const noexcept override { return server_; }
   Status reopen(std::chrono::milliseconds timeout) override;
 
  private:
@@ -52,6 +54,7 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
                     std::shared_ptr<const snapshot::DecodeDictionary> dict);
   Outcome broken(const char* why) noexcept;
   Outcome bad(const char* why) noexcept;
+  Outcome refused(const char* why) noexcept;
   bool send_request(int64_t deadline_ns) noexcept;
   // Receives one whole frame (and nothing of the next) into in_; returns its header and payload
   // lengths.
@@ -96,7 +99,8 @@ class RemotePageFetcher final : public snapshot::PageFetcher {
   int64_t datagrams_off_until_ns_ = 0;
   int64_t datagrams_off_ns_ = 0;     // the next pause after losses in a row (doubles, up to a minute)
   unsigned lost_in_row_ = 0;
-  size_t reopens_ = 0;  // connections opened: the next starts at the next server
+  size_t server_ = 0;      // the server the connection reached (its index in loc_.servers())
+  size_t next_first_ = 0;  // where the next (re)open starts: after the server last reached
 
   kj::Array<capnp::word> in_;  // a whole reply frame, word-aligned (kj::Array: clang rejects std::vector<word>)
   std::vector<std::byte> chunk_;                // a whole chunk decoded (v1 replies)

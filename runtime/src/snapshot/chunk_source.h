@@ -78,6 +78,8 @@ class PageFetcher {
     kOk,      // `out` holds the page, verified
     kBroken,  // the connection failed or timed out: reopen() it (not in a signal handler) and retry
     kBad,     // the data failed verification or the server refused: an attempt spent
+    kRefused, // this server cannot serve it and there are others: an attempt spent, and the
+              // connection is to be reopen()ed (to the next server) before it is used again
   };
   virtual ~PageFetcher() = default;
   // Page `page` of chunk `ref` into `out` (the region's page size), by `deadline_ns`
@@ -96,6 +98,10 @@ class PageFetcher {
   virtual Datagrams datagrams() const noexcept { return {}; }
   // Why the last fetch failed, as a static string (safe to write from a signal handler).
   virtual const char* failure() const noexcept = 0;
+  // The servers the source has, and which of them this fetcher's connection reached (kRefused
+  // counts once per server and fault: several connections may sit on one that refuses).
+  virtual size_t servers() const noexcept { return 1; }
+  virtual size_t server() const noexcept { return 0; }
   virtual Status reopen(std::chrono::milliseconds timeout) = 0;
 };
 

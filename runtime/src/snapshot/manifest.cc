@@ -52,6 +52,16 @@ std::vector<SnapshotLocation::Server> SnapshotLocation::servers() const {
   return all;
 }
 
+SnapshotLocation SnapshotLocation::at(size_t i) const {
+  if (more_servers.empty()) return *this;
+  const auto all = servers();
+  SnapshotLocation one = *this;
+  one.host = all[i % all.size()].host;
+  one.port = all[i % all.size()].port;
+  one.more_servers.clear();
+  return one;
+}
+
 std::string SnapshotLocation::to_string() const {
   if (!remote()) return store_dir + "/" + name;
   std::string out = "lazymem://";
