@@ -60,6 +60,25 @@ class PageServerTest : public testing::ServedSnapshotTest {
     start_server(o);
   }
 
+  // Another page server, of `store`, in a thread of the test; stopped when it goes.
+  struct OtherServer {
+    std::unique_ptr<pageserver::PageServer> server;
+    std::thread thread;
+    ~OtherServer() {
+      if (!thread.joinable()) return;
+      server->stop();
+      thread.join();
+    }
+  };
+  void start_other(const std::string& store, OtherServer& out) {
+    pageserver::ServerOptions o;
+    o.store_dir = store;
+    auto s = pageserver::PageServer::listen(o);
+    ASSERT_TRUE(s.ok()) << s.error().message();
+    out.server = std::move(*s);
+    out.thread = std::thread([&out] { (void)out.server->run(); });
+  }
+
   void restore_and_compare(const std::string& location, RestoreOptions opts) {
     auto r = LazyRestore::start(location, kf_, opts);
     ASSERT_TRUE(r.ok()) << r.error().message();
@@ -833,20 +852,11 @@ TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
     start_server();
   }
   const uint16_t first_port = stalled ? forked.port : server_->port();
-  pageserver::ServerOptions o2;
-  o2.store_dir = dir_.path();
-  auto second = pageserver::PageServer::listen(o2);
-  ASSERT_TRUE(second.ok()) << second.error().message();
-  std::thread second_thread([&] { (void)(*second)->run(); });
-  struct Join {
-    pageserver::PageServer& s;
-    std::thread& t;
-    ~Join() {
-      s.stop();
-      t.join();
-    }
-  } join{**second, second_thread};
-  const std::string both = fmt::format("lazymem://127.0.0.1:{},127.0.0.1:{}/snap", first_port, (*second)->port());
+  OtherServer other;
+  start_other(dir_.path(), other);
+  if (HasFatalFailure()) return;
+  auto& second = other.server;
+  const std::string both = fmt::format("lazymem://127.0.0.1:{},127.0.0.1:{}/snap", first_port, second->port());
   if (before_start) {
     ASSERT_EQ(::kill(forked.pid, SIGSTOP), 0);
   }
@@ -860,7 +870,7 @@ TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
   for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
   if (!before_start) {
-    EXPECT_EQ((*second)->stats().chunks + (*second)->stats().pages, 0u) << "the second server served while the first lived";
+    EXPECT_EQ(second->stats().chunks + second->stats().pages, 0u) << "the second server served while the first lived";
   }
   if (stalled && !before_start) {
     ASSERT_EQ(::kill(forked.pid, SIGSTOP), 0);
@@ -871,7 +881,7 @@ TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
   for (size_t off = len_ / 2; off < len_; off += 4096) {
     ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
   }
-  EXPECT_GT((*second)->stats().chunks + (*second)->stats().pages, 0u);
+  EXPECT_GT(second->stats().chunks + second->stats().pages, 0u);
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
 }
@@ -907,26 +917,17 @@ TEST_P(PassOverTest, ServerThatRefusesTheVersionIsPassedOver) {
   capture(16 * kMiB, 47);  // the first server's store now holds another version
   start_server();
   const uint16_t first_port = server_->port();
-  pageserver::ServerOptions o2;
-  o2.store_dir = other.path();
-  auto second = pageserver::PageServer::listen(o2);
-  ASSERT_TRUE(second.ok()) << second.error().message();
-  std::thread second_thread([&] { (void)(*second)->run(); });
-  struct Join {
-    pageserver::PageServer& s;
-    std::thread& t;
-    ~Join() {
-      s.stop();
-      t.join();
-    }
-  } join{**second, second_thread};
+  OtherServer running;
+  start_other(other.path(), running);
+  if (HasFatalFailure()) return;
+  auto& second = running.server;
   RestoreOptions o;
   o.prefetch = false;
   o.fault_on_thread = on_thread;
   o.fault_connections = connections;
   o.fault_deadline = std::chrono::milliseconds(10000);
   o.fetch_attempts = 3;
-  auto r = LazyRestore::start(fmt::format("lazymem://127.0.0.1:{},127.0.0.1:{}/snap", first_port, (*second)->port()),
+  auto r = LazyRestore::start(fmt::format("lazymem://127.0.0.1:{},127.0.0.1:{}/snap", first_port, second->port()),
                               kf_, o);
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
@@ -939,7 +940,7 @@ TEST_P(PassOverTest, ServerThatRefusesTheVersionIsPassedOver) {
   for (size_t off = len_ / 2; off < len_; off += 4096) {
     ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
   }
-  EXPECT_GT((*second)->stats().errors_not_found, 0u) << "the second server was asked and refused";
+  EXPECT_GT(second->stats().errors_not_found, 0u) << "the second server was asked and refused";
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
 }
