@@ -809,18 +809,13 @@ TEST_F(PageServerTest, ServerDeathFailsTheFaultVisibly) {
 TEST_F(PageServerTest, ServerRestartMidRestoreIsInvisible) {
   capture(32 * kMiB, 30);
   start_server();
-  uint16_t port = server_->port();
   RestoreOptions o;
   o.prefetch = false;  // faults keep coming after the restart
   auto r = LazyRestore::start(uri(), kf_, o);
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
   for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
-  stop_server();
-  server_.reset();
-  pageserver::ServerOptions again;
-  again.port = port;
-  start_server(again);
+  restart_server();
   for (size_t off = len_ / 2; off < len_; off += 4096) {
     ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
   }
@@ -932,11 +927,7 @@ TEST_P(PassOverTest, ServerThatRefusesTheVersionIsPassedOver) {
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
   for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
-  stop_server();
-  server_.reset();
-  pageserver::ServerOptions again;
-  again.port = first_port;
-  start_server(again);
+  restart_server();
   for (size_t off = len_ / 2; off < len_; off += 4096) {
     ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
   }

@@ -72,6 +72,14 @@ class ServedSnapshotTest : public ::testing::Test {
     if (server_ && thread_.joinable()) server_->stop();
     if (thread_.joinable()) thread_.join();
   }
+  // Stops the server and starts it again on the same port (what it held open is gone).
+  void restart_server() {
+    pageserver::ServerOptions again;
+    again.port = server_->port();
+    stop_server();
+    server_.reset();
+    start_server(again);
+  }
   std::string uri() const { return "lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/snap"; }
 
   // A page server of this store in a child process of its own, which a test can stop (SIGSTOP)
