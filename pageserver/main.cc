@@ -35,7 +35,7 @@ constexpr const char* kUsage =
     "  ls      --store DIR | --server lazymem://HOST:PORT        list snapshots, sizes, compression\n"
     "  rm      --store DIR | --server lazymem://HOST:PORT --name N   remove a snapshot\n"
     "  verify  --store DIR [--name N] | --server lazymem://HOST:PORT --name N   read and check every chunk\n"
-    "  stats   --server lazymem://HOST:PORT [--json]             counters of a running server\n";
+    "  stats   --server lazymem://HOST:PORT[,...] [--json]       counters of running servers\n";
 
 pageserver::PageServer* g_server = nullptr;  // for the signal handler only
 void on_signal(int) {
@@ -261,23 +261,37 @@ int verify(const std::vector<std::string>& args) {
   return bad ? 1 : 0;
 }
 
+// Counters of a running server; of each, for a list of servers (lazymem://A:P,B:P): one that
+// cannot be asked is reported and the others still shown.
 int stats(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-pageserver stats");
-  desc.add_options()("server", po::value<std::string>()->required(), "lazymem://HOST:PORT of a running server")(
-      "token-file", po::value<std::string>(), "token")("json", "print JSON");
+  desc.add_options()("server", po::value<std::string>()->required(), "lazymem://HOST:PORT[,HOST:PORT...] of running servers")(
+      "token-file", po::value<std::string>(), "token")("json", "print JSON (an object by HOST:PORT for several servers)");
   auto vm = parse(args, desc);
   auto loc = SnapshotLocation::parse(vm["server"].as<std::string>() + "/x");
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
   const std::string token = token_from(vm);
-  auto js = net::server_stats_json(*loc, token, std::chrono::steady_clock::now() + std::chrono::seconds(10));
-  if (!js.ok()) throw std::runtime_error(js.error().message());
-  if (vm.count("json")) {
-    std::printf("%s\n", js->c_str());
-    return 0;
+  const auto servers = loc->servers();
+  nlohmann::json all = nlohmann::json::object();
+  int failed = 0;
+  for (size_t i = 0; i < servers.size(); ++i) {
+    auto js = net::server_stats_json(loc->at(i), token, std::chrono::steady_clock::now() + std::chrono::seconds(10));
+    if (!js.ok()) {
+      if (servers.size() == 1) throw std::runtime_error(js.error().message());
+      std::fprintf(stderr, "lazymem-pageserver stats: %s\n", js.error().message().c_str());
+      ++failed;
+      continue;
+    }
+    auto j = nlohmann::json::parse(*js);
+    if (vm.count("json")) {
+      all[servers[i].to_string()] = j;
+      continue;
+    }
+    if (servers.size() > 1) std::printf("%s== %s\n", i == 0 ? "" : "\n", servers[i].to_string().c_str());
+    for (auto& [k, v] : j.items()) std::printf("%-24s %s\n", k.c_str(), v.dump().c_str());
   }
-  auto j = nlohmann::json::parse(*js);
-  for (auto& [k, v] : j.items()) std::printf("%-24s %s\n", k.c_str(), v.dump().c_str());
-  return 0;
+  if (vm.count("json")) std::printf("%s\n", (servers.size() == 1 ? all.begin().value() : all).dump().c_str());
+  return failed ? 1 : 0;
 }
 
 }  // namespace
