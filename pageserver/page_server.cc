@@ -187,13 +187,14 @@ struct PageServer::Impl {
     std::weak_ptr<OpenSnapshot> snap;
     std::string name;
     uint64_t checksum;
+    uint64_t stored_bytes;  // on disk until it is let go: what `rm` has not freed yet
   };
   std::unordered_map<uint64_t, Retired> retired;
   std::deque<std::pair<Clock::time_point, std::shared_ptr<OpenSnapshot>>> lingering;
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
       st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0}, st_dgram_over_mtu{0},
-      st_dgram_on_stream{0}, st_retired{0};
+      st_dgram_on_stream{0}, st_retired{0}, st_retired_bytes{0};
   SendCounters sends;
   // getPage by datagram: the socket (invalid: datagrams off), the live sessions (each names its
   // connection, by fd and serial), and when the last page request came (the loop polls a while).
@@ -374,7 +375,7 @@ struct PageServer::Impl {
     std::shared_ptr<OpenSnapshot> old = std::move(it->second);
     snapshots.erase(it);
     old->retired = true;
-    retired[old->file_id] = Retired{old, old->name, old->manifest.checksum};
+    retired[old->file_id] = Retired{old, old->name, old->manifest.checksum, old->manifest.stored_bytes()};
     keep_a_while(std::move(old));
   }
   void keep_a_while(std::shared_ptr<OpenSnapshot> snap) {
@@ -642,6 +643,7 @@ struct PageServer::Impl {
         o.setDatagramsOverMtu(st.datagrams_over_mtu);
         o.setDatagramsOnStream(st.datagrams_on_stream);
         o.setSnapshotsRetired(st.snapshots_retired);
+        o.setSnapshotsRetiredBytes(st.snapshots_retired_bytes);
         o.setConnectionsRefused(st.connections_refused);
         queue(c, m, {});
         return;
@@ -1326,6 +1328,7 @@ struct PageServer::Impl {
     st.datagrams_on_stream = r(st_dgram_on_stream);
     st.connections_refused = r(st_refused);
     st.snapshots_retired = r(st_retired);
+    st.snapshots_retired_bytes = r(st_retired_bytes);
     return st;
   }
 
@@ -1343,8 +1346,10 @@ struct PageServer::Impl {
     auto now = Clock::now();
     while (!graveyard.empty() && graveyard.front().first <= now) graveyard.pop_front();
     while (!lingering.empty() && lingering.front().first <= now) lingering.pop_front();
+    uint64_t held_bytes = 0;
     for (auto it = retired.begin(); it != retired.end();) {
       if (!it->second.snap.expired()) {
+        held_bytes += it->second.stored_bytes;
         ++it;
         continue;
       }
@@ -1354,6 +1359,7 @@ struct PageServer::Impl {
       it = retired.erase(it);
     }
     st_retired.store(retired.size(), std::memory_order_relaxed);
+    st_retired_bytes.store(held_bytes, std::memory_order_relaxed);
     expire_handshakes();
     bool busy = opt.cpu_latency_qos && now - last_request < std::chrono::milliseconds(100);
     return cpu_latency.set(busy) ? 100 : 1000;  // held: wake up in time to give it back
@@ -1411,6 +1417,8 @@ std::string metrics_text(const ServerStats& st) {
       {"over_mtu", st.datagrams_over_mtu}, {"on_stream", st.datagrams_on_stream}});
   one("lazymem_pageserver_snapshots_retired", "gauge", "Snapshot versions replaced or removed in the store, still held for restores reading them.",
       st.snapshots_retired);
+  one("lazymem_pageserver_snapshots_retired_bytes", "gauge",
+      "Stored bytes of those versions: disk space a removal or replacement has not freed yet.", st.snapshots_retired_bytes);
   return out.take();
 }
 

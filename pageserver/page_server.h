@@ -87,6 +87,7 @@ struct ServerStats {
   uint64_t datagrams_over_mtu = 0;   // page frames over the path MTU: sent on the connection, or told to ask there
   uint64_t datagrams_on_stream = 0;  // datagram requests answered on their session's connection
   uint64_t snapshots_retired = 0;    // versions replaced or removed in the store, still held for restores reading them
+  uint64_t snapshots_retired_bytes = 0;  // their stored bytes (disk space not freed yet)
 };
 
 class PageServer {

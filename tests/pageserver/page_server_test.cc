@@ -415,6 +415,11 @@ TEST_F(PageServerTest, RunningRestoreKeepsTheVersionItRead) {
   ASSERT_TRUE(s.ok()) << s.error().message();
   touch_up_to(len_);
   EXPECT_GE(server_->stats().snapshots_retired, 1u);
+  for (auto until = deadline(); server_->stats().snapshots_retired_bytes < a_manifest->stored_bytes() &&
+                                std::chrono::steady_clock::now() < until;) {
+    std::this_thread::yield();  // housekeeping counts them (once a millisecond while requests come)
+  }
+  EXPECT_GE(server_->stats().snapshots_retired_bytes, a_manifest->stored_bytes()) << "disk space not freed, not shown";
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
 
@@ -422,6 +427,7 @@ TEST_F(PageServerTest, RunningRestoreKeepsTheVersionItRead) {
     std::this_thread::yield();
   }
   EXPECT_EQ(server_->stats().snapshots_retired, 0u) << "versions no restore reads are still held";
+  EXPECT_EQ(server_->stats().snapshots_retired_bytes, 0u);
   capture(8 * kMiB, 36);  // the name exists again, with other content (another capture time)
   auto fd = net::open_connection(*loc, "", deadline(), a_manifest->checksum);
   ASSERT_TRUE(fd.ok()) << fd.error().message();

@@ -224,7 +224,8 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                       {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()},
                       {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()},
                       {"datagrams_on_stream", st.getDatagramsOnStream()},
-                      {"snapshots_retired", st.getSnapshotsRetired()}};
+                      {"snapshots_retired", st.getSnapshotsRetired()},
+                      {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()}};
   return j.dump();
 }
 
