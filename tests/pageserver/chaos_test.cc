@@ -27,6 +27,9 @@
 
 #include <fmt/format.h>
 
+#include <nlohmann/json.hpp>
+
+#include "net/client.h"
 #include "served_snapshot.h"
 
 namespace lazymem {
@@ -236,11 +239,20 @@ TEST_F(ChaosTest, RestoresOutliveServersStoppedKilledRestartedAndTheSnapshotRepl
   if (HasFatalFailure()) return;
   step("snapshot replaced, second restarted", share);
   if (HasFatalFailure()) return;
-  // The first stops for longer than a connection's slice: restores go to the second, are
-  // refused the old version there and come back to the first, which answers once it runs again.
+  // The first stops until the restores have given up on it and gone to the second, which refuses
+  // them the old version: they come back to the first, which answers once it runs again.
+  auto refusals = [&] {
+    auto js = net::server_stats_json(*SnapshotLocation::parse(fmt::format("lazymem://127.0.0.1:{}/x", b.port())), "",
+                                     std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    return js.ok() ? nlohmann::json::parse(*js).value("errors_not_found", uint64_t{0}) : 0;
+  };
+  const uint64_t before = refusals();
   a.stop();
   step("first stopped again, second refusing the old version", share, [&] {
-    std::this_thread::sleep_for(std::chrono::seconds(3));  // the outage under test, not a wait for a result
+    // Both prefetch-less restores of the old version (engine, faulting thread) are refused.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (refusals() < before + 2 && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+    EXPECT_GE(refusals(), before + 2) << "no restore went to the second server and was refused there";
     a.resume();
   });
   if (HasFatalFailure()) return;
