@@ -623,12 +623,9 @@ class RemoteReader final : public snapshot::ChunkReader {
       in_flight_.erase(it);
       ++delivered;
       sink.on_chunk_error(tag, reply_error(loc_.at(server_), e));
-      // Where there are several servers, one that cannot serve a chunk (it does not hold the
-      // version this restore reads: reached after a reconnect, it never opened it; its disk
-      // fails; busy) is passed over: the engine's retry goes to the next.
-      const auto code = e.getCode();
-      pass_over_ |= !loc_.more_servers.empty() && (code == wire::ErrorCode::NOT_FOUND ||
-                                                   code == wire::ErrorCode::IO_ERROR || code == wire::ErrorCode::BUSY);
+      // Where there are several servers, one that cannot serve a chunk is passed over: the
+      // engine's retry goes to the next.
+      pass_over_ |= !loc_.more_servers.empty() && another_server_may_serve(e.getCode());
     }
   }
 

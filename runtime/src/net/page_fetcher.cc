@@ -177,9 +177,8 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::bad(const char* why) noexcept 
   return Outcome::kBad;
 }
 
-// Where there are several servers, one that cannot serve a page (it does not hold the version
-// this restore reads: reached after a reconnect, it never opened it; its disk fails; busy) is
-// passed over: the connection is reopened to the next.
+// Where there are several servers, one that cannot serve a page (another_server_may_serve, or
+// it holds another version) is passed over: the connection is reopened to the next.
 snapshot::PageFetcher::Outcome RemotePageFetcher::refused(const char* why) noexcept {
   if (loc_.more_servers.empty()) return bad(why);
   failure_ = why;
@@ -408,13 +407,16 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef r
   auto reply = reader.getRoot<wire::Reply>();
   if (reply.getId() != next_id_ - 1) return broken("page server answered another request");
   if (reply.isError()) {
-    switch (reply.getError().getCode()) {
-      case wire::ErrorCode::NOT_FOUND: return refused("the page server no longer has the snapshot");
-      case wire::ErrorCode::OUT_OF_RANGE: return bad("the page server says the page is outside the snapshot");
-      case wire::ErrorCode::IO_ERROR: return refused("the page server could not read the page (or holds it corrupt)");
-      case wire::ErrorCode::BUSY: return refused("the page server is busy");
-      default: return bad("the page server refused the page request");
+    const auto code = reply.getError().getCode();
+    const char* why = "the page server refused the page request";
+    switch (code) {
+      case wire::ErrorCode::NOT_FOUND: why = "the page server no longer has the snapshot"; break;
+      case wire::ErrorCode::OUT_OF_RANGE: why = "the page server says the page is outside the snapshot"; break;
+      case wire::ErrorCode::IO_ERROR: why = "the page server could not read the page (or holds it corrupt)"; break;
+      case wire::ErrorCode::BUSY: why = "the page server is busy"; break;
+      default: break;
     }
+    return another_server_may_serve(code) ? refused(why) : bad(why);
   }
   if (!reply.isPage()) return broken("page server sent an unexpected reply");
   auto pr = reply.getPage();
