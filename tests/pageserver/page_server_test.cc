@@ -79,6 +79,13 @@ class PageServerTest : public testing::ServedSnapshotTest {
     out.thread = std::thread([&out] { (void)out.server->run(); });
   }
 
+  // Pages [from, to) of a restored region hold the captured bytes (touching them fetches them).
+  void expect_pages(const std::byte* got, size_t from, size_t to) {
+    for (size_t off = from; off < to; off += 4096) {
+      ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
+    }
+  }
+
   void restore_and_compare(const std::string& location, RestoreOptions opts) {
     auto r = LazyRestore::start(location, kf_, opts);
     ASSERT_TRUE(r.ok()) << r.error().message();
@@ -820,11 +827,11 @@ TEST_F(PageServerTest, ServerRestartMidRestoreIsInvisible) {
   auto r = LazyRestore::start(uri(), kf_, o);
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
-  for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
+  expect_pages(got, 0, len_ / 2);
+  if (HasFatalFailure()) return;
   restart_server();
-  for (size_t off = len_ / 2; off < len_; off += 4096) {
-    ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
-  }
+  expect_pages(got, len_ / 2, len_);
+  if (HasFatalFailure()) return;
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
 }
@@ -869,7 +876,8 @@ TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
   auto r = LazyRestore::start(both, kf_, o);
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
-  for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
+  expect_pages(got, 0, len_ / 2);
+  if (HasFatalFailure()) return;
   if (!before_start) {
     EXPECT_EQ(second->stats().chunks + second->stats().pages, 0u) << "the second server served while the first lived";
   }
@@ -879,9 +887,8 @@ TEST_P(FailoverTest, RestoreGoesOnWithTheNextServer) {
     stop_server();
     server_.reset();  // its port closes: reconnects to it are refused
   }
-  for (size_t off = len_ / 2; off < len_; off += 4096) {
-    ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
-  }
+  expect_pages(got, len_ / 2, len_);
+  if (HasFatalFailure()) return;
   EXPECT_GT(second->stats().chunks + second->stats().pages, 0u);
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
@@ -932,11 +939,11 @@ TEST_P(PassOverTest, ServerThatRefusesTheVersionIsPassedOver) {
                               kf_, o);
   ASSERT_TRUE(r.ok()) << r.error().message();
   const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
-  for (size_t off = 0; off < len_ / 2; off += 4096) ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0);
+  expect_pages(got, 0, len_ / 2);
+  if (HasFatalFailure()) return;
   restart_server();
-  for (size_t off = len_ / 2; off < len_; off += 4096) {
-    ASSERT_EQ(std::memcmp(got + off, expected_.data() + off, 4096), 0) << "page at " << off;
-  }
+  expect_pages(got, len_ / 2, len_);
+  if (HasFatalFailure()) return;
   EXPECT_GT(second->stats().errors_not_found, 0u) << "the second server was asked and refused";
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
