@@ -28,6 +28,7 @@
 #include "core/log.h"
 #include "net/metrics_endpoint.h"
 #include "source.h"
+#include "sys/unix_listeners.h"
 
 namespace lazymem::agent {
 namespace pa = proto::agent;
@@ -103,17 +104,30 @@ Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, uid_t ow
     return Error(Errc::kPermission, fmt::format("{}: the directory must belong to the requesting user (uid {})", dir,
                                                 require_dir_owner));
   }
-  if (::fstatat(dfd.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
-    if (!S_ISSOCK(st.st_mode)) return Error(Errc::kExists, path + " exists and is not a socket; not replacing it");
-    ::unlinkat(dfd.get(), name.c_str(), 0);  // a stale socket from a previous run
-  }
   std::string via = fmt::format("/proc/self/fd/{}/{}", dfd.get(), name);
-  sys::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd.valid()) return sys_error("socket", errno);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (via.size() >= sizeof addr.sun_path) return Error(Errc::kInvalidArgument, "socket name too long: " + path);
   std::memcpy(addr.sun_path, via.c_str(), via.size() + 1);
+  if (::fstatat(dfd.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    if (!S_ISSOCK(st.st_mode)) return Error(Errc::kExists, path + " exists and is not a socket; not replacing it");
+    // A socket somebody still listens on is not stale: replacing it would cut a running daemon
+    // (or a VM's pending handshake) off from its clients, and its exit would then remove ours.
+    // Without the kernel's socket diagnostics, a connection tells (the listener sees it close).
+    auto live = sys::unix_listener_bound_to(st);
+    if (!live.ok()) {
+      sys::UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+      if (!probe.valid()) return sys_error("socket", errno);
+      live = ::connect(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 || errno == EAGAIN;
+    }
+    if (*live) {
+      return Error(Errc::kExists, path + " is in use: another process (a running lazymem-agent?) listens on it; stop "
+                                         "that one or choose another path");
+    }
+    ::unlinkat(dfd.get(), name.c_str(), 0);  // a stale socket from a previous run
+  }
+  sys::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return sys_error("socket", errno);
   // The mode is set at creation (umask), never by a chmod that a swapped-in symlink could redirect.
   bool grouped = group != static_cast<gid_t>(-1);
   mode_t old = ::umask(grouped ? 0117 : 0177);
@@ -735,11 +749,12 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
 }
 
 Daemon::~Daemon() {
-  if (impl_) {
-    impl_->engine->stop();
-    ::unlink(impl_->opt.socket_path.c_str());
-    for (const auto& [fd, l] : impl_->fc_listeners) ::unlink(l.path.c_str());
-  }
+  // Also reached when start() failed part way: only what was made is undone, so a path another
+  // daemon owns is never removed.
+  if (!impl_) return;
+  if (impl_->engine) impl_->engine->stop();
+  if (impl_->listen_fd.valid()) ::unlink(impl_->opt.socket_path.c_str());
+  for (const auto& [fd, l] : impl_->fc_listeners) ::unlink(l.path.c_str());
 }
 
 Status Daemon::run() {

@@ -27,6 +27,7 @@
 #include "lazymem/snapshot.h"
 #include "sys/uapi_compat.h"
 #include "sys/uffd.h"
+#include "sys/unique_fd.h"
 
 namespace lazymem {
 namespace {
@@ -637,6 +638,59 @@ TEST_F(AgentTest, SnapshotCliCapturesAProcess) {
               return 0;
             }),
             0);
+}
+
+// A Unix socket at `path`, bound and listening (a live peer's) or bound and closed (stale).
+sys::UniqueFd unix_socket_at(const std::string& path, bool listening) {
+  sys::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::strncpy(a.sun_path, path.c_str(), sizeof a.sun_path - 1);
+  EXPECT_EQ(::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << path;
+  if (listening) EXPECT_EQ(::listen(fd.get(), 4), 0);
+  else fd.reset();
+  return fd;
+}
+
+// A socket somebody listens on is never taken over: a second daemon on the running one's path,
+// or a VM socket on a path another process listens on, is refused with the reason, and the
+// listener is not even connected to (a per-VM socket takes one handshake only). A stale socket
+// (its owner died) is replaced. A daemon that cannot start says why and exits.
+TEST_F(AgentTest, SocketInUseIsNotTaken) {
+  ASSERT_FALSE(agent_bin().empty());
+  start_daemon();
+  auto [out, rc] = run_cli("timeout 20 " + agent_bin() + " run --socket " + socket_);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find(socket_ + " is in use"), std::string::npos) << out;
+  std::tie(out, rc) = run_cli(agent_bin() + " status --socket " + socket_);
+  EXPECT_EQ(rc, 0) << "the running daemon lost its socket: " << out;
+
+  RAW_IMAGE(image, 1 * kMiB, 50, loc);
+  std::string taken = dir_.path() + "/taken.sock";
+  sys::UniqueFd peer = unix_socket_at(taken, true);
+  std::tie(out, rc) = run_cli("timeout 20 " + agent_bin() + " restore --socket " + socket_ + " --firecracker-socket " +
+                              taken + " --snapshot " + loc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find(taken + " is in use"), std::string::npos) << out;
+  EXPECT_LT(::accept4(peer.get(), nullptr, nullptr, SOCK_CLOEXEC), 0) << "the listener was connected to";
+  EXPECT_EQ(errno, EAGAIN);
+
+  std::string stale = dir_.path() + "/stale.sock";
+  (void)unix_socket_at(stale, false);
+  FILE* cli = ::popen(("timeout 20 " + agent_bin() + " restore --socket " + socket_ + " --firecracker-socket " + stale +
+                       " --snapshot " + loc + " 2>&1").c_str(), "r");
+  ASSERT_NE(cli, nullptr);
+  char line[4096];
+  ASSERT_NE(std::fgets(line, sizeof line, cli), nullptr);
+  EXPECT_EQ(std::string(line), "listening on " + stale + "\n");
+  EXPECT_EQ(in_child([&] { return firecracker_vm(stale, image, false); }), 0);
+  while (std::fgets(line, sizeof line, cli) != nullptr) {
+  }
+  EXPECT_EQ(::pclose(cli), 0);
+
+  std::tie(out, rc) = run_cli(agent_bin() + " run --socket " + dir_.path() + "/no/such/dir/agent.sock");
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find("does it exist?"), std::string::npos) << out;
 }
 
 }  // namespace
