@@ -1,5 +1,4 @@
 // lazymem-agent: the per-host daemon and its CLI. This file only parses options and runs.
-#include <boost/program_options.hpp>
 #include <cstdio>
 #include <iostream>
 
@@ -11,11 +10,13 @@
 #include <thread>
 
 #include "check.h"
+#include "cli/options.h"
 #include "cli_format.h"
 #include "commands.h"
 #include "daemon.h"
 #include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
+#include "lazymem/snapshot.h"
 
 namespace po = boost::program_options;
 
@@ -35,7 +36,7 @@ constexpr const char* kUsage =
 
 int run_daemon(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent run");
-  desc.add_options()("help,h", "show this help")(
+  desc.add_options()(
       "socket", po::value<std::string>()->default_value(lazymem::kDefaultAgentSocket), "control socket (0600)")(
       "group", po::value<std::string>(), "also let this group use the socket (0660)")(
       "firecracker-socket", po::value<std::string>(), "accept Firecracker's UFFD handshake here")(
@@ -43,13 +44,7 @@ int run_daemon(const std::vector<std::string>& args) {
       "token-file", po::value<std::string>(), "page-server token for lazymem:// snapshots")(
       "fault-deadline-ms", po::value<unsigned>()->default_value(30000), "a faulting thread waits at most this long")(
       "metrics", po::value<std::string>(), "serve Prometheus text metrics on HOST:PORT (e.g. 127.0.0.1:9477)");
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).run(), vm);
-  po::notify(vm);
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse(args, desc);
   lazymem::agent::DaemonOptions o;
   o.socket_path = vm["socket"].as<std::string>();
   if (vm.count("group")) {
@@ -61,7 +56,11 @@ int run_daemon(const std::vector<std::string>& args) {
   if (vm.count("snapshot")) o.firecracker_snapshot = vm["snapshot"].as<std::string>();
   if (vm.count("token-file")) o.token_file = vm["token-file"].as<std::string>();
   o.engine.demand_deadline = std::chrono::milliseconds(vm["fault-deadline-ms"].as<unsigned>());
-  if (vm.count("metrics")) o.metrics_address = vm["metrics"].as<std::string>();
+  if (vm.count("metrics")) {
+    o.metrics_address = vm["metrics"].as<std::string>();
+    auto at = lazymem::SnapshotLocation::Server::parse(o.metrics_address, true);
+    if (!at.ok()) throw std::invalid_argument("--metrics: " + at.error().message());
+  }
   // SIGINT/SIGTERM are taken by one thread with sigwait (blocked everywhere else, the engine's
   // threads included): a clean stop without a global for a signal handler.
   sigset_t stop_signals;
@@ -90,16 +89,11 @@ int run_daemon(const std::vector<std::string>& args) {
 
 int run_query(const std::string& cmd, const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent " + cmd);
-  desc.add_options()("help,h", "show this help")(
+  desc.add_options()(
       "socket", po::value<std::string>()->default_value(lazymem::kDefaultAgentSocket), "the daemon's socket")(
       "json", "print JSON")("watch", po::value<double>(), "refresh every N seconds until interrupted");
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).run(), vm);
-  po::notify(vm);
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse(args, desc);
+  if (vm.count("watch") && !(vm["watch"].as<double>() >= 0.1)) throw std::invalid_argument("--watch wants seconds, 0.1 or more");
   bool stats = cmd != "status";
   for (;;) {
     auto js = lazymem::agent_query(vm["socket"].as<std::string>(), stats);
@@ -117,7 +111,7 @@ int run_query(const std::string& cmd, const std::vector<std::string>& args) {
 
 int run_snapshot(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent snapshot [options] TARGET   (TARGET: STORE/NAME or lazymem://HOST:PORT/NAME)");
-  desc.add_options()("help,h", "show this help")("raw", po::value<std::string>(), "capture this raw memory file (a VM's guest memory)")(
+  desc.add_options()("raw", po::value<std::string>(), "capture this raw memory file (a VM's guest memory)")(
       "pid", po::value<int>(), "capture ranges of this process (stop it first for a consistent image)")(
       "region", po::value<std::vector<std::string>>(), "with --pid: START-END[=NAME] in hex, as in /proc/PID/maps; repeatable")(
       "chunk-size", po::value<uint32_t>()->default_value(lazymem::kDefaultChunkSize), "bytes per chunk")(
@@ -128,13 +122,7 @@ int run_snapshot(const std::vector<std::string>& args) {
       "json", "print JSON")("target", po::value<std::string>(), "where the snapshot goes");
   po::positional_options_description pos;
   pos.add("target", 1);
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).positional(pos).run(), vm);
-  po::notify(vm);
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse(args, desc, &pos);
   if (!vm.count("target")) throw std::invalid_argument("give the TARGET (STORE/NAME or lazymem://HOST:PORT/NAME)");
   if (vm.count("raw") == vm.count("pid")) throw std::invalid_argument("give exactly one of --raw FILE or --pid PID");
   lazymem::CaptureOptions co;
@@ -170,20 +158,14 @@ int run_snapshot(const std::vector<std::string>& args) {
 
 int run_restore(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent restore");
-  desc.add_options()("help,h", "show this help")(
+  desc.add_options()(
       "socket", po::value<std::string>()->default_value(lazymem::kDefaultAgentSocket), "the daemon's socket")(
       "firecracker-socket", po::value<std::string>(), "the UFFD handshake socket to make (Firecracker's mem_backend backend_path)")(
       "snapshot", po::value<std::string>(), "the VM memory snapshot (STORE/NAME or lazymem://HOST:PORT/NAME)")(
       "token-file", po::value<std::string>(), "page-server token, read by the agent")(
       "no-prefetch", "fetch only the pages the VM touches")(
       "no-wait", "return once the socket listens, without following the restore");
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).run(), vm);
-  po::notify(vm);
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse(args, desc);
   if (!vm.count("firecracker-socket") || !vm.count("snapshot")) {
     throw std::invalid_argument("give --firecracker-socket PATH and --snapshot URI (a process restores through the "
                                 "agent itself, with AgentRestore in lazymem/agent_client.h)");
@@ -203,15 +185,9 @@ int run_restore(const std::vector<std::string>& args) {
 
 int run_check(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent check");
-  desc.add_options()("help,h", "show this help")("json", "print JSON instead of a table")(
+  desc.add_options()("json", "print JSON instead of a table")(
       "store", po::value<std::string>()->default_value("."), "directory whose filesystem must take O_DIRECT");
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).run(), vm);
-  po::notify(vm);
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse(args, desc);
   lazymem::KernelFeatures kf = lazymem::probe_kernel(lazymem::ProbeOptions{vm["store"].as<std::string>()});
   if (vm.count("json")) {
     std::printf("%s\n", lazymem::agent::format_check_json(kf).c_str());
@@ -230,26 +206,17 @@ int main(int argc, char** argv) {
   }
   std::string cmd = argv[1];
   std::vector<std::string> args(argv + 2, argv + argc);
-  try {
-    if (cmd == "check") return run_check(args);
-    if (cmd == "run") return run_daemon(args);
-    if (cmd == "status" || cmd == "regions" || cmd == "stats") return run_query(cmd, args);
-    if (cmd == "snapshot") return run_snapshot(args);
-    if (cmd == "restore") return run_restore(args);
-    if (cmd == "-h" || cmd == "--help" || cmd == "help") {
-      std::cout << kUsage;
-      return 0;
-    }
-    std::cerr << "lazymem-agent: unknown command '" << cmd << "'\n" << kUsage;
-    return 2;
-  } catch (const std::invalid_argument& e) {
-    std::cerr << "lazymem-agent " << cmd << ": " << e.what() << "\n";
-    return 2;
-  } catch (const po::error& e) {
-    std::cerr << "lazymem-agent " << cmd << ": " << e.what() << " (see lazymem-agent " << cmd << " --help)\n";
-    return 2;
-  } catch (const std::exception& e) {
-    std::cerr << "lazymem-agent " << cmd << ": " << e.what() << "\n";
-    return 1;
+  if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+    std::cout << kUsage;
+    return 0;
   }
+  if (cmd == "check") return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_check(args); });
+  if (cmd == "run") return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_daemon(args); });
+  if (cmd == "status" || cmd == "regions" || cmd == "stats") {
+    return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_query(cmd, args); });
+  }
+  if (cmd == "snapshot") return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_snapshot(args); });
+  if (cmd == "restore") return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_restore(args); });
+  std::cerr << "lazymem-agent: unknown command '" << cmd << "'\n" << kUsage;
+  return 2;
 }

@@ -6,13 +6,13 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "cli/options.h"
 #include "kv_table.h"
 #include "lazymem/agent_client.h"
 #include "lazymem/restore.h"
@@ -190,9 +190,9 @@ int restore(const po::variables_map& vm) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run_example(int argc, char** argv) {
   po::options_description desc("lazymem-example-kv {fill|restore} [options]");
-  desc.add_options()("help,h", "show this help")("snapshot", po::value<std::string>(),
+  desc.add_options()("command", po::value<std::string>(), "fill or restore (the first argument)")("snapshot", po::value<std::string>(),
                                                   "snapshot location: STORE/NAME or lazymem://HOST:PORT/NAME")(
       "mib", po::value<size_t>()->default_value(256), "fill: arena size in MiB (the table takes 7/8)")(
       "seed", po::value<uint64_t>()->default_value(42), "fill: key seed")(
@@ -202,31 +202,15 @@ int main(int argc, char** argv) {
                                                             "restore: page-server token file")(
       "json", "restore: print figures as JSON")("agent", po::value<std::string>(),
                                                  "restore: through the lazymem-agent at this socket");
-  po::options_description hidden;
-  hidden.add_options()("command", po::value<std::string>());
   po::positional_options_description pos;
   pos.add("command", 1);
-  po::options_description all;
-  all.add(desc).add(hidden);
-  po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "lazymem-example-kv: " << e.what() << "\n" << desc;
-    return 2;
-  }
-  if (vm.count("help") || !vm.count("command")) {
-    std::cout << desc;
-    return vm.count("help") ? 0 : 2;
-  }
-  if (!vm.count("snapshot")) {
-    std::cerr << "lazymem-example-kv: --snapshot is required\n";
-    return 2;
-  }
-  std::string cmd = vm["command"].as<std::string>();
-  if (cmd == "fill") return fill(vm);
-  if (cmd == "restore") return restore(vm);
-  std::cerr << "lazymem-example-kv: unknown command '" << cmd << "' (fill or restore)\n";
-  return 2;
+  auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc, &pos);
+  const std::string cmd = vm.count("command") ? vm["command"].as<std::string>() : "";
+  if (cmd != "fill" && cmd != "restore") throw std::invalid_argument("give the command: fill or restore");
+  if (!vm.count("snapshot")) throw std::invalid_argument("--snapshot is required");
+  return cmd == "fill" ? fill(vm) : restore(vm);
+}
+
+int main(int argc, char** argv) {
+  return lazymem::cli::run("lazymem-example-kv", "", [&] { return run_example(argc, argv); });
 }

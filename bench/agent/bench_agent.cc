@@ -5,13 +5,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <boost/program_options.hpp>
 #include <csignal>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "cli/options.h"
 #include "../common/bench_util.h"
 #include "core/log.h"
 #include "daemon.h"
@@ -85,25 +85,14 @@ Run restore_run(const std::string& loc, const std::string& socket, size_t len, b
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run_bench(int argc, char** argv) {
   po::options_description desc("lazymem-bench-agent [options]");
-  desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
+  desc.add_options()("json", "also print one JSON object on the last line")(
       "mib", po::value<size_t>()->default_value(1024), "snapshot size in MiB")(
       "rounds", po::value<int>()->default_value(3), "runs of each mode (median reported)")(
       "faults", po::value<int>()->default_value(2000), "single faults timed per latency run")(
       "dir", po::value<std::string>()->default_value("/var/tmp"), "where to put the store");
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, desc), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "lazymem-bench-agent: " << e.what() << "\n" << desc;
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int rounds = vm["rounds"].as<int>(), faults = vm["faults"].as<int>();
   std::string work = vm["dir"].as<std::string>() + "/lazymem-bench-agent." + std::to_string(::getpid());
@@ -176,4 +165,8 @@ int main(int argc, char** argv) {
     std::printf("%s\n", j.dump().c_str());
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return lazymem::cli::run("lazymem-bench-agent", "", [&] { return run_bench(argc, argv); });
 }

@@ -9,7 +9,6 @@
 // pages by what a single-page request (getPage) gets: zero, raw (sent as their whole chunk), or a
 // frame small enough for one datagram over a 1500-byte link, or not. `--raw FILE` measures a
 // memory image of your own instead of the synthetic heap.
-#include <boost/program_options.hpp>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -19,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/options.h"
 #include "../common/bench_util.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/dictionary.h"
@@ -146,24 +146,13 @@ bool measure(const std::vector<std::byte>& data, Layout& l, int level, FrameSize
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run_bench(int argc, char** argv) {
   po::options_description desc("lazymem-bench-codec [options]");
-  desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
+  desc.add_options()("json", "also print one JSON object on the last line")(
       "mib", po::value<size_t>()->default_value(256), "heap-like data in MiB")(
       "level", po::value<int>()->default_value(1), "zstd compression level")(
       "raw", po::value<std::string>(), "a memory image (raw file) to measure instead of heap-like data");
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, desc), vm);
-    po::notify(vm);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "lazymem-bench-codec: %s\n", e.what());
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const int level = vm["level"].as<int>();
   std::vector<std::byte> data;
   std::string what;
@@ -234,4 +223,8 @@ int main(int argc, char** argv) {
   j["format2_pages"] = {{"zero", f.zero}, {"raw", f.raw}, {"frame_fits_mtu1500", f.fit}, {"frame_over_mtu1500", f.over}};
   if (vm.count("json")) std::printf("%s\n", j.dump().c_str());
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return lazymem::cli::run("lazymem-bench-codec", "", [&] { return run_bench(argc, argv); });
 }

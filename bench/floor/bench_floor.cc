@@ -18,7 +18,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <boost/program_options.hpp>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -27,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "cli/options.h"
 #include "../common/bench_util.h"
 #include "../common/loopback.h"
 #include "snapshot/chunk_codec.h"
@@ -126,23 +126,12 @@ void on_sigbus(int, siginfo_t* si, void*) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run_bench(int argc, char** argv) {
   po::options_description desc("lazymem-bench-floor [options]");
-  desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
+  desc.add_options()("json", "also print one JSON object on the last line")(
       "mib", po::value<size_t>()->default_value(256), "heap-like data in MiB")(
       "faults", po::value<int>()->default_value(3000), "faults (and round trips) timed per mode");
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, desc), vm);
-    po::notify(vm);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "lazymem-bench-floor: %s\n", e.what());
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int faults = vm["faults"].as<int>();
   if (len < kChunk || faults < 1) {
@@ -268,4 +257,8 @@ int main(int argc, char** argv) {
     std::printf("%s\n", j.dump().c_str());
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return lazymem::cli::run("lazymem-bench-floor", "", [&] { return run_bench(argc, argv); });
 }

@@ -12,7 +12,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <boost/program_options.hpp>
 #include <csignal>
 #include <cstring>
 #include <filesystem>
@@ -20,6 +19,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "cli/options.h"
 #include "../common/bench_util.h"
 #include "../common/loopback.h"
 #include "net/remote.h"
@@ -58,24 +58,13 @@ constexpr int64_t kPollNs = 100'000;  // as ServerOptions::poll_after_page
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run_bench(int argc, char** argv) {
   po::options_description desc("lazymem-bench-getpage [options]");
-  desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
+  desc.add_options()("json", "also print one JSON object on the last line")(
       "mib", po::value<size_t>()->default_value(256), "heap-like snapshot in MiB")(
       "blocks", po::value<int>()->default_value(40), "blocks of 200 fetches and 200 round trips")(
       "dir", po::value<std::string>()->default_value("/var/tmp"), "where to put the store");
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, desc), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "lazymem-bench-getpage: " << e.what() << "\n" << desc;
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int blocks = vm["blocks"].as<int>();
   if (len == 0 || blocks < 1) {
@@ -221,4 +210,8 @@ int main(int argc, char** argv) {
     std::printf("%s\n", j.dump().c_str());
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return lazymem::cli::run("lazymem-bench-getpage", "", [&] { return run_bench(argc, argv); });
 }

@@ -15,7 +15,6 @@
 #include <xxhash.h>
 
 #include <algorithm>
-#include <boost/program_options.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -26,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "cli/options.h"
 #include "../common/bench_util.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
@@ -193,24 +193,13 @@ Sample run_kernel_mmap(const std::string& image, size_t len) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run_bench(int argc, char** argv) {
   po::options_description desc("lazymem-bench-local [options]");
-  desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
+  desc.add_options()("json", "also print one JSON object on the last line")(
       "mib", po::value<size_t>()->default_value(1024), "snapshot size in MiB")(
       "rounds", po::value<int>()->default_value(3), "runs of each mode (the median is reported)")(
       "dir", po::value<std::string>()->default_value("/var/tmp"), "where to put the store (disk, for O_DIRECT)");
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, desc), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "lazymem-bench-local: " << e.what() << "\n" << desc;
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int rounds = vm["rounds"].as<int>();
   std::string work = vm["dir"].as<std::string>() + "/lazymem-bench-local." + std::to_string(::getpid());
@@ -292,4 +281,8 @@ int main(int argc, char** argv) {
   std::printf("         against eager on both cores: lazy+prefetch touch-all %.3fx\n", touch_ratio_two);
   if (vm.count("json")) std::printf("%s\n", j.dump().c_str());
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return lazymem::cli::run("lazymem-bench-local", "", [&] { return run_bench(argc, argv); });
 }

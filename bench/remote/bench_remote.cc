@@ -14,7 +14,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <boost/program_options.hpp>
 #include <atomic>
 #include <csignal>
 #include <cstring>
@@ -24,6 +23,7 @@
 #include <random>
 #include <thread>
 
+#include "cli/options.h"
 #include "../common/bench_util.h"
 #include "../common/loopback.h"
 #include "core/log.h"
@@ -361,26 +361,15 @@ Run fetch_all_baseline(uint16_t port, const lazymem::Manifest& m) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run_bench(int argc, char** argv) {
   po::options_description desc("lazymem-bench-remote [options]");
-  desc.add_options()("help,h", "show this help")("json", "also print one JSON object on the last line")(
+  desc.add_options()("json", "also print one JSON object on the last line")(
       "mib", po::value<size_t>()->default_value(1024), "snapshot size in MiB")(
       "rounds", po::value<int>()->default_value(3), "runs of each mode (median reported)")(
       "faults", po::value<int>()->default_value(2000), "single faults timed per latency run")(
       "chunk-kib", po::value<uint32_t>()->default_value(64), "snapshot chunk size (smaller: faster faults, less compression)")(
       "dir", po::value<std::string>()->default_value("/var/tmp"), "where to put the store");
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, desc), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    std::cerr << "lazymem-bench-remote: " << e.what() << "\n" << desc;
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << desc;
-    return 0;
-  }
+  auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int rounds = vm["rounds"].as<int>(), faults = vm["faults"].as<int>();
   std::string work = vm["dir"].as<std::string>() + "/lazymem-bench-remote." + std::to_string(::getpid());
@@ -605,4 +594,8 @@ int main(int argc, char** argv) {
     std::printf("%s\n", j.dump().c_str());
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  return lazymem::cli::run("lazymem-bench-remote", "", [&] { return run_bench(argc, argv); });
 }

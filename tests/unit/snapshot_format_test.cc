@@ -476,6 +476,24 @@ TEST(SnapshotLocationTest, ParsesPathsAndUris) {
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1,h2/vm").ok());
 }
 
+// HOST:PORT as the programs' --listen, --metrics and --server take it: one parser for all.
+TEST(SnapshotLocationTest, ParsesHostPort) {
+  using Server = SnapshotLocation::Server;
+  auto v6 = Server::parse("[fd00::2]:7071");
+  ASSERT_TRUE(v6.ok());
+  EXPECT_EQ(v6->host, "fd00::2");
+  EXPECT_EQ(v6->port, 7071);
+  EXPECT_EQ(v6->to_string(), "[fd00::2]:7071");
+  EXPECT_EQ(Server::parse("pages1:65535")->port, 65535);
+  EXPECT_FALSE(Server::parse("h:0").ok());  // a client needs a port
+  ASSERT_TRUE(Server::parse("h:0", true).ok());  // a listener may let the kernel pick
+  EXPECT_EQ(Server::parse("h:0", true)->port, 0);
+  for (const char* bad : {"h", "h:", ":7070", "h:65536", "h:99999999999", "h:-1", "h:+1", "h:7x", "h: 7", "[::1:7",
+                          "[]:7", "[h]]:7", ""}) {
+    EXPECT_FALSE(Server::parse(bad, true).ok()) << bad;
+  }
+}
+
 // The progress callback (the CLI's bar) covers every region, in order, and ends at the total.
 TEST_F(SnapshotFormatTest, ProgressCoversAllRegions) {
   CaptureRegion r[2] = {{"a", mem_, len_ / 2, PROT_READ | PROT_WRITE}, {"b", mem_ + len_ / 2, len_ / 2, PROT_READ | PROT_WRITE}};

@@ -78,6 +78,8 @@ struct SnapshotLocation {
     std::string host;
     uint16_t port = 0;
     std::string to_string() const;  // HOST:PORT ([HOST]:PORT for IPv6)
+    // HOST:PORT or [V6]:PORT, PORT 1-65535; 0 too where `any_port` (a listener: the kernel picks).
+    static Result<Server> parse(std::string_view hostport, bool any_port = false);
   };
   std::string store_dir;  // local store; empty for a remote one
   std::string host;       // page server (remote): the first one

@@ -12,6 +12,8 @@
 #include <cerrno>
 #include <vector>
 
+#include "lazymem/snapshot.h"
+
 namespace lazymem::net {
 namespace {
 
@@ -22,15 +24,14 @@ constexpr auto kScrapeLimit = std::chrono::seconds(10);
 }  // namespace
 
 Result<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::listen(const std::string& hostport) {
-  const size_t colon = hostport.rfind(':');
-  if (colon == std::string::npos) return Error(Errc::kInvalidArgument, "--metrics wants HOST:PORT, got " + hostport);
-  std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
-  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  auto where = SnapshotLocation::Server::parse(hostport, true);
+  if (!where.ok()) return Error(Errc::kInvalidArgument, "--metrics: " + where.error().message());
+  const std::string port = std::to_string(where->port);
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
   addrinfo* ai = nullptr;
-  int rc = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &ai);
+  int rc = ::getaddrinfo(where->host.c_str(), port.c_str(), &hints, &ai);
   if (rc != 0) return Error(Errc::kInvalidArgument, fmt::format("--metrics {}: {}", hostport, ::gai_strerror(rc)));
   std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> hold(ai, ::freeaddrinfo);
   std::unique_ptr<MetricsEndpoint> m(new MetricsEndpoint());

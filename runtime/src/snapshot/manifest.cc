@@ -46,6 +46,26 @@ std::string SnapshotLocation::Server::to_string() const {
   return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port) : fmt::format("{}:{}", host, port);
 }
 
+Result<SnapshotLocation::Server> SnapshotLocation::Server::parse(std::string_view hostport, bool any_port) {
+  auto bad = [&] {
+    return Error(Errc::kInvalidArgument, fmt::format("'{}' is not HOST:PORT (PORT 1-65535{})", hostport,
+                                                     any_port ? ", or 0: any free one" : ""));
+  };
+  size_t colon = hostport.rfind(':');
+  if (colon == std::string_view::npos) return bad();
+  Server s{std::string(hostport.substr(0, colon)), 0};
+  if (s.host.size() > 2 && s.host.front() == '[' && s.host.back() == ']') s.host = s.host.substr(1, s.host.size() - 2);
+  std::string_view port = hostport.substr(colon + 1);
+  unsigned value = 0;
+  auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (ec != std::errc() || p != port.data() + port.size() || value > 65535 || (value == 0 && !any_port) ||
+      s.host.empty() || s.host.find_first_of("[]") != std::string::npos) {
+    return bad();
+  }
+  s.port = static_cast<uint16_t>(value);
+  return s;
+}
+
 std::vector<SnapshotLocation::Server> SnapshotLocation::servers() const {
   std::vector<Server> all{Server{host, port}};
   all.insert(all.end(), more_servers.begin(), more_servers.end());
@@ -97,26 +117,14 @@ Result<SnapshotLocation> SnapshotLocation::parse(const std::string& text) {
     for (size_t at = 0; at <= slash;) {
       size_t end = rest.find(',', at);
       if (end == std::string::npos || end > slash) end = slash;
-      const std::string hostport = rest.substr(at, end - at);
+      auto s = Server::parse(std::string_view(rest).substr(at, end - at));
       at = end + 1;
-      size_t colon = hostport.rfind(':');
-      if (colon == std::string::npos) {
-        return Error(Errc::kInvalidArgument, fmt::format("'{}': the page server address '{}' needs a port", text, hostport));
-      }
-      Server s{hostport.substr(0, colon), 0};
-      if (s.host.size() > 2 && s.host.front() == '[' && s.host.back() == ']') s.host = s.host.substr(1, s.host.size() - 2);
-      std::string port = hostport.substr(colon + 1);
-      unsigned value = 0;
-      auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
-      if (ec != std::errc() || p != port.data() + port.size() || value == 0 || value > 65535 || s.host.empty()) {
-        return Error(Errc::kInvalidArgument, fmt::format("'{}': bad page server address '{}'", text, hostport));
-      }
-      s.port = static_cast<uint16_t>(value);
+      if (!s.ok()) return Error(Errc::kInvalidArgument, fmt::format("'{}': {}", text, s.error().message()));
       if (loc.host.empty()) {
-        loc.host = s.host;
-        loc.port = s.port;
+        loc.host = s->host;
+        loc.port = s->port;
       } else {
-        loc.more_servers.push_back(std::move(s));
+        loc.more_servers.push_back(std::move(*s));
       }
     }
   } else {

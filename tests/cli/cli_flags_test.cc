@@ -1,0 +1,115 @@
+// The programs' command lines: every wrong flag or argument gets one line that says what is
+// wrong and where the help is, and exit status 2; help exits 0; nothing starts on a bad flag.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "../common/test_data.h"
+
+namespace {
+
+struct CliRun {
+  int status;
+  std::string out;  // stdout and stderr
+};
+
+// Runs `program` (its path from the environment variable `env`, set by meson) with `args`,
+// bounded by timeout(1): a flag that should be refused but starts a server fails as status 124.
+CliRun run(const char* env, const std::string& args) {
+  const char* bin = std::getenv(env);
+  if (bin == nullptr) return {-1, std::string(env) + " not set: run through meson test"};
+  FILE* p = ::popen(("timeout 10 " + std::string(bin) + " " + args + " 2>&1").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  int st = ::pclose(p);
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
+}
+
+CliRun pageserver(const std::string& args) { return run("LAZYMEM_PAGESERVER", args); }
+CliRun agent(const std::string& args) { return run("LAZYMEM_AGENT", args); }
+
+// One line, naming the flag, pointing at the command's help.
+void expect_refused(const CliRun& r, const std::string& says, const std::string& command) {
+  EXPECT_EQ(r.status, 2) << r.out;
+  EXPECT_NE(r.out.find(says), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("(see " + command + " --help)"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find('\n'), r.out.size() - 1) << "more than one line: " << r.out;
+}
+
+class CliFlagsTest : public ::testing::Test {
+ protected:
+  lazymem::testing::ScratchDir dir_;
+};
+
+TEST_F(CliFlagsTest, PageServerRefusesBadFlags) {
+  const std::string serve = "serve --store " + dir_.path() + " ";
+  const std::string cmd = "lazymem-pageserver serve";
+  expect_refused(pageserver(serve + "--listen 127.0.0.1:99999"), "'127.0.0.1:99999' is not HOST:PORT", cmd);
+  expect_refused(pageserver(serve + "--listen 127.0.0.1:http"), "'127.0.0.1:http' is not HOST:PORT", cmd);
+  expect_refused(pageserver(serve + "--listen 127.0.0.1"), "'127.0.0.1' is not HOST:PORT", cmd);
+  expect_refused(pageserver(serve + "--listen :7070"), "':7070' is not HOST:PORT", cmd);
+  expect_refused(pageserver(serve + "--metrics 127.0.0.1:-1"), "--metrics: '127.0.0.1:-1' is not HOST:PORT", cmd);
+  expect_refused(pageserver(serve + "--cache-mib -5"), "--cache-mib wants a whole number, 0 or more; got '-5'", cmd);
+  expect_refused(pageserver(serve + "--cache-mib 1099511627776"), "is more than this machine's memory", cmd);
+  expect_refused(pageserver(serve + "--poll-after-page-us -1"), "--poll-after-page-us wants a whole number", cmd);
+  expect_refused(pageserver("serve"), "the option '--store' is required", cmd);
+  expect_refused(pageserver("stats --server foo"), "--server wants lazymem://HOST:PORT[,HOST:PORT...], got 'foo'",
+                 "lazymem-pageserver stats");
+  expect_refused(pageserver("ls --server lazymem://127.0.0.1:1,h"), "--server: 'h' is not HOST:PORT",
+                 "lazymem-pageserver ls");
+  expect_refused(pageserver("ls --store a --server lazymem://h:1"), "give exactly one of --store and --server",
+                 "lazymem-pageserver ls");
+  expect_refused(pageserver("rm --store " + dir_.path() + " --name ../etc"), "a snapshot name must be",
+                 "lazymem-pageserver rm");
+  for (const char* c : {"serve", "import", "ls", "rm", "verify", "stats"}) {
+    CliRun help = pageserver(std::string(c) + " --help");
+    EXPECT_EQ(help.status, 0) << c << ": " << help.out;
+    EXPECT_NE(help.out.find("--help"), std::string::npos) << c << ": " << help.out;
+  }
+}
+
+// verify tells damage (1) from what it could not check (3): a server that is not running says
+// nothing about the snapshot, and recapturing it would not help.
+TEST_F(CliFlagsTest, VerifyOfAnUnreachableServerIsNotDamage) {
+  int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);  // bound, never listening: refused
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  CliRun r = pageserver("verify --server lazymem://127.0.0.1:" + std::to_string(ntohs(a.sin_port)) + " --name vm");
+  ::close(s);
+  EXPECT_EQ(r.status, 3) << r.out;
+  EXPECT_NE(r.out.find("vm: not checked: connect to page server"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("could not be checked"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("DAMAGED"), std::string::npos) << r.out;
+}
+
+TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
+  const std::string sock = " --socket " + dir_.path() + "/agent.sock";
+  expect_refused(agent("run --fault-deadline-ms -5" + sock), "--fault-deadline-ms wants a whole number", "lazymem-agent run");
+  expect_refused(agent("run --metrics 127.0.0.1:70000" + sock), "'127.0.0.1:70000' is not HOST:PORT", "lazymem-agent run");
+  expect_refused(agent("stats --watch 0" + sock), "--watch wants seconds, 0.1 or more", "lazymem-agent stats");
+  expect_refused(agent("snapshot --chunk-size -1 --raw x " + dir_.path() + "/s"), "--chunk-size wants a whole number",
+                 "lazymem-agent snapshot");
+  expect_refused(agent("restore" + sock), "give --firecracker-socket PATH and --snapshot URI", "lazymem-agent restore");
+  for (const char* c : {"check", "run", "status", "regions", "stats", "snapshot", "restore"}) {
+    CliRun help = agent(std::string(c) + " --help");
+    EXPECT_EQ(help.status, 0) << c << ": " << help.out;
+  }
+  // A daemon that cannot start says why and exits (it crashed here once, in its destructor).
+  CliRun r = agent("run --socket " + dir_.path() + "/no/such/dir/agent.sock");
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("does it exist?"), std::string::npos) << r.out;
+}
+
+}  // namespace
