@@ -55,11 +55,10 @@ bool all_zero(const char* p, size_t n) {
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
 int fill(const po::variables_map& vm) {
-  size_t bytes = vm["mib"].as<size_t>() << 20;
-  if (bytes == 0) {
-    std::fprintf(stderr, "fill: --mib must be at least 1\n");
-    return 2;
-  }
+  const size_t mib = vm["mib"].as<size_t>();
+  if (mib == 0 || mib > (size_t{1} << 30)) throw std::invalid_argument("--mib wants 1 or more (MiB)");
+  const size_t bytes = mib << 20;
+  const uint32_t chunk_size = lazymem::cli::chunk_bytes(vm, "chunk-kib");  // refused before the work, not after
   void* arena = ::mmap(reinterpret_cast<void*>(kArenaAddress), bytes, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
   if (arena == MAP_FAILED) {
@@ -77,7 +76,7 @@ int fill(const po::variables_map& vm) {
   AppState st{kArenaAddress, bytes, table_bytes_of(bytes), table.header().records, table.header().digest, seed};
   lazymem::CaptureOptions opts;
   opts.zstd_level = vm["zstd-level"].as<int>();
-  opts.chunk_size = vm["chunk-kib"].as<uint32_t>() * 1024;
+  opts.chunk_size = chunk_size;
   opts.replace = true;
   opts.app_state.resize(sizeof st);
   std::memcpy(opts.app_state.data(), &st, sizeof st);

@@ -74,12 +74,21 @@ Result<SnapshotLocation> location_of(const po::variables_map& vm, const std::str
   return on_servers(vm, name);
 }
 
-void print_list(const std::vector<snapshot::SnapshotSummary>& list) {
+// Exit status 1 when a listed snapshot is damaged.
+int print_list(const std::vector<snapshot::SnapshotSummary>& list) {
   std::printf("%-32s %12s %12s %8s %8s %7s\n", "name", "size", "stored", "ratio", "regions", "format");
+  size_t damaged = 0;
   for (const auto& s : list) {
+    if (!s.damage.empty()) {
+      std::printf("%-32s DAMAGED: %s\n", s.name.c_str(), s.damage.c_str());
+      ++damaged;
+      continue;
+    }
     std::printf("%-32s %9.1f MiB %9.1f MiB %7.2fx %8zu %7u\n", s.name.c_str(), s.total_bytes / 1048576.0,
                 s.stored_bytes / 1048576.0, s.compression_ratio(), s.regions, s.format_version);
   }
+  if (damaged) std::fprintf(stderr, "%zu damaged: `verify --name NAME` says what, `rm --name NAME` removes it\n", damaged);
+  return damaged ? 1 : 0;
 }
 
 int serve(const std::vector<std::string>& args) {
@@ -126,6 +135,9 @@ int serve(const std::vector<std::string>& args) {
   }
   auto list = snapshot::list_store(o.store_dir);
   if (!list.ok()) throw std::runtime_error(list.error().message());
+  for (const auto& s : *list) {
+    if (!s.damage.empty()) log::get("pageserver")->warn("snapshot {} cannot be served: {}", s.name, s.damage);
+  }
   if (size_t n = snapshot::gc_leftovers(o.store_dir)) {
     log::get("pageserver")->info("deleted {} leftovers of uploads or removals whose process died", n);
   }
@@ -146,7 +158,9 @@ int serve(const std::vector<std::string>& args) {
   g_server = server->get();
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
-  log::get("pageserver")->info("serving {} snapshots from {} on {}:{}{}", list->size(), o.store_dir, o.host,
+  log::get("pageserver")->info("serving {} snapshots from {} on {}:{}{}",
+                               std::count_if(list->begin(), list->end(), [](const auto& s) { return s.damage.empty(); }),
+                               o.store_dir, o.host,
                                (*server)->port(), o.token.empty() ? " (no token: anyone who can connect may read)" : "");
   // One line on stdout once connections are accepted: scripts wait for it instead of polling.
   std::printf("listening on %s:%u\n", o.host.c_str(), static_cast<unsigned>((*server)->port()));
@@ -172,11 +186,13 @@ int import_raw(const std::vector<std::string>& args) {
       "chunk-kib", po::value<uint32_t>()->default_value(64), "chunk size in KiB")(
       "zstd-level", po::value<int>()->default_value(1), "zstd level")(
       "format", po::value<uint32_t>()->default_value(2),
-      "snapshot format: 2, or 1 for hosts running lazymem older than format 2");
+      "snapshot format: 2, or 1 for hosts running lazymem older than format 2")(
+      "replace", "replace a snapshot of that name (or what is left of a damaged one)");
   auto vm = cli::parse(args, desc);
   CaptureOptions o;
+  o.replace = vm.count("replace") > 0;
   o.format_version = vm["format"].as<uint32_t>();
-  o.chunk_size = vm["chunk-kib"].as<uint32_t>() * 1024;
+  o.chunk_size = cli::chunk_bytes(vm, "chunk-kib");
   o.zstd_level = vm["zstd-level"].as<int>();
   auto target = SnapshotLocation::in_store(vm["store"].as<std::string>(), vm["name"].as<std::string>());
   if (!target.ok()) throw std::invalid_argument(target.error().message());
@@ -199,16 +215,14 @@ int ls(const std::vector<std::string>& args) {
   if (vm.count("store")) {
     auto list = snapshot::list_store(vm["store"].as<std::string>());
     if (!list.ok()) throw std::runtime_error(list.error().message());
-    print_list(*list);
-    return 0;
+    return print_list(*list);
   }
   auto loc = on_servers(vm, "x");
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
   const std::string token = token_from(vm);
   auto list = net::list_remote(*loc, token, std::chrono::steady_clock::now() + std::chrono::seconds(10));
   if (!list.ok()) throw std::runtime_error(list.error().message());
-  print_list(*list);
-  return 0;
+  return print_list(*list);
 }
 
 int rm(const std::vector<std::string>& args) {
@@ -249,14 +263,10 @@ int verify(const std::vector<std::string>& args) {
   if (vm.count("name")) {
     names.push_back(vm["name"].as<std::string>());
   } else {
-    // Every snapshot directory, not the list (which leaves out those whose manifest is broken).
-    std::error_code ec;
-    for (const auto& e : std::filesystem::directory_iterator(where, ec)) {
-      const std::string n = e.path().filename().string();
-      if (!n.empty() && n[0] != '.' && e.is_directory()) names.push_back(n);
-    }
-    if (ec) throw std::runtime_error(fmt::format("snapshot store {}: {}", where, ec.message()));
-    std::sort(names.begin(), names.end());
+    auto list = snapshot::list_store(where);  // damaged ones too
+    if (!list.ok()) throw std::runtime_error(list.error().message());
+    for (const auto& s : *list) names.push_back(s.name);
+    if (names.empty()) std::fprintf(stderr, "no snapshots in %s\n", where.c_str());
   }
   const std::string token_file = vm.count("token-file") ? vm["token-file"].as<std::string>() : "";
   size_t bad = 0, unchecked = 0;
@@ -266,7 +276,9 @@ int verify(const std::vector<std::string>& args) {
     if (!rep.ok()) {
       // A manifest that fails its checks is damage; a server that cannot be reached, a store
       // that cannot be read, says nothing about the snapshot.
-      const bool damage = rep.error().code() == Errc::kCorrupt;
+      const Errc code = rep.error().code();
+      const bool damage = code == Errc::kCorrupt || (code == Errc::kNotFound && vm.count("store") &&
+                                                     snapshot::is_snapshot_dir(where + "/" + name));  // a file gone
       std::printf("%s: %s: %s\n", name.c_str(), damage ? "DAMAGED" : "not checked", rep.error().message().c_str());
       ++(damage ? bad : unchecked);
       continue;

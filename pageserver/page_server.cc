@@ -654,6 +654,8 @@ struct PageServer::Impl {
           reply_error(c, id, wire::ErrorCode::IO_ERROR, list.error().message());
           return;
         }
+        // What cannot be served is not offered (the operator sees it in `ls --store` and `verify`).
+        std::erase_if(*list, [](const snapshot::SnapshotSummary& s) { return !s.damage.empty(); });
         capnp::MallocMessageBuilder m;
         auto r = m.initRoot<wire::Reply>();
         r.setId(id);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include "../common/test_data.h"
 #include "lazymem/restore.h"
@@ -213,6 +214,60 @@ TEST_F(SnapshotFormatTest, ExistingNameIsRefusedUnlessReplacing) {
   for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
     EXPECT_EQ(e.path().filename(), "dup") << "left behind by the replacement";
   }
+}
+
+// Only a snapshot is ever deleted as one. A replacing capture or a removal aimed at anything else
+// (somebody's directory, a whole store named by mistake, a lone file called "manifest") is
+// refused and leaves it whole; a damaged snapshot (its manifest gone, its data cut short) is
+// listed as damaged and can be removed or replaced.
+TEST_F(SnapshotFormatTest, OnlySnapshotsAreReplacedOrRemoved) {
+  namespace fs = std::filesystem;
+  fs::create_directories(dir_.path() + "/proj/src");
+  std::ofstream(dir_.path() + "/proj/manifest") << "not ours";
+  std::ofstream(dir_.path() + "/proj/src/main.c") << "int main() {}";
+  fs::create_directories(dir_.path() + "/notes");
+  std::ofstream(dir_.path() + "/notes/manifest") << "a text file";
+  const std::string store = capture("inner_store/a").substr(0, dir_.path().size() + 12);
+  ASSERT_EQ(store, dir_.path() + "/inner_store");
+  CaptureRegion r{"heap", mem_, 4096 * 4, PROT_READ};
+  CaptureOptions replace;
+  replace.replace = true;
+  for (const std::string target : {"proj", "notes", "inner_store"}) {
+    auto rep = capture_regions(dir_.path() + "/" + target, std::span(&r, 1), replace);
+    ASSERT_FALSE(rep.ok()) << target;
+    EXPECT_NE(rep.error().message().find("is not a lazymem snapshot"), std::string::npos) << rep.error().message();
+    Status rm = snapshot::remove_snapshot(*SnapshotLocation::in_store(dir_.path(), target));
+    ASSERT_FALSE(rm.ok()) << target;
+    EXPECT_NE(rm.error().message().find("not removing it"), std::string::npos) << rm.error().message();
+  }
+  EXPECT_TRUE(fs::exists(dir_.path() + "/proj/src/main.c"));
+  EXPECT_TRUE(fs::exists(dir_.path() + "/notes/manifest"));
+  EXPECT_TRUE(fs::exists(store + "/a/data"));
+  // A snapshot given where a store belongs: said so, nothing written inside it.
+  auto nested = capture_regions(store + "/a/b", std::span(&r, 1), {});
+  ASSERT_FALSE(nested.ok());
+  EXPECT_NE(nested.error().message().find("is a snapshot, not a store"), std::string::npos) << nested.error().message();
+  EXPECT_FALSE(snapshot::list_store(store + "/a").ok());
+
+  capture("cut");
+  capture("headless");
+  fs::resize_file(dir_.path() + "/cut/data", 100);
+  fs::remove(dir_.path() + "/headless/manifest");
+  auto list = snapshot::list_store(dir_.path());
+  ASSERT_TRUE(list.ok()) << list.error().message();
+  std::map<std::string, std::string> damage;
+  for (const auto& s : *list) damage[s.name] = s.damage;
+  EXPECT_EQ(damage.size(), 2u) << "foreign directories are not listed";
+  EXPECT_NE(damage["cut"].find("is 100 bytes; its manifest needs"), std::string::npos) << damage["cut"];
+  EXPECT_NE(damage["headless"].find("manifest"), std::string::npos) << damage["headless"];
+  auto fresh = capture_regions(dir_.path() + "/cut", std::span(&r, 1), replace);
+  ASSERT_TRUE(fresh.ok()) << fresh.error().message();
+  ASSERT_TRUE(snapshot::remove_snapshot(*SnapshotLocation::in_store(dir_.path(), "headless")).ok());
+  list = snapshot::list_store(dir_.path());
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].name, "cut");
+  EXPECT_EQ((*list)[0].damage, "");
 }
 
 // A removal takes the name away at once; what dead writers and removers left (their temporary

@@ -6,6 +6,8 @@
 #include <iostream>
 #include <typeinfo>
 
+#include "lazymem/snapshot.h"
+
 namespace lazymem::cli {
 namespace {
 
@@ -39,6 +41,15 @@ po::variables_map parse(const std::vector<std::string>& args, po::options_descri
   }
   po::notify(vm);
   return vm;
+}
+
+uint32_t chunk_bytes(const po::variables_map& vm, const char* option) {
+  const uint32_t kib = vm[option].as<uint32_t>();
+  constexpr uint32_t lo = kMinChunkSize / 1024, hi = kMaxChunkSize / 1024;
+  if (kib < lo || kib > hi || (kib & (kib - 1)) != 0) {
+    throw std::invalid_argument(fmt::format("--{} wants a power of two from {} to {} (KiB), got {}", option, lo, hi, kib));
+  }
+  return kib * 1024;
 }
 
 int run(const std::string& program, const std::string& command, const std::function<int()>& fn) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <boost/program_options.hpp>
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
@@ -20,6 +21,10 @@ struct HelpShown {};
 // negative number for an unsigned option is refused (Boost takes "-5" as 4294967291).
 po::variables_map parse(const std::vector<std::string>& args, po::options_description& desc,
                         const po::positional_options_description* positional = nullptr);
+
+// The chunk size a --chunk-kib style option (`option`, in KiB) asks for, in bytes; refuses what
+// a snapshot cannot have, in the option's own unit, before any work is done.
+uint32_t chunk_bytes(const po::variables_map& vm, const char* option);
 
 // Runs one command of `program`, and turns what it throws into one line on stderr and an exit
 // status: 0 after its help, 2 for a wrong flag or argument (std::invalid_argument, Boost's

@@ -174,7 +174,7 @@ Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocatio
   std::vector<snapshot::SnapshotSummary> out;
   for (auto s : reply.getSnapshots()) {
     out.push_back(snapshot::SnapshotSummary{s.getName(), s.getTotalBytes(), s.getStoredBytes(), s.getRegions(),
-                                            s.getCreatedUnixNs(), std::max<uint32_t>(1, s.getFormatVersion())});
+                                            s.getCreatedUnixNs(), std::max<uint32_t>(1, s.getFormatVersion()), ""});
   }
   return out;
 }

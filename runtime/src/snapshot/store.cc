@@ -34,6 +34,10 @@ Status write_all(int fd, std::span<const std::byte> data, const std::string& wha
   return ok_status();
 }
 
+Error not_a_snapshot(const std::string& dir, const char* doing) {
+  return Error(Errc::kExists, fmt::format("{} is not a lazymem snapshot (it holds other files); not {} it", dir, doing));
+}
+
 Status fsync_path(const std::string& path) {
   sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECTORY));
   if (!fd.valid()) return sys_error("open " + path, errno);
@@ -69,6 +73,11 @@ class LocalSink final : public SnapshotSink {
     // (two renames would leave a moment with none); the old one is then in the temporary
     // directory, deleted with it. Nothing to replace (any more): put in place as new.
     if (replace_ && ::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+      // What was swapped out is deleted: it must be a snapshot, whatever was there at open.
+      if (!is_snapshot_dir(tmp_dir_)) {
+        (void)::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE);
+        return not_a_snapshot(final_dir, "replacing");
+      }
       std::error_code ec;
       fs::remove_all(tmp_dir_, ec);
     } else if (replace_ && errno == EINVAL) {
@@ -129,9 +138,16 @@ Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& lo
                                                 loc.store_dir, ec.message()));
     }
   }
+  if (is_snapshot_dir(loc.store_dir) && fs::exists(loc.store_dir + "/" + kManifestFile, ec)) {
+    return Error(Errc::kInvalidArgument, fmt::format("{} is a snapshot, not a store: give the directory that holds "
+                                                     "snapshots", loc.store_dir));
+  }
   std::string final_dir = loc.store_dir + "/" + loc.name;
-  if (!replace && fs::exists(final_dir, ec)) {
-    return Error(Errc::kExists, fmt::format("snapshot {} already exists; choose another name or replace it", final_dir));
+  if (fs::exists(final_dir, ec)) {
+    if (!replace) {
+      return Error(Errc::kExists, fmt::format("snapshot {} already exists; choose another name or replace it", final_dir));
+    }
+    if (!is_snapshot_dir(final_dir)) return not_a_snapshot(final_dir, "replacing");
   }
   static std::atomic<unsigned> counter{0};
   std::string tmp = fmt::format("{}/.{}.tmp-{}-{}", loc.store_dir, loc.name, ::getpid(), counter++);
@@ -169,21 +185,78 @@ Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t
   return out;
 }
 
+bool is_snapshot_dir(const std::string& dir) {
+  sys::UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW));
+  if (!dfd.valid()) return false;
+  struct CloseDir {
+    void operator()(DIR* d) const { ::closedir(d); }
+  };
+  const int listing = ::fcntl(dfd.get(), F_DUPFD_CLOEXEC, 0);
+  std::unique_ptr<DIR, CloseDir> d(listing >= 0 ? ::fdopendir(listing) : nullptr);
+  if (!d) {
+    if (listing >= 0) ::close(listing);
+    return false;
+  }
+  bool data = false;
+  while (const dirent* e = ::readdir(d.get())) {
+    const std::string_view n = e->d_name;
+    if (n == "." || n == "..") continue;
+    struct stat st{};
+    if ((n != kManifestFile && n != kDataFile) || ::fstatat(dfd.get(), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+        !S_ISREG(st.st_mode)) {
+      return false;
+    }
+    data = data || n == kDataFile;
+  }
+  if (data) return true;  // a manifest beside it, damaged or not, is the snapshot's
+  sys::UniqueFd m(::openat(dfd.get(), kManifestFile, O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!m.valid()) return errno == ENOENT;  // empty
+  char magic[sizeof kManifestMagic];
+  return ::read(m.get(), magic, sizeof magic) == static_cast<ssize_t>(sizeof magic) &&
+         std::memcmp(magic, kManifestMagic, sizeof magic) == 0;
+}
+
 Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
   std::error_code ec;
   if (!fs::is_directory(store_dir, ec)) {
     return Error(Errc::kNotFound, fmt::format("snapshot store {} is not a directory", store_dir));
   }
+  if (fs::exists(store_dir + "/" + kManifestFile, ec)) {
+    return Error(Errc::kInvalidArgument, fmt::format("{} is a snapshot, not a store: give the directory that holds "
+                                                     "snapshots", store_dir));
+  }
   std::vector<SnapshotSummary> out;
-  for (const auto& entry : fs::directory_iterator(store_dir, ec)) {
+  fs::directory_iterator it(store_dir, ec);
+  if (ec) return Error(Errc::kIo, fmt::format("snapshot store {}: {}", store_dir, ec.message()));
+  for (const auto& entry : it) {
     std::string name = entry.path().filename().string();
-    if (name.empty() || name[0] == '.' || !entry.is_directory()) continue;
-    auto bytes = read_small_file(entry.path().string() + "/" + kManifestFile, kMaxManifestBytes);
-    if (!bytes.ok()) continue;
-    auto m = decode_manifest(*bytes, entry.path().string());
-    if (!m.ok()) continue;
-    out.push_back(SnapshotSummary{name, m->total_bytes(), m->stored_bytes(), m->regions.size(), m->created_unix_ns,
-                                  m->format_version});
+    if (name.empty() || name[0] == '.' || !entry.is_directory(ec) || !is_snapshot_dir(entry.path().string())) continue;
+    SnapshotSummary s;
+    s.name = name;
+    const std::string dir = entry.path().string();
+    auto bytes = read_small_file(dir + "/" + kManifestFile, kMaxManifestBytes);
+    auto m = bytes.ok() ? decode_manifest(*bytes, dir) : Result<Manifest>(std::move(bytes).error());
+    if (!m.ok()) {
+      s.damage = m.error().message();
+      out.push_back(std::move(s));
+      continue;
+    }
+    s.total_bytes = m->total_bytes();
+    s.stored_bytes = m->stored_bytes();
+    s.regions = m->regions.size();
+    s.created_unix_ns = m->created_unix_ns;
+    s.format_version = m->format_version;
+    // The data file must hold every stored chunk (a truncated copy would fail its restores).
+    uint64_t needed = 0;
+    for (const auto& r : m->regions)
+      for (const auto& c : r.chunks) needed = std::max(needed, c.offset + c.stored_length);
+    struct stat st{};
+    if (::stat((dir + "/" + kDataFile).c_str(), &st) != 0) {
+      s.damage = fmt::format("{}/{}: {}", dir, kDataFile, std::strerror(errno));
+    } else if (static_cast<uint64_t>(st.st_size) < needed) {
+      s.damage = fmt::format("{}/{} is {} bytes; its manifest needs {}", dir, kDataFile, st.st_size, needed);
+    }
+    out.push_back(std::move(s));
   }
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
   return out;
@@ -192,9 +265,10 @@ Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
 Result<std::string> retire_snapshot(const SnapshotLocation& loc) {
   std::string dir = loc.store_dir + "/" + loc.name;
   struct stat st{};
-  if (::stat((dir + "/" + kManifestFile).c_str(), &st) != 0) {
+  if (::lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
     return Error(Errc::kNotFound, fmt::format("no snapshot '{}' in store {}", loc.name, loc.store_dir));
   }
+  if (!is_snapshot_dir(dir)) return not_a_snapshot(dir, "removing");
   // Renamed first, so a reader sees the whole snapshot or none; deleting a large data file takes
   // a while, and what is left of it after a crash is a leftover (gc_leftovers).
   static std::atomic<unsigned> counter{0};

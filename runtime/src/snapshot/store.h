@@ -40,11 +40,21 @@ struct SnapshotSummary {
   size_t regions = 0;
   uint64_t created_unix_ns = 0;
   uint32_t format_version = 1;
+  std::string damage;  // empty, or why it cannot be restored (its manifest or data file is broken)
   double compression_ratio() const { return stored_bytes ? double(total_bytes) / double(stored_bytes) : 0.0; }
 };
 
-// Lists the complete snapshots of a store (damaged ones are listed with the error in `name`'s log).
+// Lists the snapshots of a store (is_snapshot_dir), damaged ones too (with `damage` saying why: a manifest that
+// fails its checks, a data file shorter than the manifest needs). Refuses a directory that is
+// itself a snapshot (a store path one level too deep).
 Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir);
+
+// Whether `dir` is a snapshot, damaged or not, and so may be deleted as one: it holds nothing
+// but a manifest and a data file, and either the data file or a manifest that begins as
+// lazymem's do (or nothing at all). A directory holding anything else (a store named by
+// mistake, somebody's files, a lone text file called "manifest") is never a snapshot: neither
+// removal nor a replacing capture deletes it, and listings leave it out.
+bool is_snapshot_dir(const std::string& dir);
 
 // Removes a snapshot: out of sight at once (renamed to <store>/.<name>.rm-<pid>-<n>), then deleted.
 Status remove_snapshot(const SnapshotLocation& loc);
