@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "lazymem/agent_client.h"
+#include "snapshot/manifest.h"
 #include "sys/mapping.h"
 
 namespace lazymem::agent {
@@ -43,6 +44,13 @@ Result<ProcessRange> parse_process_range(const std::string& text) {
 Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
                                       const CaptureOptions& options) {
   if (ranges.empty()) return Error(Errc::kInvalidArgument, "nothing to capture: give --region START-END at least once");
+  std::vector<RegionInfo> layout(ranges.size());
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    layout[i].name = ranges[i].name;
+    layout[i].start_address = ranges[i].start;
+    layout[i].length = ranges[i].length;
+  }
+  LAZYMEM_TRY(snapshot::check_region_layout(layout, Errc::kInvalidArgument));  // before copying anything
   std::vector<sys::Mapping> copies;
   std::vector<CaptureRegion> regions;
   for (const auto& r : ranges) {

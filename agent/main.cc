@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include <grp.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -93,7 +94,9 @@ int run_query(const std::string& cmd, const std::vector<std::string>& args) {
       "socket", po::value<std::string>()->default_value(lazymem::kDefaultAgentSocket), "the daemon's socket")(
       "json", "print JSON")("watch", po::value<double>(), "refresh every N seconds until interrupted");
   auto vm = lazymem::cli::parse(args, desc);
-  if (vm.count("watch") && !(vm["watch"].as<double>() >= 0.1)) throw std::invalid_argument("--watch wants seconds, 0.1 or more");
+  if (vm.count("watch") && !(vm["watch"].as<double>() >= 0.1 && vm["watch"].as<double>() <= 86400)) {
+    throw std::invalid_argument("--watch wants seconds, from 0.1 to 86400");
+  }
   bool stats = cmd != "status";
   for (;;) {
     auto js = lazymem::agent_query(vm["socket"].as<std::string>(), stats);
@@ -188,7 +191,12 @@ int run_check(const std::vector<std::string>& args) {
   desc.add_options()("json", "print JSON instead of a table")(
       "store", po::value<std::string>()->default_value("."), "directory whose filesystem must take O_DIRECT");
   auto vm = lazymem::cli::parse(args, desc);
-  lazymem::KernelFeatures kf = lazymem::probe_kernel(lazymem::ProbeOptions{vm["store"].as<std::string>()});
+  const std::string store = vm["store"].as<std::string>();
+  struct stat st {};
+  if (::stat(store.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw std::invalid_argument("--store " + store + " is not a directory (O_DIRECT is probed on its filesystem)");
+  }
+  lazymem::KernelFeatures kf = lazymem::probe_kernel(lazymem::ProbeOptions{store});
   if (vm.count("json")) {
     std::printf("%s\n", lazymem::agent::format_check_json(kf).c_str());
   } else {

@@ -22,6 +22,7 @@
 #include "net/auth.h"
 #include "net/client.h"
 #include "page_server.h"
+#include "snapshot/manifest.h"
 #include "snapshot/store.h"
 
 namespace po = boost::program_options;
@@ -80,11 +81,12 @@ int print_list(const std::vector<snapshot::SnapshotSummary>& list) {
   size_t damaged = 0;
   for (const auto& s : list) {
     if (!s.damage.empty()) {
-      std::printf("%-32s DAMAGED: %s\n", s.name.c_str(), s.damage.c_str());
+      std::printf("%-32s DAMAGED: %s\n", snapshot::escape_name(s.name).c_str(), s.damage.c_str());
       ++damaged;
       continue;
     }
-    std::printf("%-32s %9.1f MiB %9.1f MiB %7.2fx %8zu %7u\n", s.name.c_str(), s.total_bytes / 1048576.0,
+    // Escaped: a listing from a server may hold names no lazymem server accepts.
+    std::printf("%-32s %9.1f MiB %9.1f MiB %7.2fx %8zu %7u\n", snapshot::escape_name(s.name).c_str(), s.total_bytes / 1048576.0,
                 s.stored_bytes / 1048576.0, s.compression_ratio(), s.regions, s.format_version);
   }
   if (damaged) std::fprintf(stderr, "%zu damaged: `verify --name NAME` says what, `rm --name NAME` removes it\n", damaged);

@@ -6,6 +6,7 @@
 
 #include "lazymem/snapshot.h"
 #include "net/remote.h"
+#include "snapshot/manifest.h"
 #include "snapshot/snapshot_writer.h"
 #include "snapshot/store.h"
 #include "sys/mapping.h"
@@ -40,11 +41,19 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
                                       const CaptureOptions& options) {
   LAZYMEM_TRY(check_options(options));
   const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<RegionInfo> layout;
   for (const auto& r : regions) {
     if (r.address == nullptr || r.length == 0 || r.length % page != 0 || reinterpret_cast<uintptr_t>(r.address) % page != 0) {
-      return Error(Errc::kInvalidArgument, fmt::format("region '{}': address and length must be page aligned and non-empty", r.name));
+      return Error(Errc::kInvalidArgument, fmt::format("region '{}': address and length must be page aligned and non-empty",
+                                                       snapshot::escape_name(r.name)));
     }
+    RegionInfo info;
+    info.name = r.name;
+    info.start_address = reinterpret_cast<uintptr_t>(r.address);
+    info.length = r.length;
+    layout.push_back(std::move(info));
   }
+  LAZYMEM_TRY(snapshot::check_region_layout(layout, Errc::kInvalidArgument));  // before any work
   LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
   snapshot::SnapshotWriter writer(std::move(sink), options);
   std::vector<std::span<const std::byte>> spans;
@@ -74,6 +83,7 @@ Result<CaptureReport> capture_raw_file(const std::string& target, const std::str
   if (!fd.valid()) return sys_error("open memory file " + file, errno);
   struct stat st{};
   if (::fstat(fd.get(), &st) != 0) return sys_error("stat " + file, errno);
+  if (!S_ISREG(st.st_mode)) return Error(Errc::kInvalidArgument, fmt::format("memory file {} is not a regular file", file));
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   if (st.st_size <= 0 || static_cast<uint64_t>(st.st_size) % page != 0) {
     return Error(Errc::kInvalidArgument,

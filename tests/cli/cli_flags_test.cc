@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -69,10 +70,35 @@ TEST_F(CliFlagsTest, PageServerRefusesBadFlags) {
                  "lazymem-pageserver ls");
   expect_refused(pageserver("rm --store " + dir_.path() + " --name ../etc"), "a snapshot name must be",
                  "lazymem-pageserver rm");
+  expect_refused(pageserver("rm --store " + dir_.path() + " --name a b"), "unexpected argument 'b'",
+                 "lazymem-pageserver rm");
+  expect_refused(pageserver("import --store " + dir_.path() + " --raw x --name a --chunk-kib 4194304"),
+                 "--chunk-kib wants a power of two from 4 to 4096 (KiB), got 4194304", "lazymem-pageserver import");
   for (const char* c : {"serve", "import", "ls", "rm", "verify", "stats"}) {
     CliRun help = pageserver(std::string(c) + " --help");
     EXPECT_EQ(help.status, 0) << c << ": " << help.out;
     EXPECT_NE(help.out.find("--help"), std::string::npos) << c << ": " << help.out;
+  }
+}
+
+// A token file is a regular file holding a token worth the name: a FIFO would hang the command,
+// /dev/zero fill the memory, a short token be guessed from one overheard exchange.
+TEST_F(CliFlagsTest, TokenFilesAreChecked) {
+  const std::string d = dir_.path();
+  ASSERT_EQ(::mkfifo((d + "/fifo").c_str(), 0600), 0);
+  { std::FILE* f = std::fopen((d + "/short").c_str(), "w"); std::fputs("abc\n", f); std::fclose(f); }
+  { std::FILE* f = std::fopen((d + "/big").c_str(), "w"); for (int i = 0; i < 5000; ++i) std::fputc('x', f); std::fclose(f); }
+  const std::pair<std::string, std::string> cases[] = {
+      {d + "/fifo", "is not a regular file"},  {"/dev/zero", "is not a regular file"}, {d, "is not a regular file"},
+      {d + "/big", "is 5000 bytes"},           {d + "/short", "holds 3 characters; a token needs at least 16"},
+      {d + "/none", "cannot be read: No such file or directory"}};
+  for (const auto& [file, says] : cases) {
+    CliRun r = pageserver("serve --store " + d + " --listen 127.0.0.1:0 --token-file " + file);
+    EXPECT_EQ(r.status, 1) << file << ": " << r.out;
+    EXPECT_NE(r.out.find(says), std::string::npos) << file << ": " << r.out;
+    r = pageserver("ls --server lazymem://127.0.0.1:1 --token-file " + file);
+    EXPECT_EQ(r.status, 1) << file << ": " << r.out;
+    EXPECT_NE(r.out.find(says), std::string::npos) << file << ": " << r.out;
   }
 }
 
@@ -98,9 +124,12 @@ TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
   const std::string sock = " --socket " + dir_.path() + "/agent.sock";
   expect_refused(agent("run --fault-deadline-ms -5" + sock), "--fault-deadline-ms wants a whole number", "lazymem-agent run");
   expect_refused(agent("run --metrics 127.0.0.1:70000" + sock), "'127.0.0.1:70000' is not HOST:PORT", "lazymem-agent run");
-  expect_refused(agent("stats --watch 0" + sock), "--watch wants seconds, 0.1 or more", "lazymem-agent stats");
+  expect_refused(agent("stats --watch 0" + sock), "--watch wants seconds, from 0.1 to 86400", "lazymem-agent stats");
+  expect_refused(agent("status --watch inf" + sock), "--watch wants seconds", "lazymem-agent status");
+  expect_refused(agent("status extra" + sock), "unexpected argument 'extra'", "lazymem-agent status");
   expect_refused(agent("snapshot --chunk-size -1 --raw x " + dir_.path() + "/s"), "--chunk-size wants a whole number",
                  "lazymem-agent snapshot");
+  expect_refused(agent("check --store " + dir_.path() + "/none"), "is not a directory", "lazymem-agent check");
   expect_refused(agent("restore" + sock), "give --firecracker-socket PATH and --snapshot URI", "lazymem-agent restore");
   for (const char* c : {"check", "run", "status", "regions", "stats", "snapshot", "restore"}) {
     CliRun help = agent(std::string(c) + " --help");

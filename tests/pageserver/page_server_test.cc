@@ -211,7 +211,7 @@ TEST_F(PageServerTest, TokenIsRequiredAndChecked) {
   start_server("correct horse battery staple");
   std::string good = dir_.path() + "/good.token", bad = dir_.path() + "/bad.token";
   std::ofstream(good) << "correct horse battery staple\n";
-  std::ofstream(bad) << "wrong\n";
+  std::ofstream(bad) << "the wrong horse, long enough\n";
   RestoreOptions o;
   auto none = LazyRestore::start(uri(), kf_, o);
   ASSERT_FALSE(none.ok());

@@ -529,6 +529,31 @@ TEST(SnapshotLocationTest, ParsesPathsAndUris) {
   EXPECT_EQ(c->at(5).to_string(), "lazymem://[::1]:7070/vm1");
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1,/vm").ok());
   EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1,h2/vm").ok());
+  // Names are printed on terminals: an escape sequence in one could rewrite an operator's screen.
+  auto esc = SnapshotLocation::in_store("/s", "a\x1b[2Jb");
+  ASSERT_FALSE(esc.ok());
+  EXPECT_NE(esc.error().message().find("a\\x1b[2Jb"), std::string::npos) << esc.error().message();
+  EXPECT_FALSE(SnapshotLocation::parse("lazymem://h:1/new\nline").ok());
+  EXPECT_FALSE(SnapshotLocation::in_store("/s", "del\x7f").ok());
+}
+
+// Regions are checked before anything is written: names printable and unique, no two process
+// regions overlapping (a restore could map only one of them).
+TEST_F(SnapshotFormatTest, RegionLayoutIsCheckedFirst) {
+  const size_t half = len_ / 2;
+  const std::pair<std::vector<CaptureRegion>, std::string> cases[] = {
+      {{{"a", mem_, half, PROT_READ}, {"a", mem_ + half, half, PROT_READ}}, "another region has that name"},
+      {{{"a", mem_, half, PROT_READ}, {"b", mem_ + 4096, half, PROT_READ}}, "overlaps region 'a'"},
+      {{{"bell\a", mem_, half, PROT_READ}}, "no control characters"},
+      {{{"", mem_, half, PROT_READ}}, "a region name must be"},
+      {{{std::string(200, 'n'), mem_, half, PROT_READ}}, "a region name must be"}};
+  for (const auto& [regions, says] : cases) {
+    auto rep = capture_regions(dir_.path() + "/r", regions, {});
+    ASSERT_FALSE(rep.ok()) << says;
+    EXPECT_EQ(rep.error().code(), Errc::kInvalidArgument) << rep.error().message();
+    EXPECT_NE(rep.error().message().find(says), std::string::npos) << rep.error().message();
+  }
+  for (const auto& e : std::filesystem::directory_iterator(dir_.path())) ADD_FAILURE() << "left behind: " << e.path();
 }
 
 // HOST:PORT as the programs' --listen, --metrics and --server take it: one parser for all.

@@ -32,6 +32,9 @@ po::variables_map parse(const std::vector<std::string>& args, po::options_descri
     throw HelpShown{};
   }
   for (const auto& o : parsed.options) {
+    if (o.position_key >= 0 && o.string_key.empty()) {  // Boost keeps what no option takes, and says nothing
+      throw std::invalid_argument(fmt::format("unexpected argument '{}'", o.value.empty() ? "" : o.value.front()));
+    }
     if (o.unregistered || !vm.count(o.string_key) || !is_unsigned(vm[o.string_key].value().type())) continue;
     for (const auto& v : o.value) {
       if (v.find('-') != std::string::npos) {

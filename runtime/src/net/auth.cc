@@ -6,10 +6,16 @@
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
+
+#include "sys/syscall_result.h"
+#include "sys/unique_fd.h"
 
 namespace lazymem::net {
 
@@ -37,16 +43,36 @@ bool mac_equal(std::span<const std::byte> a, std::span<const std::byte> b) {
 }
 
 Result<std::string> read_token_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) return Error(Errc::kNotFound, "token file " + path + " cannot be read");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  std::string t = ss.str();
+  // Non-blocking open: a FIFO given by mistake is refused below instead of waiting for a writer.
+  sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  if (!fd.valid()) return sys_error("token file " + path + " cannot be read", errno);
+  struct stat st{};
+  if (::fstat(fd.get(), &st) != 0) return sys_error("token file " + path, errno);
+  if (!S_ISREG(st.st_mode)) return Error(Errc::kInvalidArgument, "token file " + path + " is not a regular file");
+  if (st.st_size > static_cast<off_t>(kMaxTokenFileBytes)) {
+    return Error(Errc::kInvalidArgument, fmt::format("token file {} is {} bytes; a token file holds at most {}", path,
+                                                     st.st_size, kMaxTokenFileBytes));
+  }
+  std::string t(static_cast<size_t>(st.st_size), '\0');
+  size_t done = 0;
+  while (done < t.size()) {
+    auto r = sys::call([&] { return ::read(fd.get(), t.data() + done, t.size() - done); });
+    if (!r.ok()) return r.error("read token file " + path);
+    if (r.value == 0) break;
+    done += static_cast<size_t>(r.value);
+  }
+  t.resize(done);
   while (!t.empty() && std::isspace(static_cast<unsigned char>(t.back()))) t.pop_back();
   size_t b = 0;
   while (b < t.size() && std::isspace(static_cast<unsigned char>(t[b]))) ++b;
   t = t.substr(b);
-  if (t.empty()) return Error(Errc::kInvalidArgument, "token file " + path + " is empty; put a secret in it");
+  // The challenge-response shows a listener one HMAC of known nonces: a short token is then
+  // guessed offline.
+  if (t.size() < kMinTokenChars) {
+    return Error(Errc::kInvalidArgument,
+                 fmt::format("token file {} holds {} characters; a token needs at least {} (make one with: head -c 32 "
+                             "/dev/urandom | base64 > {})", path, t.size(), kMinTokenChars, path));
+  }
   return t;
 }
 

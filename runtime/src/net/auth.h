@@ -20,7 +20,13 @@ Nonce random_nonce();
 Mac auth_mac(const std::string& token, std::span<const std::byte> server_nonce, std::span<const std::byte> client_nonce);
 bool mac_equal(std::span<const std::byte> a, std::span<const std::byte> b);
 
-// Reads a token file (one line; surrounding white space ignored). Refuses an empty token.
+// A token file is a regular file of at most this many bytes, holding a token of at least this
+// many characters (surrounding white space ignored).
+constexpr size_t kMaxTokenFileBytes = 4096;
+constexpr size_t kMinTokenChars = 16;
+
+// Reads a token file; refuses anything else (a FIFO, a device, a directory, a huge file) and a
+// token too short to resist guessing, saying how to make one.
 Result<std::string> read_token_file(const std::string& path);
 
 }  // namespace lazymem::net

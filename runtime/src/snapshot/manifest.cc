@@ -4,6 +4,8 @@
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 #include <fmt/format.h>
+
+#include <algorithm>
 #include <xxhash.h>
 
 #include <charconv>
@@ -82,6 +84,19 @@ SnapshotLocation SnapshotLocation::at(size_t i) const {
   return one;
 }
 
+bool snapshot::printable_name(std::string_view name) {
+  return std::none_of(name.begin(), name.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
+}
+
+std::string snapshot::escape_name(std::string_view name) {
+  std::string out;
+  for (char c : name) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", static_cast<unsigned char>(c));
+    else out += c;
+  }
+  return out;
+}
+
 std::string SnapshotLocation::to_string() const {
   if (!remote()) return store_dir + "/" + name;
   std::string out = "lazymem://";
@@ -93,12 +108,13 @@ namespace {
 
 bool valid_name(const std::string& name) {
   return !name.empty() && name.size() <= 200 && name[0] != '.' && name.find('/') == std::string::npos &&
-         name.find('\0') == std::string::npos;
+         snapshot::printable_name(name);
 }
 
 Error bad_name(const std::string& text) {
   return Error(Errc::kInvalidArgument,
-               fmt::format("'{}': a snapshot name must be 1-200 characters, no '/', not starting with '.'", text));
+               fmt::format("'{}': a snapshot name must be 1-200 characters, no '/' or control characters, not "
+                           "starting with '.'", snapshot::escape_name(text)));
 }
 
 }  // namespace
@@ -170,6 +186,27 @@ bool is_power_of_two(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
 }  // namespace
 
+Status check_region_layout(std::span<const RegionInfo> regions, Errc code) {
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const RegionInfo& r = regions[i];
+    auto bad = [&](const std::string& why) {
+      return Error(code, fmt::format("region {} ('{}'): {}", i, escape_name(r.name), why));
+    };
+    if (r.name.empty() || r.name.size() > kMaxRegionName || !printable_name(r.name)) {
+      return bad(fmt::format("a region name must be 1-{} characters, no control characters", kMaxRegionName));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      const RegionInfo& o = regions[j];
+      if (o.name == r.name) return bad("another region has that name");
+      if (r.kind == RegionKind::kProcess && o.kind == RegionKind::kProcess && r.start_address < o.start_address + o.length &&
+          o.start_address < r.start_address + r.length) {
+        return bad(fmt::format("overlaps region '{}'", escape_name(o.name)));
+      }
+    }
+  }
+  return ok_status();
+}
+
 Status validate_manifest(const Manifest& m) {
   if (m.format_version < kOldestFormatVersion || m.format_version > kFormatVersion) {
     return Error(Errc::kUnsupported, fmt::format("format version {} is not one this build knows", m.format_version));
@@ -184,8 +221,9 @@ Status validate_manifest(const Manifest& m) {
   for (size_t i = 0; i < m.regions.size(); ++i) {
     const RegionInfo& r = m.regions[i];
     auto bad = [&](const std::string& why) {
-      return Error(Errc::kCorrupt, fmt::format("region {} ('{}'): {}", i, r.name, why));
+      return Error(Errc::kCorrupt, fmt::format("region {} ('{}'): {}", i, escape_name(r.name), why));
     };
+
     if (!is_power_of_two(r.page_size) || r.page_size < 4096 || r.page_size > m.chunk_size) {
       return bad(fmt::format("page size {} is not a power of two in [4096, chunk size]", r.page_size));
     }

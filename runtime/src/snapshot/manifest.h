@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lazymem/result.h"
@@ -25,6 +26,18 @@ constexpr uint64_t kMaxManifestBytes = 1ULL << 30;
 
 constexpr const char* kManifestFile = "manifest";
 constexpr const char* kDataFile = "data";
+
+// Names (of snapshots, of regions) are printed on operators' terminals: no control characters.
+bool printable_name(std::string_view name);
+// `name` with control characters written as \xNN, for messages about names that are refused.
+std::string escape_name(std::string_view name);
+// A region's name: 1-128 printable characters, unique in its snapshot.
+constexpr size_t kMaxRegionName = 128;
+
+// Region names (kMaxRegionName, printable, unique) and, for process regions, no two that overlap:
+// an error of `code` naming the first region that breaks a rule. Checked at capture (snapshots
+// written before the rule still restore).
+Status check_region_layout(std::span<const RegionInfo> regions, Errc code);
 
 std::vector<std::byte> encode_manifest(const Manifest& m);
 
