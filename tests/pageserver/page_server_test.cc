@@ -270,6 +270,26 @@ TEST_F(PageServerTest, InterruptedUploadLeavesNothing) {
   }
 }
 
+// A server gone under an upload: the capture fails saying where it was going and that nothing
+// is stored (the person capturing must capture again), not just "connection reset by peer".
+TEST_F(PageServerTest, UploadToAServerThatStopsSaysNothingIsStored) {
+  start_server();
+  auto loc = SnapshotLocation::parse("lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/cut");
+  ASSERT_TRUE(loc.ok());
+  auto sink = net::open_upload(*loc, "", false, std::chrono::seconds(5));
+  ASSERT_TRUE(sink.ok()) << sink.error().message();
+  std::vector<std::byte> some(1 << 20, std::byte{7});
+  ASSERT_TRUE((*sink)->append(some).ok());
+  stop_server();
+  Status s = ok_status();
+  for (int i = 0; i < 64 && s.ok(); ++i) s = (*sink)->append(some);  // until the socket's buffers are full
+  if (s.ok()) s = (*sink)->commit(some);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message().find("upload to " + loc->to_string() + " failed"), std::string::npos)
+      << s.error().message();
+  EXPECT_NE(s.error().message().find("nothing is stored under that name"), std::string::npos) << s.error().message();
+}
+
 // Removed through the server: gone for new restores and from the list at once, a second
 // removal is a clear "not found", and the files are deleted (on a thread of the server's).
 TEST_F(PageServerTest, RemovedSnapshotIsGoneAtOnce) {

@@ -294,13 +294,17 @@ TEST_F(SnapshotFormatTest, RemovalAndLeftoversOfDeadProcesses) {
   const std::vector<std::string> kept = {fmt::format(".a.tmp-{}-1", ::getpid()), ".c.tmp-1-0", ".d.rm-x-0", "keep",
                                          fmt::format(".e.tmp-+{}-0", dead), fmt::format(".f.tmp-{}-1z", dead),
                                          fmt::format(".g.old-{}-0", dead), fmt::format(".tmp-{}-0", dead)};
-  for (const auto& d : collected) ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + d));
-  for (const auto& d : kept) std::filesystem::create_directories(dir_.path() + "/" + d + "/sub");
+  // A capture collects what dead writers left, as a starting server does.
+  ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + collected[0]));
+  capture("more");
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/" + collected[0])) << "a capture left a dead writer's leftover";
   // A writer whose pid means nothing here (another host sharing the store, another pid
   // namespace): its data file is locked while it writes. A sink of ours holds it, renamed as theirs.
   const std::string elsewhere = fmt::format(".h.tmp-{}-0", dead);
   auto writer = snapshot::open_local_sink(*SnapshotLocation::in_store(dir_.path(), "h"), false);
   ASSERT_TRUE(writer.ok()) << writer.error().message();
+  for (const auto& d : collected) ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + d));
+  for (const auto& d : kept) std::filesystem::create_directories(dir_.path() + "/" + d + "/sub");
   std::string own;
   for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
     if (e.path().filename().string().starts_with(".h.tmp-")) own = e.path().string();

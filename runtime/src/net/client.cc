@@ -244,7 +244,9 @@ class RemoteSink final : public snapshot::SnapshotSink {
       auto rq = m.initRoot<wire::Request>();
       rq.setId(++id_);
       rq.setPutData();
-      LAZYMEM_TRY(send_frame(fd_.get(), m, data.subspan(off, std::min(kPiece, data.size() - off)), deadline()));
+      if (Status s = send_frame(fd_.get(), m, data.subspan(off, std::min(kPiece, data.size() - off)), deadline()); !s.ok()) {
+        return lost(s.error());
+      }
     }
     return ok_status();
   }
@@ -254,9 +256,10 @@ class RemoteSink final : public snapshot::SnapshotSink {
     auto rq = m.initRoot<wire::Request>();
     rq.setId(++id_);
     rq.setPutCommit();
-    LAZYMEM_TRY(send_frame(fd_.get(), m, manifest, deadline()));
-    LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd_.get(), buf_, deadline()));
-    auto reply = f.header->root<wire::Reply>();
+    if (Status s = send_frame(fd_.get(), m, manifest, deadline()); !s.ok()) return lost(s.error());
+    auto f = recv_frame(fd_.get(), buf_, deadline());
+    if (!f.ok()) return lost(f.error());
+    auto reply = f->header->root<wire::Reply>();
     if (reply.isError()) return reply_error(loc_, reply.getError());
     if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to putCommit");
     fd_.reset();
@@ -269,15 +272,23 @@ class RemoteSink final : public snapshot::SnapshotSink {
  private:
   Deadline deadline() const { return std::chrono::steady_clock::now() + timeout_; }
 
+  // The connection failed under the upload: the server keeps nothing of it (an upload is stored
+  // only whole), which is what the person capturing needs to know, with where it was going.
+  Error lost(const Error& e) const {
+    return Error(e.code(), fmt::format("upload to {} failed: {}; nothing is stored under that name: capture it again",
+                                       loc_.to_string(), e.message()), e.sys_errno());
+  }
+
   // The server answers putData only to refuse it (disk full...): look before sending more.
   Status check_no_error() {
     auto space = buf_.writable();
     ssize_t n = ::recv(fd_.get(), space.data(), space.size(), MSG_DONTWAIT);
-    if (n == 0) return Error(Errc::kPeerGone, "page server closed the connection during the upload");
+    if (n == 0) return lost(Error(Errc::kPeerGone, "the page server closed the connection"));
     if (n > 0) {
       buf_.commit(static_cast<size_t>(n));
-      LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd_.get(), buf_, deadline()));
-      auto reply = f.header->root<wire::Reply>();
+      auto f = recv_frame(fd_.get(), buf_, deadline());
+      if (!f.ok()) return lost(f.error());
+      auto reply = f->header->root<wire::Reply>();
       if (reply.isError()) return reply_error(loc_, reply.getError());
     }
     return ok_status();

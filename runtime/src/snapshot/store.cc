@@ -149,6 +149,9 @@ Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& lo
     }
     if (!is_snapshot_dir(final_dir)) return not_a_snapshot(final_dir, "replacing");
   }
+  // What killed writers left (a capture stopped with ^C) goes here too, not only when a server
+  // starts: a store written by captures alone would otherwise keep it.
+  (void)gc_leftovers(loc.store_dir);
   static std::atomic<unsigned> counter{0};
   std::string tmp = fmt::format("{}/.{}.tmp-{}-{}", loc.store_dir, loc.name, ::getpid(), counter++);
   if (::mkdir(tmp.c_str(), 0755) != 0) return sys_error("create " + tmp, errno);
