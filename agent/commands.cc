@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
+#include <vector>
 #include <nlohmann/json.hpp>
 
 #include "lazymem/agent_client.h"
@@ -61,19 +63,29 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
                                                    "application, with capture_regions)",
                                                    r.name, r.start, r.start + r.length, pid));
     }
-    // In pieces: a partial read says exactly where the other process's mapping ends.
-    constexpr size_t kPiece = 4 << 20;
+    // In pieces: a partial read says exactly where the other process's mapping ends. Through a
+    // bounce buffer, and a page is copied only if it holds something: the copy is then no
+    // larger than what the process has written (an untouched 4 GiB reservation reads as zeros
+    // and costs nothing here, where copying it cost 4 GiB).
+    constexpr size_t kPiece = 4 << 20, kPageSize = 4096;  // ranges are 4 KiB aligned (parse_process_range)
+    std::vector<std::byte> bounce(std::min(kPiece, r.length));
     for (size_t off = 0; off < r.length; off += kPiece) {
       size_t n = std::min(kPiece, r.length - off);
-      iovec local{static_cast<std::byte*>(m->data()) + off, n};
+      iovec local{bounce.data(), n};
       iovec remote{reinterpret_cast<void*>(r.start + off), n};
       ssize_t got = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
       if (got != static_cast<ssize_t>(n)) {
         int err = got < 0 ? errno : EFAULT;
+        if (err == ESRCH) return Error(Errc::kNotFound, fmt::format("no process {}", pid), err);
         return sys_error(fmt::format("read {:#x}-{:#x} of pid {} (is that range mapped and readable there? "
                                      "see /proc/{}/maps)",
                                      r.start + off + (got > 0 ? static_cast<size_t>(got) : 0), r.start + off + n, pid, pid),
                          err);
+      }
+      for (size_t p = 0; p < n; p += kPageSize) {
+        const std::byte* page = bounce.data() + p;
+        if (page[0] == std::byte{0} && std::memcmp(page, page + 1, kPageSize - 1) == 0) continue;
+        std::memcpy(static_cast<std::byte*>(m->data()) + off + p, page, kPageSize);
       }
     }
     regions.push_back(CaptureRegion{r.name, m->data(), r.length, PROT_READ | PROT_WRITE});
