@@ -53,7 +53,8 @@ std::string token_from(const po::variables_map& vm) {
   return *t;
 }
 
-// Snapshot `name` on the servers of --server (lazymem://HOST:PORT[,HOST:PORT...]).
+// Snapshot `name` on the servers of --server (lazymem://HOST:PORT[,HOST:PORT...]); no name: the
+// servers alone.
 Result<SnapshotLocation> on_servers(const po::variables_map& vm, const std::string& name) {
   const std::string servers = vm["server"].as<std::string>();
   if (servers.rfind("lazymem://", 0) != 0 || servers.find('/', 10) != std::string::npos) {
@@ -66,7 +67,9 @@ Result<SnapshotLocation> on_servers(const po::variables_map& vm, const std::stri
     if (end == servers.size()) break;
     at = end + 1;
   }
-  return SnapshotLocation::parse(servers + "/" + name);
+  auto loc = SnapshotLocation::parse(servers + "/" + (name.empty() ? "x" : name));
+  if (loc.ok() && name.empty()) loc->name.clear();  // the servers alone (ls, stats): messages name no snapshot
+  return loc;
 }
 
 // Snapshot `name` in --store (its name checked as given) or on --server.
@@ -117,6 +120,9 @@ int serve(const std::vector<std::string>& args) {
   o.cache_bytes = cache_mib << 20;
   o.zerocopy = vm.count("no-zerocopy") == 0;
   o.datagrams = vm.count("no-datagrams") == 0;
+  // Past these, a typo: a core spun for minutes after each page, disk space held for days.
+  if (vm["poll-after-page-us"].as<unsigned>() > 10000) throw std::invalid_argument("--poll-after-page-us wants 0 to 10000");
+  if (vm["keep-replaced-s"].as<unsigned>() > 86400) throw std::invalid_argument("--keep-replaced-s wants 0 to 86400");
   o.poll_after_page = std::chrono::microseconds(vm["poll-after-page-us"].as<unsigned>());
   o.keep_replaced = std::chrono::seconds(vm["keep-replaced-s"].as<unsigned>());
   if (vm.count("metrics")) {
@@ -201,9 +207,11 @@ int import_raw(const std::vector<std::string>& args) {
   auto rep = capture_raw_file(target->to_string(),
                               vm["raw"].as<std::string>(), o);
   if (!rep.ok()) throw std::runtime_error(rep.error().message());
-  std::printf("imported %s: %.1f MiB stored of %.1f MiB (%.2fx) in %.2f s\n", rep->location.c_str(),
+  std::printf("imported %s: %.1f MiB stored of %.1f MiB (%s) in %.2f s\n", rep->location.c_str(),
               rep->stored_bytes / 1048576.0, rep->total_bytes / 1048576.0,
-              double(rep->total_bytes) / double(std::max<uint64_t>(1, rep->stored_bytes)), rep->seconds);
+              rep->stored_bytes ? fmt::format("{:.2f}x", double(rep->total_bytes) / double(rep->stored_bytes)).c_str()
+                                : "all zero",
+              rep->seconds);
   return 0;
 }
 
@@ -219,7 +227,7 @@ int ls(const std::vector<std::string>& args) {
     if (!list.ok()) throw std::runtime_error(list.error().message());
     return print_list(*list);
   }
-  auto loc = on_servers(vm, "x");
+  auto loc = on_servers(vm, "");
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
   const std::string token = token_from(vm);
   auto list = net::list_remote(*loc, token, std::chrono::steady_clock::now() + std::chrono::seconds(10));
@@ -275,6 +283,10 @@ int verify(const std::vector<std::string>& args) {
   for (const std::string& name : names) {
     auto loc = location_of(vm, name);
     auto rep = loc.ok() ? verify_snapshot(loc->to_string(), token_file) : Result<VerifyReport>(std::move(loc).error());
+    if (!rep.ok() && vm.count("name") && rep.error().code() == Errc::kNotFound &&
+        !(vm.count("store") && snapshot::is_snapshot_dir(where + "/" + name))) {
+      throw std::runtime_error(rep.error().message());  // a name that is not there: nothing to verify
+    }
     if (!rep.ok()) {
       // A manifest that fails its checks is damage; a server that cannot be reached, a store
       // that cannot be read, says nothing about the snapshot.
@@ -291,6 +303,7 @@ int verify(const std::vector<std::string>& args) {
     for (const auto& d : rep->damaged) std::printf("  %s\n", d.c_str());
     bad += !rep->damaged.empty();
   }
+  std::fflush(stdout);  // the details before the summary, also when both go to one pipe
   if (bad) {
     std::fprintf(stderr, "%zu of %zu snapshots damaged: capture or upload them again (--replace)\n", bad, names.size());
   }
@@ -308,7 +321,7 @@ int stats(const std::vector<std::string>& args) {
   desc.add_options()("server", po::value<std::string>()->required(), "lazymem://HOST:PORT[,HOST:PORT...] of running servers")(
       "token-file", po::value<std::string>(), "token")("json", "print JSON (an object by HOST:PORT for several servers)");
   auto vm = cli::parse(args, desc);
-  auto loc = on_servers(vm, "x");
+  auto loc = on_servers(vm, "");
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
   const std::string token = token_from(vm);
   const auto servers = loc->servers();

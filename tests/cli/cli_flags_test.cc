@@ -61,6 +61,8 @@ TEST_F(CliFlagsTest, PageServerRefusesBadFlags) {
   expect_refused(pageserver(serve + "--cache-mib -5"), "--cache-mib wants a whole number, 0 or more; got '-5'", cmd);
   expect_refused(pageserver(serve + "--cache-mib 1099511627776"), "is more than this machine's memory", cmd);
   expect_refused(pageserver(serve + "--poll-after-page-us -1"), "--poll-after-page-us wants a whole number", cmd);
+  expect_refused(pageserver(serve + "--poll-after-page-us 4294967295"), "--poll-after-page-us wants 0 to 10000", cmd);
+  expect_refused(pageserver(serve + "--keep-replaced-s 4294967295"), "--keep-replaced-s wants 0 to 86400", cmd);
   expect_refused(pageserver("serve"), "the option '--store' is required", cmd);
   expect_refused(pageserver("stats --server foo"), "--server wants lazymem://HOST:PORT[,HOST:PORT...], got 'foo'",
                  "lazymem-pageserver stats");
@@ -118,6 +120,10 @@ TEST_F(CliFlagsTest, VerifyOfAnUnreachableServerIsNotDamage) {
   EXPECT_NE(r.out.find("vm: not checked: connect to page server"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("could not be checked"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("DAMAGED"), std::string::npos) << r.out;
+  // A name that is not in the store: said so, not "verify again once that is mended".
+  r = pageserver("verify --store " + dir_.path() + " --name typo");
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("typo not found"), std::string::npos) << r.out;
 }
 
 TEST_F(CliFlagsTest, AgentRefusesBadFlags) {

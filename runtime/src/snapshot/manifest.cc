@@ -101,7 +101,7 @@ std::string SnapshotLocation::to_string() const {
   if (!remote()) return store_dir + "/" + name;
   std::string out = "lazymem://";
   for (const Server& s : servers()) out += (out.size() > 10 ? "," : "") + s.to_string();
-  return out + "/" + name;
+  return name.empty() ? out : out + "/" + name;  // no name: the servers alone
 }
 
 namespace {
