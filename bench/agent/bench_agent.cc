@@ -95,8 +95,8 @@ static int run_bench(int argc, char** argv) {
   auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int rounds = vm["rounds"].as<int>(), faults = vm["faults"].as<int>();
-  std::string work = vm["dir"].as<std::string>() + "/lazymem-bench-agent." + std::to_string(::getpid());
-  std::filesystem::create_directories(work);
+  const std::string work = make_work_dir(vm["dir"].as<std::string>(), "agent",
+                                         {{"mib", static_cast<long>(len >> 20)}, {"rounds", rounds}, {"faults", faults}});
   const std::string loc = work + "/store/heap", socket = work + "/agent.sock";
   MadeSnapshot made = make_heap_snapshot(loc, len);
   if (!made.ok) return 1;

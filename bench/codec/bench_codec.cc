@@ -154,6 +154,7 @@ static int run_bench(int argc, char** argv) {
       "raw", po::value<std::string>(), "a memory image (raw file) to measure instead of heap-like data");
   auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const int level = vm["level"].as<int>();
+  if (level < -7 || level > 22) throw std::invalid_argument("--level wants a zstd level, -7 to 22");
   std::vector<std::byte> data;
   std::string what;
   if (vm.count("raw")) {

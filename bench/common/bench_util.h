@@ -12,6 +12,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <initializer_list>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -19,6 +22,21 @@
 #include "lazymem/snapshot.h"
 
 namespace lazymem::bench {
+
+// A bench's scratch directory, <dir>/lazymem-bench-<name>.<pid>/store made, once its numeric
+// flags were found positive (`positive`: each one's name and value). --dir must exist: a typo
+// is refused, not created at the root.
+inline std::string make_work_dir(const std::string& dir, const char* name,
+                                 std::initializer_list<std::pair<const char*, long>> positive) {
+  for (const auto& [flag, value] : positive) {
+    if (value < 1) throw std::invalid_argument(std::string("--") + flag + " wants 1 or more");
+  }
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) throw std::invalid_argument("--dir " + dir + " is not a directory");
+  std::string work = dir + "/lazymem-bench-" + name + "." + std::to_string(::getpid());
+  std::filesystem::create_directories(work + "/store");
+  return work;
+}
 
 using Clock = std::chrono::steady_clock;
 constexpr uintptr_t kArena = 0x5b0000000000;

@@ -67,12 +67,8 @@ static int run_bench(int argc, char** argv) {
   auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int blocks = vm["blocks"].as<int>();
-  if (len == 0 || blocks < 1) {
-    std::cerr << "lazymem-bench-getpage: --mib and --blocks must be positive\n";
-    return 2;
-  }
-  const std::string work = vm["dir"].as<std::string>() + "/lazymem-bench-getpage." + std::to_string(::getpid());
-  std::filesystem::create_directories(work + "/store");
+  const std::string work = make_work_dir(vm["dir"].as<std::string>(), "getpage",
+                                         {{"mib", static_cast<long>(len >> 20)}, {"blocks", blocks}});
   MadeSnapshot made = make_heap_snapshot(work + "/store/heap", len);
   if (!made.ok) {
     std::cerr << "lazymem-bench-getpage: could not build the snapshot in " << work << "\n";

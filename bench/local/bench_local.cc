@@ -202,8 +202,8 @@ static int run_bench(int argc, char** argv) {
   auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int rounds = vm["rounds"].as<int>();
-  std::string work = vm["dir"].as<std::string>() + "/lazymem-bench-local." + std::to_string(::getpid());
-  std::filesystem::create_directories(work);
+  const std::string work = make_work_dir(vm["dir"].as<std::string>(), "local",
+                                         {{"mib", static_cast<long>(len >> 20)}, {"rounds", rounds}});
   const std::string loc = work + "/store/heap";
   const std::string image = work + "/heap.raw";
 

@@ -372,14 +372,10 @@ static int run_bench(int argc, char** argv) {
   auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t len = vm["mib"].as<size_t>() << 20;
   const int rounds = vm["rounds"].as<int>(), faults = vm["faults"].as<int>();
-  std::string work = vm["dir"].as<std::string>() + "/lazymem-bench-remote." + std::to_string(::getpid());
-  std::filesystem::create_directories(work + "/store");
+  const std::string work = make_work_dir(vm["dir"].as<std::string>(), "remote",
+                                         {{"mib", static_cast<long>(len >> 20)}, {"rounds", rounds}, {"faults", faults}});
   const std::string local = work + "/store/heap";
-  if (len == 0 || rounds < 1 || faults < 1) {
-    std::cerr << "lazymem-bench-remote: --mib, --rounds and --faults must be positive\n";
-    return 2;
-  }
-  MadeSnapshot made = make_heap_snapshot(local, len, "", vm["chunk-kib"].as<uint32_t>() * 1024);
+  MadeSnapshot made = make_heap_snapshot(local, len, "", lazymem::cli::chunk_bytes(vm, "chunk-kib"));
   auto manifest = lazymem::read_manifest(local);
   if (!made.ok || !manifest.ok()) {
     std::fprintf(stderr, "lazymem-bench-remote: could not build the snapshot in %s\n", work.c_str());
