@@ -15,6 +15,7 @@
 
 #include <csignal>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -128,7 +129,8 @@ class AgentTest : public ::testing::Test {
   // that a daemon, engine or decoder thread held at that instant. (With the daemon's threads in
   // this process, clients forked while the engine was starting its decode threads hung, under
   // ASan, on an inherited lock: one thread left, in a futex wait, no watchdog.)
-  void start_daemon(agent::DaemonOptions o = {}) {
+  // `cwd`: the daemon's working directory (where relative paths would lead it), if not ours.
+  void start_daemon(agent::DaemonOptions o = {}, const std::string& cwd = "") {
     o.socket_path = socket_;
     int ready[2];
     ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
@@ -136,6 +138,7 @@ class AgentTest : public ::testing::Test {
     ASSERT_GE(daemon_pid_, 0);
     if (daemon_pid_ == 0) {
       ::close(ready[0]);
+      if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) _exit(4);
       auto d = agent::Daemon::start(o, kf_);
       if (!d.ok()) {
         std::fprintf(stderr, "agent: %s\n", d.error().message().c_str());
@@ -474,11 +477,12 @@ TEST_F(AgentTest, CliPrintsTablesAndJson) {
   EXPECT_NE(run("regions").find("100.0%"), std::string::npos);
 }
 
-// A raw memory image `len` bytes long, captured with `lazymem-agent snapshot --raw`.
-#define RAW_IMAGE(image, len, seed, loc)                                                              \
+// A raw memory image `len` bytes long, captured with `lazymem-agent snapshot --raw` (at `where`).
+#define RAW_IMAGE(image, len, seed, loc) RAW_IMAGE_AT(image, len, seed, loc, dir_.path() + "/vm")
+#define RAW_IMAGE_AT(image, len, seed, loc, where)                                                    \
   std::vector<std::byte> image(len);                                                                  \
   testing::fill_mixed(image.data(), len, seed);                                                       \
-  std::string loc = dir_.path() + "/vm";                                                              \
+  std::string loc = where;                                                                            \
   {                                                                                                   \
     std::ofstream(dir_.path() + "/guest.mem", std::ios::binary)                                       \
         .write(reinterpret_cast<const char*>(image.data()), static_cast<std::streamsize>(len));       \
@@ -709,6 +713,44 @@ TEST_F(AgentTest, SocketInUseIsNotTaken) {
   std::tie(out, rc) = run_cli(agent_bin() + " run --socket " + dir_.path() + "/no/such/dir/agent.sock");
   EXPECT_EQ(rc, 1) << out;
   EXPECT_NE(out.find("does it exist?"), std::string::npos) << out;
+}
+
+// Relative paths are the client's: a snapshot (and a VM's handshake socket) named relative to the
+// client's working directory is the one served, never one of the same name where the agent runs.
+TEST_F(AgentTest, RelativePathsAreTheClients) {
+  ASSERT_FALSE(agent_bin().empty());
+  const std::string ours = dir_.path() + "/client", theirs = dir_.path() + "/agent";
+  std::filesystem::create_directories(ours + "/kvs");
+  std::filesystem::create_directories(theirs + "/kvs");
+  capture(8 * kMiB, 52, "agent/kvs/snap");   // the same name in the agent's directory: other bytes
+  capture(8 * kMiB, 53, "client/kvs/snap");  // expected_ holds these
+  RAW_IMAGE_AT(image, 4 * kMiB, 54, vm, ours + "/vm");
+  start_daemon({}, theirs);
+  EXPECT_EQ(in_child([&] {
+              if (::chdir(ours.c_str()) != 0) return 2;
+              auto r = AgentRestore::start(socket_, "kvs/snap");
+              if (!r.ok()) {
+                std::fprintf(stderr, "%s\n", r.error().message().c_str());
+                return 3;
+              }
+              const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+              for (size_t off = 0; off < len_; off += 4096)
+                if (!same(got, off, 4096)) return 4;
+              return (*r)->wait_complete(std::chrono::seconds(30)).ok() ? 0 : 5;
+            }),
+            0);
+  // `lazymem-agent restore` with both paths relative: the socket is made, and the image found,
+  // in the directory it was run in.
+  FILE* cli = ::popen(("cd " + ours + " && " + agent_bin() + " restore --socket " + socket_ +
+                       " --firecracker-socket vm.sock --snapshot vm 2>&1").c_str(), "r");
+  ASSERT_NE(cli, nullptr);
+  char line[4096];
+  ASSERT_NE(std::fgets(line, sizeof line, cli), nullptr);
+  ASSERT_EQ(std::string(line), "listening on vm.sock\n");
+  EXPECT_EQ(in_child([&] { return firecracker_vm(ours + "/vm.sock", image, false); }), 0);
+  while (std::fgets(line, sizeof line, cli) != nullptr) {
+  }
+  EXPECT_EQ(::pclose(cli), 0);
 }
 
 }  // namespace

@@ -26,6 +26,8 @@ struct AgentRestoreOptions {
 
 class AgentRestore {
  public:
+  // Relative paths (a store path in `location`, the token file) are this process's: they go to
+  // the agent made absolute.
   static Result<std::unique_ptr<AgentRestore>> start(const std::string& socket_path, const std::string& location,
                                                      const AgentRestoreOptions& options = {});
   // The agent keeps serving the memory after this object is gone (until the restore completes
@@ -56,7 +58,8 @@ struct FirecrackerServeOptions {
   bool prefetch = true;
 };
 
-// Holds the control connection on which the agent reports on one Firecracker restore.
+// Holds the control connection on which the agent reports on one Firecracker restore. Relative
+// paths in the options are the caller's: they go to the agent made absolute.
 class AgentFirecrackerServe {
  public:
   // Returns once the handshake socket listens (Firecracker may be started then).

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <filesystem>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -21,6 +22,27 @@
 
 namespace lazymem {
 namespace pa = proto::agent;
+namespace {
+
+// The agent opens the paths a request names in its own working directory, not ours: a relative
+// one would name another file there (another snapshot's pages served for our manifest). Local
+// paths go to it absolute.
+Result<std::string> absolute_for_agent(const std::string& path) {
+  if (path.empty() || path.front() == '/') return path;
+  std::error_code ec;
+  std::filesystem::path abs = std::filesystem::absolute(path, ec);
+  if (ec) return sys_error(fmt::format("{}: cannot make it absolute for lazymem-agent", path), ec.value());
+  return abs.string();
+}
+
+// A snapshot location for the agent: lazymem:// ones name the same snapshot everywhere.
+Result<std::string> location_for_agent(const std::string& location) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
+  if (loc.remote()) return location;
+  return absolute_for_agent(location);
+}
+
+}  // namespace
 
 struct AgentRestore::Impl {
   Manifest manifest;
@@ -122,16 +144,18 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
     auto ioctls = impl->uffd.register_missing(mp.address(), mp.size());
     if (!ioctls.ok()) return std::move(ioctls).error();
   }
+  LAZYMEM_ASSIGN_OR_RETURN(std::string agent_location, location_for_agent(location));
+  LAZYMEM_ASSIGN_OR_RETURN(std::string agent_token_file, absolute_for_agent(options.token_file));
   LAZYMEM_ASSIGN_OR_RETURN(impl->sock, agent::connect_unix(socket_path));
 
   capnp::MallocMessageBuilder b;
   auto rq = b.initRoot<pa::Request>();
   rq.setId(1);
   auto rs = rq.initRestore();
-  rs.setSnapshot(location);
+  rs.setSnapshot(agent_location);
   rs.setPrefetch(options.prefetch);
   rs.setUffdFeatures(impl->uffd.features());
-  rs.setTokenFile(options.token_file);
+  rs.setTokenFile(agent_token_file);
   auto ranges = rs.initRanges(static_cast<unsigned>(m.regions.size()));
   for (unsigned i = 0; i < m.regions.size(); ++i) {
     ranges[i].setStart(m.regions[i].start_address);
@@ -195,14 +219,17 @@ bool AgentFirecrackerServe::exited() const { return impl_->exited; }
 Result<std::unique_ptr<AgentFirecrackerServe>> AgentFirecrackerServe::start(const std::string& agent_socket,
                                                                             const FirecrackerServeOptions& options) {
   auto impl = std::make_unique<Impl>();
+  LAZYMEM_ASSIGN_OR_RETURN(std::string socket_path, absolute_for_agent(options.socket_path));
+  LAZYMEM_ASSIGN_OR_RETURN(std::string snapshot, location_for_agent(options.snapshot));
+  LAZYMEM_ASSIGN_OR_RETURN(std::string token_file, absolute_for_agent(options.token_file));
   LAZYMEM_ASSIGN_OR_RETURN(impl->sock, agent::connect_unix(agent_socket));
   capnp::MallocMessageBuilder b;
   auto rq = b.initRoot<pa::Request>();
   rq.setId(3);
   auto fc = rq.initServeFirecracker();
-  fc.setSocketPath(options.socket_path);
-  fc.setSnapshot(options.snapshot);
-  fc.setTokenFile(options.token_file);
+  fc.setSocketPath(socket_path);
+  fc.setSnapshot(snapshot);
+  fc.setTokenFile(token_file);
   fc.setPrefetch(options.prefetch);
   LAZYMEM_TRY(agent::send_frame_fd(impl->sock.get(), b, {}, -1));
   std::unique_ptr<AgentFirecrackerServe> out(new AgentFirecrackerServe(std::move(impl)));
