@@ -171,6 +171,22 @@ Result<std::optional<std::vector<fault::MappedRange>>> parse_guest_regions(const
   return std::optional<std::vector<fault::MappedRange>>(std::move(ranges));
 }
 
+// Paths in a request are the client's, and the agent cannot know which directory a relative one
+// was meant in: taken here it would name another file (another snapshot's pages served for the
+// client's manifest). Clients send them absolute; an older client's relative path is refused.
+Status require_absolute(const char* what, const std::string& path) {
+  if (path.empty() || path.front() == '/') return ok_status();
+  return Error(Errc::kInvalidArgument, fmt::format("{} '{}' is relative: lazymem-agent runs in a directory of its own and "
+                                                   "cannot tell which one it meant; give it absolute (an up-to-date "
+                                                   "lazymem client does)",
+                                                   what, path));
+}
+
+Status require_absolute_location(const std::string& location) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
+  return loc.remote() ? ok_status() : require_absolute("snapshot path", location);
+}
+
 // Every range must lie inside the peer's own mappings: a client cannot point the agent at
 // memory it does not have (the uffd would refuse anyway; this gives a clear reason).
 Status check_ranges_mapped(pid_t pid, const std::vector<fault::MappedRange>& ranges) {
@@ -245,23 +261,33 @@ struct Daemon::Impl {
   }
   void reply(Conn& c, uint64_t id, const std::function<void(pa::Reply::Builder)>& fill) { reply_on(c.fd.get(), id, fill); }
 
-  Result<std::shared_ptr<snapshot::ChunkSource>> source_for(const std::string& location, const std::string& token_file) {
+  // The source of `location`, reading the version whose manifest checksum is `version` (0: any;
+  // the store's when nothing is open yet). One found open of another version (the snapshot was
+  // replaced since) is opened afresh for new sessions; sessions of the old version keep theirs.
+  Result<std::shared_ptr<snapshot::ChunkSource>> source_for(const std::string& location, const std::string& token_file,
+                                                            uint64_t version = 0) {
     auto it = sources.find(location);
-    if (it != sources.end()) return it->second;
+    if (it != sources.end() && (version == 0 || it->second->manifest().checksum == version)) return it->second;
     RestoreOptions ro;
     ro.token_file = token_file.empty() ? opt.token_file : token_file;
     LAZYMEM_ASSIGN_OR_RETURN(auto src, open_chunk_source(location, ro));
-    sources[location] = src;
+    sources[location] = src;  // the store's version now: what the next client will have read
+    if (version != 0 && src->manifest().checksum != version) {
+      return Error(Errc::kNotFound, fmt::format("{}: the agent finds another version of the snapshot than the client read "
+                                                "(manifest {:016x}, the client's {:016x}): it was replaced in between; "
+                                                "restore again",
+                                                location, src->manifest().checksum, version));
+    }
     return src;
   }
 
   Result<fault::SessionId> serve(const std::string& name, sys::UniqueFd uffd, uint64_t features,
-                                 const std::string& location, const std::string& token_file,
+                                 const std::string& location, const std::string& token_file, uint64_t version,
                                  std::vector<fault::MappedRange> ranges, pid_t pid, uid_t uid, bool prefetch, int conn_fd,
                                  uint64_t reply_id) {
     if (ranges.empty()) return Error(Errc::kInvalidArgument, "an empty region table");
     LAZYMEM_TRY(check_ranges_mapped(pid, ranges));
-    LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(location, token_file));
+    LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(location, token_file, version));
     sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
     if (!pidfd.valid()) return sys_error(fmt::format("pidfd_open({})", pid), errno);
     fault::SessionSpec spec;
@@ -286,6 +312,17 @@ struct Daemon::Impl {
     return id;
   }
 
+  // A process's Restore request (its uffd came with it).
+  Result<fault::SessionId> serve_restore(Conn& c, pa::Restore::Reader r, sys::UniqueFd uffd) {
+    LAZYMEM_TRY(require_absolute_location(r.getSnapshot().cStr()));
+    LAZYMEM_TRY(require_absolute("token file", r.getTokenFile().cStr()));
+    std::vector<fault::MappedRange> ranges;
+    for (auto m : r.getRanges()) ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
+    return serve(fmt::format("pid {}", c.pid), std::move(uffd), r.getUffdFeatures(), r.getSnapshot().cStr(),
+                 r.getTokenFile().cStr(), r.getManifestChecksum(), std::move(ranges), c.pid, c.uid, r.getPrefetch(),
+                 c.fd.get(), 0);
+  }
+
   void on_request(Conn& c, net::Header& h) {
     pa::Request::Reader rq;
     uint64_t id = 0;
@@ -300,10 +337,7 @@ struct Daemon::Impl {
         }
         sys::UniqueFd uffd = std::move(c.fds.front());
         c.fds.clear();  // anything else sent along is dropped
-        std::vector<fault::MappedRange> ranges;
-        for (auto m : r.getRanges()) ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
-        auto sid = serve(fmt::format("pid {}", c.pid), std::move(uffd), r.getUffdFeatures(), r.getSnapshot().cStr(),
-                         r.getTokenFile().cStr(), std::move(ranges), c.pid, c.uid, r.getPrefetch(), c.fd.get(), 0);
+        auto sid = serve_restore(c, r, std::move(uffd));
         if (!sid.ok()) {
           log->warn("pid {}: restore refused: {}", c.pid, sid.error().message());
           std::string msg = sid.error().message();
@@ -351,6 +385,9 @@ struct Daemon::Impl {
   Status open_fc_listener(Conn& c, uint64_t id, pa::ServeFirecracker::Reader r) {
     std::string path = r.getSocketPath().cStr(), snap = r.getSnapshot().cStr(), token = r.getTokenFile().cStr();
     if (path.empty() || snap.empty()) return Error(Errc::kInvalidArgument, "need a socket path and a snapshot");
+    LAZYMEM_TRY(require_absolute("socket path", path));
+    LAZYMEM_TRY(require_absolute_location(snap));
+    LAZYMEM_TRY(require_absolute("token file", token));
     // Open the snapshot now: a wrong location is reported to the operator, not to the VM later.
     LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(snap, token));
     for (const auto& reg : src->manifest().regions) {
@@ -658,7 +695,7 @@ struct Daemon::Impl {
     if (hs.fds.size() != 1) return refuse_handshake(hs, fmt::format("expected one uffd with the message, got {}", hs.fds.size()));
     // The uffd was created by Firecracker; the events it asked for are its business. We use
     // the ioctls only, which every uffd supports, and handle whatever events it delivers.
-    auto sid = serve(fmt::format("firecracker pid {}", hs.cred.pid), std::move(hs.fds[0]), 0, hs.snapshot, hs.token_file,
+    auto sid = serve(fmt::format("firecracker pid {}", hs.cred.pid), std::move(hs.fds[0]), 0, hs.snapshot, hs.token_file, 0,
                      std::move(**parsed), hs.cred.pid, hs.cred.uid, hs.prefetch, hs.notify_conn, hs.notify_id);
     if (!sid.ok()) return refuse_handshake(hs, sid.error().message());
     if (hs.notify_conn >= 0 && conns.count(hs.notify_conn)) {

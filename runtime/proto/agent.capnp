@@ -13,12 +13,18 @@ struct MappedRange {
   regionOffset @3 :UInt64;   # offset of `start` in that region
 }
 
+# Paths in requests (snapshot store paths, token files, socket paths) are absolute: the agent
+# cannot know the working directory of a relative one, and refuses it.
 struct Restore {
-  snapshot @0 :Text;         # location: STORE/NAME or lazymem://HOST:PORT/NAME
+  snapshot @0 :Text;         # location: /STORE/NAME or lazymem://HOST:PORT/NAME
   ranges @1 :List(MappedRange);
   prefetch @2 :Bool;
   uffdFeatures @3 :UInt64;   # features negotiated on the uffd sent along
   tokenFile @4 :Text;        # page-server token file, read by the agent
+  # The version of the snapshot the client read and mapped by: its manifest's checksum (as
+  # wire.capnp's Hello.manifestChecksum). The agent serves that version or refuses the restore,
+  # never another's pages. 0 (older clients): not checked.
+  manifestChecksum @5 :UInt64;
 }
 
 # Accept one Firecracker UFFD handshake on a new socket and serve that VM's guest memory from

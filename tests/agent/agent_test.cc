@@ -111,14 +111,16 @@ class AgentTest : public ::testing::Test {
   }
 
   // A snapshot of mixed content at a fresh address; `expected_` keeps the bytes.
-  std::string capture(size_t len, uint64_t seed, const std::string& name = "snap") {
+  std::string capture(size_t len, uint64_t seed, const std::string& name = "snap", bool replace = false) {
     void* p = testing::map_for_capture(len, seed);
     EXPECT_NE(p, nullptr);
     testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
     expected_.assign(static_cast<std::byte*>(p), static_cast<std::byte*>(p) + len);
     len_ = len;
     CaptureRegion r{"heap", p, len, PROT_READ | PROT_WRITE};
-    auto rep = capture_regions(dir_.path() + "/" + name, std::span(&r, 1), {});
+    CaptureOptions o;
+    o.replace = replace;
+    auto rep = capture_regions(dir_.path() + "/" + name, std::span(&r, 1), o);
     EXPECT_TRUE(rep.ok()) << rep.error().message();
     ::munmap(p, len);
     return dir_.path() + "/" + name;
@@ -165,6 +167,52 @@ class AgentTest : public ::testing::Test {
     int status = 0;
     ::waitpid(pid, &status, 0);
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+  // A Restore request made by hand (as an older or hostile client would): one range of region 0,
+  // the uffd sent along or not. Returns the agent's error, or "accepted".
+  std::string ask_restore(const std::string& loc, uint64_t start, uint64_t len, bool with_fd, uint64_t version = 0) {
+    auto s = agent::connect_unix(socket_);
+    EXPECT_TRUE(s.ok());
+    capnp::MallocMessageBuilder b;
+    auto rq = b.initRoot<proto::agent::Request>();
+    rq.setId(1);
+    auto rs = rq.initRestore();
+    rs.setSnapshot(loc);
+    rs.setManifestChecksum(version);
+    auto rr = rs.initRanges(1);
+    rr[0].setStart(start);
+    rr[0].setLength(len);
+    auto uffd = sys::Uffd::open(0);
+    EXPECT_TRUE(agent::send_frame_fd(s->get(), b, {}, with_fd ? uffd->fd() : -1).ok());
+    net::FrameBuffer buf;
+    std::deque<sys::UniqueFd> fds;
+    for (;;) {
+      auto f = buf.next();
+      if (f.ok() && f->has_value()) {
+        auto hd = net::Header::parse((*f)->header);
+        auto reply = (*hd)->root<proto::agent::Reply>();
+        return reply.isError() ? std::string(reply.getError().cStr()) : "accepted";
+      }
+      if (!agent::recv_some(s->get(), buf, fds, 5000).ok()) return "no reply";
+    }
+  }
+
+  // Restores `loc` through the agent in a child process (working in `cwd`, if given) and compares
+  // every page with expected_; returns the child's status: 0 when every byte is right.
+  int restore_in_child(const std::string& loc, const std::string& cwd = "") {
+    return in_child([&] {
+      if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) return 2;
+      auto r = AgentRestore::start(socket_, loc);
+      if (!r.ok()) {
+        std::fprintf(stderr, "%s\n", r.error().message().c_str());
+        return 3;
+      }
+      const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+      for (size_t off = 0; off < len_; off += 4096)
+        if (!same(got, off, 4096)) return 4;
+      return (*r)->wait_complete(std::chrono::seconds(30)).ok() ? 0 : 5;
+    });
   }
 
   bool same(const std::byte* got, size_t off, size_t n) const { return std::memcmp(got + off, expected_.data() + off, n) == 0; }
@@ -352,46 +400,13 @@ TEST_F(AgentTest, HostilePeersAreRefusedAndOthersServed) {
   send_raw(oversized);
   { auto s = agent::connect_unix(socket_); }  // connects and leaves mid-handshake
 
-  auto ask = [&](bool with_fd, uint64_t start) -> std::string {
-    auto s = agent::connect_unix(socket_);
-    EXPECT_TRUE(s.ok());
-    capnp::MallocMessageBuilder b;
-    auto rq = b.initRoot<proto::agent::Request>();
-    rq.setId(1);
-    auto rs = rq.initRestore();
-    rs.setSnapshot(loc);
-    auto rr = rs.initRanges(1);
-    rr[0].setStart(start);
-    rr[0].setLength(8 * kMiB);
-    auto uffd = sys::Uffd::open(0);
-    EXPECT_TRUE(agent::send_frame_fd(s->get(), b, {}, with_fd ? uffd->fd() : -1).ok());
-    net::FrameBuffer buf;
-    std::deque<sys::UniqueFd> fds;
-    for (;;) {
-      auto f = buf.next();
-      if (f.ok() && f->has_value()) {
-        auto hd = net::Header::parse((*f)->header);
-        auto reply = (*hd)->root<proto::agent::Reply>();
-        return reply.isError() ? std::string(reply.getError().cStr()) : "accepted";
-      }
-      if (!agent::recv_some(s->get(), buf, fds, 5000).ok()) return "no reply";
-    }
-  };
-  std::string no_fd = ask(false, 0x7f0000000000);
+  std::string no_fd = ask_restore(loc, 0x7f0000000000, 8 * kMiB, false);
   EXPECT_NE(no_fd.find("userfaultfd"), std::string::npos) << no_fd;
-  std::string unmapped = ask(true, 0x7f0000000000);  // nothing is mapped there in this process
+  std::string unmapped = ask_restore(loc, 0x7f0000000000, 8 * kMiB, true);  // nothing is mapped there in this process
   EXPECT_NE(unmapped.find("not mapped"), std::string::npos) << unmapped;
 
   // After all that, a real client is served, correctly.
-  int rc = in_child([&] {
-    auto r = AgentRestore::start(socket_, loc);
-    if (!r.ok()) return 3;
-    const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
-    for (size_t off = 0; off < len_; off += 4096)
-      if (!same(got, off, 4096)) return 4;
-    return (*r)->wait_complete(std::chrono::seconds(30)).ok() ? 0 : 5;
-  });
-  EXPECT_EQ(rc, 0);
+  EXPECT_EQ(restore_in_child(loc), 0);
 }
 
 // The agent dies mid-restore: the process must not hang and must not read zeros; pages not
@@ -726,19 +741,7 @@ TEST_F(AgentTest, RelativePathsAreTheClients) {
   capture(8 * kMiB, 53, "client/kvs/snap");  // expected_ holds these
   RAW_IMAGE_AT(image, 4 * kMiB, 54, vm, ours + "/vm");
   start_daemon({}, theirs);
-  EXPECT_EQ(in_child([&] {
-              if (::chdir(ours.c_str()) != 0) return 2;
-              auto r = AgentRestore::start(socket_, "kvs/snap");
-              if (!r.ok()) {
-                std::fprintf(stderr, "%s\n", r.error().message().c_str());
-                return 3;
-              }
-              const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
-              for (size_t off = 0; off < len_; off += 4096)
-                if (!same(got, off, 4096)) return 4;
-              return (*r)->wait_complete(std::chrono::seconds(30)).ok() ? 0 : 5;
-            }),
-            0);
+  EXPECT_EQ(restore_in_child("kvs/snap", ours), 0);
   // `lazymem-agent restore` with both paths relative: the socket is made, and the image found,
   // in the directory it was run in.
   FILE* cli = ::popen(("cd " + ours + " && " + agent_bin() + " restore --socket " + socket_ +
@@ -751,6 +754,27 @@ TEST_F(AgentTest, RelativePathsAreTheClients) {
   while (std::fgets(line, sizeof line, cli) != nullptr) {
   }
   EXPECT_EQ(::pclose(cli), 0);
+}
+
+// A snapshot replaced in the store after the agent has served it: the next restore gets the
+// version it read, never the old one's pages. A request for a version the agent does not find,
+// or with a relative path (an older client's), is refused with the reason.
+TEST_F(AgentTest, ServesTheVersionTheClientRead) {
+  std::string loc = capture(8 * kMiB, 55);
+  start_daemon();
+  EXPECT_EQ(restore_in_child(loc), 0);
+  auto first = read_manifest(loc);
+  ASSERT_TRUE(first.ok()) << first.error().message();
+  capture(8 * kMiB, 56, "snap", true);  // replaced: other bytes, at another address
+  EXPECT_EQ(restore_in_child(loc), 0) << "served the pages of the version it replaced";
+
+  void* mapped = ::mmap(nullptr, 8 * kMiB, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);  // where the range lies
+  ASSERT_NE(mapped, MAP_FAILED);
+  std::string stale = ask_restore(loc, reinterpret_cast<uintptr_t>(mapped), 8 * kMiB, true, first->checksum);
+  EXPECT_NE(stale.find("another version of the snapshot than the client read"), std::string::npos) << stale;
+  std::string relative = ask_restore("snap", reinterpret_cast<uintptr_t>(mapped), 8 * kMiB, true);
+  EXPECT_NE(relative.find("snapshot path 'snap' is relative"), std::string::npos) << relative;
+  ::munmap(mapped, 8 * kMiB);
 }
 
 }  // namespace

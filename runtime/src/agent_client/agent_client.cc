@@ -156,6 +156,7 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
   rs.setPrefetch(options.prefetch);
   rs.setUffdFeatures(impl->uffd.features());
   rs.setTokenFile(agent_token_file);
+  rs.setManifestChecksum(m.checksum);  // the agent serves this version or refuses
   auto ranges = rs.initRanges(static_cast<unsigned>(m.regions.size()));
   for (unsigned i = 0; i < m.regions.size(); ++i) {
     ranges[i].setStart(m.regions[i].start_address);
