@@ -129,6 +129,7 @@ Status restore_firecracker(const FirecrackerRestoreConfig& c) {
   o.snapshot = c.snapshot;
   o.token_file = c.token_file;
   o.prefetch = c.prefetch;
+  o.cancel_on_close = c.wait;  // interrupted while it waits: nothing is left armed
   LAZYMEM_ASSIGN_OR_RETURN(auto serve, AgentFirecrackerServe::start(c.agent_socket, o));
   // One line once the socket accepts: scripts start Firecracker on it.
   std::printf("listening on %s\n", c.handshake_socket.c_str());

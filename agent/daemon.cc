@@ -72,6 +72,9 @@ struct FcListener {
   bool once = false;    // a per-VM socket made by `restore`: closed after one handshake
   int notify_conn = -1;  // control connection told of complete / failed (-1: none)
   uint64_t notify_id = 0;
+  bool cancel_on_close = false;  // closed, unhandshaken, when notify_conn closes
+  uid_t uid = 0;                 // who asked for it (status shows it to that user)
+  pid_t pid = 0;                 // the requesting process (0: the daemon's own)
 };
 
 // A Firecracker connection whose handshake message has not fully arrived yet.
@@ -403,9 +406,19 @@ struct Daemon::Impl {
     LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, listen_unix(path, static_cast<gid_t>(-1), owner, dir_owner));
     int f = fd.get();
     add(f, tag(kFcListen, f));
-    fc_listeners[f] = FcListener{std::move(fd), path, snap, token, r.getPrefetch(), true, c.fd.get(), id};
+    fc_listeners[f] = FcListener{std::move(fd), path, snap, token, r.getPrefetch(), true, c.fd.get(), id,
+                                 r.getCancelOnClose(), c.uid, c.pid};
     log->info("pid {}: accepting a Firecracker handshake on {} for {}", c.pid, path, snap);
+    changed();  // status shows it waiting
     return ok_status();
+  }
+
+  // A handshake socket is done with (its one handshake came, or whoever waited on it left).
+  void close_fc_listener(std::map<int, FcListener>::iterator it) {
+    del(it->first);
+    ::unlink(it->second.path.c_str());
+    fc_listeners.erase(it);
+    changed();
   }
 
   static nlohmann::json entry(const fault::SessionInfo& info, const char* state) {
@@ -475,6 +488,11 @@ struct Daemon::Impl {
     }
     if (!with_stats)
       for (auto& e : j["sessions"]) e.erase("stats");
+    j["handshakes"] = nlohmann::json::array();  // sockets waiting for Firecracker to connect
+    for (const auto& [lfd, l] : fc_listeners) {
+      if (uid != 0 && l.uid != uid) continue;
+      j["handshakes"].push_back({{"socket", l.path}, {"snapshot", l.snapshot}, {"pid", l.pid}});
+    }
     j["pid"] = ::getpid();
     j["generation"] = generation;
     return j;
@@ -568,8 +586,18 @@ struct Daemon::Impl {
       for (auto& [id, sv] : served)
         if (sv.conn_fd == fd) sv.conn_fd = -1;
       std::erase_if(waiters, [&](const Waiter& w) { return w.conn_fd == fd; });
-      for (auto& [lfd, l] : fc_listeners)
-        if (l.notify_conn == fd) l.notify_conn = -1;
+      // A per-VM socket still waiting for Firecracker, asked for by a `restore` that was
+      // interrupted: nobody would follow that VM's restore, and the path would stay taken.
+      for (auto lit = fc_listeners.begin(); lit != fc_listeners.end();) {
+        auto at = lit++;
+        if (at->second.notify_conn != fd) continue;
+        if (!at->second.cancel_on_close) {
+          at->second.notify_conn = -1;
+          continue;
+        }
+        log->info("pid {}: went away before Firecracker connected; closing {}", c.pid, at->second.path);
+        close_fc_listener(at);
+      }
       for (auto& [hfd, hs] : handshakes)
         if (hs->notify_conn == fd) hs->notify_conn = -1;
       del(fd);
@@ -625,9 +653,7 @@ struct Daemon::Impl {
       handshake_timers[hs->timer.get()] = fd;
       handshakes[fd] = std::move(hs);
       if (l.once) {  // a per-VM socket: its one handshake has come
-        del(lfd);
-        ::unlink(l.path.c_str());
-        fc_listeners.erase(lit);
+        close_fc_listener(lit);
         return;
       }
     }
@@ -771,7 +797,7 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
     int f = fc.get();
     im.add(f, tag(kFcListen, f));
     im.fc_listeners[f] = FcListener{std::move(fc), options.firecracker_socket, options.firecracker_snapshot,
-                                    options.token_file, true, false, -1, 0};
+                                    options.token_file, true, false, -1, 0, false, ::geteuid(), 0};
   }
   if (!options.metrics_address.empty()) {
     LAZYMEM_ASSIGN_OR_RETURN(im.metrics, net::MetricsEndpoint::listen(options.metrics_address));

@@ -36,6 +36,10 @@ struct ServeFirecracker {
   snapshot @1 :Text;         # location of the raw memory-file snapshot
   tokenFile @2 :Text;        # page-server token file, read by the agent
   prefetch @3 :Bool;
+  # This connection follows the restore: if it closes before Firecracker's handshake has come,
+  # the socket is closed and removed (an interrupted `lazymem-agent restore` leaves nothing
+  # armed). False (`restore --no-wait`, older clients): the socket waits for its handshake.
+  cancelOnClose @4 :Bool;
 }
 
 struct Request {

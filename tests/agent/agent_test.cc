@@ -777,5 +777,71 @@ TEST_F(AgentTest, ServesTheVersionTheClientRead) {
   ::munmap(mapped, 8 * kMiB);
 }
 
+// The handshake sockets waiting for Firecracker, as `status --json` lists them.
+std::vector<std::string> waiting_sockets(const nlohmann::json& status) {
+  std::vector<std::string> out;
+  for (const auto& h : status["handshakes"]) out.push_back(h["socket"].get<std::string>());
+  return out;
+}
+
+// An interrupted `lazymem-agent restore` (Ctrl-C while it waits for Firecracker) leaves nothing
+// armed: the agent closes and removes the VM's socket, and the same command then works again.
+// With --no-wait the socket stays, as asked, until its VM comes. Status shows a waiting socket.
+TEST_F(AgentTest, InterruptedRestoreCliLeavesNoSocket) {
+  ASSERT_FALSE(agent_bin().empty());
+  RAW_IMAGE(image, 4 * kMiB, 57, loc);
+  start_daemon();
+  const std::string fc = dir_.path() + "/vm.sock";
+  const std::string restore = agent_bin() + " restore --socket " + socket_ + " --firecracker-socket " + fc + " --snapshot " + loc;
+  int out[2];
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  pid_t cli = ::fork();
+  ASSERT_GE(cli, 0);
+  if (cli == 0) {
+    ::dup2(out[1], 1);
+    ::dup2(out[1], 2);
+    ::execl("/bin/sh", "sh", "-c", ("exec " + restore).c_str(), nullptr);
+    _exit(127);
+  }
+  ::close(out[1]);
+  FILE* said = ::fdopen(out[0], "r");
+  char line[4096];
+  ASSERT_NE(std::fgets(line, sizeof line, said), nullptr);
+  ASSERT_EQ(std::string(line), "listening on " + fc + "\n");
+  auto js = agent_query(socket_, false);
+  ASSERT_TRUE(js.ok()) << js.error().message();
+  EXPECT_EQ(waiting_sockets(nlohmann::json::parse(*js)), std::vector<std::string>{fc}) << *js;
+  auto [table, rc] = run_cli(agent_bin() + " status --socket " + socket_);
+  EXPECT_NE(table.find("waiting for a Firecracker handshake on " + fc), std::string::npos) << table;
+
+  ::kill(cli, SIGINT);
+  ::waitpid(cli, nullptr, 0);
+  ::fclose(said);
+  // The agent sees the connection close: each status change is awaited, never slept for.
+  while (js.ok() && !waiting_sockets(nlohmann::json::parse(*js)).empty()) {
+    js = agent_wait_change(socket_, nlohmann::json::parse(*js)["generation"].get<uint64_t>(), std::chrono::seconds(5));
+  }
+  ASSERT_TRUE(js.ok()) << "the socket still waits: " << js.error().message();
+  struct stat st {};
+  EXPECT_NE(::stat(fc.c_str(), &st), 0) << "the interrupted restore's socket was left behind";
+
+  FILE* again = ::popen((restore + " 2>&1").c_str(), "r");
+  ASSERT_NE(again, nullptr);
+  ASSERT_NE(std::fgets(line, sizeof line, again), nullptr);
+  ASSERT_EQ(std::string(line), "listening on " + fc + "\n");
+  EXPECT_EQ(in_child([&] { return firecracker_vm(fc, image, false); }), 0);
+  while (std::fgets(line, sizeof line, again) != nullptr) {
+  }
+  EXPECT_EQ(::pclose(again), 0);
+
+  std::string output;
+  std::tie(output, rc) = run_cli(restore + " --no-wait");
+  ASSERT_EQ(rc, 0) << output;
+  js = agent_query(socket_, false);
+  ASSERT_TRUE(js.ok()) << js.error().message();
+  EXPECT_EQ(waiting_sockets(nlohmann::json::parse(*js)), std::vector<std::string>{fc}) << *js;
+  EXPECT_EQ(in_child([&] { return firecracker_vm(fc, image, false); }), 0);
+}
+
 }  // namespace
 }  // namespace lazymem

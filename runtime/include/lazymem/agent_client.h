@@ -56,6 +56,9 @@ struct FirecrackerServeOptions {
   std::string snapshot;     // STORE/NAME or lazymem://HOST:PORT/NAME of the VM's memory file
   std::string token_file;   // for lazymem:// snapshots; read by the agent
   bool prefetch = true;
+  // Destroying the AgentFirecrackerServe before Firecracker has connected withdraws the socket
+  // (the agent closes and removes it). False: it waits for its handshake regardless.
+  bool cancel_on_close = true;
 };
 
 // Holds the control connection on which the agent reports on one Firecracker restore. Relative

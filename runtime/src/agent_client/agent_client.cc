@@ -232,6 +232,7 @@ Result<std::unique_ptr<AgentFirecrackerServe>> AgentFirecrackerServe::start(cons
   fc.setSnapshot(snapshot);
   fc.setTokenFile(token_file);
   fc.setPrefetch(options.prefetch);
+  fc.setCancelOnClose(options.cancel_on_close);
   LAZYMEM_TRY(agent::send_frame_fd(impl->sock.get(), b, {}, -1));
   std::unique_ptr<AgentFirecrackerServe> out(new AgentFirecrackerServe(std::move(impl)));
   Status first = out->wait_event(std::chrono::seconds(30));  // the socket listens, or why not
