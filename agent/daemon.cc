@@ -26,6 +26,7 @@
 #include "agent.capnp.h"
 #include "agent_client/unix_channel.h"
 #include "core/log.h"
+#include "net/auth.h"
 #include "net/metrics_endpoint.h"
 #include "source.h"
 #include "sys/unix_listeners.h"
@@ -272,7 +273,7 @@ struct Daemon::Impl {
     auto it = sources.find(location);
     if (it != sources.end() && (version == 0 || it->second->manifest().checksum == version)) return it->second;
     RestoreOptions ro;
-    ro.token_file = token_file.empty() ? opt.token_file : token_file;
+    ro.token_file = token_file;  // the request's own: the agent's --token-file is for its --snapshot only
     LAZYMEM_ASSIGN_OR_RETURN(auto src, open_chunk_source(location, ro));
     sources[location] = src;  // the store's version now: what the next client will have read
     if (version != 0 && src->manifest().checksum != version) {
@@ -384,14 +385,9 @@ struct Daemon::Impl {
     }
   }
 
-  // `lazymem-agent restore --firecracker-socket PATH --snapshot URI`: a per-VM handshake socket.
-  Status open_fc_listener(Conn& c, uint64_t id, pa::ServeFirecracker::Reader r) {
-    std::string path = r.getSocketPath().cStr(), snap = r.getSnapshot().cStr(), token = r.getTokenFile().cStr();
-    if (path.empty() || snap.empty()) return Error(Errc::kInvalidArgument, "need a socket path and a snapshot");
-    LAZYMEM_TRY(require_absolute("socket path", path));
-    LAZYMEM_TRY(require_absolute_location(snap));
-    LAZYMEM_TRY(require_absolute("token file", token));
-    // Open the snapshot now: a wrong location is reported to the operator, not to the VM later.
+  // The snapshot a handshake socket is to serve, opened when the socket is asked for: a wrong
+  // location is told to whoever asked (the operator), not found by the VM later.
+  Status check_vm_snapshot(const std::string& snap, const std::string& token) {
     LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(snap, token));
     for (const auto& reg : src->manifest().regions) {
       if (reg.kind != RegionKind::kRawFile) {
@@ -400,6 +396,17 @@ struct Daemon::Impl {
                                                          snap, reg.name));
       }
     }
+    return ok_status();
+  }
+
+  // `lazymem-agent restore --firecracker-socket PATH --snapshot URI`: a per-VM handshake socket.
+  Status open_fc_listener(Conn& c, uint64_t id, pa::ServeFirecracker::Reader r) {
+    std::string path = r.getSocketPath().cStr(), snap = r.getSnapshot().cStr(), token = r.getTokenFile().cStr();
+    if (path.empty() || snap.empty()) return Error(Errc::kInvalidArgument, "need a socket path and a snapshot");
+    LAZYMEM_TRY(require_absolute("socket path", path));
+    LAZYMEM_TRY(require_absolute_location(snap));
+    LAZYMEM_TRY(require_absolute("token file", token));
+    LAZYMEM_TRY(check_vm_snapshot(snap, token));
     // A user other than root gets the socket only in a directory of its own, owned by it.
     uid_t owner = c.uid == ::geteuid() ? static_cast<uid_t>(-1) : c.uid;
     uid_t dir_owner = c.uid == 0 ? static_cast<uid_t>(-1) : c.uid;
@@ -788,11 +795,21 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
   im.epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
   im.stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!im.epoll_fd.valid() || !im.stop_fd.valid()) return sys_error("epoll/eventfd for the agent", errno);
-  LAZYMEM_ASSIGN_OR_RETURN(im.listen_fd, listen_unix(options.socket_path, options.socket_group));
+  // What the daemon was given is checked before it listens: a wrong file is said at start, not
+  // at the first VM's handshake, and nothing is left at the socket paths.
+  if (!options.token_file.empty()) {
+    auto token = net::read_token_file(options.token_file);
+    if (!token.ok()) return std::move(token).error().wrap("--token-file");
+  }
   if (!options.firecracker_socket.empty()) {
     if (options.firecracker_snapshot.empty()) {
       return Error(Errc::kInvalidArgument, "--firecracker-socket needs --snapshot (the VM memory snapshot to serve)");
     }
+    Status snap = im.check_vm_snapshot(options.firecracker_snapshot, options.token_file);
+    if (!snap.ok()) return std::move(snap).error().wrap("--snapshot");
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(im.listen_fd, listen_unix(options.socket_path, options.socket_group));
+  if (!options.firecracker_socket.empty()) {
     LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fc, listen_unix(options.firecracker_socket, options.socket_group));
     int f = fc.get();
     im.add(f, tag(kFcListen, f));

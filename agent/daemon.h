@@ -21,7 +21,9 @@ struct DaemonOptions {
   gid_t socket_group = static_cast<gid_t>(-1);  // if set: socket is 0660 with this group
   std::string firecracker_socket;      // optional: Firecracker UFFD handshake socket
   std::string firecracker_snapshot;    // the snapshot (of the VM's memory file) it serves
-  std::string token_file;              // page-server token for lazymem:// snapshots
+  // Page-server token for firecracker_snapshot. Requests (processes, `lazymem-agent restore`)
+  // name their own: the agent does not lend its token to its clients.
+  std::string token_file;
   std::string metrics_address;         // optional HOST:PORT: Prometheus text exposition
   fault::EngineOptions engine;
 };

@@ -40,12 +40,22 @@ int run_daemon(const std::vector<std::string>& args) {
   desc.add_options()(
       "socket", po::value<std::string>()->default_value(lazymem::kDefaultAgentSocket), "control socket (0600)")(
       "group", po::value<std::string>(), "also let this group use the socket (0660)")(
-      "firecracker-socket", po::value<std::string>(), "accept Firecracker's UFFD handshake here")(
+      "firecracker-socket", po::value<std::string>(), "accept Firecracker's UFFD handshake here (needs --snapshot)")(
       "snapshot", po::value<std::string>(), "with --firecracker-socket: the VM memory snapshot to serve")(
-      "token-file", po::value<std::string>(), "page-server token for lazymem:// snapshots")(
+      "token-file", po::value<std::string>(),
+      "page-server token for --snapshot (lazymem://) only: processes and `lazymem-agent restore` give their own")(
       "fault-deadline-ms", po::value<unsigned>()->default_value(30000), "a faulting thread waits at most this long")(
       "metrics", po::value<std::string>(), "serve Prometheus text metrics on HOST:PORT (e.g. 127.0.0.1:9477)");
   auto vm = lazymem::cli::parse(args, desc);
+  // Flags that would do nothing are refused, not ignored.
+  if (vm.count("firecracker-socket") != vm.count("snapshot")) {
+    throw std::invalid_argument("--firecracker-socket and --snapshot go together (the socket serves that VM memory "
+                                "snapshot; processes name their own snapshot)");
+  }
+  if (vm.count("token-file") && !vm.count("snapshot")) {
+    throw std::invalid_argument("--token-file is the page-server token for --snapshot; processes and `lazymem-agent "
+                                "restore` give their own");
+  }
   lazymem::agent::DaemonOptions o;
   o.socket_path = vm["socket"].as<std::string>();
   if (vm.count("group")) {

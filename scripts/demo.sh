@@ -60,7 +60,7 @@ echo "page server counters:"
 step "5. through the agent: lazymem-agent owns the uffd and serves the faults from the page server"
 agent="$build/agent/lazymem-agent"
 mkfifo "$work/agent-ready"
-"$agent" run --socket "$work/agent.sock" --token-file "$work/token" >"$work/agent-ready" 2>"$work/agent.log" &
+"$agent" run --socket "$work/agent.sock" >"$work/agent-ready" 2>"$work/agent.log" &
 agent_pid=$!
 daemons+=("$agent_pid")
 read -r _ sock <"$work/agent-ready" || true   # "listening on PATH"

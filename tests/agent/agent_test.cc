@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "../common/spawned_server.h"
 #include "../common/test_data.h"
 #include "agent.capnp.h"
 #include "agent_client/unix_channel.h"
@@ -841,6 +842,34 @@ TEST_F(AgentTest, InterruptedRestoreCliLeavesNoSocket) {
   ASSERT_TRUE(js.ok()) << js.error().message();
   EXPECT_EQ(waiting_sockets(nlohmann::json::parse(*js)), std::vector<std::string>{fc}) << *js;
   EXPECT_EQ(in_child([&] { return firecracker_vm(fc, image, false); }), 0);
+}
+
+// The agent's --token-file is for its own --snapshot: a `restore` request for a page server's
+// snapshot that names no token is refused by that server, never let in on the agent's token.
+TEST_F(AgentTest, TokenIsNotLentToRequests) {
+  const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
+  ASSERT_NE(pageserver, nullptr) << "run through meson test";
+  std::filesystem::create_directories(dir_.path() + "/store");
+  RAW_IMAGE_AT(image, 1 * kMiB, 58, vm, dir_.path() + "/store/vm");
+  const std::string token = dir_.path() + "/token";
+  std::ofstream(token) << "a secret only root can read\n";
+  testing::SpawnedServer server(pageserver, dir_.path() + "/store", {"--token-file", token});
+  server.start();
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = vm;
+  o.token_file = token;
+  start_daemon(o);
+  FirecrackerServeOptions f;
+  f.socket_path = dir_.path() + "/vm.sock";
+  f.snapshot = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
+  auto refused = AgentFirecrackerServe::start(socket_, f);
+  ASSERT_FALSE(refused.ok()) << "served on the agent's token";
+  EXPECT_NE(refused.error().message().find("requires a token"), std::string::npos) << refused.error().message();
+  f.token_file = token;  // its own: served
+  auto served = AgentFirecrackerServe::start(socket_, f);
+  ASSERT_TRUE(served.ok()) << served.error().message();
+  EXPECT_EQ(in_child([&] { return firecracker_vm(f.socket_path, image, false); }), 0);
 }
 
 }  // namespace

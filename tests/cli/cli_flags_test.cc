@@ -9,6 +9,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 
 #include "../common/test_data.h"
@@ -145,6 +146,37 @@ TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
   CliRun r = agent("run --socket " + dir_.path() + "/no/such/dir/agent.sock");
   EXPECT_EQ(r.status, 1) << r.out;
   EXPECT_NE(r.out.find("does it exist?"), std::string::npos) << r.out;
+}
+
+// `lazymem-agent run` checks what it is given before it serves: a flag that would do nothing is
+// refused (2), a token file or snapshot it cannot use is a failure (1), said at start rather than
+// at the first VM's handshake. (A daemon that started anyway is stopped by timeout: 124.)
+TEST_F(CliFlagsTest, AgentRunChecksItsInputsAtStart) {
+  const std::string sock = " --socket " + dir_.path() + "/agent.sock", fc = " --firecracker-socket " + dir_.path() + "/fc.sock";
+  const std::string cmd = "lazymem-agent run";
+  expect_refused(agent("run --snapshot " + dir_.path() + "/vm" + sock), "--firecracker-socket and --snapshot go together", cmd);
+  expect_refused(agent("run" + fc + sock), "--firecracker-socket and --snapshot go together", cmd);
+  expect_refused(agent("run --token-file " + dir_.path() + "/token" + sock), "--token-file is the page-server token for --snapshot",
+                 cmd);
+  CliRun help = agent("run --help");
+  EXPECT_NE(help.out.find("page-server token for --snapshot"), std::string::npos) << help.out;
+
+  CliRun r = agent("run" + fc + " --snapshot " + dir_.path() + "/nosuch" + sock);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("--snapshot: snapshot " + dir_.path() + "/nosuch not found"), std::string::npos) << r.out;
+  std::string image = dir_.path() + "/guest.mem", vm = dir_.path() + "/vm";
+  std::ofstream(image) << std::string(1 << 20, 'x');
+  r = agent("snapshot --raw " + image + " " + vm);
+  ASSERT_EQ(r.status, 0) << r.out;
+  r = agent("run" + fc + " --snapshot " + vm + " --token-file /nonexistent" + sock);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("--token-file: token file /nonexistent cannot be read"), std::string::npos) << r.out;
+  std::ofstream(dir_.path() + "/empty");
+  r = agent("run" + fc + " --snapshot " + vm + " --token-file " + dir_.path() + "/empty" + sock);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("--token-file: token file " + dir_.path() + "/empty holds 0 characters"), std::string::npos) << r.out;
+  struct stat st {};
+  EXPECT_NE(::stat((dir_.path() + "/agent.sock").c_str(), &st), 0) << "a daemon that did not start left its socket";
 }
 
 }  // namespace
