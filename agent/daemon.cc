@@ -37,13 +37,17 @@ namespace {
 
 // epoll tags: kind << 32 | fd. Kind 0 is for the single objects below.
 constexpr uint64_t kListenTag = 1, kStopTag = 3, kEngineTag = 4, kMetricsTag = 5;
-enum Kind : uint64_t { kSingle = 0, kConn = 1, kPidfd = 2, kFcListen = 3, kFcConn = 4, kFcTimer = 5 };
+enum Kind : uint64_t { kSingle = 0, kConn = 1, kPidfd = 2, kFcListen = 3, kFcConn = 4, kFcTimer = 5, kNoticeTimer = 6 };
 uint64_t tag(Kind k, int fd) { return (uint64_t{k} << 32) | static_cast<uint32_t>(fd); }
 
 constexpr size_t kMaxHandshake = 1 << 20;    // Firecracker's region JSON, at most
 constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
 constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
 constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
+// A client told of a failure has this long to say so (failureSeen) before its failed pages are
+// poisoned anyway: its faulting threads wait meanwhile, and a client that never answers (stuck
+// writing to its stderr, say) must not leave them waiting for good.
+constexpr int kFailureNoticeMs = 1000;
 
 struct Conn {
   sys::UniqueFd fd;
@@ -63,6 +67,10 @@ struct Served {
   uint64_t reply_id = 0;    // request id the complete / failed notices answer
   sys::UniqueFd peer_sock;  // Firecracker's handshake connection, held open while we serve it
   std::string name;         // the engine session's name; forked children's are "<name>/fork..."
+  // Its failed pages wait to be poisoned until the client has said why (Restore
+  // announcesFailures): released on its failureSeen, its connection closing, or notice_timer.
+  bool hold_failures = false;
+  sys::UniqueFd notice_timer;
 };
 
 // A socket accepting Firecracker's UFFD handshake, and the snapshot it serves.
@@ -285,33 +293,48 @@ struct Daemon::Impl {
     return src;
   }
 
-  Result<fault::SessionId> serve(const std::string& name, sys::UniqueFd uffd, uint64_t features,
-                                 const std::string& location, const std::string& token_file, uint64_t version,
-                                 std::vector<fault::MappedRange> ranges, pid_t pid, uid_t uid, bool prefetch, int conn_fd,
-                                 uint64_t reply_id) {
-    if (ranges.empty()) return Error(Errc::kInvalidArgument, "an empty region table");
-    LAZYMEM_TRY(check_ranges_mapped(pid, ranges));
-    LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(location, token_file, version));
-    sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
-    if (!pidfd.valid()) return sys_error(fmt::format("pidfd_open({})", pid), errno);
+  // What a session is made of: a process's Restore request, or Firecracker's handshake.
+  struct ServeRequest {
+    std::string name;  // the engine session's
+    sys::UniqueFd uffd;
+    uint64_t features = 0;  // negotiated on the uffd
+    std::string location, token_file;
+    uint64_t version = 0;  // the manifest checksum the client read (0: not checked)
+    std::vector<fault::MappedRange> ranges;
+    pid_t pid = 0;
+    uid_t uid = 0;
+    bool prefetch = true;
+    bool hold_failures = false;  // the client says why before its failed pages are poisoned
+    int conn_fd = -1;            // told of complete / failed
+    uint64_t reply_id = 0;
+  };
+
+  Result<fault::SessionId> serve(ServeRequest rq) {
+    if (rq.ranges.empty()) return Error(Errc::kInvalidArgument, "an empty region table");
+    LAZYMEM_TRY(check_ranges_mapped(rq.pid, rq.ranges));
+    LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(rq.location, rq.token_file, rq.version));
+    sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, rq.pid, 0)));
+    if (!pidfd.valid()) return sys_error(fmt::format("pidfd_open({})", rq.pid), errno);
     fault::SessionSpec spec;
-    spec.name = name;
-    spec.uffd = sys::Uffd::adopt(std::move(uffd), features);
+    spec.name = rq.name;
+    spec.uffd = sys::Uffd::adopt(std::move(rq.uffd), rq.features);
     spec.source = src;
-    spec.ranges = std::move(ranges);
-    spec.pid = pid;
-    spec.prefetch = prefetch;
+    spec.ranges = std::move(rq.ranges);
+    spec.pid = rq.pid;
+    spec.prefetch = rq.prefetch;
+    spec.hold_failures = rq.hold_failures;
     LAZYMEM_ASSIGN_OR_RETURN(fault::SessionId id, engine->add_session(std::move(spec)));
     add(pidfd.get(), tag(kPidfd, pidfd.get()));
     Served& sv = served[id];
     sv.session = id;
-    sv.pid = pid;
-    sv.uid = uid;
-    sv.conn_fd = conn_fd;
+    sv.pid = rq.pid;
+    sv.uid = rq.uid;
+    sv.conn_fd = rq.conn_fd;
     sv.pidfd = std::move(pidfd);
-    sv.reply_id = reply_id;
-    sv.name = name;
-    log->info("serving pid {} ({}) from {}", pid, name, location);
+    sv.reply_id = rq.reply_id;
+    sv.name = rq.name;
+    sv.hold_failures = rq.hold_failures;
+    log->info("serving pid {} ({}) from {}", rq.pid, rq.name, rq.location);
     changed();
     return id;
   }
@@ -320,11 +343,54 @@ struct Daemon::Impl {
   Result<fault::SessionId> serve_restore(Conn& c, pa::Restore::Reader r, sys::UniqueFd uffd) {
     LAZYMEM_TRY(require_absolute_location(r.getSnapshot().cStr()));
     LAZYMEM_TRY(require_absolute("token file", r.getTokenFile().cStr()));
-    std::vector<fault::MappedRange> ranges;
-    for (auto m : r.getRanges()) ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
-    return serve(fmt::format("pid {}", c.pid), std::move(uffd), r.getUffdFeatures(), r.getSnapshot().cStr(),
-                 r.getTokenFile().cStr(), r.getManifestChecksum(), std::move(ranges), c.pid, c.uid, r.getPrefetch(),
-                 c.fd.get(), 0);
+    ServeRequest rq;
+    rq.name = fmt::format("pid {}", c.pid);
+    rq.uffd = std::move(uffd);
+    rq.features = r.getUffdFeatures();
+    rq.location = r.getSnapshot().cStr();
+    rq.token_file = r.getTokenFile().cStr();
+    rq.version = r.getManifestChecksum();
+    for (auto m : r.getRanges()) rq.ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
+    rq.pid = c.pid;
+    rq.uid = c.uid;
+    rq.prefetch = r.getPrefetch();
+    rq.hold_failures = r.getAnnouncesFailures();
+    rq.conn_fd = c.fd.get();
+    return serve(std::move(rq));
+  }
+
+  // Gives the client kFailureNoticeMs to answer the failed notice. False if no timer could be made.
+  bool arm_notice_timer(Served& sv) {
+    sv.notice_timer.reset(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
+    if (!sv.notice_timer.valid()) return false;
+    itimerspec its{};
+    its.it_value.tv_sec = kFailureNoticeMs / 1000;
+    its.it_value.tv_nsec = (kFailureNoticeMs % 1000) * 1'000'000L;
+    ::timerfd_settime(sv.notice_timer.get(), 0, &its, nullptr);
+    add(sv.notice_timer.get(), tag(kNoticeTimer, sv.notice_timer.get()));
+    return true;
+  }
+
+  void on_notice_timer(int tfd) {
+    for (auto& [id, sv] : served) {
+      if (sv.notice_timer.get() != tfd) continue;
+      log->warn("pid {}: did not answer its failure notice within {} ms; poisoning its failed pages", sv.pid,
+                kFailureNoticeMs);
+      release_failures(sv);
+      return;
+    }
+  }
+
+  // The failed pages of a session holding them are poisoned now: its client has said why (or
+  // had its time to, or has gone).
+  void release_failures(Served& sv) {
+    if (!sv.hold_failures) return;
+    sv.hold_failures = false;
+    engine->release_failures(sv.session);
+    if (sv.notice_timer.valid()) {
+      del(sv.notice_timer.get());
+      sv.notice_timer = sys::UniqueFd();
+    }
   }
 
   void on_request(Conn& c, net::Header& h) {
@@ -361,6 +427,11 @@ struct Daemon::Impl {
           return;
         }
         reply(c, id, [](auto b) { b.setAccepted(0); });
+        return;
+      }
+      if (rq.isFailureSeen()) {  // no reply: the client goes on waiting for complete
+        auto it = served.find(rq.getFailureSeen());
+        if (it != served.end() && it->second.conn_fd == c.fd.get()) release_failures(it->second);
         return;
       }
       if (rq.isStatus() || rq.isStats()) {
@@ -516,6 +587,7 @@ struct Daemon::Impl {
       if (info->failed && !s.reported) {
         s.reported = true;
         if (to >= 0) reply_on(to, s.reply_id, [&](auto b) { b.setFailed(info->failure); });
+        if (s.hold_failures && (to < 0 || !arm_notice_timer(s))) release_failures(s);  // nobody to wait for
       }
       if (info->complete) {
         // Every page is present: the process no longer needs us. Tell it, and let go of our
@@ -590,8 +662,11 @@ struct Daemon::Impl {
     if (c.buf.buffered() == 0) c.fds.clear();
     if (!s.ok()) {
       // The client's sessions go on (its process may still run); only the notifications stop.
-      for (auto& [id, sv] : served)
-        if (sv.conn_fd == fd) sv.conn_fd = -1;
+      for (auto& [id, sv] : served) {
+        if (sv.conn_fd != fd) continue;
+        sv.conn_fd = -1;
+        release_failures(sv);  // nobody left to say why first
+      }
       std::erase_if(waiters, [&](const Waiter& w) { return w.conn_fd == fd; });
       // A per-VM socket still waiting for Firecracker, asked for by a `restore` that was
       // interrupted: nobody would follow that VM's restore, and the path would stay taken.
@@ -728,8 +803,18 @@ struct Daemon::Impl {
     if (hs.fds.size() != 1) return refuse_handshake(hs, fmt::format("expected one uffd with the message, got {}", hs.fds.size()));
     // The uffd was created by Firecracker; the events it asked for are its business. We use
     // the ioctls only, which every uffd supports, and handle whatever events it delivers.
-    auto sid = serve(fmt::format("firecracker pid {}", hs.cred.pid), std::move(hs.fds[0]), 0, hs.snapshot, hs.token_file, 0,
-                     std::move(**parsed), hs.cred.pid, hs.cred.uid, hs.prefetch, hs.notify_conn, hs.notify_id);
+    ServeRequest rq;
+    rq.name = fmt::format("firecracker pid {}", hs.cred.pid);
+    rq.uffd = std::move(hs.fds[0]);
+    rq.location = hs.snapshot;
+    rq.token_file = hs.token_file;
+    rq.ranges = std::move(**parsed);
+    rq.pid = hs.cred.pid;
+    rq.uid = hs.cred.uid;
+    rq.prefetch = hs.prefetch;
+    rq.conn_fd = hs.notify_conn;
+    rq.reply_id = hs.notify_id;
+    auto sid = serve(std::move(rq));
     if (!sid.ok()) return refuse_handshake(hs, sid.error().message());
     if (hs.notify_conn >= 0 && conns.count(hs.notify_conn)) {
       reply_on(hs.notify_conn, hs.notify_id, [&](auto b) { b.setAccepted(*sid); });  // the VM's session
@@ -858,6 +943,7 @@ Status Daemon::run() {
         case kFcListen: im.accept_firecracker(fd); break;
         case kFcConn: im.on_handshake_data(fd); break;
         case kFcTimer: im.on_handshake_timer(fd); break;
+        case kNoticeTimer: im.on_notice_timer(fd); break;
       }
     }
   }

@@ -25,6 +25,10 @@ struct Restore {
   # wire.capnp's Hello.manifestChecksum). The agent serves that version or refuses the restore,
   # never another's pages. 0 (older clients): not checked.
   manifestChecksum @5 :UInt64;
+  # The client says why on its own stderr when told `failed`, and answers failureSeen: until then
+  # (or a second at most) the agent holds off poisoning the failed pages, so the process cannot
+  # die of SIGBUS before it has said why. False (older clients): poisoned at once.
+  announcesFailures @6 :Bool;
 }
 
 # Accept one Firecracker UFFD handshake on a new socket and serve that VM's guest memory from
@@ -53,6 +57,9 @@ struct Request {
     # past this value, at once if it already is. A session appearing, completing, failing or
     # ending moves it on.
     waitChange @5 :UInt64;
+    # Session id (a restore of this connection's, announcesFailures): its failure has been told;
+    # poison its failed pages now. No reply.
+    failureSeen @6 :UInt64;
   }
 }
 

@@ -5,10 +5,12 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -870,6 +872,123 @@ TEST_F(AgentTest, TokenIsNotLentToRequests) {
   auto served = AgentFirecrackerServe::start(socket_, f);
   ASSERT_TRUE(served.ok()) << served.error().message();
   EXPECT_EQ(in_child([&] { return firecracker_vm(f.socket_path, image, false); }), 0);
+}
+
+// A damaged chunk restored through the agent (fixture for the next two tests). A child restores
+// it with its stderr full (a pipe nobody reads yet: what it says waits in write()) and touches
+// the damaged page: it must die of SIGBUS, never read the bad bytes, never hang.
+class DamagedChunkTest : public AgentTest {
+ protected:
+  void SetUp() override {
+    AgentTest::SetUp();
+    if (IsSkipped()) return;
+    if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
+    loc_ = capture(4 * kMiB, 59);
+    auto m = read_manifest(loc_);
+    ASSERT_TRUE(m.ok()) << m.error().message();
+    const ChunkInfo& c0 = m->regions[0].chunks[0];
+    ASSERT_NE(c0.codec, Codec::kZero);
+    std::fstream f(loc_ + "/data", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
+    char ch;
+    f.get(ch);
+    f.seekp(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
+    f.put(static_cast<char>(ch ^ 0x10));
+  }
+  void TearDown() override {
+    if (stderr_ >= 0) ::close(stderr_);
+    if (reader_ > 0) {
+      ::kill(reader_, SIGKILL);
+      ::waitpid(reader_, nullptr, 0);
+    }
+    AgentTest::TearDown();
+  }
+
+  // Forks the child; stderr_ is the read end of its stderr.
+  void start_reader() {
+    int err[2];
+    ASSERT_EQ(::pipe2(err, O_CLOEXEC), 0);
+    reader_ = ::fork();
+    ASSERT_GE(reader_, 0);
+    if (reader_ == 0) {
+      ::dup2(err[1], STDERR_FILENO);
+      AgentRestoreOptions o;
+      o.prefetch = false;  // the access below is what finds the damage
+      auto r = AgentRestore::start(socket_, loc_, o);
+      if (!r.ok()) _exit(3);
+      volatile const std::byte* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+      if (!same(const_cast<const std::byte*>(got), kDefaultChunkSize, 4096)) _exit(4);  // the next chunk is fine
+      ::fcntl(STDERR_FILENO, F_SETFL, O_NONBLOCK);
+      while (::write(STDERR_FILENO, "................", 16) > 0) {
+      }
+      ::fcntl(STDERR_FILENO, F_SETFL, 0);
+      ::signal(SIGBUS, SIG_DFL);  // sanitizers install their own handler; we want the plain death
+      (void)got[0];
+      _exit(5);
+    }
+    ::close(err[1]);
+    stderr_ = err[0];
+  }
+
+  // Waits (each status change awaited) until the agent reports the chunk failed.
+  void await_failure() {
+    auto js = agent_query(socket_, false);
+    for (bool failed = false; js.ok() && !failed;) {
+      auto j = nlohmann::json::parse(*js);
+      for (const auto& e : j["sessions"]) failed = failed || e["failed"].get<bool>();
+      if (!failed) js = agent_wait_change(socket_, j["generation"].get<uint64_t>(), std::chrono::seconds(30));
+    }
+    ASSERT_TRUE(js.ok()) << "the agent never reported the damaged chunk: " << js.error().message();
+  }
+
+  // The child's end: how it died ("" for SIGBUS), within `within`.
+  std::string reader_end(std::chrono::milliseconds within) {
+    sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, reader_, 0)));
+    pollfd p{pidfd.get(), POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(within.count())) != 1) return "still running: a thread was left waiting";
+    int status = 0;
+    ::waitpid(reader_, &status, 0);
+    reader_ = -1;
+    if (!WIFSIGNALED(status)) return fmt::format("exited with {}", WEXITSTATUS(status));
+    return WTERMSIG(status) == SIGBUS ? "" : fmt::format("died of signal {}", WTERMSIG(status));
+  }
+
+  std::string loc_;
+  pid_t reader_ = -1;
+  int stderr_ = -1;
+};
+
+// The process says why on its own stderr, once, before the access dies of SIGBUS, as an
+// in-process restore does: the agent holds the poison until the client has said it. Its stderr
+// is read only once the agent has failed the chunk and served a whole other restore (its engine
+// thread has moved on past the failure, milliseconds ago): a poison that did not wait for the
+// line has killed the process by then, not only when its threads happen to run in that order.
+TEST_F(DamagedChunkTest, ClientSaysWhyBeforeSigbus) {
+  start_daemon();
+  start_reader();
+  await_failure();
+  std::string other = capture(1 * kMiB, 60, "other");
+  EXPECT_EQ(restore_in_child(other), 0);
+  std::string said;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(stderr_, buf, sizeof buf)) > 0) said.append(buf, static_cast<size_t>(n));
+  said.erase(0, said.find_first_not_of('.'));
+  EXPECT_EQ(reader_end(std::chrono::seconds(30)), "") << said;
+  const std::string line = "; failing accesses to the pages that could not be had";
+  size_t at = said.find(line);
+  EXPECT_NE(at, std::string::npos) << "nothing said before SIGBUS: " << said;
+  EXPECT_EQ(said.find(line, at + 1), std::string::npos) << "said more than once: " << said;
+  EXPECT_NE(said.find("session " + loc_ + ": lazymem-agent: "), std::string::npos) << said;
+}
+
+// A client that never says it (stuck writing to a stderr nobody reads) does not keep its
+// faulting thread waiting: the agent poisons the pages after a bounded wait.
+TEST_F(DamagedChunkTest, ClientThatNeverSaysIsNotLeftHanging) {
+  start_daemon();
+  start_reader();
+  await_failure();
+  EXPECT_EQ(reader_end(std::chrono::seconds(30)), "");
 }
 
 }  // namespace

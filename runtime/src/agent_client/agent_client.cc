@@ -16,6 +16,7 @@
 #include "agent.capnp.h"
 #include "agent_client/unix_channel.h"
 #include "core/log.h"
+#include "fault/fault_engine.h"
 #include "sys/mapping.h"
 #include "sys/uapi_compat.h"
 #include "sys/uffd.h"
@@ -45,6 +46,8 @@ Result<std::string> location_for_agent(const std::string& location) {
 }  // namespace
 
 struct AgentRestore::Impl {
+  std::string location;  // as the application gave it: names the restore in messages
+  uint64_t session = 0;  // the agent's id for it
   Manifest manifest;
   std::vector<sys::Mapping> mappings;
   std::vector<RestoredRegion> regions;
@@ -70,9 +73,14 @@ struct AgentRestore::Impl {
         buf.consume();
         if (reply.isComplete()) return finish(std::nullopt);
         if (reply.isFailed()) {
-          // The failed pages are poisoned by the agent; the rest keeps being served.
+          // Said here, in this process's stderr, as an in-process restore says it: the agent
+          // poisons the failed pages (the next access to one dies of SIGBUS) only once told it
+          // has been said. The rest keeps being served.
+          std::string why = fmt::format("lazymem-agent: {}", reply.getFailed().cStr());
+          fault::log_restore_failure(location, why);
+          (void)failure_seen();  // if it cannot be sent, the agent is gone: the next read says so
           std::lock_guard lock(mu);
-          failure = Error(Errc::kIo, fmt::format("lazymem-agent: {}", reply.getFailed().cStr()));
+          failure = Error(Errc::kIo, why);
           cv.notify_all();
         }
         continue;
@@ -80,6 +88,15 @@ struct AgentRestore::Impl {
       Status s = agent::recv_some(sock.get(), buf, fds, -1);
       if (!s.ok()) return on_agent_gone(s.error().message());
     }
+  }
+
+  // Tells the agent the failure has been said, so it poisons the failed pages now.
+  Status failure_seen() {
+    capnp::MallocMessageBuilder b;
+    auto rq = b.initRoot<pa::Request>();
+    rq.setId(4);
+    rq.setFailureSeen(session);
+    return agent::send_frame_fd(sock.get(), b, {}, -1);
   }
 
   void finish(std::optional<Error> err) {
@@ -122,6 +139,7 @@ AgentRestore::~AgentRestore() {
 Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& socket_path, const std::string& location,
                                                           const AgentRestoreOptions& options) {
   auto impl = std::make_unique<Impl>();
+  impl->location = location;
   LAZYMEM_ASSIGN_OR_RETURN(impl->manifest, read_manifest(location, options.token_file));
   const Manifest& m = impl->manifest;
   for (size_t i = 0; i < m.regions.size(); ++i) {
@@ -157,6 +175,7 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
   rs.setUffdFeatures(impl->uffd.features());
   rs.setTokenFile(agent_token_file);
   rs.setManifestChecksum(m.checksum);  // the agent serves this version or refuses
+  rs.setAnnouncesFailures(true);       // the watchdog says why before pages are poisoned
   auto ranges = rs.initRanges(static_cast<unsigned>(m.regions.size()));
   for (unsigned i = 0; i < m.regions.size(); ++i) {
     ranges[i].setStart(m.regions[i].start_address);
@@ -174,7 +193,10 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
       auto reply = h->root<pa::Reply>();
       impl->buf.consume();
       if (reply.isError()) return Error(Errc::kInvalidArgument, fmt::format("lazymem-agent refused the restore: {}", reply.getError().cStr()));
-      if (reply.isAccepted()) break;
+      if (reply.isAccepted()) {
+        impl->session = reply.getAccepted();
+        break;
+      }
       return Error(Errc::kProtocol, "lazymem-agent: unexpected reply to restore");
     }
     LAZYMEM_TRY(agent::recv_some(impl->sock.get(), impl->buf, fds, 30000));

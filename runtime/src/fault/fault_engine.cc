@@ -65,6 +65,10 @@ struct FaultEngine::Session {
   std::atomic<bool> complete{false};
   std::atomic<bool> failed{false};
   std::atomic<bool> exited{false};  // its process is gone (ESRCH): nothing more to serve
+  // Engine thread: SessionSpec::hold_failures until release_failures(); `held`: some failed
+  // chunk waits for that to be poisoned (the session is not complete meanwhile).
+  bool hold_failures = false;
+  bool held = false;
   bool removing = false;            // remove_session() was called (guarded by FaultEngine::mu_)
   std::string failure;  // guarded by FaultEngine::mu_
   bool live = false;    // reader open and fds in the epoll set (engine thread)
@@ -153,7 +157,10 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
   void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
   void mark_present(Session& s, ChunkRef ref);
+  void check_complete(Session& s);
   void fail_chunk(Session& s, ChunkRef ref, const Error& why);
+  void poison_chunk(Session& s, ChunkRef ref);
+  void release_failures(Session& s);
   void retry_or_fail(size_t slot, const Error& why);
 
   FaultEngine& e_;
@@ -239,6 +246,8 @@ void FaultEngine::Loop::process_commands() {
     Session& s = *it->second;
     if (c.kind == Command::kPrefetch) {
       s.prefetch = c.flag;
+    } else if (c.kind == Command::kReleaseFailures) {
+      release_failures(s);
     } else if (c.kind == Command::kRemove) {
       deactivate(s);
     }
@@ -778,8 +787,13 @@ void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fau
 
 void FaultEngine::Loop::mark_present(Session& s, ChunkRef ref) {
   s.state[ref.region][ref.chunk] = kPresent;
-  uint64_t present = ++s.chunks_present;
-  if (present + s.chunks_failed == s.chunks_total && !s.complete) {
+  ++s.chunks_present;
+  check_complete(s);
+}
+
+// Every chunk present or failed, and every failed page poisoned: nothing left to wait for.
+void FaultEngine::Loop::check_complete(Session& s) {
+  if (s.chunks_present + s.chunks_failed == s.chunks_total && !s.complete && !s.held) {
     std::lock_guard lock(e_.mu_);
     s.complete = true;
     e_.cv_.notify_all();
@@ -829,7 +843,16 @@ void FaultEngine::Loop::fail_chunk(Session& s, ChunkRef ref, const Error& why) {
     e_.cv_.notify_all();
     e_.signal_change();
   }
-  if (first_for_session) log_->error("session {}: {}; failing accesses to the pages that could not be had", s.name, why.message());
+  if (first_for_session) log_restore_failure(s.name, why.message());
+  if (s.hold_failures) {  // poisoned by release_failures(), once the process has been told
+    s.held = true;
+    return;
+  }
+  poison_chunk(s, ref);
+  if (first_for_chunk) check_complete(s);
+}
+
+void FaultEngine::Loop::poison_chunk(Session& s, ChunkRef ref) {
   uint64_t off = static_cast<uint64_t>(ref.chunk) * s.chunk_size();
   uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
   if (e_.features_.has_uffd_poison()) {
@@ -846,6 +869,19 @@ void FaultEngine::Loop::fail_chunk(Session& s, ChunkRef ref, const Error& why) {
     log_->error("session {}: kernel has no UFFDIO_POISON; killing pid {} rather than leave it hanging", s.name, s.pid);
     ::kill(s.pid, SIGKILL);
   }
+}
+
+void FaultEngine::Loop::release_failures(Session& s) {
+  s.hold_failures = false;
+  if (!s.held) return;
+  s.held = false;
+  // The chunks failed so far, where the map puts them now (it may have changed since).
+  for (uint32_t region = 0; region < s.state.size(); ++region) {
+    for (uint32_t chunk = 0; chunk < s.state[region].size(); ++chunk) {
+      if (s.state[region][chunk] == kFailed) poison_chunk(s, ChunkRef{region, chunk});
+    }
+  }
+  check_complete(s);
 }
 
 // ---- the loop ----
@@ -918,6 +954,10 @@ void FaultEngine::Loop::run() {
 
 // ---- FaultEngine ----
 
+void log_restore_failure(const std::string& session, const std::string& why) {
+  log::get("runtime")->error("session {}: {}; failing accesses to the pages that could not be had", session, why);
+}
+
 FaultEngine::FaultEngine(const KernelFeatures& features, EngineOptions options)
     : features_(features), options_(options), control_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
       changes_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
@@ -957,6 +997,7 @@ Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
   s->name = spec.name;
   s->pid = spec.pid;
   s->prefetch = spec.prefetch;
+  s->hold_failures = spec.hold_failures;
   s->follower = std::move(spec.follower);
   s->uffd = std::move(spec.uffd);
   s->source = std::move(spec.source);
@@ -990,6 +1031,14 @@ void FaultEngine::remove_session(SessionId id) {
     // Gone from sessions() at once, although the engine thread closes it a moment later.
     if (auto it = sessions_.find(id); it != sessions_.end()) it->second->removing = true;
     commands_.push_back(Command{Command::kRemove, id, false});
+  }
+  notify();
+}
+
+void FaultEngine::release_failures(SessionId id) {
+  {
+    std::lock_guard lock(mu_);
+    commands_.push_back(Command{Command::kReleaseFailures, id, false});
   }
   notify();
 }

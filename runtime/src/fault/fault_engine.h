@@ -51,6 +51,11 @@ struct SessionSpec {
   // Faults resolved by the faulting threads themselves (uffd in SIGBUS mode): the engine only
   // prefetches and applies events, keeping this follower's view of the map in step.
   std::shared_ptr<MapFollower> follower;
+  // The pages of chunks that cannot be had are poisoned only once release_failures() is called:
+  // the process is told first, and says why, before an access can die of SIGBUS (a process
+  // restoring through the agent). Threads faulting on them wait meanwhile (the session is not
+  // complete either); whoever sets this bounds that wait. Not inherited by forked children.
+  bool hold_failures = false;
 };
 
 struct SessionInfo {
@@ -82,6 +87,11 @@ struct EngineOptions {
   bool cpu_latency_qos = true;
 };
 
+// The one line that says why a restore's pages could not all be had, logged before any of them
+// is poisoned: by the engine for a restore in this process, and by the watchdog of a process
+// restoring through the agent (in its own stderr, not only in the agent's log).
+void log_restore_failure(const std::string& session, const std::string& why);
+
 class FaultEngine {
  public:
   FaultEngine(const KernelFeatures& features, EngineOptions options = {});
@@ -102,6 +112,8 @@ class FaultEngine {
   void remove_session(SessionId id);
   // Turns background prefetch on or off for a session.
   void set_prefetch(SessionId id, bool on);
+  // A hold_failures session: poisons the pages of its failed chunks, now and from now on.
+  void release_failures(SessionId id);
 
   std::optional<SessionInfo> session_info(SessionId id) const;
   std::vector<SessionInfo> sessions() const;
@@ -134,7 +146,7 @@ class FaultEngine {
   std::condition_variable cv_;
   std::unordered_map<SessionId, std::shared_ptr<Session>> sessions_;
   struct Command {
-    enum Kind { kAdd, kRemove, kPrefetch } kind;
+    enum Kind { kAdd, kRemove, kPrefetch, kReleaseFailures } kind;
     SessionId id;
     bool flag;
   };
