@@ -74,6 +74,25 @@ struct Served {
 };
 
 // A socket accepting Firecracker's UFFD handshake, and the snapshot it serves.
+// Where a listening socket's file is. Removed through the directory it was made in, and only
+// while that name still holds the very file it bound: the agent runs as root, and a user who
+// owns the directory could otherwise swap in a symlink (for the directory or the name) and have
+// it remove any file.
+struct SocketFile {
+  sys::UniqueFd dir;
+  std::string name;
+  dev_t dev = 0;
+  ino_t ino = 0;
+
+  void remove() const {
+    struct stat st {};
+    if (dir.valid() && ::fstatat(dir.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISSOCK(st.st_mode) &&
+        st.st_dev == dev && st.st_ino == ino) {
+      ::unlinkat(dir.get(), name.c_str(), 0);
+    }
+  }
+};
+
 struct FcListener {
   sys::UniqueFd fd;
   std::string path, snapshot, token_file;
@@ -84,6 +103,7 @@ struct FcListener {
   bool cancel_on_close = false;  // closed, unhandshaken, when notify_conn closes
   uid_t uid = 0;                 // who asked for it (status shows it to that user)
   pid_t pid = 0;                 // the requesting process (0: the daemon's own)
+  SocketFile file;
 };
 
 // A Firecracker connection whose handshake message has not fully arrived yet.
@@ -102,8 +122,8 @@ struct FcHandshake {
 // (when not -1). The parent directory is opened first and everything after goes through it, so
 // a peer that owns the directory cannot redirect us with a symlink; `require_dir_owner` (when
 // not -1) must own that directory. Only a stale socket is ever removed at the path.
-Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, uid_t owner = static_cast<uid_t>(-1),
-                                  uid_t require_dir_owner = static_cast<uid_t>(-1)) {
+Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, SocketFile* file,
+                                  uid_t owner = static_cast<uid_t>(-1), uid_t require_dir_owner = static_cast<uid_t>(-1)) {
   size_t slash = path.rfind('/');
   std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
@@ -146,11 +166,20 @@ Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, uid_t ow
   int r = ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
   ::umask(old);
   if (r != 0) return sys_error("bind " + path, errno);
+  if (::fstatat(dfd.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return sys_error("stat " + path, errno);
+  const int dir_fd = dfd.get();
+  *file = SocketFile{std::move(dfd), name, st.st_dev, st.st_ino};  // from here on, removed with the socket
   if ((grouped || owner != static_cast<uid_t>(-1)) &&
-      ::fchownat(dfd.get(), name.c_str(), owner, grouped ? group : static_cast<gid_t>(-1), AT_SYMLINK_NOFOLLOW) != 0) {
-    return sys_error("chown " + path, errno);
+      ::fchownat(dir_fd, name.c_str(), owner, grouped ? group : static_cast<gid_t>(-1), AT_SYMLINK_NOFOLLOW) != 0) {
+    const int e = errno;
+    file->remove();
+    return sys_error("chown " + path, e);
   }
-  if (::listen(fd.get(), 128) != 0) return sys_error("listen " + path, errno);
+  if (::listen(fd.get(), 128) != 0) {
+    const int e = errno;
+    file->remove();
+    return sys_error("listen " + path, e);
+  }
   return fd;
 }
 
@@ -230,6 +259,7 @@ struct Daemon::Impl {
   KernelFeatures kf;
   std::unique_ptr<fault::FaultEngine> engine;
   sys::UniqueFd listen_fd, epoll_fd, stop_fd;
+  SocketFile listen_file;
   std::unique_ptr<net::MetricsEndpoint> metrics;  // --metrics
   std::map<int, std::unique_ptr<Conn>> conns;
   std::map<int, FcListener> fc_listeners;
@@ -481,11 +511,12 @@ struct Daemon::Impl {
     // A user other than root gets the socket only in a directory of its own, owned by it.
     uid_t owner = c.uid == ::geteuid() ? static_cast<uid_t>(-1) : c.uid;
     uid_t dir_owner = c.uid == 0 ? static_cast<uid_t>(-1) : c.uid;
-    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, listen_unix(path, static_cast<gid_t>(-1), owner, dir_owner));
+    SocketFile file;
+    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, listen_unix(path, static_cast<gid_t>(-1), &file, owner, dir_owner));
     int f = fd.get();
     add(f, tag(kFcListen, f));
     fc_listeners[f] = FcListener{std::move(fd), path, snap, token, r.getPrefetch(), true, c.fd.get(), id,
-                                 r.getCancelOnClose(), c.uid, c.pid};
+                                 r.getCancelOnClose(), c.uid, c.pid, std::move(file)};
     log->info("pid {}: accepting a Firecracker handshake on {} for {}", c.pid, path, snap);
     changed();  // status shows it waiting
     return ok_status();
@@ -494,7 +525,7 @@ struct Daemon::Impl {
   // A handshake socket is done with (its one handshake came, or whoever waited on it left).
   void close_fc_listener(std::map<int, FcListener>::iterator it) {
     del(it->first);
-    ::unlink(it->second.path.c_str());
+    it->second.file.remove();
     fc_listeners.erase(it);
     changed();
   }
@@ -893,13 +924,14 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
     Status snap = im.check_vm_snapshot(options.firecracker_snapshot, options.token_file);
     if (!snap.ok()) return std::move(snap).error().wrap("--snapshot");
   }
-  LAZYMEM_ASSIGN_OR_RETURN(im.listen_fd, listen_unix(options.socket_path, options.socket_group));
+  LAZYMEM_ASSIGN_OR_RETURN(im.listen_fd, listen_unix(options.socket_path, options.socket_group, &im.listen_file));
   if (!options.firecracker_socket.empty()) {
-    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fc, listen_unix(options.firecracker_socket, options.socket_group));
+    SocketFile file;
+    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fc, listen_unix(options.firecracker_socket, options.socket_group, &file));
     int f = fc.get();
     im.add(f, tag(kFcListen, f));
     im.fc_listeners[f] = FcListener{std::move(fc), options.firecracker_socket, options.firecracker_snapshot,
-                                    options.token_file, true, false, -1, 0, false, ::geteuid(), 0};
+                                    options.token_file, true, false, -1, 0, false, ::geteuid(), 0, std::move(file)};
   }
   if (!options.metrics_address.empty()) {
     LAZYMEM_ASSIGN_OR_RETURN(im.metrics, net::MetricsEndpoint::listen(options.metrics_address));
@@ -918,8 +950,8 @@ Daemon::~Daemon() {
   // daemon owns is never removed.
   if (!impl_) return;
   if (impl_->engine) impl_->engine->stop();
-  if (impl_->listen_fd.valid()) ::unlink(impl_->opt.socket_path.c_str());
-  for (const auto& [fd, l] : impl_->fc_listeners) ::unlink(l.path.c_str());
+  impl_->listen_file.remove();
+  for (const auto& [fd, l] : impl_->fc_listeners) l.file.remove();
 }
 
 Status Daemon::run() {

@@ -790,6 +790,36 @@ std::vector<std::string> waiting_sockets(const nlohmann::json& status) {
 // An interrupted `lazymem-agent restore` (Ctrl-C while it waits for Firecracker) leaves nothing
 // armed: the agent closes and removes the VM's socket, and the same command then works again.
 // With --no-wait the socket stays, as asked, until its VM comes. Status shows a waiting socket.
+// The agent runs as root and removes the sockets it made: only those. A user who owns the
+// socket's directory swaps it for a symlink to another directory holding a file of the socket's
+// name, then lets the restore go: that file stays (the removal goes through the directory the
+// socket was made in, and checks the name still holds the socket it bound).
+TEST_F(AgentTest, RemovingASocketFollowsNoSymlink) {
+  RAW_IMAGE(image, 1 * kMiB, 58, loc);
+  start_daemon();
+  const std::string d = dir_.path() + "/vmdir", moved = dir_.path() + "/vmdir.moved", victim = dir_.path() + "/victim";
+  ASSERT_TRUE(std::filesystem::create_directory(d));
+  ASSERT_TRUE(std::filesystem::create_directory(victim));
+  std::ofstream(victim + "/vm.sock") << "precious";
+  // A restore request whose connection closes before the handshake (cancelOnClose).
+  FirecrackerServeOptions fo;
+  fo.socket_path = d + "/vm.sock";
+  fo.snapshot = loc;
+  auto serve = AgentFirecrackerServe::start(socket_, fo);
+  ASSERT_TRUE(serve.ok()) << serve.error().message();
+  std::filesystem::rename(d, moved);
+  std::filesystem::create_directory_symlink(victim, d);
+  auto js = agent_query(socket_, false);
+  ASSERT_TRUE(js.ok()) << js.error().message();
+  serve->reset();  // the connection closes (cancel_on_close): the agent removes its socket
+  while (js.ok() && !waiting_sockets(nlohmann::json::parse(*js)).empty()) {
+    js = agent_wait_change(socket_, nlohmann::json::parse(*js)["generation"].get<uint64_t>(), std::chrono::seconds(5));
+  }
+  ASSERT_TRUE(js.ok()) << js.error().message();
+  EXPECT_TRUE(std::filesystem::exists(victim + "/vm.sock")) << "the agent removed a file through a symlink";
+  EXPECT_FALSE(std::filesystem::exists(moved + "/vm.sock")) << "its own socket was left";
+}
+
 TEST_F(AgentTest, InterruptedRestoreCliLeavesNoSocket) {
   ASSERT_FALSE(agent_bin().empty());
   RAW_IMAGE(image, 4 * kMiB, 57, loc);

@@ -75,7 +75,14 @@ class LocalSink final : public SnapshotSink {
     if (replace_ && ::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
       // What was swapped out is deleted: it must be a snapshot, whatever was there at open.
       if (!is_snapshot_dir(tmp_dir_)) {
-        (void)::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE);
+        if (::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0) {
+          // Not swapped back: the directory stays where it is now, and is not deleted with ours.
+          const int e = errno;
+          committed_ = true;
+          lock_.reset();
+          return sys_error(fmt::format("{} was not a lazymem snapshot, and putting it back failed: it is now at {} "
+                                       "(move it back by hand; the new snapshot took its place)", final_dir, tmp_dir_), e);
+        }
         return not_a_snapshot(final_dir, "replacing");
       }
       std::error_code ec;
@@ -325,7 +332,7 @@ size_t gc_leftovers(const std::string& store_dir) {
     const std::string name = entry.path().filename().string();
     const auto pid = leftover_pid(name);
     if (!pid || *pid == ::getpid() || ::kill(*pid, 0) == 0 || errno != ESRCH) continue;
-    sys::UniqueFd data(::open((entry.path() / kDataFile).c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK));
+    sys::UniqueFd data(::open((entry.path() / kDataFile).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK));
     if (data.valid() && ::flock(data.get(), LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) continue;
     std::error_code rm_ec;
     if (fs::remove_all(entry.path(), rm_ec) > 0 && !rm_ec) ++removed;

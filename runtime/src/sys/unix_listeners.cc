@@ -7,7 +7,6 @@
 #include <linux/unix_diag.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
-#include <sys/sysmacros.h>
 
 #include <cerrno>
 #include <cstring>
@@ -33,8 +32,6 @@ Result<bool> unix_listener_bound_to(const struct stat& st) {
   msg.req.udiag_show = UDIAG_SHOW_VFS;
   SysResult sent = call([&] { return ::send(nl.get(), &msg, sizeof msg, 0); });
   if (!sent.ok()) return sent.error("netlink socket diagnostics request");
-  // The kernel's own dev_t (major << 20 | minor), as UNIX_DIAG_VFS reports it.
-  const uint32_t dev = (major(st.st_dev) << 20) | minor(st.st_dev);
   alignas(nlmsghdr) char buf[32768];
   bool found = false;
   for (;;) {
@@ -55,7 +52,11 @@ Result<bool> unix_listener_bound_to(const struct stat& st) {
         if (a->rta_type != UNIX_DIAG_VFS || RTA_PAYLOAD(a) < sizeof(unix_diag_vfs)) continue;
         unix_diag_vfs v;
         std::memcpy(&v, RTA_DATA(a), sizeof v);
-        if (v.udiag_vfs_ino == st.st_ino && v.udiag_vfs_dev == dev) found = true;
+        // The kernel reports a 32-bit inode, and the superblock's device, which stat() does not
+        // always report (btrfs subvolumes, overlayfs): a match on the inode's low 32 bits is
+        // taken as live. Wrongly taken, a path is refused that could have been replaced; the
+        // other way, a running daemon's socket would be taken over.
+        if (v.udiag_vfs_ino == static_cast<uint32_t>(st.st_ino)) found = true;
       }
     }
   }

@@ -13,8 +13,8 @@
 
 namespace lazymem::sys {
 
-// True when a listening Unix stream socket in this network namespace is bound to the file `st`
-// describes. An error when the kernel offers no Unix socket diagnostics (CONFIG_UNIX_DIAG).
+// True when a listening Unix stream socket in this network namespace is bound to a file with
+// the inode of `st` (its low 32 bits: what the kernel reports; a false match only refuses). An error when the kernel offers no Unix socket diagnostics (CONFIG_UNIX_DIAG).
 Result<bool> unix_listener_bound_to(const struct stat& st);
 
 }  // namespace lazymem::sys
