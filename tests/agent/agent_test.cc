@@ -904,6 +904,32 @@ TEST_F(AgentTest, TokenIsNotLentToRequests) {
   EXPECT_EQ(in_child([&] { return firecracker_vm(f.socket_path, image, false); }), 0);
 }
 
+// The page server is gone between a VM restore's request (its manifest read then) and the
+// VM's handshake (when the agent opens its reader): the restore fails at once, and the VM's
+// accesses fail visibly (SIGBUS), never wait forever on a session nobody reads.
+TEST_F(AgentTest, ServerGoneBeforeTheHandshakeFailsTheVmVisibly) {
+  const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
+  ASSERT_NE(pageserver, nullptr) << "run through meson test";
+  std::filesystem::create_directories(dir_.path() + "/store");
+  RAW_IMAGE_AT(image, 1 * kMiB, 59, vm, dir_.path() + "/store/vm");
+  testing::SpawnedServer server(pageserver, dir_.path() + "/store", {});
+  server.start();
+  agent::DaemonOptions o;
+  o.engine.demand_deadline = std::chrono::seconds(2);
+  start_daemon(o);
+  FirecrackerServeOptions f;
+  f.socket_path = dir_.path() + "/vm.sock";
+  f.snapshot = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
+  auto serve = AgentFirecrackerServe::start(socket_, f);
+  ASSERT_TRUE(serve.ok()) << serve.error().message();
+  server.kill();
+  const int status = in_child([&] {
+    ::alarm(60);  // a hang ends as SIGALRM, not as the suite's timeout
+    return firecracker_vm(f.socket_path, image, false);
+  });
+  EXPECT_EQ(status, 128 + SIGBUS) << "the VM was not failed visibly (128+14: it hung)";
+}
+
 // A damaged chunk restored through the agent (fixture for the next two tests). A child restores
 // it with its stderr full (a pipe nobody reads yet: what it says waits in write()) and touches
 // the damaged page: it must die of SIGBUS, never read the bad bytes, never hang.

@@ -257,12 +257,16 @@ void FaultEngine::Loop::process_commands() {
 void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
   auto reader = s->source->open_reader();
   if (!reader.ok()) {
-    std::lock_guard lock(e_.mu_);
-    s->failure = reader.error().message();
-    s->failed = true;
-    e_.cv_.notify_all();
-    e_.signal_change();
-    log_->error("session {}: cannot open chunk reader: {}", s->name, reader.error().message());
+    // No page will come, and this session's faults are never read: every page is failed now
+    // (poisoned, or the process killed), or its threads would wait on the uffd forever. Nobody
+    // can release a hold on a session that never went live, so none is kept.
+    const Error why = std::move(reader).error().wrap("cannot open a chunk reader");
+    s->hold_failures = false;
+    for (uint32_t region = 0; region < s->state.size(); ++region) {
+      for (uint32_t chunk = 0; chunk < s->state[region].size(); ++chunk) {
+        if (s->state[region][chunk] != kPresent) fail_chunk(*s, ChunkRef{region, chunk}, why);
+      }
+    }
     return;
   }
   s->reader = std::move(*reader);
