@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -401,7 +402,16 @@ struct Daemon::Impl {
     return true;
   }
 
+  // Whether timer `tfd` has expired. One epoll batch can hold an event of a timer closed earlier
+  // in the same batch whose number a new timer (another session's) got since: that one has not
+  // fired, and acting on it would, e.g., poison a session before its process said why.
+  static bool fired(int tfd) {
+    uint64_t expirations = 0;
+    return ::read(tfd, &expirations, sizeof expirations) == static_cast<ssize_t>(sizeof expirations) && expirations > 0;
+  }
+
   void on_notice_timer(int tfd) {
+    if (!fired(tfd)) return;
     for (auto& [id, sv] : served) {
       if (sv.notice_timer.get() != tfd) continue;
       log->warn("pid {}: did not answer its failure notice within {} ms; poisoning its failed pages", sv.pid,
@@ -650,6 +660,8 @@ struct Daemon::Impl {
   }
 
   void on_pid_exit(int pidfd) {
+    pollfd exited{pidfd, POLLIN, 0};  // a pidfd is readable once its process has exited
+    if (::poll(&exited, 1, 0) != 1) return;  // an event of a descriptor closed in this batch and reused
     for (auto it = served.begin(); it != served.end(); ++it) {
       if (it->second.pidfd.get() != pidfd) continue;
       log->info("pid {} exited; dropping its session", it->second.pid);
@@ -790,6 +802,7 @@ struct Daemon::Impl {
   }
 
   void on_handshake_timer(int tfd) {
+    if (!fired(tfd)) return;
     auto it = handshake_timers.find(tfd);
     if (it == handshake_timers.end()) return;
     auto h = handshakes.find(it->second);
