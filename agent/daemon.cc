@@ -6,6 +6,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -307,14 +308,29 @@ struct Daemon::Impl {
   // The source of `location`, reading the version whose manifest checksum is `version` (0: any;
   // the store's when nothing is open yet). One found open of another version (the snapshot was
   // replaced since) is opened afresh for new sessions; sessions of the old version keep theirs.
+  // The open source of `location` as read with `token_file`'s token: shared between requests
+  // with the same token only (one opened with the daemon's token is never lent to a request
+  // without it), and of the version the client read (`version`, its manifest checksum). Without
+  // one (a VM's request, older clients) the store's version now: its manifest is read again and
+  // the open source kept only if it is that version, so a replaced snapshot is never served from
+  // the old one.
   Result<std::shared_ptr<snapshot::ChunkSource>> source_for(const std::string& location, const std::string& token_file,
                                                             uint64_t version = 0) {
-    auto it = sources.find(location);
-    if (it != sources.end() && (version == 0 || it->second->manifest().checksum == version)) return it->second;
+    std::string token;
+    if (!token_file.empty()) {
+      LAZYMEM_ASSIGN_OR_RETURN(token, net::read_token_file(token_file));
+    }
+    const std::string key = location + '\n' + token;
+    auto it = sources.find(key);
+    if (it != sources.end() && version != 0 && it->second->manifest().checksum == version) return it->second;
     RestoreOptions ro;
     ro.token_file = token_file;  // the request's own: the agent's --token-file is for its --snapshot only
-    LAZYMEM_ASSIGN_OR_RETURN(auto src, open_chunk_source(location, ro));
-    sources[location] = src;  // the store's version now: what the next client will have read
+    LAZYMEM_ASSIGN_OR_RETURN(std::shared_ptr<snapshot::ChunkSource> src, open_chunk_source(location, ro));
+    if (it != sources.end() && it->second->manifest().checksum == src->manifest().checksum) {
+      src = it->second;  // unchanged: the open one, with what it has cached
+    } else {
+      sources[key] = src;  // the store's version now: what the next client will have read
+    }
     if (version != 0 && src->manifest().checksum != version) {
       return Error(Errc::kNotFound, fmt::format("{}: the agent finds another version of the snapshot than the client read "
                                                 "(manifest {:016x}, the client's {:016x}): it was replaced in between; "
@@ -793,6 +809,19 @@ struct Daemon::Impl {
     handshakes.erase(it);
   }
 
+  // A VM whose memory cannot be served: every access fails visibly (SIGBUS from its guest
+  // memory), or, without UFFDIO_POISON, the VM is killed with the reason logged.
+  void fail_vm(pid_t pid, sys::UniqueFd uffd_fd, const std::vector<fault::MappedRange>& guest, const std::string& why) {
+    if (kf.has_uffd_poison() && uffd_fd.valid()) {
+      sys::Uffd uffd = sys::Uffd::adopt(std::move(uffd_fd), 0);
+      for (const auto& r : guest) (void)uffd.poison(r.start, r.length);
+      log->error("firecracker pid {}: its memory cannot be served ({}); its accesses fail", pid, why);
+    } else if (pid > 0) {
+      log->error("firecracker pid {}: its memory cannot be served ({}); killing it rather than leave it hanging", pid, why);
+      ::kill(pid, SIGKILL);
+    }
+  }
+
   void refuse_handshake(FcHandshake& hs, const std::string& why) {
     log->warn("firecracker handshake from pid {}: {}", hs.cred.pid, why);
     if (hs.notify_conn >= 0 && conns.count(hs.notify_conn)) {
@@ -858,8 +887,15 @@ struct Daemon::Impl {
     rq.prefetch = hs.prefetch;
     rq.conn_fd = hs.notify_conn;
     rq.reply_id = hs.notify_id;
+    // Refused from here on, the VM would wait on its uffd forever (it does not notice the socket
+    // close): its memory is failed first, as a failed restore's pages are.
+    const std::vector<fault::MappedRange> guest = rq.ranges;
+    sys::UniqueFd keep(::fcntl(rq.uffd.get(), F_DUPFD_CLOEXEC, 0));
     auto sid = serve(std::move(rq));
-    if (!sid.ok()) return refuse_handshake(hs, sid.error().message());
+    if (!sid.ok()) {
+      fail_vm(hs.cred.pid, std::move(keep), guest, sid.error().message());
+      return refuse_handshake(hs, sid.error().message());
+    }
     if (hs.notify_conn >= 0 && conns.count(hs.notify_conn)) {
       reply_on(hs.notify_conn, hs.notify_id, [&](auto b) { b.setAccepted(*sid); });  // the VM's session
     }

@@ -887,14 +887,17 @@ TEST_F(AgentTest, TokenIsNotLentToRequests) {
   std::ofstream(token) << "a secret only root can read\n";
   testing::SpawnedServer server(pageserver, dir_.path() + "/store", {"--token-file", token});
   server.start();
+  // The daemon's own VM snapshot is the same location, opened with its token at start: that
+  // open source is not lent to a request without the token either.
+  const std::string remote = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
   agent::DaemonOptions o;
   o.firecracker_socket = dir_.path() + "/fc.sock";
-  o.firecracker_snapshot = vm;
+  o.firecracker_snapshot = remote;
   o.token_file = token;
   start_daemon(o);
   FirecrackerServeOptions f;
   f.socket_path = dir_.path() + "/vm.sock";
-  f.snapshot = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
+  f.snapshot = remote;
   auto refused = AgentFirecrackerServe::start(socket_, f);
   ASSERT_FALSE(refused.ok()) << "served on the agent's token";
   EXPECT_NE(refused.error().message().find("requires a token"), std::string::npos) << refused.error().message();
@@ -928,6 +931,31 @@ TEST_F(AgentTest, ServerGoneBeforeTheHandshakeFailsTheVmVisibly) {
     return firecracker_vm(f.socket_path, image, false);
   });
   EXPECT_EQ(status, 128 + SIGBUS) << "the VM was not failed visibly (128+14: it hung)";
+}
+
+// A VM's request names no version (Firecracker reads no manifest): the agent serves the store's
+// version at the time, never the one it opened for an earlier VM before the snapshot was replaced.
+TEST_F(AgentTest, ReplacedVmSnapshotIsServedNew) {
+  std::filesystem::create_directories(dir_.path() + "/store");
+  RAW_IMAGE_AT(first, 1 * kMiB, 60, vm, dir_.path() + "/store/vm");
+  start_daemon();
+  FirecrackerServeOptions f;
+  f.socket_path = dir_.path() + "/vm.sock";
+  f.snapshot = vm;
+  {
+    auto serve = AgentFirecrackerServe::start(socket_, f);
+    ASSERT_TRUE(serve.ok()) << serve.error().message();
+    EXPECT_EQ(in_child([&] { return firecracker_vm(f.socket_path, first, false); }), 0);
+  }
+  std::vector<std::byte> second(1 * kMiB);
+  testing::fill_mixed(second.data(), second.size(), 61);
+  std::ofstream(dir_.path() + "/guest2.mem", std::ios::binary)
+      .write(reinterpret_cast<const char*>(second.data()), static_cast<std::streamsize>(second.size()));
+  auto [out, rc] = run_cli(agent_bin() + " snapshot --replace --raw " + dir_.path() + "/guest2.mem " + vm);
+  ASSERT_EQ(rc, 0) << out;
+  auto serve = AgentFirecrackerServe::start(socket_, f);
+  ASSERT_TRUE(serve.ok()) << serve.error().message();
+  EXPECT_EQ(in_child([&] { return firecracker_vm(f.socket_path, second, false); }), 0) << "served the old version";
 }
 
 // A damaged chunk restored through the agent (fixture for the next two tests). A child restores
