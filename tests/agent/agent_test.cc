@@ -614,7 +614,6 @@ TEST_F(AgentTest, MetricsInPrometheusText) {
 
 // `lazymem-agent snapshot --pid` captures ranges of another (stopped) process; the snapshot then
 // restores through the agent byte for byte.
-constexpr uintptr_t kUntouchedAt = 0x600000000000;
 constexpr size_t kUntouched = size_t{2} << 30;
 
 TEST_F(AgentTest, SnapshotCliCapturesAProcess) {
@@ -629,17 +628,17 @@ TEST_F(AgentTest, SnapshotCliCapturesAProcess) {
     auto* p = static_cast<std::byte*>(testing::map_for_capture(len, seed));
     if (p == nullptr) _exit(3);
     testing::fill_mixed(p, len, seed);
-    // And a large reservation it never touched (a heap arena, a VM's unused memory).
-    if (::mmap(reinterpret_cast<void*>(kUntouchedAt), kUntouched, PROT_READ | PROT_WRITE,
-               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0) == MAP_FAILED) {
-      _exit(4);
-    }
-    char c = 1;
-    (void)!::write(ready[1], &c, 1);
+    // And a large range it never touched (a heap arena, a VM's unused memory): its address is
+    // the ready message.
+    const auto untouched = reinterpret_cast<uintptr_t>(testing::map_for_capture(kUntouched, seed + 1));
+    if (untouched == 0) _exit(4);
+    (void)!::write(ready[1], &untouched, sizeof untouched);
     for (;;) ::pause();  // until killed
   }
-  char c;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  ::close(ready[1]);  // a child that exits early is seen (EOF), not waited for
+  uintptr_t untouched = 0;
+  ASSERT_EQ(::read(ready[0], &untouched, sizeof untouched), static_cast<ssize_t>(sizeof untouched)) << "the app failed";
+  ::close(ready[0]);
   auto* expect = static_cast<std::byte*>(testing::map_for_capture(len, seed));  // the same bytes, here
   ASSERT_NE(expect, nullptr);
   testing::fill_mixed(expect, len, seed);
@@ -653,7 +652,7 @@ TEST_F(AgentTest, SnapshotCliCapturesAProcess) {
   // The untouched reservation is read as zeros and costs the capture no memory: its peak
   // (the largest of this test's children so far, all small) stays far below the 2 GiB.
   auto [big, big_rc] = run_cli(fmt::format("{} snapshot --pid {} --region {:x}-{:x}=untouched {}", agent_bin(), app,
-                                           kUntouchedAt, kUntouchedAt + kUntouched, dir_.path() + "/untouched"));
+                                           untouched, untouched + kUntouched, dir_.path() + "/untouched"));
   EXPECT_EQ(big_rc, 0) << big;
   EXPECT_NE(big.find("2048.0 MiB"), std::string::npos) << big;
   rusage ru{};
