@@ -59,8 +59,13 @@ int run_daemon(const std::vector<std::string>& args) {
   lazymem::agent::DaemonOptions o;
   o.socket_path = vm["socket"].as<std::string>();
   if (vm.count("group")) {
-    group* g = ::getgrnam(vm["group"].as<std::string>().c_str());
-    if (g == nullptr) throw std::invalid_argument("no group '" + vm["group"].as<std::string>() + "'");
+    const std::string name = vm["group"].as<std::string>();
+    group* g = ::getgrnam(name.c_str());
+    if (g == nullptr && !name.empty() && name.size() <= 10 && name.find_first_not_of("0123456789") == std::string::npos &&
+        std::stoull(name) < 0xffffffffULL) {
+      g = ::getgrgid(static_cast<gid_t>(std::stoull(name)));  // a number: a gid, as chown takes it (never wrapped)
+    }
+    if (g == nullptr) throw std::invalid_argument("no group '" + name + "'");
     o.socket_group = g->gr_gid;
   }
   if (vm.count("firecracker-socket")) o.firecracker_socket = vm["firecracker-socket"].as<std::string>();
@@ -111,7 +116,8 @@ int run_query(const std::string& cmd, const std::vector<std::string>& args) {
   for (;;) {
     auto js = lazymem::agent_query(vm["socket"].as<std::string>(), stats);
     if (!js.ok()) throw std::runtime_error(js.error().message());
-    if (vm.count("watch")) std::printf("\033[H\033[2J");  // a terminal refresh, like top
+    // A terminal refresh, like top; JSON stays one document per line, for a program to read.
+    if (vm.count("watch") && !vm.count("json")) std::printf("\033[H\033[2J");
     if (vm.count("json")) std::printf("%s\n", js->c_str());
     else if (cmd == "status") std::printf("%s", lazymem::agent::format_status(*js).c_str());
     else if (cmd == "regions") std::printf("%s", lazymem::agent::format_regions(*js).c_str());

@@ -137,6 +137,7 @@ TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
   expect_refused(agent("snapshot --chunk-size -1 --raw x " + dir_.path() + "/s"), "--chunk-size wants a whole number",
                  "lazymem-agent snapshot");
   expect_refused(agent("check --store " + dir_.path() + "/none"), "is not a directory", "lazymem-agent check");
+  expect_refused(agent("run --group 4294967296" + sock), "no group '4294967296'", "lazymem-agent run");
   expect_refused(agent("restore" + sock), "give --firecracker-socket PATH and --snapshot URI", "lazymem-agent restore");
   for (const char* c : {"check", "run", "status", "regions", "stats", "snapshot", "restore"}) {
     CliRun help = agent(std::string(c) + " --help");
