@@ -54,7 +54,6 @@ struct AgentRestore::Impl {
   sys::Uffd uffd;  // our copy: kept until complete, so the agent's death cannot zero-fill pages
   sys::UniqueFd sock;
   net::FrameBuffer buf;
-  std::thread watchdog;
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
@@ -133,7 +132,6 @@ AgentRestore::~AgentRestore() {
   // The memory is the application's, and the agent keeps serving it: the watchdog (which owns
   // a reference to our state) lives on until the restore completes or the agent goes away.
   for (auto& m : impl_->mappings) m.release();
-  if (impl_->watchdog.joinable()) impl_->watchdog.detach();
 }
 
 Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& socket_path, const std::string& location,
@@ -202,7 +200,9 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
     LAZYMEM_TRY(agent::recv_some(impl->sock.get(), impl->buf, fds, 30000));
   }
   std::shared_ptr<Impl> shared = std::move(impl);
-  shared->watchdog = std::thread([shared] { shared->watch(); });
+  // Detached at once: it holds the state it needs, and ends on its own when the restore does
+  // (a finished thread nobody joins is a leak to the sanitizers, if the process exits first).
+  std::thread([shared] { shared->watch(); }).detach();
   return std::unique_ptr<AgentRestore>(new AgentRestore(std::move(shared)));
 }
 
