@@ -1,10 +1,14 @@
 // `lazymem-agent check`: table and JSON output, and the exit code and message a user without
 // userfaultfd rights gets.
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -79,6 +83,33 @@ TEST(AgentCheckCli, UnknownSnapshotFormatIsAClearError) {
   CliRun r = run_agent("snapshot --raw /dev/null --format 3 /tmp/lazymem-no-such-store/x");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.out.find("snapshot format 3 does not exist (1 or 2)"), std::string::npos) << r.out;
+}
+
+// A control socket the user may not use, or a path that is no socket: the hint says which,
+// not "is the agent running?".
+TEST(AgentCheckCli, ConnectErrorsSayWhy) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch to an unprivileged user";
+  char tmpl[] = "/tmp/lazymem-cli-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl, sock = dir + "/agent.sock";
+  ASSERT_EQ(::chmod(dir.c_str(), 0755), 0);
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::strncpy(a.sun_path, sock.c_str(), sizeof a.sun_path - 1);
+  const mode_t old = ::umask(0177);  // 0600, root's: as the agent makes it without --group
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ::umask(old);
+  ASSERT_EQ(::listen(fd, 4), 0);
+  CliRun r = run_agent("status --socket " + sock, 65534);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("start the agent with --group"), std::string::npos) << r.out;
+  r = run_agent("status --socket " + dir);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("that path is not a socket"), std::string::npos) << r.out;
+  ::close(fd);
+  ::unlink(sock.c_str());
+  ::rmdir(dir.c_str());
 }
 
 }  // namespace

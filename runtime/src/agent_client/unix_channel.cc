@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -91,8 +92,16 @@ Result<sys::UniqueFd> connect_unix(const std::string& path) {
   if (path.size() >= sizeof addr.sun_path) return Error(Errc::kInvalidArgument, "agent socket path too long: " + path);
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
   if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    return sys_error(fmt::format("connect to lazymem-agent at {} (is `lazymem-agent run --socket {}` running?)", path, path),
-                     errno);
+    const int e = errno;
+    // The hint depends on why: nobody there, not a socket at all, or not ours to use.
+    struct stat st {};
+    std::string hint = fmt::format("is `lazymem-agent run --socket {}` running?", path);
+    if (e == EACCES || e == EPERM) {
+      hint = "the socket is the agent owner's: run as that user, or start the agent with --group for yours";
+    } else if (::stat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
+      hint = "that path is not a socket: give the agent's --socket";
+    }
+    return sys_error(fmt::format("connect to lazymem-agent at {} ({})", path, hint), e);
   }
   return fd;
 }
