@@ -14,6 +14,7 @@
 #include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -30,6 +31,7 @@
 #include "core/log.h"
 #include "net/auth.h"
 #include "net/metrics_endpoint.h"
+#include "snapshot/manifest.h"
 #include "source.h"
 #include "sys/unix_listeners.h"
 
@@ -55,6 +57,7 @@ struct Conn {
   sys::UniqueFd fd;
   pid_t pid = 0;
   uid_t uid = 0;
+  gid_t gid = 0;
   net::FrameBuffer buf;
   std::deque<sys::UniqueFd> fds;
 };
@@ -340,6 +343,54 @@ struct Daemon::Impl {
     return src;
   }
 
+  // The agent runs as root and opens what a request names: a client must be able to read it
+  // itself (the snapshot's files in a local store, its token file), or the agent would read
+  // them for it. Tried in a child with the client's uid, gid and groups (only syscalls between
+  // fork and _exit: the engine's threads may hold locks), never by changing the daemon's own.
+  Status client_may_read(const Conn& c, const std::string& location, const std::string& token_file) {
+    if (c.uid == 0) return ok_status();
+    std::vector<std::string> files;
+    if (!token_file.empty()) files.push_back(token_file);
+    if (auto loc = SnapshotLocation::parse(location); loc.ok() && !loc->remote()) {
+      files.push_back(loc->store_dir + "/" + loc->name + "/" + snapshot::kManifestFile);
+      files.push_back(loc->store_dir + "/" + loc->name + "/" + snapshot::kDataFile);
+    }
+    if (files.empty()) return ok_status();
+    std::vector<gid_t> groups;
+    std::ifstream status(fmt::format("/proc/{}/status", c.pid));
+    for (std::string line; std::getline(status, line);) {
+      if (line.rfind("Groups:", 0) != 0) continue;
+      std::istringstream in(line.substr(7));
+      for (gid_t g; in >> g;) groups.push_back(g);
+    }
+    std::vector<const char*> paths;
+    for (const auto& f : files) paths.push_back(f.c_str());
+    pid_t kid = ::fork();
+    if (kid < 0) return sys_error("fork to check the client's access", errno);
+    if (kid == 0) {
+      if (::syscall(SYS_setgroups, groups.size(), groups.data()) != 0 || ::syscall(SYS_setgid, c.gid) != 0 ||
+          ::syscall(SYS_setuid, c.uid) != 0) {
+        _exit(255);
+      }
+      for (size_t i = 0; i < paths.size(); ++i) {
+        int fd = static_cast<int>(::syscall(SYS_openat, AT_FDCWD, paths[i], O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+        if (fd < 0) _exit(static_cast<int>(i));
+        ::syscall(SYS_close, fd);
+      }
+      _exit(254);
+    }
+    int st = 0;
+    while (::waitpid(kid, &st, 0) < 0 && errno == EINTR) {
+    }
+    const int code = WIFEXITED(st) ? WEXITSTATUS(st) : 255;
+    if (code == 254) return ok_status();
+    if (code < static_cast<int>(files.size())) {
+      return Error(Errc::kPermission, fmt::format("{} cannot be read by uid {} (the requesting user): the agent reads "
+                                                  "nothing on a user's behalf that the user could not", files[code], c.uid));
+    }
+    return Error(Errc::kPermission, fmt::format("could not check what uid {} may read", c.uid));
+  }
+
   // What a session is made of: a process's Restore request, or Firecracker's handshake.
   struct ServeRequest {
     std::string name;  // the engine session's
@@ -390,6 +441,7 @@ struct Daemon::Impl {
   Result<fault::SessionId> serve_restore(Conn& c, pa::Restore::Reader r, sys::UniqueFd uffd) {
     LAZYMEM_TRY(require_absolute_location(r.getSnapshot().cStr()));
     LAZYMEM_TRY(require_absolute("token file", r.getTokenFile().cStr()));
+    LAZYMEM_TRY(client_may_read(c, r.getSnapshot().cStr(), r.getTokenFile().cStr()));
     ServeRequest rq;
     rq.name = fmt::format("pid {}", c.pid);
     rq.uffd = std::move(uffd);
@@ -533,6 +585,7 @@ struct Daemon::Impl {
     LAZYMEM_TRY(require_absolute("socket path", path));
     LAZYMEM_TRY(require_absolute_location(snap));
     LAZYMEM_TRY(require_absolute("token file", token));
+    LAZYMEM_TRY(client_may_read(c, snap, token));
     LAZYMEM_TRY(check_vm_snapshot(snap, token));
     // A user other than root gets the socket only in a directory of its own, owned by it.
     uid_t owner = c.uid == ::geteuid() ? static_cast<uid_t>(-1) : c.uid;
@@ -757,6 +810,7 @@ struct Daemon::Impl {
       if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) continue;
       c->pid = cred.pid;
       c->uid = cred.uid;
+      c->gid = cred.gid;
       add(fd, tag(kConn, fd));
       conns[fd] = std::move(c);
     }

@@ -2,6 +2,7 @@
 // madvise(DONTNEED) during restore; Firecracker's handshake; hostile peers; agent death.
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -958,6 +959,54 @@ TEST_F(AgentTest, ReplacedVmSnapshotIsServedNew) {
   auto serve = AgentFirecrackerServe::start(socket_, f);
   ASSERT_TRUE(serve.ok()) << serve.error().message();
   EXPECT_EQ(in_child([&] { return firecracker_vm(f.socket_path, second, false); }), 0) << "served the old version";
+}
+
+// Runs `cmd` through sh as `uid` (gid the same, no other groups); returns output and status.
+std::pair<std::string, int> run_as(uid_t uid, const std::string& cmd) {
+  int out[2];
+  if (::pipe(out) != 0) return {"pipe", -1};
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    ::dup2(out[1], 2);
+    ::close(out[0]);
+    if (::setgroups(0, nullptr) != 0 || ::setgid(uid) != 0 || ::setuid(uid) != 0) _exit(99);
+    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
+    _exit(98);
+  }
+  ::close(out[1]);
+  std::string text;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) > 0;) text.append(buf, static_cast<size_t>(n));
+  ::close(out[0]);
+  int st = 0;
+  ::waitpid(pid, &st, 0);
+  return {text, WIFEXITED(st) ? WEXITSTATUS(st) : -1};
+}
+
+// The agent runs as root: a user allowed on its socket (--group) gets served only what that user
+// could read itself. A snapshot in a store only root can read is refused, not read on its behalf.
+TEST_F(AgentTest, UsersAreServedOnlyWhatTheyCouldRead) {
+  ASSERT_FALSE(agent_bin().empty());
+  constexpr uid_t kNobody = 65534;
+  const std::string store = dir_.path() + "/store", vmdir = dir_.path() + "/vms";
+  std::filesystem::create_directories(store);
+  RAW_IMAGE_AT(image, 1 * kMiB, 62, vm, store + "/vm");
+  ASSERT_EQ(::chmod(dir_.path().c_str(), 0711), 0);  // the socket reachable, the store not listable
+  ASSERT_EQ(::chmod(store.c_str(), 0700), 0);
+  std::filesystem::create_directories(vmdir);
+  ASSERT_EQ(::chown(vmdir.c_str(), kNobody, kNobody), 0);
+  agent::DaemonOptions o;
+  o.socket_group = kNobody;
+  start_daemon(o);
+  const std::string restore = agent_bin() + " restore --no-wait --socket " + socket_ + " --snapshot " + vm +
+                              " --firecracker-socket " + vmdir + "/vm.sock";
+  auto [out, rc] = run_as(kNobody, restore);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find("cannot be read by uid 65534"), std::string::npos) << out;
+  ASSERT_EQ(::chmod(store.c_str(), 0755), 0);  // readable by all now: served
+  std::tie(out, rc) = run_as(kNobody, restore);
+  EXPECT_EQ(rc, 0) << out;
 }
 
 // A damaged chunk restored through the agent (fixture for the next two tests). A child restores
