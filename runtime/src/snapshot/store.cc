@@ -38,6 +38,15 @@ Error not_a_snapshot(const std::string& dir, const char* doing) {
   return Error(Errc::kExists, fmt::format("{} is not a lazymem snapshot (it holds other files); not {} it", dir, doing));
 }
 
+// A store path one level too deep (a snapshot's own directory: it has a manifest) is refused
+// where a store is read or written.
+Status check_not_a_snapshot(const std::string& store_dir) {
+  std::error_code ec;
+  if (!fs::exists(store_dir + "/" + kManifestFile, ec)) return ok_status();
+  return Error(Errc::kInvalidArgument,
+               fmt::format("{} is a snapshot, not a store: give the directory that holds snapshots", store_dir));
+}
+
 Status fsync_path(const std::string& path) {
   sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECTORY));
   if (!fd.valid()) return sys_error("open " + path, errno);
@@ -145,10 +154,7 @@ Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& lo
                                                 loc.store_dir, ec.message()));
     }
   }
-  if (is_snapshot_dir(loc.store_dir) && fs::exists(loc.store_dir + "/" + kManifestFile, ec)) {
-    return Error(Errc::kInvalidArgument, fmt::format("{} is a snapshot, not a store: give the directory that holds "
-                                                     "snapshots", loc.store_dir));
-  }
+  LAZYMEM_TRY(check_not_a_snapshot(loc.store_dir));
   std::string final_dir = loc.store_dir + "/" + loc.name;
   if (fs::exists(final_dir, ec)) {
     if (!replace) {
@@ -231,10 +237,7 @@ Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
   if (!fs::is_directory(store_dir, ec)) {
     return Error(Errc::kNotFound, fmt::format("snapshot store {} is not a directory", store_dir));
   }
-  if (fs::exists(store_dir + "/" + kManifestFile, ec)) {
-    return Error(Errc::kInvalidArgument, fmt::format("{} is a snapshot, not a store: give the directory that holds "
-                                                     "snapshots", store_dir));
-  }
+  LAZYMEM_TRY(check_not_a_snapshot(store_dir));
   std::vector<SnapshotSummary> out;
   fs::directory_iterator it(store_dir, ec);
   if (ec) return Error(Errc::kIo, fmt::format("snapshot store {}: {}", store_dir, ec.message()));
