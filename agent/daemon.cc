@@ -48,11 +48,18 @@ constexpr size_t kMaxHandshake = 1 << 20;    // Firecracker's region JSON, at mo
 constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
 constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
 constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
+// Replies queued for one connection. Reading stops while any wait, so only notices (complete,
+// failed, long-poll answers) can add to them; a peer this far behind is not reading at all.
+constexpr size_t kMaxQueuedReplyBytes = 16 << 20;
 // A client told of a failure has this long to say so (failureSeen) before its failed pages are
 // poisoned anyway: its faulting threads wait meanwhile, and a client that never answers (stuck
 // writing to its stderr, say) must not leave them waiting for good.
 constexpr int kFailureNoticeMs = 1000;
 
+// A client's control connection. Replies wait in `out` until the socket takes them: the loop
+// never blocks on a peer. While they wait, no further request of that peer is read (its own
+// requests are its backpressure), so a peer that never reads holds one reply's memory and an
+// fd, not the loop and not an unbounded queue.
 struct Conn {
   sys::UniqueFd fd;
   pid_t pid = 0;
@@ -60,6 +67,10 @@ struct Conn {
   gid_t gid = 0;
   net::FrameBuffer buf;
   std::deque<sys::UniqueFd> fds;
+  std::vector<std::byte> out;  // frames not yet sent, from out_sent on
+  size_t out_sent = 0;
+  uint32_t events = EPOLLIN;  // what the loop watches it for: EPOLLOUT while `out` waits
+  bool broken = false;        // a send failed: closed once the current event is handled
 };
 
 struct Served {
@@ -287,6 +298,7 @@ struct Daemon::Impl {
   };
   std::vector<Waiter> waiters;
   uint64_t generation = 0;
+  bool any_broken = false;  // some connection awaits close_broken()
   static constexpr size_t kFinishedKept = 64;
   std::shared_ptr<spdlog::logger> log = log::get("agent");
 
@@ -298,15 +310,66 @@ struct Daemon::Impl {
   }
   void del(int fd) { ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, fd, nullptr); }
 
+  // Queues a reply to control connection `fd` (gone: dropped) and sends what its socket takes.
   void reply_on(int fd, uint64_t id, const std::function<void(pa::Reply::Builder)>& fill) {
+    auto it = conns.find(fd);
+    if (it == conns.end() || it->second->broken) return;
+    Conn& c = *it->second;
     capnp::MallocMessageBuilder b;
     auto r = b.initRoot<pa::Reply>();
     r.setId(id);
     fill(r);
-    Status st = send_frame_fd(fd, b, {}, -1);
-    if (!st.ok()) log->warn("reply not delivered: {}", st.error().message());
+    std::vector<std::byte> frame = net::encode_frame(b, 0);
+    if (c.out.size() - c.out_sent + frame.size() > kMaxQueuedReplyBytes) {
+      log->warn("pid {}: does not read its replies ({} bytes waiting); closing its connection", c.pid,
+                c.out.size() - c.out_sent);
+      return break_conn(c);
+    }
+    c.out.insert(c.out.end(), frame.begin(), frame.end());
+    flush(c);
   }
   void reply(Conn& c, uint64_t id, const std::function<void(pa::Reply::Builder)>& fill) { reply_on(c.fd.get(), id, fill); }
+
+  // Sends queued replies as far as the socket takes them without waiting. While some wait, the
+  // connection is watched for room only (its requests stay unread); once all are sent, for
+  // requests again.
+  void flush(Conn& c) {
+    while (c.out_sent < c.out.size()) {
+      ssize_t n = ::send(c.fd.get(), c.out.data() + c.out_sent, c.out.size() - c.out_sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) return watch_conn(c, EPOLLOUT);
+      if (n < 0) return break_conn(c);  // the peer is gone: its close is handled after this event
+      c.out_sent += static_cast<size_t>(n);
+    }
+    c.out.clear();
+    c.out_sent = 0;
+    watch_conn(c, EPOLLIN);
+  }
+  void watch_conn(Conn& c, uint32_t events) {
+    if (c.events == events) return;
+    c.events = events;
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.u64 = tag(kConn, c.fd.get());
+    ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_MOD, c.fd.get(), &ev);
+  }
+  // Closed by close_broken(), after the event being handled: callers up the stack may still
+  // hold the connection or be iterating what closing it changes.
+  void break_conn(Conn& c) {
+    c.broken = true;
+    c.out.clear();
+    c.out_sent = 0;
+    any_broken = true;
+  }
+  void close_broken() {
+    while (any_broken) {  // closing one can break another (its status long poll is answered)
+      any_broken = false;
+      std::vector<int> gone;
+      for (const auto& [fd, c] : conns)
+        if (c->broken) gone.push_back(fd);
+      for (int fd : gone) close_conn(fd);
+    }
+  }
 
   // The source of `location`, reading the version whose manifest checksum is `version` (0: any;
   // the store's when nothing is open yet). One found open of another version (the snapshot was
@@ -748,12 +811,18 @@ struct Daemon::Impl {
     }
   }
 
-  void on_conn(int fd) {
+  void on_conn(int fd, uint32_t events) {
     auto it = conns.find(fd);
     if (it == conns.end()) return;
     Conn& c = *it->second;
-    Status s = recv_some(fd, c.buf, c.fds, 0);
-    for (;;) {
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) flush(c);
+    // Hung up with replies still waiting: nobody will read them (and the hangup, reported
+    // whatever the mask, would wake the loop for good).
+    if ((events & (EPOLLHUP | EPOLLERR)) && c.events != EPOLLIN) break_conn(c);
+    // Requests are read only while no reply waits (see Conn); ones already buffered are
+    // handled once the replies before them have gone.
+    Status s = c.events == EPOLLIN ? recv_some(fd, c.buf, c.fds, 0) : ok_status();
+    while (c.events == EPOLLIN && !c.broken) {
       auto f = c.buf.next();
       if (!f.ok()) {
         log->warn("pid {}: {}; closing its connection", c.pid, f.error().message());
@@ -772,31 +841,36 @@ struct Daemon::Impl {
     }
     // Descriptors that came without a restore request are not kept (a peer could pile them up).
     if (c.buf.buffered() == 0) c.fds.clear();
-    if (!s.ok()) {
-      // The client's sessions go on (its process may still run); only the notifications stop.
-      for (auto& [id, sv] : served) {
-        if (sv.conn_fd != fd) continue;
-        sv.conn_fd = -1;
-        release_failures(sv);  // nobody left to say why first
-      }
-      std::erase_if(waiters, [&](const Waiter& w) { return w.conn_fd == fd; });
-      // A per-VM socket still waiting for Firecracker, asked for by a `restore` that was
-      // interrupted: nobody would follow that VM's restore, and the path would stay taken.
-      for (auto lit = fc_listeners.begin(); lit != fc_listeners.end();) {
-        auto at = lit++;
-        if (at->second.notify_conn != fd) continue;
-        if (!at->second.cancel_on_close) {
-          at->second.notify_conn = -1;
-          continue;
-        }
-        log->info("pid {}: went away before Firecracker connected; closing {}", c.pid, at->second.path);
-        close_fc_listener(at);
-      }
-      for (auto& [hfd, hs] : handshakes)
-        if (hs->notify_conn == fd) hs->notify_conn = -1;
-      del(fd);
-      conns.erase(it);
+    if (!s.ok() || c.broken) close_conn(fd);
+  }
+
+  void close_conn(int fd) {
+    auto it = conns.find(fd);
+    if (it == conns.end()) return;
+    Conn& c = *it->second;
+    // The client's sessions go on (its process may still run); only the notifications stop.
+    for (auto& [id, sv] : served) {
+      if (sv.conn_fd != fd) continue;
+      sv.conn_fd = -1;
+      release_failures(sv);  // nobody left to say why first
     }
+    std::erase_if(waiters, [&](const Waiter& w) { return w.conn_fd == fd; });
+    // A per-VM socket still waiting for Firecracker, asked for by a `restore` that was
+    // interrupted: nobody would follow that VM's restore, and the path would stay taken.
+    for (auto lit = fc_listeners.begin(); lit != fc_listeners.end();) {
+      auto at = lit++;
+      if (at->second.notify_conn != fd) continue;
+      if (!at->second.cancel_on_close) {
+        at->second.notify_conn = -1;
+        continue;
+      }
+      log->info("pid {}: went away before Firecracker connected; closing {}", c.pid, at->second.path);
+      close_fc_listener(at);
+    }
+    for (auto& [hfd, hs] : handshakes)
+      if (hs->notify_conn == fd) hs->notify_conn = -1;
+    del(fd);
+    conns.erase(it);
   }
 
   void accept_conn() {
@@ -1073,13 +1147,14 @@ Status Daemon::run() {
           else if (t == kEngineTag) im.on_engine_change();
           else if (t == kMetricsTag) im.metrics->serve([&] { return im.metrics_text(); });
           break;
-        case kConn: im.on_conn(fd); break;
+        case kConn: im.on_conn(fd, events[static_cast<size_t>(i)].events); break;
         case kPidfd: im.on_pid_exit(fd); break;
         case kFcListen: im.accept_firecracker(fd); break;
         case kFcConn: im.on_handshake_data(fd); break;
         case kFcTimer: im.on_handshake_timer(fd); break;
         case kNoticeTimer: im.on_notice_timer(fd); break;
       }
+      im.close_broken();
     }
   }
 }

@@ -206,6 +206,7 @@ class AgentTest : public ::testing::Test {
   // every page with expected_; returns the child's status: 0 when every byte is right.
   int restore_in_child(const std::string& loc, const std::string& cwd = "") {
     return in_child([&] {
+      ::alarm(120);  // a hang ends as SIGALRM (128+14), not as the suite's timeout
       if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) return 2;
       auto r = AgentRestore::start(socket_, loc);
       if (!r.ok()) {
@@ -411,6 +412,57 @@ TEST_F(AgentTest, HostilePeersAreRefusedAndOthersServed) {
 
   // After all that, a real client is served, correctly.
   EXPECT_EQ(restore_in_child(loc), 0);
+}
+
+// A peer that asks and never reads its replies fills its socket: the agent stops reading it
+// (its own requests are its backpressure) and serves everyone else meanwhile. Once it reads, it
+// gets every reply it asked for, in order. (The agent used to wait on the full socket, and
+// with it every other client: the restore below timed out.)
+TEST_F(AgentTest, PeerThatDoesNotReadHoldsUpNobody) {
+  std::string loc = capture(8 * kMiB, 62);
+  start_daemon();
+  auto hog = agent::connect_unix(socket_);
+  ASSERT_TRUE(hog.ok());
+  ASSERT_EQ(::fcntl(hog->get(), F_SETFL, O_NONBLOCK), 0);
+  // Status requests until the socket takes no more: the agent has stopped reading this peer.
+  capnp::MallocMessageBuilder b;
+  auto rq = b.initRoot<proto::agent::Request>();
+  rq.setStatus();
+  uint64_t sent = 0;
+  for (bool full = false; !full;) {
+    rq.setId(sent + 1);
+    std::vector<std::byte> frame = net::encode_frame(b, 0);
+    ssize_t n = ::send(hog->get(), frame.data(), frame.size(), MSG_NOSIGNAL);
+    if (n < 0 && errno == EAGAIN) {
+      // Room may come as the agent reads on: full only once it has stayed full a while.
+      pollfd p{hog->get(), POLLOUT, 0};
+      full = ::poll(&p, 1, 500) == 0;
+      continue;
+    }
+    ASSERT_EQ(n, static_cast<ssize_t>(frame.size())) << "a partial frame (socket buffer smaller than a frame?)";
+    ++sent;
+    ASSERT_LT(sent, 1000000u) << "the agent never stopped reading a peer that does not read";
+  }
+  EXPECT_EQ(restore_in_child(loc), 0);
+
+  ASSERT_EQ(::fcntl(hog->get(), F_SETFL, 0), 0);
+  net::FrameBuffer buf;
+  std::deque<sys::UniqueFd> fds;
+  for (uint64_t want = 1; want <= sent;) {
+    auto f = buf.next();
+    ASSERT_TRUE(f.ok());
+    if (!f->has_value()) {
+      ASSERT_TRUE(agent::recv_some(hog->get(), buf, fds, 10000).ok()) << "reply " << want << " of " << sent << " missing";
+      continue;
+    }
+    auto hd = net::Header::parse((*f)->header);
+    ASSERT_TRUE(hd.ok());
+    auto reply = (*hd)->root<proto::agent::Reply>();
+    ASSERT_EQ(reply.getId(), want);
+    ASSERT_TRUE(reply.isJson());
+    buf.consume();
+    ++want;
+  }
 }
 
 // The agent dies mid-restore: the process must not hang and must not read zeros; pages not
