@@ -23,6 +23,9 @@ std::string format_status(const std::string& json) {
                        s["source"].get<std::string>(), s["chunks_present"].get<uint64_t>(),
                        s["chunks_total"].get<uint64_t>(), state);
   }
+  for (const auto& o : j.value("opening", nlohmann::json::array())) {
+    out += fmt::format("pid {}: opening {}\n", o["pid"].get<int>(), o["snapshot"].get<std::string>());
+  }
   for (const auto& h : j.value("handshakes", nlohmann::json::array())) {
     out += fmt::format("waiting for a Firecracker handshake on {} ({})\n", h["socket"].get<std::string>(),
                        h["snapshot"].get<std::string>());

@@ -33,6 +33,7 @@
 #include "net/metrics_endpoint.h"
 #include "snapshot/manifest.h"
 #include "source.h"
+#include "source_opener.h"
 #include "sys/unix_listeners.h"
 
 namespace lazymem::agent {
@@ -40,7 +41,7 @@ namespace pa = proto::agent;
 namespace {
 
 // epoll tags: kind << 32 | fd. Kind 0 is for the single objects below.
-constexpr uint64_t kListenTag = 1, kStopTag = 3, kEngineTag = 4, kMetricsTag = 5;
+constexpr uint64_t kListenTag = 1, kStopTag = 3, kEngineTag = 4, kMetricsTag = 5, kOpenedTag = 6;
 enum Kind : uint64_t { kSingle = 0, kConn = 1, kPidfd = 2, kFcListen = 3, kFcConn = 4, kFcTimer = 5, kNoticeTimer = 6 };
 uint64_t tag(Kind k, int fd) { return (uint64_t{k} << 32) | static_cast<uint32_t>(fd); }
 
@@ -48,6 +49,7 @@ constexpr size_t kMaxHandshake = 1 << 20;    // Firecracker's region JSON, at mo
 constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
 constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
 constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
+constexpr size_t kMaxOpening = 64;            // snapshot opens under way at once (a thread each)
 // Replies queued for one connection. Reading stops while any wait, so only notices (complete,
 // failed, long-poll answers) can add to them; a peer this far behind is not reading at all.
 constexpr size_t kMaxQueuedReplyBytes = 16 << 20;
@@ -285,6 +287,23 @@ struct Daemon::Impl {
   // One per snapshot location, shared by every client restoring it (one manifest in memory, one
   // page-server connection setup). Shared ownership: the engine's sessions hold it too.
   std::map<std::string, std::shared_ptr<snapshot::ChunkSource>> sources;
+  struct ServeRequest;
+  // Requests waiting for their snapshot to open (open_then).
+  struct Opening {
+    std::string location;
+    uint64_t version = 0;
+    int conn_fd = -1;  // the request's connection (-1: none, or closed since)
+    pid_t pid = 0;     // who asked, for status
+    uid_t uid = 0;
+    std::function<void(Result<std::shared_ptr<snapshot::ChunkSource>>, int conn_fd)> then;
+    // A process's restore: its uffd is let go of as soon as its connection closes. The client
+    // has given up (it closes the connection first), and its munmap of the regions waits until
+    // every holder of the uffd has read the unmap event or closed it.
+    std::shared_ptr<ServeRequest> restore;
+  };
+  SourceOpener opener;
+  std::map<uint64_t, Opening> opening;
+  uint64_t opened_jobs = 0;
   // Sessions that ended (complete, or their process exited), newest last, so `stats` still
   // shows them: (owner uid, report entry).
   std::deque<std::pair<uid_t, nlohmann::json>> finished;
@@ -371,29 +390,18 @@ struct Daemon::Impl {
     }
   }
 
-  // The source of `location`, reading the version whose manifest checksum is `version` (0: any;
-  // the store's when nothing is open yet). One found open of another version (the snapshot was
-  // replaced since) is opened afresh for new sessions; sessions of the old version keep theirs.
-  // The open source of `location` as read with `token_file`'s token: shared between requests
-  // with the same token only (one opened with the daemon's token is never lent to a request
-  // without it), and of the version the client read (`version`, its manifest checksum). Without
-  // one (a VM's request, older clients) the store's version now: its manifest is read again and
-  // the open source kept only if it is that version, so a replaced snapshot is never served from
+  // The source an open found, kept, or swapped for the same one open already (with what it has
+  // cached). Sources are shared between requests with the same token only (one opened with the
+  // daemon's token is never lent to a request without it), and of the version the client read
+  // (`version`, its manifest checksum). Without one (a VM's request, older clients) the store's
+  // version now: the open read its manifest again, so a replaced snapshot is never served from
   // the old one.
-  Result<std::shared_ptr<snapshot::ChunkSource>> source_for(const std::string& location, const std::string& token_file,
-                                                            uint64_t version = 0) {
-    std::string token;
-    if (!token_file.empty()) {
-      LAZYMEM_ASSIGN_OR_RETURN(token, net::read_token_file(token_file));
-    }
-    const std::string key = location + '\n' + token;
+  Result<std::shared_ptr<snapshot::ChunkSource>> adopt(const std::string& location, Opened opened, uint64_t version) {
+    std::shared_ptr<snapshot::ChunkSource> src = std::move(opened.source);
+    const std::string key = location + '\n' + opened.token;
     auto it = sources.find(key);
-    if (it != sources.end() && version != 0 && it->second->manifest().checksum == version) return it->second;
-    RestoreOptions ro;
-    ro.token_file = token_file;  // the request's own: the agent's --token-file is for its --snapshot only
-    LAZYMEM_ASSIGN_OR_RETURN(std::shared_ptr<snapshot::ChunkSource> src, open_chunk_source(location, ro));
     if (it != sources.end() && it->second->manifest().checksum == src->manifest().checksum) {
-      src = it->second;  // unchanged: the open one, with what it has cached
+      src = it->second;
     } else {
       sources[key] = src;  // the store's version now: what the next client will have read
     }
@@ -406,52 +414,49 @@ struct Daemon::Impl {
     return src;
   }
 
-  // The agent runs as root and opens what a request names: a client must be able to read it
-  // itself (the snapshot's files in a local store, its token file), or the agent would read
-  // them for it. Tried in a child with the client's uid, gid and groups (only syscalls between
-  // fork and _exit: the engine's threads may hold locks), never by changing the daemon's own.
-  Status client_may_read(const Conn& c, const std::string& location, const std::string& token_file) {
-    if (c.uid == 0) return ok_status();
-    std::vector<std::string> files;
-    if (!token_file.empty()) files.push_back(token_file);
-    if (auto loc = SnapshotLocation::parse(location); loc.ok() && !loc->remote()) {
-      files.push_back(loc->store_dir + "/" + loc->name + "/" + snapshot::kManifestFile);
-      files.push_back(loc->store_dir + "/" + loc->name + "/" + snapshot::kDataFile);
+  // The open sources of `location` in `version` (none for 0: the store's now must be read), by
+  // token: an open takes one of these rather than open again.
+  std::vector<std::pair<std::string, std::shared_ptr<snapshot::ChunkSource>>> open_now(const std::string& location,
+                                                                                       uint64_t version) {
+    std::vector<std::pair<std::string, std::shared_ptr<snapshot::ChunkSource>>> out;
+    if (version == 0) return out;
+    const std::string prefix = location + '\n';
+    for (auto it = sources.lower_bound(prefix); it != sources.end() && it->first.starts_with(prefix); ++it) {
+      if (it->second->manifest().checksum == version) out.emplace_back(it->first.substr(prefix.size()), it->second);
     }
-    if (files.empty()) return ok_status();
-    std::vector<gid_t> groups;
-    std::ifstream status(fmt::format("/proc/{}/status", c.pid));
-    for (std::string line; std::getline(status, line);) {
-      if (line.rfind("Groups:", 0) != 0) continue;
-      std::istringstream in(line.substr(7));
-      for (gid_t g; in >> g;) groups.push_back(g);
+    return out;
+  }
+
+  // Opens `spec` off the loop (SourceOpener); `then` goes on with the source, on the loop, given
+  // the request's connection as it is by then (-1: closed meanwhile, see close_conn).
+  using Then = std::function<void(Result<std::shared_ptr<snapshot::ChunkSource>>, int conn_fd)>;
+  Status open_then(OpenSpec spec, uint64_t version, int conn_fd, pid_t pid, uid_t uid, Then then,
+                   std::shared_ptr<ServeRequest> restore = nullptr) {
+    if (opening.size() >= kMaxOpening) {
+      return Error(Errc::kAgain, fmt::format("the agent is opening {} snapshots already; try again", opening.size()));
     }
-    std::vector<const char*> paths;
-    for (const auto& f : files) paths.push_back(f.c_str());
-    pid_t kid = ::fork();
-    if (kid < 0) return sys_error("fork to check the client's access", errno);
-    if (kid == 0) {
-      if (::syscall(SYS_setgroups, groups.size(), groups.data()) != 0 || ::syscall(SYS_setgid, c.gid) != 0 ||
-          ::syscall(SYS_setuid, c.uid) != 0) {
-        _exit(255);
+    spec.open_now = open_now(spec.location, version);
+    const uint64_t job = ++opened_jobs;
+    Opening o{spec.location, version, conn_fd, pid, uid, std::move(then), std::move(restore)};
+    LAZYMEM_TRY(opener.start(job, std::move(spec)));
+    opening.emplace(job, std::move(o));
+    changed();  // status shows it opening
+    return ok_status();
+  }
+
+  void on_opened() {
+    for (auto& [job, r] : opener.take()) {
+      auto it = opening.find(job);
+      if (it == opening.end()) continue;
+      Opening o = std::move(it->second);
+      opening.erase(it);
+      if (r.ok()) {
+        o.then(adopt(o.location, std::move(*r), o.version), o.conn_fd);
+      } else {
+        o.then(std::move(r).error(), o.conn_fd);
       }
-      for (size_t i = 0; i < paths.size(); ++i) {
-        int fd = static_cast<int>(::syscall(SYS_openat, AT_FDCWD, paths[i], O_RDONLY | O_CLOEXEC | O_NONBLOCK));
-        if (fd < 0) _exit(static_cast<int>(i));
-        ::syscall(SYS_close, fd);
-      }
-      _exit(254);
+      changed();
     }
-    int st = 0;
-    while (::waitpid(kid, &st, 0) < 0 && errno == EINTR) {
-    }
-    const int code = WIFEXITED(st) ? WEXITSTATUS(st) : 255;
-    if (code == 254) return ok_status();
-    if (code < static_cast<int>(files.size())) {
-      return Error(Errc::kPermission, fmt::format("{} cannot be read by uid {} (the requesting user): the agent reads "
-                                                  "nothing on a user's behalf that the user could not", files[code], c.uid));
-    }
-    return Error(Errc::kPermission, fmt::format("could not check what uid {} may read", c.uid));
   }
 
   // What a session is made of: a process's Restore request, or Firecracker's handshake.
@@ -470,10 +475,9 @@ struct Daemon::Impl {
     uint64_t reply_id = 0;
   };
 
-  Result<fault::SessionId> serve(ServeRequest rq) {
+  Result<fault::SessionId> serve(ServeRequest rq, std::shared_ptr<snapshot::ChunkSource> src) {
     if (rq.ranges.empty()) return Error(Errc::kInvalidArgument, "an empty region table");
     LAZYMEM_TRY(check_ranges_mapped(rq.pid, rq.ranges));
-    LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(rq.location, rq.token_file, rq.version));
     sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, rq.pid, 0)));
     if (!pidfd.valid()) return sys_error(fmt::format("pidfd_open({})", rq.pid), errno);
     fault::SessionSpec spec;
@@ -500,25 +504,42 @@ struct Daemon::Impl {
     return id;
   }
 
-  // A process's Restore request (its uffd came with it).
-  Result<fault::SessionId> serve_restore(Conn& c, pa::Restore::Reader r, sys::UniqueFd uffd) {
+  // A process's Restore request (its uffd came with it), answered once its snapshot is open.
+  Status start_restore(Conn& c, uint64_t id, pa::Restore::Reader r, sys::UniqueFd uffd) {
     LAZYMEM_TRY(require_absolute_location(r.getSnapshot().cStr()));
     LAZYMEM_TRY(require_absolute("token file", r.getTokenFile().cStr()));
-    LAZYMEM_TRY(client_may_read(c, r.getSnapshot().cStr(), r.getTokenFile().cStr()));
-    ServeRequest rq;
-    rq.name = fmt::format("pid {}", c.pid);
-    rq.uffd = std::move(uffd);
-    rq.features = r.getUffdFeatures();
-    rq.location = r.getSnapshot().cStr();
-    rq.token_file = r.getTokenFile().cStr();
-    rq.version = r.getManifestChecksum();
-    for (auto m : r.getRanges()) rq.ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
-    rq.pid = c.pid;
-    rq.uid = c.uid;
-    rq.prefetch = r.getPrefetch();
-    rq.hold_failures = r.getAnnouncesFailures();
-    rq.conn_fd = c.fd.get();
-    return serve(std::move(rq));
+    auto rq = std::make_shared<ServeRequest>();
+    rq->name = fmt::format("pid {}", c.pid);
+    rq->uffd = std::move(uffd);
+    rq->features = r.getUffdFeatures();
+    rq->location = r.getSnapshot().cStr();
+    rq->token_file = r.getTokenFile().cStr();
+    rq->version = r.getManifestChecksum();
+    for (auto m : r.getRanges()) rq->ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
+    rq->pid = c.pid;
+    rq->uid = c.uid;
+    rq->prefetch = r.getPrefetch();
+    rq->hold_failures = r.getAnnouncesFailures();
+    rq->reply_id = id;
+    OpenSpec spec{rq->location, rq->token_file, Requester{c.pid, c.uid, c.gid}, {}};
+    return open_then(std::move(spec), rq->version, c.fd.get(), c.pid, c.uid, [this, rq](auto src, int conn_fd) {
+      if (conn_fd < 0) {  // nobody to tell it is served: the client is going, or gone
+        log->info("pid {}: closed its connection before its snapshot was open; not served", rq->pid);
+        return;
+      }
+      rq->conn_fd = conn_fd;
+      const pid_t pid = rq->pid;
+      const uint64_t id = rq->reply_id;
+      auto sid = src.ok() ? serve(std::move(*rq), std::move(*src)) : Result<fault::SessionId>(std::move(src).error());
+      if (!sid.ok()) return refuse(conn_fd, pid, id, "restore", sid.error());
+      reply_on(conn_fd, id, [&](auto b) { b.setAccepted(*sid); });
+    }, rq);
+  }
+
+  void refuse(int conn_fd, pid_t pid, uint64_t id, const char* what, const Error& why) {
+    log->warn("pid {}: {} refused: {}", pid, what, why.message());
+    const std::string msg = why.message();
+    reply_on(conn_fd, id, [&](auto b) { b.setError(msg); });
   }
 
   // Gives the client kFailureNoticeMs to answer the failed notice. False if no timer could be made.
@@ -578,26 +599,14 @@ struct Daemon::Impl {
         }
         sys::UniqueFd uffd = std::move(c.fds.front());
         c.fds.clear();  // anything else sent along is dropped
-        auto sid = serve_restore(c, r, std::move(uffd));
-        if (!sid.ok()) {
-          log->warn("pid {}: restore refused: {}", c.pid, sid.error().message());
-          std::string msg = sid.error().message();
-          reply(c, id, [&](auto b) { b.setError(msg); });
-          return;
-        }
-        reply(c, id, [&](auto b) { b.setAccepted(*sid); });
+        Status st = start_restore(c, id, r, std::move(uffd));
+        if (!st.ok()) refuse(c.fd.get(), c.pid, id, "restore", st.error());
         return;
       }
       c.fds.clear();  // descriptors only ever come with a restore
       if (rq.isServeFirecracker()) {
-        Status st = open_fc_listener(c, id, rq.getServeFirecracker());
-        if (!st.ok()) {
-          log->warn("pid {}: serve-firecracker refused: {}", c.pid, st.error().message());
-          std::string msg = st.error().message();
-          reply(c, id, [&](auto b) { b.setError(msg); });
-          return;
-        }
-        reply(c, id, [](auto b) { b.setAccepted(0); });
+        Status st = start_fc_listener(c, id, rq.getServeFirecracker());
+        if (!st.ok()) refuse(c.fd.get(), c.pid, id, "serve-firecracker", st.error());
         return;
       }
       if (rq.isFailureSeen()) {  // no reply: the client goes on waiting for complete
@@ -627,11 +636,10 @@ struct Daemon::Impl {
     }
   }
 
-  // The snapshot a handshake socket is to serve, opened when the socket is asked for: a wrong
+  // The snapshot a handshake socket is to serve is opened when the socket is asked for: a wrong
   // location is told to whoever asked (the operator), not found by the VM later.
-  Status check_vm_snapshot(const std::string& snap, const std::string& token) {
-    LAZYMEM_ASSIGN_OR_RETURN(auto src, source_for(snap, token));
-    for (const auto& reg : src->manifest().regions) {
+  static Status check_raw_image(const std::string& snap, const snapshot::ChunkSource& src) {
+    for (const auto& reg : src.manifest().regions) {
       if (reg.kind != RegionKind::kRawFile) {
         return Error(Errc::kInvalidArgument, fmt::format("{}: region '{}' is not a raw memory image (make the snapshot "
                                                          "with `lazymem-agent snapshot --raw` or `lazymem-pageserver import --raw`)",
@@ -640,26 +648,53 @@ struct Daemon::Impl {
     }
     return ok_status();
   }
+  // The same, blocking: for the daemon's own --snapshot, at start.
+  Status check_vm_snapshot(const std::string& snap, const std::string& token) {
+    LAZYMEM_ASSIGN_OR_RETURN(Opened o, open_source(OpenSpec{snap, token, std::nullopt, {}}));
+    LAZYMEM_ASSIGN_OR_RETURN(auto src, adopt(snap, std::move(o), 0));
+    return check_raw_image(snap, *src);
+  }
 
-  // `lazymem-agent restore --firecracker-socket PATH --snapshot URI`: a per-VM handshake socket.
-  Status open_fc_listener(Conn& c, uint64_t id, pa::ServeFirecracker::Reader r) {
-    std::string path = r.getSocketPath().cStr(), snap = r.getSnapshot().cStr(), token = r.getTokenFile().cStr();
-    if (path.empty() || snap.empty()) return Error(Errc::kInvalidArgument, "need a socket path and a snapshot");
-    LAZYMEM_TRY(require_absolute("socket path", path));
-    LAZYMEM_TRY(require_absolute_location(snap));
-    LAZYMEM_TRY(require_absolute("token file", token));
-    LAZYMEM_TRY(client_may_read(c, snap, token));
-    LAZYMEM_TRY(check_vm_snapshot(snap, token));
+  // `lazymem-agent restore --firecracker-socket PATH --snapshot URI`: a per-VM handshake socket,
+  // made once the snapshot is open.
+  Status start_fc_listener(Conn& c, uint64_t id, pa::ServeFirecracker::Reader r) {
+    FcListener l;
+    l.path = r.getSocketPath().cStr();
+    l.snapshot = r.getSnapshot().cStr();
+    l.token_file = r.getTokenFile().cStr();
+    if (l.path.empty() || l.snapshot.empty()) return Error(Errc::kInvalidArgument, "need a socket path and a snapshot");
+    LAZYMEM_TRY(require_absolute("socket path", l.path));
+    LAZYMEM_TRY(require_absolute_location(l.snapshot));
+    LAZYMEM_TRY(require_absolute("token file", l.token_file));
+    l.prefetch = r.getPrefetch();
+    l.once = true;
+    l.notify_id = id;
+    l.cancel_on_close = r.getCancelOnClose();
+    l.uid = c.uid;
+    l.pid = c.pid;
+    OpenSpec spec{l.snapshot, l.token_file, Requester{c.pid, c.uid, c.gid}, {}};
+    auto pending = std::make_shared<FcListener>(std::move(l));
+    return open_then(std::move(spec), 0, c.fd.get(), c.pid, c.uid, [this, pending](auto src, int conn_fd) {
+      if (conn_fd < 0) return;  // whoever asked has gone: nobody would follow the VM
+      const pid_t pid = pending->pid;
+      const uint64_t id = pending->notify_id;
+      pending->notify_conn = conn_fd;
+      Status st = src.ok() ? open_fc_listener(std::move(*pending), **src) : Status(std::move(src).error());
+      if (!st.ok()) return refuse(conn_fd, pid, id, "serve-firecracker", st.error());
+      reply_on(conn_fd, id, [](auto b) { b.setAccepted(0); });
+    });
+  }
+
+  Status open_fc_listener(FcListener l, const snapshot::ChunkSource& src) {
+    LAZYMEM_TRY(check_raw_image(l.snapshot, src));
     // A user other than root gets the socket only in a directory of its own, owned by it.
-    uid_t owner = c.uid == ::geteuid() ? static_cast<uid_t>(-1) : c.uid;
-    uid_t dir_owner = c.uid == 0 ? static_cast<uid_t>(-1) : c.uid;
-    SocketFile file;
-    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, listen_unix(path, static_cast<gid_t>(-1), &file, owner, dir_owner));
-    int f = fd.get();
+    uid_t owner = l.uid == ::geteuid() ? static_cast<uid_t>(-1) : l.uid;
+    uid_t dir_owner = l.uid == 0 ? static_cast<uid_t>(-1) : l.uid;
+    LAZYMEM_ASSIGN_OR_RETURN(l.fd, listen_unix(l.path, static_cast<gid_t>(-1), &l.file, owner, dir_owner));
+    int f = l.fd.get();
     add(f, tag(kFcListen, f));
-    fc_listeners[f] = FcListener{std::move(fd), path, snap, token, r.getPrefetch(), true, c.fd.get(), id,
-                                 r.getCancelOnClose(), c.uid, c.pid, std::move(file)};
-    log->info("pid {}: accepting a Firecracker handshake on {} for {}", c.pid, path, snap);
+    log->info("pid {}: accepting a Firecracker handshake on {} for {}", l.pid, l.path, l.snapshot);
+    fc_listeners[f] = std::move(l);
     changed();  // status shows it waiting
     return ok_status();
   }
@@ -743,6 +778,11 @@ struct Daemon::Impl {
     for (const auto& [lfd, l] : fc_listeners) {
       if (uid != 0 && l.uid != uid) continue;
       j["handshakes"].push_back({{"socket", l.path}, {"snapshot", l.snapshot}, {"pid", l.pid}});
+    }
+    j["opening"] = nlohmann::json::array();  // requests whose snapshot is being opened
+    for (const auto& [job, o] : opening) {
+      if (uid != 0 && o.uid != uid) continue;
+      j["opening"].push_back({{"snapshot", o.location}, {"pid", o.pid}});
     }
     j["pid"] = ::getpid();
     j["generation"] = generation;
@@ -869,6 +909,11 @@ struct Daemon::Impl {
     }
     for (auto& [hfd, hs] : handshakes)
       if (hs->notify_conn == fd) hs->notify_conn = -1;
+    for (auto& [job, o] : opening) {
+      if (o.conn_fd != fd) continue;
+      o.conn_fd = -1;
+      if (o.restore) o.restore->uffd.reset();
+    }
     del(fd);
     conns.erase(it);
   }
@@ -951,11 +996,12 @@ struct Daemon::Impl {
   }
 
   void refuse_handshake(FcHandshake& hs, const std::string& why) {
-    log->warn("firecracker handshake from pid {}: {}", hs.cred.pid, why);
-    if (hs.notify_conn >= 0 && conns.count(hs.notify_conn)) {
-      reply_on(hs.notify_conn, hs.notify_id, [&](auto b) { b.setFailed("Firecracker handshake refused: " + why); });
-    }
+    handshake_refused(hs.cred.pid, hs.notify_conn, hs.notify_id, why);
     end_handshake(hs.fd.get());
+  }
+  void handshake_refused(pid_t pid, int conn_fd, uint64_t id, const std::string& why) {
+    log->warn("firecracker handshake from pid {}: {}", pid, why);
+    reply_on(conn_fd, id, [&](auto b) { b.setFailed("Firecracker handshake refused: " + why); });
   }
 
   void on_handshake_timer(int tfd) {
@@ -1004,33 +1050,39 @@ struct Daemon::Impl {
     if (hs.fds.size() != 1) return refuse_handshake(hs, fmt::format("expected one uffd with the message, got {}", hs.fds.size()));
     // The uffd was created by Firecracker; the events it asked for are its business. We use
     // the ioctls only, which every uffd supports, and handle whatever events it delivers.
-    ServeRequest rq;
-    rq.name = fmt::format("firecracker pid {}", hs.cred.pid);
-    rq.uffd = std::move(hs.fds[0]);
-    rq.location = hs.snapshot;
-    rq.token_file = hs.token_file;
-    rq.ranges = std::move(**parsed);
-    rq.pid = hs.cred.pid;
-    rq.uid = hs.cred.uid;
-    rq.prefetch = hs.prefetch;
-    rq.conn_fd = hs.notify_conn;
-    rq.reply_id = hs.notify_id;
+    auto rq = std::make_shared<ServeRequest>();
+    rq->name = fmt::format("firecracker pid {}", hs.cred.pid);
+    rq->uffd = std::move(hs.fds[0]);
+    rq->location = hs.snapshot;
+    rq->token_file = hs.token_file;
+    rq->ranges = std::move(**parsed);
+    rq->pid = hs.cred.pid;
+    rq->uid = hs.cred.uid;
+    rq->prefetch = hs.prefetch;
+    rq->reply_id = hs.notify_id;
     // Refused from here on, the VM would wait on its uffd forever (it does not notice the socket
     // close): its memory is failed first, as a failed restore's pages are.
-    const std::vector<fault::MappedRange> guest = rq.ranges;
-    sys::UniqueFd keep(::fcntl(rq.uffd.get(), F_DUPFD_CLOEXEC, 0));
-    auto sid = serve(std::move(rq));
-    if (!sid.ok()) {
-      fail_vm(hs.cred.pid, std::move(keep), guest, sid.error().message());
-      return refuse_handshake(hs, sid.error().message());
-    }
-    if (hs.notify_conn >= 0 && conns.count(hs.notify_conn)) {
-      reply_on(hs.notify_conn, hs.notify_id, [&](auto b) { b.setAccepted(*sid); });  // the VM's session
-    }
+    auto keep = std::make_shared<sys::UniqueFd>(::fcntl(rq->uffd.get(), F_DUPFD_CLOEXEC, 0));
     // Firecracker keeps its end open while the VM runs; so do we, while we serve it.
-    del(fd);
-    served[*sid].peer_sock = std::move(hs.fd);
-    end_handshake(fd);
+    auto peer = std::make_shared<sys::UniqueFd>(std::move(hs.fd));
+    const int notify = hs.notify_conn;
+    OpenSpec spec{rq->location, rq->token_file, std::nullopt, {}};  // the socket's asker was checked
+    end_handshake(fd);  // the message is whole: the handshake deadline is done with
+    auto go_on = [this, rq, keep, peer](Result<std::shared_ptr<snapshot::ChunkSource>> src, int conn_fd) {
+      rq->conn_fd = conn_fd;
+      const pid_t pid = rq->pid;
+      const uint64_t id = rq->reply_id;
+      const std::vector<fault::MappedRange> guest = rq->ranges;
+      auto sid = src.ok() ? serve(std::move(*rq), std::move(*src)) : Result<fault::SessionId>(std::move(src).error());
+      if (!sid.ok()) {
+        fail_vm(pid, std::move(*keep), guest, sid.error().message());
+        return handshake_refused(pid, conn_fd, id, sid.error().message());
+      }
+      reply_on(conn_fd, id, [&](auto b) { b.setAccepted(*sid); });  // the VM's session
+      served[*sid].peer_sock = std::move(*peer);
+    };
+    Status st = open_then(std::move(spec), 0, notify, rq->pid, rq->uid, go_on);
+    if (!st.ok()) go_on(st.error(), notify);
   }
 
   // ---- Prometheus text exposition on --metrics HOST:PORT ----
@@ -1119,6 +1171,7 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
   im.add(im.listen_fd.get(), kListenTag);
   im.add(im.stop_fd.get(), kStopTag);
   im.add(im.engine->changes_fd(), kEngineTag);
+  im.add(im.opener.fd(), kOpenedTag);
   return d;
 }
 
@@ -1146,6 +1199,7 @@ Status Daemon::run() {
           if (t == kListenTag) im.accept_conn();
           else if (t == kEngineTag) im.on_engine_change();
           else if (t == kMetricsTag) im.metrics->serve([&] { return im.metrics_text(); });
+          else if (t == kOpenedTag) im.on_opened();
           break;
         case kConn: im.on_conn(fd, events[static_cast<size_t>(i)].events); break;
         case kPidfd: im.on_pid_exit(fd); break;

@@ -27,6 +27,7 @@
 #include "../common/test_data.h"
 #include "agent.capnp.h"
 #include "agent_client/unix_channel.h"
+#include "cli_format.h"
 #include "daemon.h"
 #include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
@@ -986,6 +987,132 @@ TEST_F(AgentTest, ServerGoneBeforeTheHandshakeFailsTheVmVisibly) {
     return firecracker_vm(f.socket_path, image, false);
   });
   EXPECT_EQ(status, 128 + SIGBUS) << "the VM was not failed visibly (128+14: it hung)";
+}
+
+// Opening a snapshot can wait on a page server, up to its deadline: the agent does it off its
+// loop. With the page server stopped (its kernel still accepts; nothing answers), a VM socket
+// asked for from it waits, shown in status as opening, while another process restores from a
+// local snapshot; once the server runs again the VM is served, every byte. (The whole agent
+// used to wait on the open: the other restore and the status went unanswered.)
+TEST_F(AgentTest, OpeningASnapshotHoldsUpNobodyElse) {
+  const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
+  ASSERT_NE(pageserver, nullptr) << "run through meson test";
+  std::filesystem::create_directories(dir_.path() + "/store");
+  RAW_IMAGE_AT(image, 1 * kMiB, 63, vm, dir_.path() + "/store/vm");
+  const std::string local = capture(8 * kMiB, 64);
+  testing::SpawnedServer server(pageserver, dir_.path() + "/store", {});
+  server.start();
+  start_daemon();
+  server.stop();
+
+  // The VM socket's request, by hand: the client library would wait for the answer.
+  const std::string vm_socket = dir_.path() + "/vm.sock";
+  auto asker = agent::connect_unix(socket_);
+  ASSERT_TRUE(asker.ok());
+  capnp::MallocMessageBuilder b;
+  auto rq = b.initRoot<proto::agent::Request>();
+  rq.setId(7);
+  auto fc = rq.initServeFirecracker();
+  fc.setSocketPath(vm_socket);
+  fc.setSnapshot(fmt::format("lazymem://127.0.0.1:{}/vm", server.port()));
+  fc.setPrefetch(true);
+  ASSERT_TRUE(agent::send_frame_fd(asker->get(), b, {}, -1).ok());
+
+  uint64_t generation = 0;
+  for (bool opening = false; !opening;) {
+    auto st = agent_wait_change(socket_, generation, std::chrono::seconds(20));
+    ASSERT_TRUE(st.ok()) << "no status within 20 s: " << st.error().message();
+    auto j = nlohmann::json::parse(*st);
+    generation = j["generation"].get<uint64_t>();
+    opening = j.contains("opening") && j["opening"].size() == 1;
+    if (opening) {
+      EXPECT_NE(agent::format_status(*st).find(": opening lazymem://"), std::string::npos) << *st;
+    }
+  }
+  EXPECT_EQ(restore_in_child(local), 0);
+  pollfd p{asker->get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 0), 0) << "answered while its page server was stopped";
+
+  server.resume();
+  net::FrameBuffer buf;
+  std::deque<sys::UniqueFd> fds;
+  for (;;) {
+    auto f = buf.next();
+    ASSERT_TRUE(f.ok());
+    if (f->has_value()) {
+      auto hd = net::Header::parse((*f)->header);
+      ASSERT_TRUE(hd.ok());
+      auto reply = (*hd)->root<proto::agent::Reply>();
+      ASSERT_EQ(reply.getId(), 7u);
+      ASSERT_TRUE(reply.isAccepted()) << (reply.isError() ? reply.getError().cStr() : "not accepted");
+      break;
+    }
+    ASSERT_TRUE(agent::recv_some(asker->get(), buf, fds, 20000).ok()) << "no answer once the server ran again";
+  }
+  EXPECT_EQ(in_child([&] {
+              ::alarm(60);
+              return firecracker_vm(vm_socket, image, false);
+            }),
+            0);
+}
+
+// A client that gives up while its snapshot is still opening (it closes its connection, then
+// unmaps its regions) is let go at once: the agent drops its copy of the uffd when the
+// connection closes, or the client's munmap would wait on the unmap event until the open ended.
+TEST_F(AgentTest, ClientGivingUpWhileOpeningIsLetGo) {
+  const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
+  ASSERT_NE(pageserver, nullptr) << "run through meson test";
+  std::filesystem::create_directories(dir_.path() + "/store");
+  capture(4 * kMiB, 65, "store/proc");
+  testing::SpawnedServer server(pageserver, dir_.path() + "/store", {});
+  server.start();
+  start_daemon();
+  server.stop();
+  const std::string loc = fmt::format("lazymem://127.0.0.1:{}/proc", server.port());
+  int sent[2], go[2];
+  ASSERT_EQ(::pipe(sent), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  pid_t kid = ::fork();
+  ASSERT_GE(kid, 0);
+  if (kid == 0) {
+    ::alarm(10);  // the open's deadline is 30 s: held until then, the munmap below dies of SIGALRM
+    void* p = testing::map_for_capture(len_, 65);
+    auto uffd = sys::Uffd::open(UFFD_FEATURE_EVENT_UNMAP);
+    if (p == nullptr || !uffd.ok() || !uffd->register_missing(reinterpret_cast<uintptr_t>(p), len_).ok()) _exit(2);
+    auto s = agent::connect_unix(socket_);
+    if (!s.ok()) _exit(3);
+    capnp::MallocMessageBuilder b;
+    auto rq = b.initRoot<proto::agent::Request>();
+    rq.setId(1);
+    auto rs = rq.initRestore();
+    rs.setSnapshot(loc);
+    rs.setUffdFeatures(uffd->features());
+    auto rr = rs.initRanges(1);
+    rr[0].setStart(reinterpret_cast<uintptr_t>(p));
+    rr[0].setLength(len_);
+    if (!agent::send_frame_fd(s->get(), b, {}, uffd->fd()).ok()) _exit(4);
+    char c = 1;
+    if (::write(sent[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) _exit(5);
+    s->reset();  // gives up, as AgentRestore does: the connection first
+    *uffd = sys::Uffd();
+    ::munmap(p, len_);
+    _exit(0);
+  }
+  char c;
+  ASSERT_EQ(::read(sent[0], &c, 1), 1);
+  uint64_t generation = 0;
+  for (bool opening = false; !opening;) {
+    auto st = agent_wait_change(socket_, generation, std::chrono::seconds(20));
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    auto j = nlohmann::json::parse(*st);
+    generation = j["generation"].get<uint64_t>();
+    opening = j["opening"].size() == 1;
+  }
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(kid, &status, 0), kid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "the client's munmap waited on the uffd the agent held (status " << status << ")";
 }
 
 // A VM's request names no version (Firecracker reads no manifest): the agent serves the store's
