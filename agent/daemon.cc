@@ -34,6 +34,7 @@
 #include "snapshot/manifest.h"
 #include "source.h"
 #include "source_opener.h"
+#include "sys/acceptor.h"
 #include "sys/unix_listeners.h"
 
 namespace lazymem::agent {
@@ -318,6 +319,8 @@ struct Daemon::Impl {
   std::vector<Waiter> waiters;
   uint64_t generation = 0;
   bool any_broken = false;  // some connection awaits close_broken()
+  sys::Acceptor acceptor;
+  std::chrono::steady_clock::time_point next_shed_log;
   static constexpr size_t kFinishedKept = 64;
   std::shared_ptr<spdlog::logger> log = log::get("agent");
 
@@ -918,12 +921,28 @@ struct Daemon::Impl {
     conns.erase(it);
   }
 
+  // The next connection on `lfd`, or invalid when none waits. Out of descriptors, waiting peers
+  // are closed (they learn at once, rather than wait on an unanswered connection), said once a
+  // second at most.
+  sys::UniqueFd next_conn(int lfd) {
+    for (;;) {
+      auto next = acceptor.accept(lfd);
+      if (!next.shed) return std::move(next.fd);
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= next_shed_log) {
+        next_shed_log = now + std::chrono::seconds(1);
+        log->warn("out of file descriptors: connections closed unanswered; raise the open-file limit (ulimit -n)");
+      }
+    }
+  }
+
   void accept_conn() {
     for (;;) {
-      int fd = ::accept4(listen_fd.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (fd < 0) return;
+      sys::UniqueFd cfd = next_conn(listen_fd.get());
+      if (!cfd.valid()) return;
+      const int fd = cfd.get();
       auto c = std::make_unique<Conn>();
-      c->fd.reset(fd);
+      c->fd = std::move(cfd);
       ucred cred{};
       socklen_t len = sizeof cred;
       if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) continue;
@@ -942,10 +961,11 @@ struct Daemon::Impl {
     auto lit = fc_listeners.find(lfd);
     if (lit == fc_listeners.end()) return;
     for (;;) {
-      int fd = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (fd < 0) return;
+      sys::UniqueFd cfd = next_conn(lfd);
+      if (!cfd.valid()) return;
+      const int fd = cfd.get();
       auto hs = std::make_unique<FcHandshake>();
-      hs->fd.reset(fd);
+      hs->fd = std::move(cfd);
       socklen_t len = sizeof hs->cred;
       ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &hs->cred, &len);
       if (handshakes.size() >= kMaxPendingHandshakes) {

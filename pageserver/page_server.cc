@@ -27,6 +27,7 @@
 #include "core/log.h"
 #include "extent_cache.h"
 #include "send_queue.h"
+#include "sys/acceptor.h"
 #include "sys/cpu_latency.h"
 #include "sys/ring.h"
 #include "net/auth.h"
@@ -202,7 +203,7 @@ struct PageServer::Impl {
   uint16_t port = 0;
   std::map<Session, std::pair<int, uint64_t>> sessions;
   std::unordered_map<int, int> dgram_owner;  // a session's own UDP socket -> its connection's fd
-  sys::UniqueFd spare_fd{::open("/dev/null", O_RDONLY | O_CLOEXEC)};  // given up when out of descriptors
+  sys::Acceptor acceptor;  // sheds peers when out of descriptors
   Clock::time_point next_refused_log{};
   std::array<std::byte, 4096> dgram_{};  // a request datagram (a getPage is ~150 bytes)
   Clock::time_point last_page{}, next_drop_log{};
@@ -1257,14 +1258,8 @@ struct PageServer::Impl {
     for (;;) {
       Peer peer;
       peer.len = sizeof peer.addr;
-      int fd = ::accept4(listen_fd.get(), reinterpret_cast<sockaddr*>(&peer.addr), &peer.len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (fd < 0 && (errno == EMFILE || errno == ENFILE) && spare_fd.valid()) {
-        // Out of descriptors: the connection stays queued and the listening socket readable, so
-        // the loop would spin. The spare descriptor makes room to take it and close it.
-        spare_fd.reset();
-        int doomed = ::accept4(listen_fd.get(), nullptr, nullptr, SOCK_CLOEXEC);
-        if (doomed >= 0) ::close(doomed);
-        spare_fd.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+      auto next = acceptor.accept(listen_fd.get(), reinterpret_cast<sockaddr*>(&peer.addr), &peer.len);
+      if (next.shed) {
         bump(st_refused);
         auto now = Clock::now();
         if (now >= next_refused_log) {
@@ -1272,9 +1267,10 @@ struct PageServer::Impl {
           log->warn("out of file descriptors ({}): connections refused; raise the open-file limit (ulimit -n)",
                     std::strerror(EMFILE));
         }
-        if (doomed >= 0) continue;
+        continue;
       }
-      if (fd < 0) return;
+      if (!next.fd.valid()) return;
+      int fd = next.fd.release();
       if (conns.size() >= opt.max_connections) {
         ::close(fd);
         bump(st_refused);

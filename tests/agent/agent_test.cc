@@ -466,6 +466,47 @@ TEST_F(AgentTest, PeerThatDoesNotReadHoldsUpNobody) {
   }
 }
 
+// Out of file descriptors, the agent closes the connections it cannot take: each learns at
+// once, rather than wait unanswered while the agent spins on its listener. With descriptors
+// free again it serves as before.
+TEST_F(AgentTest, OutOfDescriptorsConnectionsAreClosedNotLeftWaiting) {
+  std::string loc = capture(8 * kMiB, 66);
+  start_daemon();
+  const std::string fds_dir = fmt::format("/proc/{}/fd", daemon_pid_);
+  const auto in_use = static_cast<rlim_t>(std::distance(std::filesystem::directory_iterator(fds_dir), {}));
+  rlimit was{};
+  ASSERT_EQ(::prlimit(daemon_pid_, RLIMIT_NOFILE, nullptr, &was), 0);
+  rlimit tight = was;
+  tight.rlim_cur = in_use + 3;
+  ASSERT_EQ(::prlimit(daemon_pid_, RLIMIT_NOFILE, &tight, nullptr), 0);
+
+  // Connections, each asking for status: one the agent took is answered, one it had no
+  // descriptor for is closed.
+  capnp::MallocMessageBuilder b;
+  auto rq = b.initRoot<proto::agent::Request>();
+  rq.setId(1);
+  rq.setStatus();
+  std::vector<sys::UniqueFd> held;
+  bool closed = false;
+  while (!closed) {
+    ASSERT_LT(held.size(), 16u) << "the agent took more connections than it has descriptors for";
+    auto s = agent::connect_unix(socket_);
+    ASSERT_TRUE(s.ok()) << s.error().message();
+    ASSERT_TRUE(agent::send_frame_fd(s->get(), b, {}, -1).ok());
+    net::FrameBuffer buf;
+    std::deque<sys::UniqueFd> fds;
+    Status got = agent::recv_some(s->get(), buf, fds, 20000);
+    ASSERT_TRUE(got.ok() || got.error().code() != Errc::kTimeout) << "a connection the agent could not take was left waiting";
+    closed = !got.ok();
+    held.push_back(std::move(*s));
+  }
+  EXPECT_GT(held.size(), 1u) << "the agent took no connection at all";
+
+  held.clear();
+  ASSERT_EQ(::prlimit(daemon_pid_, RLIMIT_NOFILE, &was, nullptr), 0);
+  EXPECT_EQ(restore_in_child(loc), 0);
+}
+
 // The agent dies mid-restore: the process must not hang and must not read zeros; pages not
 // yet restored raise SIGBUS (the client's watchdog poisons them).
 TEST_F(AgentTest, AgentDeathFailsVisibly) {

@@ -80,17 +80,10 @@ void MetricsEndpoint::serve(const std::function<std::string()>& text) {
 void MetricsEndpoint::accept_all() {
   const auto now = std::chrono::steady_clock::now();
   for (;;) {
-    sys::UniqueFd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
-    if (!fd.valid()) {
-      if (errno == EMFILE || errno == ENFILE) {
-        // Out of descriptors: the waiting peer is taken with the spare and closed, or the
-        // listener would stay readable and the owner's loop spin.
-        spare_.reset();
-        sys::UniqueFd refused(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-        spare_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-      }
-      return;
-    }
+    auto next = acceptor_.accept(listen_.get());
+    if (next.shed) continue;
+    if (!next.fd.valid()) return;
+    sys::UniqueFd fd = std::move(next.fd);
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.fd = fd.get();

@@ -10,8 +10,6 @@
 // Thread-safety: one thread (the loop's).
 #pragma once
 
-#include <fcntl.h>
-
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -21,6 +19,7 @@
 #include <string_view>
 
 #include "lazymem/result.h"
+#include "sys/acceptor.h"
 #include "sys/unique_fd.h"
 
 namespace lazymem::net {
@@ -51,7 +50,7 @@ class MetricsEndpoint {
   bool step(Scrape& s, const std::function<std::string()>& text);
 
   sys::UniqueFd listen_, epoll_;
-  sys::UniqueFd spare_{::open("/dev/null", O_RDONLY | O_CLOEXEC)};  // given up when out of descriptors
+  sys::Acceptor acceptor_;
   uint16_t port_ = 0;
   std::map<int, Scrape> scrapes_;
 };
