@@ -294,23 +294,39 @@ TEST_F(SnapshotFormatTest, RemovalAndLeftoversOfDeadProcesses) {
   const std::vector<std::string> kept = {fmt::format(".a.tmp-{}-1", ::getpid()), ".c.tmp-1-0", ".d.rm-x-0", "keep",
                                          fmt::format(".e.tmp-+{}-0", dead), fmt::format(".f.tmp-{}-1z", dead),
                                          fmt::format(".g.old-{}-0", dead), fmt::format(".tmp-{}-0", dead)};
+  // Made a while ago: a directory made within the last minute may be a writer elsewhere (another
+  // host, another pid namespace) that has not locked its data file yet.
+  auto backdate = [&](const std::string& d) {
+    const timespec two_minutes_ago[2] = {{::time(nullptr) - 120, 0}, {::time(nullptr) - 120, 0}};
+    ASSERT_EQ(::utimensat(AT_FDCWD, (dir_.path() + "/" + d).c_str(), two_minutes_ago, 0), 0) << d;
+  };
   // A capture collects what dead writers left, as a starting server does.
   ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + collected[0]));
   capture("more");
+  EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/" + collected[0])) << "a directory just made was collected";
+  backdate(collected[0]);
+  capture("more2");
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/" + collected[0])) << "a capture left a dead writer's leftover";
   // A writer whose pid means nothing here (another host sharing the store, another pid
   // namespace): its data file is locked while it writes. A sink of ours holds it, renamed as theirs.
   const std::string elsewhere = fmt::format(".h.tmp-{}-0", dead);
   auto writer = snapshot::open_local_sink(*SnapshotLocation::in_store(dir_.path(), "h"), false);
   ASSERT_TRUE(writer.ok()) << writer.error().message();
-  for (const auto& d : collected) ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + d));
-  for (const auto& d : kept) std::filesystem::create_directories(dir_.path() + "/" + d + "/sub");
+  for (const auto& d : collected) {
+    ASSERT_TRUE(std::filesystem::create_directory(dir_.path() + "/" + d));
+    backdate(d);
+  }
+  for (const auto& d : kept) {
+    std::filesystem::create_directories(dir_.path() + "/" + d + "/sub");
+    backdate(d);
+  }
   std::string own;
   for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
     if (e.path().filename().string().starts_with(".h.tmp-")) own = e.path().string();
   }
   ASSERT_FALSE(own.empty());
   std::filesystem::rename(own, dir_.path() + "/" + elsewhere);  // named as by the other writer
+  backdate(elsewhere);  // locked: kept however old
   EXPECT_EQ(snapshot::gc_leftovers(dir_.path()), collected.size());
   for (const auto& d : collected) EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/" + d)) << d;
   for (const auto& d : kept) EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/" + d)) << d;
@@ -318,6 +334,7 @@ TEST_F(SnapshotFormatTest, RemovalAndLeftoversOfDeadProcesses) {
   (*writer)->abort();  // its directory is gone from under it: nothing to clean, the lock goes
   std::filesystem::create_directory(dir_.path() + "/" + elsewhere);
   std::ofstream(dir_.path() + "/" + elsewhere + "/" + snapshot::kDataFile) << "half";
+  backdate(elsewhere);
   EXPECT_EQ(snapshot::gc_leftovers(dir_.path()), 1u) << "a dead writer's unlocked data file is kept";
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/" + elsewhere));
 }

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <optional>
 #include <string_view>
@@ -322,6 +323,10 @@ std::optional<pid_t> leftover_pid(const std::string& name) {
 
 }  // namespace
 
+// How long a temporary directory is left alone after it was made (or last had a file created in
+// it), whatever its pid says: see gc_leftovers.
+constexpr time_t kLeftoverGraceSeconds = 60;
+
 size_t gc_leftovers(const std::string& store_dir) {
   size_t removed = 0;
   std::error_code ec;
@@ -330,11 +335,14 @@ size_t gc_leftovers(const std::string& store_dir) {
     // with '.'); the process that made one is alive while it writes or deletes it. A pid is
     // only meaningful on this host and in this pid namespace, so a writer's data file is also
     // locked while it writes (LocalSink::lock_): one whose lock is held is kept, whatever its
-    // pid, and a store shared between hosts or containers loses no upload in progress. (A
-    // removal deleted twice at once loses nothing.)
+    // pid, and a store shared between hosts or containers loses no upload in progress. The lock
+    // comes a moment after the directory (mkdir, create, flock): one made within the last
+    // minute is kept too. (A removal deleted twice at once loses nothing.)
     const std::string name = entry.path().filename().string();
     const auto pid = leftover_pid(name);
     if (!pid || *pid == ::getpid() || ::kill(*pid, 0) == 0 || errno != ESRCH) continue;
+    struct stat st {};
+    if (::lstat(entry.path().c_str(), &st) != 0 || ::time(nullptr) - st.st_mtime < kLeftoverGraceSeconds) continue;
     sys::UniqueFd data(::open((entry.path() / kDataFile).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK));
     if (data.valid() && ::flock(data.get(), LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) continue;
     std::error_code rm_ec;

@@ -62,7 +62,8 @@ Status remove_snapshot(const SnapshotLocation& loc);
 // the directory to delete.
 Result<std::string> retire_snapshot(const SnapshotLocation& loc);
 // Deletes what writers and removals left when their process died (temporary directories whose
-// process is gone here, and whose data file no writer elsewhere holds locked); returns how many.
+// process is gone here, whose data file no writer elsewhere holds locked, and which nothing has
+// been created in for a minute); returns how many.
 size_t gc_leftovers(const std::string& store_dir);
 
 // Reads a whole small file (a manifest). Refuses files larger than `limit`. A relative `path` is
