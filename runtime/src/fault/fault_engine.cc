@@ -255,6 +255,8 @@ void FaultEngine::Loop::process_commands() {
 }
 
 void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
+  // Returns at once whatever the source (ChunkSource::open_reader): a page server that does not
+  // answer is waited for by the reader's own poll(), and the other sessions go on being served.
   auto reader = s->source->open_reader();
   if (!reader.ok()) {
     // No page will come, and this session's faults are never read: every page is failed now

@@ -339,14 +339,12 @@ class RemoteReader final : public snapshot::ChunkReader {
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, timer_.get(), &ev);
   }
 
-  // The first connection, made before the engine serves anything: blocking is fine here.
-  Status connect() {
-    LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc_, token_, std::chrono::steady_clock::now() + attempt_limit(),
-                                                               src_.manifest().checksum, 0, &server_));
-    next_first_ = server_ + 1;
-    use_socket(std::move(fd));
-    return ok_status();
-  }
+  // Starts the first connection and returns without waiting for it. The engine's thread opens
+  // the reader of every session it serves (an agent's: every process on the host), so a server
+  // that accepts and then says nothing (a stopped process) must not hold up the others' faults
+  // for an attempt's time: poll() moves the connection on as it does a reconnect, requests
+  // submitted meanwhile go out once it is made, and fail when the attempts are spent.
+  Status start() { return start_attempt(); }
 
   Status submit(std::span<const snapshot::ChunkRequest> requests) override {
     if (in_flight_.empty()) heard_ = std::chrono::steady_clock::now();  // silence counts from the first request
@@ -433,9 +431,9 @@ class RemoteReader final : public snapshot::ChunkReader {
   size_t capacity() const override { return opts_.reads_in_flight; }
 
  private:
-  // kReady: requests flow. kDialing: a reconnect is under way (its socket and a deadline timer
-  // are in our epoll set, so the engine calls poll() as it moves). kBackoff: waiting a moment
-  // before the next attempt.
+  // kReady: requests flow. kDialing: a connection (the first, or a reconnect) is under way (its
+  // socket and a deadline timer are in our epoll set, so the engine calls poll() as it moves).
+  // kBackoff: waiting a moment before the next attempt.
   enum class Link { kReady, kDialing, kBackoff };
 
   // Each attempt gets a slice of the fault deadline, so all of them together stay within it.
@@ -518,6 +516,12 @@ class RemoteReader final : public snapshot::ChunkReader {
       return last_error_.wrap(fmt::format("page server {} (gave up after {} reconnects)", loc_.to_string(),
                                           opts_.fetch_attempts));
     }
+    return start_attempt();
+  }
+
+  // One attempt at a connection, from the server after the one the last attempt reached; moved
+  // on by advance_reconnect() as its socket allows, within an attempt's slice of the deadline.
+  Status start_attempt() {
     auto d = Dialer::start(loc_, token_, src_.manifest().checksum, next_first_);
     if (!d.ok()) {  // nothing to wait for: try again after a pause
       last_error_ = std::move(d).error();
@@ -535,7 +539,7 @@ class RemoteReader final : public snapshot::ChunkReader {
 
   std::chrono::milliseconds backoff() const { return std::chrono::milliseconds(50) * attempts_; }
 
-  // Moves a reconnect on as far as it goes without blocking.
+  // Moves a connection (the first, or a reconnect) on as far as it goes without blocking.
   Status advance_reconnect() {
     if (link_ == Link::kBackoff) {
       if (gave_up_ || !timer_fired()) return ok_status();
@@ -649,7 +653,7 @@ class RemoteReader final : public snapshot::ChunkReader {
   sys::UniqueFd sock_;
   Link link_ = Link::kReady;
   std::optional<Dialer> dialer_;
-  unsigned attempts_ = 0;  // reconnects since the server last sent anything
+  unsigned attempts_ = 0;  // reconnects since the server last sent anything (the first try is none)
   size_t server_ = 0;      // the connected server's index in loc_.servers()
   size_t next_first_ = 0;  // where the next reconnect starts (Dialer::start)
   bool pass_over_ = false; // the connected server refused a chunk: reconnect to the next
@@ -690,7 +694,7 @@ Result<std::unique_ptr<RemoteSource>> RemoteSource::open(const SnapshotLocation&
 
 Result<std::unique_ptr<snapshot::ChunkReader>> RemoteSource::open_reader() {
   auto r = std::make_unique<RemoteReader>(*this, loc_, token_, options_);
-  LAZYMEM_TRY(r->connect());
+  LAZYMEM_TRY(r->start());
   return std::unique_ptr<snapshot::ChunkReader>(std::move(r));
 }
 
