@@ -28,6 +28,7 @@
 
 #include "../common/test_data.h"
 #include "served_snapshot.h"
+#include "fault/fault_engine.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
@@ -42,6 +43,8 @@
 #include "snapshot/read_chunks.h"
 #include "snapshot/store.h"
 #include "source.h"
+#include "sys/mapping.h"
+#include "sys/uffd.h"
 #include "wire.capnp.h"
 
 namespace lazymem {
@@ -1027,6 +1030,224 @@ TEST_F(PageServerTest, ReconnectNeverBlocksTheEngine) {
   EXPECT_TRUE(failed) << "the request never failed";
   EXPECT_EQ(sink.chunks, 0);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+}
+
+// A process whose memory the engine restores (over a uffd it sends us), forked before the test
+// starts any thread. Told to, it reads every page and exits 0 if each holds `expected`'s bytes
+// (2 if one does not; a failed page kills it with SIGBUS). Killed when this goes.
+struct RestoredChild {
+  pid_t pid = -1;
+  sys::UniqueFd pidfd;  // readable once it has exited
+  sys::UniqueFd uffd;   // registered over its copy of the region
+  sys::UniqueFd go;     // a byte: read every page now
+  RestoredChild() = default;
+  RestoredChild(const RestoredChild&) = delete;
+  RestoredChild& operator=(const RestoredChild&) = delete;
+  ~RestoredChild() {
+    if (pid <= 0) return;
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+  }
+  void read_every_page() const { ASSERT_EQ(::write(go.get(), "g", 1), 1); }
+  bool exited_within(std::chrono::milliseconds t) const {
+    pollfd p{pidfd.get(), POLLIN, 0};
+    return ::poll(&p, 1, static_cast<int>(t.count())) == 1;
+  }
+  int wait() {  // its wait status, once exited_within() says it has exited
+    int status = 0;
+    EXPECT_EQ(::waitpid(pid, &status, 0), pid);
+    pid = -1;
+    return status;
+  }
+};
+
+// Forks `out`, whose region lies where the snapshot's region `r` was captured (free in this
+// process since the capture), and receives its uffd (SCM_RIGHTS).
+void fork_restored(const RegionInfo& r, const std::vector<std::byte>& expected, RestoredChild& out) {
+  int sock[2], go[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sock), 0);
+  ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+  out.pid = ::fork();
+  ASSERT_GE(out.pid, 0);
+  if (out.pid == 0) {
+    ::signal(SIGBUS, SIG_DFL);  // a failed page kills it plainly, under the sanitizers too
+    void* p = ::mmap(reinterpret_cast<void*>(r.start_address), r.length, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    auto uffd = sys::Uffd::open(0);
+    if (p == MAP_FAILED || !uffd.ok() || !uffd->register_missing(r.start_address, r.length).ok()) _exit(3);
+    char byte = 'u';
+    iovec iov{&byte, 1};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    const int fd = uffd->fd();
+    std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    if (::sendmsg(sock[1], &msg, 0) != 1 || ::read(go[0], &byte, 1) != 1) _exit(4);
+    const auto* got = static_cast<const std::byte*>(p);
+    for (size_t off = 0; off < r.length; off += 4096)
+      if (std::memcmp(got + off, expected.data() + off, 4096) != 0) _exit(2);
+    _exit(0);
+  }
+  ::close(sock[1]);
+  ::close(go[0]);
+  sys::UniqueFd from(sock[0]);
+  out.go = sys::UniqueFd(go[1]);
+  out.pidfd = sys::UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, out.pid, 0)));
+  ASSERT_TRUE(out.pidfd.valid()) << std::strerror(errno);
+  char byte;
+  iovec iov{&byte, 1};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  ASSERT_EQ(::recvmsg(from.get(), &msg, MSG_CMSG_CLOEXEC), 1) << "the child sent no uffd";
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  ASSERT_TRUE(c != nullptr && c->cmsg_type == SCM_RIGHTS);
+  int fd;
+  std::memcpy(&fd, CMSG_DATA(c), sizeof fd);
+  out.uffd = sys::UniqueFd(fd);
+}
+
+fault::SessionSpec session_of(const std::string& name, RestoredChild& child,
+                              std::shared_ptr<snapshot::ChunkSource> source) {
+  const RegionInfo& r = source->manifest().regions[0];
+  fault::SessionSpec spec;
+  spec.name = name;
+  spec.uffd = sys::Uffd::adopt(std::move(child.uffd), 0);
+  spec.ranges = {fault::MappedRange{r.start_address, r.length, 0, 0}};
+  spec.source = std::move(source);
+  spec.pid = child.pid;
+  return spec;
+}
+
+// The engine opens each session's chunk reader on its own thread, the one that serves every
+// other session (of an agent: every process on the host). A page server that accepts and then
+// never answers (stopped, SIGSTOP: its kernel still takes connections) must not hold up the
+// faults of other sessions while a first connection to it waits. Session A reads from such a
+// server, session B from a local snapshot: B's process reads every byte while A has neither
+// completed nor failed (A's deadline is a minute away: this is about order, not timing); once
+// the server goes on, A's process reads every byte too.
+TEST_F(PageServerTest, FirstConnectionToAStoppedServerNeverBlocksTheEngine) {
+  ScratchDir local;
+  capture(8 * kMiB, 48);
+  std::filesystem::rename(dir_.path() + "/snap", local.path() + "/snap");
+  const std::vector<std::byte> expected_b = expected_;
+  capture(8 * kMiB, 49);
+  ServerProcess server;
+  fork_server(server);
+  if (HasFatalFailure()) return;
+  RestoreOptions o;
+  o.fault_deadline = std::chrono::seconds(60);
+  o.fetch_attempts = 10;  // with 5 s attempts (the most a slice gets): A keeps trying for the minute
+  auto remote = open_chunk_source("lazymem://127.0.0.1:" + std::to_string(server.port) + "/snap", o);
+  ASSERT_TRUE(remote.ok()) << remote.error().message();
+  auto disk = open_chunk_source(local.path() + "/snap", o);
+  ASSERT_TRUE(disk.ok()) << disk.error().message();
+  RestoredChild a, b;  // forked before the engine starts its threads
+  fork_restored((*remote)->manifest().regions[0], expected_, a);
+  if (HasFatalFailure()) return;
+  fork_restored((*disk)->manifest().regions[0], expected_b, b);
+  if (HasFatalFailure()) return;
+
+  ASSERT_EQ(::kill(server.pid, SIGSTOP), 0);
+  fault::EngineOptions eo;
+  eo.demand_deadline = o.fault_deadline;
+  fault::FaultEngine engine(kf_, eo);
+  ASSERT_TRUE(engine.start().ok());
+  auto id_a = engine.add_session(session_of("a", a, *remote));  // first: its reader opens first
+  ASSERT_TRUE(id_a.ok()) << id_a.error().message();
+  auto id_b = engine.add_session(session_of("b", b, *disk));
+  ASSERT_TRUE(id_b.ok()) << id_b.error().message();
+  a.read_every_page();  // its faults wait for the server
+  b.read_every_page();
+  ASSERT_TRUE(b.exited_within(std::chrono::seconds(30))) << "B's process never finished";
+  const int status_b = b.wait();
+  ASSERT_TRUE(WIFEXITED(status_b) && WEXITSTATUS(status_b) == 0) << "B's process: wait status " << status_b;
+  Status complete_b = engine.wait_complete(*id_b, std::chrono::seconds(10));
+  EXPECT_TRUE(complete_b.ok()) << complete_b.error().message();
+  auto info_a = engine.session_info(*id_a);
+  ASSERT_TRUE(info_a.has_value());
+  EXPECT_FALSE(info_a->failed) << "A failed before B was done: " << info_a->failure;
+  EXPECT_FALSE(info_a->complete) << "A completed from a stopped server";
+  EXPECT_FALSE(a.exited_within(std::chrono::milliseconds(0))) << "A's process ended while its server was stopped";
+
+  ASSERT_EQ(::kill(server.pid, SIGCONT), 0);
+  ASSERT_TRUE(a.exited_within(std::chrono::seconds(60))) << "A's process never finished";
+  const int status_a = a.wait();
+  EXPECT_TRUE(WIFEXITED(status_a) && WEXITSTATUS(status_a) == 0) << "A's process: wait status " << status_a;
+  Status complete_a = engine.wait_complete(*id_a, std::chrono::seconds(60));
+  EXPECT_TRUE(complete_a.ok()) << complete_a.error().message();
+  engine.remove_session(*id_a);
+  engine.remove_session(*id_b);
+  engine.stop();
+}
+
+// The first connection of a reader is made in the background, so its refusal is no longer
+// opening's error: it comes from poll(), where a blocking caller (eager restore, verify) waits
+// for it, and it is the failure an engine's session reports. Both say why. Here the server's
+// token changes between the manifest and the reader.
+TEST_F(PageServerTest, FirstConnectionRefusedIsAClearError) {
+  capture(4 * kMiB, 50);
+  start_server("correct horse battery staple");
+  const std::string good = dir_.path() + "/good.token";
+  std::ofstream(good) << "correct horse battery staple\n";
+  RestoreOptions o;
+  o.token_file = good;
+  auto source = open_chunk_source(uri(), o);
+  ASSERT_TRUE(source.ok()) << source.error().message();
+  pageserver::ServerOptions changed;
+  changed.port = server_->port();
+  changed.token = "another token, long enough too";
+  stop_server();
+  server_.reset();
+  start_server(changed);
+
+  auto reader = (*source)->open_reader();
+  ASSERT_TRUE(reader.ok()) << "opening a reader waited for the server: " << reader.error().message();
+  struct Sink final : snapshot::ChunkSink {
+    size_t chunks = 0;
+    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
+    void on_chunk_error(uint64_t, const Error&) override {}
+  } sink;
+  Status read = snapshot::read_chunks(**reader, snapshot::stored_chunks((*source)->manifest()), sink,
+                                      std::chrono::seconds(30));
+  ASSERT_FALSE(read.ok()) << "read every chunk with the wrong token";
+  EXPECT_EQ(read.error().code(), Errc::kPermission) << read.error().message();
+  EXPECT_NE(read.error().message().find("wrong token"), std::string::npos) << read.error().message();
+  EXPECT_EQ(sink.chunks, 0u);
+
+  // In this process, untouched: prefetch asks, and the session fails with the reason.
+  const RegionInfo& r = (*source)->manifest().regions[0];
+  auto map = sys::Mapping::anonymous_at(r.start_address, r.length, PROT_READ | PROT_WRITE);
+  ASSERT_TRUE(map.ok()) << map.error().message();
+  auto uffd = sys::Uffd::open(0);
+  ASSERT_TRUE(uffd.ok()) << uffd.error().message();
+  ASSERT_TRUE(uffd->register_missing(r.start_address, r.length).ok());
+  fault::EngineOptions eo;
+  eo.kill_on_failure = false;  // the process is this test
+  fault::FaultEngine engine(kf_, eo);
+  ASSERT_TRUE(engine.start().ok());
+  fault::SessionSpec spec;
+  spec.name = "refused";
+  spec.uffd = std::move(*uffd);
+  spec.source = *source;
+  spec.ranges = {fault::MappedRange{r.start_address, r.length, 0, 0}};
+  auto id = engine.add_session(std::move(spec));
+  ASSERT_TRUE(id.ok()) << id.error().message();
+  Status done = engine.wait_complete(*id, std::chrono::seconds(30));
+  ASSERT_FALSE(done.ok()) << "a restore with the wrong token completed";
+  EXPECT_NE(done.error().message().find("wrong token"), std::string::npos) << done.error().message();
+  engine.remove_session(*id);
+  engine.stop();
 }
 
 // A second "host": a network namespace joined to this one by a veth pair with the given MTU on
