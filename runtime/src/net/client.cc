@@ -367,7 +367,8 @@ class RemoteReader final : public snapshot::ChunkReader {
       if (link_ != Link::kReady) {
         LAZYMEM_TRY(advance_reconnect());
         if (link_ != Link::kReady) {
-          if (block && delivered == 0) {
+          // Only for requests (ChunkReader::poll): a first connection is under way before any.
+          if (block && delivered == 0 && !in_flight_.empty()) {
             pollfd p{epoll_.get(), POLLIN, 0};
             ::poll(&p, 1, static_cast<int>(opts_.deadline.count()));
             block = false;
