@@ -25,6 +25,11 @@ namespace lazymem {
 namespace pa = proto::agent;
 namespace {
 
+// How long a client waits for the agent to accept or refuse a request. The agent opens the
+// snapshot first, which may take up to its page-server deadline (30 s by default): waiting
+// longer than that, the client hears the agent's reason rather than a timeout of its own.
+constexpr int kAgentAnswerMs = 60000;
+
 // The agent opens the paths a request names in its own working directory, not ours: a relative
 // one would name another file there (another snapshot's pages served for our manifest). Local
 // paths go to it absolute.
@@ -197,7 +202,7 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
       }
       return Error(Errc::kProtocol, "lazymem-agent: unexpected reply to restore");
     }
-    LAZYMEM_TRY(agent::recv_some(impl->sock.get(), impl->buf, fds, 30000));
+    LAZYMEM_TRY(agent::recv_some(impl->sock.get(), impl->buf, fds, kAgentAnswerMs));
   }
   std::shared_ptr<Impl> shared = std::move(impl);
   // Detached at once: it holds the state it needs, and ends on its own when the restore does
@@ -257,7 +262,7 @@ Result<std::unique_ptr<AgentFirecrackerServe>> AgentFirecrackerServe::start(cons
   fc.setCancelOnClose(options.cancel_on_close);
   LAZYMEM_TRY(agent::send_frame_fd(impl->sock.get(), b, {}, -1));
   std::unique_ptr<AgentFirecrackerServe> out(new AgentFirecrackerServe(std::move(impl)));
-  Status first = out->wait_event(std::chrono::seconds(30));  // the socket listens, or why not
+  Status first = out->wait_event(std::chrono::milliseconds(kAgentAnswerMs));  // the socket listens, or why not
   if (!first.ok()) return std::move(first).error();
   return out;
 }
