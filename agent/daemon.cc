@@ -319,6 +319,7 @@ struct Daemon::Impl {
   std::vector<Waiter> waiters;
   uint64_t generation = 0;
   bool any_broken = false;  // some connection awaits close_broken()
+  std::vector<int> resume;  // connections with requests buffered to handle (resume_buffered)
   sys::Acceptor acceptor;
   std::chrono::steady_clock::time_point next_shed_log;
   static constexpr size_t kFinishedKept = 64;
@@ -366,6 +367,9 @@ struct Daemon::Impl {
     c.out.clear();
     c.out_sent = 0;
     watch_conn(c, EPOLLIN);
+    // Requests read before the replies backed up wait in its buffer: no event would come for
+    // them (the socket holds nothing new), so they are handled after the current event.
+    if (c.buf.buffered() > 0) resume.push_back(c.fd.get());
   }
   void watch_conn(Conn& c, uint32_t events) {
     if (c.events == events) return;
@@ -382,6 +386,13 @@ struct Daemon::Impl {
     c.out.clear();
     c.out_sent = 0;
     any_broken = true;
+  }
+  void resume_buffered() {
+    while (!resume.empty()) {
+      std::vector<int> fds;
+      fds.swap(resume);
+      for (int fd : fds) on_conn(fd, 0);
+    }
   }
   void close_broken() {
     while (any_broken) {  // closing one can break another (its status long poll is answered)
@@ -405,8 +416,8 @@ struct Daemon::Impl {
     auto it = sources.find(key);
     if (it != sources.end() && it->second->manifest().checksum == src->manifest().checksum) {
       src = it->second;
-    } else {
-      sources[key] = src;  // the store's version now: what the next client will have read
+    } else if (opened.fresh) {  // one taken from open_now may be older than the one cached since
+      sources[key] = src;       // the store's version now: what the next client will have read
     }
     if (version != 0 && src->manifest().checksum != version) {
       return Error(Errc::kNotFound, fmt::format("{}: the agent finds another version of the snapshot than the client read "
@@ -1228,6 +1239,7 @@ Status Daemon::run() {
         case kFcTimer: im.on_handshake_timer(fd); break;
         case kNoticeTimer: im.on_notice_timer(fd); break;
       }
+      im.resume_buffered();
       im.close_broken();
     }
   }

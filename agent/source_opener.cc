@@ -75,6 +75,7 @@ Result<Opened> open_source(const OpenSpec& spec) {
   for (const auto& [token, source] : spec.open_now) {
     if (token != out.token) continue;
     out.source = source;
+    out.fresh = false;
     return out;
   }
   RestoreOptions ro;

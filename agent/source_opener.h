@@ -40,6 +40,7 @@ struct OpenSpec {
 struct Opened {
   std::string token;  // read from the token file (sources are shared only between equal tokens)
   std::shared_ptr<snapshot::ChunkSource> source;
+  bool fresh = true;  // opened now, not one of OpenSpec::open_now
 };
 
 // Fails with kPermission naming the file when `who` (not root) could not open the snapshot's

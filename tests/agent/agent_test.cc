@@ -5,9 +5,11 @@
 #include <grp.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/stat.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -21,6 +23,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <thread>
 
 #include "../common/spawned_server.h"
@@ -463,6 +466,74 @@ TEST_F(AgentTest, PeerThatDoesNotReadHoldsUpNobody) {
     ASSERT_TRUE(reply.isJson());
     buf.consume();
     ++want;
+  }
+}
+
+// The same peer's requests read before its replies backed up are answered, however the last
+// waiting reply goes out: here a notice (its status long poll answered when another client
+// asks for something) sends it, and no socket event ever comes for those requests. (They were
+// left unanswered.)
+TEST_F(AgentTest, RequestsReadBeforeRepliesBackedUpAreAnswered) {
+  start_daemon();
+  auto js = agent_query(socket_, false);
+  ASSERT_TRUE(js.ok());
+  const uint64_t generation = nlohmann::json::parse(*js)["generation"].get<uint64_t>();
+  auto peer = agent::connect_unix(socket_);
+  ASSERT_TRUE(peer.ok());
+  // A long poll, then more status requests than its socket holds replies for, in one write the
+  // agent reads whole (its requests then all wait in its buffer, none in the socket).
+  std::vector<std::byte> all;
+  const uint64_t sent = 1000;
+  for (uint64_t id = 1; id <= sent; ++id) {
+    capnp::MallocMessageBuilder b;
+    auto rq = b.initRoot<proto::agent::Request>();
+    rq.setId(id);
+    if (id == 1) rq.setWaitChange(generation);
+    else rq.setStatus();
+    std::vector<std::byte> frame = net::encode_frame(b, 0);
+    all.insert(all.end(), frame.begin(), frame.end());
+  }
+  ASSERT_LT(all.size(), 64u * 1024) << "more than the agent reads at once";
+  ASSERT_EQ(::send(peer->get(), all.data(), all.size(), MSG_NOSIGNAL), static_cast<ssize_t>(all.size()));
+  for (int unread = 1; unread > 0;) {  // until the agent has read it all
+    ASSERT_EQ(::ioctl(peer->get(), SIOCOUTQ, &unread), 0);
+    std::this_thread::yield();
+  }
+  // It answers them until the socket is full, all in the event that read them: answered on
+  // another connection, this comes after it.
+  ASSERT_TRUE(agent_query(socket_, false).ok());
+  // Room for a reply or two, not enough for the socket to say it is writable.
+  std::vector<std::byte> some(4096);
+  const ssize_t got = ::recv(peer->get(), some.data(), some.size(), MSG_WAITALL);
+  ASSERT_GT(got, 0);
+  net::FrameBuffer buf;
+  auto space = buf.writable();
+  ASSERT_GE(space.size(), static_cast<size_t>(got));
+  std::memcpy(space.data(), some.data(), static_cast<size_t>(got));
+  buf.commit(static_cast<size_t>(got));
+  // Another client asks for a VM socket: the status changes, the long poll is answered.
+  auto other = agent::connect_unix(socket_);
+  ASSERT_TRUE(other.ok());
+  capnp::MallocMessageBuilder b;
+  auto fc = b.initRoot<proto::agent::Request>().initServeFirecracker();
+  fc.setSocketPath(dir_.path() + "/vm.sock");
+  fc.setSnapshot(dir_.path() + "/no-such-snapshot");
+  ASSERT_TRUE(agent::send_frame_fd(other->get(), b, {}, -1).ok());
+
+  std::set<uint64_t> answered;
+  std::deque<sys::UniqueFd> fds;
+  while (answered.size() < sent) {
+    auto f = buf.next();
+    ASSERT_TRUE(f.ok());
+    if (!f->has_value()) {
+      ASSERT_TRUE(agent::recv_some(peer->get(), buf, fds, 10000).ok())
+          << sent - answered.size() << " of " << sent << " requests unanswered";
+      continue;
+    }
+    auto hd = net::Header::parse((*f)->header);
+    ASSERT_TRUE(hd.ok());
+    EXPECT_TRUE(answered.insert((*hd)->root<proto::agent::Reply>().getId()).second);
+    buf.consume();
   }
 }
 
