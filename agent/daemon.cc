@@ -50,7 +50,6 @@ constexpr size_t kMaxHandshake = 1 << 20;    // Firecracker's region JSON, at mo
 constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
 constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
 constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
-constexpr size_t kMaxOpening = 64;            // snapshot opens under way at once (a thread each)
 // Replies queued for one connection. Reading stops while any wait, so only notices (complete,
 // failed, long-poll answers) can add to them; a peer this far behind is not reading at all.
 constexpr size_t kMaxQueuedReplyBytes = 16 << 20;
@@ -288,7 +287,6 @@ struct Daemon::Impl {
   // One per snapshot location, shared by every client restoring it (one manifest in memory, one
   // page-server connection setup). Shared ownership: the engine's sessions hold it too.
   std::map<std::string, std::shared_ptr<snapshot::ChunkSource>> sources;
-  struct ServeRequest;
   // Requests waiting for their snapshot to open (open_then).
   struct Opening {
     std::string location;
@@ -297,10 +295,11 @@ struct Daemon::Impl {
     pid_t pid = 0;     // who asked, for status
     uid_t uid = 0;
     std::function<void(Result<std::shared_ptr<snapshot::ChunkSource>>, int conn_fd)> then;
-    // A process's restore: its uffd is let go of as soon as its connection closes. The client
-    // has given up (it closes the connection first), and its munmap of the regions waits until
-    // every holder of the uffd has read the unmap event or closed it.
-    std::shared_ptr<ServeRequest> restore;
+    // Dropped when its connection closes (all but a VM's handshake), and with it what `then`
+    // holds: a restore's uffd is let go of at once. The client has given up (it closes the
+    // connection first), and its munmap of the regions waits until every holder of the uffd has
+    // read the unmap event or closed it.
+    bool needs_conn = true;
   };
   SourceOpener opener;
   std::map<uint64_t, Opening> opening;
@@ -441,18 +440,16 @@ struct Daemon::Impl {
     return out;
   }
 
-  // Opens `spec` off the loop (SourceOpener); `then` goes on with the source, on the loop, given
-  // the request's connection as it is by then (-1: closed meanwhile, see close_conn).
+  // Opens `spec` off the loop (SourceOpener); `then` goes on with the source (or why not), on
+  // the loop, given the request's connection as it is by then. A client's request (a restore, a
+  // VM socket asked for) is dropped when its connection closes; `for_vm`, a VM's handshake, is
+  // opened at once, whatever else is, and goes on with -1 if the connection to tell has closed.
   using Then = std::function<void(Result<std::shared_ptr<snapshot::ChunkSource>>, int conn_fd)>;
-  Status open_then(OpenSpec spec, uint64_t version, int conn_fd, pid_t pid, uid_t uid, Then then,
-                   std::shared_ptr<ServeRequest> restore = nullptr) {
-    if (opening.size() >= kMaxOpening) {
-      return Error(Errc::kAgain, fmt::format("the agent is opening {} snapshots already; try again", opening.size()));
-    }
+  Status open_then(OpenSpec spec, uint64_t version, int conn_fd, pid_t pid, uid_t uid, Then then, bool for_vm) {
     spec.open_now = open_now(spec.location, version);
     const uint64_t job = ++opened_jobs;
-    Opening o{spec.location, version, conn_fd, pid, uid, std::move(then), std::move(restore)};
-    LAZYMEM_TRY(opener.start(job, std::move(spec)));
+    Opening o{spec.location, version, conn_fd, pid, uid, std::move(then), !for_vm};
+    LAZYMEM_TRY(opener.submit(job, uid, std::move(spec), for_vm));
     opening.emplace(job, std::move(o));
     changed();  // status shows it opening
     return ok_status();
@@ -537,17 +534,13 @@ struct Daemon::Impl {
     rq->reply_id = id;
     OpenSpec spec{rq->location, rq->token_file, Requester{c.pid, c.uid, c.gid}, {}};
     return open_then(std::move(spec), rq->version, c.fd.get(), c.pid, c.uid, [this, rq](auto src, int conn_fd) {
-      if (conn_fd < 0) {  // nobody to tell it is served: the client is going, or gone
-        log->info("pid {}: closed its connection before its snapshot was open; not served", rq->pid);
-        return;
-      }
-      rq->conn_fd = conn_fd;
+      rq->conn_fd = conn_fd;  // open still: a closing one drops this (close_conn)
       const pid_t pid = rq->pid;
       const uint64_t id = rq->reply_id;
       auto sid = src.ok() ? serve(std::move(*rq), std::move(*src)) : Result<fault::SessionId>(std::move(src).error());
       if (!sid.ok()) return refuse(conn_fd, pid, id, "restore", sid.error());
       reply_on(conn_fd, id, [&](auto b) { b.setAccepted(*sid); });
-    }, rq);
+    }, false);
   }
 
   void refuse(int conn_fd, pid_t pid, uint64_t id, const char* what, const Error& why) {
@@ -689,14 +682,13 @@ struct Daemon::Impl {
     OpenSpec spec{l.snapshot, l.token_file, Requester{c.pid, c.uid, c.gid}, {}};
     auto pending = std::make_shared<FcListener>(std::move(l));
     return open_then(std::move(spec), 0, c.fd.get(), c.pid, c.uid, [this, pending](auto src, int conn_fd) {
-      if (conn_fd < 0) return;  // whoever asked has gone: nobody would follow the VM
       const pid_t pid = pending->pid;
       const uint64_t id = pending->notify_id;
       pending->notify_conn = conn_fd;
       Status st = src.ok() ? open_fc_listener(std::move(*pending), **src) : Status(std::move(src).error());
       if (!st.ok()) return refuse(conn_fd, pid, id, "serve-firecracker", st.error());
       reply_on(conn_fd, id, [](auto b) { b.setAccepted(0); });
-    });
+    }, false);
   }
 
   Status open_fc_listener(FcListener l, const snapshot::ChunkSource& src) {
@@ -923,10 +915,16 @@ struct Daemon::Impl {
     }
     for (auto& [hfd, hs] : handshakes)
       if (hs->notify_conn == fd) hs->notify_conn = -1;
-    for (auto& [job, o] : opening) {
-      if (o.conn_fd != fd) continue;
-      o.conn_fd = -1;
-      if (o.restore) o.restore->uffd.reset();
+    for (auto oit = opening.begin(); oit != opening.end();) {
+      auto at = oit++;
+      if (at->second.conn_fd != fd) continue;
+      if (!at->second.needs_conn) {
+        at->second.conn_fd = -1;
+        continue;
+      }
+      log->info("pid {}: closed its connection while {} was opening; dropped", c.pid, at->second.location);
+      opener.cancel(at->first);
+      opening.erase(at);  // a restore's uffd with it (Opening::needs_conn)
     }
     del(fd);
     conns.erase(it);
@@ -1112,7 +1110,7 @@ struct Daemon::Impl {
       reply_on(conn_fd, id, [&](auto b) { b.setAccepted(*sid); });  // the VM's session
       served[*sid].peer_sock = std::move(*peer);
     };
-    Status st = open_then(std::move(spec), 0, notify, rq->pid, rq->uid, go_on);
+    Status st = open_then(std::move(spec), 0, notify, rq->pid, rq->uid, go_on, true);
     if (!st.ok()) go_on(st.error(), notify);
   }
 
@@ -1203,6 +1201,7 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
   im.add(im.stop_fd.get(), kStopTag);
   im.add(im.engine->changes_fd(), kEngineTag);
   im.add(im.opener.fd(), kOpenedTag);
+  im.add(im.opener.timer_fd(), kOpenedTag);
   return d;
 }
 

@@ -4,10 +4,12 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <mutex>
 #include <sstream>
@@ -90,36 +92,162 @@ struct SourceOpener::Finished {
   sys::UniqueFd event{::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)};
 };
 
-SourceOpener::SourceOpener() : finished_(std::make_shared<Finished>()) {}
+SourceOpener::SourceOpener()
+    : finished_(std::make_shared<Finished>()), timer_(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK)) {}
 SourceOpener::~SourceOpener() = default;
 
 int SourceOpener::fd() const { return finished_->event.get(); }
 
-Status SourceOpener::start(uint64_t job, OpenSpec spec) {
-  if (!finished_->event.valid()) return Error(Errc::kIo, "no eventfd for the agent's snapshot opens (out of descriptors?)");
+Status SourceOpener::submit(uint64_t job, uid_t uid, OpenSpec spec, bool vm) {
+  if (!finished_->event.valid() || !timer_.valid()) {
+    return Error(Errc::kIo, "no eventfd or timerfd for the agent's snapshot opens (out of descriptors?)");
+  }
+  Job j{job, uid, std::move(spec), std::chrono::steady_clock::now() + kDeadline};
+  if (vm) {
+    launch(std::move(j), false);
+  } else {
+    std::deque<Job>& mine = waiting_[uid];
+    if (mine.size() >= kWaitingPerUser) {
+      return Error(Errc::kAgain, fmt::format("uid {} has {} snapshot opens waiting already (a page server or store "
+                                             "not answering?); try again later", uid, kWaitingPerUser));
+    }
+    mine.push_back(std::move(j));
+    start_waiting();
+  }
+  arm_timer();
+  return ok_status();
+}
+
+void SourceOpener::launch(Job job, bool counted) {
+  running_[job.id] = Running{job.uid, counted, false, job.due};
+  if (counted) {
+    ++counted_;
+    ++running_per_user_[job.uid];
+  }
   try {
-    std::thread([job, spec = std::move(spec), finished = finished_] {
+    std::thread([id = job.id, spec = std::move(job.spec), finished = finished_] {
       Result<Opened> r = open_source(spec);
       {
         std::lock_guard lock(finished->mu);
-        finished->done.emplace_back(job, std::move(r));
+        finished->done.emplace_back(id, std::move(r));
       }
       const uint64_t one = 1;
       (void)!::write(finished->event.get(), &one, sizeof one);
     }).detach();
   } catch (const std::system_error& e) {
-    return Error(Errc::kAgain, fmt::format("cannot start a thread to open the snapshot ({}); try again", e.what()));
+    // Answered as any open is, through take(): never left waiting.
+    std::lock_guard lock(finished_->mu);
+    finished_->done.emplace_back(job.id, Error(Errc::kAgain, fmt::format("cannot start a thread to open the snapshot "
+                                                                         "({}); try again", e.what())));
+    const uint64_t one = 1;
+    (void)!::write(finished_->event.get(), &one, sizeof one);
   }
-  return ok_status();
+}
+
+size_t SourceOpener::running_of(uid_t uid) const {
+  auto it = running_per_user_.find(uid);
+  return it == running_per_user_.end() ? 0 : it->second;
+}
+
+// Starts waiting opens while there is room: the next user in turn (from next_user_ on, wrapping)
+// with room for one more of theirs, their oldest.
+void SourceOpener::start_waiting() {
+  while (counted_ < kRunning && !waiting_.empty()) {
+    auto pick = waiting_.end();
+    auto it = waiting_.lower_bound(next_user_);
+    for (size_t k = 0; k < waiting_.size(); ++k, ++it) {
+      if (it == waiting_.end()) it = waiting_.begin();
+      if (running_of(it->first) < kRunningPerUser) {
+        pick = it;
+        break;
+      }
+    }
+    if (pick == waiting_.end()) return;
+    const uid_t uid = pick->first;
+    Job job = std::move(pick->second.front());
+    pick->second.pop_front();
+    if (pick->second.empty()) waiting_.erase(pick);
+    next_user_ = uid + 1;
+    launch(std::move(job), true);
+  }
+}
+
+void SourceOpener::cancel(uint64_t job) {
+  if (auto it = running_.find(job); it != running_.end()) {
+    it->second.answered = true;
+    return;
+  }
+  for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
+    auto& q = it->second;
+    auto j = std::find_if(q.begin(), q.end(), [&](const Job& w) { return w.id == job; });
+    if (j == q.end()) continue;
+    q.erase(j);
+    if (q.empty()) waiting_.erase(it);
+    return;
+  }
 }
 
 std::vector<std::pair<uint64_t, Result<Opened>>> SourceOpener::take() {
   uint64_t n;
   (void)!::read(finished_->event.get(), &n, sizeof n);
-  std::vector<std::pair<uint64_t, Result<Opened>>> out;
-  std::lock_guard lock(finished_->mu);
-  out.swap(finished_->done);
+  (void)!::read(timer_.get(), &n, sizeof n);
+  std::vector<std::pair<uint64_t, Result<Opened>>> done, out;
+  {
+    std::lock_guard lock(finished_->mu);
+    done.swap(finished_->done);
+  }
+  for (auto& [job, r] : done) {
+    auto it = running_.find(job);
+    if (it == running_.end()) continue;
+    if (it->second.counted) {
+      --counted_;
+      if (--running_per_user_[it->second.uid] == 0) running_per_user_.erase(it->second.uid);
+    }
+    if (!it->second.answered) out.emplace_back(job, std::move(r));
+    running_.erase(it);
+  }
+  const auto now = std::chrono::steady_clock::now();
+  auto late = [&](uint64_t job) {
+    out.emplace_back(job, Error(Errc::kTimeout, fmt::format("the snapshot could not be opened within {} s (a page server "
+                                                            "or store not answering?)",
+                                                            std::chrono::duration_cast<std::chrono::seconds>(kDeadline).count())));
+  };
+  for (auto& [job, r] : running_) {
+    if (r.answered || now < r.due) continue;
+    r.answered = true;  // its slot is held until its thread ends
+    late(job);
+  }
+  for (auto it = waiting_.begin(); it != waiting_.end();) {
+    auto& q = it->second;
+    while (!q.empty() && now >= q.front().due) {  // each user's in order: the oldest first
+      late(q.front().id);
+      q.pop_front();
+    }
+    it = q.empty() ? waiting_.erase(it) : std::next(it);
+  }
+  start_waiting();
+  arm_timer();
   return out;
+}
+
+// The timer wakes the loop at the earliest deadline still to answer.
+void SourceOpener::arm_timer() {
+  std::optional<std::chrono::steady_clock::time_point> first;
+  auto consider = [&](std::chrono::steady_clock::time_point due) {
+    if (!first || due < *first) first = due;
+  };
+  for (const auto& [job, r] : running_)
+    if (!r.answered) consider(r.due);
+  for (const auto& [uid, q] : waiting_)
+    if (!q.empty()) consider(q.front().due);
+  itimerspec its{};
+  if (first) {
+    const auto in = std::max(*first - std::chrono::steady_clock::now(), std::chrono::steady_clock::duration(1000));
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(in).count();
+    its.it_value.tv_sec = ns / 1'000'000'000;
+    its.it_value.tv_nsec = ns % 1'000'000'000;
+  }
+  ::timerfd_settime(timer_.get(), 0, &its, nullptr);
 }
 
 }  // namespace lazymem::agent

@@ -9,7 +9,10 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
+#include <deque>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -18,6 +21,7 @@
 
 #include "lazymem/result.h"
 #include "snapshot/chunk_source.h"
+#include "sys/unique_fd.h"
 
 namespace lazymem::agent {
 
@@ -51,24 +55,65 @@ Status client_may_read(const Requester& who, const std::string& location, const 
 // Does the whole open, blocking: the read check, the token, the source.
 Result<Opened> open_source(const OpenSpec& spec);
 
+// Runs opens, each on a thread of its own, fairly between users: one user's opens waiting on a
+// page server that never answers hold up neither another user's nor a VM's. A VM's handshake
+// (which cannot be asked again) starts at once; other opens run at most kRunningPerUser of one
+// user's and kRunning in all at once, the rest waiting their turn (users in turn, each user's in
+// order). Every open is answered within kDeadline of its submission: done, or kTimeout (its
+// thread, if under way, finishes unseen).
 class SourceOpener {
  public:
+  static constexpr size_t kRunning = 64;
+  static constexpr size_t kRunningPerUser = 8;
+  static constexpr size_t kWaitingPerUser = 1024;
+  static constexpr std::chrono::milliseconds kDeadline{45000};  // past a page server's 30 s
+
   SourceOpener();
   ~SourceOpener();
   SourceOpener(const SourceOpener&) = delete;
   SourceOpener& operator=(const SourceOpener&) = delete;
 
-  // Readable when an open has finished (take() them).
+  // Readable when there is something to take(): an open finished, or one's deadline passed.
   int fd() const;
-  // Starts open `job` on a thread of its own.
-  Status start(uint64_t job, OpenSpec spec);
+  int timer_fd() const { return timer_.get(); }
+
+  // Open `job` for user `uid`. `vm`: a VM's handshake, started at once whatever is under way.
+  // kAgain when `uid` has kWaitingPerUser opens waiting already.
+  Status submit(uint64_t job, uid_t uid, OpenSpec spec, bool vm);
+  // Its requester has gone: an open waiting is dropped, one under way finishes unseen.
+  void cancel(uint64_t job);
+  // What has finished, and what has passed its deadline (kTimeout); starts waiting opens in the
+  // room made.
   std::vector<std::pair<uint64_t, Result<Opened>>> take();
 
  private:
   struct Finished;
+  struct Job {
+    uint64_t id = 0;
+    uid_t uid = 0;
+    OpenSpec spec;
+    std::chrono::steady_clock::time_point due;
+  };
+  struct Running {
+    uid_t uid = 0;
+    bool counted = true;  // held a slot (a VM's does not)
+    bool answered = false;  // timed out or cancelled: its result is dropped
+    std::chrono::steady_clock::time_point due;
+  };
+  void launch(Job job, bool counted);
+  size_t running_of(uid_t uid) const;
+  void start_waiting();
+  void arm_timer();
+
   // Shared with the threads, which are detached: a daemon stopping does not wait out a page
   // server that does not answer, and a thread finishing after it finds what it writes to alive.
   std::shared_ptr<Finished> finished_;
+  sys::UniqueFd timer_;
+  std::map<uid_t, std::deque<Job>> waiting_;  // by user
+  uid_t next_user_ = 0;                       // whose turn it is to start one (round robin)
+  std::map<uint64_t, Running> running_;
+  std::map<uid_t, size_t> running_per_user_;
+  size_t counted_ = 0;
 };
 
 }  // namespace lazymem::agent

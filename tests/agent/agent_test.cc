@@ -32,6 +32,7 @@
 #include "agent_client/unix_channel.h"
 #include "cli_format.h"
 #include "daemon.h"
+#include "source_opener.h"
 #include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/snapshot.h"
@@ -1225,6 +1226,89 @@ TEST_F(AgentTest, ClientGivingUpWhileOpeningIsLetGo) {
   ASSERT_EQ(::waitpid(kid, &status, 0), kid);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
       << "the client's munmap waited on the uffd the agent held (status " << status << ")";
+}
+
+// A "page server" that takes connections into its backlog and never answers.
+struct SilentServer {
+  sys::UniqueFd fd{::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)};
+  std::string location;
+  SilentServer() {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    EXPECT_EQ(::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    EXPECT_EQ(::listen(fd.get(), 512), 0);
+    ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&a), &len);
+    location = fmt::format("lazymem://127.0.0.1:{}/snap", ntohs(a.sin_port));
+  }
+};
+
+// A VM's handshake is opened at once, however many opens other requests have waiting on a page
+// server that never answers: a VM cannot ask again. (With 64 under way it was refused, and the
+// VM's memory failed.)
+TEST_F(AgentTest, VmIsServedWhileOthersWaitOnASilentServer) {
+  std::filesystem::create_directories(dir_.path() + "/store");
+  RAW_IMAGE_AT(image, 1 * kMiB, 67, vm, dir_.path() + "/store/vm");
+  SilentServer silent;
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = vm;
+  start_daemon(o);
+  std::vector<sys::UniqueFd> askers;
+  for (int i = 0; i < 80; ++i) {
+    auto s = agent::connect_unix(socket_);
+    ASSERT_TRUE(s.ok());
+    capnp::MallocMessageBuilder b;
+    auto fc = b.initRoot<proto::agent::Request>().initServeFirecracker();
+    fc.setSocketPath(dir_.path() + fmt::format("/vm{}.sock", i));
+    fc.setSnapshot(silent.location);
+    ASSERT_TRUE(agent::send_frame_fd(s->get(), b, {}, -1).ok());
+    askers.push_back(std::move(*s));
+  }
+  uint64_t generation = 0;
+  for (size_t opening = 0; opening < 80;) {
+    auto st = agent_wait_change(socket_, generation, std::chrono::seconds(20));
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    auto j = nlohmann::json::parse(*st);
+    generation = j["generation"].get<uint64_t>();
+    opening = j["opening"].size();
+  }
+  EXPECT_EQ(in_child([&] {
+              ::alarm(60);
+              ::signal(SIGBUS, SIG_DFL);
+              return firecracker_vm(o.firecracker_socket, image, false);
+            }),
+            0);
+}
+
+// Opens are shared fairly between users: one user's opens waiting on a page server that never
+// answers do not hold up another's.
+TEST(SourceOpenerTest, OneUsersSilentServerHoldsUpNoOtherUser) {
+  ScratchDir dir;
+  std::vector<std::byte> image(256 * 1024);
+  testing::fill_mixed(image.data(), image.size(), 68);
+  const std::string file = dir.path() + "/guest.mem";
+  std::ofstream(file, std::ios::binary).write(reinterpret_cast<const char*>(image.data()), static_cast<std::streamsize>(image.size()));
+  ASSERT_TRUE(capture_raw_file(dir.path() + "/local", file, {}).ok());
+  SilentServer silent;
+  agent::SourceOpener opener;
+  constexpr uid_t kA = 1000, kB = 1001;
+  for (uint64_t job = 1; job <= 100; ++job) {
+    ASSERT_TRUE(opener.submit(job, kA, agent::OpenSpec{silent.location, "", std::nullopt, {}}, false).ok());
+  }
+  ASSERT_TRUE(opener.submit(100, kB, agent::OpenSpec{dir.path() + "/local", "", std::nullopt, {}}, false).ok());
+  for (;;) {
+    pollfd p[2] = {{opener.fd(), POLLIN, 0}, {opener.timer_fd(), POLLIN, 0}};
+    ASSERT_GT(::poll(p, 2, 20000), 0) << "user B's open never finished";
+    auto done = opener.take();
+    ASSERT_LE(done.size(), 1u);
+    if (done.empty()) continue;
+    EXPECT_EQ(done[0].first, 100u) << "an open of the silent server finished first";
+    ASSERT_TRUE(done[0].second.ok()) << done[0].second.error().message();
+    EXPECT_EQ(done[0].second->source->manifest().regions.size(), 1u);
+    break;
+  }
 }
 
 // A VM's request names no version (Firecracker reads no manifest): the agent serves the store's
