@@ -92,8 +92,8 @@ struct SourceOpener::Finished {
   sys::UniqueFd event{::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)};
 };
 
-SourceOpener::SourceOpener()
-    : finished_(std::make_shared<Finished>()), timer_(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK)) {}
+SourceOpener::SourceOpener(OpenLimits limits)
+    : limits_(limits), finished_(std::make_shared<Finished>()), timer_(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK)) {}
 SourceOpener::~SourceOpener() = default;
 
 int SourceOpener::fd() const { return finished_->event.get(); }
@@ -102,14 +102,14 @@ Status SourceOpener::submit(uint64_t job, uid_t uid, OpenSpec spec, bool vm) {
   if (!finished_->event.valid() || !timer_.valid()) {
     return Error(Errc::kIo, "no eventfd or timerfd for the agent's snapshot opens (out of descriptors?)");
   }
-  Job j{job, uid, std::move(spec), std::chrono::steady_clock::now() + kDeadline};
+  Job j{job, uid, std::move(spec), std::chrono::steady_clock::now() + limits_.deadline};
   if (vm) {
     launch(std::move(j), false);
   } else {
     std::deque<Job>& mine = waiting_[uid];
-    if (mine.size() >= kWaitingPerUser) {
+    if (mine.size() >= limits_.waiting_per_user) {
       return Error(Errc::kAgain, fmt::format("uid {} has {} snapshot opens waiting already (a page server or store "
-                                             "not answering?); try again later", uid, kWaitingPerUser));
+                                             "not answering?); try again later", uid, mine.size()));
     }
     mine.push_back(std::move(j));
     start_waiting();
@@ -152,12 +152,12 @@ size_t SourceOpener::running_of(uid_t uid) const {
 // Starts waiting opens while there is room: the next user in turn (from next_user_ on, wrapping)
 // with room for one more of theirs, their oldest.
 void SourceOpener::start_waiting() {
-  while (counted_ < kRunning && !waiting_.empty()) {
+  while (counted_ < limits_.running && !waiting_.empty()) {
     auto pick = waiting_.end();
     auto it = waiting_.lower_bound(next_user_);
     for (size_t k = 0; k < waiting_.size(); ++k, ++it) {
       if (it == waiting_.end()) it = waiting_.begin();
-      if (running_of(it->first) < kRunningPerUser) {
+      if (running_of(it->first) < limits_.running_per_user) {
         pick = it;
         break;
       }
@@ -208,9 +208,8 @@ std::vector<std::pair<uint64_t, Result<Opened>>> SourceOpener::take() {
   }
   const auto now = std::chrono::steady_clock::now();
   auto late = [&](uint64_t job) {
-    out.emplace_back(job, Error(Errc::kTimeout, fmt::format("the snapshot could not be opened within {} s (a page server "
-                                                            "or store not answering?)",
-                                                            std::chrono::duration_cast<std::chrono::seconds>(kDeadline).count())));
+    out.emplace_back(job, Error(Errc::kTimeout, fmt::format("the snapshot could not be opened within {} ms (a page "
+                                                            "server or store not answering?)", limits_.deadline.count())));
   };
   for (auto& [job, r] : running_) {
     if (r.answered || now < r.due) continue;

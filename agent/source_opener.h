@@ -55,20 +55,22 @@ Status client_may_read(const Requester& who, const std::string& location, const 
 // Does the whole open, blocking: the read check, the token, the source.
 Result<Opened> open_source(const OpenSpec& spec);
 
+struct OpenLimits {
+  size_t running = 64;
+  size_t running_per_user = 8;
+  size_t waiting_per_user = 1024;
+  std::chrono::milliseconds deadline{45000};  // past a page server's 30 s connect deadline
+};
+
 // Runs opens, each on a thread of its own, fairly between users: one user's opens waiting on a
 // page server that never answers hold up neither another user's nor a VM's. A VM's handshake
-// (which cannot be asked again) starts at once; other opens run at most kRunningPerUser of one
-// user's and kRunning in all at once, the rest waiting their turn (users in turn, each user's in
-// order). Every open is answered within kDeadline of its submission: done, or kTimeout (its
-// thread, if under way, finishes unseen).
+// (which cannot be asked again) starts at once; other opens run at most `running_per_user` of
+// one user's and `running` in all at once, the rest waiting their turn (users in turn, each
+// user's in order). Every open is answered within `deadline` of its submission: done, or
+// kTimeout (its thread, if under way, finishes unseen).
 class SourceOpener {
  public:
-  static constexpr size_t kRunning = 64;
-  static constexpr size_t kRunningPerUser = 8;
-  static constexpr size_t kWaitingPerUser = 1024;
-  static constexpr std::chrono::milliseconds kDeadline{45000};  // past a page server's 30 s
-
-  SourceOpener();
+  explicit SourceOpener(OpenLimits limits = OpenLimits());
   ~SourceOpener();
   SourceOpener(const SourceOpener&) = delete;
   SourceOpener& operator=(const SourceOpener&) = delete;
@@ -78,7 +80,7 @@ class SourceOpener {
   int timer_fd() const { return timer_.get(); }
 
   // Open `job` for user `uid`. `vm`: a VM's handshake, started at once whatever is under way.
-  // kAgain when `uid` has kWaitingPerUser opens waiting already.
+  // kAgain when `uid` has `waiting_per_user` opens waiting already.
   Status submit(uint64_t job, uid_t uid, OpenSpec spec, bool vm);
   // Its requester has gone: an open waiting is dropped, one under way finishes unseen.
   void cancel(uint64_t job);
@@ -105,6 +107,7 @@ class SourceOpener {
   void start_waiting();
   void arm_timer();
 
+  OpenLimits limits_;
   // Shared with the threads, which are detached: a daemon stopping does not wait out a page
   // server that does not answer, and a thread finishing after it finds what it writes to alive.
   std::shared_ptr<Finished> finished_;

@@ -1311,6 +1311,37 @@ TEST(SourceOpenerTest, OneUsersSilentServerHoldsUpNoOtherUser) {
   }
 }
 
+// Every open is answered by its deadline, under way or still waiting its turn; one cancelled
+// (its requester left) is never answered.
+TEST(SourceOpenerTest, AnsweredByTheDeadlineCancelledNever) {
+  SilentServer silent;
+  agent::OpenLimits limits;
+  limits.running_per_user = 1;  // job 2 waits behind job 1; job 3 behind both
+  limits.deadline = std::chrono::milliseconds(300);
+  agent::SourceOpener opener(limits);
+  for (uint64_t job = 1; job <= 3; ++job) {
+    ASSERT_TRUE(opener.submit(job, 1000, agent::OpenSpec{silent.location, "", std::nullopt, {}}, false).ok());
+  }
+  opener.cancel(3);
+  std::set<uint64_t> answered;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (answered.size() < 2) {
+    pollfd p[2] = {{opener.fd(), POLLIN, 0}, {opener.timer_fd(), POLLIN, 0}};
+    ASSERT_GT(::poll(p, 2, 20000), 0) << "an open past its deadline was not answered";
+    for (auto& [job, r] : opener.take()) {
+      ASSERT_FALSE(r.ok()) << "job " << job << " opened a silent server";
+      EXPECT_EQ(r.error().code(), Errc::kTimeout) << r.error().message();
+      EXPECT_TRUE(answered.insert(job).second) << "job " << job << " answered twice";
+    }
+    ASSERT_LT(std::chrono::steady_clock::now(), until);
+  }
+  EXPECT_EQ(answered, (std::set<uint64_t>{1, 2}));
+  pollfd p[2] = {{opener.fd(), POLLIN, 0}, {opener.timer_fd(), POLLIN, 0}};
+  if (::poll(p, 2, 500) > 0) {
+    EXPECT_TRUE(opener.take().empty()) << "the cancelled open was answered";
+  }
+}
+
 // A VM's request names no version (Firecracker reads no manifest): the agent serves the store's
 // version at the time, never the one it opened for an earlier VM before the snapshot was replaced.
 TEST_F(AgentTest, ReplacedVmSnapshotIsServedNew) {
