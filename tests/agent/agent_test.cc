@@ -66,22 +66,10 @@ int firecracker_vm(const std::string& socket_path, const std::vector<std::byte>&
   body.insert(1, 2048, ' ');  // larger than 1 KiB, as with many regions
   auto sock = agent::connect_unix(socket_path);
   if (!sock.ok()) return 4;
-  size_t first = split ? body.size() / 2 : body.size();
-  iovec iov{body.data(), first};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof(int));
-  int fd = uffd->fd();
-  std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
-  if (::sendmsg(sock->get(), &msg, 0) < 0) return 5;
-  if (split && ::send(sock->get(), body.data() + first, body.size() - first, 0) < 0) return 5;
+  const auto bytes = std::as_bytes(std::span(body));
+  const size_t first = split ? bytes.size() / 2 : bytes.size();
+  if (!agent::send_with_fd(sock->get(), bytes.first(first), uffd->fd()).ok()) return 5;
+  if (split && !agent::send_with_fd(sock->get(), bytes.subspan(first), -1).ok()) return 5;
   for (size_t off = 0; off < a; off += 4096)
     if (std::memcmp(r1 + off, image.data() + off, 4096) != 0) return 6;
   for (size_t off = 0; off < b; off += 4096)

@@ -27,6 +27,7 @@
 #include <fmt/format.h>
 
 #include "../common/test_data.h"
+#include "agent_client/unix_channel.h"
 #include "served_snapshot.h"
 #include "fault/fault_engine.h"
 #include "lazymem/kernel_features.h"
@@ -1075,21 +1076,9 @@ void fork_restored(const RegionInfo& r, const std::vector<std::byte>& expected, 
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     auto uffd = sys::Uffd::open(0);
     if (p == MAP_FAILED || !uffd.ok() || !uffd->register_missing(r.start_address, r.length).ok()) _exit(3);
-    char byte = 'u';
-    iovec iov{&byte, 1};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    cmsghdr* c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    const int fd = uffd->fd();
-    std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
-    if (::sendmsg(sock[1], &msg, 0) != 1 || ::read(go[0], &byte, 1) != 1) _exit(4);
+    const std::byte byte{'u'};
+    char c;
+    if (!agent::send_with_fd(sock[1], std::span(&byte, 1), uffd->fd()).ok() || ::read(go[0], &c, 1) != 1) _exit(4);
     const auto* got = static_cast<const std::byte*>(p);
     for (size_t off = 0; off < r.length; off += 4096)
       if (std::memcmp(got + off, expected.data() + off, 4096) != 0) _exit(2);
@@ -1101,20 +1090,11 @@ void fork_restored(const RegionInfo& r, const std::vector<std::byte>& expected, 
   out.go = sys::UniqueFd(go[1]);
   out.pidfd = sys::UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, out.pid, 0)));
   ASSERT_TRUE(out.pidfd.valid()) << std::strerror(errno);
-  char byte;
-  iovec iov{&byte, 1};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  ASSERT_EQ(::recvmsg(from.get(), &msg, MSG_CMSG_CLOEXEC), 1) << "the child sent no uffd";
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  ASSERT_TRUE(c != nullptr && c->cmsg_type == SCM_RIGHTS);
-  int fd;
-  std::memcpy(&fd, CMSG_DATA(c), sizeof fd);
-  out.uffd = sys::UniqueFd(fd);
+  net::FrameBuffer buf;
+  std::deque<sys::UniqueFd> fds;
+  ASSERT_TRUE(agent::recv_some(from.get(), buf, fds, 20000).ok());
+  ASSERT_EQ(fds.size(), 1u) << "the child sent no uffd";
+  out.uffd = std::move(fds.front());
 }
 
 fault::SessionSpec session_of(const std::string& name, RestoredChild& child,

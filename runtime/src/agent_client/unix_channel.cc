@@ -15,10 +15,14 @@ namespace lazymem::agent {
 Status send_frame_fd(int sock, capnp::MessageBuilder& header, std::span<const std::byte> payload, int pass_fd) {
   std::vector<std::byte> bytes = net::encode_frame(header, static_cast<uint32_t>(payload.size()));
   bytes.insert(bytes.end(), payload.begin(), payload.end());
+  return send_with_fd(sock, bytes, pass_fd);
+}
+
+Status send_with_fd(int sock, std::span<const std::byte> bytes, int pass_fd) {
   size_t done = 0;
   bool fd_sent = pass_fd < 0;
   while (done < bytes.size()) {
-    iovec iov{bytes.data() + done, bytes.size() - done};
+    iovec iov{const_cast<std::byte*>(bytes.data()) + done, bytes.size() - done};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;

@@ -17,6 +17,8 @@ namespace lazymem::agent {
 
 // Sends one frame; `pass_fd` (if >= 0) travels with its first byte.
 Status send_frame_fd(int sock, capnp::MessageBuilder& header, std::span<const std::byte> payload, int pass_fd);
+// Sends `bytes` as they are (a peer's own format, Firecracker's handshake); `pass_fd` the same.
+Status send_with_fd(int sock, std::span<const std::byte> bytes, int pass_fd);
 
 // Receives what is available (or waits up to `timeout_ms`, -1 forever) into `buf`, keeping any
 // received descriptors in `fds`. kPeerGone when the other end closed.
