@@ -530,6 +530,11 @@ TEST_F(AgentTest, RequestsReadBeforeRepliesBackedUpAreAnswered) {
 // once, rather than wait unanswered while the agent spins on its listener. With descriptors
 // free again it serves as before.
 TEST_F(AgentTest, OutOfDescriptorsConnectionsAreClosedNotLeftWaiting) {
+#if defined(__SANITIZE_ADDRESS__)
+  // Built with ASan, UBSan too: its vptr check reads memory through a pipe, and out of
+  // descriptors it reports every virtual call in the agent as on an invalid object.
+  GTEST_SKIP() << "UBSan cannot check memory in a process out of file descriptors";
+#endif
   std::string loc = capture(8 * kMiB, 66);
   start_daemon();
   const std::string fds_dir = fmt::format("/proc/{}/fd", daemon_pid_);
