@@ -3,8 +3,6 @@
 
 #include <fmt/format.h>
 #include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
@@ -14,7 +12,6 @@
 #include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <sys/un.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -24,7 +21,6 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "agent.capnp.h"
 #include "agent_client/unix_channel.h"
@@ -32,7 +28,6 @@
 #include "net/auth.h"
 #include "net/metrics_endpoint.h"
 #include "snapshot/manifest.h"
-#include "source.h"
 #include "source_opener.h"
 #include "sys/acceptor.h"
 #include "sys/unix_listeners.h"

@@ -2,7 +2,7 @@
 // server (up to its connect deadline), and the check that a client could read what it names
 // forks and waits: either, on the loop, would stall every other client, the failure notices'
 // 1 s hold included. Each open runs on a thread of its own; the loop learns of the finished ones
-// through one eventfd.
+// through an eventfd, and of deadlines passed through a timerfd (SourceOpener).
 //
 // Thread-safety: SourceOpener's methods are the loop's; open_source runs on any thread.
 #pragma once
