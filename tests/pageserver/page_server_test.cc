@@ -26,6 +26,7 @@
 
 #include <fmt/format.h>
 
+#include "../common/fake_dns.h"
 #include "../common/test_data.h"
 #include "agent_client/unix_channel.h"
 #include "served_snapshot.h"
@@ -36,6 +37,7 @@
 #include "net/client.h"
 #include "net/frame.h"
 #include "net/page_fetcher.h"
+#include "net/resolver.h"
 #include "sys/clock.h"
 #include "page_server.h"
 #include "snapshot/chunk_codec.h"
@@ -1169,6 +1171,178 @@ TEST_F(PageServerTest, FirstConnectionToAStoppedServerNeverBlocksTheEngine) {
   engine.remove_session(*id_a);
   engine.remove_session(*id_b);
   engine.stop();
+}
+
+// A page server named by a host name: the engine's thread, which serves every session of the
+// host, must not wait on DNS either (a reader's first connection, every reconnect: the name is
+// looked up afresh each time). The resolver really asks a DNS server of the test's own, which
+// holds its queries as a DNS server that is down would. Session A's name is being looked up (its
+// query is held) while session B's process reads every byte from a local snapshot; then the
+// DNS server answers and A's process reads every byte too. Before lookups moved off the
+// engine's thread, B waited out the resolver's 30 s timeout.
+TEST_F(PageServerTest, LookingUpAServersNameNeverBlocksTheEngine) {
+  const std::string kName = "pageserver.lazymem.test";
+  ScratchDir local;
+  capture(8 * kMiB, 51);
+  std::filesystem::rename(dir_.path() + "/snap", local.path() + "/snap");
+  const std::vector<std::byte> expected_b = expected_;
+  capture(8 * kMiB, 52);
+  ServerProcess server;
+  fork_server(server);
+  if (HasFatalFailure()) return;
+  RestoreOptions o;
+  o.fault_deadline = std::chrono::seconds(60);
+  o.fetch_attempts = 10;
+  auto served = open_chunk_source(dir_.path() + "/snap", o);  // its regions, before any thread
+  ASSERT_TRUE(served.ok()) << served.error().message();
+  auto disk = open_chunk_source(local.path() + "/snap", o);
+  ASSERT_TRUE(disk.ok()) << disk.error().message();
+  RestoredChild a, b;
+  fork_restored((*served)->manifest().regions[0], expected_, a);
+  if (HasFatalFailure()) return;
+  fork_restored((*disk)->manifest().regions[0], expected_b, b);
+  if (HasFatalFailure()) return;
+
+  testing::FakeDns dns(kName, "127.0.0.153");
+  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
+  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  auto remote = open_chunk_source(fmt::format("lazymem://{}:{}/snap", kName, server.port), o);
+  ASSERT_TRUE(remote.ok()) << remote.error().message();
+  ASSERT_GT(dns.queries(), 0u) << "the name was not looked up through our DNS server";
+
+  dns.hold();
+  fault::EngineOptions eo;
+  eo.demand_deadline = o.fault_deadline;
+  fault::FaultEngine engine(kf_, eo);
+  ASSERT_TRUE(engine.start().ok());
+  auto id_a = engine.add_session(session_of("a", a, *remote));  // first: its reader looks the name up first
+  ASSERT_TRUE(id_a.ok()) << id_a.error().message();
+  const auto t0 = std::chrono::steady_clock::now();
+  while (dns.held() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20))
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_GT(dns.held(), 0u) << "A's reader never asked for the server's name";
+  auto id_b = engine.add_session(session_of("b", b, *disk));
+  ASSERT_TRUE(id_b.ok()) << id_b.error().message();
+  a.read_every_page();  // its faults wait for the name
+  b.read_every_page();
+  ASSERT_TRUE(b.exited_within(std::chrono::seconds(20))) << "B's process never finished";
+  const int status_b = b.wait();
+  ASSERT_TRUE(WIFEXITED(status_b) && WEXITSTATUS(status_b) == 0) << "B's process: wait status " << status_b;
+  EXPECT_TRUE(engine.wait_complete(*id_b, std::chrono::seconds(10)).ok());
+  auto info_a = engine.session_info(*id_a);
+  ASSERT_TRUE(info_a.has_value());
+  EXPECT_FALSE(info_a->failed) << "A failed before B was done: " << info_a->failure;
+  EXPECT_FALSE(info_a->complete) << "A completed without the server's address";
+  EXPECT_GT(dns.held(), 0u) << "A's lookup was answered by something else";
+
+  dns.answer_held();
+  ASSERT_TRUE(a.exited_within(std::chrono::seconds(60))) << "A's process never finished";
+  const int status_a = a.wait();
+  EXPECT_TRUE(WIFEXITED(status_a) && WEXITSTATUS(status_a) == 0) << "A's process: wait status " << status_a;
+  Status complete_a = engine.wait_complete(*id_a, std::chrono::seconds(60));
+  EXPECT_TRUE(complete_a.ok()) << complete_a.error().message();
+  engine.remove_session(*id_a);
+  engine.remove_session(*id_b);
+  engine.stop();
+}
+
+// One lookup of a name at a time: readers reconnecting to a server whose DNS is down share it
+// (a thread per name, not one per reconnect). A numeric address needs no lookup at all; a name
+// that does not exist is a clear error.
+TEST_F(PageServerTest, NameLookupsAreSharedWhileUnderWay) {
+  testing::FakeDns dns("shared.lazymem.test", "127.0.0.154");
+  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
+  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  auto numeric = net::Lookup::start("127.0.0.1", 7000);
+  ASSERT_TRUE(numeric->done());
+  ASSERT_TRUE(numeric->result().ok());
+  EXPECT_EQ(numeric->fd(), -1);
+
+  dns.hold();
+  auto first = net::Lookup::start("shared.lazymem.test", 7000);
+  auto second = net::Lookup::start("shared.lazymem.test", 7000);
+  EXPECT_EQ(first, second);
+  auto other_port = net::Lookup::start("shared.lazymem.test", 7001);
+  EXPECT_NE(first, other_port);
+  EXPECT_FALSE(first->done());
+  dns.answer_held();
+  for (auto* l : {&first, &other_port}) {
+    pollfd p{(*l)->fd(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 20000), 1) << "the lookup never said it was done";
+    ASSERT_TRUE((*l)->done());
+    ASSERT_TRUE((*l)->result().ok()) << (*l)->result().error().message();
+    const auto& addrs = *(*l)->result();
+    ASSERT_EQ(addrs.size(), 1u);
+    const auto* in = reinterpret_cast<const sockaddr_in*>(&addrs[0].addr);
+    EXPECT_EQ(in->sin_family, AF_INET);
+    EXPECT_EQ(ntohl(in->sin_addr.s_addr), INADDR_LOOPBACK);
+  }
+  EXPECT_EQ(ntohs(reinterpret_cast<const sockaddr_in*>(&(*first->result())[0].addr)->sin_port), 7000);
+  EXPECT_EQ(ntohs(reinterpret_cast<const sockaddr_in*>(&(*other_port->result())[0].addr)->sin_port), 7001);
+  auto again = net::Lookup::start("shared.lazymem.test", 7000);  // the last one is done: a fresh one
+  EXPECT_NE(again, first);
+
+  auto unknown = net::Lookup::start("nowhere.lazymem.test", 7000);
+  pollfd p{unknown->fd(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 20000), 1);
+  ASSERT_FALSE(unknown->result().ok());
+  EXPECT_NE(unknown->result().error().message().find("nowhere.lazymem.test"), std::string::npos)
+      << unknown->result().error().message();
+}
+
+// A reader dialing a name waits on the lookup's descriptor, then on a socket per address it
+// tries: each must wake the reader's set (which the engine waits on) in turn, and the one before
+// be taken out of it. The name's first address refuses (nothing listens there), its second is
+// the server's. Two readers share one lookup; the first is driven, as the engine does, only
+// when its set wakes, until its chunk comes; then its set must be quiet while the second still
+// holds the finished lookup's descriptor (readable for good: left in the set, it would keep the
+// engine's thread spinning). Then the second is driven likewise.
+TEST_F(PageServerTest, AReaderDialingANameIsWokenByEachStepAndThenQuiet) {
+  capture(4 * kMiB, 53);
+  start_server();
+  testing::FakeDns dns("two.lazymem.test", "127.0.0.155", {"127.0.0.3", "127.0.0.1"});
+  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
+  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  auto source = open_chunk_source(fmt::format("lazymem://two.lazymem.test:{}/snap", server_->port()), {});
+  ASSERT_TRUE(source.ok()) << source.error().message();
+  dns.hold();
+  auto first = (*source)->open_reader();
+  ASSERT_TRUE(first.ok()) << first.error().message();
+  auto second = (*source)->open_reader();
+  ASSERT_TRUE(second.ok()) << second.error().message();
+  struct Sink final : snapshot::ChunkSink {
+    size_t chunks = 0;
+    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
+    void on_chunk_error(uint64_t, const Error& e) override { ADD_FAILURE() << e.message(); }
+  } sink1, sink2;
+  snapshot::ChunkRequest rq{snapshot::ChunkRef{0, 1}, 7, true};
+  ASSERT_TRUE((*first)->submit(std::span(&rq, 1)).ok());
+  ASSERT_TRUE((*second)->submit(std::span(&rq, 1)).ok());
+  const auto until_held = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (dns.held() == 0 && std::chrono::steady_clock::now() < until_held)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_GT(dns.held(), 0u) << "the readers did not look the name up";
+  dns.answer_held();
+
+  auto drive = [](snapshot::ChunkReader& r, Sink& sink) {
+    while (sink.chunks == 0) {
+      pollfd p{r.wait_fd(), POLLIN, 0};
+      ASSERT_EQ(::poll(&p, 1, 2000), 1) << "the reader's set did not wake for the step its connection waits on";
+      auto n = r.poll(sink, false, 16);
+      ASSERT_TRUE(n.ok()) << n.error().message();
+    }
+  };
+  drive(**first, sink1);
+  if (HasFatalFailure()) return;
+  pollfd p{(*first)->wait_fd(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 200), 0) << "the reader's set is readable with nothing to do";
+  drive(**second, sink2);
+  if (HasFatalFailure()) return;
+  p = {(*second)->wait_fd(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 200), 0) << "the reader's set is readable with nothing to do";
 }
 
 // The first connection of a reader is made in the background, so its refusal is no longer

@@ -502,7 +502,7 @@ class RemoteReader final : public snapshot::ChunkReader {
   // The connection broke: start reconnecting in the background, or give up.
   Status recover(const Error& why) {
     drop_socket();
-    dialer_.reset();
+    drop_dialer();
     last_error_ = why;
     return next_attempt();
   }
@@ -532,7 +532,7 @@ class RemoteReader final : public snapshot::ChunkReader {
       return ok_status();
     }
     dialer_.emplace(std::move(*d));
-    watch(dialer_->fd(), dialer_->events() == POLLIN ? EPOLLIN : EPOLLOUT, EPOLL_CTL_ADD);
+    watch_dialer();
     link_ = Link::kDialing;
     arm_timer(attempt_limit());
     return advance_reconnect();
@@ -553,10 +553,9 @@ class RemoteReader final : public snapshot::ChunkReader {
     // ever tried, nor one that refuses a request).
     next_first_ = dialer_->server() + 1;
     if (done.ok() && *done) {
-      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, dialer_->fd(), nullptr);
       server_ = dialer_->server();
       sys::UniqueFd fd = dialer_->take();
-      dialer_.reset();
+      drop_dialer();
       disarm_timer();
       (void)timer_fired();
       use_socket(std::move(fd));  // attempts_ is reset by the first reply: a server that accepts and
@@ -569,18 +568,35 @@ class RemoteReader final : public snapshot::ChunkReader {
       return ok_status();
     }
     bool expired = timer_fired();
-    if (done.ok() && !expired) {  // waiting for the socket
-      watch(dialer_->fd(), dialer_->events() == POLLIN ? EPOLLIN : EPOLLOUT, EPOLL_CTL_MOD);
+    if (done.ok() && !expired) {  // waiting for the socket, or the name
+      watch_dialer();
       return ok_status();
     }
     last_error_ = done.ok() ? Error(Errc::kTimeout, fmt::format("page server {}: timed out {}", loc_.to_string(),
                                                                 dialer_->doing()))
                             : std::move(done).error();
-    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, dialer_->fd(), nullptr);
-    dialer_.reset();
+    drop_dialer();
     link_ = Link::kBackoff;
     arm_timer(backoff());
     return ok_status();
+  }
+  // What a dialer waits on changes as it goes (a name lookup's descriptor, then a socket per
+  // address tried): watched afresh after each step, the one before taken out of the set (a
+  // finished lookup's descriptor stays readable, and may stay open, shared with other readers).
+  void watch_dialer() {
+    const int fd = dialer_->fd();
+    if (fd != dialer_fd_ && dialer_fd_ >= 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, dialer_fd_, nullptr);
+    epoll_event ev{};
+    ev.events = dialer_->events() == POLLIN ? EPOLLIN : EPOLLOUT;
+    ev.data.fd = fd;
+    // MOD fails for a number closed and given to the new descriptor since (the kernel dropped it).
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd, &ev) != 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev);
+    dialer_fd_ = fd;
+  }
+  void drop_dialer() {
+    if (dialer_fd_ >= 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, dialer_fd_, nullptr);
+    dialer_fd_ = -1;
+    dialer_.reset();
   }
   void disarm_timer() {
     itimerspec t{};
@@ -654,6 +670,7 @@ class RemoteReader final : public snapshot::ChunkReader {
   sys::UniqueFd sock_;
   Link link_ = Link::kReady;
   std::optional<Dialer> dialer_;
+  int dialer_fd_ = -1;     // what of the dialer's is in epoll_ (watch_dialer)
   unsigned attempts_ = 0;  // reconnects since the server last sent anything (the first try is none)
   size_t server_ = 0;      // the connected server's index in loc_.servers()
   size_t next_first_ = 0;  // where the next reconnect starts (Dialer::start)

@@ -2,13 +2,11 @@
 #include "net/dialer.h"
 
 #include <fmt/format.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 
 #include <cerrno>
-#include <cstring>
 
 #include "net/client.h"
 #include "sys/syscall_result.h"
@@ -16,24 +14,6 @@
 
 namespace lazymem::net {
 namespace wire = proto::wire;
-
-Result<std::vector<SocketAddress>> resolve(const std::string& host, uint16_t port) {
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* res = nullptr;
-  int g = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
-  if (g != 0) return Error(Errc::kNotFound, fmt::format("page server {}: {}", host, gai_strerror(g)));
-  std::vector<SocketAddress> out;
-  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
-    SocketAddress s;
-    std::memcpy(&s.addr, a->ai_addr, a->ai_addrlen);
-    s.len = a->ai_addrlen;
-    out.push_back(s);
-  }
-  ::freeaddrinfo(res);
-  if (out.empty()) return Error(Errc::kNotFound, fmt::format("page server {}:{}: no address", host, port));
-  return out;
-}
 
 Result<sys::UniqueFd> start_connect(const SocketAddress& a) {
   sys::UniqueFd fd(::socket(a.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
@@ -59,10 +39,10 @@ Result<Dialer> Dialer::start(const SnapshotLocation& loc, const std::string& tok
   return d;
 }
 
-// Each server's name is resolved when its turn comes (a reconnect runs on the engine's thread: a
-// slow name further down the list must not hold up the first server).
+// The next address to connect to: the current server's next, or the next server's first. Each
+// server's name is looked up when its turn comes (a slow name further down the list must not hold
+// up the first server), in the background (kResolving) unless it is a numeric address.
 Status Dialer::connect_next() {
-  std::optional<Error> last;
   for (;;) {
     while (next_addr_ < addrs_.size()) {
       auto fd = start_connect(addrs_[next_addr_++]);
@@ -71,26 +51,39 @@ Status Dialer::connect_next() {
         phase_ = Phase::kConnecting;
         return ok_status();
       }
-      last = std::move(fd).error().wrap(fmt::format("page server {}", server_));
+      last_ = std::move(fd).error().wrap(fmt::format("page server {}", server_));
     }
     if (next_server_ >= order_.size()) break;
     const SnapshotLocation::Server& s = order_[next_server_++];
     server_ = s.to_string();
-    auto addrs = resolve(s.host, s.port);
-    if (!addrs.ok()) {
-      last = std::move(addrs).error();
-      continue;
-    }
-    addrs_ = std::move(*addrs);
+    addrs_.clear();
     next_addr_ = 0;
+    lookup_ = Lookup::start(s.host, s.port);
+    if (!lookup_->done()) {
+      fd_.reset();
+      phase_ = Phase::kResolving;
+      return ok_status();
+    }
+    take_lookup();
   }
-  return last ? std::move(*last) : Error(Errc::kPeerGone, fmt::format("page server {}: no address", server_));
+  return last_ ? *last_ : Error(Errc::kPeerGone, fmt::format("page server {}: no address", server_));
+}
+
+void Dialer::take_lookup() {
+  const auto& r = lookup_->result();
+  if (r.ok()) {
+    addrs_ = *r;
+  } else {
+    last_ = r.error();
+  }
+  lookup_.reset();
 }
 
 short Dialer::events() const { return phase_ == Phase::kConnecting || phase_ == Phase::kSending ? POLLOUT : POLLIN; }
 
 const char* Dialer::doing() const {
   switch (phase_) {
+    case Phase::kResolving: return "looking up the server's name";
     case Phase::kConnecting: return "connecting";
     case Phase::kSending: return "sending the handshake";
     case Phase::kAwaitHello: return "waiting for the server's hello";
@@ -140,6 +133,11 @@ Result<bool> Dialer::step() {
     switch (phase_) {
       case Phase::kDone:
         return true;
+      case Phase::kResolving:
+        if (!lookup_->done()) return false;
+        take_lookup();
+        LAZYMEM_TRY(connect_next());
+        continue;
       case Phase::kConnecting: {
         pollfd p{fd_.get(), POLLOUT, 0};
         if (::poll(&p, 1, 0) == 0) return false;  // still connecting
@@ -147,8 +145,8 @@ Result<bool> Dialer::step() {
         socklen_t len = sizeof err;
         ::getsockopt(fd_.get(), SOL_SOCKET, SO_ERROR, &err, &len);
         if (err != 0) {
-          Error e = sys_error(fmt::format("connect to page server {} (is it running?)", server_), err);
-          if (!connect_next().ok()) return e;  // nothing left to try: this one's failure says most
+          last_ = sys_error(fmt::format("connect to page server {} (is it running?)", server_), err);
+          LAZYMEM_TRY(connect_next());  // nothing left to try: the last failure says most
           continue;
         }
         client_nonce_ = random_nonce();

@@ -2,8 +2,10 @@
 // token's challenge-response — moved on by step() whenever its socket is ready.
 //
 // The fault engine's thread reconnects with it while it keeps serving every other session (a
-// blocking reconnect would stall them all for as long as a dead server takes to time out);
-// open_connection() drives the same steps with poll().
+// blocking reconnect would stall them all for as long as a dead server takes to time out, or a
+// name lookup for as long as DNS does); open_connection() drives the same steps with poll().
+// What to wait for changes as it goes (a lookup's descriptor, then a socket per address tried):
+// callers watch fd() and events() afresh after every step().
 //
 // Thread-safety: one thread at a time.
 #pragma once
@@ -18,17 +20,11 @@
 #include "lazymem/snapshot.h"
 #include "net/auth.h"
 #include "net/frame.h"
+#include "net/resolver.h"
 #include "sys/unique_fd.h"
 
 namespace lazymem::net {
 
-struct SocketAddress {
-  sockaddr_storage addr{};
-  socklen_t len = 0;
-};
-
-// HOST:PORT to addresses (getaddrinfo: numeric addresses never block; names may).
-Result<std::vector<SocketAddress>> resolve(const std::string& host, uint16_t port);
 // A non-blocking TCP socket (TCP_NODELAY) with connect() started.
 Result<sys::UniqueFd> start_connect(const SocketAddress& a);
 
@@ -48,7 +44,7 @@ class Dialer {
   // true: connected and authenticated (take() the socket); false: wait for events() on fd().
   // An error ends the attempt.
   Result<bool> step();
-  int fd() const { return fd_.get(); }
+  int fd() const { return phase_ == Phase::kResolving ? lookup_->fd() : fd_.get(); }
   short events() const;           // POLLIN or POLLOUT
   const char* doing() const;      // for timeout messages: "connecting", ...
   // The server being dialed (connected to, once step() says so): its index in loc.servers().
@@ -56,9 +52,10 @@ class Dialer {
   sys::UniqueFd take() { return std::move(fd_); }
 
  private:
-  enum class Phase { kConnecting, kSending, kAwaitHello, kAwaitAuth, kDone };
+  enum class Phase { kResolving, kConnecting, kSending, kAwaitHello, kAwaitAuth, kDone };
   Dialer() = default;
   Status connect_next();
+  void take_lookup();
   void send_next(capnp::MessageBuilder& m, Phase after);
   Result<bool> on_reply(Header& h);
 
@@ -68,9 +65,11 @@ class Dialer {
   std::vector<SnapshotLocation::Server> order_;  // the servers, in the order they are tried
   size_t first_server_ = 0;                       // order_[0]'s index in loc.servers()
   size_t next_server_ = 0;
+  std::shared_ptr<Lookup> lookup_;    // the current server's name, while kResolving
   std::vector<SocketAddress> addrs_;  // the current server's
   std::string server_;                // the one being dialed (HOST:PORT, for messages)
   size_t next_addr_ = 0;
+  std::optional<Error> last_;         // the last server or address that failed: the error if all do
   sys::UniqueFd fd_;
   Phase phase_ = Phase::kConnecting;
   Phase after_send_ = Phase::kDone;

@@ -109,11 +109,11 @@ class ChunkSource {
  public:
   virtual ~ChunkSource() = default;
   virtual const Manifest& manifest() const = 0;
-  // A reader for the calling thread. Never waits on a page server: the fault engine opens
-  // readers on the thread that serves every other session (a page-server reader connects in the
-  // background, moved on by poll(), and its failures come from there). A host name is still
-  // resolved here, as at every reconnect (getaddrinfo): numeric addresses never wait. An error here means no
-  // reader can be had at all (out of descriptors, a local ring): the engine fails the session.
+  // A reader for the calling thread. Never waits on a page server, nor on DNS: the fault engine
+  // opens readers on the thread that serves every other session (a page-server reader looks the
+  // name up and connects in the background, moved on by poll(), and its failures come from
+  // there). An error here means no reader can be had at all (out of descriptors, a local ring):
+  // the engine fails the session.
   virtual Result<std::unique_ptr<ChunkReader>> open_reader() = 0;
   virtual std::string describe() const = 0;
   // A page fetcher, for sources that have one (page servers).

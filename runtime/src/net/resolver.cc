@@ -1,0 +1,110 @@
+// Page servers' names to addresses (see resolver.h).
+#include "net/resolver.h"
+
+#include <fmt/format.h>
+#include <netdb.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <system_error>
+#include <thread>
+
+#include "sys/syscall_result.h"
+
+namespace lazymem::net {
+namespace {
+
+Result<std::vector<SocketAddress>> getaddrinfo_(const std::string& host, uint16_t port, int flags) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = flags | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  int g = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
+  if (g != 0) {
+    const char* why = g == EAI_SYSTEM ? std::strerror(errno) : ::gai_strerror(g);
+    return Error(g == EAI_AGAIN ? Errc::kAgain : Errc::kNotFound, fmt::format("page server {}: {}", host, why));
+  }
+  std::vector<SocketAddress> out;
+  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    SocketAddress s;
+    std::memcpy(&s.addr, a->ai_addr, a->ai_addrlen);
+    s.len = a->ai_addrlen;
+    out.push_back(s);
+  }
+  ::freeaddrinfo(res);
+  if (out.empty()) return Error(Errc::kNotFound, fmt::format("page server {}:{}: no address", host, port));
+  return out;
+}
+
+bool is_numeric(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_flags = AI_NUMERICHOST;
+  addrinfo* res = nullptr;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0) return false;
+  ::freeaddrinfo(res);
+  return true;
+}
+
+// Lookups under way, by HOST:PORT. An entry goes when its lookup is done. Never destroyed: a
+// lookup's thread may outlive main().
+struct Running {
+  std::mutex mu;
+  std::map<std::string, std::weak_ptr<Lookup>> by_name;
+};
+Running& running() {
+  static auto* r = new Running();
+  return *r;
+}
+
+}  // namespace
+
+Result<std::vector<SocketAddress>> resolve(const std::string& host, uint16_t port) {
+  return getaddrinfo_(host, port, 0);
+}
+
+void Lookup::finish(Result<std::vector<SocketAddress>> r) {
+  result_.emplace(std::move(r));
+  done_.store(true, std::memory_order_release);
+  if (ready_.valid()) {
+    const uint64_t one = 1;
+    (void)!::write(ready_.get(), &one, sizeof one);
+  }
+}
+
+std::shared_ptr<Lookup> Lookup::start(const std::string& host, uint16_t port) {
+  auto l = std::make_shared<Lookup>();
+  if (is_numeric(host)) {
+    l->finish(getaddrinfo_(host, port, AI_NUMERICHOST));
+    return l;
+  }
+  const std::string key = fmt::format("{}:{}", host, port);
+  Running& run = running();
+  std::lock_guard lock(run.mu);
+  std::weak_ptr<Lookup>& slot = run.by_name[key];
+  if (auto under_way = slot.lock()) return under_way;
+  l->ready_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!l->ready_.valid()) {
+    l->finish(sys_error(fmt::format("page server {}: eventfd", host), errno));
+    return l;
+  }
+  try {
+    std::thread([l, host, port, key, &run] {
+      auto r = getaddrinfo_(host, port, 0);
+      std::lock_guard lock(run.mu);  // finished and unlisted together: nobody joins a done one
+      l->finish(std::move(r));
+      auto it = run.by_name.find(key);
+      if (it != run.by_name.end() && it->second.lock() == l) run.by_name.erase(it);
+    }).detach();  // a stopping process does not wait out a silent DNS server
+  } catch (const std::system_error& e) {
+    l->finish(Error(Errc::kAgain, fmt::format("page server {}: no thread to look its name up: {}", host, e.what())));
+    return l;
+  }
+  slot = l;
+  return l;
+}
+
+}  // namespace lazymem::net
