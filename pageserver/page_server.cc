@@ -361,6 +361,9 @@ struct PageServer::Impl {
     for (const RegionInfo& r : snap->manifest.regions) snap->verified.emplace_back(r.chunks.size(), 0);
     int fd = ::openat(dir_fd.get(), snapshot::kDataFile, O_RDONLY | O_CLOEXEC | O_DIRECT);
     if (fd < 0) fd = ::openat(dir_fd.get(), snapshot::kDataFile, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {  // its manifest is there: the snapshot is damaged, not absent
+      return Error(Errc::kCorrupt, fmt::format("snapshot '{}': its data file is missing", name));
+    }
     if (fd < 0) return sys_error("open data of snapshot " + name, errno);
     snap->data.reset(fd);
     struct stat st{};
@@ -410,6 +413,7 @@ struct PageServer::Impl {
     switch (e.code()) {
       case Errc::kNotFound: bump(st_nf); return wire::ErrorCode::NOT_FOUND;
       case Errc::kInvalidArgument: bump(st_proto); return wire::ErrorCode::BAD_REQUEST;  // a name no store has
+      case Errc::kCorrupt: bump(st_corrupt); return wire::ErrorCode::CORRUPT;
       default: bump(st_io); return wire::ErrorCode::IO_ERROR;
     }
   }
@@ -962,7 +966,7 @@ struct PageServer::Impl {
                                         "needs the snapshot again (upload it with --replace)",
                                         j.region, j.chunk, j.snap->name, s.error().message());
           log->warn("{}", msg);
-          reply_error(c, j, wire::ErrorCode::IO_ERROR, msg);
+          reply_error(c, j, wire::ErrorCode::CORRUPT, msg);
           return;
         }
         verified = newest;

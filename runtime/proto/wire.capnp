@@ -101,6 +101,8 @@ enum ErrorCode {
   busy @7;
   useStream @8;                   # (datagrams) the reply does not fit one: ask on the connection
   onStream @9;                    # (datagrams) the reply does not fit one: it comes on the connection
+  corrupt @10;                    # the server holds the snapshot damaged (checksum, file truncated or
+                                  # missing); older clients read it as ioError
 }
 
 struct Reply {

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -614,6 +615,42 @@ TEST_F(PageServerTest, VerifyThroughTheServerFindsADamagedChunk) {
   EXPECT_EQ(rep->chunks, clean->chunks);
   ASSERT_EQ(rep->damaged.size(), 1u);
   EXPECT_NE(rep->damaged[0].find("chunk " + std::to_string(c) + " "), std::string::npos) << rep->damaged[0];
+}
+
+// A snapshot the server holds damaged as a whole (its manifest fails its checksum, its data
+// file is cut short or gone) is damage to whoever reads it through the server (Errc::kCorrupt:
+// `verify --server` says DAMAGED, exit 1), not a server that could not be asked; the server
+// counts it as corrupt.
+TEST_F(PageServerTest, ASnapshotDamagedOnTheServerIsCorruptToItsReaders) {
+  start_server();
+  struct Damage {
+    const char* name;
+    std::function<void(const std::string& dir)> apply;
+    const char* says;
+  };
+  const Damage damages[] = {
+      {"badmanifest", [](const std::string& dir) {
+         std::fstream f(dir + "/" + snapshot::kManifestFile, std::ios::in | std::ios::out | std::ios::binary);
+         f.seekp(40);
+         f.put('\x5a');
+       }, "checksum"},
+      {"cutdata", [](const std::string& dir) {
+         std::filesystem::resize_file(dir + "/" + snapshot::kDataFile, 4096);
+       }, "truncated"},
+      {"nodata", [](const std::string& dir) { std::filesystem::remove(dir + "/" + snapshot::kDataFile); }, "missing"},
+  };
+  uint64_t seed = 60;
+  for (const Damage& d : damages) {
+    capture(1 * kMiB, ++seed);
+    std::filesystem::rename(dir_.path() + "/snap", dir_.path() + "/" + d.name);
+    d.apply(dir_.path() + "/" + d.name);
+    const uint64_t before = server_->stats().errors_corrupt;
+    auto rep = verify_snapshot(fmt::format("lazymem://127.0.0.1:{}/{}", server_->port(), d.name));
+    ASSERT_FALSE(rep.ok()) << d.name;
+    EXPECT_EQ(rep.error().code(), Errc::kCorrupt) << d.name << ": " << rep.error().message();
+    EXPECT_NE(rep.error().message().find(d.says), std::string::npos) << rep.error().message();
+    EXPECT_GT(server_->stats().errors_corrupt, before) << d.name;
+  }
 }
 
 TEST_F(PageServerTest, UnknownSnapshotIsAClearError) {
@@ -1861,9 +1898,9 @@ TEST_F(GetPageTest, OutOfRangeAndUnknownAreErrorsWithTheTag) {
   EXPECT_EQ(server_->stats().errors_not_found, 1u);
 }
 
-// A stored chunk damaged on the server's disk: getPage refuses it (IO_ERROR naming it, with the
+// A stored chunk damaged on the server's disk: getPage refuses it (CORRUPT naming it, with the
 // tag; counted once as corrupt), and the connection keeps being served.
-TEST_F(GetPageTest, CorruptStoredChunkIsAnIoErrorAndServingGoesOn) {
+TEST_F(GetPageTest, CorruptStoredChunkIsRefusedAndServingGoesOn) {
   capture_as("snap", 4 * kMiB, 49, 2);
   uint32_t bad = 0;
   while (man_.regions[0].chunks[bad].codec != Codec::kZstdPages) ++bad;
@@ -1875,7 +1912,7 @@ TEST_F(GetPageTest, CorruptStoredChunkIsAnIoErrorAndServingGoesOn) {
   ASSERT_TRUE(f.header);
   auto r = f.header->root<proto::wire::Reply>();
   ASSERT_TRUE(r.isError());
-  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::IO_ERROR);
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::CORRUPT);
   EXPECT_EQ(r.getError().getTag(), 31u);
   std::string msg = r.getError().getMessage().cStr();
   EXPECT_NE(msg.find("corrupt"), std::string::npos) << msg;
@@ -1936,7 +1973,7 @@ TEST_F(GetPageTest, StoredChunkIsCheckedAgainWhenReadAgain) {
   ASSERT_TRUE(f.header);
   auto r = f.header->root<proto::wire::Reply>();
   ASSERT_TRUE(r.isError()) << "a chunk read again was not checked again";
-  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::IO_ERROR);
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::CORRUPT);
   EXPECT_EQ(server_->stats().errors_corrupt, 1u);
 }
 
@@ -2449,7 +2486,7 @@ TEST_F(GetPageTest, WhatNoDatagramCarriesComesOnTheConnectionWhenAsked) {
   ASSERT_TRUE(r.isError());
   EXPECT_EQ(r.getId(), 1050u);
   EXPECT_EQ(r.getError().getTag(), 50u);
-  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::IO_ERROR);
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::CORRUPT);
   EXPECT_GT(server_->stats().disk_read_bytes, unread) << "the damaged chunk was in memory already";
   // Nothing else queued on the connection: the next frame answers the next request.
   net::OwnedFrame holder;

@@ -117,6 +117,7 @@ Error reply_error(const SnapshotLocation& loc, wire::ErrorReply::Reader e) {
   Errc code = Errc::kIo;
   switch (e.getCode()) {
     case wire::ErrorCode::NOT_FOUND: code = Errc::kNotFound; break;
+    case wire::ErrorCode::CORRUPT: code = Errc::kCorrupt; break;
     case wire::ErrorCode::AUTH_REQUIRED:
     case wire::ErrorCode::AUTH_FAILED: code = Errc::kPermission; break;
     case wire::ErrorCode::OUT_OF_RANGE:

@@ -44,10 +44,10 @@ Error reply_error(const SnapshotLocation& loc, proto::wire::ErrorReply::Reader e
 
 // Whether a refusal is this server's alone, so that another of a location's servers may serve
 // the request: it does not hold the version (reached after a reconnect, it never opened it), its
-// disk fails, it is busy. Such a request is passed over to the next server.
+// disk fails or holds its copy damaged, it is busy. Such a request is passed over to the next server.
 inline bool another_server_may_serve(proto::wire::ErrorCode code) {
   return code == proto::wire::ErrorCode::NOT_FOUND || code == proto::wire::ErrorCode::IO_ERROR ||
-         code == proto::wire::ErrorCode::BUSY;
+         code == proto::wire::ErrorCode::CORRUPT || code == proto::wire::ErrorCode::BUSY;
 }
 
 // The snapshots a page server holds.

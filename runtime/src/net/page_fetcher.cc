@@ -412,7 +412,8 @@ snapshot::PageFetcher::Outcome RemotePageFetcher::use_reply(snapshot::ChunkRef r
     switch (code) {
       case wire::ErrorCode::NOT_FOUND: why = "the page server no longer has the snapshot"; break;
       case wire::ErrorCode::OUT_OF_RANGE: why = "the page server says the page is outside the snapshot"; break;
-      case wire::ErrorCode::IO_ERROR: why = "the page server could not read the page (or holds it corrupt)"; break;
+      case wire::ErrorCode::IO_ERROR: why = "the page server could not read the page"; break;
+      case wire::ErrorCode::CORRUPT: why = "the page server holds the page corrupt"; break;
       case wire::ErrorCode::BUSY: why = "the page server is busy"; break;
       default: break;
     }
