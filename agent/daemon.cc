@@ -809,13 +809,18 @@ struct Daemon::Impl {
         // Every page is present: the process no longer needs us. Tell it, and let go of our
         // copy of its uffd (it closes its own on the message).
         if (to >= 0) reply_on(to, s.reply_id, [&, sid = id](auto b) { b.setComplete(sid); });
-        log->info("pid {}: restore complete", s.pid);
+        if (info->failed) {
+          log->warn("pid {}: restore ended failed, the pages it could not have poisoned ({})", s.pid, info->failure);
+        } else {
+          log->info("pid {}: restore complete", s.pid);
+        }
         done.push_back(id);
       }
     }
     for (auto id : done) {
       auto it = served.find(id);
-      remember(id, it->second.uid, "complete");
+      auto info = engine->session_info(id);
+      remember(id, it->second.uid, info && info->failed ? "failed" : "complete");
       del(it->second.pidfd.get());
       engine->remove_session(id);
       served.erase(it);
@@ -826,8 +831,11 @@ struct Daemon::Impl {
       if (served.count(info.id)) continue;
       uid_t owner = owner_of(info);  // asked now, while the parent is still known
       if (!info.exited && !info.complete) continue;
-      log->info("{}: {}", info.name, info.exited ? "its process exited; dropping the session" : "restore complete");
-      remember(info.id, owner, info.exited ? "exited" : "complete");
+      const char* how = info.exited ? "exited" : info.failed ? "failed" : "complete";
+      log->info("{}: {}", info.name, info.exited   ? "its process exited; dropping the session"
+                                     : info.failed ? "restore ended failed, the pages it could not have poisoned"
+                                                   : "restore complete");
+      remember(info.id, owner, how);
       engine->remove_session(info.id);
       child_owner.erase(info.id);
     }

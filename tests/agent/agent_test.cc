@@ -1516,6 +1516,39 @@ TEST_F(DamagedChunkTest, ClientSaysWhyBeforeSigbus) {
   EXPECT_NE(said.find("session " + loc_ + ": lazymem-agent: "), std::string::npos) << said;
 }
 
+// A restore whose prefetch meets the damaged chunk ends with every page present or poisoned:
+// the agent lets the session go, and remembers it as failed, not complete (its log says so too).
+TEST_F(DamagedChunkTest, ARestoreThatEndsFailedIsRememberedFailed) {
+  start_daemon();
+  int go[2];
+  ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+  pid_t kid = ::fork();
+  ASSERT_GE(kid, 0);
+  if (kid == 0) {
+    ::close(go[1]);
+    auto r = AgentRestore::start(socket_, loc_, {});  // prefetch on: it finds the damage
+    char c;
+    _exit(r.ok() && ::read(go[0], &c, 1) == 0 ? 0 : 3);  // alive until told, touching nothing
+  }
+  ::close(go[0]);
+  sys::UniqueFd release(go[1]);
+  std::string state;
+  auto js = agent_query(socket_, true);
+  while (js.ok() && state.empty()) {
+    auto j = nlohmann::json::parse(*js);
+    for (const auto& e : j["sessions"]) {
+      if (e["pid"].get<int>() == kid && e["complete"].get<bool>()) state = e["state"].get<std::string>();
+    }
+    if (state.empty()) js = agent_wait_change(socket_, j["generation"].get<uint64_t>(), std::chrono::seconds(30));
+  }
+  ASSERT_TRUE(js.ok()) << "the session never ended: " << js.error().message();
+  EXPECT_EQ(state, "failed");
+  release.reset();
+  int status = 0;
+  ASSERT_EQ(::waitpid(kid, &status, 0), kid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+}
+
 // A client that never says it (stuck writing to a stderr nobody reads) does not keep its
 // faulting thread waiting: the agent poisons the pages after a bounded wait.
 TEST_F(DamagedChunkTest, ClientThatNeverSaysIsNotLeftHanging) {
