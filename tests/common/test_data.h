@@ -2,9 +2,12 @@
 #pragma once
 
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -71,11 +74,43 @@ inline void* map_for_capture(size_t len, uint64_t seed) {
   return p == MAP_FAILED ? nullptr : p;
 }
 
-// A fresh directory under /tmp removed at destruction.
+// Every scratch directory of a test process lies under one root (on disk, in /var/tmp, so that
+// O_DIRECT applies), removed when the process exits. Processes it starts inherit the root
+// (LAZYMEM_TEST_SCRATCH_ROOT) and put theirs in it too: a death test re-runs the test binary,
+// whose fixture makes its own scratch directory and then leaves by _exit(), never removing it.
+inline const std::string& scratch_root() {
+  struct Root {
+    std::string path = "/var/tmp";
+    pid_t made_by = 0;  // 0: inherited (or none could be made): not ours to remove
+    Root() {
+      if (const char* inherited = std::getenv("LAZYMEM_TEST_SCRATCH_ROOT")) {
+        path = inherited;
+        return;
+      }
+      std::string tmpl = "/var/tmp/lazymem-test-XXXXXX";
+      if (::mkdtemp(tmpl.data()) == nullptr) return;
+      path = tmpl;
+      made_by = ::getpid();
+      ::chmod(path.c_str(), 0711);  // tests acting as other users reach their directories through it
+      ::setenv("LAZYMEM_TEST_SCRATCH_ROOT", path.c_str(), 1);
+    }
+    ~Root() {  // not in a forked child leaving through exit(): the root is its parent's
+      if (made_by != ::getpid()) return;
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  };
+  static const Root root;
+  return root.path;
+}
+// Made before main(), while the process has one thread (setenv is not safe beside others).
+inline const bool kScratchRootMade = !scratch_root().empty();
+
+// A fresh directory under scratch_root(), removed at destruction.
 class ScratchDir {
  public:
   ScratchDir() {
-    std::string tmpl = "/var/tmp/lazymem-test-XXXXXX";  // /var/tmp: on disk, so O_DIRECT applies
+    std::string tmpl = scratch_root() + "/d-XXXXXX";
     char* d = ::mkdtemp(tmpl.data());
     path_ = d ? d : "";
   }
