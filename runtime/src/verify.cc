@@ -1,7 +1,9 @@
 // verify_snapshot: every stored chunk of a snapshot read and checked, as a restore would.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <optional>
+#include <utility>
 
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
@@ -32,11 +34,11 @@ Result<VerifyReport> verify_snapshot(const std::string& location, const std::str
     std::vector<std::byte> out;
     snapshot::ChunkDecoder decoder;
     VerifyReport report;
+    std::vector<std::pair<uint64_t, std::string>> found;  // by tag: chunks complete in any order
     void damaged(uint64_t tag, const std::string& why) {
       const snapshot::ChunkRef ref = refs[tag];
-      report.damaged.push_back(
-          fmt::format("region '{}' chunk {} (bytes {:#x}..): {}", m->regions[ref.region].name, ref.chunk,
-                      uint64_t{ref.chunk} * m->chunk_size, why));
+      found.emplace_back(tag, fmt::format("region '{}' chunk {} (bytes {:#x}..): {}", m->regions[ref.region].name,
+                                          ref.chunk, uint64_t{ref.chunk} * m->chunk_size, why));
     }
     void on_chunk(uint64_t tag, std::span<const std::byte> stored) override {
       const snapshot::ChunkRef ref = refs[tag];
@@ -66,6 +68,8 @@ Result<VerifyReport> verify_snapshot(const std::string& location, const std::str
   sink.out.resize(m.chunk_size);
   LAZYMEM_TRY(snapshot::read_chunks(*reader, sink.refs, sink, stalled_after, [&] { return sink.failed.has_value(); }));
   if (sink.failed) return sink.failed->wrap(fmt::format("{}: verification stopped", location));
+  std::sort(sink.found.begin(), sink.found.end());  // in the snapshot's order (tags are refs' indices)
+  for (auto& [tag, line] : sink.found) sink.report.damaged.push_back(std::move(line));
   sink.report.seconds = static_cast<double>(sys::monotonic_ns() - start) / 1e9;
   return std::move(sink.report);
 }
