@@ -1137,8 +1137,10 @@ struct Daemon::Impl {
     auto each_region = [&](const std::function<void(const std::string& labels, const nlohmann::json& r)>& fn) {
       for (const auto& s : j["sessions"]) {
         for (const auto& r : s["stats"]["regions"]) {
-          std::string labels = fmt::format("session=\"{}\",pid=\"{}\",region=\"{}\",state=\"{}\"", s["id"].get<uint64_t>(),
-                                           s["pid"].get<int>(), r["name"].get<std::string>(), s["state"].get<std::string>());
+          // No state label: a series whose labels change with the session's state would end and
+          // start again (a counter reset to the server); the state has its own state set below.
+          std::string labels = fmt::format("session=\"{}\",pid=\"{}\",region=\"{}\"", s["id"].get<uint64_t>(),
+                                           s["pid"].get<int>(), r["name"].get<std::string>());
           fn(labels, r);
         }
       }
@@ -1151,6 +1153,14 @@ struct Daemon::Impl {
     uint64_t active = 0;
     for (const auto& s : j["sessions"]) active += s["state"] == "restoring";
     out.sample("lazymem_sessions", "", active);
+    out.family("lazymem_session_state", "gauge", "Each session's state: 1 for the one it is in (a state set).");
+    for (const auto& s : j["sessions"]) {
+      for (const char* st : {"restoring", "failed", "complete", "exited"}) {
+        out.sample("lazymem_session_state",
+                   fmt::format("session=\"{}\",pid=\"{}\",state=\"{}\"", s["id"].get<uint64_t>(), s["pid"].get<int>(), st),
+                   uint64_t{s["state"] == st});
+      }
+    }
     counter("lazymem_faults_total", "Fault messages read from the userfaultfds.", "faults");
     out.family("lazymem_pages_total", "counter", "Pages installed, by how: fault, prefetch, zero.");
     each_region([&](const std::string& l, const nlohmann::json& r) {

@@ -768,7 +768,11 @@ TEST_F(AgentTest, MetricsInPrometheusText) {
   while ((n = ::recv(c.get(), buf, sizeof buf, 0)) > 0) resp.append(buf, static_cast<size_t>(n));
   EXPECT_EQ(resp.rfind("HTTP/1.0 200 OK\r\n", 0), 0u) << resp;
   EXPECT_NE(resp.find("# TYPE lazymem_faults_total counter"), std::string::npos) << resp;
-  EXPECT_NE(resp.find("region=\"heap\",state=\"complete\",how=\"fault\"}"), std::string::npos) << resp;
+  EXPECT_NE(resp.find("region=\"heap\",how=\"fault\"}"), std::string::npos) << resp;
+  EXPECT_EQ(resp.find("region=\"heap\",state="), std::string::npos) << "a state label on a counter: " << resp;
+  EXPECT_NE(resp.find("# TYPE lazymem_session_state gauge"), std::string::npos) << resp;
+  EXPECT_NE(resp.find(",state=\"complete\"} 1\n"), std::string::npos) << resp;
+  EXPECT_NE(resp.find(",state=\"restoring\"} 0\n"), std::string::npos) << resp;
   EXPECT_NE(resp.find("lazymem_fault_latency_seconds{"), std::string::npos) << resp;
 }
 
