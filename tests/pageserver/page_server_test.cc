@@ -1148,13 +1148,52 @@ fault::SessionSpec session_of(const std::string& name, RestoredChild& child,
   return spec;
 }
 
+// One engine serves session A, whose reader is held up (`held_up`, called once A is added, waits
+// until it is), and session B, which reads a local snapshot. B's process must read every byte
+// while A has neither completed nor failed (A's deadline is a minute away: this is about order,
+// not timing); once `release`d, A's process reads every byte too.
+void expect_others_served_while_one_waits(const KernelFeatures& kf, RestoredChild& a, RestoredChild& b,
+                                          std::shared_ptr<snapshot::ChunkSource> remote,
+                                          std::shared_ptr<snapshot::ChunkSource> disk,
+                                          const std::function<void()>& held_up, const std::function<void()>& release) {
+  fault::EngineOptions eo;
+  eo.demand_deadline = std::chrono::seconds(60);
+  fault::FaultEngine engine(kf, eo);
+  ASSERT_TRUE(engine.start().ok());
+  auto id_a = engine.add_session(session_of("a", a, std::move(remote)));  // first: its reader opens first
+  ASSERT_TRUE(id_a.ok()) << id_a.error().message();
+  held_up();
+  if (::testing::Test::HasFatalFailure()) return;
+  auto id_b = engine.add_session(session_of("b", b, std::move(disk)));
+  ASSERT_TRUE(id_b.ok()) << id_b.error().message();
+  a.read_every_page();  // its faults wait
+  b.read_every_page();
+  ASSERT_TRUE(b.exited_within(std::chrono::seconds(20))) << "B's process never finished";
+  const int status_b = b.wait();
+  ASSERT_TRUE(WIFEXITED(status_b) && WEXITSTATUS(status_b) == 0) << "B's process: wait status " << status_b;
+  Status complete_b = engine.wait_complete(*id_b, std::chrono::seconds(10));
+  EXPECT_TRUE(complete_b.ok()) << complete_b.error().message();
+  auto info_a = engine.session_info(*id_a);
+  ASSERT_TRUE(info_a.has_value());
+  EXPECT_FALSE(info_a->failed) << "A failed before B was done: " << info_a->failure;
+  EXPECT_FALSE(info_a->complete) << "A completed while held up";
+  EXPECT_FALSE(a.exited_within(std::chrono::milliseconds(0))) << "A's process ended while held up";
+
+  release();
+  ASSERT_TRUE(a.exited_within(std::chrono::seconds(60))) << "A's process never finished";
+  const int status_a = a.wait();
+  EXPECT_TRUE(WIFEXITED(status_a) && WEXITSTATUS(status_a) == 0) << "A's process: wait status " << status_a;
+  Status complete_a = engine.wait_complete(*id_a, std::chrono::seconds(60));
+  EXPECT_TRUE(complete_a.ok()) << complete_a.error().message();
+  engine.remove_session(*id_a);
+  engine.remove_session(*id_b);
+  engine.stop();
+}
+
 // The engine opens each session's chunk reader on its own thread, the one that serves every
 // other session (of an agent: every process on the host). A page server that accepts and then
 // never answers (stopped, SIGSTOP: its kernel still takes connections) must not hold up the
-// faults of other sessions while a first connection to it waits. Session A reads from such a
-// server, session B from a local snapshot: B's process reads every byte while A has neither
-// completed nor failed (A's deadline is a minute away: this is about order, not timing); once
-// the server goes on, A's process reads every byte too.
+// faults of other sessions while a first connection to it waits.
 TEST_F(PageServerTest, FirstConnectionToAStoppedServerNeverBlocksTheEngine) {
   ScratchDir local;
   capture(8 * kMiB, 48);
@@ -1177,46 +1216,17 @@ TEST_F(PageServerTest, FirstConnectionToAStoppedServerNeverBlocksTheEngine) {
   fork_restored((*disk)->manifest().regions[0], expected_b, b);
   if (HasFatalFailure()) return;
 
-  ASSERT_EQ(::kill(server.pid, SIGSTOP), 0);
-  fault::EngineOptions eo;
-  eo.demand_deadline = o.fault_deadline;
-  fault::FaultEngine engine(kf_, eo);
-  ASSERT_TRUE(engine.start().ok());
-  auto id_a = engine.add_session(session_of("a", a, *remote));  // first: its reader opens first
-  ASSERT_TRUE(id_a.ok()) << id_a.error().message();
-  auto id_b = engine.add_session(session_of("b", b, *disk));
-  ASSERT_TRUE(id_b.ok()) << id_b.error().message();
-  a.read_every_page();  // its faults wait for the server
-  b.read_every_page();
-  ASSERT_TRUE(b.exited_within(std::chrono::seconds(30))) << "B's process never finished";
-  const int status_b = b.wait();
-  ASSERT_TRUE(WIFEXITED(status_b) && WEXITSTATUS(status_b) == 0) << "B's process: wait status " << status_b;
-  Status complete_b = engine.wait_complete(*id_b, std::chrono::seconds(10));
-  EXPECT_TRUE(complete_b.ok()) << complete_b.error().message();
-  auto info_a = engine.session_info(*id_a);
-  ASSERT_TRUE(info_a.has_value());
-  EXPECT_FALSE(info_a->failed) << "A failed before B was done: " << info_a->failure;
-  EXPECT_FALSE(info_a->complete) << "A completed from a stopped server";
-  EXPECT_FALSE(a.exited_within(std::chrono::milliseconds(0))) << "A's process ended while its server was stopped";
-
-  ASSERT_EQ(::kill(server.pid, SIGCONT), 0);
-  ASSERT_TRUE(a.exited_within(std::chrono::seconds(60))) << "A's process never finished";
-  const int status_a = a.wait();
-  EXPECT_TRUE(WIFEXITED(status_a) && WEXITSTATUS(status_a) == 0) << "A's process: wait status " << status_a;
-  Status complete_a = engine.wait_complete(*id_a, std::chrono::seconds(60));
-  EXPECT_TRUE(complete_a.ok()) << complete_a.error().message();
-  engine.remove_session(*id_a);
-  engine.remove_session(*id_b);
-  engine.stop();
+  ASSERT_EQ(::kill(server.pid, SIGSTOP), 0);  // before A's reader connects
+  expect_others_served_while_one_waits(
+      kf_, a, b, *remote, *disk, [] {}, [&] { ASSERT_EQ(::kill(server.pid, SIGCONT), 0); });
 }
 
 // A page server named by a host name: the engine's thread, which serves every session of the
 // host, must not wait on DNS either (a reader's first connection, every reconnect: the name is
 // looked up afresh each time). The resolver really asks a DNS server of the test's own, which
-// holds its queries as a DNS server that is down would. Session A's name is being looked up (its
-// query is held) while session B's process reads every byte from a local snapshot; then the
-// DNS server answers and A's process reads every byte too. Before lookups moved off the
-// engine's thread, B waited out the resolver's 30 s timeout.
+// holds its queries as a DNS server that is down would: session A's name is being looked up
+// (its query is held) while session B is served. Before lookups moved off the engine's thread,
+// B waited out the resolver's 30 s timeout.
 TEST_F(PageServerTest, LookingUpAServersNameNeverBlocksTheEngine) {
   const std::string kName = "pageserver.lazymem.test";
   ScratchDir local;
@@ -1249,39 +1259,18 @@ TEST_F(PageServerTest, LookingUpAServersNameNeverBlocksTheEngine) {
   ASSERT_GT(dns.queries(), 0u) << "the name was not looked up through our DNS server";
 
   dns.hold();
-  fault::EngineOptions eo;
-  eo.demand_deadline = o.fault_deadline;
-  fault::FaultEngine engine(kf_, eo);
-  ASSERT_TRUE(engine.start().ok());
-  auto id_a = engine.add_session(session_of("a", a, *remote));  // first: its reader looks the name up first
-  ASSERT_TRUE(id_a.ok()) << id_a.error().message();
-  const auto t0 = std::chrono::steady_clock::now();
-  while (dns.held() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20))
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  ASSERT_GT(dns.held(), 0u) << "A's reader never asked for the server's name";
-  auto id_b = engine.add_session(session_of("b", b, *disk));
-  ASSERT_TRUE(id_b.ok()) << id_b.error().message();
-  a.read_every_page();  // its faults wait for the name
-  b.read_every_page();
-  ASSERT_TRUE(b.exited_within(std::chrono::seconds(20))) << "B's process never finished";
-  const int status_b = b.wait();
-  ASSERT_TRUE(WIFEXITED(status_b) && WEXITSTATUS(status_b) == 0) << "B's process: wait status " << status_b;
-  EXPECT_TRUE(engine.wait_complete(*id_b, std::chrono::seconds(10)).ok());
-  auto info_a = engine.session_info(*id_a);
-  ASSERT_TRUE(info_a.has_value());
-  EXPECT_FALSE(info_a->failed) << "A failed before B was done: " << info_a->failure;
-  EXPECT_FALSE(info_a->complete) << "A completed without the server's address";
-  EXPECT_GT(dns.held(), 0u) << "A's lookup was answered by something else";
-
-  dns.answer_held();
-  ASSERT_TRUE(a.exited_within(std::chrono::seconds(60))) << "A's process never finished";
-  const int status_a = a.wait();
-  EXPECT_TRUE(WIFEXITED(status_a) && WEXITSTATUS(status_a) == 0) << "A's process: wait status " << status_a;
-  Status complete_a = engine.wait_complete(*id_a, std::chrono::seconds(60));
-  EXPECT_TRUE(complete_a.ok()) << complete_a.error().message();
-  engine.remove_session(*id_a);
-  engine.remove_session(*id_b);
-  engine.stop();
+  expect_others_served_while_one_waits(
+      kf_, a, b, *remote, *disk,
+      [&] {
+        const auto t0 = std::chrono::steady_clock::now();
+        while (dns.held() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20))
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        ASSERT_GT(dns.held(), 0u) << "A's reader never asked for the server's name";
+      },
+      [&] {
+        EXPECT_GT(dns.held(), 0u) << "A's lookup was answered by something else";
+        dns.answer_held();
+      });
 }
 
 // One lookup of a name at a time: readers reconnecting to a server whose DNS is down share it
