@@ -151,6 +151,22 @@ int run_snapshot(const std::vector<std::string>& args) {
   co.replace = vm.count("replace") > 0;
   if (vm.count("token-file")) co.token_file = vm["token-file"].as<std::string>();
   std::string target = vm["target"].as<std::string>();
+  // The arguments are checked here, before any work, with the checks the capture makes: a wrong
+  // one is a usage error (2). The capture's errors alone cannot tell: its kInvalidArgument also
+  // comes from a syscall's EINVAL, or a memory file that is not an image.
+  if (auto s = lazymem::check_capture_options(co); !s.ok()) throw std::invalid_argument(s.error().message());
+  if (auto loc = lazymem::SnapshotLocation::parse(target); !loc.ok()) throw std::invalid_argument(loc.error().message());
+  std::vector<lazymem::agent::ProcessRange> ranges;
+  if (vm.count("region")) {
+    for (const auto& t : vm["region"].as<std::vector<std::string>>()) {
+      auto r = lazymem::agent::parse_process_range(t);
+      if (!r.ok()) throw std::invalid_argument(r.error().message());
+      ranges.push_back(*r);
+    }
+  }
+  if (vm.count("pid")) {
+    if (auto s = lazymem::agent::check_process_ranges(ranges); !s.ok()) throw std::invalid_argument(s.error().message());
+  }
   // A bar on a terminal, where a person watches; never in a pipe or with --json.
   const bool bar = !vm.count("json") && ::isatty(STDERR_FILENO) != 0;
   if (bar) co.progress = [](uint64_t done, uint64_t total) { lazymem::agent::draw_progress(done >> 20, total >> 20, "MiB"); };
@@ -158,14 +174,6 @@ int run_snapshot(const std::vector<std::string>& args) {
   if (vm.count("raw")) {
     rep = lazymem::capture_raw_file(target, vm["raw"].as<std::string>(), co);
   } else {
-    std::vector<lazymem::agent::ProcessRange> ranges;
-    if (vm.count("region")) {
-      for (const auto& t : vm["region"].as<std::vector<std::string>>()) {
-        auto r = lazymem::agent::parse_process_range(t);
-        if (!r.ok()) throw std::invalid_argument(r.error().message());
-        ranges.push_back(*r);
-      }
-    }
     rep = lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
   }
   if (bar) std::fprintf(stderr, "\n");

@@ -202,6 +202,8 @@ int import_raw(const std::vector<std::string>& args) {
   o.format_version = vm["format"].as<uint32_t>();
   o.chunk_size = cli::chunk_bytes(vm, "chunk-kib");
   o.zstd_level = vm["zstd-level"].as<int>();
+  // Before any work, as the import checks them: a wrong one is a usage error (2), not a failure.
+  if (auto s = check_capture_options(o); !s.ok()) throw std::invalid_argument(s.error().message());
   auto target = SnapshotLocation::in_store(vm["store"].as<std::string>(), vm["name"].as<std::string>());
   if (!target.ok()) throw std::invalid_argument(target.error().message());
   auto rep = capture_raw_file(target->to_string(),

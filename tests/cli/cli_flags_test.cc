@@ -84,6 +84,26 @@ TEST_F(CliFlagsTest, PageServerRefusesBadFlags) {
   }
 }
 
+// What a capture is asked for is checked before any work, with the checks the capture itself
+// makes: a wrong value is the user's (2), not a failed capture (1), and nothing is written.
+TEST_F(CliFlagsTest, WrongCaptureArgumentsAreUsageErrors) {
+  const std::string d = dir_.path();
+  const std::string import = "import --store " + d + "/store --raw " + d + "/none --name a ";
+  expect_refused(pageserver(import + "--format 3"), "snapshot format 3 does not exist (1 or 2)", "lazymem-pageserver import");
+  expect_refused(pageserver(import + "--zstd-level 99"), "zstd level 99 is outside -7..22", "lazymem-pageserver import");
+  const std::string raw = "snapshot --raw " + d + "/none ", cmd = "lazymem-agent snapshot";
+  expect_refused(agent(raw + "--chunk-size 1000 " + d + "/store/a"), "chunk size 1000 must be a power of two", cmd);
+  expect_refused(agent(raw + "--format 7 " + d + "/store/a"), "snapshot format 7 does not exist (1 or 2)", cmd);
+  expect_refused(agent(raw + "--zstd-level 50 " + d + "/store/a"), "zstd level 50 is outside -7..22", cmd);
+  expect_refused(agent(raw + "lazymem://127.0.0.1:7071/.hid"), "a snapshot name must be", cmd);
+  const std::string pid = "snapshot --pid " + std::to_string(::getpid()) + " ";
+  expect_refused(agent(pid + d + "/store/a"), "nothing to capture: give --region", cmd);
+  expect_refused(agent(pid + "--region 1000-2000=a --region 3000-4000=a " + d + "/store/a"), "another region has that name", cmd);
+  expect_refused(agent(pid + "--region 1000-3000 --region 2000-4000 " + d + "/store/a"), "overlaps region", cmd);
+  struct stat st {};
+  EXPECT_NE(::stat((d + "/store").c_str(), &st), 0) << "a refused capture made its store";
+}
+
 // A token file is a regular file holding a token worth the name: a FIFO would hang the command,
 // /dev/zero fill the memory, a short token be guessed from one overheard exchange.
 TEST_F(CliFlagsTest, TokenFilesAreChecked) {
