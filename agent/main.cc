@@ -71,7 +71,15 @@ int run_daemon(const std::vector<std::string>& args) {
   if (vm.count("firecracker-socket")) o.firecracker_socket = vm["firecracker-socket"].as<std::string>();
   if (vm.count("snapshot")) o.firecracker_snapshot = vm["snapshot"].as<std::string>();
   if (vm.count("token-file")) o.token_file = vm["token-file"].as<std::string>();
-  o.engine.demand_deadline = std::chrono::milliseconds(vm["fault-deadline-ms"].as<unsigned>());
+  // A faulting thread whose page is late past the deadline gets SIGBUS: 0 (or a few ms) would kill
+  // every restore through the agent at its first fault that reads a disk or a network; more than
+  // an hour is a hang, not a deadline.
+  const unsigned deadline_ms = vm["fault-deadline-ms"].as<unsigned>();
+  if (deadline_ms < 100 || deadline_ms > 3600000) {
+    throw std::invalid_argument("--fault-deadline-ms wants 100 to 3600000 (a faulting thread waits that long for its "
+                                "page, then gets SIGBUS)");
+  }
+  o.engine.demand_deadline = std::chrono::milliseconds(deadline_ms);
   if (vm.count("metrics")) {
     o.metrics_address = vm["metrics"].as<std::string>();
     auto at = lazymem::SnapshotLocation::Server::parse(o.metrics_address, true);

@@ -150,6 +150,11 @@ TEST_F(CliFlagsTest, VerifyOfAnUnreachableServerIsNotDamage) {
 TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
   const std::string sock = " --socket " + dir_.path() + "/agent.sock";
   expect_refused(agent("run --fault-deadline-ms -5" + sock), "--fault-deadline-ms wants a whole number", "lazymem-agent run");
+  // 0 once started a daemon whose every restore died of SIGBUS at its first fault.
+  for (const char* ms : {"0", "99", "3600001", "4294967295"}) {
+    expect_refused(agent(std::string("run --fault-deadline-ms ") + ms + sock), "--fault-deadline-ms wants 100 to 3600000",
+                   "lazymem-agent run");
+  }
   expect_refused(agent("run --metrics 127.0.0.1:70000" + sock), "'127.0.0.1:70000' is not HOST:PORT", "lazymem-agent run");
   expect_refused(agent("stats --watch 0" + sock), "--watch wants seconds, from 0.1 to 86400", "lazymem-agent stats");
   expect_refused(agent("status --watch inf" + sock), "--watch wants seconds", "lazymem-agent status");
