@@ -104,6 +104,32 @@ TEST_F(CliFlagsTest, WrongCaptureArgumentsAreUsageErrors) {
   EXPECT_NE(::stat((d + "/store").c_str(), &st), 0) << "a refused capture made its store";
 }
 
+// A capture's target that is there but is no snapshot (the store itself, given as the target) is
+// said to be that, not "already exists" (whose --replace would refuse it too); for a snapshot
+// that does exist, the message names --replace.
+TEST_F(CliFlagsTest, CaptureTargetsSayWhatIsThere) {
+  const std::string d = dir_.path(), image = d + "/guest.mem", store = d + "/store";
+  std::ofstream(image) << std::string(1 << 16, 'x');
+  CliRun r = agent("snapshot --raw " + image + " " + store + "/vm");
+  ASSERT_EQ(r.status, 0) << r.out;
+  for (const std::string& target : {store, store + "/"}) {
+    for (const char* replace : {"", "--replace "}) {
+      r = agent("snapshot --raw " + image + " " + replace + target);
+      EXPECT_EQ(r.status, 1) << r.out;
+      EXPECT_NE(r.out.find(store + " is not a lazymem snapshot but a directory of other files"), std::string::npos) << r.out;
+      EXPECT_NE(r.out.find("did you mean " + store + "/NAME?"), std::string::npos) << r.out;
+    }
+  }
+  for (const CliRun& again : {agent("snapshot --raw " + image + " " + store + "/vm"),
+                              pageserver("import --store " + store + " --raw " + image + " --name vm")}) {
+    EXPECT_EQ(again.status, 1) << again.out;
+    EXPECT_NE(again.out.find("snapshot " + store + "/vm already exists: choose another name, or replace it (--replace"),
+              std::string::npos) << again.out;
+  }
+  struct stat st {};
+  EXPECT_EQ(::stat((store + "/vm/manifest").c_str(), &st), 0) << "the snapshot was touched";
+}
+
 // A token file is a regular file holding a token worth the name: a FIFO would hang the command,
 // /dev/zero fill the memory, a short token be guessed from one overheard exchange.
 TEST_F(CliFlagsTest, TokenFilesAreChecked) {
