@@ -1,5 +1,6 @@
 // The programs' command lines: every wrong flag or argument gets one line that says what is
 // wrong and where the help is, and exit status 2; help exits 0; nothing starts on a bad flag.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -23,10 +24,11 @@ struct CliRun {
 
 // Runs `program` (its path from the environment variable `env`, set by meson) with `args`,
 // bounded by timeout(1): a flag that should be refused but starts a server fails as status 124.
-CliRun run(const char* env, const std::string& args) {
+// `via`: a command that runs it (e.g. setpriv, to run it as another user).
+CliRun run(const char* env, const std::string& args, const std::string& via = "") {
   const char* bin = std::getenv(env);
   if (bin == nullptr) return {-1, std::string(env) + " not set: run through meson test"};
-  FILE* p = ::popen(("timeout 10 " + std::string(bin) + " " + args + " 2>&1").c_str(), "r");
+  FILE* p = ::popen(("timeout 10 " + via + std::string(bin) + " " + args + " 2>&1").c_str(), "r");
   std::string out;
   char buf[4096];
   size_t n;
@@ -171,6 +173,59 @@ TEST_F(CliFlagsTest, VerifyOfAnUnreachableServerIsNotDamage) {
   r = pageserver("verify --store " + dir_.path() + " --name typo");
   EXPECT_EQ(r.status, 1) << r.out;
   EXPECT_NE(r.out.find("typo not found"), std::string::npos) << r.out;
+}
+
+// A listener that cannot bind says what its errno means and names the flag to change, not "in
+// use?" whatever it was.
+TEST_F(CliFlagsTest, BindErrorsSayWhy) {
+  const std::string serve = "serve --store " + dir_.path() + " ";
+  int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(s, 1), 0);
+  ASSERT_EQ(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  const std::string taken = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  CliRun r = pageserver(serve + "--listen " + taken);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("bind --listen " + taken + ": Address already in use (something else listens on that port: pick "
+                       "another --listen port)"), std::string::npos) << r.out;
+  r = pageserver(serve + "--listen 127.0.0.1:0 --metrics " + taken);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("bind --metrics " + taken + ": Address already in use (something else listens on that port: pick "
+                       "another --metrics port)"), std::string::npos) << r.out;
+  ::close(s);
+
+  // An address of TEST-NET-3 (RFC 5737), unless this machine has it.
+  s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  a.sin_port = 0;
+  ASSERT_EQ(::inet_pton(AF_INET, "203.0.113.1", &a.sin_addr), 1);
+  const bool ours = ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(s);
+  if (!ours) {
+    r = pageserver(serve + "--listen 203.0.113.1:0");
+    EXPECT_EQ(r.status, 1) << r.out;
+    EXPECT_NE(r.out.find("that address is not one of this machine's: give --listen one of its own"), std::string::npos)
+        << r.out;
+    EXPECT_EQ(r.out.find("in use"), std::string::npos) << r.out;
+  }
+
+  // A privileged port, as a user who may not bind one (root: run as nobody).
+  unsigned unprivileged_from = 1024;
+  if (std::ifstream f("/proc/sys/net/ipv4/ip_unprivileged_port_start"); f) f >> unprivileged_from;
+  std::string via;
+  if (::geteuid() == 0) {
+    if (::access("/usr/bin/setpriv", X_OK) != 0) GTEST_SKIP() << "no setpriv to run the privileged-port case as a user";
+    ASSERT_EQ(::chmod(dir_.path().c_str(), 0755), 0);
+    via = "/usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups ";
+  }
+  if (unprivileged_from <= 1) GTEST_SKIP() << "any user may bind any port here (net.ipv4.ip_unprivileged_port_start)";
+  r = run("LAZYMEM_PAGESERVER", serve + "--listen 127.0.0.1:1", via);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("ports below 1024 are privileged: give --listen a port from 1024"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("in use"), std::string::npos) << r.out;
 }
 
 TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
