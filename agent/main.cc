@@ -145,7 +145,8 @@ int run_snapshot(const std::vector<std::string>& args) {
       "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
       "format", po::value<uint32_t>()->default_value(2),
       "snapshot format: 2, or 1 for hosts running lazymem older than format 2")(
-      "replace", "replace an existing snapshot of that name")("token-file", po::value<std::string>(), "page-server token")(
+      "replace", "replace an existing snapshot of that name")(
+      "token-file", po::value<std::string>(), "page-server token, for a lazymem:// TARGET")(
       "json", "print JSON")("target", po::value<std::string>(), "where the snapshot goes");
   po::positional_options_description pos;
   pos.add("target", 1);
@@ -163,7 +164,16 @@ int run_snapshot(const std::vector<std::string>& args) {
   // one is a usage error (2). The capture's errors alone cannot tell: its kInvalidArgument also
   // comes from a syscall's EINVAL, or a memory file that is not an image.
   if (auto s = lazymem::check_capture_options(co); !s.ok()) throw std::invalid_argument(s.error().message());
-  if (auto loc = lazymem::SnapshotLocation::parse(target); !loc.ok()) throw std::invalid_argument(loc.error().message());
+  auto loc = lazymem::SnapshotLocation::parse(target);
+  if (!loc.ok()) throw std::invalid_argument(loc.error().message());
+  // Flags that would do nothing are refused, not ignored.
+  if (vm.count("token-file") && !loc->remote()) {
+    throw std::invalid_argument("--token-file is the page-server token for a lazymem:// TARGET; STORE/NAME is written "
+                                "directly, with no token");
+  }
+  if (vm.count("region") && !vm.count("pid")) {
+    throw std::invalid_argument("--region goes with --pid (a --raw file is captured whole)");
+  }
   std::vector<lazymem::agent::ProcessRange> ranges;
   if (vm.count("region")) {
     for (const auto& t : vm["region"].as<std::vector<std::string>>()) {

@@ -132,6 +132,25 @@ TEST_F(CliFlagsTest, CaptureTargetsSayWhatIsThere) {
   EXPECT_EQ(::stat((store + "/vm/manifest").c_str(), &st), 0) << "the snapshot was touched";
 }
 
+// Flags that would do nothing are refused, not ignored: a token is for a page server, a store
+// is read and written directly; a --raw file is captured whole.
+TEST_F(CliFlagsTest, FlagsThatWouldDoNothingAreRefused) {
+  const std::string d = dir_.path(), token = " --token-file " + d + "/token";
+  std::ofstream(d + "/token") << "0123456789abcdef0123456789abcdef\n";
+  const std::string says = "--token-file is the token for --server; --store is read directly, with no token";
+  expect_refused(pageserver("ls --store " + d + token), says, "lazymem-pageserver ls");
+  expect_refused(pageserver("rm --store " + d + " --name a" + token), says, "lazymem-pageserver rm");
+  expect_refused(pageserver("verify --store " + d + token), says, "lazymem-pageserver verify");
+  expect_refused(pageserver("verify --store " + d + " --name a" + token), says, "lazymem-pageserver verify");
+  const std::string cmd = "lazymem-agent snapshot";
+  expect_refused(agent("snapshot --raw " + d + "/none" + token + " " + d + "/store/a"),
+                 "--token-file is the page-server token for a lazymem:// TARGET", cmd);
+  expect_refused(agent("snapshot --raw " + d + "/none --region 1000-2000 " + d + "/store/a"), "--region goes with --pid", cmd);
+  // Where it does something, it is taken: the server is asked (and is not there: a failure).
+  CliRun r = pageserver("ls --server lazymem://127.0.0.1:1" + token);
+  EXPECT_EQ(r.status, 1) << r.out;
+}
+
 // A token file is a regular file holding a token worth the name: a FIFO would hang the command,
 // /dev/zero fill the memory, a short token be guessed from one overheard exchange.
 TEST_F(CliFlagsTest, TokenFilesAreChecked) {
