@@ -43,8 +43,7 @@ Result<ProcessRange> parse_process_range(const std::string& text) {
   return r;
 }
 
-Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                      const CaptureOptions& options) {
+Status check_process_ranges(const std::vector<ProcessRange>& ranges) {
   if (ranges.empty()) return Error(Errc::kInvalidArgument, "nothing to capture: give --region START-END at least once");
   std::vector<RegionInfo> layout(ranges.size());
   for (size_t i = 0; i < ranges.size(); ++i) {
@@ -52,7 +51,13 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
     layout[i].start_address = ranges[i].start;
     layout[i].length = ranges[i].length;
   }
-  LAZYMEM_TRY(snapshot::check_region_layout(layout, Errc::kInvalidArgument));  // before copying anything
+  return snapshot::check_region_layout(layout, Errc::kInvalidArgument);
+}
+
+Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
+                                      const CaptureOptions& options) {
+  LAZYMEM_TRY(check_capture_options(options));  // before copying anything
+  LAZYMEM_TRY(check_process_ranges(ranges));
   std::vector<sys::Mapping> copies;
   std::vector<CaptureRegion> regions;
   for (const auto& r : ranges) {

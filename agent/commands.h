@@ -22,6 +22,10 @@ struct ProcessRange {
 // Parses "START-END[=NAME]" (hex, page-aligned).
 Result<ProcessRange> parse_process_range(const std::string& text);
 
+// What capture_process checks of `ranges` before it reads anything: at least one, names and
+// overlaps as in any snapshot. The CLI checks its --region flags with it first (a usage error).
+Status check_process_ranges(const std::vector<ProcessRange>& ranges);
+
 // Captures ranges of process `pid` into `target`. The bytes are read with process_vm_readv into
 // a mapping at the same addresses in this process (the snapshot records addresses; a restore
 // maps them there), so a range this process already uses cannot be captured: a clear error.

@@ -71,7 +71,15 @@ int run_daemon(const std::vector<std::string>& args) {
   if (vm.count("firecracker-socket")) o.firecracker_socket = vm["firecracker-socket"].as<std::string>();
   if (vm.count("snapshot")) o.firecracker_snapshot = vm["snapshot"].as<std::string>();
   if (vm.count("token-file")) o.token_file = vm["token-file"].as<std::string>();
-  o.engine.demand_deadline = std::chrono::milliseconds(vm["fault-deadline-ms"].as<unsigned>());
+  // A faulting thread whose page is late past the deadline gets SIGBUS: 0 (or a few ms) would kill
+  // every restore through the agent at its first fault that reads a disk or a network; more than
+  // an hour is a hang, not a deadline.
+  const unsigned deadline_ms = vm["fault-deadline-ms"].as<unsigned>();
+  if (deadline_ms < 100 || deadline_ms > 3600000) {
+    throw std::invalid_argument("--fault-deadline-ms wants 100 to 3600000 (a faulting thread waits that long for its "
+                                "page, then gets SIGBUS)");
+  }
+  o.engine.demand_deadline = std::chrono::milliseconds(deadline_ms);
   if (vm.count("metrics")) {
     o.metrics_address = vm["metrics"].as<std::string>();
     auto at = lazymem::SnapshotLocation::Server::parse(o.metrics_address, true);
@@ -137,7 +145,8 @@ int run_snapshot(const std::vector<std::string>& args) {
       "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
       "format", po::value<uint32_t>()->default_value(2),
       "snapshot format: 2, or 1 for hosts running lazymem older than format 2")(
-      "replace", "replace an existing snapshot of that name")("token-file", po::value<std::string>(), "page-server token")(
+      "replace", "replace an existing snapshot of that name")(
+      "token-file", po::value<std::string>(), "page-server token, for a lazymem:// TARGET")(
       "json", "print JSON")("target", po::value<std::string>(), "where the snapshot goes");
   po::positional_options_description pos;
   pos.add("target", 1);
@@ -151,6 +160,31 @@ int run_snapshot(const std::vector<std::string>& args) {
   co.replace = vm.count("replace") > 0;
   if (vm.count("token-file")) co.token_file = vm["token-file"].as<std::string>();
   std::string target = vm["target"].as<std::string>();
+  // The arguments are checked here, before any work, with the checks the capture makes: a wrong
+  // one is a usage error (2). The capture's errors alone cannot tell: its kInvalidArgument also
+  // comes from a syscall's EINVAL, or a memory file that is not an image.
+  if (auto s = lazymem::check_capture_options(co); !s.ok()) throw std::invalid_argument(s.error().message());
+  auto loc = lazymem::SnapshotLocation::parse(target);
+  if (!loc.ok()) throw std::invalid_argument(loc.error().message());
+  // Flags that would do nothing are refused, not ignored.
+  if (vm.count("token-file") && !loc->remote()) {
+    throw std::invalid_argument("--token-file is the page-server token for a lazymem:// TARGET; STORE/NAME is written "
+                                "directly, with no token");
+  }
+  if (vm.count("region") && !vm.count("pid")) {
+    throw std::invalid_argument("--region goes with --pid (a --raw file is captured whole)");
+  }
+  std::vector<lazymem::agent::ProcessRange> ranges;
+  if (vm.count("region")) {
+    for (const auto& t : vm["region"].as<std::vector<std::string>>()) {
+      auto r = lazymem::agent::parse_process_range(t);
+      if (!r.ok()) throw std::invalid_argument(r.error().message());
+      ranges.push_back(*r);
+    }
+  }
+  if (vm.count("pid")) {
+    if (auto s = lazymem::agent::check_process_ranges(ranges); !s.ok()) throw std::invalid_argument(s.error().message());
+  }
   // A bar on a terminal, where a person watches; never in a pipe or with --json.
   const bool bar = !vm.count("json") && ::isatty(STDERR_FILENO) != 0;
   if (bar) co.progress = [](uint64_t done, uint64_t total) { lazymem::agent::draw_progress(done >> 20, total >> 20, "MiB"); };
@@ -158,14 +192,6 @@ int run_snapshot(const std::vector<std::string>& args) {
   if (vm.count("raw")) {
     rep = lazymem::capture_raw_file(target, vm["raw"].as<std::string>(), co);
   } else {
-    std::vector<lazymem::agent::ProcessRange> ranges;
-    if (vm.count("region")) {
-      for (const auto& t : vm["region"].as<std::vector<std::string>>()) {
-        auto r = lazymem::agent::parse_process_range(t);
-        if (!r.ok()) throw std::invalid_argument(r.error().message());
-        ranges.push_back(*r);
-      }
-    }
     rep = lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
   }
   if (bar) std::fprintf(stderr, "\n");

@@ -72,6 +72,15 @@ Result<SnapshotLocation> on_servers(const po::variables_map& vm, const std::stri
   return loc;
 }
 
+// --store or --server, one of them; --token-file only with --server (flags that would do nothing
+// are refused, not ignored: a store is read directly, with no token).
+void check_store_or_server(const po::variables_map& vm) {
+  if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
+  if (vm.count("store") && vm.count("token-file")) {
+    throw std::invalid_argument("--token-file is the token for --server; --store is read directly, with no token");
+  }
+}
+
 // Snapshot `name` in --store (its name checked as given) or on --server.
 Result<SnapshotLocation> location_of(const po::variables_map& vm, const std::string& name) {
   if (vm.count("store")) return SnapshotLocation::in_store(vm["store"].as<std::string>(), name);
@@ -202,6 +211,8 @@ int import_raw(const std::vector<std::string>& args) {
   o.format_version = vm["format"].as<uint32_t>();
   o.chunk_size = cli::chunk_bytes(vm, "chunk-kib");
   o.zstd_level = vm["zstd-level"].as<int>();
+  // Before any work, as the import checks them: a wrong one is a usage error (2), not a failure.
+  if (auto s = check_capture_options(o); !s.ok()) throw std::invalid_argument(s.error().message());
   auto target = SnapshotLocation::in_store(vm["store"].as<std::string>(), vm["name"].as<std::string>());
   if (!target.ok()) throw std::invalid_argument(target.error().message());
   auto rep = capture_raw_file(target->to_string(),
@@ -221,7 +232,7 @@ int ls(const std::vector<std::string>& args) {
       "server", po::value<std::string>(), "lazymem://HOST:PORT of a running server")(
       "token-file", po::value<std::string>(), "token for --server");
   auto vm = cli::parse(args, desc);
-  if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
+  check_store_or_server(vm);
   if (vm.count("store")) {
     auto list = snapshot::list_store(vm["store"].as<std::string>());
     if (!list.ok()) throw std::runtime_error(list.error().message());
@@ -242,7 +253,7 @@ int rm(const std::vector<std::string>& args) {
       "token-file", po::value<std::string>(), "token for --server")(
       "name", po::value<std::string>()->required(), "the snapshot to remove");
   auto vm = cli::parse(args, desc);
-  if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
+  check_store_or_server(vm);
   const std::string name = vm["name"].as<std::string>();
   auto loc = location_of(vm, name);
   if (!loc.ok()) throw std::invalid_argument(loc.error().message());
@@ -266,7 +277,7 @@ int verify(const std::vector<std::string>& args) {
       "token-file", po::value<std::string>(), "token for --server")(
       "name", po::value<std::string>(), "the snapshot (default with --store: every snapshot)");
   auto vm = cli::parse(args, desc);
-  if (vm.count("store") == vm.count("server")) throw std::invalid_argument("give exactly one of --store and --server");
+  check_store_or_server(vm);
   if (vm.count("server") && !vm.count("name")) throw std::invalid_argument("--server needs --name");
   const std::string where = vm.count("store") ? vm["store"].as<std::string>() : vm["server"].as<std::string>();
   std::vector<std::string> names;

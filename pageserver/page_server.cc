@@ -33,6 +33,7 @@
 #include "net/auth.h"
 #include "net/frame.h"
 #include "net/metrics_endpoint.h"
+#include "net/resolver.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/manifest.h"
 #include "snapshot/store.h"
@@ -1443,7 +1444,7 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
   int one = 1;
   ::setsockopt(im.listen_fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (::bind(im.listen_fd.get(), res->ai_addr, res->ai_addrlen) != 0) {
-    return sys_error(fmt::format("bind {}:{} (in use? pick another --listen port)", options.host, options.port), errno);
+    return net::bind_error("--listen", SnapshotLocation::Server{options.host, options.port}.to_string(), errno);
   }
   if (::listen(im.listen_fd.get(), 256) != 0) return sys_error("listen", errno);
   sockaddr_storage ss{};

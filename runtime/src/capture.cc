@@ -21,7 +21,9 @@ Result<std::unique_ptr<snapshot::SnapshotSink>> open_sink(const std::string& tar
   return snapshot::open_local_sink(loc, options.replace);
 }
 
-Status check_options(const CaptureOptions& o) {
+}  // namespace
+
+Status check_capture_options(const CaptureOptions& o) {
   if (o.chunk_size < kMinChunkSize || o.chunk_size > kMaxChunkSize || (o.chunk_size & (o.chunk_size - 1)) != 0) {
     return Error(Errc::kInvalidArgument, fmt::format("chunk size {} must be a power of two from {} to {}", o.chunk_size,
                                                      kMinChunkSize, kMaxChunkSize));
@@ -35,11 +37,9 @@ Status check_options(const CaptureOptions& o) {
   return ok_status();
 }
 
-}  // namespace
-
 Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions,
                                       const CaptureOptions& options) {
-  LAZYMEM_TRY(check_options(options));
+  LAZYMEM_TRY(check_capture_options(options));
   const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
   std::vector<RegionInfo> layout;
   for (const auto& r : regions) {
@@ -78,7 +78,7 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
 }
 
 Result<CaptureReport> capture_raw_file(const std::string& target, const std::string& file, const CaptureOptions& options) {
-  LAZYMEM_TRY(check_options(options));
+  LAZYMEM_TRY(check_capture_options(options));
   sys::UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) return sys_error("open memory file " + file, errno);
   struct stat st{};

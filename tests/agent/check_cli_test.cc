@@ -81,7 +81,7 @@ TEST(AgentCheckCli, UnknownOptionIsAClearError) {
 // A snapshot format that does not exist is refused before anything is read or written.
 TEST(AgentCheckCli, UnknownSnapshotFormatIsAClearError) {
   CliRun r = run_agent("snapshot --raw /dev/null --format 3 /tmp/lazymem-no-such-store/x");
-  EXPECT_NE(r.status, 0);
+  EXPECT_EQ(r.status, 2) << r.out;
   EXPECT_NE(r.out.find("snapshot format 3 does not exist (1 or 2)"), std::string::npos) << r.out;
 }
 

@@ -1,5 +1,6 @@
 // The programs' command lines: every wrong flag or argument gets one line that says what is
 // wrong and where the help is, and exit status 2; help exits 0; nothing starts on a bad flag.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -23,10 +24,11 @@ struct CliRun {
 
 // Runs `program` (its path from the environment variable `env`, set by meson) with `args`,
 // bounded by timeout(1): a flag that should be refused but starts a server fails as status 124.
-CliRun run(const char* env, const std::string& args) {
+// `via`: a command that runs it (e.g. setpriv, to run it as another user).
+CliRun run(const char* env, const std::string& args, const std::string& via = "") {
   const char* bin = std::getenv(env);
   if (bin == nullptr) return {-1, std::string(env) + " not set: run through meson test"};
-  FILE* p = ::popen(("timeout 10 " + std::string(bin) + " " + args + " 2>&1").c_str(), "r");
+  FILE* p = ::popen(("timeout 10 " + via + std::string(bin) + " " + args + " 2>&1").c_str(), "r");
   std::string out;
   char buf[4096];
   size_t n;
@@ -84,6 +86,71 @@ TEST_F(CliFlagsTest, PageServerRefusesBadFlags) {
   }
 }
 
+// What a capture is asked for is checked before any work, with the checks the capture itself
+// makes: a wrong value is the user's (2), not a failed capture (1), and nothing is written.
+TEST_F(CliFlagsTest, WrongCaptureArgumentsAreUsageErrors) {
+  const std::string d = dir_.path();
+  const std::string import = "import --store " + d + "/store --raw " + d + "/none --name a ";
+  expect_refused(pageserver(import + "--format 3"), "snapshot format 3 does not exist (1 or 2)", "lazymem-pageserver import");
+  expect_refused(pageserver(import + "--zstd-level 99"), "zstd level 99 is outside -7..22", "lazymem-pageserver import");
+  const std::string raw = "snapshot --raw " + d + "/none ", cmd = "lazymem-agent snapshot";
+  expect_refused(agent(raw + "--chunk-size 1000 " + d + "/store/a"), "chunk size 1000 must be a power of two", cmd);
+  expect_refused(agent(raw + "--format 7 " + d + "/store/a"), "snapshot format 7 does not exist (1 or 2)", cmd);
+  expect_refused(agent(raw + "--zstd-level 50 " + d + "/store/a"), "zstd level 50 is outside -7..22", cmd);
+  expect_refused(agent(raw + "lazymem://127.0.0.1:7071/.hid"), "a snapshot name must be", cmd);
+  const std::string pid = "snapshot --pid " + std::to_string(::getpid()) + " ";
+  expect_refused(agent(pid + d + "/store/a"), "nothing to capture: give --region", cmd);
+  expect_refused(agent(pid + "--region 1000-2000=a --region 3000-4000=a " + d + "/store/a"), "another region has that name", cmd);
+  expect_refused(agent(pid + "--region 1000-3000 --region 2000-4000 " + d + "/store/a"), "overlaps region", cmd);
+  struct stat st {};
+  EXPECT_NE(::stat((d + "/store").c_str(), &st), 0) << "a refused capture made its store";
+}
+
+// A capture's target that is there but is no snapshot (the store itself, given as the target) is
+// said to be that, not "already exists" (whose --replace would refuse it too); for a snapshot
+// that does exist, the message names --replace.
+TEST_F(CliFlagsTest, CaptureTargetsSayWhatIsThere) {
+  const std::string d = dir_.path(), image = d + "/guest.mem", store = d + "/store";
+  std::ofstream(image) << std::string(1 << 16, 'x');
+  CliRun r = agent("snapshot --raw " + image + " " + store + "/vm");
+  ASSERT_EQ(r.status, 0) << r.out;
+  for (const std::string& target : {store, store + "/"}) {
+    for (const char* replace : {"", "--replace "}) {
+      r = agent("snapshot --raw " + image + " " + replace + target);
+      EXPECT_EQ(r.status, 1) << r.out;
+      EXPECT_NE(r.out.find(store + " is not a lazymem snapshot but a directory of other files"), std::string::npos) << r.out;
+      EXPECT_NE(r.out.find("did you mean " + store + "/NAME?"), std::string::npos) << r.out;
+    }
+  }
+  for (const CliRun& again : {agent("snapshot --raw " + image + " " + store + "/vm"),
+                              pageserver("import --store " + store + " --raw " + image + " --name vm")}) {
+    EXPECT_EQ(again.status, 1) << again.out;
+    EXPECT_NE(again.out.find("snapshot " + store + "/vm already exists: choose another name, or replace it (--replace"),
+              std::string::npos) << again.out;
+  }
+  struct stat st {};
+  EXPECT_EQ(::stat((store + "/vm/manifest").c_str(), &st), 0) << "the snapshot was touched";
+}
+
+// Flags that would do nothing are refused, not ignored: a token is for a page server, a store
+// is read and written directly; a --raw file is captured whole.
+TEST_F(CliFlagsTest, FlagsThatWouldDoNothingAreRefused) {
+  const std::string d = dir_.path(), token = " --token-file " + d + "/token";
+  std::ofstream(d + "/token") << "0123456789abcdef0123456789abcdef\n";
+  const std::string says = "--token-file is the token for --server; --store is read directly, with no token";
+  expect_refused(pageserver("ls --store " + d + token), says, "lazymem-pageserver ls");
+  expect_refused(pageserver("rm --store " + d + " --name a" + token), says, "lazymem-pageserver rm");
+  expect_refused(pageserver("verify --store " + d + token), says, "lazymem-pageserver verify");
+  expect_refused(pageserver("verify --store " + d + " --name a" + token), says, "lazymem-pageserver verify");
+  const std::string cmd = "lazymem-agent snapshot";
+  expect_refused(agent("snapshot --raw " + d + "/none" + token + " " + d + "/store/a"),
+                 "--token-file is the page-server token for a lazymem:// TARGET", cmd);
+  expect_refused(agent("snapshot --raw " + d + "/none --region 1000-2000 " + d + "/store/a"), "--region goes with --pid", cmd);
+  // Where it does something, it is taken: the server is asked (and is not there: a failure).
+  CliRun r = pageserver("ls --server lazymem://127.0.0.1:1" + token);
+  EXPECT_EQ(r.status, 1) << r.out;
+}
+
 // A token file is a regular file holding a token worth the name: a FIFO would hang the command,
 // /dev/zero fill the memory, a short token be guessed from one overheard exchange.
 TEST_F(CliFlagsTest, TokenFilesAreChecked) {
@@ -127,9 +194,67 @@ TEST_F(CliFlagsTest, VerifyOfAnUnreachableServerIsNotDamage) {
   EXPECT_NE(r.out.find("typo not found"), std::string::npos) << r.out;
 }
 
+// A listener that cannot bind says what its errno means and names the flag to change, not "in
+// use?" whatever it was.
+TEST_F(CliFlagsTest, BindErrorsSayWhy) {
+  const std::string serve = "serve --store " + dir_.path() + " ";
+  int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(s, 1), 0);
+  ASSERT_EQ(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  const std::string taken = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  CliRun r = pageserver(serve + "--listen " + taken);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("bind --listen " + taken + ": Address already in use (something else listens on that port: pick "
+                       "another --listen port)"), std::string::npos) << r.out;
+  r = pageserver(serve + "--listen 127.0.0.1:0 --metrics " + taken);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("bind --metrics " + taken + ": Address already in use (something else listens on that port: pick "
+                       "another --metrics port)"), std::string::npos) << r.out;
+  ::close(s);
+
+  // An address of TEST-NET-3 (RFC 5737), unless this machine has it.
+  s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  a.sin_port = 0;
+  ASSERT_EQ(::inet_pton(AF_INET, "203.0.113.1", &a.sin_addr), 1);
+  const bool ours = ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(s);
+  if (!ours) {
+    r = pageserver(serve + "--listen 203.0.113.1:0");
+    EXPECT_EQ(r.status, 1) << r.out;
+    EXPECT_NE(r.out.find("that address is not one of this machine's: give --listen one of its own"), std::string::npos)
+        << r.out;
+    EXPECT_EQ(r.out.find("in use"), std::string::npos) << r.out;
+  }
+
+  // A privileged port, as a user who may not bind one (root: run as nobody).
+  unsigned unprivileged_from = 1024;
+  if (std::ifstream f("/proc/sys/net/ipv4/ip_unprivileged_port_start"); f) f >> unprivileged_from;
+  std::string via;
+  if (::geteuid() == 0) {
+    if (::access("/usr/bin/setpriv", X_OK) != 0) GTEST_SKIP() << "no setpriv to run the privileged-port case as a user";
+    ASSERT_EQ(::chmod(dir_.path().c_str(), 0755), 0);
+    via = "/usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups ";
+  }
+  if (unprivileged_from <= 1) GTEST_SKIP() << "any user may bind any port here (net.ipv4.ip_unprivileged_port_start)";
+  r = run("LAZYMEM_PAGESERVER", serve + "--listen 127.0.0.1:1", via);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("ports below 1024 are privileged: give --listen a port from 1024"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("in use"), std::string::npos) << r.out;
+}
+
 TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
   const std::string sock = " --socket " + dir_.path() + "/agent.sock";
   expect_refused(agent("run --fault-deadline-ms -5" + sock), "--fault-deadline-ms wants a whole number", "lazymem-agent run");
+  // 0 once started a daemon whose every restore died of SIGBUS at its first fault.
+  for (const char* ms : {"0", "99", "3600001", "4294967295"}) {
+    expect_refused(agent(std::string("run --fault-deadline-ms ") + ms + sock), "--fault-deadline-ms wants 100 to 3600000",
+                   "lazymem-agent run");
+  }
   expect_refused(agent("run --metrics 127.0.0.1:70000" + sock), "'127.0.0.1:70000' is not HOST:PORT", "lazymem-agent run");
   expect_refused(agent("stats --watch 0" + sock), "--watch wants seconds, from 0.1 to 86400", "lazymem-agent stats");
   expect_refused(agent("status --watch inf" + sock), "--watch wants seconds", "lazymem-agent status");

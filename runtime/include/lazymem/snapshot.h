@@ -136,6 +136,11 @@ struct CaptureReport {
   double seconds = 0;
 };
 
+// What capture_regions and capture_raw_file check of `options` before any work (chunk size,
+// format, zstd level). A program checks its flags with it first: then a wrong one is refused as
+// such, and the capture's own kInvalidArgument errors (a syscall's EINVAL among them) stay failures.
+Status check_capture_options(const CaptureOptions& options);
+
 // Captures `regions` of this process (plus options.app_state) into a snapshot at `target`.
 // The snapshot appears atomically: a failed or interrupted capture leaves nothing under its name.
 Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions,

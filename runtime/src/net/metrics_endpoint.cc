@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lazymem/snapshot.h"
+#include "net/resolver.h"
 
 namespace lazymem::net {
 namespace {
@@ -40,7 +41,7 @@ Result<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::listen(const std::stri
   int one = 1;
   ::setsockopt(m->listen_.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (::bind(m->listen_.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
-    return sys_error(fmt::format("bind --metrics {} (in use? pick another port)", hostport), errno);
+    return net::bind_error("--metrics", hostport, errno);
   }
   if (::listen(m->listen_.get(), 16) != 0) return sys_error("listen --metrics " + hostport, errno);
   sockaddr_storage ss{};

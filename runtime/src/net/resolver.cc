@@ -66,6 +66,19 @@ Result<std::vector<SocketAddress>> resolve(const std::string& host, uint16_t por
   return getaddrinfo_(host, port, 0);
 }
 
+Error bind_error(const std::string& flag, const std::string& hostport, int err) {
+  std::string hint;
+  if (err == EADDRINUSE) {
+    hint = fmt::format(" (something else listens on that port: pick another {} port)", flag);
+  } else if (err == EADDRNOTAVAIL) {
+    hint = fmt::format(" (that address is not one of this machine's: give {} one of its own, or 0.0.0.0 for all)", flag);
+  } else if (err == EACCES) {
+    hint = fmt::format(" (ports below 1024 are privileged: give {} a port from 1024, or run with CAP_NET_BIND_SERVICE)", flag);
+  }
+  Error e = sys_error(fmt::format("bind {} {}", flag, hostport), err);
+  return Error(e.code(), e.message() + hint, err);
+}
+
 void Lookup::finish(Result<std::vector<SocketAddress>> r) {
   result_.emplace(std::move(r));
   done_.store(true, std::memory_order_release);

@@ -1,5 +1,5 @@
 // Page servers' names to addresses: at once where the caller may wait, in the background where
-// it may not.
+// it may not. And what a listener's failed bind() says of its address.
 //
 // getaddrinfo() waits as long as DNS takes: seconds per resolver listed in resolv.conf when one
 // is down, 30 s and more in all. The fault engine's thread dials page servers (a reader's first
@@ -32,6 +32,11 @@ struct SocketAddress {
 
 // HOST:PORT to addresses, on the calling thread (numeric addresses never wait; names may).
 Result<std::vector<SocketAddress>> resolve(const std::string& host, uint16_t port);
+
+// A listener's bind() to `hostport` (given by `flag`, e.g. "--listen") failed with `err`: what
+// that errno means of the address, and what to do (another port; an address of this machine; a
+// port from 1024).
+Error bind_error(const std::string& flag, const std::string& hostport, int err);
 
 class Lookup {
  public:

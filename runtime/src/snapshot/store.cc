@@ -39,6 +39,25 @@ Error not_a_snapshot(const std::string& dir, const char* doing) {
   return Error(Errc::kExists, fmt::format("{} is not a lazymem snapshot (it holds other files); not {} it", dir, doing));
 }
 
+// A capture's target that is there and is no snapshot: mostly the store itself given as the
+// target (`snapshot --raw vm.mem store`), so the message says where the snapshot would go.
+Error target_not_a_snapshot(const std::string& dir) {
+  std::error_code ec;
+  if (fs::is_directory(fs::symlink_status(dir, ec))) {
+    return Error(Errc::kExists, fmt::format("{} is not a lazymem snapshot but a directory of other files; not writing "
+                                            "over it (a store? did you mean {}/NAME?)", dir, dir));
+  }
+  return Error(Errc::kExists, fmt::format("{} is not a lazymem snapshot (not a directory); not writing over it: "
+                                          "choose another name", dir));
+}
+
+// Said to programs and to the CLIs (whose flag is --replace) alike, and by a page server to an
+// upload's client, which may be either.
+Error already_exists(const std::string& dir, int err = 0) {
+  return Error(Errc::kExists, fmt::format("snapshot {} already exists: choose another name, or replace it (--replace; "
+                                          "CaptureOptions::replace in a program)", dir), err);
+}
+
 // A store path one level too deep (a snapshot's own directory: it has a manifest) is refused
 // where a store is read or written.
 Status check_not_a_snapshot(const std::string& store_dir) {
@@ -112,9 +131,7 @@ class LocalSink final : public SnapshotSink {
       return sys_error("swap the new snapshot into " + final_dir, errno);
     } else if (::renameat2(AT_FDCWD, tmp_dir_.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_NOREPLACE) != 0) {
       int e = errno;
-      if (e == EEXIST) {
-        return Error(Errc::kExists, fmt::format("snapshot {} already exists; choose another name or replace it", final_dir), e);
-      }
+      if (e == EEXIST) return already_exists(final_dir, e);
       return sys_error("rename into " + final_dir, e);
     }
     committed_ = true;
@@ -157,11 +174,11 @@ Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& lo
   }
   LAZYMEM_TRY(check_not_a_snapshot(loc.store_dir));
   std::string final_dir = loc.store_dir + "/" + loc.name;
+  // What is there is looked at first, replacing or not: "already exists, replace it" about a
+  // directory that is no snapshot would send the user to a --replace that refuses it too.
   if (fs::exists(final_dir, ec)) {
-    if (!replace) {
-      return Error(Errc::kExists, fmt::format("snapshot {} already exists; choose another name or replace it", final_dir));
-    }
-    if (!is_snapshot_dir(final_dir)) return not_a_snapshot(final_dir, "replacing");
+    if (!is_snapshot_dir(final_dir)) return target_not_a_snapshot(final_dir);
+    if (!replace) return already_exists(final_dir);
   }
   // What killed writers left (a capture stopped with ^C) goes here too, not only when a server
   // starts: a store written by captures alone would otherwise keep it.
