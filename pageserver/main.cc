@@ -98,8 +98,9 @@ int print_list(const std::vector<snapshot::SnapshotSummary>& list) {
       continue;
     }
     // Escaped: a listing from a server may hold names no lazymem server accepts.
-    std::printf("%-32s %9.1f MiB %9.1f MiB %7.2fx %8zu %7u\n", snapshot::escape_name(s.name).c_str(), s.total_bytes / 1048576.0,
-                s.stored_bytes / 1048576.0, s.compression_ratio(), s.regions, s.format_version);
+    const std::string ratio = s.stored_bytes ? fmt::format("{:.2f}x", s.compression_ratio()) : "all zero";
+    std::printf("%-32s %9.1f MiB %9.1f MiB %8s %8zu %7u\n", snapshot::escape_name(s.name).c_str(), s.total_bytes / 1048576.0,
+                s.stored_bytes / 1048576.0, ratio.c_str(), s.regions, s.format_version);
   }
   if (damaged) std::fprintf(stderr, "%zu damaged: `verify --name NAME` says what, `rm --name NAME` removes it\n", damaged);
   return damaged ? 1 : 0;

@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -303,6 +304,22 @@ TEST_F(CliFlagsTest, AgentRunChecksItsInputsAtStart) {
   EXPECT_NE(r.out.find("--token-file: token file " + dir_.path() + "/empty holds 0 characters"), std::string::npos) << r.out;
   struct stat st {};
   EXPECT_NE(::stat((dir_.path() + "/agent.sock").c_str(), &st), 0) << "a daemon that did not start left its socket";
+}
+
+// `ls` shows a snapshot that stores nothing (every chunk zero) as such, as `import` says, not as
+// a ratio of 0.00x.
+TEST_F(CliFlagsTest, AnAllZeroSnapshotIsListedAsSuch) {
+  const std::string raw = dir_.path() + "/zero.mem";
+  std::filesystem::create_directory(dir_.path() + "/store");
+  std::ofstream(raw).close();
+  std::filesystem::resize_file(raw, 4 << 20);  // a hole: every chunk zero
+  CliRun r = pageserver("import --store " + dir_.path() + "/store --raw " + raw + " --name z");
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_NE(r.out.find("all zero"), std::string::npos) << r.out;
+  r = pageserver("ls --store " + dir_.path() + "/store");
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_NE(r.out.find(" all zero "), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("0.00x"), std::string::npos) << r.out;
 }
 
 }  // namespace
