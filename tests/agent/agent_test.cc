@@ -557,10 +557,11 @@ TEST_F(AgentTest, OutOfDescriptorsConnectionsAreClosedNotLeftWaiting) {
     ASSERT_LT(held.size(), 16u) << "the agent took more connections than it has descriptors for";
     auto s = agent::connect_unix(socket_);
     ASSERT_TRUE(s.ok()) << s.error().message();
-    ASSERT_TRUE(agent::send_frame_fd(s->get(), b, {}, -1).ok());
+    // Closed already (the agent is quick to let go of what it cannot take): the send fails.
+    Status got = agent::send_frame_fd(s->get(), b, {}, -1);
     net::FrameBuffer buf;
     std::deque<sys::UniqueFd> fds;
-    Status got = agent::recv_some(s->get(), buf, fds, 20000);
+    if (got.ok()) got = agent::recv_some(s->get(), buf, fds, 20000);
     ASSERT_TRUE(got.ok() || got.error().code() != Errc::kTimeout) << "a connection the agent could not take was left waiting";
     closed = !got.ok();
     held.push_back(std::move(*s));

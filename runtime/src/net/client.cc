@@ -583,7 +583,8 @@ class RemoteReader final : public snapshot::ChunkReader {
   }
   // What a dialer waits on changes as it goes (a name lookup's descriptor, then a socket per
   // address tried): watched afresh after each step, the one before taken out of the set (a
-  // finished lookup's descriptor stays readable, and may stay open, shared with other readers).
+  // finished lookup's descriptor stays readable, and may stay open, shared with other readers;
+  // the dialer keeps it open until then, so that its number is still the lookup's).
   void watch_dialer() {
     const int fd = dialer_->fd();
     if (fd != dialer_fd_ && dialer_fd_ >= 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, dialer_fd_, nullptr);

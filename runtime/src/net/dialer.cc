@@ -69,6 +69,9 @@ Status Dialer::connect_next() {
   return last_ ? *last_ : Error(Errc::kPeerGone, fmt::format("page server {}: no address", server_));
 }
 
+// The lookup itself is kept until the next one or the dialer's end: a caller that watched its
+// descriptor takes it out of its set after this step, and the descriptor must still be the
+// lookup's then (closed, its number could be another file's).
 void Dialer::take_lookup() {
   const auto& r = lookup_->result();
   if (r.ok()) {
@@ -76,7 +79,6 @@ void Dialer::take_lookup() {
   } else {
     last_ = r.error();
   }
-  lookup_.reset();
 }
 
 short Dialer::events() const { return phase_ == Phase::kConnecting || phase_ == Phase::kSending ? POLLOUT : POLLIN; }

@@ -65,7 +65,7 @@ class Dialer {
   std::vector<SnapshotLocation::Server> order_;  // the servers, in the order they are tried
   size_t first_server_ = 0;                       // order_[0]'s index in loc.servers()
   size_t next_server_ = 0;
-  std::shared_ptr<Lookup> lookup_;    // the current server's name, while kResolving
+  std::shared_ptr<Lookup> lookup_;    // the current server's name (see take_lookup)
   std::vector<SocketAddress> addrs_;  // the current server's
   std::string server_;                // the one being dialed (HOST:PORT, for messages)
   size_t next_addr_ = 0;
