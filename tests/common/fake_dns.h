@@ -1,13 +1,15 @@
 // Test helper: a DNS server of our own that the C library's resolver really asks, for tests of
 // what looks page servers' names up. It answers one name with its IPv4 addresses (A records,
 // in the order given) and no IPv6 address; other names do not exist. Told to hold(), it keeps the queries it gets unanswered
-// (a DNS server that is down, as the resolver sees one) until answer_held().
+// (a DNS server that is down, as the resolver sees one) until answer_held(); told to
+// answer_after(), it answers each query that long after it came.
 //
 // use_for_this_thread() points /etc/resolv.conf at it for the calling thread and every thread it
 // starts from then on (a mount namespace of their own), until this goes.
 #pragma once
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -16,7 +18,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -88,6 +92,11 @@ class FakeDns {
     std::lock_guard lock(mu_);
     holding_ = true;
   }
+  // Answers each query `delay` after it came (a slow resolver: its first nameserver down).
+  void answer_after(std::chrono::milliseconds delay) {
+    std::lock_guard lock(mu_);
+    delay_ = delay;
+  }
   // Answers what was held, and everything from now on.
   void answer_held() {
     std::lock_guard lock(mu_);
@@ -103,6 +112,7 @@ class FakeDns {
 
  private:
   struct Query {
+    std::chrono::steady_clock::time_point due{};  // answered then, when delayed
     sockaddr_storage from{};
     socklen_t from_len = 0;
     std::vector<uint8_t> bytes;
@@ -111,8 +121,9 @@ class FakeDns {
   void serve() {
     for (;;) {
       pollfd p[2] = {{sock_.get(), POLLIN, 0}, {stop_r_.get(), POLLIN, 0}};
-      if (::poll(p, 2, -1) < 0) continue;
+      if (::poll(p, 2, answer_due()) < 0) continue;
       if (p[1].revents != 0) return;
+      if (p[0].revents == 0) continue;
       Query q;
       q.bytes.resize(512);
       q.from_len = sizeof q.from;
@@ -122,12 +133,33 @@ class FakeDns {
       q.bytes.resize(static_cast<size_t>(n));
       ++queries_;
       std::lock_guard lock(mu_);
-      if (holding_) {
+      if (holding_ || delay_.count() > 0) {
+        q.due = std::chrono::steady_clock::now() + delay_;
         held_.push_back(std::move(q));
       } else {
         reply(q);
       }
     }
+  }
+
+  // Answers the delayed queries that are due; the poll() timeout until the next one (-1: none).
+  int answer_due() {
+    std::lock_guard lock(mu_);
+    if (holding_ || held_.empty()) return -1;
+    const auto now = std::chrono::steady_clock::now();
+    auto next = std::chrono::steady_clock::time_point::max();
+    std::vector<Query> later;
+    for (Query& q : held_) {
+      if (q.due <= now) {
+        reply(q);
+      } else {
+        next = std::min(next, q.due);
+        later.push_back(std::move(q));
+      }
+    }
+    held_ = std::move(later);
+    if (held_.empty()) return -1;
+    return static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count()) + 1;
   }
 
   // The question's name (dotted) and where its type begins; empty if malformed.
@@ -173,6 +205,7 @@ class FakeDns {
   std::thread thread_;
   mutable std::mutex mu_;
   bool holding_ = false;
+  std::chrono::milliseconds delay_{0};
   std::vector<Query> held_;
   std::atomic<size_t> queries_{0};
   bool mounted_ = false;

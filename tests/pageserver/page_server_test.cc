@@ -1372,6 +1372,46 @@ TEST_F(PageServerTest, AReaderDialingANameIsWokenByEachStepAndThenQuiet) {
   EXPECT_EQ(::poll(&p, 1, 200), 0) << "the reader's set is readable with nothing to do";
 }
 
+// A slow resolver (its first nameserver down: every lookup takes seconds) whose answers come
+// just after two attempts' slices: a reader's attempt still looking the name up when its slice
+// ends goes on waiting for it (the slice counts as an attempt). Before, the attempt gave up and
+// the next joined the lookup under way, but one that finished during the pause before the next
+// attempt was lost: that attempt began a lookup of its own, and here the reader failed with the
+// resolver working. Slices here are 1.2 s (3.6 s, 2 attempts); each answer comes 2.42 s after
+// its query.
+TEST_F(PageServerTest, AReaderWaitsOutASlowResolver) {
+  capture(4 * kMiB, 54);
+  start_server();
+  testing::FakeDns dns("slow.lazymem.test", "127.0.0.156");
+  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
+  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  dns.answer_after(std::chrono::milliseconds(2420));
+  RestoreOptions o;
+  o.fault_deadline = std::chrono::milliseconds(3600);
+  o.fetch_attempts = 2;
+  ASSERT_EQ(snapshot::attempt_slice(o.fault_deadline, o.fetch_attempts), std::chrono::milliseconds(1200));
+  auto source = open_chunk_source(fmt::format("lazymem://slow.lazymem.test:{}/snap", server_->port()), o);
+  ASSERT_TRUE(source.ok()) << source.error().message();
+  auto reader = (*source)->open_reader();
+  ASSERT_TRUE(reader.ok()) << reader.error().message();
+  struct Sink final : snapshot::ChunkSink {
+    size_t chunks = 0;
+    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
+    void on_chunk_error(uint64_t, const Error& e) override { ADD_FAILURE() << e.message(); }
+  } sink;
+  snapshot::ChunkRequest rq{snapshot::ChunkRef{0, 1}, 7, true};
+  ASSERT_TRUE((*reader)->submit(std::span(&rq, 1)).ok());
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (sink.chunks == 0 && std::chrono::steady_clock::now() < until) {
+    pollfd p{(*reader)->wait_fd(), POLLIN, 0};
+    ::poll(&p, 1, 1000);
+    auto n = (*reader)->poll(sink, false, 16);
+    ASSERT_TRUE(n.ok()) << n.error().message();
+  }
+  EXPECT_EQ(sink.chunks, 1u) << "the chunk never came";
+}
+
 // The first connection of a reader is made in the background, so its refusal is no longer
 // opening's error: it comes from poll(), where a blocking caller (eager restore, verify) waits
 // for it, and it is the failure an engine's session reports. Both say why. Here the server's

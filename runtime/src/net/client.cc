@@ -139,7 +139,11 @@ Result<sys::UniqueFd> dial(const SnapshotLocation& loc, const std::string& token
       if (connected != nullptr) *connected = d.server();
       return d.take();
     }
-    LAZYMEM_TRY(wait_fd(d.fd(), d.events(), deadline, d.doing()));
+    Status w = wait_fd(d.fd(), d.events(), deadline, d.doing());
+    if (!w.ok() && w.error().code() == Errc::kTimeout) {
+      return Error(Errc::kTimeout, fmt::format("page server {}: timed out {}", d.dialing(), d.doing()));
+    }
+    LAZYMEM_TRY(w);
   }
 }
 
@@ -569,11 +573,19 @@ class RemoteReader final : public snapshot::ChunkReader {
       return ok_status();
     }
     bool expired = timer_fired();
+    if (done.ok() && expired && dialer_->resolving() && attempts_ < opts_.fetch_attempts) {
+      // A slow resolver (its first nameserver down: 5 s a lookup) outlasts the slice. A fresh
+      // lookup would start over and time out just the same, every attempt: this one goes on,
+      // the slice spent as an attempt (all of them together stay within the deadline).
+      ++attempts_;
+      arm_timer(attempt_limit());
+      expired = false;
+    }
     if (done.ok() && !expired) {  // waiting for the socket, or the name
       watch_dialer();
       return ok_status();
     }
-    last_error_ = done.ok() ? Error(Errc::kTimeout, fmt::format("page server {}: timed out {}", loc_.to_string(),
+    last_error_ = done.ok() ? Error(Errc::kTimeout, fmt::format("page server {}: timed out {}", dialer_->dialing(),
                                                                 dialer_->doing()))
                             : std::move(done).error();
     drop_dialer();

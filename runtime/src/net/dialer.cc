@@ -58,6 +58,7 @@ Status Dialer::connect_next() {
     server_ = s.to_string();
     addrs_.clear();
     next_addr_ = 0;
+    retired_lookup_ = std::move(lookup_);  // see take_lookup
     lookup_ = Lookup::start(s.host, s.port);
     if (!lookup_->done()) {
       fd_.reset();
@@ -69,9 +70,9 @@ Status Dialer::connect_next() {
   return last_ ? *last_ : Error(Errc::kPeerGone, fmt::format("page server {}: no address", server_));
 }
 
-// The lookup itself is kept until the next one or the dialer's end: a caller that watched its
-// descriptor takes it out of its set after this step, and the descriptor must still be the
-// lookup's then (closed, its number could be another file's).
+// The lookup itself is kept until the step after the next server's lookup starts, or the dialer's
+// end: a caller that watched its descriptor takes it out of its set after this step, and the
+// descriptor must still be the lookup's then (closed, its number could be another file's).
 void Dialer::take_lookup() {
   const auto& r = lookup_->result();
   if (r.ok()) {
@@ -131,6 +132,7 @@ Result<bool> Dialer::on_reply(Header& h) {
 }
 
 Result<bool> Dialer::step() {
+  retired_lookup_.reset();  // the caller has watched what the last step left since
   for (;;) {
     switch (phase_) {
       case Phase::kDone:

@@ -47,6 +47,8 @@ class Dialer {
   int fd() const { return phase_ == Phase::kResolving ? lookup_->fd() : fd_.get(); }
   short events() const;           // POLLIN or POLLOUT
   const char* doing() const;      // for timeout messages: "connecting", ...
+  const std::string& dialing() const { return server_; }  // HOST:PORT of the server being dialed
+  bool resolving() const { return phase_ == Phase::kResolving; }
   // The server being dialed (connected to, once step() says so): its index in loc.servers().
   size_t server() const { return (first_server_ + next_server_ - 1) % order_.size(); }
   sys::UniqueFd take() { return std::move(fd_); }
@@ -65,7 +67,8 @@ class Dialer {
   std::vector<SnapshotLocation::Server> order_;  // the servers, in the order they are tried
   size_t first_server_ = 0;                       // order_[0]'s index in loc.servers()
   size_t next_server_ = 0;
-  std::shared_ptr<Lookup> lookup_;    // the current server's name (see take_lookup)
+  std::shared_ptr<Lookup> lookup_;          // the current server's name (see take_lookup)
+  std::shared_ptr<Lookup> retired_lookup_;  // the server's before, until the next step()
   std::vector<SocketAddress> addrs_;  // the current server's
   std::string server_;                // the one being dialed (HOST:PORT, for messages)
   size_t next_addr_ = 0;

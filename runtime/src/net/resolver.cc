@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 #include <netdb.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -49,15 +50,22 @@ bool is_numeric(const std::string& host) {
   return true;
 }
 
-// Lookups under way, by HOST:PORT. An entry goes when its lookup is done. Never destroyed: a
-// lookup's thread may outlive main().
+// Lookups under way, by HOST:PORT; an entry goes when its lookup is done. Never destroyed: a
+// lookup's thread may outlive main(). A forked child gets a table of its own (the parent's
+// threads are not in it: a lookup under way there would never finish here).
 struct Running {
   std::mutex mu;
-  std::map<std::string, std::weak_ptr<Lookup>> by_name;
+  std::map<std::string, std::shared_ptr<Lookup>> by_name;
 };
+Running* table = nullptr;
 Running& running() {
-  static auto* r = new Running();
-  return *r;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    table = new Running();
+    ::pthread_atfork([] { table->mu.lock(); }, [] { table->mu.unlock(); },
+                     [] { table = new Running(); });  // the child's: the old one (locked) is let go
+  });
+  return *table;
 }
 
 }  // namespace
@@ -89,7 +97,7 @@ void Lookup::finish(Result<std::vector<SocketAddress>> r) {
 }
 
 std::shared_ptr<Lookup> Lookup::start(const std::string& host, uint16_t port) {
-  auto l = std::make_shared<Lookup>();
+  auto l = std::make_shared<Lookup>(Lookup::Key{});
   if (is_numeric(host)) {
     l->finish(getaddrinfo_(host, port, AI_NUMERICHOST));
     return l;
@@ -97,8 +105,7 @@ std::shared_ptr<Lookup> Lookup::start(const std::string& host, uint16_t port) {
   const std::string key = fmt::format("{}:{}", host, port);
   Running& run = running();
   std::lock_guard lock(run.mu);
-  std::weak_ptr<Lookup>& slot = run.by_name[key];
-  if (auto under_way = slot.lock()) return under_way;
+  if (auto it = run.by_name.find(key); it != run.by_name.end()) return it->second;  // under way: shared
   l->ready_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!l->ready_.valid()) {
     l->finish(sys_error(fmt::format("page server {}: eventfd", host), errno));
@@ -110,13 +117,13 @@ std::shared_ptr<Lookup> Lookup::start(const std::string& host, uint16_t port) {
       std::lock_guard lock(run.mu);  // finished and unlisted together: nobody joins a done one
       l->finish(std::move(r));
       auto it = run.by_name.find(key);
-      if (it != run.by_name.end() && it->second.lock() == l) run.by_name.erase(it);
+      if (it != run.by_name.end() && it->second == l) run.by_name.erase(it);  // (a forked child's table: not there)
     }).detach();  // a stopping process does not wait out a silent DNS server
   } catch (const std::system_error& e) {
     l->finish(Error(Errc::kAgain, fmt::format("page server {}: no thread to look its name up: {}", host, e.what())));
     return l;
   }
-  slot = l;
+  run.by_name[key] = l;
   return l;
 }
 

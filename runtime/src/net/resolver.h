@@ -55,7 +55,12 @@ class Lookup {
 
   Lookup(const Lookup&) = delete;
   Lookup& operator=(const Lookup&) = delete;
-  Lookup() = default;  // for make_shared; use start()
+  struct Key {  // only start() makes one (make_shared needs a public constructor)
+   private:
+    Key() = default;
+    friend class Lookup;
+  };
+  explicit Lookup(Key) {}
 
  private:
   void finish(Result<std::vector<SocketAddress>> r);
