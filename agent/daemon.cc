@@ -810,7 +810,7 @@ struct Daemon::Impl {
         // copy of its uffd (it closes its own on the message).
         if (to >= 0) reply_on(to, s.reply_id, [&, sid = id](auto b) { b.setComplete(sid); });
         if (info->failed) {
-          log->warn("pid {}: restore ended failed, the pages it could not have poisoned ({})", s.pid, info->failure);
+          log->warn("pid {}: restore ended failed; the pages that could not be had were poisoned ({})", s.pid, info->failure);
         } else {
           log->info("pid {}: restore complete", s.pid);
         }
@@ -833,7 +833,7 @@ struct Daemon::Impl {
       if (!info.exited && !info.complete) continue;
       const char* how = info.exited ? "exited" : info.failed ? "failed" : "complete";
       log->info("{}: {}", info.name, info.exited   ? "its process exited; dropping the session"
-                                     : info.failed ? "restore ended failed, the pages it could not have poisoned"
+                                     : info.failed ? "restore ended failed; the pages that could not be had were poisoned"
                                                    : "restore complete");
       remember(info.id, owner, how);
       engine->remove_session(info.id);

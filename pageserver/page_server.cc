@@ -139,6 +139,7 @@ struct Conn {
   SendQueue out;
   bool hello = false;
   bool authed = false;
+  bool reads_corrupt = false;  // its hello said it knows ErrorCode corrupt
   bool closing = false;  // close once everything is sent (and its zero-copy completions are in)
   bool starved = false;  // waits for a free extent
   uint32_t events = EPOLLIN;  // what epoll watches for now
@@ -264,7 +265,13 @@ struct PageServer::Impl {
     e.setTag(tag);
   }
 
+  // Damage is `corrupt` to clients that know the code. An older client reads an unknown code as
+  // a refusal it does not pass over to another server: it gets ioError, as before the code.
+  static wire::ErrorCode for_client(const Conn& c, wire::ErrorCode code) {
+    return code == wire::ErrorCode::CORRUPT && !c.reads_corrupt ? wire::ErrorCode::IO_ERROR : code;
+  }
   void reply_error(Conn& c, uint64_t id, wire::ErrorCode code, const std::string& msg, uint64_t tag = 0) {
+    code = for_client(c, code);
     capnp::MallocMessageBuilder m;
     build_error(m, id, code, msg, tag);
     queue(c, m, {});
@@ -308,6 +315,7 @@ struct PageServer::Impl {
   // An error for a chunk or page job: on its connection, or by datagram if it came as one.
   void reply_error(Conn& c, const Job& j, wire::ErrorCode code, const std::string& msg) {
     if (!j.reply_to) return reply_error(c, j.id, code, msg, j.tag);
+    code = for_client(c, code);
     capnp::MallocMessageBuilder m;
     build_error(m, j.id, code, msg, j.tag);
     // Small, but its text may repeat what the client sent (a snapshot name): one that the path
@@ -362,7 +370,13 @@ struct PageServer::Impl {
     for (const RegionInfo& r : snap->manifest.regions) snap->verified.emplace_back(r.chunks.size(), 0);
     int fd = ::openat(dir_fd.get(), snapshot::kDataFile, O_RDONLY | O_CLOEXEC | O_DIRECT);
     if (fd < 0) fd = ::openat(dir_fd.get(), snapshot::kDataFile, O_RDONLY | O_CLOEXEC);
-    if (fd < 0 && errno == ENOENT) {  // its manifest is there: the snapshot is damaged, not absent
+    if (fd < 0 && errno == ENOENT) {
+      // Its manifest was there: the snapshot is damaged, not absent, unless it left the store
+      // meanwhile (removed, or replaced: its directory renamed away, then deleted).
+      struct stat held{}, now{};
+      const bool still_ours = ::fstat(dir_fd.get(), &held) == 0 && ::stat(dir.c_str(), &now) == 0 &&
+                              held.st_dev == now.st_dev && held.st_ino == now.st_ino;
+      if (!still_ours) return missing();
       return Error(Errc::kCorrupt, fmt::format("snapshot '{}': its data file is missing", name));
     }
     if (fd < 0) return sys_error("open data of snapshot " + name, errno);
@@ -558,6 +572,7 @@ struct PageServer::Impl {
         c.server_nonce = net::random_nonce();
         c.hello = true;
         c.authed = opt.token.empty();
+        c.reads_corrupt = hello.getReadsCorrupt();
         c.reads_name.clear();
         c.reads_checksum = 0;
         c.reads.reset();

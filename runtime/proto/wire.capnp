@@ -82,6 +82,7 @@ struct Hello {
   # Taken once the connection is authenticated. Older servers ignore it (serve by name).
   snapshot @2 :Text;
   manifestChecksum @3 :UInt64;    # the manifest's own checksum (its header's): names the version
+  readsCorrupt @4 :Bool;          # the client knows ErrorCode corrupt; older ones are sent ioError
 }
 
 struct GetChunks {
@@ -102,7 +103,8 @@ enum ErrorCode {
   useStream @8;                   # (datagrams) the reply does not fit one: ask on the connection
   onStream @9;                    # (datagrams) the reply does not fit one: it comes on the connection
   corrupt @10;                    # the server holds the snapshot damaged (checksum, file truncated or
-                                  # missing); older clients read it as ioError
+                                  # missing); sent only to clients whose hello says readsCorrupt
+                                  # (older ones get ioError, which they pass over to another server)
 }
 
 struct Reply {

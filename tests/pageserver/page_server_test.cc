@@ -1608,6 +1608,24 @@ class GetPageTest : public PageServerTest {
     ASSERT_TRUE(fd.ok()) << fd.error().message();
     fd_ = std::move(*fd);
   }
+  // A connection as a client from before ErrorCode corrupt makes it: its hello says nothing of it.
+  void connect_as_older_client() {
+    auto fd = net::dial("127.0.0.1", server_->port(), deadline());
+    ASSERT_TRUE(fd.ok()) << fd.error().message();
+    fd_ = std::move(*fd);
+    in_ = net::FrameBuffer();
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(1);
+    auto h = rq.initHello();
+    h.setVersion(proto::wire::PROTOCOL_VERSION);
+    const std::array<kj::byte, 32> nonce{};
+    h.setClientNonce(capnp::Data::Reader(nonce.data(), nonce.size()));
+    ASSERT_TRUE(net::send_frame(fd_.get(), m, {}, deadline()).ok());
+    auto f = recv();
+    ASSERT_TRUE(f.header);
+    ASSERT_TRUE(f.header->root<proto::wire::Reply>().isHello());
+  }
   static net::Deadline deadline() { return std::chrono::steady_clock::now() + std::chrono::seconds(10); }
 
   static void get_page(capnp::MallocMessageBuilder& m, const std::string& snap, uint32_t region, uint32_t chunk,
@@ -1963,6 +1981,17 @@ TEST_F(GetPageTest, CorruptStoredChunkIsRefusedAndServingGoesOn) {
   auto ws = wire_stats(holder);
   EXPECT_EQ(ws.getErrorsCorrupt(), 1u);
   EXPECT_GT(ws.getPages(), 0u);
+
+  // A client from before the code gets ioError, which it passes over to another server, as before.
+  connect_as_older_client();
+  if (HasFatalFailure()) return;
+  send_get_page("snap", 0, bad, 0, 32);
+  f = recv();
+  ASSERT_TRUE(f.header);
+  r = f.header->root<proto::wire::Reply>();
+  ASSERT_TRUE(r.isError());
+  EXPECT_EQ(r.getError().getCode(), proto::wire::ErrorCode::IO_ERROR);
+  EXPECT_EQ(r.getError().getTag(), 32u);
 }
 
 // A chunk's stored checksum is checked on its first getPage and not again while its extents

@@ -159,6 +159,7 @@ Result<bool> Dialer::step() {
         rq.setId(1);
         auto h = rq.initHello();
         h.setVersion(wire::PROTOCOL_VERSION);
+        h.setReadsCorrupt(true);
         h.setClientNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(client_nonce_.data()), client_nonce_.size()));
         if (reads_ != 0) {
           h.setSnapshot(loc_.name);
