@@ -339,7 +339,8 @@ struct PageServer::Impl {
   // `recheck` (a restore starting: getManifest): a snapshot held open is first checked to be
   // still the one in the store, so one removed or replaced there by another program is seen.
   // Requests for its pages keep what is open: a stat() per request would cost every fault.
-  Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name, bool recheck = false) {
+  Result<std::shared_ptr<OpenSnapshot>> open_snapshot(const std::string& name, bool recheck = false,
+                                                      bool again_if_replaced = true) {
     auto it = snapshots.find(name);
     if (it != snapshots.end()) {
       // The data file held open is still the one in the store (its inode number cannot be
@@ -372,11 +373,12 @@ struct PageServer::Impl {
     if (fd < 0) fd = ::openat(dir_fd.get(), snapshot::kDataFile, O_RDONLY | O_CLOEXEC);
     if (fd < 0 && errno == ENOENT) {
       // Its manifest was there: the snapshot is damaged, not absent, unless it left the store
-      // meanwhile (removed, or replaced: its directory renamed away, then deleted).
+      // meanwhile (its directory renamed away, then deleted): removed, it is not found; replaced,
+      // the new one is opened.
       struct stat held{}, now{};
       const bool still_ours = ::fstat(dir_fd.get(), &held) == 0 && ::stat(dir.c_str(), &now) == 0 &&
                               held.st_dev == now.st_dev && held.st_ino == now.st_ino;
-      if (!still_ours) return missing();
+      if (!still_ours) return again_if_replaced ? open_snapshot(name, recheck, false) : missing();  // (once)
       return Error(Errc::kCorrupt, fmt::format("snapshot '{}': its data file is missing", name));
     }
     if (fd < 0) return sys_error("open data of snapshot " + name, errno);

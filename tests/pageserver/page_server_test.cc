@@ -1412,6 +1412,44 @@ TEST_F(PageServerTest, AReaderWaitsOutASlowResolver) {
   EXPECT_EQ(sink.chunks, 1u) << "the chunk never came";
 }
 
+// A location whose first server's name cannot be looked up (its DNS server silent), its second
+// an address: a reader fails over an attempt's slice after it began, as from a silent server,
+// rather than keep waiting on the name (which it does when the name is the only server).
+TEST_F(PageServerTest, ASilentResolverDoesNotStopTheFailover) {
+  capture(4 * kMiB, 55);
+  start_server();
+  testing::FakeDns dns("silent.lazymem.test", "127.0.0.157");
+  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
+  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  dns.hold();
+  RestoreOptions o;
+  o.fault_deadline = std::chrono::milliseconds(3600);
+  o.fetch_attempts = 2;  // 1.2 s slices
+  auto source = open_chunk_source(
+      fmt::format("lazymem://silent.lazymem.test:{},127.0.0.1:{}/snap", server_->port(), server_->port()), o);
+  ASSERT_TRUE(source.ok()) << source.error().message();  // from the second, once the first's share ran out
+  auto reader = (*source)->open_reader();
+  ASSERT_TRUE(reader.ok()) << reader.error().message();
+  struct Sink final : snapshot::ChunkSink {
+    size_t chunks = 0;
+    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
+    void on_chunk_error(uint64_t, const Error& e) override { ADD_FAILURE() << e.message(); }
+  } sink;
+  snapshot::ChunkRequest rq{snapshot::ChunkRef{0, 1}, 7, true};
+  ASSERT_TRUE((*reader)->submit(std::span(&rq, 1)).ok());
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (sink.chunks == 0 && std::chrono::steady_clock::now() < until) {
+    pollfd p{(*reader)->wait_fd(), POLLIN, 0};
+    ::poll(&p, 1, 1000);
+    auto n = (*reader)->poll(sink, false, 16);
+    ASSERT_TRUE(n.ok()) << n.error().message();
+  }
+  EXPECT_EQ(sink.chunks, 1u) << "the chunk never came";
+  EXPECT_GT(dns.held(), 0u) << "the first server's name was not asked for";
+  dns.answer_held();  // the lookup's thread ends now, not at the resolver's timeout
+}
+
 // The first connection of a reader is made in the background, so its refusal is no longer
 // opening's error: it comes from poll(), where a blocking caller (eager restore, verify) waits
 // for it, and it is the failure an engine's session reports. Both say why. Here the server's

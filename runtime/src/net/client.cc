@@ -573,10 +573,13 @@ class RemoteReader final : public snapshot::ChunkReader {
       return ok_status();
     }
     bool expired = timer_fired();
-    if (done.ok() && expired && dialer_->resolving() && attempts_ < opts_.fetch_attempts) {
+    if (done.ok() && expired && dialer_->resolving() && loc_.servers().size() == 1 &&
+        attempts_ < opts_.fetch_attempts) {
       // A slow resolver (its first nameserver down: 5 s a lookup) outlasts the slice. A fresh
       // lookup would start over and time out just the same, every attempt: this one goes on,
-      // the slice spent as an attempt (all of them together stay within the deadline).
+      // the slice spent as an attempt (all of them together stay within the deadline). Where
+      // the location names other servers, the next attempt goes to the next one instead, as
+      // after a silent server (found by review: waiting here stopped the failover).
       ++attempts_;
       arm_timer(attempt_limit());
       expired = false;

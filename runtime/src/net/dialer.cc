@@ -58,7 +58,7 @@ Status Dialer::connect_next() {
     server_ = s.to_string();
     addrs_.clear();
     next_addr_ = 0;
-    retired_lookup_ = std::move(lookup_);  // see take_lookup
+    if (lookup_) retired_lookups_.push_back(std::move(lookup_));  // see take_lookup
     lookup_ = Lookup::start(s.host, s.port);
     if (!lookup_->done()) {
       fd_.reset();
@@ -132,7 +132,7 @@ Result<bool> Dialer::on_reply(Header& h) {
 }
 
 Result<bool> Dialer::step() {
-  retired_lookup_.reset();  // the caller has watched what the last step left since
+  retired_lookups_.clear();  // the caller has watched what the last step left since
   for (;;) {
     switch (phase_) {
       case Phase::kDone:

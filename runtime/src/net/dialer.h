@@ -68,7 +68,7 @@ class Dialer {
   size_t first_server_ = 0;                       // order_[0]'s index in loc.servers()
   size_t next_server_ = 0;
   std::shared_ptr<Lookup> lookup_;          // the current server's name (see take_lookup)
-  std::shared_ptr<Lookup> retired_lookup_;  // the server's before, until the next step()
+  std::vector<std::shared_ptr<Lookup>> retired_lookups_;  // servers' before, until the next step()
   std::vector<SocketAddress> addrs_;  // the current server's
   std::string server_;                // the one being dialed (HOST:PORT, for messages)
   size_t next_addr_ = 0;

@@ -57,16 +57,21 @@ struct Running {
   std::mutex mu;
   std::map<std::string, std::shared_ptr<Lookup>> by_name;
 };
+// No lock is taken around a fork: the child never touches the parent's table (its lookups may be
+// mid-change, its mutex held), and a prepare handler holding it could wait on a thread that
+// waits on a lookup (ThreadFaults' own handler finishes a restore before a fork).
 Running* table = nullptr;
 Running& running() {
   static std::once_flag once;
   std::call_once(once, [] {
     table = new Running();
-    ::pthread_atfork([] { table->mu.lock(); }, [] { table->mu.unlock(); },
-                     [] { table = new Running(); });  // the child's: the old one (locked) is let go
+    ::pthread_atfork(nullptr, nullptr, [] { table = new Running(); });
   });
   return *table;
 }
+// Made, and the fork handler registered, before main(): a fork racing the first lookup would
+// otherwise run no handler of ours and leave the child the parent's table.
+[[maybe_unused]] const bool kTableMade = (running(), true);
 
 }  // namespace
 

@@ -43,7 +43,11 @@ Error not_a_snapshot(const std::string& dir, const char* doing) {
 // target (`snapshot --raw vm.mem store`), so the message says where the snapshot would go.
 Error target_not_a_snapshot(const std::string& dir) {
   std::error_code ec;
-  if (fs::is_directory(fs::status(dir, ec))) {  // (through a symlink too: what the user named)
+  if (fs::is_symlink(fs::symlink_status(dir, ec))) {  // a snapshot is never read or written through one
+    return Error(Errc::kExists, fmt::format("{} is a symbolic link; not writing through it: choose another name, or "
+                                            "remove the link", dir));
+  }
+  if (fs::is_directory(fs::status(dir, ec))) {
     return Error(Errc::kExists, fmt::format("{} is not a lazymem snapshot but a directory of other files; not writing "
                                             "over it (a store? did you mean {}/NAME?)", dir, dir));
   }
