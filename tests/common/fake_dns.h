@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -108,6 +109,11 @@ class FakeDns {
     std::lock_guard lock(mu_);
     return held_.size();
   }
+  // Waits until a query is held (true), or `limit` has passed.
+  bool wait_held(std::chrono::milliseconds limit) {
+    std::unique_lock lock(mu_);
+    return got_held_.wait_for(lock, limit, [this] { return !held_.empty(); });
+  }
   size_t queries() const { return queries_.load(); }
 
  private:
@@ -136,6 +142,7 @@ class FakeDns {
       if (holding_ || delay_.count() > 0) {
         q.due = std::chrono::steady_clock::now() + delay_;
         held_.push_back(std::move(q));
+        got_held_.notify_all();
       } else {
         reply(q);
       }
@@ -204,6 +211,7 @@ class FakeDns {
   sys::UniqueFd sock_, stop_r_, stop_w_;
   std::thread thread_;
   mutable std::mutex mu_;
+  std::condition_variable got_held_;
   bool holding_ = false;
   std::chrono::milliseconds delay_{0};
   std::vector<Query> held_;

@@ -1148,6 +1148,13 @@ fault::SessionSpec session_of(const std::string& name, RestoredChild& child,
   return spec;
 }
 
+// Counts the chunks a reader delivers; a chunk it fails is a test failure.
+struct CountedChunks final : snapshot::ChunkSink {
+  size_t chunks = 0;
+  void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
+  void on_chunk_error(uint64_t, const Error& e) override { ADD_FAILURE() << e.message(); }
+};
+
 // One engine serves session A, whose reader is held up (`held_up`, called once A is added, waits
 // until it is), and session B, which reads a local snapshot. B's process must read every byte
 // while A has neither completed nor failed (A's deadline is a minute away: this is about order,
@@ -1261,12 +1268,7 @@ TEST_F(PageServerTest, LookingUpAServersNameNeverBlocksTheEngine) {
   dns.hold();
   expect_others_served_while_one_waits(
       kf_, a, b, *remote, *disk,
-      [&] {
-        const auto t0 = std::chrono::steady_clock::now();
-        while (dns.held() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20))
-          std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        ASSERT_GT(dns.held(), 0u) << "A's reader never asked for the server's name";
-      },
+      [&] { ASSERT_TRUE(dns.wait_held(std::chrono::seconds(20))) << "A's reader never asked for the server's name"; },
       [&] {
         EXPECT_GT(dns.held(), 0u) << "A's lookup was answered by something else";
         dns.answer_held();
@@ -1340,21 +1342,14 @@ TEST_F(PageServerTest, AReaderDialingANameIsWokenByEachStepAndThenQuiet) {
   ASSERT_TRUE(first.ok()) << first.error().message();
   auto second = (*source)->open_reader();
   ASSERT_TRUE(second.ok()) << second.error().message();
-  struct Sink final : snapshot::ChunkSink {
-    size_t chunks = 0;
-    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
-    void on_chunk_error(uint64_t, const Error& e) override { ADD_FAILURE() << e.message(); }
-  } sink1, sink2;
+  CountedChunks sink1, sink2;
   snapshot::ChunkRequest rq{snapshot::ChunkRef{0, 1}, 7, true};
   ASSERT_TRUE((*first)->submit(std::span(&rq, 1)).ok());
   ASSERT_TRUE((*second)->submit(std::span(&rq, 1)).ok());
-  const auto until_held = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (dns.held() == 0 && std::chrono::steady_clock::now() < until_held)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  ASSERT_GT(dns.held(), 0u) << "the readers did not look the name up";
+  ASSERT_TRUE(dns.wait_held(std::chrono::seconds(20))) << "the readers did not look the name up";
   dns.answer_held();
 
-  auto drive = [](snapshot::ChunkReader& r, Sink& sink) {
+  auto drive = [](snapshot::ChunkReader& r, CountedChunks& sink) {
     while (sink.chunks == 0) {
       pollfd p{r.wait_fd(), POLLIN, 0};
       ASSERT_EQ(::poll(&p, 1, 2000), 1) << "the reader's set did not wake for the step its connection waits on";
@@ -1395,20 +1390,10 @@ TEST_F(PageServerTest, AReaderWaitsOutASlowResolver) {
   ASSERT_TRUE(source.ok()) << source.error().message();
   auto reader = (*source)->open_reader();
   ASSERT_TRUE(reader.ok()) << reader.error().message();
-  struct Sink final : snapshot::ChunkSink {
-    size_t chunks = 0;
-    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
-    void on_chunk_error(uint64_t, const Error& e) override { ADD_FAILURE() << e.message(); }
-  } sink;
-  snapshot::ChunkRequest rq{snapshot::ChunkRef{0, 1}, 7, true};
-  ASSERT_TRUE((*reader)->submit(std::span(&rq, 1)).ok());
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (sink.chunks == 0 && std::chrono::steady_clock::now() < until) {
-    pollfd p{(*reader)->wait_fd(), POLLIN, 0};
-    ::poll(&p, 1, 1000);
-    auto n = (*reader)->poll(sink, false, 16);
-    ASSERT_TRUE(n.ok()) << n.error().message();
-  }
+  CountedChunks sink;
+  const snapshot::ChunkRef chunk{0, 1};
+  Status read = snapshot::read_chunks(**reader, std::span(&chunk, 1), sink, std::chrono::seconds(20));
+  ASSERT_TRUE(read.ok()) << read.error().message();
   EXPECT_EQ(sink.chunks, 1u) << "the chunk never came";
 }
 
@@ -1431,20 +1416,10 @@ TEST_F(PageServerTest, ASilentResolverDoesNotStopTheFailover) {
   ASSERT_TRUE(source.ok()) << source.error().message();  // from the second, once the first's share ran out
   auto reader = (*source)->open_reader();
   ASSERT_TRUE(reader.ok()) << reader.error().message();
-  struct Sink final : snapshot::ChunkSink {
-    size_t chunks = 0;
-    void on_chunk(uint64_t, std::span<const std::byte>) override { ++chunks; }
-    void on_chunk_error(uint64_t, const Error& e) override { ADD_FAILURE() << e.message(); }
-  } sink;
-  snapshot::ChunkRequest rq{snapshot::ChunkRef{0, 1}, 7, true};
-  ASSERT_TRUE((*reader)->submit(std::span(&rq, 1)).ok());
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (sink.chunks == 0 && std::chrono::steady_clock::now() < until) {
-    pollfd p{(*reader)->wait_fd(), POLLIN, 0};
-    ::poll(&p, 1, 1000);
-    auto n = (*reader)->poll(sink, false, 16);
-    ASSERT_TRUE(n.ok()) << n.error().message();
-  }
+  CountedChunks sink;
+  const snapshot::ChunkRef chunk{0, 1};
+  Status read = snapshot::read_chunks(**reader, std::span(&chunk, 1), sink, std::chrono::seconds(20));
+  ASSERT_TRUE(read.ok()) << read.error().message();
   EXPECT_EQ(sink.chunks, 1u) << "the chunk never came";
   EXPECT_GT(dns.held(), 0u) << "the first server's name was not asked for";
   dns.answer_held();  // the lookup's thread ends now, not at the resolver's timeout
