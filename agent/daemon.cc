@@ -724,10 +724,12 @@ struct Daemon::Impl {
             {"stats", nlohmann::json::parse(format_stats_json(info.stats))}};
   }
 
-  void remember(fault::SessionId id, uid_t uid, const char* state) {
+  // A session that ends: "exited" (its process went), or "complete" (every page in), which a
+  // session that failed is not: every page is in or poisoned then, and it is kept as "failed".
+  void remember(fault::SessionId id, uid_t uid, const char* ended) {
     auto info = engine->session_info(id);
     if (!info) return;
-    finished.emplace_back(uid, entry(*info, state));
+    finished.emplace_back(uid, entry(*info, info->failed && std::strcmp(ended, "complete") == 0 ? "failed" : ended));
     if (finished.size() > kFinishedKept) finished.pop_front();
   }
 
@@ -819,8 +821,7 @@ struct Daemon::Impl {
     }
     for (auto id : done) {
       auto it = served.find(id);
-      auto info = engine->session_info(id);
-      remember(id, it->second.uid, info && info->failed ? "failed" : "complete");
+      remember(id, it->second.uid, "complete");
       del(it->second.pidfd.get());
       engine->remove_session(id);
       served.erase(it);
@@ -831,11 +832,10 @@ struct Daemon::Impl {
       if (served.count(info.id)) continue;
       uid_t owner = owner_of(info);  // asked now, while the parent is still known
       if (!info.exited && !info.complete) continue;
-      const char* how = info.exited ? "exited" : info.failed ? "failed" : "complete";
       log->info("{}: {}", info.name, info.exited   ? "its process exited; dropping the session"
                                      : info.failed ? "restore ended failed; the pages that could not be had were poisoned"
                                                    : "restore complete");
-      remember(info.id, owner, how);
+      remember(info.id, owner, info.exited ? "exited" : "complete");
       engine->remove_session(info.id);
       child_owner.erase(info.id);
     }
