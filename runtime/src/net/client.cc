@@ -140,9 +140,7 @@ Result<sys::UniqueFd> dial(const SnapshotLocation& loc, const std::string& token
       return d.take();
     }
     Status w = wait_fd(d.fd(), d.events(), deadline, d.doing());
-    if (!w.ok() && w.error().code() == Errc::kTimeout) {
-      return Error(Errc::kTimeout, fmt::format("page server {}: timed out {}", d.dialing(), d.doing()));
-    }
+    if (!w.ok() && w.error().code() == Errc::kTimeout) return d.timed_out();
     LAZYMEM_TRY(w);
   }
 }
@@ -588,9 +586,7 @@ class RemoteReader final : public snapshot::ChunkReader {
       watch_dialer();
       return ok_status();
     }
-    last_error_ = done.ok() ? Error(Errc::kTimeout, fmt::format("page server {}: timed out {}", dialer_->dialing(),
-                                                                dialer_->doing()))
-                            : std::move(done).error();
+    last_error_ = done.ok() ? dialer_->timed_out() : std::move(done).error();
     drop_dialer();
     link_ = Link::kBackoff;
     arm_timer(backoff());

@@ -82,6 +82,10 @@ void Dialer::take_lookup() {
   }
 }
 
+Error Dialer::timed_out() const {
+  return Error(Errc::kTimeout, fmt::format("page server {}: timed out {}", server_, doing()));
+}
+
 short Dialer::events() const { return phase_ == Phase::kConnecting || phase_ == Phase::kSending ? POLLOUT : POLLIN; }
 
 const char* Dialer::doing() const {

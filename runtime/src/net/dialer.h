@@ -47,7 +47,7 @@ class Dialer {
   int fd() const { return phase_ == Phase::kResolving ? lookup_->fd() : fd_.get(); }
   short events() const;           // POLLIN or POLLOUT
   const char* doing() const;      // for timeout messages: "connecting", ...
-  const std::string& dialing() const { return server_; }  // HOST:PORT of the server being dialed
+  Error timed_out() const;        // the attempt's time is up: which server, and doing what
   bool resolving() const { return phase_ == Phase::kResolving; }
   // The server being dialed (connected to, once step() says so): its index in loc.servers().
   size_t server() const { return (first_server_ + next_server_ - 1) % order_.size(); }
