@@ -50,10 +50,6 @@ constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
 // Replies queued for one connection. Reading stops while any wait, so only notices (complete,
 // failed, long-poll answers) can add to them; a peer this far behind is not reading at all.
 constexpr size_t kMaxQueuedReplyBytes = 16 << 20;
-// A client told of a failure has this long to say so (failureSeen) before its failed pages are
-// poisoned anyway: its faulting threads wait meanwhile, and a client that never answers (stuck
-// writing to its stderr, say) must not leave them waiting for good.
-constexpr int kFailureNoticeMs = 1000;
 
 // A client's control connection. Replies wait in `out` until the socket takes them: the loop
 // never blocks on a peer. While they wait, no further request of that peer is read (its own
@@ -546,13 +542,14 @@ struct Daemon::Impl {
     reply_on(conn_fd, id, [&](auto b) { b.setError(msg); });
   }
 
-  // Gives the client kFailureNoticeMs to answer the failed notice. False if no timer could be made.
+  // Gives the client opt.failure_notice to answer the failed notice. False if no timer could be made.
   bool arm_notice_timer(Served& sv) {
     sv.notice_timer.reset(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
     if (!sv.notice_timer.valid()) return false;
+    const int64_t ms = opt.failure_notice.count();
     itimerspec its{};
-    its.it_value.tv_sec = kFailureNoticeMs / 1000;
-    its.it_value.tv_nsec = (kFailureNoticeMs % 1000) * 1'000'000L;
+    its.it_value.tv_sec = ms / 1000;
+    its.it_value.tv_nsec = (ms % 1000) * 1'000'000L;
     ::timerfd_settime(sv.notice_timer.get(), 0, &its, nullptr);
     add(sv.notice_timer.get(), tag(kNoticeTimer, sv.notice_timer.get()));
     return true;
@@ -571,7 +568,7 @@ struct Daemon::Impl {
     for (auto& [id, sv] : served) {
       if (sv.notice_timer.get() != tfd) continue;
       log->warn("pid {}: did not answer its failure notice within {} ms; poisoning its failed pages", sv.pid,
-                kFailureNoticeMs);
+                opt.failure_notice.count());
       release_failures(sv);
       return;
     }

@@ -7,6 +7,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -25,6 +26,10 @@ struct DaemonOptions {
   // name their own: the agent does not lend its token to its clients.
   std::string token_file;
   std::string metrics_address;         // optional HOST:PORT: Prometheus text exposition
+  // A client told of a failure has this long to say so (failureSeen) before its failed pages are
+  // poisoned anyway: its faulting threads wait meanwhile, and a client that never answers (stuck
+  // writing to its stderr, say) must not leave them waiting for good.
+  std::chrono::milliseconds failure_notice{1000};
   fault::EngineOptions engine;
 };
 

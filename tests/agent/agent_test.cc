@@ -1502,8 +1502,12 @@ class DamagedChunkTest : public AgentTest {
 // is read only once the agent has failed the chunk and served a whole other restore (its engine
 // thread has moved on past the failure, milliseconds ago): a poison that did not wait for the
 // line has killed the process by then, not only when its threads happen to run in that order.
+// The agent is given far longer than that restore can take to wait for the line (under a
+// sanitizer it can take more than the 1 s default), so only a poison that does not wait fails.
 TEST_F(DamagedChunkTest, ClientSaysWhyBeforeSigbus) {
-  start_daemon();
+  agent::DaemonOptions o;
+  o.failure_notice = std::chrono::minutes(2);
+  start_daemon(o);
   start_reader();
   await_failure();
   std::string other = capture(1 * kMiB, 60, "other");
@@ -1555,7 +1559,7 @@ TEST_F(DamagedChunkTest, ARestoreThatEndsFailedIsRememberedFailed) {
 }
 
 // A client that never says it (stuck writing to a stderr nobody reads) does not keep its
-// faulting thread waiting: the agent poisons the pages after a bounded wait.
+// faulting thread waiting: the agent poisons the pages after a bounded wait (the default's).
 TEST_F(DamagedChunkTest, ClientThatNeverSaysIsNotLeftHanging) {
   start_daemon();
   start_reader();
