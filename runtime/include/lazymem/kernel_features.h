@@ -15,6 +15,7 @@ struct KernelFeatures {
   std::string uffd_error;        // why not, with what to do, when !uffd_usable
   uint64_t uffd_features = 0;    // UFFD_FEATURE_* bits the kernel offers
   uint64_t uffd_ioctls = 0;      // _UFFDIO_* bits supported on a registered anonymous range
+  bool pagemap_scan = false;     // PAGEMAP_SCAN ioctl on /proc/PID/pagemap, Linux 6.7
 
   // io_uring
   bool io_uring_usable = false;
@@ -35,6 +36,8 @@ struct KernelFeatures {
   bool has_uffd_poison() const;
   bool has_uffd_move() const;
   bool has_wp_async() const;
+  // DirtyTracker: WP_ASYNC and WP_UNPOPULATED marks, read by PAGEMAP_SCAN.
+  bool has_dirty_tracking() const;
 
   // One row per feature for `lazymem-agent check`.
   struct Row {

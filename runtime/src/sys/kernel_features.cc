@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "sys/mapping.h"
+#include "sys/pagemap_scan.h"
 #include "sys/syscall_result.h"
 #include "sys/uapi_compat.h"
 #include "sys/uffd.h"
@@ -54,6 +55,7 @@ void probe_uffd(KernelFeatures& kf) {
     auto ioctls = uffd.register_missing(m->address(), m->size());
     if (ioctls.ok()) kf.uffd_ioctls = *ioctls;
   }
+  kf.pagemap_scan = pagemap_scan_supported();
 }
 
 void probe_uring(KernelFeatures& kf) {
@@ -129,6 +131,9 @@ bool KernelFeatures::has_uffd_move() const {
   return has_uffd_feature(UFFD_FEATURE_MOVE) && (uffd_ioctls & (1ULL << _UFFDIO_MOVE)) != 0;
 }
 bool KernelFeatures::has_wp_async() const { return has_uffd_feature(UFFD_FEATURE_WP_ASYNC); }
+bool KernelFeatures::has_dirty_tracking() const {
+  return has_uffd_feature(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED) && pagemap_scan;
+}
 
 std::vector<KernelFeatures::Row> KernelFeatures::rows() const {
   std::vector<Row> out;
@@ -144,7 +149,8 @@ std::vector<KernelFeatures::Row> KernelFeatures::rows() const {
   out.push_back({"UFFD_FEATURE_POISON (6.6)", has_uffd_poison(), "failing a fault visibly (SIGBUS)",
                  "terminate the process with a logged reason"});
   out.push_back({"UFFD_FEATURE_MOVE (6.8)", has_uffd_move(), "zero-copy install of migrated pages", "UFFDIO_COPY"});
-  out.push_back({"UFFD_FEATURE_WP_ASYNC (6.7)", has_wp_async(), "migration dirty tracking", "soft-dirty bits"});
+  out.push_back({"UFFD_FEATURE_WP_ASYNC (6.7)", has_wp_async(), "dirty-page tracking (DirtyTracker)", "none: not tracked"});
+  out.push_back({"PAGEMAP_SCAN (6.7)", pagemap_scan, "dirty-page tracking (DirtyTracker)", "none: not tracked"});
   out.push_back({"io_uring", io_uring_usable, "page server, snapshot reader", "pread()/send() loops"});
   out.push_back({"IORING_OP_READ_FIXED", op_read_fixed, "reads into registered buffers", "IORING_OP_READ"});
   out.push_back({"IORING_OP_SEND_ZC (6.0)", op_send_zc, "page server zero-copy sends", "MSG_ZEROCOPY, then send()"});

@@ -104,6 +104,22 @@ Status Uffd::unregister(uintptr_t addr, size_t len) {
   return ok_status();
 }
 
+Status Uffd::register_write_protected(uintptr_t addr, size_t len) {
+  uffdio_register reg{};
+  reg.range.start = addr;
+  reg.range.len = len;
+  reg.mode = UFFDIO_REGISTER_MODE_WP;
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_REGISTER, &reg); });
+  if (!r.ok()) return r.error(fmt::format("userfaultfd: register {:#x}-{:#x} for write-protect", addr, addr + len));
+  uffdio_writeprotect wp{};
+  wp.range.start = addr;
+  wp.range.len = len;
+  wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+  r = call([&] { return ::ioctl(fd_.get(), UFFDIO_WRITEPROTECT, &wp); });
+  if (!r.ok()) return r.error(fmt::format("userfaultfd: write-protect {:#x}-{:#x}", addr, addr + len));
+  return ok_status();
+}
+
 InstallResult Uffd::copy(uintptr_t dst, const void* src, size_t len, bool wake) {
   uffdio_copy c{};
   c.dst = dst;

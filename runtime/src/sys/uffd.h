@@ -51,6 +51,10 @@ class Uffd {
   // Registers [addr, addr+len) for MISSING faults; returns the ioctls the range supports.
   Result<uint64_t> register_missing(uintptr_t addr, size_t len);
   Status unregister(uintptr_t addr, size_t len);
+  // Registers [addr, addr+len) for write-protect tracking (MODE_WP only: a range registered
+  // for MISSING faults on this uffd would lose that mode), then write-protects every page of
+  // it, those never touched included (UFFD_FEATURE_WP_UNPOPULATED).
+  Status register_write_protected(uintptr_t addr, size_t len);
 
   InstallResult copy(uintptr_t dst, const void* src, size_t len, bool wake = true);
   InstallResult zeropage(uintptr_t dst, size_t len, bool wake = true);

@@ -1,0 +1,67 @@
+// Dirty-page tracking: which pages of a process's memory were written since the last look, the
+// question every pre-copy round of a migration asks.
+//
+//   auto t = lazymem::DirtyTracker::start({{heap, heap_len}}, features);
+//   copy_everything();                   // round 0
+//   auto dirty = (*t)->collect();        // written meanwhile: copy these again, and repeat
+//
+// The kernel does the work (UFFD_FEATURE_WP_ASYNC with PAGEMAP_SCAN, Linux 6.7): the tracked
+// pages are write-protected; the first write to one is let through at once by the kernel, which
+// only notes it (no fault message, no thread of ours woken); collect() walks the page tables in
+// one ioctl, reports the pages written and write-protects them again in the same walk. A write
+// that races with collect() is reported by it or by the next one, never lost.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "lazymem/kernel_features.h"
+#include "lazymem/result.h"
+
+namespace lazymem {
+
+struct AddressRange {
+  uintptr_t start = 0;
+  size_t length = 0;
+  uintptr_t end() const { return start + length; }
+  bool operator==(const AddressRange&) const = default;
+};
+
+struct DirtyTrackerOptions {
+  pid_t pid = 0;  // whose memory: 0 for this process
+  // A userfaultfd of that process whose API handshake asked for UFFD_FEATURE_WP_ASYNC and
+  // UFFD_FEATURE_WP_UNPOPULATED (a process hands it over with SCM_RIGHTS; the tracker takes a
+  // duplicate). -1: the tracker opens one, which only works for this process. The ranges must not
+  // be registered for MISSING faults on it: registering them for write-protect replaces that.
+  int uffd = -1;
+};
+
+class DirtyTracker {
+ public:
+  // Starts tracking `ranges` (page-aligned, not overlapping): from now on every page counts as
+  // clean until written. Says what is missing where the kernel or the uffd cannot do it.
+  static Result<std::unique_ptr<DirtyTracker>> start(std::vector<AddressRange> ranges, const KernelFeatures& features,
+                                                     const DirtyTrackerOptions& options = {});
+  // Stops tracking (the ranges are unregistered; writes no longer pay the first-write note).
+  ~DirtyTracker();
+
+  // The pages of the tracked ranges whose contents changed since start() or the last collect():
+  // written, or dropped by the kernel (MADV_DONTNEED: they read as zeros now). Sorted, adjacent
+  // pages merged. Fails if the process exited, or if tracked memory was unmapped and mapped again
+  // (its pages can no longer be told apart): a migration must then copy that range afresh.
+  Result<std::vector<AddressRange>> collect();
+
+  const std::vector<AddressRange>& ranges() const;
+
+  struct Impl;
+
+ private:
+  explicit DirtyTracker(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lazymem

@@ -1,0 +1,152 @@
+// DirtyTracker: UFFD_FEATURE_WP_ASYNC marks, PAGEMAP_SCAN reads and re-arms them.
+#include "lazymem/dirty.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include "sys/pagemap_scan.h"
+#include "sys/uapi_compat.h"
+#include "sys/uffd.h"
+
+namespace lazymem {
+namespace {
+
+constexpr uint64_t kTrackingFeatures = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+constexpr uintptr_t kPage = 4096;
+
+Status check_ranges(std::vector<AddressRange>& ranges) {
+  if (ranges.empty()) return Error(Errc::kInvalidArgument, "dirty tracking: no ranges given");
+  std::sort(ranges.begin(), ranges.end(), [](const auto& a, const auto& b) { return a.start < b.start; });
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const AddressRange& r = ranges[i];
+    if (r.length == 0 || r.start % kPage != 0 || r.length % kPage != 0 || r.end() < r.start) {
+      return Error(Errc::kInvalidArgument,
+                   fmt::format("dirty tracking: range {:#x}+{:#x} is empty, not page-aligned or wraps", r.start, r.length));
+    }
+    if (i > 0 && ranges[i - 1].end() > r.start) {
+      return Error(Errc::kInvalidArgument, fmt::format("dirty tracking: ranges {:#x}+{:#x} and {:#x}+{:#x} overlap",
+                                                       ranges[i - 1].start, ranges[i - 1].length, r.start, r.length));
+    }
+  }
+  return ok_status();
+}
+
+// The features a uffd's API handshake asked for, from this process's /proc/self/fdinfo (the
+// kernel prints "API:\t<api>:<features>:<ioctls>"): a handed-over fd carries no other record.
+Result<uint64_t> handshake_features(int fd) {
+  std::ifstream in(fmt::format("/proc/self/fdinfo/{}", fd));
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("API:", 0) != 0) continue;
+    std::istringstream fields(line.substr(4));
+    std::string api, features;
+    if (std::getline(fields, api, ':') && std::getline(fields, features, ':')) {
+      try {
+        return std::stoull(features, nullptr, 16);
+      } catch (const std::exception&) {
+      }
+    }
+  }
+  return Error(Errc::kInvalidArgument, fmt::format("dirty tracking: fd {} is not a userfaultfd (or its API handshake "
+                                                   "was never done)",
+                                                   fd));
+}
+
+Result<sys::Uffd> tracking_uffd(const DirtyTrackerOptions& o) {
+  if (o.uffd < 0) {
+    if (o.pid != 0 && o.pid != ::getpid()) {
+      return Error(Errc::kInvalidArgument,
+                   fmt::format("dirty tracking of pid {} needs a userfaultfd of that process (opened with "
+                               "UFFD_FEATURE_WP_ASYNC and UFFD_FEATURE_WP_UNPOPULATED, handed over): a uffd tracks "
+                               "only the memory of the process that opened it",
+                               o.pid));
+    }
+    return sys::Uffd::open(kTrackingFeatures, kTrackingFeatures);
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(uint64_t features, handshake_features(o.uffd));
+  if ((features & kTrackingFeatures) != kTrackingFeatures) {
+    return Error(Errc::kInvalidArgument,
+                 fmt::format("dirty tracking: the userfaultfd given was opened without {}: its process must ask for "
+                             "UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED in its UFFDIO_API handshake",
+                             (features & UFFD_FEATURE_WP_ASYNC) ? "UFFD_FEATURE_WP_UNPOPULATED" : "UFFD_FEATURE_WP_ASYNC"));
+  }
+  sys::UniqueFd dup(::fcntl(o.uffd, F_DUPFD_CLOEXEC, 0));
+  if (!dup.valid()) return sys_error("dirty tracking: duplicating the userfaultfd", errno);
+  return sys::Uffd::adopt(std::move(dup), features);
+}
+
+}  // namespace
+
+struct DirtyTracker::Impl {
+  std::vector<AddressRange> ranges;
+  sys::Uffd uffd;
+  sys::PagemapScan scan;
+  std::vector<sys::PageSpan> spans;  // reused by collect()
+};
+
+DirtyTracker::DirtyTracker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Result<std::unique_ptr<DirtyTracker>> DirtyTracker::start(std::vector<AddressRange> ranges,
+                                                          const KernelFeatures& features,
+                                                          const DirtyTrackerOptions& options) {
+  if (!features.has_dirty_tracking()) {
+    return Error(Errc::kUnsupported,
+                 fmt::format("dirty tracking needs {} (Linux 6.7); this kernel lacks it",
+                             !features.has_uffd_feature(kTrackingFeatures) ? "UFFD_FEATURE_WP_ASYNC and WP_UNPOPULATED"
+                                                                           : "the PAGEMAP_SCAN ioctl"));
+  }
+  LAZYMEM_TRY(check_ranges(ranges));
+  LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, tracking_uffd(options));
+  LAZYMEM_ASSIGN_OR_RETURN(sys::PagemapScan scan, sys::PagemapScan::open(options.pid));
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    Status s = uffd.register_write_protected(ranges[i].start, ranges[i].length);
+    if (!s.ok()) {
+      for (size_t j = 0; j <= i; ++j) (void)uffd.unregister(ranges[j].start, ranges[j].length);
+      return std::move(s).error().wrap("dirty tracking");
+    }
+  }
+  auto impl = std::make_unique<Impl>(Impl{std::move(ranges), std::move(uffd), std::move(scan), {}});
+  return std::unique_ptr<DirtyTracker>(new DirtyTracker(std::move(impl)));
+}
+
+DirtyTracker::~DirtyTracker() {
+  // Unregistering drops the write-protect marks, so the process's writes stop paying for them.
+  // It fails only when the process (its mm) is gone, and then there is nothing to drop.
+  for (const AddressRange& r : impl_->ranges) (void)impl_->uffd.unregister(r.start, r.length);
+}
+
+Result<std::vector<AddressRange>> DirtyTracker::collect() {
+  Impl& im = *impl_;
+  std::vector<AddressRange> out;
+  for (const AddressRange& r : im.ranges) {
+    im.spans.clear();
+    // Written: present or swapped pages whose write-protect mark the kernel dropped at a write.
+    LAZYMEM_TRY(im.scan.take(r.start, r.end(), PAGE_IS_WRITTEN, 0, im.spans));
+    // Dropped: no page and no mark (MADV_DONTNEED on anonymous memory drops the mark with the
+    // page). Marked again here so that each such page is reported once. Kernels that count these
+    // as written have reported them above and marked them: then this finds none.
+    const size_t written = im.spans.size();
+    LAZYMEM_TRY(im.scan.take(r.start, r.end(), PAGE_IS_PRESENT | PAGE_IS_SWAPPED, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                             im.spans));
+    if (written != 0 && written != im.spans.size()) {
+      std::inplace_merge(im.spans.begin(), im.spans.begin() + static_cast<ptrdiff_t>(written), im.spans.end(),
+                         [](const auto& a, const auto& b) { return a.start < b.start; });
+    }
+    for (const sys::PageSpan& s : im.spans) {
+      if (!out.empty() && out.back().end() >= s.start) {
+        out.back().length = std::max(out.back().end(), s.end) - out.back().start;
+      } else {
+        out.push_back({s.start, s.end - s.start});
+      }
+    }
+  }
+  return out;
+}
+
+const std::vector<AddressRange>& DirtyTracker::ranges() const { return impl_->ranges; }
+
+}  // namespace lazymem

@@ -1,0 +1,74 @@
+#include "sys/pagemap_scan.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/ioctl.h>
+
+#include "sys/syscall_result.h"
+
+namespace lazymem::sys {
+namespace {
+
+// Runs per ioctl: 96 KiB of page_region. A scan that finds more goes on from where it stopped.
+constexpr size_t kRunsPerCall = 4096;
+
+}  // namespace
+
+PagemapScan::PagemapScan(UniqueFd fd) : fd_(std::move(fd)), vec_(kRunsPerCall) {}
+
+Result<PagemapScan> PagemapScan::open(pid_t pid) {
+  const std::string path = pid == 0 ? "/proc/self/pagemap" : fmt::format("/proc/{}/pagemap", pid);
+  SysResult r = call([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); });
+  if (!r.ok()) return r.error("open " + path);
+  PagemapScan scan(UniqueFd(static_cast<int>(r.value)));
+  scan.pid_ = pid;
+  return scan;
+}
+
+Status PagemapScan::take(uintptr_t start, uintptr_t end, uint64_t mask, uint64_t inverted,
+                         std::vector<PageSpan>& out) {
+  for (uintptr_t at = start; at < end;) {
+    pm_scan_arg arg{};
+    arg.size = sizeof arg;
+    arg.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
+    arg.start = at;
+    arg.end = end;
+    arg.vec = reinterpret_cast<uintptr_t>(vec_.data());
+    arg.vec_len = vec_.size();
+    arg.category_mask = mask;
+    arg.category_inverted = inverted;
+    arg.return_mask = mask;
+    SysResult r = call([&] { return ::ioctl(fd_.get(), PAGEMAP_SCAN, &arg); });
+    if (!r.ok()) {
+      if (r.err == EPERM) {
+        return Error(Errc::kInvalidArgument,
+                     fmt::format("pages in {:#x}-{:#x} are no longer tracked: that memory was unmapped and mapped "
+                                 "again (mmap MAP_FIXED, mremap) since tracking began",
+                                 at, end));
+      }
+      if (r.err == ESRCH) return Error(Errc::kNotFound, fmt::format("process {} has exited", pid_));
+      return r.error(fmt::format("PAGEMAP_SCAN {:#x}-{:#x}", at, end));
+    }
+    for (long i = 0; i < r.value; ++i) {
+      const page_region& run = vec_[static_cast<size_t>(i)];
+      if (!out.empty() && out.back().end == run.start) {
+        out.back().end = run.end;
+      } else {
+        out.push_back({run.start, run.end});
+      }
+    }
+    if (arg.walk_end <= at) break;  // cannot happen (the kernel always advances); never spin
+    at = arg.walk_end;
+  }
+  return ok_status();
+}
+
+bool pagemap_scan_supported() {
+  UniqueFd fd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return false;
+  pm_scan_arg arg{};
+  arg.size = sizeof arg;  // an empty range: nothing walked, 0 runs
+  return ::ioctl(fd.get(), PAGEMAP_SCAN, &arg) == 0;
+}
+
+}  // namespace lazymem::sys

@@ -1,0 +1,284 @@
+// DirtyTracker against the real kernel: this process's memory, another process's through the
+// uffd it hands over, writes racing with collect(). Every check that matters is a copy kept up
+// to date from collect() alone and compared, every byte, with the memory it copies.
+#include "lazymem/dirty.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "agent_client/unix_channel.h"
+#include "lazymem/kernel_features.h"
+#include "sys/uapi_compat.h"
+#include "sys/uffd.h"
+
+namespace lazymem {
+namespace {
+
+constexpr size_t kPage = 4096;
+
+class DirtyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    kf_ = probe_kernel();
+    if (!kf_.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf_.uffd_error;
+    if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
+  }
+
+  // Anonymous memory of `pages` pages; the first `touched` of every 4 are written (the rest
+  // never touched: no page behind them yet).
+  std::byte* map(size_t pages, uint64_t seed, int advice = MADV_NOHUGEPAGE) {
+    void* p = ::mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    EXPECT_NE(p, MAP_FAILED);
+    ::madvise(p, pages * kPage, advice);
+    auto* b = static_cast<std::byte*>(p);
+    std::mt19937_64 rng(seed);
+    for (size_t i = 0; i < pages; ++i) {
+      if (i % 4 == 3) continue;
+      for (size_t off = 0; off < kPage; off += 8) {
+        uint64_t v = rng();
+        std::memcpy(b + i * kPage + off, &v, 8);
+      }
+    }
+    maps_.push_back({b, pages * kPage});
+    return b;
+  }
+  void TearDown() override {
+    for (auto [p, len] : maps_) ::munmap(p, len);
+  }
+
+  // The reported ranges as page indexes of the mapping at `base`.
+  static std::set<size_t> pages_of(const std::vector<AddressRange>& ranges, const std::byte* base) {
+    std::set<size_t> out;
+    for (const AddressRange& r : ranges) {
+      EXPECT_EQ(r.start % kPage, 0u);
+      EXPECT_EQ(r.length % kPage, 0u);
+      for (uintptr_t a = r.start; a < r.end(); a += kPage) out.insert((a - reinterpret_cast<uintptr_t>(base)) / kPage);
+    }
+    return out;
+  }
+
+  KernelFeatures kf_;
+  std::vector<std::pair<std::byte*, size_t>> maps_;
+};
+
+TEST_F(DirtyTest, ReportsExactlyThePagesWrittenAndNothingRead) {
+  constexpr size_t kPages = 4096;  // 16 MiB
+  std::byte* m = map(kPages, 1);
+  auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage}}, kf_);
+  ASSERT_TRUE(t.ok()) << t.error().message();
+  auto none = (*t)->collect();
+  ASSERT_TRUE(none.ok()) << none.error().message();
+  EXPECT_TRUE(none->empty()) << none->size() << " ranges reported before any write";
+
+  std::mt19937_64 rng(2);
+  for (int round = 0; round < 4; ++round) {
+    std::set<size_t> written;
+    for (int i = 0; i < 300; ++i) {
+      size_t pg = rng() % kPages;  // touched and never-touched pages alike
+      m[pg * kPage + rng() % kPage] = static_cast<std::byte>(rng());
+      written.insert(pg);
+    }
+    const volatile std::byte* readable = m;
+    for (int i = 0; i < 300; ++i) (void)readable[(rng() % kPages) * kPage];  // reads are not writes
+    auto got = (*t)->collect();
+    ASSERT_TRUE(got.ok()) << got.error().message();
+    EXPECT_EQ(pages_of(*got, m), written) << "round " << round;
+    for (size_t i = 1; i < got->size(); ++i) EXPECT_LT((*got)[i - 1].end(), (*got)[i].start) << "not sorted and merged";
+  }
+  auto after = (*t)->collect();
+  ASSERT_TRUE(after.ok());
+  EXPECT_TRUE(after->empty());
+}
+
+// MADV_DONTNEED drops a page and, on anonymous memory, its write-protect mark with it: the page
+// now reads as zeros, a change a copy must hear of although nothing was written.
+TEST_F(DirtyTest, APageTheKernelDroppedIsReportedChanged) {
+  constexpr size_t kPages = 64;
+  std::byte* m = map(kPages, 3);
+  auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage}}, kf_);
+  ASSERT_TRUE(t.ok()) << t.error().message();
+  ASSERT_EQ(::madvise(m + 5 * kPage, 2 * kPage, MADV_DONTNEED), 0);
+  auto got = (*t)->collect();
+  ASSERT_TRUE(got.ok()) << got.error().message();
+  std::set<size_t> pages = pages_of(*got, m);
+  EXPECT_TRUE(pages.count(5) && pages.count(6)) << "dropped pages not reported";
+  EXPECT_EQ(pages.size(), 2u);
+  auto again = (*t)->collect();
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->empty()) << "a dropped page is reported once, not at every collect";
+  m[5 * kPage] = std::byte{1};  // and written afterwards: reported again
+  again = (*t)->collect();
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(pages_of(*again, m), std::set<size_t>{5});
+}
+
+// The pre-copy loop a migration runs, with a writer that never stops: a copy kept only from
+// collect() must equal the memory once the writer stops and one last collect() is copied. A
+// write the tracker re-armed without reporting would leave the copy stale, here.
+TEST_F(DirtyTest, WritesRacingWithCollectAreNeverLost) {
+  constexpr size_t kPages = 8192;  // 32 MiB, huge pages allowed: the kernel splits what it must
+  std::byte* m = map(kPages, 4, MADV_HUGEPAGE);
+  auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage / 2},
+                                {reinterpret_cast<uintptr_t>(m) + kPages * kPage / 2, kPages * kPage / 2}},
+                               kf_);
+  ASSERT_TRUE(t.ok()) << t.error().message();
+  std::vector<std::byte> copy(m, m + kPages * kPage);  // round 0: everything
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> writes{0};
+  std::thread writer([&] {
+    std::mt19937_64 rng(5);
+    for (uint64_t n = 1; !stop.load(std::memory_order_relaxed); ++n) {
+      size_t pg = rng() % kPages;
+      std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(m + pg * kPage + (rng() % (kPage / 8)) * 8))
+          .store(n, std::memory_order_relaxed);
+      if (n % 64 == 0) ::madvise(m + (rng() % kPages) * kPage, kPage, MADV_DONTNEED);
+      writes.store(n, std::memory_order_relaxed);
+    }
+  });
+  auto copy_dirty = [&] {
+    auto d = (*t)->collect();
+    EXPECT_TRUE(d.ok()) << d.error().message();
+    if (!d.ok()) return size_t{0};
+    size_t pages = 0;
+    for (const AddressRange& r : *d) {
+      const size_t off = r.start - reinterpret_cast<uintptr_t>(m);
+      for (size_t i = 0; i < r.length; i += 8) {  // word by word: the writer stores whole words
+        uint64_t v = std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(m + off + i)).load(std::memory_order_relaxed);
+        std::memcpy(copy.data() + off + i, &v, 8);
+      }
+      pages += r.length / kPage;
+    }
+    return pages;
+  };
+  size_t rounds = 0;  // as many as the writer's 100000 writes take (a few hundred here)
+  for (; writes.load() < 100000; ++rounds) copy_dirty();
+  stop = true;
+  writer.join();
+  copy_dirty();
+  size_t differing = 0;
+  for (size_t pg = 0; pg < kPages; ++pg) differing += std::memcmp(copy.data() + pg * kPage, m + pg * kPage, kPage) != 0;
+  EXPECT_EQ(differing, 0u) << "pages changed but never reported, after " << rounds << " rounds and " << writes.load()
+                           << " writes";
+  EXPECT_EQ(copy_dirty(), 0u) << "quiet memory reported dirty";
+}
+
+TEST_F(DirtyTest, SaysWhatIsWrongWithTheRangesOrTheUffd) {
+  std::byte* m = map(16, 6);
+  const auto at = reinterpret_cast<uintptr_t>(m);
+  auto msg = [&](std::vector<AddressRange> r, DirtyTrackerOptions o = {}) {
+    auto t = DirtyTracker::start(std::move(r), kf_, o);
+    return t.ok() ? std::string("started") : t.error().message();
+  };
+  EXPECT_NE(msg({}).find("no ranges"), std::string::npos);
+  EXPECT_NE(msg({{at + 1, kPage}}).find("not page-aligned"), std::string::npos);
+  EXPECT_NE(msg({{at, 0}}).find("empty"), std::string::npos);
+  EXPECT_NE(msg({{at, 4 * kPage}, {at + kPage, kPage}}).find("overlap"), std::string::npos);
+  DirtyTrackerOptions other;
+  other.pid = 1;
+  EXPECT_NE(msg({{at, kPage}}, other).find("needs a userfaultfd of that process"), std::string::npos);
+  auto plain = sys::Uffd::open(0);  // its handshake asked for no write-protect features
+  ASSERT_TRUE(plain.ok());
+  DirtyTrackerOptions given;
+  given.uffd = plain->fd();
+  EXPECT_NE(msg({{at, kPage}}, given).find("opened without UFFD_FEATURE_WP_ASYNC"), std::string::npos);
+  given.uffd = STDIN_FILENO;
+  EXPECT_NE(msg({{at, kPage}}, given).find("is not a userfaultfd"), std::string::npos);
+  // Memory mapped afresh over a tracked range has no marks: collect() says so, not "clean".
+  auto t = DirtyTracker::start({{at, 16 * kPage}}, kf_);
+  ASSERT_TRUE(t.ok()) << t.error().message();
+  ASSERT_NE(::mmap(m + 4 * kPage, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
+            MAP_FAILED);
+  m[4 * kPage] = std::byte{1};
+  auto got = (*t)->collect();
+  ASSERT_FALSE(got.ok());
+  EXPECT_NE(got.error().message().find("unmapped and mapped again"), std::string::npos) << got.error().message();
+}
+
+// Another process's memory, tracked through the uffd it opened and handed over (as a workload
+// being migrated would): its writes and drops, round by round, copied with process_vm_readv.
+TEST_F(DirtyTest, AnotherProcessTrackedThroughItsUffd) {
+  constexpr size_t kPages = 4096;
+  std::byte* m = map(kPages, 7);
+  int sv[2], cmd[2], ack[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  ASSERT_EQ(::pipe2(cmd, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(ack, O_CLOEXEC), 0);
+  pid_t kid = ::fork();
+  ASSERT_GE(kid, 0);
+  if (kid == 0) {
+    ::close(cmd[1]);  // the parent's end alone: its close is this loop's end
+    auto u = sys::Uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+                             UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED);
+    if (!u.ok()) _exit(2);
+    const std::byte one{1};
+    if (!agent::send_with_fd(sv[1], {&one, 1}, u->fd()).ok()) _exit(3);
+    std::mt19937_64 rng(8);
+    for (char c; ::read(cmd[0], &c, 1) == 1;) {  // each command: a round of writes and drops
+      for (int i = 0; i < 200; ++i) m[(rng() % kPages) * kPage + rng() % kPage] = static_cast<std::byte>(rng() | 1);
+      for (int i = 0; i < 5; ++i) ::madvise(m + (rng() % kPages) * kPage, kPage, MADV_DONTNEED);
+      if (::write(ack[1], &c, 1) != 1) _exit(4);
+    }
+    _exit(0);
+  }
+  ::close(sv[1]);
+  ::close(cmd[0]);
+  ::close(ack[1]);
+  net::FrameBuffer buf;
+  std::deque<sys::UniqueFd> fds;
+  while (fds.empty()) ASSERT_TRUE(agent::recv_some(sv[0], buf, fds, 10000).ok());
+  DirtyTrackerOptions o;
+  o.pid = kid;
+  o.uffd = fds.front().get();
+  auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage}}, kf_, o);
+  ASSERT_TRUE(t.ok()) << t.error().message();
+  fds.clear();  // the tracker holds its own duplicate
+  std::vector<std::byte> copy(kPages * kPage);
+  auto read_child = [&](uintptr_t at, size_t len) {
+    iovec local{copy.data() + (at - reinterpret_cast<uintptr_t>(m)), len}, remote{reinterpret_cast<void*>(at), len};
+    ASSERT_EQ(::process_vm_readv(kid, &local, 1, &remote, 1, 0), static_cast<ssize_t>(len));
+  };
+  read_child(reinterpret_cast<uintptr_t>(m), kPages * kPage);
+  for (int round = 0; round < 5; ++round) {
+    char c = 'w';
+    ASSERT_EQ(::write(cmd[1], &c, 1), 1);
+    ASSERT_EQ(::read(ack[0], &c, 1), 1);  // the child is quiet until the next command
+    auto d = (*t)->collect();
+    ASSERT_TRUE(d.ok()) << d.error().message();
+    EXPECT_FALSE(d->empty());
+    size_t pages = 0;
+    for (const AddressRange& r : *d) {
+      read_child(r.start, r.length);
+      pages += r.length / kPage;
+    }
+    EXPECT_LE(pages, 205u) << "more pages reported than the child wrote and dropped";
+    std::vector<std::byte> now(kPages * kPage);
+    iovec local{now.data(), now.size()}, remote{m, now.size()};
+    ASSERT_EQ(::process_vm_readv(kid, &local, 1, &remote, 1, 0), static_cast<ssize_t>(now.size()));
+    size_t differing = 0;
+    for (size_t pg = 0; pg < kPages; ++pg) differing += std::memcmp(copy.data() + pg * kPage, now.data() + pg * kPage, kPage) != 0;
+    EXPECT_EQ(differing, 0u) << "round " << round << ": the child's pages changed but were not reported";
+  }
+  ::close(cmd[1]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(kid, &status, 0), kid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  auto gone = (*t)->collect();
+  EXPECT_FALSE(gone.ok()) << "collect() on an exited process said nothing";
+  ::close(sv[0]);
+  ::close(ack[0]);
+}
+
+}  // namespace
+}  // namespace lazymem
