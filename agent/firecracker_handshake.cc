@@ -31,6 +31,10 @@ Result<std::optional<std::vector<fault::MappedRange>>> parse_guest_regions(const
   } catch (const nlohmann::json::parse_error& e) {
     if (e.byte >= body.size()) return std::optional<std::vector<fault::MappedRange>>();  // more to come
     return Error(Errc::kProtocol, std::string("bad JSON: ") + e.what());
+  } catch (const nlohmann::json::exception& e) {
+    // Not only parse_error: a number past what a double holds (1e400) is out_of_range, thrown
+    // by the parser too. Uncaught, it ended the agent.
+    return Error(Errc::kProtocol, std::string("bad JSON: ") + e.what());
   }
   if (!j.is_array() || j.empty()) return Error(Errc::kProtocol, "expected a non-empty JSON array of GuestRegionUffdMapping");
   if (j.size() > kMaxRanges) {

@@ -756,6 +756,12 @@ TEST_F(AgentTest, FirecrackerHostilePeersDoNotHoldUpAVm) {
     auto garbage = agent::connect_unix(o.firecracker_socket);
     ASSERT_TRUE(garbage.ok());
     ASSERT_GT(::send(garbage->get(), "{not json]", 10, 0), 0);
+    // A number past a double: the JSON parser threw an exception the agent did not catch, and
+    // the agent ended (found by agent_fuzz).
+    auto overflow = agent::connect_unix(o.firecracker_socket);
+    ASSERT_TRUE(overflow.ok());
+    std::string huge = R"([{"base_host_virt_addr": 1e400, "size": 4096, "offset": 0}])";
+    ASSERT_GT(::send(overflow->get(), huge.data(), huge.size(), 0), 0);
   }
   auto t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(in_child([&] { return firecracker_vm(o.firecracker_socket, image, true); }), 0);

@@ -75,6 +75,16 @@ TEST(FirecrackerHandshakeTest, FieldsOfAnyOtherTypeAreRefused) {
   EXPECT_NE(parse_guest_regions("[4096]").error().message().find("not an object"), std::string::npos);
 }
 
+// nlohmann's parser throws out_of_range, not parse_error, for a number past what a double holds:
+// it went uncaught, and the agent (root) ended on a VM's handshake. (Found by agent_fuzz.)
+TEST(FirecrackerHandshakeTest, NumbersPastADoubleAreRefusedNotThrown) {
+  for (const char* v : {"1e400", "-1e400", "139e222222222222222"}) {
+    EXPECT_NE(handshake_refusal(std::string(R"("base_host_virt_addr": 4096, "offset": 0, "size": )") + v).find("bad JSON"),
+              std::string::npos)
+        << v;
+  }
+}
+
 TEST(FirecrackerHandshakeTest, PageSizesOtherThan4KiBAreRefused) {
   const std::string rest = R"("base_host_virt_addr": 4096, "offset": 0, "size": 8192)";
   EXPECT_EQ(handshake_refusal(rest), "accepted");  // neither field: 4 KiB, as Firecracker's default

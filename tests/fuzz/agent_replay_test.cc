@@ -125,7 +125,7 @@ TEST(AgentReplay, HostileRangeValuesAreRefusedOrSound) {
 // Firecracker's JSON with a field replaced by every wrong type and edge value, regions
 // duplicated (overlapping) or dropped, characters cut out.
 TEST(AgentReplay, HostileHandshakesAreRefusedOrSound) {
-  const std::vector<std::string> values = {"0", "1", "4095", "4096", "-4096", "4096.0", "1e300", "-1e300",
+  const std::vector<std::string> values = {"0", "1", "4095", "4096", "-4096", "4096.0", "1e300", "-1e300", "1e400",
                                            "18446744073709551615", "18446744073709547520", "18446744073709551616",
                                            "true", "null", "\"4096\"", "[]", "{}", "9223372036854775808"};
   const std::vector<std::string> fields = {"base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"};
