@@ -14,6 +14,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -26,7 +27,9 @@
 
 #include "agent.capnp.h"
 #include "agent_client/unix_channel.h"
+#include "control_request.h"
 #include "core/log.h"
+#include "firecracker_handshake.h"
 #include "net/auth.h"
 #include "net/metrics_endpoint.h"
 #include "snapshot/manifest.h"
@@ -43,7 +46,6 @@ constexpr uint64_t kListenTag = 1, kStopTag = 3, kEngineTag = 4, kMetricsTag = 5
 enum Kind : uint64_t { kSingle = 0, kConn = 1, kPidfd = 2, kFcListen = 3, kFcConn = 4, kFcTimer = 5, kNoticeTimer = 6 };
 uint64_t tag(Kind k, int fd) { return (uint64_t{k} << 32) | static_cast<uint32_t>(fd); }
 
-constexpr size_t kMaxHandshake = 1 << 20;    // Firecracker's region JSON, at most
 constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
 constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
 constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
@@ -194,51 +196,6 @@ Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, SocketFi
   return fd;
 }
 
-// Parses Firecracker's handshake body: a JSON array of GuestRegionUffdMapping. nullopt while the
-// message is incomplete (it may arrive in pieces when larger than a socket read).
-Result<std::optional<std::vector<fault::MappedRange>>> parse_guest_regions(const std::string& body) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(body);
-  } catch (const nlohmann::json::parse_error& e) {
-    if (e.byte >= body.size()) return std::optional<std::vector<fault::MappedRange>>();  // more to come
-    return Error(Errc::kProtocol, std::string("bad JSON: ") + e.what());
-  }
-  if (!j.is_array() || j.empty()) return Error(Errc::kProtocol, "expected a non-empty JSON array of GuestRegionUffdMapping");
-  std::vector<fault::MappedRange> ranges;
-  try {
-    for (const auto& r : j) {
-      uint64_t page = r.contains("page_size") ? r["page_size"].get<uint64_t>()
-                                              : r.value("page_size_kib", uint64_t{4}) * 1024;  // deprecated field
-      if (page != 4096) return Error(Errc::kUnsupported, fmt::format("page size {} is not supported (4 KiB only)", page));
-      uint64_t base = r.at("base_host_virt_addr").get<uint64_t>(), size = r.at("size").get<uint64_t>();
-      if (size == 0 || base % 4096 != 0 || size % 4096 != 0 || base + size < base) {
-        return Error(Errc::kProtocol, fmt::format("region {:#x}+{:#x} is not page-aligned or wraps", base, size));
-      }
-      ranges.push_back(fault::MappedRange{base, size, 0, r.at("offset").get<uint64_t>()});
-    }
-  } catch (const nlohmann::json::exception& e) {
-    return Error(Errc::kProtocol, std::string("bad GuestRegionUffdMapping: ") + e.what());
-  }
-  return std::optional<std::vector<fault::MappedRange>>(std::move(ranges));
-}
-
-// Paths in a request are the client's, and the agent cannot know which directory a relative one
-// was meant in: taken here it would name another file (another snapshot's pages served for the
-// client's manifest). Clients send them absolute; an older client's relative path is refused.
-Status require_absolute(const char* what, const std::string& path) {
-  if (path.empty() || path.front() == '/') return ok_status();
-  return Error(Errc::kInvalidArgument, fmt::format("{} '{}' is relative: lazymem-agent runs in a directory of its own and "
-                                                   "cannot tell which one it meant; give it absolute (an up-to-date "
-                                                   "lazymem client does)",
-                                                   what, path));
-}
-
-Status require_absolute_location(const std::string& location) {
-  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
-  return loc.remote() ? ok_status() : require_absolute("snapshot path", location);
-}
-
 // Every range must lie inside the peer's own mappings: a client cannot point the agent at
 // memory it does not have (the uffd would refuse anyway; this gives a clear reason).
 Status check_ranges_mapped(pid_t pid, const std::vector<fault::MappedRange>& ranges) {
@@ -251,11 +208,12 @@ Status check_ranges_mapped(pid_t pid, const std::vector<fault::MappedRange>& ran
     if (std::sscanf(line.c_str(), "%lx-%lx", &a, &b) == 2) vmas.push_back({a, b});
   }
   for (const auto& r : ranges) {
-    uint64_t at = r.start, end = r.start + r.length;
-    for (const auto& [a, b] : vmas) {
-      if (a <= at && at < b) at = b;
-      if (at >= end) break;
-    }
+    uint64_t at = r.start;
+    const uint64_t end = r.start + r.length;  // does not wrap: check_range_table
+    // /proc lists mappings in address order: the first one ending past `at`, and on while the
+    // next adjoins. A search, not a scan: up to kMaxRanges ranges meet up to 65530 mappings.
+    auto vma = std::upper_bound(vmas.begin(), vmas.end(), at, [](uint64_t a, const auto& v) { return a < v.second; });
+    for (; vma != vmas.end() && vma->first <= at && at < end; ++vma) at = vma->second;
     if (at < end) {
       return Error(Errc::kInvalidArgument, fmt::format("range {:#x}-{:#x} is not mapped in process {}", r.start, end, pid));
     }
@@ -480,7 +438,6 @@ struct Daemon::Impl {
   };
 
   Result<fault::SessionId> serve(ServeRequest rq, std::shared_ptr<snapshot::ChunkSource> src) {
-    if (rq.ranges.empty()) return Error(Errc::kInvalidArgument, "an empty region table");
     LAZYMEM_TRY(check_ranges_mapped(rq.pid, rq.ranges));
     sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, rq.pid, 0)));
     if (!pidfd.valid()) return sys_error(fmt::format("pidfd_open({})", rq.pid), errno);
@@ -509,21 +466,19 @@ struct Daemon::Impl {
   }
 
   // A process's Restore request (its uffd came with it), answered once its snapshot is open.
-  Status start_restore(Conn& c, uint64_t id, pa::Restore::Reader r, sys::UniqueFd uffd) {
-    LAZYMEM_TRY(require_absolute_location(r.getSnapshot().cStr()));
-    LAZYMEM_TRY(require_absolute("token file", r.getTokenFile().cStr()));
+  Status start_restore(Conn& c, uint64_t id, RestoreRequest r, sys::UniqueFd uffd) {
     auto rq = std::make_shared<ServeRequest>();
     rq->name = fmt::format("pid {}", c.pid);
     rq->uffd = std::move(uffd);
-    rq->features = r.getUffdFeatures();
-    rq->location = r.getSnapshot().cStr();
-    rq->token_file = r.getTokenFile().cStr();
-    rq->version = r.getManifestChecksum();
-    for (auto m : r.getRanges()) rq->ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
+    rq->features = r.uffd_features;
+    rq->location = std::move(r.snapshot);
+    rq->token_file = std::move(r.token_file);
+    rq->version = r.manifest_checksum;
+    rq->ranges = std::move(r.ranges);
     rq->pid = c.pid;
     rq->uid = c.uid;
-    rq->prefetch = r.getPrefetch();
-    rq->hold_failures = r.getAnnouncesFailures();
+    rq->prefetch = r.prefetch;
+    rq->hold_failures = r.announces_failures;
     rq->reply_id = id;
     OpenSpec spec{rq->location, rq->token_file, Requester{c.pid, c.uid, c.gid}, {}};
     return open_then(std::move(spec), rq->version, c.fd.get(), c.pid, c.uid, [this, rq](auto src, int conn_fd) {
@@ -587,54 +542,50 @@ struct Daemon::Impl {
   }
 
   void on_request(Conn& c, net::Header& h) {
-    pa::Request::Reader rq;
-    uint64_t id = 0;
-    try {
-      rq = h.root<pa::Request>();
-      id = rq.getId();
-      if (rq.isRestore()) {
-        auto r = rq.getRestore();
-        if (c.fds.empty()) {
-          reply(c, id, [](auto b) { b.setError("restore needs the process's userfaultfd sent with it (SCM_RIGHTS)"); });
-          return;
-        }
-        sys::UniqueFd uffd = std::move(c.fds.front());
-        c.fds.clear();  // anything else sent along is dropped
-        Status st = start_restore(c, id, r, std::move(uffd));
-        if (!st.ok()) refuse(c.fd.get(), c.pid, id, "restore", st.error());
-        return;
-      }
-      c.fds.clear();  // descriptors only ever come with a restore
-      if (rq.isServeFirecracker()) {
-        Status st = start_fc_listener(c, id, rq.getServeFirecracker());
-        if (!st.ok()) refuse(c.fd.get(), c.pid, id, "serve-firecracker", st.error());
-        return;
-      }
-      if (rq.isFailureSeen()) {  // no reply: the client goes on waiting for complete
-        auto it = served.find(rq.getFailureSeen());
-        if (it != served.end() && it->second.conn_fd == c.fd.get()) release_failures(it->second);
-        return;
-      }
-      if (rq.isStatus() || rq.isStats()) {
-        std::string js = report(c.uid, rq.isStats()).dump();
-        reply(c, id, [&](auto b) { b.setJson(js); });
-        return;
-      }
-      if (rq.isWaitChange()) {
-        if (waiters.size() >= kMaxWaiters) {
-          reply(c, id, [](auto b) { b.setError("too many waiting status requests; try again"); });
-          return;
-        }
-        waiters.push_back(Waiter{c.fd.get(), id, c.uid, rq.getWaitChange()});
-        answer_waiters();
-        return;
-      }
-      reply(c, id, [](auto b) { b.setError("unknown request (a newer client than this agent?)"); });
-    } catch (const kj::Exception& e) {
-      std::string msg = fmt::format("malformed request: {}", e.getDescription().cStr());
-      log->warn("pid {}: {}", c.pid, msg);
+    ControlRequest rq = decode_control_request(h);
+    const uint64_t id = rq.id;
+    // Descriptors only ever come with a restore: the first is its uffd, anything else sent
+    // along is dropped, as are any that came with another request (or a refused one).
+    std::deque<sys::UniqueFd> fds = std::move(c.fds);
+    c.fds.clear();
+    if (!rq.body.ok()) {
+      log->warn("pid {}: request refused: {}", c.pid, rq.body.error().message());
+      const std::string msg = rq.body.error().message();
       reply(c, id, [&](auto b) { b.setError(msg); });
+      return;
     }
+    std::visit(
+        [&](auto&& body) {
+          using T = std::decay_t<decltype(body)>;
+          if constexpr (std::is_same_v<T, RestoreRequest>) {
+            if (fds.empty()) {
+              reply(c, id, [](auto b) { b.setError("restore needs the process's userfaultfd sent with it (SCM_RIGHTS)"); });
+              return;
+            }
+            Status st = start_restore(c, id, std::move(body), std::move(fds.front()));
+            if (!st.ok()) refuse(c.fd.get(), c.pid, id, "restore", st.error());
+          } else if constexpr (std::is_same_v<T, ServeFirecrackerRequest>) {
+            Status st = start_fc_listener(c, id, std::move(body));
+            if (!st.ok()) refuse(c.fd.get(), c.pid, id, "serve-firecracker", st.error());
+          } else if constexpr (std::is_same_v<T, FailureSeenRequest>) {  // no reply: the client goes on waiting for complete
+            auto it = served.find(body.session);
+            if (it != served.end() && it->second.conn_fd == c.fd.get()) release_failures(it->second);
+          } else if constexpr (std::is_same_v<T, StatusRequest>) {
+            std::string js = report(c.uid, body.with_stats).dump();
+            reply(c, id, [&](auto b) { b.setJson(js); });
+          } else if constexpr (std::is_same_v<T, WaitChangeRequest>) {
+            if (waiters.size() >= kMaxWaiters) {
+              reply(c, id, [](auto b) { b.setError("too many waiting status requests; try again"); });
+              return;
+            }
+            waiters.push_back(Waiter{c.fd.get(), id, c.uid, body.after_generation});
+            answer_waiters();
+          } else {
+            static_assert(std::is_same_v<T, UnknownRequest>);
+            reply(c, id, [](auto b) { b.setError("unknown request (a newer client than this agent?)"); });
+          }
+        },
+        *rq.body);
   }
 
   // The snapshot a handshake socket is to serve is opened when the socket is asked for: a wrong
@@ -658,19 +609,15 @@ struct Daemon::Impl {
 
   // `lazymem-agent restore --firecracker-socket PATH --snapshot URI`: a per-VM handshake socket,
   // made once the snapshot is open.
-  Status start_fc_listener(Conn& c, uint64_t id, pa::ServeFirecracker::Reader r) {
+  Status start_fc_listener(Conn& c, uint64_t id, ServeFirecrackerRequest r) {
     FcListener l;
-    l.path = r.getSocketPath().cStr();
-    l.snapshot = r.getSnapshot().cStr();
-    l.token_file = r.getTokenFile().cStr();
-    if (l.path.empty() || l.snapshot.empty()) return Error(Errc::kInvalidArgument, "need a socket path and a snapshot");
-    LAZYMEM_TRY(require_absolute("socket path", l.path));
-    LAZYMEM_TRY(require_absolute_location(l.snapshot));
-    LAZYMEM_TRY(require_absolute("token file", l.token_file));
-    l.prefetch = r.getPrefetch();
+    l.path = std::move(r.socket_path);
+    l.snapshot = std::move(r.snapshot);
+    l.token_file = std::move(r.token_file);
+    l.prefetch = r.prefetch;
     l.once = true;
     l.notify_id = id;
-    l.cancel_on_close = r.getCancelOnClose();
+    l.cancel_on_close = r.cancel_on_close;
     l.uid = c.uid;
     l.pid = c.pid;
     OpenSpec spec{l.snapshot, l.token_file, Requester{c.pid, c.uid, c.gid}, {}};

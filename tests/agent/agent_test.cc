@@ -169,6 +169,10 @@ class AgentTest : public ::testing::Test {
   // A Restore request made by hand (as an older or hostile client would): one range of region 0,
   // the uffd sent along or not. Returns the agent's error, or "accepted".
   std::string ask_restore(const std::string& loc, uint64_t start, uint64_t len, bool with_fd, uint64_t version = 0) {
+    return ask_restore(loc, {fault::MappedRange{start, len, 0, 0}}, with_fd, version);
+  }
+  std::string ask_restore(const std::string& loc, const std::vector<fault::MappedRange>& ranges, bool with_fd = true,
+                          uint64_t version = 0) {
     auto s = agent::connect_unix(socket_);
     EXPECT_TRUE(s.ok());
     capnp::MallocMessageBuilder b;
@@ -177,9 +181,13 @@ class AgentTest : public ::testing::Test {
     auto rs = rq.initRestore();
     rs.setSnapshot(loc);
     rs.setManifestChecksum(version);
-    auto rr = rs.initRanges(1);
-    rr[0].setStart(start);
-    rr[0].setLength(len);
+    auto rr = rs.initRanges(static_cast<unsigned>(ranges.size()));
+    for (unsigned i = 0; i < ranges.size(); ++i) {
+      rr[i].setStart(ranges[i].start);
+      rr[i].setLength(ranges[i].length);
+      rr[i].setRegion(ranges[i].region);
+      rr[i].setRegionOffset(ranges[i].region_offset);
+    }
     auto uffd = sys::Uffd::open(0);
     EXPECT_TRUE(agent::send_frame_fd(s->get(), b, {}, with_fd ? uffd->fd() : -1).ok());
     net::FrameBuffer buf;
@@ -405,6 +413,60 @@ TEST_F(AgentTest, HostilePeersAreRefusedAndOthersServed) {
 
   // After all that, a real client is served, correctly.
   EXPECT_EQ(restore_in_child(loc), 0);
+}
+
+// A Restore whose range table is wrong is refused with the reason before anything is served by
+// it, and the agent goes on serving others. (A region offset that wrapped when its length was
+// added passed the engine's region check, and the agent, root, accepted the restore: a fault in
+// that range then indexed chunk state far past the region's end. Empty, unaligned, overlapping
+// and address-wrapping ranges were accepted too.)
+TEST_F(AgentTest, HostileRangeTablesAreRefused) {
+  std::string loc = capture(8 * kMiB, 45);
+  start_daemon();
+  // The client's own memory, and a page after it that is nobody's.
+  void* mapped = ::mmap(nullptr, 8 * kMiB + 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mapped, MAP_FAILED);
+  const uint64_t at = reinterpret_cast<uintptr_t>(mapped), top = ~uint64_t{0} - 4095;
+  ASSERT_EQ(::munmap(reinterpret_cast<void*>(at + 8 * kMiB), 4096), 0);
+  const std::vector<std::pair<std::vector<fault::MappedRange>, std::string>> cases = {
+      {{{at, 8192, 0, top}}, "region 0 offset 0xfffffffffffff000 + length wraps"},
+      {{{top, 8192, 0, 0}}, "wraps past the end of the address space"},
+      {{{at, 0, 0, 0}}, "is empty"},
+      {{{at + 1, 4096, 0, 0}}, "not page-aligned"},
+      {{{at, 4096, 0, 100}}, "not page-aligned"},
+      {{{at, 8192, 0, 0}, {at + 4096, 4096, 0, 4096}}, "overlap"},
+      {{}, "an empty region table"},
+      {{{at, 4096, 7, 0}}, "lies outside snapshot region 7"},               // no such region
+      {{{at, 8 * kMiB, 0, 4096}}, "lies outside snapshot region 0"},        // past the region's end
+      {{{at + 8 * kMiB, 4096, 0, 0}}, "is not mapped in process"},          // not the client's memory
+  };
+  for (const auto& [ranges, reason] : cases) {
+    std::string got = ask_restore(loc, ranges);
+    EXPECT_NE(got.find(reason), std::string::npos) << "expected '" << reason << "', got: " << got;
+  }
+  ::munmap(mapped, 8 * kMiB);
+  EXPECT_EQ(restore_in_child(loc), 0);  // and a real client is served, correctly
+}
+
+// The engine's own check of a range against its region (what the agent cannot check before the
+// snapshot is open) holds however the numbers wrap.
+TEST_F(AgentTest, EngineRefusesARegionOffsetThatWraps) {
+  std::string loc = capture(8 * kMiB, 46);
+  auto opened = agent::open_source(agent::OpenSpec{loc, "", std::nullopt, {}});
+  ASSERT_TRUE(opened.ok()) << opened.error().message();
+  fault::FaultEngine engine(kf_, {});
+  ASSERT_TRUE(engine.start().ok());
+  auto uffd = sys::Uffd::open(0);
+  ASSERT_TRUE(uffd.ok()) << uffd.error().message();
+  fault::SessionSpec spec;
+  spec.name = "wrapping";
+  spec.uffd = std::move(*uffd);
+  spec.source = opened->source;
+  spec.ranges = {fault::MappedRange{0x10000, 8192, 0, ~uint64_t{0} - 4095}};  // offset + length = 4096
+  auto id = engine.add_session(std::move(spec));
+  ASSERT_FALSE(id.ok()) << "a range whose region offset wraps was taken as inside its region";
+  EXPECT_NE(id.error().message().find("lies outside snapshot region 0"), std::string::npos) << id.error().message();
+  engine.stop();
 }
 
 // A peer that asks and never reads its replies fills its socket: the agent stops reading it
@@ -694,6 +756,12 @@ TEST_F(AgentTest, FirecrackerHostilePeersDoNotHoldUpAVm) {
     auto garbage = agent::connect_unix(o.firecracker_socket);
     ASSERT_TRUE(garbage.ok());
     ASSERT_GT(::send(garbage->get(), "{not json]", 10, 0), 0);
+    // A number past a double: the JSON parser threw an exception the agent did not catch, and
+    // the agent ended (found by agent_fuzz).
+    auto overflow = agent::connect_unix(o.firecracker_socket);
+    ASSERT_TRUE(overflow.ok());
+    std::string huge = R"([{"base_host_virt_addr": 1e400, "size": 4096, "offset": 0}])";
+    ASSERT_GT(::send(overflow->get(), huge.data(), huge.size(), 0), 0);
   }
   auto t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(in_child([&] { return firecracker_vm(o.firecracker_socket, image, true); }), 0);

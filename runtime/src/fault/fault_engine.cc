@@ -1010,7 +1010,9 @@ Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
   s->manifest = &s->source->manifest();
   LAZYMEM_ASSIGN_OR_RETURN(s->dict, s->source->dictionary());
   for (const MappedRange& r : spec.ranges) {
-    if (r.region >= s->manifest->regions.size() || r.region_offset + r.length > s->manifest->regions[r.region].length) {
+    // Written so that nothing wraps: a range's region offset indexes the region's chunks.
+    if (r.region >= s->manifest->regions.size() || r.length > s->manifest->regions[r.region].length ||
+        r.region_offset > s->manifest->regions[r.region].length - r.length) {
       return Error(Errc::kInvalidArgument, fmt::format("fault engine: range {:#x}+{} lies outside snapshot region {}",
                                                        r.start, r.length, r.region));
     }
