@@ -18,6 +18,7 @@
 #include <variant>
 #include <vector>
 
+#include "byte_stream.h"
 #include "control_request.h"
 #include "firecracker_handshake.h"
 #include "lazymem/snapshot.h"
@@ -92,26 +93,13 @@ inline uint64_t walk_control_request(net::Header& header) {
 // `data` as a control connection's bytes, fed in uneven pieces as recv() delivers them. The
 // daemon closes the connection at the first broken frame or header: so does this.
 inline uint64_t decode_control_stream(std::span<const uint8_t> data) {
-  net::FrameBuffer buf;
   uint64_t acc = 0;
-  size_t pos = 0, step = 1;
-  while (pos < data.size()) {
-    const size_t n = std::min(step, data.size() - pos);
-    auto space = buf.writable(n);
-    std::memcpy(space.data(), data.data() + pos, n);
-    buf.commit(n);
-    pos += n;
-    step = step * 3 % 4093 + 1;
-    for (;;) {
-      auto f = buf.next();
-      if (!f.ok()) return acc;
-      if (!f->has_value()) break;
-      auto h = net::Header::parse((*f)->header);
-      if (!h.ok()) return acc;
-      acc += walk_control_request(**h);
-      buf.consume();
-    }
-  }
+  feed_frames(data, [&](const net::FrameView& f) {
+    auto h = net::Header::parse(f.header);
+    if (!h.ok()) return false;
+    acc += walk_control_request(**h);
+    return true;
+  });
   return acc;
 }
 

@@ -170,24 +170,7 @@ TEST(AgentReplay, MutationsNeverCrash) {
   for (const auto& s : fuzz::firecracker_handshake_seeds()) base.emplace_back(s.begin(), s.end());
   for (int iter = 0; iter < 20000; ++iter) {
     std::vector<uint8_t> d = base[rng() % base.size()];
-    switch (rng() % 4) {
-      case 0:  // flip bits
-        for (int k = 0; k < 4; ++k) d[rng() % d.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));
-        break;
-      case 1:  // truncate
-        d.resize(rng() % d.size());
-        break;
-      case 2: {  // rewrite the header or payload length, or a word of the message
-        uint32_t v = static_cast<uint32_t>(rng());
-        size_t at = rng() % 3 == 0 ? (rng() % 2) * 4 : (rng() % (d.size() / 4 + 1)) * 4;
-        if (d.size() >= at + 4) std::memcpy(d.data() + at, &v, 4);
-        break;
-      }
-      default: {  // splice two inputs
-        const auto& o = base[rng() % base.size()];
-        d.insert(d.end(), o.begin(), o.begin() + static_cast<long>(rng() % o.size()));
-      }
-    }
+    fuzz::mutate(d, rng, base);
     (void)fuzz::decode_control_stream(d);
     (void)fuzz::decode_handshake(d);
   }

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <span>
 
+#include "byte_stream.h"
 #include "net/frame.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/dictionary.h"
@@ -133,43 +134,30 @@ inline uint64_t decode_datagram(std::span<const uint8_t> data) {
 
 // Feeds `data` in uneven pieces, like recv() would deliver it. Never crashes, never hangs.
 inline uint64_t decode_stream(std::span<const uint8_t> data) {
-  net::FrameBuffer buf;
   uint64_t acc = 0;
-  size_t pos = 0, step = 1;
-  while (pos < data.size()) {
-    size_t n = std::min(step, data.size() - pos);
-    auto space = buf.writable(n);
-    std::memcpy(space.data(), data.data() + pos, n);
-    buf.commit(n);
-    pos += n;
-    step = step * 3 % 4093 + 1;
-    for (;;) {
-      auto f = buf.next();
-      if (!f.ok()) return acc;  // the server closes the connection here
-      if (!f->has_value()) break;
-      acc += read_checked_reply((*f)->header);
-      auto h = net::Header::parse((*f)->header);
-      if (h.ok()) {
-        try {
-          acc += walk_request((*h)->root<proto::wire::Request>());
-        } catch (const kj::Exception&) {
-        }
-        try {
-          acc += walk_reply((*h)->root<proto::wire::Reply>());
-        } catch (const kj::Exception&) {
-        }
+  feed_frames(data, [&](const net::FrameView& f) {
+    acc += read_checked_reply(f.header);
+    auto h = net::Header::parse(f.header);
+    if (h.ok()) {
+      try {
+        acc += walk_request((*h)->root<proto::wire::Request>());
+      } catch (const kj::Exception&) {
       }
-      auto m = snapshot::decode_manifest((*f)->payload, "fuzz");
-      if (m.ok()) {
-        acc += m->regions.size();
-        auto d = snapshot::DecodeDictionary::load(m->dictionary);
-        acc += d.ok() && *d;
+      try {
+        acc += walk_reply((*h)->root<proto::wire::Reply>());
+      } catch (const kj::Exception&) {
       }
-      acc += decode_page_frames((*f)->payload);
-      acc += decode_one_frame((*f)->payload);
-      buf.consume();
     }
-  }
+    auto m = snapshot::decode_manifest(f.payload, "fuzz");
+    if (m.ok()) {
+      acc += m->regions.size();
+      auto d = snapshot::DecodeDictionary::load(m->dictionary);
+      acc += d.ok() && *d;
+    }
+    acc += decode_page_frames(f.payload);
+    acc += decode_one_frame(f.payload);
+    return true;
+  });
   return acc;
 }
 

@@ -166,24 +166,7 @@ TEST(WireReplay, MutationsNeverCrash) {
   auto base = seeds();
   for (int iter = 0; iter < 20000; ++iter) {
     std::vector<uint8_t> d = base[rng() % base.size()];
-    switch (rng() % 4) {
-      case 0:  // flip bits
-        for (int k = 0; k < 4; ++k) d[rng() % d.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));
-        break;
-      case 1:  // truncate
-        d.resize(rng() % d.size());
-        break;
-      case 2: {  // rewrite the header or payload length
-        uint32_t v = static_cast<uint32_t>(rng());
-        size_t at = (rng() % 2) * 4;
-        if (d.size() >= at + 4) std::memcpy(d.data() + at, &v, 4);
-        break;
-      }
-      default: {  // splice two frames
-        const auto& o = base[rng() % base.size()];
-        d.insert(d.end(), o.begin(), o.begin() + static_cast<long>(rng() % o.size()));
-      }
-    }
+    fuzz::mutate(d, rng, base);
     (void)fuzz::decode_stream(d);
     (void)fuzz::decode_datagram(d);
   }
