@@ -4,6 +4,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
+
+#include "lazymem/dirty.h"
 #include "lazymem/snapshot.h"
 #include "net/remote.h"
 #include "snapshot/manifest.h"
@@ -37,10 +41,12 @@ Status check_capture_options(const CaptureOptions& o) {
   return ok_status();
 }
 
-Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions,
-                                      const CaptureOptions& options) {
+namespace {
+
+// Everything capture_regions checks before any work: options, and regions page-aligned,
+// non-empty and not overlapping.
+Status check_capture_regions(std::span<const CaptureRegion> regions, const CaptureOptions& options, uint32_t page) {
   LAZYMEM_TRY(check_capture_options(options));
-  const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
   std::vector<RegionInfo> layout;
   for (const auto& r : regions) {
     if (r.address == nullptr || r.length == 0 || r.length % page != 0 || reinterpret_cast<uintptr_t>(r.address) % page != 0) {
@@ -53,9 +59,12 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
     info.length = r.length;
     layout.push_back(std::move(info));
   }
-  LAZYMEM_TRY(snapshot::check_region_layout(layout, Errc::kInvalidArgument));  // before any work
-  LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
-  snapshot::SnapshotWriter writer(std::move(sink), options);
+  return snapshot::check_region_layout(layout, Errc::kInvalidArgument);
+}
+
+// The first pass of every capture of this process's regions: dictionary, then every chunk.
+Status store_regions(snapshot::SnapshotWriter& writer, std::span<const CaptureRegion> regions,
+                     const CaptureOptions& options, uint32_t page) {
   std::vector<std::span<const std::byte>> spans;
   for (const auto& r : regions) spans.emplace_back(static_cast<const std::byte*>(r.address), r.length);
   LAZYMEM_TRY(writer.train(spans, page));
@@ -74,7 +83,83 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
     LAZYMEM_TRY(writer.add_region(std::move(meta), {static_cast<const std::byte*>(r.address), r.length}, progress));
     before += r.length;
   }
+  return ok_status();
+}
+
+// The chunks that `dirty` (sorted page ranges) touches, per region (sorted, once each).
+std::vector<std::vector<size_t>> chunks_touched(std::span<const CaptureRegion> regions,
+                                                const std::vector<AddressRange>& dirty, uint32_t chunk_size) {
+  std::vector<std::vector<size_t>> out(regions.size());
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(regions[i].address), end = start + regions[i].length;
+    for (const AddressRange& d : dirty) {
+      if (d.end() <= start || d.start >= end) continue;
+      const size_t first = (std::max(d.start, start) - start) / chunk_size;
+      const size_t last = (std::min(d.end(), end) - 1 - start) / chunk_size;
+      for (size_t c = first; c <= last; ++c) {
+        if (out[i].empty() || out[i].back() < c) out[i].push_back(c);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions,
+                                      const CaptureOptions& options) {
+  const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
+  LAZYMEM_TRY(check_capture_regions(regions, options, page));  // before any work
+  LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
+  snapshot::SnapshotWriter writer(std::move(sink), options);
+  LAZYMEM_TRY(store_regions(writer, regions, options, page));
   return writer.finish();
+}
+
+Result<CaptureReport> capture_regions_live(const std::string& target, std::span<const CaptureRegion> regions,
+                                           const CaptureOptions& options, const LiveCaptureOptions& live,
+                                           const KernelFeatures& features) {
+  const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
+  LAZYMEM_TRY(check_capture_regions(regions, options, page));
+  if (!live.pause || !live.resume) {
+    return Error(Errc::kInvalidArgument, "a live capture needs pause and resume (LiveCaptureOptions): without them the "
+                                         "last round could store a torn state");
+  }
+  std::vector<AddressRange> ranges;
+  for (const auto& r : regions) ranges.push_back({reinterpret_cast<uintptr_t>(r.address), r.length});
+  // Armed before the first pass reads anything: a page written while it is being stored is
+  // reported, and stored again.
+  LAZYMEM_ASSIGN_OR_RETURN(auto tracker, DirtyTracker::start(std::move(ranges), features));
+  LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
+  snapshot::SnapshotWriter writer(std::move(sink), options);
+  LAZYMEM_TRY(store_regions(writer, regions, options, page));
+  auto store_dirty = [&]() -> Result<uint64_t> {
+    LAZYMEM_ASSIGN_OR_RETURN(std::vector<AddressRange> dirty, tracker->collect());
+    uint64_t bytes = 0;
+    for (const AddressRange& d : dirty) bytes += d.length;
+    const auto chunks = chunks_touched(regions, dirty, options.chunk_size);
+    for (size_t i = 0; i < regions.size(); ++i) {
+      if (chunks[i].empty()) continue;
+      LAZYMEM_TRY(writer.recapture(i, chunks[i], {static_cast<const std::byte*>(regions[i].address), regions[i].length}));
+    }
+    return bytes;
+  };
+  unsigned rounds = 1;
+  for (unsigned r = 0; r < live.max_rounds; ++r) {
+    ++rounds;
+    LAZYMEM_ASSIGN_OR_RETURN(uint64_t written, store_dirty());
+    if (written <= live.converged_bytes) break;
+  }
+  const auto paused_at = std::chrono::steady_clock::now();
+  live.pause();
+  Result<uint64_t> last = store_dirty();
+  live.resume();
+  const double paused = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
+  if (!last.ok()) return std::move(last).error().wrap("live capture, last round (paused)");
+  LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, writer.finish());
+  report.rounds = rounds + 1;
+  report.paused_seconds = paused;
+  return report;
 }
 
 Result<CaptureReport> capture_raw_file(const std::string& target, const std::string& file, const CaptureOptions& options) {

@@ -6,6 +6,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <filesystem>
+#include <mutex>
 #include <csignal>
 #include <cstring>
 #include <fstream>
@@ -175,6 +178,128 @@ TEST_F(RestoreTest, FormatOneSnapshotRestores) {
   expect_equal(got, expected_);
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+// A thread writing one word after another into memory being captured live, that parks when
+// asked (the capture's pause) and goes on when told (its resume).
+class BusyWriter {
+ public:
+  BusyWriter(std::byte* m, size_t len) : thread_([this, m, len] { run(m, len); }) {}
+  ~BusyWriter() {
+    {
+      std::lock_guard lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void pause() {
+    std::unique_lock lk(mu_);
+    pause_asked_ = true;
+    cv_.wait(lk, [&] { return parked_; });
+  }
+  void resume() {
+    {
+      std::lock_guard lk(mu_);
+      pause_asked_ = false;
+    }
+    cv_.notify_all();
+  }
+  // Waits until it has written `n` words (it is running, not only started).
+  void await_writes(uint64_t n) {
+    std::unique_lock lk(mu_);
+    cv_.wait(lk, [&] { return writes_ >= n; });
+  }
+  uint64_t writes() {
+    std::lock_guard lk(mu_);
+    return writes_;
+  }
+
+ private:
+  void run(std::byte* m, size_t len) {
+    std::mt19937_64 rng(9);
+    for (uint64_t n = 1;; ++n) {
+      if (n % 64 == 0) {  // the flags, every 64 words: the writes are what this thread is for
+        std::unique_lock lk(mu_);
+        writes_ = n;
+        cv_.notify_all();
+        if (pause_asked_) {
+          parked_ = true;
+          cv_.notify_all();
+          cv_.wait(lk, [&] { return !pause_asked_ || stop_; });
+          parked_ = false;
+        }
+        if (stop_) return;
+      }
+      const uint64_t v = n;
+      std::memcpy(m + (rng() % (len / 8)) * 8, &v, 8);
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool pause_asked_ = false, parked_ = false, stop_ = false;
+  uint64_t writes_ = 0;
+  std::thread thread_;
+};
+
+// Captured while a thread keeps writing: the snapshot holds the memory as it was during the
+// pause, every byte, although most of it was stored before and chunks were stored again.
+TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
+  if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
+  constexpr size_t kLen = 64 * kMiB;
+  void* p = testing::map_for_capture(kLen, 21);
+  ASSERT_NE(p, nullptr);
+  auto* m = static_cast<std::byte*>(p);
+  testing::fill_mixed(m, kLen, 21);
+  CaptureReport report;
+  {
+    BusyWriter writer(m + kLen / 2, kLen / 2);  // the upper half: the lower one is written below only
+    writer.await_writes(10000);
+    LiveCaptureOptions live;
+    live.max_rounds = 3;
+    live.converged_bytes = 0;  // every round, so that chunks are stored again and again
+    live.pause = [&] {
+      writer.pause();
+      expected_.assign(m, m + kLen);  // what the last round stores
+    };
+    live.resume = [&] { writer.resume(); };
+    // Also, deterministically: behind the first pass, pages of the lower half it has stored
+    // already are written (its progress is reported on the capturing thread, every 256 chunks).
+    CaptureOptions opts;
+    bool wrote_behind = false;
+    opts.progress = [&](uint64_t done, uint64_t) {
+      if (wrote_behind) return;
+      for (size_t off = 0; off + 4096 <= std::min<uint64_t>(done, kLen / 2); off += 4 * 4096) m[off + 100] = std::byte{0x5a};
+      wrote_behind = true;
+    };
+    CaptureRegion region{"heap", p, kLen, PROT_READ | PROT_WRITE};
+    auto r = capture_regions_live(location("live"), std::span(&region, 1), opts, live, kf_);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    report = *r;
+    EXPECT_TRUE(wrote_behind);
+    EXPECT_GT(writer.writes(), 10000u);
+  }
+  EXPECT_EQ(report.total_bytes, kLen);
+  EXPECT_EQ(report.rounds, 5u);  // the first pass, three rounds, the paused one
+  EXPECT_GT(report.superseded_bytes, 0u) << "nothing was stored again: the writer did not race the capture";
+  ::munmap(p, kLen);
+  auto r = LazyRestore::start(location("live"), kf_);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  expect_equal(static_cast<const std::byte*>((*r)->region("heap")->address), expected_);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap((*r)->region("heap")->address, kLen);
+}
+
+TEST_F(RestoreTest, LiveCaptureWithoutPauseIsRefused) {
+  void* p = testing::map_for_capture(kMiB, 22);
+  ASSERT_NE(p, nullptr);
+  CaptureRegion region{"heap", p, kMiB, PROT_READ | PROT_WRITE};
+  auto r = capture_regions_live(location("nopause"), std::span(&region, 1), {}, {}, kf_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("needs pause and resume"), std::string::npos) << r.error().message();
+  EXPECT_FALSE(std::filesystem::exists(location("nopause")));
+  ::munmap(p, kMiB);
 }
 
 TEST_F(RestoreTest, AddressTakenFailsWithNothingMapped) {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "lazymem/kernel_features.h"
 #include "lazymem/result.h"
 
 namespace lazymem {
@@ -134,6 +135,10 @@ struct CaptureReport {
   uint64_t raw_chunks = 0;
   uint64_t zstd_chunks = 0;
   double seconds = 0;
+  // Live captures (capture_regions_live) only.
+  uint64_t superseded_bytes = 0;  // older versions of chunks stored again, left unreferenced in the data file
+  unsigned rounds = 0;            // passes over the memory: the first, the pre-copy rounds, the paused one
+  double paused_seconds = 0;      // from pause() to resume()
 };
 
 // What capture_regions and capture_raw_file check of `options` before any work (chunk size,
@@ -145,6 +150,28 @@ Status check_capture_options(const CaptureOptions& options);
 // The snapshot appears atomically: a failed or interrupted capture leaves nothing under its name.
 Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions,
                                       const CaptureOptions& options);
+
+// A live capture's rounds and its pause (capture_regions_live).
+struct LiveCaptureOptions {
+  unsigned max_rounds = 10;              // pre-copy rounds after the first pass, at most
+  uint64_t converged_bytes = 8u << 20;   // pre-copying stops once a round finds this little written
+  // Stop and restart the process's writers (its other threads): called once each, pause before
+  // the last round, resume right after it (before the commit), also when the capture fails
+  // after pause. Both are required: without a pause the snapshot could hold a torn state.
+  std::function<void()> pause;
+  std::function<void()> resume;
+};
+
+// Captures `regions` of this process while it keeps running, as a pre-copy migration does: a
+// first pass stores everything with dirty-page tracking armed (DirtyTracker: Linux 6.7), each
+// round then stores again the chunks written meanwhile, until one finds at most
+// `live.converged_bytes` or `live.max_rounds` have run; then pause(), the last chunks written,
+// resume(), commit. The process stops for that last round only. The data file keeps the older
+// versions of chunks stored again (CaptureReport::superseded_bytes); the manifest points at the
+// last ones. Same target and options as capture_regions.
+Result<CaptureReport> capture_regions_live(const std::string& target, std::span<const CaptureRegion> regions,
+                                           const CaptureOptions& options, const LiveCaptureOptions& live,
+                                           const KernelFeatures& features);
 
 // Captures a raw memory file (e.g. a VM's guest memory image) as one kRawFile region.
 Result<CaptureReport> capture_raw_file(const std::string& target, const std::string& file,

@@ -50,17 +50,38 @@ Status SnapshotWriter::add_region(RegionInfo meta, std::span<const std::byte> by
   if (encoders_.empty()) {
     for (unsigned i = 0; i < threads_; ++i) encoders_.push_back(std::make_unique<ChunkEncoder>(options_.zstd_level, cs, dict_));
   }
-  const bool pages = options_.format_version >= 2;
   const size_t nchunks = (meta.length + cs - 1) / cs;
   meta.chunks.assign(nchunks, ChunkInfo{});
-  for (size_t base = 0; base < nchunks; base += kChunksPerRound) {
-    const size_t n = std::min(kChunksPerRound, nchunks - base);
+  std::vector<size_t> all(nchunks);
+  for (size_t c = 0; c < nchunks; ++c) all[c] = c;
+  LAZYMEM_TRY(store_chunks(meta, bytes, all, progress));
+  report_.total_bytes += meta.length;
+  manifest_.regions.push_back(std::move(meta));
+  return ok_status();
+}
+
+Status SnapshotWriter::recapture(size_t region, std::span<const size_t> chunks, std::span<const std::byte> bytes) {
+  if (region >= manifest_.regions.size() || bytes.size() != manifest_.regions[region].length) {
+    return Error(Errc::kInvalidArgument, fmt::format("recapture: no region {} of {} bytes", region, bytes.size()));
+  }
+  RegionInfo& meta = manifest_.regions[region];
+  for (size_t c : chunks) {
+    if (c >= meta.chunks.size()) return Error(Errc::kInvalidArgument, fmt::format("recapture: region '{}' has no chunk {}", meta.name, c));
+  }
+  return store_chunks(meta, bytes, chunks, {});
+}
+
+Status SnapshotWriter::store_chunks(RegionInfo& meta, std::span<const std::byte> bytes, std::span<const size_t> which,
+                                    const Progress& progress) {
+  const uint32_t cs = options_.chunk_size;
+  const bool pages = options_.format_version >= 2;
+  for (size_t base = 0; base < which.size(); base += kChunksPerRound) {
+    const size_t n = std::min(kChunksPerRound, which.size() - base);
     std::atomic<size_t> next{0};
     auto work = [&](unsigned t) {
       ChunkEncoder& enc = *encoders_[t];
       for (size_t i = next++; i < n; i = next++) {
-        size_t c = base + i;
-        uint64_t start = static_cast<uint64_t>(c) * cs;
+        const uint64_t start = static_cast<uint64_t>(which[base + i]) * cs;
         auto in = bytes.subspan(start, std::min<uint64_t>(cs, meta.length - start));
         Slot& slot = slots_[i];
         auto enc_r = pages ? enc.encode_pages(in, meta.page_size) : enc.encode(in);
@@ -76,7 +97,10 @@ Status SnapshotWriter::add_region(RegionInfo meta, std::span<const std::byte> by
           slot.buf.assign(enc_r->stored.begin(), enc_r->stored.end());
           slot.stored = slot.buf;
         } else {
-          slot.stored = enc_r->stored;  // raw: the region itself; zero: empty
+          // Raw: the region itself, appended below, after its checksum was taken. Memory a live
+          // capture's process writes meanwhile is stored torn, but that page is dirty and stored
+          // again (recapture) before the snapshot is committed; nothing else writes it.
+          slot.stored = enc_r->stored;
         }
       }
     };
@@ -86,31 +110,35 @@ Status SnapshotWriter::add_region(RegionInfo meta, std::span<const std::byte> by
     for (auto& h : helpers) h.join();
     for (size_t i = 0; i < n; ++i) {
       Slot& slot = slots_[i];
-      if (!slot.status.ok()) return slot.status.error().wrap(fmt::format("region '{}' chunk {}", meta.name, base + i));
+      if (!slot.status.ok()) return slot.status.error().wrap(fmt::format("region '{}' chunk {}", meta.name, which[base + i]));
       ChunkInfo info = slot.info;
       if (info.codec != Codec::kZero) {
         info.offset = offset_;
         LAZYMEM_TRY(sink_->append(slot.stored));
         offset_ += info.stored_length;
       }
-      switch (info.codec) {
+      meta.chunks[which[base + i]] = info;
+    }
+    if (progress) progress(std::min<uint64_t>(meta.length, (base + n) * uint64_t{cs}), meta.length);
+  }
+  return ok_status();
+}
+
+Result<CaptureReport> SnapshotWriter::finish() {
+  // Counted from the manifest, not as chunks were stored: a live capture stores some twice.
+  for (const RegionInfo& r : manifest_.regions) {
+    for (const ChunkInfo& c : r.chunks) {
+      ++report_.chunks;
+      report_.stored_bytes += c.stored_length;
+      switch (c.codec) {
         case Codec::kZero: ++report_.zero_chunks; break;
         case Codec::kRaw: ++report_.raw_chunks; break;
         case Codec::kZstd:
         case Codec::kZstdPages: ++report_.zstd_chunks; break;
       }
-      report_.stored_bytes += info.stored_length;
-      meta.chunks[base + i] = info;
     }
-    if (progress) progress(std::min<uint64_t>(meta.length, (base + n) * uint64_t{cs}), meta.length);
   }
-  report_.chunks += nchunks;
-  report_.total_bytes += meta.length;
-  manifest_.regions.push_back(std::move(meta));
-  return ok_status();
-}
-
-Result<CaptureReport> SnapshotWriter::finish() {
+  report_.superseded_bytes = offset_ - report_.stored_bytes;
   manifest_.data_length = offset_;
   manifest_.created_unix_ns = static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());

@@ -31,6 +31,12 @@ class SnapshotWriter {
   // Adds one region. `meta.chunks` is filled in here; `bytes` must stay readable during the call.
   Status add_region(RegionInfo meta, std::span<const std::byte> bytes, const Progress& progress = {});
 
+  // Stores chunks `chunks` (sorted indexes) of region `region` (in add_region order) again from
+  // `bytes`, its memory now: a live capture's pages written since they were stored. The new
+  // versions are appended and the manifest points at them; the old ones stay in the data file,
+  // unreferenced (CaptureReport::superseded_bytes).
+  Status recapture(size_t region, std::span<const size_t> chunks, std::span<const std::byte> bytes);
+
   // Writes the manifest and publishes the snapshot.
   Result<CaptureReport> finish();
 
@@ -41,6 +47,11 @@ class SnapshotWriter {
     std::span<const std::byte> stored;
     Status status;
   };
+
+  // Encodes chunks `which` of `bytes` (a region laid out as `meta`) on every thread, appends
+  // them in that order and points meta.chunks at them.
+  Status store_chunks(RegionInfo& meta, std::span<const std::byte> bytes, std::span<const size_t> which,
+                      const Progress& progress);
 
   std::unique_ptr<SnapshotSink> sink_;
   CaptureOptions options_;
