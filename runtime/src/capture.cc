@@ -153,6 +153,7 @@ Result<CaptureReport> capture_regions_live(const std::string& target, std::span<
   const auto paused_at = std::chrono::steady_clock::now();
   live.pause();
   Result<uint64_t> last = store_dirty();
+  if (last.ok() && live.app_state) writer.set_app_state(live.app_state());
   live.resume();
   const double paused = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
   if (!last.ok()) return std::move(last).error().wrap("live capture, last round (paused)");

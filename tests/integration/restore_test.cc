@@ -253,6 +253,7 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
   auto* m = static_cast<std::byte*>(p);
   testing::fill_mixed(m, kLen, 21);
   CaptureReport report;
+  std::vector<std::byte> expected_state;
   {
     BusyWriter writer(m + kLen / 2, kLen / 2);  // the upper half: the lower one is written below only
     writer.await_writes(10000);
@@ -264,6 +265,12 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
       expected_.assign(m, m + kLen);  // what the last round stores
     };
     live.resume = [&] { writer.resume(); };
+    std::vector<std::byte> state_at_pause;
+    live.app_state = [&] {  // the writer's count, as the pause found it
+      const uint64_t n = writer.writes();
+      state_at_pause.assign(reinterpret_cast<const std::byte*>(&n), reinterpret_cast<const std::byte*>(&n) + 8);
+      return state_at_pause;
+    };
     // Also, deterministically: behind the first pass, pages of the lower half it has stored
     // already are written (its progress is reported on the capturing thread, every 256 chunks).
     CaptureOptions opts;
@@ -277,6 +284,7 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
     auto r = capture_regions_live(location("live"), std::span(&region, 1), opts, live, kf_);
     ASSERT_TRUE(r.ok()) << r.error().message();
     report = *r;
+    expected_state = state_at_pause;
     EXPECT_TRUE(wrote_behind);
     EXPECT_GT(writer.writes(), 10000u);
   }
@@ -287,6 +295,8 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
   auto r = LazyRestore::start(location("live"), kf_);
   ASSERT_TRUE(r.ok()) << r.error().message();
   expect_equal(static_cast<const std::byte*>((*r)->region("heap")->address), expected_);
+  EXPECT_EQ((*r)->app_state(), expected_state) << "the state blob is not the one taken during the pause";
+  EXPECT_EQ(expected_state.size(), 8u);
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap((*r)->region("heap")->address, kLen);
 }

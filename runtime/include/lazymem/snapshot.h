@@ -160,6 +160,9 @@ struct LiveCaptureOptions {
   // after pause. Both are required: without a pause the snapshot could hold a torn state.
   std::function<void()> pause;
   std::function<void()> resume;
+  // Optional, called during the pause: the application state blob stored with the snapshot
+  // (instead of CaptureOptions::app_state), so that it describes the memory as it was then.
+  std::function<std::vector<std::byte>()> app_state;
 };
 
 // Captures `regions` of this process while it keeps running, as a pre-copy migration does: a

@@ -37,6 +37,9 @@ class SnapshotWriter {
   // unreferenced (CaptureReport::superseded_bytes).
   Status recapture(size_t region, std::span<const size_t> chunks, std::span<const std::byte> bytes);
 
+  // Replaces the application state blob (a live capture takes it during its pause).
+  void set_app_state(std::vector<std::byte> state) { manifest_.app_state = std::move(state); }
+
   // Writes the manifest and publishes the snapshot.
   Result<CaptureReport> finish();
 
