@@ -1,20 +1,24 @@
 // lazymem-example-kv: builds a hash table of customer records, snapshots it, and restores it
 // lazily in a new process, checking every record. The demo and the benchmarks run it.
 //
-//   lazymem-example-kv fill --mib 512 --snapshot /tmp/store/kv
+//   lazymem-example-kv fill --mib 512 --snapshot /tmp/store/kv [--live-inserts-per-sec 2000]
 //   lazymem-example-kv restore --snapshot /tmp/store/kv [--no-prefetch] [--eager] [--json]
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "cli/options.h"
 #include "kv_table.h"
 #include "lazymem/agent_client.h"
+#include "lazymem/kernel_features.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 #include "lazymem/stats.h"
@@ -54,6 +58,62 @@ bool all_zero(const char* p, size_t n) {
 
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
+// A service taking new customers while its table is captured live: a thread inserting records
+// at a steady rate (a real insert: slot, count, digest), parked for the capture's pause.
+class Inserter {
+ public:
+  Inserter(KvTable& table, double per_sec, uint64_t max_records)
+      : table_(table), per_sec_(per_sec), max_records_(max_records), thread_([this] { run(); }) {}
+  ~Inserter() {
+    {
+      std::lock_guard lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void pause() {
+    std::unique_lock lk(mu_);
+    asked_ = true;
+    cv_.wait(lk, [&] { return parked_; });
+  }
+  void resume() {
+    {
+      std::lock_guard lk(mu_);
+      asked_ = false;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  void run() {
+    const auto start = Clock::now();
+    uint64_t done = 0;
+    std::unique_lock lk(mu_);
+    while (!stop_) {
+      if (asked_) {
+        parked_ = true;
+        cv_.notify_all();
+        cv_.wait(lk, [&] { return !asked_ || stop_; });
+        parked_ = false;
+        continue;
+      }
+      // Inserts what the rate allows by now, then waits a millisecond (or to be parked, stopped).
+      const double due = per_sec_ * std::chrono::duration<double>(Clock::now() - start).count();
+      for (; static_cast<double>(done) < due && table_.header().records < max_records_; ++done) table_.add();
+      cv_.wait_for(lk, std::chrono::milliseconds(1), [&] { return asked_ || stop_; });
+    }
+  }
+
+  KvTable& table_;
+  const double per_sec_;
+  const uint64_t max_records_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool asked_ = false, parked_ = false, stop_ = false;
+  std::thread thread_;
+};
+
 int fill(const po::variables_map& vm) {
   const size_t mib = vm["mib"].as<size_t>();
   if (mib == 0 || mib > (size_t{1} << 30)) throw std::invalid_argument("--mib wants 1 or more (MiB)");
@@ -81,10 +141,41 @@ int fill(const po::variables_map& vm) {
   opts.app_state.resize(sizeof st);
   std::memcpy(opts.app_state.data(), &st, sizeof st);
   lazymem::CaptureRegion region{"kv-table", arena, bytes, PROT_READ | PROT_WRITE};
-  auto rep = lazymem::capture_regions(vm["snapshot"].as<std::string>(), std::span(&region, 1), opts);
+  const double live_rate = vm["live-inserts-per-sec"].as<double>();
+  lazymem::Result<lazymem::CaptureReport> rep = lazymem::Error(lazymem::Errc::kCancelled, "not captured");
+  if (live_rate > 0) {
+    const auto kf = lazymem::probe_kernel();
+    if (!kf.has_dirty_tracking()) {
+      std::fprintf(stderr, "live snapshot skipped: this kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)\n");
+      return 3;
+    }
+    const uint64_t before = table.header().records;
+    Inserter inserter(table, live_rate, static_cast<uint64_t>(static_cast<double>(table.header().slots) * 0.85));
+    lazymem::LiveCaptureOptions live;
+    live.pause = [&] { inserter.pause(); };
+    live.resume = [&] { inserter.resume(); };
+    live.app_state = [&] {  // the table as the pause found it
+      AppState now = st;
+      now.records = table.header().records;
+      now.digest = table.header().digest;
+      std::vector<std::byte> blob(sizeof now);
+      std::memcpy(blob.data(), &now, sizeof now);
+      std::printf("paused with %llu records (%llu inserted since the capture began)\n",
+                  static_cast<unsigned long long>(now.records), static_cast<unsigned long long>(now.records - before));
+      return blob;
+    };
+    rep = lazymem::capture_regions_live(vm["snapshot"].as<std::string>(), std::span(&region, 1), opts, live, kf);
+  } else {
+    rep = lazymem::capture_regions(vm["snapshot"].as<std::string>(), std::span(&region, 1), opts);
+  }
   if (!rep.ok()) {
     std::fprintf(stderr, "snapshot failed: %s\n", rep.error().message().c_str());
     return 1;
+  }
+  if (live_rate > 0) {
+    std::printf("live snapshot, %.0f inserts a second going on: the table was paused %.1f ms, for the last of %u passes "
+                "(%.1f MiB stored again)\n",
+                live_rate, rep->paused_seconds * 1e3, rep->rounds, rep->superseded_bytes / 1048576.0);
   }
   std::printf("snapshot %s: %.1f MiB stored of %.1f MiB (%.2fx), %llu chunks (%llu zero, %llu raw, %llu zstd), %.2f s\n",
               rep->location.c_str(), rep->stored_bytes / 1048576.0, rep->total_bytes / 1048576.0,
@@ -197,6 +288,8 @@ static int run_example(int argc, char** argv) {
       "seed", po::value<uint64_t>()->default_value(42), "fill: key seed")(
       "zstd-level", po::value<int>()->default_value(1), "fill: zstd level")(
       "chunk-kib", po::value<uint32_t>()->default_value(64), "fill: chunk size in KiB")(
+      "live-inserts-per-sec", po::value<double>()->default_value(0),
+      "fill: snapshot live while a thread inserts this many records a second (0: the table is idle)")(
       "no-prefetch", "restore: fetch only what is touched")("token-file", po::value<std::string>(),
                                                             "restore: page-server token file")(
       "json", "restore: print figures as JSON")("agent", po::value<std::string>(),

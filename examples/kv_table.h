@@ -92,15 +92,19 @@ class KvTable {
     hdr_->magic = kTableMagic;
     hdr_->seed = seed;
     hdr_->slots = slots_for(bytes_);
-    uint64_t n = static_cast<uint64_t>(static_cast<double>(hdr_->slots) * load);
-    uint64_t digest = 0;
-    for (uint64_t i = 0; i < n; ++i) {
-      Record r = make_record(key_of(seed, i));
-      insert(r);
-      digest += record_hash(r);
-    }
-    hdr_->records = n;
-    hdr_->digest = digest;
+    hdr_->records = 0;
+    hdr_->digest = 0;
+    const uint64_t n = static_cast<uint64_t>(static_cast<double>(hdr_->slots) * load);
+    for (uint64_t i = 0; i < n; ++i) add();
+  }
+
+  // Inserts the next record (the one key_of(seed, records) stands for), as a service taking a
+  // new customer does: its slot, then the header's count and digest.
+  void add() {
+    Record r = make_record(key_of(hdr_->seed, hdr_->records));
+    insert(r);
+    hdr_->records += 1;
+    hdr_->digest += record_hash(r);
   }
 
   const Record* find(uint64_t key) const {
