@@ -132,6 +132,7 @@ Result<CaptureReport> capture_regions_live(const std::string& target, std::span<
   LAZYMEM_ASSIGN_OR_RETURN(auto tracker, DirtyTracker::start(std::move(ranges), features));
   LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
   snapshot::SnapshotWriter writer(std::move(sink), options);
+  writer.stage_input();
   LAZYMEM_TRY(store_regions(writer, regions, options, page));
   auto store_dirty = [&]() -> Result<uint64_t> {
     LAZYMEM_ASSIGN_OR_RETURN(std::vector<AddressRange> dirty, tracker->collect());
@@ -152,9 +153,18 @@ Result<CaptureReport> capture_regions_live(const std::string& target, std::span<
   }
   const auto paused_at = std::chrono::steady_clock::now();
   live.pause();
-  Result<uint64_t> last = store_dirty();
-  if (last.ok() && live.app_state) writer.set_app_state(live.app_state());
-  live.resume();
+  // resume() however the last round ends, an exception (bad_alloc, the app_state callback's)
+  // included: the caller's writers must not stay parked.
+  struct Resume {
+    const std::function<void()>& resume;
+    ~Resume() { resume(); }
+  };
+  Result<uint64_t> last = Error(Errc::kCancelled, "not run");
+  {
+    Resume on_exit{live.resume};
+    last = store_dirty();
+    if (last.ok() && live.app_state) writer.set_app_state(live.app_state());
+  }
   const double paused = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
   if (!last.ok()) return std::move(last).error().wrap("live capture, last round (paused)");
   LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, writer.finish());

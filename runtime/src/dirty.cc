@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 
@@ -17,7 +18,11 @@ namespace lazymem {
 namespace {
 
 constexpr uint64_t kTrackingFeatures = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
-constexpr uintptr_t kPage = 4096;
+// Features whose events the process waits on until someone reads them: nobody reads a tracking
+// uffd, so madvise, munmap, mremap or fork of tracked memory would block for good.
+constexpr uint64_t kEventFeatures = UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE |
+                                    UFFD_FEATURE_EVENT_UNMAP;
+const uintptr_t kPage = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
 
 Status check_ranges(std::vector<AddressRange>& ranges) {
   if (ranges.empty()) return Error(Errc::kInvalidArgument, "dirty tracking: no ranges given");
@@ -74,9 +79,56 @@ Result<sys::Uffd> tracking_uffd(const DirtyTrackerOptions& o) {
                              "UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED in its UFFDIO_API handshake",
                              (features & UFFD_FEATURE_WP_ASYNC) ? "UFFD_FEATURE_WP_UNPOPULATED" : "UFFD_FEATURE_WP_ASYNC"));
   }
+  if ((features & kEventFeatures) != 0) {
+    return Error(Errc::kInvalidArgument,
+                 "dirty tracking: the userfaultfd given also asks for UFFD_FEATURE_EVENT_* (fork, remap, remove, "
+                 "unmap): nobody reads a tracking uffd's events, so madvise, munmap, mremap or fork of the tracked "
+                 "memory would block; hand over a uffd opened with UFFD_FEATURE_WP_ASYNC | WP_UNPOPULATED only");
+  }
   sys::UniqueFd dup(::fcntl(o.uffd, F_DUPFD_CLOEXEC, 0));
   if (!dup.valid()) return sys_error("dirty tracking: duplicating the userfaultfd", errno);
   return sys::Uffd::adopt(std::move(dup), features);
+}
+
+// Every range must lie in private mappings of process `pid` (0: this one). A shared mapping's
+// pages change through its other mappings, the file (memfd: pwrite) or devices without this
+// mapping's write-protect seeing it; a range not mapped in that process would scan as clean
+// forever (a uffd of another process, or the wrong pid).
+Status check_ranges_mapped_private(pid_t pid, const std::vector<AddressRange>& ranges) {
+  const std::string path = pid == 0 ? "/proc/self/maps" : fmt::format("/proc/{}/maps", pid);
+  std::ifstream in(path);
+  if (!in) return sys_error("dirty tracking: read " + path, errno);
+  struct Vma {
+    uintptr_t start, end;
+    bool shared;
+  };
+  std::vector<Vma> vmas;
+  for (std::string line; std::getline(in, line);) {
+    unsigned long a = 0, b = 0;
+    char perms[8] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %7s", &a, &b, perms) == 3) vmas.push_back({a, b, perms[3] == 's'});
+  }
+  for (const AddressRange& r : ranges) {
+    uintptr_t at = r.start;
+    for (const Vma& v : vmas) {  // /proc lists them in address order
+      if (v.end <= at || v.start > at) continue;
+      if (v.shared) {
+        return Error(Errc::kUnsupported,
+                     fmt::format("dirty tracking: {:#x}-{:#x} is a shared mapping: its pages also change through its "
+                                 "other mappings or its file, which write-protect here does not see; only private "
+                                 "memory can be tracked",
+                                 v.start, v.end));
+      }
+      at = v.end;
+      if (at >= r.end()) break;
+    }
+    if (at < r.end()) {
+      return Error(Errc::kInvalidArgument,
+                   fmt::format("dirty tracking: {:#x}-{:#x} is not mapped in {}", at, r.end(),
+                               pid == 0 ? std::string("this process") : fmt::format("process {}", pid)));
+    }
+  }
+  return ok_status();
 }
 
 }  // namespace
@@ -93,19 +145,30 @@ DirtyTracker::DirtyTracker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) 
 Result<std::unique_ptr<DirtyTracker>> DirtyTracker::start(std::vector<AddressRange> ranges,
                                                           const KernelFeatures& features,
                                                           const DirtyTrackerOptions& options) {
+  if (!features.uffd_usable) return Error(Errc::kUnsupported, "dirty tracking: " + features.uffd_error);
   if (!features.has_dirty_tracking()) {
-    return Error(Errc::kUnsupported,
-                 fmt::format("dirty tracking needs {} (Linux 6.7); this kernel lacks it",
-                             !features.has_uffd_feature(kTrackingFeatures) ? "UFFD_FEATURE_WP_ASYNC and WP_UNPOPULATED"
-                                                                           : "the PAGEMAP_SCAN ioctl"));
+    std::string missing;
+    if (!features.has_uffd_feature(UFFD_FEATURE_WP_ASYNC)) missing += "UFFD_FEATURE_WP_ASYNC, ";
+    if (!features.has_uffd_feature(UFFD_FEATURE_WP_UNPOPULATED)) missing += "UFFD_FEATURE_WP_UNPOPULATED, ";
+    if (!features.pagemap_scan) missing += "the PAGEMAP_SCAN ioctl on /proc/PID/pagemap, ";
+    missing.resize(missing.size() - 2);
+    return Error(Errc::kUnsupported, fmt::format("dirty tracking needs Linux 6.7; this kernel lacks {}", missing));
   }
   LAZYMEM_TRY(check_ranges(ranges));
   LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, tracking_uffd(options));
+  LAZYMEM_TRY(check_ranges_mapped_private(options.pid, ranges));
   LAZYMEM_ASSIGN_OR_RETURN(sys::PagemapScan scan, sys::PagemapScan::open(options.pid));
   for (size_t i = 0; i < ranges.size(); ++i) {
     Status s = uffd.register_write_protected(ranges[i].start, ranges[i].length);
     if (!s.ok()) {
-      for (size_t j = 0; j <= i; ++j) (void)uffd.unregister(ranges[j].start, ranges[j].length);
+      // Only what this call registered: range i is not ours (EBUSY: another uffd's, a lazy
+      // restore's say, whose registration an unregister here must not touch).
+      for (size_t j = 0; j < i; ++j) (void)uffd.unregister(ranges[j].start, ranges[j].length);
+      if (s.error().sys_errno() == EBUSY) {
+        return Error(Errc::kExists, fmt::format("dirty tracking: {:#x}-{:#x} is registered with another userfaultfd "
+                                                "(a lazy restore still serving it? finish() it first)",
+                                                ranges[i].start, ranges[i].end()));
+      }
       return std::move(s).error().wrap("dirty tracking");
     }
   }

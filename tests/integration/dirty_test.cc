@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <random>
 #include <set>
 #include <thread>
@@ -130,9 +131,21 @@ TEST_F(DirtyTest, APageTheKernelDroppedIsReportedChanged) {
 // nearly every run, while one PAGEMAP_SCAN call could fill the kernel's buffer: pagemap_scan.cc.)
 class DirtyRaceTest : public DirtyTest, public ::testing::WithParamInterface<int> {};
 
+// This process's anonymous memory in transparent huge pages, KiB.
+size_t anon_huge_kib() {
+  std::ifstream in("/proc/self/smaps_rollup");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("AnonHugePages:", 0) == 0) return std::stoul(line.substr(14));
+  }
+  return 0;
+}
+
 TEST_P(DirtyRaceTest, WritesRacingWithCollectAreNeverLost) {
   constexpr size_t kPages = 8192;  // 32 MiB
   std::byte* m = map(kPages, 4, GetParam());
+  if (GetParam() == MADV_HUGEPAGE && anon_huge_kib() == 0) {
+    GTEST_SKIP() << "no transparent huge pages were given (THP off, or none free): the small-page run covers the rest";
+  }
   auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage / 2},
                                 {reinterpret_cast<uintptr_t>(m) + kPages * kPage / 2, kPages * kPage / 2}},
                                kf_);
@@ -202,6 +215,25 @@ TEST_F(DirtyTest, SaysWhatIsWrongWithTheRangesOrTheUffd) {
   EXPECT_NE(msg({{at, kPage}}, given).find("opened without UFFD_FEATURE_WP_ASYNC"), std::string::npos);
   given.uffd = STDIN_FILENO;
   EXPECT_NE(msg({{at, kPage}}, given).find("is not a userfaultfd"), std::string::npos);
+  // One whose events nobody would read: madvise, munmap or fork of the memory would block.
+  auto evented = sys::Uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE,
+                                 UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE);
+  ASSERT_TRUE(evented.ok()) << evented.error().message();
+  given.uffd = evented->fd();
+  EXPECT_NE(msg({{at, kPage}}, given).find("also asks for UFFD_FEATURE_EVENT_"), std::string::npos)
+      << msg({{at, kPage}}, given);
+  // Memory not mapped, and shared memory (its pages change through its other mappings and its
+  // file, which this mapping's write-protect never sees).
+  void* hole = ::mmap(nullptr, 2 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(hole, MAP_FAILED);
+  ::munmap(static_cast<std::byte*>(hole) + kPage, kPage);
+  EXPECT_NE(msg({{reinterpret_cast<uintptr_t>(hole), 2 * kPage}}).find("is not mapped in this process"),
+            std::string::npos);
+  ::munmap(hole, kPage);
+  void* shared = ::mmap(nullptr, 4 * kPage, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(shared, MAP_FAILED);
+  EXPECT_NE(msg({{reinterpret_cast<uintptr_t>(shared), 4 * kPage}}).find("is a shared mapping"), std::string::npos);
+  ::munmap(shared, 4 * kPage);
   // Memory mapped afresh over a tracked range has no marks: collect() says so, not "clean".
   auto t = DirtyTracker::start({{at, 16 * kPage}}, kf_);
   ASSERT_TRUE(t.ok()) << t.error().message();
@@ -211,6 +243,41 @@ TEST_F(DirtyTest, SaysWhatIsWrongWithTheRangesOrTheUffd) {
   auto got = (*t)->collect();
   ASSERT_FALSE(got.ok());
   EXPECT_NE(got.error().message().find("unmapped and mapped again"), std::string::npos) << got.error().message();
+}
+
+// The VmFlags of the mapping holding `addr` (/proc/self/smaps): "um" registered for missing
+// faults, "uw" for write-protect.
+std::string vm_flags_at(uintptr_t addr) {
+  std::ifstream in("/proc/self/smaps");
+  bool inside = false;
+  for (std::string line; std::getline(in, line);) {
+    unsigned long a = 0, b = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &a, &b) == 2) inside = a <= addr && addr < b;
+    if (inside && line.rfind("VmFlags:", 0) == 0) return line;
+  }
+  return "";
+}
+
+// Memory a lazy restore's uffd still serves (registered for missing faults there) cannot be
+// tracked, and a failed start leaves that registration as it was.
+TEST_F(DirtyTest, MemoryAnotherUffdServesIsRefusedAndLeftAsItWas) {
+  std::byte* m = map(16, 9);
+  const auto at = reinterpret_cast<uintptr_t>(m);
+  auto restore_uffd = sys::Uffd::open(0);
+  ASSERT_TRUE(restore_uffd.ok());
+  ASSERT_TRUE(restore_uffd->register_missing(at + 8 * kPage, 8 * kPage).ok());
+  ASSERT_NE(vm_flags_at(at + 8 * kPage).find(" um"), std::string::npos) << vm_flags_at(at + 8 * kPage);
+  // Through a uffd the caller keeps open: closing the tracker's copy does not undo its work.
+  auto mine = sys::Uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+                              UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED);
+  ASSERT_TRUE(mine.ok());
+  DirtyTrackerOptions o;
+  o.uffd = mine->fd();
+  auto t = DirtyTracker::start({{at, 8 * kPage}, {at + 8 * kPage, 8 * kPage}}, kf_, o);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.error().message().find("registered with another userfaultfd"), std::string::npos) << t.error().message();
+  EXPECT_NE(vm_flags_at(at + 8 * kPage).find(" um"), std::string::npos) << "the restore's registration was dropped";
+  EXPECT_EQ(vm_flags_at(at).find(" uw"), std::string::npos) << "the range registered before the refusal was left";
 }
 
 // Another process's memory, tracked through the uffd it opened and handed over (as a workload
@@ -282,7 +349,9 @@ TEST_F(DirtyTest, AnotherProcessTrackedThroughItsUffd) {
   ASSERT_EQ(::waitpid(kid, &status, 0), kid);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   auto gone = (*t)->collect();
-  EXPECT_FALSE(gone.ok()) << "collect() on an exited process said nothing";
+  ASSERT_FALSE(gone.ok()) << "collect() on an exited process said nothing";
+  EXPECT_EQ(gone.error().code(), Errc::kNotFound);
+  EXPECT_NE(gone.error().message().find("has exited"), std::string::npos) << gone.error().message();
   ::close(sv[0]);
   ::close(ack[0]);
 }

@@ -40,10 +40,16 @@ struct DirtyTrackerOptions {
   int uffd = -1;
 };
 
+// What it cannot see, by design: writes to shared memory through other mappings or its file
+// (shared ranges are refused), and writes that bypass the page tables (a device's DMA, io_uring
+// into buffers registered before tracking began). Memory unmapped after start() just stops
+// being reported: a caller that unmaps tracked memory must know it did. Tracking splits
+// transparent huge pages at their first write (per-4 KiB marks); khugepaged may merge them later.
 class DirtyTracker {
  public:
-  // Starts tracking `ranges` (page-aligned, not overlapping): from now on every page counts as
-  // clean until written. Says what is missing where the kernel or the uffd cannot do it.
+  // Starts tracking `ranges` (page-aligned, not overlapping, private mappings of the process):
+  // from now on every page counts as clean until written. Says what is missing where the kernel,
+  // the uffd or the memory cannot do it (a range another uffd serves: kExists).
   static Result<std::unique_ptr<DirtyTracker>> start(std::vector<AddressRange> ranges, const KernelFeatures& features,
                                                      const DirtyTrackerOptions& options = {});
   // Stops tracking (the ranges are unregistered; writes no longer pay the first-write note).

@@ -171,7 +171,11 @@ struct LiveCaptureOptions {
 // `live.converged_bytes` or `live.max_rounds` have run; then pause(), the last chunks written,
 // resume(), commit. The process stops for that last round only. The data file keeps the older
 // versions of chunks stored again (CaptureReport::superseded_bytes); the manifest points at the
-// last ones. Same target and options as capture_regions.
+// last ones. Same target and options as capture_regions. Each chunk is copied before it is
+// encoded, so what is stored is one moment's bytes. The regions must be private memory
+// (DirtyTracker's limits apply) that no thread of the capture itself writes (not the malloc
+// heap it allocates from): those writes would land after the pause's last look.
+// Tracking splits the regions' transparent huge pages where they are written.
 Result<CaptureReport> capture_regions_live(const std::string& target, std::span<const CaptureRegion> regions,
                                            const CaptureOptions& options, const LiveCaptureOptions& live,
                                            const KernelFeatures& features);

@@ -84,6 +84,10 @@ Status SnapshotWriter::store_chunks(RegionInfo& meta, std::span<const std::byte>
         const uint64_t start = static_cast<uint64_t>(which[base + i]) * cs;
         auto in = bytes.subspan(start, std::min<uint64_t>(cs, meta.length - start));
         Slot& slot = slots_[i];
+        if (stage_input_) {
+          slot.input.assign(in.begin(), in.end());
+          in = slot.input;
+        }
         auto enc_r = pages ? enc.encode_pages(in, meta.page_size) : enc.encode(in);
         if (!enc_r.ok()) {
           slot.status = enc_r.error();
@@ -97,10 +101,7 @@ Status SnapshotWriter::store_chunks(RegionInfo& meta, std::span<const std::byte>
           slot.buf.assign(enc_r->stored.begin(), enc_r->stored.end());
           slot.stored = slot.buf;
         } else {
-          // Raw: the region itself, appended below, after its checksum was taken. Memory a live
-          // capture's process writes meanwhile is stored torn, but that page is dirty and stored
-          // again (recapture) before the snapshot is committed; nothing else writes it.
-          slot.stored = enc_r->stored;
+          slot.stored = enc_r->stored;  // raw: the region (or its staged copy) itself; zero: empty
         }
       }
     };

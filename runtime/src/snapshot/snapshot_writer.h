@@ -37,6 +37,11 @@ class SnapshotWriter {
   // unreferenced (CaptureReport::superseded_bytes).
   Status recapture(size_t region, std::span<const size_t> chunks, std::span<const std::byte> bytes);
 
+  // Copies each chunk before it is checksummed and encoded, so that what is stored is one
+  // moment's bytes even if the memory changes meanwhile (a live capture: a torn chunk would be
+  // stored corrupt, not only stale, were a write ever not tracked).
+  void stage_input() { stage_input_ = true; }
+
   // Replaces the application state blob (a live capture takes it during its pause).
   void set_app_state(std::vector<std::byte> state) { manifest_.app_state = std::move(state); }
 
@@ -45,6 +50,7 @@ class SnapshotWriter {
 
  private:
   struct Slot {
+    std::vector<std::byte> input;  // the chunk's bytes, copied first (stage_input)
     std::vector<std::byte> buf;
     ChunkInfo info;
     std::span<const std::byte> stored;
@@ -58,6 +64,7 @@ class SnapshotWriter {
 
   std::unique_ptr<SnapshotSink> sink_;
   CaptureOptions options_;
+  bool stage_input_ = false;
   unsigned threads_;
   std::vector<std::unique_ptr<ChunkEncoder>> encoders_;  // one per thread, made at the first region
   std::shared_ptr<const EncodeDictionary> dict_;

@@ -61,7 +61,9 @@ Status PagemapScan::take(uintptr_t start, uintptr_t end, uint64_t mask, uint64_t
         out.push_back({run.start, run.end});
       }
     }
-    if (arg.walk_end <= at) break;  // cannot happen (the kernel always advances); never spin
+    if (arg.walk_end <= at) {  // the kernel always advances; were it not to, say so, never spin
+      return Error(Errc::kIo, fmt::format("PAGEMAP_SCAN {:#x}-{:#x} made no progress", at, end));
+    }
     at = arg.walk_end;
   }
   return ok_status();

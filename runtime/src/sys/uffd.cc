@@ -116,7 +116,10 @@ Status Uffd::register_write_protected(uintptr_t addr, size_t len) {
   wp.range.len = len;
   wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
   r = call([&] { return ::ioctl(fd_.get(), UFFDIO_WRITEPROTECT, &wp); });
-  if (!r.ok()) return r.error(fmt::format("userfaultfd: write-protect {:#x}-{:#x}", addr, addr + len));
+  if (!r.ok()) {
+    (void)unregister(addr, len);  // registered above: not left half done
+    return r.error(fmt::format("userfaultfd: write-protect {:#x}-{:#x}", addr, addr + len));
+  }
   return ok_status();
 }
 
