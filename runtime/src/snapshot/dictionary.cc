@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "snapshot/chunk_codec.h"
+#include "snapshot/running_memory.h"
 
 namespace lazymem::snapshot {
 
@@ -19,10 +20,13 @@ std::vector<std::byte> train_dictionary(std::span<const std::span<const std::byt
   std::vector<size_t> sizes;
   // One stride across all regions, so every region is sampled in proportion to its size.
   uint64_t before = 0;  // pages in the regions before this one
+  std::vector<std::byte> page(page_size);
   for (auto r : regions) {
     uint64_t n = r.size() / page_size;
     for (uint64_t p = (stride - before % stride) % stride; p < n; p += stride) {
-      auto page = r.subspan(p * page_size, page_size);
+      // Copied first: a live capture's process may be writing the page (a torn sample costs a
+      // little ratio, nothing else).
+      copy_running_memory(page.data(), r.data() + p * page_size, page_size);
       if (is_all_zero(page)) continue;  // zero pages are not compressed at all
       samples.insert(samples.end(), page.begin(), page.end());
       sizes.push_back(page_size);

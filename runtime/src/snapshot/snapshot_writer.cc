@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "snapshot/manifest.h"
+#include "snapshot/running_memory.h"
 
 namespace lazymem::snapshot {
 namespace {
@@ -85,7 +86,8 @@ Status SnapshotWriter::store_chunks(RegionInfo& meta, std::span<const std::byte>
         auto in = bytes.subspan(start, std::min<uint64_t>(cs, meta.length - start));
         Slot& slot = slots_[i];
         if (stage_input_) {
-          slot.input.assign(in.begin(), in.end());
+          slot.input.resize(in.size());
+          copy_running_memory(slot.input.data(), in.data(), in.size());
           in = slot.input;
         }
         auto enc_r = pages ? enc.encode_pages(in, meta.page_size) : enc.encode(in);
