@@ -6,12 +6,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -19,6 +18,7 @@
 #include "kv_table.h"
 #include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
+#include "lazymem/pause_gate.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 #include "lazymem/stats.h"
@@ -59,59 +59,40 @@ bool all_zero(const char* p, size_t n) {
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
 // A service taking new customers while its table is captured live: a thread inserting records
-// at a steady rate (a real insert: slot, count, digest), parked for the capture's pause.
+// at a steady rate (a real insert: slot, count, digest), parked at the capture's pause through
+// `gate`, between two inserts.
 class Inserter {
  public:
   Inserter(KvTable& table, double per_sec, uint64_t max_records)
       : table_(table), per_sec_(per_sec), max_records_(max_records), thread_([this] { run(); }) {}
   ~Inserter() {
-    {
-      std::lock_guard lk(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
+    stop_ = true;
     thread_.join();
   }
-  void pause() {
-    std::unique_lock lk(mu_);
-    asked_ = true;
-    cv_.wait(lk, [&] { return parked_; });
-  }
-  void resume() {
-    {
-      std::lock_guard lk(mu_);
-      asked_ = false;
-    }
-    cv_.notify_all();
-  }
+
+  lazymem::PauseGate gate;
 
  private:
   void run() {
+    gate.enter();
     const auto start = Clock::now();
-    uint64_t done = 0;
-    std::unique_lock lk(mu_);
-    while (!stop_) {
-      if (asked_) {
-        parked_ = true;
-        cv_.notify_all();
-        cv_.wait(lk, [&] { return !asked_ || stop_; });
-        parked_ = false;
-        continue;
-      }
-      // Inserts what the rate allows by now, then waits a millisecond (or to be parked, stopped).
+    for (uint64_t done = 0; !stop_.load(std::memory_order_relaxed);) {
+      // What the rate allows by now, then a millisecond's rest (a pause waits at most that).
       const double due = per_sec_ * std::chrono::duration<double>(Clock::now() - start).count();
-      for (; static_cast<double>(done) < due && table_.header().records < max_records_; ++done) table_.add();
-      cv_.wait_for(lk, std::chrono::milliseconds(1), [&] { return asked_ || stop_; });
+      for (; static_cast<double>(done) < due && table_.header().records < max_records_; ++done) {
+        gate.checkpoint();
+        table_.add();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
+    gate.leave();
   }
 
   KvTable& table_;
   const double per_sec_;
   const uint64_t max_records_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool asked_ = false, parked_ = false, stop_ = false;
-  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: it starts running at construction
 };
 
 int fill(const po::variables_map& vm) {
@@ -152,8 +133,8 @@ int fill(const po::variables_map& vm) {
     const uint64_t before = table.header().records;
     Inserter inserter(table, live_rate, static_cast<uint64_t>(static_cast<double>(table.header().slots) * 0.85));
     lazymem::LiveCaptureOptions live;
-    live.pause = [&] { inserter.pause(); };
-    live.resume = [&] { inserter.resume(); };
+    live.pause = [&] { inserter.gate.pause(); };
+    live.resume = [&] { inserter.gate.resume(); };
     live.app_state = [&] {  // the table as the pause found it
       AppState now = st;
       now.records = table.header().records;

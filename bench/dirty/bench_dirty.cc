@@ -13,10 +13,9 @@
 #include <sys/mman.h>
 #include <xxhash.h>
 
-#include <condition_variable>
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
-#include <mutex>
 #include <thread>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -26,6 +25,7 @@
 #include "../common/bench_util.h"
 #include "cli/options.h"
 #include "lazymem/dirty.h"
+#include "lazymem/pause_gate.h"
 #include "lazymem/snapshot.h"
 
 namespace po = boost::program_options;
@@ -78,59 +78,33 @@ std::vector<size_t> hash_compare(const std::byte* m, size_t pages, std::vector<u
 }
 
 // A thread rewriting records of the table's first `hot` bytes nonstop (a service's working
-// set), parked on request: the capture's pause and resume.
+// set), parked at the capture's pause through `gate`.
 class RecordWriter {
  public:
   RecordWriter(lazymem::example::Record* slots, uint64_t n) : thread_([this, slots, n] { run(slots, n); }) {}
   ~RecordWriter() {
-    {
-      std::lock_guard lk(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
+    stop_ = true;
     thread_.join();
   }
-  void pause() {
-    std::unique_lock lk(mu_);
-    asked_ = true;
-    cv_.wait(lk, [&] { return parked_; });
-  }
-  void resume() {
-    {
-      std::lock_guard lk(mu_);
-      asked_ = false;
-    }
-    cv_.notify_all();
-  }
-  uint64_t writes() {
-    std::lock_guard lk(mu_);
-    return writes_;
-  }
+  uint64_t writes() const { return writes_.load(std::memory_order_relaxed); }
+
+  lazymem::PauseGate gate;
 
  private:
   void run(lazymem::example::Record* slots, uint64_t n) {
+    gate.enter();
     std::mt19937_64 rng(3);
-    for (uint64_t i = 1;; ++i) {
-      if (i % 256 == 0) {
-        std::unique_lock lk(mu_);
-        writes_ = i;
-        if (asked_) {
-          parked_ = true;
-          cv_.notify_all();
-          cv_.wait(lk, [&] { return !asked_ || stop_; });
-          parked_ = false;
-        }
-        if (stop_) return;
-      }
+    for (uint64_t i = 1; !stop_.load(std::memory_order_relaxed); ++i) {
+      gate.checkpoint();
       lazymem::example::Record& r = slots[rng() % n];
       if (r.key != 0) r = lazymem::example::make_record(r.key);  // the same record, written again
+      writes_.store(i, std::memory_order_relaxed);
     }
+    gate.leave();
   }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool asked_ = false, parked_ = false, stop_ = false;
-  uint64_t writes_ = 0;
-  std::thread thread_;
+  std::atomic<uint64_t> writes_{0};
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: it starts running at construction
 };
 
 struct LiveFigures {
@@ -151,15 +125,15 @@ LiveFigures live_capture(const lazymem::KernelFeatures& kf, const std::string& s
   {
     RecordWriter writer(slots, std::max<uint64_t>(1, (hot - 4096) / sizeof(lazymem::example::Record)));
     const lazymem::CaptureRegion region{"heap", a, len, PROT_READ | PROT_WRITE};
-    writer.pause();
+    writer.gate.pause();
     auto t = Clock::now();
     auto stw = lazymem::capture_regions(store + "/stop-the-world", std::span(&region, 1), {});
     f.stop_the_world_s = since(t);
-    writer.resume();
+    writer.gate.resume();
     if (!stw.ok()) throw std::runtime_error(stw.error().message());
     lazymem::LiveCaptureOptions live;
-    live.pause = [&] { writer.pause(); };
-    live.resume = [&] { writer.resume(); };
+    live.pause = [&] { writer.gate.pause(); };
+    live.resume = [&] { writer.gate.resume(); };
     t = Clock::now();
     auto lc = lazymem::capture_regions_live(store + "/live", std::span(&region, 1), {}, live, kf);
     f.live_total_s = since(t);

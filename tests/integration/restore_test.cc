@@ -17,6 +17,7 @@
 
 #include "../common/test_data.h"
 #include "lazymem/kernel_features.h"
+#include "lazymem/pause_gate.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 
@@ -180,30 +181,14 @@ TEST_F(RestoreTest, FormatOneSnapshotRestores) {
   ::munmap(const_cast<std::byte*>(got), len_);
 }
 
-// A thread writing one word after another into memory being captured live, that parks when
-// asked (the capture's pause) and goes on when told (its resume).
+// A thread writing one word after another into memory being captured live, parked at the
+// capture's pause through `gate` (its checkpoint is between two words).
 class BusyWriter {
  public:
   BusyWriter(std::byte* m, size_t len) : thread_([this, m, len] { run(m, len); }) {}
   ~BusyWriter() {
-    {
-      std::lock_guard lk(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
+    stop_ = true;
     thread_.join();
-  }
-  void pause() {
-    std::unique_lock lk(mu_);
-    pause_asked_ = true;
-    cv_.wait(lk, [&] { return parked_; });
-  }
-  void resume() {
-    {
-      std::lock_guard lk(mu_);
-      pause_asked_ = false;
-    }
-    cv_.notify_all();
   }
   // Waits until it has written `n` words (it is running, not only started).
   void await_writes(uint64_t n) {
@@ -215,32 +200,30 @@ class BusyWriter {
     return writes_;
   }
 
+  PauseGate gate;
+
  private:
   void run(std::byte* m, size_t len) {
+    gate.enter();
     std::mt19937_64 rng(9);
-    for (uint64_t n = 1;; ++n) {
-      if (n % 64 == 0) {  // the flags, every 64 words: the writes are what this thread is for
-        std::unique_lock lk(mu_);
+    for (uint64_t n = 1; !stop_.load(std::memory_order_relaxed); ++n) {
+      gate.checkpoint();
+      if (n % 1024 == 0) {
+        std::lock_guard lk(mu_);
         writes_ = n;
         cv_.notify_all();
-        if (pause_asked_) {
-          parked_ = true;
-          cv_.notify_all();
-          cv_.wait(lk, [&] { return !pause_asked_ || stop_; });
-          parked_ = false;
-        }
-        if (stop_) return;
       }
       const uint64_t v = n;
       std::memcpy(m + (rng() % (len / 8)) * 8, &v, 8);
     }
+    gate.leave();
   }
 
   std::mutex mu_;
   std::condition_variable cv_;
-  bool pause_asked_ = false, parked_ = false, stop_ = false;
   uint64_t writes_ = 0;
-  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: it starts running at construction, with the members above made
 };
 
 // Captured while a thread keeps writing: the snapshot holds the memory as it was during the
@@ -261,10 +244,10 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
     live.max_rounds = 3;
     live.converged_bytes = 0;  // every round, so that chunks are stored again and again
     live.pause = [&] {
-      writer.pause();
+      writer.gate.pause();
       expected_.assign(m, m + kLen);  // what the last round stores
     };
-    live.resume = [&] { writer.resume(); };
+    live.resume = [&] { writer.gate.resume(); };
     std::vector<std::byte> state_at_pause;
     live.app_state = [&] {  // the writer's count, as the pause found it
       const uint64_t n = writer.writes();
@@ -331,11 +314,11 @@ TEST_F(RestoreTest, LiveCaptureOfSeveralRegionsInFormatOneWithSmallChunks) {
     live.max_rounds = 2;
     live.converged_bytes = 0;
     live.pause = [&] {
-      writer.pause();
+      writer.gate.pause();
       want_ab.assign(base, base + kA + kB);
       want_c.assign(c, c + kC);
     };
-    live.resume = [&] { writer.resume(); };
+    live.resume = [&] { writer.gate.resume(); };
     auto r = capture_regions_live(location("multi"), regions, opts, live, kf_);
     ASSERT_TRUE(r.ok()) << r.error().message();
     EXPECT_GT(r->superseded_bytes, 0u);

@@ -158,6 +158,7 @@ struct LiveCaptureOptions {
   // Stop and restart the process's writers (its other threads): called once each, pause before
   // the last round, resume right after it (before the commit), also when the capture fails
   // after pause. Both are required: without a pause the snapshot could hold a torn state.
+  // lazymem::PauseGate (lazymem/pause_gate.h) is one way to park them.
   std::function<void()> pause;
   std::function<void()> resume;
   // Optional, called during the pause: the application state blob stored with the snapshot
