@@ -272,7 +272,10 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
     EXPECT_GT(writer.writes(), 10000u);
   }
   EXPECT_EQ(report.total_bytes, kLen);
-  EXPECT_EQ(report.rounds, 5u);  // the first pass, three rounds, the paused one
+  // The first pass, up to three rounds (one that finds nothing written ends them: the writer may
+  // not have been scheduled in a short one), the paused one.
+  EXPECT_GE(report.rounds, 3u);
+  EXPECT_LE(report.rounds, 5u);
   EXPECT_GT(report.superseded_bytes, 0u) << "nothing was stored again: the writer did not race the capture";
   ::munmap(p, kLen);
   auto r = LazyRestore::start(location("live"), kf_);
