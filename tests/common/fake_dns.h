@@ -37,7 +37,7 @@ namespace lazymem::testing {
 
 class FakeDns {
  public:
-  // Listens on `address`:53 (UDP). An empty skip_reason() says it does.
+  // Listens on `address`:53 (UDP); use_for_this_thread() says if it could not.
   FakeDns(std::string name, std::string address, const std::vector<std::string>& answers = {"127.0.0.1"})
       : name_(std::move(name)), address_(std::move(address)) {
     for (const std::string& a : answers) {
@@ -73,18 +73,19 @@ class FakeDns {
   FakeDns(const FakeDns&) = delete;
   FakeDns& operator=(const FakeDns&) = delete;
 
-  const std::string& skip_reason() const { return skip_; }
-
-  // Needs CAP_SYS_ADMIN; an empty string says it worked, else why not. `resolv_conf` is a file
-  // of the test's own (written here).
+  // Needs CAP_SYS_ADMIN; an empty string says it worked, else why the test cannot use this
+  // server (it could not listen, or the resolver could not be pointed at it): a test skips with
+  // it. `resolv_conf` is a file of the test's own (written here).
   std::string use_for_this_thread(const std::string& resolv_conf) {
+    if (!skip_.empty()) return skip_;
+    const std::string cannot = "cannot point the resolver at a DNS server of our own: ";
     // One try per server, waiting 30 s (the most resolv.conf allows): a held query stays asked.
     std::ofstream(resolv_conf) << "nameserver " << address_ << "\noptions timeout:30 attempts:1\n";
-    if (::unshare(CLONE_NEWNS) != 0) return std::string("unshare(CLONE_NEWNS): ") + std::strerror(errno);
+    if (::unshare(CLONE_NEWNS) != 0) return cannot + "unshare(CLONE_NEWNS): " + std::strerror(errno);
     if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0)
-      return std::string("making / private: ") + std::strerror(errno);
+      return cannot + "making / private: " + std::strerror(errno);
     if (::mount(resolv_conf.c_str(), "/etc/resolv.conf", nullptr, MS_BIND, nullptr) != 0)
-      return std::string("bind-mounting /etc/resolv.conf: ") + std::strerror(errno);
+      return cannot + "bind-mounting /etc/resolv.conf: " + std::strerror(errno);
     mounted_ = true;
     return "";
   }

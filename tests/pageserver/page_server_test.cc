@@ -1288,9 +1288,8 @@ TEST_F(PageServerTest, LookingUpAServersNameNeverBlocksTheEngine) {
   if (HasFatalFailure()) return;
 
   testing::FakeDns dns(kName, "127.0.0.153");
-  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
-  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
-  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  const std::string skip = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!skip.empty()) GTEST_SKIP() << skip;
   auto remote = open_chunk_source(fmt::format("lazymem://{}:{}/snap", kName, server.port), o);
   ASSERT_TRUE(remote.ok()) << remote.error().message();
   ASSERT_GT(dns.queries(), 0u) << "the name was not looked up through our DNS server";
@@ -1310,9 +1309,8 @@ TEST_F(PageServerTest, LookingUpAServersNameNeverBlocksTheEngine) {
 // that does not exist is a clear error.
 TEST_F(PageServerTest, NameLookupsAreSharedWhileUnderWay) {
   testing::FakeDns dns("shared.lazymem.test", "127.0.0.154");
-  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
-  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
-  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  const std::string skip = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!skip.empty()) GTEST_SKIP() << skip;
   auto numeric = net::Lookup::start("127.0.0.1", 7000);
   ASSERT_TRUE(numeric->done());
   ASSERT_TRUE(numeric->result().ok());
@@ -1362,9 +1360,8 @@ TEST_F(PageServerTest, AReaderDialingANameIsWokenByEachStepAndThenQuiet) {
   capture(4 * kMiB, 53);
   start_server();
   testing::FakeDns dns("two.lazymem.test", "127.0.0.155", {"127.0.0.3", "127.0.0.1"});
-  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
-  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
-  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  const std::string skip = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!skip.empty()) GTEST_SKIP() << skip;
   auto source = open_chunk_source(fmt::format("lazymem://two.lazymem.test:{}/snap", server_->port()), {});
   ASSERT_TRUE(source.ok()) << source.error().message();
   dns.hold();
@@ -1408,9 +1405,8 @@ TEST_F(PageServerTest, AReaderWaitsOutASlowResolver) {
   capture(4 * kMiB, 54);
   start_server();
   testing::FakeDns dns("slow.lazymem.test", "127.0.0.156");
-  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
-  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
-  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  const std::string skip = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!skip.empty()) GTEST_SKIP() << skip;
   dns.answer_after(std::chrono::milliseconds(2420));
   RestoreOptions o;
   o.fault_deadline = std::chrono::milliseconds(3600);
@@ -1434,9 +1430,8 @@ TEST_F(PageServerTest, ASilentResolverDoesNotStopTheFailover) {
   capture(4 * kMiB, 55);
   start_server();
   testing::FakeDns dns("silent.lazymem.test", "127.0.0.157");
-  if (!dns.skip_reason().empty()) GTEST_SKIP() << dns.skip_reason();
-  const std::string why = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
-  if (!why.empty()) GTEST_SKIP() << "cannot point the resolver at a DNS server of our own: " << why;
+  const std::string skip = dns.use_for_this_thread(dir_.path() + "/resolv.conf");
+  if (!skip.empty()) GTEST_SKIP() << skip;
   dns.hold();
   RestoreOptions o;
   o.fault_deadline = std::chrono::milliseconds(3600);
