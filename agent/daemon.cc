@@ -18,7 +18,6 @@
 #include <cstring>
 #include <deque>
 #include <functional>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -33,6 +32,7 @@
 #include "net/auth.h"
 #include "net/metrics_endpoint.h"
 #include "snapshot/manifest.h"
+#include "sys/process_maps.h"
 #include "source_opener.h"
 #include "sys/acceptor.h"
 #include "sys/unix_listeners.h"
@@ -199,22 +199,10 @@ Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, SocketFi
 // Every range must lie inside the peer's own mappings: a client cannot point the agent at
 // memory it does not have (the uffd would refuse anyway; this gives a clear reason).
 Status check_ranges_mapped(pid_t pid, const std::vector<fault::MappedRange>& ranges) {
-  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
-  if (!maps) return Error(Errc::kNotFound, fmt::format("cannot read /proc/{}/maps", pid));
-  std::vector<std::pair<uint64_t, uint64_t>> vmas;
-  std::string line;
-  while (std::getline(maps, line)) {
-    uint64_t a = 0, b = 0;
-    if (std::sscanf(line.c_str(), "%lx-%lx", &a, &b) == 2) vmas.push_back({a, b});
-  }
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
   for (const auto& r : ranges) {
-    uint64_t at = r.start;
     const uint64_t end = r.start + r.length;  // does not wrap: check_range_table
-    // /proc lists mappings in address order: the first one ending past `at`, and on while the
-    // next adjoins. A search, not a scan: up to kMaxRanges ranges meet up to 65530 mappings.
-    auto vma = std::upper_bound(vmas.begin(), vmas.end(), at, [](uint64_t a, const auto& v) { return a < v.second; });
-    for (; vma != vmas.end() && vma->first <= at && at < end; ++vma) at = vma->second;
-    if (at < end) {
+    if (sys::coverage(vmas, r.start, end).covered_to < end) {
       return Error(Errc::kInvalidArgument, fmt::format("range {:#x}-{:#x} is not mapped in process {}", r.start, end, pid));
     }
   }

@@ -6,11 +6,11 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <fstream>
 #include <sstream>
 
 #include "sys/pagemap_scan.h"
+#include "sys/process_maps.h"
 #include "sys/uapi_compat.h"
 #include "sys/uffd.h"
 
@@ -95,36 +95,19 @@ Result<sys::Uffd> tracking_uffd(const DirtyTrackerOptions& o) {
 // mapping's write-protect seeing it; a range not mapped in that process would scan as clean
 // forever (a uffd of another process, or the wrong pid).
 Status check_ranges_mapped_private(pid_t pid, const std::vector<AddressRange>& ranges) {
-  const std::string path = pid == 0 ? "/proc/self/maps" : fmt::format("/proc/{}/maps", pid);
-  std::ifstream in(path);
-  if (!in) return sys_error("dirty tracking: read " + path, errno);
-  struct Vma {
-    uintptr_t start, end;
-    bool shared;
-  };
-  std::vector<Vma> vmas;
-  for (std::string line; std::getline(in, line);) {
-    unsigned long a = 0, b = 0;
-    char perms[8] = {};
-    if (std::sscanf(line.c_str(), "%lx-%lx %7s", &a, &b, perms) == 3) vmas.push_back({a, b, perms[3] == 's'});
-  }
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
   for (const AddressRange& r : ranges) {
-    uintptr_t at = r.start;
-    for (const Vma& v : vmas) {  // /proc lists them in address order
-      if (v.end <= at || v.start > at) continue;
-      if (v.shared) {
-        return Error(Errc::kUnsupported,
-                     fmt::format("dirty tracking: {:#x}-{:#x} is a shared mapping: its pages also change through its "
-                                 "other mappings or its file, which write-protect here does not see; only private "
-                                 "memory can be tracked",
-                                 v.start, v.end));
-      }
-      at = v.end;
-      if (at >= r.end()) break;
+    const sys::Coverage c = sys::coverage(vmas, r.start, r.end());
+    if (c.shared != nullptr) {
+      return Error(Errc::kUnsupported,
+                   fmt::format("dirty tracking: {:#x}-{:#x} is a shared mapping: its pages also change through its "
+                               "other mappings or its file, which write-protect here does not see; only private "
+                               "memory can be tracked",
+                               c.shared->start, c.shared->end));
     }
-    if (at < r.end()) {
+    if (c.covered_to < r.end()) {
       return Error(Errc::kInvalidArgument,
-                   fmt::format("dirty tracking: {:#x}-{:#x} is not mapped in {}", at, r.end(),
+                   fmt::format("dirty tracking: {:#x}-{:#x} is not mapped in {}", c.covered_to, r.end(),
                                pid == 0 ? std::string("this process") : fmt::format("process {}", pid)));
     }
   }

@@ -1,0 +1,37 @@
+#include "sys/process_maps.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+namespace lazymem::sys {
+
+Result<std::vector<Vma>> read_vmas(pid_t pid) {
+  const std::string path = pid == 0 ? "/proc/self/maps" : fmt::format("/proc/{}/maps", pid);
+  std::ifstream in(path);
+  if (!in) return Error(Errc::kNotFound, fmt::format("cannot read {}", path));
+  std::vector<Vma> vmas;
+  for (std::string line; std::getline(in, line);) {
+    unsigned long a = 0, b = 0;
+    char perms[8] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %7s", &a, &b, perms) >= 2) vmas.push_back({a, b, perms[3] == 's'});
+  }
+  return vmas;
+}
+
+Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end) {
+  Coverage c{start, nullptr};
+  // The first mapping ending past `start`, and on while the next adjoins.
+  auto v = std::upper_bound(vmas.begin(), vmas.end(), start, [](uintptr_t a, const Vma& m) { return a < m.end; });
+  for (; v != vmas.end() && v->start <= c.covered_to && c.covered_to < end; ++v) {
+    if (v->shared && c.shared == nullptr) c.shared = &*v;
+    c.covered_to = v->end;
+  }
+  c.covered_to = std::min(c.covered_to, end);
+  return c;
+}
+
+}  // namespace lazymem::sys

@@ -1,0 +1,32 @@
+// A process's memory mappings as /proc/PID/maps lists them, and whether ranges lie in them: the
+// agent checks a client's range table with it, the dirty tracker the ranges it is given.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "lazymem/result.h"
+
+namespace lazymem::sys {
+
+struct Vma {
+  uintptr_t start = 0;
+  uintptr_t end = 0;
+  bool shared = false;  // MAP_SHARED ('s' in the permissions)
+};
+
+// In address order, as the kernel lists them. pid 0: this process.
+Result<std::vector<Vma>> read_vmas(pid_t pid);
+
+// How far the mappings cover [start, end) without a gap: `covered_to` is `end` when all of it
+// is mapped, else where the first gap begins; `shared` is the first shared mapping met before
+// that, if any. A search, not a scan: thousands of ranges may meet tens of thousands of mappings.
+struct Coverage {
+  uintptr_t covered_to = 0;
+  const Vma* shared = nullptr;
+};
+Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end);
+
+}  // namespace lazymem::sys
