@@ -3,14 +3,11 @@
 namespace lazymem {
 
 void PauseGate::enter() {
-  std::unique_lock lk(mu_);
-  ++writers_;
-  while (asked_.load(std::memory_order_relaxed)) {  // a pause is on: this writer waits it out
-    ++parked_;
-    cv_.notify_all();
-    cv_.wait(lk, [&] { return !asked_.load(std::memory_order_relaxed); });
-    --parked_;
+  {
+    std::lock_guard lk(mu_);
+    ++writers_;
   }
+  checkpoint();  // a pause is on: this writer waits it out before its first write
 }
 
 void PauseGate::leave() {
