@@ -9,6 +9,7 @@
 
 #include "lazymem/dirty.h"
 #include "lazymem/snapshot.h"
+#include "precopy.h"
 #include "net/remote.h"
 #include "snapshot/manifest.h"
 #include "snapshot/snapshot_writer.h"
@@ -116,9 +117,8 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
   return writer.finish();
 }
 
-Result<CaptureReport> capture_regions_live(const std::string& target, std::span<const CaptureRegion> regions,
-                                           const CaptureOptions& options, const LiveCaptureOptions& live,
-                                           const KernelFeatures& features) {
+Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion> regions, const CaptureOptions& options,
+                        const LiveCaptureOptions& live, const KernelFeatures& features) {
   const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
   LAZYMEM_TRY(check_capture_regions(regions, options, page));
   if (!live.pause || !live.resume) {
@@ -127,48 +127,57 @@ Result<CaptureReport> capture_regions_live(const std::string& target, std::span<
   }
   std::vector<AddressRange> ranges;
   for (const auto& r : regions) ranges.push_back({reinterpret_cast<uintptr_t>(r.address), r.length});
+  Precopy p;
   // Armed before the first pass reads anything: a page written while it is being stored is
   // reported, and stored again.
-  LAZYMEM_ASSIGN_OR_RETURN(auto tracker, DirtyTracker::start(std::move(ranges), features));
+  LAZYMEM_ASSIGN_OR_RETURN(p.tracker, DirtyTracker::start(std::move(ranges), features));
   LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
-  snapshot::SnapshotWriter writer(std::move(sink), options);
-  writer.stage_input();
-  LAZYMEM_TRY(store_regions(writer, regions, options, page));
-  auto store_dirty = [&]() -> Result<uint64_t> {
-    LAZYMEM_ASSIGN_OR_RETURN(std::vector<AddressRange> dirty, tracker->collect());
-    uint64_t bytes = 0;
-    for (const AddressRange& d : dirty) bytes += d.length;
-    const auto chunks = chunks_touched(regions, dirty, options.chunk_size);
-    for (size_t i = 0; i < regions.size(); ++i) {
-      if (chunks[i].empty()) continue;
-      LAZYMEM_TRY(writer.recapture(i, chunks[i], {static_cast<const std::byte*>(regions[i].address), regions[i].length}));
-    }
-    return bytes;
-  };
-  unsigned rounds = 1;
+  p.writer = std::make_unique<snapshot::SnapshotWriter>(std::move(sink), options);
+  p.writer->stage_input();
+  LAZYMEM_TRY(store_regions(*p.writer, regions, options, page));
   for (unsigned r = 0; r < live.max_rounds; ++r) {
-    ++rounds;
-    LAZYMEM_ASSIGN_OR_RETURN(uint64_t written, store_dirty());
+    ++p.rounds;
+    LAZYMEM_ASSIGN_OR_RETURN(uint64_t written, store_written(p, regions, options.chunk_size));
     if (written <= live.converged_bytes) break;
   }
+  return p;
+}
+
+Result<DirtyChunks> collect_dirty_chunks(DirtyTracker& tracker, std::span<const CaptureRegion> regions, uint32_t chunk_size) {
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<AddressRange> dirty, tracker.collect());
+  DirtyChunks out;
+  for (const AddressRange& d : dirty) out.bytes += d.length;
+  out.chunks = chunks_touched(regions, dirty, chunk_size);
+  return out;
+}
+
+Result<uint64_t> store_written(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size) {
+  LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks dirty, collect_dirty_chunks(*p.tracker, regions, chunk_size));
+  for (size_t i = 0; i < regions.size(); ++i) {
+    if (dirty.chunks[i].empty()) continue;
+    LAZYMEM_TRY(p.writer->recapture(i, dirty.chunks[i], {static_cast<const std::byte*>(regions[i].address), regions[i].length}));
+  }
+  return dirty.bytes;
+}
+
+Result<CaptureReport> capture_regions_live(const std::string& target, std::span<const CaptureRegion> regions,
+                                           const CaptureOptions& options, const LiveCaptureOptions& live,
+                                           const KernelFeatures& features) {
+  LAZYMEM_ASSIGN_OR_RETURN(Precopy p, precopy(target, regions, options, live, features));
   const auto paused_at = std::chrono::steady_clock::now();
   live.pause();
-  // resume() however the last round ends, an exception (bad_alloc, the app_state callback's)
-  // included: the caller's writers must not stay parked.
-  struct Resume {
-    const std::function<void()>& resume;
-    ~Resume() { resume(); }
-  };
   Result<uint64_t> last = Error(Errc::kCancelled, "not run");
   {
-    Resume on_exit{live.resume};
-    last = store_dirty();
-    if (last.ok() && live.app_state) writer.set_app_state(live.app_state());
+    // resume() however the last round ends, an exception (bad_alloc, the app_state callback's)
+    // included: the caller's writers must not stay parked.
+    ResumeOnExit resume{live.resume};
+    last = store_written(p, regions, options.chunk_size);
+    if (last.ok() && live.app_state) p.writer->set_app_state(live.app_state());
   }
   const double paused = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
   if (!last.ok()) return std::move(last).error().wrap("live capture, last round (paused)");
-  LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, writer.finish());
-  report.rounds = rounds + 1;
+  LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, p.writer->finish());
+  report.rounds = p.rounds + 1;
   report.paused_seconds = paused;
   return report;
 }

@@ -11,6 +11,7 @@
 #include "net/remote.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/read_chunks.h"
+#include "snapshot/routed_source.h"
 #include "snapshot/snapshot_reader.h"
 #include "source.h"
 #include "sys/mapping.h"
@@ -19,8 +20,9 @@
 
 namespace lazymem {
 
-Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(const std::string& location,
-                                                                 const RestoreOptions& options) {
+namespace {
+
+Result<std::shared_ptr<snapshot::ChunkSource>> open_one_source(const std::string& location, const RestoreOptions& options) {
   LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
   if (loc.remote()) {
     net::RemoteOptions ro;
@@ -36,6 +38,18 @@ Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(const std::stri
   lo.max_batch = options.reads_in_flight;
   LAZYMEM_ASSIGN_OR_RETURN(auto snap, snapshot::LocalSnapshot::open(loc, lo));
   return std::shared_ptr<snapshot::ChunkSource>(std::move(snap));
+}
+
+}  // namespace
+
+Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(const std::string& location,
+                                                                 const RestoreOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(auto primary, open_one_source(location, options));
+  if (options.base.empty()) return primary;
+  auto base = open_one_source(options.base, options);
+  if (!base.ok()) return std::move(base).error().wrap("the base of " + location);
+  LAZYMEM_ASSIGN_OR_RETURN(auto routed, snapshot::RoutedSource::open(std::move(primary), std::move(*base)));
+  return std::shared_ptr<snapshot::ChunkSource>(std::move(routed));
 }
 
 Result<Manifest> read_manifest(const std::string& location, const std::string& token_file) {

@@ -39,6 +39,11 @@ struct RestoreOptions {
   // docs/design-notes.md, "Faults on the faulting thread".
   bool fault_on_thread = false;
   unsigned fault_connections = 2;  // page-server connections the faulting threads share
+  // An earlier version of the same snapshot that lies nearer (a store, or a page server, given
+  // the same token): every chunk whose manifest entry is unchanged in the snapshot is read from
+  // there, the rest from the snapshot's location. What a migration's destination restores with:
+  // the location is the paused source (MigrationSource::location()), the base the pre-copy.
+  std::string base;
 };
 
 struct RestoredRegion {

@@ -47,6 +47,8 @@ class SnapshotWriter {
 
   // Writes the manifest and publishes the snapshot.
   Result<CaptureReport> finish();
+  // What finish() published (a migration builds the source's manifest from it).
+  const Manifest& manifest() const { return manifest_; }
 
  private:
   struct Slot {

@@ -1,0 +1,49 @@
+// The pre-copy phase shared by a live capture and a migration: everything stored once with
+// dirty-page tracking armed, then the chunks written meanwhile stored again, round by round,
+// while the process runs. What differs is the end: a live capture pauses and stores the last
+// chunks written; a migration pauses and leaves them where they are, served from memory.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lazymem/dirty.h"
+#include "lazymem/snapshot.h"
+#include "snapshot/snapshot_writer.h"
+
+namespace lazymem {
+
+struct Precopy {
+  std::unique_ptr<DirtyTracker> tracker;
+  std::unique_ptr<snapshot::SnapshotWriter> writer;
+  unsigned rounds = 1;  // passes over the memory so far: the first, then the pre-copy rounds
+};
+
+// Checks (as capture_regions_live), arms the tracker, stores everything into a writer to
+// `target`, then runs rounds as `live` says. Nothing is committed.
+Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion> regions, const CaptureOptions& options,
+                        const LiveCaptureOptions& live, const KernelFeatures& features);
+
+// The chunks written since the tracker's last look, per region (sorted, once each), and the bytes
+// of the pages written.
+struct DirtyChunks {
+  std::vector<std::vector<size_t>> chunks;
+  uint64_t bytes = 0;
+};
+Result<DirtyChunks> collect_dirty_chunks(DirtyTracker& tracker, std::span<const CaptureRegion> regions, uint32_t chunk_size);
+
+// One round: the chunks written since the last look stored again. Returns the bytes written.
+Result<uint64_t> store_written(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size);
+
+// Calls the caller's resume() on scope exit, exceptions included: its writers must not stay parked.
+struct ResumeOnExit {
+  const std::function<void()>& resume;
+  ~ResumeOnExit() {
+    if (resume) resume();
+  }
+};
+
+}  // namespace lazymem
