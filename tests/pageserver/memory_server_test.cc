@@ -333,6 +333,37 @@ TEST_F(MemoryServerTest, WaitDrainedTimesOutSayingWhatWasNeverSent) {
   EXPECT_NE(s.error().message().find("1 connections are open"), std::string::npos) << s.error().message();
 }
 
+// Every chunk sent is not enough: the destination must also have hung up.
+TEST_F(MemoryServerTest, WaitDrainedWaitsForTheDestinationToHangUp) {
+  start_server();
+  std::optional<RawPeer> p = RawPeer::connect(server_->port());
+  p->greet();
+  capnp::MallocMessageBuilder m;
+  auto gc = m.initRoot<wire::Request>().initGetChunks();
+  gc.setSnapshot(kName);
+  auto ids = gc.initChunks(static_cast<unsigned>(raw_chunks()));
+  unsigned n = 0;
+  for (uint32_t r = 0; r < manifest_.regions.size(); ++r) {
+    for (uint32_t k = 0; k < manifest_.regions[r].chunks.size(); ++k) {
+      if (manifest_.regions[r].chunks[k].codec == Codec::kZero) continue;
+      ids[n].setRegion(r);
+      ids[n].setChunk(k);
+      ids[n].setTag(n);
+      ++n;
+    }
+  }
+  ASSERT_TRUE(p->send(m).ok());
+  for (unsigned i = 0; i < n; ++i) ASSERT_TRUE(p->recv().ok());
+  Status open = server_->wait_drained(50ms);
+  ASSERT_FALSE(open.ok());
+  EXPECT_NE(open.error().message().find("0 of its"), std::string::npos) << open.error().message();
+  EXPECT_NE(open.error().message().find("1 connections are open"), std::string::npos) << open.error().message();
+  p.reset();
+  Status drained = server_->wait_drained(10s);
+  EXPECT_TRUE(drained.ok()) << drained.error().message();
+  EXPECT_EQ(server_->stats().distinct_chunks_sent, raw_chunks());
+}
+
 // Every kind of request, read back by hand: what the client relies on, field by field.
 TEST_F(MemoryServerTest, AnswersEachRequestAsThePageServerDoes) {
   start_server({}, std::make_pair(0u, 1u));  // chunk 0/1 not served
