@@ -82,7 +82,7 @@ Result<std::optional<FrameView>> FrameBuffer::next() {
   if (hlen == 0 || hlen > kMaxHeader || hlen % sizeof(capnp::word) != 0) {
     return Error(Errc::kProtocol, fmt::format("bad frame: header length {} (limit {}, multiple of 8)", hlen, kMaxHeader));
   }
-  if (plen > kMaxPayload) return Error(Errc::kProtocol, fmt::format("bad frame: payload length {} over {}", plen, kMaxPayload));
+  if (plen > max_payload_) return Error(Errc::kProtocol, fmt::format("bad frame: payload length {} over {}", plen, max_payload_));
   size_t total = kFramePrefix + hlen + plen;
   if (have < total) {
     (void)writable(total - have);  // make room for the rest of this frame

@@ -7,6 +7,7 @@
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -57,6 +58,11 @@ struct FrameView {
 
 class FrameBuffer {
  public:
+  // `max_payload` (at most kMaxPayload): frames announcing a larger payload are refused before
+  // anything is buffered for them. A server whose requests carry no payload passes a small one:
+  // next() makes room for a whole frame as soon as its prefix is in, so a peer could otherwise
+  // make each connection hold 16 MiB by sending 8 bytes.
+  explicit FrameBuffer(uint32_t max_payload = kMaxPayload) : max_payload_(std::min(max_payload, kMaxPayload)) {}
   // Space to receive into (grows as needed, never beyond one maximal frame).
   std::span<std::byte> writable(size_t at_least = 64 * 1024);
   void commit(size_t n) { end_ += n; }
@@ -69,6 +75,7 @@ class FrameBuffer {
  private:
   std::vector<std::byte> buf_;
   size_t start_ = 0, end_ = 0, pending_ = 0;
+  uint32_t max_payload_ = kMaxPayload;
 };
 
 }  // namespace lazymem::net

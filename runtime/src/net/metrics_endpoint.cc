@@ -25,30 +25,10 @@ constexpr auto kScrapeLimit = std::chrono::seconds(10);
 }  // namespace
 
 Result<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::listen(const std::string& hostport) {
-  auto where = SnapshotLocation::Server::parse(hostport, true);
-  if (!where.ok()) return Error(Errc::kInvalidArgument, "--metrics: " + where.error().message());
-  const std::string port = std::to_string(where->port);
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  addrinfo* ai = nullptr;
-  int rc = ::getaddrinfo(where->host.c_str(), port.c_str(), &hints, &ai);
-  if (rc != 0) return Error(Errc::kInvalidArgument, fmt::format("--metrics {}: {}", hostport, ::gai_strerror(rc)));
-  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> hold(ai, ::freeaddrinfo);
+  LAZYMEM_ASSIGN_OR_RETURN(Listener l, listen_tcp("--metrics", hostport, 16));
   std::unique_ptr<MetricsEndpoint> m(new MetricsEndpoint());
-  m->listen_.reset(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!m->listen_.valid()) return sys_error("socket", errno);
-  int one = 1;
-  ::setsockopt(m->listen_.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (::bind(m->listen_.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
-    return net::bind_error("--metrics", hostport, errno);
-  }
-  if (::listen(m->listen_.get(), 16) != 0) return sys_error("listen --metrics " + hostport, errno);
-  sockaddr_storage ss{};
-  socklen_t len = sizeof ss;
-  ::getsockname(m->listen_.get(), reinterpret_cast<sockaddr*>(&ss), &len);
-  m->port_ = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
-                                            : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  m->listen_ = std::move(l.fd);
+  m->port_ = l.port;
   m->epoll_.reset(::epoll_create1(EPOLL_CLOEXEC));
   if (!m->epoll_.valid()) return sys_error("epoll_create1", errno);
   epoll_event ev{};

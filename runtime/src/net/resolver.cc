@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -10,10 +11,12 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <system_error>
 #include <thread>
 
+#include "lazymem/snapshot.h"
 #include "sys/syscall_result.h"
 
 namespace lazymem::net {
@@ -90,6 +93,33 @@ Error bind_error(const std::string& flag, const std::string& hostport, int err) 
   }
   Error e = sys_error(fmt::format("bind {} {}", flag, hostport), err);
   return Error(e.code(), e.message() + hint, err);
+}
+
+Result<Listener> listen_tcp(const std::string& flag, const std::string& hostport, int backlog) {
+  auto where = SnapshotLocation::Server::parse(hostport, true);
+  if (!where.ok()) return Error(Errc::kInvalidArgument, flag + ": " + where.error().message());
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* ai = nullptr;
+  const int rc = ::getaddrinfo(where->host.c_str(), std::to_string(where->port).c_str(), &hints, &ai);
+  if (rc != 0) return Error(Errc::kInvalidArgument, fmt::format("{} {}: {}", flag, hostport, ::gai_strerror(rc)));
+  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> hold(ai, ::freeaddrinfo);
+  Listener l;
+  l.fd.reset(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!l.fd.valid()) return sys_error(fmt::format("socket for {} {}", flag, hostport), errno);
+  int one = 1;
+  ::setsockopt(l.fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(l.fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) return bind_error(flag, hostport, errno);
+  if (::listen(l.fd.get(), backlog) != 0) return sys_error(fmt::format("listen {} {}", flag, hostport), errno);
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (::getsockname(l.fd.get(), reinterpret_cast<sockaddr*>(&ss), &len) != 0) {
+    return sys_error(fmt::format("getsockname of {} {}", flag, hostport), errno);
+  }
+  l.port = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                          : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  return l;
 }
 
 void Lookup::finish(Result<std::vector<SocketAddress>> r) {

@@ -38,6 +38,15 @@ Result<std::vector<SocketAddress>> resolve(const std::string& host, uint16_t por
 // port from 1024).
 Error bind_error(const std::string& flag, const std::string& hostport, int err);
 
+// A listening TCP socket (non-blocking, close-on-exec, SO_REUSEADDR) on `hostport`, "HOST:PORT"
+// or "[V6]:PORT" with numeric port (0: the kernel picks one; `port` is what it is), named
+// `flag` in errors as bind_error() does. The host is looked up on the calling thread.
+struct Listener {
+  sys::UniqueFd fd;
+  uint16_t port = 0;
+};
+Result<Listener> listen_tcp(const std::string& flag, const std::string& hostport, int backlog);
+
 class Lookup {
  public:
   // A numeric address is parsed here and the Lookup is done at once; a name is looked up on a
