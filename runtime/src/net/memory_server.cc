@@ -502,8 +502,10 @@ struct MemoryServer::Impl {
 
   // Sends as much of the queue as the socket takes now, many replies per sendmsg. False: the
   // connection failed.
-  bool flush(Conn& c) {
-    while (c.queued() > 0) {
+  // Sends queued replies until the socket is full, or, with `down_to_bound`, until the
+  // connection is back under its bound.
+  bool flush(Conn& c, bool down_to_bound = false) {
+    while (c.queued() > 0 && !(down_to_bound && !c.over_bound())) {
       iovec iov[kMaxIov];
       size_t n = 0;
       auto add = [&](const OutFrame& f, size_t skip) {
@@ -548,9 +550,18 @@ struct MemoryServer::Impl {
   // handled once it is under again, and replies sent. False: close it.
   bool pump(Conn& c) {
     for (;;) {
+      const bool was_over = c.over_bound();
       const int handled = handle_frames(c);
-      if (handled < 0 || !flush(c)) return false;
-      if (handled == 0 || c.queued() > 0) break;
+      if (handled < 0) return false;
+      // Over the bound with requests still buffered: send only down to the bound, then handle
+      // them, so that a demand request among them goes ahead of the prefetch replies still
+      // queued. They are handled even if the queue empties meanwhile: the peer may have sent
+      // all it will, and no read event would come for them.
+      const bool requests_wait = c.over_bound() && c.in.buffered() > 0;
+      if (!flush(c, requests_wait)) return false;
+      if (requests_wait && !c.over_bound()) continue;
+      if (c.queued() > 0) break;             // more when the socket takes it (EPOLLOUT)
+      if (handled == 0 && !was_over) break;  // nothing left buffered
     }
     if (c.closing && c.queued() == 0) return false;
     const uint32_t want = (c.closing || c.over_bound() ? 0u : uint32_t{EPOLLIN}) | (c.queued() > 0 ? uint32_t{EPOLLOUT} : 0u);
