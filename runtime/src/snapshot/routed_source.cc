@@ -91,10 +91,11 @@ class RoutedReader final : public ChunkReader {
 Result<std::shared_ptr<RoutedSource>> RoutedSource::open(std::shared_ptr<ChunkSource> primary, std::shared_ptr<ChunkSource> base) {
   const Manifest& p = primary->manifest();
   const Manifest& b = base->manifest();
+  const std::string base_name = base->describe(), primary_name = primary->describe();  // both are moved below
   auto differ = [&](const std::string& what) {
     return Error(Errc::kInvalidArgument,
                  fmt::format("{} is not an earlier version of {}: {} differ; give the base the snapshot was made from",
-                             base->describe(), primary->describe(), what));
+                             base_name, primary_name, what));
   };
   if (p.chunk_size != b.chunk_size) return differ(fmt::format("chunk sizes ({} and {})", b.chunk_size, p.chunk_size));
   if (p.regions.size() != b.regions.size()) {
