@@ -1,0 +1,183 @@
+// MigrationSource: pre-copy into a base near the destination, a switch-over that copies nothing,
+// post-copy served from this process's paused memory.
+#include "lazymem/migrate.h"
+
+#include <fmt/format.h>
+#include <sys/mman.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "core/log.h"
+#include "net/auth.h"
+#include "net/memory_server.h"
+#include "precopy.h"
+#include "snapshot/chunk_codec.h"
+#include "snapshot/manifest.h"
+
+namespace lazymem {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+bool all_zero(std::span<const std::byte> bytes) {
+  // Word-wise: the chunks looked at here are the ones written since the last round.
+  uint64_t any = 0;
+  size_t i = 0;
+  for (; i + 8 <= bytes.size(); i += 8) {
+    uint64_t w;
+    std::memcpy(&w, bytes.data() + i, 8);
+    any |= w;
+  }
+  for (; i < bytes.size(); ++i) any |= std::to_integer<uint64_t>(bytes[i]);
+  return any == 0;
+}
+
+// The host the destination dials: `advertise`, or listen's host unless it is a wildcard.
+Result<std::string> advertised_host(const MigrationOptions& m) {
+  if (!m.advertise.empty()) return m.advertise;
+  LAZYMEM_ASSIGN_OR_RETURN(auto listen, SnapshotLocation::Server::parse(m.listen, /*any_port=*/true));
+  if (listen.host == "0.0.0.0" || listen.host == "::" || listen.host.empty()) {
+    return Error(Errc::kInvalidArgument, fmt::format("migration: listening on {} (every address), the destination "
+                                                     "needs to be told one: set MigrationOptions::advertise",
+                                                     m.listen));
+  }
+  return listen.host;
+}
+
+}  // namespace
+
+struct MigrationSource::Impl {
+  std::vector<CaptureRegion> regions;
+  // Per region and chunk: whether it is served from memory (written since the last round).
+  std::vector<std::vector<bool>> served;
+  uint32_t chunk_size = 0;
+  std::unique_ptr<net::MemoryServer> server;
+  std::string location;
+  MigrationReport report;
+  Clock::time_point serving_since;
+};
+
+MigrationSource::MigrationSource(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+MigrationSource::~MigrationSource() = default;
+
+const std::string& MigrationSource::location() const { return impl_->location; }
+const MigrationReport& MigrationSource::report() const { return impl_->report; }
+
+Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::string& base, std::span<const CaptureRegion> regions,
+                                                                const CaptureOptions& options, const MigrationOptions& migration,
+                                                                const KernelFeatures& features) {
+  // Everything that can be refused is refused before the workload is touched.
+  LAZYMEM_ASSIGN_OR_RETURN(std::string host, advertised_host(migration));
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation base_loc, SnapshotLocation::parse(base));
+  std::string token;
+  if (!options.token_file.empty()) {
+    LAZYMEM_ASSIGN_OR_RETURN(token, net::read_token_file(options.token_file));
+  }
+
+  auto impl = std::make_unique<Impl>();
+  impl->regions.assign(regions.begin(), regions.end());
+  impl->chunk_size = options.chunk_size;
+  const auto started = Clock::now();
+  auto pre = precopy(base, regions, options, migration.precopy, features);
+  if (!pre.ok()) return std::move(pre).error().wrap("migration, pre-copy");
+  Precopy& p = *pre;
+  // The base is committed while the workload still runs: its upload is not downtime. Chunks
+  // written meanwhile are found in the pause.
+  auto committed = p.writer->finish();
+  if (!committed.ok()) return std::move(committed).error().wrap("migration, committing the pre-copy to " + base);
+  impl->report.precopy = *committed;
+  impl->report.precopy.rounds = p.rounds;
+  impl->report.precopy_seconds = seconds_since(started);
+
+  const auto paused_at = Clock::now();
+  migration.precopy.pause();
+  // From here the workload is parked. It resumes here only if the switch-over fails; once the
+  // server serves, it is the destination's.
+  bool switched = false;
+  struct ResumeUnlessSwitched {
+    const std::function<void()>& resume;
+    const bool& switched;
+    ~ResumeUnlessSwitched() {
+      if (!switched && resume) resume();
+    }
+  } resume_on_failure{migration.precopy.resume, switched};
+
+  LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks written, collect_dirty_chunks(*p.tracker, regions, options.chunk_size));
+  impl->report.written_bytes = written.bytes;
+  // The source's manifest: the base's, with each chunk written since stored "raw" at a place
+  // past the base's data (nothing is stored there: the bytes are served from memory) and its
+  // checksum taken now. RoutedSource reads every unchanged entry from the base.
+  Manifest m = p.writer->manifest();
+  uint64_t data_end = m.data_length;
+  impl->served.resize(regions.size());
+  for (size_t r = 0; r < regions.size(); ++r) {
+    impl->served[r].assign(m.regions[r].chunks.size(), false);
+    const auto* bytes = static_cast<const std::byte*>(regions[r].address);
+    for (size_t c : written.chunks[r]) {
+      const uint32_t len = m.chunk_length(r, c);
+      std::span<const std::byte> chunk(bytes + c * uint64_t{m.chunk_size}, len);
+      ChunkInfo& info = m.regions[r].chunks[c];
+      info = ChunkInfo{};
+      if (all_zero(chunk)) {
+        ++impl->report.postcopy_zero_chunks;
+        continue;
+      }
+      info.codec = Codec::kRaw;
+      info.offset = data_end;
+      info.stored_length = len;
+      info.checksum = snapshot::chunk_checksum(chunk);
+      data_end += len;
+      impl->served[r][c] = true;
+      ++impl->report.postcopy_chunks;
+      impl->report.postcopy_bytes += len;
+    }
+  }
+  m.data_length = data_end;
+  if (migration.precopy.app_state) m.app_state = migration.precopy.app_state();
+  m.created_unix_ns = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+  LAZYMEM_TRY(snapshot::validate_manifest(m));
+
+  net::MemoryServerOptions so;
+  so.listen = migration.listen;
+  so.token = token;
+  so.handshake_timeout = migration.handshake_timeout;
+  Impl* self = impl.get();
+  auto chunk_bytes = [self](uint32_t region, uint32_t chunk) -> std::span<const std::byte> {
+    if (region >= self->served.size() || chunk >= self->served[region].size() || !self->served[region][chunk]) return {};
+    const CaptureRegion& r = self->regions[region];
+    const uint64_t at = uint64_t{chunk} * self->chunk_size;
+    return {static_cast<const std::byte*>(r.address) + at, std::min<uint64_t>(self->chunk_size, r.length - at)};
+  };
+  auto server = net::MemoryServer::start(base_loc.name, snapshot::encode_manifest(m), chunk_bytes, so);
+  if (!server.ok()) return std::move(server).error().wrap("migration, serving post-copy on " + migration.listen);
+  impl->server = std::move(*server);
+  SnapshotLocation served;
+  served.host = host;
+  served.port = impl->server->port();
+  served.name = base_loc.name;
+  impl->location = served.to_string();
+  impl->report.switch_seconds = seconds_since(paused_at);
+  impl->serving_since = Clock::now();
+  switched = true;
+  log::get("runtime")->info("migration: pre-copied {} bytes in {} rounds to {}; paused, {} chunks ({} bytes) written since "
+                       "are served from here as {}",
+                       impl->report.precopy.stored_bytes, p.rounds, base, impl->report.postcopy_chunks,
+                       impl->report.postcopy_bytes, impl->location);
+  return std::unique_ptr<MigrationSource>(new MigrationSource(std::move(impl)));
+}
+
+Result<MigrationReport> MigrationSource::wait_postcopy(std::chrono::milliseconds timeout) {
+  Status drained = impl_->server->wait_drained(timeout);
+  const auto st = impl_->server->stats();
+  impl_->report.served_chunks = st.chunks_sent;
+  impl_->report.served_bytes = st.bytes_sent;
+  if (!drained.ok()) return std::move(drained).error().wrap("migration, post-copy from " + impl_->location);
+  impl_->report.postcopy_seconds = seconds_since(impl_->serving_since);
+  return impl_->report;
+}
+
+}  // namespace lazymem
