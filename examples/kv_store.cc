@@ -3,12 +3,16 @@
 //
 //   lazymem-example-kv fill --mib 512 --snapshot /tmp/store/kv [--live-inserts-per-sec 2000]
 //   lazymem-example-kv restore --snapshot /tmp/store/kv [--no-prefetch] [--eager] [--json]
+//   lazymem-example-kv migrate --mib 512 --snapshot lazymem://dst:7070/kv --listen 0.0.0.0:7071 --advertise src
+//       [--live-inserts-per-sec 2000]: pre-copy to the base, then serve what is left; prints
+//       "source: lazymem://src:PORT/kv", to restore from with --base lazymem://dst:7070/kv
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -18,6 +22,7 @@
 #include "kv_table.h"
 #include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
+#include "lazymem/migrate.h"
 #include "lazymem/pause_gate.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
@@ -95,7 +100,45 @@ class Inserter {
   std::thread thread_;  // last: it starts running at construction
 };
 
-int fill(const po::variables_map& vm) {
+// Pre-copies the table to the base (--snapshot) while `inserter` runs, switches over, serves
+// what is left until the destination has it, and reports each phase.
+int migrate(const po::variables_map& vm, lazymem::CaptureRegion region, const lazymem::CaptureOptions& opts,
+            Inserter& inserter, std::function<std::vector<std::byte>()> state_at_pause) {
+  const auto kf = lazymem::probe_kernel();
+  lazymem::MigrationOptions mo;
+  mo.listen = vm["listen"].as<std::string>();
+  if (vm.count("advertise")) mo.advertise = vm["advertise"].as<std::string>();
+  mo.precopy.pause = [&] { inserter.gate.pause(); };
+  mo.precopy.resume = [&] { inserter.gate.resume(); };
+  mo.precopy.app_state = std::move(state_at_pause);
+  const auto t0 = Clock::now();
+  auto src = lazymem::MigrationSource::start(vm["snapshot"].as<std::string>(), std::span(&region, 1), opts, mo, kf);
+  if (!src.ok()) {
+    std::fprintf(stderr, "migration failed: %s\n", src.error().message().c_str());
+    return 1;
+  }
+  const lazymem::MigrationReport& r = (*src)->report();
+  std::printf("pre-copy: %.1f MiB stored in %u passes, %.0f ms; switch-over: %.2f ms paused before serving; "
+              "%llu chunks (%.1f MiB) written since are served from here\n",
+              r.precopy.stored_bytes / 1048576.0, r.precopy.rounds, r.precopy_seconds * 1e3, r.switch_seconds * 1e3,
+              static_cast<unsigned long long>(r.postcopy_chunks), r.postcopy_bytes / 1048576.0);
+  std::printf("source: %s\n", (*src)->location().c_str());
+  std::fflush(stdout);
+  auto done = (*src)->wait_postcopy(std::chrono::seconds(vm["postcopy-timeout-sec"].as<unsigned>()));
+  if (done.ok()) {
+    std::printf("post-copy: %llu chunk replies (%.1f MiB) served in %.0f ms; migration took %.0f ms in all\n",
+                static_cast<unsigned long long>(done->served_chunks), done->served_bytes / 1048576.0,
+                done->postcopy_seconds * 1e3, ms_since(t0));
+  } else {
+    std::fprintf(stderr, "migration failed: %s\n", done.error().message().c_str());
+  }
+  // The table is the destination's now: this process ends without running it again (its
+  // inserter stays parked; unwinding would join it).
+  std::fflush(stdout);
+  std::_Exit(done.ok() ? 0 : 1);
+}
+
+int fill(const po::variables_map& vm, bool migrating) {
   const size_t mib = vm["mib"].as<size_t>();
   if (mib == 0 || mib > (size_t{1} << 30)) throw std::invalid_argument("--mib wants 1 or more (MiB)");
   const size_t bytes = mib << 20;
@@ -123,11 +166,12 @@ int fill(const po::variables_map& vm) {
   std::memcpy(opts.app_state.data(), &st, sizeof st);
   lazymem::CaptureRegion region{"kv-table", arena, bytes, PROT_READ | PROT_WRITE};
   const double live_rate = vm["live-inserts-per-sec"].as<double>();
+  if (vm.count("token-file")) opts.token_file = vm["token-file"].as<std::string>();
   lazymem::Result<lazymem::CaptureReport> rep = lazymem::Error(lazymem::Errc::kCancelled, "not captured");
-  if (live_rate > 0) {
+  if (live_rate > 0 || migrating) {
     const auto kf = lazymem::probe_kernel();
     if (!kf.has_dirty_tracking()) {
-      std::fprintf(stderr, "live snapshot skipped: this kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)\n");
+      std::fprintf(stderr, "live snapshot or migration skipped: this kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)\n");
       return 3;
     }
     const uint64_t before = table.header().records;
@@ -135,7 +179,7 @@ int fill(const po::variables_map& vm) {
     lazymem::LiveCaptureOptions live;
     live.pause = [&] { inserter.gate.pause(); };
     live.resume = [&] { inserter.gate.resume(); };
-    live.app_state = [&] {  // the table as the pause found it
+    auto state_at_pause = [&] {  // the table as the pause found it
       AppState now = st;
       now.records = table.header().records;
       now.digest = table.header().digest;
@@ -145,6 +189,8 @@ int fill(const po::variables_map& vm) {
                   static_cast<unsigned long long>(now.records), static_cast<unsigned long long>(now.records - before));
       return blob;
     };
+    if (migrating) return migrate(vm, region, opts, inserter, state_at_pause);
+    live.app_state = state_at_pause;
     rep = lazymem::capture_regions_live(vm["snapshot"].as<std::string>(), std::span(&region, 1), opts, live, kf);
   } else {
     rep = lazymem::capture_regions(vm["snapshot"].as<std::string>(), std::span(&region, 1), opts);
@@ -194,6 +240,7 @@ int restore(const po::variables_map& vm) {
     lazymem::RestoreOptions opts;
     opts.prefetch = !vm.count("no-prefetch");
     opts.token_file = token;
+    if (vm.count("base")) opts.base = vm["base"].as<std::string>();
     auto l = lazymem::LazyRestore::start(loc, opts);
     if (!l.ok()) {
       std::fprintf(stderr, "restore failed: %s\n", l.error().message().c_str());
@@ -262,8 +309,8 @@ int restore(const po::variables_map& vm) {
 }  // namespace
 
 static int run_example(int argc, char** argv) {
-  po::options_description desc("lazymem-example-kv {fill|restore} [options]");
-  desc.add_options()("command", po::value<std::string>(), "fill or restore (the first argument)")("snapshot", po::value<std::string>(),
+  po::options_description desc("lazymem-example-kv {fill|restore|migrate} [options]");
+  desc.add_options()("command", po::value<std::string>(), "fill, restore or migrate (the first argument)")("snapshot", po::value<std::string>(),
                                                   "snapshot location: STORE/NAME or lazymem://HOST:PORT/NAME")(
       "mib", po::value<size_t>()->default_value(256), "fill: arena size in MiB (the table takes 7/8)")(
       "seed", po::value<uint64_t>()->default_value(42), "fill: key seed")(
@@ -274,14 +321,19 @@ static int run_example(int argc, char** argv) {
       "no-prefetch", "restore: fetch only what is touched")("token-file", po::value<std::string>(),
                                                             "restore: page-server token file")(
       "json", "restore: print figures as JSON")("agent", po::value<std::string>(),
-                                                 "restore: through the lazymem-agent at this socket");
+                                                 "restore: through the lazymem-agent at this socket")(
+      "base", po::value<std::string>(), "restore: the pre-copy of a migration (its unchanged chunks are read there)")(
+      "listen", po::value<std::string>()->default_value("0.0.0.0:0"), "migrate: where the destination fetches what is left")(
+      "advertise", po::value<std::string>(), "migrate: the host name the destination dials (default: --listen's)")(
+      "postcopy-timeout-sec", po::value<unsigned>()->default_value(300), "migrate: how long to serve the destination");
   po::positional_options_description pos;
   pos.add("command", 1);
   auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc, &pos);
   const std::string cmd = vm.count("command") ? vm["command"].as<std::string>() : "";
-  if (cmd != "fill" && cmd != "restore") throw std::invalid_argument("give the command: fill or restore");
+  if (cmd != "fill" && cmd != "restore" && cmd != "migrate") throw std::invalid_argument("give the command: fill, restore or migrate");
   if (!vm.count("snapshot")) throw std::invalid_argument("--snapshot is required");
-  return cmd == "fill" ? fill(vm) : restore(vm);
+  if (cmd == "restore") return restore(vm);
+  return fill(vm, cmd == "migrate");
 }
 
 int main(int argc, char** argv) {
