@@ -17,6 +17,7 @@
 
 #include "../common/test_data.h"
 #include "../common/veth_host.h"
+#include "served_snapshot.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/migrate.h"
 #include "lazymem/pause_gate.h"
@@ -265,6 +266,51 @@ TEST_F(MigrateTest, BetweenTwoHostsThroughAPageServer) {
   ASSERT_FALSE(base.empty());
   migrate_to(base, host.far());
   restore_and_compare(base);
+}
+
+// The source dies during post-copy: the destination's accesses to the pages it held fail with
+// SIGBUS within the fault deadline, never hang, never get a wrong page; the pre-copied ones
+// were all there.
+TEST_F(MigrateTest, SourceDyingDuringPostcopyFailsTheAccessesVisibly) {
+  fork_source({});
+  migrate_to(dir_.path() + "/app");
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+  const pid_t dest = ::fork();
+  ASSERT_GE(dest, 0);
+  if (dest == 0) {  // the destination: what it touches before the source dies must be right
+    RestoreOptions ro;
+    ro.base = dir_.path() + "/app";
+    ro.prefetch = false;
+    ro.fault_deadline = std::chrono::milliseconds(2000);
+    ro.fetch_attempts = 1;
+    auto r = LazyRestore::start(location_, ro);
+    if (!r.ok()) _exit(20);
+    const auto* m = static_cast<const std::byte*>((*r)->region("heap")->address);
+    const size_t at = len_ / 2;  // in the written half: its chunk came from the source
+    if (std::memcmp(m + at, expected_.data() + at, 4096) != 0) _exit(21);
+    char c = 1;
+    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) _exit(22);
+    for (size_t off = 0; off < len_; off += 4096) {
+      if (std::memcmp(m + off, expected_.data() + off, 4096) != 0) _exit(23);  // a wrong page
+    }
+    _exit(24);  // every page came: the source's death went unnoticed
+  }
+  ::close(ready[1]);
+  ::close(go[0]);
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "the destination could not restore or got a wrong page";
+  ::kill(pid_, SIGKILL);
+  ASSERT_EQ(source_exit(), 128 + SIGKILL);
+  const auto killed_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(dest, &status, 0), dest);
+  EXPECT_TRUE(testing::died_of_sigbus(status));
+  EXPECT_LT(std::chrono::steady_clock::now() - killed_at, std::chrono::seconds(20)) << "the access waited far past its deadline";
+  ::close(ready[0]);
+  ::close(go[1]);
 }
 
 // Nobody restores: the source says so when its time is up.
