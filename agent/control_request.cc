@@ -47,6 +47,8 @@ Result<ControlRequestBody> decode_restore(pa::Restore::Reader r) {
   LAZYMEM_ASSIGN_OR_RETURN(out.token_file, path_field("token file", r.getTokenFile()));
   LAZYMEM_TRY(require_absolute_location(out.snapshot));
   LAZYMEM_TRY(require_absolute("token file", out.token_file));
+  LAZYMEM_ASSIGN_OR_RETURN(out.base, path_field("base location", r.getBase()));
+  if (!out.base.empty()) LAZYMEM_TRY(require_absolute_location(out.base));
   out.ranges.reserve(ranges.size());
   for (auto m : ranges) out.ranges.push_back({m.getStart(), m.getLength(), m.getRegion(), m.getRegionOffset()});
   LAZYMEM_TRY(check_range_table(out.ranges));

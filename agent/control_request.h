@@ -24,6 +24,7 @@ struct RestoreRequest {
   uint64_t uffd_features = 0;
   uint64_t manifest_checksum = 0;  // 0: not checked
   bool announces_failures = false;
+  std::string base;  // absolute store path, lazymem:// location, or empty
 };
 
 // ServeFirecracker: a per-VM handshake socket.

@@ -385,9 +385,9 @@ struct Daemon::Impl {
   // opened at once, whatever else is, and goes on with -1 if the connection to tell has closed.
   using Then = std::function<void(Result<std::shared_ptr<snapshot::ChunkSource>>, int conn_fd)>;
   Status open_then(OpenSpec spec, uint64_t version, int conn_fd, pid_t pid, uid_t uid, Then then, bool for_vm) {
-    spec.open_now = open_now(spec.location, version);
+    spec.open_now = open_now(spec.key(), version);
     const uint64_t job = ++opened_jobs;
-    Opening o{spec.location, version, conn_fd, pid, uid, std::move(then), !for_vm};
+    Opening o{spec.key(), version, conn_fd, pid, uid, std::move(then), !for_vm};
     LAZYMEM_TRY(opener.submit(job, uid, std::move(spec), for_vm));
     opening.emplace(job, std::move(o));
     changed();  // status shows it opening
@@ -468,7 +468,7 @@ struct Daemon::Impl {
     rq->prefetch = r.prefetch;
     rq->hold_failures = r.announces_failures;
     rq->reply_id = id;
-    OpenSpec spec{rq->location, rq->token_file, Requester{c.pid, c.uid, c.gid}, {}};
+    OpenSpec spec{rq->location, rq->token_file, Requester{c.pid, c.uid, c.gid}, {}, std::move(r.base)};
     return open_then(std::move(spec), rq->version, c.fd.get(), c.pid, c.uid, [this, rq](auto src, int conn_fd) {
       rq->conn_fd = conn_fd;  // open still: a closing one drops this (close_conn)
       const pid_t pid = rq->pid;
@@ -590,7 +590,7 @@ struct Daemon::Impl {
   }
   // The same, blocking: for the daemon's own --snapshot, at start.
   Status check_vm_snapshot(const std::string& snap, const std::string& token) {
-    LAZYMEM_ASSIGN_OR_RETURN(Opened o, open_source(OpenSpec{snap, token, std::nullopt, {}}));
+    LAZYMEM_ASSIGN_OR_RETURN(Opened o, open_source(OpenSpec{snap, token, std::nullopt, {}, {}}));
     LAZYMEM_ASSIGN_OR_RETURN(auto src, adopt(snap, std::move(o), 0));
     return check_raw_image(snap, *src);
   }
@@ -608,7 +608,7 @@ struct Daemon::Impl {
     l.cancel_on_close = r.cancel_on_close;
     l.uid = c.uid;
     l.pid = c.pid;
-    OpenSpec spec{l.snapshot, l.token_file, Requester{c.pid, c.uid, c.gid}, {}};
+    OpenSpec spec{l.snapshot, l.token_file, Requester{c.pid, c.uid, c.gid}, {}, {}};
     auto pending = std::make_shared<FcListener>(std::move(l));
     return open_then(std::move(spec), 0, c.fd.get(), c.pid, c.uid, [this, pending](auto src, int conn_fd) {
       const pid_t pid = pending->pid;
@@ -1042,7 +1042,7 @@ struct Daemon::Impl {
     // Firecracker keeps its end open while the VM runs; so do we, while we serve it.
     auto peer = std::make_shared<sys::UniqueFd>(std::move(hs.fd));
     const int notify = hs.notify_conn;
-    OpenSpec spec{rq->location, rq->token_file, std::nullopt, {}};  // the socket's asker was checked
+    OpenSpec spec{rq->location, rq->token_file, std::nullopt, {}, {}};  // the socket's asker was checked
     end_handshake(fd);  // the message is whole: the handshake deadline is done with
     auto go_on = [this, rq, keep, peer](Result<std::shared_ptr<snapshot::ChunkSource>> src, int conn_fd) {
       rq->conn_fd = conn_fd;

@@ -70,6 +70,7 @@ Status client_may_read(const Requester& who, const std::string& location, const 
 
 Result<Opened> open_source(const OpenSpec& spec) {
   if (spec.reader) LAZYMEM_TRY(client_may_read(*spec.reader, spec.location, spec.token_file));
+  if (spec.reader && !spec.base.empty()) LAZYMEM_TRY(client_may_read(*spec.reader, spec.base, spec.token_file));
   Opened out;
   if (!spec.token_file.empty()) {
     LAZYMEM_ASSIGN_OR_RETURN(out.token, net::read_token_file(spec.token_file));
@@ -82,6 +83,7 @@ Result<Opened> open_source(const OpenSpec& spec) {
   }
   RestoreOptions ro;
   ro.token_file = spec.token_file;
+  ro.base = spec.base;
   LAZYMEM_ASSIGN_OR_RETURN(out.source, open_chunk_source(spec.location, ro));
   return out;
 }

@@ -39,6 +39,9 @@ struct OpenSpec {
   // Sources of `location` already open in the version wanted, with the token each was opened
   // with: one opened with the same token is taken instead of opening again.
   std::vector<std::pair<std::string, std::shared_ptr<snapshot::ChunkSource>>> open_now;
+  std::string base;  // RestoreOptions::base, or empty
+  // What names the source among those open: a source read with a base is another than without.
+  std::string key() const { return base.empty() ? location : location + " with base " + base; }
 };
 
 struct Opened {

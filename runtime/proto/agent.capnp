@@ -29,6 +29,9 @@ struct Restore {
   # (or a second at most) the agent holds off poisoning the failed pages, so the process cannot
   # die of SIGBUS before it has said why. False (older clients): poisoned at once.
   announcesFailures @6 :Bool;
+  # RestoreOptions::base: an earlier version of the snapshot, nearer (absolute store path or
+  # lazymem:// location), whose unchanged chunks are read there: a migration's pre-copy. "": none.
+  base @7 :Text;
 }
 
 # Accept one Firecracker UFFD handshake on a new socket and serve that VM's guest memory from

@@ -452,7 +452,7 @@ TEST_F(AgentTest, HostileRangeTablesAreRefused) {
 // snapshot is open) holds however the numbers wrap.
 TEST_F(AgentTest, EngineRefusesARegionOffsetThatWraps) {
   std::string loc = capture(8 * kMiB, 46);
-  auto opened = agent::open_source(agent::OpenSpec{loc, "", std::nullopt, {}});
+  auto opened = agent::open_source(agent::OpenSpec{loc, "", std::nullopt, {}, {}});
   ASSERT_TRUE(opened.ok()) << opened.error().message();
   fault::FaultEngine engine(kf_, {});
   ASSERT_TRUE(engine.start().ok());
@@ -1361,9 +1361,9 @@ TEST(SourceOpenerTest, OneUsersSilentServerHoldsUpNoOtherUser) {
   agent::SourceOpener opener;
   constexpr uid_t kA = 1000, kB = 1001;
   for (uint64_t job = 1; job <= 100; ++job) {
-    ASSERT_TRUE(opener.submit(job, kA, agent::OpenSpec{silent.location, "", std::nullopt, {}}, false).ok());
+    ASSERT_TRUE(opener.submit(job, kA, agent::OpenSpec{silent.location, "", std::nullopt, {}, {}}, false).ok());
   }
-  ASSERT_TRUE(opener.submit(100, kB, agent::OpenSpec{dir.path() + "/local", "", std::nullopt, {}}, false).ok());
+  ASSERT_TRUE(opener.submit(100, kB, agent::OpenSpec{dir.path() + "/local", "", std::nullopt, {}, {}}, false).ok());
   for (;;) {
     pollfd p[2] = {{opener.fd(), POLLIN, 0}, {opener.timer_fd(), POLLIN, 0}};
     ASSERT_GT(::poll(p, 2, 20000), 0) << "user B's open never finished";
@@ -1386,7 +1386,7 @@ TEST(SourceOpenerTest, AnsweredByTheDeadlineCancelledNever) {
   limits.deadline = std::chrono::milliseconds(300);
   agent::SourceOpener opener(limits);
   for (uint64_t job = 1; job <= 3; ++job) {
-    ASSERT_TRUE(opener.submit(job, 1000, agent::OpenSpec{silent.location, "", std::nullopt, {}}, false).ok());
+    ASSERT_TRUE(opener.submit(job, 1000, agent::OpenSpec{silent.location, "", std::nullopt, {}, {}}, false).ok());
   }
   opener.cancel(3);
   std::set<uint64_t> answered;

@@ -18,6 +18,8 @@
 #include "../common/test_data.h"
 #include "../common/veth_host.h"
 #include "served_snapshot.h"
+#include "daemon.h"
+#include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/migrate.h"
 #include "lazymem/pause_gate.h"
@@ -311,6 +313,57 @@ TEST_F(MigrateTest, SourceDyingDuringPostcopyFailsTheAccessesVisibly) {
   EXPECT_LT(std::chrono::steady_clock::now() - killed_at, std::chrono::seconds(20)) << "the access waited far past its deadline";
   ::close(ready[0]);
   ::close(go[1]);
+}
+
+// The destination restores through the agent (which owns the uffd and serves the faults), the
+// pre-copy as its base: every byte as the pause left it; the source sees the post-copy end
+// once the restored process has exited.
+TEST_F(MigrateTest, DestinationRestoresThroughTheAgent) {
+  fork_source({});
+  // The agent in a process of its own, forked while this one has no other thread.
+  const std::string socket = dir_.path() + "/agent.sock";
+  int ready[2];
+  ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+  const pid_t agent = ::fork();
+  ASSERT_GE(agent, 0);
+  if (agent == 0) {
+    ::close(ready[0]);
+    agent::DaemonOptions o;
+    o.socket_path = socket;
+    auto d = agent::Daemon::start(o, kf_);
+    if (!d.ok()) _exit(3);
+    char c = 1;
+    (void)!::write(ready[1], &c, 1);
+    (void)(*d)->run();
+    _exit(0);
+  }
+  ::close(ready[1]);
+  char c;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "lazymem-agent did not start";
+  ::close(ready[0]);
+  migrate_to(dir_.path() + "/app");
+  const pid_t dest = ::fork();
+  ASSERT_GE(dest, 0);
+  if (dest == 0) {
+    AgentRestoreOptions ao;
+    ao.base = dir_.path() + "/app";
+    auto r = AgentRestore::start(socket, location_, ao);
+    if (!r.ok()) {
+      std::fprintf(stderr, "destination: %s\n", r.error().message().c_str());
+      _exit(20);
+    }
+    const auto* m = static_cast<const std::byte*>((*r)->region("heap")->address);
+    for (size_t off = 0; off < len_; off += 4096) {
+      if (std::memcmp(m + off, expected_.data() + off, 4096) != 0) _exit(21);
+    }
+    _exit((*r)->wait_complete().ok() ? 0 : 22);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(dest, &status, 0), dest);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "destination status " << status;
+  EXPECT_EQ(source_exit(), kSourceOk) << "the source did not see the post-copy finish";
+  ::kill(agent, SIGTERM);
+  ::waitpid(agent, nullptr, 0);
 }
 
 // Nobody restores: the source says so when its time is up.

@@ -22,6 +22,7 @@ constexpr const char* kDefaultAgentSocket = "/run/lazymem/agent.sock";
 struct AgentRestoreOptions {
   bool prefetch = true;
   std::string token_file;  // for lazymem:// snapshots; read by the agent
+  std::string base;        // RestoreOptions::base (a migration's pre-copy); read by the agent
 };
 
 class AgentRestore {

@@ -179,6 +179,10 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
   rs.setTokenFile(agent_token_file);
   rs.setManifestChecksum(m.checksum);  // the agent serves this version or refuses
   rs.setAnnouncesFailures(true);       // the watchdog says why before pages are poisoned
+  if (!options.base.empty()) {
+    LAZYMEM_ASSIGN_OR_RETURN(std::string agent_base, location_for_agent(options.base));
+    rs.setBase(agent_base);
+  }
   auto ranges = rs.initRanges(static_cast<unsigned>(m.regions.size()));
   for (unsigned i = 0; i < m.regions.size(); ++i) {
     ranges[i].setStart(m.regions[i].start_address);
