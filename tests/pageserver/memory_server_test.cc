@@ -333,11 +333,19 @@ TEST_F(MemoryServerTest, WaitDrainedTimesOutSayingWhatWasNeverSent) {
   EXPECT_NE(s.error().message().find("1 connections are open"), std::string::npos) << s.error().message();
 }
 
-// Every chunk sent is not enough: the destination must also have hung up.
+// Every chunk sent is not enough: the destination must also have read the manifest and hung up.
 TEST_F(MemoryServerTest, WaitDrainedWaitsForTheDestinationToHangUp) {
   start_server();
   std::optional<RawPeer> p = RawPeer::connect(server_->port());
   p->greet();
+  {
+    capnp::MallocMessageBuilder gm;
+    auto rq = gm.initRoot<wire::Request>();
+    rq.setId(7);
+    rq.setGetManifest(kName);
+    ASSERT_TRUE(p->send(gm).ok());
+    ASSERT_TRUE(p->recv().ok());
+  }
   capnp::MallocMessageBuilder m;
   auto gc = m.initRoot<wire::Request>().initGetChunks();
   gc.setSnapshot(kName);
@@ -633,9 +641,13 @@ TEST_F(MemoryServerTest, ConnectionsOverTheLimitAreRefused) {
 TEST_F(MemoryServerTest, StartRefusesBytesThatDoNotMatchTheManifest) {
   auto s = net::MemoryServer::start(
       kName, manifest_file_, [](uint32_t, uint32_t) { return std::span<const std::byte>(); }, {});
-  ASSERT_TRUE(s.ok()) << s.error().message();  // nothing served is allowed (nothing to drain)
+  ASSERT_TRUE(s.ok()) << s.error().message();  // nothing served is allowed
   EXPECT_EQ((*s)->stats().chunks_to_serve, 0u);
-  EXPECT_TRUE((*s)->wait_drained(1s).ok());
+  // Nothing to serve is not drained: the manifest (the state blob with it) is still to be read.
+  Status nobody = (*s)->wait_drained(100ms);
+  ASSERT_FALSE(nobody.ok());
+  EXPECT_NE(nobody.error().message().find("no destination has read the manifest"), std::string::npos)
+      << nobody.error().message();
   auto wrong = net::MemoryServer::start(
       kName, manifest_file_, [this](uint32_t r, uint32_t k) { return chunk(r, k, 4096); }, {});
   ASSERT_FALSE(wrong.ok());

@@ -48,6 +48,7 @@ class Writer {
 
  private:
   void run(std::byte* m, size_t len) {
+    if (len == 0) return;  // idle
     gate.enter();
     std::mt19937_64 rng(7);
     for (uint64_t n = 1; !stop_.load(std::memory_order_relaxed); ++n) {
@@ -91,6 +92,7 @@ struct SourceSpec {
   size_t len = 32 * kMiB;
   std::string netns;                  // the source's "host": a network namespace ("": this one)
   std::string listen = "127.0.0.1:0";
+  bool idle = false;                  // no writer: nothing is written after the pre-copy
   CaptureOptions capture;
   std::chrono::milliseconds postcopy_timeout{60000};
 };
@@ -110,8 +112,8 @@ struct SourceSpec {
   if (p == nullptr) _exit(kSourceStartFailed);
   auto* m = static_cast<std::byte*>(p);
   testing::fill_mixed(m, spec.len, 31);
-  Writer writer(m + spec.len / 4, spec.len / 2);  // the middle half is written throughout
-  while (writer.writes() < 10000) std::this_thread::yield();
+  Writer writer(m + spec.len / 4, spec.idle ? 0 : spec.len / 2);  // the middle half is written throughout
+  while (!spec.idle && writer.writes() < 10000) std::this_thread::yield();
   MigrationOptions mo;
   mo.listen = spec.listen;
   mo.precopy.max_rounds = 3;
@@ -251,6 +253,19 @@ TEST_F(MigrateTest, DestinationHoldsTheSourceMemoryAsThePauseLeftIt) {
   fork_source({});
   migrate_to(dir_.path() + "/app");
   EXPECT_GT(postcopy_chunks_, 0u) << "nothing was left at the source: the writer did not race the switch-over";
+  restore_and_compare(dir_.path() + "/app");
+}
+
+// Nothing written since the pre-copy: nothing is left at the source, which must still wait for
+// the destination to read its manifest (the only copy, with the state blob) before it goes.
+TEST_F(MigrateTest, IdleSourceWaitsForTheDestination) {
+  SourceSpec spec;
+  spec.idle = true;
+  fork_source(spec);
+  migrate_to(dir_.path() + "/app");
+  EXPECT_EQ(postcopy_chunks_, 0u);
+  int status = 0;
+  EXPECT_EQ(::waitpid(pid_, &status, WNOHANG), 0) << "the source left before the destination came";
   restore_and_compare(dir_.path() + "/app");
 }
 

@@ -138,9 +138,17 @@ struct MemoryServer::Impl {
     { std::lock_guard lock(mu); }
     drained.notify_all();
   }
-  bool is_drained() const {
-    return st_distinct.load(std::memory_order_relaxed) == to_serve && st_open.load(std::memory_order_relaxed) == 0;
+  // Drained: a destination read the manifest, every chunk went out at least once, and no
+  // connection has been open for `linger` (a restore that lost its connection comes back).
+  // Without the first, a source with nothing written since pre-copy would be drained before the
+  // destination ever came, and would exit with the only copy of the manifest.
+  bool is_drained(Clock::time_point now) const {
+    return manifest_sent.load(std::memory_order_relaxed) && st_distinct.load(std::memory_order_relaxed) == to_serve &&
+           st_open.load(std::memory_order_relaxed) == 0 &&
+           now - Clock::time_point(Clock::duration(last_close.load(std::memory_order_relaxed))) >= opt.linger;
   }
+  std::atomic<bool> manifest_sent{false};
+  std::atomic<Clock::rep> last_close{0};
 
   // Peers' misbehaviour: counted always, logged at most once a second (a flood of bad peers must
   // not flood the log of the host being migrated).
@@ -359,6 +367,8 @@ struct MemoryServer::Impl {
           auto r = m.initRoot<wire::Reply>();
           r.setId(id);
           r.setManifest();
+          manifest_sent = true;
+          changed();
           return reply(c, m, manifest_file);
         }
         case wire::Request::GET_CHUNKS: {
@@ -580,6 +590,7 @@ struct MemoryServer::Impl {
     if (it == conns.end()) return;
     ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, fd, nullptr);
     conns.erase(it);
+    last_close = Clock::now().time_since_epoch().count();
     st_open.fetch_sub(1, std::memory_order_relaxed);
     changed();
   }
@@ -785,17 +796,25 @@ MemoryServer::Stats MemoryServer::stats() const { return impl_->stats(); }
 Status MemoryServer::wait_drained(std::chrono::milliseconds timeout) {
   Impl& im = *impl_;
   std::unique_lock lock(im.mu);
-  if (im.drained.wait_for(lock, timeout, [&] { return im.failed.has_value() || im.is_drained(); })) {
-    if (im.failed) return *im.failed;
-    return ok_status();
+  const auto deadline = Clock::now() + timeout;
+  // Woken by every change; the linger after the last close passes with no change: looked at
+  // every 50 ms.
+  for (auto now = Clock::now(); !im.failed && !im.is_drained(now); now = Clock::now()) {
+    if (now >= deadline) {
+      const Stats st = im.stats();
+      const uint64_t missing = st.chunks_to_serve - st.distinct_chunks_sent;
+      return Error(Errc::kTimeout,
+                   fmt::format("migration source '{}' not drained after {} ms: {}{} of its {} chunks were never sent "
+                               "(the destination has not asked for them), {} connections are open; wait longer, or "
+                               "check that the destination's restore runs and finishes",
+                               im.name, timeout.count(),
+                               im.manifest_sent ? "" : "no destination has read the manifest, ", missing,
+                               st.chunks_to_serve, st.open_connections));
+    }
+    im.drained.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(50)));
   }
-  const Stats st = im.stats();
-  const uint64_t missing = st.chunks_to_serve - st.distinct_chunks_sent;
-  return Error(Errc::kTimeout,
-               fmt::format("migration source '{}' not drained after {} ms: {} of its {} chunks were never sent (the "
-                           "destination has not asked for them), {} connections are open; wait longer, or check that "
-                           "the destination's restore runs and finishes",
-                           im.name, timeout.count(), missing, st.chunks_to_serve, st.open_connections));
+  if (im.failed) return *im.failed;
+  return ok_status();
 }
 
 }  // namespace lazymem::net

@@ -38,6 +38,9 @@ struct MemoryServerOptions {
   // set) this long after it was accepted is closed: a peer that says nothing holds no slot.
   std::chrono::milliseconds handshake_timeout{10000};
   size_t max_connections = 64;  // more are closed as they come (counted: connections_refused)
+  // wait_drained(): how long no connection must have been open after the last one closed (a
+  // restore that lost its connection reconnects and may ask again).
+  std::chrono::milliseconds linger{1000};
 };
 
 // The stored bytes of chunk `chunk` of region `region`, exactly as the manifest's entry for it
@@ -80,9 +83,10 @@ class MemoryServer {
   };
   Stats stats() const;
 
-  // Returns once every chunk this server serves (Stats::chunks_to_serve) has been sent at least
-  // once and no connection is open: the destination has all it needs and has hung up (a
-  // LazyRestore finish()ed and destroyed). Else kTimeout when `timeout` passes, saying how many
+  // Returns once a peer has read the manifest, every chunk this server serves
+  // (Stats::chunks_to_serve) has been sent at least once, and no connection has been open for
+  // `linger`: the destination has all it needs and has hung up (a LazyRestore finish()ed, or its
+  // process gone). Else kTimeout when `timeout` passes, saying how many
   // chunks were never sent and how many connections are open; or the error that stopped the
   // serving thread.
   Status wait_drained(std::chrono::milliseconds timeout);
