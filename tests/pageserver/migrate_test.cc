@@ -269,6 +269,30 @@ TEST_F(MigrateTest, IdleSourceWaitsForTheDestination) {
   restore_and_compare(dir_.path() + "/app");
 }
 
+// The source gone while the base holds everything still to come (nothing was written after the
+// pre-copy): its connection failing fails nothing of the base's, and the restore completes.
+TEST_F(MigrateTest, SourceGoneFailsNothingTheBaseHolds) {
+  SourceSpec spec;
+  spec.idle = true;
+  fork_source(spec);
+  migrate_to(dir_.path() + "/app");
+  RestoreOptions ro;
+  ro.base = dir_.path() + "/app";
+  ro.fetch_attempts = 1;
+  ro.fault_deadline = std::chrono::milliseconds(2000);
+  ro.prefetch = false;  // nothing is fetched before the source is gone; wait_complete() then fetches it all
+  auto r = LazyRestore::start(location_, kf_, ro);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  ::kill(pid_, SIGKILL);
+  ASSERT_EQ(source_exit(), 128 + SIGKILL);
+  Status done = (*r)->wait_complete(std::chrono::seconds(60));
+  ASSERT_TRUE(done.ok()) << done.error().message();
+  EXPECT_FALSE((*r)->stats().failed);
+  expect_equal(static_cast<const std::byte*>((*r)->region("heap")->address), expected_);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap((*r)->region("heap")->address, len_);
+}
+
 // Two "hosts": the source in a network namespace pre-copies over a veth pair to a page server
 // on this side, and the destination (this side) restores from it across the pair.
 TEST_F(MigrateTest, BetweenTwoHostsThroughAPageServer) {

@@ -8,6 +8,10 @@
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
+#include <deque>
+#include <optional>
+#include <unordered_set>
 
 #include "snapshot/manifest.h"
 #include "sys/unique_fd.h"
@@ -21,21 +25,39 @@ bool same_entry(const ChunkInfo& a, const ChunkInfo& b) {
 }
 
 // One reader per side. The engine waits on one fd per reader: ours is an epoll set holding both
-// sides' fds, and an eventfd we signal while a side without one (a pread store: its poll() does
-// the reads) has work, so that the engine comes back to poll it.
+// sides' fds, and an eventfd we signal while there is work poll() does without a fd to wake it
+// (a pread store's reads, failures to deliver).
+//
+// The sides fail apart: a side that breaks (the paused source gone, say) fails the chunks it had
+// in flight and those asked of it later, never the other side's: a broken reader is the
+// engine's signal to fail every chunk it has in flight, and pages the base holds would be
+// poisoned for the source's sake.
 class RoutedReader final : public ChunkReader {
  public:
   RoutedReader(const RoutedSource& source, std::unique_ptr<ChunkReader> primary, std::unique_ptr<ChunkReader> base,
                sys::UniqueFd epoll, sys::UniqueFd kick)
-      : source_(source), sides_{std::move(primary), std::move(base)}, epoll_(std::move(epoll)), kick_(std::move(kick)) {}
+      : source_(source), epoll_(std::move(epoll)), kick_(std::move(kick)) {
+    sides_[0].reader = std::move(primary);
+    sides_[1].reader = std::move(base);
+  }
 
   Status submit(std::span<const ChunkRequest> requests) override {
     std::array<std::vector<ChunkRequest>, 2> split;
     for (const ChunkRequest& rq : requests) split[source_.from_base(rq.ref) ? 1 : 0].push_back(rq);
     for (size_t i = 0; i < 2; ++i) {
-      if (!split[i].empty()) LAZYMEM_TRY(sides_[i]->submit(split[i]));
+      Side& side = sides_[i];
+      if (split[i].empty()) continue;
+      if (!side.broken) {
+        Status s = side.reader->submit(split[i]);
+        if (s.ok()) {
+          for (const ChunkRequest& rq : split[i]) side.tags.insert(rq.tag);
+          continue;
+        }
+        break_side(side, std::move(s).error());
+      }
+      for (const ChunkRequest& rq : split[i]) failed_.emplace_back(rq.tag, *side.broken);
     }
-    kick_if_synchronous_work();
+    kick_if_work_without_fd();
     return ok_status();
   }
 
@@ -43,46 +65,105 @@ class RoutedReader final : public ChunkReader {
     uint64_t junk;
     (void)!::read(kick_.get(), &junk, sizeof junk);
     size_t delivered = 0;
+    const auto give_up_at = std::chrono::steady_clock::now() + kBlockSlice;
     for (;;) {
-      for (auto& side : sides_) {
-        if (delivered >= max) break;
-        LAZYMEM_ASSIGN_OR_RETURN(size_t n, side->poll(sink, false, max - delivered));
-        delivered += n;
+      delivered += deliver_failed(sink, max - delivered);
+      // The side polled first alternates: neither's completions wait behind the other's.
+      first_ ^= 1;
+      for (size_t k = 0; k < 2 && delivered < max; ++k) {
+        Side& side = sides_[first_ ^ k];
+        if (side.broken) continue;
+        Forward fwd(side, sink);
+        auto n = side.reader->poll(fwd, false, max - delivered);
+        if (n.ok()) {
+          delivered += *n;
+        } else {
+          break_side(side, std::move(n).error());
+          delivered += deliver_failed(sink, max - delivered);
+        }
       }
       if (delivered > 0 || !block || in_flight() == 0) break;
-      ChunkReader* sync = synchronous_with_work();
-      if (sync != nullptr) {
-        LAZYMEM_ASSIGN_OR_RETURN(size_t n, sync->poll(sink, true, max));
-        delivered += n;
+      if (Side* sync = synchronous_with_work()) {
+        Forward fwd(*sync, sink);
+        auto n = sync->reader->poll(fwd, true, max);
+        if (n.ok()) delivered += *n;
+        else break_side(*sync, std::move(n).error());
         continue;
       }
-      epoll_event ev[2];
-      if (::epoll_wait(epoll_.get(), ev, 2, -1) < 0 && errno != EINTR) return sys_error("epoll_wait (routed chunk reader)", errno);
+      // Blocking, but not for ever: a caller that watches for stalls (read_chunks) gets 0 back.
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= give_up_at) break;
+      epoll_event ev[3];
+      const int ms = static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(give_up_at - now).count()) + 1;
+      if (::epoll_wait(epoll_.get(), ev, 3, ms) < 0 && errno != EINTR) return sys_error("epoll_wait (routed chunk reader)", errno);
+      (void)!::read(kick_.get(), &junk, sizeof junk);
     }
-    kick_if_synchronous_work();
+    kick_if_work_without_fd();
     return delivered;
   }
 
   int wait_fd() const override { return epoll_.get(); }
-  size_t in_flight() const override { return sides_[0]->in_flight() + sides_[1]->in_flight(); }
+  size_t in_flight() const override {
+    size_t n = failed_.size();
+    for (const Side& side : sides_) n += side.broken ? 0 : side.reader->in_flight();
+    return n;
+  }
   // Every request may go to the same side: no more than the smaller side takes.
-  size_t capacity() const override { return std::min(sides_[0]->capacity(), sides_[1]->capacity()); }
+  size_t capacity() const override { return std::min(sides_[0].reader->capacity(), sides_[1].reader->capacity()); }
 
  private:
-  ChunkReader* synchronous_with_work() const {
-    for (const auto& side : sides_) {
-      if (side->wait_fd() < 0 && side->in_flight() > 0) return side.get();
+  static constexpr auto kBlockSlice = std::chrono::milliseconds(200);
+
+  struct Side {
+    std::unique_ptr<ChunkReader> reader;
+    std::unordered_set<uint64_t> tags;  // in flight on it
+    std::optional<Error> broken;        // why it no longer reads
+  };
+  // Forgets each completion's tag on its side as it passes it on.
+  struct Forward final : ChunkSink {
+    Forward(Side& s, ChunkSink& to) : side(s), sink(to) {}
+    void on_chunk(uint64_t tag, std::span<const std::byte> stored) override {
+      side.tags.erase(tag);
+      sink.on_chunk(tag, stored);
+    }
+    void on_chunk_error(uint64_t tag, const Error& error) override {
+      side.tags.erase(tag);
+      sink.on_chunk_error(tag, error);
+    }
+    Side& side;
+    ChunkSink& sink;
+  };
+
+  void break_side(Side& side, Error why) {
+    side.broken = std::move(why);
+    for (uint64_t tag : side.tags) failed_.emplace_back(tag, *side.broken);
+    side.tags.clear();
+  }
+  size_t deliver_failed(ChunkSink& sink, size_t max) {
+    size_t n = 0;
+    for (; n < max && !failed_.empty(); ++n) {
+      auto [tag, why] = std::move(failed_.front());
+      failed_.pop_front();
+      sink.on_chunk_error(tag, why);
+    }
+    return n;
+  }
+  Side* synchronous_with_work() {
+    for (Side& side : sides_) {
+      if (!side.broken && side.reader->wait_fd() < 0 && side.reader->in_flight() > 0) return &side;
     }
     return nullptr;
   }
-  void kick_if_synchronous_work() {
-    if (synchronous_with_work() == nullptr) return;
+  void kick_if_work_without_fd() {
+    if (failed_.empty() && synchronous_with_work() == nullptr) return;
     uint64_t one = 1;
     (void)!::write(kick_.get(), &one, sizeof one);
   }
 
   const RoutedSource& source_;
-  std::array<std::unique_ptr<ChunkReader>, 2> sides_;  // primary, base
+  std::array<Side, 2> sides_;  // primary, base
+  std::deque<std::pair<uint64_t, Error>> failed_;
+  size_t first_ = 0;
   sys::UniqueFd epoll_, kick_;
 };
 
