@@ -35,10 +35,22 @@ bool all_zero(std::span<const std::byte> bytes) {
   return any == 0;
 }
 
-// The host the destination dials: `advertise`, or listen's host unless it is a wildcard.
-Result<std::string> advertised_host(const MigrationOptions& m) {
-  if (!m.advertise.empty()) return m.advertise;
+bool loopback(const std::string& host) {
+  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
+
+// The host the destination dials: `advertise`, or listen's host unless it is a wildcard. And
+// the paused memory is not served to the network without a token.
+Result<std::string> advertised_host(const MigrationOptions& m, bool has_token) {
   LAZYMEM_ASSIGN_OR_RETURN(auto listen, SnapshotLocation::Server::parse(m.listen, /*any_port=*/true));
+  if (!has_token && !loopback(listen.host)) {
+    return Error(Errc::kInvalidArgument,
+                 fmt::format("migration: serving the paused memory on {} without a token would let any host that "
+                             "reaches it read it: set CaptureOptions::token_file (the destination restores with the "
+                             "same RestoreOptions::token_file), or listen on loopback",
+                             m.listen));
+  }
+  if (!m.advertise.empty()) return m.advertise;
   if (listen.host == "0.0.0.0" || listen.host == "::" || listen.host.empty()) {
     return Error(Errc::kInvalidArgument, fmt::format("migration: listening on {} (every address), the destination "
                                                      "needs to be told one: set MigrationOptions::advertise",
@@ -69,13 +81,16 @@ const MigrationReport& MigrationSource::report() const { return impl_->report; }
 Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::string& base, std::span<const CaptureRegion> regions,
                                                                 const CaptureOptions& options, const MigrationOptions& migration,
                                                                 const KernelFeatures& features) {
-  // Everything that can be refused is refused before the workload is touched.
-  LAZYMEM_ASSIGN_OR_RETURN(std::string host, advertised_host(migration));
-  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation base_loc, SnapshotLocation::parse(base));
+  // Everything that can be refused is refused before the workload is touched: the port is
+  // bound now (a taken one, or a name to look up, must not land in the pause).
   std::string token;
   if (!options.token_file.empty()) {
     LAZYMEM_ASSIGN_OR_RETURN(token, net::read_token_file(options.token_file));
   }
+  LAZYMEM_ASSIGN_OR_RETURN(std::string host, advertised_host(migration, !token.empty()));
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation base_loc, SnapshotLocation::parse(base));
+  auto listener = net::listen_tcp("migration listen address (MigrationOptions::listen)", migration.listen, 64);
+  if (!listener.ok()) return std::move(listener).error().wrap("migration");
 
   auto impl = std::make_unique<Impl>();
   impl->regions.assign(regions.begin(), regions.end());
@@ -143,6 +158,7 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
 
   net::MemoryServerOptions so;
   so.listen = migration.listen;
+  so.listener = std::make_shared<net::Listener>(std::move(*listener));
   so.token = token;
   so.handshake_timeout = migration.handshake_timeout;
   Impl* self = impl.get();
@@ -152,7 +168,7 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
     const uint64_t at = uint64_t{chunk} * self->chunk_size;
     return {static_cast<const std::byte*>(r.address) + at, std::min<uint64_t>(self->chunk_size, r.length - at)};
   };
-  auto server = net::MemoryServer::start(base_loc.name, snapshot::encode_manifest(m), chunk_bytes, so);
+  auto server = net::MemoryServer::start(base_loc.name, snapshot::encode_manifest(m), chunk_bytes, std::move(so));
   if (!server.ok()) return std::move(server).error().wrap("migration, serving post-copy on " + migration.listen);
   impl->server = std::move(*server);
   SnapshotLocation served;

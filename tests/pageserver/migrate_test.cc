@@ -9,8 +9,10 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <filesystem>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <random>
 #include <string>
 #include <thread>
@@ -181,10 +183,11 @@ class MigrateTest : public ::testing::Test {
   }
 
   // A page server on `host` serving the test's store: where a pre-copy can go.
-  std::string start_page_server(const std::string& host) {
+  std::string start_page_server(const std::string& host, const std::string& token = "") {
     pageserver::ServerOptions o;
     o.store_dir = dir_.path();
     o.host = host;
+    o.token = token;
     auto s = pageserver::PageServer::listen(o);
     if (!s.ok()) {
       ADD_FAILURE() << s.error().message();
@@ -299,14 +302,21 @@ TEST_F(MigrateTest, BetweenTwoHostsThroughAPageServer) {
   VethHost host;
   if (std::string why = host.create(); !why.empty()) GTEST_SKIP() << why;
   if (HasFailure()) return;
+  // Off loopback, the paused memory is served only to who knows the token (the page server's too).
+  const std::string token = "a token both hosts were given";
+  const std::string token_file = dir_.path() + "/token";
+  { std::ofstream(token_file) << token; }
   SourceSpec spec;
   spec.netns = host.ns;
   spec.listen = host.far() + ":0";
+  spec.capture.token_file = token_file;
   fork_source(spec);
-  const std::string base = start_page_server(host.near());
+  const std::string base = start_page_server(host.near(), token);
   ASSERT_FALSE(base.empty());
   migrate_to(base, host.far());
-  restore_and_compare(base);
+  RestoreOptions ro;
+  ro.token_file = token_file;
+  restore_and_compare(base, ro);
 }
 
 // The source dies during post-copy: the destination's accesses to the pages it held fail with
@@ -403,6 +413,21 @@ TEST_F(MigrateTest, DestinationRestoresThroughTheAgent) {
   EXPECT_EQ(source_exit(), kSourceOk) << "the source did not see the post-copy finish";
   ::kill(agent, SIGTERM);
   ::waitpid(agent, nullptr, 0);
+}
+
+// Serving the paused memory off loopback without a token is refused before anything is done.
+TEST_F(MigrateTest, NoTokenOffLoopbackIsRefused) {
+  int dummy = 0;
+  CaptureRegion region{"heap", &dummy, 4096, PROT_READ | PROT_WRITE};
+  MigrationOptions mo;
+  mo.listen = "0.0.0.0:0";
+  mo.advertise = "src.example";
+  mo.precopy.pause = [] {};
+  mo.precopy.resume = [] {};
+  auto src = MigrationSource::start(dir_.path() + "/app", std::span(&region, 1), {}, mo, kf_);
+  ASSERT_FALSE(src.ok());
+  EXPECT_NE(src.error().message().find("without a token"), std::string::npos) << src.error().message();
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/app")) << "something was stored before the refusal";
 }
 
 // Nobody restores: the source says so when its time is up.

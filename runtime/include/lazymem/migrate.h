@@ -43,7 +43,9 @@ struct MigrationOptions {
   // Pre-copy rounds, and pause/app_state for the switch-over. resume() is called only when the
   // migration fails after pause() (the workload goes on here).
   LiveCaptureOptions precopy;
-  // Where the destination fetches the chunks left here: HOST:PORT to listen on (port 0: any).
+  // Where the destination fetches the chunks left here: HOST:PORT to listen on (port 0: any),
+  // bound before anything else. Anything but loopback needs a token (CaptureOptions::token_file):
+  // the paused memory is not served to whoever reaches the port.
   std::string listen = "0.0.0.0:0";
   // The host name or address the destination dials; empty: listen's host (which must then not be
   // a wildcard address).

@@ -749,9 +749,12 @@ Result<std::unique_ptr<MemoryServer>> MemoryServer::start(std::string name, std:
       ++im->to_serve;
     }
   }
-  LAZYMEM_ASSIGN_OR_RETURN(Listener l, listen_tcp("migration source listen address", im->opt.listen, 64));
-  im->listen_fd = std::move(l.fd);
-  im->port = l.port;
+  if (!im->opt.listener) {
+    LAZYMEM_ASSIGN_OR_RETURN(Listener l, listen_tcp("migration source listen address", im->opt.listen, 64));
+    im->opt.listener = std::make_shared<Listener>(std::move(l));
+  }
+  im->listen_fd = std::move(im->opt.listener->fd);
+  im->port = im->opt.listener->port;
   im->epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
   if (!im->epoll_fd.valid()) return sys_error("migration source: epoll_create1", errno);
   im->stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));

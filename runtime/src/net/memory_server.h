@@ -22,17 +22,22 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "lazymem/result.h"
+#include "net/resolver.h"
 
 namespace lazymem::net {
 
 struct MemoryServerOptions {
-  std::string listen = "0.0.0.0:0";  // HOST:PORT, or [V6]:PORT (port 0: the kernel picks; see port())
+  std::string listen = "0.0.0.0:0";
+  // A listener bound already (listen_tcp): taken instead of binding `listen` (a migration binds
+  // before it pauses the workload, so that a taken port is found before, not during, the pause).
+  std::shared_ptr<Listener> listener;  // HOST:PORT, or [V6]:PORT (port 0: the kernel picks; see port())
   std::string token;                 // shared token (net/auth.h); empty: no authentication asked
   // A connection that has not finished its handshake (hello, and authenticate when a token is
   // set) this long after it was accepted is closed: a peer that says nothing holds no slot.
