@@ -638,6 +638,22 @@ TEST_F(MemoryServerTest, ConnectionsOverTheLimitAreRefused) {
   EXPECT_EQ(server_->stats().connections_refused, 1u);
 }
 
+// Peers that never authenticate cannot keep the destination out by holding every slot: the
+// oldest of them makes room; an authenticated connection is never dropped for a newcomer.
+TEST_F(MemoryServerTest, UnauthenticatedPeersDoNotLockTheDestinationOut) {
+  net::MemoryServerOptions o;
+  o.max_connections = 3;
+  o.token = "0123456789abcdef-migration";
+  start_server(o);
+  std::vector<RawPeer> squatters;
+  for (int i = 0; i < 3; ++i) squatters.push_back(RawPeer::connect(server_->port()));
+  RestoreOptions right;
+  right.token_file = token_file(o.token);
+  restore_and_compare(right);
+  EXPECT_GE(server_->stats().handshake_timeouts, 1u);
+  EXPECT_EQ(server_->stats().connections_refused, 0u);
+}
+
 TEST_F(MemoryServerTest, StartRefusesBytesThatDoNotMatchTheManifest) {
   auto s = net::MemoryServer::start(
       kName, manifest_file_, [](uint32_t, uint32_t) { return std::span<const std::byte>(); }, {});

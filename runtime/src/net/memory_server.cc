@@ -604,6 +604,20 @@ struct MemoryServer::Impl {
         continue;
       }
       if (!next.fd.valid()) return;
+      // Full: the oldest connection still in its handshake makes room. Peers that never
+      // authenticate cannot keep the destination out by holding every slot for the handshake
+      // timeout; authenticated connections are never dropped for a newcomer.
+      if (conns.size() >= opt.max_connections) {
+        int oldest = -1;
+        Clock::time_point since = Clock::time_point::max();
+        for (const auto& [fd, c] : conns) {
+          if (!c->authed && c->opened < since) since = c->opened, oldest = fd;
+        }
+        if (oldest >= 0) {
+          bump(st_hs);
+          close_conn(oldest);
+        }
+      }
       if (conns.size() >= opt.max_connections) {
         bump(st_refused);
         const auto now = Clock::now();
