@@ -80,8 +80,11 @@ class MigrationSource {
 
   // lazymem://HOST:PORT/NAME: what the destination restores from, with RestoreOptions::base.
   const std::string& location() const;
-  // Returns once every chunk left here has been sent at least once and the destination has hung
-  // up (its restore is complete), or fails with kTimedOut saying how many were never asked for.
+  // Returns once the destination has read the manifest, every chunk left here has been sent at
+  // least once, and no connection has been open for a second: the destination has hung up, which
+  // its restore does when it is finish()ed (LazyRestore::finish, after prefetch or
+  // wait_complete() fetched everything) or its process exits. Else kTimeout, saying what is
+  // missing. A destination that keeps its LazyRestore unfinished keeps the source waiting.
   Result<MigrationReport> wait_postcopy(std::chrono::milliseconds timeout);
   const MigrationReport& report() const;
 
