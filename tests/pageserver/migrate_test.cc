@@ -39,18 +39,18 @@ constexpr size_t kMiB = 1024 * 1024;
 // Writes 8-byte words at random places of `m` until destroyed, parkable between two writes.
 class Writer {
  public:
-  Writer(std::byte* m, size_t len) : thread_([this, m, len] { run(m, len); }) {}
+  // len 0: no thread (an idle workload).
+  Writer(std::byte* m, size_t len) : thread_(len == 0 ? std::thread() : std::thread([this, m, len] { run(m, len); })) {}
   ~Writer() {
     stop_ = true;
     gate.resume();
-    thread_.join();
+    if (thread_.joinable()) thread_.join();
   }
   uint64_t writes() const { return writes_.load(); }
   PauseGate gate;
 
  private:
   void run(std::byte* m, size_t len) {
-    if (len == 0) return;  // idle
     gate.enter();
     std::mt19937_64 rng(7);
     for (uint64_t n = 1; !stop_.load(std::memory_order_relaxed); ++n) {
