@@ -430,6 +430,24 @@ TEST_F(MigrateTest, NoTokenOffLoopbackIsRefused) {
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/app")) << "something was stored before the refusal";
 }
 
+// A destination that keeps its restore (as a service does, never finish()ing it): once complete,
+// its connection to the source closes, and the source is done.
+TEST_F(MigrateTest, CompleteRestoreLetsTheSourceGoWithoutFinish) {
+  SourceSpec spec;
+  spec.postcopy_timeout = std::chrono::seconds(20);
+  fork_source(spec);
+  migrate_to(dir_.path() + "/app");
+  RestoreOptions ro;
+  ro.base = dir_.path() + "/app";
+  auto r = LazyRestore::start(location_, kf_, ro);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  ASSERT_TRUE((*r)->wait_complete(std::chrono::seconds(60)).ok());
+  EXPECT_EQ(source_exit(), kSourceOk) << "the source did not see the destination hang up";
+  expect_equal(static_cast<const std::byte*>((*r)->region("heap")->address), expected_);
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap((*r)->region("heap")->address, len_);
+}
+
 // Nobody restores: the source says so when its time is up.
 TEST_F(MigrateTest, SourceGivesUpWhenTheDestinationNeverComes) {
   SourceSpec spec;

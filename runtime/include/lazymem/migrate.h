@@ -82,9 +82,8 @@ class MigrationSource {
   const std::string& location() const;
   // Returns once the destination has read the manifest, every chunk left here has been sent at
   // least once, and no connection has been open for a second: the destination has hung up, which
-  // its restore does when it is finish()ed (LazyRestore::finish, after prefetch or
-  // wait_complete() fetched everything) or its process exits. Else kTimeout, saying what is
-  // missing. A destination that keeps its LazyRestore unfinished keeps the source waiting.
+  // its restore does once complete (prefetch, the default, or wait_complete() fetches what was
+  // not touched). Else kTimeout, saying what is missing.
   Result<MigrationReport> wait_postcopy(std::chrono::milliseconds timeout);
   const MigrationReport& report() const;
 

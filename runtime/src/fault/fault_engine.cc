@@ -144,6 +144,7 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   bool next_absent(Session& s, ChunkRef& out);
   void flush(Session& s);
   void poll_reader(Session& s);
+  void release_reader_if_complete(Session& s);
   void check_deadlines();
   void mark_exited(Session& s);
   void probe_orphans();
@@ -286,6 +287,15 @@ void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
   live_.push_back(s);
   by_id_[s->id] = s.get();
   drain_uffd(*s);  // faults may have queued before we listened
+}
+
+// A complete session fetches nothing more (a page dropped since is given back to the kernel,
+// on_remove; a forked child gets a reader of its own): its reader, and the page-server
+// connections it holds, go. A migration source waits for its destination to hang up.
+void FaultEngine::Loop::release_reader_if_complete(Session& s) {
+  if (!s.complete || !s.reader || s.backlog || s.reader->in_flight() > 0) return;
+  if (s.reader->wait_fd() >= 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, s.reader->wait_fd(), nullptr);
+  s.reader.reset();
 }
 
 void FaultEngine::Loop::deactivate(Session& s) {
@@ -949,6 +959,7 @@ void FaultEngine::Loop::run() {
     for (size_t i = 0; i < live_.size(); ++i) {
       Session& s = *live_[i];
       if (s.backlog || (s.reader && s.reader->wait_fd() < 0)) poll_reader(s);
+      release_reader_if_complete(s);
     }
     check_deadlines();
     probe_orphans();
