@@ -131,11 +131,16 @@ struct Waiting {
   boost::container::small_vector<Pin, 2> pins;
 };
 
+constexpr uint32_t kPayloadBeforeAuth = 64 * 1024;
+
 struct Conn {
   explicit Conn(bool zerocopy) : out(zerocopy) {}
   sys::UniqueFd fd;
   uint64_t serial = 0;        // tells a reused fd number from the connection a read was for
-  net::FrameBuffer in;
+  // Requests before authentication carry no payload: until then a frame announcing one is
+  // refused before anything is buffered for it (else 8 bytes from anyone make the connection
+  // hold 16 MiB, 1024 connections 16 GiB). Raised to the protocol's limit once authenticated.
+  net::FrameBuffer in{kPayloadBeforeAuth};
   SendQueue out;
   bool hello = false;
   bool authed = false;
@@ -574,6 +579,7 @@ struct PageServer::Impl {
         c.server_nonce = net::random_nonce();
         c.hello = true;
         c.authed = opt.token.empty();
+        if (c.authed) c.in.set_max_payload(net::kMaxPayload);
         c.reads_corrupt = hello.getReadsCorrupt();
         c.reads_name.clear();
         c.reads_checksum = 0;
@@ -607,6 +613,7 @@ struct PageServer::Impl {
         if (opt.token.empty() ||
             net::mac_equal(std::span(reinterpret_cast<const std::byte*>(mac.begin()), mac.size()), want)) {
           c.authed = true;
+          c.in.set_max_payload(net::kMaxPayload);
           bind_version(c);
           capnp::MallocMessageBuilder m;
           auto r = m.initRoot<wire::Reply>();

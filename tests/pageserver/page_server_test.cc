@@ -844,6 +844,19 @@ TEST_F(PageServerTest, HostilePeersAreCutOffAndOthersKeepBeingServed) {
   std::memcpy(huge.data(), &h, 4);
   std::memcpy(huge.data() + 4, &p, 4);
   EXPECT_TRUE(server_closes_after(port, huge));
+  // Before hello, a payload within the protocol's 16 MiB but more than any such request has:
+  // refused before 8 MiB are buffered for it.
+  std::vector<std::byte> early(8);
+  uint32_t eh = 8, ep = 8u << 20;
+  std::memcpy(early.data(), &eh, 4);
+  std::memcpy(early.data() + 4, &ep, 4);
+  {
+    const auto before = server_->stats();
+    EXPECT_TRUE(server_closes_after(port, early));
+    const auto after = server_->stats();
+    EXPECT_EQ(after.handshake_timeouts, before.handshake_timeouts) << "closed by the handshake timeout, not refused at once";
+    EXPECT_EQ(after.errors_protocol, before.errors_protocol + 1);
+  }
   // A well-framed header that is not a valid message.
   std::vector<std::byte> bad(8 + 16, std::byte{0x41});
   uint32_t hl = 16, pl = 0;

@@ -71,6 +71,8 @@ class FrameBuffer {
   // Drops the frame last returned by next().
   void consume();
   size_t buffered() const { return end_ - start_; }
+  // A new limit for the frames still to come (a server raises it once its peer authenticated).
+  void set_max_payload(uint32_t max_payload) { max_payload_ = std::min(max_payload, kMaxPayload); }
 
  private:
   std::vector<std::byte> buf_;
