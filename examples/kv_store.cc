@@ -131,6 +131,7 @@ int migrate(const po::variables_map& vm, lazymem::CaptureRegion region, const la
                 done->postcopy_seconds * 1e3, ms_since(t0));
   } else {
     std::fprintf(stderr, "migration failed: %s\n", done.error().message().c_str());
+    if ((*src)->abort().ok()) std::fprintf(stderr, "migration called off: no destination came; the table is this process's again\n");
   }
   // The table is the destination's now: this process ends without running it again (its
   // inserter stays parked; unwinding would join it).

@@ -66,6 +66,7 @@ struct MigrationSource::Impl {
   // Per region and chunk: whether it is served from memory (written since the last round).
   std::vector<std::vector<bool>> served;
   uint32_t chunk_size = 0;
+  std::function<void()> resume;  // abort() only
   std::unique_ptr<net::MemoryServer> server;
   std::string location;
   MigrationReport report;
@@ -95,6 +96,7 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   auto impl = std::make_unique<Impl>();
   impl->regions.assign(regions.begin(), regions.end());
   impl->chunk_size = options.chunk_size;
+  impl->resume = migration.precopy.resume;
   const auto started = Clock::now();
   auto pre = precopy(base, regions, options, migration.precopy, features);
   if (!pre.ok()) return std::move(pre).error().wrap("migration, pre-copy");
@@ -186,7 +188,21 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   return std::unique_ptr<MigrationSource>(new MigrationSource(std::move(impl)));
 }
 
+Status MigrationSource::abort() {
+  if (!impl_->server) return Error(Errc::kInvalidArgument, "migration: abort() was called already");
+  if (!impl_->server->withdraw()) {
+    return Error(Errc::kExists, fmt::format("migration: a destination has read {}'s manifest and may be running the "
+                                            "workload: it is not resumed here (two copies would run)",
+                                            impl_->location));
+  }
+  impl_->server.reset();  // stops serving, closes every connection
+  if (impl_->resume) impl_->resume();
+  log::get("runtime")->info("migration: called off before any destination came; {} resumed here", impl_->location);
+  return ok_status();
+}
+
 Result<MigrationReport> MigrationSource::wait_postcopy(std::chrono::milliseconds timeout) {
+  if (!impl_->server) return Error(Errc::kInvalidArgument, "migration: it was called off (abort())");
   Status drained = impl_->server->wait_drained(timeout);
   const auto st = impl_->server->stats();
   impl_->report.served_chunks = st.chunks_sent;

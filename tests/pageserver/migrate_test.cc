@@ -474,5 +474,59 @@ TEST_F(MigrateTest, ForeignBaseIsRefused) {
   EXPECT_NE(r.error().message().find("is not an earlier version of"), std::string::npos) << r.error().message();
 }
 
+// Called off before any destination came: the workload runs here again, and no destination can
+// restore it any more.
+TEST_F(MigrateTest, AbortBeforeAnyDestinationResumesTheWorkload) {
+  constexpr size_t kLen = 4 * kMiB;
+  void* p = testing::map_for_capture(kLen, 41);
+  ASSERT_NE(p, nullptr);
+  auto* m = static_cast<std::byte*>(p);
+  testing::fill_mixed(m, kLen, 41);
+  {
+    Writer writer(m, kLen);
+    while (writer.writes() < 1000) std::this_thread::yield();
+    MigrationOptions mo;
+    mo.listen = "127.0.0.1:0";
+    mo.precopy.pause = [&] { writer.gate.pause(); };
+    mo.precopy.resume = [&] { writer.gate.resume(); };
+    CaptureRegion region{"heap", p, kLen, PROT_READ | PROT_WRITE};
+    auto src = MigrationSource::start(dir_.path() + "/app", std::span(&region, 1), {}, mo, kf_);
+    ASSERT_TRUE(src.ok()) << src.error().message();
+    const uint64_t parked = writer.writes();
+    ASSERT_TRUE((*src)->abort().ok());
+    while (writer.writes() == parked) std::this_thread::yield();  // it writes again (a hang: the test's timeout)
+    EXPECT_FALSE(read_manifest((*src)->location()).ok()) << "the source still serves after the abort";
+    EXPECT_FALSE((*src)->abort().ok());
+  }
+  ::munmap(p, kLen);
+}
+
+// Once a destination has read the manifest, the migration cannot be called off: the workload may
+// be running there.
+TEST_F(MigrateTest, AbortAfterADestinationReadTheManifestIsRefused) {
+  constexpr size_t kLen = 4 * kMiB;
+  void* p = testing::map_for_capture(kLen, 42);
+  ASSERT_NE(p, nullptr);
+  testing::fill_mixed(static_cast<std::byte*>(p), kLen, 42);
+  {
+    PauseGate gate;
+    bool resumed = false;
+    MigrationOptions mo;
+    mo.listen = "127.0.0.1:0";
+    mo.precopy.pause = [&] { gate.pause(); };
+    mo.precopy.resume = [&] { resumed = true; };
+    CaptureRegion region{"heap", p, kLen, PROT_READ | PROT_WRITE};
+    auto src = MigrationSource::start(dir_.path() + "/app", std::span(&region, 1), {}, mo, kf_);
+    ASSERT_TRUE(src.ok()) << src.error().message();
+    ASSERT_TRUE(read_manifest((*src)->location()).ok());
+    Status a = (*src)->abort();
+    ASSERT_FALSE(a.ok());
+    EXPECT_EQ(a.error().code(), Errc::kExists);
+    EXPECT_NE(a.error().message().find("two copies would run"), std::string::npos) << a.error().message();
+    EXPECT_FALSE(resumed);
+  }
+  ::munmap(p, kLen);
+}
+
 }  // namespace
 }  // namespace lazymem

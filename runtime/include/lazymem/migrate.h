@@ -86,6 +86,11 @@ class MigrationSource {
   // not touched). Else kTimeout, saying what is missing.
   Result<MigrationReport> wait_postcopy(std::chrono::milliseconds timeout);
   const MigrationReport& report() const;
+  // Calls the migration off, if it can be: when no destination has read the source's manifest
+  // yet (none can be running the workload), it is refused to any that comes, serving stops, and
+  // resume() gives the workload back to this process. Else kExists: a destination may be running
+  // it, and resuming it here would run two copies. Once only.
+  Status abort();
 
   struct Impl;
 

@@ -143,11 +143,14 @@ struct MemoryServer::Impl {
   // Without the first, a source with nothing written since pre-copy would be drained before the
   // destination ever came, and would exit with the only copy of the manifest.
   bool is_drained(Clock::time_point now) const {
-    return manifest_sent.load(std::memory_order_relaxed) && st_distinct.load(std::memory_order_relaxed) == to_serve &&
+    return manifest_state.load(std::memory_order_relaxed) == kManifestSent && st_distinct.load(std::memory_order_relaxed) == to_serve &&
            st_open.load(std::memory_order_relaxed) == 0 &&
            now - Clock::time_point(Clock::duration(last_close.load(std::memory_order_relaxed))) >= opt.linger;
   }
-  std::atomic<bool> manifest_sent{false};
+  // Whether a peer has read the manifest, or it was withdrawn (withdraw()) before any did: one
+  // atomic, so that a manifest being read and a migration being called off cannot both win.
+  static constexpr int kManifestOpen = 0, kManifestSent = 1, kManifestWithdrawn = 2;
+  std::atomic<int> manifest_state{kManifestOpen};
   std::atomic<Clock::rep> last_close{0};
 
   // Peers' misbehaviour: counted always, logged at most once a second (a flood of bad peers must
@@ -363,11 +366,18 @@ struct MemoryServer::Impl {
             bump(st_nf);
             return reply_error(c, id, wire::ErrorCode::NOT_FOUND, *why);
           }
+          if (int was = kManifestOpen; !manifest_state.compare_exchange_strong(was, kManifestSent) &&
+                                       was == kManifestWithdrawn) {
+            bump(st_nf);
+            return reply_error(c, id, wire::ErrorCode::NOT_FOUND,
+                               fmt::format("the migration of '{}' was called off at its source, which runs it again; "
+                                           "nothing here to restore",
+                                           name));
+          }
           capnp::MallocMessageBuilder m(16);
           auto r = m.initRoot<wire::Reply>();
           r.setId(id);
           r.setManifest();
-          manifest_sent = true;
           changed();
           return reply(c, m, manifest_file);
         }
@@ -810,6 +820,11 @@ uint16_t MemoryServer::port() const { return impl_->port; }
 
 MemoryServer::Stats MemoryServer::stats() const { return impl_->stats(); }
 
+bool MemoryServer::withdraw() {
+  int was = Impl::kManifestOpen;
+  return impl_->manifest_state.compare_exchange_strong(was, Impl::kManifestWithdrawn) || was == Impl::kManifestWithdrawn;
+}
+
 Status MemoryServer::wait_drained(std::chrono::milliseconds timeout) {
   Impl& im = *impl_;
   std::unique_lock lock(im.mu);
@@ -825,7 +840,8 @@ Status MemoryServer::wait_drained(std::chrono::milliseconds timeout) {
                                "(the destination has not asked for them), {} connections are open; wait longer, or "
                                "check that the destination's restore runs and finishes",
                                im.name, timeout.count(),
-                               im.manifest_sent ? "" : "no destination has read the manifest, ", missing,
+                               im.manifest_state == Impl::kManifestSent ? "" : "no destination has read the manifest, ",
+                               missing,
                                st.chunks_to_serve, st.open_connections));
     }
     im.drained.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(50)));

@@ -96,6 +96,10 @@ class MemoryServer {
   // serving thread.
   Status wait_drained(std::chrono::milliseconds timeout);
 
+  // The manifest is refused (notFound) from now on, unless a peer has read it already. True if
+  // none had: then no destination can be running what this serves. Thread-safe.
+  bool withdraw();
+
   struct Impl;
 
  private:
