@@ -6,7 +6,6 @@
 #include <sys/mman.h>
 
 #include <chrono>
-#include <cstring>
 
 #include "core/log.h"
 #include "net/auth.h"
@@ -21,19 +20,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-bool all_zero(std::span<const std::byte> bytes) {
-  // Word-wise: the chunks looked at here are the ones written since the last round.
-  uint64_t any = 0;
-  size_t i = 0;
-  for (; i + 8 <= bytes.size(); i += 8) {
-    uint64_t w;
-    std::memcpy(&w, bytes.data() + i, 8);
-    any |= w;
-  }
-  for (; i < bytes.size(); ++i) any |= std::to_integer<uint64_t>(bytes[i]);
-  return any == 0;
-}
 
 bool loopback(const std::string& host) {
   return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
@@ -62,10 +48,6 @@ Result<std::string> advertised_host(const MigrationOptions& m, bool has_token) {
 }  // namespace
 
 struct MigrationSource::Impl {
-  std::vector<CaptureRegion> regions;
-  // Per region and chunk: whether it is served from memory (written since the last round).
-  std::vector<std::vector<bool>> served;
-  uint32_t chunk_size = 0;
   std::function<void()> resume;  // abort() only
   std::unique_ptr<net::MemoryServer> server;
   std::string location;
@@ -94,8 +76,6 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   if (!listener.ok()) return std::move(listener).error().wrap("migration");
 
   auto impl = std::make_unique<Impl>();
-  impl->regions.assign(regions.begin(), regions.end());
-  impl->chunk_size = options.chunk_size;
   impl->resume = migration.precopy.resume;
   const auto started = Clock::now();
   auto pre = precopy(base, regions, options, migration.precopy, features);
@@ -113,14 +93,7 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   migration.precopy.pause();
   // From here the workload is parked. It resumes here only if the switch-over fails; once the
   // server serves, it is the destination's.
-  bool switched = false;
-  struct ResumeUnlessSwitched {
-    const std::function<void()>& resume;
-    const bool& switched;
-    ~ResumeUnlessSwitched() {
-      if (!switched && resume) resume();
-    }
-  } resume_on_failure{migration.precopy.resume, switched};
+  ResumeOnExit resume_on_failure{migration.precopy.resume};
 
   LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks written, collect_dirty_chunks(*p.tracker, regions, options.chunk_size));
   impl->report.written_bytes = written.bytes;
@@ -128,17 +101,16 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   // past the base's data (nothing is stored there: the bytes are served from memory) and its
   // checksum taken now. RoutedSource reads every unchanged entry from the base.
   Manifest m = p.writer->manifest();
-  uint64_t data_end = m.data_length;
-  impl->served.resize(regions.size());
+  const uint64_t base_end = m.data_length;
+  uint64_t data_end = base_end;
   for (size_t r = 0; r < regions.size(); ++r) {
-    impl->served[r].assign(m.regions[r].chunks.size(), false);
     const auto* bytes = static_cast<const std::byte*>(regions[r].address);
     for (size_t c : written.chunks[r]) {
       const uint32_t len = m.chunk_length(r, c);
       std::span<const std::byte> chunk(bytes + c * uint64_t{m.chunk_size}, len);
       ChunkInfo& info = m.regions[r].chunks[c];
       info = ChunkInfo{};
-      if (all_zero(chunk)) {
+      if (snapshot::is_all_zero(chunk)) {
         ++impl->report.postcopy_zero_chunks;
         continue;
       }
@@ -147,7 +119,6 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
       info.stored_length = len;
       info.checksum = snapshot::chunk_checksum(chunk);
       data_end += len;
-      impl->served[r][c] = true;
       ++impl->report.postcopy_chunks;
       impl->report.postcopy_bytes += len;
     }
@@ -163,12 +134,11 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   so.listener = std::make_shared<net::Listener>(std::move(*listener));
   so.token = token;
   so.handshake_timeout = migration.handshake_timeout;
-  Impl* self = impl.get();
-  auto chunk_bytes = [self](uint32_t region, uint32_t chunk) -> std::span<const std::byte> {
-    if (region >= self->served.size() || chunk >= self->served[region].size() || !self->served[region][chunk]) return {};
-    const CaptureRegion& r = self->regions[region];
-    const uint64_t at = uint64_t{chunk} * self->chunk_size;
-    return {static_cast<const std::byte*>(r.address) + at, std::min<uint64_t>(self->chunk_size, r.length - at)};
+  // Served from memory: the entries placed past the base's data above (called by start() only).
+  auto chunk_bytes = [&](uint32_t region, uint32_t chunk) -> std::span<const std::byte> {
+    const ChunkInfo& ci = m.regions[region].chunks[chunk];
+    if (ci.codec != Codec::kRaw || ci.offset < base_end) return {};
+    return {static_cast<const std::byte*>(regions[region].address) + uint64_t{chunk} * m.chunk_size, ci.stored_length};
   };
   auto server = net::MemoryServer::start(base_loc.name, snapshot::encode_manifest(m), chunk_bytes, std::move(so));
   if (!server.ok()) return std::move(server).error().wrap("migration, serving post-copy on " + migration.listen);
@@ -180,7 +150,7 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   impl->location = served.to_string();
   impl->report.switch_seconds = seconds_since(paused_at);
   impl->serving_since = Clock::now();
-  switched = true;
+  resume_on_failure.armed = false;
   log::get("runtime")->info("migration: pre-copied {} bytes in {} rounds to {}; paused, {} chunks ({} bytes) written since "
                        "are served from here as {}",
                        impl->report.precopy.stored_bytes, p.rounds, base, impl->report.postcopy_chunks,

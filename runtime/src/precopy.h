@@ -38,11 +38,13 @@ Result<DirtyChunks> collect_dirty_chunks(DirtyTracker& tracker, std::span<const 
 // One round: the chunks written since the last look stored again. Returns the bytes written.
 Result<uint64_t> store_written(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size);
 
-// Calls the caller's resume() on scope exit, exceptions included: its writers must not stay parked.
+// Calls the caller's resume() on scope exit, exceptions included, unless disarmed: its writers
+// must not stay parked (a migration disarms it once the workload is the destination's).
 struct ResumeOnExit {
   const std::function<void()>& resume;
+  bool armed = true;
   ~ResumeOnExit() {
-    if (resume) resume();
+    if (armed && resume) resume();
   }
 };
 
