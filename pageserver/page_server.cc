@@ -31,6 +31,7 @@
 #include "sys/cpu_latency.h"
 #include "sys/ring.h"
 #include "net/auth.h"
+#include "net/server_handshake.h"
 #include "net/frame.h"
 #include "net/metrics_endpoint.h"
 #include "net/resolver.h"
@@ -561,22 +562,12 @@ struct PageServer::Impl {
     try {
       if (rq.isHello()) {
         auto hello = rq.getHello();
-        if (hello.getVersion() != wire::PROTOCOL_VERSION) {
-          reply_error(c, id, wire::ErrorCode::UNSUPPORTED_VERSION,
-                      fmt::format("protocol version {} is not supported (server speaks {})", hello.getVersion(),
-                                  wire::PROTOCOL_VERSION));
+        if (auto refused = net::accept_hello(hello, c.client_nonce, c.server_nonce)) {
+          if (refused->code == wire::ErrorCode::BAD_REQUEST) bump(st_proto);
+          reply_error(c, id, refused->code, refused->message);
           c.closing = true;
           return;
         }
-        auto cn = hello.getClientNonce();
-        if (cn.size() != c.client_nonce.size()) {
-          bump(st_proto);
-          reply_error(c, id, wire::ErrorCode::BAD_REQUEST, "client nonce must be 32 bytes");
-          c.closing = true;
-          return;
-        }
-        std::memcpy(c.client_nonce.data(), cn.begin(), cn.size());
-        c.server_nonce = net::random_nonce();
         c.hello = true;
         c.authed = opt.token.empty();
         if (c.authed) c.in.set_max_payload(net::kMaxPayload);
@@ -594,10 +585,7 @@ struct PageServer::Impl {
         capnp::MallocMessageBuilder m;
         auto r = m.initRoot<wire::Reply>();
         r.setId(id);
-        auto hr = r.initHello();
-        hr.setVersion(wire::PROTOCOL_VERSION);
-        hr.setServerNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.server_nonce.data()), c.server_nonce.size()));
-        hr.setAuthRequired(!opt.token.empty());
+        net::fill_hello_reply(r.initHello(), c.server_nonce, !opt.token.empty());
         queue(c, m, {});
         return;
       }
@@ -608,10 +596,7 @@ struct PageServer::Impl {
         return;
       }
       if (rq.isAuthenticate()) {
-        auto mac = rq.getAuthenticate();
-        net::Mac want = net::auth_mac(opt.token, c.server_nonce, c.client_nonce);
-        if (opt.token.empty() ||
-            net::mac_equal(std::span(reinterpret_cast<const std::byte*>(mac.begin()), mac.size()), want)) {
+        if (net::authentic(opt.token, rq.getAuthenticate(), c.server_nonce, c.client_nonce)) {
           c.authed = true;
           c.in.set_max_payload(net::kMaxPayload);
           bind_version(c);

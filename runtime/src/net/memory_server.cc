@@ -26,6 +26,7 @@
 #include "core/log.h"
 #include "lazymem/snapshot.h"
 #include "net/auth.h"
+#include "net/server_handshake.h"
 #include "net/frame.h"
 #include "net/resolver.h"
 #include "snapshot/manifest.h"
@@ -252,22 +253,14 @@ struct MemoryServer::Impl {
   // ---- requests ----
 
   void on_hello(Conn& c, uint64_t id, wire::Hello::Reader h) {
-    if (h.getVersion() != wire::PROTOCOL_VERSION) {
-      reply_error(c, id, wire::ErrorCode::UNSUPPORTED_VERSION,
-                  fmt::format("protocol version {} is not supported (this migration source speaks {}): restore with "
-                              "a lazymem of the same protocol version",
-                              h.getVersion(), wire::PROTOCOL_VERSION));
+    if (auto refused = accept_hello(h, c.client_nonce, c.server_nonce)) {
+      if (refused->code == wire::ErrorCode::BAD_REQUEST) {
+        bump(st_proto);
+        warn(c, refused->message);
+      }
+      reply_error(c, id, refused->code, refused->message);
       return c.close_after_replies();
     }
-    auto cn = h.getClientNonce();
-    if (cn.size() != c.client_nonce.size()) {
-      bump(st_proto);
-      warn(c, "hello with a client nonce not of 32 bytes");
-      reply_error(c, id, wire::ErrorCode::BAD_REQUEST, "client nonce must be 32 bytes");
-      return c.close_after_replies();
-    }
-    std::memcpy(c.client_nonce.data(), cn.begin(), cn.size());
-    c.server_nonce = random_nonce();  // a fresh one per hello: a MAC seen once is good for nothing else
     c.hello = true;
     c.authed = opt.token.empty();
     // A restore's connections name the version they read; another name is refused per request.
@@ -276,17 +269,12 @@ struct MemoryServer::Impl {
     capnp::MallocMessageBuilder m(64);
     auto r = m.initRoot<wire::Reply>();
     r.setId(id);
-    auto hr = r.initHello();
-    hr.setVersion(wire::PROTOCOL_VERSION);
-    hr.setServerNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(c.server_nonce.data()), c.server_nonce.size()));
-    hr.setAuthRequired(!opt.token.empty());
+    fill_hello_reply(r.initHello(), c.server_nonce, !opt.token.empty());
     reply(c, m);
   }
 
   void on_authenticate(Conn& c, uint64_t id, capnp::Data::Reader mac) {
-    if (opt.token.empty() ||
-        mac_equal(std::span(reinterpret_cast<const std::byte*>(mac.begin()), mac.size()),
-                  auth_mac(opt.token, c.server_nonce, c.client_nonce))) {
+    if (authentic(opt.token, mac, c.server_nonce, c.client_nonce)) {
       c.authed = true;
       capnp::MallocMessageBuilder m(16);
       m.initRoot<wire::Reply>().setId(id);

@@ -1,0 +1,30 @@
+// The server's side of the wire protocol's handshake (wire.capnp: hello, then authenticate when
+// a token is set), shared by the page server and the migration source (MemoryServer): one place
+// that checks what a peer says before it is trusted.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "net/auth.h"
+#include "wire.capnp.h"
+
+namespace lazymem::net {
+
+struct HandshakeRefusal {
+  proto::wire::ErrorCode code;
+  std::string message;
+};
+
+// Checks a hello (protocol version, client nonce). Accepted: the client's nonce is kept in
+// `client_nonce` and a fresh one drawn into `server_nonce` (a MAC seen once is good for nothing
+// else). Refused: answer with the refusal's code and message, then close.
+std::optional<HandshakeRefusal> accept_hello(proto::wire::Hello::Reader hello, Nonce& client_nonce, Nonce& server_nonce);
+
+// The hello reply's fields.
+void fill_hello_reply(proto::wire::HelloReply::Builder reply, const Nonce& server_nonce, bool auth_required);
+
+// Whether `mac` proves the peer holds `token` (always true with no token set).
+bool authentic(const std::string& token, capnp::Data::Reader mac, const Nonce& server_nonce, const Nonce& client_nonce);
+
+}  // namespace lazymem::net
