@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -12,8 +13,9 @@
 #include <nlohmann/json.hpp>
 
 #include "lazymem/agent_client.h"
+#include "lazymem/kernel_features.h"
 #include "snapshot/manifest.h"
-#include "sys/mapping.h"
+#include "process_mirror.h"
 
 namespace lazymem::agent {
 
@@ -54,49 +56,82 @@ Status check_process_ranges(const std::vector<ProcessRange>& ranges) {
   return snapshot::check_region_layout(layout, Errc::kInvalidArgument);
 }
 
-Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
+Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges_in, const std::string& target,
                                       const CaptureOptions& options) {
   LAZYMEM_TRY(check_capture_options(options));  // before copying anything
-  LAZYMEM_TRY(check_process_ranges(ranges));
-  std::vector<sys::Mapping> copies;
+  LAZYMEM_TRY(check_process_ranges(ranges_in));
+  std::vector<AddressRange> ranges;
   std::vector<CaptureRegion> regions;
-  for (const auto& r : ranges) {
-    auto m = sys::Mapping::anonymous_at(r.start, r.length, PROT_READ | PROT_WRITE);
-    if (!m.ok()) {
-      return std::move(m).error().wrap(fmt::format("region {} ({:#x}-{:#x}) of pid {}: this process uses that range "
-                                                   "itself; capture it from a process that does not (e.g. the "
-                                                   "application, with capture_regions)",
-                                                   r.name, r.start, r.start + r.length, pid));
-    }
-    // In pieces: a partial read says exactly where the other process's mapping ends. Through a
-    // bounce buffer, and a page is copied only if it holds something: the copy is then no
-    // larger than what the process has written (an untouched 4 GiB reservation reads as zeros
-    // and costs nothing here, where copying it cost 4 GiB).
-    constexpr size_t kPiece = 4 << 20, kPageSize = 4096;  // ranges are 4 KiB aligned (parse_process_range)
-    std::vector<std::byte> bounce(std::min(kPiece, r.length));
-    for (size_t off = 0; off < r.length; off += kPiece) {
-      size_t n = std::min(kPiece, r.length - off);
-      iovec local{bounce.data(), n};
-      iovec remote{reinterpret_cast<void*>(r.start + off), n};
-      ssize_t got = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
-      if (got != static_cast<ssize_t>(n)) {
-        int err = got < 0 ? errno : EFAULT;
-        if (err == ESRCH) return Error(Errc::kNotFound, fmt::format("no process {}", pid), err);
-        return sys_error(fmt::format("read {:#x}-{:#x} of pid {} (is that range mapped and readable there? "
-                                     "see /proc/{}/maps)",
-                                     r.start + off + (got > 0 ? static_cast<size_t>(got) : 0), r.start + off + n, pid, pid),
-                         err);
-      }
-      for (size_t p = 0; p < n; p += kPageSize) {
-        const std::byte* page = bounce.data() + p;
-        if (page[0] == std::byte{0} && std::memcmp(page, page + 1, kPageSize - 1) == 0) continue;
-        std::memcpy(static_cast<std::byte*>(m->data()) + off + p, page, kPageSize);
-      }
-    }
-    regions.push_back(CaptureRegion{r.name, m->data(), r.length, PROT_READ | PROT_WRITE});
-    copies.push_back(std::move(*m));
+  for (const auto& r : ranges_in) {
+    ranges.push_back({r.start, r.length});
+    regions.push_back(CaptureRegion{r.name, reinterpret_cast<const void*>(r.start), r.length, PROT_READ | PROT_WRITE});
   }
+  // Copied first into a mirror at the same addresses (the snapshot records them), holding only
+  // the pages the process has written.
+  auto mirror = ProcessMirror::create(pid, ranges);
+  if (!mirror.ok()) {
+    return std::move(mirror).error().wrap("capture it from a process that does not (e.g. the application, with "
+                                          "capture_regions)");
+  }
+  LAZYMEM_TRY(mirror->fill());
   return capture_regions(target, regions, options);
+}
+
+Status migrate_process(const MigrateConfig& c) {
+  LAZYMEM_TRY(check_capture_options(c.capture));
+  LAZYMEM_TRY(check_process_ranges(c.ranges));
+  std::vector<CaptureRegion> regions;
+  for (const auto& r : c.ranges) {
+    regions.push_back(CaptureRegion{r.name, reinterpret_cast<const void*>(r.start), r.length, PROT_READ | PROT_WRITE});
+  }
+  MigrationOptions mo = c.migration;
+  mo.precopy.pid = c.pid;
+  const auto started = std::chrono::steady_clock::now();
+  auto src = MigrationSource::start(c.base, regions, c.capture, mo, probe_kernel());
+  if (!src.ok()) return std::move(src).error().wrap(fmt::format("migrating process {}", c.pid));
+  const MigrationReport& r = (*src)->report();
+  // The line a script waits for: the destination may restore from there now.
+  std::printf("source: %s\n", (*src)->location().c_str());
+  std::fflush(stdout);
+  std::fprintf(stderr,
+               "pre-copy: %.1f MiB stored in %u passes, %.0f ms; process %d stopped %.2f ms before serving; %llu chunks "
+               "(%.1f MiB) written since are served from here\n",
+               double(r.precopy.stored_bytes) / 1048576.0, r.precopy.rounds, r.precopy_seconds * 1e3, c.pid,
+               r.switch_seconds * 1e3, static_cast<unsigned long long>(r.postcopy_chunks),
+               double(r.postcopy_bytes) / 1048576.0);
+  auto done = (*src)->wait_postcopy(c.postcopy_timeout);
+  if (!done.ok()) {
+    if ((*src)->abort().ok()) {
+      return std::move(done).error().wrap(fmt::format("migration called off, process {} continued here", c.pid));
+    }
+    return std::move(done).error().wrap(
+        fmt::format("process {} is left stopped: a destination has read its manifest and may be running it; kill "
+                    "it (or continue it: SIGCONT) once you know which copy should run",
+                    c.pid));
+  }
+  if (!c.leave_stopped) ::kill(c.pid, SIGKILL);  // the destination runs it now
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  if (c.json) {
+    nlohmann::json j{{"source", (*src)->location()},
+                     {"precopy_stored_bytes", done->precopy.stored_bytes},
+                     {"precopy_rounds", done->precopy.rounds},
+                     {"precopy_seconds", done->precopy_seconds},
+                     {"switch_seconds", done->switch_seconds},
+                     {"written_bytes", done->written_bytes},
+                     {"postcopy_chunks", done->postcopy_chunks},
+                     {"postcopy_bytes", done->postcopy_bytes},
+                     {"served_chunks", done->served_chunks},
+                     {"served_bytes", done->served_bytes},
+                     {"postcopy_seconds", done->postcopy_seconds},
+                     {"seconds", total},
+                     {"process", c.leave_stopped ? "stopped" : "killed"}};
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("post-copy: %llu chunk replies (%.1f MiB) served in %.0f ms; migration took %.0f ms in all; process %d %s\n",
+                static_cast<unsigned long long>(done->served_chunks), double(done->served_bytes) / 1048576.0,
+                done->postcopy_seconds * 1e3, total * 1e3, c.pid, c.leave_stopped ? "left stopped" : "killed");
+  }
+  return ok_status();
 }
 
 std::string format_capture_table(const CaptureReport& r) {

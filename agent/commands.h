@@ -1,13 +1,15 @@
-// The agent CLI's `snapshot` and `restore` commands: the work behind them (main.cc only parses
+// The agent CLI's `snapshot`, `migrate` and `restore` commands: the work behind them (main.cc only parses
 // options into these structs).
 #pragma once
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
 #include "lazymem/result.h"
+#include "lazymem/migrate.h"
 #include "lazymem/snapshot.h"
 
 namespace lazymem::agent {
@@ -39,6 +41,24 @@ std::string format_capture_json(const CaptureReport& r);
 // A progress bar redrawn in place on stderr (for a terminal):
 // [#####.....]  45.0%  1234/2742 chunks
 void draw_progress(uint64_t done, uint64_t total, const char* unit);
+
+struct MigrateConfig {
+  pid_t pid = 0;
+  std::vector<ProcessRange> ranges;
+  std::string base;  // STORE/NAME or lazymem://HOST:PORT/NAME near the destination
+  CaptureOptions capture;
+  MigrationOptions migration;  // listen, advertise, pre-copy rounds (pid is set from `pid`)
+  std::chrono::seconds postcopy_timeout{300};
+  bool leave_stopped = false;  // after post-copy; else the process is killed (the destination runs it)
+  bool json = false;
+};
+
+// `lazymem-agent migrate --pid PID`: migrates the memory of a process that does not link
+// liblazymem (pre-copy into `base`, SIGSTOP, post-copy from the copy kept here), printing
+// "source: lazymem://HOST:PORT/NAME" once the destination may restore from it. After the
+// post-copy the process is killed (the destination runs it now) unless `leave_stopped`. If no
+// destination comes in time, the migration is called off and the process continued.
+Status migrate_process(const MigrateConfig& config);
 
 struct FirecrackerRestoreConfig {
   std::string agent_socket;

@@ -32,6 +32,7 @@ constexpr const char* kUsage =
     "  regions  per process and region: size, fetched and zero pages, source\n"
     "  stats    per region and totals: faults, pages, bytes, compression, latency\n"
     "  snapshot capture a raw memory file (--raw FILE) or ranges of a process (--pid PID --region A-B)\n"
+    "  migrate  move a running process's memory to another host (pre-copy, then post-copy from here)\n"
     "  restore  serve a Firecracker VM's memory: the agent makes the UFFD handshake socket\n"
     "every command: --help for its options\n";
 
@@ -201,6 +202,63 @@ int run_snapshot(const std::vector<std::string>& args) {
   return 0;
 }
 
+int run_migrate(const std::vector<std::string>& args) {
+  po::options_description desc("lazymem-agent migrate --pid PID --region START-END[=NAME]... --base TARGET [options]");
+  desc.add_options()("pid", po::value<int>(), "the process whose memory moves (it need not link liblazymem)")(
+      "region", po::value<std::vector<std::string>>(), "START-END[=NAME] in hex, as in /proc/PID/maps; repeatable")(
+      "base", po::value<std::string>(),
+      "where the pre-copy goes, near the destination: STORE/NAME or lazymem://HOST:PORT/NAME")(
+      "listen", po::value<std::string>()->default_value("127.0.0.1:0"), "where the destination fetches what is left")(
+      "advertise", po::value<std::string>(), "the host name the destination dials (default: --listen's host)")(
+      "token-file", po::value<std::string>(),
+      "the page-server token: for a lazymem:// base, and asked of the destination (needed off loopback)")(
+      "chunk-size", po::value<uint32_t>()->default_value(lazymem::kDefaultChunkSize), "bytes per chunk")(
+      "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
+      "max-rounds", po::value<unsigned>()->default_value(10), "pre-copy rounds after the first pass, at most")(
+      "converged-mib", po::value<unsigned>()->default_value(8), "pre-copy stops once a round finds this little written")(
+      "postcopy-timeout-sec", po::value<unsigned>()->default_value(300),
+      "how long to wait for the destination; if none came, the migration is called off and the process continued")(
+      "leave-stopped", "after the post-copy, leave the process stopped instead of killing it")(
+      "json", "print the report as JSON");
+  auto vm = lazymem::cli::parse(args, desc);
+  if (!vm.count("pid") || !vm.count("region") || !vm.count("base")) {
+    throw std::invalid_argument("give --pid PID, --region START-END at least once, and --base STORE/NAME or "
+                                "lazymem://HOST:PORT/NAME");
+  }
+  lazymem::agent::MigrateConfig c;
+  c.pid = vm["pid"].as<int>();
+  if (c.pid <= 0) throw std::invalid_argument("--pid wants a process id");
+  for (const auto& t : vm["region"].as<std::vector<std::string>>()) {
+    auto r = lazymem::agent::parse_process_range(t);
+    if (!r.ok()) throw std::invalid_argument(r.error().message());
+    c.ranges.push_back(*r);
+  }
+  if (auto s = lazymem::agent::check_process_ranges(c.ranges); !s.ok()) throw std::invalid_argument(s.error().message());
+  c.base = vm["base"].as<std::string>();
+  if (auto loc = lazymem::SnapshotLocation::parse(c.base); !loc.ok()) {
+    throw std::invalid_argument("--base: " + loc.error().message());
+  }
+  c.capture.chunk_size = vm["chunk-size"].as<uint32_t>();
+  c.capture.zstd_level = vm["zstd-level"].as<int>();
+  if (vm.count("token-file")) c.capture.token_file = vm["token-file"].as<std::string>();
+  if (auto s = lazymem::check_capture_options(c.capture); !s.ok()) throw std::invalid_argument(s.error().message());
+  c.migration.listen = vm["listen"].as<std::string>();
+  if (auto at = lazymem::SnapshotLocation::Server::parse(c.migration.listen, true); !at.ok()) {
+    throw std::invalid_argument("--listen: " + at.error().message());
+  }
+  if (vm.count("advertise")) c.migration.advertise = vm["advertise"].as<std::string>();
+  c.migration.precopy.max_rounds = vm["max-rounds"].as<unsigned>();
+  c.migration.precopy.converged_bytes = uint64_t{vm["converged-mib"].as<unsigned>()} << 20;
+  const unsigned timeout = vm["postcopy-timeout-sec"].as<unsigned>();
+  if (timeout == 0 || timeout > 86400) throw std::invalid_argument("--postcopy-timeout-sec wants 1 to 86400");
+  c.postcopy_timeout = std::chrono::seconds(timeout);
+  c.leave_stopped = vm.count("leave-stopped") > 0;
+  c.json = vm.count("json") > 0;
+  lazymem::Status s = lazymem::agent::migrate_process(c);
+  if (!s.ok()) throw std::runtime_error(s.error().message());
+  return 0;
+}
+
 int run_restore(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent restore");
   desc.add_options()(
@@ -266,6 +324,7 @@ int main(int argc, char** argv) {
     return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_query(cmd, args); });
   }
   if (cmd == "snapshot") return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_snapshot(args); });
+  if (cmd == "migrate") return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_migrate(args); });
   if (cmd == "restore") return lazymem::cli::run("lazymem-agent", cmd, [&] { return run_restore(args); });
   std::cerr << "lazymem-agent: unknown command '" << cmd << "'\n" << kUsage;
   return 2;

@@ -15,6 +15,7 @@
 #include "snapshot/snapshot_writer.h"
 #include "snapshot/store.h"
 #include "sys/mapping.h"
+#include "sys/process_stop.h"
 #include "sys/unique_fd.h"
 
 namespace lazymem {
@@ -121,16 +122,22 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
                         const LiveCaptureOptions& live, const KernelFeatures& features) {
   const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
   LAZYMEM_TRY(check_capture_regions(regions, options, page));
-  if (!live.pause || !live.resume) {
-    return Error(Errc::kInvalidArgument, "a live capture needs pause and resume (LiveCaptureOptions): without them the "
-                                         "last round could store a torn state");
+  if (static_cast<bool>(live.pause) != static_cast<bool>(live.resume) || (!live.pause && live.pid == 0)) {
+    return Error(Errc::kInvalidArgument, "a live capture needs pause and resume (LiveCaptureOptions; for another "
+                                         "process, both or neither: SIGSTOP and SIGCONT): without them the last round "
+                                         "could store a torn state");
   }
   std::vector<AddressRange> ranges;
   for (const auto& r : regions) ranges.push_back({reinterpret_cast<uintptr_t>(r.address), r.length});
   Precopy p;
+  if (live.pid != 0) {
+    LAZYMEM_ASSIGN_OR_RETURN(ProcessMirror mirror, ProcessMirror::create(live.pid, ranges));
+    p.mirror = std::make_unique<ProcessMirror>(std::move(mirror));
+  }
   // Armed before the first pass reads anything: a page written while it is being stored is
   // reported, and stored again.
-  LAZYMEM_ASSIGN_OR_RETURN(p.tracker, DirtyTracker::start(std::move(ranges), features));
+  LAZYMEM_ASSIGN_OR_RETURN(p.tracker, DirtyTracker::start(std::move(ranges), features, {.pid = live.pid, .uffd = -1}));
+  if (p.mirror) LAZYMEM_TRY(p.mirror->fill());
   LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
   p.writer = std::make_unique<snapshot::SnapshotWriter>(std::move(sink), options);
   p.writer->stage_input();
@@ -143,8 +150,22 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
   return p;
 }
 
-Result<DirtyChunks> collect_dirty_chunks(DirtyTracker& tracker, std::span<const CaptureRegion> regions, uint32_t chunk_size) {
-  LAZYMEM_ASSIGN_OR_RETURN(std::vector<AddressRange> dirty, tracker.collect());
+Status pause_workload(const LiveCaptureOptions& live) {
+  if (live.pause) {
+    live.pause();
+    return ok_status();
+  }
+  return sys::stop_process(live.pid, live.stop_timeout);
+}
+
+void resume_workload(const LiveCaptureOptions& live) {
+  if (live.resume) live.resume();
+  else sys::continue_process(live.pid);
+}
+
+Result<DirtyChunks> collect_dirty_chunks(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size) {
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<AddressRange> dirty, p.tracker->collect());
+  if (p.mirror) LAZYMEM_TRY(p.mirror->refresh(dirty));
   DirtyChunks out;
   for (const AddressRange& d : dirty) out.bytes += d.length;
   out.chunks = chunks_touched(regions, dirty, chunk_size);
@@ -152,7 +173,7 @@ Result<DirtyChunks> collect_dirty_chunks(DirtyTracker& tracker, std::span<const 
 }
 
 Result<uint64_t> store_written(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size) {
-  LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks dirty, collect_dirty_chunks(*p.tracker, regions, chunk_size));
+  LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks dirty, collect_dirty_chunks(p, regions, chunk_size));
   for (size_t i = 0; i < regions.size(); ++i) {
     if (dirty.chunks[i].empty()) continue;
     LAZYMEM_TRY(p.writer->recapture(i, dirty.chunks[i], {static_cast<const std::byte*>(regions[i].address), regions[i].length}));
@@ -165,12 +186,12 @@ Result<CaptureReport> capture_regions_live(const std::string& target, std::span<
                                            const KernelFeatures& features) {
   LAZYMEM_ASSIGN_OR_RETURN(Precopy p, precopy(target, regions, options, live, features));
   const auto paused_at = std::chrono::steady_clock::now();
-  live.pause();
+  LAZYMEM_TRY(pause_workload(live));
   Result<uint64_t> last = Error(Errc::kCancelled, "not run");
   {
     // resume() however the last round ends, an exception (bad_alloc, the app_state callback's)
     // included: the caller's writers must not stay parked.
-    ResumeOnExit resume{live.resume};
+    ResumeOnExit resume{live};
     last = store_written(p, regions, options.chunk_size);
     if (last.ok() && live.app_state) p.writer->set_app_state(live.app_state());
   }

@@ -63,12 +63,11 @@ Result<uint64_t> handshake_features(int fd) {
 
 Result<sys::Uffd> tracking_uffd(const DirtyTrackerOptions& o) {
   if (o.uffd < 0) {
+    // A uffd acts on the memory of the process that opened it: another process is made to open one.
     if (o.pid != 0 && o.pid != ::getpid()) {
-      return Error(Errc::kInvalidArgument,
-                   fmt::format("dirty tracking of pid {} needs a userfaultfd of that process (opened with "
-                               "UFFD_FEATURE_WP_ASYNC and UFFD_FEATURE_WP_UNPOPULATED, handed over): a uffd tracks "
-                               "only the memory of the process that opened it",
-                               o.pid));
+      auto uffd = sys::Uffd::open_in(o.pid, kTrackingFeatures);
+      if (!uffd.ok()) return std::move(uffd).error().wrap(fmt::format("dirty tracking of process {}", o.pid));
+      return uffd;
     }
     return sys::Uffd::open(kTrackingFeatures, kTrackingFeatures);
   }
@@ -138,8 +137,9 @@ Result<std::unique_ptr<DirtyTracker>> DirtyTracker::start(std::vector<AddressRan
     return Error(Errc::kUnsupported, fmt::format("dirty tracking needs Linux 6.7; this kernel lacks {}", missing));
   }
   LAZYMEM_TRY(check_ranges(ranges));
-  LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, tracking_uffd(options));
+  // Before a uffd is opened: in another process, that means stopping one of its threads.
   LAZYMEM_TRY(check_ranges_mapped_private(options.pid, ranges));
+  LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, tracking_uffd(options));
   LAZYMEM_ASSIGN_OR_RETURN(sys::PagemapScan scan, sys::PagemapScan::open(options.pid));
   for (size_t i = 0; i < ranges.size(); ++i) {
     Status s = uffd.register_write_protected(ranges[i].start, ranges[i].length);

@@ -48,7 +48,10 @@ Result<std::string> advertised_host(const MigrationOptions& m, bool has_token) {
 }  // namespace
 
 struct MigrationSource::Impl {
-  std::function<void()> resume;  // abort() only
+  LiveCaptureOptions live;  // abort() resumes the workload with it
+  // Another process's memory: the copy here of the chunks served (the rest dropped at the switch).
+  std::unique_ptr<ProcessMirror> mirror;
+  std::vector<AddressRange> unserved;  // of the mirror: not needed once serving
   std::unique_ptr<net::MemoryServer> server;
   std::string location;
   MigrationReport report;
@@ -76,7 +79,7 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   if (!listener.ok()) return std::move(listener).error().wrap("migration");
 
   auto impl = std::make_unique<Impl>();
-  impl->resume = migration.precopy.resume;
+  impl->live = migration.precopy;
   const auto started = Clock::now();
   auto pre = precopy(base, regions, options, migration.precopy, features);
   if (!pre.ok()) return std::move(pre).error().wrap("migration, pre-copy");
@@ -90,12 +93,13 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   impl->report.precopy_seconds = seconds_since(started);
 
   const auto paused_at = Clock::now();
-  migration.precopy.pause();
+  auto paused = pause_workload(migration.precopy);
+  if (!paused.ok()) return std::move(paused).error().wrap("migration, pausing the workload");
   // From here the workload is parked. It resumes here only if the switch-over fails; once the
   // server serves, it is the destination's.
-  ResumeOnExit resume_on_failure{migration.precopy.resume};
+  ResumeOnExit resume_on_failure{migration.precopy};
 
-  LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks written, collect_dirty_chunks(*p.tracker, regions, options.chunk_size));
+  LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks written, collect_dirty_chunks(p, regions, options.chunk_size));
   impl->report.written_bytes = written.bytes;
   // The source's manifest: the base's, with each chunk written since stored "raw" at a place
   // past the base's data (nothing is stored there: the bytes are served from memory) and its
@@ -143,6 +147,20 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   auto server = net::MemoryServer::start(base_loc.name, snapshot::encode_manifest(m), chunk_bytes, std::move(so));
   if (!server.ok()) return std::move(server).error().wrap("migration, serving post-copy on " + migration.listen);
   impl->server = std::move(*server);
+  if (p.mirror) {
+    // The copy of another process's memory is needed for the chunks served from it only: the
+    // rest is given back by wait_postcopy(), once the destination has been told where to restore.
+    for (size_t r = 0; r < regions.size(); ++r) {
+      const uintptr_t start = reinterpret_cast<uintptr_t>(regions[r].address);
+      for (size_t c = 0; c < m.regions[r].chunks.size(); ++c) {
+        if (!chunk_bytes(static_cast<uint32_t>(r), static_cast<uint32_t>(c)).empty()) continue;
+        const uintptr_t at = start + c * uint64_t{m.chunk_size};
+        if (!impl->unserved.empty() && impl->unserved.back().end() == at) impl->unserved.back().length += m.chunk_length(r, c);
+        else impl->unserved.push_back({at, m.chunk_length(r, c)});
+      }
+    }
+    impl->mirror = std::move(p.mirror);
+  }
   SnapshotLocation served;
   served.host = host;
   served.port = impl->server->port();
@@ -166,13 +184,15 @@ Status MigrationSource::abort() {
                                             impl_->location));
   }
   impl_->server.reset();  // stops serving, closes every connection
-  if (impl_->resume) impl_->resume();
+  resume_workload(impl_->live);
   log::get("runtime")->info("migration: called off before any destination came; {} resumed here", impl_->location);
   return ok_status();
 }
 
 Result<MigrationReport> MigrationSource::wait_postcopy(std::chrono::milliseconds timeout) {
   if (!impl_->server) return Error(Errc::kInvalidArgument, "migration: it was called off (abort())");
+  for (const AddressRange& r : impl_->unserved) impl_->mirror->drop(r.start, r.length);
+  impl_->unserved.clear();
   Status drained = impl_->server->wait_drained(timeout);
   const auto st = impl_->server->stats();
   impl_->report.served_chunks = st.chunks_sent;

@@ -12,11 +12,15 @@
 
 #include "lazymem/dirty.h"
 #include "lazymem/snapshot.h"
+#include "process_mirror.h"
 #include "snapshot/snapshot_writer.h"
 
 namespace lazymem {
 
 struct Precopy {
+  // Another process's regions (LiveCaptureOptions::pid): the copy of them here, at the same
+  // addresses, that everything below reads. Brought up to date at every look of the tracker.
+  std::unique_ptr<ProcessMirror> mirror;
   std::unique_ptr<DirtyTracker> tracker;
   std::unique_ptr<snapshot::SnapshotWriter> writer;
   unsigned rounds = 1;  // passes over the memory so far: the first, then the pre-copy rounds
@@ -28,23 +32,29 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
                         const LiveCaptureOptions& live, const KernelFeatures& features);
 
 // The chunks written since the tracker's last look, per region (sorted, once each), and the bytes
-// of the pages written.
+// of the pages written (which the mirror, if any, now holds as they are).
 struct DirtyChunks {
   std::vector<std::vector<size_t>> chunks;
   uint64_t bytes = 0;
 };
-Result<DirtyChunks> collect_dirty_chunks(DirtyTracker& tracker, std::span<const CaptureRegion> regions, uint32_t chunk_size);
+Result<DirtyChunks> collect_dirty_chunks(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size);
 
 // One round: the chunks written since the last look stored again. Returns the bytes written.
 Result<uint64_t> store_written(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size);
 
-// Calls the caller's resume() on scope exit, exceptions included, unless disarmed: its writers
-// must not stay parked (a migration disarms it once the workload is the destination's).
+// The pause of a live capture or migration: the caller's pause(), or, for another process
+// given without one, SIGSTOP (failing, with the process continued, if a thread does not stop).
+Status pause_workload(const LiveCaptureOptions& live);
+// Its end: the caller's resume(), or SIGCONT.
+void resume_workload(const LiveCaptureOptions& live);
+
+// Resumes the workload on scope exit, exceptions included, unless disarmed: its writers must not
+// stay parked (a migration disarms it once the workload is the destination's).
 struct ResumeOnExit {
-  const std::function<void()>& resume;
+  const LiveCaptureOptions& live;
   bool armed = true;
   ~ResumeOnExit() {
-    if (armed && resume) resume();
+    if (armed) resume_workload(live);
   }
 };
 

@@ -35,8 +35,9 @@ struct DirtyTrackerOptions {
   pid_t pid = 0;  // whose memory: 0 for this process
   // A userfaultfd of that process whose API handshake asked for UFFD_FEATURE_WP_ASYNC and
   // UFFD_FEATURE_WP_UNPOPULATED (a process hands it over with SCM_RIGHTS; the tracker takes a
-  // duplicate). -1: the tracker opens one, which only works for this process. The ranges must not
-  // be registered for MISSING faults on it: registering them for write-protect replaces that.
+  // duplicate). The ranges must not be registered for MISSING faults on it: registering them for
+  // write-protect replaces that. -1: the tracker opens one; in another process, by making that
+  // process open it (ptrace, x86_64: it needs ptrace rights over it, and need not cooperate).
   int uffd = -1;
 };
 

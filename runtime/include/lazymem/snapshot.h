@@ -6,6 +6,7 @@
 #pragma once
 
 #include <sys/mman.h>
+#include <sys/types.h>
 
 #include <chrono>
 #include <cstddef>
@@ -164,6 +165,15 @@ struct LiveCaptureOptions {
   // Optional, called during the pause: the application state blob stored with the snapshot
   // (instead of CaptureOptions::app_state), so that it describes the memory as it was then.
   std::function<std::vector<std::byte>()> app_state;
+  // Whose regions: 0, this process's. Another process's, which need not link liblazymem (the
+  // agent's `migrate --pid`): CaptureRegion::address is then an address in that process, whose
+  // memory is read (process_vm_readv) into a copy at the same addresses in this one, which must
+  // not use them itself; that copy holds what the process has written, until the capture ends.
+  // Its dirty pages are tracked through a userfaultfd it is made to open (ptrace, x86_64: needs
+  // ptrace rights over it). Without pause and resume, it is paused with SIGSTOP (every thread
+  // waited for, at most stop_timeout) and resumed with SIGCONT.
+  pid_t pid = 0;
+  std::chrono::milliseconds stop_timeout{5000};
 };
 
 // Captures `regions` of this process while it keeps running, as a pre-copy migration does: a

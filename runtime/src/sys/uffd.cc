@@ -9,6 +9,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "sys/remote_syscall.h"
 #include "sys/syscall_result.h"
 #include "sys/uapi_compat.h"
 
@@ -85,6 +86,37 @@ Result<Uffd> Uffd::open(uint64_t wanted, uint64_t required, bool nonblocking) {
   SysResult r = call([&] { return ::ioctl(fd.get(), UFFDIO_API, &api); });
   if (!r.ok()) return r.error(fmt::format("userfaultfd: UFFDIO_API with features {:#x}", api.features));
   return Uffd(std::move(fd), (wanted | required) & available);
+}
+
+Result<Uffd> Uffd::open_in(pid_t pid, uint64_t features) {
+  UniqueFd fd;
+  {
+    LAZYMEM_ASSIGN_OR_RETURN(RemoteSyscalls remote, RemoteSyscalls::attach(pid));
+    // User-mode only: allowed to any process (vm.unprivileged_userfaultfd governs only uffds
+    // that also catch the kernel's own accesses), and enough for write-protect tracking, whose
+    // asynchronous faults the kernel resolves itself, from kernel mode too.
+    LAZYMEM_ASSIGN_OR_RETURN(long remote_fd,
+                             remote.call(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
+    if (remote_fd < 0) {
+      return Error(Errc::kPermission,
+                   fmt::format("process {} could not open a userfaultfd: {} (a seccomp filter, as containers' "
+                               "default profiles have, refuses userfaultfd(2): allow it for that process)",
+                               pid, std::strerror(static_cast<int>(-remote_fd))),
+                   static_cast<int>(-remote_fd));
+    }
+    auto taken = take_fd(pid, static_cast<int>(remote_fd));
+    // Closed there whatever happened here: the process is left with no descriptor it did not open.
+    auto closed = remote.call(SYS_close, remote_fd);
+    if (!taken.ok()) return std::move(taken).error();
+    if (!closed.ok()) return std::move(closed).error().wrap("closing the userfaultfd opened in process " + std::to_string(pid));
+    fd = std::move(*taken);
+  }
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = features;
+  SysResult r = call([&] { return ::ioctl(fd.get(), UFFDIO_API, &api); });
+  if (!r.ok()) return r.error(fmt::format("userfaultfd of process {}: UFFDIO_API with features {:#x}", pid, features));
+  return Uffd(std::move(fd), features);
 }
 
 Result<uint64_t> Uffd::register_missing(uintptr_t addr, size_t len) {

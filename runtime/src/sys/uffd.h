@@ -5,6 +5,7 @@
 #pragma once
 
 #include <linux/userfaultfd.h>
+#include <sys/types.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -41,6 +42,11 @@ class Uffd {
   // Opens a userfaultfd (syscall, then /dev/userfaultfd) and negotiates `wanted` features.
   // Features the kernel lacks are dropped unless they are also in `required`.
   static Result<Uffd> open(uint64_t wanted, uint64_t required = 0, bool nonblocking = true);
+  // Opens a userfaultfd of another process, `pid`, which need not cooperate: it is made to call
+  // userfaultfd(2) (sys/remote_syscall.h: ptrace, x86_64), the descriptor is taken from it and
+  // closed there, and the handshake with `features` (all required) is done here. The uffd acts
+  // on that process's memory; it is user-mode only, so it needs no privilege of that process.
+  static Result<Uffd> open_in(pid_t pid, uint64_t features);
   // Adopts an fd created elsewhere (handed over by SCM_RIGHTS) whose API handshake was done.
   static Uffd adopt(UniqueFd fd, uint64_t features) { return Uffd(std::move(fd), features); }
 

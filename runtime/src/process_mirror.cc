@@ -1,0 +1,104 @@
+// ProcessMirror: process_vm_readv into a mapping at the same addresses.
+#include "process_mirror.h"
+
+#include <fmt/format.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "snapshot/chunk_codec.h"
+
+namespace lazymem {
+namespace {
+
+constexpr size_t kPiece = 4 << 20;  // per process_vm_readv: a partial read says where a mapping ends
+const size_t kPage = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+
+}  // namespace
+
+Result<ProcessMirror> ProcessMirror::create(pid_t pid, std::span<const AddressRange> ranges) {
+  ProcessMirror m;
+  m.pid_ = pid;
+  for (const AddressRange& r : ranges) {
+    auto map = sys::Mapping::anonymous_at(r.start, r.length, PROT_READ | PROT_WRITE);
+    if (!map.ok()) {
+      return std::move(map).error().wrap(fmt::format("{:#x}-{:#x} of process {}: this process uses that range itself, "
+                                                     "so it cannot hold a copy of it at the same address",
+                                                     r.start, r.end(), pid));
+    }
+    m.mappings_.push_back(std::move(*map));
+  }
+  return m;
+}
+
+Status ProcessMirror::copy(uintptr_t start, size_t length, bool skip_zero_pages) {
+  for (size_t off = 0; off < length; off += kPiece) {
+    const size_t n = std::min(kPiece, length - off);
+    std::byte* here = reinterpret_cast<std::byte*>(start + off);
+    if (!skip_zero_pages) bounce_.clear();
+    else bounce_.resize(std::max(bounce_.size(), n));
+    iovec local{skip_zero_pages ? bounce_.data() : here, n};
+    iovec remote{reinterpret_cast<void*>(start + off), n};
+    const ssize_t got = ::process_vm_readv(pid_, &local, 1, &remote, 1, 0);
+    if (got != static_cast<ssize_t>(n)) {
+      const int err = got < 0 ? errno : EFAULT;
+      if (err == ESRCH) return Error(Errc::kNotFound, fmt::format("process {} exited", pid_), err);
+      return sys_error(fmt::format("reading {:#x}-{:#x} of process {} (is that range mapped and readable there? see "
+                                   "/proc/{}/maps)",
+                                   start + off + (got > 0 ? static_cast<size_t>(got) : 0), start + off + n, pid_, pid_),
+                       err);
+    }
+    if (!skip_zero_pages) continue;
+    for (size_t p = 0; p < n; p += kPage) {
+      std::span<const std::byte> page(bounce_.data() + p, kPage);
+      if (!snapshot::is_all_zero(page)) std::memcpy(here + p, page.data(), kPage);
+    }
+  }
+  return ok_status();
+}
+
+Status ProcessMirror::fill() {
+  for (const sys::Mapping& m : mappings_) LAZYMEM_TRY(copy(m.address(), m.size(), true));
+  return ok_status();
+}
+
+Status ProcessMirror::refresh(std::span<const AddressRange> pages) {
+  // Written pages come scattered: up to IOV_MAX of them per process_vm_readv, not one call each
+  // (a pause's refresh of thousands of runs costs milliseconds otherwise).
+  constexpr size_t kBatch = 1024;
+  std::vector<iovec> iov;
+  iov.reserve(kBatch);
+  for (size_t i = 0; i < pages.size();) {
+    iov.clear();
+    size_t bytes = 0;
+    const size_t first = i;
+    for (; i < pages.size() && iov.size() < kBatch && pages[i].length <= kPiece; ++i) {
+      iov.push_back({reinterpret_cast<void*>(pages[i].start), pages[i].length});
+      bytes += pages[i].length;
+    }
+    if (iov.empty()) {  // one long run: in pieces
+      LAZYMEM_TRY(copy(pages[i].start, pages[i].length, false));
+      ++i;
+      continue;
+    }
+    // The same addresses on both sides: the mirror is where the process has them.
+    const ssize_t got = ::process_vm_readv(pid_, iov.data(), iov.size(), iov.data(), iov.size(), 0);
+    if (got == static_cast<ssize_t>(bytes)) continue;
+    // Short or failed: run by run, for an error that names the range.
+    for (size_t j = first; j < i; ++j) LAZYMEM_TRY(copy(pages[j].start, pages[j].length, false));
+  }
+  return ok_status();
+}
+
+void ProcessMirror::drop(uintptr_t start, size_t length) {
+  // Only ever the mirror's own pages, whatever the caller asks.
+  for (const sys::Mapping& m : mappings_) {
+    const uintptr_t from = std::max(start, m.address()), to = std::min(start + length, m.address() + m.size());
+    if (from < to) ::madvise(reinterpret_cast<void*>(from), to - from, MADV_DONTNEED);
+  }
+}
+
+}  // namespace lazymem

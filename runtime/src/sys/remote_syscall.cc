@@ -1,0 +1,238 @@
+// RemoteSyscalls: ptrace, a saved register set, and a `syscall` instruction of the vDSO.
+#include "sys/remote_syscall.h"
+
+#include <fmt/format.h>
+#include <signal.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace lazymem::sys {
+
+#if defined(__x86_64__)
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr unsigned long long kUserCs64 = 0x33;  // the code segment of 64-bit user mode
+
+// The threads of `pid`, the main thread first, without those exiting (state Z or X).
+std::vector<pid_t> live_threads(pid_t pid) {
+  std::vector<pid_t> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(fmt::format("/proc/{}/task", pid), ec)) {
+    pid_t tid = 0;
+    try {
+      tid = static_cast<pid_t>(std::stol(e.path().filename().string()));
+    } catch (const std::exception&) {
+      continue;
+    }
+    std::ifstream stat(e.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    const size_t paren = line.rfind(')');
+    if (paren == std::string::npos || paren + 2 >= line.size()) continue;
+    const char state = line[paren + 2];
+    if (state == 'Z' || state == 'X') continue;
+    out.push_back(tid);
+  }
+  std::sort(out.begin(), out.end(), [pid](pid_t a, pid_t b) { return (a == pid) != (b == pid) ? a == pid : a < b; });
+  return out;
+}
+
+// Waits for tracee `tid` to stop; its wait status.
+Result<int> wait_stopped(pid_t tid, std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  auto pause = std::chrono::microseconds(20);
+  for (;;) {
+    int st = 0;
+    const pid_t r = ::waitpid(tid, &st, __WALL | WNOHANG);
+    if (r == tid) {
+      if (WIFSTOPPED(st)) return st;
+      return Error(Errc::kNotFound, fmt::format("thread {} exited while stopped for a remote syscall", tid));
+    }
+    if (r < 0 && errno != EINTR) return sys_error(fmt::format("waiting for thread {} to stop", tid), errno);
+    if (Clock::now() >= deadline) {
+      return Error(Errc::kTimeout, fmt::format("thread {} did not stop within {} ms (in uninterruptible sleep: "
+                                               "state D in /proc/{}/stat?)",
+                                               tid, timeout.count(), tid));
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(2000));
+  }
+}
+
+// A signal-delivery stop (not our interrupt's or single step's SIGTRAP): the signal the thread
+// was about to take, which it must still get.
+int delivered_signal(int status) {
+  const int sig = WSTOPSIG(status);
+  return ((status >> 16) == 0 && sig != SIGTRAP) ? sig : 0;
+}
+
+// The address of a `syscall` instruction (0f 05) in the process's vDSO: any occurrence of those
+// two bytes executes as one, aligned or not.
+Result<uintptr_t> find_syscall_instruction(pid_t pid) {
+  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
+  for (std::string line; std::getline(maps, line);) {
+    if (line.find("[vdso]") == std::string::npos) continue;
+    uintptr_t start = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &start, &end) != 2 || end <= start || end - start > (1u << 20)) break;
+    std::vector<unsigned char> text(end - start);
+    iovec local{text.data(), text.size()};
+    iovec remote{reinterpret_cast<void*>(start), text.size()};
+    if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(text.size())) {
+      return sys_error(fmt::format("reading the vDSO of process {}", pid), errno);
+    }
+    static constexpr unsigned char kSyscall[] = {0x0f, 0x05};
+    auto at = std::search(text.begin(), text.end(), std::begin(kSyscall), std::end(kSyscall));
+    if (at != text.end()) return start + static_cast<uintptr_t>(at - text.begin());
+    break;
+  }
+  return Error(Errc::kUnsupported, fmt::format("process {} has no vDSO with a syscall instruction to borrow "
+                                               "(booted with vdso=0?)",
+                                               pid));
+}
+
+}  // namespace
+
+struct RemoteSyscalls::Impl {
+  pid_t pid = 0;
+  pid_t tid = 0;
+  user_regs_struct saved{};
+  uintptr_t syscall_at = 0;
+  int pending_signal = 0;
+  bool stopped = false;  // seized and in a ptrace stop: detach puts the registers back first
+  std::chrono::milliseconds timeout{5000};
+
+  ~Impl() {
+    if (!stopped) return;
+    // Nothing to report from here: if the thread died, there is nobody to give the registers back to.
+    (void)::ptrace(PTRACE_SETREGS, tid, nullptr, &saved);
+    (void)::ptrace(PTRACE_DETACH, tid, nullptr, reinterpret_cast<void*>(static_cast<uintptr_t>(pending_signal)));
+  }
+};
+
+RemoteSyscalls::RemoteSyscalls(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+RemoteSyscalls::RemoteSyscalls(RemoteSyscalls&& o) noexcept = default;
+RemoteSyscalls::~RemoteSyscalls() = default;
+pid_t RemoteSyscalls::pid() const { return impl_->pid; }
+
+Result<RemoteSyscalls> RemoteSyscalls::attach(pid_t pid, std::chrono::milliseconds timeout) {
+  if (pid <= 0) return Error(Errc::kInvalidArgument, fmt::format("no process {}", pid));
+  const std::vector<pid_t> threads = live_threads(pid);
+  if (threads.empty()) return Error(Errc::kNotFound, fmt::format("no process {} (or it is exiting)", pid));
+  auto impl = std::make_unique<Impl>();
+  impl->pid = pid;
+  impl->timeout = timeout;
+  for (pid_t tid : threads) {
+    if (::ptrace(PTRACE_SEIZE, tid, nullptr, nullptr) != 0) {
+      if (errno == ESRCH) continue;  // that thread exited meanwhile: try the next
+      if (errno == EPERM) {
+        return Error(Errc::kPermission,
+                     fmt::format("not allowed to ptrace process {}: run as root (or as its owner with "
+                                 "kernel.yama.ptrace_scope=0), and not while a debugger or strace traces it",
+                                 pid),
+                     EPERM);
+      }
+      return sys_error(fmt::format("ptrace(PTRACE_SEIZE) of thread {} of process {}", tid, pid), errno);
+    }
+    impl->tid = tid;
+    break;
+  }
+  if (impl->tid == 0) return Error(Errc::kNotFound, fmt::format("process {} exited", pid));
+  if (::ptrace(PTRACE_INTERRUPT, impl->tid, nullptr, nullptr) != 0) {
+    return sys_error(fmt::format("ptrace(PTRACE_INTERRUPT) of thread {}", impl->tid), errno);
+  }
+  // Not stopped yet: a seized thread that is running cannot be detached. If it never stops, it
+  // stays seized (and goes on running) until this process exits, when the kernel detaches it.
+  LAZYMEM_ASSIGN_OR_RETURN(int st, wait_stopped(impl->tid, timeout));
+  impl->stopped = true;
+  impl->pending_signal = delivered_signal(st);
+  if (::ptrace(PTRACE_GETREGS, impl->tid, nullptr, &impl->saved) != 0) {
+    return sys_error(fmt::format("ptrace(PTRACE_GETREGS) of thread {}", impl->tid), errno);
+  }
+  if (impl->saved.cs != kUserCs64) {
+    return Error(Errc::kUnsupported, fmt::format("process {} runs 32-bit code: only 64-bit processes are supported", pid));
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(impl->syscall_at, find_syscall_instruction(pid));
+  return RemoteSyscalls(std::move(impl));
+}
+
+Result<long> RemoteSyscalls::call(long nr, long a1, long a2, long a3, long a4, long a5, long a6) {
+  Impl& im = *impl_;
+  user_regs_struct regs = im.saved;
+  regs.rax = static_cast<unsigned long long>(nr);
+  // Not inside a syscall as far as the kernel's restart logic goes: the call the thread was
+  // interrupted in is restarted from the saved registers, not folded into ours.
+  regs.orig_rax = static_cast<unsigned long long>(-1);
+  regs.rdi = static_cast<unsigned long long>(a1);
+  regs.rsi = static_cast<unsigned long long>(a2);
+  regs.rdx = static_cast<unsigned long long>(a3);
+  regs.r10 = static_cast<unsigned long long>(a4);
+  regs.r8 = static_cast<unsigned long long>(a5);
+  regs.r9 = static_cast<unsigned long long>(a6);
+  regs.rip = im.syscall_at;
+  if (::ptrace(PTRACE_SETREGS, im.tid, nullptr, &regs) != 0) {
+    return sys_error(fmt::format("ptrace(PTRACE_SETREGS) of thread {}", im.tid), errno);
+  }
+  // One step runs the instruction. A stop before it (a signal arriving: kept for later, or a
+  // restarted call that rewound to it) steps again.
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    if (::ptrace(PTRACE_SINGLESTEP, im.tid, nullptr, nullptr) != 0) {
+      return sys_error(fmt::format("ptrace(PTRACE_SINGLESTEP) of thread {}", im.tid), errno);
+    }
+    auto st = wait_stopped(im.tid, im.timeout);
+    if (!st.ok()) {
+      im.stopped = false;  // gone, or running somewhere we did not send it
+      return std::move(st).error().wrap(fmt::format("remote syscall {} in process {}", nr, im.pid));
+    }
+    if (im.pending_signal == 0) im.pending_signal = delivered_signal(*st);
+    if (::ptrace(PTRACE_GETREGS, im.tid, nullptr, &regs) != 0) {
+      return sys_error(fmt::format("ptrace(PTRACE_GETREGS) of thread {}", im.tid), errno);
+    }
+    if (regs.rip == im.syscall_at + 2) return static_cast<long>(regs.rax);
+    if (regs.rip != im.syscall_at) {
+      return Error(Errc::kIo, fmt::format("remote syscall {} in process {}: the thread went to {:#x}, not "
+                                                "past the syscall instruction at {:#x}",
+                                                nr, im.pid, regs.rip, im.syscall_at));
+    }
+  }
+  return Error(Errc::kTimeout, fmt::format("remote syscall {} in process {}: interrupted 16 times in a row", nr, im.pid));
+}
+
+#else  // !__x86_64__
+
+struct RemoteSyscalls::Impl {};
+RemoteSyscalls::RemoteSyscalls(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+RemoteSyscalls::RemoteSyscalls(RemoteSyscalls&& o) noexcept = default;
+RemoteSyscalls::~RemoteSyscalls() = default;
+pid_t RemoteSyscalls::pid() const { return 0; }
+Result<RemoteSyscalls> RemoteSyscalls::attach(pid_t, std::chrono::milliseconds) {
+  return Error(Errc::kUnsupported, "remote syscalls (another process's userfaultfd) are built for x86_64 only");
+}
+Result<long> RemoteSyscalls::call(long, long, long, long, long, long, long) {
+  return Error(Errc::kUnsupported, "remote syscalls are built for x86_64 only");
+}
+
+#endif
+
+Result<UniqueFd> take_fd(pid_t pid, int fd) {
+  UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (!pidfd.valid()) return sys_error(fmt::format("pidfd_open of process {}", pid), errno);
+  UniqueFd taken(static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd.get(), fd, 0)));
+  if (!taken.valid()) return sys_error(fmt::format("pidfd_getfd of descriptor {} of process {}", fd, pid), errno);
+  return taken;
+}
+
+}  // namespace lazymem::sys

@@ -1,0 +1,339 @@
+// Migrating a process that does not link liblazymem: the agent makes it open a userfaultfd
+// (ptrace, vDSO syscall), tracks its dirty pages through it, pre-copies while it runs, stops it
+// with SIGSTOP and serves what it wrote since from a copy. The destination (this process)
+// restores from the agent with the pre-copy as base, and every byte is compared with the
+// stopped process's memory.
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "../common/test_data.h"
+#include "lazymem/dirty.h"
+#include "lazymem/kernel_features.h"
+#include "lazymem/restore.h"
+
+namespace lazymem {
+namespace {
+
+using testing::ScratchDir;
+constexpr size_t kPage = 4096;
+
+std::string env_or_empty(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "";
+}
+
+char process_state(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string line;
+  std::getline(in, line);
+  const size_t close = line.rfind(')');
+  return close == std::string::npos || close + 2 >= line.size() ? '?' : line[close + 2];
+}
+
+// How many of the process's descriptors are userfaultfds.
+int userfaultfds_of(pid_t pid) {
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(fmt::format("/proc/{}/fd", pid), ec)) {
+    if (std::filesystem::read_symlink(e.path(), ec).string().find("userfaultfd") != std::string::npos) ++n;
+  }
+  return n;
+}
+
+std::vector<std::byte> read_memory(pid_t pid, uintptr_t at, size_t len) {
+  std::vector<std::byte> out(len);
+  iovec local{out.data(), len};
+  iovec remote{reinterpret_cast<void*>(at), len};
+  if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(len)) out.clear();
+  return out;
+}
+
+void skip_unless_possible(const KernelFeatures& kf) {
+#if !defined(__x86_64__)
+  GTEST_SKIP() << "remote syscalls are built for x86_64 only";
+#endif
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root (ptrace of another process)";
+  if (!kf.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf.uffd_error;
+  if (!kf.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 6.7 (UFFD_FEATURE_WP_ASYNC, PAGEMAP_SCAN)";
+}
+
+// A forked child that does as it is told, one command at a time, blocked in read() between
+// them (so that the ptrace stop lands in a system call, which must be restarted unharmed):
+// 'w' + page: writes that page; 'k' + page: read()s a page from the data pipe into it (a write
+// by the kernel). Each is acknowledged with one byte.
+class Obedient {
+ public:
+  static constexpr size_t kPages = 16;
+
+  explicit Obedient(uintptr_t at) : at_(at) {
+    int cmd[2], ack[2], data[2];
+    if (::pipe(cmd) != 0 || ::pipe(ack) != 0 || ::pipe(data) != 0) return;
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      auto* m = static_cast<char*>(::mmap(reinterpret_cast<void*>(at), kPages * kPage, PROT_READ | PROT_WRITE,
+                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0));
+      if (m == MAP_FAILED) _exit(3);
+      std::memset(m, 1, kPages * kPage);
+      for (;;) {
+        char c[2];
+        if (::read(cmd[0], c, 2) != 2) _exit(0);
+        char* page = m + static_cast<size_t>(c[1]) * kPage;
+        if (c[0] == 'w') ++page[100];
+        if (c[0] == 'k') {
+          for (size_t got = 0; got < kPage;) {
+            ssize_t n = ::read(data[0], page + got, kPage - got);
+            if (n <= 0) _exit(4);
+            got += static_cast<size_t>(n);
+          }
+        }
+        if (::write(ack[1], "a", 1) != 1) _exit(5);
+      }
+    }
+    ::close(cmd[0]);
+    ::close(ack[1]);
+    ::close(data[0]);
+    cmd_ = cmd[1];
+    ack_ = ack[0];
+    data_ = data[1];
+  }
+  ~Obedient() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    for (int fd : {cmd_, ack_, data_}) if (fd >= 0) ::close(fd);
+  }
+
+  // Sends one command and waits for its acknowledgement; false if the child is gone or broken.
+  bool order(char what, uint8_t page, const std::vector<std::byte>& data = {}) {
+    const char c[2] = {what, static_cast<char>(page)};
+    if (::write(cmd_, c, 2) != 2) return false;
+    if (!data.empty() && ::write(data_, data.data(), data.size()) != static_cast<ssize_t>(data.size())) return false;
+    char a = 0;
+    return ::read(ack_, &a, 1) == 1 && a == 'a';
+  }
+  pid_t pid() const { return pid_; }
+  AddressRange range() const { return {at_, kPages * kPage}; }
+
+ private:
+  uintptr_t at_;
+  pid_t pid_ = -1;
+  int cmd_ = -1, ack_ = -1, data_ = -1;
+};
+
+class MigrateProcessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    kf_ = probe_kernel();
+    skip_unless_possible(kf_);
+  }
+  KernelFeatures kf_;
+  ScratchDir dir_;
+};
+
+// The tracker opens its uffd inside the other process, which goes on unharmed (its blocked
+// read() restarted, no descriptor left behind), and sees its writes: user-mode and the kernel's.
+TEST_F(MigrateProcessTest, TracksTheDirtyPagesOfAnotherProcess) {
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 61));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage);
+  Obedient child(at);
+  ASSERT_GT(child.pid(), 0);
+  ASSERT_TRUE(child.order('w', 0));  // mapped and running
+  {
+    auto t = DirtyTracker::start({child.range()}, kf_, {.pid = child.pid(), .uffd = -1});
+    ASSERT_TRUE(t.ok()) << t.error().message();
+    EXPECT_EQ(userfaultfds_of(child.pid()), 0) << "the uffd opened in the process was left open there";
+    auto none = (*t)->collect();
+    ASSERT_TRUE(none.ok()) << none.error().message();
+    EXPECT_TRUE(none->empty()) << "pages reported written before any write";
+
+    ASSERT_TRUE(child.order('w', 3)) << "the child broke after the remote syscalls";
+    auto one = (*t)->collect();
+    ASSERT_TRUE(one.ok()) << one.error().message();
+    ASSERT_EQ(one->size(), 1u);
+    EXPECT_EQ((*one)[0], (AddressRange{at + 3 * kPage, kPage}));
+
+    std::vector<std::byte> data(kPage);
+    for (size_t i = 0; i < kPage; ++i) data[i] = static_cast<std::byte>(i * 7 + 1);
+    ASSERT_TRUE(child.order('k', 9, data));
+    auto kernel = (*t)->collect();
+    ASSERT_TRUE(kernel.ok()) << kernel.error().message();
+    ASSERT_EQ(kernel->size(), 1u) << "a write by the kernel (read() into the page) was not seen";
+    EXPECT_EQ((*kernel)[0], (AddressRange{at + 9 * kPage, kPage}));
+    EXPECT_EQ(read_memory(child.pid(), at + 9 * kPage, kPage), data);
+    auto again = (*t)->collect();
+    ASSERT_TRUE(again.ok());
+    EXPECT_TRUE(again->empty());
+  }
+  // Tracking over: the process goes on, and its memory is as it wrote it.
+  ASSERT_TRUE(child.order('w', 3));
+  auto page3 = read_memory(child.pid(), at + 3 * kPage, kPage);
+  ASSERT_EQ(page3.size(), kPage);
+  EXPECT_EQ(static_cast<int>(page3[100]), 3);  // 1 from the fill, and two writes
+  EXPECT_EQ(process_state(child.pid()), 'S');
+}
+
+TEST_F(MigrateProcessTest, RefusesRangesTheProcessDoesNotMap) {
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 62));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage);
+  Obedient child(at);
+  ASSERT_TRUE(child.order('w', 0));
+  AddressRange beyond{at, 2 * Obedient::kPages * kPage};
+  auto t = DirtyTracker::start({beyond}, kf_, {.pid = child.pid(), .uffd = -1});
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.error().message().find("is not mapped in process"), std::string::npos) << t.error().message();
+  EXPECT_TRUE(child.order('w', 1)) << "the process was harmed by a refused start";
+  auto gone = DirtyTracker::start({child.range()}, kf_, {.pid = 999999999, .uffd = -1});
+  ASSERT_FALSE(gone.ok());
+}
+
+// The CLI end to end: lazymem-agent migrate --pid of a process writing without pause.
+class MigrateCliTest : public MigrateProcessTest {
+ protected:
+  static constexpr size_t kLen = 64u << 20;
+
+  void SetUp() override {
+    MigrateProcessTest::SetUp();
+    if (IsSkipped()) return;
+    agent_ = env_or_empty("LAZYMEM_AGENT");
+    writer_ = env_or_empty("LAZYMEM_BUSY_WRITER");
+    ASSERT_FALSE(agent_.empty() || writer_.empty()) << "LAZYMEM_AGENT and LAZYMEM_BUSY_WRITER must be set (meson test)";
+    // An address free here (the destination maps it) and in the agent (its copy goes there).
+    at_ = reinterpret_cast<uintptr_t>(testing::map_for_capture(kLen, 63));
+    ASSERT_NE(at_, 0u);
+    ::munmap(reinterpret_cast<void*>(at_), kLen);
+    int out[2];
+    ASSERT_EQ(::pipe(out), 0);
+    pid_ = ::fork();
+    ASSERT_GE(pid_, 0);
+    if (pid_ == 0) {
+      ::dup2(out[1], STDOUT_FILENO);
+      const std::string addr = fmt::format("{:x}", at_), mib = std::to_string(kLen >> 20);
+      ::execl(writer_.c_str(), writer_.c_str(), addr.c_str(), mib.c_str(), nullptr);
+      _exit(127);
+    }
+    ::close(out[1]);
+    char ready[6] = {};
+    ASSERT_EQ(::read(out[0], ready, 6), 6) << "the busy writer did not start";
+    ::close(out[0]);
+  }
+  void TearDown() override {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+  }
+
+  // Starts `lazymem-agent migrate` for the writer; its stdout is read line by line.
+  FILE* start_migrate(const std::string& extra) {
+    const std::string cmd = fmt::format("{} migrate --pid {} --region {:x}-{:x}=heap --base {}/mig {} 2>{}/err",
+                                        agent_, pid_, at_, at_ + kLen, dir_.path(), extra, dir_.path());
+    return ::popen(cmd.c_str(), "r");
+  }
+  std::string stderr_text() const {
+    std::ifstream in(dir_.path() + "/err");
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  static int exit_code(FILE* p) {
+    const int st = ::pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+  }
+
+  std::string agent_, writer_;
+  uintptr_t at_ = 0;
+  pid_t pid_ = -1;
+};
+
+TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
+  FILE* agent = start_migrate("--leave-stopped --json --postcopy-timeout-sec 120");
+  ASSERT_NE(agent, nullptr);
+  char line[512] = {};
+  ASSERT_NE(std::fgets(line, sizeof line, agent), nullptr) << stderr_text();
+  std::string source(line);
+  ASSERT_EQ(source.rfind("source: lazymem://", 0), 0u) << source << stderr_text();
+  source = source.substr(8, source.size() - 9);
+  EXPECT_EQ(process_state(pid_), 'T') << "the process runs on while its memory is served elsewhere";
+  const std::vector<std::byte> stopped = read_memory(pid_, at_, kLen);
+  ASSERT_EQ(stopped.size(), kLen);
+
+  RestoreOptions ro;
+  ro.base = dir_.path() + "/mig";
+  auto r = LazyRestore::start(source, kf_, ro);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(got), at_);
+  for (size_t off = 0; off < kLen; off += kPage) {
+    ASSERT_EQ(std::memcmp(got + off, stopped.data() + off, kPage), 0) << "page at offset " << off << " differs";
+  }
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), kLen);
+  r->reset();
+
+  std::string report;
+  while (std::fgets(line, sizeof line, agent) != nullptr) report += line;
+  ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
+  auto j = nlohmann::json::parse(report, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << report;
+  // Some chunks written after the last round were served from the agent's copy; most came from
+  // the pre-copy.
+  EXPECT_GT(j["postcopy_chunks"].get<uint64_t>(), 0u) << report;
+  EXPECT_LT(j["postcopy_chunks"].get<uint64_t>(), kLen / kDefaultChunkSize / 2) << report;
+  EXPECT_EQ(j["process"], "stopped");
+  EXPECT_EQ(process_state(pid_), 'T');
+  EXPECT_EQ(userfaultfds_of(pid_), 0);
+}
+
+// No destination comes: the migration is called off and the process runs on, here.
+TEST_F(MigrateCliTest, CalledOffWhenNoDestinationComes) {
+  FILE* agent = start_migrate("--postcopy-timeout-sec 1");
+  ASSERT_NE(agent, nullptr);
+  std::string out;
+  char line[512];
+  while (std::fgets(line, sizeof line, agent) != nullptr) out += line;
+  EXPECT_EQ(exit_code(agent), 1) << out << stderr_text();
+  EXPECT_NE(stderr_text().find("migration called off, process " + std::to_string(pid_) + " continued here"),
+            std::string::npos)
+      << stderr_text();
+  EXPECT_NE(process_state(pid_), 'T') << "the process was left stopped";
+  const auto before = read_memory(pid_, at_, kLen / 16);
+  std::vector<std::byte> after;
+  for (int i = 0; i < 2000 && (after.empty() || after == before); ++i) {
+    ::usleep(1000);
+    after = read_memory(pid_, at_, kLen / 16);
+  }
+  EXPECT_TRUE(after != before) << "the process does not write any more";
+  EXPECT_EQ(userfaultfds_of(pid_), 0);
+}
+
+TEST_F(MigrateCliTest, RefusesAProcessThatIsNotThere) {
+  const std::string cmd = fmt::format("{} migrate --pid 999999999 --region {:x}-{:x} --base {}/x 2>&1", agent_, at_,
+                                      at_ + kLen, dir_.path());
+  FILE* p = ::popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char line[512];
+  while (std::fgets(line, sizeof line, p) != nullptr) out += line;
+  EXPECT_EQ(exit_code(p), 1) << out;
+  EXPECT_NE(out.find("999999999"), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/x")) << "something was stored for a process that is not there";
+}
+
+}  // namespace
+}  // namespace lazymem

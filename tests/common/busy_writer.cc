@@ -1,0 +1,54 @@
+// lazymem-test-busy-writer: a process that does not link liblazymem and writes its memory without
+// pause, from user mode and from the kernel (read() into it), for the agent's `migrate --pid` to
+// move while it runs.
+//
+//   lazymem-test-busy-writer ADDRESS MIB    maps MIB MiB at ADDRESS (hex), fills them, prints
+//                                           "ready" and writes on until killed
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: lazymem-test-busy-writer ADDRESS MIB\n");
+    return 2;
+  }
+  const uintptr_t address = std::strtoull(argv[1], nullptr, 16);
+  const size_t bytes = std::strtoull(argv[2], nullptr, 10) << 20;
+  void* m = ::mmap(reinterpret_cast<void*>(address), bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+  if (m == MAP_FAILED) {
+    std::perror("mmap");
+    return 1;
+  }
+  auto* words = static_cast<uint64_t*>(m);
+  const size_t n = bytes / sizeof(uint64_t);
+  // Every page different, a quarter of them left zero (some chunks stay all-zero).
+  for (size_t i = 0; i < n; ++i) words[i] = (i / 512) % 4 == 3 ? 0 : i * 0x9e3779b97f4a7c15ULL;
+  const int random = ::open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+  if (random < 0) {
+    std::perror("open /dev/urandom");
+    return 1;
+  }
+  std::printf("ready\n");
+  std::fflush(stdout);
+  uint64_t x = 88172645463325252ULL;
+  for (uint64_t round = 0;; ++round) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    // A hot set (the first sixteenth) written all the time, the rest now and then.
+    const size_t span = (round % (1u << 20) == 0) ? n : n / 16;
+    words[x % span] = round;
+    if (round % (1u << 20) == 1) {
+      // The kernel writes too: a page's worth read straight into it.
+      const size_t page = (x >> 20) % (bytes / 4096);
+      if (::read(random, static_cast<char*>(m) + page * 4096, 4096) != 4096) return 1;
+    }
+  }
+}
