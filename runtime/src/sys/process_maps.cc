@@ -1,5 +1,6 @@
 #include "sys/process_maps.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -7,10 +8,16 @@
 #include <fstream>
 #include <string>
 
+#include "sys/unique_fd.h"
+
 namespace lazymem::sys {
 
 Result<std::vector<Vma>> read_vmas(pid_t pid) {
   const std::string path = pid == 0 ? "/proc/self/maps" : fmt::format("/proc/{}/maps", pid);
+  if (UniqueFd probe(::open(path.c_str(), O_RDONLY | O_CLOEXEC)); !probe.valid()) {
+    if (errno == ENOENT || errno == ESRCH) return Error(Errc::kNotFound, fmt::format("no process {}", pid), errno);
+    return sys_error(fmt::format("reading {} (root, or the process's owner, may)", path), errno);
+  }
   std::ifstream in(path);
   if (!in) return Error(Errc::kNotFound, fmt::format("cannot read {}", path));
   std::vector<Vma> vmas;
