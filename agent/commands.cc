@@ -56,16 +56,25 @@ Status check_process_ranges(const std::vector<ProcessRange>& ranges) {
   return snapshot::check_region_layout(layout, Errc::kInvalidArgument);
 }
 
+namespace {
+
+// The ranges as regions at their addresses in the other process (LiveCaptureOptions::pid).
+std::vector<CaptureRegion> regions_of(const std::vector<ProcessRange>& ranges) {
+  std::vector<CaptureRegion> regions;
+  for (const auto& r : ranges) {
+    regions.push_back(CaptureRegion{r.name, reinterpret_cast<const void*>(r.start), r.length, PROT_READ | PROT_WRITE});
+  }
+  return regions;
+}
+
+}  // namespace
+
 Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges_in, const std::string& target,
                                       const CaptureOptions& options) {
   LAZYMEM_TRY(check_capture_options(options));  // before copying anything
   LAZYMEM_TRY(check_process_ranges(ranges_in));
   std::vector<AddressRange> ranges;
-  std::vector<CaptureRegion> regions;
-  for (const auto& r : ranges_in) {
-    ranges.push_back({r.start, r.length});
-    regions.push_back(CaptureRegion{r.name, reinterpret_cast<const void*>(r.start), r.length, PROT_READ | PROT_WRITE});
-  }
+  for (const auto& r : ranges_in) ranges.push_back({r.start, r.length});
   // Copied first into a mirror at the same addresses (the snapshot records them), holding only
   // the pages the process has written.
   auto mirror = ProcessMirror::create(pid, ranges);
@@ -74,16 +83,24 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
                                           "capture_regions)");
   }
   LAZYMEM_TRY(mirror->fill());
-  return capture_regions(target, regions, options);
+  return capture_regions(target, regions_of(ranges_in), options);
+}
+
+Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
+                                           const CaptureOptions& options) {
+  LAZYMEM_TRY(check_capture_options(options));
+  LAZYMEM_TRY(check_process_ranges(ranges));
+  LiveCaptureOptions live;
+  live.pid = pid;
+  auto r = capture_regions_live(target, regions_of(ranges), options, live, probe_kernel());
+  if (!r.ok()) return std::move(r).error().wrap(fmt::format("live capture of process {}", pid));
+  return r;
 }
 
 Status migrate_process(const MigrateConfig& c) {
   LAZYMEM_TRY(check_capture_options(c.capture));
   LAZYMEM_TRY(check_process_ranges(c.ranges));
-  std::vector<CaptureRegion> regions;
-  for (const auto& r : c.ranges) {
-    regions.push_back(CaptureRegion{r.name, reinterpret_cast<const void*>(r.start), r.length, PROT_READ | PROT_WRITE});
-  }
+  const std::vector<CaptureRegion> regions = regions_of(c.ranges);
   MigrationOptions mo = c.migration;
   mo.precopy.pid = c.pid;
   const auto started = std::chrono::steady_clock::now();
@@ -135,6 +152,10 @@ Status migrate_process(const MigrateConfig& c) {
 }
 
 std::string format_capture_table(const CaptureReport& r) {
+  std::string live;
+  if (r.rounds > 0) {
+    live = fmt::format("live          {} passes; stopped {:.2f} ms, for the last\n", r.rounds, r.paused_seconds * 1e3);
+  }
   return fmt::format(
       "snapshot      {}\n"
       "bytes         {:.1f} MiB\n"
@@ -143,13 +164,19 @@ std::string format_capture_table(const CaptureReport& r) {
       "time          {:.2f} s ({:.0f} MiB/s)\n",
       r.location, double(r.total_bytes) / 1048576.0, double(r.stored_bytes) / 1048576.0,
       r.stored_bytes ? double(r.total_bytes) / double(r.stored_bytes) : 0.0, r.chunks, r.zero_chunks, r.raw_chunks,
-      r.zstd_chunks, r.seconds, r.seconds > 0 ? double(r.total_bytes) / 1048576.0 / r.seconds : 0.0);
+      r.zstd_chunks, r.seconds, r.seconds > 0 ? double(r.total_bytes) / 1048576.0 / r.seconds : 0.0) +
+         live;
 }
 
 std::string format_capture_json(const CaptureReport& r) {
   nlohmann::json j{{"location", r.location},     {"total_bytes", r.total_bytes}, {"stored_bytes", r.stored_bytes},
                    {"chunks", r.chunks},         {"zero_chunks", r.zero_chunks}, {"raw_chunks", r.raw_chunks},
                    {"zstd_chunks", r.zstd_chunks}, {"seconds", r.seconds}};
+  if (r.rounds > 0) {
+    j["rounds"] = r.rounds;
+    j["superseded_bytes"] = r.superseded_bytes;
+    j["paused_seconds"] = r.paused_seconds;
+  }
   return j.dump();
 }
 

@@ -34,6 +34,10 @@ Status check_process_ranges(const std::vector<ProcessRange>& ranges);
 // The process should be stopped (SIGSTOP, a freezer cgroup) for a consistent image.
 Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
                                       const CaptureOptions& options);
+// The same while the process runs (capture_regions_live with LiveCaptureOptions::pid): its
+// writes are tracked, and it is stopped (SIGSTOP) only for the last round.
+Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
+                                           const CaptureOptions& options);
 
 std::string format_capture_table(const CaptureReport& r);
 std::string format_capture_json(const CaptureReport& r);

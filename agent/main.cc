@@ -140,7 +140,8 @@ int run_query(const std::string& cmd, const std::vector<std::string>& args) {
 int run_snapshot(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent snapshot [options] TARGET   (TARGET: STORE/NAME or lazymem://HOST:PORT/NAME)");
   desc.add_options()("raw", po::value<std::string>(), "capture this raw memory file (a VM's guest memory)")(
-      "pid", po::value<int>(), "capture ranges of this process (stop it first for a consistent image)")(
+      "pid", po::value<int>(), "capture ranges of this process (stop it first for a consistent image, or --live)")(
+      "live", "with --pid: capture while it runs, tracking its writes; it is stopped (SIGSTOP) for the last round only")(
       "region", po::value<std::vector<std::string>>(), "with --pid: START-END[=NAME] in hex, as in /proc/PID/maps; repeatable")(
       "chunk-size", po::value<uint32_t>()->default_value(lazymem::kDefaultChunkSize), "bytes per chunk")(
       "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
@@ -172,6 +173,7 @@ int run_snapshot(const std::vector<std::string>& args) {
     throw std::invalid_argument("--token-file is the page-server token for a lazymem:// TARGET; STORE/NAME is written "
                                 "directly, with no token");
   }
+  if (vm.count("live") && !vm.count("pid")) throw std::invalid_argument("--live goes with --pid (a --raw file is not running)");
   if (vm.count("region") && !vm.count("pid")) {
     throw std::invalid_argument("--region goes with --pid (a --raw file is captured whole)");
   }
@@ -193,7 +195,8 @@ int run_snapshot(const std::vector<std::string>& args) {
   if (vm.count("raw")) {
     rep = lazymem::capture_raw_file(target, vm["raw"].as<std::string>(), co);
   } else {
-    rep = lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
+    rep = vm.count("live") ? lazymem::agent::capture_process_live(vm["pid"].as<int>(), ranges, target, co)
+                           : lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
   }
   if (bar) std::fprintf(stderr, "\n");
   if (!rep.ok()) throw std::runtime_error(rep.error().message());

@@ -12,11 +12,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -74,26 +76,31 @@ void skip_unless_possible(const KernelFeatures& kf) {
 
 // A forked child that does as it is told, one command at a time, blocked in read() between
 // them (so that the ptrace stop lands in a system call, which must be restarted unharmed):
-// 'w' + page: writes that page; 'k' + page: read()s a page from the data pipe into it (a write
-// by the kernel). Each is acknowledged with one byte.
+// 'w' + page: adds 1 to its byte 100; 'v' + page + value: stores the value (4 bytes) at byte
+// 100; 'k' + page: read()s a page from the data pipe into it (a write by the kernel). Each is
+// acknowledged with one byte. Its memory: `pages` pages at `at`, filled.
 class Obedient {
  public:
   static constexpr size_t kPages = 16;
 
-  explicit Obedient(uintptr_t at) : at_(at) {
+  explicit Obedient(uintptr_t at, size_t pages = kPages) : at_(at), pages_(pages) {
     int cmd[2], ack[2], data[2];
     if (::pipe(cmd) != 0 || ::pipe(ack) != 0 || ::pipe(data) != 0) return;
     pid_ = ::fork();
     if (pid_ == 0) {
-      auto* m = static_cast<char*>(::mmap(reinterpret_cast<void*>(at), kPages * kPage, PROT_READ | PROT_WRITE,
+      auto* m = static_cast<char*>(::mmap(reinterpret_cast<void*>(at), pages * kPage, PROT_READ | PROT_WRITE,
                                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0));
       if (m == MAP_FAILED) _exit(3);
-      std::memset(m, 1, kPages * kPage);
+      std::memset(m, 1, pages * kPage);
       for (;;) {
-        char c[2];
-        if (::read(cmd[0], c, 2) != 2) _exit(0);
-        char* page = m + static_cast<size_t>(c[1]) * kPage;
+        char c[9];
+        if (::read(cmd[0], c, 9) != 9) _exit(0);
+        uint32_t index;
+        std::memcpy(&index, c + 1, 4);
+        if (index >= pages) _exit(6);
+        char* page = m + size_t{index} * kPage;
         if (c[0] == 'w') ++page[100];
+        if (c[0] == 'v') std::memcpy(page + 100, c + 5, 4);
         if (c[0] == 'k') {
           for (size_t got = 0; got < kPage;) {
             ssize_t n = ::read(data[0], page + got, kPage - got);
@@ -120,18 +127,21 @@ class Obedient {
   }
 
   // Sends one command and waits for its acknowledgement; false if the child is gone or broken.
-  bool order(char what, uint8_t page, const std::vector<std::byte>& data = {}) {
-    const char c[2] = {what, static_cast<char>(page)};
-    if (::write(cmd_, c, 2) != 2) return false;
+  bool order(char what, uint32_t page, const std::vector<std::byte>& data = {}, uint32_t value = 0) {
+    char c[9] = {what};
+    std::memcpy(c + 1, &page, 4);
+    std::memcpy(c + 5, &value, 4);
+    if (::write(cmd_, c, 9) != 9) return false;
     if (!data.empty() && ::write(data_, data.data(), data.size()) != static_cast<ssize_t>(data.size())) return false;
     char a = 0;
     return ::read(ack_, &a, 1) == 1 && a == 'a';
   }
   pid_t pid() const { return pid_; }
-  AddressRange range() const { return {at_, kPages * kPage}; }
+  AddressRange range() const { return {at_, pages_ * kPage}; }
 
  private:
   uintptr_t at_;
+  size_t pages_;
   pid_t pid_ = -1;
   int cmd_ = -1, ack_ = -1, data_ = -1;
 };
@@ -202,6 +212,96 @@ TEST_F(MigrateProcessTest, RefusesRangesTheProcessDoesNotMap) {
   EXPECT_TRUE(child.order('w', 1)) << "the process was harmed by a refused start";
   auto gone = DirtyTracker::start({child.range()}, kf_, {.pid = 999999999, .uffd = -1});
   ASSERT_FALSE(gone.ok());
+}
+
+std::pair<std::string, int> run_cli(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int st = ::pclose(p);
+  return {out, WIFEXITED(st) ? WEXITSTATUS(st) : 128};
+}
+
+// `lazymem-agent snapshot --pid --live` while the process writes: a thread of this test has it
+// write one page after another (user-mode stores and read()s by the kernel, each numbered, each
+// acknowledged before the next) all through the capture. The snapshot must be one moment of
+// that sequence: with S the latest write it shows, every page as the writes up to S left it
+// (a write the tracking missed shows as a page older than that). Every byte is compared.
+TEST_F(MigrateProcessTest, LiveSnapshotOfARunningProcess) {
+  const std::string agent = env_or_empty("LAZYMEM_AGENT");
+  ASSERT_FALSE(agent.empty()) << "LAZYMEM_AGENT must be set (meson test)";
+  constexpr size_t kPages = 16384;  // 64 MiB: a capture long enough to write during
+  constexpr size_t kAt = 100;       // where each write puts its number
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(kPages * kPage, 64));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), kPages * kPage);
+  Obedient child(at, kPages);
+  ASSERT_TRUE(child.order('v', 0, {}, 0));  // running (and page 0 holds "number 0")
+  struct Write {
+    uint32_t page;
+    bool kernel;
+  };
+  std::vector<Write> writes;  // writes[n - 1]: write number n
+  std::atomic<bool> done{false};
+  auto page_of_kernel_write = [](uint32_t n) {
+    std::vector<std::byte> data(kPage, static_cast<std::byte>(n * 37));
+    std::memcpy(data.data() + kAt, &n, 4);
+    return data;
+  };
+  std::thread writer([&] {
+    for (uint32_t x = 12345, n = 1; !done.load(); ++n) {
+      x = x * 1103515245u + 12345u;
+      const Write w{static_cast<uint32_t>((x >> 8) % kPages), x % 16 == 0};
+      writes.push_back(w);
+      if (!(w.kernel ? child.order('k', w.page, page_of_kernel_write(n)) : child.order('v', w.page, {}, n))) return;
+    }
+  });
+  auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --live --region {:x}-{:x}=heap {}/live --json", agent,
+                                       child.pid(), at, at + kPages * kPage, dir_.path()));
+  done = true;
+  writer.join();
+  ASSERT_EQ(rc, 0) << out;
+  auto j = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << out;
+  EXPECT_GE(j["rounds"].get<unsigned>(), 2u) << out;
+  EXPECT_GT(j["superseded_bytes"].get<uint64_t>(), 0u) << "nothing was written during the capture: " << out;
+  EXPECT_NE(process_state(child.pid()), 'T') << "left stopped";
+  ASSERT_TRUE(child.order('w', 1)) << "the process broke";
+
+  auto r = LazyRestore::start(dir_.path() + "/live", kf_, {});
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
+  uint32_t cut = 0;  // S
+  for (size_t p = 0; p < kPages; ++p) {
+    uint32_t n;
+    std::memcpy(&n, got + p * kPage + kAt, 4);
+    if (n != 0x01010101u) cut = std::max(cut, n);  // the fill, or a write's number
+  }
+  ASSERT_GT(cut, 0u);
+  ASSERT_LE(cut, writes.size());
+  std::vector<std::byte> want(kPages * kPage, std::byte{1});
+  std::memset(want.data() + kAt, 0, 4);
+  for (uint32_t n = 1; n <= cut; ++n) {
+    std::byte* page = want.data() + size_t{writes[n - 1].page} * kPage;
+    if (writes[n - 1].kernel) {
+      const auto data = page_of_kernel_write(n);
+      std::memcpy(page, data.data(), kPage);
+    } else {
+      std::memcpy(page + kAt, &n, 4);
+    }
+  }
+  size_t bad = 0;
+  for (size_t off = 0; off < want.size(); off += kPage) {
+    if (std::memcmp(got + off, want.data() + off, kPage) != 0 && bad++ == 0) {
+      ADD_FAILURE() << "page " << off / kPage << " is not as write " << cut << " left it";
+    }
+  }
+  EXPECT_EQ(bad, 0u) << "pages differ, of " << kPages << "; the snapshot shows writes up to " << cut << " of "
+                     << writes.size();
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), want.size());
 }
 
 // The CLI end to end: lazymem-agent migrate --pid of a process writing without pause.
