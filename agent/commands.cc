@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -16,6 +17,8 @@
 #include "lazymem/kernel_features.h"
 #include "snapshot/manifest.h"
 #include "process_mirror.h"
+#include "sys/process_maps.h"
+#include "sys/unique_fd.h"
 
 namespace lazymem::agent {
 
@@ -101,6 +104,10 @@ Status migrate_process(const MigrateConfig& c) {
   LAZYMEM_TRY(check_capture_options(c.capture));
   LAZYMEM_TRY(check_process_ranges(c.ranges));
   const std::vector<CaptureRegion> regions = regions_of(c.ranges);
+  LAZYMEM_TRY(sys::check_process(c.pid));
+  // Held from the start: the process killed at the end is this one, not one that took its pid.
+  sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, c.pid, 0)));
+  if (!pidfd.valid()) return sys_error(fmt::format("process {}", c.pid), errno);
   MigrationOptions mo = c.migration;
   mo.precopy.pid = c.pid;
   const auto started = std::chrono::steady_clock::now();
@@ -126,7 +133,7 @@ Status migrate_process(const MigrateConfig& c) {
                     "it (or continue it: SIGCONT) once you know which copy should run",
                     c.pid));
   }
-  if (!c.leave_stopped) ::kill(c.pid, SIGKILL);  // the destination runs it now
+  if (!c.leave_stopped) (void)::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0);  // the destination runs it now
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   if (c.json) {
     nlohmann::json j{{"source", (*src)->location()},

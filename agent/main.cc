@@ -222,6 +222,7 @@ int run_migrate(const std::vector<std::string>& args) {
       "postcopy-timeout-sec", po::value<unsigned>()->default_value(300),
       "how long to wait for the destination; if none came, the migration is called off and the process continued")(
       "leave-stopped", "after the post-copy, leave the process stopped instead of killing it")(
+      "replace", "replace an existing snapshot of --base's name")(
       "json", "print the report as JSON");
   auto vm = lazymem::cli::parse(args, desc);
   if (!vm.count("pid") || !vm.count("region") || !vm.count("base")) {
@@ -244,6 +245,7 @@ int run_migrate(const std::vector<std::string>& args) {
   c.capture.chunk_size = vm["chunk-size"].as<uint32_t>();
   c.capture.zstd_level = vm["zstd-level"].as<int>();
   if (vm.count("token-file")) c.capture.token_file = vm["token-file"].as<std::string>();
+  c.capture.replace = vm.count("replace") > 0;
   if (auto s = lazymem::check_capture_options(c.capture); !s.ok()) throw std::invalid_argument(s.error().message());
   c.migration.listen = vm["listen"].as<std::string>();
   if (auto at = lazymem::SnapshotLocation::Server::parse(c.migration.listen, true); !at.ok()) {

@@ -130,6 +130,8 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
   std::vector<AddressRange> ranges;
   for (const auto& r : regions) ranges.push_back({reinterpret_cast<uintptr_t>(r.address), r.length});
   Precopy p;
+  // The target first: a name taken or a server refusing is found before the process is touched.
+  LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
   if (live.pid != 0) {
     LAZYMEM_ASSIGN_OR_RETURN(ProcessMirror mirror, ProcessMirror::create(live.pid, ranges));
     p.mirror = std::make_unique<ProcessMirror>(std::move(mirror));
@@ -138,7 +140,6 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
   // reported, and stored again.
   LAZYMEM_ASSIGN_OR_RETURN(p.tracker, DirtyTracker::start(std::move(ranges), features, {.pid = live.pid, .uffd = -1}));
   if (p.mirror) LAZYMEM_TRY(p.mirror->fill());
-  LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
   p.writer = std::make_unique<snapshot::SnapshotWriter>(std::move(sink), options);
   p.writer->stage_input();
   LAZYMEM_TRY(store_regions(*p.writer, regions, options, page));
@@ -150,17 +151,14 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
   return p;
 }
 
-Status pause_workload(const LiveCaptureOptions& live) {
+Result<std::function<void()>> pause_workload(const LiveCaptureOptions& live) {
   if (live.pause) {
     live.pause();
-    return ok_status();
+    return live.resume;
   }
-  return sys::stop_process(live.pid, live.stop_timeout);
-}
-
-void resume_workload(const LiveCaptureOptions& live) {
-  if (live.resume) live.resume();
-  else sys::continue_process(live.pid);
+  LAZYMEM_ASSIGN_OR_RETURN(bool stopped_here, sys::stop_process(live.pid, live.stop_timeout));
+  if (!stopped_here) return std::function<void()>([] {});
+  return std::function<void()>([pid = live.pid] { sys::continue_process(pid); });
 }
 
 Result<DirtyChunks> collect_dirty_chunks(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size) {
@@ -186,12 +184,12 @@ Result<CaptureReport> capture_regions_live(const std::string& target, std::span<
                                            const KernelFeatures& features) {
   LAZYMEM_ASSIGN_OR_RETURN(Precopy p, precopy(target, regions, options, live, features));
   const auto paused_at = std::chrono::steady_clock::now();
-  LAZYMEM_TRY(pause_workload(live));
+  LAZYMEM_ASSIGN_OR_RETURN(std::function<void()> resume_it, pause_workload(live));
   Result<uint64_t> last = Error(Errc::kCancelled, "not run");
   {
     // resume() however the last round ends, an exception (bad_alloc, the app_state callback's)
     // included: the caller's writers must not stay parked.
-    ResumeOnExit resume{live};
+    ResumeOnExit resume{resume_it};
     last = store_written(p, regions, options.chunk_size);
     if (last.ok() && live.app_state) p.writer->set_app_state(live.app_state());
   }

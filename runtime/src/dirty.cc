@@ -138,6 +138,10 @@ Result<std::unique_ptr<DirtyTracker>> DirtyTracker::start(std::vector<AddressRan
   }
   LAZYMEM_TRY(check_ranges(ranges));
   // Before a uffd is opened: in another process, that means stopping one of its threads.
+  if (options.pid != 0 && options.pid != ::getpid()) {
+    auto alive = sys::check_process(options.pid);
+    if (!alive.ok()) return std::move(alive).error().wrap("dirty tracking");
+  }
   LAZYMEM_TRY(check_ranges_mapped_private(options.pid, ranges));
   LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, tracking_uffd(options));
   LAZYMEM_ASSIGN_OR_RETURN(sys::PagemapScan scan, sys::PagemapScan::open(options.pid));

@@ -48,7 +48,7 @@ Result<std::string> advertised_host(const MigrationOptions& m, bool has_token) {
 }  // namespace
 
 struct MigrationSource::Impl {
-  LiveCaptureOptions live;  // abort() resumes the workload with it
+  std::function<void()> resume;  // abort() only: ends the pause
   // Another process's memory: the copy here of the chunks served (the rest dropped at the switch).
   std::unique_ptr<ProcessMirror> mirror;
   std::vector<AddressRange> unserved;  // of the mirror: not needed once serving
@@ -79,7 +79,6 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   if (!listener.ok()) return std::move(listener).error().wrap("migration");
 
   auto impl = std::make_unique<Impl>();
-  impl->live = migration.precopy;
   const auto started = Clock::now();
   auto pre = precopy(base, regions, options, migration.precopy, features);
   if (!pre.ok()) return std::move(pre).error().wrap("migration, pre-copy");
@@ -95,9 +94,10 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   const auto paused_at = Clock::now();
   auto paused = pause_workload(migration.precopy);
   if (!paused.ok()) return std::move(paused).error().wrap("migration, pausing the workload");
+  impl->resume = *paused;
   // From here the workload is parked. It resumes here only if the switch-over fails; once the
   // server serves, it is the destination's.
-  ResumeOnExit resume_on_failure{migration.precopy};
+  ResumeOnExit resume_on_failure{*paused};
 
   LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks written, collect_dirty_chunks(p, regions, options.chunk_size));
   impl->report.written_bytes = written.bytes;
@@ -184,7 +184,7 @@ Status MigrationSource::abort() {
                                             impl_->location));
   }
   impl_->server.reset();  // stops serving, closes every connection
-  resume_workload(impl_->live);
+  if (impl_->resume) impl_->resume();
   log::get("runtime")->info("migration: called off before any destination came; {} resumed here", impl_->location);
   return ok_status();
 }

@@ -44,17 +44,17 @@ Result<uint64_t> store_written(Precopy& p, std::span<const CaptureRegion> region
 
 // The pause of a live capture or migration: the caller's pause(), or, for another process
 // given without one, SIGSTOP (failing, with the process continued, if a thread does not stop).
-Status pause_workload(const LiveCaptureOptions& live);
-// Its end: the caller's resume(), or SIGCONT.
-void resume_workload(const LiveCaptureOptions& live);
+// Returns what ends it: the caller's resume(), or SIGCONT, unless the process was stopped already
+// (then it is left as it was found).
+Result<std::function<void()>> pause_workload(const LiveCaptureOptions& live);
 
 // Resumes the workload on scope exit, exceptions included, unless disarmed: its writers must not
 // stay parked (a migration disarms it once the workload is the destination's).
 struct ResumeOnExit {
-  const LiveCaptureOptions& live;
+  std::function<void()> resume;
   bool armed = true;
   ~ResumeOnExit() {
-    if (armed) resume_workload(live);
+    if (armed && resume) resume();
   }
 };
 

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "snapshot/chunk_codec.h"
+#include "sys/process_maps.h"
 
 namespace lazymem {
 namespace {
@@ -20,6 +21,7 @@ const size_t kPage = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
 }  // namespace
 
 Result<ProcessMirror> ProcessMirror::create(pid_t pid, std::span<const AddressRange> ranges) {
+  LAZYMEM_TRY(sys::check_process(pid));
   ProcessMirror m;
   m.pid_ = pid;
   for (const AddressRange& r : ranges) {

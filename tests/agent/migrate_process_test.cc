@@ -4,15 +4,20 @@
 // restores from the agent with the pre-copy as base, and every byte is compared with the
 // stopped process's memory.
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -65,6 +70,16 @@ std::vector<std::byte> read_memory(pid_t pid, uintptr_t at, size_t len) {
   return out;
 }
 
+std::pair<std::string, int> run_cli(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int st = ::pclose(p);
+  return {out, WIFEXITED(st) ? WEXITSTATUS(st) : 128};
+}
+
 void skip_unless_possible(const KernelFeatures& kf) {
 #if !defined(__x86_64__)
   GTEST_SKIP() << "remote syscalls are built for x86_64 only";
@@ -77,17 +92,42 @@ void skip_unless_possible(const KernelFeatures& kf) {
 // A forked child that does as it is told, one command at a time, blocked in read() between
 // them (so that the ptrace stop lands in a system call, which must be restarted unharmed):
 // 'w' + page: adds 1 to its byte 100; 'v' + page + value: stores the value (4 bytes) at byte
-// 100; 'k' + page: read()s a page from the data pipe into it (a write by the kernel). Each is
-// acknowledged with one byte. Its memory: `pages` pages at `at`, filled.
+// 100; 'k' + page: read()s a page from the data pipe into it (a write by the kernel); 's':
+// answers with the SIGRTMIN count it took as sent (sigqueue, value 42) and the count of others,
+// 4 bytes each. Each is acknowledged with one byte. Its memory: `pages` pages at `at`, filled.
+// `seccomp_kill`: a seccomp filter kills it if it calls userfaultfd(2).
+volatile sig_atomic_t g_signals_right = 0, g_signals_wrong = 0;  // the child's
+
+void count_signal(int, siginfo_t* info, void*) {
+  if (info->si_code == SI_QUEUE && info->si_value.sival_int == 42) g_signals_right = g_signals_right + 1;
+  else g_signals_wrong = g_signals_wrong + 1;
+}
+
 class Obedient {
  public:
   static constexpr size_t kPages = 16;
 
-  explicit Obedient(uintptr_t at, size_t pages = kPages) : at_(at), pages_(pages) {
+  explicit Obedient(uintptr_t at, size_t pages = kPages, bool seccomp_kill = false) : at_(at), pages_(pages) {
     int cmd[2], ack[2], data[2];
     if (::pipe(cmd) != 0 || ::pipe(ack) != 0 || ::pipe(data) != 0) return;
     pid_ = ::fork();
     if (pid_ == 0) {
+      struct sigaction sa{};
+      sa.sa_sigaction = count_signal;
+      sa.sa_flags = SA_SIGINFO | SA_RESTART;
+      if (::sigaction(SIGRTMIN, &sa, nullptr) != 0) _exit(7);
+      if (seccomp_kill) {
+        sock_filter filter[] = {
+            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_userfaultfd, 0, 1),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        };
+        sock_fprog prog{static_cast<unsigned short>(std::size(filter)), filter};
+        if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0) {
+          _exit(8);
+        }
+      }
       auto* m = static_cast<char*>(::mmap(reinterpret_cast<void*>(at), pages * kPage, PROT_READ | PROT_WRITE,
                                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0));
       if (m == MAP_FAILED) _exit(3);
@@ -99,6 +139,10 @@ class Obedient {
         std::memcpy(&index, c + 1, 4);
         if (index >= pages) _exit(6);
         char* page = m + size_t{index} * kPage;
+        if (c[0] == 's') {
+          const uint32_t counts[2] = {static_cast<uint32_t>(g_signals_right), static_cast<uint32_t>(g_signals_wrong)};
+          if (::write(ack[1], counts, sizeof counts) != sizeof counts) _exit(5);
+        }
         if (c[0] == 'w') ++page[100];
         if (c[0] == 'v') std::memcpy(page + 100, c + 5, 4);
         if (c[0] == 'k') {
@@ -135,6 +179,16 @@ class Obedient {
     if (!data.empty() && ::write(data_, data.data(), data.size()) != static_cast<ssize_t>(data.size())) return false;
     char a = 0;
     return ::read(ack_, &a, 1) == 1 && a == 'a';
+  }
+  // The child's signal counts ('s'): taken as sent, and others.
+  std::pair<uint32_t, uint32_t> signals() {
+    const char c[9] = {'s'};
+    uint32_t counts[2] = {};
+    char a = 0;
+    if (::write(cmd_, c, 9) != 9 || ::read(ack_, counts, sizeof counts) != sizeof counts || ::read(ack_, &a, 1) != 1) {
+      return {~0u, ~0u};
+    }
+    return {counts[0], counts[1]};
   }
   pid_t pid() const { return pid_; }
   AddressRange range() const { return {at_, pages_ * kPage}; }
@@ -199,6 +253,81 @@ TEST_F(MigrateProcessTest, TracksTheDirtyPagesOfAnotherProcess) {
   EXPECT_EQ(process_state(child.pid()), 'S');
 }
 
+// Signals sent to the process while the agent borrows one of its threads arrive, each once, with
+// the sender's siginfo: none is taken (and lost) by a single step, none re-sent as the agent's.
+TEST_F(MigrateProcessTest, SignalsSentMeanwhileArriveIntact) {
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 65));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage);
+  Obedient child(at);
+  ASSERT_TRUE(child.order('w', 0));
+  std::atomic<bool> done{false};
+  std::atomic<uint32_t> sent{0};
+  std::thread sender([&] {
+    while (!done.load()) {
+      if (::sigqueue(child.pid(), SIGRTMIN, sigval{.sival_int = 42}) == 0) ++sent;  // EAGAIN: queue full, not sent
+    }
+  });
+  for (int i = 0; i < 300; ++i) {
+    auto t = DirtyTracker::start({child.range()}, kf_, {.pid = child.pid(), .uffd = -1});
+    if (!t.ok()) {
+      ADD_FAILURE() << "start " << i << ": " << t.error().message();
+      break;
+    }
+  }
+  done = true;
+  sender.join();
+  ASSERT_GT(sent.load(), 0u);
+  std::pair<uint32_t, uint32_t> got;
+  for (int i = 0; i < 2000; ++i) {  // queued signals are taken at the child's next return to user mode
+    got = child.signals();
+    if (got.first + got.second >= sent.load()) break;
+    ::usleep(1000);
+  }
+  EXPECT_EQ(got.first, sent.load()) << "signals lost";
+  EXPECT_EQ(got.second, 0u) << "signals delivered with a siginfo not the sender's";
+}
+
+// A process whose seccomp filter kills it for calling userfaultfd(2) is tracked all the same
+// (its filters are suspended for the agent's call, which needs root) and lives on.
+TEST_F(MigrateProcessTest, SeccompFilterNeitherStopsNorKillsIt) {
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 66));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage);
+  Obedient child(at, Obedient::kPages, /*seccomp_kill=*/true);
+  ASSERT_TRUE(child.order('w', 0));
+  {
+    auto t = DirtyTracker::start({child.range()}, kf_, {.pid = child.pid(), .uffd = -1});
+    ASSERT_TRUE(t.ok()) << t.error().message();
+    ASSERT_TRUE(child.order('w', 5)) << "the process died";
+    auto written = (*t)->collect();
+    ASSERT_TRUE(written.ok()) << written.error().message();
+    ASSERT_EQ(written->size(), 1u);
+    EXPECT_EQ((*written)[0], (AddressRange{at + 5 * kPage, kPage}));
+  }
+  EXPECT_TRUE(child.order('w', 6)) << "the process died";
+}
+
+// A process its owner stopped stays stopped after a live capture (nothing sent to it).
+TEST_F(MigrateProcessTest, AStoppedProcessIsLeftStopped) {
+  const std::string agent = env_or_empty("LAZYMEM_AGENT");
+  ASSERT_FALSE(agent.empty()) << "LAZYMEM_AGENT must be set (meson test)";
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 67));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage);
+  Obedient child(at);
+  ASSERT_TRUE(child.order('w', 0));
+  ASSERT_EQ(::kill(child.pid(), SIGSTOP), 0);
+  for (int i = 0; i < 2000 && process_state(child.pid()) != 'T'; ++i) ::usleep(1000);
+  ASSERT_EQ(process_state(child.pid()), 'T');
+  auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --live --region {:x}-{:x}=heap {}/stopped", agent,
+                                       child.pid(), at, at + Obedient::kPages * kPage, dir_.path()));
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_EQ(process_state(child.pid()), 'T') << "continued by the capture: its owner had stopped it";
+  ::kill(child.pid(), SIGCONT);
+  EXPECT_TRUE(child.order('w', 1));
+}
+
 TEST_F(MigrateProcessTest, RefusesRangesTheProcessDoesNotMap) {
   const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 62));
   ASSERT_NE(at, 0u);
@@ -214,15 +343,6 @@ TEST_F(MigrateProcessTest, RefusesRangesTheProcessDoesNotMap) {
   ASSERT_FALSE(gone.ok());
 }
 
-std::pair<std::string, int> run_cli(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int st = ::pclose(p);
-  return {out, WIFEXITED(st) ? WEXITSTATUS(st) : 128};
-}
 
 // `lazymem-agent snapshot --pid --live` while the process writes: a thread of this test has it
 // write one page after another (user-mode stores and read()s by the kernel, each numbered, each
@@ -361,8 +481,9 @@ class MigrateCliTest : public MigrateProcessTest {
   pid_t pid_ = -1;
 };
 
+// The writer runs three threads: two write, one is blocked in read(); all are stopped.
 TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
-  FILE* agent = start_migrate("--leave-stopped --json --postcopy-timeout-sec 120");
+  FILE* agent = start_migrate("--json --postcopy-timeout-sec 120");
   ASSERT_NE(agent, nullptr);
   char line[512] = {};
   ASSERT_NE(std::fgets(line, sizeof line, agent), nullptr) << stderr_text();
@@ -395,7 +516,33 @@ TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
   // the pre-copy.
   EXPECT_GT(j["postcopy_chunks"].get<uint64_t>(), 0u) << report;
   EXPECT_LT(j["postcopy_chunks"].get<uint64_t>(), kLen / kDefaultChunkSize / 2) << report;
-  EXPECT_EQ(j["process"], "stopped");
+  // The destination runs it now: the source was killed.
+  EXPECT_EQ(j["process"], "killed");
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid_, &status, 0), pid_);
+  pid_ = -1;
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+}
+
+TEST_F(MigrateCliTest, LeaveStoppedLeavesItStopped) {
+  FILE* agent = start_migrate("--leave-stopped --postcopy-timeout-sec 120");
+  ASSERT_NE(agent, nullptr);
+  char line[512] = {};
+  ASSERT_NE(std::fgets(line, sizeof line, agent), nullptr) << stderr_text();
+  std::string source(line);
+  ASSERT_EQ(source.rfind("source: lazymem://", 0), 0u) << source << stderr_text();
+  RestoreOptions ro;
+  ro.base = dir_.path() + "/mig";
+  auto r = LazyRestore::start(source.substr(8, source.size() - 9), kf_, ro);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  ASSERT_TRUE((*r)->wait_complete(std::chrono::seconds(60)).ok());
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap((*r)->region("heap")->address, kLen);
+  r->reset();
+  std::string report;
+  while (std::fgets(line, sizeof line, agent) != nullptr) report += line;
+  ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
+  EXPECT_NE(report.find("left stopped"), std::string::npos) << report;
   EXPECT_EQ(process_state(pid_), 'T');
   EXPECT_EQ(userfaultfds_of(pid_), 0);
 }

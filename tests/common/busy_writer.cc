@@ -1,6 +1,6 @@
 // lazymem-test-busy-writer: a process that does not link liblazymem and writes its memory without
-// pause, from user mode and from the kernel (read() into it), for the agent's `migrate --pid` to
-// move while it runs.
+// pause, from two threads, user mode and kernel (read() into it), with a third blocked in a
+// system call, for the agent's `migrate --pid` to move while it runs.
 //
 //   lazymem-test-busy-writer ADDRESS MIB    maps MIB MiB at ADDRESS (hex), fills them, prints
 //                                           "ready" and writes on until killed
@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 int main(int argc, char** argv) {
   if (argc != 3) {
@@ -35,6 +36,16 @@ int main(int argc, char** argv) {
     std::perror("open /dev/urandom");
     return 1;
   }
+  // A second writer, on its own hot set (the ninth sixteenth), and a thread that only waits.
+  std::thread([words, n] {
+    for (uint64_t x = 1;; ++x) words[n / 2 + (x * 2654435761u) % (n / 16)] = x;
+  }).detach();
+  int never[2];
+  if (::pipe(never) != 0) return 1;
+  std::thread([fd = never[0]] {
+    char c;
+    (void)!::read(fd, &c, 1);
+  }).detach();
   std::printf("ready\n");
   std::fflush(stdout);
   uint64_t x = 88172645463325252ULL;

@@ -5,12 +5,35 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 
 #include "sys/unique_fd.h"
 
 namespace lazymem::sys {
+
+Status check_process(pid_t pid) {
+  const std::string path = fmt::format("/proc/{}/status", pid);
+  std::ifstream in(path);
+  if (!in) return Error(Errc::kNotFound, fmt::format("no process {}", pid));
+  long tgid = -1;
+  char state = '?';
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("Tgid:", 0) == 0) tgid = std::atol(line.c_str() + 5);
+    if (line.rfind("State:", 0) == 0 && line.size() > 7) state = line[line.find_first_not_of(" \t", 6)];
+  }
+  if (tgid < 0) return Error(Errc::kNotFound, fmt::format("no process {}", pid));
+  if (tgid != pid) {
+    return Error(Errc::kInvalidArgument, fmt::format("{} is a thread of process {}: give the process's id, {}", pid, tgid, tgid));
+  }
+  if (state == 'Z' || state == 'X') {
+    return Error(Errc::kNotFound, fmt::format("the main thread of process {} has exited (its other threads may run on, "
+                                              "but its memory can no longer be read through /proc/{})",
+                                              pid, pid));
+  }
+  return ok_status();
+}
 
 Result<std::vector<Vma>> read_vmas(pid_t pid) {
   const std::string path = pid == 0 ? "/proc/self/maps" : fmt::format("/proc/{}/maps", pid);

@@ -20,6 +20,10 @@ struct Vma {
 // In address order, as the kernel lists them. pid 0: this process.
 Result<std::vector<Vma>> read_vmas(pid_t pid);
 
+// That `pid` names a process (not one of its threads) whose main thread has not exited (its
+// /proc/PID files, memory included, are read through that thread): else an error saying which.
+Status check_process(pid_t pid);
+
 // How far the mappings cover [start, end) without a gap: `covered_to` is `end` when all of it
 // is mapped, else where the first gap begins; `shared` is the first shared mapping met before
 // that, if any. A search, not a scan: thousands of ranges may meet tens of thousands of mappings.

@@ -12,9 +12,14 @@
 namespace lazymem::sys {
 
 // Sends SIGSTOP to `pid` and waits until each of its threads is stopped (or exiting). If one is
-// not within `timeout` (in uninterruptible sleep, or a kernel io_uring worker, which never
-// stops), the process is continued and the error names that thread.
-Status stop_process(pid_t pid, std::chrono::milliseconds timeout);
+// not within `timeout` (in uninterruptible sleep, an io_uring worker, which never stops, or
+// stopped by a tracer, which may resume it), the process is continued and the error names that
+// thread. True if this stopped it; false if every thread was stopped already (nothing sent:
+// its owner stopped it, and continuing it is theirs to do).
+//
+// Its parent sees the stop and the continue (SIGCHLD, waitpid with WUNTRACED/WCONTINUED), as
+// with any job-control stop.
+Result<bool> stop_process(pid_t pid, std::chrono::milliseconds timeout);
 // Sends SIGCONT.
 void continue_process(pid_t pid);
 

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -51,6 +52,15 @@ std::vector<pid_t> live_threads(pid_t pid) {
   return out;
 }
 
+// The process's seccomp mode (Seccomp: in /proc/PID/status): 0 none, 1 strict, 2 filters.
+int seccomp_mode(pid_t pid) {
+  std::ifstream status(fmt::format("/proc/{}/status", pid));
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("Seccomp:", 0) == 0) return std::atoi(line.c_str() + 8);
+  }
+  return 0;
+}
+
 // Waits for tracee `tid` to stop; its wait status.
 Result<int> wait_stopped(pid_t tid, std::chrono::milliseconds timeout) {
   const auto deadline = Clock::now() + timeout;
@@ -73,12 +83,9 @@ Result<int> wait_stopped(pid_t tid, std::chrono::milliseconds timeout) {
   }
 }
 
-// A signal-delivery stop (not our interrupt's or single step's SIGTRAP): the signal the thread
-// was about to take, which it must still get.
-int delivered_signal(int status) {
-  const int sig = WSTOPSIG(status);
-  return ((status >> 16) == 0 && sig != SIGTRAP) ? sig : 0;
-}
+// A signal-delivery stop (the thread about to take a signal; the stop our interrupt or a single
+// step's trap causes is an event stop, or a SIGTRAP delivery): its signal, else 0.
+int signal_delivery_stop(int status) { return (status >> 16) == 0 ? WSTOPSIG(status) : 0; }
 
 // The address of a `syscall` instruction (0f 05) in the process's vDSO: any occurrence of those
 // two bytes executes as one, aligned or not.
@@ -110,16 +117,25 @@ struct RemoteSyscalls::Impl {
   pid_t pid = 0;
   pid_t tid = 0;
   user_regs_struct saved{};
+  uint64_t saved_mask = 0;   // the thread's signal mask: all blocked while we use it
+  bool mask_set = false;
+  siginfo_t taken{};         // a signal the thread was about to take when it stopped: it still gets it,
+  int taken_signal = 0;      // with its siginfo (sender, value) intact
+  bool restop = false;       // SIGSTOP arrived meanwhile (it cannot be blocked): sent again after
   uintptr_t syscall_at = 0;
-  int pending_signal = 0;
   bool stopped = false;  // seized and in a ptrace stop: detach puts the registers back first
   std::chrono::milliseconds timeout{5000};
 
   ~Impl() {
     if (!stopped) return;
-    // Nothing to report from here: if the thread died, there is nobody to give the registers back to.
+    // Nothing to report from here: if the thread died, there is nobody to give anything back to.
     (void)::ptrace(PTRACE_SETREGS, tid, nullptr, &saved);
-    (void)::ptrace(PTRACE_DETACH, tid, nullptr, reinterpret_cast<void*>(static_cast<uintptr_t>(pending_signal)));
+    if (mask_set) (void)::ptrace(PTRACE_SETSIGMASK, tid, reinterpret_cast<void*>(sizeof saved_mask), &saved_mask);
+    // Detaching from a signal-delivery stop (the first one, or our last single step's SIGTRAP)
+    // delivers the signal given, with the siginfo set here.
+    if (taken_signal != 0) (void)::ptrace(PTRACE_SETSIGINFO, tid, nullptr, &taken);
+    (void)::ptrace(PTRACE_DETACH, tid, nullptr, reinterpret_cast<void*>(static_cast<uintptr_t>(taken_signal)));
+    if (restop) (void)::kill(pid, SIGSTOP);
   }
 };
 
@@ -135,8 +151,16 @@ Result<RemoteSyscalls> RemoteSyscalls::attach(pid_t pid, std::chrono::millisecon
   auto impl = std::make_unique<Impl>();
   impl->pid = pid;
   impl->timeout = timeout;
+  // With the process's seccomp filters suspended while it is traced (root: CAP_SYS_ADMIN), so
+  // that a filter refusing userfaultfd(2) neither fails the call nor kills the process.
+  bool seccomp_suspended = true;
   for (pid_t tid : threads) {
-    if (::ptrace(PTRACE_SEIZE, tid, nullptr, nullptr) != 0) {
+    long r = ::ptrace(PTRACE_SEIZE, tid, nullptr, reinterpret_cast<void*>(uintptr_t{PTRACE_O_SUSPEND_SECCOMP}));
+    if (r != 0 && errno == EPERM) {
+      seccomp_suspended = false;
+      r = ::ptrace(PTRACE_SEIZE, tid, nullptr, nullptr);
+    }
+    if (r != 0) {
       if (errno == ESRCH) continue;  // that thread exited meanwhile: try the next
       if (errno == EPERM) {
         return Error(Errc::kPermission,
@@ -154,11 +178,30 @@ Result<RemoteSyscalls> RemoteSyscalls::attach(pid_t pid, std::chrono::millisecon
   if (::ptrace(PTRACE_INTERRUPT, impl->tid, nullptr, nullptr) != 0) {
     return sys_error(fmt::format("ptrace(PTRACE_INTERRUPT) of thread {}", impl->tid), errno);
   }
-  // Not stopped yet: a seized thread that is running cannot be detached. If it never stops, it
-  // stays seized (and goes on running) until this process exits, when the kernel detaches it.
+  // Not stopped yet: a seized thread that is running cannot be detached. It is detached when the
+  // thread that seized it exits (sys::Uffd::open_in runs all this on a thread of its own).
   LAZYMEM_ASSIGN_OR_RETURN(int st, wait_stopped(impl->tid, timeout));
   impl->stopped = true;
-  impl->pending_signal = delivered_signal(st);
+  if (int sig = signal_delivery_stop(st); sig != 0) {
+    // Already taken off the queue: keep it, siginfo and all, for the detach to deliver.
+    if (::ptrace(PTRACE_GETSIGINFO, impl->tid, nullptr, &impl->taken) == 0) impl->taken_signal = sig;
+  }
+  // Every signal blocked while we use the thread: one arriving stays queued for it instead of
+  // being taken (and lost) at a single step. SIGKILL and SIGSTOP cannot be blocked.
+  if (::ptrace(PTRACE_GETSIGMASK, impl->tid, reinterpret_cast<void*>(sizeof impl->saved_mask), &impl->saved_mask) != 0) {
+    return sys_error(fmt::format("ptrace(PTRACE_GETSIGMASK) of thread {}", impl->tid), errno);
+  }
+  const uint64_t all = ~uint64_t{0};
+  if (::ptrace(PTRACE_SETSIGMASK, impl->tid, reinterpret_cast<void*>(sizeof all), &all) != 0) {
+    return sys_error(fmt::format("ptrace(PTRACE_SETSIGMASK) of thread {}", impl->tid), errno);
+  }
+  impl->mask_set = true;
+  if (!seccomp_suspended && seccomp_mode(pid) != 0) {
+    return Error(Errc::kPermission,
+                 fmt::format("process {} runs under seccomp, which may refuse userfaultfd(2) or kill it for trying; "
+                             "its filters can be suspended for the call only with CAP_SYS_ADMIN: run the agent as root",
+                             pid));
+  }
   if (::ptrace(PTRACE_GETREGS, impl->tid, nullptr, &impl->saved) != 0) {
     return sys_error(fmt::format("ptrace(PTRACE_GETREGS) of thread {}", impl->tid), errno);
   }
@@ -186,8 +229,8 @@ Result<long> RemoteSyscalls::call(long nr, long a1, long a2, long a3, long a4, l
   if (::ptrace(PTRACE_SETREGS, im.tid, nullptr, &regs) != 0) {
     return sys_error(fmt::format("ptrace(PTRACE_SETREGS) of thread {}", im.tid), errno);
   }
-  // One step runs the instruction. A stop before it (a signal arriving: kept for later, or a
-  // restarted call that rewound to it) steps again.
+  // One step runs the instruction. A stop before it (an event stop still pending from our
+  // interrupt, or a restarted call that rewound to it) steps again.
   for (int attempt = 0; attempt < 16; ++attempt) {
     if (::ptrace(PTRACE_SINGLESTEP, im.tid, nullptr, nullptr) != 0) {
       return sys_error(fmt::format("ptrace(PTRACE_SINGLESTEP) of thread {}", im.tid), errno);
@@ -197,15 +240,20 @@ Result<long> RemoteSyscalls::call(long nr, long a1, long a2, long a3, long a4, l
       im.stopped = false;  // gone, or running somewhere we did not send it
       return std::move(st).error().wrap(fmt::format("remote syscall {} in process {}", nr, im.pid));
     }
-    if (im.pending_signal == 0) im.pending_signal = delivered_signal(*st);
+    const int sig = signal_delivery_stop(*st);
+    if (sig == SIGSYS) {
+      // A seccomp filter trapped the call (it was not made): the signal is ours, not delivered.
+      return Error(Errc::kPermission, fmt::format("a seccomp filter of process {} refused syscall {}", im.pid, nr));
+    }
+    if (sig == SIGSTOP) im.restop = true;  // the only signal that gets through the mask
     if (::ptrace(PTRACE_GETREGS, im.tid, nullptr, &regs) != 0) {
       return sys_error(fmt::format("ptrace(PTRACE_GETREGS) of thread {}", im.tid), errno);
     }
     if (regs.rip == im.syscall_at + 2) return static_cast<long>(regs.rax);
     if (regs.rip != im.syscall_at) {
       return Error(Errc::kIo, fmt::format("remote syscall {} in process {}: the thread went to {:#x}, not "
-                                                "past the syscall instruction at {:#x}",
-                                                nr, im.pid, regs.rip, im.syscall_at));
+                                          "past the syscall instruction at {:#x}",
+                                          nr, im.pid, regs.rip, im.syscall_at));
     }
   }
   return Error(Errc::kTimeout, fmt::format("remote syscall {} in process {}: interrupted 16 times in a row", nr, im.pid));

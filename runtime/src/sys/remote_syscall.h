@@ -1,8 +1,12 @@
 // RemoteSyscalls: has another process make system calls of our choosing, as CRIU's parasite
 // does, but without loading code into it: one of its threads is stopped with ptrace, its
 // registers saved, then set up for the call and stepped over a `syscall` instruction of its
-// vDSO. Its registers are put back before it goes on, so the thread never sees it happen (a call
-// it was blocked in is restarted, as after any signal).
+// vDSO. Its registers and signal mask are put back before it goes on. What it can see: a system
+// call it was blocked in returns as after a signal that has no handler — restarted where the
+// kernel restarts such calls (read, write, wait...), EINTR where it never does (epoll_wait,
+// semop, sigtimedwait: POSIX allows it, and callers loop). Signals that arrive meanwhile are held
+// (all blocked), one it was already taking is delivered after, with its siginfo. Its seccomp
+// filters are suspended for the calls (root), so that one refusing a call cannot kill it.
 //
 // What the agent needs it for: a userfaultfd of a process that does not link liblazymem, to
 // track its dirty pages (UFFD_FEATURE_WP_ASYNC needs a uffd of the tracked mm, and only the
@@ -22,6 +26,9 @@
 
 namespace lazymem::sys {
 
+// Every call, the destructor included, from the thread that attached: ptrace binds a tracee to
+// the tracer thread. When that thread exits, the kernel detaches whatever it still traces (a
+// thread that never stopped, after attach() timed out): run it on a thread of its own.
 class RemoteSyscalls {
  public:
   // Stops one thread of `pid` (the first that is alive, the main thread first). Waits at most

@@ -5,6 +5,8 @@
 #include <fmt/format.h>
 
 #include <cstring>
+#include <filesystem>
+#include <thread>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -88,29 +90,53 @@ Result<Uffd> Uffd::open(uint64_t wanted, uint64_t required, bool nonblocking) {
   return Uffd(std::move(fd), (wanted | required) & available);
 }
 
-Result<Uffd> Uffd::open_in(pid_t pid, uint64_t features) {
-  UniqueFd fd;
-  {
-    LAZYMEM_ASSIGN_OR_RETURN(RemoteSyscalls remote, RemoteSyscalls::attach(pid));
-    // User-mode only: allowed to any process (vm.unprivileged_userfaultfd governs only uffds
-    // that also catch the kernel's own accesses), and enough for write-protect tracking, whose
-    // asynchronous faults the kernel resolves itself, from kernel mode too.
-    LAZYMEM_ASSIGN_OR_RETURN(long remote_fd,
-                             remote.call(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
-    if (remote_fd < 0) {
-      return Error(Errc::kPermission,
-                   fmt::format("process {} could not open a userfaultfd: {} (a seccomp filter, as containers' "
-                               "default profiles have, refuses userfaultfd(2): allow it for that process)",
-                               pid, std::strerror(static_cast<int>(-remote_fd))),
-                   static_cast<int>(-remote_fd));
-    }
-    auto taken = take_fd(pid, static_cast<int>(remote_fd));
-    // Closed there whatever happened here: the process is left with no descriptor it did not open.
-    auto closed = remote.call(SYS_close, remote_fd);
-    if (!taken.ok()) return std::move(taken).error();
-    if (!closed.ok()) return std::move(closed).error().wrap("closing the userfaultfd opened in process " + std::to_string(pid));
-    fd = std::move(*taken);
+namespace {
+
+// Whether descriptor `fd` of process `pid` is a userfaultfd (checked before it is taken or
+// closed: another thread of the process could have closed it and reused the number).
+bool is_userfaultfd(pid_t pid, long fd) {
+  std::error_code ec;
+  const auto target = std::filesystem::read_symlink(fmt::format("/proc/{}/fd/{}", pid, fd), ec);
+  return !ec && target.string() == "anon_inode:[userfaultfd]";
+}
+
+Result<UniqueFd> open_userfaultfd_in(pid_t pid) {
+  LAZYMEM_ASSIGN_OR_RETURN(RemoteSyscalls remote, RemoteSyscalls::attach(pid));
+  // User-mode only: allowed to any process (vm.unprivileged_userfaultfd governs only uffds that
+  // also catch the kernel's own accesses), and enough for write-protect tracking, whose
+  // asynchronous faults the kernel resolves itself, from kernel mode too.
+  LAZYMEM_ASSIGN_OR_RETURN(long remote_fd, remote.call(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
+  if (remote_fd < 0) {
+    const int err = static_cast<int>(-remote_fd);
+    return Error(err == EPERM ? Errc::kPermission : Errc::kIo,
+                 fmt::format("process {} could not open a userfaultfd: {}{}", pid, std::strerror(err),
+                             err == EPERM ? " (a seccomp filter refusing userfaultfd(2), as containers' default "
+                                            "profiles have? allow it for that process)"
+                                          : ""),
+                 err);
   }
+  if (!is_userfaultfd(pid, remote_fd)) {
+    return Error(Errc::kIo, fmt::format("process {}: descriptor {} it was given by userfaultfd(2) is no longer one "
+                                        "(another thread closed it): try again",
+                                        pid, remote_fd));
+  }
+  auto taken = take_fd(pid, static_cast<int>(remote_fd));
+  // Closed there whatever happened here: the process is left with no descriptor it did not open.
+  auto closed = remote.call(SYS_close, remote_fd);
+  if (!taken.ok()) return std::move(taken).error();
+  if (!closed.ok()) return std::move(closed).error().wrap(fmt::format("closing the userfaultfd opened in process {}", pid));
+  return std::move(*taken);
+}
+
+}  // namespace
+
+Result<Uffd> Uffd::open_in(pid_t pid, uint64_t features) {
+  // On a thread of its own: if the process cannot be stopped in time, that thread's exit has the
+  // kernel detach it, instead of leaving it traced (and stopped, once it stops) by this one.
+  Result<UniqueFd> opened = Error(Errc::kCancelled, "not run");
+  std::thread([&] { opened = open_userfaultfd_in(pid); }).join();
+  if (!opened.ok()) return std::move(opened).error();
+  UniqueFd fd = std::move(*opened);
   uffdio_api api{};
   api.api = UFFD_API;
   api.features = features;
