@@ -12,11 +12,15 @@
 // process, measured in the same run. And a migration's switch-over (MigrationSource::start) of
 // the same memory with the same writer: its pause, from pause() to serving what was written
 // since from memory, which copies nothing (the destination's part is measured by the demo and
-// the tests, not here: no destination restores).
+// the tests, not here: no destination restores). And the same switch-over of another process
+// (LiveCaptureOptions::pid, the agent's `migrate --pid`), stopped with SIGSTOP.
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <thread>
@@ -119,7 +123,55 @@ struct LiveFigures {
   uint64_t superseded = 0;
   double migration_pause_s = 0;     // MigrationSource: pause() to serving
   uint64_t migration_left = 0;      // bytes left at the source, served from memory
+  double process_pause_s = 0;       // the same of another process (LiveCaptureOptions::pid): SIGSTOP to serving
+  uint64_t process_left = 0;
 };
+
+// The switch-over of a migration of another process, as `lazymem-agent migrate --pid` runs it:
+// a child holding the same table, its writer never parked (it links nothing of ours), stopped
+// with SIGSTOP; what it wrote since the last round is copied out of it, then served.
+void other_process_migration(const lazymem::KernelFeatures& kf, const std::string& store, size_t len, size_t hot,
+                             LiveFigures& f) {
+  // An address free here too: the copy of the child's memory goes to the same one.
+  void* probe = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (probe == MAP_FAILED) throw std::runtime_error("mmap of the table failed");
+  ::munmap(probe, len);
+  int ready[2];
+  if (::pipe(ready) != 0) throw std::runtime_error("pipe failed");
+  const pid_t child = ::fork();  // no thread of this process runs now
+  if (child < 0) throw std::runtime_error("fork failed");
+  if (child == 0) {
+    void* a = ::mmap(probe, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (a == MAP_FAILED) _exit(3);
+    lazymem::example::KvTable table(a, len);
+    table.fill(7, 0.7);
+    auto* slots = reinterpret_cast<lazymem::example::Record*>(static_cast<char*>(a) + 4096);
+    RecordWriter writer(slots, std::max<uint64_t>(1, (hot - 4096) / sizeof(lazymem::example::Record)));
+    while (writer.writes() == 0) std::this_thread::yield();
+    (void)!::write(ready[1], "r", 1);
+    for (;;) ::pause();  // until killed; the writer writes on
+  }
+  ::close(ready[1]);
+  char r = 0;
+  const bool started = ::read(ready[0], &r, 1) == 1;
+  ::close(ready[0]);
+  struct Reap {
+    pid_t pid;
+    ~Reap() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reap{child};
+  if (!started) throw std::runtime_error("the child holding the table did not start");
+  const lazymem::CaptureRegion region{"heap", probe, len, PROT_READ | PROT_WRITE};
+  lazymem::MigrationOptions mo;
+  mo.listen = "127.0.0.1:0";
+  mo.precopy.pid = child;
+  auto mig = lazymem::MigrationSource::start(store + "/process-migrated", std::span(&region, 1), {}, mo, kf);
+  if (!mig.ok()) throw std::runtime_error(mig.error().message());
+  f.process_pause_s = (*mig)->report().switch_seconds;
+  f.process_left = (*mig)->report().postcopy_bytes;
+}
 
 LiveFigures live_capture(const lazymem::KernelFeatures& kf, const std::string& store, size_t len, size_t hot) {
   void* a = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -160,6 +212,7 @@ LiveFigures live_capture(const lazymem::KernelFeatures& kf, const std::string& s
     writer.gate.resume();  // nobody took the table over: the bench's writer goes on, to be stopped
   }
   ::munmap(a, len);
+  other_process_migration(kf, store, len, hot, f);
   return f;
 }
 
@@ -258,6 +311,10 @@ static int run_bench(int argc, char** argv) {
               "since from memory vs %.1f ms for the live capture's last round: %.3fx\n",
               live.migration_pause_s * 1e3, double(live.migration_left) / (1 << 20), live.live_pause_s * 1e3,
               live.migration_pause_s / live.live_pause_s);
+  std::printf("the same migration of another process (lazymem-agent migrate --pid: SIGSTOP, what it wrote since copied "
+              "out of it): paused %.2f ms before serving %.1f MiB vs %.2f ms in-process: %.2fx\n",
+              live.process_pause_s * 1e3, double(live.process_left) / (1 << 20), live.migration_pause_s * 1e3,
+              live.process_pause_s / live.migration_pause_s);
   if (vm.count("json")) {
     nlohmann::json j{{"mib", mib},
                      {"collect_vs_hash_compare", one.collect_ms / one.hash_ms},
@@ -266,7 +323,9 @@ static int run_bench(int argc, char** argv) {
                      {"live_pause_ms", live.live_pause_s * 1e3},
                      {"stop_the_world_ms", live.stop_the_world_s * 1e3},
                      {"migration_pause_ms", live.migration_pause_s * 1e3},
-                     {"migration_pause_vs_live_pause", live.migration_pause_s / live.live_pause_s}};
+                     {"migration_pause_vs_live_pause", live.migration_pause_s / live.live_pause_s},
+                     {"process_migration_pause_ms", live.process_pause_s * 1e3},
+                     {"process_migration_pause_vs_in_process", live.process_pause_s / live.migration_pause_s}};
     for (const Row& r : rows) {
       j["rows"].push_back({{"fraction", r.fraction},
                            {"pages", r.changed},

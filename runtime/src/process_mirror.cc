@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
 
 #include "snapshot/chunk_codec.h"
 #include "sys/process_maps.h"
@@ -36,38 +37,47 @@ Result<ProcessMirror> ProcessMirror::create(pid_t pid, std::span<const AddressRa
   return m;
 }
 
-Status ProcessMirror::copy(uintptr_t start, size_t length, bool skip_zero_pages) {
+Status ProcessMirror::read_error(uintptr_t start, size_t length, ssize_t got) const {
+  const int err = got < 0 ? errno : EFAULT;
+  if (err == ESRCH) return Error(Errc::kNotFound, fmt::format("process {} exited", pid_), err);
+  return sys_error(fmt::format("reading {:#x}-{:#x} of process {} (is that range mapped and readable there? see "
+                               "/proc/{}/maps)",
+                               start + (got > 0 ? static_cast<size_t>(got) : 0), start + length, pid_, pid_),
+                   err);
+}
+
+Status ProcessMirror::copy_exact(uintptr_t start, size_t length) const {
   for (size_t off = 0; off < length; off += kPiece) {
     const size_t n = std::min(kPiece, length - off);
-    std::byte* here = reinterpret_cast<std::byte*>(start + off);
-    if (!skip_zero_pages) bounce_.clear();
-    else bounce_.resize(std::max(bounce_.size(), n));
-    iovec local{skip_zero_pages ? bounce_.data() : here, n};
-    iovec remote{reinterpret_cast<void*>(start + off), n};
-    const ssize_t got = ::process_vm_readv(pid_, &local, 1, &remote, 1, 0);
-    if (got != static_cast<ssize_t>(n)) {
-      const int err = got < 0 ? errno : EFAULT;
-      if (err == ESRCH) return Error(Errc::kNotFound, fmt::format("process {} exited", pid_), err);
-      return sys_error(fmt::format("reading {:#x}-{:#x} of process {} (is that range mapped and readable there? see "
-                                   "/proc/{}/maps)",
-                                   start + off + (got > 0 ? static_cast<size_t>(got) : 0), start + off + n, pid_, pid_),
-                       err);
-    }
-    if (!skip_zero_pages) continue;
-    for (size_t p = 0; p < n; p += kPage) {
-      std::span<const std::byte> page(bounce_.data() + p, kPage);
-      if (!snapshot::is_all_zero(page)) std::memcpy(here + p, page.data(), kPage);
-    }
+    iovec at{reinterpret_cast<void*>(start + off), n};  // the same address on both sides
+    const ssize_t got = ::process_vm_readv(pid_, &at, 1, &at, 1, 0);
+    if (got != static_cast<ssize_t>(n)) return read_error(start + off, n, got);
   }
   return ok_status();
 }
 
 Status ProcessMirror::fill() {
-  for (const sys::Mapping& m : mappings_) LAZYMEM_TRY(copy(m.address(), m.size(), true));
+  // Through a bounce buffer, so that pages reading as zeros are not written here.
+  std::vector<std::byte> bounce(kPiece);
+  for (const sys::Mapping& m : mappings_) {
+    for (size_t off = 0; off < m.size(); off += kPiece) {
+      const size_t n = std::min(kPiece, m.size() - off);
+      std::byte* here = m.data() + off;
+      iovec local{bounce.data(), n};
+      iovec remote{here, n};
+      const ssize_t got = ::process_vm_readv(pid_, &local, 1, &remote, 1, 0);
+      if (got != static_cast<ssize_t>(n)) return read_error(m.address() + off, n, got);
+      for (size_t p = 0; p < n; p += kPage) {
+        std::span<const std::byte> page(bounce.data() + p, kPage);
+        if (!snapshot::is_all_zero(page)) std::memcpy(here + p, page.data(), kPage);
+      }
+    }
+  }
   return ok_status();
 }
 
-Status ProcessMirror::refresh(std::span<const AddressRange> pages) {
+
+Status ProcessMirror::refresh_part(std::span<const AddressRange> pages) const {
   // Written pages come scattered: up to IOV_MAX of them per process_vm_readv, not one call each
   // (a pause's refresh of thousands of runs costs milliseconds otherwise).
   constexpr size_t kBatch = 1024;
@@ -82,7 +92,7 @@ Status ProcessMirror::refresh(std::span<const AddressRange> pages) {
       bytes += pages[i].length;
     }
     if (iov.empty()) {  // one long run: in pieces
-      LAZYMEM_TRY(copy(pages[i].start, pages[i].length, false));
+      LAZYMEM_TRY(copy_exact(pages[i].start, pages[i].length));
       ++i;
       continue;
     }
@@ -90,9 +100,25 @@ Status ProcessMirror::refresh(std::span<const AddressRange> pages) {
     const ssize_t got = ::process_vm_readv(pid_, iov.data(), iov.size(), iov.data(), iov.size(), 0);
     if (got == static_cast<ssize_t>(bytes)) continue;
     // Short or failed: run by run, for an error that names the range.
-    for (size_t j = first; j < i; ++j) LAZYMEM_TRY(copy(pages[j].start, pages[j].length, false));
+    for (size_t j = first; j < i; ++j) LAZYMEM_TRY(copy_exact(pages[j].start, pages[j].length));
   }
   return ok_status();
+}
+
+Status ProcessMirror::refresh(std::span<const AddressRange> pages) {
+  // In a pause, the process is stopped and its cores idle: copying out of it (about 2.5 GB/s per
+  // core, the kernel pinning each page) is split in two halves by bytes above a few MiB.
+  size_t total = 0;
+  for (const AddressRange& r : pages) total += r.length;
+  if (total < (8u << 20) || pages.size() < 2 || std::thread::hardware_concurrency() < 2) return refresh_part(pages);
+  size_t half = 0, at = 0;
+  while (at + 1 < pages.size() && half < total / 2) half += pages[at++].length;
+  Status second = ok_status();
+  std::thread helper([&] { second = refresh_part(pages.subspan(at)); });
+  Status first = refresh_part(pages.first(at));
+  helper.join();
+  LAZYMEM_TRY(first);
+  return second;
 }
 
 void ProcessMirror::drop(uintptr_t start, size_t length) {

@@ -32,12 +32,13 @@ class ProcessMirror {
   pid_t pid() const { return pid_; }
 
  private:
-  // Copies [start, start+length) in pieces through a bounce buffer; `skip_zero_pages` as fill().
-  Status copy(uintptr_t start, size_t length, bool skip_zero_pages);
+  // Copies [start, start+length) in pieces (thread-safe: refresh() runs two at once).
+  Status copy_exact(uintptr_t start, size_t length) const;
+  Status refresh_part(std::span<const AddressRange> pages) const;
+  Status read_error(uintptr_t start, size_t length, ssize_t got) const;
 
   pid_t pid_ = 0;
   std::vector<sys::Mapping> mappings_;
-  std::vector<std::byte> bounce_;
 };
 
 }  // namespace lazymem
