@@ -256,6 +256,10 @@ TEST_F(MigrateProcessTest, TracksTheDirtyPagesOfAnotherProcess) {
 // Signals sent to the process while the agent borrows one of its threads arrive, each once, with
 // the sender's siginfo: none is taken (and lost) by a single step, none re-sent as the agent's.
 TEST_F(MigrateProcessTest, SignalsSentMeanwhileArriveIntact) {
+#if defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "ThreadSanitizer's runtime holds a signal for its handler as one pending flag: a stream of "
+                  "them is coalesced there, so the child's count cannot be checked";
+#endif
   const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 65));
   ASSERT_NE(at, 0u);
   ::munmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage);

@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
     std::perror("open /dev/urandom");
     return 1;
   }
-  // A second writer, on its own hot set (the ninth sixteenth), and a thread that only waits.
+  // A second writer, on a hot set of its own (the ninth sixteenth), and a thread that only waits.
   std::thread([words, n] {
     for (uint64_t x = 1;; ++x) words[n / 2 + (x * 2654435761u) % (n / 16)] = x;
   }).detach();
@@ -53,12 +53,13 @@ int main(int argc, char** argv) {
     x ^= x << 13;
     x ^= x >> 7;
     x ^= x << 17;
-    // A hot set (the first sixteenth) written all the time, the rest now and then.
-    const size_t span = (round % (1u << 20) == 0) ? n : n / 16;
+    // A hot set (the first sixteenth) written all the time, the rest of the first half now and
+    // then (the second half is the other writer's: no word has two writers).
+    const size_t span = (round % (1u << 20) == 0) ? n / 2 : n / 16;
     words[x % span] = round;
     if (round % (1u << 20) == 1) {
       // The kernel writes too: a page's worth read straight into it.
-      const size_t page = (x >> 20) % (bytes / 4096);
+      const size_t page = (x >> 20) % (bytes / 2 / 4096);
       if (::read(random, static_cast<char*>(m) + page * 4096, 4096) != 4096) return 1;
     }
   }
