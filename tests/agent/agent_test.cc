@@ -27,6 +27,7 @@
 #include <thread>
 
 #include "../common/spawned_server.h"
+#include "../common/run_cli.h"
 #include "../common/test_data.h"
 #include "agent.capnp.h"
 #include "agent_client/unix_channel.h"
@@ -77,16 +78,7 @@ int firecracker_vm(const std::string& socket_path, const std::vector<std::byte>&
   return 0;
 }
 
-// Runs `cmd` (a shell command line); returns its output and exit status.
-std::pair<std::string, int> run_cli(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int st = ::pclose(p);
-  return {out, WIFEXITED(st) ? WEXITSTATUS(st) : 128};
-}
+using testing::run_cli;
 
 std::string agent_bin() {
   const char* bin = std::getenv("LAZYMEM_AGENT");

@@ -28,6 +28,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../common/run_cli.h"
 #include "../common/test_data.h"
 #include "lazymem/dirty.h"
 #include "lazymem/kernel_features.h"
@@ -36,6 +37,7 @@
 namespace lazymem {
 namespace {
 
+using testing::run_cli;
 using testing::ScratchDir;
 constexpr size_t kPage = 4096;
 
@@ -70,15 +72,6 @@ std::vector<std::byte> read_memory(pid_t pid, uintptr_t at, size_t len) {
   return out;
 }
 
-std::pair<std::string, int> run_cli(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int st = ::pclose(p);
-  return {out, WIFEXITED(st) ? WEXITSTATUS(st) : 128};
-}
 
 void skip_unless_possible(const KernelFeatures& kf) {
 #if !defined(__x86_64__)
@@ -475,6 +468,21 @@ class MigrateCliTest : public MigrateProcessTest {
     std::ifstream in(dir_.path() + "/err");
     return std::string(std::istreambuf_iterator<char>(in), {});
   }
+  // The location the agent prints once the destination may restore ("source: URI"), or "".
+  std::string source_of(FILE* agent) const {
+    char line[512] = {};
+    if (std::fgets(line, sizeof line, agent) == nullptr) return "";
+    const std::string text(line);
+    if (text.rfind("source: lazymem://", 0) != 0 || text.back() != '\n') return "";
+    return text.substr(8, text.size() - 9);
+  }
+  static std::string rest_of(FILE* p) {
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    return out;
+  }
   static int exit_code(FILE* p) {
     const int st = ::pclose(p);
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
@@ -489,11 +497,8 @@ class MigrateCliTest : public MigrateProcessTest {
 TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
   FILE* agent = start_migrate("--json --postcopy-timeout-sec 120");
   ASSERT_NE(agent, nullptr);
-  char line[512] = {};
-  ASSERT_NE(std::fgets(line, sizeof line, agent), nullptr) << stderr_text();
-  std::string source(line);
-  ASSERT_EQ(source.rfind("source: lazymem://", 0), 0u) << source << stderr_text();
-  source = source.substr(8, source.size() - 9);
+  const std::string source = source_of(agent);
+  ASSERT_FALSE(source.empty()) << stderr_text();
   EXPECT_EQ(process_state(pid_), 'T') << "the process runs on while its memory is served elsewhere";
   const std::vector<std::byte> stopped = read_memory(pid_, at_, kLen);
   ASSERT_EQ(stopped.size(), kLen);
@@ -511,8 +516,7 @@ TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
   ::munmap(const_cast<std::byte*>(got), kLen);
   r->reset();
 
-  std::string report;
-  while (std::fgets(line, sizeof line, agent) != nullptr) report += line;
+  const std::string report = rest_of(agent);
   ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
   auto j = nlohmann::json::parse(report, nullptr, false);
   ASSERT_FALSE(j.is_discarded()) << report;
@@ -531,20 +535,17 @@ TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
 TEST_F(MigrateCliTest, LeaveStoppedLeavesItStopped) {
   FILE* agent = start_migrate("--leave-stopped --postcopy-timeout-sec 120");
   ASSERT_NE(agent, nullptr);
-  char line[512] = {};
-  ASSERT_NE(std::fgets(line, sizeof line, agent), nullptr) << stderr_text();
-  std::string source(line);
-  ASSERT_EQ(source.rfind("source: lazymem://", 0), 0u) << source << stderr_text();
+  const std::string source = source_of(agent);
+  ASSERT_FALSE(source.empty()) << stderr_text();
   RestoreOptions ro;
   ro.base = dir_.path() + "/mig";
-  auto r = LazyRestore::start(source.substr(8, source.size() - 9), kf_, ro);
+  auto r = LazyRestore::start(source, kf_, ro);
   ASSERT_TRUE(r.ok()) << r.error().message();
   ASSERT_TRUE((*r)->wait_complete(std::chrono::seconds(60)).ok());
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap((*r)->region("heap")->address, kLen);
   r->reset();
-  std::string report;
-  while (std::fgets(line, sizeof line, agent) != nullptr) report += line;
+  const std::string report = rest_of(agent);
   ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
   EXPECT_NE(report.find("left stopped"), std::string::npos) << report;
   EXPECT_EQ(process_state(pid_), 'T');
@@ -555,9 +556,7 @@ TEST_F(MigrateCliTest, LeaveStoppedLeavesItStopped) {
 TEST_F(MigrateCliTest, CalledOffWhenNoDestinationComes) {
   FILE* agent = start_migrate("--postcopy-timeout-sec 1");
   ASSERT_NE(agent, nullptr);
-  std::string out;
-  char line[512];
-  while (std::fgets(line, sizeof line, agent) != nullptr) out += line;
+  const std::string out = rest_of(agent);
   EXPECT_EQ(exit_code(agent), 1) << out << stderr_text();
   EXPECT_NE(stderr_text().find("migration called off, process " + std::to_string(pid_) + " continued here"),
             std::string::npos)
@@ -574,14 +573,9 @@ TEST_F(MigrateCliTest, CalledOffWhenNoDestinationComes) {
 }
 
 TEST_F(MigrateCliTest, RefusesAProcessThatIsNotThere) {
-  const std::string cmd = fmt::format("{} migrate --pid 999999999 --region {:x}-{:x} --base {}/x 2>&1", agent_, at_,
-                                      at_ + kLen, dir_.path());
-  FILE* p = ::popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string out;
-  char line[512];
-  while (std::fgets(line, sizeof line, p) != nullptr) out += line;
-  EXPECT_EQ(exit_code(p), 1) << out;
+  auto [out, rc] = run_cli(fmt::format("{} migrate --pid 999999999 --region {:x}-{:x} --base {}/x", agent_, at_,
+                                       at_ + kLen, dir_.path()));
+  EXPECT_EQ(rc, 1) << out;
   EXPECT_NE(out.find("999999999"), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/x")) << "something was stored for a process that is not there";
 }
