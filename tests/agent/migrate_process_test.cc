@@ -259,10 +259,14 @@ TEST_F(MigrateProcessTest, SignalsSentMeanwhileArriveIntact) {
   Obedient child(at);
   ASSERT_TRUE(child.order('w', 0));
   std::atomic<bool> done{false};
-  std::atomic<uint32_t> sent{0};
+  std::atomic<uint32_t> sent{0}, refused{0};
   std::thread sender([&] {
+    // Paced: a queue kept full would exhaust the user's RLIMIT_SIGPENDING, which every process
+    // of that user (other tests' timers) draws on.
     while (!done.load()) {
-      if (::sigqueue(child.pid(), SIGRTMIN, sigval{.sival_int = 42}) == 0) ++sent;  // EAGAIN: queue full, not sent
+      if (::sigqueue(child.pid(), SIGRTMIN, sigval{.sival_int = 42}) == 0) ++sent;
+      else ++refused;
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   });
   for (int i = 0; i < 300; ++i) {
@@ -275,6 +279,7 @@ TEST_F(MigrateProcessTest, SignalsSentMeanwhileArriveIntact) {
   done = true;
   sender.join();
   ASSERT_GT(sent.load(), 0u);
+  EXPECT_EQ(refused.load(), 0u) << "the signal queue filled up";
   std::pair<uint32_t, uint32_t> got;
   for (int i = 0; i < 2000; ++i) {  // queued signals are taken at the child's next return to user mode
     got = child.signals();
@@ -323,6 +328,62 @@ TEST_F(MigrateProcessTest, AStoppedProcessIsLeftStopped) {
   EXPECT_EQ(process_state(child.pid()), 'T') << "continued by the capture: its owner had stopped it";
   ::kill(child.pid(), SIGCONT);
   EXPECT_TRUE(child.order('w', 1));
+}
+
+// A process whose main thread sleeps uninterruptibly (in vfork(), waiting for its child): another
+// of its threads is borrowed, at once, rather than the main thread waited for until the timeout.
+TEST_F(MigrateProcessTest, BorrowsAThreadThatCanStop) {
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 68));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage);
+  int cmd[2], ack[2];
+  ASSERT_EQ(::pipe(cmd), 0);
+  ASSERT_EQ(::pipe(ack), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto* m = static_cast<char*>(::mmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0));
+    if (m == MAP_FAILED) _exit(3);
+    std::thread([&] {
+      for (char page; ::read(cmd[0], &page, 1) == 1;) {
+        ++m[size_t(page) * kPage];
+        if (::write(ack[1], "a", 1) != 1) _exit(5);
+      }
+      _exit(0);
+    }).detach();
+    for (;;) {
+      // The main thread waits for its vfork()ed child, in state D, two seconds at a time.
+      if (::vfork() == 0) {
+        const timespec two{2, 0};
+        ::nanosleep(&two, nullptr);
+        _exit(0);
+      }
+    }
+  }
+  struct Reap {
+    pid_t pid;
+    ~Reap() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reap{child};
+  auto order = [&](char page) {
+    char a = 0;
+    return ::write(cmd[1], &page, 1) == 1 && ::read(ack[0], &a, 1) == 1;
+  };
+  ASSERT_TRUE(order(0));
+  for (int i = 0; i < 2000 && process_state(child) != 'D'; ++i) ::usleep(1000);
+  ASSERT_EQ(process_state(child), 'D') << "the main thread is not in uninterruptible sleep";
+  const auto started = std::chrono::steady_clock::now();
+  auto t = DirtyTracker::start({{at, Obedient::kPages * kPage}}, kf_, {.pid = child, .uffd = -1});
+  ASSERT_TRUE(t.ok()) << t.error().message();
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(1)) << "the main thread was waited for";
+  ASSERT_TRUE(order(3));
+  auto written = (*t)->collect();
+  ASSERT_TRUE(written.ok()) << written.error().message();
+  ASSERT_EQ(written->size(), 1u);
+  EXPECT_EQ((*written)[0], (AddressRange{at + 3 * kPage, kPage}));
 }
 
 TEST_F(MigrateProcessTest, RefusesRangesTheProcessDoesNotMap) {

@@ -28,9 +28,15 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr unsigned long long kUserCs64 = 0x33;  // the code segment of 64-bit user mode
 
-// The threads of `pid`, the main thread first, without those exiting (state Z or X).
+// The threads of `pid` to borrow, best first: those that will stop at once (not in
+// uninterruptible sleep), the main thread first among them. Not those exiting (state Z or X), nor
+// io_uring's workers (kernel threads in its group, which cannot be traced).
 std::vector<pid_t> live_threads(pid_t pid) {
-  std::vector<pid_t> out;
+  struct Thread {
+    pid_t tid;
+    bool sleeping_hard;
+  };
+  std::vector<Thread> found;
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(fmt::format("/proc/{}/task", pid), ec)) {
     pid_t tid = 0;
@@ -42,13 +48,20 @@ std::vector<pid_t> live_threads(pid_t pid) {
     std::ifstream stat(e.path() / "stat");
     std::string line;
     std::getline(stat, line);
-    const size_t paren = line.rfind(')');
-    if (paren == std::string::npos || paren + 2 >= line.size()) continue;
-    const char state = line[paren + 2];
-    if (state == 'Z' || state == 'X') continue;
-    out.push_back(tid);
+    const size_t open = line.find('('), close = line.rfind(')');
+    if (open == std::string::npos || close == std::string::npos || close + 2 >= line.size()) continue;
+    const char state = line[close + 2];
+    const std::string name = line.substr(open + 1, close - open - 1);
+    if (state == 'Z' || state == 'X' || name.rfind("iou-", 0) == 0) continue;
+    found.push_back({tid, state == 'D'});
   }
-  std::sort(out.begin(), out.end(), [pid](pid_t a, pid_t b) { return (a == pid) != (b == pid) ? a == pid : a < b; });
+  std::sort(found.begin(), found.end(), [pid](const Thread& a, const Thread& b) {
+    if (a.sleeping_hard != b.sleeping_hard) return !a.sleeping_hard;
+    if ((a.tid == pid) != (b.tid == pid)) return a.tid == pid;
+    return a.tid < b.tid;
+  });
+  std::vector<pid_t> out;
+  for (const Thread& t : found) out.push_back(t.tid);
   return out;
 }
 
