@@ -277,7 +277,17 @@ TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
   expect_refused(agent("check --store " + dir_.path() + "/none"), "is not a directory", "lazymem-agent check");
   expect_refused(agent("run --group 4294967296" + sock), "no group '4294967296'", "lazymem-agent run");
   expect_refused(agent("restore" + sock), "give --firecracker-socket PATH and --snapshot URI", "lazymem-agent restore");
-  for (const char* c : {"check", "run", "status", "regions", "stats", "snapshot", "restore"}) {
+  const std::string mig = "migrate --pid 1 --region 7f0000000000-7f0000001000 --base " + dir_.path() + "/m";
+  expect_refused(agent("migrate --pid 1"), "give --pid PID, --region START-END at least once, and --base",
+                 "lazymem-agent migrate");
+  expect_refused(agent(mig + " --postcopy-timeout-sec 0"), "--postcopy-timeout-sec wants 1 to 86400",
+                 "lazymem-agent migrate");
+  expect_refused(agent("migrate --pid 0 --region 7f0000000000-7f0000001000 --base " + dir_.path() + "/m"),
+                 "--pid wants a process id", "lazymem-agent migrate");
+  expect_refused(agent(mig + " --listen 127.0.0.1:70000"), "--listen:", "lazymem-agent migrate");
+  expect_refused(agent(mig + " --chunk-size 3"), "chunk size 3 must be a power of two", "lazymem-agent migrate");
+  expect_refused(agent("snapshot --live --raw x " + dir_.path() + "/s"), "--live goes with --pid", "lazymem-agent snapshot");
+  for (const char* c : {"check", "run", "status", "regions", "stats", "snapshot", "migrate", "restore"}) {
     CliRun help = agent(std::string(c) + " --help");
     EXPECT_EQ(help.status, 0) << c << ": " << help.out;
   }
