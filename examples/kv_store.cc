@@ -6,6 +6,9 @@
 //   lazymem-example-kv migrate --mib 512 --snapshot lazymem://dst:7070/kv --listen 0.0.0.0:7071 --advertise src
 //       [--live-inserts-per-sec 2000]: pre-copy to the base, then serve what is left; prints
 //       "source: lazymem://src:PORT/kv", to restore from with --base lazymem://dst:7070/kv
+//   lazymem-example-kv serve --mib 128 --live-inserts-per-sec 2000
+//       fills the table and inserts on until killed, knowing nothing of lazymem: what the agent's
+//       `migrate --pid` moves (restore then checks the table as that stop left it)
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -158,6 +161,15 @@ int fill(const po::variables_map& vm, bool migrating) {
               static_cast<unsigned long long>(table.header().records),
               static_cast<unsigned long long>(table.header().slots), (bytes - table_bytes_of(bytes)) >> 20, ms_since(t0));
 
+  if (vm["command"].as<std::string>() == "serve") {
+    // A service that knows nothing of lazymem: it inserts on until killed.
+    Inserter inserter(table, vm["live-inserts-per-sec"].as<double>(),
+                      static_cast<uint64_t>(static_cast<double>(table.header().slots) * 0.85));
+    std::printf("serving: pid %d, table at %lx-%lx\n", static_cast<int>(::getpid()), static_cast<unsigned long>(kArenaAddress),
+                static_cast<unsigned long>(kArenaAddress + bytes));
+    std::fflush(stdout);
+    for (;;) ::pause();
+  }
   AppState st{kArenaAddress, bytes, table_bytes_of(bytes), table.header().records, table.header().digest, seed};
   lazymem::CaptureOptions opts;
   opts.zstd_level = vm["zstd-level"].as<int>();
@@ -219,6 +231,7 @@ struct Restored {
   std::unique_ptr<lazymem::LazyRestore> local;
   std::unique_ptr<lazymem::AgentRestore> agent;
   const std::vector<std::byte>& app_state() const { return local ? local->app_state() : agent->app_state(); }
+  const std::vector<lazymem::RestoredRegion>& regions() const { return local ? local->regions() : agent->regions(); }
 };
 
 int restore(const po::variables_map& vm) {
@@ -251,11 +264,27 @@ int restore(const po::variables_map& vm) {
   }
   double started_ms = ms_since(t0);
   AppState st{};
-  if (r.app_state().size() != sizeof st) {
+  // Captured from outside (the agent's migrate --pid of `serve`): no state blob; the table is
+  // checked as the stop left it, one insert possibly in flight.
+  const bool from_outside = r.app_state().empty() && r.regions().size() == 1;
+  if (from_outside) {
+    const lazymem::RestoredRegion& arena = r.regions()[0];
+    st.arena_address = reinterpret_cast<uintptr_t>(arena.address);
+    st.arena_bytes = arena.length;
+    st.table_bytes = table_bytes_of(arena.length);
+    const auto* header = static_cast<const lazymem::example::TableHeader*>(arena.address);
+    st.seed = header->seed;
+    st.records = header->records;  // for the first lookup; verify_stopped() counts them
+  } else if (r.app_state().size() != sizeof st) {
     std::fprintf(stderr, "restore: snapshot %s was not made by lazymem-example-kv\n", loc.c_str());
     return 1;
+  } else {
+    std::memcpy(&st, r.app_state().data(), sizeof st);
   }
-  std::memcpy(&st, r.app_state().data(), sizeof st);
+  if (st.records == 0) {
+    std::fprintf(stderr, "restore: the table in %s is empty\n", loc.c_str());
+    return 1;
+  }
   KvTable table(reinterpret_cast<void*>(st.arena_address), st.table_bytes);
 
   // The application is running: answer a first lookup, then check everything.
@@ -267,7 +296,7 @@ int restore(const po::variables_map& vm) {
     std::fprintf(stderr, "restore: first lookup returned a wrong record\n");
     return 1;
   }
-  std::string bad = table.verify(st.records, st.digest);
+  std::string bad = from_outside ? table.verify_stopped(st.records) : table.verify(st.records, st.digest);
   if (bad.empty() && !all_zero(reinterpret_cast<const char*>(st.arena_address) + st.table_bytes, st.arena_bytes - st.table_bytes))
     bad = "the arena's free tail is not zero";
   double verified_ms = ms_since(t0);
@@ -310,8 +339,8 @@ int restore(const po::variables_map& vm) {
 }  // namespace
 
 static int run_example(int argc, char** argv) {
-  po::options_description desc("lazymem-example-kv {fill|restore|migrate} [options]");
-  desc.add_options()("command", po::value<std::string>(), "fill, restore or migrate (the first argument)")("snapshot", po::value<std::string>(),
+  po::options_description desc("lazymem-example-kv {fill|restore|migrate|serve} [options]");
+  desc.add_options()("command", po::value<std::string>(), "fill, restore, migrate or serve (the first argument)")("snapshot", po::value<std::string>(),
                                                   "snapshot location: STORE/NAME or lazymem://HOST:PORT/NAME")(
       "mib", po::value<size_t>()->default_value(256), "fill: arena size in MiB (the table takes 7/8)")(
       "seed", po::value<uint64_t>()->default_value(42), "fill: key seed")(
@@ -331,8 +360,10 @@ static int run_example(int argc, char** argv) {
   pos.add("command", 1);
   auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc, &pos);
   const std::string cmd = vm.count("command") ? vm["command"].as<std::string>() : "";
-  if (cmd != "fill" && cmd != "restore" && cmd != "migrate") throw std::invalid_argument("give the command: fill, restore or migrate");
-  if (!vm.count("snapshot")) throw std::invalid_argument("--snapshot is required");
+  if (cmd != "fill" && cmd != "restore" && cmd != "migrate" && cmd != "serve") {
+    throw std::invalid_argument("give the command: fill, restore, migrate or serve");
+  }
+  if (!vm.count("snapshot") && cmd != "serve") throw std::invalid_argument("--snapshot is required");
   if (cmd == "restore") return restore(vm);
   return fill(vm, cmd == "migrate");
 }

@@ -133,6 +133,50 @@ class KvTable {
     return {};
   }
 
+  // Checks a table whose inserter was stopped at an arbitrary instruction (SIGSTOP: the agent's
+  // `migrate --pid`, which the table does not know of): every record as verify() does, but one
+  // insert may be caught in flight (add() writes the slot, then the count, then the digest), its
+  // slot partly written. Returns what is wrong, or "" with `records` the records complete.
+  std::string verify_stopped(uint64_t& records) const {
+    if (hdr_->magic != kTableMagic) return "bad table magic";
+    const uint64_t r = hdr_->records, next_key = key_of(hdr_->seed, r);
+    const Record next = make_record(next_key);
+    uint64_t count = 0, digest = 0;
+    bool next_complete = false, partial = false;
+    for (uint64_t i = 0; i < hdr_->slots; ++i) {
+      const Record& slot = slots_[i];
+      const Record whole = slot.key != 0 ? make_record(slot.key) : Record{};
+      if (slot.key != 0 && std::memcmp(&slot, &whole, sizeof slot) == 0) {
+        ++count;
+        digest += record_hash(slot);
+        next_complete |= slot.key == next_key;
+        continue;
+      }
+      // Not a whole record: only the next insert's slot, part written (each word its own or zero).
+      uint64_t words[16], want[16];
+      std::memcpy(words, &slot, sizeof slot);
+      std::memcpy(want, &next, sizeof next);
+      bool empty = true, part_of_next = true;
+      for (int w = 0; w < 16; ++w) {
+        empty &= words[w] == 0;
+        part_of_next &= words[w] == 0 || words[w] == want[w];
+      }
+      if (empty) continue;
+      if (!part_of_next || partial) return "record in slot " + std::to_string(i) + " differs";
+      partial = true;
+    }
+    const uint64_t d = hdr_->digest;
+    records = count;
+    if (count == r && digest == d) return {};  // between inserts (or the next one's slot part written)
+    if (count == r + 1 && next_complete && digest - record_hash(next) == d) return {};  // slot written, count not yet
+    if (r > 0 && count == r) {  // count raised, digest not yet
+      const Record last = make_record(key_of(hdr_->seed, r - 1));
+      if (digest - record_hash(last) == d) return {};
+    }
+    return "record count " + std::to_string(count) + " or digest differs from the header's (" + std::to_string(r) +
+           " records)";
+  }
+
   const TableHeader& header() const { return *hdr_; }
 
  private:
