@@ -17,6 +17,7 @@
 #include "lazymem/kernel_features.h"
 #include "snapshot/manifest.h"
 #include "process_mirror.h"
+#include "sys/cgroup_freeze.h"
 #include "sys/process_maps.h"
 #include "sys/unique_fd.h"
 
@@ -90,11 +91,12 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
 }
 
 Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                           const CaptureOptions& options) {
+                                           const CaptureOptions& options, bool freeze) {
   LAZYMEM_TRY(check_capture_options(options));
   LAZYMEM_TRY(check_process_ranges(ranges));
   LiveCaptureOptions live;
   live.pid = pid;
+  live.freeze_cgroup = freeze;
   auto r = capture_regions_live(target, regions_of(ranges), options, live, probe_kernel());
   if (!r.ok()) return std::move(r).error().wrap(fmt::format("live capture of process {}", pid));
   return r;
@@ -110,6 +112,16 @@ Status migrate_process(const MigrateConfig& c) {
   if (!pidfd.valid()) return sys_error(fmt::format("process {}", c.pid), errno);
   MigrationOptions mo = c.migration;
   mo.precopy.pid = c.pid;
+  mo.precopy.freeze_cgroup = c.freeze;
+  // Thawed after the kill (the cgroup is left as found) unless its owner had frozen it.
+  std::string cgroup;
+  bool thaw_after_kill = false;
+  if (c.freeze) {
+    LAZYMEM_ASSIGN_OR_RETURN(cgroup, sys::cgroup_of(c.pid));  // checked by the pre-copy, before it starts
+    LAZYMEM_ASSIGN_OR_RETURN(bool frozen, sys::cgroup_frozen(cgroup));
+    thaw_after_kill = !frozen;
+  }
+  const char* paused = c.freeze ? "frozen" : "stopped";
   const auto started = std::chrono::steady_clock::now();
   auto src = MigrationSource::start(c.base, regions, c.capture, mo, probe_kernel());
   if (!src.ok()) return std::move(src).error().wrap(fmt::format("migrating process {}", c.pid));
@@ -118,9 +130,9 @@ Status migrate_process(const MigrateConfig& c) {
   std::printf("source: %s\n", (*src)->location().c_str());
   std::fflush(stdout);
   std::fprintf(stderr,
-               "pre-copy: %.1f MiB stored in %u passes, %.0f ms; process %d stopped %.2f ms before serving; %llu chunks "
+               "pre-copy: %.1f MiB stored in %u passes, %.0f ms; process %d %s %.2f ms before serving; %llu chunks "
                "(%.1f MiB) written since are served from here\n",
-               double(r.precopy.stored_bytes) / 1048576.0, r.precopy.rounds, r.precopy_seconds * 1e3, c.pid,
+               double(r.precopy.stored_bytes) / 1048576.0, r.precopy.rounds, r.precopy_seconds * 1e3, c.pid, paused,
                r.switch_seconds * 1e3, static_cast<unsigned long long>(r.postcopy_chunks),
                double(r.postcopy_bytes) / 1048576.0);
   auto done = (*src)->wait_postcopy(c.postcopy_timeout);
@@ -129,11 +141,15 @@ Status migrate_process(const MigrateConfig& c) {
       return std::move(done).error().wrap(fmt::format("migration called off, process {} continued here", c.pid));
     }
     return std::move(done).error().wrap(
-        fmt::format("process {} is left stopped: a destination has read its manifest and may be running it; kill "
-                    "it (or continue it: SIGCONT) once you know which copy should run",
-                    c.pid));
+        fmt::format("process {} is left {}: a destination has read its manifest and may be running it; kill "
+                    "it (or {}) once you know which copy should run",
+                    c.pid, paused, c.freeze ? fmt::format("thaw it: echo 0 > {}/cgroup.freeze", cgroup) : "continue it: SIGCONT"));
   }
-  if (!c.leave_stopped) (void)::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0);  // the destination runs it now
+  if (!c.leave_stopped) {
+    (void)::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0);  // the destination runs it now
+    if (thaw_after_kill) sys::thaw_cgroup(cgroup);
+  }
+  const char* outcome = !c.leave_stopped ? "killed" : c.freeze ? "frozen" : "stopped";
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   if (c.json) {
     nlohmann::json j{{"source", (*src)->location()},
@@ -148,12 +164,12 @@ Status migrate_process(const MigrateConfig& c) {
                      {"served_bytes", done->served_bytes},
                      {"postcopy_seconds", done->postcopy_seconds},
                      {"seconds", total},
-                     {"process", c.leave_stopped ? "stopped" : "killed"}};
+                     {"process", outcome}};
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("post-copy: %llu chunk replies (%.1f MiB) served in %.0f ms; migration took %.0f ms in all; process %d %s\n",
                 static_cast<unsigned long long>(done->served_chunks), double(done->served_bytes) / 1048576.0,
-                done->postcopy_seconds * 1e3, total * 1e3, c.pid, c.leave_stopped ? "left stopped" : "killed");
+                done->postcopy_seconds * 1e3, total * 1e3, c.pid, c.leave_stopped ? fmt::format("left {}", outcome).c_str() : outcome);
   }
   return ok_status();
 }

@@ -35,9 +35,10 @@ Status check_process_ranges(const std::vector<ProcessRange>& ranges);
 Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
                                       const CaptureOptions& options);
 // The same while the process runs (capture_regions_live with LiveCaptureOptions::pid): its
-// writes are tracked, and it is stopped (SIGSTOP) only for the last round.
+// writes are tracked, and it is paused only for the last round: stopped (SIGSTOP), or with
+// `freeze`, its cgroup (v2, holding it alone) frozen.
 Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                           const CaptureOptions& options);
+                                           const CaptureOptions& options, bool freeze);
 
 std::string format_capture_table(const CaptureReport& r);
 std::string format_capture_json(const CaptureReport& r);
@@ -54,11 +55,12 @@ struct MigrateConfig {
   MigrationOptions migration;  // listen, advertise, pre-copy rounds (pid is set from `pid`)
   std::chrono::seconds postcopy_timeout{300};
   bool leave_stopped = false;  // after post-copy; else the process is killed (the destination runs it)
+  bool freeze = false;         // paused by freezing its cgroup (v2, holding it alone), not SIGSTOP
   bool json = false;
 };
 
 // `lazymem-agent migrate --pid PID`: migrates the memory of a process that does not link
-// liblazymem (pre-copy into `base`, SIGSTOP, post-copy from the copy kept here), printing
+// liblazymem (pre-copy into `base`, SIGSTOP or the cgroup freezer, post-copy from the copy kept here), printing
 // "source: lazymem://HOST:PORT/NAME" once the destination may restore from it. After the
 // post-copy the process is killed (the destination runs it now) unless `leave_stopped`. If no
 // destination comes in time, the migration is called off and the process continued.

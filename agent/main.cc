@@ -142,6 +142,7 @@ int run_snapshot(const std::vector<std::string>& args) {
   desc.add_options()("raw", po::value<std::string>(), "capture this raw memory file (a VM's guest memory)")(
       "pid", po::value<int>(), "capture ranges of this process (stop it first for a consistent image, or --live)")(
       "live", "with --pid: capture while it runs, tracking its writes; it is stopped (SIGSTOP) for the last round only")(
+      "freeze", "with --live: pause it by freezing its cgroup (v2, holding it alone) instead of SIGSTOP; its parent sees nothing")(
       "region", po::value<std::vector<std::string>>(), "with --pid: START-END[=NAME] in hex, as in /proc/PID/maps; repeatable")(
       "chunk-size", po::value<uint32_t>()->default_value(lazymem::kDefaultChunkSize), "bytes per chunk")(
       "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
@@ -174,6 +175,10 @@ int run_snapshot(const std::vector<std::string>& args) {
                                 "directly, with no token");
   }
   if (vm.count("live") && !vm.count("pid")) throw std::invalid_argument("--live goes with --pid (a --raw file is not running)");
+  if (vm.count("freeze") && !vm.count("live")) {
+    throw std::invalid_argument("--freeze goes with --live (it says how the process is paused for the last round; "
+                                "without --live, pause it yourself)");
+  }
   if (vm.count("region") && !vm.count("pid")) {
     throw std::invalid_argument("--region goes with --pid (a --raw file is captured whole)");
   }
@@ -195,7 +200,7 @@ int run_snapshot(const std::vector<std::string>& args) {
   if (vm.count("raw")) {
     rep = lazymem::capture_raw_file(target, vm["raw"].as<std::string>(), co);
   } else {
-    rep = vm.count("live") ? lazymem::agent::capture_process_live(vm["pid"].as<int>(), ranges, target, co)
+    rep = vm.count("live") ? lazymem::agent::capture_process_live(vm["pid"].as<int>(), ranges, target, co, vm.count("freeze") > 0)
                            : lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
   }
   if (bar) std::fprintf(stderr, "\n");
@@ -221,7 +226,8 @@ int run_migrate(const std::vector<std::string>& args) {
       "converged-mib", po::value<unsigned>()->default_value(8), "pre-copy stops once a round finds this little written")(
       "postcopy-timeout-sec", po::value<unsigned>()->default_value(300),
       "how long to wait for the destination; if none came, the migration is called off and the process continued")(
-      "leave-stopped", "after the post-copy, leave the process stopped instead of killing it")(
+      "leave-stopped", "after the post-copy, leave the process stopped (or frozen) instead of killing it")(
+      "freeze", "pause it by freezing its cgroup (v2, holding it alone) instead of SIGSTOP: its parent sees no stop")(
       "replace", "replace an existing snapshot of --base's name")(
       "json", "print the report as JSON");
   auto vm = lazymem::cli::parse(args, desc);
@@ -258,6 +264,7 @@ int run_migrate(const std::vector<std::string>& args) {
   if (timeout == 0 || timeout > 86400) throw std::invalid_argument("--postcopy-timeout-sec wants 1 to 86400");
   c.postcopy_timeout = std::chrono::seconds(timeout);
   c.leave_stopped = vm.count("leave-stopped") > 0;
+  c.freeze = vm.count("freeze") > 0;
   c.json = vm.count("json") > 0;
   lazymem::Status s = lazymem::agent::migrate_process(c);
   if (!s.ok()) throw std::runtime_error(s.error().message());

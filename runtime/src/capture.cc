@@ -15,6 +15,7 @@
 #include "snapshot/snapshot_writer.h"
 #include "snapshot/store.h"
 #include "sys/mapping.h"
+#include "sys/cgroup_freeze.h"
 #include "sys/process_stop.h"
 #include "sys/unique_fd.h"
 
@@ -127,6 +128,14 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
                                          "process, both or neither: SIGSTOP and SIGCONT): without them the last round "
                                          "could store a torn state");
   }
+  if (live.freeze_cgroup) {
+    if (live.pause || live.pid == 0) {
+      return Error(Errc::kInvalidArgument, "freeze_cgroup pauses another process (LiveCaptureOptions::pid), and "
+                                           "replaces pause and resume");
+    }
+    LAZYMEM_ASSIGN_OR_RETURN(std::string cgroup, sys::cgroup_of(live.pid));
+    LAZYMEM_TRY(sys::check_freezable_alone(cgroup, live.pid));
+  }
   std::vector<AddressRange> ranges;
   for (const auto& r : regions) ranges.push_back({reinterpret_cast<uintptr_t>(r.address), r.length});
   Precopy p;
@@ -155,6 +164,13 @@ Result<std::function<void()>> pause_workload(const LiveCaptureOptions& live) {
   if (live.pause) {
     live.pause();
     return live.resume;
+  }
+  if (live.freeze_cgroup) {
+    LAZYMEM_ASSIGN_OR_RETURN(std::string cgroup, sys::cgroup_of(live.pid));
+    LAZYMEM_TRY(sys::check_freezable_alone(cgroup, live.pid));  // again: it may have forked since
+    LAZYMEM_ASSIGN_OR_RETURN(bool frozen_here, sys::freeze_cgroup(cgroup, live.pid, live.stop_timeout));
+    if (!frozen_here) return std::function<void()>([] {});
+    return std::function<void()>([cgroup] { sys::thaw_cgroup(cgroup); });
   }
   LAZYMEM_ASSIGN_OR_RETURN(bool stopped_here, sys::stop_process(live.pid, live.stop_timeout));
   if (!stopped_here) return std::function<void()>([] {});

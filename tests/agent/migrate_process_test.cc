@@ -1,6 +1,6 @@
 // Migrating a process that does not link liblazymem: the agent makes it open a userfaultfd
 // (ptrace, vDSO syscall), tracks its dirty pages through it, pre-copies while it runs, stops it
-// with SIGSTOP and serves what it wrote since from a copy. The destination (this process)
+// with SIGSTOP (or freezes its cgroup) and serves what it wrote since from a copy. The destination (this process)
 // restores from the agent with the pre-copy as base, and every byte is compared with the
 // stopped process's memory.
 #include <fcntl.h>
@@ -33,6 +33,7 @@
 #include "lazymem/dirty.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/restore.h"
+#include "sys/cgroup_freeze.h"
 
 namespace lazymem {
 namespace {
@@ -191,6 +192,40 @@ class Obedient {
   size_t pages_;
   pid_t pid_ = -1;
   int cmd_ = -1, ack_ = -1, data_ = -1;
+};
+
+// A cgroup (v2) made for a test, for --freeze; removed when destroyed, which must be after the
+// processes in it are gone.
+class TestCgroup {
+ public:
+  TestCgroup() = default;
+  TestCgroup(const TestCgroup&) = delete;
+  TestCgroup& operator=(const TestCgroup&) = delete;
+  ~TestCgroup() {
+    if (!dir_.empty()) ::rmdir(dir_.c_str());
+  }
+  // Makes it (the first time) and moves `pid` into it. Returns why it could not (the test is
+  // then skipped), or "".
+  std::string add(pid_t pid) {
+    if (dir_.empty()) {
+      auto mount = sys::cgroup2_mount_point();
+      if (!mount.ok()) return mount.error().message();
+      const std::string dir = fmt::format("{}/lazymem-test-{}", *mount, pid);
+      if (::mkdir(dir.c_str(), 0755) != 0) return fmt::format("cannot make a cgroup ({}): {}", dir, std::strerror(errno));
+      dir_ = dir;
+    }
+    std::ofstream(dir_ + "/cgroup.procs") << pid << "\n";
+    if (file("cgroup.procs").find(fmt::format("{}\n", pid)) == std::string::npos) return "cannot move a process into " + dir_;
+    return "";
+  }
+  const std::string& dir() const { return dir_; }
+  std::string file(const std::string& name) const {
+    std::ifstream in(dir_ + "/" + name);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+
+ private:
+  std::string dir_;
 };
 
 class MigrateProcessTest : public ::testing::Test {
@@ -407,9 +442,14 @@ TEST_F(MigrateProcessTest, RefusesRangesTheProcessDoesNotMap) {
 // acknowledged before the next) all through the capture. The snapshot must be one moment of
 // that sequence: with S the latest write it shows, every page as the writes up to S left it
 // (a write the tracking missed shows as a page older than that). Every byte is compared.
-TEST_F(MigrateProcessTest, LiveSnapshotOfARunningProcess) {
+class LiveSnapshotTest : public MigrateProcessTest, public ::testing::WithParamInterface<bool> {};
+
+// With GetParam(), paused by freezing its cgroup (--freeze) rather than SIGSTOP.
+TEST_P(LiveSnapshotTest, OfARunningProcessIsOneCut) {
+  const bool freeze = GetParam();
   const std::string agent = env_or_empty("LAZYMEM_AGENT");
   ASSERT_FALSE(agent.empty()) << "LAZYMEM_AGENT must be set (meson test)";
+  TestCgroup cgroup;  // destroyed after the child
   constexpr size_t kPages = 16384;  // 64 MiB: a capture long enough to write during
   constexpr size_t kAt = 100;       // where each write puts its number
   const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(kPages * kPage, 64));
@@ -417,6 +457,9 @@ TEST_F(MigrateProcessTest, LiveSnapshotOfARunningProcess) {
   ::munmap(reinterpret_cast<void*>(at), kPages * kPage);
   Obedient child(at, kPages);
   ASSERT_TRUE(child.order('v', 0, {}, 0));  // running (and page 0 holds "number 0")
+  if (freeze) {
+    if (const std::string why = cgroup.add(child.pid()); !why.empty()) GTEST_SKIP() << why;
+  }
   struct Write {
     uint32_t page;
     bool kernel;
@@ -436,8 +479,8 @@ TEST_F(MigrateProcessTest, LiveSnapshotOfARunningProcess) {
       if (!(w.kernel ? child.order('k', w.page, page_of_kernel_write(n)) : child.order('v', w.page, {}, n))) return;
     }
   });
-  auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --live --region {:x}-{:x}=heap {}/live --json", agent,
-                                       child.pid(), at, at + kPages * kPage, dir_.path()));
+  auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --live {} --region {:x}-{:x}=heap {}/live --json", agent,
+                                       child.pid(), freeze ? "--freeze" : "", at, at + kPages * kPage, dir_.path()));
   done = true;
   writer.join();
   ASSERT_EQ(rc, 0) << out;
@@ -446,6 +489,9 @@ TEST_F(MigrateProcessTest, LiveSnapshotOfARunningProcess) {
   EXPECT_GE(j["rounds"].get<unsigned>(), 2u) << out;
   EXPECT_GT(j["superseded_bytes"].get<uint64_t>(), 0u) << "nothing was written during the capture: " << out;
   EXPECT_NE(process_state(child.pid()), 'T') << "left stopped";
+  if (freeze) {
+    EXPECT_EQ(cgroup.file("cgroup.freeze"), "0\n") << "left frozen";
+  }
   ASSERT_TRUE(child.order('w', 1)) << "the process broke";
 
   auto r = LazyRestore::start(dir_.path() + "/live", kf_, {});
@@ -481,6 +527,80 @@ TEST_F(MigrateProcessTest, LiveSnapshotOfARunningProcess) {
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), want.size());
 }
+// The pause waits for a thread in a system call that writes the memory: the child rewrites its
+// whole region with one preadv() after another, from two files of different bytes. A signal or
+// a freeze takes effect only when such a call returns, so the snapshot must hold one file's
+// bytes throughout: a pause that returned before the call did would catch one half-done.
+TEST_P(LiveSnapshotTest, WaitsForASystemCallWritingTheMemory) {
+  const bool freeze = GetParam();
+  const std::string agent = env_or_empty("LAZYMEM_AGENT");
+  ASSERT_FALSE(agent.empty()) << "LAZYMEM_AGENT must be set (meson test)";
+  constexpr size_t kLen = 16u << 20;  // one preadv() of it takes milliseconds
+  constexpr size_t kIovecs = 1024;
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(kLen, 62));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), kLen);
+  TestCgroup cgroup;  // destroyed after the child
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int files[2];
+    for (int i = 0; i < 2; ++i) {
+      files[i] = ::memfd_create("pattern", 0);
+      std::vector<char> bytes(kLen, static_cast<char>('a' + i));
+      if (files[i] < 0 || ::pwrite(files[i], bytes.data(), kLen, 0) != static_cast<ssize_t>(kLen)) _exit(2);
+    }
+    auto* m = static_cast<char*>(::mmap(reinterpret_cast<void*>(at), kLen, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0));
+    if (m == MAP_FAILED) _exit(3);
+    // From the top down: a copy of the region taken from the bottom up while a call is under
+    // way meets its front, wherever that is, and holds both files' bytes.
+    std::vector<iovec> iov(kIovecs);
+    for (size_t i = 0; i < kIovecs; ++i) iov[i] = {m + kLen - (i + 1) * (kLen / kIovecs), kLen / kIovecs};
+    if (::write(ready[1], "r", 1) != 1) _exit(4);
+    for (unsigned n = 0;; ++n) {
+      if (::preadv(files[n % 2], iov.data(), kIovecs, 0) != static_cast<ssize_t>(kLen)) _exit(5);
+    }
+  }
+  ::close(ready[1]);
+  char r = 0;
+  const bool started = ::read(ready[0], &r, 1) == 1;
+  ::close(ready[0]);
+  struct Reap {
+    pid_t pid;
+    ~Reap() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reap{pid};
+  ASSERT_TRUE(started) << "the child did not start";
+  if (freeze) {
+    if (const std::string why = cgroup.add(pid); !why.empty()) GTEST_SKIP() << why;
+  }
+  auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --live {} --region {:x}-{:x}=heap {}/live --json", agent,
+                                       pid, freeze ? "--freeze" : "", at, at + kLen, dir_.path()));
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(process_state(pid), 'T') << "left stopped";
+
+  auto restored = LazyRestore::start(dir_.path() + "/live", kf_, {});
+  ASSERT_TRUE(restored.ok()) << restored.error().message();
+  const auto* got = static_cast<const char*>((*restored)->region("heap")->address);
+  const std::vector<char> want(kLen, got[0]);
+  EXPECT_TRUE(got[0] == 'a' || got[0] == 'b') << int{got[0]};
+  size_t other = 0;
+  for (size_t off = 0; off < kLen; off += kPage) {
+    if (std::memcmp(got + off, want.data() + off, kPage) != 0) ++other;
+  }
+  EXPECT_EQ(other, 0u) << "pages of " << kLen / kPage << " not as the page at 0 (" << got[0]
+                       << "): the pause caught a preadv() half-done";
+  ASSERT_TRUE((*restored)->finish().ok());
+  ::munmap(const_cast<char*>(got), kLen);
+}
+
+INSTANTIATE_TEST_SUITE_P(Pause, LiveSnapshotTest, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "Frozen" : "Stopped"; });
 
 // The CLI end to end: lazymem-agent migrate --pid of a process writing without pause.
 class MigrateCliTest : public MigrateProcessTest {
@@ -519,6 +639,21 @@ class MigrateCliTest : public MigrateProcessTest {
     }
   }
 
+  // Restores from `source` (with the pre-copy as base) and compares every byte with `memory`.
+  void expect_destination_holds(const std::string& source, const std::vector<std::byte>& memory) {
+    RestoreOptions ro;
+    ro.base = dir_.path() + "/mig";
+    auto r = LazyRestore::start(source, kf_, ro);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
+    ASSERT_EQ(reinterpret_cast<uintptr_t>(got), at_);
+    for (size_t off = 0; off < kLen; off += kPage) {
+      ASSERT_EQ(std::memcmp(got + off, memory.data() + off, kPage), 0) << "page at offset " << off << " differs";
+    }
+    ASSERT_TRUE((*r)->finish().ok());
+    ::munmap(const_cast<std::byte*>(got), kLen);
+  }
+
   // Starts `lazymem-agent migrate` for the writer; its stdout is read line by line.
   FILE* start_migrate(const std::string& extra) {
     const std::string cmd = fmt::format("{} migrate --pid {} --region {:x}-{:x}=heap --base {}/mig {} 2>{}/err",
@@ -552,6 +687,7 @@ class MigrateCliTest : public MigrateProcessTest {
   std::string agent_, writer_;
   uintptr_t at_ = 0;
   pid_t pid_ = -1;
+  TestCgroup cgroup_;  // for --freeze; removed after TearDown has killed the writer
 };
 
 // The writer runs three threads: two write, one is blocked in read(); all are stopped.
@@ -563,19 +699,8 @@ TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
   EXPECT_EQ(process_state(pid_), 'T') << "the process runs on while its memory is served elsewhere";
   const std::vector<std::byte> stopped = read_memory(pid_, at_, kLen);
   ASSERT_EQ(stopped.size(), kLen);
-
-  RestoreOptions ro;
-  ro.base = dir_.path() + "/mig";
-  auto r = LazyRestore::start(source, kf_, ro);
-  ASSERT_TRUE(r.ok()) << r.error().message();
-  const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
-  ASSERT_EQ(reinterpret_cast<uintptr_t>(got), at_);
-  for (size_t off = 0; off < kLen; off += kPage) {
-    ASSERT_EQ(std::memcmp(got + off, stopped.data() + off, kPage), 0) << "page at offset " << off << " differs";
-  }
-  ASSERT_TRUE((*r)->finish().ok());
-  ::munmap(const_cast<std::byte*>(got), kLen);
-  r->reset();
+  expect_destination_holds(source, stopped);
+  if (HasFatalFailure()) return;
 
   const std::string report = rest_of(agent);
   ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
@@ -611,6 +736,74 @@ TEST_F(MigrateCliTest, LeaveStoppedLeavesItStopped) {
   EXPECT_NE(report.find("left stopped"), std::string::npos) << report;
   EXPECT_EQ(process_state(pid_), 'T');
   EXPECT_EQ(userfaultfds_of(pid_), 0);
+}
+
+// --freeze: the writer, in a cgroup of its own, is frozen instead of stopped. Its parent (this
+// test) sees no stop, the destination holds its memory as the freeze left it, and after the
+// post-copy it is killed and its cgroup thawed.
+TEST_F(MigrateCliTest, FrozenNotStoppedItsParentSeesNothing) {
+  if (const std::string why = cgroup_.add(pid_); !why.empty()) GTEST_SKIP() << why;
+  FILE* agent = start_migrate("--freeze --json --postcopy-timeout-sec 120");
+  ASSERT_NE(agent, nullptr);
+  const std::string source = source_of(agent);
+  ASSERT_FALSE(source.empty()) << stderr_text();
+  EXPECT_NE(cgroup_.file("cgroup.events").find("frozen 1"), std::string::npos) << cgroup_.file("cgroup.events");
+  EXPECT_NE(process_state(pid_), 'T') << "stopped with SIGSTOP, not frozen";
+  siginfo_t si{};
+  ASSERT_EQ(::waitid(P_PID, static_cast<id_t>(pid_), &si, WSTOPPED | WNOHANG | WNOWAIT), 0);
+  EXPECT_EQ(si.si_pid, 0) << "its parent was told of a stop";
+  const std::vector<std::byte> frozen = read_memory(pid_, at_, kLen);
+  ASSERT_EQ(frozen.size(), kLen);
+  expect_destination_holds(source, frozen);
+  if (HasFatalFailure()) return;
+
+  const std::string report = rest_of(agent);
+  ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
+  auto j = nlohmann::json::parse(report, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << report;
+  EXPECT_GT(j["postcopy_chunks"].get<uint64_t>(), 0u) << report;
+  EXPECT_EQ(j["process"], "killed");
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid_, &status, 0), pid_);
+  pid_ = -1;
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  EXPECT_EQ(cgroup_.file("cgroup.freeze"), "0\n") << "its cgroup was left frozen";
+}
+
+// --freeze with another process in the cgroup: refused before anything is done.
+TEST_F(MigrateCliTest, FreezeRefusesACgroupItShares) {
+  if (const std::string why = cgroup_.add(pid_); !why.empty()) GTEST_SKIP() << why;
+  const pid_t other = ::fork();
+  ASSERT_GE(other, 0);
+  if (other == 0) {
+    ::pause();
+    _exit(0);
+  }
+  ASSERT_EQ(cgroup_.add(other), "");
+  auto [out, rc] = run_cli(fmt::format("{} migrate --freeze --pid {} --region {:x}-{:x}=heap --base {}/mig", agent_,
+                                       pid_, at_, at_ + kLen, dir_.path()));
+  ::kill(other, SIGKILL);
+  ::waitpid(other, nullptr, 0);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find(fmt::format("holds processes other than {} ({})", pid_, other)), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/mig")) << "something was stored";
+  EXPECT_EQ(cgroup_.file("cgroup.freeze"), "0\n");
+  EXPECT_EQ(userfaultfds_of(pid_), 0);
+}
+
+// A process frozen by its owner cannot be made to open a uffd (its threads do not stop for a
+// tracer): refused at once with what to do, not after a timeout, and left frozen.
+TEST_F(MigrateCliTest, RefusesAFrozenProcessAtOnce) {
+  if (const std::string why = cgroup_.add(pid_); !why.empty()) GTEST_SKIP() << why;
+  std::ofstream(cgroup_.dir() + "/cgroup.freeze") << "1\n";
+  for (int i = 0; i < 5000 && cgroup_.file("cgroup.events").find("frozen 1") == std::string::npos; ++i) ::usleep(1000);
+  ASSERT_NE(cgroup_.file("cgroup.events").find("frozen 1"), std::string::npos) << "could not freeze it";
+  auto [out, rc] = run_cli(fmt::format("{} migrate --freeze --pid {} --region {:x}-{:x}=heap --base {}/mig", agent_,
+                                       pid_, at_, at_ + kLen, dir_.path()));
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find(fmt::format("process {} is frozen (cgroup {})", pid_, cgroup_.dir())), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/mig")) << "something was stored";
+  EXPECT_EQ(cgroup_.file("cgroup.freeze"), "1\n") << "thawed";
 }
 
 // No destination comes: the migration is called off and the process runs on, here.

@@ -174,6 +174,10 @@ struct LiveCaptureOptions {
   // waited for, at most stop_timeout) and resumed with SIGCONT.
   pid_t pid = 0;
   std::chrono::milliseconds stop_timeout{5000};
+  // With pid: paused by freezing its cgroup (v2, cgroup.freeze) instead of SIGSTOP, and thawed
+  // after. It is not told: its parent sees no stop (no SIGCHLD), a supervisor does not react. The
+  // cgroup must hold it alone (checked before anything is done).
+  bool freeze_cgroup = false;
 };
 
 // Captures `regions` of this process while it keeps running, as a pre-copy migration does: a
