@@ -91,12 +91,14 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
 }
 
 Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                           const CaptureOptions& options, bool freeze) {
+                                           const CaptureOptions& options, bool freeze,
+                                           std::function<bool()> interrupted) {
   LAZYMEM_TRY(check_capture_options(options));
   LAZYMEM_TRY(check_process_ranges(ranges));
   LiveCaptureOptions live;
   live.pid = pid;
   live.freeze_cgroup = freeze;
+  live.cancelled = std::move(interrupted);
   auto r = capture_regions_live(target, regions_of(ranges), options, live, probe_kernel());
   if (!r.ok()) return std::move(r).error().wrap(fmt::format("live capture of process {}", pid));
   return r;
@@ -113,15 +115,15 @@ Status migrate_process(const MigrateConfig& c) {
   MigrationOptions mo = c.migration;
   mo.precopy.pid = c.pid;
   mo.precopy.freeze_cgroup = c.freeze;
-  // Thawed after the kill (the cgroup is left as found) unless its owner had frozen it.
+  mo.precopy.cancelled = c.interrupted;
+  // Thawed after the kill, if this froze it, so that the cgroup is left as found.
   std::string cgroup;
-  bool thaw_after_kill = false;
   if (c.freeze) {
     LAZYMEM_ASSIGN_OR_RETURN(cgroup, sys::cgroup_of(c.pid));  // checked by the pre-copy, before it starts
-    LAZYMEM_ASSIGN_OR_RETURN(bool frozen, sys::cgroup_frozen(cgroup));
-    thaw_after_kill = !frozen;
   }
   const char* paused = c.freeze ? "frozen" : "stopped";
+  const std::string resume_it =
+      c.freeze ? fmt::format("thaw it: echo 0 > {}/cgroup.freeze", cgroup) : std::string("continue it: SIGCONT");
   const auto started = std::chrono::steady_clock::now();
   auto src = MigrationSource::start(c.base, regions, c.capture, mo, probe_kernel());
   if (!src.ok()) return std::move(src).error().wrap(fmt::format("migrating process {}", c.pid));
@@ -135,19 +137,29 @@ Status migrate_process(const MigrateConfig& c) {
                double(r.precopy.stored_bytes) / 1048576.0, r.precopy.rounds, r.precopy_seconds * 1e3, c.pid, paused,
                r.switch_seconds * 1e3, static_cast<unsigned long long>(r.postcopy_chunks),
                double(r.postcopy_bytes) / 1048576.0);
-  auto done = (*src)->wait_postcopy(c.postcopy_timeout);
+  // Interrupted during the switch-over: called off before the wait, if no destination came yet.
+  Result<MigrationReport> done = Error(Errc::kCancelled, "interrupted");
+  if (!(c.interrupted && c.interrupted())) done = (*src)->wait_postcopy(c.postcopy_timeout, c.interrupted);
   if (!done.ok()) {
+    Error why = done.error().code() == Errc::kCancelled ? Error(Errc::kCancelled, "interrupted") : done.error();
     if ((*src)->abort().ok()) {
-      return std::move(done).error().wrap(fmt::format("migration called off, process {} continued here", c.pid));
+      return why.wrap(fmt::format("migration called off, process {} {} here", c.pid,
+                                  (*src)->report().paused_here ? (c.freeze ? "thawed" : "continued") : paused));
     }
-    return std::move(done).error().wrap(
-        fmt::format("process {} is left {}: a destination has read its manifest and may be running it; kill "
-                    "it (or {}) once you know which copy should run",
-                    c.pid, paused, c.freeze ? fmt::format("thaw it: echo 0 > {}/cgroup.freeze", cgroup) : "continue it: SIGCONT"));
+    return why.wrap(fmt::format("process {} is left {}: a destination has read its manifest and may be running it; "
+                                "kill it (or {}) once you know which copy should run",
+                                c.pid, paused, resume_it));
   }
   if (!c.leave_stopped) {
-    (void)::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0);  // the destination runs it now
-    if (thaw_after_kill) sys::thaw_cgroup(cgroup);
+    // The destination runs it now. The cgroup is thawed only once the kill is pending (a thawed
+    // process then never runs again), and only if this migration froze it.
+    if (::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0) != 0 && errno != ESRCH) {
+      return sys_error(fmt::format("the destination holds everything, but killing process {} failed; it is left {}: "
+                                   "kill it",
+                                   c.pid, paused),
+                       errno);
+    }
+    if (c.freeze && done->paused_here) sys::thaw_cgroup(cgroup);
   }
   const char* outcome = !c.leave_stopped ? "killed" : c.freeze ? "frozen" : "stopped";
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

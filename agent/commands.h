@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -37,8 +38,10 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
 // The same while the process runs (capture_regions_live with LiveCaptureOptions::pid): its
 // writes are tracked, and it is paused only for the last round: stopped (SIGSTOP), or with
 // `freeze`, its cgroup (v2, holding it alone) frozen.
+// `interrupted` (an operator's Ctrl-C) stops it before the pause, with nothing stored.
 Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                           const CaptureOptions& options, bool freeze);
+                                           const CaptureOptions& options, bool freeze,
+                                           std::function<bool()> interrupted);
 
 std::string format_capture_table(const CaptureReport& r);
 std::string format_capture_json(const CaptureReport& r);
@@ -57,6 +60,9 @@ struct MigrateConfig {
   bool leave_stopped = false;  // after post-copy; else the process is killed (the destination runs it)
   bool freeze = false;         // paused by freezing its cgroup (v2, holding it alone), not SIGSTOP
   bool json = false;
+  // An operator's Ctrl-C, asked while the process runs (pre-copy: it is never paused) and while
+  // post-copy is awaited (called off and resumed if no destination has read the manifest yet).
+  std::function<bool()> interrupted;
 };
 
 // `lazymem-agent migrate --pid PID`: migrates the memory of a process that does not link

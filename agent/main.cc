@@ -8,6 +8,8 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <functional>
+#include <memory>
 #include <thread>
 
 #include "check.h"
@@ -22,6 +24,29 @@
 namespace po = boost::program_options;
 
 namespace {
+
+// Ctrl-C or SIGTERM during a migration or live capture of another process: the first asks the
+// command to stop where that is safe (before the pause; calling a migration off while no
+// destination has come), never in the middle of the pause; a second ends the agent at once.
+// Both are blocked in every thread (call this before any is made) and taken by the command's
+// thread when it asks.
+std::function<bool()> catch_interrupts() {
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  return [stop_signals, taken = std::make_shared<bool>(false)] {
+    if (*taken) return true;
+    const timespec now{0, 0};
+    if (sigtimedwait(&stop_signals, nullptr, &now) < 0) return false;
+    *taken = true;
+    // A second one is not blocked in this thread: its default action ends the agent.
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+    std::fprintf(stderr, "interrupted: stopping where it is safe (again to end it at once)\n");
+    return true;
+  };
+}
 
 constexpr const char* kUsage =
     "usage: lazymem-agent <command> [options]     (--socket PATH, default /run/lazymem/agent.sock)\n"
@@ -200,7 +225,8 @@ int run_snapshot(const std::vector<std::string>& args) {
   if (vm.count("raw")) {
     rep = lazymem::capture_raw_file(target, vm["raw"].as<std::string>(), co);
   } else {
-    rep = vm.count("live") ? lazymem::agent::capture_process_live(vm["pid"].as<int>(), ranges, target, co, vm.count("freeze") > 0)
+    rep = vm.count("live") ? lazymem::agent::capture_process_live(vm["pid"].as<int>(), ranges, target, co,
+                                                                  vm.count("freeze") > 0, catch_interrupts())
                            : lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
   }
   if (bar) std::fprintf(stderr, "\n");
@@ -266,6 +292,7 @@ int run_migrate(const std::vector<std::string>& args) {
   c.leave_stopped = vm.count("leave-stopped") > 0;
   c.freeze = vm.count("freeze") > 0;
   c.json = vm.count("json") > 0;
+  c.interrupted = catch_interrupts();
   lazymem::Status s = lazymem::agent::migrate_process(c);
   if (!s.ok()) throw std::runtime_error(s.error().message());
   return 0;

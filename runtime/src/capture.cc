@@ -119,6 +119,13 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
   return writer.finish();
 }
 
+Status check_cancelled(const LiveCaptureOptions& live) {
+  if (live.cancelled && live.cancelled()) {
+    return Error(Errc::kCancelled, "cancelled before the pause: the workload was not paused, nothing was committed");
+  }
+  return ok_status();
+}
+
 Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion> regions, const CaptureOptions& options,
                         const LiveCaptureOptions& live, const KernelFeatures& features) {
   const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
@@ -153,28 +160,29 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
   p.writer->stage_input();
   LAZYMEM_TRY(store_regions(*p.writer, regions, options, page));
   for (unsigned r = 0; r < live.max_rounds; ++r) {
+    LAZYMEM_TRY(check_cancelled(live));
     ++p.rounds;
     LAZYMEM_ASSIGN_OR_RETURN(uint64_t written, store_written(p, regions, options.chunk_size));
     if (written <= live.converged_bytes) break;
   }
+  LAZYMEM_TRY(check_cancelled(live));
   return p;
 }
 
-Result<std::function<void()>> pause_workload(const LiveCaptureOptions& live) {
+Result<WorkloadPause> pause_workload(const LiveCaptureOptions& live) {
   if (live.pause) {
     live.pause();
-    return live.resume;
+    return WorkloadPause{live.resume, nullptr};
   }
   if (live.freeze_cgroup) {
     LAZYMEM_ASSIGN_OR_RETURN(std::string cgroup, sys::cgroup_of(live.pid));
-    LAZYMEM_TRY(sys::check_freezable_alone(cgroup, live.pid));  // again: it may have forked since
     LAZYMEM_ASSIGN_OR_RETURN(bool frozen_here, sys::freeze_cgroup(cgroup, live.pid, live.stop_timeout));
-    if (!frozen_here) return std::function<void()>([] {});
-    return std::function<void()>([cgroup] { sys::thaw_cgroup(cgroup); });
+    return WorkloadPause{frozen_here ? std::function<void()>([cgroup] { sys::thaw_cgroup(cgroup); }) : nullptr,
+                         [cgroup] { return sys::check_frozen(cgroup); }};
   }
   LAZYMEM_ASSIGN_OR_RETURN(bool stopped_here, sys::stop_process(live.pid, live.stop_timeout));
-  if (!stopped_here) return std::function<void()>([] {});
-  return std::function<void()>([pid = live.pid] { sys::continue_process(pid); });
+  return WorkloadPause{stopped_here ? std::function<void()>([pid = live.pid] { sys::continue_process(pid); }) : nullptr,
+                       [pid = live.pid] { return sys::check_stopped(pid); }};
 }
 
 Result<DirtyChunks> collect_dirty_chunks(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size) {
@@ -200,14 +208,17 @@ Result<CaptureReport> capture_regions_live(const std::string& target, std::span<
                                            const KernelFeatures& features) {
   LAZYMEM_ASSIGN_OR_RETURN(Precopy p, precopy(target, regions, options, live, features));
   const auto paused_at = std::chrono::steady_clock::now();
-  LAZYMEM_ASSIGN_OR_RETURN(std::function<void()> resume_it, pause_workload(live));
+  LAZYMEM_ASSIGN_OR_RETURN(WorkloadPause pause, pause_workload(live));
   Result<uint64_t> last = Error(Errc::kCancelled, "not run");
   {
     // resume() however the last round ends, an exception (bad_alloc, the app_state callback's)
     // included: the caller's writers must not stay parked.
-    ResumeOnExit resume{resume_it};
+    ResumeOnExit resume{pause.resume};
     last = store_written(p, regions, options.chunk_size);
     if (last.ok() && live.app_state) p.writer->set_app_state(live.app_state());
+    if (last.ok() && pause.still_paused) {
+      if (Status still = pause.still_paused(); !still.ok()) last = std::move(still).error();
+    }
   }
   const double paused = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
   if (!last.ok()) return std::move(last).error().wrap("live capture, last round (paused)");

@@ -91,13 +91,17 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   impl->report.precopy.rounds = p.rounds;
   impl->report.precopy_seconds = seconds_since(started);
 
+  if (Status go_on = check_cancelled(migration.precopy); !go_on.ok()) {
+    return std::move(go_on).error().wrap(fmt::format("migration (the pre-copy committed to {} is left)", base));
+  }
   const auto paused_at = Clock::now();
   auto paused = pause_workload(migration.precopy);
   if (!paused.ok()) return std::move(paused).error().wrap("migration, pausing the workload");
-  impl->resume = *paused;
+  impl->resume = paused->resume;
+  impl->report.paused_here = static_cast<bool>(paused->resume);
   // From here the workload is parked. It resumes here only if the switch-over fails; once the
   // server serves, it is the destination's.
-  ResumeOnExit resume_on_failure{*paused};
+  ResumeOnExit resume_on_failure{paused->resume};
 
   LAZYMEM_ASSIGN_OR_RETURN(DirtyChunks written, collect_dirty_chunks(p, regions, options.chunk_size));
   impl->report.written_bytes = written.bytes;
@@ -132,6 +136,11 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   m.created_unix_ns = static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
   LAZYMEM_TRY(snapshot::validate_manifest(m));
+  // Everything served from memory was read while it was paused; if it was continued meanwhile,
+  // what was read may be torn (and it runs here): called off.
+  if (paused->still_paused) {
+    if (Status still = paused->still_paused(); !still.ok()) return std::move(still).error().wrap("migration, switch-over");
+  }
 
   net::MemoryServerOptions so;
   so.listen = migration.listen;
@@ -189,11 +198,12 @@ Status MigrationSource::abort() {
   return ok_status();
 }
 
-Result<MigrationReport> MigrationSource::wait_postcopy(std::chrono::milliseconds timeout) {
+Result<MigrationReport> MigrationSource::wait_postcopy(std::chrono::milliseconds timeout,
+                                                       const std::function<bool()>& stop) {
   if (!impl_->server) return Error(Errc::kInvalidArgument, "migration: it was called off (abort())");
   for (const AddressRange& r : impl_->unserved) impl_->mirror->drop(r.start, r.length);
   impl_->unserved.clear();
-  Status drained = impl_->server->wait_drained(timeout);
+  Status drained = impl_->server->wait_drained(timeout, stop);
   const auto st = impl_->server->stats();
   impl_->report.served_chunks = st.chunks_sent;
   impl_->report.served_bytes = st.bytes_sent;

@@ -39,14 +39,24 @@ struct DirtyChunks {
 };
 Result<DirtyChunks> collect_dirty_chunks(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size);
 
+// kCancelled if LiveCaptureOptions::cancelled says so.
+Status check_cancelled(const LiveCaptureOptions& live);
+
 // One round: the chunks written since the last look stored again. Returns the bytes written.
 Result<uint64_t> store_written(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size);
 
-// The pause of a live capture or migration: the caller's pause(), or, for another process
-// given without one, SIGSTOP (failing, with the process continued, if a thread does not stop).
-// Returns what ends it: the caller's resume(), or SIGCONT, unless the process was stopped already
-// (then it is left as it was found).
-Result<std::function<void()>> pause_workload(const LiveCaptureOptions& live);
+// The pause of a live capture or migration: the caller's pause(), or, for another process given
+// without one, SIGSTOP or its cgroup frozen (failing, with the process resumed, if it does not
+// pause in time).
+struct WorkloadPause {
+  // Ends it: the caller's resume(), SIGCONT, or the thaw. Empty if the process was found paused
+  // (stopped or frozen by its owner): it is left as it was found.
+  std::function<void()> resume;
+  // That it is paused still, for another process: not continued or thawed by someone meanwhile
+  // (what was read from it since might be torn). Empty for the caller's own pause.
+  std::function<Status()> still_paused;
+};
+Result<WorkloadPause> pause_workload(const LiveCaptureOptions& live);
 
 // Resumes the workload on scope exit, exceptions included, unless disarmed: its writers must not
 // stay parked (a migration disarms it once the workload is the destination's).

@@ -32,6 +32,7 @@
 #include "../common/test_data.h"
 #include "lazymem/dirty.h"
 #include "lazymem/kernel_features.h"
+#include "lazymem/migrate.h"
 #include "lazymem/restore.h"
 #include "sys/cgroup_freeze.h"
 
@@ -63,6 +64,20 @@ int userfaultfds_of(pid_t pid) {
     if (std::filesystem::read_symlink(e.path(), ec).string().find("userfaultfd") != std::string::npos) ++n;
   }
   return n;
+}
+
+// The process whose command line holds `part` (arguments separated by NULs, as in
+// /proc/PID/cmdline), or -1.
+pid_t pid_of_command(const std::string& part) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "cmdline");
+    const std::string cmdline((std::istreambuf_iterator<char>(in)), {});
+    if (cmdline.find(part) != std::string::npos) return std::stoi(name);
+  }
+  return -1;
 }
 
 std::vector<std::byte> read_memory(pid_t pid, uintptr_t at, size_t len) {
@@ -210,7 +225,9 @@ class TestCgroup {
     if (dir_.empty()) {
       auto mount = sys::cgroup2_mount_point();
       if (!mount.ok()) return mount.error().message();
-      const std::string dir = fmt::format("{}/lazymem-test-{}", *mount, pid);
+      static int made = 0;
+      const std::string dir = fmt::format("{}/lazymem-test-{}-{}", *mount, ::getpid(), ++made);
+      ::rmdir(dir.c_str());  // left by a run that crashed, whose pid this one has
       if (::mkdir(dir.c_str(), 0755) != 0) return fmt::format("cannot make a cgroup ({}): {}", dir, std::strerror(errno));
       dir_ = dir;
     }
@@ -488,9 +505,10 @@ TEST_P(LiveSnapshotTest, OfARunningProcessIsOneCut) {
   ASSERT_FALSE(j.is_discarded()) << out;
   EXPECT_GE(j["rounds"].get<unsigned>(), 2u) << out;
   EXPECT_GT(j["superseded_bytes"].get<uint64_t>(), 0u) << "nothing was written during the capture: " << out;
-  EXPECT_NE(process_state(child.pid()), 'T') << "left stopped";
+  // Asserted: the order below would wait forever on a process left paused.
+  ASSERT_NE(process_state(child.pid()), 'T') << "left stopped";
   if (freeze) {
-    EXPECT_EQ(cgroup.file("cgroup.freeze"), "0\n") << "left frozen";
+    ASSERT_EQ(cgroup.file("cgroup.freeze"), "0\n") << "left frozen";
   }
   ASSERT_TRUE(child.order('w', 1)) << "the process broke";
 
@@ -583,6 +601,9 @@ TEST_P(LiveSnapshotTest, WaitsForASystemCallWritingTheMemory) {
                                        pid, freeze ? "--freeze" : "", at, at + kLen, dir_.path()));
   ASSERT_EQ(rc, 0) << out;
   EXPECT_NE(process_state(pid), 'T') << "left stopped";
+  if (freeze) {
+    EXPECT_EQ(cgroup.file("cgroup.freeze"), "0\n") << "left frozen";
+  }
 
   auto restored = LazyRestore::start(dir_.path() + "/live", kf_, {});
   ASSERT_TRUE(restored.ok()) << restored.error().message();
@@ -597,6 +618,48 @@ TEST_P(LiveSnapshotTest, WaitsForASystemCallWritingTheMemory) {
                        << "): the pause caught a preadv() half-done";
   ASSERT_TRUE((*restored)->finish().ok());
   ::munmap(const_cast<char*>(got), kLen);
+}
+
+// Continued (SIGCONT) or thawed by someone during the pause — here by app_state, which runs in
+// it — the capture fails rather than store what may be torn.
+TEST_P(LiveSnapshotTest, FailsIfThePauseIsUndoneMeanwhile) {
+  const bool freeze = GetParam();
+  const size_t len = Obedient::kPages * kPage;
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(len, 69));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), len);
+  TestCgroup cgroup;  // destroyed after the child
+  Obedient child(at);
+  ASSERT_TRUE(child.order('w', 0));
+  if (freeze) {
+    if (const std::string why = cgroup.add(child.pid()); !why.empty()) GTEST_SKIP() << why;
+  }
+  LiveCaptureOptions live;
+  live.pid = child.pid();
+  live.freeze_cgroup = freeze;
+  live.app_state = [&] {
+    if (freeze) std::ofstream(cgroup.dir() + "/cgroup.freeze") << "0\n";
+    else ::kill(child.pid(), SIGCONT);
+    return std::vector<std::byte>{};
+  };
+  const CaptureRegion heap{"heap", reinterpret_cast<const void*>(at), len, PROT_READ | PROT_WRITE};
+  const char* undone = freeze ? "was thawed during the pause" : "was continued during the pause";
+  auto r = capture_regions_live(dir_.path() + "/undone", std::span(&heap, 1), {}, live, kf_);
+  ASSERT_FALSE(r.ok()) << "stored what was read from a process that ran meanwhile";
+  EXPECT_NE(r.error().message().find(undone), std::string::npos) << r.error().message();
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/undone"));
+  ASSERT_NE(process_state(child.pid()), 'T');
+  ASSERT_TRUE(child.order('w', 1)) << "the process broke";
+
+  // A migration's switch-over: not served.
+  MigrationOptions mo;
+  mo.precopy = live;
+  mo.listen = "127.0.0.1:0";
+  auto src = MigrationSource::start(dir_.path() + "/base", std::span(&heap, 1), {}, mo, kf_);
+  ASSERT_FALSE(src.ok()) << "served what was read from a process that ran meanwhile";
+  EXPECT_NE(src.error().message().find(undone), std::string::npos) << src.error().message();
+  ASSERT_NE(process_state(child.pid()), 'T');
+  EXPECT_TRUE(child.order('w', 2)) << "the process broke";
 }
 
 INSTANTIATE_TEST_SUITE_P(Pause, LiveSnapshotTest, ::testing::Values(false, true),
@@ -779,11 +842,16 @@ TEST_F(MigrateCliTest, FreezeRefusesACgroupItShares) {
     ::pause();
     _exit(0);
   }
+  struct Reap {
+    pid_t pid;
+    ~Reap() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reap{other};  // before the cgroup is removed
   ASSERT_EQ(cgroup_.add(other), "");
   auto [out, rc] = run_cli(fmt::format("{} migrate --freeze --pid {} --region {:x}-{:x}=heap --base {}/mig", agent_,
                                        pid_, at_, at_ + kLen, dir_.path()));
-  ::kill(other, SIGKILL);
-  ::waitpid(other, nullptr, 0);
   EXPECT_EQ(rc, 1) << out;
   EXPECT_NE(out.find(fmt::format("holds processes other than {} ({})", pid_, other)), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/mig")) << "something was stored";
@@ -804,6 +872,25 @@ TEST_F(MigrateCliTest, RefusesAFrozenProcessAtOnce) {
   EXPECT_NE(out.find(fmt::format("process {} is frozen (cgroup {})", pid_, cgroup_.dir())), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/mig")) << "something was stored";
   EXPECT_EQ(cgroup_.file("cgroup.freeze"), "1\n") << "thawed";
+}
+
+// Ctrl-C while no destination has come: the migration is called off and the process resumed.
+TEST_F(MigrateCliTest, InterruptedWhileWaitingCallsItOff) {
+  FILE* agent = start_migrate("--postcopy-timeout-sec 120");
+  ASSERT_NE(agent, nullptr);
+  ASSERT_FALSE(source_of(agent).empty()) << stderr_text();
+  ASSERT_EQ(process_state(pid_), 'T');
+  using namespace std::string_literals;
+  const pid_t agent_pid = pid_of_command("migrate\0--pid\0"s + std::to_string(pid_) + "\0"s);
+  ASSERT_GT(agent_pid, 0) << "the agent's process was not found";
+  ASSERT_EQ(::kill(agent_pid, SIGINT), 0);
+  const std::string out = rest_of(agent);
+  EXPECT_EQ(exit_code(agent), 1) << out << stderr_text();
+  EXPECT_NE(stderr_text().find("interrupted"), std::string::npos) << stderr_text();
+  EXPECT_NE(stderr_text().find(fmt::format("migration called off, process {} continued here", pid_)), std::string::npos)
+      << stderr_text();
+  EXPECT_NE(process_state(pid_), 'T') << "the process was left stopped";
+  EXPECT_EQ(userfaultfds_of(pid_), 0);
 }
 
 // No destination comes: the migration is called off and the process runs on, here.

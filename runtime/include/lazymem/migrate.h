@@ -29,6 +29,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -62,6 +63,7 @@ struct MigrationReport {
   uint64_t postcopy_chunks = 0;      // chunks left here, served from memory
   uint64_t postcopy_bytes = 0;       // their bytes
   uint64_t postcopy_zero_chunks = 0; // chunks written since the last round that are now all zero: not served
+  bool paused_here = false;          // false: the process was found stopped (or frozen) and is left so
   // wait_postcopy():
   uint64_t served_chunks = 0;        // chunk replies sent (a chunk asked again counts again)
   uint64_t served_bytes = 0;
@@ -83,8 +85,9 @@ class MigrationSource {
   // Returns once the destination has read the manifest, every chunk left here has been sent at
   // least once, and no connection has been open for a second: the destination has hung up, which
   // its restore does once complete (prefetch, the default, or wait_complete() fetches what was
-  // not touched). Else kTimeout, saying what is missing.
-  Result<MigrationReport> wait_postcopy(std::chrono::milliseconds timeout);
+  // not touched). Else kTimeout, saying what is missing. `stop`, if given, is asked every 50 ms
+  // at most: true ends the wait (kCancelled; an operator's Ctrl-C), which may be called again.
+  Result<MigrationReport> wait_postcopy(std::chrono::milliseconds timeout, const std::function<bool()>& stop = nullptr);
   const MigrationReport& report() const;
   // Calls the migration off, if it can be: when no destination has read the source's manifest
   // yet (none can be running the workload), it is refused to any that comes, serving stops, and

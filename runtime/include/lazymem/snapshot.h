@@ -178,6 +178,9 @@ struct LiveCaptureOptions {
   // after. It is not told: its parent sees no stop (no SIGCHLD), a supervisor does not react. The
   // cgroup must hold it alone (checked before anything is done).
   bool freeze_cgroup = false;
+  // Polled between passes and before the pause: true stops the capture there (kCancelled), the
+  // workload never paused and nothing committed. For an operator's Ctrl-C.
+  std::function<bool()> cancelled;
 };
 
 // Captures `regions` of this process while it keeps running, as a pre-copy migration does: a

@@ -813,13 +813,14 @@ bool MemoryServer::withdraw() {
   return impl_->manifest_state.compare_exchange_strong(was, Impl::kManifestWithdrawn) || was == Impl::kManifestWithdrawn;
 }
 
-Status MemoryServer::wait_drained(std::chrono::milliseconds timeout) {
+Status MemoryServer::wait_drained(std::chrono::milliseconds timeout, const std::function<bool()>& stop) {
   Impl& im = *impl_;
   std::unique_lock lock(im.mu);
   const auto deadline = Clock::now() + timeout;
   // Woken by every change; the linger after the last close passes with no change: looked at
   // every 50 ms.
   for (auto now = Clock::now(); !im.failed && !im.is_drained(now); now = Clock::now()) {
+    if (stop && stop()) return Error(Errc::kCancelled, fmt::format("migration source '{}': the wait was stopped", im.name));
     if (now >= deadline) {
       const Stats st = im.stats();
       const uint64_t missing = st.chunks_to_serve - st.distinct_chunks_sent;

@@ -93,8 +93,9 @@ class MemoryServer {
   // `linger`: the destination has all it needs and has hung up (a LazyRestore finish()ed, or its
   // process gone). Else kTimeout when `timeout` passes, saying how many
   // chunks were never sent and how many connections are open; or the error that stopped the
-  // serving thread.
-  Status wait_drained(std::chrono::milliseconds timeout);
+  // serving thread. `stop`, if given, is asked every 50 ms at most: true ends the wait
+  // (kCancelled).
+  Status wait_drained(std::chrono::milliseconds timeout, const std::function<bool()>& stop = nullptr);
 
   // The manifest is refused (notFound) from now on, unless a peer has read it already. True if
   // none had: then no destination can be running what this serves. Thread-safe.

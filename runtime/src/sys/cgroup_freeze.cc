@@ -51,9 +51,15 @@ std::string unescape_mount_path(const std::string& s) {
   return out;
 }
 
-// The cgroup2 mount: (root within the hierarchy, mount point), or none.
-Result<std::pair<std::string, std::string>> cgroup2_mount() {
+struct Cgroup2Mount {
+  std::string root;  // of the hierarchy, mounted there
+  std::string mount_point;
+};
+
+// The cgroup2 mounts here, in mount order; an error if there is none.
+Result<std::vector<Cgroup2Mount>> cgroup2_mounts() {
   LAZYMEM_ASSIGN_OR_RETURN(std::string info, read_small_file("/proc/self/mountinfo"));
+  std::vector<Cgroup2Mount> mounts;
   std::istringstream lines(info);
   std::string line;
   while (std::getline(lines, line)) {
@@ -66,13 +72,16 @@ Result<std::pair<std::string, std::string>> cgroup2_mount() {
     std::istringstream before(line.substr(0, dash));
     std::string id, parent, dev, root, mount_point;
     if (before >> id >> parent >> dev >> root >> mount_point) {
-      return std::make_pair(unescape_mount_path(root), unescape_mount_path(mount_point));
+      mounts.push_back({unescape_mount_path(root), unescape_mount_path(mount_point)});
     }
   }
-  return Error(Errc::kUnsupported,
-               fmt::format("no cgroup2 filesystem is mounted here: the freezer needs cgroup v2 (mount -t cgroup2 "
-                           "none /sys/fs/cgroup/unified), or {}",
-                           kUseStop));
+  if (mounts.empty()) {
+    return Error(Errc::kUnsupported,
+                 fmt::format("no cgroup2 filesystem is mounted here: the freezer needs cgroup v2 (mount -t cgroup2 "
+                             "none /sys/fs/cgroup), or {}",
+                             kUseStop));
+  }
+  return mounts;
 }
 
 // The pids listed in `dir`/cgroup.procs.
@@ -112,8 +121,11 @@ bool exited(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
 }  // namespace
 
 Result<std::string> cgroup2_mount_point() {
-  LAZYMEM_ASSIGN_OR_RETURN(auto mount, cgroup2_mount());
-  return mount.second;
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<Cgroup2Mount> mounts, cgroup2_mounts());
+  for (const auto& m : mounts) {
+    if (m.root == "/") return m.mount_point;  // the whole hierarchy
+  }
+  return mounts.front().mount_point;
 }
 
 Result<std::string> cgroup_of(pid_t pid) {
@@ -132,20 +144,28 @@ Result<std::string> cgroup_of(pid_t pid) {
                  fmt::format("process {} is in no cgroup v2 hierarchy (only v1): the freezer needs cgroup v2, or {}",
                              pid, kUseStop));
   }
+  // Shown relative to this process's cgroup namespace: "/.." leads out of it.
+  if (path.rfind("/..", 0) == 0) {
+    return Error(Errc::kUnsupported,
+                 fmt::format("process {}'s cgroup ({}) is outside this cgroup namespace: run the agent where it can see "
+                             "it (the host's namespace), or {}",
+                             pid, path, kUseStop));
+  }
   if (path == "/") {
     return Error(Errc::kInvalidArgument,
                  fmt::format("process {} is in the root cgroup, which cannot be frozen: move it into a cgroup of its "
                              "own (mkdir CGROUP2/NAME; echo {} > CGROUP2/NAME/cgroup.procs), or {}",
                              pid, pid, kUseStop));
   }
-  LAZYMEM_ASSIGN_OR_RETURN(auto mount, cgroup2_mount());
-  const auto& [root, mount_point] = mount;
-  if (root != "/" && path.rfind(root + "/", 0) != 0) {
-    return Error(Errc::kUnsupported, fmt::format("process {}'s cgroup {} is not under the cgroup2 mount at {} (its root "
-                                                 "there is {})",
-                                                 pid, path, mount_point, root));
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<Cgroup2Mount> mounts, cgroup2_mounts());
+  for (const auto& m : mounts) {
+    if (m.root == "/") return m.mount_point + path;
+    if (path == m.root) return m.mount_point;
+    if (path.rfind(m.root + "/", 0) == 0) return m.mount_point + path.substr(m.root.size());
   }
-  return mount_point + (root == "/" ? path : path.substr(root.size()));
+  return Error(Errc::kUnsupported, fmt::format("process {}'s cgroup {} is under no cgroup2 mount here (mounted: {} of "
+                                               "the hierarchy at {})",
+                                               pid, path, mounts.front().root, mounts.front().mount_point));
 }
 
 Status check_freezable_alone(const std::string& dir, pid_t pid) {
@@ -201,33 +221,42 @@ Result<bool> freeze_cgroup(const std::string& dir, pid_t pid, std::chrono::milli
   LAZYMEM_ASSIGN_OR_RETURN(std::string asked, read_small_file(dir + "/cgroup.freeze"));
   const bool ours = asked.rfind('1', 0) != 0;  // else its owner is freezing it: wait, leave it frozen
   if (ours) LAZYMEM_TRY(write_freeze(dir, "1"));
+  // Every way out below that fails thaws what was frozen here.
+  auto fail = [&](Error e) -> Error {
+    if (ours) thaw_cgroup(dir);
+    return e.wrap(fmt::format("freezing process {}{}", pid, ours ? " (it was thawed)" : ""));
+  };
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     auto now_frozen = frozen_now(events.get(), dir);
-    if (!now_frozen.ok()) {
-      if (ours) thaw_cgroup(dir);
-      return std::move(now_frozen).error().wrap(fmt::format("freezing process {} (it was thawed)", pid));
-    }
-    if (*now_frozen) {
-      // An emptied cgroup counts as frozen.
-      if (exited(pid)) return Error(Errc::kNotFound, fmt::format("process {} exited", pid), ESRCH);
-      return ours;
-    }
+    if (!now_frozen.ok()) return fail(std::move(now_frozen).error());
+    if (*now_frozen) break;
     const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) {
-      if (ours) thaw_cgroup(dir);
-      return Error(Errc::kTimeout,
-                   fmt::format("process {} did not freeze within {} ms (a thread in uninterruptible sleep, e.g. on a "
-                               "disk or NFS, freezes only when it leaves it); {}",
-                               pid, timeout.count(), ours ? "it was thawed" : "its cgroup was being frozen by its owner"));
+      return fail(Error(Errc::kTimeout, fmt::format("not frozen within {} ms (a thread in uninterruptible sleep, e.g. "
+                                                    "on a disk or NFS, freezes only when it leaves it)",
+                                                    timeout.count())));
     }
     // The kernel marks cgroup.events changed (POLLPRI) when the cgroup's frozen state flips.
     pollfd p{events.get(), POLLPRI, 0};
     if (::poll(&p, 1, static_cast<int>(left.count())) < 0 && errno != EINTR) {
-      if (ours) thaw_cgroup(dir);
-      return sys_error(fmt::format("waiting on {} (it was thawed)", events_path), errno);
+      return fail(sys_error("waiting on " + events_path, errno));
     }
   }
+  // An emptied cgroup counts as frozen.
+  if (exited(pid)) return fail(Error(Errc::kNotFound, fmt::format("process {} exited", pid), ESRCH));
+  // Checked again now that nothing in it runs: a process forked or moved in since the first
+  // check would have been frozen with it (and thawed with it at the end, or caught in it).
+  if (ours) {
+    if (Status alone = check_freezable_alone(dir, pid); !alone.ok()) return fail(std::move(alone).error());
+  }
+  return ours;
+}
+
+Status check_frozen(const std::string& dir) {
+  LAZYMEM_ASSIGN_OR_RETURN(bool frozen, cgroup_frozen(dir));
+  if (frozen) return ok_status();
+  return Error(Errc::kCancelled, fmt::format("cgroup {} was thawed during the pause (by its owner?)", dir));
 }
 
 void thaw_cgroup(const std::string& dir) { (void)write_freeze(dir, "0"); }

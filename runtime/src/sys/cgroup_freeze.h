@@ -34,6 +34,8 @@ Result<bool> cgroup_frozen(const std::string& dir);
 // thawed and the error says so. True if this froze it; false if it was frozen already (its owner
 // froze it, and thawing it is theirs to do). `pid` is the process in it, to report its exit.
 Result<bool> freeze_cgroup(const std::string& dir, pid_t pid, std::chrono::milliseconds timeout);
+// That `dir` is frozen still: else an error (something thawed it).
+Status check_frozen(const std::string& dir);
 // Thaws `dir`.
 void thaw_cgroup(const std::string& dir);
 

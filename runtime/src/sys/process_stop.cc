@@ -101,6 +101,14 @@ Result<bool> stop_process(pid_t pid, std::chrono::milliseconds timeout) {
   }
 }
 
+Status check_stopped(pid_t pid) {
+  LAZYMEM_ASSIGN_OR_RETURN(std::optional<ThreadState> running, running_thread(pid));
+  if (!running) return ok_status();
+  return Error(Errc::kCancelled, fmt::format("process {} was continued during the pause (thread {} ({}) is in state {}): "
+                                             "something sent it SIGCONT",
+                                             pid, running->tid, running->name, running->state));
+}
+
 void continue_process(pid_t pid) { (void)::kill(pid, SIGCONT); }
 
 }  // namespace lazymem::sys

@@ -20,6 +20,9 @@ namespace lazymem::sys {
 // Its parent sees the stop and the continue (SIGCHLD, waitpid with WUNTRACED/WCONTINUED), as
 // with any job-control stop.
 Result<bool> stop_process(pid_t pid, std::chrono::milliseconds timeout);
+// That every thread of `pid` is stopped still (or exiting): else an error naming one that runs
+// (something continued the process).
+Status check_stopped(pid_t pid);
 // Sends SIGCONT.
 void continue_process(pid_t pid);
 

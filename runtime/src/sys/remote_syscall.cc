@@ -163,14 +163,15 @@ Result<RemoteSyscalls> RemoteSyscalls::attach(pid_t pid, std::chrono::millisecon
   if (pid <= 0) return Error(Errc::kInvalidArgument, fmt::format("no process {}", pid));
   const std::vector<pid_t> threads = live_threads(pid);
   if (threads.empty()) return Error(Errc::kNotFound, fmt::format("no process {} (or it is exiting)", pid));
-  // A frozen cgroup's threads do not stop for a tracer until thawed: said now, not after a timeout.
+  // A frozen cgroup's thread stops for a tracer but does not run the call until thawed: said
+  // now, not after a timeout.
   if (auto cgroup = cgroup_of(pid); cgroup.ok()) {
     if (auto frozen = cgroup_frozen(*cgroup); frozen.ok() && *frozen) {
       return Error(Errc::kInvalidArgument,
                    fmt::format("process {} is frozen (cgroup {}): it must run while its tracking is set up; thaw it "
-                               "(echo 0 > {}/cgroup.freeze). A live capture or migration pauses it for the last "
-                               "round itself",
-                               pid, *cgroup, *cgroup));
+                               "(echo 0 > cgroup.freeze, there or in the cgroup above it that was frozen). A live "
+                               "capture or migration pauses it for the last round itself",
+                               pid, *cgroup));
     }
   }
   auto impl = std::make_unique<Impl>();
