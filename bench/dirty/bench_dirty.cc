@@ -14,7 +14,9 @@
 // since from memory, which copies nothing (the destination's part is measured by the demo and
 // the tests, not here: no destination restores). And the same switch-over of another process
 // (LiveCaptureOptions::pid, the agent's `migrate --pid`), stopped with SIGSTOP.
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -35,6 +37,7 @@
 #include "lazymem/migrate.h"
 #include "lazymem/pause_gate.h"
 #include "lazymem/snapshot.h"
+#include "sys/cgroup_freeze.h"
 
 namespace po = boost::program_options;
 using namespace lazymem::bench;
@@ -125,17 +128,29 @@ struct LiveFigures {
   uint64_t migration_left = 0;      // bytes left at the source, served from memory
   double process_pause_s = 0;       // the same of another process (LiveCaptureOptions::pid): SIGSTOP to serving
   uint64_t process_left = 0;
+  double frozen_pause_s = 0;        // the same, frozen with its cgroup (freeze_cgroup); 0: not measured
+  uint64_t frozen_left = 0;
+  std::string frozen_skipped;       // why not
 };
 
 // The switch-over of a migration of another process, as `lazymem-agent migrate --pid` runs it:
 // a child holding the same table, its writer never parked (it links nothing of ours), stopped
 // with SIGSTOP; what it wrote since the last round is copied out of it, then served.
+// With `freeze`, it is paused by freezing a cgroup made for it instead (a cgroup2 mount needed).
 void other_process_migration(const lazymem::KernelFeatures& kf, const std::string& store, size_t len, size_t hot,
-                             LiveFigures& f) {
+                             bool freeze, LiveFigures& f) {
   // An address free here too: the copy of the child's memory goes to the same one.
   void* probe = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (probe == MAP_FAILED) throw std::runtime_error("mmap of the table failed");
   ::munmap(probe, len);
+  // Removed once the child is gone: declared before `reap`, so destroyed after it (a cgroup
+  // with a process in it cannot be removed).
+  struct Cgroup {
+    std::string dir;
+    ~Cgroup() {
+      if (!dir.empty()) ::rmdir(dir.c_str());
+    }
+  } cgroup;
   int ready[2];
   if (::pipe(ready) != 0) throw std::runtime_error("pipe failed");
   const pid_t child = ::fork();  // no thread of this process runs now
@@ -163,14 +178,38 @@ void other_process_migration(const lazymem::KernelFeatures& kf, const std::strin
     }
   } reap{child};
   if (!started) throw std::runtime_error("the child holding the table did not start");
+  if (freeze) {
+    auto mount = lazymem::sys::cgroup2_mount_point();
+    if (!mount.ok()) {
+      f.frozen_skipped = mount.error().message();
+      return;
+    }
+    const std::string dir = *mount + "/lazymem-bench-" + std::to_string(child);
+    if (::mkdir(dir.c_str(), 0755) != 0) {
+      f.frozen_skipped = "cannot make a cgroup " + dir + ": " + std::strerror(errno);
+      return;
+    }
+    cgroup.dir = dir;
+    const std::string pid = std::to_string(child);
+    const int fd = ::open((dir + "/cgroup.procs").c_str(), O_WRONLY | O_CLOEXEC);
+    const bool moved = fd >= 0 && ::write(fd, pid.data(), pid.size()) == static_cast<ssize_t>(pid.size());
+    if (fd >= 0) ::close(fd);
+    if (!moved) {
+      f.frozen_skipped = "cannot move a process into " + dir + ": " + std::strerror(errno);
+      return;
+    }
+  }
   const lazymem::CaptureRegion region{"heap", probe, len, PROT_READ | PROT_WRITE};
   lazymem::MigrationOptions mo;
   mo.listen = "127.0.0.1:0";
   mo.precopy.pid = child;
-  auto mig = lazymem::MigrationSource::start(store + "/process-migrated", std::span(&region, 1), {}, mo, kf);
+  mo.precopy.freeze_cgroup = freeze;
+  auto mig = lazymem::MigrationSource::start(store + (freeze ? "/process-frozen" : "/process-migrated"),
+                                             std::span(&region, 1), {}, mo, kf);
   if (!mig.ok()) throw std::runtime_error(mig.error().message());
-  f.process_pause_s = (*mig)->report().switch_seconds;
-  f.process_left = (*mig)->report().postcopy_bytes;
+  (freeze ? f.frozen_pause_s : f.process_pause_s) = (*mig)->report().switch_seconds;
+  (freeze ? f.frozen_left : f.process_left) = (*mig)->report().postcopy_bytes;
+  mig->reset();
 }
 
 LiveFigures live_capture(const lazymem::KernelFeatures& kf, const std::string& store, size_t len, size_t hot) {
@@ -212,7 +251,8 @@ LiveFigures live_capture(const lazymem::KernelFeatures& kf, const std::string& s
     writer.gate.resume();  // nobody took the table over: the bench's writer goes on, to be stopped
   }
   ::munmap(a, len);
-  other_process_migration(kf, store, len, hot, f);
+  other_process_migration(kf, store, len, hot, false, f);
+  other_process_migration(kf, store, len, hot, true, f);
   return f;
 }
 
@@ -315,6 +355,14 @@ static int run_bench(int argc, char** argv) {
               "out of it): paused %.2f ms before serving %.1f MiB vs %.2f ms in-process: %.2fx\n",
               live.process_pause_s * 1e3, double(live.process_left) / (1 << 20), live.migration_pause_s * 1e3,
               live.process_pause_s / live.migration_pause_s);
+  if (live.frozen_skipped.empty()) {
+    std::printf("the same, paused by freezing its cgroup instead (--freeze: nothing seen by its parent): paused %.2f ms "
+                "before serving %.1f MiB vs %.2f ms with SIGSTOP: %.2fx\n",
+                live.frozen_pause_s * 1e3, double(live.frozen_left) / (1 << 20), live.process_pause_s * 1e3,
+                live.frozen_pause_s / live.process_pause_s);
+  } else {
+    std::printf("the same, frozen with its cgroup: not measured (%s)\n", live.frozen_skipped.c_str());
+  }
   if (vm.count("json")) {
     nlohmann::json j{{"mib", mib},
                      {"collect_vs_hash_compare", one.collect_ms / one.hash_ms},
@@ -326,6 +374,10 @@ static int run_bench(int argc, char** argv) {
                      {"migration_pause_vs_live_pause", live.migration_pause_s / live.live_pause_s},
                      {"process_migration_pause_ms", live.process_pause_s * 1e3},
                      {"process_migration_pause_vs_in_process", live.process_pause_s / live.migration_pause_s}};
+    if (live.frozen_skipped.empty()) {
+      j["frozen_process_migration_pause_ms"] = live.frozen_pause_s * 1e3;
+      j["frozen_vs_stopped_process_migration_pause"] = live.frozen_pause_s / live.process_pause_s;
+    }
     for (const Row& r : rows) {
       j["rows"].push_back({{"fraction", r.fraction},
                            {"pages", r.changed},
