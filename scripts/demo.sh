@@ -17,13 +17,16 @@ kv="$build/examples/lazymem-example-kv"
 
 work=$(mktemp -d /var/tmp/lazymem-demo.XXXXXX)
 daemons=()  # background servers this script started, stopped on the way out
+cgroup=""   # the cgroup made for step 7's workload, removed on the way out
 cleanup() {
   # A failing kill (the daemon already gone) must not turn a good run into a failure (set -e
-  # holds inside traps too).
+  # holds inside traps too). A frozen process takes SIGTERM only once thawed.
+  if [[ -n "$cgroup" ]]; then echo 0 >"$cgroup/cgroup.freeze" 2>/dev/null || true; fi
   if ((${#daemons[@]})); then
     kill "${daemons[@]}" 2>/dev/null || true
     wait "${daemons[@]}" 2>/dev/null || true
   fi
+  if [[ -n "$cgroup" ]]; then rmdir "$cgroup" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -111,12 +114,12 @@ wait "$source_pid" && rc=0 || rc=$?
 sed -n 's/^post-copy/  source process: post-copy/p' "$work/source.out"
 ((rc == 0)) || { echo "demo: the migration source failed"; exit 1; }
 
-step "7. the agent migrates a process that knows nothing of lazymem: pre-copy, SIGSTOP, post-copy from the agent"
+step "7. the agent migrates a process that knows nothing of lazymem: pre-copy, freeze, post-copy from the agent"
 # `serve` fills a table and inserts 2000 records a second until killed, without a lazymem call.
 # The agent has it open a userfaultfd (ptrace) to track its writes, pre-copies the table to the
-# page server while it runs, stops it (SIGSTOP), serves what it wrote since, and kills it once a
-# new process has restored the table; the table is checked as the stop left it (one insert may
-# have been caught in flight: its slot, count and digest are three writes).
+# page server while it runs, freezes its cgroup (or stops it), serves what it wrote since, and
+# kills it once a new process has restored the table; the table is checked as the pause left it
+# (one insert may have been caught in flight: its slot, count and digest are three writes).
 if [[ $(id -u) != 0 ]]; then
   echo "demo: step 7 skipped: the agent needs root to ptrace the process"
 else
@@ -130,8 +133,17 @@ else
   done
   [[ -n "$range" ]] || { echo "demo: the served table did not start:"; cat "$work/serve.out"; exit 1; }
   sed 's/^/  workload: /' "$work/serve.out"
+  # In a cgroup of its own, as a container's or a jailed VM's process is, it is frozen rather
+  # than stopped: its parent (this script) sees no stop.
+  pause=()
+  cg2=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/self/mounts)
+  if [[ -n "$cg2" ]] && mkdir "$cg2/lazymem-demo-$$" 2>/dev/null; then
+    cgroup="$cg2/lazymem-demo-$$"
+    if echo "$serve_pid" >"$cgroup/cgroup.procs" 2>/dev/null; then pause=(--freeze); fi
+  fi
+  ((${#pause[@]})) || echo "  (no cgroup v2 to put it in: it is stopped with SIGSTOP)"
   "$agent" migrate --pid "$serve_pid" --region "$range=kv-table" --base "lazymem://127.0.0.1:$port/kv-agent-migrated" \
-      --token-file "$work/token" --listen 127.0.0.1:0 >"$work/agent-migrate.out" 2>&1 &
+      --token-file "$work/token" --listen 127.0.0.1:0 "${pause[@]}" >"$work/agent-migrate.out" 2>&1 &
   migrate_pid=$!
   daemons+=("$migrate_pid")
   from=""

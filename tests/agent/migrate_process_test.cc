@@ -893,6 +893,34 @@ TEST_F(MigrateCliTest, InterruptedWhileWaitingCallsItOff) {
   EXPECT_EQ(userfaultfds_of(pid_), 0);
 }
 
+// Ctrl-C during the pre-copy: it stops before the pause; the process is never stopped and
+// nothing is committed.
+TEST_F(MigrateCliTest, InterruptedDuringPrecopyNeverStopsIt) {
+  // The writer rewrites all 64 MiB nonstop: the pre-copy runs every round it is allowed.
+  FILE* agent = start_migrate("--max-rounds 1000 --converged-mib 0");
+  ASSERT_NE(agent, nullptr);
+  using namespace std::string_literals;
+  const std::string command = "migrate\0--pid\0"s + std::to_string(pid_) + "\0"s;
+  pid_t agent_pid = -1;
+  // Past the start (its signals blocked) once it holds the writer's userfaultfd.
+  for (int i = 0; i < 10000 && (agent_pid <= 0 || userfaultfds_of(agent_pid) == 0); ++i) {
+    if (agent_pid <= 0) agent_pid = pid_of_command(command);
+    ::usleep(1000);
+  }
+  ASSERT_GT(agent_pid, 0) << "the agent's process was not found";
+  ASSERT_GT(userfaultfds_of(agent_pid), 0) << "the agent never held the writer's userfaultfd";
+  ASSERT_EQ(::kill(agent_pid, SIGINT), 0);
+  const std::string out = rest_of(agent);
+  EXPECT_EQ(exit_code(agent), 1) << out << stderr_text();
+  EXPECT_NE(stderr_text().find("cancelled before the pause"), std::string::npos) << stderr_text();
+  EXPECT_EQ(out.find("source:"), std::string::npos) << out;
+  siginfo_t si{};
+  ASSERT_EQ(::waitid(P_PID, static_cast<id_t>(pid_), &si, WSTOPPED | WCONTINUED | WNOHANG | WNOWAIT), 0);
+  EXPECT_EQ(si.si_pid, 0) << "it was stopped or continued";
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/mig")) << "a pre-copy was committed";
+  EXPECT_EQ(userfaultfds_of(pid_), 0);
+}
+
 // No destination comes: the migration is called off and the process runs on, here.
 TEST_F(MigrateCliTest, CalledOffWhenNoDestinationComes) {
   FILE* agent = start_migrate("--postcopy-timeout-sec 1");
