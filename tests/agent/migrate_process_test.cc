@@ -209,6 +209,15 @@ class Obedient {
   int cmd_ = -1, ack_ = -1, data_ = -1;
 };
 
+// A forked child, killed and reaped when the test ends however it ends.
+struct KilledOnExit {
+  pid_t pid;
+  ~KilledOnExit() {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+  }
+};
+
 // A cgroup (v2) made for a test, for --freeze; removed when destroyed, which must be after the
 // processes in it are gone.
 class TestCgroup {
@@ -413,13 +422,7 @@ TEST_F(MigrateProcessTest, BorrowsAThreadThatCanStop) {
       }
     }
   }
-  struct Reap {
-    pid_t pid;
-    ~Reap() {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  } reap{child};
+  const KilledOnExit reap{child};
   auto order = [&](char page) {
     char a = 0;
     return ::write(cmd[1], &page, 1) == 1 && ::read(ack[0], &a, 1) == 1;
@@ -586,13 +589,7 @@ TEST_P(LiveSnapshotTest, WaitsForASystemCallWritingTheMemory) {
   char r = 0;
   const bool started = ::read(ready[0], &r, 1) == 1;
   ::close(ready[0]);
-  struct Reap {
-    pid_t pid;
-    ~Reap() {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  } reap{pid};
+  const KilledOnExit reap{pid};
   ASSERT_TRUE(started) << "the child did not start";
   if (freeze) {
     if (const std::string why = cgroup.add(pid); !why.empty()) GTEST_SKIP() << why;
@@ -702,6 +699,23 @@ class MigrateCliTest : public MigrateProcessTest {
     }
   }
 
+  // The agent's --json report once the destination has everything: some chunks written after
+  // the last round were served from the agent's copy, most came from the pre-copy; and the
+  // process was killed (the destination runs it now).
+  void expect_killed_after_postcopy(FILE* agent) {
+    const std::string report = rest_of(agent);
+    ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
+    auto j = nlohmann::json::parse(report, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << report;
+    EXPECT_GT(j["postcopy_chunks"].get<uint64_t>(), 0u) << report;
+    EXPECT_LT(j["postcopy_chunks"].get<uint64_t>(), kLen / kDefaultChunkSize / 2) << report;
+    EXPECT_EQ(j["process"], "killed");
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid_, &status, 0), pid_);
+    pid_ = -1;
+    EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  }
+
   // Restores from `source` (with the pre-copy as base) and compares every byte with `memory`.
   void expect_destination_holds(const std::string& source, const std::vector<std::byte>& memory) {
     RestoreOptions ro;
@@ -765,20 +779,7 @@ TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
   expect_destination_holds(source, stopped);
   if (HasFatalFailure()) return;
 
-  const std::string report = rest_of(agent);
-  ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
-  auto j = nlohmann::json::parse(report, nullptr, false);
-  ASSERT_FALSE(j.is_discarded()) << report;
-  // Some chunks written after the last round were served from the agent's copy; most came from
-  // the pre-copy.
-  EXPECT_GT(j["postcopy_chunks"].get<uint64_t>(), 0u) << report;
-  EXPECT_LT(j["postcopy_chunks"].get<uint64_t>(), kLen / kDefaultChunkSize / 2) << report;
-  // The destination runs it now: the source was killed.
-  EXPECT_EQ(j["process"], "killed");
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid_, &status, 0), pid_);
-  pid_ = -1;
-  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  expect_killed_after_postcopy(agent);
 }
 
 TEST_F(MigrateCliTest, LeaveStoppedLeavesItStopped) {
@@ -820,16 +821,8 @@ TEST_F(MigrateCliTest, FrozenNotStoppedItsParentSeesNothing) {
   expect_destination_holds(source, frozen);
   if (HasFatalFailure()) return;
 
-  const std::string report = rest_of(agent);
-  ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
-  auto j = nlohmann::json::parse(report, nullptr, false);
-  ASSERT_FALSE(j.is_discarded()) << report;
-  EXPECT_GT(j["postcopy_chunks"].get<uint64_t>(), 0u) << report;
-  EXPECT_EQ(j["process"], "killed");
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid_, &status, 0), pid_);
-  pid_ = -1;
-  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  expect_killed_after_postcopy(agent);
+  if (HasFatalFailure()) return;
   EXPECT_EQ(cgroup_.file("cgroup.freeze"), "0\n") << "its cgroup was left frozen";
 }
 
@@ -842,13 +835,7 @@ TEST_F(MigrateCliTest, FreezeRefusesACgroupItShares) {
     ::pause();
     _exit(0);
   }
-  struct Reap {
-    pid_t pid;
-    ~Reap() {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  } reap{other};  // before the cgroup is removed
+  const KilledOnExit reap{other};  // before the cgroup is removed
   ASSERT_EQ(cgroup_.add(other), "");
   auto [out, rc] = run_cli(fmt::format("{} migrate --freeze --pid {} --region {:x}-{:x}=heap --base {}/mig", agent_,
                                        pid_, at_, at_ + kLen, dir_.path()));
