@@ -16,6 +16,7 @@
 #include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
 #include "snapshot/manifest.h"
+#include "precopy.h"
 #include "process_mirror.h"
 #include "sys/cgroup_freeze.h"
 #include "sys/process_maps.h"
@@ -74,20 +75,47 @@ std::vector<CaptureRegion> regions_of(const std::vector<ProcessRange>& ranges) {
 }  // namespace
 
 Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges_in, const std::string& target,
-                                      const CaptureOptions& options) {
+                                      const CaptureOptions& options, bool freeze) {
   LAZYMEM_TRY(check_capture_options(options));  // before copying anything
   LAZYMEM_TRY(check_process_ranges(ranges_in));
   std::vector<AddressRange> ranges;
   for (const auto& r : ranges_in) ranges.push_back({r.start, r.length});
+  // Everything that can be refused is, before the process is paused.
+  LAZYMEM_TRY(sys::check_process(pid));
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
+  for (const AddressRange& r : ranges) {
+    const uintptr_t covered = sys::coverage(vmas, r.start, r.end()).covered_to;
+    if (covered < r.end()) {
+      return Error(Errc::kInvalidArgument, fmt::format("{:#x}-{:#x} is not mapped in process {} (see /proc/{}/maps)",
+                                                       covered, r.end(), pid, pid));
+    }
+  }
+  LiveCaptureOptions how;
+  how.pid = pid;
+  how.freeze_cgroup = freeze;
+  if (freeze) {
+    LAZYMEM_ASSIGN_OR_RETURN(std::string cgroup, sys::cgroup_of(pid));
+    LAZYMEM_TRY(sys::check_freezable_alone(cgroup, pid));
+  }
   // Copied first into a mirror at the same addresses (the snapshot records them), holding only
-  // the pages the process has written.
+  // the pages the process has written, while it is paused: then it goes on while the copy is
+  // compressed and stored. A process found paused is left so.
   auto mirror = ProcessMirror::create(pid, ranges);
   if (!mirror.ok()) {
     return std::move(mirror).error().wrap("capture it from a process that does not (e.g. the application, with "
                                           "capture_regions)");
   }
-  LAZYMEM_TRY(mirror->fill());
-  return capture_regions(target, regions_of(ranges_in), options);
+  const auto paused_at = std::chrono::steady_clock::now();
+  LAZYMEM_ASSIGN_OR_RETURN(WorkloadPause pause, pause_workload(how));
+  {
+    ResumeOnExit resume{pause.resume};
+    LAZYMEM_TRY(mirror->fill());
+    if (pause.still_paused) LAZYMEM_TRY(pause.still_paused());
+  }
+  const double paused = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
+  LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, capture_regions(target, regions_of(ranges_in), options));
+  report.paused_seconds = paused;
+  return report;
 }
 
 Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
@@ -190,6 +218,8 @@ std::string format_capture_table(const CaptureReport& r) {
   std::string live;
   if (r.rounds > 0) {
     live = fmt::format("live          {} passes; stopped {:.2f} ms, for the last\n", r.rounds, r.paused_seconds * 1e3);
+  } else if (r.paused_seconds > 0) {
+    live = fmt::format("paused        {:.2f} ms, while its memory was copied\n", r.paused_seconds * 1e3);
   }
   return fmt::format(
       "snapshot      {}\n"

@@ -32,9 +32,11 @@ Status check_process_ranges(const std::vector<ProcessRange>& ranges);
 // Captures ranges of process `pid` into `target`. The bytes are read with process_vm_readv into
 // a mapping at the same addresses in this process (the snapshot records addresses; a restore
 // maps them there), so a range this process already uses cannot be captured: a clear error.
-// The process should be stopped (SIGSTOP, a freezer cgroup) for a consistent image.
+// For a consistent image the process is paused while they are read — stopped (SIGSTOP), or with
+// `freeze` its cgroup (v2, holding it alone) frozen — and goes on while they are compressed and
+// stored (CaptureReport::paused_seconds). A process found stopped or frozen is left so.
 Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                      const CaptureOptions& options);
+                                      const CaptureOptions& options, bool freeze);
 // The same while the process runs (capture_regions_live with LiveCaptureOptions::pid): its
 // writes are tracked, and it is paused only for the last round: stopped (SIGSTOP), or with
 // `freeze`, its cgroup (v2, holding it alone) frozen.

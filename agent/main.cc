@@ -165,9 +165,9 @@ int run_query(const std::string& cmd, const std::vector<std::string>& args) {
 int run_snapshot(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent snapshot [options] TARGET   (TARGET: STORE/NAME or lazymem://HOST:PORT/NAME)");
   desc.add_options()("raw", po::value<std::string>(), "capture this raw memory file (a VM's guest memory)")(
-      "pid", po::value<int>(), "capture ranges of this process (stop it first for a consistent image, or --live)")(
+      "pid", po::value<int>(), "capture ranges of this process; it is stopped (SIGSTOP) while they are copied")(
       "live", "with --pid: capture while it runs, tracking its writes; it is stopped (SIGSTOP) for the last round only")(
-      "freeze", "with --live: pause it by freezing its cgroup (v2, holding it alone) instead of SIGSTOP; its parent sees nothing")(
+      "freeze", "with --pid: pause it by freezing its cgroup (v2, holding it alone) instead of SIGSTOP; its parent sees nothing")(
       "region", po::value<std::vector<std::string>>(), "with --pid: START-END[=NAME] in hex, as in /proc/PID/maps; repeatable")(
       "chunk-size", po::value<uint32_t>()->default_value(lazymem::kDefaultChunkSize), "bytes per chunk")(
       "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
@@ -200,9 +200,8 @@ int run_snapshot(const std::vector<std::string>& args) {
                                 "directly, with no token");
   }
   if (vm.count("live") && !vm.count("pid")) throw std::invalid_argument("--live goes with --pid (a --raw file is not running)");
-  if (vm.count("freeze") && !vm.count("live")) {
-    throw std::invalid_argument("--freeze goes with --live (it says how the process is paused for the last round; "
-                                "without --live, pause it yourself)");
+  if (vm.count("freeze") && !vm.count("pid")) {
+    throw std::invalid_argument("--freeze goes with --pid (it says how the process is paused; a --raw file is not running)");
   }
   if (vm.count("region") && !vm.count("pid")) {
     throw std::invalid_argument("--region goes with --pid (a --raw file is captured whole)");
@@ -227,7 +226,8 @@ int run_snapshot(const std::vector<std::string>& args) {
   } else {
     rep = vm.count("live") ? lazymem::agent::capture_process_live(vm["pid"].as<int>(), ranges, target, co,
                                                                   vm.count("freeze") > 0, catch_interrupts())
-                           : lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co);
+                           : lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co,
+                                                             vm.count("freeze") > 0);
   }
   if (bar) std::fprintf(stderr, "\n");
   if (!rep.ok()) throw std::runtime_error(rep.error().message());

@@ -548,10 +548,12 @@ TEST_P(LiveSnapshotTest, OfARunningProcessIsOneCut) {
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(const_cast<std::byte*>(got), want.size());
 }
+
 // The pause waits for a thread in a system call that writes the memory: the child rewrites its
 // whole region with one preadv() after another, from two files of different bytes. A signal or
 // a freeze takes effect only when such a call returns, so the snapshot must hold one file's
-// bytes throughout: a pause that returned before the call did would catch one half-done.
+// bytes throughout: a pause that returned before the call did would catch one half-done. Both
+// snapshots: live (paused for the last round) and not (paused while its memory is copied).
 TEST_P(LiveSnapshotTest, WaitsForASystemCallWritingTheMemory) {
   const bool freeze = GetParam();
   const std::string agent = env_or_empty("LAZYMEM_AGENT");
@@ -594,69 +596,32 @@ TEST_P(LiveSnapshotTest, WaitsForASystemCallWritingTheMemory) {
   if (freeze) {
     if (const std::string why = cgroup.add(pid); !why.empty()) GTEST_SKIP() << why;
   }
-  auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --live {} --region {:x}-{:x}=heap {}/live --json", agent,
-                                       pid, freeze ? "--freeze" : "", at, at + kLen, dir_.path()));
-  ASSERT_EQ(rc, 0) << out;
-  EXPECT_NE(process_state(pid), 'T') << "left stopped";
-  if (freeze) {
-    EXPECT_EQ(cgroup.file("cgroup.freeze"), "0\n") << "left frozen";
-  }
+  // Live (paused for the last round) and not (paused while it is copied).
+  for (const std::string mode : {"--live", ""}) {
+    SCOPED_TRACE("snapshot " + mode);
+    const std::string name = dir_.path() + (mode.empty() ? "/paused" : "/live");
+    auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} {} {} --region {:x}-{:x}=heap {} --json", agent, pid,
+                                         mode, freeze ? "--freeze" : "", at, at + kLen, name));
+    ASSERT_EQ(rc, 0) << out;
+    EXPECT_NE(process_state(pid), 'T') << "left stopped";
+    if (freeze) {
+      EXPECT_EQ(cgroup.file("cgroup.freeze"), "0\n") << "left frozen";
+    }
 
-  auto restored = LazyRestore::start(dir_.path() + "/live", kf_, {});
-  ASSERT_TRUE(restored.ok()) << restored.error().message();
-  const auto* got = static_cast<const char*>((*restored)->region("heap")->address);
-  const std::vector<char> want(kLen, got[0]);
-  EXPECT_TRUE(got[0] == 'a' || got[0] == 'b') << int{got[0]};
-  size_t other = 0;
-  for (size_t off = 0; off < kLen; off += kPage) {
-    if (std::memcmp(got + off, want.data() + off, kPage) != 0) ++other;
+    auto restored = LazyRestore::start(name, kf_, {});
+    ASSERT_TRUE(restored.ok()) << restored.error().message();
+    const auto* got = static_cast<const char*>((*restored)->region("heap")->address);
+    const std::vector<char> want(kLen, got[0]);
+    EXPECT_TRUE(got[0] == 'a' || got[0] == 'b') << int{got[0]};
+    size_t other = 0;
+    for (size_t off = 0; off < kLen; off += kPage) {
+      if (std::memcmp(got + off, want.data() + off, kPage) != 0) ++other;
+    }
+    EXPECT_EQ(other, 0u) << "pages of " << kLen / kPage << " not as the page at 0 (" << got[0]
+                         << "): the pause caught a preadv() half-done";
+    ASSERT_TRUE((*restored)->finish().ok());
+    ::munmap(const_cast<char*>(got), kLen);
   }
-  EXPECT_EQ(other, 0u) << "pages of " << kLen / kPage << " not as the page at 0 (" << got[0]
-                       << "): the pause caught a preadv() half-done";
-  ASSERT_TRUE((*restored)->finish().ok());
-  ::munmap(const_cast<char*>(got), kLen);
-}
-
-// Continued (SIGCONT) or thawed by someone during the pause — here by app_state, which runs in
-// it — the capture fails rather than store what may be torn.
-TEST_P(LiveSnapshotTest, FailsIfThePauseIsUndoneMeanwhile) {
-  const bool freeze = GetParam();
-  const size_t len = Obedient::kPages * kPage;
-  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(len, 69));
-  ASSERT_NE(at, 0u);
-  ::munmap(reinterpret_cast<void*>(at), len);
-  TestCgroup cgroup;  // destroyed after the child
-  Obedient child(at);
-  ASSERT_TRUE(child.order('w', 0));
-  if (freeze) {
-    if (const std::string why = cgroup.add(child.pid()); !why.empty()) GTEST_SKIP() << why;
-  }
-  LiveCaptureOptions live;
-  live.pid = child.pid();
-  live.freeze_cgroup = freeze;
-  live.app_state = [&] {
-    if (freeze) std::ofstream(cgroup.dir() + "/cgroup.freeze") << "0\n";
-    else ::kill(child.pid(), SIGCONT);
-    return std::vector<std::byte>{};
-  };
-  const CaptureRegion heap{"heap", reinterpret_cast<const void*>(at), len, PROT_READ | PROT_WRITE};
-  const char* undone = freeze ? "was thawed during the pause" : "was continued during the pause";
-  auto r = capture_regions_live(dir_.path() + "/undone", std::span(&heap, 1), {}, live, kf_);
-  ASSERT_FALSE(r.ok()) << "stored what was read from a process that ran meanwhile";
-  EXPECT_NE(r.error().message().find(undone), std::string::npos) << r.error().message();
-  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/undone"));
-  ASSERT_NE(process_state(child.pid()), 'T');
-  ASSERT_TRUE(child.order('w', 1)) << "the process broke";
-
-  // A migration's switch-over: not served.
-  MigrationOptions mo;
-  mo.precopy = live;
-  mo.listen = "127.0.0.1:0";
-  auto src = MigrationSource::start(dir_.path() + "/base", std::span(&heap, 1), {}, mo, kf_);
-  ASSERT_FALSE(src.ok()) << "served what was read from a process that ran meanwhile";
-  EXPECT_NE(src.error().message().find(undone), std::string::npos) << src.error().message();
-  ASSERT_NE(process_state(child.pid()), 'T');
-  EXPECT_TRUE(child.order('w', 2)) << "the process broke";
 }
 
 INSTANTIATE_TEST_SUITE_P(Pause, LiveSnapshotTest, ::testing::Values(false, true),
