@@ -624,6 +624,48 @@ TEST_P(LiveSnapshotTest, WaitsForASystemCallWritingTheMemory) {
   }
 }
 
+// Continued (SIGCONT) or thawed by someone during the pause — here by app_state, which runs in
+// it — the capture fails rather than store what may be torn.
+TEST_P(LiveSnapshotTest, FailsIfThePauseIsUndoneMeanwhile) {
+  const bool freeze = GetParam();
+  const size_t len = Obedient::kPages * kPage;
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(len, 69));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), len);
+  TestCgroup cgroup;  // destroyed after the child
+  Obedient child(at);
+  ASSERT_TRUE(child.order('w', 0));
+  if (freeze) {
+    if (const std::string why = cgroup.add(child.pid()); !why.empty()) GTEST_SKIP() << why;
+  }
+  LiveCaptureOptions live;
+  live.pid = child.pid();
+  live.freeze_cgroup = freeze;
+  live.app_state = [&] {
+    if (freeze) std::ofstream(cgroup.dir() + "/cgroup.freeze") << "0\n";
+    else ::kill(child.pid(), SIGCONT);
+    return std::vector<std::byte>{};
+  };
+  const CaptureRegion heap{"heap", reinterpret_cast<const void*>(at), len, PROT_READ | PROT_WRITE};
+  const char* undone = freeze ? "was thawed during the pause" : "was continued during the pause";
+  auto r = capture_regions_live(dir_.path() + "/undone", std::span(&heap, 1), {}, live, kf_);
+  ASSERT_FALSE(r.ok()) << "stored what was read from a process that ran meanwhile";
+  EXPECT_NE(r.error().message().find(undone), std::string::npos) << r.error().message();
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/undone"));
+  ASSERT_NE(process_state(child.pid()), 'T');
+  ASSERT_TRUE(child.order('w', 1)) << "the process broke";
+
+  // A migration's switch-over: not served.
+  MigrationOptions mo;
+  mo.precopy = live;
+  mo.listen = "127.0.0.1:0";
+  auto src = MigrationSource::start(dir_.path() + "/base", std::span(&heap, 1), {}, mo, kf_);
+  ASSERT_FALSE(src.ok()) << "served what was read from a process that ran meanwhile";
+  EXPECT_NE(src.error().message().find(undone), std::string::npos) << src.error().message();
+  ASSERT_NE(process_state(child.pid()), 'T');
+  EXPECT_TRUE(child.order('w', 2)) << "the process broke";
+}
+
 INSTANTIATE_TEST_SUITE_P(Pause, LiveSnapshotTest, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "Frozen" : "Stopped"; });
 
