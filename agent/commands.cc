@@ -75,7 +75,18 @@ std::vector<CaptureRegion> regions_of(const std::vector<ProcessRange>& ranges) {
 }  // namespace
 
 Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges_in, const std::string& target,
-                                      const CaptureOptions& options, bool freeze) {
+                                      const CaptureOptions& options, bool freeze,
+                                      const std::function<void()>& resumed) {
+  // Once, as soon as the process goes on, however this ends.
+  struct Resumed {
+    const std::function<void()>& call;
+    bool called = false;
+    void operator()() {
+      if (!called && call) call();
+      called = true;
+    }
+    ~Resumed() { (*this)(); }
+  } resumed_once{resumed};
   LAZYMEM_TRY(check_capture_options(options));  // before copying anything
   LAZYMEM_TRY(check_process_ranges(ranges_in));
   std::vector<AddressRange> ranges;
@@ -113,6 +124,7 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
     if (pause.still_paused) LAZYMEM_TRY(pause.still_paused());
   }
   const double paused = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
+  resumed_once();
   LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, capture_regions(target, regions_of(ranges_in), options));
   report.paused_seconds = paused;
   return report;

@@ -35,8 +35,10 @@ Status check_process_ranges(const std::vector<ProcessRange>& ranges);
 // For a consistent image the process is paused while they are read — stopped (SIGSTOP), or with
 // `freeze` its cgroup (v2, holding it alone) frozen — and goes on while they are compressed and
 // stored (CaptureReport::paused_seconds). A process found stopped or frozen is left so.
+// `resumed`, if given, is called once it goes on (or was never paused).
 Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                      const CaptureOptions& options, bool freeze);
+                                      const CaptureOptions& options, bool freeze,
+                                      const std::function<void()>& resumed = nullptr);
 // The same while the process runs (capture_regions_live with LiveCaptureOptions::pid): its
 // writes are tracked, and it is paused only for the last round: stopped (SIGSTOP), or with
 // `freeze`, its cgroup (v2, holding it alone) frozen.

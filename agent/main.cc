@@ -30,11 +30,16 @@ namespace {
 // destination has come), never in the middle of the pause; a second ends the agent at once.
 // Both are blocked in every thread (call this before any is made) and taken by the command's
 // thread when it asks.
-std::function<bool()> catch_interrupts() {
+sigset_t stop_signal_set() {
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
+  return stop_signals;
+}
+
+std::function<bool()> catch_interrupts() {
+  const sigset_t stop_signals = stop_signal_set();
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   return [stop_signals, taken = std::make_shared<bool>(false)] {
     if (*taken) return true;
@@ -162,6 +167,17 @@ int run_query(const std::string& cmd, const std::vector<std::string>& args) {
   }
 }
 
+// `snapshot --pid`: Ctrl-C or SIGTERM while the process is paused would leave it so; they are
+// held until it is resumed, then take their course (nothing is committed yet).
+lazymem::Result<lazymem::CaptureReport> capture_process_holding_interrupts(
+    pid_t pid, const std::vector<lazymem::agent::ProcessRange>& ranges, const std::string& target,
+    const lazymem::CaptureOptions& co, bool freeze) {
+  const sigset_t stop_signals = stop_signal_set();
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  return lazymem::agent::capture_process(pid, ranges, target, co, freeze,
+                                         [stop_signals] { pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr); });
+}
+
 int run_snapshot(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent snapshot [options] TARGET   (TARGET: STORE/NAME or lazymem://HOST:PORT/NAME)");
   desc.add_options()("raw", po::value<std::string>(), "capture this raw memory file (a VM's guest memory)")(
@@ -226,8 +242,8 @@ int run_snapshot(const std::vector<std::string>& args) {
   } else {
     rep = vm.count("live") ? lazymem::agent::capture_process_live(vm["pid"].as<int>(), ranges, target, co,
                                                                   vm.count("freeze") > 0, catch_interrupts())
-                           : lazymem::agent::capture_process(vm["pid"].as<int>(), ranges, target, co,
-                                                             vm.count("freeze") > 0);
+                           : capture_process_holding_interrupts(vm["pid"].as<int>(), ranges, target, co,
+                                                                vm.count("freeze") > 0);
   }
   if (bar) std::fprintf(stderr, "\n");
   if (!rep.ok()) throw std::runtime_error(rep.error().message());

@@ -462,6 +462,53 @@ TEST_F(MigrateProcessTest, RefusesRangesTheProcessDoesNotMap) {
 // acknowledged before the next) all through the capture. The snapshot must be one moment of
 // that sequence: with S the latest write it shows, every page as the writes up to S left it
 // (a write the tracking missed shows as a page older than that). Every byte is compared.
+// `snapshot --pid` stops the process while its memory is copied: a Ctrl-C then is held until it
+// is resumed, and only then ends the agent; the process is never left stopped.
+TEST_F(MigrateProcessTest, SnapshotHoldsCtrlCUntilTheProcessGoesOn) {
+  const std::string agent = env_or_empty("LAZYMEM_AGENT");
+  ASSERT_FALSE(agent.empty()) << "LAZYMEM_AGENT must be set (meson test)";
+  constexpr size_t kLen = 512u << 20;  // a copy long enough to be interrupted in
+  const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(kLen, 70));
+  ASSERT_NE(at, 0u);
+  ::munmap(reinterpret_cast<void*>(at), kLen);
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    void* m = ::mmap(reinterpret_cast<void*>(at), kLen, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (m == MAP_FAILED) _exit(3);
+    std::memset(m, 0x5a, kLen);
+    if (::write(ready[1], "r", 1) != 1) _exit(4);
+    for (;;) ::pause();
+  }
+  const KilledOnExit reap{pid};
+  ::close(ready[1]);
+  char r = 0;
+  ASSERT_EQ(::read(ready[0], &r, 1), 1) << "the child did not start";
+  ::close(ready[0]);
+  const std::string cmd = fmt::format("{} snapshot --pid {} --region {:x}-{:x}=heap {}/held >/dev/null 2>&1", agent, pid,
+                                      at, at + kLen, dir_.path());
+  FILE* snap = ::popen(cmd.c_str(), "r");
+  ASSERT_NE(snap, nullptr);
+  using namespace std::string_literals;
+  const std::string command = "snapshot\0--pid\0"s + std::to_string(pid) + "\0"s;
+  pid_t agent_pid = -1;
+  for (int i = 0; i < 20000 && (agent_pid <= 0 || process_state(pid) != 'T'); ++i) {
+    if (agent_pid <= 0) agent_pid = pid_of_command(command);
+    ::usleep(100);
+  }
+  ASSERT_GT(agent_pid, 0) << "the agent's process was not found";
+  ASSERT_EQ(process_state(pid), 'T') << "the agent never stopped the process";
+  ASSERT_EQ(::kill(agent_pid, SIGINT), 0);
+  const int status = ::pclose(snap);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGINT) << "the agent was not ended by the Ctrl-C: "
+                                                                          << status;
+  EXPECT_NE(process_state(pid), 'T') << "left stopped";
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/held")) << "a snapshot was committed";
+}
+
 class LiveSnapshotTest : public MigrateProcessTest, public ::testing::WithParamInterface<bool> {};
 
 // With GetParam(), paused by freezing its cgroup (--freeze) rather than SIGSTOP.
