@@ -229,7 +229,7 @@ Status migrate_process(const MigrateConfig& c) {
 std::string format_capture_table(const CaptureReport& r) {
   std::string live;
   if (r.rounds > 0) {
-    live = fmt::format("live          {} passes; stopped {:.2f} ms, for the last\n", r.rounds, r.paused_seconds * 1e3);
+    live = fmt::format("live          {} passes; paused {:.2f} ms, for the last\n", r.rounds, r.paused_seconds * 1e3);
   } else if (r.paused_seconds > 0) {
     live = fmt::format("paused        {:.2f} ms, while its memory was copied\n", r.paused_seconds * 1e3);
   }
