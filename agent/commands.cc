@@ -8,6 +8,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -178,17 +179,30 @@ Status migrate_process(const MigrateConfig& c) {
                r.switch_seconds * 1e3, static_cast<unsigned long long>(r.postcopy_chunks),
                double(r.postcopy_bytes) / 1048576.0);
   // Interrupted during the switch-over: called off before the wait, if no destination came yet.
+  const auto wait_until = std::chrono::steady_clock::now() + c.postcopy_timeout;
   Result<MigrationReport> done = Error(Errc::kCancelled, "interrupted");
   if (!(c.interrupted && c.interrupted())) done = (*src)->wait_postcopy(c.postcopy_timeout, c.interrupted);
   if (!done.ok()) {
-    Error why = done.error().code() == Errc::kCancelled ? Error(Errc::kCancelled, "interrupted") : done.error();
+    const bool interrupted = done.error().code() == Errc::kCancelled;
+    Error why = interrupted ? Error(Errc::kCancelled, "interrupted") : done.error();
     if ((*src)->abort().ok()) {
       return why.wrap(fmt::format("migration called off, process {} {} here", c.pid,
                                   (*src)->report().paused_here ? (c.freeze ? "thawed" : "continued") : paused));
     }
-    return why.wrap(fmt::format("process {} is left {}: a destination has read its manifest and may be running it; "
-                                "kill it (or {}) once you know which copy should run",
-                                c.pid, paused, resume_it));
+    if (interrupted) {
+      // A destination restores from here: leaving now would fail it (its pages not yet sent are
+      // here only). Served to the end; a second Ctrl-C ends the agent at once.
+      std::fprintf(stderr, "a destination is restoring process %d from here: stopping now would fail it; serving it "
+                   "to the end (Ctrl-C again to stop at once)\n", c.pid);
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(wait_until - std::chrono::steady_clock::now());
+      done = (*src)->wait_postcopy(std::max(left, std::chrono::milliseconds(1)));
+      if (!done.ok()) why = done.error();
+    }
+    if (!done.ok()) {
+      return why.wrap(fmt::format("process {} is left {}: a destination has read its manifest and may be running it; "
+                                  "kill it (or {}) once you know which copy should run",
+                                  c.pid, paused, resume_it));
+    }
   }
   if (!c.leave_stopped) {
     // The destination runs it now. The cgroup is thawed only once the kill is pending (a thawed

@@ -962,6 +962,38 @@ TEST_F(MigrateCliTest, InterruptedDuringPrecopyNeverStopsIt) {
   EXPECT_EQ(userfaultfds_of(pid_), 0);
 }
 
+// Ctrl-C once a destination restores from the agent: leaving would fail it, so the agent serves
+// it to the end (every byte compared) and exits as usual.
+TEST_F(MigrateCliTest, InterruptedWhileADestinationRestoresServesItToTheEnd) {
+  FILE* agent = start_migrate("--json --postcopy-timeout-sec 120");
+  ASSERT_NE(agent, nullptr);
+  const std::string source = source_of(agent);
+  ASSERT_FALSE(source.empty()) << stderr_text();
+  const std::vector<std::byte> stopped = read_memory(pid_, at_, kLen);
+  ASSERT_EQ(stopped.size(), kLen);
+  RestoreOptions ro;
+  ro.base = dir_.path() + "/mig";
+  ro.prefetch = false;  // nothing is fetched until touched: the agent cannot be done before the Ctrl-C
+  auto r = LazyRestore::start(source, kf_, ro);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  using namespace std::string_literals;
+  const pid_t agent_pid = pid_of_command("migrate\0--pid\0"s + std::to_string(pid_) + "\0"s);
+  ASSERT_GT(agent_pid, 0) << "the agent's process was not found";
+  ASSERT_EQ(::kill(agent_pid, SIGINT), 0);
+  for (int i = 0; i < 5000 && stderr_text().find("serving it to the end") == std::string::npos; ++i) ::usleep(1000);
+  // Asserted: touching the pages with the agent gone would fail each after the fault deadline.
+  ASSERT_NE(stderr_text().find("serving it to the end"), std::string::npos) << stderr_text();
+  ASSERT_EQ(::kill(agent_pid, 0), 0) << "the agent left";
+  const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
+  for (size_t off = 0; off < kLen; off += kPage) {
+    ASSERT_EQ(std::memcmp(got + off, stopped.data() + off, kPage), 0) << "page at offset " << off << " differs";
+  }
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(const_cast<std::byte*>(got), kLen);
+  r->reset();
+  expect_killed_after_postcopy(agent);
+}
+
 // No destination comes: the migration is called off and the process runs on, here.
 TEST_F(MigrateCliTest, CalledOffWhenNoDestinationComes) {
   FILE* agent = start_migrate("--postcopy-timeout-sec 1");
