@@ -93,27 +93,16 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
   std::vector<AddressRange> ranges;
   for (const auto& r : ranges_in) ranges.push_back({r.start, r.length});
   // Everything that can be refused is, before the process is paused.
-  LAZYMEM_TRY(sys::check_process(pid));
-  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
-  for (const AddressRange& r : ranges) {
-    const uintptr_t covered = sys::coverage(vmas, r.start, r.end()).covered_to;
-    if (covered < r.end()) {
-      return Error(Errc::kInvalidArgument, fmt::format("{:#x}-{:#x} is not mapped in process {} (see /proc/{}/maps)",
-                                                       covered, r.end(), pid, pid));
-    }
-  }
   LiveCaptureOptions how;
   how.pid = pid;
   how.freeze_cgroup = freeze;
-  if (freeze) {
-    LAZYMEM_ASSIGN_OR_RETURN(std::string cgroup, sys::cgroup_of(pid));
-    LAZYMEM_TRY(sys::check_freezable_alone(cgroup, pid));
-  }
+  LAZYMEM_TRY(check_pausable(how));
   // Copied first into a mirror at the same addresses (the snapshot records them), holding only
   // the pages the process has written, while it is paused: then it goes on while the copy is
   // compressed and stored. A process found paused is left so.
   auto mirror = ProcessMirror::create(pid, ranges);
   if (!mirror.ok()) {
+    if (mirror.error().code() != Errc::kExists) return std::move(mirror).error();
     return std::move(mirror).error().wrap("capture it from a process that does not (e.g. the application, with "
                                           "capture_regions)");
   }

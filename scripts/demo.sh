@@ -33,6 +33,18 @@ trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+# What `sed -n EXPR` finds in FILE once background process PID has printed it; empty if PID
+# exits without printing it.
+line_from() {
+  local pid=$1 file=$2 expr=$3 found=""
+  while [[ -z "$found" ]] && kill -0 "$pid" 2>/dev/null; do
+    found=$(sed -n "$expr" "$file")
+    [[ -n "$found" ]] || sleep 0.1
+  done
+  [[ -n "$found" ]] || found=$(sed -n "$expr" "$file")  # printed just before it exited
+  printf '%s' "$found"
+}
+
 step "kernel features"
 "$build/agent/lazymem-agent" check --store "$work" || {
   echo "demo: this machine cannot run lazy restores (see above)"; exit 1; }
@@ -98,11 +110,7 @@ step "6. live migration: pre-copy to the page server while records are inserted,
 source_pid=$!
 daemons+=("$source_pid")
 # Its "source: lazymem://..." line says the switch-over is done and where to restore from.
-from=""
-while [[ -z "$from" ]] && kill -0 "$source_pid" 2>/dev/null; do
-  from=$(sed -n 's/^source: //p' "$work/source.out")
-  [[ -n "$from" ]] || sleep 0.1
-done
+from=$(line_from "$source_pid" "$work/source.out" 's/^source: //p')
 sed 's/^/  source process: /' "$work/source.out"
 if [[ -z "$from" ]]; then
   wait "$source_pid" && rc=0 || rc=$?
@@ -126,11 +134,7 @@ else
   "$kv" serve --mib 128 --live-inserts-per-sec 2000 >"$work/serve.out" 2>&1 &
   serve_pid=$!
   daemons+=("$serve_pid")
-  range=""
-  while [[ -z "$range" ]] && kill -0 "$serve_pid" 2>/dev/null; do
-    range=$(sed -n 's/^serving: .*table at //p' "$work/serve.out")
-    [[ -n "$range" ]] || sleep 0.1
-  done
+  range=$(line_from "$serve_pid" "$work/serve.out" 's/^serving: .*table at //p')
   [[ -n "$range" ]] || { echo "demo: the served table did not start:"; cat "$work/serve.out"; exit 1; }
   sed 's/^/  workload: /' "$work/serve.out"
   # In a cgroup of its own, as a container's or a jailed VM's process is, it is frozen rather
@@ -146,11 +150,7 @@ else
       --token-file "$work/token" --listen 127.0.0.1:0 "${pause[@]}" >"$work/agent-migrate.out" 2>&1 &
   migrate_pid=$!
   daemons+=("$migrate_pid")
-  from=""
-  while [[ -z "$from" ]] && kill -0 "$migrate_pid" 2>/dev/null; do
-    from=$(sed -n 's/^source: //p' "$work/agent-migrate.out")
-    [[ -n "$from" ]] || sleep 0.1
-  done
+  from=$(line_from "$migrate_pid" "$work/agent-migrate.out" 's/^source: //p')
   sed -n 's/^pre-copy/  lazymem-agent migrate: pre-copy/p' "$work/agent-migrate.out"
   if [[ -z "$from" ]]; then
     echo "demo: lazymem-agent migrate failed:"; cat "$work/agent-migrate.out"; exit 1

@@ -119,6 +119,16 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
   return writer.finish();
 }
 
+Status check_pausable(const LiveCaptureOptions& live) {
+  if (!live.freeze_cgroup) return ok_status();
+  if (live.pause || live.pid == 0) {
+    return Error(Errc::kInvalidArgument, "freeze_cgroup pauses another process (LiveCaptureOptions::pid), and replaces "
+                                         "pause and resume");
+  }
+  LAZYMEM_ASSIGN_OR_RETURN(std::string cgroup, sys::cgroup_of(live.pid));
+  return sys::check_freezable_alone(cgroup, live.pid);
+}
+
 Status check_cancelled(const LiveCaptureOptions& live) {
   if (live.cancelled && live.cancelled()) {
     return Error(Errc::kCancelled, "cancelled before the pause: the workload was not paused, nothing was committed");
@@ -135,14 +145,7 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
                                          "process, both or neither: SIGSTOP and SIGCONT): without them the last round "
                                          "could store a torn state");
   }
-  if (live.freeze_cgroup) {
-    if (live.pause || live.pid == 0) {
-      return Error(Errc::kInvalidArgument, "freeze_cgroup pauses another process (LiveCaptureOptions::pid), and "
-                                           "replaces pause and resume");
-    }
-    LAZYMEM_ASSIGN_OR_RETURN(std::string cgroup, sys::cgroup_of(live.pid));
-    LAZYMEM_TRY(sys::check_freezable_alone(cgroup, live.pid));
-  }
+  LAZYMEM_TRY(check_pausable(live));
   std::vector<AddressRange> ranges;
   for (const auto& r : regions) ranges.push_back({reinterpret_cast<uintptr_t>(r.address), r.length});
   Precopy p;

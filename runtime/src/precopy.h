@@ -39,6 +39,10 @@ struct DirtyChunks {
 };
 Result<DirtyChunks> collect_dirty_chunks(Precopy& p, std::span<const CaptureRegion> regions, uint32_t chunk_size);
 
+// What pause_workload() would refuse, said before anything is done: a cgroup to freeze that is
+// not there or does not hold the process alone.
+Status check_pausable(const LiveCaptureOptions& live);
+
 // kCancelled if LiveCaptureOptions::cancelled says so.
 Status check_cancelled(const LiveCaptureOptions& live);
 

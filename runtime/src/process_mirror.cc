@@ -23,6 +23,15 @@ const size_t kPage = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
 
 Result<ProcessMirror> ProcessMirror::create(pid_t pid, std::span<const AddressRange> ranges) {
   LAZYMEM_TRY(sys::check_process(pid));
+  // Said now, by the maps, rather than by a failed read later, once the process may be paused.
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
+  for (const AddressRange& r : ranges) {
+    const uintptr_t covered = sys::coverage(vmas, r.start, r.end()).covered_to;
+    if (covered < r.end()) {
+      return Error(Errc::kInvalidArgument, fmt::format("{:#x}-{:#x} is not mapped in process {} (see /proc/{}/maps)",
+                                                       covered, r.end(), pid, pid));
+    }
+  }
   ProcessMirror m;
   m.pid_ = pid;
   for (const AddressRange& r : ranges) {

@@ -17,8 +17,8 @@ namespace lazymem {
 
 class ProcessMirror {
  public:
-  // Maps `ranges` (page-aligned) here, zero-filled. kExists, naming the range, if this process
-  // uses any of those addresses itself.
+  // Maps `ranges` (page-aligned) here, zero-filled. kInvalidArgument if one is not mapped in
+  // `pid`; kExists, naming the range, if this process uses any of those addresses itself.
   static Result<ProcessMirror> create(pid_t pid, std::span<const AddressRange> ranges);
 
   // Copies every range. Pages that read as zeros are not written here: the copy costs no more
