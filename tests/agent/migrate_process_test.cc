@@ -8,6 +8,7 @@
 #include <linux/seccomp.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -106,10 +107,12 @@ void skip_unless_possible(const KernelFeatures& kf) {
 // 4 bytes each. Each is acknowledged with one byte. Its memory: `pages` pages at `at`, filled.
 // `seccomp_kill`: a seccomp filter kills it if it calls userfaultfd(2).
 volatile sig_atomic_t g_signals_right = 0, g_signals_wrong = 0;  // the child's
+int g_signal_taken_fd = -1;  // the child's: one byte written per signal taken
 
 void count_signal(int, siginfo_t* info, void*) {
   if (info->si_code == SI_QUEUE && info->si_value.sival_int == 42) g_signals_right = g_signals_right + 1;
   else g_signals_wrong = g_signals_wrong + 1;
+  (void)!::write(g_signal_taken_fd, "s", 1);
 }
 
 class Obedient {
@@ -117,11 +120,12 @@ class Obedient {
   static constexpr size_t kPages = 16;
 
   explicit Obedient(uintptr_t at, size_t pages = kPages, bool seccomp_kill = false) : at_(at), pages_(pages) {
-    int cmd[2], ack[2], data[2];
-    if (::pipe(cmd) != 0 || ::pipe(ack) != 0 || ::pipe(data) != 0) return;
+    int cmd[2], ack[2], data[2], taken[2];
+    if (::pipe(cmd) != 0 || ::pipe(ack) != 0 || ::pipe(data) != 0 || ::pipe2(taken, O_NONBLOCK) != 0) return;
     pid_ = ::fork();
     if (pid_ == 0) {
       struct sigaction sa{};
+      g_signal_taken_fd = taken[1];
       sa.sa_sigaction = count_signal;
       sa.sa_flags = SA_SIGINFO | SA_RESTART;
       if (::sigaction(SIGRTMIN, &sa, nullptr) != 0) _exit(7);
@@ -167,6 +171,8 @@ class Obedient {
     ::close(cmd[0]);
     ::close(ack[1]);
     ::close(data[0]);
+    ::close(taken[1]);
+    taken_ = taken[0];
     cmd_ = cmd[1];
     ack_ = ack[0];
     data_ = data[1];
@@ -176,7 +182,7 @@ class Obedient {
       ::kill(pid_, SIGKILL);
       ::waitpid(pid_, nullptr, 0);
     }
-    for (int fd : {cmd_, ack_, data_}) if (fd >= 0) ::close(fd);
+    for (int fd : {cmd_, ack_, data_, taken_}) if (fd >= 0) ::close(fd);
   }
 
   // Sends one command and waits for its acknowledgement; false if the child is gone or broken.
@@ -199,6 +205,12 @@ class Obedient {
     }
     return {counts[0], counts[1]};
   }
+  // Waits until the child has taken a signal (its handler ran), at most `timeout_ms`.
+  bool signal_taken(int timeout_ms) {
+    pollfd p{taken_, POLLIN, 0};
+    char c = 0;
+    return ::poll(&p, 1, timeout_ms) == 1 && ::read(taken_, &c, 1) == 1;
+  }
   pid_t pid() const { return pid_; }
   AddressRange range() const { return {at_, pages_ * kPage}; }
 
@@ -206,7 +218,7 @@ class Obedient {
   uintptr_t at_;
   size_t pages_;
   pid_t pid_ = -1;
-  int cmd_ = -1, ack_ = -1, data_ = -1;
+  int cmd_ = -1, ack_ = -1, data_ = -1, taken_ = -1;
 };
 
 // A forked child, killed and reaped when the test ends however it ends.
@@ -320,14 +332,17 @@ TEST_F(MigrateProcessTest, SignalsSentMeanwhileArriveIntact) {
   Obedient child(at);
   ASSERT_TRUE(child.order('w', 0));
   std::atomic<bool> done{false};
-  std::atomic<uint32_t> sent{0}, refused{0};
+  std::atomic<uint32_t> sent{0}, refused{0}, lost{0};
   std::thread sender([&] {
-    // Paced: a queue kept full would exhaust the user's RLIMIT_SIGPENDING, which every process
-    // of that user (other tests' timers) draws on.
+    // One at a time, each sent once the last was taken: a queue kept full would exhaust the
+    // user's RLIMIT_SIGPENDING, which every process of that user (other tests' timers) draws on.
     while (!done.load()) {
-      if (::sigqueue(child.pid(), SIGRTMIN, sigval{.sival_int = 42}) == 0) ++sent;
-      else ++refused;
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
+      if (::sigqueue(child.pid(), SIGRTMIN, sigval{.sival_int = 42}) != 0) {
+        ++refused;
+        break;
+      }
+      ++sent;
+      if (!child.signal_taken(5000)) ++lost;  // held for a remote call takes milliseconds, not seconds
     }
   });
   for (int i = 0; i < 300; ++i) {
@@ -341,12 +356,8 @@ TEST_F(MigrateProcessTest, SignalsSentMeanwhileArriveIntact) {
   sender.join();
   ASSERT_GT(sent.load(), 0u);
   EXPECT_EQ(refused.load(), 0u) << "the signal queue filled up";
-  std::pair<uint32_t, uint32_t> got;
-  for (int i = 0; i < 2000; ++i) {  // queued signals are taken at the child's next return to user mode
-    got = child.signals();
-    if (got.first + got.second >= sent.load()) break;
-    ::usleep(1000);
-  }
+  EXPECT_EQ(lost.load(), 0u) << "signals never taken";
+  const std::pair<uint32_t, uint32_t> got = child.signals();
   EXPECT_EQ(got.first, sent.load()) << "signals lost";
   EXPECT_EQ(got.second, 0u) << "signals delivered with a siginfo not the sender's";
 }
@@ -381,7 +392,8 @@ TEST_F(MigrateProcessTest, AStoppedProcessIsLeftStopped) {
   Obedient child(at);
   ASSERT_TRUE(child.order('w', 0));
   ASSERT_EQ(::kill(child.pid(), SIGSTOP), 0);
-  for (int i = 0; i < 2000 && process_state(child.pid()) != 'T'; ++i) ::usleep(1000);
+  siginfo_t si{};  // its parent is told once it has stopped
+  ASSERT_EQ(::waitid(P_PID, static_cast<id_t>(child.pid()), &si, WSTOPPED), 0);
   ASSERT_EQ(process_state(child.pid()), 'T');
   auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --live --region {:x}-{:x}=heap {}/stopped", agent,
                                        child.pid(), at, at + Obedient::kPages * kPage, dir_.path()));
@@ -904,9 +916,8 @@ TEST_F(MigrateCliTest, FreezeRefusesACgroupItShares) {
 // tracer): refused at once with what to do, not after a timeout, and left frozen.
 TEST_F(MigrateCliTest, RefusesAFrozenProcessAtOnce) {
   if (const std::string why = cgroup_.add(pid_); !why.empty()) GTEST_SKIP() << why;
-  std::ofstream(cgroup_.dir() + "/cgroup.freeze") << "1\n";
-  for (int i = 0; i < 5000 && cgroup_.file("cgroup.events").find("frozen 1") == std::string::npos; ++i) ::usleep(1000);
-  ASSERT_NE(cgroup_.file("cgroup.events").find("frozen 1"), std::string::npos) << "could not freeze it";
+  auto frozen = sys::freeze_cgroup(cgroup_.dir(), pid_, std::chrono::seconds(5));  // waits for "frozen 1"
+  ASSERT_TRUE(frozen.ok()) << frozen.error().message();
   auto [out, rc] = run_cli(fmt::format("{} migrate --freeze --pid {} --region {:x}-{:x}=heap --base {}/mig", agent_,
                                        pid_, at_, at_ + kLen, dir_.path()));
   EXPECT_EQ(rc, 1) << out;
