@@ -319,6 +319,26 @@ TEST_F(MigrateTest, BetweenTwoHostsThroughAPageServer) {
   restore_and_compare(base, ro);
 }
 
+// A pre-copy written in format 1 (one zstd frame per chunk, for readers older than v2), to a
+// page server: the destination decodes the base's chunks whole and the source's raw ones, and
+// the two kinds of entry route apart as in v2.
+TEST_F(MigrateTest, FormatOneBaseThroughAPageServer) {
+  SourceSpec spec;
+  spec.capture.format_version = 1;
+  fork_source(spec);
+  const std::string base = start_page_server("127.0.0.1");
+  ASSERT_FALSE(base.empty());
+  migrate_to(base);
+  EXPECT_GT(postcopy_chunks_, 0u) << "nothing was left at the source: the writer did not race the switch-over";
+  auto m = read_manifest(dir_.path() + "/app");
+  ASSERT_TRUE(m.ok()) << m.error().message();
+  EXPECT_EQ(m->format_version, 1u);
+  size_t whole_frames = 0;
+  for (const auto& c : m->regions.at(0).chunks) whole_frames += c.codec == Codec::kZstd;
+  EXPECT_GT(whole_frames, 0u) << "the base holds no format-1 chunk";
+  restore_and_compare(base);
+}
+
 // The source dies during post-copy: the destination's accesses to the pages it held fail with
 // SIGBUS within the fault deadline, never hang, never get a wrong page; the pre-copied ones
 // were all there.
