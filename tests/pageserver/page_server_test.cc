@@ -909,6 +909,184 @@ TEST_F(PageServerTest, HostilePeersAreCutOffAndOthersKeepBeingServed) {
   EXPECT_GE(st.handshake_timeouts, 1u);
 }
 
+// A page server that answers the handshake and the manifest as a real one does, and then one
+// kind of reply malformed: a pointer of its root struct sent 1000 words past the message, which
+// Header::parse (it reads the root alone) lets through and Cap'n Proto's getters throw on.
+class HostileServer {
+ public:
+  enum class Mangles { kHello, kList, kChunks };
+  HostileServer(Mangles what, std::string manifest) : what_(what), manifest_(std::move(manifest)) {
+    auto l = net::listen_tcp("hostile", "127.0.0.1:0", 16);
+    if (!l.ok()) throw std::runtime_error(l.error().message());
+    listener_ = std::move(*l);
+    ::pipe2(stop_, O_CLOEXEC);
+    thread_ = std::thread([this] { run(); });
+  }
+  ~HostileServer() {
+    (void)!::write(stop_[1], "x", 1);
+    thread_.join();
+    ::close(stop_[0]);
+    ::close(stop_[1]);
+  }
+  uint16_t port() const { return listener_.port; }
+  int mangled() const { return mangled_.load(); }
+
+ private:
+  struct Conn {
+    sys::UniqueFd fd;
+    net::FrameBuffer in;
+  };
+  void run() {
+    std::vector<std::unique_ptr<Conn>> conns;
+    for (;;) {
+      std::vector<pollfd> p{{stop_[0], POLLIN, 0}, {listener_.fd.get(), POLLIN, 0}};
+      for (auto& c : conns) p.push_back({c->fd.get(), POLLIN, 0});
+      if (::poll(p.data(), p.size(), -1) < 0) continue;
+      if (p[0].revents) return;
+      if (p[1].revents) {
+        int fd = ::accept4(listener_.fd.get(), nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd >= 0) conns.push_back(std::make_unique<Conn>(Conn{sys::UniqueFd(fd), net::FrameBuffer()}));
+      }
+      for (size_t i = 0; i < conns.size(); ++i) {
+        if (p[2 + i].revents == 0) continue;
+        if (!serve(*conns[i])) conns[i].reset();
+      }
+      std::erase(conns, nullptr);
+    }
+  }
+  bool serve(Conn& c) {
+    auto space = c.in.writable();
+    ssize_t n = ::recv(c.fd.get(), space.data(), space.size(), 0);
+    if (n <= 0) return false;
+    c.in.commit(static_cast<size_t>(n));
+    for (;;) {
+      auto f = c.in.next();
+      if (!f.ok()) return false;
+      if (!f->has_value()) return true;
+      auto h = net::Header::parse((*f)->header);
+      c.in.consume();
+      if (!h.ok()) return false;
+      auto rq = (*h)->root<proto::wire::Request>();
+      if (rq.isHello()) {
+        capnp::MallocMessageBuilder m;
+        auto r = m.initRoot<proto::wire::Reply>();
+        r.setId(rq.getId());
+        auto hello = r.initHello();
+        hello.setVersion(proto::wire::PROTOCOL_VERSION);
+        hello.setServerNonce(capnp::Data::Reader(nonce_.data(), nonce_.size()));
+        send(c, m, {}, what_ == Mangles::kHello);
+      } else if (rq.isList()) {
+        capnp::MallocMessageBuilder m;
+        auto r = m.initRoot<proto::wire::Reply>();
+        r.setId(rq.getId());
+        r.initSnapshots(1)[0].setName("snap");
+        send(c, m, {}, what_ == Mangles::kList);
+      } else if (rq.isGetManifest()) {
+        capnp::MallocMessageBuilder m;
+        auto r = m.initRoot<proto::wire::Reply>();
+        r.setId(rq.getId());
+        r.setManifest();
+        send(c, m, std::as_bytes(std::span(manifest_)), false);
+      } else if (rq.isGetChunks()) {
+        for (auto ch : rq.getGetChunks().getChunks()) {
+          capnp::MallocMessageBuilder m;
+          auto r = m.initRoot<proto::wire::Reply>();
+          r.setId(rq.getId());
+          auto id = r.initChunk();
+          id.setRegion(ch.getRegion());
+          id.setChunk(ch.getChunk());
+          id.setTag(ch.getTag());
+          send(c, m, {}, what_ == Mangles::kChunks);
+        }
+      } else {
+        capnp::MallocMessageBuilder m;
+        auto r = m.initRoot<proto::wire::Reply>();
+        r.setId(rq.getId());
+        auto e = r.initError();
+        e.setCode(proto::wire::ErrorCode::BAD_REQUEST);
+        e.setMessage("not served here");
+        if (rq.isGetPage()) e.setTag(rq.getGetPage().getTag());
+        send(c, m, {}, false);
+      }
+    }
+  }
+  void send(Conn& c, capnp::MallocMessageBuilder& m, std::span<const std::byte> payload, bool mangle) {
+    std::vector<std::byte> frame = net::encode_frame(m, static_cast<uint32_t>(payload.size()));
+    if (mangle) {
+      // After the 8-byte prefix and the segment table's word: the root pointer, then the root.
+      auto word = [&](size_t k) { return frame.data() + net::kFramePrefix + 8 * (k + 1); };
+      uint64_t root;
+      std::memcpy(&root, word(0), 8);
+      const size_t start = 1 + static_cast<size_t>(static_cast<int32_t>(root) >> 2);
+      const size_t data_words = (root >> 32) & 0xffff, pointers = root >> 48;
+      for (size_t k = start + data_words; k < start + data_words + pointers; ++k) {
+        uint64_t ptr;
+        std::memcpy(&ptr, word(k), 8);
+        if (ptr == 0 || (ptr & 3) > 1) continue;  // null, or neither a struct nor a list pointer
+        const uint32_t lo = (1000u << 2) | (ptr & 3);
+        std::memcpy(word(k), &lo, 4);
+        ++mangled_;
+      }
+    }
+    frame.insert(frame.end(), payload.begin(), payload.end());
+    (void)!::send(c.fd.get(), frame.data(), frame.size(), MSG_NOSIGNAL);
+  }
+
+  const Mangles what_;
+  const std::string manifest_;
+  const std::array<kj::byte, 32> nonce_{};
+  net::Listener listener_;
+  int stop_[2] = {-1, -1};
+  std::atomic<int> mangled_{0};
+  std::thread thread_;
+};
+
+// A reply the getters cannot read is the server's protocol error, said once, at every place a
+// client reads one: the dial's hello (a token makes the client read the nonce), a listing, and
+// chunk replies on the fault engine's thread (before, the exception went up through the engine
+// and ended the process: the agent's, or the restoring one's). The restore fails its pages
+// visibly, as for any server that cannot serve.
+TEST_F(PageServerTest, MalformedRepliesAreProtocolErrorsNotCrashes) {
+  capture(4 * kMiB, 29);
+  std::ifstream mf(dir_.path() + "/snap/" + snapshot::kManifestFile, std::ios::binary);
+  const std::string manifest{std::istreambuf_iterator<char>(mf), {}};
+  ASSERT_FALSE(manifest.empty());
+  const auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(10); };
+  auto at = [](const HostileServer& h, const std::string& name) {
+    auto loc = SnapshotLocation::parse(fmt::format("lazymem://127.0.0.1:{}/{}", h.port(), name));
+    EXPECT_TRUE(loc.ok());
+    return *loc;
+  };
+  {
+    HostileServer hostile(HostileServer::Mangles::kHello, manifest);
+    auto list = net::list_remote(at(hostile, "snap"), "a token of sixteen or more", deadline());
+    ASSERT_FALSE(list.ok());
+    EXPECT_NE(list.error().message().find("malformed message from page server"), std::string::npos)
+        << list.error().message();
+    EXPECT_GT(hostile.mangled(), 0);
+  }
+  {
+    HostileServer hostile(HostileServer::Mangles::kList, manifest);
+    auto list = net::list_remote(at(hostile, "snap"), "", deadline());
+    ASSERT_FALSE(list.ok());
+    EXPECT_NE(list.error().message().find("malformed message from page server"), std::string::npos)
+        << list.error().message();
+    EXPECT_GT(hostile.mangled(), 0);
+  }
+  HostileServer hostile(HostileServer::Mangles::kChunks, manifest);
+  RestoreOptions ro;
+  ro.fetch_attempts = 2;
+  ro.fault_deadline = std::chrono::milliseconds(3000);
+  auto r = LazyRestore::start(at(hostile, "snap").to_string(), kf_, ro);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  Status done = (*r)->wait_complete(std::chrono::seconds(60));
+  EXPECT_FALSE(done.ok()) << "every chunk reply was malformed, yet the restore completed";
+  EXPECT_TRUE((*r)->stats().failed);
+  EXPECT_GT(hostile.mangled(), 0);
+  ::munmap((*r)->regions()[0].address, len_);
+  r->reset();
+}
+
 // The server dies while a process restores from it: the process's access to a page that was
 // never fetched fails visibly (SIGBUS from UFFDIO_POISON) within the deadline, never hangs.
 TEST_F(PageServerTest, ServerDeathFailsTheFaultVisibly) {

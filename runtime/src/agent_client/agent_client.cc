@@ -29,6 +29,7 @@ namespace {
 // snapshot first, which may take up to its page-server deadline (30 s by default): waiting
 // longer than that, the client hears the agent's reason rather than a timeout of its own.
 constexpr int kAgentAnswerMs = 60000;
+constexpr std::string_view kAgent = "lazymem-agent";  // who sent a malformed reply (Header::read)
 
 // The agent opens the paths a request names in its own working directory, not ours: a relative
 // one would name another file there (another snapshot's pages served for our manifest). Local
@@ -73,20 +74,26 @@ struct AgentRestore::Impl {
       if (f->has_value()) {
         auto h = net::Header::parse((*f)->header);
         if (!h.ok()) return on_agent_gone(h.error().message());
-        auto reply = (*h)->root<pa::Reply>();
+        // Whether the restore is complete; a malformed reply is an agent gone wrong, as gone.
+        Result<bool> complete = (*h)->read(kAgent, [&]() -> Result<bool> {
+          auto reply = (*h)->root<pa::Reply>();
+          if (reply.isComplete()) return true;
+          if (reply.isFailed()) {
+            // Said here, in this process's stderr, as an in-process restore says it: the agent
+            // poisons the failed pages (the next access to one dies of SIGBUS) only once told it
+            // has been said. The rest keeps being served.
+            std::string why = fmt::format("lazymem-agent: {}", reply.getFailed().cStr());
+            fault::log_restore_failure(location, why);
+            (void)failure_seen();  // if it cannot be sent, the agent is gone: the next read says so
+            std::lock_guard lock(mu);
+            failure = Error(Errc::kIo, why);
+            cv.notify_all();
+          }
+          return false;
+        });
         buf.consume();
-        if (reply.isComplete()) return finish(std::nullopt);
-        if (reply.isFailed()) {
-          // Said here, in this process's stderr, as an in-process restore says it: the agent
-          // poisons the failed pages (the next access to one dies of SIGBUS) only once told it
-          // has been said. The rest keeps being served.
-          std::string why = fmt::format("lazymem-agent: {}", reply.getFailed().cStr());
-          fault::log_restore_failure(location, why);
-          (void)failure_seen();  // if it cannot be sent, the agent is gone: the next read says so
-          std::lock_guard lock(mu);
-          failure = Error(Errc::kIo, why);
-          cv.notify_all();
-        }
+        if (!complete.ok()) return on_agent_gone(complete.error().message());
+        if (*complete) return finish(std::nullopt);
         continue;
       }
       Status s = agent::recv_some(sock.get(), buf, fds, -1);
@@ -197,14 +204,15 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
     if (!f.ok()) return std::move(f).error();
     if (f->has_value()) {
       LAZYMEM_ASSIGN_OR_RETURN(auto h, net::Header::parse((*f)->header));
-      auto reply = h->root<pa::Reply>();
       impl->buf.consume();
-      if (reply.isError()) return Error(Errc::kInvalidArgument, fmt::format("lazymem-agent refused the restore: {}", reply.getError().cStr()));
-      if (reply.isAccepted()) {
+      LAZYMEM_TRY(h->read(kAgent, [&]() -> Status {
+        auto reply = h->root<pa::Reply>();
+        if (reply.isError()) return Error(Errc::kInvalidArgument, fmt::format("lazymem-agent refused the restore: {}", reply.getError().cStr()));
+        if (!reply.isAccepted()) return Error(Errc::kProtocol, "lazymem-agent: unexpected reply to restore");
         impl->session = reply.getAccepted();
-        break;
-      }
-      return Error(Errc::kProtocol, "lazymem-agent: unexpected reply to restore");
+        return ok_status();
+      }));
+      break;
     }
     LAZYMEM_TRY(agent::recv_some(impl->sock.get(), impl->buf, fds, kAgentAnswerMs));
   }
@@ -278,23 +286,25 @@ Status AgentFirecrackerServe::wait_event(std::chrono::milliseconds timeout) {
     if (!f.ok()) return std::move(f).error();
     if (f->has_value()) {
       LAZYMEM_ASSIGN_OR_RETURN(auto h, net::Header::parse((*f)->header));
-      auto reply = h->root<pa::Reply>();
       impl_->buf.consume();
-      if (reply.isError()) return Error(Errc::kInvalidArgument, fmt::format("lazymem-agent: {}", reply.getError().cStr()));
-      if (reply.isFailed()) return Error(Errc::kIo, fmt::format("lazymem-agent: {}", reply.getFailed().cStr()));
-      if (reply.isAccepted()) {
-        if (reply.getAccepted() != 0) impl_->session = reply.getAccepted();
-        return ok_status();
-      }
-      if (reply.isComplete()) {
-        impl_->complete = true;
-        return ok_status();
-      }
-      if (reply.isExited()) {
-        impl_->exited = true;
-        return ok_status();
-      }
-      return Error(Errc::kProtocol, "lazymem-agent: unexpected reply");
+      return h->read(kAgent, [&]() -> Status {
+        auto reply = h->root<pa::Reply>();
+        if (reply.isError()) return Error(Errc::kInvalidArgument, fmt::format("lazymem-agent: {}", reply.getError().cStr()));
+        if (reply.isFailed()) return Error(Errc::kIo, fmt::format("lazymem-agent: {}", reply.getFailed().cStr()));
+        if (reply.isAccepted()) {
+          if (reply.getAccepted() != 0) impl_->session = reply.getAccepted();
+          return ok_status();
+        }
+        if (reply.isComplete()) {
+          impl_->complete = true;
+          return ok_status();
+        }
+        if (reply.isExited()) {
+          impl_->exited = true;
+          return ok_status();
+        }
+        return Error(Errc::kProtocol, "lazymem-agent: unexpected reply");
+      });
     }
     Status s = agent::recv_some(impl_->sock.get(), impl_->buf, fds, static_cast<int>(timeout.count()));
     if (!s.ok() && s.error().code() == Errc::kPeerGone) {
@@ -325,10 +335,12 @@ Result<std::string> ask_json(const std::string& socket_path, const std::function
     if (!f.ok()) return std::move(f).error();
     if (f->has_value()) {
       LAZYMEM_ASSIGN_OR_RETURN(auto h, net::Header::parse((*f)->header));
-      auto reply = h->root<pa::Reply>();
-      if (reply.isError()) return Error(Errc::kPermission, std::string("lazymem-agent: ") + reply.getError().cStr());
-      if (reply.isJson()) return std::string(reply.getJson().cStr());
-      return Error(Errc::kProtocol, "lazymem-agent: unexpected reply");
+      return h->read(kAgent, [&]() -> Result<std::string> {
+        auto reply = h->root<pa::Reply>();
+        if (reply.isError()) return Error(Errc::kPermission, std::string("lazymem-agent: ") + reply.getError().cStr());
+        if (reply.isJson()) return std::string(reply.getJson().cStr());
+        return Error(Errc::kProtocol, "lazymem-agent: unexpected reply");
+      });
     }
     LAZYMEM_TRY(agent::recv_some(sock.get(), buf, fds, timeout_ms));
   }

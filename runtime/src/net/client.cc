@@ -113,6 +113,8 @@ Result<OwnedFrame> recv_frame(int fd, FrameBuffer& buf, Deadline deadline) {
   }
 }
 
+std::string peer(const SnapshotLocation& loc) { return "page server " + loc.to_string(); }
+
 Error reply_error(const SnapshotLocation& loc, wire::ErrorReply::Reader e) {
   Errc code = Errc::kIo;
   switch (e.getCode()) {
@@ -171,15 +173,17 @@ Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocatio
   LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(server.at(at), reply.getError());
-  if (!reply.isSnapshots()) return Error(Errc::kProtocol, "page server: unexpected reply to list");
-  std::vector<snapshot::SnapshotSummary> out;
-  for (auto s : reply.getSnapshots()) {
-    out.push_back(snapshot::SnapshotSummary{s.getName(), s.getTotalBytes(), s.getStoredBytes(), s.getRegions(),
-                                            s.getCreatedUnixNs(), std::max<uint32_t>(1, s.getFormatVersion()), ""});
-  }
-  return out;
+  return f.header->read(peer(server.at(at)), [&]() -> Result<std::vector<snapshot::SnapshotSummary>> {
+    auto reply = f.header->root<wire::Reply>();
+    if (reply.isError()) return reply_error(server.at(at), reply.getError());
+    if (!reply.isSnapshots()) return Error(Errc::kProtocol, "page server: unexpected reply to list");
+    std::vector<snapshot::SnapshotSummary> out;
+    for (auto s : reply.getSnapshots()) {
+      out.push_back(snapshot::SnapshotSummary{s.getName(), s.getTotalBytes(), s.getStoredBytes(), s.getRegions(),
+                                              s.getCreatedUnixNs(), std::max<uint32_t>(1, s.getFormatVersion()), ""});
+    }
+    return out;
+  });
 }
 
 Status remove_remote(const SnapshotLocation& loc, const std::string& token, Deadline deadline) {
@@ -192,10 +196,12 @@ Status remove_remote(const SnapshotLocation& loc, const std::string& token, Dead
   LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(loc.at(at), reply.getError());
-  if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to remove");
-  return ok_status();
+  return f.header->read(peer(loc.at(at)), [&]() -> Status {
+    auto reply = f.header->root<wire::Reply>();
+    if (reply.isError()) return reply_error(loc.at(at), reply.getError());
+    if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to remove");
+    return ok_status();
+  });
 }
 
 Result<std::string> server_stats_json(const SnapshotLocation& server, const std::string& token, Deadline deadline) {
@@ -208,28 +214,30 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
   LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(server.at(at), reply.getError());
-  if (!reply.isStats()) return Error(Errc::kProtocol, "page server: unexpected reply to stats");
-  auto st = reply.getStats();
-  nlohmann::json j = {{"connections", st.getConnections()},       {"open_connections", st.getOpenConnections()},
-                      {"requests", st.getRequests()},             {"chunks", st.getChunks()},
-                      {"bytes", st.getBytes()},                   {"errors_protocol", st.getErrorsProtocol()},
-                      {"errors_auth", st.getErrorsAuth()},        {"errors_not_found", st.getErrorsNotFound()},
-                      {"errors_range", st.getErrorsRange()},      {"errors_io", st.getErrorsIo()},
-                      {"handshake_timeouts", st.getHandshakeTimeouts()}, {"uploads", st.getUploads()},
-                      {"disk_read_bytes", st.getDiskReadBytes()},     {"cache_hits", st.getCacheHits()},
-                      {"cache_misses", st.getCacheMisses()},          {"zerocopy_sends", st.getZerocopySends()},
-                      {"zerocopy_bytes", st.getZerocopyBytes()},      {"zerocopy_copied_sends", st.getZerocopyCopiedSends()},
-                      {"zerocopy_fallbacks", st.getZerocopyFallbacks()}, {"plain_sends", st.getPlainSends()},
-                      {"plain_bytes", st.getPlainBytes()},            {"pages", st.getPages()},
-                      {"errors_corrupt", st.getErrorsCorrupt()},      {"datagram_requests", st.getDatagramRequests()},
-                      {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()},
-                      {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()},
-                      {"datagrams_on_stream", st.getDatagramsOnStream()},
-                      {"snapshots_retired", st.getSnapshotsRetired()},
-                      {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()}};
-  return j.dump();
+  return f.header->read(peer(server.at(at)), [&]() -> Result<std::string> {
+    auto reply = f.header->root<wire::Reply>();
+    if (reply.isError()) return reply_error(server.at(at), reply.getError());
+    if (!reply.isStats()) return Error(Errc::kProtocol, "page server: unexpected reply to stats");
+    auto st = reply.getStats();
+    nlohmann::json j = {{"connections", st.getConnections()},       {"open_connections", st.getOpenConnections()},
+                        {"requests", st.getRequests()},             {"chunks", st.getChunks()},
+                        {"bytes", st.getBytes()},                   {"errors_protocol", st.getErrorsProtocol()},
+                        {"errors_auth", st.getErrorsAuth()},        {"errors_not_found", st.getErrorsNotFound()},
+                        {"errors_range", st.getErrorsRange()},      {"errors_io", st.getErrorsIo()},
+                        {"handshake_timeouts", st.getHandshakeTimeouts()}, {"uploads", st.getUploads()},
+                        {"disk_read_bytes", st.getDiskReadBytes()},     {"cache_hits", st.getCacheHits()},
+                        {"cache_misses", st.getCacheMisses()},          {"zerocopy_sends", st.getZerocopySends()},
+                        {"zerocopy_bytes", st.getZerocopyBytes()},      {"zerocopy_copied_sends", st.getZerocopyCopiedSends()},
+                        {"zerocopy_fallbacks", st.getZerocopyFallbacks()}, {"plain_sends", st.getPlainSends()},
+                        {"plain_bytes", st.getPlainBytes()},            {"pages", st.getPages()},
+                        {"errors_corrupt", st.getErrorsCorrupt()},      {"datagram_requests", st.getDatagramRequests()},
+                        {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()},
+                        {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()},
+                        {"datagrams_on_stream", st.getDatagramsOnStream()},
+                        {"snapshots_retired", st.getSnapshotsRetired()},
+                        {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()}};
+    return j.dump();
+});
 }
 
 namespace {
@@ -262,9 +270,12 @@ class RemoteSink final : public snapshot::SnapshotSink {
     if (Status s = send_frame(fd_.get(), m, manifest, deadline()); !s.ok()) return lost(s.error());
     auto f = recv_frame(fd_.get(), buf_, deadline());
     if (!f.ok()) return lost(f.error());
-    auto reply = f->header->root<wire::Reply>();
-    if (reply.isError()) return reply_error(loc_, reply.getError());
-    if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to putCommit");
+    LAZYMEM_TRY(f->header->read(peer(loc_), [&]() -> Status {
+      auto reply = f->header->root<wire::Reply>();
+      if (reply.isError()) return reply_error(loc_, reply.getError());
+      if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to putCommit");
+      return ok_status();
+    }));
     fd_.reset();
     return ok_status();
   }
@@ -291,8 +302,11 @@ class RemoteSink final : public snapshot::SnapshotSink {
       buf_.commit(static_cast<size_t>(n));
       auto f = recv_frame(fd_.get(), buf_, deadline());
       if (!f.ok()) return lost(f.error());
-      auto reply = f->header->root<wire::Reply>();
-      if (reply.isError()) return reply_error(loc_, reply.getError());
+      return f->header->read(peer(loc_), [&]() -> Status {
+        auto reply = f->header->root<wire::Reply>();
+        if (reply.isError()) return reply_error(loc_, reply.getError());
+        return ok_status();
+      });
     }
     return ok_status();
   }
@@ -321,9 +335,12 @@ Result<std::unique_ptr<snapshot::SnapshotSink>> open_upload(const SnapshotLocati
   LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(to, reply.getError());
-  if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to putBegin");
+  LAZYMEM_TRY(f.header->read(peer(to), [&]() -> Status {
+    auto reply = f.header->root<wire::Reply>();
+    if (reply.isError()) return reply_error(to, reply.getError());
+    if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to putBegin");
+    return ok_status();
+  }));
   return std::unique_ptr<snapshot::SnapshotSink>(new RemoteSink(to, std::move(fd), timeout));
 }
 
@@ -392,7 +409,14 @@ class RemoteReader final : public snapshot::ChunkReader {
           LAZYMEM_TRY(recover(h.error()));
           break;
         }
-        deliver(**h, (*f)->payload, sink, delivered);
+        Status read = (*h)->read(peer(loc_.at(server_)), [&] { return deliver(**h, (*f)->payload, sink, delivered); });
+        if (!read.ok()) {
+          LAZYMEM_TRY(recover(read.error()));
+          break;
+        }
+        // A reply read whole resets the attempts, not bytes alone: a server that answers every
+        // connection with garbage must use them up like one that says nothing.
+        attempts_ = 0;
         buf_.consume();
       }
       if (pass_over_) {  // after the frames read: a reconnect may reset buf_
@@ -408,7 +432,6 @@ class RemoteReader final : public snapshot::ChunkReader {
       if (n > 0) {
         buf_.commit(static_cast<size_t>(n));
         heard_ = std::chrono::steady_clock::now();
-        attempts_ = 0;
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
@@ -561,7 +584,7 @@ class RemoteReader final : public snapshot::ChunkReader {
       drop_dialer();
       disarm_timer();
       (void)timer_fired();
-      use_socket(std::move(fd));  // attempts_ is reset by the first reply: a server that accepts and
+      use_socket(std::move(fd));  // attempts_ is reset by the first reply read: a server that accepts and
                                   // then says nothing must not keep the restore trying it forever
       std::vector<snapshot::ChunkRequest> again;
       for (const auto& [tag, rq] : in_flight_) again.push_back(rq);
@@ -643,12 +666,15 @@ class RemoteReader final : public snapshot::ChunkReader {
     return ok_status();
   }
 
-  void deliver(Header& h, std::span<const std::byte> payload, snapshot::ChunkSink& sink, size_t& delivered) {
+  // Reads one reply. Everything that can throw (what Header::read turns into an error) is read
+  // before a request leaves in_flight_, so a malformed reply loses none: the reconnect that
+  // follows asks for them all again.
+  Status deliver(Header& h, std::span<const std::byte> payload, snapshot::ChunkSink& sink, size_t& delivered) {
     auto reply = h.root<wire::Reply>();
     if (reply.isChunk()) {
       auto c = reply.getChunk();
       auto it = in_flight_.find(c.getTag());
-      if (it == in_flight_.end()) return;  // a reply to a request re-sent after a reconnect
+      if (it == in_flight_.end()) return ok_status();  // a reply to a request re-sent after a reconnect
       snapshot::ChunkRequest rq = it->second;
       in_flight_.erase(it);
       ++delivered;
@@ -657,21 +683,23 @@ class RemoteReader final : public snapshot::ChunkReader {
           payload.size() != m.regions[rq.ref.region].chunks[rq.ref.chunk].stored_length) {
         sink.on_chunk_error(rq.tag, Error(Errc::kProtocol, fmt::format("page server {}: reply does not match the "
                                                                        "request for chunk {}", loc_.at(server_).to_string(), rq.ref.chunk)));
-        return;
+        return ok_status();
       }
       sink.on_chunk(rq.tag, payload);
     } else if (reply.isError()) {
       auto e = reply.getError();
       auto it = in_flight_.find(e.getTag());
-      if (it == in_flight_.end()) return;
+      if (it == in_flight_.end()) return ok_status();
+      Error why = reply_error(loc_.at(server_), e);
       uint64_t tag = it->first;
       in_flight_.erase(it);
       ++delivered;
-      sink.on_chunk_error(tag, reply_error(loc_.at(server_), e));
+      sink.on_chunk_error(tag, std::move(why));
       // Where there are several servers, one that cannot serve a chunk is passed over: the
       // engine's retry goes to the next.
       pass_over_ |= !loc_.more_servers.empty() && another_server_may_serve(e.getCode());
     }
+    return ok_status();
   }
 
   const RemoteSource& src_;
@@ -684,7 +712,7 @@ class RemoteReader final : public snapshot::ChunkReader {
   Link link_ = Link::kReady;
   std::optional<Dialer> dialer_;
   int dialer_fd_ = -1;     // what of the dialer's is in epoll_ (watch_dialer)
-  unsigned attempts_ = 0;  // reconnects since the server last sent anything (the first try is none)
+  unsigned attempts_ = 0;  // reconnects since the server last sent a reply (the first try is none)
   size_t server_ = 0;      // the connected server's index in loc_.servers()
   size_t next_first_ = 0;  // where the next reconnect starts (Dialer::start)
   bool pass_over_ = false; // the connected server refused a chunk: reconnect to the next
@@ -716,9 +744,12 @@ Result<std::unique_ptr<RemoteSource>> RemoteSource::open(const SnapshotLocation&
   LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  auto reply = f.header->root<wire::Reply>();
-  if (reply.isError()) return reply_error(loc.at(at), reply.getError());
-  if (!reply.isManifest()) return Error(Errc::kProtocol, "page server: unexpected reply to getManifest");
+  LAZYMEM_TRY(f.header->read(peer(loc.at(at)), [&]() -> Status {
+    auto reply = f.header->root<wire::Reply>();
+    if (reply.isError()) return reply_error(loc.at(at), reply.getError());
+    if (!reply.isManifest()) return Error(Errc::kProtocol, "page server: unexpected reply to getManifest");
+    return ok_status();
+  }));
   LAZYMEM_ASSIGN_OR_RETURN(src->manifest_, snapshot::decode_manifest(f.payload, loc.to_string()));
   return src;
 }

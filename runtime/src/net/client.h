@@ -39,6 +39,8 @@ Result<OwnedFrame> recv_frame(int fd, FrameBuffer& buf, Deadline deadline);
 Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::string& token, Deadline deadline,
                                       uint64_t reads = 0, size_t first_server = 0, size_t* connected = nullptr);
 
+// "page server <location>": who a malformed reply came from (Header::read).
+std::string peer(const SnapshotLocation& loc);
 // Turns an error reply into an Error naming the server.
 Error reply_error(const SnapshotLocation& loc, proto::wire::ErrorReply::Reader e);
 

@@ -189,7 +189,7 @@ Result<bool> Dialer::step() {
         if (f->has_value()) {
           LAZYMEM_ASSIGN_OR_RETURN(auto h, Header::parse((*f)->header));
           in_.consume();
-          LAZYMEM_ASSIGN_OR_RETURN(bool done, on_reply(*h));
+          LAZYMEM_ASSIGN_OR_RETURN(bool done, h->read(peer(loc_.at(server())), [&] { return on_reply(*h); }));
           if (done) return true;
           continue;
         }

@@ -50,6 +50,10 @@ Result<std::unique_ptr<Header>> Header::parse(std::span<const std::byte> bytes) 
   return h;
 }
 
+Error Header::malformed(std::string_view peer, const kj::Exception& e) {
+  return Error(Errc::kProtocol, fmt::format("malformed message from {}: {}", peer, e.getDescription().cStr()));
+}
+
 Result<std::span<const std::byte>> request_datagram_header(std::span<const std::byte> datagram) {
   if (datagram.size() < kFramePrefix) return Error(Errc::kProtocol, "datagram shorter than a frame prefix");
   const uint32_t header_len = get_le32(datagram.data()), payload_len = get_le32(datagram.data() + 4);

@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "lazymem/result.h"
@@ -34,6 +35,19 @@ class Header {
   typename T::Reader root() {
     return reader_->getRoot<T>();
   }
+  // Runs `fields` (which reads this message and returns a Result or a Status). Cap'n Proto's
+  // getters throw on what parse() cannot see without reading every field (a pointer out of
+  // bounds, a list where a struct belongs, text without its NUL): a malformed message from
+  // `peer` becomes one protocol error here, never an exception through the caller's loop.
+  template <typename F>
+  auto read(std::string_view peer, F&& fields) -> decltype(fields()) {
+    try {
+      return fields();
+    } catch (const kj::Exception& e) {
+      return malformed(peer, e);
+    }
+  }
+  static Error malformed(std::string_view peer, const kj::Exception& e);
 
  private:
   kj::Array<capnp::word> words_;
