@@ -175,8 +175,13 @@ struct Conn {
   uint64_t reads_checksum = 0;
   std::shared_ptr<OpenSnapshot> reads;
 
-  // Bytes this connection holds: replies queued or in the kernel's hands, and reads for it.
-  size_t held() const { return out.bytes() + waiting_bytes; }
+  // Bytes of replies this connection holds: queued or in the kernel's hands, and reads for it.
+  size_t replies_held() const { return out.bytes() + waiting_bytes; }
+  // Those, and chunks asked for and not yet turned into replies, at a nominal cost each: its
+  // requests are read only while under the bound, so a flood of getChunks is bounded too, while
+  // a restore's 64 requests in flight stay far below it.
+  size_t held() const { return replies_held() + (demand.size() + prefetch.size()) * kJobCost; }
+  static constexpr size_t kJobCost = 256;
 };
 
 }  // namespace
@@ -261,13 +266,16 @@ struct PageServer::Impl {
     c.out.push(std::move(f));
   }
 
+  // An error's text may repeat what the client sent (a snapshot name of up to 64 KiB), once per
+  // chunk of a getChunks: cut at 512 bytes, a request cannot make its replies much larger than itself.
   static void build_error(capnp::MessageBuilder& m, uint64_t id, wire::ErrorCode code, const std::string& msg,
                           uint64_t tag) {
+    constexpr size_t kMaxText = 512;
     auto r = m.initRoot<wire::Reply>();
     r.setId(id);
     auto e = r.initError();
     e.setCode(code);
-    e.setMessage(msg);
+    e.setMessage(msg.size() <= kMaxText ? msg : msg.substr(0, kMaxText - 3) + "...");
     e.setTag(tag);
   }
 
@@ -1067,7 +1075,7 @@ struct PageServer::Impl {
   void serve_jobs(Conn& c) {
     c.starved = false;
 
-    while (c.held() < opt.max_queued_bytes && (!c.demand.empty() || !c.prefetch.empty())) {
+    while (c.replies_held() < opt.max_queued_bytes && (!c.demand.empty() || !c.prefetch.empty())) {
       auto& lane = c.demand.empty() ? c.prefetch : c.demand;
       const Job& j = lane.front();
       const ChunkInfo& ci = j.snap->manifest.regions[j.region].chunks[j.chunk];
@@ -1185,9 +1193,12 @@ struct PageServer::Impl {
     while (keep) {
       if (c.out.has_unsent()) keep = on_writable(c);
       if (!keep || c.out.has_unsent()) break;  // the socket is full: EPOLLOUT resumes us
-      size_t before = c.out.bytes();
+      // Requests left buffered while the connection was over its bound: no read event may come
+      // for them (the peer may have sent all it will).
+      const size_t before = c.out.bytes(), buffered = c.in.buffered();
+      keep = handle_frames(c);
       serve_jobs(c);
-      if (c.out.bytes() == before) break;  // nothing new to send (waiting for reads, or done)
+      if (c.out.bytes() == before && c.in.buffered() == buffered) break;  // nothing new (waiting for reads, or done)
     }
     if (keep && c.closing && c.out.idle() && c.waiting.empty()) keep = false;
     if (!keep) {
@@ -1232,7 +1243,7 @@ struct PageServer::Impl {
 
   // Returns false when the connection is to be closed.
   bool on_readable(Conn& c) {
-    for (int rounds = 0; rounds < 16 && c.held() < opt.max_queued_bytes; ++rounds) {
+    for (int rounds = 0; rounds < 16 && !over_bound(c); ++rounds) {
       auto space = c.in.writable();
       ssize_t n = ::recv(c.fd.get(), space.data(), space.size(), MSG_DONTWAIT);
       if (n == 0) return false;
@@ -1242,25 +1253,35 @@ struct PageServer::Impl {
       }
       c.in.commit(static_cast<size_t>(n));
       bool drained = static_cast<size_t>(n) < space.size();  // a short read: no need to ask again
-      for (;;) {
-        auto f = c.in.next();
-        if (!f.ok()) {
-          bump(st_proto);
-          log->warn("connection {}: {}; closing", c.fd.get(), f.error().message());
-          return false;
-        }
-        if (!f->has_value()) break;
-        auto h = net::Header::parse((*f)->header);
-        if (!h.ok()) {
-          bump(st_proto);
-          log->warn("connection {}: {}; closing", c.fd.get(), h.error().message());
-          return false;
-        }
-        handle(c, **h, (*f)->payload);
-        c.in.consume();
-        if (c.closing) return true;
-      }
+      if (!handle_frames(c)) return false;
       if (drained) break;  // epoll is level-triggered: more data wakes us again
+    }
+    return true;
+  }
+
+  bool over_bound(const Conn& c) const { return c.held() >= opt.max_queued_bytes; }
+
+  // Handles the whole frames buffered while the connection is under its bound: a frame's reply
+  // (a manifest, an error per chunk) is queued before the next frame is looked at, so one read
+  // of many requests cannot queue more than one reply's worth past it. The rest wait in the
+  // buffer for pump(). False: the peer broke the framing (close it).
+  bool handle_frames(Conn& c) {
+    while (!c.closing && !over_bound(c)) {
+      auto f = c.in.next();
+      if (!f.ok()) {
+        bump(st_proto);
+        log->warn("connection {}: {}; closing", c.fd.get(), f.error().message());
+        return false;
+      }
+      if (!f->has_value()) break;
+      auto h = net::Header::parse((*f)->header);
+      if (!h.ok()) {
+        bump(st_proto);
+        log->warn("connection {}: {}; closing", c.fd.get(), h.error().message());
+        return false;
+      }
+      handle(c, **h, (*f)->payload);
+      c.in.consume();
     }
     return true;
   }
@@ -1284,12 +1305,30 @@ struct PageServer::Impl {
         continue;
       }
       if (!next.fd.valid()) return;
-      int fd = next.fd.release();
+      // Full: the oldest connection still in its handshake makes room. Peers that connect and
+      // say nothing cannot keep every client out by holding each slot for the handshake
+      // timeout; authenticated connections are never dropped for a newcomer.
       if (conns.size() >= opt.max_connections) {
-        ::close(fd);
-        bump(st_refused);
-        continue;
+        int oldest = -1;
+        Clock::time_point since = Clock::time_point::max();
+        for (const auto& [cfd, c] : conns) {
+          if (!c->authed && c->opened < since) since = c->opened, oldest = cfd;
+        }
+        if (oldest >= 0) {
+          bump(st_hs);
+          close_conn(oldest);
+        }
       }
+      if (conns.size() >= opt.max_connections) {
+        bump(st_refused);
+        const auto now = Clock::now();
+        if (now >= next_refused_log) {
+          next_refused_log = now + std::chrono::seconds(1);
+          log->warn("{} connections open, the limit, every one authenticated: connections refused", conns.size());
+        }
+        continue;  // closed as it goes
+      }
+      int fd = next.fd.release();
       int one = 1;
       ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       bool zc = opt.zerocopy && ::setsockopt(fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one) == 0;

@@ -909,6 +909,120 @@ TEST_F(PageServerTest, HostilePeersAreCutOffAndOthersKeepBeingServed) {
   EXPECT_GE(st.handshake_timeouts, 1u);
 }
 
+// A hello frame as a client sends it (no token, a zero nonce): what raw-socket tests send first.
+std::vector<std::byte> hello_frame() {
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<proto::wire::Request>();
+  rq.setId(1);
+  auto h = rq.initHello();
+  h.setVersion(proto::wire::PROTOCOL_VERSION);
+  const std::array<kj::byte, 32> nonce{};
+  h.setClientNonce(capnp::Data::Reader(nonce.data(), nonce.size()));
+  return net::encode_frame(m, 0);
+}
+
+size_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  size_t pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// A peer that asks and never reads holds at most its bound (ServerOptions::max_queued_bytes) of
+// replies: its requests are read only while it is under it. Before, every request it had sent
+// was handled on reading, and each getManifest queued a copy of the manifest (thousands of them
+// in one read: hundreds of MiB from one connection).
+TEST_F(PageServerTest, APeerThatNeverReadsHoldsItsBoundNotItsRequests) {
+  capture(16 * kMiB, 25);
+  start_server();
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(10); };
+  auto fd = net::open_connection(*loc, "", deadline());
+  ASSERT_TRUE(fd.ok()) << fd.error().message();
+  constexpr int kRequests = 5000;
+  std::vector<std::byte> flood;
+  for (int i = 0; i < kRequests; ++i) {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(static_cast<uint64_t>(i) + 10);
+    rq.setGetManifest("snap");
+    auto f = net::encode_frame(m, 0);
+    flood.insert(flood.end(), f.begin(), f.end());
+  }
+  // From a thread: once the server stops reading, the rest stays in the socket (or the send
+  // waits for good): that is the point.
+  const int flood_fd = fd->get();
+  std::thread flooder([&] { (void)!::send(flood_fd, flood.data(), flood.size(), MSG_NOSIGNAL); });
+  const uint64_t before = server_->stats().requests;
+  // A whole restore from another connection: many turns of the server's loop, in each of which
+  // the flooding connection is read as far as its bound allows.
+  restore_and_compare(uri(), RestoreOptions{});
+  const uint64_t handled = server_->stats().requests - before;
+  ::shutdown(flood_fd, SHUT_RDWR);  // ends a send still waiting
+  flooder.join();
+  EXPECT_LT(handled, uint64_t{kRequests} / 2) << "the server handled the requests of a peer that reads no reply";
+}
+
+// 8 bytes announcing a 16 MiB frame make the connection hold what comes of it, not 16 MiB at
+// once: 24 such peers used to take 384 MiB of the server's memory before sending anything more.
+TEST_F(PageServerTest, AFramesAnnouncedLengthIsNotHeldBeforeItsBytesCome) {
+  capture(4 * kMiB, 26);
+  start_server();
+  std::vector<std::byte> hello_then_prefix = hello_frame();
+  const uint32_t header = 8, payload = net::kMaxPayload;
+  hello_then_prefix.resize(hello_then_prefix.size() + 8);
+  std::memcpy(hello_then_prefix.data() + hello_then_prefix.size() - 8, &header, 4);
+  std::memcpy(hello_then_prefix.data() + hello_then_prefix.size() - 4, &payload, 4);
+  const size_t rss_before = resident_bytes();
+  std::vector<sys::UniqueFd> peers;
+  for (int i = 0; i < 24; ++i) {
+    auto fd = net::dial("127.0.0.1", server_->port(), std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    ASSERT_TRUE(fd.ok()) << fd.error().message();
+    ASSERT_EQ(::send(fd->get(), hello_then_prefix.data(), hello_then_prefix.size(), MSG_NOSIGNAL),
+              static_cast<ssize_t>(hello_then_prefix.size()));
+    // Its hello answered: the server has read the prefix that came with it.
+    net::FrameBuffer in;
+    auto f = net::recv_frame(fd->get(), in, std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    ASSERT_TRUE(f.ok()) << f.error().message();
+    ASSERT_TRUE(f->header->root<proto::wire::Reply>().isHello());
+    peers.push_back(std::move(*fd));
+  }
+  const size_t grown = resident_bytes() - std::min(rss_before, resident_bytes());
+  EXPECT_LT(grown, size_t{64} << 20) << "24 announced frames made the server hold " << (grown >> 20) << " MiB";
+  restore_and_compare(uri(), RestoreOptions{});
+}
+
+// Every slot taken by peers that connect and say nothing: a client still gets in (the oldest
+// silent one makes room), without waiting for the handshake timeout.
+TEST_F(PageServerTest, SilentPeersInEverySlotDoNotLockClientsOut) {
+  capture(4 * kMiB, 27);
+  pageserver::ServerOptions o;
+  o.max_connections = 8;
+  o.handshake_timeout = std::chrono::seconds(60);
+  start_server(o);
+  std::vector<sys::UniqueFd> silent;
+  for (size_t i = 0; i < o.max_connections; ++i) {
+    auto fd = net::dial("127.0.0.1", server_->port(), std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    ASSERT_TRUE(fd.ok()) << fd.error().message();
+    silent.push_back(std::move(*fd));
+  }
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  for (int i = 0; i < 3; ++i) {
+    auto list = net::list_remote(*loc, "", std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    ASSERT_TRUE(list.ok()) << "client " << i << ": " << list.error().message();
+    ASSERT_EQ(list->size(), 1u);
+  }
+  // Each client closes when done, so only the first found every slot taken.
+  EXPECT_EQ(server_->stats().handshake_timeouts, 1u) << "one silent peer dropped for the newcomer";
+  // The oldest went first: the first silent connection is closed.
+  char c;
+  pollfd p{silent[0].get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  EXPECT_EQ(::recv(silent[0].get(), &c, 1, 0), 0);
+}
+
 // A page server that answers the handshake and the manifest as a real one does, and then one
 // kind of reply malformed: a pointer of its root struct sent 1000 words past the message, which
 // Header::parse (it reads the root alone) lets through and Cap'n Proto's getters throw on.

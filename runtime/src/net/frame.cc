@@ -88,10 +88,9 @@ Result<std::optional<FrameView>> FrameBuffer::next() {
   }
   if (plen > max_payload_) return Error(Errc::kProtocol, fmt::format("bad frame: payload length {} over {}", plen, max_payload_));
   size_t total = kFramePrefix + hlen + plen;
-  if (have < total) {
-    (void)writable(total - have);  // make room for the rest of this frame
-    return std::optional<FrameView>();
-  }
+  // Room for the rest of the frame is made as its bytes come (writable()), not here: 8 bytes
+  // announcing 16 MiB would otherwise make the connection hold them before the peer sent any.
+  if (have < total) return std::optional<FrameView>();
   pending_ = total;
   p = buf_.data() + start_;
   return std::optional<FrameView>(FrameView{{p + kFramePrefix, hlen}, {p + kFramePrefix + hlen, plen}});
