@@ -16,8 +16,10 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <deque>
 #include <filesystem>
+#include <list>
 #include <map>
 #include <optional>
 #include <set>
@@ -148,6 +150,7 @@ struct Conn {
   bool reads_corrupt = false;  // its hello said it knows ErrorCode corrupt
   bool closing = false;  // close once everything is sent (and its zero-copy completions are in)
   bool starved = false;  // waits for a free extent
+  bool committing = false;  // its upload's commit runs (Impl::Commit): nothing more is read meanwhile
   uint32_t events = EPOLLIN;  // what epoll watches for now
   net::Nonce server_nonce{};
   net::Nonce client_nonce{};
@@ -246,7 +249,28 @@ struct PageServer::Impl {
   std::deque<std::pair<Clock::time_point, std::deque<OutFrame>>> graveyard;
   std::shared_ptr<spdlog::logger> log = log::get("pageserver");
 
+  // A putCommit's fsyncs and rename (and, replacing, the old version's deletion) take as long as
+  // the disk does: ~400 ms for 512 MiB here, during which a loop that waited served nobody. They
+  // run on a thread of their own; the uploading connection reads nothing more meanwhile (its
+  // next request follows the commit), and the loop answers when commit_event says it is done.
+  // The thread owns what it uses: the connection may close meanwhile.
+  struct Commit {
+    int fd;
+    uint64_t serial, id;
+    std::string name;
+    std::unique_ptr<snapshot::SnapshotSink> sink;
+    std::vector<std::byte> manifest;
+    Status result;
+    std::atomic<bool> done{false};
+    std::thread thread;
+  };
+  std::list<std::unique_ptr<Commit>> commits;
+  sys::UniqueFd commit_event;
+
   ~Impl() {
+    for (auto& cm : commits) {
+      if (cm->thread.joinable()) cm->thread.join();  // a snapshot half renamed is not left behind
+    }
     conns.clear();
     graveyard.clear();
     reading.clear();
@@ -542,17 +566,65 @@ struct PageServer::Impl {
     }
     // putCommit: the manifest must be valid before anything appears under the name.
     auto m = snapshot::decode_manifest(payload, c.upload_name);
-    Status s = m.ok() ? c.upload->commit(payload) : Status(std::move(m).error());
-    if (!s.ok()) {
-      reply_error(c, id, wire::ErrorCode::BAD_REQUEST, s.error().message());
+    if (!m.ok()) {
+      reply_error(c, id, wire::ErrorCode::BAD_REQUEST, m.error().message());
       c.upload.reset();
       return;
     }
-    c.upload.reset();
-    if (auto old = snapshots.find(c.upload_name); old != snapshots.end()) retire(old);  // reopened on next use
-    bump(st_up);
-    log->info("upload of snapshot '{}' complete", c.upload_name);
-    reply_ok(c, id);
+    auto cm = std::make_unique<Commit>();
+    cm->fd = c.fd.get();
+    cm->serial = c.serial;
+    cm->id = id;
+    cm->name = c.upload_name;
+    cm->sink = std::move(c.upload);
+    cm->manifest.assign(payload.begin(), payload.end());
+    Commit* job = cm.get();
+    auto work = [job, event = commit_event.get()] {
+      job->result = job->sink->commit(job->manifest);
+      job->done.store(true, std::memory_order_release);
+      const uint64_t one = 1;
+      (void)!::write(event, &one, sizeof one);
+    };
+    c.committing = true;
+    commits.push_back(std::move(cm));
+    try {
+      job->thread = std::thread(work);
+    } catch (const std::system_error&) {
+      work();  // no thread to be had: the loop waits this once
+    }
+  }
+
+  // Answers the uploads whose commit is done (commit_event).
+  void on_commits_done() {
+    uint64_t junk;
+    (void)!::read(commit_event.get(), &junk, sizeof junk);
+    for (auto it = commits.begin(); it != commits.end();) {
+      Commit& cm = **it;
+      if (!cm.done.load(std::memory_order_acquire)) {
+        ++it;
+        continue;
+      }
+      if (cm.thread.joinable()) cm.thread.join();
+      if (cm.result.ok()) {
+        if (auto old = snapshots.find(cm.name); old != snapshots.end()) retire(old);  // reopened on next use
+        bump(st_up);
+        log->info("upload of snapshot '{}' complete", cm.name);
+      } else {
+        bump(st_io);
+        log->warn("upload of snapshot '{}' failed at its commit: {}", cm.name, cm.result.error().message());
+      }
+      auto c = conns.find(cm.fd);
+      if (c != conns.end() && c->second->serial == cm.serial) {  // else it closed meanwhile
+        c->second->committing = false;
+        if (cm.result.ok()) {
+          reply_ok(*c->second, cm.id);
+        } else {
+          reply_error(*c->second, cm.id, wire::ErrorCode::IO_ERROR, cm.result.error().message());
+        }
+        pump(cm.fd);
+      }
+      it = commits.erase(it);
+    }
   }
 
   void handle(Conn& c, net::Header& h, std::span<const std::byte> payload) {
@@ -1209,7 +1281,7 @@ struct PageServer::Impl {
   }
 
   void update_events(Conn& c) {
-    bool want_read = !c.closing && c.held() < opt.max_queued_bytes;
+    bool want_read = !c.closing && !c.committing && c.held() < opt.max_queued_bytes;
     uint32_t events = (want_read ? uint32_t{EPOLLIN} : 0u) | (c.out.has_unsent() ? uint32_t{EPOLLOUT} : 0u);
     if (events == c.events) return;  // a syscall saved on nearly every turn
     c.events = events;
@@ -1266,7 +1338,7 @@ struct PageServer::Impl {
   // of many requests cannot queue more than one reply's worth past it. The rest wait in the
   // buffer for pump(). False: the peer broke the framing (close it).
   bool handle_frames(Conn& c) {
-    while (!c.closing && !over_bound(c)) {
+    while (!c.closing && !c.committing && !over_bound(c)) {
       auto f = c.in.next();
       if (!f.ok()) {
         bump(st_proto);
@@ -1518,6 +1590,7 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
   }
   im.epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
   im.stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  im.commit_event.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   {
     auto ring = sys::Ring::create(static_cast<unsigned>(Impl::kMaxReads));
     if (ring.ok()) {
@@ -1533,6 +1606,8 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
   ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.listen_fd.get(), &ev);
   ev.data.fd = im.stop_fd.get();
   ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.stop_fd.get(), &ev);
+  ev.data.fd = im.commit_event.get();
+  ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.commit_event.get(), &ev);
   if (im.ring) {
     ev.data.fd = im.ring_event.get();
     ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.ring_event.get(), &ev);
@@ -1574,6 +1649,10 @@ Status PageServer::run() {
       }
       if (im.ring_event.valid() && fd == im.ring_event.get()) {
         im.on_reads_done();
+        continue;
+      }
+      if (fd == im.commit_event.get()) {
+        im.on_commits_done();
         continue;
       }
       if (im.metrics && fd == im.metrics->fd()) {

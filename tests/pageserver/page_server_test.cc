@@ -5,7 +5,9 @@
 #include <linux/userfaultfd.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <linux/fs.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -251,6 +253,120 @@ TEST_F(PageServerTest, UploadThenRestoreEveryByte) {
   ::munmap(p, len_);
   restore_and_compare(target, RestoreOptions{});
   EXPECT_EQ(server_->stats().uploads, 1u);
+}
+
+// A hello frame as a client sends it (no token, a zero nonce): what raw-socket tests send first.
+std::vector<std::byte> hello_frame() {
+  capnp::MallocMessageBuilder m;
+  auto rq = m.initRoot<proto::wire::Request>();
+  rq.setId(1);
+  auto h = rq.initHello();
+  h.setVersion(proto::wire::PROTOCOL_VERSION);
+  const std::array<kj::byte, 32> nonce{};
+  h.setClientNonce(capnp::Data::Reader(nonce.data(), nonce.size()));
+  return net::encode_frame(m, 0);
+}
+
+// A store on an ext4 image of its own, mounted through a loop device, which a test can freeze
+// (FIFREEZE): every write and fsync there then waits until it is thawed. Unmounted, thawed
+// first, when it goes.
+class FreezableStore {
+ public:
+  // "" once mounted, else why not (the test skips).
+  std::string mount(const std::string& scratch) {
+    image_ = scratch + "/store.img";
+    dir_ = scratch + "/frozen-store";
+    std::filesystem::create_directories(dir_);
+    const std::string cmd = fmt::format("truncate -s 96M {0} && mkfs.ext4 -q -F {0} >/dev/null 2>&1 && mount -o loop {0} {1} 2>/dev/null",
+                                        image_, dir_);
+    if (std::system(cmd.c_str()) != 0) return "cannot mount an ext4 image through a loop device (needs root, /dev/loop-control, mkfs.ext4)";
+    mounted_ = true;
+    fd_ = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    return fd_ >= 0 ? "" : "cannot open the mounted store";
+  }
+  ~FreezableStore() {
+    thaw();
+    if (fd_ >= 0) ::close(fd_);
+    // Lazily: a server of the test may still hold files there (an assertion ended the test early).
+    if (mounted_) (void)!std::system(fmt::format("umount -l {}", dir_).c_str());
+  }
+  bool freeze() { return frozen_ = ::ioctl(fd_, FIFREEZE, 0) == 0; }
+  void thaw() {
+    if (frozen_) ::ioctl(fd_, FITHAW, 0);
+    frozen_ = false;
+  }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  std::string image_, dir_;
+  bool mounted_ = false, frozen_ = false;
+  int fd_ = -1;
+};
+
+// An upload's commit waits on the disk (its fsyncs, the rename): it runs off the server's loop,
+// which meanwhile serves everyone else. The disk is made to wait without end here (the store's
+// filesystem frozen) while the commit is under way: another client still gets its answer; the
+// uploader gets its own once the disk goes on, and the snapshot restores whole.
+TEST_F(PageServerTest, AnUploadsCommitDoesNotHoldUpOtherClients) {
+  FreezableStore store;
+  if (std::string why = store.mount(dir_.path()); !why.empty()) GTEST_SKIP() << why;
+  capture(4 * kMiB, 30);  // in the scratch store: its files are what is uploaded
+  auto file = [&](const char* name) {
+    std::ifstream in(dir_.path() + "/snap/" + name, std::ios::binary);
+    std::string bytes{std::istreambuf_iterator<char>(in), {}};
+    std::vector<std::byte> out(bytes.size());
+    std::memcpy(out.data(), bytes.data(), bytes.size());
+    return out;
+  };
+  const std::vector<std::byte> data = file(snapshot::kDataFile), manifest = file(snapshot::kManifestFile);
+  ASSERT_FALSE(data.empty());
+  ASSERT_FALSE(manifest.empty());
+  pageserver::ServerOptions o;
+  o.store_dir = store.dir();
+  auto srv = pageserver::PageServer::listen(o);
+  ASSERT_TRUE(srv.ok()) << srv.error().message();
+  server_ = std::move(*srv);
+  thread_ = std::thread([this] { (void)server_->run(); });
+  const auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(10); };
+  auto up = net::dial("127.0.0.1", server_->port(), deadline());
+  ASSERT_TRUE(up.ok()) << up.error().message();
+  net::FrameBuffer in;
+  auto ask = [&](uint64_t id, auto fill, std::span<const std::byte> payload) {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(id);
+    fill(rq);
+    return net::send_frame(up->get(), m, payload, deadline());
+  };
+  auto answer = [&] { return net::recv_frame(up->get(), in, deadline()); };
+  const auto hello = hello_frame();
+  ASSERT_EQ(::send(up->get(), hello.data(), hello.size(), MSG_NOSIGNAL), static_cast<ssize_t>(hello.size()));
+  ASSERT_TRUE(answer().ok());
+  ASSERT_TRUE(ask(2, [](auto rq) { rq.initPutBegin().setName("up"); }, {}).ok());
+  auto begun = answer();
+  ASSERT_TRUE(begun.ok() && begun->header->root<proto::wire::Reply>().isOk());
+  ASSERT_TRUE(ask(3, [](auto rq) { rq.setPutData(); }, data).ok());
+  // Answered after the data frame: the data is written.
+  ASSERT_TRUE(ask(4, [](auto rq) { rq.setStats(); }, {}).ok());
+  auto stats = answer();
+  ASSERT_TRUE(stats.ok() && stats->header->root<proto::wire::Reply>().isStats());
+
+  ASSERT_TRUE(store.freeze()) << "FIFREEZE: " << std::strerror(errno);
+  ASSERT_TRUE(ask(5, [](auto rq) { rq.setPutCommit(); }, manifest).ok());
+  auto loc = SnapshotLocation::parse("lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/snap");
+  ASSERT_TRUE(loc.ok());
+  auto listed = net::list_remote(*loc, "", std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  EXPECT_TRUE(listed.ok()) << "another client waited for the upload's commit: " << listed.error().message();
+  pollfd p{up->get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 0), 0) << "the commit was answered while the disk could not have done it";
+  store.thaw();
+  auto committed = answer();
+  ASSERT_TRUE(committed.ok()) << committed.error().message();
+  ASSERT_TRUE(committed->header->root<proto::wire::Reply>().isOk());
+  EXPECT_EQ(server_->stats().uploads, 1u);
+  restore_and_compare("lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/up", RestoreOptions{});
+  stop_server();
+  server_.reset();  // its files closed before the store is unmounted
 }
 
 // Captured live to a server: chunks stored again are sent after the first pass, out of order,
@@ -907,18 +1023,6 @@ TEST_F(PageServerTest, HostilePeersAreCutOffAndOthersKeepBeingServed) {
   EXPECT_GE(st.errors_protocol, 3u);
   EXPECT_GE(st.errors_range, 2u);
   EXPECT_GE(st.handshake_timeouts, 1u);
-}
-
-// A hello frame as a client sends it (no token, a zero nonce): what raw-socket tests send first.
-std::vector<std::byte> hello_frame() {
-  capnp::MallocMessageBuilder m;
-  auto rq = m.initRoot<proto::wire::Request>();
-  rq.setId(1);
-  auto h = rq.initHello();
-  h.setVersion(proto::wire::PROTOCOL_VERSION);
-  const std::array<kj::byte, 32> nonce{};
-  h.setClientNonce(capnp::Data::Reader(nonce.data(), nonce.size()));
-  return net::encode_frame(m, 0);
 }
 
 size_t resident_bytes() {
