@@ -147,6 +147,7 @@ struct Conn {
   SendQueue out;
   bool hello = false;
   bool authed = false;
+  bool prove_server = false;   // its hello asked the server to prove it holds the token
   bool reads_corrupt = false;  // its hello said it knows ErrorCode corrupt
   bool closing = false;  // close once everything is sent (and its zero-copy completions are in)
   bool starved = false;  // waits for a free extent
@@ -652,6 +653,7 @@ struct PageServer::Impl {
         c.authed = opt.token.empty();
         if (c.authed) c.in.set_max_payload(net::kMaxPayload);
         c.reads_corrupt = hello.getReadsCorrupt();
+        c.prove_server = hello.getProveServer();
         c.reads_name.clear();
         c.reads_checksum = 0;
         c.reads.reset();
@@ -683,7 +685,7 @@ struct PageServer::Impl {
           capnp::MallocMessageBuilder m;
           auto r = m.initRoot<wire::Reply>();
           r.setId(id);
-          r.setOk();
+          net::fill_authenticated(r, c.prove_server, opt.token, c.server_nonce, c.client_nonce);
           queue(c, m, {});
         } else {
           bump(st_auth);

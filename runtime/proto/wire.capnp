@@ -83,6 +83,11 @@ struct Hello {
   snapshot @2 :Text;
   manifestChecksum @3 :UInt64;    # the manifest's own checksum (its header's): names the version
   readsCorrupt @4 :Bool;          # the client knows ErrorCode corrupt; older ones are sent ioError
+  # The client holds a token and wants the server to prove it holds it too: a successful
+  # authenticate is answered `authenticated` instead of `ok`. Whoever answers at an address
+  # (a port taken over after the server died, a name pointed elsewhere) supplies the manifest,
+  # and with it every page: a client with a token restores only from a server that knows it.
+  proveServer @5 :Bool;
 }
 
 struct GetChunks {
@@ -119,6 +124,8 @@ struct Reply {
     stats @7 :ServerStats;
     page @8 :PageReply;
     datagrams @9 :DatagramSession;
+    authenticated @10 :Data;      # to authenticate, when the hello asked (proveServer):
+                                  # HMAC-SHA256(token, "lazymem server" || serverNonce || clientNonce)
   }
 }
 

@@ -68,6 +68,7 @@ inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
     }
     case proto::wire::Reply::STATS: acc += r.getStats().getBytes() + r.getStats().getUploads(); break;
     case proto::wire::Reply::DATAGRAMS: acc += r.getDatagrams().getSession().size() + r.getDatagrams().getMaxPayload(); break;
+    case proto::wire::Reply::AUTHENTICATED: acc += r.getAuthenticated().size(); break;
   }
   return acc;
 }

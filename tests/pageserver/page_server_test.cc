@@ -1132,7 +1132,10 @@ TEST_F(PageServerTest, SilentPeersInEverySlotDoNotLockClientsOut) {
 // Header::parse (it reads the root alone) lets through and Cap'n Proto's getters throw on.
 class HostileServer {
  public:
-  enum class Mangles { kHello, kList, kChunks };
+  // kHello, kList, kChunks: that reply malformed. kProofWithoutToken: asks for a token, takes any
+  // MAC, and answers with a proof it cannot have made; kOkWithoutProof: answers ok, as servers
+  // did before they proved anything.
+  enum class Mangles { kHello, kList, kChunks, kProofWithoutToken, kOkWithoutProof };
   HostileServer(Mangles what, std::string manifest) : what_(what), manifest_(std::move(manifest)) {
     auto l = net::listen_tcp("hostile", "127.0.0.1:0", 16);
     if (!l.ok()) throw std::runtime_error(l.error().message());
@@ -1192,7 +1195,19 @@ class HostileServer {
         auto hello = r.initHello();
         hello.setVersion(proto::wire::PROTOCOL_VERSION);
         hello.setServerNonce(capnp::Data::Reader(nonce_.data(), nonce_.size()));
+        hello.setAuthRequired(what_ == Mangles::kProofWithoutToken || what_ == Mangles::kOkWithoutProof);
         send(c, m, {}, what_ == Mangles::kHello);
+      } else if (rq.isAuthenticate()) {
+        capnp::MallocMessageBuilder m;
+        auto r = m.initRoot<proto::wire::Reply>();
+        r.setId(rq.getId());
+        const std::array<kj::byte, 32> guess{1, 2, 3};
+        if (what_ == Mangles::kOkWithoutProof) {
+          r.setOk();
+        } else {
+          r.setAuthenticated(capnp::Data::Reader(guess.data(), guess.size()));
+        }
+        send(c, m, {}, false);
       } else if (rq.isList()) {
         capnp::MallocMessageBuilder m;
         auto r = m.initRoot<proto::wire::Reply>();
@@ -1258,6 +1273,33 @@ class HostileServer {
   std::atomic<int> mangled_{0};
   std::thread thread_;
 };
+
+// The server proves it holds the token too: a client with one restores from no server that
+// cannot (one without a token, one that takes any MAC, one that answers as servers did before
+// they proved anything), each refused at the handshake with what to do.
+TEST_F(PageServerTest, AClientWithATokenTrustsOnlyAServerThatProvesIt) {
+  capture(4 * kMiB, 23);
+  start_server();  // no token
+  const std::string token = dir_.path() + "/t.token";
+  std::ofstream(token) << "correct horse battery staple\n";
+  RestoreOptions o;
+  o.token_file = token;
+  auto tokenless = LazyRestore::start(uri(), kf_, o);
+  ASSERT_FALSE(tokenless.ok());
+  EXPECT_EQ(tokenless.error().code(), Errc::kPermission);
+  EXPECT_NE(tokenless.error().message().find("does not ask for a token"), std::string::npos)
+      << tokenless.error().message();
+  std::ifstream mf(dir_.path() + "/snap/" + snapshot::kManifestFile, std::ios::binary);
+  const std::string manifest{std::istreambuf_iterator<char>(mf), {}};
+  for (auto [mode, says] : {std::pair{HostileServer::Mangles::kProofWithoutToken, "does not hold the token"},
+                            std::pair{HostileServer::Mangles::kOkWithoutProof, "without proving it holds it"}}) {
+    HostileServer impostor(mode, manifest);
+    auto r = LazyRestore::start(fmt::format("lazymem://127.0.0.1:{}/snap", impostor.port()), kf_, o);
+    ASSERT_FALSE(r.ok()) << "restored from a server that does not know the token";
+    EXPECT_EQ(r.error().code(), Errc::kPermission);
+    EXPECT_NE(r.error().message().find(says), std::string::npos) << r.error().message();
+  }
+}
 
 // A reply the getters cannot read is the server's protocol error, said once, at every place a
 // client reads one: the dial's hello (a token makes the client read the nonce), a listing, and

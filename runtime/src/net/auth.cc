@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <string_view>
 #include <stdexcept>
 
 #include "sys/syscall_result.h"
@@ -27,15 +28,29 @@ Nonce random_nonce() {
   return n;
 }
 
-Mac auth_mac(const std::string& token, std::span<const std::byte> server_nonce, std::span<const std::byte> client_nonce) {
-  std::vector<unsigned char> msg(server_nonce.size() + client_nonce.size());
-  std::memcpy(msg.data(), server_nonce.data(), server_nonce.size());
-  std::memcpy(msg.data() + server_nonce.size(), client_nonce.data(), client_nonce.size());
+namespace {
+
+Mac hmac(const std::string& token, std::string_view label, std::span<const std::byte> server_nonce,
+         std::span<const std::byte> client_nonce) {
+  std::vector<unsigned char> msg(label.size() + server_nonce.size() + client_nonce.size());
+  std::memcpy(msg.data(), label.data(), label.size());
+  std::memcpy(msg.data() + label.size(), server_nonce.data(), server_nonce.size());
+  std::memcpy(msg.data() + label.size() + server_nonce.size(), client_nonce.data(), client_nonce.size());
   Mac out{};
   unsigned len = 0;
   HMAC(EVP_sha256(), token.data(), static_cast<int>(token.size()), msg.data(), msg.size(),
        reinterpret_cast<unsigned char*>(out.data()), &len);
   return out;
+}
+
+}  // namespace
+
+Mac auth_mac(const std::string& token, std::span<const std::byte> server_nonce, std::span<const std::byte> client_nonce) {
+  return hmac(token, "", server_nonce, client_nonce);
+}
+
+Mac server_proof(const std::string& token, std::span<const std::byte> server_nonce, std::span<const std::byte> client_nonce) {
+  return hmac(token, "lazymem server", server_nonce, client_nonce);
 }
 
 bool mac_equal(std::span<const std::byte> a, std::span<const std::byte> b) {

@@ -1,6 +1,6 @@
 // Shared-token authentication: the token never crosses the wire. The server sends a random
 // nonce, the client answers HMAC-SHA256(token, server nonce || client nonce), the server
-// compares in constant time.
+// compares in constant time and, asked to, proves it holds the token as well (server_proof).
 #pragma once
 
 #include <array>
@@ -18,6 +18,9 @@ using Mac = std::array<std::byte, 32>;
 
 Nonce random_nonce();
 Mac auth_mac(const std::string& token, std::span<const std::byte> server_nonce, std::span<const std::byte> client_nonce);
+// The server's answer: HMAC-SHA256(token, "lazymem server" || server nonce || client nonce). The
+// label keeps it from being the client's MAC of some other pair of nonces.
+Mac server_proof(const std::string& token, std::span<const std::byte> server_nonce, std::span<const std::byte> client_nonce);
 bool mac_equal(std::span<const std::byte> a, std::span<const std::byte> b);
 
 // A token file is a regular file of at most this many bytes, holding a token of at least this

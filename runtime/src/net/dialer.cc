@@ -7,6 +7,7 @@
 #include <poll.h>
 
 #include <cerrno>
+#include <cstring>
 
 #include "net/client.h"
 #include "sys/syscall_result.h"
@@ -111,13 +112,33 @@ Result<bool> Dialer::on_reply(Header& h) {
   auto reply = h.root<wire::Reply>();
   if (reply.isError()) return reply_error(loc_.at(server()), reply.getError());
   if (phase_ == Phase::kAwaitAuth) {
-    if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to authenticate");
+    // It must prove it holds the token too: whoever answers at the address supplies the
+    // manifest, and with it every page.
+    if (reply.isOk()) {
+      return Error(Errc::kPermission, fmt::format("page server {} accepted the token without proving it holds it "
+                                                  "(a lazymem older than this client): upgrade it",
+                                                  server_));
+    }
+    if (!reply.isAuthenticated()) return Error(Errc::kProtocol, "page server: unexpected reply to authenticate");
+    auto proof = reply.getAuthenticated();
+    const Mac want = server_proof(token_, server_nonce_, client_nonce_);
+    if (!mac_equal(std::span(reinterpret_cast<const std::byte*>(proof.begin()), proof.size()), want)) {
+      return Error(Errc::kPermission, fmt::format("page server {} does not hold the token: it is not the server the "
+                                                  "token is for (a port taken over, a name pointed elsewhere?)",
+                                                  server_));
+    }
     phase_ = Phase::kDone;
     return true;
   }
   if (!reply.isHello()) return Error(Errc::kProtocol, "page server: unexpected reply to hello");
   auto hr = reply.getHello();
   if (!hr.getAuthRequired()) {
+    if (!token_.empty()) {
+      return Error(Errc::kPermission,
+                   fmt::format("page server {} does not ask for a token, so it cannot prove it is the server the "
+                               "token is for: give it the same --token-file, or restore without one",
+                               server_));
+    }
     phase_ = Phase::kDone;
     return true;
   }
@@ -126,7 +147,9 @@ Result<bool> Dialer::on_reply(Header& h) {
                  fmt::format("page server {} requires a token; pass --token-file", server_));
   }
   auto sn = hr.getServerNonce();
-  Mac mac = auth_mac(token_, std::span(reinterpret_cast<const std::byte*>(sn.begin()), sn.size()), client_nonce_);
+  if (sn.size() != server_nonce_.size()) return Error(Errc::kProtocol, "page server: its nonce is not 32 bytes");
+  std::memcpy(server_nonce_.data(), sn.begin(), sn.size());
+  Mac mac = auth_mac(token_, server_nonce_, client_nonce_);
   capnp::MallocMessageBuilder m;
   auto rq = m.initRoot<wire::Request>();
   rq.setId(2);
@@ -164,6 +187,7 @@ Result<bool> Dialer::step() {
         auto h = rq.initHello();
         h.setVersion(wire::PROTOCOL_VERSION);
         h.setReadsCorrupt(true);
+        h.setProveServer(!token_.empty());
         h.setClientNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(client_nonce_.data()), client_nonce_.size()));
         if (reads_ != 0) {
           h.setSnapshot(loc_.name);

@@ -80,6 +80,7 @@ class Dialer {
   size_t out_off_ = 0;
   FrameBuffer in_;
   Nonce client_nonce_{};
+  Nonce server_nonce_{};  // from its hello: what its proof (Reply.authenticated) is checked against
 };
 
 }  // namespace lazymem::net

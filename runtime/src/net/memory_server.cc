@@ -75,6 +75,7 @@ struct Conn {
   std::deque<OutFrame> demand, prefetch;
   size_t queued_bytes = 0;  // of all of them, not sent yet
   bool hello = false, authed = false;
+  bool prove_server = false;  // its hello asked us to prove we hold the token
   bool other_version = false;  // its hello named our snapshot at another manifest checksum
   bool closing = false;        // closed once its replies are out, or after kClosingGrace
   Clock::time_point opened = Clock::now(), closing_since{};
@@ -263,6 +264,7 @@ struct MemoryServer::Impl {
     }
     c.hello = true;
     c.authed = opt.token.empty();
+    c.prove_server = h.getProveServer();
     // A restore's connections name the version they read; another name is refused per request.
     c.other_version = h.getManifestChecksum() != 0 && h.hasSnapshot() && text(h.getSnapshot()) == name &&
                       h.getManifestChecksum() != manifest.checksum;
@@ -276,9 +278,10 @@ struct MemoryServer::Impl {
   void on_authenticate(Conn& c, uint64_t id, capnp::Data::Reader mac) {
     if (authentic(opt.token, mac, c.server_nonce, c.client_nonce)) {
       c.authed = true;
-      capnp::MallocMessageBuilder m(16);
-      m.initRoot<wire::Reply>().setId(id);
-      m.getRoot<wire::Reply>().setOk();
+      capnp::MallocMessageBuilder m(32);
+      auto r = m.initRoot<wire::Reply>();
+      r.setId(id);
+      fill_authenticated(r, c.prove_server, opt.token, c.server_nonce, c.client_nonce);
       return reply(c, m);
     }
     bump(st_auth);

@@ -32,4 +32,11 @@ bool authentic(const std::string& token, capnp::Data::Reader mac, const Nonce& s
                                     auth_mac(token, server_nonce, client_nonce));
 }
 
+void fill_authenticated(wire::Reply::Builder reply, bool prove, const std::string& token, const Nonce& server_nonce,
+                        const Nonce& client_nonce) {
+  if (!prove) return reply.setOk();
+  const Mac proof = server_proof(token, server_nonce, client_nonce);
+  reply.setAuthenticated(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(proof.data()), proof.size()));
+}
+
 }  // namespace lazymem::net

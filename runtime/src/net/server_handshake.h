@@ -27,4 +27,9 @@ void fill_hello_reply(proto::wire::HelloReply::Builder reply, const Nonce& serve
 // Whether `mac` proves the peer holds `token` (always true with no token set).
 bool authentic(const std::string& token, capnp::Data::Reader mac, const Nonce& server_nonce, const Nonce& client_nonce);
 
+// The reply to a successful authenticate: `authenticated`, the server's proof, where the hello
+// asked for it (proveServer), else `ok` (older clients).
+void fill_authenticated(proto::wire::Reply::Builder reply, bool prove, const std::string& token, const Nonce& server_nonce,
+                        const Nonce& client_nonce);
+
 }  // namespace lazymem::net
