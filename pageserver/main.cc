@@ -179,18 +179,18 @@ int serve(const std::vector<std::string>& args) {
   log::get("pageserver")->info("serving {} snapshots from {} on {}:{}{}",
                                std::count_if(list->begin(), list->end(), [](const auto& s) { return s.damage.empty(); }),
                                o.store_dir, o.host,
-                               (*server)->port(), o.token.empty() ? " (no token: anyone who can connect may read)" : "");
+                               (*server)->port(), o.token.empty() ? " (no token: anyone who can connect may read, upload, replace and remove snapshots)" : "");
   // One line on stdout once connections are accepted: scripts wait for it instead of polling.
   std::printf("listening on %s:%u\n", o.host.c_str(), static_cast<unsigned>((*server)->port()));
   std::fflush(stdout);
   Status s = (*server)->run();
   auto st = (*server)->stats();
   log::get("pageserver")->info("stopped: {} connections, {} requests, {} chunks, {} pages, {} bytes; errors: {} protocol, "
-                               "{} auth, {} not-found, {} range, {} io, {} corrupt, {} handshake timeouts; datagrams: "
+                               "{} auth, {} not-found, {} range, {} io, {} corrupt, {} handshake timeouts, {} stalled; datagrams: "
                                "{} page requests, {} dropped, {} replies unsent, {} over the path MTU, {} answered on the connection",
                                st.connections, st.requests, st.chunks, st.pages, st.bytes, st.errors_protocol,
                                st.errors_auth, st.errors_not_found, st.errors_range, st.errors_io, st.errors_corrupt,
-                               st.handshake_timeouts, st.datagram_requests, st.datagrams_dropped, st.datagrams_unsent,
+                               st.handshake_timeouts, st.connections_stalled, st.datagram_requests, st.datagrams_dropped, st.datagrams_unsent,
                                st.datagrams_over_mtu, st.datagrams_on_stream);
   if (!s.ok()) throw std::runtime_error(s.error().message());
   return 0;

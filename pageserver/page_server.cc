@@ -167,6 +167,9 @@ struct Conn {
   std::deque<Waiting> waiting;
   size_t waiting_bytes = 0;
   Clock::time_point opened = Clock::now();
+  // Since when replies wait without the socket taking any (Impl::expire_stalled).
+  uint64_t sent_seen = 0;
+  Clock::time_point progress_at = Clock::now();
   // An upload in progress: dropped (and its temporary directory removed) if the connection
   // ends before putCommit, so a half-uploaded snapshot is never served.
   std::unique_ptr<snapshot::SnapshotSink> upload;
@@ -212,7 +215,7 @@ struct PageServer::Impl {
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
       st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0}, st_dgram_over_mtu{0},
-      st_dgram_on_stream{0}, st_retired{0}, st_retired_bytes{0};
+      st_dgram_on_stream{0}, st_retired{0}, st_retired_bytes{0}, st_stalled{0};
   SendCounters sends;
   // getPage by datagram: the socket (invalid: datagrams off), the live sessions (each names its
   // connection, by fd and serial), and when the last page request came (the loop polls a while).
@@ -741,6 +744,7 @@ struct PageServer::Impl {
         o.setDatagramsOnStream(st.datagrams_on_stream);
         o.setSnapshotsRetired(st.snapshots_retired);
         o.setSnapshotsRetiredBytes(st.snapshots_retired_bytes);
+        o.setConnectionsStalled(st.connections_stalled);
         o.setConnectionsRefused(st.connections_refused);
         queue(c, m, {});
         return;
@@ -1454,6 +1458,7 @@ struct PageServer::Impl {
     st.connections_refused = r(st_refused);
     st.snapshots_retired = r(st_retired);
     st.snapshots_retired_bytes = r(st_retired_bytes);
+    st.connections_stalled = r(st_stalled);
     return st;
   }
 
@@ -1486,8 +1491,29 @@ struct PageServer::Impl {
     st_retired.store(retired.size(), std::memory_order_relaxed);
     st_retired_bytes.store(held_bytes, std::memory_order_relaxed);
     expire_handshakes();
+    expire_stalled();
     bool busy = opt.cpu_latency_qos && now - last_request < std::chrono::milliseconds(100);
     return cpu_latency.set(busy) ? 100 : 1000;  // held: wake up in time to give it back
+  }
+
+  void expire_stalled() {
+    const auto now = Clock::now();
+    std::vector<int> doomed;
+    for (auto& [fd, c] : conns) {
+      // Waiting on the peer: replies unsent, or sent zero-copy and not yet released (on
+      // loopback their completions come only as the peer reads them).
+      if (c->out.idle() || c->out.sent_total() != c->sent_seen) {
+        c->sent_seen = c->out.sent_total();
+        c->progress_at = now;
+      } else if (now - c->progress_at > opt.send_stall_timeout) {
+        doomed.push_back(fd);
+      }
+    }
+    for (int fd : doomed) {
+      bump(st_stalled);
+      log->warn("connection {}: took none of its replies for {} ms; closing", fd, opt.send_stall_timeout.count());
+      close_conn(fd);
+    }
   }
 
   void expire_handshakes() {
@@ -1535,7 +1561,7 @@ std::string metrics_text(const ServerStats& st) {
   by("lazymem_pageserver_errors_total", "Requests refused or failed, by kind.", "kind",
      {{"protocol", st.errors_protocol}, {"auth", st.errors_auth}, {"not_found", st.errors_not_found},
       {"range", st.errors_range}, {"io", st.errors_io}, {"corrupt", st.errors_corrupt},
-      {"handshake_timeout", st.handshake_timeouts}});
+      {"handshake_timeout", st.handshake_timeouts}, {"send_stall", st.connections_stalled}});
   one("lazymem_pageserver_uploads_total", "counter", "Snapshots uploaded and committed.", st.uploads);
   by("lazymem_pageserver_datagrams_total", "getPage datagrams, by outcome.", "outcome",
      {{"request", st.datagram_requests}, {"dropped", st.datagrams_dropped}, {"unsent", st.datagrams_unsent},

@@ -34,6 +34,10 @@ struct ServerOptions {
   size_t max_queued_bytes = 512 << 10;
   size_t max_connections = 1024;
   std::chrono::milliseconds handshake_timeout{10000};  // a client that says nothing is closed
+  // A connection whose replies wait and which takes none of them for this long is closed: what
+  // it holds (extents pinned for its replies, up to max_queued_bytes) goes back to the others.
+  // A host that vanished without a reset, or a peer that asks and never reads.
+  std::chrono::milliseconds send_stall_timeout{30000};
   // Chunk data kept in memory after it was read (extents of 64 KiB, least recently used go
   // first). A snapshot restored on many hosts is read from disk once.
   size_t cache_bytes = 256 << 20;
@@ -83,6 +87,7 @@ struct ServerStats {
   uint64_t datagram_requests = 0;  // getPage datagrams from live sessions
   uint64_t datagrams_dropped = 0;  // malformed, no live session, or not from the session's peer
   uint64_t datagrams_unsent = 0;   // replies the UDP socket refused (the client asks again)
+  uint64_t connections_stalled = 0;  // closed after send_stall_timeout without taking a reply
   uint64_t connections_refused = 0;  // over max_connections, or no descriptor left
   uint64_t datagrams_over_mtu = 0;   // page frames over the path MTU: sent on the connection, or told to ask there
   uint64_t datagrams_on_stream = 0;  // datagram requests answered on their session's connection

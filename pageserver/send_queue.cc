@@ -74,6 +74,7 @@ SendQueue::Outcome SendQueue::send(int fd, SendCounters& counters) {
 }
 
 void SendQueue::advance(size_t n, bool zc) {
+  sent_total_ += n;
   while (n > 0) {
     OutFrame& f = frames_.front();
     size_t left = f.size() - front_off_;

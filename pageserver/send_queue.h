@@ -59,6 +59,8 @@ class SendQueue {
   bool idle() const { return frames_.empty() && inflight_.empty(); }
   // Bytes queued plus bytes held for zero-copy completions: what backpressure limits.
   size_t bytes() const { return bytes_; }
+  // Bytes the socket has taken, ever: whether the peer reads at all.
+  uint64_t sent_total() const { return sent_total_; }
   bool zerocopy() const { return zerocopy_; }
 
   enum class Outcome { kDrained, kBlocked, kError };
@@ -79,7 +81,8 @@ class SendQueue {
   void mark_done(uint32_t id);
 
   std::deque<OutFrame> frames_;
-  size_t front_off_ = 0;  // bytes of frames_.front() already sent
+  size_t front_off_ = 0;
+  uint64_t sent_total_ = 0;  // bytes of frames_.front() already sent
   size_t bytes_ = 0;
   std::deque<Inflight> inflight_;  // one per zero-copy sendmsg, ids consecutive
   uint32_t next_id_ = 0;           // the kernel numbers a socket's zero-copy sends from 0

@@ -175,7 +175,8 @@ struct ServerStats {
   datagramsOverMtu @27 :UInt64;      # page frames too big for one unfragmented datagram: onStream or useStream
   datagramsOnStream @28 :UInt64;     # datagram requests answered on their session's connection
   snapshotsRetired @29 :UInt64;      # versions replaced or removed in the store still held for restores reading them
-  snapshotsRetiredBytes @30 :UInt64; # their stored bytes: disk space a removal or replacement has not freed yet
+  snapshotsRetiredBytes @30 :UInt64;
+  connectionsStalled @31 :UInt64; # closed after taking none of their replies for the stall timeout # their stored bytes: disk space a removal or replacement has not freed yet
 }
 
 struct HelloReply {

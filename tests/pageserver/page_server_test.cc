@@ -1068,6 +1068,68 @@ TEST_F(PageServerTest, APeerThatNeverReadsHoldsItsBoundNotItsRequests) {
   EXPECT_LT(handled, uint64_t{kRequests} / 2) << "the server handled the requests of a peer that reads no reply";
 }
 
+// A peer that asks for chunks and takes none of the replies (a host gone without a reset, or a
+// peer that never reads) is closed after the stall timeout: the extents pinned for its replies
+// go back to the others. One that reads slowly is not.
+TEST_F(PageServerTest, APeerThatTakesNoReplyIsClosedAfterTheStallTimeout) {
+  capture(64 * kMiB, 31);
+  pageserver::ServerOptions o;
+  o.send_stall_timeout = std::chrono::milliseconds(300);
+  start_server(o);
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  auto manifest = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(manifest.ok()) << manifest.error().message();
+  const auto deadline = [] { return std::chrono::steady_clock::now() + std::chrono::seconds(10); };
+  auto ask_everything = [&](int fd) {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(7);
+    auto gc = rq.initGetChunks();
+    gc.setSnapshot("snap");
+    const auto& chunks = manifest->regions.at(0).chunks;
+    auto l = gc.initChunks(static_cast<unsigned>(chunks.size()));
+    for (unsigned i = 0; i < chunks.size(); ++i) {
+      l[i].setRegion(0);
+      l[i].setChunk(i);
+      l[i].setTag(i);
+    }
+    return net::send_frame(fd, m, {}, deadline());
+  };
+  // A small receive buffer: the replies fill it, and the server's send buffer, long before all
+  // of the 64 MiB went out.
+  auto stalled = net::open_connection(*loc, "", deadline());
+  ASSERT_TRUE(stalled.ok()) << stalled.error().message();
+  const int small = 64 << 10;  // fixed: no autotuning up to tcp_rmem's 32 MiB
+  ASSERT_EQ(::setsockopt(stalled->get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+  ASSERT_TRUE(ask_everything(stalled->get()).ok());
+  // The server closes it (reset: zero-copy sends may have been in flight): reading what it
+  // had taken ends in an error or end of file, within the timeout and a turn of housekeeping.
+  std::vector<char> sink(1 << 20);
+  const auto closed_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  ssize_t n = 1;
+  // Waits first, without reading: reading would be progress.
+  while (server_->stats().connections_stalled == 0 && std::chrono::steady_clock::now() < closed_by) {
+    pollfd p{stalled->get(), POLLRDHUP, 0};
+    ::poll(&p, 1, 50);
+  }
+  EXPECT_EQ(server_->stats().connections_stalled, 1u) << "a peer that took no reply for 300 ms was not closed";
+  while (n > 0) n = ::recv(stalled->get(), sink.data(), sink.size(), 0);
+  // A peer that reads, however slowly at first, is served to the end.
+  auto slow = net::open_connection(*loc, "", deadline());
+  ASSERT_TRUE(slow.ok()) << slow.error().message();
+  ASSERT_TRUE(ask_everything(slow->get()).ok());
+  net::FrameBuffer in;
+  size_t replies = 0;
+  while (replies < manifest->regions.at(0).chunks.size()) {
+    auto f = net::recv_frame(slow->get(), in, deadline());
+    ASSERT_TRUE(f.ok()) << "after " << replies << " replies: " << f.error().message();
+    ASSERT_TRUE(f->header->root<proto::wire::Reply>().isChunk());
+    ++replies;
+  }
+  EXPECT_EQ(server_->stats().connections_stalled, 1u);
+}
+
 // 8 bytes announcing a 16 MiB frame make the connection hold what comes of it, not 16 MiB at
 // once: 24 such peers used to take 384 MiB of the server's memory before sending anything more.
 TEST_F(PageServerTest, AFramesAnnouncedLengthIsNotHeldBeforeItsBytesCome) {

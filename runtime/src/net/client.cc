@@ -235,7 +235,8 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                         {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()},
                         {"datagrams_on_stream", st.getDatagramsOnStream()},
                         {"snapshots_retired", st.getSnapshotsRetired()},
-                        {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()}};
+                        {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()},
+                        {"connections_stalled", st.getConnectionsStalled()}};
     return j.dump();
 });
 }
