@@ -147,7 +147,8 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
     Impl* self = impl.get();
     to.complete_before_fork = [self] {
       self->engine->set_prefetch(self->session, true);
-      (void)self->engine->wait_complete(self->session, std::chrono::hours(24));
+      // Settled, not just failed: a child must not inherit a page still missing.
+      (void)self->engine->wait_complete(self->session, std::chrono::hours(24), fault::FaultEngine::Wait::kSettled);
     };
     LAZYMEM_ASSIGN_OR_RETURN(impl->thread_faults, fault::ThreadFaults::start(impl->source, uffd.fd(), ranges, std::move(to)));
     spec.follower = impl->thread_faults;
@@ -192,7 +193,11 @@ Status LazyRestore::wait_complete(std::chrono::milliseconds timeout) {
 
 Status LazyRestore::finish() {
   if (impl_->finished) return ok_status();
-  Status s = wait_complete();
+  // Not wait_complete(): that returns at the first failed chunk, and closing the uffd then would
+  // let the kernel zero-fill every page not yet restored. Wait until each chunk is present or
+  // failed (poisoned); the good pages of a restore with one bad chunk are all restored.
+  impl_->engine->set_prefetch(impl_->session, true);
+  Status s = impl_->engine->wait_complete(impl_->session, std::chrono::hours(24), fault::FaultEngine::Wait::kSettled);
   if (!s.ok() && s.error().code() == Errc::kTimeout) return s;  // keep serving: never abandon missing pages
   if (s.ok() && impl_->thread_faults && impl_->thread_faults->failed()) {
     s = Error(Errc::kIo, impl_->thread_faults->failure());

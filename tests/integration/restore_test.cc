@@ -409,6 +409,40 @@ TEST_F(RestoreTest, FlippedBitInChunkPoisonsInsteadOfInstalling) {
   EXPECT_EQ(WTERMSIG(status), SIGBUS);
 }
 
+// One corrupt chunk must not cost the others: finish() used to return at the first failure and
+// close the uffd while most chunks were still absent, and the kernel zero-filled them.
+TEST_F(RestoreTest, FinishAfterOneBadChunkRestoresEveryOtherPage) {
+  if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
+  capture(64 * kMiB, 1, "onebad");  // seed 1: first block is text → zstd chunks
+  auto m = read_manifest(location("onebad"));
+  ASSERT_TRUE(m.ok());
+  const ChunkInfo& c0 = m->regions[0].chunks[0];
+  ASSERT_NE(c0.codec, Codec::kZero);
+  {
+    std::fstream f(location("onebad") + "/data", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
+    char ch;
+    f.get(ch);
+    f.seekp(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
+    f.put(static_cast<char>(ch ^ 0x10));
+  }
+  RestoreOptions opts;
+  opts.prefetch = false;  // nothing fetched yet when finish() begins
+  auto r = LazyRestore::start(location("onebad"), kf_, opts);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
+  Status s = (*r)->finish();
+  EXPECT_FALSE(s.ok()) << "a corrupt chunk went unreported";
+  // Chunk 0 is poisoned (SIGBUS: FlippedBitInChunkPoisonsInsteadOfInstalling); every page after
+  // it must be the captured one.
+  size_t wrong = 0;
+  for (size_t off = kDefaultChunkSize; off < len_; off += 4096) {
+    wrong += std::memcmp(got + off, expected_.data() + off, 4096) != 0;
+  }
+  EXPECT_EQ(wrong, 0u) << "of " << (len_ - kDefaultChunkSize) / 4096 << " pages after the bad chunk";
+  ::munmap(const_cast<std::byte*>(got), len_);
+}
+
 // Without the right to use userfaultfd, the error says which right is missing and how to get it.
 TEST(RestorePermissionTest, UnprivilegedUserGetsActionableError) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch to an unprivileged user";

@@ -69,9 +69,12 @@ class LazyRestore {
   const std::vector<std::byte>& app_state() const;
   RestoreStats stats() const;
 
-  // Fetches everything still missing (turning prefetch on) and waits for it.
+  // Fetches everything still missing (turning prefetch on) and waits for it. Returns at the
+  // first chunk that cannot be had (its failure), while the rest may still be coming.
   Status wait_complete(std::chrono::milliseconds timeout = std::chrono::hours(24));
-  // wait_complete(), then unregisters the memory and stops the handler. Idempotent.
+  // Fetches everything still missing and waits until every chunk is restored or failed (its
+  // pages poisoned: SIGBUS on access), then unregisters the memory and stops the handler.
+  // Returns the first failure, if any. Idempotent.
   Status finish();
 
   struct Impl;

@@ -1107,15 +1107,18 @@ std::vector<SessionInfo> FaultEngine::sessions() const {
   return out;
 }
 
-Status FaultEngine::wait_complete(SessionId id, std::chrono::milliseconds timeout) {
+Status FaultEngine::wait_complete(SessionId id, std::chrono::milliseconds timeout, Wait until) {
   std::unique_lock lock(mu_);
   auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     auto it = sessions_.find(id);
     if (it == sessions_.end()) return Error(Errc::kNotFound, fmt::format("fault engine: no session {}", id));
     const Session& s = *it->second;
-    if (s.failed) return Error(Errc::kIo, s.failure);
-    if (s.complete) return ok_status();
+    // `complete` counts failed chunks too, once they are poisoned (check_complete). A process
+    // gone has nothing left to lose, but only kSettled callers asked to hear of that.
+    const bool settled = s.complete || (until == Wait::kSettled && s.exited);
+    if (s.failed && (until == Wait::kFirstFailure || settled)) return Error(Errc::kIo, s.failure);
+    if (settled) return ok_status();
     if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
       return Error(Errc::kTimeout, fmt::format("session {}: not complete after {} ms ({} of {} chunks present)", s.name,
                                                timeout.count(), s.chunks_present.load(), s.chunks_total));

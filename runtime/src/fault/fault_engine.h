@@ -118,9 +118,17 @@ class FaultEngine {
   std::optional<SessionInfo> session_info(SessionId id) const;
   std::vector<SessionInfo> sessions() const;
 
-  // Waits until every chunk of the session is present (kOk), a chunk failed (the failure), or
-  // the timeout passes (kTimeout).
-  Status wait_complete(SessionId id, std::chrono::milliseconds timeout);
+  enum class Wait {
+    kFirstFailure,  // return at the first failed chunk: the caller reacts to it at once
+    // Return once the session is settled: every chunk present or failed (and its pages
+    // poisoned), or its process gone. Then no page is left missing, and the uffd may be
+    // closed without the kernel zero-filling anything. A hold_failures session with a failed
+    // chunk settles only after release_failures().
+    kSettled,
+  };
+  // Waits until every chunk of the session is present (kOk), a chunk failed (the failure; with
+  // kSettled, once the rest is in too), or the timeout passes (kTimeout).
+  Status wait_complete(SessionId id, std::chrono::milliseconds timeout, Wait until = Wait::kFirstFailure);
 
   // Readable (eventfd) whenever a session completes, fails, exits or goes away: lets an event loop
   // (the agent's) react without polling. Read it to clear it, then look at sessions().
