@@ -443,6 +443,91 @@ TEST_F(RestoreTest, FinishAfterOneBadChunkRestoresEveryOtherPage) {
   ::munmap(const_cast<std::byte*>(got), len_);
 }
 
+// A zero chunk's UFFDIO_ZEROPAGE meets EAGAIN while the process has a REMOVE event queued
+// (madvise DONTNEED on another region). It used to be dropped: prefetch's cursor had passed it
+// and the restore never completed; a thread faulting on it slept for good.
+class ZeroChunksDuringMadviseTest : public RestoreTest {
+ protected:
+  static constexpr size_t kHeap = 256 * kMiB, kScratch = 16 * kMiB;
+
+  void SetUp() override {
+    RestoreTest::SetUp();
+    if (IsSkipped()) return;
+    void* hp = testing::map_for_capture(kHeap, 12);
+    void* sp = testing::map_for_capture(kScratch, 13);
+    ASSERT_NE(hp, nullptr);
+    ASSERT_NE(sp, nullptr);
+    std::memset(sp, 0x11, kScratch);
+    static_cast<char*>(hp)[kHeap - 1] = 1;  // all zero chunks but the last
+    CaptureRegion regions[2] = {{"heap", hp, kHeap, PROT_READ | PROT_WRITE}, {"scratch", sp, kScratch, PROT_READ | PROT_WRITE}};
+    auto rep = capture_regions(location("z"), std::span(regions, 2), {});
+    ASSERT_TRUE(rep.ok()) << rep.error().message();
+    ::munmap(hp, kHeap);
+    ::munmap(sp, kScratch);
+  }
+
+  // One REMOVE event per page: the engine meets a pending mapping change again and again.
+  static void drop_pages(char* scratch) {
+    for (size_t off = 0; off < kScratch; off += 4096) ::madvise(scratch + off, 4096, MADV_DONTNEED);
+  }
+
+  // With the defect, faults on the heap still install its chunks one by one: let a test that
+  // failed end rather than hang in finish().
+  static void rescue(const char* heap) {
+    for (size_t off = 0; off < kHeap; off += kDefaultChunkSize) (void)static_cast<const volatile char*>(heap)[off];
+  }
+};
+
+TEST_F(ZeroChunksDuringMadviseTest, PrefetchInstallsEveryZeroChunk) {
+  RestoreOptions opts;
+  opts.prefetch = false;  // turned on by wait_complete(), while the pages are dropped
+  auto r = LazyRestore::start(location("z"), kf_, opts);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto* heap = static_cast<char*>((*r)->region("heap")->address);
+  auto* scratch = static_cast<char*>((*r)->region("scratch")->address);
+  std::thread dropper([&] { drop_pages(scratch); });
+  Status s = (*r)->wait_complete(std::chrono::seconds(60));
+  dropper.join();
+  EXPECT_TRUE(s.ok()) << s.error().message();
+  if (!s.ok()) rescue(heap);
+  ASSERT_TRUE((*r)->finish().ok());
+  for (size_t off = 0; off + 1 < kHeap; off += 4096) ASSERT_EQ(heap[off], 0) << off;
+  EXPECT_EQ(heap[kHeap - 1], 1);
+  ::munmap(heap, kHeap);
+  ::munmap(scratch, kScratch);
+}
+
+TEST_F(ZeroChunksDuringMadviseTest, FaultingThreadIsWoken) {
+  RestoreOptions opts;
+  opts.prefetch = false;  // only the faults install the heap's chunks
+  auto r = LazyRestore::start(location("z"), kf_, opts);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto* heap = static_cast<char*>((*r)->region("heap")->address);
+  auto* scratch = static_cast<char*>((*r)->region("scratch")->address);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread dropper([&] { drop_pages(scratch); });
+  std::thread toucher([&] {
+    for (size_t off = 0; off < kHeap; off += kDefaultChunkSize) (void)static_cast<volatile char*>(heap)[off];
+    std::lock_guard lock(mu);
+    done = true;
+    cv.notify_all();
+  });
+  dropper.join();
+  bool woken;
+  {
+    std::unique_lock lock(mu);
+    woken = cv.wait_for(lock, std::chrono::seconds(60), [&] { return done; });
+  }
+  EXPECT_TRUE(woken) << "a thread faulting on a zero chunk was never woken";
+  if (!woken) (void)(*r)->wait_complete(std::chrono::seconds(60));  // prefetch's sweep wakes it
+  toucher.join();
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(heap, kHeap);
+  ::munmap(scratch, kScratch);
+}
+
 // Without the right to use userfaultfd, the error says which right is missing and how to get it.
 TEST(RestorePermissionTest, UnprivilegedUserGetsActionableError) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to switch to an unprivileged user";

@@ -29,6 +29,7 @@ using snapshot::ChunkRequest;
 constexpr uint32_t kAbsent = 0;
 constexpr uint32_t kPresent = 1;
 constexpr uint32_t kFailed = 2;
+constexpr uint32_t kZeroRetry = 3;  // a zero chunk whose install met EAGAIN: on Session::retry
 constexpr uint32_t kInFlight = 16;
 
 constexpr uint64_t kControlTag = ~uint64_t{0};
@@ -38,6 +39,7 @@ constexpr size_t kCompletionsPerPoll = 4;  // between two looks at the uffds: bo
 constexpr int kRoundsPerPoll = 16;         // then back to epoll
 constexpr size_t kZeroInstallsPerRound = 256;
 constexpr uint64_t kNoFault = ~uint64_t{0};
+constexpr uint64_t kZeroTag = ~uint64_t{0};  // a Retry of a zero chunk (no pending slot)
 
 uint64_t now_ns() { return static_cast<uint64_t>(sys::monotonic_ns()); }  // the engine counts unsigned
 
@@ -85,6 +87,15 @@ struct FaultEngine::Session {
   size_t prefetch_in_flight = 0;
   size_t prefetch_done_since_demand = 0;
   std::vector<ChunkRequest> demand_q, prefetch_q;
+  // Installs that met EAGAIN (a mapping change pending: a REMOVE/UNMAP/REMAP/FORK event queued
+  // or its process not yet resumed), done again once the events are read. Dropping one would
+  // leave its faulting thread asleep and the chunk behind prefetch's cursor for good.
+  struct Retry {
+    ChunkRef ref;
+    uint64_t tag;      // the pending slot's (fetched again), or kZeroTag
+    uint64_t fault_ns;  // a zero chunk's fault (0: prefetch), for its latency
+  };
+  std::vector<Retry> retry;
 
   uint32_t chunk_size() const { return manifest->chunk_size; }
 };
@@ -157,6 +168,7 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   InstallStatus install_range(Session& s, uint32_t region, uint64_t roff, const std::byte* data, uint64_t len);
   InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
   void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
+  void retry_installs(Session& s);
   void mark_present(Session& s, ChunkRef ref);
   void check_complete(Session& s);
   void fail_chunk(Session& s, ChunkRef ref, const Error& why);
@@ -444,7 +456,8 @@ void FaultEngine::Loop::on_fork(Session& parent, int fd) {
   uint64_t present = 0;
   for (auto& region : child->state) {
     for (auto& st : region) {
-      if (st >= kInFlight) st = kAbsent;  // the parent's fetch will not land in the child
+      // The parent's fetches and retries will not land in the child.
+      if (st >= kInFlight || st == kZeroRetry) st = kAbsent;
       if (st == kPresent) ++present;
     }
   }
@@ -638,7 +651,7 @@ bool FaultEngine::Loop::install_faulting_page(size_t slot, const ChunkInfo& info
   }
   InstallStatus is = install_range(s, ref.region, chunk_off + uint64_t{index} * lay.page_size, page.data(), page.size());
   if (is == InstallStatus::kRetry) {
-    s.demand_q.push_back(ChunkRequest{ref, tag_of(slot), true});
+    s.retry.push_back(Session::Retry{ref, tag_of(slot), 0});
     return false;
   }
   if (is == InstallStatus::kFailed) {
@@ -674,8 +687,7 @@ void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::s
   stats.add_fetched(stored_size, len);
   InstallStatus is = install(s, ref, out.data(), len, installed_page);
   if (is == InstallStatus::kRetry) {
-    // A mapping change is pending: read the events first, then fetch and install again.
-    (p->demand ? s.demand_q : s.prefetch_q).push_back(ChunkRequest{ref, tag, p->demand});
+    s.retry.push_back(Session::Retry{ref, tag, 0});  // fetched and installed again after the events
     return;
   }
   if (is == InstallStatus::kFailed) {
@@ -786,9 +798,15 @@ InstallStatus FaultEngine::Loop::install_range(Session& s, uint32_t region, uint
 
 void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns) {
   uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
-  bool was_present = s.state[ref.region][ref.chunk] == kPresent;
+  uint32_t& st = s.state[ref.region][ref.chunk];
+  bool was_present = st == kPresent;
   InstallStatus is = install(s, ref, nullptr, len);
-  if (is == InstallStatus::kRetry) return;  // the fault will come again once events are read
+  if (is == InstallStatus::kRetry) {
+    // Nobody else would: the faulting thread sleeps until woken and prefetch's cursor has passed.
+    if (st != kZeroRetry) s.retry.push_back(Session::Retry{ref, kZeroTag, by_fault ? fault_ns : 0});
+    if (!was_present) st = kZeroRetry;
+    return;
+  }
   if (is == InstallStatus::kFailed) {
     fail_chunk(s, ref, Error(Errc::kIo, "installing zero pages failed"));
     return;
@@ -798,6 +816,30 @@ void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fau
   if (!was_present) {
     stats.add_zero(len / s.manifest->regions[ref.region].page_size);
     mark_present(s, ref);
+  }
+}
+
+// Called with the session's events read: the mapping changes that made these installs fail
+// with EAGAIN have been applied (a range removed or moved meanwhile is skipped by the map).
+void FaultEngine::Loop::retry_installs(Session& s) {
+  if (s.retry.empty()) return;
+  std::vector<Session::Retry> list;
+  list.swap(s.retry);
+  for (const Session::Retry& r : list) {
+    if (r.tag == kZeroTag) {
+      uint32_t& st = s.state[r.ref.region][r.ref.chunk];
+      if (st != kZeroRetry) continue;  // installed meanwhile by a fault
+      st = kAbsent;
+      install_zero_chunk(s, r.ref, r.fault_ns != 0, r.fault_ns);
+    } else if (Pending* p = pending_of(r.tag)) {
+      // The decoded bytes are not kept (the buffer is the next chunk's): fetch them again.
+      (p->demand ? s.demand_q : s.prefetch_q).push_back(ChunkRequest{p->ref, r.tag, p->demand});
+    }
+  }
+  // Left over from swap(): keep the capacity so a burst of retries does not allocate twice.
+  if (s.retry.empty()) {
+    list.clear();
+    s.retry.swap(list);
   }
 }
 
@@ -822,6 +864,7 @@ void FaultEngine::Loop::mark_exited(Session& s) {
   log_->info("session {}: its process has exited; nothing more to serve", s.name);
   s.demand_q.clear();
   s.prefetch_q.clear();
+  s.retry.clear();
   std::lock_guard lock(e_.mu_);
   e_.cv_.notify_all();
   e_.signal_change();
@@ -920,7 +963,10 @@ void FaultEngine::Loop::run() {
     process_commands();
     more_ready_ = false;
     bool sync_reader_busy = false;
+    bool retrying = false;
     for (auto& s : live_) {
+      retry_installs(*s);  // events read by the last round came first
+      retrying |= !s->retry.empty();
       fill_prefetch(*s);
       flush(*s);
       if (s->backlog || (s->reader && s->reader->wait_fd() < 0 && s->reader->in_flight() > 0)) sync_reader_busy = true;
@@ -928,6 +974,10 @@ void FaultEngine::Loop::run() {
     int timeout = (more_ready_ || sync_reader_busy) ? 0 : -1;
     if (demand_in_flight_ > 0 && timeout != 0) timeout = 100;  // to enforce the deadline
     if (timeout == -1 && has_orphans()) timeout = 1000;          // to probe them
+    // An install met EAGAIN again although the events were read: the process applying the
+    // mapping change has not resumed yet (the kernel clears mmap_changing then, with no event
+    // to tell us). Look again shortly; this lasts as long as that thread takes to run.
+    if (retrying && (timeout == -1 || timeout > 1)) timeout = 1;
     // Keep CPUs quick to wake while fetching, and let them sleep deeply within 100 ms of the
     // last activity (we wake up to give the request back).
     constexpr uint64_t kQosLingerNs = 100'000'000;
