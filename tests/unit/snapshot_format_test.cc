@@ -10,11 +10,14 @@
 #include <fstream>
 #include <map>
 
+#include <malloc.h>
+
 #include "../common/test_data.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/manifest.h"
+#include "snapshot/read_chunks.h"
 #include "snapshot/snapshot_reader.h"
 #include "snapshot/store.h"
 
@@ -612,6 +615,51 @@ TEST_F(SnapshotFormatTest, ProgressCoversAllRegions) {
     }
   }
   EXPECT_EQ(calls.back().first, len_);
+}
+
+// A reader closed with reads in flight (a session removed mid-restore) must not free its
+// buffers while the kernel may still write into them: it used to, and the reads landed in
+// whatever malloc handed out next.
+TEST_F(SnapshotFormatTest, ReaderClosedWithReadsInFlightWritesNothingAfter) {
+  auto loc = SnapshotLocation::parse(capture("inflight"));
+  ASSERT_TRUE(loc.ok());
+  auto snap = snapshot::LocalSnapshot::open(*loc, {});
+  ASSERT_TRUE(snap.ok()) << snap.error().message();
+  if (!(*snap)->uses_uring()) GTEST_SKIP() << "no io_uring here: reads happen inside poll()";
+  std::vector<snapshot::ChunkRef> refs = snapshot::stored_chunks((*snap)->manifest());
+  // Freed buffers go back to the heap and to the next allocation of their size, as in a
+  // long-running process (not straight back to the kernel, where a late write is unseen).
+  ::mallopt(M_MMAP_THRESHOLD, 64 * 1024 * 1024);
+  struct Null final : snapshot::ChunkSink {
+    void on_chunk(uint64_t, std::span<const std::byte>) override {}
+    void on_chunk_error(uint64_t, const Error&) override {}
+  } sink;
+  int rounds_written = 0;
+  for (size_t round = 0; round < 20; ++round) {
+    std::vector<snapshot::ChunkRequest> rq;
+    for (uint64_t i = 0; i < 64; ++i) rq.push_back(snapshot::ChunkRequest{refs[(i * 61 + round * 7) % refs.size()], i, false});
+    {
+      auto reader = (*snap)->open_reader();
+      ASSERT_TRUE(reader.ok());
+      ASSERT_TRUE((*reader)->submit(rq).ok());
+    }  // closed with its reads in flight
+    const size_t size = 64 * (kDefaultChunkSize + 2 * 4096);  // the closed reader's buffers
+    void* q = nullptr;
+    ASSERT_EQ(::posix_memalign(&q, 4096, size), 0);
+    std::memset(q, 0xAA, size);
+    // The same reads again, queued behind the first: once they are back, so would the first be.
+    {
+      auto reader = (*snap)->open_reader();
+      ASSERT_TRUE(reader.ok());
+      ASSERT_TRUE((*reader)->submit(rq).ok());
+      while ((*reader)->in_flight() > 0) ASSERT_TRUE((*reader)->poll(sink, true, 64).ok());
+    }
+    size_t changed = 0;
+    for (size_t i = 0; i < size; ++i) changed += static_cast<unsigned char*>(q)[i] != 0xAA;
+    rounds_written += changed != 0;
+    std::free(q);
+  }
+  EXPECT_EQ(rounds_written, 0) << "rounds in which a closed reader's reads wrote into freed memory";
 }
 
 }  // namespace

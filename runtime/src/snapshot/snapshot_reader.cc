@@ -34,6 +34,8 @@ class AlignedArena {
     base_ = static_cast<std::byte*>(p);
   }
   ~AlignedArena() { std::free(base_); }
+  // For when the kernel may still write into the arena: never freed, so never reused.
+  void leak() { base_ = nullptr; }
   AlignedArena(const AlignedArena&) = delete;
   AlignedArena& operator=(const AlignedArena&) = delete;
   std::byte* slot(size_t i) const { return base_ + i * slot_size_; }
@@ -69,12 +71,43 @@ Error truncated(const std::string& path, uint64_t need_end, long got) {
 class UringReader final : public ChunkReader {
  public:
   UringReader(const LocalSnapshot& snap, std::unique_ptr<sys::Ring> ring, sys::UniqueFd event, size_t slots)
-      : snap_(snap), ring_(std::move(ring)), event_(std::move(event)),
-        arena_(slots, align_up(snap.manifest().chunk_size) + 2 * kAlign), tags_(slots), refs_(slots) {
+      : snap_(snap), arena_(slots, align_up(snap.manifest().chunk_size) + 2 * kAlign), ring_(std::move(ring)),
+        event_(std::move(event)), tags_(slots), refs_(slots) {
     for (size_t i = slots; i > 0; --i) free_.push_back(i - 1);
     iovec iov{arena_.base(), arena_.size()};
     fixed_ = io_uring_register_buffers(ring_->get(), &iov, 1) == 0;
   }
+
+  // Reads still in flight write into arena_ when they complete, and closing the ring does not
+  // wait for them (the kernel tears a ring down in the background): cancel them, and reap every
+  // completion before the arena is freed. O_DIRECT reads already at the device cannot be
+  // cancelled; those are waited for (a read takes ~0.1 ms).
+  ~UringReader() override {
+    size_t left = in_flight();
+    if (left == 0) return;
+    // One request cancels them all (IORING_ASYNC_CANCEL_ANY, Linux 5.19). Older kernels refuse
+    // the flag (-EINVAL in its completion): the reads are then only waited for.
+    io_uring_sqe* sqe = ring_->sqe();
+    io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+    io_uring_sqe_set_data64(sqe, kCancelTag);
+    (void)io_uring_submit(ring_->get());
+    while (left > 0) {
+      io_uring_cqe* cqe = nullptr;
+      int w = io_uring_wait_cqe(ring_->get(), &cqe);
+      if (w == -EINTR) continue;
+      if (w < 0) {
+        // Cannot know when the kernel is done with the arena: better lost than reused.
+        log::get("runtime")->error("{}: io_uring wait while closing a reader: {}; leaking its buffers",
+                                   snap_.describe(), std::strerror(-w));
+        arena_.leak();
+        return;
+      }
+      if (io_uring_cqe_get_data64(cqe) != kCancelTag) --left;
+      io_uring_cqe_seen(ring_->get(), cqe);
+    }
+  }
+  UringReader(const UringReader&) = delete;
+  UringReader& operator=(const UringReader&) = delete;
 
   Status submit(std::span<const ChunkRequest> requests) override {
     const Manifest& m = snap_.manifest();
@@ -139,10 +172,13 @@ class UringReader final : public ChunkReader {
   size_t capacity() const override { return tags_.size(); }
 
  private:
+  static constexpr uint64_t kCancelTag = ~uint64_t{0};  // slots are small numbers
+
   const LocalSnapshot& snap_;
+  // Declared before the ring so it is freed after it: the ring holds it registered (fixed buffers).
+  AlignedArena arena_;
   std::unique_ptr<sys::Ring> ring_;
   sys::UniqueFd event_;
-  AlignedArena arena_;
   std::vector<uint64_t> tags_;
   std::vector<ChunkRef> refs_;
   std::vector<size_t> free_;
