@@ -10,6 +10,7 @@
 
 #include <charconv>
 #include <cstring>
+#include <limits>
 
 #include "snapshot.capnp.h"
 
@@ -231,7 +232,14 @@ Status validate_manifest(const Manifest& m) {
     if (r.kind == RegionKind::kProcess && (r.start_address % r.page_size != 0 || r.start_address + r.length < r.start_address)) {
       return bad(fmt::format("start address {:#x} is not page aligned", r.start_address));
     }
-    uint64_t want_chunks = (r.length + m.chunk_size - 1) / m.chunk_size;
+    if (r.length > kMaxRegionLength) return bad(fmt::format("length {} is more than {}", r.length, kMaxRegionLength));
+    // Not (length + chunk_size - 1) / chunk_size: that wraps for a length near 2^64 and let a
+    // region of no chunks through, whose first fault indexed past them.
+    uint64_t want_chunks = r.length / m.chunk_size + (r.length % m.chunk_size != 0);
+    if (want_chunks > std::numeric_limits<uint32_t>::max()) {
+      return bad(fmt::format("length {} needs {} chunks of {} bytes, more than a chunk number holds", r.length,
+                             want_chunks, m.chunk_size));
+    }
     if (r.chunks.size() != want_chunks) return bad(fmt::format("has {} chunks, its length needs {}", r.chunks.size(), want_chunks));
     for (size_t c = 0; c < r.chunks.size(); ++c) {
       const ChunkInfo& ch = r.chunks[c];

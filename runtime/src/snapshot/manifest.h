@@ -24,6 +24,10 @@ constexpr size_t kManifestHeaderSize = 32;
 // A manifest larger than this is rejected before parsing (a 1 TiB snapshot at 64 KiB chunks is ~400 MiB).
 constexpr uint64_t kMaxManifestBytes = 1ULL << 30;
 
+// A region longer than this is not memory: 128 TiB is all of a 48-bit user address space
+// (x86-64, arm64), and chunk numbers (ChunkRef::chunk) stay within 32 bits at 64 KiB chunks.
+constexpr uint64_t kMaxRegionLength = 1ULL << 47;
+
 constexpr const char* kManifestFile = "manifest";
 constexpr const char* kDataFile = "data";
 
