@@ -1,4 +1,5 @@
-// Fault engine building blocks: the address map follows munmap/mremap; histogram maths.
+// Fault engine building blocks: the address map follows munmap/mremap; histogram maths; what
+// add_session refuses.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -6,6 +7,8 @@
 #include <cstdint>
 
 #include "fault/address_map.h"
+#include "fault/fault_engine.h"
+#include "snapshot/chunk_source.h"
 #include "sys/cpu_latency.h"
 #include "lazymem/stats.h"
 
@@ -91,6 +94,49 @@ TEST(CpuLatencyHoldTest, HeldWhileAskedAndGivenBack) {
   EXPECT_EQ(cpu_latency_limit(), 0);
   EXPECT_FALSE(hold.set(false));
   EXPECT_EQ(cpu_latency_limit(), before);
+}
+
+// A source whose manifest was never validated (or a check there that failed): a range the
+// region's length covers but its chunks do not is refused, not left for a fault to index past
+// the chunk vector.
+TEST(FaultEngineTest, RangePastTheRegionsChunksIsRefused) {
+  class Unvalidated final : public snapshot::ChunkSource {
+   public:
+    explicit Unvalidated(Manifest m) : m_(std::move(m)) {}
+    const Manifest& manifest() const override { return m_; }
+    Result<std::unique_ptr<snapshot::ChunkReader>> open_reader() override { return Error(Errc::kIo, "unused"); }
+    std::string describe() const override { return "unvalidated"; }
+
+   private:
+    Manifest m_;
+  };
+  Manifest m;
+  m.format_version = 2;
+  m.chunk_size = kDefaultChunkSize;
+  RegionInfo r;
+  r.name = "guest";
+  r.kind = RegionKind::kRawFile;
+  r.page_size = 4096;
+  r.length = uint64_t{1} << 40;
+  r.chunks.assign(4, ChunkInfo{});  // 256 KiB of chunks for a 1 TiB region
+  m.regions.push_back(r);
+  fault::FaultEngine engine(KernelFeatures{});
+  auto add = [&](uint64_t region_offset, uint64_t length) {
+    fault::SessionSpec spec;
+    spec.name = "vm";
+    spec.source = std::make_shared<Unvalidated>(m);
+    spec.ranges = {MappedRange{0x7f0000000000, length, 0, region_offset}};
+    spec.prefetch = false;
+    return engine.add_session(std::move(spec));
+  };
+  auto far = add(uint64_t{1} << 39, 16 << 20);
+  ASSERT_FALSE(far.ok());
+  EXPECT_EQ(far.error().code(), Errc::kInvalidArgument);
+  EXPECT_NE(far.error().message().find("chunks"), std::string::npos) << far.error().message();
+  EXPECT_FALSE(add(0, 4 * kDefaultChunkSize + 4096).ok());  // one page past the last chunk
+  // The engine is never started: a session added is only queued, its (invalid) uffd unused.
+  auto inside = add(0, 4 * kDefaultChunkSize);
+  EXPECT_TRUE(inside.ok()) << inside.error().message();
 }
 
 }  // namespace

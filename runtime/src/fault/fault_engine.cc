@@ -1077,6 +1077,14 @@ Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
       return Error(Errc::kInvalidArgument, fmt::format("fault engine: range {:#x}+{} lies outside snapshot region {}",
                                                        r.start, r.length, r.region));
     }
+    // And inside its chunks: a fault indexes them without looking (a source whose manifest was
+    // not validated, or a check there that failed, must not turn into a read past the vector).
+    const RegionInfo& region = s->manifest->regions[r.region];
+    if (r.length > 0 && (r.region_offset + r.length - 1) / s->manifest->chunk_size >= region.chunks.size()) {
+      return Error(Errc::kInvalidArgument,
+                   fmt::format("fault engine: range {:#x}+{} reaches past the {} chunks of snapshot region {}", r.start,
+                               r.length, region.chunks.size(), r.region));
+    }
   }
   s->map = AddressMap(std::move(spec.ranges));
   for (const auto& r : s->manifest->regions) {
