@@ -1,6 +1,9 @@
 // In-process lazy restore: every byte restored equals every byte captured, in every access
 // pattern; stats match what was touched; bad snapshots fail cleanly with nothing installed.
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <setjmp.h>
+#include <sys/syscall.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -20,6 +23,8 @@
 #include "lazymem/pause_gate.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
+#include "fault/fault_engine.h"
+#include "sys/uffd.h"
 
 namespace lazymem {
 namespace {
@@ -526,6 +531,85 @@ TEST_F(ZeroChunksDuringMadviseTest, FaultingThreadIsWoken) {
   ASSERT_TRUE((*r)->finish().ok());
   ::munmap(heap, kHeap);
   ::munmap(scratch, kScratch);
+}
+
+// A session whose chunk reader cannot be opened (out of descriptors) used to keep its uffd out
+// of the engine's epoll set: the process's next munmap waited forever for someone to read the
+// UNMAP event, as did its faults. Now its events are read, zero chunks are installed, and a
+// fault on a stored chunk is poisoned. In a child: the defect hangs it, not the test.
+sigjmp_buf g_bus_jump;
+void on_bus(int) { siglongjmp(g_bus_jump, 1); }
+
+TEST(FaultEngineSessionTest, SessionWithoutReaderReadsItsEvents) {
+  KernelFeatures kf = probe_kernel();
+  if (!kf.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf.uffd_error;
+  if (!kf.has_uffd_feature(UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMOVE)) {
+    GTEST_SKIP() << "userfaultfd lacks UNMAP/REMOVE events";
+  }
+  class NoReader final : public snapshot::ChunkSource {
+   public:
+    explicit NoReader(Manifest m) : m_(std::move(m)) {}
+    const Manifest& manifest() const override { return m_; }
+    Result<std::unique_ptr<snapshot::ChunkReader>> open_reader() override { return Error(Errc::kIo, "out of descriptors"); }
+    std::string describe() const override { return "no-reader"; }
+
+   private:
+    Manifest m_;
+  };
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const size_t len = 16 * kDefaultChunkSize;
+    Manifest m;
+    m.format_version = 2;
+    m.chunk_size = kDefaultChunkSize;
+    m.data_length = 8 * kDefaultChunkSize;
+    RegionInfo r;
+    r.name = "heap";
+    r.page_size = 4096;
+    r.length = len;
+    r.chunks.assign(16, ChunkInfo{});  // the first half zero chunks, the second stored ones
+    for (uint32_t c = 8; c < 16; ++c) r.chunks[c] = ChunkInfo{Codec::kRaw, uint64_t{c - 8} * kDefaultChunkSize, kDefaultChunkSize};
+    m.regions.push_back(r);
+    auto* p = static_cast<char*>(::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (p == MAP_FAILED) _exit(10);
+    auto uffd = sys::Uffd::open(UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMOVE);
+    if (!uffd.ok() || !uffd->register_missing(reinterpret_cast<uintptr_t>(p), len).ok()) _exit(11);
+    fault::EngineOptions eo;
+    eo.kill_on_failure = false;  // without UFFDIO_POISON the stored chunk is not touched below
+    fault::FaultEngine engine(kf, eo);
+    if (!engine.start().ok()) _exit(12);
+    fault::SessionSpec spec;
+    spec.name = "no-reader";
+    spec.uffd = std::move(*uffd);
+    spec.source = std::make_shared<NoReader>(m);
+    spec.ranges = {fault::MappedRange{reinterpret_cast<uint64_t>(p), len, 0, 0}};
+    spec.pid = ::getpid();
+    if (!engine.add_session(std::move(spec)).ok()) _exit(13);
+    if (::madvise(p + 15 * kDefaultChunkSize, kDefaultChunkSize, MADV_DONTNEED) != 0) _exit(16);  // a REMOVE event
+    if (static_cast<volatile char*>(p)[4096] != 0) _exit(14);  // a zero chunk: a fault answered
+    if (kf.has_uffd_poison()) {
+      ::signal(SIGBUS, on_bus);
+      if (sigsetjmp(g_bus_jump, 1) == 0) {
+        (void)static_cast<volatile char*>(p)[9 * kDefaultChunkSize];  // stored: cannot be had
+        _exit(15);
+      }
+    }
+    if (::munmap(p, len) != 0) _exit(17);  // an UNMAP event
+    _exit(0);
+  }
+  // Bounded: with the defect the child waits in munmap (or in its first fault) for good.
+  int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  ASSERT_GE(pidfd, 0);
+  pollfd pfd{pidfd, POLLIN, 0};
+  int ready = ::poll(&pfd, 1, 20000);
+  ::close(pidfd);
+  if (ready == 0) ::kill(pid, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_NE(ready, 0) << "the child still waits 20 s on: a fault or munmap nobody answers";
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << (WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status)) : "exit " + std::to_string(WEXITSTATUS(status)));
 }
 
 // Without the right to use userfaultfd, the error says which right is missing and how to get it.

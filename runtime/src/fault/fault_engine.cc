@@ -271,33 +271,42 @@ void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
   // Returns at once whatever the source (ChunkSource::open_reader): a page server that does not
   // answer is waited for by the reader's own poll(), and the other sessions go on being served.
   auto reader = s->source->open_reader();
-  if (!reader.ok()) {
-    // No page will come, and this session's faults are never read: every page is failed now
-    // (poisoned, or the process killed), or its threads would wait on the uffd forever. Nobody
-    // can release a hold on a session that never went live, so none is kept.
-    const Error why = std::move(reader).error().wrap("cannot open a chunk reader");
-    s->hold_failures = false;
-    for (uint32_t region = 0; region < s->state.size(); ++region) {
-      for (uint32_t chunk = 0; chunk < s->state[region].size(); ++chunk) {
-        if (s->state[region][chunk] != kPresent) fail_chunk(*s, ChunkRef{region, chunk}, why);
-      }
-    }
-    return;
+  if (reader.ok()) {
+    s->reader = std::move(*reader);
+    buf_.resize(std::max<size_t>(buf_.size(), s->chunk_size()));
+    if (pool_) pool_->reserve_chunk(s->chunk_size());
   }
-  s->reader = std::move(*reader);
-  buf_.resize(std::max<size_t>(buf_.size(), s->chunk_size()));
-  if (pool_) pool_->reserve_chunk(s->chunk_size());
+  // The uffd is read even without a reader: the kernel holds the process's munmap, madvise,
+  // mremap and fork until their events are read, and its faults must be answered.
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = s->id << 1;
   ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, s->uffd.fd(), &ev);
-  if (s->reader->wait_fd() >= 0) {
+  if (s->reader && s->reader->wait_fd() >= 0) {
     ev.data.u64 = (s->id << 1) | 1;
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, s->reader->wait_fd(), &ev);
   }
   s->live = true;
   live_.push_back(s);
   by_id_[s->id] = s.get();
+  if (!reader.ok()) {
+    // No stored page will come: each such chunk is failed now (poisoned, or the process killed),
+    // and a fault on it fails again (on_pagefault); zero chunks need nothing read and are
+    // installed. Nobody is told of a session before it went live, so no hold is kept.
+    const Error why = std::move(reader).error().wrap("cannot open a chunk reader");
+    s->hold_failures = false;
+    for (uint32_t region = 0; region < s->state.size(); ++region) {
+      for (uint32_t chunk = 0; chunk < s->state[region].size(); ++chunk) {
+        if (s->state[region][chunk] != kAbsent) continue;
+        const ChunkRef ref{region, chunk};
+        if (s->manifest->regions[region].chunks[chunk].codec == Codec::kZero) {
+          install_zero_chunk(*s, ref, false, 0);
+        } else {
+          fail_chunk(*s, ref, why);
+        }
+      }
+    }
+  }
   drain_uffd(*s);  // faults may have queued before we listened
 }
 
