@@ -836,9 +836,12 @@ void FaultEngine::Loop::retry_installs(Session& s) {
   list.swap(s.retry);
   for (const Session::Retry& r : list) {
     if (r.tag == kZeroTag) {
+      // Installed again even if a fault put it in meanwhile: a chunk marked present whose page
+      // a fault found missing (after fork, races) has a thread waiting on it too, and a page
+      // already there only costs an EEXIST.
       uint32_t& st = s.state[r.ref.region][r.ref.chunk];
-      if (st != kZeroRetry) continue;  // installed meanwhile by a fault
-      st = kAbsent;
+      if (st == kFailed) continue;
+      if (st == kZeroRetry) st = kAbsent;
       install_zero_chunk(s, r.ref, r.fault_ns != 0, r.fault_ns);
     } else if (Pending* p = pending_of(r.tag)) {
       // The decoded bytes are not kept (the buffer is the next chunk's): fetch them again.
