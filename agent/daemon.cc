@@ -35,6 +35,7 @@
 #include "sys/process_maps.h"
 #include "source_opener.h"
 #include "sys/acceptor.h"
+#include "sys/fd_kind.h"
 #include "sys/unix_listeners.h"
 
 namespace lazymem::agent {
@@ -550,6 +551,11 @@ struct Daemon::Impl {
               reply(c, id, [](auto b) { b.setError("restore needs the process's userfaultfd sent with it (SCM_RIGHTS)"); });
               return;
             }
+            // Anything else would reach the engine as a uffd: a pipe full of fake events was
+            // adopted once, and its fake fork event handed the peer another session's uffd.
+            if (Status is_uffd = sys::check_userfaultfd(fds.front().get()); !is_uffd.ok()) {
+              return refuse(c.fd.get(), c.pid, id, "restore", is_uffd.error());
+            }
             Status st = start_restore(c, id, std::move(body), std::move(fds.front()));
             if (!st.ok()) refuse(c.fd.get(), c.pid, id, "restore", st.error());
           } else if constexpr (std::is_same_v<T, ServeFirecrackerRequest>) {
@@ -1024,6 +1030,9 @@ struct Daemon::Impl {
     if (!parsed.ok()) return refuse_handshake(hs, parsed.error().message());
     if (!parsed->has_value()) return;  // the rest of the message is on its way
     if (hs.fds.size() != 1) return refuse_handshake(hs, fmt::format("expected one uffd with the message, got {}", hs.fds.size()));
+    if (Status is_uffd = sys::check_userfaultfd(hs.fds[0].get()); !is_uffd.ok()) {
+      return refuse_handshake(hs, is_uffd.error().message());
+    }
     // The uffd was created by Firecracker; the events it asked for are its business. We use
     // the ioctls only, which every uffd supports, and handle whatever events it delivers.
     auto rq = std::make_shared<ServeRequest>();

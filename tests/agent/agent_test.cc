@@ -10,6 +10,7 @@
 #include <poll.h>
 #include <sys/stat.h>
 #include <sys/ioctl.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -165,6 +166,13 @@ class AgentTest : public ::testing::Test {
   }
   std::string ask_restore(const std::string& loc, const std::vector<fault::MappedRange>& ranges, bool with_fd = true,
                           uint64_t version = 0) {
+    auto uffd = sys::Uffd::open(0);
+    EXPECT_TRUE(uffd.ok());
+    return ask_restore_sending(loc, ranges, with_fd ? uffd->fd() : -1, version);
+  }
+  // The same, sending `fd` (-1: none) as the request's uffd.
+  std::string ask_restore_sending(const std::string& loc, const std::vector<fault::MappedRange>& ranges, int fd,
+                                  uint64_t version = 0) {
     auto s = agent::connect_unix(socket_);
     EXPECT_TRUE(s.ok());
     capnp::MallocMessageBuilder b;
@@ -180,8 +188,7 @@ class AgentTest : public ::testing::Test {
       rr[i].setRegion(ranges[i].region);
       rr[i].setRegionOffset(ranges[i].region_offset);
     }
-    auto uffd = sys::Uffd::open(0);
-    EXPECT_TRUE(agent::send_frame_fd(s->get(), b, {}, with_fd ? uffd->fd() : -1).ok());
+    EXPECT_TRUE(agent::send_frame_fd(s->get(), b, {}, fd).ok());
     net::FrameBuffer buf;
     std::deque<sys::UniqueFd> fds;
     for (;;) {
@@ -405,6 +412,39 @@ TEST_F(AgentTest, HostilePeersAreRefusedAndOthersServed) {
 
   // After all that, a real client is served, correctly.
   EXPECT_EQ(restore_in_child(loc), 0);
+}
+
+// The descriptor a Restore carries is the peer's choice: one that is not a userfaultfd is refused
+// before anything uses it. (A pipe pre-filled with a fake UFFD_EVENT_FORK naming another
+// session's uffd was adopted as this one's: the engine took the victim's uffd for the "child"
+// and filled the peer's bytes into that root process's memory.)
+TEST_F(AgentTest, RestoreWithADescriptorThatIsNotAUffdIsRefused) {
+  std::string loc = capture(8 * kMiB, 51);
+  start_daemon();
+  // Memory of this process, so that only the descriptor is wrong.
+  void* mapped = ::mmap(nullptr, 8 * kMiB, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mapped, MAP_FAILED);
+  const std::vector<fault::MappedRange> ranges = {{reinterpret_cast<uintptr_t>(mapped), 8 * kMiB, 0, 0}};
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
+  sys::UniqueFd rd(p[0]), wr(p[1]);
+  uffd_msg fake{};  // what the attack wrote: a fork whose "child uffd" is a descriptor number of the agent's
+  fake.event = UFFD_EVENT_FORK;
+  fake.arg.fork.ufd = 7;
+  ASSERT_EQ(::write(wr.get(), &fake, sizeof fake), static_cast<ssize_t>(sizeof fake));
+  std::string got = ask_restore_sending(loc, ranges, rd.get());
+  EXPECT_NE(got.find("not a userfaultfd (it is pipe:["), std::string::npos) << got;
+  sys::UniqueFd ev(::eventfd(0, EFD_CLOEXEC));  // another anonymous inode, not a uffd either
+  got = ask_restore_sending(loc, ranges, ev.get());
+  EXPECT_NE(got.find("not a userfaultfd (it is anon_inode:[eventfd]"), std::string::npos) << got;
+  // Nothing was adopted: no session, and the fake event is still unread in the pipe.
+  auto js = agent_query(socket_, false);
+  ASSERT_TRUE(js.ok()) << js.error().message();
+  EXPECT_TRUE(nlohmann::json::parse(*js)["sessions"].empty()) << *js;
+  uffd_msg back{};
+  EXPECT_EQ(::read(rd.get(), &back, sizeof back), static_cast<ssize_t>(sizeof back));
+  ::munmap(mapped, 8 * kMiB);
+  EXPECT_EQ(restore_in_child(loc), 0);  // and a real client is served, correctly
 }
 
 // A Restore whose range table is wrong is refused with the reason before anything is served by
