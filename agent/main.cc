@@ -197,6 +197,8 @@ int run_snapshot(const std::vector<std::string>& args) {
   auto vm = lazymem::cli::parse(args, desc, &pos);
   if (!vm.count("target")) throw std::invalid_argument("give the TARGET (STORE/NAME or lazymem://HOST:PORT/NAME)");
   if (vm.count("raw") == vm.count("pid")) throw std::invalid_argument("give exactly one of --raw FILE or --pid PID");
+  // As in migrate: 0 and negative numbers name no process (kill(2) reads them as process groups).
+  if (vm.count("pid") && vm["pid"].as<int>() <= 0) throw std::invalid_argument("--pid wants a process id");
   lazymem::CaptureOptions co;
   co.chunk_size = vm["chunk-size"].as<uint32_t>();
   co.zstd_level = vm["zstd-level"].as<int>();
@@ -332,7 +334,17 @@ int run_restore(const std::vector<std::string>& args) {
   c.agent_socket = vm["socket"].as<std::string>();
   c.handshake_socket = vm["firecracker-socket"].as<std::string>();
   c.snapshot = vm["snapshot"].as<std::string>();
-  if (vm.count("token-file")) c.token_file = vm["token-file"].as<std::string>();
+  // Flags that would do nothing are refused, not ignored, as snapshot does: the agent reads a
+  // local store directly, with no token.
+  if (vm.count("token-file")) {
+    auto loc = lazymem::SnapshotLocation::parse(c.snapshot);
+    if (!loc.ok()) throw std::invalid_argument(loc.error().message());
+    if (!loc->remote()) {
+      throw std::invalid_argument("--token-file is the page-server token for a lazymem:// --snapshot; STORE/NAME is read "
+                                  "directly, with no token");
+    }
+    c.token_file = vm["token-file"].as<std::string>();
+  }
   c.prefetch = !vm.count("no-prefetch");
   c.wait = !vm.count("no-wait");
   c.progress = ::isatty(STDERR_FILENO) != 0;

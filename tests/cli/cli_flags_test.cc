@@ -159,6 +159,10 @@ TEST_F(CliFlagsTest, FlagsThatWouldDoNothingAreRefused) {
   expect_refused(agent("snapshot --raw " + d + "/none" + token + " " + d + "/store/a"),
                  "--token-file is the page-server token for a lazymem:// TARGET", cmd);
   expect_refused(agent("snapshot --raw " + d + "/none --region 1000-2000 " + d + "/store/a"), "--region goes with --pid", cmd);
+  // restore the same (it took the token and dropped it silently, where snapshot refused it).
+  expect_refused(agent("restore --socket " + d + "/agent.sock --firecracker-socket " + d + "/vm.sock --snapshot " + d +
+                       "/store/a" + token),
+                 "--token-file is the page-server token for a lazymem:// --snapshot", "lazymem-agent restore");
   // Where it does something, it is taken: the server is asked (and is not there: a failure).
   CliRun r = pageserver("ls --server lazymem://127.0.0.1:1" + token);
   EXPECT_EQ(r.status, 1) << r.out;
@@ -285,6 +289,11 @@ TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
   expect_refused(agent("migrate --pid 0 --region 7f0000000000-7f0000001000 --base " + dir_.path() + "/m"),
                  "--pid wants a process id", "lazymem-agent migrate");
   expect_refused(agent(mig + " --listen 127.0.0.1:70000"), "--listen:", "lazymem-agent migrate");
+  // snapshot as migrate: no process id is a usage error (it was a failure, "no process -1").
+  for (const char* pid : {"-1", "0"}) {
+    expect_refused(agent(std::string("snapshot --pid ") + pid + " --region 7f0000000000-7f0000001000 " + dir_.path() + "/s"),
+                   "--pid wants a process id", "lazymem-agent snapshot");
+  }
   expect_refused(agent(mig + " --chunk-size 3"), "chunk size 3 must be a power of two", "lazymem-agent migrate");
   expect_refused(agent("snapshot --live --raw x " + dir_.path() + "/s"), "--live goes with --pid", "lazymem-agent snapshot");
   expect_refused(agent("snapshot --freeze --raw x " + dir_.path() + "/s"), "--freeze goes with --pid",
