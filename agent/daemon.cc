@@ -50,6 +50,7 @@ uint64_t tag(Kind k, int fd) { return (uint64_t{k} << 32) | static_cast<uint32_t
 constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
 constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
 constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
+constexpr size_t kMaxFdsPerRequest = 1;       // a Restore's uffd; no other request carries one
 // Replies queued for one connection. Reading stops while any wait, so only notices (complete,
 // failed, long-poll answers) can add to them; a peer this far behind is not reading at all.
 constexpr size_t kMaxQueuedReplyBytes = 16 << 20;
@@ -809,16 +810,24 @@ struct Daemon::Impl {
     // whatever the mask, would wake the loop for good).
     if ((events & (EPOLLHUP | EPOLLERR)) && c.events != EPOLLIN) break_conn(c);
     // Requests are read only while no reply waits (see Conn); ones already buffered are
-    // handled once the replies before them have gone.
-    Status s = c.events == EPOLLIN ? recv_some(fd, c.buf, c.fds, 0) : ok_status();
-    while (c.events == EPOLLIN && !c.broken) {
+    // handled once the replies before them have gone. They are handled before reading more, so
+    // that what is read next starts a frame or continues the one partial frame buffered: how
+    // receive() tells where descriptors came.
+    Status s = ok_status();
+    for (bool read = false; c.events == EPOLLIN && !c.broken;) {
       auto f = c.buf.next();
       if (!f.ok()) {
         log->warn("pid {}: {}; closing its connection", c.pid, f.error().message());
         s = f.error();
         break;
       }
-      if (!f->has_value()) break;
+      if (!f->has_value()) {
+        if (read) break;
+        read = true;
+        s = receive(c);
+        if (!s.ok()) break;
+        continue;
+      }
       auto h = net::Header::parse((*f)->header);
       if (!h.ok()) {
         log->warn("pid {}: {}; closing its connection", c.pid, h.error().message());
@@ -831,6 +840,27 @@ struct Daemon::Impl {
     // Descriptors that came without a restore request are not kept (a peer could pile them up).
     if (c.buf.buffered() == 0) c.fds.clear();
     if (!s.ok() || c.broken) close_conn(fd);
+  }
+
+  // Reads what the peer sent, keeping the descriptors only as a request may carry them: one, with
+  // the first bytes of its frame. A peer that sends more (or sends them inside a frame, where no
+  // request would take them) has its connection closed, said once, as it closes: kept, they
+  // piled up (a frame's 8-byte prefix announcing a 64 KiB header, then 5100 one-byte sends of
+  // four descriptors each, took the agent to its descriptor limit).
+  Status receive(Conn& c) {
+    const bool mid_frame = c.buf.buffered() > 0;  // every whole frame was handled: a partial one
+    const size_t held = c.fds.size();
+    Status s = recv_some(c.fd.get(), c.buf, c.fds, 0);
+    if (!s.ok() && s.error().code() != Errc::kProtocol) return s;  // gone: nothing to say
+    if (s.ok() && c.fds.size() == held) return s;
+    if (s.ok() && !mid_frame && c.fds.size() <= kMaxFdsPerRequest) return s;
+    const std::string why = !s.ok() ? s.error().message()
+                            : mid_frame
+                                ? fmt::format("{} descriptor(s) sent inside a request", c.fds.size() - held)
+                                : fmt::format("{} descriptors sent with one request", c.fds.size());
+    log->warn("pid {}: {} (a restore carries one uffd, with its request's first bytes); closing its connection", c.pid,
+              why);
+    return Error(Errc::kProtocol, why);
   }
 
   void close_conn(int fd) {

@@ -22,6 +22,7 @@
 #include <csignal>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -444,6 +445,83 @@ TEST_F(AgentTest, RestoreWithADescriptorThatIsNotAUffdIsRefused) {
   uffd_msg back{};
   EXPECT_EQ(::read(rd.get(), &back, sizeof back), static_cast<ssize_t>(sizeof back));
   ::munmap(mapped, 8 * kMiB);
+  EXPECT_EQ(restore_in_child(loc), 0);  // and a real client is served, correctly
+}
+
+// Sends `bytes` in one sendmsg with `fds` riding along.
+bool send_with_fds(int sock, std::span<const std::byte> bytes, const std::vector<int>& fds) {
+  iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  return ::sendmsg(sock, &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size());
+}
+
+// Descriptors are taken as a request carries them, one with its first bytes; a peer that sends
+// more is cut off, and what it sent is closed with its connection. (They were kept while a frame
+// was partly buffered, and more than four at once cut short unnoticed: one connection sent a
+// prefix announcing a 64 KiB header, then 5100 one-byte sends of four descriptors each, and the
+// agent reached its descriptor limit.)
+TEST_F(AgentTest, DescriptorsBeyondWhatARequestCarriesCloseTheConnection) {
+  std::string loc = capture(8 * kMiB, 52);
+  start_daemon();
+  const std::string fds_dir = fmt::format("/proc/{}/fd", daemon_pid_);
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  sys::UniqueFd rd(p[0]), wr(p[1]);
+  capnp::MallocMessageBuilder b;
+  auto rq = b.initRoot<proto::agent::Request>();
+  rq.setId(1);
+  rq.setStatus();
+  const std::vector<std::byte> status = net::encode_frame(b, 0);
+  std::vector<std::byte> prefix(8);  // a frame announcing a 60000-byte header, never sent
+  const uint32_t header = 60000, payload = 0;
+  std::memcpy(prefix.data(), &header, 4);
+  std::memcpy(prefix.data() + 4, &payload, 4);
+  const std::byte one{0};
+  struct Case {
+    const char* what;
+    std::function<bool(int)> send;
+  };
+  const std::vector<Case> cases = {
+      {"inside a partial frame", [&](int s) {
+         if (::send(s, prefix.data(), prefix.size(), MSG_NOSIGNAL) != 8) return false;
+         // The agent has read the prefix when its status answer (on another connection) comes.
+         if (!agent_query(socket_, false).ok()) return false;
+         for (int i = 0; i < 100; ++i)
+           if (!send_with_fds(s, std::span(&one, 1), {rd.get(), rd.get(), rd.get(), rd.get()})) return i > 0;
+         return true;
+       }},
+      {"two with one request", [&](int s) { return send_with_fds(s, status, {rd.get(), wr.get()}); }},
+      {"five at once (MSG_CTRUNC)", [&](int s) { return send_with_fds(s, status, {rd.get(), rd.get(), rd.get(), rd.get(), rd.get()}); }},
+  };
+  for (const auto& c : cases) {
+    auto s = agent::connect_unix(socket_);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(c.send(s->get())) << c.what;
+    net::FrameBuffer buf;
+    std::deque<sys::UniqueFd> fds;
+    Status got = ok_status();
+    while (got.ok()) got = agent::recv_some(s->get(), buf, fds, 10000);  // a reply, if any, then the close
+    EXPECT_TRUE(got.error().code() == Errc::kPeerGone || got.error().sys_errno() == ECONNRESET)
+        << c.what << ": not closed: " << got.error().message();
+  }
+  // Closed with the connections: the agent holds none of what was sent.
+  struct stat pipe_st {};
+  ASSERT_EQ(::fstat(rd.get(), &pipe_st), 0);
+  const std::string pipe_name = fmt::format("pipe:[{}]", pipe_st.st_ino);
+  for (const auto& e : std::filesystem::directory_iterator(fds_dir)) {
+    std::error_code ec;
+    EXPECT_NE(std::filesystem::read_symlink(e.path(), ec).string(), pipe_name) << "the agent still holds " << e.path();
+  }
   EXPECT_EQ(restore_in_child(loc), 0);  // and a real client is served, correctly
 }
 

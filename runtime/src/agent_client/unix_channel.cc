@@ -85,6 +85,8 @@ Status recv_some(int sock, net::FrameBuffer& buf, std::deque<sys::UniqueFd>& fds
   }
   if (n == 0) return Error(Errc::kPeerGone, "the other end of the agent socket closed it");
   buf.commit(static_cast<size_t>(n));
+  // More descriptors than fit here: the kernel closed the rest, and a message carries one at most.
+  if (msg.msg_flags & MSG_CTRUNC) return Error(Errc::kProtocol, "more descriptors sent at once than a message carries");
   return ok_status();
 }
 

@@ -21,7 +21,8 @@ Status send_frame_fd(int sock, capnp::MessageBuilder& header, std::span<const st
 Status send_with_fd(int sock, std::span<const std::byte> bytes, int pass_fd);
 
 // Receives what is available (or waits up to `timeout_ms`, -1 forever) into `buf`, keeping any
-// received descriptors in `fds`. kPeerGone when the other end closed.
+// received descriptors in `fds`. kPeerGone when the other end closed; kProtocol when more
+// descriptors came at once than it takes (MSG_CTRUNC: four), those it took still in `fds`.
 Status recv_some(int sock, net::FrameBuffer& buf, std::deque<sys::UniqueFd>& fds, int timeout_ms);
 
 // Connects to a Unix socket path.
