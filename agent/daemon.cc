@@ -36,6 +36,7 @@
 #include "source_opener.h"
 #include "sys/acceptor.h"
 #include "sys/fd_kind.h"
+#include "sys/peer_cred.h"
 #include "sys/unix_listeners.h"
 
 namespace lazymem::agent {
@@ -124,9 +125,10 @@ struct FcListener {
 // A Firecracker connection whose handshake message has not fully arrived yet.
 struct FcHandshake {
   sys::UniqueFd fd, timer;
-  ucred cred{};
+  sys::PeerCred cred;  // its pidfd kills the VM if its memory cannot be served
   std::string body;
   std::vector<sys::UniqueFd> fds;
+  std::vector<fault::MappedRange> ranges;  // once the message parsed: what to poison if refused
   std::string snapshot, token_file;
   bool prefetch = true;
   int notify_conn = -1;
@@ -948,8 +950,12 @@ struct Daemon::Impl {
       const int fd = cfd.get();
       auto hs = std::make_unique<FcHandshake>();
       hs->fd = std::move(cfd);
-      socklen_t len = sizeof hs->cred;
-      ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &hs->cred, &len);
+      auto cred = sys::peer_cred(fd);
+      if (!cred.ok()) {
+        log->warn("firecracker handshake: {}; refused", cred.error().message());
+        continue;
+      }
+      hs->cred = std::move(*cred);
       if (handshakes.size() >= kMaxPendingHandshakes) {
         log->warn("firecracker handshake from pid {}: too many handshakes pending; refused", hs->cred.pid);
         continue;
@@ -985,11 +991,14 @@ struct Daemon::Impl {
   }
 
   // A VM whose memory cannot be served: every access fails visibly (SIGBUS from its guest
-  // memory), or, without UFFDIO_POISON, the VM is killed with the reason logged. Poisoning
-  // fills the guest's page tables with markers, ~25 ms per GiB here: it runs on a thread of its
-  // own, not on the loop that answers every other client.
-  void fail_vm(pid_t pid, sys::UniqueFd uffd_fd, const std::vector<fault::MappedRange>& guest, const std::string& why) {
-    if (kf.has_uffd_poison() && uffd_fd.valid()) {
+  // memory), or, without UFFDIO_POISON or guest ranges to poison (its message never parsed),
+  // the VM is killed with the reason logged, through the pidfd taken when it connected: its pid
+  // may be another process's by now. Poisoning fills the guest's page tables with markers,
+  // ~25 ms per GiB here: it runs on a thread of its own, not on the loop that answers every
+  // other client.
+  void fail_vm(int pidfd, pid_t pid, sys::UniqueFd uffd_fd, const std::vector<fault::MappedRange>& guest,
+               const std::string& why) {
+    if (kf.has_uffd_poison() && uffd_fd.valid() && !guest.empty()) {
       log->error("firecracker pid {}: its memory cannot be served ({}); its accesses fail", pid, why);
       auto poison = [guest](sys::UniqueFd fd) {
         sys::Uffd uffd = sys::Uffd::adopt(std::move(fd), 0);
@@ -1001,14 +1010,23 @@ struct Daemon::Impl {
       } catch (const std::system_error&) {
         poison(std::move(*held));  // no thread to be had: here, then
       }
-    } else if (pid > 0) {
+    } else if (pidfd >= 0) {
       log->error("firecracker pid {}: its memory cannot be served ({}); killing it rather than leave it hanging", pid, why);
-      ::kill(pid, SIGKILL);
+      if (Status st = sys::pidfd_signal(pidfd, SIGKILL); !st.ok() && st.error().sys_errno() != ESRCH) {
+        log->error("firecracker pid {}: could not kill it: {}", pid, st.error().message());
+      }
     }
   }
 
+  // Every refusal of a handshake that brought a uffd fails the VM: Firecracker has registered its
+  // guest memory on it and does not notice the socket close, so its vCPUs would wait for good.
   void refuse_handshake(FcHandshake& hs, const std::string& why) {
     handshake_refused(hs.cred.pid, hs.notify_conn, hs.notify_id, why);
+    for (auto& f : hs.fds) {
+      if (!sys::check_userfaultfd(f.get()).ok()) continue;
+      fail_vm(hs.cred.pidfd.get(), hs.cred.pid, std::move(f), hs.ranges, "handshake refused: " + why);
+      break;
+    }
     end_handshake(hs.fd.get());
   }
   void handshake_refused(pid_t pid, int conn_fd, uint64_t id, const std::string& why) {
@@ -1059,6 +1077,7 @@ struct Daemon::Impl {
     auto parsed = parse_guest_regions(hs.body);
     if (!parsed.ok()) return refuse_handshake(hs, parsed.error().message());
     if (!parsed->has_value()) return;  // the rest of the message is on its way
+    hs.ranges = **parsed;
     if (hs.fds.size() != 1) return refuse_handshake(hs, fmt::format("expected one uffd with the message, got {}", hs.fds.size()));
     if (Status is_uffd = sys::check_userfaultfd(hs.fds[0].get()); !is_uffd.ok()) {
       return refuse_handshake(hs, is_uffd.error().message());
@@ -1078,19 +1097,20 @@ struct Daemon::Impl {
     // Refused from here on, the VM would wait on its uffd forever (it does not notice the socket
     // close): its memory is failed first, as a failed restore's pages are.
     auto keep = std::make_shared<sys::UniqueFd>(::fcntl(rq->uffd.get(), F_DUPFD_CLOEXEC, 0));
+    auto vm_pidfd = std::make_shared<sys::UniqueFd>(std::move(hs.cred.pidfd));
     // Firecracker keeps its end open while the VM runs; so do we, while we serve it.
     auto peer = std::make_shared<sys::UniqueFd>(std::move(hs.fd));
     const int notify = hs.notify_conn;
     OpenSpec spec{rq->location, rq->token_file, std::nullopt, {}, {}};  // the socket's asker was checked
     end_handshake(fd);  // the message is whole: the handshake deadline is done with
-    auto go_on = [this, rq, keep, peer](Result<std::shared_ptr<snapshot::ChunkSource>> src, int conn_fd) {
+    auto go_on = [this, rq, keep, peer, vm_pidfd](Result<std::shared_ptr<snapshot::ChunkSource>> src, int conn_fd) {
       rq->conn_fd = conn_fd;
       const pid_t pid = rq->pid;
       const uint64_t id = rq->reply_id;
       const std::vector<fault::MappedRange> guest = rq->ranges;
       auto sid = src.ok() ? serve(std::move(*rq), std::move(*src)) : Result<fault::SessionId>(std::move(src).error());
       if (!sid.ok()) {
-        fail_vm(pid, std::move(*keep), guest, sid.error().message());
+        fail_vm(vm_pidfd->get(), pid, std::move(*keep), guest, sid.error().message());
         return handshake_refused(pid, conn_fd, id, sid.error().message());
       }
       reply_on(conn_fd, id, [&](auto b) { b.setAccepted(*sid); });  // the VM's session

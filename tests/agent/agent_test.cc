@@ -884,6 +884,53 @@ TEST_F(AgentTest, FirecrackerHostilePeersDoNotHoldUpAVm) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
 }
 
+// Firecracker's side of a handshake the agent refuses: guest memory registered on a uffd that
+// goes with `body` (and a second descriptor with `extra_fd`), the connection then shut for
+// writing if `hang_up`; then the guest touches its memory. Returns 0 if that ever returned.
+int refused_vm(const std::string& socket_path, const std::string& body_fmt, bool hang_up, bool extra_fd) {
+  ::alarm(30);                // a hang ends as SIGALRM, not as the suite's timeout
+  ::signal(SIGBUS, SIG_DFL);  // sanitizers install their own handler; we want the plain death
+  const size_t len = 1 * kMiB;
+  auto* mem = static_cast<volatile char*>(::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto uffd = sys::Uffd::open(UFFD_FEATURE_EVENT_REMOVE);
+  if (!uffd.ok() || !uffd->register_missing(reinterpret_cast<uintptr_t>(mem), len).ok()) return 3;
+  const std::string body = fmt::format(fmt::runtime(body_fmt), reinterpret_cast<uintptr_t>(mem), len);
+  auto sock = agent::connect_unix(socket_path);
+  if (!sock.ok()) return 4;
+  std::vector<int> fds = {uffd->fd()};
+  if (extra_fd) fds.push_back(STDIN_FILENO);
+  if (!send_with_fds(sock->get(), std::as_bytes(std::span(body)), fds)) return 5;
+  if (hang_up) ::shutdown(sock->get(), SHUT_WR);
+  (void)mem[len / 2];  // blocks on the uffd until the agent installs the page or fails the VM
+  return 0;
+}
+
+// A refused handshake fails the VM however it was refused: its memory poisoned where the message
+// said where it is, else the VM killed (through the pidfd taken at accept). Firecracker does not
+// notice its handler closing the socket: these refusals closed the uffd and left the vCPUs
+// blocked for good (the children below hung until their alarm, 128+SIGALRM).
+TEST_F(AgentTest, EveryRefusedHandshakeFailsTheVm) {
+  RAW_IMAGE(image, 1 * kMiB, 53, loc);
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = loc;
+  start_daemon(o);
+  const std::string ok_body = R"([{{"base_host_virt_addr": {}, "size": {}, "offset": 0, "page_size": 4096}}])";
+  const std::string huge_pages = R"([{{"base_host_virt_addr": {}, "size": {}, "offset": 0, "page_size": 2097152}}])";
+  // Unsupported (2 MiB pages): no ranges the agent would take, so killed.
+  EXPECT_EQ(in_child([&] { return refused_vm(o.firecracker_socket, huge_pages, false, false); }), 128 + SIGKILL);
+  // Half a message, then the connection shut: killed.
+  EXPECT_EQ(in_child([&] { return refused_vm(o.firecracker_socket, R"([{{"base_host_virt_addr": {}, "size": {})",
+                                             true, false); }),
+            128 + SIGKILL);
+  // A whole message with a descriptor too many: its ranges are known, so poisoned where the
+  // kernel can (SIGBUS at the access), else killed.
+  EXPECT_EQ(in_child([&] { return refused_vm(o.firecracker_socket, ok_body, false, true); }),
+            kf_.has_uffd_poison() ? 128 + SIGBUS : 128 + SIGKILL);
+  // And a VM that does it right is served, every byte.
+  EXPECT_EQ(in_child([&] { return firecracker_vm(o.firecracker_socket, image, false); }), 0);
+}
+
 // `lazymem-agent restore` makes a per-VM handshake socket on a running agent, prints
 // "listening on PATH", and follows the restore to "restore complete".
 TEST_F(AgentTest, RestoreCliServesAFirecrackerVm) {

@@ -87,3 +87,7 @@ struct pm_scan_arg {
 };
 #define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
 #endif
+
+#ifndef SO_PEERPIDFD  // Linux 6.5: a pidfd of the process that connected a Unix socket
+#define SO_PEERPIDFD 77
+#endif
