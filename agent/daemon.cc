@@ -50,7 +50,10 @@ uint64_t tag(Kind k, int fd) { return (uint64_t{k} << 32) | static_cast<uint32_t
 
 constexpr int kHandshakeSeconds = 5;         // a handshake must be complete this long after connect
 constexpr size_t kMaxPendingHandshakes = 64;  // silent peers cost an fd each, never a stalled loop
-constexpr size_t kMaxWaiters = 1024;          // status long polls held at once
+// Status long polls held at once: per user, so that one user's cannot lock out another's (1024
+// of one user's refused root's), and in all, larger. Root's count against its own limit only.
+constexpr size_t kMaxWaitersPerUser = 256;
+constexpr size_t kMaxWaiters = 4096;
 constexpr size_t kMaxFdsPerRequest = 1;       // a Restore's uffd; no other request carries one
 // Replies queued for one connection. Reading stops while any wait, so only notices (complete,
 // failed, long-poll answers) can add to them; a peer this far behind is not reading at all.
@@ -571,7 +574,8 @@ struct Daemon::Impl {
             std::string js = report(c.uid, body.with_stats).dump();
             reply(c, id, [&](auto b) { b.setJson(js); });
           } else if constexpr (std::is_same_v<T, WaitChangeRequest>) {
-            if (waiters.size() >= kMaxWaiters) {
+            const auto mine = std::count_if(waiters.begin(), waiters.end(), [&](const Waiter& w) { return w.uid == c.uid; });
+            if (static_cast<size_t>(mine) >= kMaxWaitersPerUser || (c.uid != 0 && waiters.size() >= kMaxWaiters)) {
               reply(c, id, [](auto b) { b.setError("too many waiting status requests; try again"); });
               return;
             }

@@ -1643,6 +1643,127 @@ TEST_F(AgentTest, UsersAreServedOnlyWhatTheyCouldRead) {
   EXPECT_EQ(rc, 0) << out;
 }
 
+// Status long polls are limited per user: one user's cannot lock out another's. (The limit was
+// global: 1024 waitChange requests of one user, and root's status long poll was refused.)
+TEST_F(AgentTest, OneUsersLongPollsLockOutNoOneElse) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to connect as another user";
+  constexpr uid_t kNobody = 65534;
+  ASSERT_EQ(::chmod(dir_.path().c_str(), 0711), 0);  // the socket reachable by that user
+  agent::DaemonOptions o;
+  o.socket_group = kNobody;
+  start_daemon(o);
+  auto generation = [&] {
+    auto js = agent_query(socket_, false);
+    EXPECT_TRUE(js.ok());
+    return js.ok() ? nlohmann::json::parse(*js)["generation"].get<uint64_t>() : 0;
+  };
+  // Another user's 1024 long polls, waiting for a generation that never comes, then a status
+  // request: its answer says the agent has handled them all. The child says how many it had
+  // refused, and keeps its connection (and the long polls) until we are done.
+  constexpr uint64_t kPolls = 1024;
+  int told[2], done[2];
+  ASSERT_EQ(::pipe2(told, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(done, O_CLOEXEC), 0);
+  const pid_t kid = ::fork();
+  ASSERT_GE(kid, 0);
+  if (kid == 0) {
+    ::alarm(60);
+    ::close(done[1]);  // or it would never see the parent close its end
+    ::close(told[0]);
+    if (::setgroups(0, nullptr) != 0 || ::setresgid(kNobody, kNobody, kNobody) != 0 ||
+        ::setresuid(kNobody, kNobody, kNobody) != 0)
+      _exit(99);
+    auto s = agent::connect_unix(socket_);
+    if (!s.ok()) _exit(98);
+    std::vector<std::byte> all;
+    for (uint64_t id = 1; id <= kPolls + 1; ++id) {
+      capnp::MallocMessageBuilder b;
+      auto rq = b.initRoot<proto::agent::Request>();
+      rq.setId(id);
+      if (id <= kPolls) rq.setWaitChange(~uint64_t{0} - 1);
+      else rq.setStatus();
+      std::vector<std::byte> frame = net::encode_frame(b, 0);
+      all.insert(all.end(), frame.begin(), frame.end());
+    }
+    // Sent while the replies are read: its refusals could otherwise fill the socket and the agent
+    // stop reading, with this one stopped in send().
+    ::fcntl(s->get(), F_SETFL, O_NONBLOCK);
+    net::FrameBuffer buf;
+    std::deque<sys::UniqueFd> fds;
+    uint64_t refused = 0;
+    size_t sent = 0;
+    for (bool answered = false; !answered;) {
+      pollfd p{s->get(), static_cast<short>(POLLIN | (sent < all.size() ? POLLOUT : 0)), 0};
+      if (::poll(&p, 1, -1) < 0) _exit(97);
+      if (p.revents & POLLOUT) {
+        ssize_t n = ::send(s->get(), all.data() + sent, all.size() - sent, MSG_NOSIGNAL);
+        if (n > 0) sent += static_cast<size_t>(n);
+      }
+      if (!(p.revents & (POLLIN | POLLHUP))) continue;
+      if (!agent::recv_some(s->get(), buf, fds, 0).ok()) _exit(96);
+      for (;;) {
+        auto f = buf.next();
+        if (!f.ok()) _exit(95);
+        if (!f->has_value()) break;
+        auto reply = (*net::Header::parse((*f)->header))->root<proto::agent::Reply>();
+        if (reply.getId() == kPolls + 1) answered = true;
+        else if (reply.isError()) ++refused;
+        buf.consume();
+      }
+    }
+    (void)!::write(told[1], &refused, sizeof refused);
+    char c;
+    (void)!::read(done[0], &c, 1);  // until the parent closes it
+    _exit(0);
+  }
+  ::close(told[1]);
+  ::close(done[0]);
+  sys::UniqueFd done_w(done[1]);
+  uint64_t refused = 0;
+  ASSERT_EQ(::read(told[0], &refused, sizeof refused), static_cast<ssize_t>(sizeof refused));
+  ::close(told[0]);
+  EXPECT_EQ(refused, kPolls - 256) << "past its own limit, that user's long polls are refused";
+
+  // Root's long poll is taken, and answered once something changes (another client asks for a
+  // VM socket of a snapshot that is not there).
+  auto root = agent::connect_unix(socket_);
+  ASSERT_TRUE(root.ok());
+  {
+    capnp::MallocMessageBuilder b;
+    auto rq = b.initRoot<proto::agent::Request>();
+    rq.setId(7);
+    rq.setWaitChange(generation());
+    ASSERT_TRUE(agent::send_frame_fd(root->get(), b, {}, -1).ok());
+  }
+  auto other = agent::connect_unix(socket_);
+  ASSERT_TRUE(other.ok());
+  {
+    capnp::MallocMessageBuilder b;
+    auto fc = b.initRoot<proto::agent::Request>().initServeFirecracker();
+    fc.setSocketPath(dir_.path() + "/vm.sock");
+    fc.setSnapshot(dir_.path() + "/no-such-snapshot");
+    ASSERT_TRUE(agent::send_frame_fd(other->get(), b, {}, -1).ok());
+  }
+  net::FrameBuffer buf;
+  std::deque<sys::UniqueFd> fds;
+  for (;;) {
+    auto f = buf.next();
+    ASSERT_TRUE(f.ok());
+    if (!f->has_value()) {
+      ASSERT_TRUE(agent::recv_some(root->get(), buf, fds, 10000).ok()) << "root's long poll was never answered";
+      continue;
+    }
+    auto reply = (*net::Header::parse((*f)->header))->root<proto::agent::Reply>();
+    ASSERT_EQ(reply.getId(), 7u);
+    EXPECT_TRUE(reply.isJson()) << (reply.isError() ? reply.getError().cStr() : "neither json nor an error");
+    break;
+  }
+  done_w = sys::UniqueFd();
+  int st = 0;
+  ::waitpid(kid, &st, 0);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << st;
+}
+
 // A damaged chunk restored through the agent (fixture for the next two tests). A child restores
 // it with its stderr full (a pipe nobody reads yet: what it says waits in write()) and touches
 // the damaged page: it must die of SIGBUS, never read the bad bytes, never hang.
