@@ -68,6 +68,9 @@ struct Conn {
   pid_t pid = 0;
   uid_t uid = 0;
   gid_t gid = 0;
+  std::vector<gid_t> groups;  // as at connect (SO_PEERGROUPS)
+  // The process that connected, taken at accept: its pid, read later, may be another's by then.
+  sys::UniqueFd pidfd;
   net::FrameBuffer buf;
   std::deque<sys::UniqueFd> fds;
   std::vector<std::byte> out;  // frames not yet sent, from out_sent on
@@ -205,8 +208,11 @@ Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, SocketFi
 
 // Every range must lie inside the peer's own mappings: a client cannot point the agent at
 // memory it does not have (the uffd would refuse anyway; this gives a clear reason).
-Status check_ranges_mapped(pid_t pid, const std::vector<fault::MappedRange>& ranges) {
+// `pidfd` is the process's: alive once its maps are read, they were its (its pid not reused).
+Status check_ranges_mapped(pid_t pid, int pidfd, const std::vector<fault::MappedRange>& ranges) {
   LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
+  pollfd exited{pidfd, POLLIN, 0};  // readable once it has exited
+  if (::poll(&exited, 1, 0) != 0) return Error(Errc::kPeerGone, fmt::format("process {} has exited", pid));
   for (const auto& r : ranges) {
     const uint64_t end = r.start + r.length;  // does not wrap: check_range_table
     if (sys::coverage(vmas, r.start, end).covered_to < end) {
@@ -425,6 +431,7 @@ struct Daemon::Impl {
     uint64_t version = 0;  // the manifest checksum the client read (0: not checked)
     std::vector<fault::MappedRange> ranges;
     pid_t pid = 0;
+    sys::UniqueFd pidfd;  // of `pid`, taken when it connected
     uid_t uid = 0;
     bool prefetch = true;
     bool hold_failures = false;  // the client says why before its failed pages are poisoned
@@ -433,9 +440,9 @@ struct Daemon::Impl {
   };
 
   Result<fault::SessionId> serve(ServeRequest rq, std::shared_ptr<snapshot::ChunkSource> src) {
-    LAZYMEM_TRY(check_ranges_mapped(rq.pid, rq.ranges));
-    sys::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, rq.pid, 0)));
-    if (!pidfd.valid()) return sys_error(fmt::format("pidfd_open({})", rq.pid), errno);
+    if (!rq.pidfd.valid()) return Error(Errc::kInvalidArgument, fmt::format("no pidfd of process {}", rq.pid));
+    LAZYMEM_TRY(check_ranges_mapped(rq.pid, rq.pidfd.get(), rq.ranges));
+    sys::UniqueFd pidfd = std::move(rq.pidfd);
     fault::SessionSpec spec;
     spec.name = rq.name;
     spec.uffd = sys::Uffd::adopt(std::move(rq.uffd), rq.features);
@@ -471,11 +478,13 @@ struct Daemon::Impl {
     rq->version = r.manifest_checksum;
     rq->ranges = std::move(r.ranges);
     rq->pid = c.pid;
+    rq->pidfd.reset(::fcntl(c.pidfd.get(), F_DUPFD_CLOEXEC, 0));
+    if (!rq->pidfd.valid()) return sys_error("dup of a pidfd", errno);
     rq->uid = c.uid;
     rq->prefetch = r.prefetch;
     rq->hold_failures = r.announces_failures;
     rq->reply_id = id;
-    OpenSpec spec{rq->location, rq->token_file, Requester{c.pid, c.uid, c.gid}, {}, std::move(r.base)};
+    OpenSpec spec{rq->location, rq->token_file, Requester{c.pid, c.uid, c.gid, c.groups}, {}, std::move(r.base)};
     return open_then(std::move(spec), rq->version, c.fd.get(), c.pid, c.uid, [this, rq](auto src, int conn_fd) {
       rq->conn_fd = conn_fd;  // open still: a closing one drops this (close_conn)
       const pid_t pid = rq->pid;
@@ -621,7 +630,7 @@ struct Daemon::Impl {
     l.cancel_on_close = r.cancel_on_close;
     l.uid = c.uid;
     l.pid = c.pid;
-    OpenSpec spec{l.snapshot, l.token_file, Requester{c.pid, c.uid, c.gid}, {}, {}};
+    OpenSpec spec{l.snapshot, l.token_file, Requester{c.pid, c.uid, c.gid, c.groups}, {}, {}};
     auto pending = std::make_shared<FcListener>(std::move(l));
     return open_then(std::move(spec), 0, c.fd.get(), c.pid, c.uid, [this, pending](auto src, int conn_fd) {
       const pid_t pid = pending->pid;
@@ -931,12 +940,17 @@ struct Daemon::Impl {
       const int fd = cfd.get();
       auto c = std::make_unique<Conn>();
       c->fd = std::move(cfd);
-      ucred cred{};
-      socklen_t len = sizeof cred;
-      if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) continue;
-      c->pid = cred.pid;
-      c->uid = cred.uid;
-      c->gid = cred.gid;
+      // Who it is, once and now: a peer gone already is not served (its pid may be another's).
+      auto cred = sys::peer_cred(fd);
+      if (!cred.ok()) {
+        log->debug("connection refused: {}", cred.error().message());
+        continue;
+      }
+      c->pid = cred->pid;
+      c->uid = cred->uid;
+      c->gid = cred->gid;
+      c->groups = std::move(cred->groups);
+      c->pidfd = std::move(cred->pidfd);
       add(fd, tag(kConn, fd));
       conns[fd] = std::move(c);
     }
@@ -1095,6 +1109,7 @@ struct Daemon::Impl {
     rq->token_file = hs.token_file;
     rq->ranges = std::move(**parsed);
     rq->pid = hs.cred.pid;
+    rq->pidfd.reset(::fcntl(hs.cred.pidfd.get(), F_DUPFD_CLOEXEC, 0));
     rq->uid = hs.cred.uid;
     rq->prefetch = hs.prefetch;
     rq->reply_id = hs.notify_id;

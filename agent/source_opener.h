@@ -30,6 +30,9 @@ struct Requester {
   pid_t pid = 0;
   uid_t uid = 0;
   gid_t gid = 0;
+  // Supplementary groups, taken with the rest when the connection was accepted (SO_PEERGROUPS):
+  // read later from /proc/PID/status, they could be another process's, its pid reused.
+  std::vector<gid_t> groups;
 };
 
 // One open, everything it needs copied in.

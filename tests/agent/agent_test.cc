@@ -1643,6 +1643,90 @@ TEST_F(AgentTest, UsersAreServedOnlyWhatTheyCouldRead) {
   EXPECT_EQ(rc, 0) << out;
 }
 
+// Who asks is who connected, taken when the agent accepted the connection: the groups that let
+// a user read a snapshot are those it had then. (They were read from /proc/PID/status when the
+// request came: by then the pid could be gone, or another process's, its groups not the peer's.)
+// Here the process that connected has exited when its child, holding the connection, asks.
+TEST_F(AgentTest, RequesterIsWhoConnected) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to connect as another user";
+  ASSERT_FALSE(agent_bin().empty());
+  constexpr uid_t kNobody = 65534;
+  constexpr gid_t kReaders = 4242;  // the store's group, a supplementary group of the peer
+  const std::string store = dir_.path() + "/store", vmdir = dir_.path() + "/vms";
+  std::filesystem::create_directories(store);
+  RAW_IMAGE_AT(image, 1 * kMiB, 63, vm, store + "/vm");
+  ASSERT_EQ(::chmod(dir_.path().c_str(), 0711), 0);
+  ASSERT_EQ(::chown(store.c_str(), 0, kReaders), 0);
+  ASSERT_EQ(::chmod(store.c_str(), 0750), 0);
+  std::filesystem::create_directories(vmdir);
+  ASSERT_EQ(::chown(vmdir.c_str(), kNobody, kNobody), 0);
+  agent::DaemonOptions o;
+  o.socket_group = kNobody;
+  start_daemon(o);
+  int go[2], answer[2];
+  ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(answer, O_CLOEXEC), 0);
+  const pid_t connector = ::fork();
+  ASSERT_GE(connector, 0);
+  if (connector == 0) {
+    ::alarm(60);
+    ::close(go[1]);
+    ::close(answer[0]);
+    if (::setgroups(1, &kReaders) != 0 || ::setresgid(kNobody, kNobody, kNobody) != 0 ||
+        ::setresuid(kNobody, kNobody, kNobody) != 0)
+      _exit(99);
+    auto s = agent::connect_unix(socket_);
+    if (!s.ok()) _exit(98);
+    // A status answered: the agent has accepted the connection.
+    capnp::MallocMessageBuilder b;
+    auto rq = b.initRoot<proto::agent::Request>();
+    rq.setId(1);
+    rq.setStatus();
+    if (!agent::send_frame_fd(s->get(), b, {}, -1).ok()) _exit(97);
+    net::FrameBuffer buf;
+    std::deque<sys::UniqueFd> fds;
+    for (;;) {
+      auto f = buf.next();
+      if (!f.ok()) _exit(96);
+      if (f->has_value()) break;
+      if (!agent::recv_some(s->get(), buf, fds, 10000).ok()) _exit(95);
+    }
+    buf.consume();
+    if (::fork() != 0) _exit(0);  // the connector goes; its child keeps the connection
+    char c;
+    (void)!::read(go[0], &c, 1);  // until the connector has been reaped
+    capnp::MallocMessageBuilder b2;
+    auto rq2 = b2.initRoot<proto::agent::Request>();
+    rq2.setId(2);
+    auto fc = rq2.initServeFirecracker();
+    fc.setSocketPath(vmdir + "/vm.sock");
+    fc.setSnapshot(vm);
+    if (!agent::send_frame_fd(s->get(), b2, {}, -1).ok()) _exit(94);
+    for (;;) {
+      auto f = buf.next();
+      if (!f.ok()) _exit(93);
+      if (f->has_value()) {
+        auto reply = (*net::Header::parse((*f)->header))->root<proto::agent::Reply>();
+        const std::string said = reply.isAccepted() ? "accepted" : reply.isError() ? reply.getError().cStr() : "?";
+        (void)!::write(answer[1], said.data(), said.size());
+        _exit(0);
+      }
+      if (!agent::recv_some(s->get(), buf, fds, 10000).ok()) _exit(92);
+    }
+  }
+  ::close(go[0]);
+  int st = 0;
+  ASSERT_EQ(::waitpid(connector, &st, 0), connector);
+  ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << st;
+  ::close(go[1]);  // the child asks now
+  ::close(answer[1]);
+  std::string said;
+  char chunk[512];
+  for (ssize_t n; (n = ::read(answer[0], chunk, sizeof chunk)) > 0;) said.append(chunk, static_cast<size_t>(n));
+  ::close(answer[0]);
+  EXPECT_EQ(said, "accepted") << "the connector's child was refused (its groups read after the connector had gone)";
+}
+
 // Status long polls are limited per user: one user's cannot lock out another's. (The limit was
 // global: 1024 waitChange requests of one user, and root's status long poll was refused.)
 TEST_F(AgentTest, OneUsersLongPollsLockOutNoOneElse) {
