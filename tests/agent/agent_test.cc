@@ -1706,7 +1706,8 @@ TEST_F(AgentTest, RequesterIsWhoConnected) {
       auto f = buf.next();
       if (!f.ok()) _exit(93);
       if (f->has_value()) {
-        auto reply = (*net::Header::parse((*f)->header))->root<proto::agent::Reply>();
+        auto hd = net::Header::parse((*f)->header);  // holds what the reply reads
+        auto reply = (*hd)->root<proto::agent::Reply>();
         const std::string said = reply.isAccepted() ? "accepted" : reply.isError() ? reply.getError().cStr() : "?";
         (void)!::write(answer[1], said.data(), said.size());
         _exit(0);
@@ -1789,7 +1790,8 @@ TEST_F(AgentTest, OneUsersLongPollsLockOutNoOneElse) {
         auto f = buf.next();
         if (!f.ok()) _exit(95);
         if (!f->has_value()) break;
-        auto reply = (*net::Header::parse((*f)->header))->root<proto::agent::Reply>();
+        auto hd = net::Header::parse((*f)->header);  // holds what the reply reads
+        auto reply = (*hd)->root<proto::agent::Reply>();
         if (reply.getId() == kPolls + 1) answered = true;
         else if (reply.isError()) ++refused;
         buf.consume();
@@ -1837,7 +1839,8 @@ TEST_F(AgentTest, OneUsersLongPollsLockOutNoOneElse) {
       ASSERT_TRUE(agent::recv_some(root->get(), buf, fds, 10000).ok()) << "root's long poll was never answered";
       continue;
     }
-    auto reply = (*net::Header::parse((*f)->header))->root<proto::agent::Reply>();
+    auto hd = net::Header::parse((*f)->header);  // holds what the reply reads
+    auto reply = (*hd)->root<proto::agent::Reply>();
     ASSERT_EQ(reply.getId(), 7u);
     EXPECT_TRUE(reply.isJson()) << (reply.isError() ? reply.getError().cStr() : "neither json nor an error");
     break;
