@@ -719,7 +719,9 @@ TEST_F(AgentTest, OutOfDescriptorsConnectionsAreClosedNotLeftWaiting) {
   rlimit was{};
   ASSERT_EQ(::prlimit(daemon_pid_, RLIMIT_NOFILE, nullptr, &was), 0);
   rlimit tight = was;
-  tight.rlim_cur = in_use + 3;
+  // Room for a few connections, each a socket and its peer's pidfd (taken at accept), with a
+  // margin for what the agent opens meanwhile: then the descriptors run out.
+  tight.rlim_cur = in_use + 7;
   ASSERT_EQ(::prlimit(daemon_pid_, RLIMIT_NOFILE, &tight, nullptr), 0);
 
   // Connections, each asking for status: one the agent took is answered, one it had no
