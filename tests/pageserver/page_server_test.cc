@@ -1226,11 +1226,12 @@ class HostileServer {
       for (auto& c : conns) p.push_back({c->fd.get(), POLLIN, 0});
       if (::poll(p.data(), p.size(), -1) < 0) continue;
       if (p[0].revents) return;
+      const size_t polled = conns.size();  // one accepted below is polled next time
       if (p[1].revents) {
         int fd = ::accept4(listener_.fd.get(), nullptr, nullptr, SOCK_CLOEXEC);
         if (fd >= 0) conns.push_back(std::make_unique<Conn>(Conn{sys::UniqueFd(fd), net::FrameBuffer()}));
       }
-      for (size_t i = 0; i < conns.size(); ++i) {
+      for (size_t i = 0; i < polled; ++i) {
         if (p[2 + i].revents == 0) continue;
         if (!serve(*conns[i])) conns[i].reset();
       }
