@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
@@ -233,6 +234,44 @@ class BusyWriter {
 
 // Captured while a thread keeps writing: the snapshot holds the memory as it was during the
 // pause, every byte, although most of it was stored before and chunks were stored again.
+// The process grows a restored mapping (mremap), in place and then moving it: the new tails read
+// zeros, as new memory does, and every snapshot page still comes back where the mapping now is.
+// The tail's first touch used to be poisoned (SIGBUS): the kernel keeps a grown tail registered
+// and tells nobody.
+TEST_F(RestoreTest, AGrownMappingReadsZerosPastTheSnapshot) {
+  capture(8 * kMiB, 9, "grow");
+  RestoreOptions opts;
+  opts.prefetch = false;
+  auto r = LazyRestore::start(location("grow"), kf_, opts);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto* base = static_cast<std::byte*>((*r)->region("heap")->address);
+  ASSERT_EQ(std::memcmp(base, expected_.data(), 4096), 0);
+  auto expect_zeros = [](const std::byte* p, size_t len) {
+    for (size_t off = 0; off < len; off += 4096) {
+      ASSERT_TRUE(std::all_of(p + off, p + off + 4096, [](std::byte b) { return b == std::byte{0}; })) << off;
+    }
+  };
+  // In place: capture addresses lie gigabytes apart, so the space after the region is free.
+  ASSERT_EQ(::mremap(base, 8 * kMiB, 12 * kMiB, 0), base) << std::strerror(errno);
+  expect_zeros(base + 9 * kMiB, 3 * kMiB);  // touched before the region's last snapshot pages
+  base[9 * kMiB] = std::byte{0x5a};
+  // Moved and grown again: the snapshot pages (most not yet fetched) and the first tail go along.
+  void* spot = ::mmap(nullptr, 16 * kMiB, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(spot, MAP_FAILED);
+  void* moved = ::mremap(base, 12 * kMiB, 16 * kMiB, MREMAP_MAYMOVE | MREMAP_FIXED, spot);
+  ASSERT_EQ(moved, spot) << std::strerror(errno);
+  auto* mv = static_cast<std::byte*>(moved);
+  expect_zeros(mv + 12 * kMiB, 4 * kMiB);
+  EXPECT_EQ(mv[9 * kMiB], std::byte{0x5a});
+  mv[9 * kMiB] = std::byte{0};
+  expect_zeros(mv + 8 * kMiB, 4 * kMiB);
+  for (size_t off = 0; off < 8 * kMiB; off += 4096) {
+    ASSERT_EQ(std::memcmp(mv + off, expected_.data() + off, 4096), 0) << "snapshot page at " << off;
+  }
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(mv, 16 * kMiB);
+}
+
 TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
   if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
   constexpr size_t kLen = 64 * kMiB;

@@ -156,6 +156,36 @@ TEST_F(FaultOnThreadTest, FollowsMadviseAndMremap) {
   ::munmap(base, 24 * kMiB);
 }
 
+// The process grows a restored mapping (mremap), in place and then moving it: the faulting
+// thread zero-fills the new tails, as the kernel would, and still restores every snapshot page.
+// The tail's first touch used to be passed on as a bus error.
+TEST_F(FaultOnThreadTest, AGrownMappingReadsZerosPastTheSnapshot) {
+  capture(8 * kMiB, 53);
+  start_server();
+  auto r = LazyRestore::start(uri(), kf_, on_thread(false));
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto* base = static_cast<std::byte*>((*r)->regions()[0].address);
+  expect_page(base, 0);
+  auto expect_zeros = [](const std::byte* p, size_t len) {
+    for (size_t off = 0; off < len; off += kPage) {
+      ASSERT_TRUE(std::all_of(p + off, p + off + kPage, [](std::byte b) { return b == std::byte{0}; })) << off;
+    }
+  };
+  ASSERT_EQ(::mremap(base, 8 * kMiB, 12 * kMiB, 0), base) << std::strerror(errno);
+  expect_zeros(base + 9 * kMiB, 3 * kMiB);
+  void* spot = ::mmap(nullptr, 16 * kMiB, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(spot, MAP_FAILED);
+  void* moved = ::mremap(base, 12 * kMiB, 16 * kMiB, MREMAP_MAYMOVE | MREMAP_FIXED, spot);
+  ASSERT_EQ(moved, spot) << std::strerror(errno);
+  auto* mv = static_cast<std::byte*>(moved);
+  expect_zeros(mv + 8 * kMiB, 8 * kMiB);
+  for (size_t off = 0; off < 8 * kMiB; off += kPage) {
+    ASSERT_EQ(std::memcmp(mv + off, expected_.data() + off, kPage), 0) << "snapshot page at " << off;
+  }
+  ASSERT_TRUE((*r)->finish().ok());
+  ::munmap(mv, 16 * kMiB);
+}
+
 // fork() mid-restore: the restore completes first, so the child sees every byte.
 TEST_F(FaultOnThreadTest, ForkCompletesTheRestoreFirst) {
   capture(16 * kMiB, 46);

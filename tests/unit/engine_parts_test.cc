@@ -31,6 +31,17 @@ TEST(AddressMapTest, FindAndSpans) {
   EXPECT_EQ(spans[0].second, 0x3000u);
 }
 
+// The gap around an address no range holds: where a grown mapping's zero-fill may go.
+TEST(AddressMapTest, NeighboursOfAGap) {
+  AddressMap m({{0x20000, 0x10000, 1, 0}, {0x10000, 0x8000, 0, 0}});
+  EXPECT_EQ(m.end_before(0x18000), 0x18000u);
+  EXPECT_EQ(m.start_after(0x18000), 0x20000u);
+  EXPECT_EQ(m.end_before(0x30000), 0x30000u);
+  EXPECT_EQ(m.start_after(0x30000), UINT64_MAX);
+  EXPECT_EQ(m.end_before(0x8000), 0u);
+  EXPECT_EQ(m.start_after(0x8000), 0x10000u);
+}
+
 TEST(AddressMapTest, RemoveSplits) {
   AddressMap m({{0x10000, 0x10000, 0, 0}});
   m.remove(0x14000, 0x4000);

@@ -19,6 +19,21 @@ const MappedRange* AddressMap::find(uint64_t addr) const {
   return addr < it->end() ? &*it : nullptr;
 }
 
+uint64_t AddressMap::end_before(uint64_t addr) const {
+  uint64_t end = 0;
+  for (const MappedRange& r : ranges_) {
+    if (r.end() > addr) break;  // sorted and non-overlapping: ends are in order too
+    end = r.end();
+  }
+  return end;
+}
+
+uint64_t AddressMap::start_after(uint64_t addr) const {
+  auto it = std::upper_bound(ranges_.begin(), ranges_.end(), addr,
+                             [](uint64_t a, const MappedRange& r) { return a < r.start; });
+  return it == ranges_.end() ? UINT64_MAX : it->start;
+}
+
 void AddressMap::remove(uint64_t start, uint64_t len) {
   uint64_t end = start + len;
   std::vector<MappedRange> out;

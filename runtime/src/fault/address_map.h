@@ -36,6 +36,11 @@ class AddressMap {
   // The range holding `addr`, or nullptr.
   const MappedRange* find(uint64_t addr) const;
 
+  // The end of the last range that ends at or before `addr` (0: none), and the start of the
+  // first range that starts after it (UINT64_MAX: none).
+  uint64_t end_before(uint64_t addr) const;
+  uint64_t start_after(uint64_t addr) const;
+
   // Calls fn(address, region_offset, length) for every mapped piece of [offset, offset+len) of
   // `region`.
   template <typename Fn>

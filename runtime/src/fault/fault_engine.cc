@@ -77,6 +77,7 @@ struct FaultEngine::Session {
   // The reader has completions ready that its fd no longer signals (a bounded poll stopped
   // early): poll it again without waiting for the fd.
   bool backlog = false;
+  bool grew = false;  // a fault came past every snapshot range (logged once)
 
   // Prefetch planning (engine thread).
   uint32_t sweep_region = 0, sweep_chunk = 0;
@@ -168,6 +169,7 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   InstallStatus install_range(Session& s, uint32_t region, uint64_t roff, const std::byte* data, uint64_t len);
   InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
   void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
+  void zero_past_snapshot(Session& s, uint64_t addr);
   void retry_installs(Session& s);
   void mark_present(Session& s, ChunkRef ref);
   void check_complete(Session& s);
@@ -391,10 +393,7 @@ void FaultEngine::Loop::drain_uffd(Session& s) {
 void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
   const MappedRange* r = s.map.find(addr);
   if (r == nullptr) {
-    // Registered with us but not ours to fill (bookkeeping lost it): a wrong page is worse
-    // than a visible failure.
-    log_->error("session {}: fault at {:#x} outside every known range", s.name, addr);
-    if (e_.features_.has_uffd_poison()) (void)s.uffd.poison(addr & ~uint64_t{4095}, 4096);
+    zero_past_snapshot(s, addr);
     return;
   }
   uint64_t roff = addr - r->start + r->region_offset;
@@ -439,6 +438,43 @@ void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
   s.hint_valid = true;
   if (s.prefetch_in_flight > 0) s.window = std::max<size_t>(1, s.window / 2);
   s.prefetch_done_since_demand = 0;
+}
+
+// A fault on this uffd at an address no snapshot range holds: the process grew a mapping we
+// serve (mremap, in place or moving it: the kernel keeps the new tail registered and says
+// nothing of it). That memory is new, and the kernel would have zero-filled it. Pages that an
+// mremap moved are never taken for it: mremap returns only once its REMAP event is read, and
+// the events of one read are applied in order, so the process cannot touch the new address
+// before the map knows it.
+void FaultEngine::Loop::zero_past_snapshot(Session& s, uint64_t addr) {
+  const uint64_t page = addr & ~uint64_t{4095};
+  if (!s.grew) {
+    s.grew = true;
+    log_->info("session {}: fault at {:#x}, past every snapshot range (a mapping grew): zero-filled", s.name, addr);
+  }
+  // 64 KiB at once where the tail allows (a tail is touched in order, like any new memory),
+  // never over a snapshot range's pages.
+  constexpr uint64_t kBlock = 64 * 1024;
+  const uint64_t lo = std::max(page & ~(kBlock - 1), s.map.end_before(page));
+  const uint64_t hi = std::min((page & ~(kBlock - 1)) + kBlock, s.map.start_after(page));
+  sys::InstallResult res = s.uffd.zeropage(lo, hi - lo);
+  if (res.outcome != sys::InstallOutcome::kDone && lo + 4096 != hi) res = s.uffd.zeropage(page, 4096);
+  switch (res.outcome) {
+    case sys::InstallOutcome::kDone:
+    case sys::InstallOutcome::kExited:
+      return;
+    case sys::InstallOutcome::kExists:  // in already: the thread only needs waking
+    case sys::InstallOutcome::kAgain:   // a mapping change pending: the thread faults again after it
+    case sys::InstallOutcome::kGone:    // unmapped meanwhile: the retried access decides
+      (void)s.uffd.wake(page, 4096);
+      return;
+    case sys::InstallOutcome::kFailed:
+      break;
+  }
+  log_->error("session {}: zero-filling {:#x} past every snapshot range failed (errno {}): poisoned", s.name, page,
+              res.err);
+  if (e_.features_.has_uffd_poison()) (void)s.uffd.poison(page, 4096);
+  (void)s.uffd.wake(page, 4096);
 }
 
 void FaultEngine::Loop::on_remove(Session& s, uint64_t start, uint64_t end) {

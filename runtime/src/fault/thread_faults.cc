@@ -377,10 +377,18 @@ ThreadFaults::Served ThreadFaults::serve(uint64_t addr, int64_t start_ns) noexce
     }
     const MappedRange* r = table_->find(addr);
     if (r == nullptr) {
+      // Past every snapshot range. If the page is in a mapping registered with this restore's
+      // uffd, the process grew that mapping (mremap: the new tail stays registered), and the
+      // kernel would have zero-filled it; if not, the ioctl refuses and the fault is not ours.
+      // Under the table's lock: a change not yet applied makes the ioctl EAGAIN.
+      const sys::InstallResult res = uffd_.zeropage(addr & ~uint64_t{4095}, 4096, false);
       table_->read_unlock();
       if (conn) pool_->checkin(conn);
+      // (kExists, a page there already, goes as not ours: the access is retried once.)
+      if (res.outcome == sys::InstallOutcome::kDone) return Served::kDone;
       pollfd p{uffd_.fd(), POLLIN, 0};  // events not yet applied?
-      return ::poll(&p, 1, 0) > 0 ? Served::kMapChanging : Served::kNotOurs;
+      return res.outcome == sys::InstallOutcome::kAgain || ::poll(&p, 1, 0) > 0 ? Served::kMapChanging
+                                                                                 : Served::kNotOurs;
     }
     const uint32_t region = r->region;
     const uint32_t page_size = manifest_->regions[region].page_size;
