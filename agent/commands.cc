@@ -120,6 +120,13 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
   return report;
 }
 
+// The operator's progress line of a migration's pass over the memory (stderr, where the
+// migration reports too; `snapshot --live` draws its bar there on a terminal instead).
+static void print_pass(unsigned pass, uint64_t bytes) {
+  std::fprintf(stderr, "pre-copy pass %u: %.1f MiB %s\n", pass, double(bytes) / 1048576.0,
+               pass == 1 ? "stored" : "written meanwhile, stored again");
+}
+
 Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
                                            const CaptureOptions& options, bool freeze,
                                            std::function<bool()> interrupted) {
@@ -146,6 +153,7 @@ Status migrate_process(const MigrateConfig& c) {
   mo.precopy.pid = c.pid;
   mo.precopy.freeze_cgroup = c.freeze;
   mo.precopy.cancelled = c.interrupted;
+  mo.precopy.on_pass = print_pass;
   // Thawed after the kill, if this froze it, so that the cgroup is left as found.
   std::string cgroup;
   if (c.freeze) {

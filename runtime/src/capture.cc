@@ -162,10 +162,16 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
   p.writer = std::make_unique<snapshot::SnapshotWriter>(std::move(sink), options);
   p.writer->stage_input();
   LAZYMEM_TRY(store_regions(*p.writer, regions, options, page));
+  if (live.on_pass) {
+    uint64_t all = 0;
+    for (const CaptureRegion& r : regions) all += r.length;
+    live.on_pass(1, all);
+  }
   for (unsigned r = 0; r < live.max_rounds; ++r) {
     LAZYMEM_TRY(check_cancelled(live));
     ++p.rounds;
     LAZYMEM_ASSIGN_OR_RETURN(uint64_t written, store_written(p, regions, options.chunk_size));
+    if (live.on_pass) live.on_pass(p.rounds, written);
     if (written <= live.converged_bytes) break;
   }
   LAZYMEM_TRY(check_cancelled(live));

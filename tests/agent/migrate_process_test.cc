@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -18,6 +19,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
@@ -36,6 +38,7 @@
 #include "lazymem/migrate.h"
 #include "lazymem/restore.h"
 #include "sys/cgroup_freeze.h"
+#include "sys/unique_fd.h"
 
 namespace lazymem {
 namespace {
@@ -79,6 +82,26 @@ pid_t pid_of_command(const std::string& part) {
     if (cmdline.find(part) != std::string::npos) return std::stoi(name);
   }
   return -1;
+}
+
+// Waits until the file at `path` holds `text` (a line a command writes there as it goes), for
+// at most `timeout_ms`: woken by inotify whenever a file in its directory is written.
+bool wait_for_text(const std::string& path, const std::string& text, int timeout_ms = 20000) {
+  const sys::UniqueFd watch(::inotify_init1(IN_CLOEXEC));
+  if (!watch.valid() ||
+      ::inotify_add_watch(watch.get(), std::filesystem::path(path).parent_path().c_str(), IN_CREATE | IN_MODIFY) < 0) {
+    return false;
+  }
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    std::ifstream in(path);
+    if (std::string(std::istreambuf_iterator<char>(in), {}).find(text) != std::string::npos) return true;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    pollfd p{watch.get(), POLLIN, 0};
+    if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return false;
+    char events[4096];
+    (void)!::read(watch.get(), events, sizeof events);
+  }
 }
 
 std::vector<std::byte> read_memory(pid_t pid, uintptr_t at, size_t len) {
@@ -223,8 +246,9 @@ class Obedient {
 
 // A forked child, killed and reaped when the test ends however it ends.
 struct KilledOnExit {
-  pid_t pid;
+  pid_t pid;  // <= 0: reaped already
   ~KilledOnExit() {
+    if (pid <= 0) return;
     ::kill(pid, SIGKILL);
     ::waitpid(pid, nullptr, 0);
   }
@@ -440,6 +464,7 @@ TEST_F(MigrateProcessTest, BorrowsAThreadThatCanStop) {
     return ::write(cmd[1], &page, 1) == 1 && ::read(ack[0], &a, 1) == 1;
   };
   ASSERT_TRUE(order(0));
+  // Entering vfork()'s wait gives no event to wait on: its state is looked at until it shows.
   for (int i = 0; i < 2000 && process_state(child) != 'D'; ++i) ::usleep(1000);
   ASSERT_EQ(process_state(child), 'D') << "the main thread is not in uninterruptible sleep";
   const auto started = std::chrono::steady_clock::now();
@@ -500,23 +525,32 @@ TEST_F(MigrateProcessTest, SnapshotHoldsCtrlCUntilTheProcessGoesOn) {
   char r = 0;
   ASSERT_EQ(::read(ready[0], &r, 1), 1) << "the child did not start";
   ::close(ready[0]);
-  const std::string cmd = fmt::format("{} snapshot --pid {} --region {:x}-{:x}=heap {}/held >/dev/null 2>&1", agent, pid,
-                                      at, at + kLen, dir_.path());
-  FILE* snap = ::popen(cmd.c_str(), "r");
-  ASSERT_NE(snap, nullptr);
-  using namespace std::string_literals;
-  const std::string command = "snapshot\0--pid\0"s + std::to_string(pid) + "\0"s;
-  pid_t agent_pid = -1;
-  for (int i = 0; i < 20000 && (agent_pid <= 0 || process_state(pid) != 'T'); ++i) {
-    if (agent_pid <= 0) agent_pid = pid_of_command(command);
-    ::usleep(100);
+  const std::string pid_arg = std::to_string(pid), region = fmt::format("{:x}-{:x}=heap", at, at + kLen),
+                    target = dir_.path() + "/held";
+  const pid_t agent_pid = ::fork();
+  ASSERT_GE(agent_pid, 0);
+  if (agent_pid == 0) {
+    const int null = ::open("/dev/null", O_WRONLY);
+    ::dup2(null, STDOUT_FILENO);
+    ::dup2(null, STDERR_FILENO);
+    ::execl(agent.c_str(), agent.c_str(), "snapshot", "--pid", pid_arg.c_str(), "--region", region.c_str(),
+            target.c_str(), nullptr);
+    _exit(127);
   }
-  ASSERT_GT(agent_pid, 0) << "the agent's process was not found";
+  KilledOnExit reap_agent{agent_pid};
+  // Both are this test's children: the next of them to report is the process stopped by the
+  // agent, or the agent ended (left to be reaped below).
+  siginfo_t si{};
+  ASSERT_EQ(::waitid(P_ALL, 0, &si, WSTOPPED | WEXITED | WNOWAIT), 0) << std::strerror(errno);
+  ASSERT_EQ(si.si_pid, pid) << "the agent ended before it stopped the process";
+  ASSERT_EQ(si.si_code, CLD_STOPPED);
   ASSERT_EQ(process_state(pid), 'T') << "the agent never stopped the process";
   ASSERT_EQ(::kill(agent_pid, SIGINT), 0);
-  const int status = ::pclose(snap);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGINT) << "the agent was not ended by the Ctrl-C: "
-                                                                          << status;
+  int status = 0;
+  ASSERT_EQ(::waitpid(agent_pid, &status, 0), agent_pid);
+  reap_agent.pid = 0;
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGINT) << "the agent was not ended by the Ctrl-C: "
+                                                                    << status;
   EXPECT_NE(process_state(pid), 'T') << "left stopped";
   EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/held")) << "a snapshot was committed";
 }
@@ -951,16 +985,11 @@ TEST_F(MigrateCliTest, InterruptedDuringPrecopyNeverStopsIt) {
   // The writer rewrites all 64 MiB nonstop: the pre-copy runs every round it is allowed.
   FILE* agent = start_migrate("--max-rounds 1000 --converged-mib 0");
   ASSERT_NE(agent, nullptr);
+  // Its first pass over the memory done (signals blocked since the start), rounds follow.
+  ASSERT_TRUE(wait_for_text(dir_.path() + "/err", "pre-copy pass 1: 64.0 MiB stored")) << stderr_text();
   using namespace std::string_literals;
-  const std::string command = "migrate\0--pid\0"s + std::to_string(pid_) + "\0"s;
-  pid_t agent_pid = -1;
-  // Past the start (its signals blocked) once it holds the writer's userfaultfd.
-  for (int i = 0; i < 10000 && (agent_pid <= 0 || userfaultfds_of(agent_pid) == 0); ++i) {
-    if (agent_pid <= 0) agent_pid = pid_of_command(command);
-    ::usleep(1000);
-  }
+  const pid_t agent_pid = pid_of_command("migrate\0--pid\0"s + std::to_string(pid_) + "\0"s);
   ASSERT_GT(agent_pid, 0) << "the agent's process was not found";
-  ASSERT_GT(userfaultfds_of(agent_pid), 0) << "the agent never held the writer's userfaultfd";
   ASSERT_EQ(::kill(agent_pid, SIGINT), 0);
   const std::string out = rest_of(agent);
   EXPECT_EQ(exit_code(agent), 1) << out << stderr_text();
@@ -991,9 +1020,8 @@ TEST_F(MigrateCliTest, InterruptedWhileADestinationRestoresServesItToTheEnd) {
   const pid_t agent_pid = pid_of_command("migrate\0--pid\0"s + std::to_string(pid_) + "\0"s);
   ASSERT_GT(agent_pid, 0) << "the agent's process was not found";
   ASSERT_EQ(::kill(agent_pid, SIGINT), 0);
-  for (int i = 0; i < 5000 && stderr_text().find("serving it to the end") == std::string::npos; ++i) ::usleep(1000);
   // Asserted: touching the pages with the agent gone would fail each after the fault deadline.
-  ASSERT_NE(stderr_text().find("serving it to the end"), std::string::npos) << stderr_text();
+  ASSERT_TRUE(wait_for_text(dir_.path() + "/err", "serving it to the end")) << stderr_text();
   ASSERT_EQ(::kill(agent_pid, 0), 0) << "the agent left";
   const auto* got = static_cast<const std::byte*>((*r)->region("heap")->address);
   for (size_t off = 0; off < kLen; off += kPage) {
@@ -1017,6 +1045,7 @@ TEST_F(MigrateCliTest, CalledOffWhenNoDestinationComes) {
   EXPECT_NE(process_state(pid_), 'T') << "the process was left stopped";
   const auto before = read_memory(pid_, at_, kLen / 16);
   std::vector<std::byte> after;
+  // Its writes give no event to wait on: looked at again until one shows (it writes nonstop).
   for (int i = 0; i < 2000 && (after.empty() || after == before); ++i) {
     ::usleep(1000);
     after = read_memory(pid_, at_, kLen / 16);

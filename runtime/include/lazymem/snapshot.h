@@ -181,6 +181,10 @@ struct LiveCaptureOptions {
   // Polled between passes and before the pause: true stops the capture there (kCancelled), the
   // workload never paused and nothing committed. For an operator's Ctrl-C.
   std::function<bool()> cancelled;
+  // Optional, called after each pass over the memory, before the pause: its number (1: the
+  // first, which stores everything) and the bytes it stored (later passes: those written
+  // meanwhile). An operator's progress line; a pass that never ends shows as no next line.
+  std::function<void(unsigned pass, uint64_t bytes)> on_pass;
 };
 
 // Captures `regions` of this process while it keeps running, as a pre-copy migration does: a
