@@ -15,6 +15,13 @@
 
 namespace lazymem::testing {
 
+// Whether every one of `len` bytes at `p` is zero.
+inline bool all_zero(const std::byte* p, size_t len) {
+  for (size_t i = 0; i < len; ++i)
+    if (p[i] != std::byte{0}) return false;
+  return true;
+}
+
 // Fills `len` bytes with a mix that exercises every codec path: random (stored raw), text-like
 // records (zstd), all-zero chunks (not stored) and chunks with zero pages inside.
 inline void fill_mixed(std::byte* p, size_t len, uint64_t seed) {

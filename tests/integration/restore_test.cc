@@ -19,6 +19,7 @@
 #include <random>
 #include <thread>
 
+#include "../common/manifest_source.h"
 #include "../common/test_data.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/pause_gate.h"
@@ -59,6 +60,20 @@ class RestoreTest : public ::testing::Test {
   }
 
   std::string location(const std::string& name) const { return dir_.path() + "/" + name; }
+
+  // Corrupts snapshot `name`'s first chunk (a stored one: seed 1 begins with text) in the middle.
+  void flip_a_bit_in_chunk_0(const std::string& name) {
+    auto m = read_manifest(location(name));
+    ASSERT_TRUE(m.ok()) << m.error().message();
+    const ChunkInfo& c0 = m->regions[0].chunks[0];
+    ASSERT_NE(c0.codec, Codec::kZero);
+    std::fstream f(location(name) + "/data", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
+    char ch;
+    f.get(ch);
+    f.seekp(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
+    f.put(static_cast<char>(ch ^ 0x10));
+  }
 
   static void expect_equal(const std::byte* got, const std::vector<std::byte>& want) {
     for (size_t off = 0; off < want.size(); off += 4096) {
@@ -248,7 +263,7 @@ TEST_F(RestoreTest, AGrownMappingReadsZerosPastTheSnapshot) {
   ASSERT_EQ(std::memcmp(base, expected_.data(), 4096), 0);
   auto expect_zeros = [](const std::byte* p, size_t len) {
     for (size_t off = 0; off < len; off += 4096) {
-      ASSERT_TRUE(std::all_of(p + off, p + off + 4096, [](std::byte b) { return b == std::byte{0}; })) << off;
+      ASSERT_TRUE(testing::all_zero(p + off, 4096)) << off;
     }
   };
   // In place: capture addresses lie gigabytes apart, so the space after the region is free.
@@ -421,18 +436,7 @@ TEST_F(RestoreTest, MissingSnapshotIsAClearError) {
 TEST_F(RestoreTest, FlippedBitInChunkPoisonsInsteadOfInstalling) {
   if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
   capture(4 * kMiB, 1, "flip");  // seed 1: first block is text → zstd chunks
-  auto m = read_manifest(location("flip"));
-  ASSERT_TRUE(m.ok());
-  const ChunkInfo& c0 = m->regions[0].chunks[0];
-  ASSERT_NE(c0.codec, Codec::kZero);
-  {
-    std::fstream f(location("flip") + "/data", std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
-    char ch;
-    f.get(ch);
-    f.seekp(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
-    f.put(static_cast<char>(ch ^ 0x10));
-  }
+  flip_a_bit_in_chunk_0("flip");
   pid_t pid = ::fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
@@ -458,18 +462,7 @@ TEST_F(RestoreTest, FlippedBitInChunkPoisonsInsteadOfInstalling) {
 TEST_F(RestoreTest, FinishAfterOneBadChunkRestoresEveryOtherPage) {
   if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6)";
   capture(64 * kMiB, 1, "onebad");  // seed 1: first block is text → zstd chunks
-  auto m = read_manifest(location("onebad"));
-  ASSERT_TRUE(m.ok());
-  const ChunkInfo& c0 = m->regions[0].chunks[0];
-  ASSERT_NE(c0.codec, Codec::kZero);
-  {
-    std::fstream f(location("onebad") + "/data", std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
-    char ch;
-    f.get(ch);
-    f.seekp(static_cast<std::streamoff>(c0.offset + c0.stored_length / 2));
-    f.put(static_cast<char>(ch ^ 0x10));
-  }
+  flip_a_bit_in_chunk_0("onebad");
   RestoreOptions opts;
   opts.prefetch = false;  // nothing fetched yet when finish() begins
   auto r = LazyRestore::start(location("onebad"), kf_, opts);
@@ -585,31 +578,14 @@ TEST(FaultEngineSessionTest, SessionWithoutReaderReadsItsEvents) {
   if (!kf.has_uffd_feature(UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMOVE)) {
     GTEST_SKIP() << "userfaultfd lacks UNMAP/REMOVE events";
   }
-  class NoReader final : public snapshot::ChunkSource {
-   public:
-    explicit NoReader(Manifest m) : m_(std::move(m)) {}
-    const Manifest& manifest() const override { return m_; }
-    Result<std::unique_ptr<snapshot::ChunkReader>> open_reader() override { return Error(Errc::kIo, "out of descriptors"); }
-    std::string describe() const override { return "no-reader"; }
-
-   private:
-    Manifest m_;
-  };
   pid_t pid = ::fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     const size_t len = 16 * kDefaultChunkSize;
-    Manifest m;
-    m.format_version = 2;
-    m.chunk_size = kDefaultChunkSize;
+    Manifest m = testing::one_region_manifest("heap", RegionKind::kProcess, len, 16);
     m.data_length = 8 * kDefaultChunkSize;
-    RegionInfo r;
-    r.name = "heap";
-    r.page_size = 4096;
-    r.length = len;
-    r.chunks.assign(16, ChunkInfo{});  // the first half zero chunks, the second stored ones
-    for (uint32_t c = 8; c < 16; ++c) r.chunks[c] = ChunkInfo{Codec::kRaw, uint64_t{c - 8} * kDefaultChunkSize, kDefaultChunkSize};
-    m.regions.push_back(r);
+    auto& chunks = m.regions[0].chunks;  // the first half zero chunks, the second stored ones
+    for (uint32_t c = 8; c < 16; ++c) chunks[c] = ChunkInfo{Codec::kRaw, uint64_t{c - 8} * kDefaultChunkSize, kDefaultChunkSize};
     auto* p = static_cast<char*>(::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
     if (p == MAP_FAILED) _exit(10);
     auto uffd = sys::Uffd::open(UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMOVE);
@@ -621,7 +597,7 @@ TEST(FaultEngineSessionTest, SessionWithoutReaderReadsItsEvents) {
     fault::SessionSpec spec;
     spec.name = "no-reader";
     spec.uffd = std::move(*uffd);
-    spec.source = std::make_shared<NoReader>(m);
+    spec.source = std::make_shared<testing::ManifestOnlySource>(m, "out of descriptors");
     spec.ranges = {fault::MappedRange{reinterpret_cast<uint64_t>(p), len, 0, 0}};
     spec.pid = ::getpid();
     if (!engine.add_session(std::move(spec)).ok()) _exit(13);

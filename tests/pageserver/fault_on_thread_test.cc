@@ -139,7 +139,7 @@ TEST_F(FaultOnThreadTest, FollowsMadviseAndMremap) {
   expect_page(base, 0);
   ASSERT_EQ(::madvise(base + 4 * kMiB, 4 * kMiB, MADV_DONTNEED), 0);
   for (size_t off = 4 * kMiB; off < 8 * kMiB; off += kPage) {
-    ASSERT_TRUE(std::all_of(base + off, base + off + kPage, [](std::byte b) { return b == std::byte{0}; })) << off;
+    ASSERT_TRUE(testing::all_zero(base + off, kPage)) << off;
   }
   // Move the last 8 MiB elsewhere: its pages come with it, still restored on touch.
   void* spot = ::mmap(nullptr, 8 * kMiB, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -168,7 +168,7 @@ TEST_F(FaultOnThreadTest, AGrownMappingReadsZerosPastTheSnapshot) {
   expect_page(base, 0);
   auto expect_zeros = [](const std::byte* p, size_t len) {
     for (size_t off = 0; off < len; off += kPage) {
-      ASSERT_TRUE(std::all_of(p + off, p + off + kPage, [](std::byte b) { return b == std::byte{0}; })) << off;
+      ASSERT_TRUE(testing::all_zero(p + off, kPage)) << off;
     }
   };
   ASSERT_EQ(::mremap(base, 8 * kMiB, 12 * kMiB, 0), base) << std::strerror(errno);

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../common/manifest_source.h"
 #include "fault/address_map.h"
 #include "fault/fault_engine.h"
 #include "snapshot/chunk_source.h"
@@ -111,31 +112,13 @@ TEST(CpuLatencyHoldTest, HeldWhileAskedAndGivenBack) {
 // region's length covers but its chunks do not is refused, not left for a fault to index past
 // the chunk vector.
 TEST(FaultEngineTest, RangePastTheRegionsChunksIsRefused) {
-  class Unvalidated final : public snapshot::ChunkSource {
-   public:
-    explicit Unvalidated(Manifest m) : m_(std::move(m)) {}
-    const Manifest& manifest() const override { return m_; }
-    Result<std::unique_ptr<snapshot::ChunkReader>> open_reader() override { return Error(Errc::kIo, "unused"); }
-    std::string describe() const override { return "unvalidated"; }
-
-   private:
-    Manifest m_;
-  };
-  Manifest m;
-  m.format_version = 2;
-  m.chunk_size = kDefaultChunkSize;
-  RegionInfo r;
-  r.name = "guest";
-  r.kind = RegionKind::kRawFile;
-  r.page_size = 4096;
-  r.length = uint64_t{1} << 40;
-  r.chunks.assign(4, ChunkInfo{});  // 256 KiB of chunks for a 1 TiB region
-  m.regions.push_back(r);
+  // 256 KiB of chunks for a 1 TiB region
+  const Manifest m = testing::one_region_manifest("guest", RegionKind::kRawFile, uint64_t{1} << 40, 4);
   fault::FaultEngine engine(KernelFeatures{});
   auto add = [&](uint64_t region_offset, uint64_t length) {
     fault::SessionSpec spec;
     spec.name = "vm";
-    spec.source = std::make_shared<Unvalidated>(m);
+    spec.source = std::make_shared<testing::ManifestOnlySource>(m, "unused");
     spec.ranges = {MappedRange{0x7f0000000000, length, 0, region_offset}};
     spec.prefetch = false;
     return engine.add_session(std::move(spec));

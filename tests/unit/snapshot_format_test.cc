@@ -12,6 +12,7 @@
 
 #include <malloc.h>
 
+#include "../common/manifest_source.h"
 #include "../common/test_data.h"
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
@@ -665,17 +666,10 @@ TEST_F(SnapshotFormatTest, ReaderClosedWithReadsInFlightWritesNothingAfter) {
 // A hostile manifest: a raw-file region so long that (length + chunk_size - 1) wrapped to a
 // chunk count of 0, so a region without chunks passed; its first fault read past them.
 TEST(ManifestTest, RegionTooLongForItsChunksIsRejected) {
-  Manifest m;
-  m.format_version = 2;
-  m.chunk_size = kDefaultChunkSize;
-  RegionInfo r;
-  r.name = "guest";
-  r.kind = RegionKind::kRawFile;
-  r.page_size = 4096;
-  r.length = ~uint64_t{0} - 4095;  // 0xffff...f000: page aligned
-  m.regions.push_back(r);
+  const uint64_t length = ~uint64_t{0} - 4095;  // 0xffff...f000: page aligned
+  Manifest m = testing::one_region_manifest("guest", RegionKind::kRawFile, length, 0);
   auto d = snapshot::decode_manifest(snapshot::encode_manifest(m), "hostile");
-  ASSERT_FALSE(d.ok()) << "accepted a region of " << r.length << " bytes and no chunks";
+  ASSERT_FALSE(d.ok()) << "accepted a region of " << length << " bytes and no chunks";
   EXPECT_EQ(d.error().code(), Errc::kCorrupt);
   EXPECT_NE(d.error().message().find("length"), std::string::npos) << d.error().message();
   // Past the cap with the chunks it would need is refused too, before they are counted.
