@@ -81,6 +81,7 @@ Result<ControlRequestBody> decode_body(pa::Request::Reader rq) {
     case pa::Request::STATS: return ControlRequestBody(StatusRequest{true});
     case pa::Request::WAIT_CHANGE: return ControlRequestBody(WaitChangeRequest{rq.getWaitChange()});
     case pa::Request::FAILURE_SEEN: return ControlRequestBody(FailureSeenRequest{rq.getFailureSeen()});
+    case pa::Request::FETCH_REST: return ControlRequestBody(FetchRestRequest{rq.getFetchRest()});
   }
   return ControlRequestBody(UnknownRequest{});
 }

@@ -48,11 +48,15 @@ struct FailureSeenRequest {
   uint64_t session = 0;
 };
 
+struct FetchRestRequest {
+  uint64_t session = 0;
+};
+
 // A request kind this agent does not know (a newer client).
 struct UnknownRequest {};
 
 using ControlRequestBody = std::variant<RestoreRequest, ServeFirecrackerRequest, StatusRequest, WaitChangeRequest,
-                                        FailureSeenRequest, UnknownRequest>;
+                                        FailureSeenRequest, FetchRestRequest, UnknownRequest>;
 
 struct ControlRequest {
   uint64_t id = 0;  // what the reply answers (0 when not even that could be read)

@@ -579,6 +579,9 @@ struct Daemon::Impl {
           } else if constexpr (std::is_same_v<T, FailureSeenRequest>) {  // no reply: the client goes on waiting for complete
             auto it = served.find(body.session);
             if (it != served.end() && it->second.conn_fd == c.fd.get()) release_failures(it->second);
+          } else if constexpr (std::is_same_v<T, FetchRestRequest>) {  // no reply: complete follows
+            auto it = served.find(body.session);
+            if (it != served.end() && it->second.conn_fd == c.fd.get()) engine->set_prefetch(it->second.session, true);
           } else if constexpr (std::is_same_v<T, StatusRequest>) {
             std::string js = report(c.uid, body.with_stats).dump();
             reply(c, id, [&](auto b) { b.setJson(js); });

@@ -63,6 +63,10 @@ struct Request {
     # Session id (a restore of this connection's, announcesFailures): its failure has been told;
     # poison its failed pages now. No reply.
     failureSeen @6 :UInt64;
+    # Session id (a restore of this connection's): the process is about to fork. Fetch every
+    # page not yet present now (prefetch on), so that its child, whose copy of the memory only
+    # the agent could fill, starts with all of it. No reply: complete (or failed) follows.
+    fetchRest @7 :UInt64;
   }
 }
 

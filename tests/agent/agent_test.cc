@@ -294,8 +294,10 @@ TEST_F(AgentTest, DontneedAndForkDuringRestore) {
     if (::madvise(got + hole, 1 * kMiB, MADV_DONTNEED) != 0) return 5;
     for (size_t off = 0; off < kMiB; off += 4096)
       if (got[hole + off] != std::byte{0}) return 6;
-    // fork: the child's own faults are served too (a new uffd from UFFD_EVENT_FORK).
-    pid_t kid = ::fork();
+    // A fork that runs no atfork handler (a raw clone: not fork(), which completes the restore
+    // first, ForkCompletesTheRestoreFirst): the child's own faults are served too (a new uffd
+    // from UFFD_EVENT_FORK).
+    pid_t kid = static_cast<pid_t>(::syscall(SYS_clone, SIGCHLD, nullptr, nullptr, nullptr, nullptr));
     if (kid == 0) {
       for (size_t off = 16 * kMiB; off < 24 * kMiB; off += 4096)
         if (!same(got, off, 4096)) _exit(7);
@@ -750,6 +752,44 @@ TEST_F(AgentTest, OutOfDescriptorsConnectionsAreClosedNotLeftWaiting) {
   held.clear();
   ASSERT_EQ(::prlimit(daemon_pid_, RLIMIT_NOFILE, &was, nullptr), 0);
   EXPECT_EQ(restore_in_child(loc), 0);
+}
+
+// fork() while a restore through the agent is under way: the child's copy of the memory would
+// be the agent's alone to fill (its uffd, from UFFD_EVENT_FORK, is held by the agent only), and
+// the kernel zero-fills every missing page of it once the agent dies. So fork() completes the
+// restore first: with the agent killed right after the fork, the child still reads every byte.
+TEST_F(AgentTest, ForkCompletesTheRestoreFirst) {
+  std::string loc = capture(32 * kMiB, 67);
+  start_daemon();
+  int rc = in_child([&] {
+    ::alarm(120);  // a hang ends as SIGALRM (128+14), not as the suite's timeout
+    AgentRestoreOptions o;
+    o.prefetch = false;  // nothing fetched but what is touched: most of it is missing at the fork
+    auto r = AgentRestore::start(socket_, loc, o);
+    if (!r.ok()) return 3;
+    const auto* got = static_cast<const std::byte*>((*r)->regions()[0].address);
+    if (!same(got, 0, 4096)) return 4;
+    int go[2];
+    if (::pipe(go) != 0) return 5;
+    pid_t kid = ::fork();
+    if (kid == 0) {
+      ::alarm(120);
+      ::close(go[1]);  // a parent gone early ends the read
+      char c;
+      if (::read(go[0], &c, 1) != 1) _exit(6);  // the agent is dead by now
+      for (size_t off = 0; off < len_; off += 4096)
+        if (!same(got, off, 4096)) _exit(7);
+      _exit(0);
+    }
+    if (kid < 0) return 8;
+    if (!(*r)->wait_complete(std::chrono::milliseconds(0)).ok()) return 9;  // complete at the fork
+    ::kill(daemon_pid_, SIGKILL);
+    if (::write(go[1], "g", 1) != 1) return 10;
+    int st = 0;
+    ::waitpid(kid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  });
+  EXPECT_EQ(rc, 0) << (rc == 7 ? "the child read a page that is not the snapshot's" : "");
 }
 
 // The agent dies mid-restore: the process must not hang and must not read zeros; pages not

@@ -83,6 +83,8 @@ inline uint64_t walk_control_request(net::Header& header) {
                          return body.after_generation;
                        } else if constexpr (std::is_same_v<T, agent::FailureSeenRequest>) {
                          return body.session;
+                       } else if constexpr (std::is_same_v<T, agent::FetchRestRequest>) {
+                         return body.session + 1;
                        } else {
                          return 7;
                        }

@@ -62,11 +62,12 @@ TEST(AgentReplay, ValidRequestsDecodeWhole) {
   EXPECT_TRUE(f.cancel_on_close);
 
   auto small = decode_all(seeds[3]);
-  ASSERT_EQ(small.size(), 4u);
+  ASSERT_EQ(small.size(), 5u);
   EXPECT_FALSE(std::get<agent::StatusRequest>(*small[0].body).with_stats);
   EXPECT_TRUE(std::get<agent::StatusRequest>(*small[1].body).with_stats);
   EXPECT_EQ(std::get<agent::WaitChangeRequest>(*small[2].body).after_generation, 5u);
   EXPECT_EQ(std::get<agent::FailureSeenRequest>(*small[3].body).session, 3u);
+  EXPECT_EQ(std::get<agent::FetchRestRequest>(*small[4].body).session, 3u);
 }
 
 // Whole, each handshake is accepted; every proper prefix of it (a message arriving in pieces)

@@ -1,6 +1,6 @@
 // Valid inputs of every kind the agent decodes, to start mutating from: control requests (a
 // Restore with several ranges and every field set, ServeFirecracker, status, stats, waitChange,
-// failureSeen) as the frames a client sends, several in one stream, and Firecracker handshake
+// failureSeen, fetchRest) as the frames a client sends, several in one stream, and Firecracker handshake
 // bodies as Firecracker writes them. Built from the schema, so they never go stale. Used by the
 // replay test, and written out as the libFuzzer target's starting corpus (agent_fuzz_seeds).
 #pragma once
@@ -66,7 +66,7 @@ inline std::vector<std::vector<uint8_t>> agent_request_seeds() {
   {
     // Several small requests in one stream, as a CLI's status loop sends them.
     std::vector<uint8_t> stream;
-    for (int kind = 0; kind < 4; ++kind) {
+    for (int kind = 0; kind < 5; ++kind) {
       capnp::MallocMessageBuilder m;
       auto rq = m.initRoot<proto::agent::Request>();
       rq.setId(20 + static_cast<uint64_t>(kind));
@@ -74,6 +74,7 @@ inline std::vector<std::vector<uint8_t>> agent_request_seeds() {
       if (kind == 1) rq.setStats();
       if (kind == 2) rq.setWaitChange(5);
       if (kind == 3) rq.setFailureSeen(3);
+      if (kind == 4) rq.setFetchRest(3);
       auto f = agent_frame_of(m);
       stream.insert(stream.end(), f.begin(), f.end());
     }
