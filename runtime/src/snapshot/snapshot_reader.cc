@@ -237,45 +237,70 @@ class PreadReader final : public ChunkReader {
   std::deque<ChunkRequest> queue_;
 };
 
+Result<sys::UniqueFd> open_manifest(const std::string& dir) {
+  const std::string mpath = dir + "/" + kManifestFile;
+  sys::UniqueFd fd(::open(mpath.c_str(), kSnapshotFileFlags));
+  if (fd.valid()) return fd;
+  if (errno == ENOENT) {
+    return Error(Errc::kNotFound, fmt::format("snapshot {} not found (no {}); check the store path and name", dir, mpath));
+  }
+  return sys_error("open " + mpath, errno);
+}
+
+Result<Manifest> read_manifest_fd(int fd, const std::string& dir) {
+  LAZYMEM_ASSIGN_OR_RETURN(auto bytes,
+                           read_small_fd(fd, dir + "/" + kManifestFile, kMaxManifestBytes + kManifestHeaderSize));
+  return decode_manifest(bytes, dir);
+}
+
 }  // namespace
 
 Result<Manifest> read_local_manifest(const SnapshotLocation& loc) {
-  std::string dir = loc.store_dir + "/" + loc.name;
-  std::string mpath = dir + "/" + kManifestFile;
-  auto bytes = read_small_file(mpath, kMaxManifestBytes + kManifestHeaderSize);
-  if (!bytes.ok()) {
-    if (bytes.error().code() == Errc::kNotFound) {
-      return Error(Errc::kNotFound, fmt::format("snapshot {} not found (no {}); check the store path and name", dir, mpath));
-    }
-    return bytes.error();
-  }
-  return decode_manifest(*bytes, dir);
+  const std::string dir = loc.store_dir + "/" + loc.name;
+  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_manifest(dir));
+  return read_manifest_fd(fd.get(), dir);
 }
 
-Result<std::unique_ptr<LocalSnapshot>> LocalSnapshot::open(const SnapshotLocation& loc, const LocalReaderOptions& options) {
-  std::unique_ptr<LocalSnapshot> snap(new LocalSnapshot());
-  snap->path_ = loc.store_dir + "/" + loc.name;
-  snap->options_ = options;
-  LAZYMEM_ASSIGN_OR_RETURN(snap->manifest_, read_local_manifest(loc));
-  std::string dpath = snap->path_ + "/" + kDataFile;
-  int fd = -1;
-  if (options.direct) {
-    fd = ::open(dpath.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
-    if (fd >= 0) {
-      snap->direct_ = true;
-    } else if (errno == EINVAL) {
+Result<SnapshotFiles> open_snapshot_files(const SnapshotLocation& loc, bool direct) {
+  SnapshotFiles files;
+  files.path = loc.store_dir + "/" + loc.name;
+  LAZYMEM_ASSIGN_OR_RETURN(files.manifest, open_manifest(files.path));
+  const std::string dpath = files.path + "/" + kDataFile;
+  if (direct) {
+    files.data.reset(::open(dpath.c_str(), kSnapshotFileFlags | O_DIRECT));
+    if (!files.data.valid() && errno == EINVAL) {
       log::get("runtime")->info("{}: filesystem refuses O_DIRECT; reading through the page cache", dpath);
     }
   }
-  if (fd < 0) fd = ::open(dpath.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return sys_error("open snapshot data " + dpath, errno);
-  snap->data_.reset(fd);
+  if (!files.data.valid()) files.data.reset(::open(dpath.c_str(), kSnapshotFileFlags));
+  if (!files.data.valid()) return sys_error("open snapshot data " + dpath, errno);
+  return files;
+}
+
+Result<std::unique_ptr<LocalSnapshot>> LocalSnapshot::open(const SnapshotLocation& loc, const LocalReaderOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotFiles files, open_snapshot_files(loc, options.direct));
+  return open(std::move(files), options);
+}
+
+Result<std::unique_ptr<LocalSnapshot>> LocalSnapshot::open(SnapshotFiles files, const LocalReaderOptions& options) {
+  std::unique_ptr<LocalSnapshot> snap(new LocalSnapshot());
+  snap->path_ = std::move(files.path);
+  snap->options_ = options;
+  LAZYMEM_ASSIGN_OR_RETURN(snap->manifest_, read_manifest_fd(files.manifest.get(), snap->path_));
+  const std::string dpath = snap->path_ + "/" + kDataFile;
+  const int fd = files.data.get();
   struct stat st{};
   if (::fstat(fd, &st) != 0) return sys_error("stat " + dpath, errno);
+  if (!S_ISREG(st.st_mode)) return Error(Errc::kInvalidArgument, fmt::format("{} is not a regular file", dpath));
   if (static_cast<uint64_t>(st.st_size) < snap->manifest_.data_length) {
     return Error(Errc::kCorrupt, fmt::format("snapshot {}: data file is truncated ({} of {} bytes); capture it again",
                                              snap->path_, st.st_size, snap->manifest_.data_length));
   }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) return sys_error("fcntl " + dpath, errno);
+  if ((flags & O_NONBLOCK) != 0 && ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) return sys_error("fcntl " + dpath, errno);
+  snap->direct_ = (flags & O_DIRECT) != 0;
+  snap->data_ = std::move(files.data);
   snap->uring_ = options.io != IoEngine::kPread;
   return snap;
 }

@@ -3,6 +3,8 @@
 // where io_uring is unavailable).
 #pragma once
 
+#include <fcntl.h>
+
 #include <memory>
 #include <string>
 
@@ -22,9 +24,32 @@ struct LocalReaderOptions {
   unsigned max_batch = 64;   // reads in flight per reader
 };
 
+// How a local snapshot's files are opened, by whoever opens them (open_snapshot_files; the agent,
+// in a child running as the user it reads for): read-only, close-on-exec, and non-blocking, so
+// that a FIFO put in a file's place is refused instead of waited on. The data file is opened
+// with O_DIRECT added first where wanted, without it where the filesystem refuses it (EINVAL);
+// LocalSnapshot::open clears its O_NONBLOCK (io_uring would fail its reads with EAGAIN).
+constexpr int kSnapshotFileFlags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
+
+// A local snapshot's files, open. Whoever opened them decided which files they are: nothing is
+// opened by path from here on.
+struct SnapshotFiles {
+  std::string path;  // <store>/<name>: names the snapshot in messages
+  sys::UniqueFd manifest;
+  sys::UniqueFd data;  // O_DIRECT in its flags: read with O_DIRECT
+};
+
+// Opens `loc`'s files by path (the data file with O_DIRECT where `direct` and the filesystem
+// takes it). kNotFound, saying so, when the snapshot has no manifest.
+Result<SnapshotFiles> open_snapshot_files(const SnapshotLocation& loc, bool direct);
+
 class LocalSnapshot final : public ChunkSource {
  public:
+  // By path: open_snapshot_files, then the open below.
   static Result<std::unique_ptr<LocalSnapshot>> open(const SnapshotLocation& loc, const LocalReaderOptions& options = {});
+  // From its files, open already; reads with O_DIRECT if the data file was opened with it
+  // (options.direct is not looked at).
+  static Result<std::unique_ptr<LocalSnapshot>> open(SnapshotFiles files, const LocalReaderOptions& options = {});
 
   const Manifest& manifest() const override { return manifest_; }
   Result<std::unique_ptr<ChunkReader>> open_reader() override;

@@ -204,17 +204,22 @@ Result<std::unique_ptr<SnapshotSink>> open_local_sink(const SnapshotLocation& lo
 }
 
 Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit, int dir_fd) {
-  sys::UniqueFd fd(::openat(dir_fd, path.c_str(), O_RDONLY | O_CLOEXEC));
+  sys::UniqueFd fd(::openat(dir_fd, path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
   if (!fd.valid()) return sys_error("open " + path, errno);
+  return read_small_fd(fd.get(), path, limit);
+}
+
+Result<std::vector<std::byte>> read_small_fd(int fd, const std::string& path, uint64_t limit) {
   struct stat st{};
-  if (::fstat(fd.get(), &st) != 0) return sys_error("stat " + path, errno);
+  if (::fstat(fd, &st) != 0) return sys_error("stat " + path, errno);
+  if (!S_ISREG(st.st_mode)) return Error(Errc::kInvalidArgument, fmt::format("{} is not a regular file", path));
   if (static_cast<uint64_t>(st.st_size) > limit) {
     return Error(Errc::kCorrupt, fmt::format("{} is {} bytes, more than the {} allowed", path, st.st_size, limit));
   }
   std::vector<std::byte> out(static_cast<size_t>(st.st_size));
   size_t done = 0;
   while (done < out.size()) {
-    auto r = sys::call([&] { return ::read(fd.get(), out.data() + done, out.size() - done); });
+    auto r = sys::call([&] { return ::read(fd, out.data() + done, out.size() - done); });
     if (!r.ok()) return r.error("read " + path);
     if (r.value == 0) break;
     done += static_cast<size_t>(r.value);

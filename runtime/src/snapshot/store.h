@@ -66,8 +66,11 @@ Result<std::string> retire_snapshot(const SnapshotLocation& loc);
 // been created in for a minute); returns how many.
 size_t gc_leftovers(const std::string& store_dir);
 
-// Reads a whole small file (a manifest). Refuses files larger than `limit`. A relative `path` is
-// taken from directory `dir_fd` (openat).
+// Reads a whole small file (a manifest). Refuses files larger than `limit`, and anything but a
+// regular file (opened non-blocking: a FIFO in its place is refused, not waited on). A relative
+// `path` is taken from directory `dir_fd` (openat).
 Result<std::vector<std::byte>> read_small_file(const std::string& path, uint64_t limit, int dir_fd = AT_FDCWD);
+// The same, of a file open already (read from where its offset is); `path` names it in messages.
+Result<std::vector<std::byte>> read_small_fd(int fd, const std::string& path, uint64_t limit);
 
 }  // namespace lazymem::snapshot
