@@ -5,9 +5,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <optional>
+
 #include "core/log.h"
 #include "fault/fault_engine.h"
 #include "fault/thread_faults.h"
+#include "net/auth.h"
 #include "net/remote.h"
 #include "snapshot/chunk_codec.h"
 #include "snapshot/read_chunks.h"
@@ -22,34 +25,76 @@ namespace lazymem {
 
 namespace {
 
-Result<std::shared_ptr<snapshot::ChunkSource>> open_one_source(const std::string& location, const RestoreOptions& options) {
-  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
+// `files`: a local snapshot's; `token`: a page server's.
+Result<std::shared_ptr<snapshot::ChunkSource>> open_one_source(const SnapshotLocation& loc,
+                                                               std::optional<snapshot::SnapshotFiles> files,
+                                                               const std::string& token, const RestoreOptions& options) {
   if (loc.remote()) {
     net::RemoteOptions ro;
-    ro.token_file = options.token_file;
+    ro.token = token;
     ro.reads_in_flight = options.reads_in_flight;
     ro.fetch_attempts = options.fetch_attempts;
     ro.deadline = options.fault_deadline;
     return net::open_remote_source(loc, ro);
   }
+  if (!files) {
+    return Error(Errc::kInvalidArgument, fmt::format("snapshot {}: its files were not opened", loc.to_string()));
+  }
   snapshot::LocalReaderOptions lo;
   lo.direct = options.direct_io;
   lo.io = options.force_pread ? snapshot::IoEngine::kPread : snapshot::IoEngine::kAuto;
   lo.max_batch = options.reads_in_flight;
-  LAZYMEM_ASSIGN_OR_RETURN(auto snap, snapshot::LocalSnapshot::open(loc, lo));
+  LAZYMEM_ASSIGN_OR_RETURN(auto snap, snapshot::LocalSnapshot::open(std::move(*files), lo));
   return std::shared_ptr<snapshot::ChunkSource>(std::move(snap));
+}
+
+Result<std::shared_ptr<snapshot::ChunkSource>> open_one_source(OpenedLocation opened, const std::string& token,
+                                                               const RestoreOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(opened.location));
+  return open_one_source(loc, std::move(opened.files), token, options);
+}
+
+// By path: a local snapshot's files, a page server's token (read once, when first needed).
+Result<std::shared_ptr<snapshot::ChunkSource>> open_one_source(const std::string& location, std::optional<std::string>& token,
+                                                               const RestoreOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
+  std::optional<snapshot::SnapshotFiles> files;
+  if (!loc.remote()) {
+    LAZYMEM_ASSIGN_OR_RETURN(files, snapshot::open_snapshot_files(loc, options.direct_io));
+  } else if (!token) {
+    std::string read;
+    if (!options.token_file.empty()) {
+      LAZYMEM_ASSIGN_OR_RETURN(read, net::read_token_file(options.token_file));
+    }
+    token = std::move(read);
+  }
+  return open_one_source(loc, std::move(files), token.value_or(""), options);
+}
+
+Result<std::shared_ptr<snapshot::ChunkSource>> with_base(const std::string& location,
+                                                         std::shared_ptr<snapshot::ChunkSource> primary,
+                                                         Result<std::shared_ptr<snapshot::ChunkSource>> base) {
+  if (!base.ok()) return std::move(base).error().wrap("the base of " + location);
+  LAZYMEM_ASSIGN_OR_RETURN(auto routed, snapshot::RoutedSource::open(std::move(primary), std::move(*base)));
+  return std::shared_ptr<snapshot::ChunkSource>(std::move(routed));
 }
 
 }  // namespace
 
 Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(const std::string& location,
                                                                  const RestoreOptions& options) {
-  LAZYMEM_ASSIGN_OR_RETURN(auto primary, open_one_source(location, options));
+  std::optional<std::string> token;
+  LAZYMEM_ASSIGN_OR_RETURN(auto primary, open_one_source(location, token, options));
   if (options.base.empty()) return primary;
-  auto base = open_one_source(options.base, options);
-  if (!base.ok()) return std::move(base).error().wrap("the base of " + location);
-  LAZYMEM_ASSIGN_OR_RETURN(auto routed, snapshot::RoutedSource::open(std::move(primary), std::move(*base)));
-  return std::shared_ptr<snapshot::ChunkSource>(std::move(routed));
+  return with_base(location, std::move(primary), open_one_source(options.base, token, options));
+}
+
+Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(OpenedLocation primary, std::optional<OpenedLocation> base,
+                                                                 const std::string& token, const RestoreOptions& options) {
+  const std::string location = primary.location;
+  LAZYMEM_ASSIGN_OR_RETURN(auto source, open_one_source(std::move(primary), token, options));
+  if (!base) return source;
+  return with_base(location, std::move(source), open_one_source(std::move(*base), token, options));
 }
 
 Result<Manifest> read_manifest(const std::string& location, const std::string& token_file) {

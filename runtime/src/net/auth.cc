@@ -58,11 +58,14 @@ bool mac_equal(std::span<const std::byte> a, std::span<const std::byte> b) {
 }
 
 Result<std::string> read_token_file(const std::string& path) {
-  // Non-blocking open: a FIFO given by mistake is refused below instead of waiting for a writer.
-  sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  sys::UniqueFd fd(::open(path.c_str(), kTokenFileFlags));
   if (!fd.valid()) return sys_error("token file " + path + " cannot be read", errno);
+  return read_token_fd(fd.get(), path);
+}
+
+Result<std::string> read_token_fd(int fd, const std::string& path) {
   struct stat st{};
-  if (::fstat(fd.get(), &st) != 0) return sys_error("token file " + path, errno);
+  if (::fstat(fd, &st) != 0) return sys_error("token file " + path, errno);
   if (!S_ISREG(st.st_mode)) return Error(Errc::kInvalidArgument, "token file " + path + " is not a regular file");
   if (st.st_size > static_cast<off_t>(kMaxTokenFileBytes)) {
     return Error(Errc::kInvalidArgument, fmt::format("token file {} is {} bytes; a token file holds at most {}", path,
@@ -71,7 +74,7 @@ Result<std::string> read_token_file(const std::string& path) {
   std::string t(static_cast<size_t>(st.st_size), '\0');
   size_t done = 0;
   while (done < t.size()) {
-    auto r = sys::call([&] { return ::read(fd.get(), t.data() + done, t.size() - done); });
+    auto r = sys::call([&] { return ::read(fd, t.data() + done, t.size() - done); });
     if (!r.ok()) return r.error("read token file " + path);
     if (r.value == 0) break;
     done += static_cast<size_t>(r.value);

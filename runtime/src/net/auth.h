@@ -3,6 +3,8 @@
 // compares in constant time and, asked to, proves it holds the token as well (server_proof).
 #pragma once
 
+#include <fcntl.h>
+
 #include <array>
 #include <cstdint>
 #include <span>
@@ -28,8 +30,15 @@ bool mac_equal(std::span<const std::byte> a, std::span<const std::byte> b);
 constexpr size_t kMaxTokenFileBytes = 4096;
 constexpr size_t kMinTokenChars = 16;
 
+// How a token file is opened (by read_token_file; by the agent, as the user it reads for):
+// non-blocking, so that a FIFO given by mistake is refused instead of waited on.
+constexpr int kTokenFileFlags = O_RDONLY | O_CLOEXEC | O_NONBLOCK;
+
 // Reads a token file; refuses anything else (a FIFO, a device, a directory, a huge file) and a
 // token too short to resist guessing, saying how to make one.
 Result<std::string> read_token_file(const std::string& path);
+// The same, of a token file open already (read from where its offset is); `path` names it in
+// messages.
+Result<std::string> read_token_fd(int fd, const std::string& path);
 
 }  // namespace lazymem::net

@@ -732,9 +732,7 @@ Result<std::unique_ptr<RemoteSource>> RemoteSource::open(const SnapshotLocation&
   std::unique_ptr<RemoteSource> src(new RemoteSource());
   src->loc_ = loc;
   src->options_ = options;
-  if (!options.token_file.empty()) {
-    LAZYMEM_ASSIGN_OR_RETURN(src->token_, read_token_file(options.token_file));
-  }
+  src->token_ = options.token;
   auto deadline = std::chrono::steady_clock::now() + options.deadline;
   size_t at = 0;
   LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, src->token_, deadline, 0, 0, &at));

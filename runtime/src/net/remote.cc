@@ -21,7 +21,9 @@ Result<std::unique_ptr<snapshot::SnapshotSink>> open_remote_sink(const SnapshotL
 
 Result<Manifest> read_remote_manifest(const SnapshotLocation& loc, const std::string& token_file) {
   RemoteOptions o;
-  o.token_file = token_file;
+  if (!token_file.empty()) {
+    LAZYMEM_ASSIGN_OR_RETURN(o.token, read_token_file(token_file));
+  }
   LAZYMEM_ASSIGN_OR_RETURN(auto src, RemoteSource::open(loc, o));
   return src->manifest();
 }

@@ -13,7 +13,7 @@
 namespace lazymem::net {
 
 struct RemoteOptions {
-  std::string token_file;
+  std::string token;  // the page servers' token, read already (empty: none)
   unsigned reads_in_flight = 64;
   unsigned fetch_attempts = 3;
   std::chrono::milliseconds deadline{30000};
