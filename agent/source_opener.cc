@@ -4,12 +4,14 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/timerfd.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -17,23 +19,57 @@
 #include "lazymem/snapshot.h"
 #include "net/auth.h"
 #include "snapshot/manifest.h"
+#include "snapshot/snapshot_reader.h"
 #include "source.h"
 #include "sys/unique_fd.h"
 
 namespace lazymem::agent {
 
-Status client_may_read(const Requester& who, const std::string& location, const std::string& token_file) {
-  if (who.uid == 0) return ok_status();
-  std::vector<std::string> files;
-  if (!token_file.empty()) files.push_back(token_file);
-  if (auto loc = SnapshotLocation::parse(location); loc.ok() && !loc->remote()) {
-    files.push_back(loc->store_dir + "/" + loc->name + "/" + snapshot::kManifestFile);
-    files.push_back(loc->store_dir + "/" + loc->name + "/" + snapshot::kDataFile);
-  }
-  if (files.empty()) return ok_status();
-  const std::vector<gid_t>& groups = who.groups;
+namespace {
+
+// One file a user opens for the agent.
+struct UserOpen {
+  std::string path;  // relative to `at`'s directory when `at` is set
+  std::string what;  // names it in messages
+  int flags = 0;
+  int retry_flags = -1;  // tried instead where `flags` are refused with EINVAL (O_DIRECT); -1: none
+  int at = -1;           // the index of the directory it is opened in (openat), -1: the path alone
+};
+
+// Opens `files` with `who`'s uid, gid and groups, in a child, and takes the descriptors it opened
+// (SCM_RIGHTS over a socketpair), one per file, in order.
+Result<std::vector<sys::UniqueFd>> open_files_as(const Requester& who, const std::vector<UserOpen>& files) {
+  // Everything the child uses is made here: between fork and _exit it makes raw syscalls only
+  // (another thread may have held the allocator's or a logger's lock at the fork).
   std::vector<const char*> paths;
-  for (const auto& f : files) paths.push_back(f.c_str());
+  std::vector<int> flags, retry, at;
+  for (const auto& f : files) {
+    paths.push_back(f.path.c_str());
+    flags.push_back(f.flags);
+    retry.push_back(f.retry_flags);
+    at.push_back(f.at);
+  }
+  const size_t n = files.size();
+  const size_t space = CMSG_SPACE(n * sizeof(int));
+  std::vector<cmsghdr> control((space + sizeof(cmsghdr) - 1) / sizeof(cmsghdr));
+  char byte = 0;
+  iovec iov{&byte, 1};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = space;
+  cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(n * sizeof(int));
+  int* slots = reinterpret_cast<int*>(CMSG_DATA(cm));
+  const std::vector<gid_t>& groups = who.groups;
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
+    return sys_error(fmt::format("socketpair to open files as uid {}", who.uid), errno);
+  }
+  sys::UniqueFd mine(sv[0]), theirs(sv[1]);
   pid_t kid = ::fork();
   if (kid < 0) return sys_error("fork to check the client's access", errno);
   if (kid == 0) {
@@ -41,42 +77,131 @@ Status client_may_read(const Requester& who, const std::string& location, const 
         ::syscall(SYS_setuid, who.uid) != 0) {
       _exit(255);
     }
-    for (size_t i = 0; i < paths.size(); ++i) {
-      int fd = static_cast<int>(::syscall(SYS_openat, AT_FDCWD, paths[i], O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+    for (size_t i = 0; i < n; ++i) {
+      const int dir = at[i] < 0 ? AT_FDCWD : slots[at[i]];
+      int fd = static_cast<int>(::syscall(SYS_openat, dir, paths[i], flags[i]));
+      if (fd < 0 && errno == EINVAL && retry[i] != -1) fd = static_cast<int>(::syscall(SYS_openat, dir, paths[i], retry[i]));
       if (fd < 0) _exit(static_cast<int>(i));
-      ::syscall(SYS_close, fd);
+      slots[i] = fd;
     }
+    if (::syscall(SYS_sendmsg, sv[1], &msg, MSG_NOSIGNAL) != 1) _exit(253);
     _exit(254);
   }
+  theirs.reset();
   int st = 0;
   while (::waitpid(kid, &st, 0) < 0 && errno == EINTR) {
   }
   const int code = WIFEXITED(st) ? WEXITSTATUS(st) : 255;
-  if (code == 254) return ok_status();
-  if (code < static_cast<int>(files.size())) {
+  if (code < static_cast<int>(n)) {
     return Error(Errc::kPermission, fmt::format("{} cannot be read by uid {} (the requesting user): the agent reads "
-                                                "nothing on a user's behalf that the user could not", files[code], who.uid));
+                                                "nothing on a user's behalf that the user could not", files[code].what, who.uid));
   }
-  return Error(Errc::kPermission, fmt::format("could not check what uid {} may read", who.uid));
+  if (code != 254) return Error(Errc::kPermission, fmt::format("could not check what uid {} may read", who.uid));
+  // The child has gone: what it sent waits in the socket.
+  msghdr got{};
+  got.msg_iov = &iov;
+  got.msg_iovlen = 1;
+  got.msg_control = control.data();
+  got.msg_controllen = space;
+  const ssize_t r = ::recvmsg(mine.get(), &got, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  if (r < 0) return sys_error(fmt::format("receive the files uid {} opened", who.uid), errno);
+  std::vector<sys::UniqueFd> fds;
+  for (cmsghdr* c = CMSG_FIRSTHDR(&got); c != nullptr; c = CMSG_NXTHDR(&got, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+      fds.emplace_back(fd);
+    }
+  }
+  if ((got.msg_flags & MSG_CTRUNC) != 0 || fds.size() != n) {
+    return Error(Errc::kAgain, fmt::format("the files uid {} opened did not all come through (the agent out of "
+                                           "descriptors?); try again", who.uid));
+  }
+  return fds;
 }
 
-Result<Opened> open_source(const OpenSpec& spec) {
-  if (spec.reader) LAZYMEM_TRY(client_may_read(*spec.reader, spec.location, spec.token_file));
-  if (spec.reader && !spec.base.empty()) LAZYMEM_TRY(client_may_read(*spec.reader, spec.base, spec.token_file));
-  Opened out;
-  if (!spec.token_file.empty()) {
-    LAZYMEM_ASSIGN_OR_RETURN(out.token, net::read_token_file(spec.token_file));
-  }
+}  // namespace
+
+Result<UserFiles> open_as_user(const Requester& who, const std::string& location, const std::string& base,
+                               const std::string& token_file) {
+  std::vector<UserOpen> files;
+  if (!token_file.empty()) files.push_back(UserOpen{token_file, token_file, net::kTokenFileFlags});
+  // A local snapshot: its directory, then its manifest and data in it, so that both are of the
+  // same snapshot whatever happens to the path meanwhile; opened as open_snapshot_files does. The
+  // directory (O_PATH: searched, not read) is named by its manifest in messages.
+  auto add_snapshot = [&](const std::string& where) -> std::optional<std::string> {
+    auto loc = SnapshotLocation::parse(where);
+    if (where.empty() || !loc.ok() || loc->remote()) return std::nullopt;  // fails when opened, saying why
+    const std::string dir = loc->store_dir + "/" + loc->name;
+    const std::string manifest = dir + "/" + snapshot::kManifestFile, data = dir + "/" + snapshot::kDataFile;
+    const int at = static_cast<int>(files.size());
+    files.push_back(UserOpen{dir, manifest, O_PATH | O_DIRECTORY | O_CLOEXEC});
+    files.push_back(UserOpen{snapshot::kManifestFile, manifest, snapshot::kSnapshotFileFlags, -1, at});
+    files.push_back(UserOpen{snapshot::kDataFile, data, snapshot::kSnapshotFileFlags | O_DIRECT,
+                             snapshot::kSnapshotFileFlags, at});
+    return dir;
+  };
+  const std::optional<std::string> location_dir = add_snapshot(location), base_dir = add_snapshot(base);
+  UserFiles out;
+  if (files.empty()) return out;
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::UniqueFd> fds, open_files_as(who, files));
+  size_t next = 0;
+  if (!token_file.empty()) out.token = std::move(fds[next++]);
+  auto take_snapshot = [&](const std::optional<std::string>& dir) -> std::optional<snapshot::SnapshotFiles> {
+    if (!dir) return std::nullopt;
+    ++next;  // the directory's: done with
+    snapshot::SnapshotFiles f;
+    f.path = *dir;
+    f.manifest = std::move(fds[next++]);
+    f.data = std::move(fds[next++]);
+    return f;
+  };
+  out.location = take_snapshot(location_dir);
+  out.base = take_snapshot(base_dir);
+  return out;
+}
+
+namespace {
+
+// Takes a source already open with the same token, if there is one.
+bool take_open_one(const OpenSpec& spec, Opened& out) {
   for (const auto& [token, source] : spec.open_now) {
     if (token != out.token) continue;
     out.source = source;
     out.fresh = false;
-    return out;
+    return true;
   }
+  return false;
+}
+
+}  // namespace
+
+Result<Opened> open_source(const OpenSpec& spec) {
+  Opened out;
   RestoreOptions ro;
   ro.token_file = spec.token_file;
   ro.base = spec.base;
-  LAZYMEM_ASSIGN_OR_RETURN(out.source, open_chunk_source(spec.location, ro));
+  if (!spec.reader || spec.reader->uid == 0) {  // root's, or the daemon's own: by path
+    if (!spec.token_file.empty()) {
+      LAZYMEM_ASSIGN_OR_RETURN(out.token, net::read_token_file(spec.token_file));
+    }
+    if (take_open_one(spec, out)) return out;
+    LAZYMEM_ASSIGN_OR_RETURN(out.source, open_chunk_source(spec.location, ro));
+    return out;
+  }
+  // A user's: read from what the user opened, never by path again (a path the user controls may
+  // name another file by now).
+  LAZYMEM_ASSIGN_OR_RETURN(UserFiles files, open_as_user(*spec.reader, spec.location, spec.base, spec.token_file));
+  if (files.token.valid()) {
+    LAZYMEM_ASSIGN_OR_RETURN(out.token, net::read_token_fd(files.token.get(), spec.token_file));
+  }
+  if (take_open_one(spec, out)) return out;
+  std::optional<OpenedLocation> base;
+  if (!spec.base.empty()) base = OpenedLocation{spec.base, std::move(files.base)};
+  LAZYMEM_ASSIGN_OR_RETURN(out.source, open_chunk_source(OpenedLocation{spec.location, std::move(files.location)},
+                                                         std::move(base), out.token, ro));
   return out;
 }
 

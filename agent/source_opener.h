@@ -21,6 +21,7 @@
 
 #include "lazymem/result.h"
 #include "snapshot/chunk_source.h"
+#include "snapshot/snapshot_reader.h"
 #include "sys/unique_fd.h"
 
 namespace lazymem::agent {
@@ -38,7 +39,9 @@ struct Requester {
 // One open, everything it needs copied in.
 struct OpenSpec {
   std::string location, token_file;
-  std::optional<Requester> reader;  // checked first (none: the daemon's own, or checked already)
+  // Whose files these are: a user's are opened as that user (none: the daemon's own, or checked
+  // already; root's are opened by path).
+  std::optional<Requester> reader;
   // Sources of `location` already open in the version wanted, with the token each was opened
   // with: one opened with the same token is taken instead of opening again.
   std::vector<std::pair<std::string, std::shared_ptr<snapshot::ChunkSource>>> open_now;
@@ -53,12 +56,24 @@ struct Opened {
   bool fresh = true;  // opened now, not one of OpenSpec::open_now
 };
 
-// Fails with kPermission naming the file when `who` (not root) could not open the snapshot's
-// files in a local store or the token file. Tried in a child with the client's uid, gid and
-// groups (only syscalls between fork and _exit: other threads may hold locks).
-Status client_may_read(const Requester& who, const std::string& location, const std::string& token_file);
+// What a user opened for the agent (open_as_user).
+struct UserFiles {
+  sys::UniqueFd token;                              // the token file's; invalid: none named
+  std::optional<snapshot::SnapshotFiles> location;  // a local location's snapshot files
+  std::optional<snapshot::SnapshotFiles> base;      // a local base's
+};
 
-// Does the whole open, blocking: the read check, the token, the source.
+// Opens the token file and the snapshot files of `location` and `base` (empty: none) in a local
+// store as `who`: in a child with the client's uid, gid and groups (only syscalls between fork
+// and _exit: other threads may hold locks), which hands the descriptors to the agent over a
+// socketpair (SCM_RIGHTS). The agent reads those, never the paths again: a path the user
+// controls (a symlink, a directory) could name another file by then. Fails with kPermission
+// naming the first file `who` could not open. For a `who` other than root (root opens by path).
+Result<UserFiles> open_as_user(const Requester& who, const std::string& location, const std::string& base,
+                               const std::string& token_file);
+
+// Does the whole open, blocking: a user's files opened as that user (open_as_user), the token,
+// the source.
 Result<Opened> open_source(const OpenSpec& spec);
 
 struct OpenLimits {

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <sys/ioctl.h>
 #include <sys/eventfd.h>
+#include <sys/fanotify.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -39,6 +40,7 @@
 #include "lazymem/agent_client.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/snapshot.h"
+#include "snapshot/snapshot_reader.h"
 #include "sys/uapi_compat.h"
 #include "sys/uffd.h"
 #include "sys/unique_fd.h"
@@ -1683,6 +1685,135 @@ TEST_F(AgentTest, UsersAreServedOnlyWhatTheyCouldRead) {
   ASSERT_EQ(::chmod(store.c_str(), 0755), 0);  // readable by all now: served
   std::tie(out, rc) = run_as(kNobody, restore);
   EXPECT_EQ(rc, 0) << out;
+}
+
+// Replaces symlink `link` with one to `target`, atomically (as a user swapping its own link).
+void swap_symlink(const std::string& link, const std::string& target) {
+  const std::string tmp = link + ".new";
+  ASSERT_EQ(::symlink(target.c_str(), tmp.c_str()), 0) << std::strerror(errno);
+  ASSERT_EQ(::rename(tmp.c_str(), link.c_str()), 0) << std::strerror(errno);
+}
+
+// Files a user may and may not read for the agent's opens on its behalf: the user's snapshot
+// and token (owned by `kNobody`), and another snapshot and token only root can read.
+class UserFilesTest : public AgentTest {
+ protected:
+  static constexpr uid_t kNobody = 65534;
+  void SetUp() override {
+    AgentTest::SetUp();
+    if (IsSkipped()) return;
+    if (::geteuid() != 0) GTEST_SKIP() << "needs root, to open as another user";
+    ASSERT_EQ(::chmod(dir_.path().c_str(), 0711), 0);
+    std::filesystem::create_directories(dir_.path() + "/locked");
+    ASSERT_EQ(::chmod((dir_.path() + "/locked").c_str(), 0700), 0);  // root's alone
+    mine_ = capture(1 * kMiB, 71, "mine");
+    secret_ = capture(2 * kMiB, 72, "locked/secret");
+    for (const char* f : {"", "/manifest", "/data"}) ASSERT_EQ(::chown((mine_ + f).c_str(), kNobody, kNobody), 0);
+    ASSERT_EQ(::chmod(mine_.c_str(), 0700), 0);  // the user's alone
+    my_token_ = dir_.path() + "/my-token";
+    secret_token_ = dir_.path() + "/locked/secret-token";
+    std::ofstream(my_token_) << "the user's token, long enough\n";
+    std::ofstream(secret_token_) << "root's own token, long enough\n";
+    ASSERT_EQ(::chown(my_token_.c_str(), kNobody, kNobody), 0);
+    ASSERT_EQ(::chmod(my_token_.c_str(), 0600), 0);
+    ASSERT_EQ(::chmod(secret_token_.c_str(), 0600), 0);
+  }
+  static agent::Requester nobody() { return agent::Requester{::getpid(), kNobody, kNobody, {}}; }
+  static ino_t inode(const std::string& path) {
+    struct stat st{};
+    EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+    return st.st_ino;
+  }
+  std::string mine_, secret_, my_token_, secret_token_;
+};
+
+// A path the user names that leads (through a symlink of its own) to a file only root can read
+// is refused, naming it: the agent opens nothing for a user that the user could not.
+TEST_F(UserFilesTest, WhatTheUserCannotOpenIsRefused) {
+  const std::string token_link = dir_.path() + "/token-link", snap_link = dir_.path() + "/snap-link";
+  swap_symlink(token_link, secret_token_);
+  swap_symlink(snap_link, secret_);
+  auto opened = agent::open_source(agent::OpenSpec{mine_, token_link, nobody(), {}, {}});
+  ASSERT_FALSE(opened.ok()) << "the user was given root's token";
+  EXPECT_EQ(opened.error().code(), Errc::kPermission);
+  EXPECT_NE(opened.error().message().find(token_link + " cannot be read by uid 65534"), std::string::npos)
+      << opened.error().message();
+  opened = agent::open_source(agent::OpenSpec{snap_link, my_token_, nobody(), {}, {}});
+  ASSERT_FALSE(opened.ok()) << "the user was given root's snapshot";
+  EXPECT_NE(opened.error().message().find(snap_link + "/manifest cannot be read by uid 65534"), std::string::npos)
+      << opened.error().message();
+  opened = agent::open_source(agent::OpenSpec{mine_, my_token_, nobody(), {}, snap_link});  // as a base
+  ASSERT_FALSE(opened.ok()) << "the user was given root's snapshot as a base";
+  EXPECT_NE(opened.error().message().find(snap_link + "/manifest cannot be read by uid 65534"), std::string::npos)
+      << opened.error().message();
+  opened = agent::open_source(agent::OpenSpec{mine_, my_token_, nobody(), {}, {}});  // its own: opened
+  ASSERT_TRUE(opened.ok()) << opened.error().message();
+  EXPECT_EQ(opened->token, "the user's token, long enough");
+}
+
+// What the agent reads for a user is what the user opened, not what the paths name afterwards.
+// The user's token and snapshot are reached through symlinks the user controls, and each link
+// is swapped to root's file the moment the user's file is opened: fanotify holds every open of
+// the user's files (FAN_OPEN_PERM, after the path was looked up) until this test has swapped
+// the link. The agent then has the user's files open, and must read those: reading by path
+// again (as it did, as root, after checking that the user could open them) gets root's token
+// and snapshot.
+TEST_F(UserFilesTest, TheAgentReadsWhatTheUserOpened) {
+  const std::string token_link = dir_.path() + "/token-link", snap_link = dir_.path() + "/snap-link";
+  swap_symlink(token_link, my_token_);
+  swap_symlink(snap_link, mine_);
+  auto mine = read_manifest(mine_), secret = read_manifest(secret_);
+  ASSERT_TRUE(mine.ok() && secret.ok());
+  ASSERT_NE(mine->checksum, secret->checksum);
+  sys::UniqueFd fan(::fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, O_RDONLY | O_CLOEXEC));
+  if (!fan.valid()) GTEST_SKIP() << "no fanotify: " << std::strerror(errno);
+  for (const std::string& f : {my_token_, mine_ + "/data"}) {
+    if (::fanotify_mark(fan.get(), FAN_MARK_ADD, FAN_OPEN_PERM, AT_FDCWD, f.c_str()) != 0) {
+      GTEST_SKIP() << "no fanotify permission events: " << std::strerror(errno);
+    }
+  }
+  const ino_t token_ino = inode(my_token_), data_ino = inode(mine_ + "/data");
+  sys::UniqueFd stop(::eventfd(0, EFD_CLOEXEC));
+  ASSERT_TRUE(stop.valid());
+  int token_opens = 0, data_opens = 0;
+  std::thread held([&] {
+    for (;;) {
+      pollfd p[2] = {{fan.get(), POLLIN, 0}, {stop.get(), POLLIN, 0}};
+      if (::poll(p, 2, -1) < 0 && errno != EINTR) return;
+      if (p[1].revents != 0) return;
+      if (p[0].revents == 0) continue;
+      alignas(fanotify_event_metadata) char buf[4096];
+      const ssize_t n = ::read(fan.get(), buf, sizeof buf);
+      if (n <= 0) continue;
+      auto* ev = reinterpret_cast<fanotify_event_metadata*>(buf);
+      for (ssize_t len = n; FAN_EVENT_OK(ev, len); ev = FAN_EVENT_NEXT(ev, len)) {
+        struct stat st{};
+        ::fstat(ev->fd, &st);
+        if (st.st_ino == token_ino && token_opens++ == 0) swap_symlink(token_link, secret_token_);
+        if (st.st_ino == data_ino && data_opens++ == 0) swap_symlink(snap_link, secret_);
+        fanotify_response allow{ev->fd, FAN_ALLOW};
+        (void)!::write(fan.get(), &allow, sizeof allow);
+        ::close(ev->fd);
+      }
+    }
+  });
+  auto opened = agent::open_source(agent::OpenSpec{snap_link, token_link, nobody(), {}, {}});
+  const uint64_t one = 1;
+  (void)!::write(stop.get(), &one, sizeof one);
+  held.join();
+  fan.reset();
+  ASSERT_GE(token_opens, 1) << "the token file was not opened";
+  ASSERT_GE(data_opens, 1) << "the data file was not opened";
+  EXPECT_EQ(std::filesystem::read_symlink(snap_link).string(), secret_);  // swapped, both
+  EXPECT_EQ(std::filesystem::read_symlink(token_link).string(), secret_token_);
+  ASSERT_TRUE(opened.ok()) << opened.error().message();
+  EXPECT_EQ(opened->token, "the user's token, long enough") << "root's token was read for the user";
+  EXPECT_EQ(opened->source->manifest().checksum, mine->checksum) << "root's snapshot was read for the user";
+  auto* local = dynamic_cast<snapshot::LocalSnapshot*>(opened->source.get());
+  ASSERT_NE(local, nullptr);
+  struct stat st{};
+  ASSERT_EQ(::fstat(local->data_fd(), &st), 0);
+  EXPECT_EQ(st.st_ino, data_ino) << "the data is read from another file than the user opened";
 }
 
 // Who asks is who connected, taken when the agent accepted the connection: the groups that let
