@@ -125,6 +125,9 @@ struct FcListener {
   bool cancel_on_close = false;  // closed, unhandshaken, when notify_conn closes
   uid_t uid = 0;                 // who asked for it (status shows it to that user)
   pid_t pid = 0;                 // the requesting process (0: the daemon's own)
+  // Who asked for it, if a client: its VM's snapshot is opened as that user again at the
+  // handshake (where the paths lead may have changed since the socket was asked for).
+  std::optional<Requester> reader;
   SocketFile file;
 };
 
@@ -136,6 +139,7 @@ struct FcHandshake {
   std::vector<sys::UniqueFd> fds;
   std::vector<fault::MappedRange> ranges;  // once the message parsed: what to poison if refused
   std::string snapshot, token_file;
+  std::optional<Requester> reader;  // FcListener::reader
   bool prefetch = true;
   int notify_conn = -1;
   uint64_t notify_id = 0;
@@ -633,7 +637,8 @@ struct Daemon::Impl {
     l.cancel_on_close = r.cancel_on_close;
     l.uid = c.uid;
     l.pid = c.pid;
-    OpenSpec spec{l.snapshot, l.token_file, Requester{c.pid, c.uid, c.gid, c.groups}, {}, {}};
+    l.reader = Requester{c.pid, c.uid, c.gid, c.groups};
+    OpenSpec spec{l.snapshot, l.token_file, l.reader, {}, {}};
     auto pending = std::make_shared<FcListener>(std::move(l));
     return open_then(std::move(spec), 0, c.fd.get(), c.pid, c.uid, [this, pending](auto src, int conn_fd) {
       const pid_t pid = pending->pid;
@@ -988,6 +993,7 @@ struct Daemon::Impl {
       FcListener& l = lit->second;
       hs->snapshot = l.snapshot;
       hs->token_file = l.token_file;
+      hs->reader = l.reader;
       hs->prefetch = l.prefetch;
       hs->notify_conn = l.notify_conn;
       hs->notify_id = l.notify_id;
@@ -1123,7 +1129,7 @@ struct Daemon::Impl {
     // Firecracker keeps its end open while the VM runs; so do we, while we serve it.
     auto peer = std::make_shared<sys::UniqueFd>(std::move(hs.fd));
     const int notify = hs.notify_conn;
-    OpenSpec spec{rq->location, rq->token_file, std::nullopt, {}, {}};  // the socket's asker was checked
+    OpenSpec spec{rq->location, rq->token_file, hs.reader, {}, {}};  // as whoever asked for the socket
     end_handshake(fd);  // the message is whole: the handshake deadline is done with
     auto go_on = [this, rq, keep, peer, vm_pidfd](Result<std::shared_ptr<snapshot::ChunkSource>> src, int conn_fd) {
       rq->conn_fd = conn_fd;
@@ -1227,7 +1233,7 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& options, cons
     int f = fc.get();
     im.add(f, tag(kFcListen, f));
     im.fc_listeners[f] = FcListener{std::move(fc), options.firecracker_socket, options.firecracker_snapshot,
-                                    options.token_file, true, false, -1, 0, false, ::geteuid(), 0, std::move(file)};
+                                    options.token_file, true, false, -1, 0, false, ::geteuid(), 0, std::nullopt, std::move(file)};
   }
   if (!options.metrics_address.empty()) {
     LAZYMEM_ASSIGN_OR_RETURN(im.metrics, net::MetricsEndpoint::listen(options.metrics_address));

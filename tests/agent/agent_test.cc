@@ -1816,6 +1816,37 @@ TEST_F(UserFilesTest, TheAgentReadsWhatTheUserOpened) {
   EXPECT_EQ(st.st_ino, data_ino) << "the data is read from another file than the user opened";
 }
 
+// A VM socket's snapshot is opened again when its VM connects (the store's version then), and as
+// whoever asked for the socket: by then a path of theirs may lead elsewhere. (It was opened as
+// root, unchecked: a user's symlink swapped to root's snapshot had root's pages served to the
+// user's VM.)
+TEST_F(AgentTest, AVmSocketsSnapshotIsOpenedAsWhoAskedForIt) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root, to connect as another user";
+  ASSERT_FALSE(agent_bin().empty());
+  constexpr uid_t kNobody = 65534;
+  const std::string vmdir = dir_.path() + "/vms", locked = dir_.path() + "/locked", link = dir_.path() + "/vm-link";
+  std::filesystem::create_directories(locked);
+  RAW_IMAGE_AT(mine, 1 * kMiB, 64, mine_loc, dir_.path() + "/mine");
+  RAW_IMAGE_AT(secret, 1 * kMiB, 65, secret_loc, locked + "/secret");
+  ASSERT_EQ(::chmod(dir_.path().c_str(), 0711), 0);
+  ASSERT_EQ(::chmod(locked.c_str(), 0700), 0);  // root's alone
+  std::filesystem::create_directories(vmdir);
+  ASSERT_EQ(::chown(vmdir.c_str(), kNobody, kNobody), 0);
+  swap_symlink(link, mine_loc);
+  agent::DaemonOptions o;
+  o.socket_group = kNobody;
+  start_daemon(o);
+  for (const char* vm : {"/vm1.sock", "/vm2.sock"}) {
+    auto [out, rc] = run_as(kNobody, agent_bin() + " restore --no-wait --socket " + socket_ + " --snapshot " + link +
+                                         " --firecracker-socket " + vmdir + vm);
+    ASSERT_EQ(rc, 0) << out;
+  }
+  EXPECT_EQ(in_child([&] { return firecracker_vm(vmdir + "/vm1.sock", mine, false); }), 0);
+  swap_symlink(link, secret_loc);  // the user's link leads to root's snapshot now
+  EXPECT_NE(in_child([&] { return firecracker_vm(vmdir + "/vm2.sock", secret, false); }), 0)
+      << "the user's VM was served root's snapshot";
+}
+
 // Who asks is who connected, taken when the agent accepted the connection: the groups that let
 // a user read a snapshot are those it had then. (They were read from /proc/PID/status when the
 // request came: by then the pid could be gone, or another process's, its groups not the peer's.)
