@@ -22,19 +22,14 @@
 #include "lazymem/result.h"
 #include "snapshot/chunk_source.h"
 #include "snapshot/snapshot_reader.h"
+#include "sys/peer_cred.h"
 #include "sys/unique_fd.h"
 
 namespace lazymem::agent {
 
-// Who asked: what the agent (root) opens for a user, that user must be able to open itself.
-struct Requester {
-  pid_t pid = 0;
-  uid_t uid = 0;
-  gid_t gid = 0;
-  // Supplementary groups, taken with the rest when the connection was accepted (SO_PEERGROUPS):
-  // read later from /proc/PID/status, they could be another process's, its pid reused.
-  std::vector<gid_t> groups;
-};
+// Who asked, as taken when its connection was accepted (sys::peer_cred): what the agent (root)
+// opens for a user, that user must be able to open itself.
+using Requester = sys::Credentials;
 
 // One open, everything it needs copied in.
 struct OpenSpec {

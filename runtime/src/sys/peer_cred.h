@@ -12,11 +12,16 @@
 
 namespace lazymem::sys {
 
-struct PeerCred {
+// Whose a process is: its ids and supplementary groups, as taken at one moment (read later
+// from /proc/PID/status, the groups could be another process's, its pid reused).
+struct Credentials {
   pid_t pid = 0;
   uid_t uid = 0;
   gid_t gid = 0;
-  std::vector<gid_t> groups;  // supplementary groups as at connect() (SO_PEERGROUPS)
+  std::vector<gid_t> groups;
+};
+
+struct PeerCred : Credentials {  // groups as at connect() (SO_PEERGROUPS)
   // The process that connected. A pid read later (its /proc files, pidfd_open, kill) may name
   // another process by then: the peer exits and its pid is reused. This does not.
   UniqueFd pidfd;
