@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <tuple>
 
 #include <malloc.h>
 
@@ -272,6 +273,53 @@ TEST_F(SnapshotFormatTest, OnlySnapshotsAreReplacedOrRemoved) {
   ASSERT_EQ(list->size(), 1u);
   EXPECT_EQ((*list)[0].name, "cut");
   EXPECT_EQ((*list)[0].damage, "");
+}
+
+// A listing through a ListingCache says what one without says, and reads a manifest again only
+// when its file changed: replaced, rewritten in place, or removed and captured again. A damaged
+// manifest is reported on every listing, read once.
+TEST_F(SnapshotFormatTest, ListingCacheReadsOnlyChangedManifests) {
+  capture("a");
+  capture("b");
+  snapshot::ListingCache cache;
+  auto same_as_uncached = [&] {
+    auto cached = snapshot::list_store(dir_.path(), &cache);
+    auto plain = snapshot::list_store(dir_.path());
+    EXPECT_TRUE(cached.ok() && plain.ok());
+    EXPECT_EQ(cached->size(), plain->size());
+    for (size_t i = 0; i < std::min(cached->size(), plain->size()); ++i) {
+      const auto &x = (*cached)[i], &y = (*plain)[i];
+      EXPECT_EQ(std::tie(x.name, x.total_bytes, x.stored_bytes, x.regions, x.created_unix_ns, x.format_version, x.damage),
+                std::tie(y.name, y.total_bytes, y.stored_bytes, y.regions, y.created_unix_ns, y.format_version, y.damage))
+          << x.name;
+    }
+    return *cached;
+  };
+  same_as_uncached();
+  same_as_uncached();
+  EXPECT_EQ(cache.manifest_reads(), 2u);
+  CaptureRegion r{"heap", mem_, 4096 * 2, PROT_READ};
+  CaptureOptions replace;
+  replace.replace = true;
+  ASSERT_TRUE(capture_regions(dir_.path() + "/a", std::span(&r, 1), replace).ok());
+  EXPECT_EQ(same_as_uncached()[0].total_bytes, 4096u * 2);
+  EXPECT_EQ(cache.manifest_reads(), 3u);
+  // One byte of a's manifest changed in place: damaged, said on every listing, read once.
+  const std::string manifest = dir_.path() + "/a/" + snapshot::kManifestFile;
+  const auto size = std::filesystem::file_size(manifest);
+  char last = 0;
+  std::ifstream(manifest, std::ios::binary).seekg(static_cast<std::streamoff>(size - 1)).get(last);
+  last ^= 0x5a;
+  patch(manifest, size - 1, &last, 1);
+  EXPECT_NE(same_as_uncached()[0].damage, "");
+  EXPECT_NE(same_as_uncached()[0].damage, "");
+  EXPECT_EQ(cache.manifest_reads(), 4u);
+  // Removed, then captured again under its name: read again.
+  ASSERT_TRUE(snapshot::remove_snapshot(*SnapshotLocation::in_store(dir_.path(), "b")).ok());
+  EXPECT_EQ(same_as_uncached().size(), 1u);
+  capture("b");
+  EXPECT_EQ(same_as_uncached().size(), 2u);
+  EXPECT_EQ(cache.manifest_reads(), 5u);
 }
 
 // A removal takes the name away at once; what dead writers and removers left (their temporary

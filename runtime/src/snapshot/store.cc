@@ -14,8 +14,10 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string_view>
+#include <tuple>
 
 #include "snapshot/manifest.h"
 #include "sys/syscall_result.h"
@@ -259,7 +261,35 @@ bool is_snapshot_dir(const std::string& dir) {
          std::memcmp(magic, kManifestMagic, sizeof magic) == 0;
 }
 
-Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
+namespace {
+
+bool same_time(const timespec& a, const timespec& b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; }
+
+// A snapshot's summary from its manifest (`damage` set if the manifest is unreadable or fails
+// its checks), and how many bytes its data file must hold.
+std::pair<SnapshotSummary, uint64_t> read_summary(const std::string& dir, const std::string& name) {
+  SnapshotSummary s;
+  s.name = name;
+  auto bytes = read_small_file(dir + "/" + kManifestFile, kMaxManifestBytes);
+  auto m = bytes.ok() ? decode_manifest(*bytes, dir) : Result<Manifest>(std::move(bytes).error());
+  if (!m.ok()) {
+    s.damage = m.error().message();
+    return {std::move(s), 0};
+  }
+  s.total_bytes = m->total_bytes();
+  s.stored_bytes = m->stored_bytes();
+  s.regions = m->regions.size();
+  s.created_unix_ns = m->created_unix_ns;
+  s.format_version = m->format_version;
+  uint64_t needed = 0;
+  for (const auto& r : m->regions)
+    for (const auto& c : r.chunks) needed = std::max(needed, c.offset + c.stored_length);
+  return {std::move(s), needed};
+}
+
+}  // namespace
+
+Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir, ListingCache* cache) {
   std::error_code ec;
   if (!fs::is_directory(store_dir, ec)) {
     return Error(Errc::kNotFound, fmt::format("snapshot store {} is not a directory", store_dir));
@@ -268,28 +298,42 @@ Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
   std::vector<SnapshotSummary> out;
   fs::directory_iterator it(store_dir, ec);
   if (ec) return Error(Errc::kIo, fmt::format("snapshot store {}: {}", store_dir, ec.message()));
+  std::map<std::string, ListingCache::Entry> seen;  // the cache's entries for this listing
   for (const auto& entry : it) {
     std::string name = entry.path().filename().string();
     if (name.empty() || name[0] == '.' || !entry.is_directory(ec) || !is_snapshot_dir(entry.path().string())) continue;
-    SnapshotSummary s;
-    s.name = name;
     const std::string dir = entry.path().string();
-    auto bytes = read_small_file(dir + "/" + kManifestFile, kMaxManifestBytes);
-    auto m = bytes.ok() ? decode_manifest(*bytes, dir) : Result<Manifest>(std::move(bytes).error());
-    if (!m.ok()) {
-      s.damage = m.error().message();
+    SnapshotSummary s;
+    uint64_t needed = 0;  // bytes the data file must hold
+    // The manifest's identity first, then its bytes: a file changed between the two is read
+    // again next time (its identity is another by then), never kept under its new identity
+    // with what it said before.
+    struct stat ms{};
+    if (cache && ::stat((dir + "/" + kManifestFile).c_str(), &ms) == 0) {
+      ListingCache::Entry e;
+      auto hit = cache->entries_.find(name);
+      if (hit != cache->entries_.end() && hit->second.dev == ms.st_dev && hit->second.ino == ms.st_ino &&
+          hit->second.size == ms.st_size && same_time(hit->second.mtime, ms.st_mtim) &&
+          same_time(hit->second.ctime, ms.st_ctim)) {
+        e = std::move(hit->second);
+      } else {
+        auto [summary, bytes] = read_summary(dir, name);
+        cache->reads_.fetch_add(1, std::memory_order_relaxed);
+        e = ListingCache::Entry{ms.st_dev, ms.st_ino, ms.st_size, ms.st_mtim, ms.st_ctim, std::move(summary), bytes};
+      }
+      s = e.summary;
+      needed = e.data_needed;
+      seen.emplace(name, std::move(e));
+    } else {
+      // No manifest to identify (what reading it says is the damage): read as without a cache.
+      if (cache) cache->reads_.fetch_add(1, std::memory_order_relaxed);
+      std::tie(s, needed) = read_summary(dir, name);
+    }
+    if (!s.damage.empty()) {
       out.push_back(std::move(s));
       continue;
     }
-    s.total_bytes = m->total_bytes();
-    s.stored_bytes = m->stored_bytes();
-    s.regions = m->regions.size();
-    s.created_unix_ns = m->created_unix_ns;
-    s.format_version = m->format_version;
     // The data file must hold every stored chunk (a truncated copy would fail its restores).
-    uint64_t needed = 0;
-    for (const auto& r : m->regions)
-      for (const auto& c : r.chunks) needed = std::max(needed, c.offset + c.stored_length);
     struct stat st{};
     if (::stat((dir + "/" + kDataFile).c_str(), &st) != 0) {
       s.damage = fmt::format("{}/{}: {}", dir, kDataFile, std::strerror(errno));
@@ -298,6 +342,7 @@ Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir) {
     }
     out.push_back(std::move(s));
   }
+  if (cache) cache->entries_ = std::move(seen);  // snapshots gone from the store are forgotten
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
   return out;
 }

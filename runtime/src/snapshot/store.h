@@ -6,7 +6,10 @@
 #pragma once
 
 #include <fcntl.h>
+#include <sys/stat.h>
 
+#include <atomic>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -44,10 +47,39 @@ struct SnapshotSummary {
   double compression_ratio() const { return stored_bytes ? double(total_bytes) / double(stored_bytes) : 0.0; }
 };
 
+// What list_store read of each snapshot's manifest, for a caller that lists one store again and
+// again (a page server): a manifest is read and decoded again only when its file is another or
+// changed, by its identity (device, inode, size, modification and status-change times: a
+// snapshot replaced or removed and imported again is a new file; one rewritten in place changes
+// its times, and since Linux 6.13 ext4, xfs, btrfs and tmpfs give a change made after a stat()
+// a time that stat() had not seen). What it reads is kept whatever it says, damage too (a
+// manifest failing its checks is reported as before, without reading it again). A data file is
+// looked at on every listing (a stat: one truncated since is damage). Entries of snapshots no
+// longer listed are dropped. One lister at a time; manifest_reads() from any thread.
+class ListingCache {
+ public:
+  // Manifests read (and decoded) through this cache so far.
+  uint64_t manifest_reads() const { return reads_.load(std::memory_order_relaxed); }
+
+ private:
+  friend Result<std::vector<SnapshotSummary>> list_store(const std::string&, ListingCache*);
+  struct Entry {
+    dev_t dev = 0;
+    ino_t ino = 0;
+    off_t size = 0;
+    timespec mtime{}, ctime{};
+    SnapshotSummary summary;   // `damage`: the manifest's own, if any
+    uint64_t data_needed = 0;  // bytes its data file must hold
+  };
+  std::map<std::string, Entry> entries_;
+  std::atomic<uint64_t> reads_{0};
+};
+
 // Lists the snapshots of a store (is_snapshot_dir), damaged ones too (with `damage` saying why: a manifest that
 // fails its checks, a data file shorter than the manifest needs). Refuses a directory that is
-// itself a snapshot (a store path one level too deep).
-Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir);
+// itself a snapshot (a store path one level too deep). With `cache`, reads only the manifests
+// that changed since the cache's last listing of this store.
+Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir, ListingCache* cache = nullptr);
 
 // Whether `dir` is a snapshot, damaged or not, and so may be deleted as one: it holds nothing
 // but a manifest and a data file, and either the data file or a manifest that begins as
