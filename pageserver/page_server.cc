@@ -29,6 +29,7 @@
 #include "core/log.h"
 #include "extent_cache.h"
 #include "send_queue.h"
+#include "store_listing.h"
 #include "sys/acceptor.h"
 #include "sys/cpu_latency.h"
 #include "sys/ring.h"
@@ -152,6 +153,7 @@ struct Conn {
   bool closing = false;  // close once everything is sent (and its zero-copy completions are in)
   bool starved = false;  // waits for a free extent
   bool committing = false;  // its upload's commit runs (Impl::Commit): nothing more is read meanwhile
+  bool listing = false;     // its list waits for the store's listing (Impl::ListWaiter): likewise
   uint32_t events = EPOLLIN;  // what epoll watches for now
   net::Nonce server_nonce{};
   net::Nonce client_nonce{};
@@ -271,7 +273,19 @@ struct PageServer::Impl {
   std::list<std::unique_ptr<Commit>> commits;
   sys::UniqueFd commit_event;
 
+  // `list`: the store's listing is made on a thread of its own (StoreListing: it reads
+  // directories and changed manifests, as long as the disk takes); a list request waits for one
+  // that begins after it, and its connection reads nothing more meanwhile (one list in flight
+  // per connection, its replies in order). On the loop a list costs its reply.
+  std::unique_ptr<StoreListing> listing;
+  struct ListWaiter {
+    int fd;
+    uint64_t serial, id, listing;
+  };
+  std::vector<ListWaiter> list_waiters;
+
   ~Impl() {
+    listing.reset();  // waits for a listing under way
     for (auto& cm : commits) {
       if (cm->thread.joinable()) cm->thread.join();  // a snapshot half renamed is not left behind
     }
@@ -631,6 +645,48 @@ struct PageServer::Impl {
     }
   }
 
+  // Answers the list requests a listing just done covers (listing->event_fd()).
+  void on_listing_done() {
+    auto [done, result] = listing->take();
+    if (!result) return;
+    std::vector<const snapshot::SnapshotSummary*> offered;
+    if (result->ok()) {
+      // What cannot be served is not offered (the operator sees it in `ls --store` and `verify`).
+      for (const auto& s : **result)
+        if (s.damage.empty()) offered.push_back(&s);
+    }
+    std::vector<int> answered;
+    std::erase_if(list_waiters, [&](const ListWaiter& w) {
+      if (w.listing > done) return false;  // it came while this listing was under way
+      auto it = conns.find(w.fd);
+      if (it == conns.end() || it->second->serial != w.serial) return true;  // closed meanwhile
+      Conn& c = *it->second;
+      c.listing = false;
+      if (!result->ok()) {
+        reply_error(c, w.id, wire::ErrorCode::IO_ERROR, result->error().message());
+      } else {
+        capnp::MallocMessageBuilder m;
+        auto r = m.initRoot<wire::Reply>();
+        r.setId(w.id);
+        auto out = r.initSnapshots(static_cast<unsigned>(offered.size()));
+        for (size_t i = 0; i < offered.size(); ++i) {
+          const auto& s = *offered[i];
+          auto o = out[static_cast<unsigned>(i)];
+          o.setName(s.name);
+          o.setTotalBytes(s.total_bytes);
+          o.setStoredBytes(s.stored_bytes);
+          o.setRegions(static_cast<uint32_t>(s.regions));
+          o.setFormatVersion(s.format_version);
+          o.setCreatedUnixNs(s.created_unix_ns);
+        }
+        queue(c, m, {});
+      }
+      answered.push_back(w.fd);
+      return true;
+    });
+    for (int fd : answered) pump(fd);  // its replies, and the requests it sent meanwhile
+  }
+
   void handle(Conn& c, net::Header& h, std::span<const std::byte> payload) {
     bump(st_req);
     last_request = Clock::now();
@@ -750,28 +806,8 @@ struct PageServer::Impl {
         return;
       }
       if (rq.isList()) {
-        auto list = snapshot::list_store(opt.store_dir);
-        if (!list.ok()) {
-          reply_error(c, id, wire::ErrorCode::IO_ERROR, list.error().message());
-          return;
-        }
-        // What cannot be served is not offered (the operator sees it in `ls --store` and `verify`).
-        std::erase_if(*list, [](const snapshot::SnapshotSummary& s) { return !s.damage.empty(); });
-        capnp::MallocMessageBuilder m;
-        auto r = m.initRoot<wire::Reply>();
-        r.setId(id);
-        auto out = r.initSnapshots(static_cast<unsigned>(list->size()));
-        for (size_t i = 0; i < list->size(); ++i) {
-          const auto& s = (*list)[i];
-          auto o = out[static_cast<unsigned>(i)];
-          o.setName(s.name);
-          o.setTotalBytes(s.total_bytes);
-          o.setStoredBytes(s.stored_bytes);
-          o.setRegions(static_cast<uint32_t>(s.regions));
-          o.setFormatVersion(s.format_version);
-          o.setCreatedUnixNs(s.created_unix_ns);
-        }
-        queue(c, m, {});
+        c.listing = true;
+        list_waiters.push_back(ListWaiter{c.fd.get(), c.serial, id, listing->want()});
         return;
       }
       if (rq.isGetManifest()) {
@@ -1287,7 +1323,7 @@ struct PageServer::Impl {
   }
 
   void update_events(Conn& c) {
-    bool want_read = !c.closing && !c.committing && c.held() < opt.max_queued_bytes;
+    bool want_read = !c.closing && !c.committing && !c.listing && c.held() < opt.max_queued_bytes;
     uint32_t events = (want_read ? uint32_t{EPOLLIN} : 0u) | (c.out.has_unsent() ? uint32_t{EPOLLOUT} : 0u);
     if (events == c.events) return;  // a syscall saved on nearly every turn
     c.events = events;
@@ -1344,7 +1380,7 @@ struct PageServer::Impl {
   // of many requests cannot queue more than one reply's worth past it. The rest wait in the
   // buffer for pump(). False: the peer broke the framing (close it).
   bool handle_frames(Conn& c) {
-    while (!c.closing && !c.committing && !over_bound(c)) {
+    while (!c.closing && !c.committing && !c.listing && !over_bound(c)) {
       auto f = c.in.next();
       if (!f.ok()) {
         bump(st_proto);
@@ -1459,6 +1495,8 @@ struct PageServer::Impl {
     st.snapshots_retired = r(st_retired);
     st.snapshots_retired_bytes = r(st_retired_bytes);
     st.connections_stalled = r(st_stalled);
+    st.listings = listing->listings();
+    st.listing_manifest_reads = listing->manifest_reads();
     return st;
   }
 
@@ -1563,6 +1601,10 @@ std::string metrics_text(const ServerStats& st) {
       {"range", st.errors_range}, {"io", st.errors_io}, {"corrupt", st.errors_corrupt},
       {"handshake_timeout", st.handshake_timeouts}, {"send_stall", st.connections_stalled}});
   one("lazymem_pageserver_uploads_total", "counter", "Snapshots uploaded and committed.", st.uploads);
+  one("lazymem_pageserver_listings_total", "counter", "Listings of the store made for list requests (off the serving loop).",
+      st.listings);
+  one("lazymem_pageserver_listing_manifest_reads_total", "counter",
+      "Manifests read by those listings (only new or changed ones are).", st.listing_manifest_reads);
   by("lazymem_pageserver_datagrams_total", "getPage datagrams, by outcome.", "outcome",
      {{"request", st.datagram_requests}, {"dropped", st.datagrams_dropped}, {"unsent", st.datagrams_unsent},
       {"over_mtu", st.datagrams_over_mtu}, {"on_stream", st.datagrams_on_stream}});
@@ -1619,6 +1661,7 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
   im.epoll_fd.reset(::epoll_create1(EPOLL_CLOEXEC));
   im.stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   im.commit_event.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  LAZYMEM_ASSIGN_OR_RETURN(im.listing, StoreListing::start(options.store_dir));
   {
     auto ring = sys::Ring::create(static_cast<unsigned>(Impl::kMaxReads));
     if (ring.ok()) {
@@ -1636,6 +1679,8 @@ Result<std::unique_ptr<PageServer>> PageServer::listen(const ServerOptions& opti
   ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.stop_fd.get(), &ev);
   ev.data.fd = im.commit_event.get();
   ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.commit_event.get(), &ev);
+  ev.data.fd = im.listing->event_fd();
+  ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.listing->event_fd(), &ev);
   if (im.ring) {
     ev.data.fd = im.ring_event.get();
     ::epoll_ctl(im.epoll_fd.get(), EPOLL_CTL_ADD, im.ring_event.get(), &ev);
@@ -1681,6 +1726,10 @@ Status PageServer::run() {
       }
       if (fd == im.commit_event.get()) {
         im.on_commits_done();
+        continue;
+      }
+      if (fd == im.listing->event_fd()) {
+        im.on_listing_done();
         continue;
       }
       if (im.metrics && fd == im.metrics->fd()) {

@@ -10,6 +10,9 @@
 // getPage also comes by UDP on the same port, from clients given a session on their
 // connection; such a job lives in its connection's demand lane and is answered by datagram.
 //
+// Off the loop, each on a thread of its own: an upload's commit, a removed snapshot's deletion, and
+// the store's listing for `list` (store_listing.h); the loop is told by an eventfd when each is done.
+//
 // Thread-safety: run() on one thread; stop() and stats() from any thread.
 #pragma once
 
@@ -93,6 +96,10 @@ struct ServerStats {
   uint64_t datagrams_on_stream = 0;  // datagram requests answered on their session's connection
   uint64_t snapshots_retired = 0;    // versions replaced or removed in the store, still held for restores reading them
   uint64_t snapshots_retired_bytes = 0;  // their stored bytes (disk space not freed yet)
+  // `list` is answered from listings of the store made on a thread of their own; requests that
+  // come while one is under way share the next. A listing reads only new or changed manifests.
+  uint64_t listings = 0;
+  uint64_t listing_manifest_reads = 0;
 };
 
 class PageServer {

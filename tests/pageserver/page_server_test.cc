@@ -5,6 +5,7 @@
 #include <linux/userfaultfd.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/fanotify.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <linux/fs.h>
@@ -21,6 +22,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -474,6 +476,219 @@ TEST_F(PageServerTest, RemovedSnapshotIsGoneAtOnce) {
   };
   for (auto until = deadline(); leftovers() != 0 && std::chrono::steady_clock::now() < until;) std::this_thread::yield();
   EXPECT_EQ(leftovers(), 0u) << "the removed snapshot's files are still there";
+}
+
+// A connection to a test's page server, past its hello (no token): raw requests, one at a time.
+struct RawClient {
+  sys::UniqueFd fd;
+  net::FrameBuffer in;
+  uint64_t next_id = 2;
+  static auto deadline() { return std::chrono::steady_clock::now() + std::chrono::seconds(10); }
+  ::testing::AssertionResult open(uint16_t port) {
+    auto d = net::dial("127.0.0.1", port, deadline());
+    if (!d.ok()) return ::testing::AssertionFailure() << d.error().message();
+    fd = std::move(*d);
+    const auto hello = hello_frame();
+    if (::send(fd.get(), hello.data(), hello.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(hello.size())) {
+      return ::testing::AssertionFailure() << "hello: " << std::strerror(errno);
+    }
+    auto r = recv();
+    if (!r.ok()) return ::testing::AssertionFailure() << "hello: " << r.error().message();
+    return ::testing::AssertionSuccess();
+  }
+  template <typename Fill>
+  Status send(Fill fill) {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<proto::wire::Request>();
+    rq.setId(next_id++);
+    fill(rq);
+    return net::send_frame(fd.get(), m, {}, deadline());
+  }
+  Result<net::OwnedFrame> recv() { return net::recv_frame(fd.get(), in, deadline()); }
+  // Whether a reply (or anything) waits to be read.
+  bool answered() {
+    pollfd p{fd.get(), POLLIN, 0};
+    return ::poll(&p, 1, 0) != 0;
+  }
+};
+
+// Captures `len` bytes of heap-like data to `target` (a store path or a page server's).
+Status put_snapshot(const std::string& target, size_t len, uint64_t seed, bool replace) {
+  void* p = testing::map_for_capture(len, seed);
+  if (p == nullptr) return Error(Errc::kIo, "mmap failed");
+  testing::fill_mixed(static_cast<std::byte*>(p), len, seed);
+  CaptureRegion r{"heap", p, len, PROT_READ | PROT_WRITE};
+  CaptureOptions co;
+  co.replace = replace;
+  auto rep = capture_regions(target, std::span(&r, 1), co);
+  ::munmap(p, len);
+  if (!rep.ok()) return std::move(rep).error();
+  return ok_status();
+}
+
+// What a server's `list` offers: each snapshot's name and size.
+std::map<std::string, uint64_t> listed(const SnapshotLocation& server) {
+  auto l = net::list_remote(server, "", std::chrono::steady_clock::now() + std::chrono::seconds(10));
+  EXPECT_TRUE(l.ok()) << l.error().message();
+  std::map<std::string, uint64_t> out;
+  if (l.ok())
+    for (const auto& s : *l) out[s.name] = s.total_bytes;
+  return out;
+}
+
+// `list` is answered from listings that remember what each manifest said: whatever changes the
+// store, through the server or behind its back, the next list shows it, and a damaged snapshot
+// is not offered, as before.
+TEST_F(PageServerTest, ListFollowsTheStoreAsItChanges) {
+  capture(4 * kMiB, 40);
+  start_server();
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  auto at = [&](const std::string& name) { return "lazymem://127.0.0.1:" + std::to_string(server_->port()) + "/" + name; };
+  using Listed = std::map<std::string, uint64_t>;
+  EXPECT_EQ(listed(*loc), (Listed{{"snap", 4 * kMiB}}));
+  // Through the server: uploaded, replaced, removed.
+  ASSERT_TRUE(put_snapshot(at("up"), 1 * kMiB, 41, false).ok());
+  EXPECT_EQ(listed(*loc), (Listed{{"snap", 4 * kMiB}, {"up", 1 * kMiB}})) << "uploaded";
+  ASSERT_TRUE(put_snapshot(at("up"), 2 * kMiB, 42, true).ok());
+  EXPECT_EQ(listed(*loc), (Listed{{"snap", 4 * kMiB}, {"up", 2 * kMiB}})) << "replaced by an upload";
+  auto up = SnapshotLocation::parse(at("up"));
+  ASSERT_TRUE(up.ok());
+  ASSERT_TRUE(net::remove_remote(*up, "", RawClient::deadline()).ok());
+  EXPECT_EQ(listed(*loc), (Listed{{"snap", 4 * kMiB}})) << "removed through the server";
+  // Behind its back, in the store directory: imported, replaced, damaged, repaired, truncated, removed.
+  const std::string imported = dir_.path() + "/imported";
+  ASSERT_TRUE(put_snapshot(imported, 1 * kMiB, 43, false).ok());
+  EXPECT_EQ(listed(*loc), (Listed{{"imported", 1 * kMiB}, {"snap", 4 * kMiB}})) << "imported";
+  ASSERT_TRUE(put_snapshot(imported, 3 * kMiB, 44, true).ok());
+  EXPECT_EQ(listed(*loc), (Listed{{"imported", 3 * kMiB}, {"snap", 4 * kMiB}})) << "replaced in the store";
+  // One byte of its manifest changed in place (same file, same size): it fails its checksum.
+  const std::string manifest = imported + "/" + snapshot::kManifestFile;
+  auto flip_last_byte = [&] {
+    sys::UniqueFd f(::open(manifest.c_str(), O_RDWR | O_CLOEXEC));
+    ASSERT_TRUE(f.valid());
+    const off_t at_end = ::lseek(f.get(), -1, SEEK_END);
+    unsigned char b = 0;
+    ASSERT_EQ(::pread(f.get(), &b, 1, at_end), 1);
+    b ^= 0x5a;
+    ASSERT_EQ(::pwrite(f.get(), &b, 1, at_end), 1);
+  };
+  flip_last_byte();
+  auto local = snapshot::list_store(dir_.path());
+  ASSERT_TRUE(local.ok());
+  ASSERT_EQ(local->size(), 2u);
+  EXPECT_NE((*local)[0].damage.find("checksum"), std::string::npos) << (*local)[0].damage;  // what `ls --store` shows
+  EXPECT_EQ(listed(*loc), (Listed{{"snap", 4 * kMiB}})) << "a damaged manifest was offered";
+  flip_last_byte();
+  EXPECT_EQ(listed(*loc), (Listed{{"imported", 3 * kMiB}, {"snap", 4 * kMiB}})) << "repaired";
+  ASSERT_EQ(::truncate((imported + "/" + snapshot::kDataFile).c_str(), 4096), 0);
+  EXPECT_EQ(listed(*loc), (Listed{{"snap", 4 * kMiB}})) << "a truncated data file was offered";
+  std::filesystem::remove_all(imported);
+  EXPECT_EQ(listed(*loc), (Listed{{"snap", 4 * kMiB}})) << "removed from the store";
+}
+
+// A stream of lists reads each manifest once (on the listing thread), not once per list, while
+// another client restores every byte.
+TEST_F(PageServerTest, AStreamOfListsReadsEachManifestOnce) {
+  capture(4 * kMiB, 45);
+  constexpr int kCopies = 20, kLists = 200;
+  for (int i = 0; i < kCopies; ++i) std::filesystem::copy(dir_.path() + "/snap", dir_.path() + fmt::format("/copy{:02}", i));
+  start_server();
+  RawClient lister;
+  ASSERT_TRUE(lister.open(server_->port()));
+  std::atomic<int> good{0};
+  std::thread lists([&] {
+    for (int i = 0; i < kLists; ++i) {
+      if (!lister.send([](auto rq) { rq.setList(); }).ok()) return;
+      auto r = lister.recv();
+      if (!r.ok()) return;
+      auto reply = r->header->root<proto::wire::Reply>();
+      if (!reply.isSnapshots() || reply.getSnapshots().size() != kCopies + 1) return;
+      ++good;
+    }
+  });
+  restore_and_compare(uri(), {});
+  lists.join();
+  EXPECT_EQ(good.load(), kLists);
+  const auto st = server_->stats();
+  EXPECT_EQ(st.listing_manifest_reads, static_cast<uint64_t>(kCopies + 1)) << "a manifest was read again";
+  EXPECT_GE(st.listings, 2u);
+  EXPECT_LE(st.listings, static_cast<uint64_t>(kLists + 1));
+}
+
+// A list waits on the disk while the store is listed; other clients do not. The listing is
+// made to wait without end here: a fanotify permission mark on the manifest of a snapshot
+// imported after the server started, which the listing must read, holds its open() until this
+// test answers. Meanwhile another client's chunks are served, byte for byte; then the list is
+// answered, with the import in it.
+TEST_F(PageServerTest, AListWaitingOnTheDiskDoesNotHoldUpOtherClients) {
+  capture(4 * kMiB, 46);
+  start_server();
+  auto loc = SnapshotLocation::parse(uri());
+  ASSERT_TRUE(loc.ok());
+  ASSERT_EQ(listed(*loc).size(), 1u);  // the listing thread has read "snap" and is idle
+  const std::string imported = dir_.path() + "/imported";
+  ASSERT_TRUE(put_snapshot(imported, 1 * kMiB, 47, false).ok());
+  sys::UniqueFd fan(::fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, O_RDONLY));
+  if (!fan.valid()) GTEST_SKIP() << "fanotify permission events unavailable: " << std::strerror(errno);
+  ASSERT_EQ(::fanotify_mark(fan.get(), FAN_MARK_ADD, FAN_OPEN_PERM, AT_FDCWD,
+                            (imported + "/" + snapshot::kManifestFile).c_str()),
+            0)
+      << std::strerror(errno);
+  RawClient lister, faults;
+  ASSERT_TRUE(lister.open(server_->port()));
+  ASSERT_TRUE(faults.open(server_->port()));
+  ASSERT_TRUE(lister.send([](auto rq) { rq.setList(); }).ok());
+  // The listing reached the manifest and waits.
+  pollfd p{fan.get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 10000), 1) << "the listing never opened the imported manifest";
+  fanotify_event_metadata ev{};
+  ASSERT_EQ(::read(fan.get(), &ev, sizeof ev), static_cast<ssize_t>(sizeof ev));
+  ASSERT_TRUE(ev.mask & FAN_OPEN_PERM);
+  sys::UniqueFd opened(ev.fd);
+  auto allow = [&] {
+    fanotify_response r{ev.fd, FAN_ALLOW};
+    return ::write(fan.get(), &r, sizeof r) == static_cast<ssize_t>(sizeof r);
+  };
+
+  auto m = read_manifest(dir_.path() + "/snap");
+  ASSERT_TRUE(m.ok());
+  sys::UniqueFd data(::open((dir_.path() + "/snap/" + snapshot::kDataFile).c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(data.valid());
+  const uint32_t chunks = std::min<uint32_t>(16, static_cast<uint32_t>(m->regions[0].chunks.size()));
+  ASSERT_TRUE(faults
+                  .send([&](auto rq) {
+                    auto gc = rq.initGetChunks();
+                    gc.setSnapshot("snap");
+                    gc.setDemand(true);
+                    auto list = gc.initChunks(chunks);
+                    for (uint32_t i = 0; i < chunks; ++i) {
+                      list[i].setRegion(0);
+                      list[i].setChunk(i);
+                      list[i].setTag(i);
+                    }
+                  })
+                  .ok());
+  for (uint32_t i = 0; i < chunks; ++i) {
+    auto r = faults.recv();
+    ASSERT_TRUE(r.ok()) << "chunk requests waited for the listing: " << r.error().message();
+    auto reply = r->header->root<proto::wire::Reply>();
+    ASSERT_TRUE(reply.isChunk());
+    const auto& c = m->regions[0].chunks[reply.getChunk().getChunk()];
+    std::vector<std::byte> stored(c.stored_length);
+    ASSERT_EQ(::pread(data.get(), stored.data(), stored.size(), static_cast<off_t>(c.offset)),
+              static_cast<ssize_t>(stored.size()));
+    EXPECT_TRUE(r->payload == stored) << "chunk " << reply.getChunk().getChunk();
+  }
+  EXPECT_FALSE(lister.answered()) << "the list was answered while its listing could not have been made";
+  ASSERT_TRUE(allow());
+  auto r = lister.recv();
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto reply = r->header->root<proto::wire::Reply>();
+  ASSERT_TRUE(reply.isSnapshots());
+  std::map<std::string, uint64_t> got;
+  for (auto s : reply.getSnapshots()) got[s.getName()] = s.getTotalBytes();
+  EXPECT_EQ(got, (std::map<std::string, uint64_t>{{"imported", 1 * kMiB}, {"snap", 4 * kMiB}}));
 }
 
 // Names from the network never lead out of the store: a snapshot beside the store (reachable as
