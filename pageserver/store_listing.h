@@ -35,8 +35,8 @@ class StoreListing {
   // What snapshot::list_store says: every snapshot, damaged ones with `damage` set.
   using Listing = Result<std::vector<snapshot::SnapshotSummary>>;
 
-  // Starts the thread, which lists the store once at once: the first request finds its
-  // manifests read.
+  // Lists the store once (here, on the caller's thread: the first request finds every manifest
+  // read), then starts the thread.
   static Result<std::unique_ptr<StoreListing>> start(std::string store_dir);
   ~StoreListing();
   StoreListing(const StoreListing&) = delete;
