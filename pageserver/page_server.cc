@@ -1419,16 +1419,9 @@ struct PageServer::Impl {
         continue;
       }
       if (!next.fd.valid()) return;
-      // Full: the oldest connection still in its handshake makes room. Peers that connect and
-      // say nothing cannot keep every client out by holding each slot for the handshake
-      // timeout; authenticated connections are never dropped for a newcomer.
+      // Full: the oldest connection still in its handshake makes room.
       if (conns.size() >= opt.max_connections) {
-        int oldest = -1;
-        Clock::time_point since = Clock::time_point::max();
-        for (const auto& [cfd, c] : conns) {
-          if (!c->authed && c->opened < since) since = c->opened, oldest = cfd;
-        }
-        if (oldest >= 0) {
+        if (const int oldest = net::oldest_unauthenticated(conns); oldest >= 0) {
           bump(st_hs);
           close_conn(oldest);
         }

@@ -605,16 +605,10 @@ struct MemoryServer::Impl {
         continue;
       }
       if (!next.fd.valid()) return;
-      // Full: the oldest connection still in its handshake makes room. Peers that never
-      // authenticate cannot keep the destination out by holding every slot for the handshake
-      // timeout; authenticated connections are never dropped for a newcomer.
+      // Full: the oldest connection still in its handshake makes room (the destination is
+      // never kept out by peers that never authenticate).
       if (conns.size() >= opt.max_connections) {
-        int oldest = -1;
-        Clock::time_point since = Clock::time_point::max();
-        for (const auto& [fd, c] : conns) {
-          if (!c->authed && c->opened < since) since = c->opened, oldest = fd;
-        }
-        if (oldest >= 0) {
+        if (const int oldest = net::oldest_unauthenticated(conns); oldest >= 0) {
           bump(st_hs);
           close_conn(oldest);
         }

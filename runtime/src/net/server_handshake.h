@@ -32,4 +32,18 @@ bool authentic(const std::string& token, capnp::Data::Reader mac, const Nonce& s
 void fill_authenticated(proto::wire::Reply::Builder reply, bool prove, const std::string& token, const Nonce& server_nonce,
                         const Nonce& client_nonce);
 
+// The connection to close when every slot is taken: the one still in its handshake that has
+// waited longest, or -1 if every one is authenticated. Peers that connect and say nothing then
+// cannot keep every client out by holding each slot for the handshake timeout, and an
+// authenticated connection is never dropped for a newcomer. `conns`: fd -> connection (with
+// `authed` and `opened`), as both servers keep them.
+template <typename Conns>
+int oldest_unauthenticated(const Conns& conns) {
+  int oldest = -1;
+  for (const auto& [fd, c] : conns) {
+    if (!c->authed && (oldest < 0 || c->opened < conns.at(oldest)->opened)) oldest = fd;
+  }
+  return oldest;
+}
+
 }  // namespace lazymem::net
