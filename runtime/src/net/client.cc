@@ -162,83 +162,97 @@ Result<sys::UniqueFd> open_connection(const SnapshotLocation& loc, const std::st
   }
 }
 
-Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocation& server, const std::string& token,
-                                                           Deadline deadline) {
-  size_t at = 0;
-  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline, 0, 0, &at));
-  capnp::MallocMessageBuilder m;
-  auto rq = m.initRoot<wire::Request>();
-  rq.setId(4);
-  rq.setList();
-  LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
-  FrameBuffer buf;
-  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  return f.header->read(peer(server.at(at)), [&]() -> Result<std::vector<snapshot::SnapshotSummary>> {
-    auto reply = f.header->root<wire::Reply>();
-    if (reply.isError()) return reply_error(server.at(at), reply.getError());
-    if (!reply.isSnapshots()) return Error(Errc::kProtocol, "page server: unexpected reply to list");
-    std::vector<snapshot::SnapshotSummary> out;
-    for (auto s : reply.getSnapshots()) {
-      out.push_back(snapshot::SnapshotSummary{s.getName(), s.getTotalBytes(), s.getStoredBytes(), s.getRegions(),
-                                              s.getCreatedUnixNs(), std::max<uint32_t>(1, s.getFormatVersion()), ""});
-    }
-    return out;
-  });
-}
+namespace {
 
-Status remove_remote(const SnapshotLocation& loc, const std::string& token, Deadline deadline) {
+// One request to `loc`'s server on a connection of its own: `fill` sets it, `take` reads its
+// reply (an error reply becomes the error it names, a reply `take` cannot read a protocol error
+// naming the server). `what` names the request in "unexpected reply to ...".
+template <typename T, typename Fill, typename Take>
+Result<T> ask_server(const SnapshotLocation& loc, const std::string& token, Deadline deadline, const char* what,
+                     Fill&& fill, Take&& take) {
   size_t at = 0;
   LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(loc, token, deadline, 0, 0, &at));
   capnp::MallocMessageBuilder m;
-  auto rq = m.initRoot<wire::Request>();
-  rq.setId(6);
-  rq.setRemove(loc.name);
+  fill(m.initRoot<wire::Request>());
   LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
   FrameBuffer buf;
   LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  return f.header->read(peer(loc.at(at)), [&]() -> Status {
+  return f.header->read(peer(loc.at(at)), [&]() -> Result<T> {
     auto reply = f.header->root<wire::Reply>();
     if (reply.isError()) return reply_error(loc.at(at), reply.getError());
-    if (!reply.isOk()) return Error(Errc::kProtocol, "page server: unexpected reply to remove");
-    return ok_status();
+    std::optional<Result<T>> out = take(reply);
+    if (!out) return Error(Errc::kProtocol, fmt::format("page server: unexpected reply to {}", what));
+    return std::move(*out);
   });
 }
 
+}  // namespace
+
+Result<std::vector<snapshot::SnapshotSummary>> list_remote(const SnapshotLocation& server, const std::string& token,
+                                                           Deadline deadline) {
+  using Summaries = std::vector<snapshot::SnapshotSummary>;
+  return ask_server<Summaries>(
+      server, token, deadline, "list",
+      [](wire::Request::Builder rq) {
+        rq.setId(4);
+        rq.setList();
+      },
+      [](wire::Reply::Reader reply) -> std::optional<Result<Summaries>> {
+        if (!reply.isSnapshots()) return std::nullopt;
+        Summaries out;
+        for (auto s : reply.getSnapshots()) {
+          out.push_back(snapshot::SnapshotSummary{s.getName(), s.getTotalBytes(), s.getStoredBytes(), s.getRegions(),
+                                                  s.getCreatedUnixNs(), std::max<uint32_t>(1, s.getFormatVersion()), ""});
+        }
+        return out;
+      });
+}
+
+Status remove_remote(const SnapshotLocation& loc, const std::string& token, Deadline deadline) {
+  auto done = ask_server<bool>(
+      loc, token, deadline, "remove",
+      [&](wire::Request::Builder rq) {
+        rq.setId(6);
+        rq.setRemove(loc.name);
+      },
+      [](wire::Reply::Reader reply) -> std::optional<Result<bool>> {
+        if (!reply.isOk()) return std::nullopt;
+        return true;
+      });
+  if (!done.ok()) return std::move(done).error();
+  return ok_status();
+}
+
 Result<std::string> server_stats_json(const SnapshotLocation& server, const std::string& token, Deadline deadline) {
-  size_t at = 0;
-  LAZYMEM_ASSIGN_OR_RETURN(sys::UniqueFd fd, open_connection(server, token, deadline, 0, 0, &at));
-  capnp::MallocMessageBuilder m;
-  auto rq = m.initRoot<wire::Request>();
-  rq.setId(5);
-  rq.setStats();
-  LAZYMEM_TRY(send_frame(fd.get(), m, {}, deadline));
-  FrameBuffer buf;
-  LAZYMEM_ASSIGN_OR_RETURN(OwnedFrame f, recv_frame(fd.get(), buf, deadline));
-  return f.header->read(peer(server.at(at)), [&]() -> Result<std::string> {
-    auto reply = f.header->root<wire::Reply>();
-    if (reply.isError()) return reply_error(server.at(at), reply.getError());
-    if (!reply.isStats()) return Error(Errc::kProtocol, "page server: unexpected reply to stats");
-    auto st = reply.getStats();
-    nlohmann::json j = {{"connections", st.getConnections()},       {"open_connections", st.getOpenConnections()},
-                        {"requests", st.getRequests()},             {"chunks", st.getChunks()},
-                        {"bytes", st.getBytes()},                   {"errors_protocol", st.getErrorsProtocol()},
-                        {"errors_auth", st.getErrorsAuth()},        {"errors_not_found", st.getErrorsNotFound()},
-                        {"errors_range", st.getErrorsRange()},      {"errors_io", st.getErrorsIo()},
-                        {"handshake_timeouts", st.getHandshakeTimeouts()}, {"uploads", st.getUploads()},
-                        {"disk_read_bytes", st.getDiskReadBytes()},     {"cache_hits", st.getCacheHits()},
-                        {"cache_misses", st.getCacheMisses()},          {"zerocopy_sends", st.getZerocopySends()},
-                        {"zerocopy_bytes", st.getZerocopyBytes()},      {"zerocopy_copied_sends", st.getZerocopyCopiedSends()},
-                        {"zerocopy_fallbacks", st.getZerocopyFallbacks()}, {"plain_sends", st.getPlainSends()},
-                        {"plain_bytes", st.getPlainBytes()},            {"pages", st.getPages()},
-                        {"errors_corrupt", st.getErrorsCorrupt()},      {"datagram_requests", st.getDatagramRequests()},
-                        {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()},
-                        {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()},
-                        {"datagrams_on_stream", st.getDatagramsOnStream()},
-                        {"snapshots_retired", st.getSnapshotsRetired()},
-                        {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()},
-                        {"connections_stalled", st.getConnectionsStalled()}};
-    return j.dump();
-});
+  return ask_server<std::string>(
+      server, token, deadline, "stats",
+      [](wire::Request::Builder rq) {
+        rq.setId(5);
+        rq.setStats();
+      },
+      [](wire::Reply::Reader reply) -> std::optional<Result<std::string>> {
+        if (!reply.isStats()) return std::nullopt;
+        auto st = reply.getStats();
+        nlohmann::json j = {{"connections", st.getConnections()},       {"open_connections", st.getOpenConnections()},
+                            {"requests", st.getRequests()},             {"chunks", st.getChunks()},
+                            {"bytes", st.getBytes()},                   {"errors_protocol", st.getErrorsProtocol()},
+                            {"errors_auth", st.getErrorsAuth()},        {"errors_not_found", st.getErrorsNotFound()},
+                            {"errors_range", st.getErrorsRange()},      {"errors_io", st.getErrorsIo()},
+                            {"handshake_timeouts", st.getHandshakeTimeouts()}, {"uploads", st.getUploads()},
+                            {"disk_read_bytes", st.getDiskReadBytes()},     {"cache_hits", st.getCacheHits()},
+                            {"cache_misses", st.getCacheMisses()},          {"zerocopy_sends", st.getZerocopySends()},
+                            {"zerocopy_bytes", st.getZerocopyBytes()},      {"zerocopy_copied_sends", st.getZerocopyCopiedSends()},
+                            {"zerocopy_fallbacks", st.getZerocopyFallbacks()}, {"plain_sends", st.getPlainSends()},
+                            {"plain_bytes", st.getPlainBytes()},            {"pages", st.getPages()},
+                            {"errors_corrupt", st.getErrorsCorrupt()},      {"datagram_requests", st.getDatagramRequests()},
+                            {"datagrams_dropped", st.getDatagramsDropped()}, {"datagrams_unsent", st.getDatagramsUnsent()},
+                            {"connections_refused", st.getConnectionsRefused()}, {"datagrams_over_mtu", st.getDatagramsOverMtu()},
+                            {"datagrams_on_stream", st.getDatagramsOnStream()},
+                            {"snapshots_retired", st.getSnapshotsRetired()},
+                            {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()},
+                            {"connections_stalled", st.getConnectionsStalled()}};
+        return j.dump();
+      });
 }
 
 namespace {
