@@ -801,6 +801,8 @@ struct PageServer::Impl {
         o.setSnapshotsRetired(st.snapshots_retired);
         o.setSnapshotsRetiredBytes(st.snapshots_retired_bytes);
         o.setConnectionsStalled(st.connections_stalled);
+        o.setListings(st.listings);
+        o.setListingManifestReads(st.listing_manifest_reads);
         o.setConnectionsRefused(st.connections_refused);
         queue(c, m, {});
         return;

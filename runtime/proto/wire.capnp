@@ -175,8 +175,10 @@ struct ServerStats {
   datagramsOverMtu @27 :UInt64;      # page frames too big for one unfragmented datagram: onStream or useStream
   datagramsOnStream @28 :UInt64;     # datagram requests answered on their session's connection
   snapshotsRetired @29 :UInt64;      # versions replaced or removed in the store still held for restores reading them
-  snapshotsRetiredBytes @30 :UInt64;
-  connectionsStalled @31 :UInt64; # closed after taking none of their replies for the stall timeout # their stored bytes: disk space a removal or replacement has not freed yet
+  snapshotsRetiredBytes @30 :UInt64; # their stored bytes: disk space a removal or replacement has not freed yet
+  connectionsStalled @31 :UInt64;    # closed after taking none of their replies for the stall timeout
+  listings @32 :UInt64;              # listings of the store made for list requests (off the serving loop)
+  listingManifestReads @33 :UInt64;  # manifests those listings read (only new or changed ones are)
 }
 
 struct HelloReply {

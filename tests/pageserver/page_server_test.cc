@@ -30,6 +30,7 @@
 #include <array>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "../common/fake_dns.h"
 #include "../common/test_data.h"
@@ -614,6 +615,12 @@ TEST_F(PageServerTest, AStreamOfListsReadsEachManifestOnce) {
   EXPECT_EQ(st.listing_manifest_reads, static_cast<uint64_t>(kCopies + 1)) << "a manifest was read again";
   EXPECT_GE(st.listings, 2u);
   EXPECT_LE(st.listings, static_cast<uint64_t>(kLists + 1));
+  // The same counts are read from the running server (stats request).
+  auto js = net::server_stats_json(*SnapshotLocation::parse(uri()), "", std::chrono::steady_clock::now() + std::chrono::seconds(10));
+  ASSERT_TRUE(js.ok()) << js.error().message();
+  const auto j = nlohmann::json::parse(*js);
+  EXPECT_EQ(j["listing_manifest_reads"].get<uint64_t>(), st.listing_manifest_reads) << *js;
+  EXPECT_EQ(j["listings"].get<uint64_t>(), server_->stats().listings) << *js;
 }
 
 // A list waits on the disk while the store is listed; other clients do not. The listing is

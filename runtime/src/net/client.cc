@@ -250,7 +250,8 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                             {"datagrams_on_stream", st.getDatagramsOnStream()},
                             {"snapshots_retired", st.getSnapshotsRetired()},
                             {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()},
-                            {"connections_stalled", st.getConnectionsStalled()}};
+                            {"connections_stalled", st.getConnectionsStalled()},
+                            {"listings", st.getListings()}, {"listing_manifest_reads", st.getListingManifestReads()}};
         return j.dump();
       });
 }
