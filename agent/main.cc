@@ -76,7 +76,8 @@ int run_daemon(const std::vector<std::string>& args) {
       "token-file", po::value<std::string>(),
       "page-server token for --snapshot (lazymem://) only: processes and `lazymem-agent restore` give their own")(
       "fault-deadline-ms", po::value<unsigned>()->default_value(30000), "a faulting thread waits at most this long")(
-      "metrics", po::value<std::string>(), "serve Prometheus text metrics on HOST:PORT (e.g. 127.0.0.1:9477)");
+      "metrics", po::value<std::string>(), "serve Prometheus text metrics on HOST:PORT (e.g. 127.0.0.1:9477): every user's sessions, to anyone "
+      "who can connect there");
   auto vm = lazymem::cli::parse(args, desc);
   // Flags that would do nothing are refused, not ignored.
   if (vm.count("firecracker-socket") != vm.count("snapshot")) {
