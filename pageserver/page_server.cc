@@ -285,7 +285,7 @@ struct PageServer::Impl {
   std::vector<ListWaiter> list_waiters;
 
   ~Impl() {
-    listing.reset();  // waits for a listing under way
+    listing.reset();  // waits a second at most for a listing under way
     for (auto& cm : commits) {
       if (cm->thread.joinable()) cm->thread.join();  // a snapshot half renamed is not left behind
     }

@@ -6,23 +6,25 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <system_error>
 
 namespace lazymem::pageserver {
 
 Result<std::unique_ptr<StoreListing>> StoreListing::start(std::string store_dir) {
-  std::unique_ptr<StoreListing> l(new StoreListing(std::move(store_dir)));
-  l->event_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!l->event_.valid()) return sys_error("eventfd for the store's listing", errno);
+  auto s = std::make_shared<State>(std::move(store_dir));
+  s->event.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!s->event.valid()) return sys_error("eventfd for the store's listing", errno);
   // The first listing on the caller's thread, before the listing thread exists: the first
   // request finds every manifest read, and a server starting does nothing behind its caller's
   // back (a program that forks right after start-up, as tests do, could copy into its child a
   // lock the listing thread holds: the sanitizers' allocator hung restore children so).
-  l->last_ = std::make_shared<const Listing>(snapshot::list_store(l->store_dir_, &l->cache_));
-  l->wanted_ = l->started_ = l->finished_ = 1;
-  l->listings_ = 1;
+  s->last = std::make_shared<const Listing>(snapshot::list_store(s->store_dir, &s->cache));
+  s->wanted = s->started = s->finished = 1;
+  s->listings = 1;
+  std::unique_ptr<StoreListing> l(new StoreListing(s));
   try {
-    l->thread_ = std::thread([p = l.get()] { p->run(); });
+    l->thread_ = std::thread([s] { run(s); });
   } catch (const std::system_error& e) {
     return Error(Errc::kIo, std::string("cannot start the thread that lists the store: ") + e.what());
   }
@@ -30,35 +32,41 @@ Result<std::unique_ptr<StoreListing>> StoreListing::start(std::string store_dir)
 }
 
 StoreListing::~StoreListing() {
-  {
-    std::lock_guard lock(mu_);
-    stopping_ = true;
+  if (!thread_.joinable()) return;
+  std::unique_lock lock(s_->mu);
+  s_->stopping = true;
+  s_->cv.notify_one();
+  // A listing stuck on a hung disk (an NFS store gone, a frozen filesystem) must not keep the
+  // server from stopping: it finishes, or not, on its own.
+  if (s_->stopped.wait_for(lock, std::chrono::seconds(1), [&] { return s_->exited; })) {
+    lock.unlock();
+    thread_.join();
+  } else {
+    thread_.detach();
   }
-  cv_.notify_one();
-  if (thread_.joinable()) thread_.join();
 }
 
 uint64_t StoreListing::want() {
   uint64_t n;
   {
-    std::lock_guard lock(mu_);
-    // The one under way (started_) may have read the store before the request came: the next.
-    n = started_ + 1;
-    if (wanted_ >= n) return n;  // already asked for: requests share it
-    wanted_ = n;
+    std::lock_guard lock(s_->mu);
+    // The one under way (started) may have read the store before the request came: the next.
+    n = s_->started + 1;
+    if (s_->wanted >= n) return n;  // already asked for: requests share it
+    s_->wanted = n;
   }
-  cv_.notify_one();
+  s_->cv.notify_one();
   return n;
 }
 
 std::pair<uint64_t, std::shared_ptr<const StoreListing::Listing>> StoreListing::take() {
   uint64_t junk;
-  (void)!::read(event_.get(), &junk, sizeof junk);
-  std::lock_guard lock(mu_);
-  return {finished_, last_};
+  (void)!::read(s_->event.get(), &junk, sizeof junk);
+  std::lock_guard lock(s_->mu);
+  return {s_->finished, s_->last};
 }
 
-void StoreListing::run() {
+void StoreListing::run(const std::shared_ptr<State>& s) {
   // Below the loop: sharing its CPU (a server pinned to one), a listing would otherwise hold the
   // loop off for its time slice, ~1 ms with 100 snapshots. Niced, not SCHED_IDLE: a loop kept
   // busy must not starve the listings.
@@ -66,20 +74,24 @@ void StoreListing::run() {
   for (;;) {
     uint64_t n;
     {
-      std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stopping_ || wanted_ > started_; });
-      if (stopping_) return;
-      n = started_ = wanted_;
+      std::unique_lock lock(s->mu);
+      s->cv.wait(lock, [&] { return s->stopping || s->wanted > s->started; });
+      if (s->stopping) {
+        s->exited = true;
+        s->stopped.notify_all();
+        return;
+      }
+      n = s->started = s->wanted;
     }
-    auto listing = std::make_shared<const Listing>(snapshot::list_store(store_dir_, &cache_));
-    listings_.fetch_add(1, std::memory_order_relaxed);
+    auto listing = std::make_shared<const Listing>(snapshot::list_store(s->store_dir, &s->cache));
+    s->listings.fetch_add(1, std::memory_order_relaxed);
     {
-      std::lock_guard lock(mu_);
-      finished_ = n;
-      last_ = std::move(listing);
+      std::lock_guard lock(s->mu);
+      s->finished = n;
+      s->last = std::move(listing);
     }
     const uint64_t one = 1;
-    (void)!::write(event_.get(), &one, sizeof one);
+    (void)!::write(s->event.get(), &one, sizeof one);
   }
 }
 

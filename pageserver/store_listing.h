@@ -12,7 +12,8 @@
 // listing is under way share the next one: a stream of them costs one listing at a time.
 //
 // Thread-safety: want(), take() and event_fd() on one thread (the server's loop); the counters
-// from any thread. The destructor waits for a listing under way.
+// from any thread. The destructor waits up to a second for a listing under way; one that takes
+// longer (a hung disk) is left to finish on its own, holding only its own state.
 #pragma once
 
 #include <atomic>
@@ -46,28 +47,37 @@ class StoreListing {
   // a later one, once event_fd() was readable.
   uint64_t want();
   // Readable when a listing is done (take() reads it).
-  int event_fd() const { return event_.get(); }
+  int event_fd() const { return s_->event.get(); }
   // The last listing done and its number (0 and null: none yet).
   std::pair<uint64_t, std::shared_ptr<const Listing>> take();
 
-  uint64_t listings() const { return listings_.load(std::memory_order_relaxed); }
-  uint64_t manifest_reads() const { return cache_.manifest_reads(); }
+  uint64_t listings() const { return s_->listings.load(std::memory_order_relaxed); }
+  uint64_t manifest_reads() const { return s_->cache.manifest_reads(); }
 
  private:
-  explicit StoreListing(std::string store_dir) : store_dir_(std::move(store_dir)) {}
-  void run();
+  // Everything the thread uses: shared with it, so that a thread left behind by the destructor
+  // (its listing stuck on a hung disk) never touches freed memory.
+  struct State {
+    explicit State(std::string dir) : store_dir(std::move(dir)) {}
+    const std::string store_dir;
+    snapshot::ListingCache cache;  // the thread's
+    sys::UniqueFd event;
+    std::mutex mu;
+    std::condition_variable cv;       // the thread waits for wanted > started, or stopping
+    std::condition_variable stopped;  // the destructor waits for `exited`
+    uint64_t wanted = 0;    // (mu) the newest listing asked for
+    uint64_t started = 0;   // (mu) the newest begun
+    uint64_t finished = 0;  // (mu) the newest done: last
+    std::shared_ptr<const Listing> last;  // (mu)
+    bool stopping = false;                // (mu)
+    bool exited = false;                  // (mu) the thread has returned
+    std::atomic<uint64_t> listings{0};
+  };
 
-  const std::string store_dir_;
-  snapshot::ListingCache cache_;  // the thread's
-  sys::UniqueFd event_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  uint64_t wanted_ = 0;    // (mu_) the newest listing asked for
-  uint64_t started_ = 0;   // (mu_) the newest begun
-  uint64_t finished_ = 0;  // (mu_) the newest done: last_
-  std::shared_ptr<const Listing> last_;  // (mu_)
-  bool stopping_ = false;                // (mu_)
-  std::atomic<uint64_t> listings_{0};
+  explicit StoreListing(std::shared_ptr<State> s) : s_(std::move(s)) {}
+  static void run(const std::shared_ptr<State>& s);
+
+  std::shared_ptr<State> s_;
   std::thread thread_;
 };
 

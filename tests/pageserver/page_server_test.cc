@@ -26,6 +26,7 @@
 #include <optional>
 #include <random>
 #include <sstream>
+#include <future>
 #include <thread>
 #include <array>
 
@@ -696,6 +697,41 @@ TEST_F(PageServerTest, AListWaitingOnTheDiskDoesNotHoldUpOtherClients) {
   std::map<std::string, uint64_t> got;
   for (auto s : reply.getSnapshots()) got[s.getName()] = s.getTotalBytes();
   EXPECT_EQ(got, (std::map<std::string, uint64_t>{{"imported", 1 * kMiB}, {"snap", 4 * kMiB}}));
+}
+
+// A listing stuck on the disk (a hung mount, held here by a fanotify permission mark) does not
+// keep the server from stopping: it is left to finish on its own. The server used to wait for it.
+TEST_F(PageServerTest, StoppingDoesNotWaitForAListingStuckOnTheDisk) {
+  capture(1 * kMiB, 48);
+  start_server();
+  const std::string imported = dir_.path() + "/imported";
+  ASSERT_TRUE(put_snapshot(imported, 1 * kMiB, 49, false).ok());
+  sys::UniqueFd fan(::fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, O_RDONLY));
+  if (!fan.valid()) GTEST_SKIP() << "fanotify permission events unavailable: " << std::strerror(errno);
+  ASSERT_EQ(::fanotify_mark(fan.get(), FAN_MARK_ADD, FAN_OPEN_PERM, AT_FDCWD,
+                            (imported + "/" + snapshot::kManifestFile).c_str()),
+            0)
+      << std::strerror(errno);
+  RawClient lister;
+  ASSERT_TRUE(lister.open(server_->port()));
+  ASSERT_TRUE(lister.send([](auto rq) { rq.setList(); }).ok());
+  pollfd p{fan.get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 10000), 1) << "the listing never opened the imported manifest";
+  fanotify_event_metadata ev{};
+  ASSERT_EQ(::read(fan.get(), &ev, sizeof ev), static_cast<ssize_t>(sizeof ev));
+  sys::UniqueFd opened(ev.fd);
+  // Stopped on a thread of its own, so that the listing is let go below whatever happens.
+  std::promise<void> stopped;
+  std::thread stopper([&] {
+    stop_server();
+    server_.reset();
+    stopped.set_value();
+  });
+  const bool in_time = stopped.get_future().wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  fanotify_response r{ev.fd, FAN_ALLOW};
+  ASSERT_EQ(::write(fan.get(), &r, sizeof r), static_cast<ssize_t>(sizeof r));
+  stopper.join();
+  EXPECT_TRUE(in_time) << "stopping the server waited for a listing stuck on the disk";
 }
 
 // Names from the network never lead out of the store: a snapshot beside the store (reachable as
