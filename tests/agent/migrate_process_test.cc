@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/inotify.h>
 #include <sys/mman.h>
@@ -433,9 +434,10 @@ TEST_F(MigrateProcessTest, BorrowsAThreadThatCanStop) {
   const auto at = reinterpret_cast<uintptr_t>(testing::map_for_capture(Obedient::kPages * kPage, 68));
   ASSERT_NE(at, 0u);
   ::munmap(reinterpret_cast<void*>(at), Obedient::kPages * kPage);
-  int cmd[2], ack[2];
+  int cmd[2], ack[2], vforked[2];
   ASSERT_EQ(::pipe(cmd), 0);
   ASSERT_EQ(::pipe(ack), 0);
+  ASSERT_EQ(::pipe(vforked), 0);
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
@@ -450,8 +452,10 @@ TEST_F(MigrateProcessTest, BorrowsAThreadThatCanStop) {
       _exit(0);
     }).detach();
     for (;;) {
-      // The main thread waits for its vfork()ed child, in state D, two seconds at a time.
+      // The main thread waits for its vfork()ed child, in state D, two seconds at a time. The
+      // child says it runs: its parent is then in vfork(), on its way into that wait.
       if (::vfork() == 0) {
+        (void)!::write(vforked[1], "v", 1);
         const timespec two{2, 0};
         ::nanosleep(&two, nullptr);
         _exit(0);
@@ -464,8 +468,11 @@ TEST_F(MigrateProcessTest, BorrowsAThreadThatCanStop) {
     return ::write(cmd[1], &page, 1) == 1 && ::read(ack[0], &a, 1) == 1;
   };
   ASSERT_TRUE(order(0));
-  // Entering vfork()'s wait gives no event to wait on: its state is looked at until it shows.
-  for (int i = 0; i < 2000 && process_state(child) != 'D'; ++i) ::usleep(1000);
+  char v = 0;
+  ASSERT_EQ(::read(vforked[0], &v, 1), 1) << "the main thread never vfork()ed";
+  // From the child's start to the parent's sleep is a few instructions of its vfork(): given
+  // the CPU, it is there (the wait itself has no event).
+  for (int i = 0; i < 10000 && process_state(child) != 'D'; ++i) ::sched_yield();
   ASSERT_EQ(process_state(child), 'D') << "the main thread is not in uninterruptible sleep";
   const auto started = std::chrono::steady_clock::now();
   auto t = DirtyTracker::start({{at, Obedient::kPages * kPage}}, kf_, {.pid = child, .uffd = -1});
@@ -790,7 +797,8 @@ class MigrateCliTest : public MigrateProcessTest {
     ::close(out[1]);
     char ready[6] = {};
     ASSERT_EQ(::read(out[0], ready, 6), 6) << "the busy writer did not start";
-    ::close(out[0]);
+    progress_.reset(out[0]);  // then "w" as it goes (kept open: the writer must not get EPIPE)
+    ASSERT_EQ(::fcntl(out[0], F_SETFL, O_NONBLOCK), 0);
   }
   void TearDown() override {
     if (pid_ > 0) {
@@ -864,6 +872,7 @@ class MigrateCliTest : public MigrateProcessTest {
   std::string agent_, writer_;
   uintptr_t at_ = 0;
   pid_t pid_ = -1;
+  sys::UniqueFd progress_;  // the writer's stdout past "ready" (non-blocking)
   TestCgroup cgroup_;  // for --freeze; removed after TearDown has killed the writer
 };
 
@@ -1043,14 +1052,20 @@ TEST_F(MigrateCliTest, CalledOffWhenNoDestinationComes) {
             std::string::npos)
       << stderr_text();
   EXPECT_NE(process_state(pid_), 'T') << "the process was left stopped";
+  // The writer says "w" on its stdout every 2^20 writes to its hot set (kLen / 16): between two
+  // said after this look, that set was written 2^20 - 1 times since.
   const auto before = read_memory(pid_, at_, kLen / 16);
-  std::vector<std::byte> after;
-  // Its writes give no event to wait on: looked at again until one shows (it writes nonstop).
-  for (int i = 0; i < 2000 && (after.empty() || after == before); ++i) {
-    ::usleep(1000);
-    after = read_memory(pid_, at_, kLen / 16);
+  char w[256];
+  while (::read(progress_.get(), w, sizeof w) > 0) {  // what it said before (non-blocking)
   }
-  EXPECT_TRUE(after != before) << "the process does not write any more";
+  for (int said = 0; said < 2;) {
+    pollfd p{progress_.get(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 20000), 1) << "the process does not write any more";
+    const ssize_t n = ::read(progress_.get(), w, sizeof w);
+    ASSERT_GT(n, 0) << "the process does not write any more";
+    said += static_cast<int>(n);
+  }
+  EXPECT_TRUE(read_memory(pid_, at_, kLen / 16) != before) << "the process does not write any more";
   EXPECT_EQ(userfaultfds_of(pid_), 0);
 }
 

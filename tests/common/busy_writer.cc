@@ -3,7 +3,9 @@
 // system call, for the agent's `migrate --pid` to move while it runs.
 //
 //   lazymem-test-busy-writer ADDRESS MIB    maps MIB MiB at ADDRESS (hex), fills them, prints
-//                                           "ready" and writes on until killed
+//                                           "ready" and writes on until killed, printing "w"
+//                                           after each 2^20 writes to its hot set (the first
+//                                           sixteenth; never waiting on a full stdout)
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -48,6 +50,7 @@ int main(int argc, char** argv) {
   }).detach();
   std::printf("ready\n");
   std::fflush(stdout);
+  (void)::fcntl(STDOUT_FILENO, F_SETFL, ::fcntl(STDOUT_FILENO, F_GETFL) | O_NONBLOCK);
   uint64_t x = 88172645463325252ULL;
   for (uint64_t round = 0;; ++round) {
     x ^= x << 13;
@@ -57,6 +60,7 @@ int main(int argc, char** argv) {
     // then (the second half is the other writer's: no word has two writers).
     const size_t span = (round % (1u << 20) == 0) ? n / 2 : n / 16;
     words[x % span] = round;
+    if (round % (1u << 20) == 0) (void)!::write(STDOUT_FILENO, "w", 1);  // a full pipe: not said
     if (round % (1u << 20) == 1) {
       // The kernel writes too: a page's worth read straight into it.
       const size_t page = (x >> 20) % (bytes / 2 / 4096);
