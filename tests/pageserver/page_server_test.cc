@@ -589,6 +589,34 @@ TEST_F(PageServerTest, ListFollowsTheStoreAsItChanges) {
   EXPECT_EQ(listed(*loc), (Listed{{"snap", 4 * kMiB}})) << "removed from the store";
 }
 
+// The first open() of a file, held until allow(): a disk that hangs, made with a fanotify
+// permission mark.
+class HeldOpen {
+ public:
+  HeldOpen() : fan_(::fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, O_RDONLY)) {}
+  bool available() const { return fan_.valid(); }
+  bool mark(const std::string& path) {
+    return ::fanotify_mark(fan_.get(), FAN_MARK_ADD, FAN_OPEN_PERM, AT_FDCWD, path.c_str()) == 0;
+  }
+  // Waits up to `timeout_ms` for the open; true once it is held.
+  bool wait(int timeout_ms) {
+    pollfd p{fan_.get(), POLLIN, 0};
+    if (::poll(&p, 1, timeout_ms) != 1) return false;
+    if (::read(fan_.get(), &ev_, sizeof ev_) != static_cast<ssize_t>(sizeof ev_)) return false;
+    opened_.reset(ev_.fd);
+    return (ev_.mask & FAN_OPEN_PERM) != 0;
+  }
+  bool allow() {
+    fanotify_response r{ev_.fd, FAN_ALLOW};
+    return ::write(fan_.get(), &r, sizeof r) == static_cast<ssize_t>(sizeof r);
+  }
+
+ private:
+  sys::UniqueFd fan_;
+  fanotify_event_metadata ev_{};
+  sys::UniqueFd opened_;
+};
+
 // A stream of lists reads each manifest once (on the listing thread), not once per list, while
 // another client restores every byte.
 TEST_F(PageServerTest, AStreamOfListsReadsEachManifestOnce) {
@@ -637,27 +665,15 @@ TEST_F(PageServerTest, AListWaitingOnTheDiskDoesNotHoldUpOtherClients) {
   ASSERT_EQ(listed(*loc).size(), 1u);  // the listing thread has read "snap" and is idle
   const std::string imported = dir_.path() + "/imported";
   ASSERT_TRUE(put_snapshot(imported, 1 * kMiB, 47, false).ok());
-  sys::UniqueFd fan(::fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, O_RDONLY));
-  if (!fan.valid()) GTEST_SKIP() << "fanotify permission events unavailable: " << std::strerror(errno);
-  ASSERT_EQ(::fanotify_mark(fan.get(), FAN_MARK_ADD, FAN_OPEN_PERM, AT_FDCWD,
-                            (imported + "/" + snapshot::kManifestFile).c_str()),
-            0)
-      << std::strerror(errno);
+  HeldOpen held;
+  if (!held.available()) GTEST_SKIP() << "fanotify permission events unavailable: " << std::strerror(errno);
+  ASSERT_TRUE(held.mark(imported + "/" + snapshot::kManifestFile)) << std::strerror(errno);
   RawClient lister, faults;
   ASSERT_TRUE(lister.open(server_->port()));
   ASSERT_TRUE(faults.open(server_->port()));
   ASSERT_TRUE(lister.send([](auto rq) { rq.setList(); }).ok());
   // The listing reached the manifest and waits.
-  pollfd p{fan.get(), POLLIN, 0};
-  ASSERT_EQ(::poll(&p, 1, 10000), 1) << "the listing never opened the imported manifest";
-  fanotify_event_metadata ev{};
-  ASSERT_EQ(::read(fan.get(), &ev, sizeof ev), static_cast<ssize_t>(sizeof ev));
-  ASSERT_TRUE(ev.mask & FAN_OPEN_PERM);
-  sys::UniqueFd opened(ev.fd);
-  auto allow = [&] {
-    fanotify_response r{ev.fd, FAN_ALLOW};
-    return ::write(fan.get(), &r, sizeof r) == static_cast<ssize_t>(sizeof r);
-  };
+  ASSERT_TRUE(held.wait(10000)) << "the listing never opened the imported manifest";
 
   auto m = read_manifest(dir_.path() + "/snap");
   ASSERT_TRUE(m.ok());
@@ -689,7 +705,7 @@ TEST_F(PageServerTest, AListWaitingOnTheDiskDoesNotHoldUpOtherClients) {
     EXPECT_TRUE(r->payload == stored) << "chunk " << reply.getChunk().getChunk();
   }
   EXPECT_FALSE(lister.answered()) << "the list was answered while its listing could not have been made";
-  ASSERT_TRUE(allow());
+  ASSERT_TRUE(held.allow());
   auto r = lister.recv();
   ASSERT_TRUE(r.ok()) << r.error().message();
   auto reply = r->header->root<proto::wire::Reply>();
@@ -706,20 +722,13 @@ TEST_F(PageServerTest, StoppingDoesNotWaitForAListingStuckOnTheDisk) {
   start_server();
   const std::string imported = dir_.path() + "/imported";
   ASSERT_TRUE(put_snapshot(imported, 1 * kMiB, 49, false).ok());
-  sys::UniqueFd fan(::fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, O_RDONLY));
-  if (!fan.valid()) GTEST_SKIP() << "fanotify permission events unavailable: " << std::strerror(errno);
-  ASSERT_EQ(::fanotify_mark(fan.get(), FAN_MARK_ADD, FAN_OPEN_PERM, AT_FDCWD,
-                            (imported + "/" + snapshot::kManifestFile).c_str()),
-            0)
-      << std::strerror(errno);
+  HeldOpen held;
+  if (!held.available()) GTEST_SKIP() << "fanotify permission events unavailable: " << std::strerror(errno);
+  ASSERT_TRUE(held.mark(imported + "/" + snapshot::kManifestFile)) << std::strerror(errno);
   RawClient lister;
   ASSERT_TRUE(lister.open(server_->port()));
   ASSERT_TRUE(lister.send([](auto rq) { rq.setList(); }).ok());
-  pollfd p{fan.get(), POLLIN, 0};
-  ASSERT_EQ(::poll(&p, 1, 10000), 1) << "the listing never opened the imported manifest";
-  fanotify_event_metadata ev{};
-  ASSERT_EQ(::read(fan.get(), &ev, sizeof ev), static_cast<ssize_t>(sizeof ev));
-  sys::UniqueFd opened(ev.fd);
+  ASSERT_TRUE(held.wait(10000)) << "the listing never opened the imported manifest";
   // Stopped on a thread of its own, so that the listing is let go below whatever happens.
   std::promise<void> stopped;
   std::thread stopper([&] {
@@ -728,8 +737,7 @@ TEST_F(PageServerTest, StoppingDoesNotWaitForAListingStuckOnTheDisk) {
     stopped.set_value();
   });
   const bool in_time = stopped.get_future().wait_for(std::chrono::seconds(20)) == std::future_status::ready;
-  fanotify_response r{ev.fd, FAN_ALLOW};
-  ASSERT_EQ(::write(fan.get(), &r, sizeof r), static_cast<ssize_t>(sizeof r));
+  ASSERT_TRUE(held.allow());
   stopper.join();
   EXPECT_TRUE(in_time) << "stopping the server waited for a listing stuck on the disk";
 }
