@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -135,6 +136,8 @@ struct FcListener {
 struct FcHandshake {
   sys::UniqueFd fd, timer;
   sys::PeerCred cred;  // its pidfd kills the VM if its memory cannot be served
+  std::chrono::steady_clock::time_point opened;
+  std::string refusal;  // when not empty: refused with this once its message is whole
   std::string body;
   std::vector<sys::UniqueFd> fds;
   std::vector<fault::MappedRange> ranges;  // once the message parsed: what to poison if refused
@@ -976,15 +979,22 @@ struct Daemon::Impl {
       const int fd = cfd.get();
       auto hs = std::make_unique<FcHandshake>();
       hs->fd = std::move(cfd);
+      hs->opened = std::chrono::steady_clock::now();
       auto cred = sys::peer_cred(fd);
-      if (!cred.ok()) {
+      if (!cred.ok() && cred.error().code() == Errc::kPeerGone) {
         log->warn("firecracker handshake: {}; refused", cred.error().message());
         continue;
       }
-      hs->cred = std::move(*cred);
+      // A live peer we cannot identify is still read to the end: its uffd, once here, is
+      // failed with the VM's memory; closed unread, it would leave the vCPUs waiting.
+      if (cred.ok()) hs->cred = std::move(*cred);
+      else hs->refusal = cred.error().message();
+      // Firecracker sends its message as it connects: the oldest pending peer is the likeliest
+      // to be one that never will, and refusing the newcomer would hang a VM for it.
       if (handshakes.size() >= kMaxPendingHandshakes) {
-        log->warn("firecracker handshake from pid {}: too many handshakes pending; refused", hs->cred.pid);
-        continue;
+        auto oldest = std::min_element(handshakes.begin(), handshakes.end(),
+                                       [](const auto& a, const auto& b) { return a.second->opened < b.second->opened; });
+        refuse_handshake(*oldest->second, "refused to make room: too many handshakes pending");
       }
       hs->timer.reset(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
       itimerspec its{};
@@ -1105,6 +1115,7 @@ struct Daemon::Impl {
     if (!parsed.ok()) return refuse_handshake(hs, parsed.error().message());
     if (!parsed->has_value()) return;  // the rest of the message is on its way
     hs.ranges = **parsed;
+    if (!hs.refusal.empty()) return refuse_handshake(hs, hs.refusal);
     if (hs.fds.size() != 1) return refuse_handshake(hs, fmt::format("expected one uffd with the message, got {}", hs.fds.size()));
     if (Status is_uffd = sys::check_userfaultfd(hs.fds[0].get()); !is_uffd.ok()) {
       return refuse_handshake(hs, is_uffd.error().message());

@@ -928,6 +928,36 @@ TEST_F(AgentTest, FirecrackerHostilePeersDoNotHoldUpAVm) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
 }
 
+// Firecracker sends its message as it connects; a peer that says nothing waits out its deadline.
+// With every pending handshake taken by silent peers, the next VM was refused at accept, its
+// uffd closed unread, and its vCPUs hung (128+SIGALRM below). Now the oldest silent peer is
+// refused to make room: it sent no uffd, so its connection is closed, as at its deadline.
+TEST_F(AgentTest, SilentPeersHoldingEveryHandshakeDoNotLockOutAVm) {
+  RAW_IMAGE(image, 1 * kMiB, 59, loc);
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = loc;
+  start_daemon(o);
+  std::vector<sys::UniqueFd> silent;
+  for (int i = 0; i < 64; ++i) {  // the agent's kMaxPendingHandshakes
+    auto s = agent::connect_unix(o.firecracker_socket);
+    ASSERT_TRUE(s.ok());
+    silent.push_back(std::move(*s));
+  }
+  // Accepted in the order they connected: the VM's connection after all 64.
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(in_child([&] {
+              ::alarm(30);
+              return firecracker_vm(o.firecracker_socket, image, false);
+            }),
+            0);
+  // Well inside the 5 s deadline that would have freed the places anyway.
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
+  char c;
+  EXPECT_EQ(::recv(silent.front().get(), &c, 1, MSG_DONTWAIT), 0) << "the oldest silent peer was not the one refused";
+  EXPECT_EQ(::recv(silent.back().get(), &c, 1, MSG_DONTWAIT), -1);
+}
+
 // Firecracker's side of a handshake the agent refuses: guest memory registered on a uffd that
 // goes with `body` (and a second descriptor with `extra_fd`), the connection then shut for
 // writing if `hang_up`; then the guest touches its memory. Returns 0 if that ever returned.
