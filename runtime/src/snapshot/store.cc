@@ -230,9 +230,17 @@ Result<std::vector<std::byte>> read_small_fd(int fd, const std::string& path, ui
   return out;
 }
 
-bool is_snapshot_dir(const std::string& dir) {
+namespace {
+
+// What is_snapshot_dir found: the stat of each of the two files present, so a listing need not
+// look them up again.
+struct SnapshotDirFiles {
+  std::optional<struct stat> manifest, data;
+};
+
+std::optional<SnapshotDirFiles> inspect_snapshot_dir(const std::string& dir) {
   sys::UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW));
-  if (!dfd.valid()) return false;
+  if (!dfd.valid()) return std::nullopt;
   struct CloseDir {
     void operator()(DIR* d) const { ::closedir(d); }
   };
@@ -240,26 +248,33 @@ bool is_snapshot_dir(const std::string& dir) {
   std::unique_ptr<DIR, CloseDir> d(listing >= 0 ? ::fdopendir(listing) : nullptr);
   if (!d) {
     if (listing >= 0) ::close(listing);
-    return false;
+    return std::nullopt;
   }
-  bool data = false;
+  SnapshotDirFiles files;
   while (const dirent* e = ::readdir(d.get())) {
     const std::string_view n = e->d_name;
     if (n == "." || n == "..") continue;
     struct stat st{};
     if ((n != kManifestFile && n != kDataFile) || ::fstatat(dfd.get(), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
         !S_ISREG(st.st_mode)) {
-      return false;
+      return std::nullopt;
     }
-    data = data || n == kDataFile;
+    (n == kDataFile ? files.data : files.manifest) = st;
   }
-  if (data) return true;  // a manifest beside it, damaged or not, is the snapshot's
+  if (files.data || !files.manifest) return files;  // a manifest beside data, damaged or not, is the snapshot's; or empty
   sys::UniqueFd m(::openat(dfd.get(), kManifestFile, O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
-  if (!m.valid()) return errno == ENOENT;  // empty
+  if (!m.valid()) return errno == ENOENT ? std::optional(SnapshotDirFiles{}) : std::nullopt;  // gone since: empty
   char magic[sizeof kManifestMagic];
-  return ::read(m.get(), magic, sizeof magic) == static_cast<ssize_t>(sizeof magic) &&
-         std::memcmp(magic, kManifestMagic, sizeof magic) == 0;
+  if (::read(m.get(), magic, sizeof magic) != static_cast<ssize_t>(sizeof magic) ||
+      std::memcmp(magic, kManifestMagic, sizeof magic) != 0) {
+    return std::nullopt;
+  }
+  return files;
 }
+
+}  // namespace
+
+bool is_snapshot_dir(const std::string& dir) { return inspect_snapshot_dir(dir).has_value(); }
 
 namespace {
 
@@ -301,15 +316,17 @@ Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir, Li
   std::map<std::string, ListingCache::Entry> seen;  // the cache's entries for this listing
   for (const auto& entry : it) {
     std::string name = entry.path().filename().string();
-    if (name.empty() || name[0] == '.' || !entry.is_directory(ec) || !is_snapshot_dir(entry.path().string())) continue;
+    if (name.empty() || name[0] == '.' || !entry.is_directory(ec)) continue;
     const std::string dir = entry.path().string();
+    const auto files = inspect_snapshot_dir(dir);
+    if (!files) continue;
     SnapshotSummary s;
     uint64_t needed = 0;  // bytes the data file must hold
     // The manifest's identity first, then its bytes: a file changed between the two is read
     // again next time (its identity is another by then), never kept under its new identity
     // with what it said before.
-    struct stat ms{};
-    if (cache && ::stat((dir + "/" + kManifestFile).c_str(), &ms) == 0) {
+    if (cache && files->manifest) {
+      const struct stat& ms = *files->manifest;
       ListingCache::Entry e;
       auto hit = cache->entries_.find(name);
       if (hit != cache->entries_.end() && hit->second.dev == ms.st_dev && hit->second.ino == ms.st_ino &&
@@ -334,11 +351,10 @@ Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir, Li
       continue;
     }
     // The data file must hold every stored chunk (a truncated copy would fail its restores).
-    struct stat st{};
-    if (::stat((dir + "/" + kDataFile).c_str(), &st) != 0) {
-      s.damage = fmt::format("{}/{}: {}", dir, kDataFile, std::strerror(errno));
-    } else if (static_cast<uint64_t>(st.st_size) < needed) {
-      s.damage = fmt::format("{}/{} is {} bytes; its manifest needs {}", dir, kDataFile, st.st_size, needed);
+    if (!files->data) {
+      s.damage = fmt::format("{}/{}: {}", dir, kDataFile, std::strerror(ENOENT));
+    } else if (static_cast<uint64_t>(files->data->st_size) < needed) {
+      s.damage = fmt::format("{}/{} is {} bytes; its manifest needs {}", dir, kDataFile, files->data->st_size, needed);
     }
     out.push_back(std::move(s));
   }
