@@ -15,13 +15,6 @@ Result<std::unique_ptr<StoreListing>> StoreListing::start(std::string store_dir)
   auto s = std::make_shared<State>(std::move(store_dir));
   s->event.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!s->event.valid()) return sys_error("eventfd for the store's listing", errno);
-  // The first listing on the caller's thread, before the listing thread exists: the first
-  // request finds every manifest read, and a server starting does nothing behind its caller's
-  // back (a program that forks right after start-up, as tests do, could copy into its child a
-  // lock the listing thread holds: the sanitizers' allocator hung restore children so).
-  s->last = std::make_shared<const Listing>(snapshot::list_store(s->store_dir, &s->cache));
-  s->wanted = s->started = s->finished = 1;
-  s->listings = 1;
   std::unique_ptr<StoreListing> l(new StoreListing(s));
   try {
     l->thread_ = std::thread([s] { run(s); });

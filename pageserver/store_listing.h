@@ -36,8 +36,10 @@ class StoreListing {
   // What snapshot::list_store says: every snapshot, damaged ones with `damage` set.
   using Listing = Result<std::vector<snapshot::SnapshotSummary>>;
 
-  // Lists the store once (here, on the caller's thread: the first request finds every manifest
-  // read), then starts the thread.
+  // Starts the thread, which reads nothing until a listing is wanted: a server with a large
+  // store starts at once (its first `list` reads the manifests), and a program that forks right
+  // after start-up copies into its child no lock the thread holds (the sanitizers' allocator
+  // hung restore children so).
   static Result<std::unique_ptr<StoreListing>> start(std::string store_dir);
   ~StoreListing();
   StoreListing(const StoreListing&) = delete;
