@@ -180,28 +180,26 @@ bool take_open_one(const OpenSpec& spec, Opened& out) {
 
 Result<Opened> open_source(const OpenSpec& spec) {
   Opened out;
-  RestoreOptions ro;
-  ro.token_file = spec.token_file;
-  ro.base = spec.base;
+  OpenedLocations opened{{spec.location, std::nullopt}, std::nullopt};
+  const RestoreOptions ro;  // its token_file and base are not read: opened here
   if (!spec.reader || spec.reader->uid == 0) {  // root's, or the daemon's own: by path
     if (!spec.token_file.empty()) {
       LAZYMEM_ASSIGN_OR_RETURN(out.token, net::read_token_file(spec.token_file));
     }
     if (take_open_one(spec, out)) return out;
-    LAZYMEM_ASSIGN_OR_RETURN(out.source, open_chunk_source(spec.location, ro));
-    return out;
+    LAZYMEM_ASSIGN_OR_RETURN(opened, open_locations(spec.location, spec.base, ro.direct_io));
+  } else {
+    // A user's: read from what the user opened, never by path again (a path the user controls
+    // may name another file by now).
+    LAZYMEM_ASSIGN_OR_RETURN(UserFiles files, open_as_user(*spec.reader, spec.location, spec.base, spec.token_file));
+    if (files.token.valid()) {
+      LAZYMEM_ASSIGN_OR_RETURN(out.token, net::read_token_fd(files.token.get(), spec.token_file));
+    }
+    if (take_open_one(spec, out)) return out;
+    opened.primary.files = std::move(files.location);
+    if (!spec.base.empty()) opened.base = OpenedLocation{spec.base, std::move(files.base)};
   }
-  // A user's: read from what the user opened, never by path again (a path the user controls may
-  // name another file by now).
-  LAZYMEM_ASSIGN_OR_RETURN(UserFiles files, open_as_user(*spec.reader, spec.location, spec.base, spec.token_file));
-  if (files.token.valid()) {
-    LAZYMEM_ASSIGN_OR_RETURN(out.token, net::read_token_fd(files.token.get(), spec.token_file));
-  }
-  if (take_open_one(spec, out)) return out;
-  std::optional<OpenedLocation> base;
-  if (!spec.base.empty()) base = OpenedLocation{spec.base, std::move(files.base)};
-  LAZYMEM_ASSIGN_OR_RETURN(out.source, open_chunk_source(OpenedLocation{spec.location, std::move(files.location)},
-                                                         std::move(base), out.token, ro));
+  LAZYMEM_ASSIGN_OR_RETURN(out.source, open_chunk_source(std::move(opened.primary), std::move(opened.base), out.token, ro));
   return out;
 }
 

@@ -54,23 +54,6 @@ Result<std::shared_ptr<snapshot::ChunkSource>> open_one_source(OpenedLocation op
   return open_one_source(loc, std::move(opened.files), token, options);
 }
 
-// By path: a local snapshot's files, a page server's token (read once, when first needed).
-Result<std::shared_ptr<snapshot::ChunkSource>> open_one_source(const std::string& location, std::optional<std::string>& token,
-                                                               const RestoreOptions& options) {
-  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
-  std::optional<snapshot::SnapshotFiles> files;
-  if (!loc.remote()) {
-    LAZYMEM_ASSIGN_OR_RETURN(files, snapshot::open_snapshot_files(loc, options.direct_io));
-  } else if (!token) {
-    std::string read;
-    if (!options.token_file.empty()) {
-      LAZYMEM_ASSIGN_OR_RETURN(read, net::read_token_file(options.token_file));
-    }
-    token = std::move(read);
-  }
-  return open_one_source(loc, std::move(files), token.value_or(""), options);
-}
-
 Result<std::shared_ptr<snapshot::ChunkSource>> with_base(const std::string& location,
                                                          std::shared_ptr<snapshot::ChunkSource> primary,
                                                          Result<std::shared_ptr<snapshot::ChunkSource>> base) {
@@ -81,12 +64,39 @@ Result<std::shared_ptr<snapshot::ChunkSource>> with_base(const std::string& loca
 
 }  // namespace
 
+namespace {
+
+Result<OpenedLocation> open_location(const std::string& location, bool direct_io) {
+  LAZYMEM_ASSIGN_OR_RETURN(SnapshotLocation loc, SnapshotLocation::parse(location));
+  OpenedLocation out{location, std::nullopt};
+  if (!loc.remote()) {
+    LAZYMEM_ASSIGN_OR_RETURN(out.files, snapshot::open_snapshot_files(loc, direct_io));
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<OpenedLocations> open_locations(const std::string& location, const std::string& base, bool direct_io) {
+  OpenedLocations out;
+  LAZYMEM_ASSIGN_OR_RETURN(out.primary, open_location(location, direct_io));
+  if (!base.empty()) {
+    auto opened = open_location(base, direct_io);
+    if (!opened.ok()) return std::move(opened).error().wrap("the base of " + location);
+    out.base = std::move(*opened);
+  }
+  return out;
+}
+
 Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(const std::string& location,
                                                                  const RestoreOptions& options) {
-  std::optional<std::string> token;
-  LAZYMEM_ASSIGN_OR_RETURN(auto primary, open_one_source(location, token, options));
-  if (options.base.empty()) return primary;
-  return with_base(location, std::move(primary), open_one_source(options.base, token, options));
+  LAZYMEM_ASSIGN_OR_RETURN(OpenedLocations opened, open_locations(location, options.base, options.direct_io));
+  // A page server's token, read only when one is asked (a local restore names no token file).
+  std::string token;
+  if (!options.token_file.empty() && (!opened.primary.files || (opened.base && !opened.base->files))) {
+    LAZYMEM_ASSIGN_OR_RETURN(token, net::read_token_file(options.token_file));
+  }
+  return open_chunk_source(std::move(opened.primary), std::move(opened.base), token, options);
 }
 
 Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(OpenedLocation primary, std::optional<OpenedLocation> base,
