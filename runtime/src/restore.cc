@@ -17,6 +17,7 @@
 #include "snapshot/routed_source.h"
 #include "snapshot/snapshot_reader.h"
 #include "source.h"
+#include "sys/before_fork.h"
 #include "sys/mapping.h"
 #include "sys/uapi_compat.h"
 #include "sys/uffd.h"
@@ -121,6 +122,17 @@ struct LazyRestore::Impl {
   fault::SessionId session = 0;
   std::shared_ptr<fault::ThreadFaults> thread_faults;  // fault_on_thread
   bool finished = false;
+  // fault_on_thread: a child could not fetch its pages (the handler is ours), so fork() settles
+  // the restore first. Last: unregistered before the engine it uses is destroyed.
+  sys::BeforeFork fork_hook;
+
+  // Fetches the rest and waits until every chunk is present or failed (poisoned), not just until
+  // the first failure: then no page is left that the kernel would zero-fill, were the uffd closed
+  // or the memory copied into a child.
+  Status settle() {
+    engine->set_prefetch(session, true);
+    return engine->wait_complete(session, std::chrono::hours(24), fault::FaultEngine::Wait::kSettled);
+  }
 };
 
 LazyRestore::LazyRestore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -199,12 +211,6 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
     to.deadline = options.fault_deadline;
     to.fetch_attempts = options.fetch_attempts;
     to.can_poison = features.has_uffd_poison();
-    Impl* self = impl.get();
-    to.complete_before_fork = [self] {
-      self->engine->set_prefetch(self->session, true);
-      // Settled, not just failed: a child must not inherit a page still missing.
-      (void)self->engine->wait_complete(self->session, std::chrono::hours(24), fault::FaultEngine::Wait::kSettled);
-    };
     LAZYMEM_ASSIGN_OR_RETURN(impl->thread_faults, fault::ThreadFaults::start(impl->source, uffd.fd(), ranges, std::move(to)));
     spec.follower = impl->thread_faults;
   }
@@ -216,6 +222,7 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
   spec.pid = ::getpid();
   spec.prefetch = options.prefetch;
   LAZYMEM_ASSIGN_OR_RETURN(impl->session, impl->engine->add_session(std::move(spec)));
+  if (impl->thread_faults) impl->fork_hook = sys::BeforeFork([self = impl.get()] { (void)self->settle(); });
   return std::unique_ptr<LazyRestore>(new LazyRestore(std::move(impl)));
 }
 
@@ -248,17 +255,17 @@ Status LazyRestore::wait_complete(std::chrono::milliseconds timeout) {
 
 Status LazyRestore::finish() {
   if (impl_->finished) return ok_status();
-  // Not wait_complete(): that returns at the first failed chunk, and closing the uffd then would
-  // let the kernel zero-fill every page not yet restored. Wait until each chunk is present or
-  // failed (poisoned); the good pages of a restore with one bad chunk are all restored.
-  impl_->engine->set_prefetch(impl_->session, true);
-  Status s = impl_->engine->wait_complete(impl_->session, std::chrono::hours(24), fault::FaultEngine::Wait::kSettled);
+  // Settled, not wait_complete(): that returns at the first failed chunk, and closing the uffd
+  // then would let the kernel zero-fill every page not yet restored. The good pages of a restore
+  // with one bad chunk are all restored.
+  Status s = impl_->settle();
   if (!s.ok() && s.error().code() == Errc::kTimeout) return s;  // keep serving: never abandon missing pages
   if (s.ok() && impl_->thread_faults && impl_->thread_faults->failed()) {
     s = Error(Errc::kIo, impl_->thread_faults->failure());
   }
   // Complete, or failed with every failed page poisoned: either way no page is left for the
   // kernel to zero-fill. Stop serving and give the memory to the application.
+  impl_->fork_hook.reset();
   impl_->engine->remove_session(impl_->session);
   impl_->engine->stop();
   impl_->thread_faults.reset();  // after the engine: it no longer calls the follower

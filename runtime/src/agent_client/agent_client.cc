@@ -17,6 +17,7 @@
 #include "agent_client/unix_channel.h"
 #include "core/log.h"
 #include "fault/fault_engine.h"
+#include "sys/before_fork.h"
 #include "sys/mapping.h"
 #include "sys/uapi_compat.h"
 #include "sys/uffd.h"
@@ -64,8 +65,7 @@ struct AgentRestore::Impl {
   std::condition_variable cv;
   bool done = false;
   std::optional<Error> failure;
-  std::mutex send_mu;           // the watchdog's failureSeen and a fork's fetchRest share `sock`
-  pid_t owner = ::getpid();     // a forked child inherits this state, but not the restore
+  std::mutex send_mu;  // the watchdog's failureSeen and a fork's fetchRest share `sock`
 
   // The process is about to fork: its child's copy of the memory would be the agent's alone to
   // fill (the child gets a uffd of its own, held by the agent only), and were the agent to die,
@@ -73,7 +73,6 @@ struct AgentRestore::Impl {
   // the agent fetches the rest now, and the fork waits for the complete (or the agent's end,
   // which poisons the rest here; the child then inherits those marks).
   void complete_before_fork() {
-    if (owner != ::getpid()) return;
     {
       std::lock_guard lock(mu);
       if (done) return;
@@ -162,52 +161,9 @@ struct AgentRestore::Impl {
     }
     finish(Error(Errc::kPeerGone, "lazymem-agent went away before the restore completed: " + why));
   }
+
+  sys::BeforeFork fork_hook;  // last: unregistered (and waited for) before the rest is destroyed
 };
-
-namespace {
-
-// The restores under way in this process, for fork() to complete first (Impl::complete_before_fork).
-struct ForkGuard {
-  std::mutex mu;  // held across fork(), so that the child finds `live` whole
-  std::vector<std::weak_ptr<AgentRestore::Impl>> live;
-};
-
-ForkGuard& fork_guard() {
-  static ForkGuard* g = new ForkGuard();  // never destroyed: a fork may come during exit
-  return *g;
-}
-
-void before_fork() {
-  ForkGuard& g = fork_guard();
-  std::vector<std::shared_ptr<AgentRestore::Impl>> under_way;
-  {
-    std::lock_guard lock(g.mu);
-    std::erase_if(g.live, [](const auto& w) { return w.expired(); });
-    for (const auto& w : g.live)
-      if (auto p = w.lock()) under_way.push_back(std::move(p));
-  }
-  for (const auto& p : under_way) p->complete_before_fork();
-  g.mu.lock();
-}
-
-void after_fork() { fork_guard().mu.unlock(); }
-
-void after_fork_in_child() {
-  ForkGuard& g = fork_guard();
-  g.live.clear();  // the parent's restores: nothing of them runs here
-  g.mu.unlock();
-}
-
-void track_for_fork(const std::shared_ptr<AgentRestore::Impl>& impl) {
-  static std::once_flag once;
-  std::call_once(once, [] { ::pthread_atfork(before_fork, after_fork, after_fork_in_child); });
-  ForkGuard& g = fork_guard();
-  std::lock_guard lock(g.mu);
-  std::erase_if(g.live, [](const auto& w) { return w.expired(); });
-  g.live.push_back(impl);
-}
-
-}  // namespace
 
 AgentRestore::AgentRestore(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
@@ -288,7 +244,7 @@ Result<std::unique_ptr<AgentRestore>> AgentRestore::start(const std::string& soc
     LAZYMEM_TRY(agent::recv_some(impl->sock.get(), impl->buf, fds, kAgentAnswerMs));
   }
   std::shared_ptr<Impl> shared = std::move(impl);
-  track_for_fork(shared);
+  shared->fork_hook = sys::BeforeFork([self = shared.get()] { self->complete_before_fork(); });
   // Detached at once: it holds the state it needs, and ends on its own when the restore does
   // (a finished thread nobody joins is a leak to the sanitizers, if the process exits first).
   std::thread([shared] { shared->watch(); }).detach();

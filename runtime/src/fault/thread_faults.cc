@@ -50,7 +50,7 @@ struct Slot {
   std::atomic<int> users{0};
 };
 Slot g_slots[kSlots];
-std::mutex g_registry_mu;  // slot claims and fork (normal context only)
+std::mutex g_registry_mu;  // slot claims (normal context only)
 struct sigaction g_previous {};
 std::once_flag g_installed;
 
@@ -221,7 +221,6 @@ Result<std::shared_ptr<ThreadFaults>> ThreadFaults::start(std::shared_ptr<snapsh
     // SIGBUS blocked (the kernel then kills the process).
     sigfillset(&sa.sa_mask);
     ::sigaction(SIGBUS, &sa, &g_previous);
-    ::pthread_atfork(&ThreadFaults::before_fork, nullptr, nullptr);
   });
   {
     std::lock_guard lock(g_registry_mu);
@@ -281,14 +280,6 @@ void ThreadFaults::keep_connections() {
       }
       c->state.store(s.ok() ? kIdle : kBroken);
     }
-  }
-}
-
-void ThreadFaults::before_fork() {
-  std::lock_guard lock(g_registry_mu);
-  for (Slot& s : g_slots) {
-    ThreadFaults* tf = s.owner.load();
-    if (tf != nullptr && tf->owner_ == ::getpid() && tf->options_.complete_before_fork) tf->options_.complete_before_fork();
   }
 }
 

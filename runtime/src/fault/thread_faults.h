@@ -20,7 +20,7 @@
 // Caveat (the reason this is an option): with UFFD_FEATURE_SIGBUS a *kernel* access to a missing
 // page (read(2) into restored memory, a futex on it) fails with EFAULT instead of waiting.
 // Use it for memory the application touches from user space, or after prefetch covered it.
-// fork() first completes the restore (pthread_atfork), as the child could not fetch its pages.
+// The restore that uses it completes before a fork() (sys::BeforeFork): a child could not fetch its pages.
 //
 // Thread-safety: the handler runs on any thread; the engine thread calls the MapFollower side;
 // everything else is for the thread that owns the restore.
@@ -30,7 +30,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -49,7 +48,6 @@ struct ThreadFaultOptions {
   std::chrono::milliseconds deadline{30000};         // a faulting thread waits at most this long
   unsigned fetch_attempts = 3;                       // bad replies tolerated per fault
   bool can_poison = true;                            // UFFDIO_POISON available (else kill)
-  std::function<void()> complete_before_fork;        // called by fork() in the parent first
 };
 
 class ThreadFaults final : public MapFollower {
@@ -81,7 +79,6 @@ class ThreadFaults final : public MapFollower {
   void fail(uint64_t page_addr, uint32_t region, const char* why) noexcept;
   void keep_connections();  // the keeper thread: reopens broken connections
   static void on_sigbus(int sig, siginfo_t* info, void* context);
-  static void before_fork();
 
   std::shared_ptr<snapshot::ChunkSource> source_;
   const Manifest* manifest_ = nullptr;
