@@ -38,6 +38,7 @@
 #include "lazymem/pause_gate.h"
 #include "lazymem/snapshot.h"
 #include "sys/cgroup_freeze.h"
+#include "sys/uapi_compat.h"
 
 namespace po = boost::program_options;
 using namespace lazymem::bench;
@@ -264,15 +265,20 @@ static int run_bench(int argc, char** argv) {
       "mib", po::value<size_t>()->default_value(1024), "tracked memory in MiB")(
       "rounds", po::value<unsigned>()->default_value(5), "rounds per write fraction (medians are printed)")(
       "hot-mib", po::value<size_t>()->default_value(64), "live capture: the records the writer keeps rewriting, MiB")(
-      "dir", po::value<std::string>()->default_value("/var/tmp"), "live capture: where to put the store");
+      "dir", po::value<std::string>()->default_value("/var/tmp"), "live capture: where to put the store")(
+      "write-faults", "track as on a kernel before 6.7: write-protect faults taken by the tracker's thread");
   auto vm = lazymem::cli::parse({argv + 1, argv + argc}, desc);
   const size_t mib = vm["mib"].as<size_t>();
   const unsigned rounds = vm["rounds"].as<unsigned>();
   if (mib == 0 || mib > (size_t{1} << 20)) throw std::invalid_argument("--mib wants 1 to 1048576");
   if (rounds == 0) throw std::invalid_argument("--rounds wants at least 1");
-  const auto kf = lazymem::probe_kernel();
+  auto kf = lazymem::probe_kernel();
+  if (vm.count("write-faults")) {  // what DirtyMethod::kAuto takes without the 6.7 features
+    kf.uffd_features &= ~(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED);
+    kf.pagemap_scan = false;
+  }
   if (!kf.has_dirty_tracking()) {
-    std::fprintf(stderr, "lazymem-bench-dirty: this kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)\n");
+    std::fprintf(stderr, "lazymem-bench-dirty: this kernel cannot track dirty pages (userfaultfd write-protect faults: Linux 5.7)\n");
     return 1;
   }
   const size_t len = mib << 20, pages = len / kPage;
@@ -316,8 +322,9 @@ static int run_bench(int argc, char** argv) {
                     median(tracked_ns), median(untracked_ns)});
   }
 
-  std::printf("lazymem-bench-dirty: %zu MiB tracked, %u rounds per fraction, medians; every changed page checked\n", mib,
-              rounds);
+  const bool marks = (*tracker)->method() == lazymem::DirtyMethod::kKernelMarks;
+  std::printf("lazymem-bench-dirty: %zu MiB tracked by %s, %u rounds per fraction, medians; every changed page checked\n",
+              mib, marks ? "kernel marks" : "write faults", rounds);
   std::printf("%-9s %10s %12s %14s %8s %18s %18s\n", "written", "pages", "collect ms", "hash-all ms", "ratio",
               "write ns tracked", "write ns untracked");
   for (const Row& r : rows) {
@@ -378,6 +385,7 @@ static int run_bench(int argc, char** argv) {
       j["frozen_process_migration_pause_ms"] = live.frozen_pause_s * 1e3;
       j["frozen_vs_stopped_process_migration_pause"] = live.frozen_pause_s / live.process_pause_s;
     }
+    j["method"] = marks ? "kernel-marks" : "write-faults";
     for (const Row& r : rows) {
       j["rows"].push_back({{"fraction", r.fraction},
                            {"pages", r.changed},

@@ -1,4 +1,5 @@
-// DirtyTracker: UFFD_FEATURE_WP_ASYNC marks, PAGEMAP_SCAN reads and re-arms them.
+// DirtyTracker: UFFD_FEATURE_WP_ASYNC marks, PAGEMAP_SCAN reads and re-arms them; or, before
+// 6.7, write-protect faults (dirty_write_faults.cc).
 #include "lazymem/dirty.h"
 
 #include <fcntl.h>
@@ -9,6 +10,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "dirty_impl.h"
+#include "dirty_write_faults.h"
 #include "sys/pagemap_scan.h"
 #include "sys/process_maps.h"
 #include "sys/uapi_compat.h"
@@ -113,36 +116,54 @@ Status check_ranges_mapped_private(pid_t pid, const std::vector<AddressRange>& r
   return ok_status();
 }
 
-}  // namespace
+// The kernel's marks: WP_ASYNC drops a page's mark at its first write, PAGEMAP_SCAN reports and
+// re-arms.
+class KernelMarks final : public DirtyTracker::Impl {
+ public:
+  KernelMarks(std::vector<AddressRange> ranges, sys::Uffd uffd, sys::PagemapScan scan)
+      : Impl(std::move(ranges), DirtyMethod::kKernelMarks), uffd_(std::move(uffd)), scan_(std::move(scan)) {}
 
-struct DirtyTracker::Impl {
-  std::vector<AddressRange> ranges;
-  sys::Uffd uffd;
-  sys::PagemapScan scan;
-  std::vector<sys::PageSpan> spans;  // reused by collect()
+  ~KernelMarks() override {
+    // Unregistering drops the write-protect marks, so the process's writes stop paying for them.
+    // It fails only when the process (its mm) is gone, and then there is nothing to drop.
+    for (const AddressRange& r : ranges) (void)uffd_.unregister(r.start, r.length);
+  }
+
+  Result<std::vector<AddressRange>> collect() override {
+    std::vector<AddressRange> out;
+    for (const AddressRange& r : ranges) {
+      spans_.clear();
+      // Written: present or swapped pages whose write-protect mark the kernel dropped at a write.
+      LAZYMEM_TRY(scan_.take(r.start, r.end(), PAGE_IS_WRITTEN, 0, spans_));
+      // Dropped: no page and no mark (MADV_DONTNEED on anonymous memory drops the mark with the
+      // page). Marked again here so that each such page is reported once. Kernels that count these
+      // as written have reported them above and marked them: then this finds none.
+      const size_t written = spans_.size();
+      LAZYMEM_TRY(scan_.take(r.start, r.end(), PAGE_IS_PRESENT | PAGE_IS_SWAPPED, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                             spans_));
+      if (written != 0 && written != spans_.size()) {
+        std::inplace_merge(spans_.begin(), spans_.begin() + static_cast<ptrdiff_t>(written), spans_.end(),
+                           [](const auto& a, const auto& b) { return a.start < b.start; });
+      }
+      for (const sys::PageSpan& s : spans_) {
+        if (!out.empty() && out.back().end() >= s.start) {
+          out.back().length = std::max(out.back().end(), s.end) - out.back().start;
+        } else {
+          out.push_back({s.start, s.end - s.start});
+        }
+      }
+    }
+    return out;
+  }
+
+ private:
+  sys::Uffd uffd_;
+  sys::PagemapScan scan_;
+  std::vector<sys::PageSpan> spans_;  // reused by collect()
 };
 
-DirtyTracker::DirtyTracker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-
-Result<std::unique_ptr<DirtyTracker>> DirtyTracker::start(std::vector<AddressRange> ranges,
-                                                          const KernelFeatures& features,
-                                                          const DirtyTrackerOptions& options) {
-  if (!features.uffd_usable) return Error(Errc::kUnsupported, "dirty tracking: " + features.uffd_error);
-  if (!features.has_dirty_tracking()) {
-    std::string missing;
-    if (!features.has_uffd_feature(UFFD_FEATURE_WP_ASYNC)) missing += "UFFD_FEATURE_WP_ASYNC, ";
-    if (!features.has_uffd_feature(UFFD_FEATURE_WP_UNPOPULATED)) missing += "UFFD_FEATURE_WP_UNPOPULATED, ";
-    if (!features.pagemap_scan) missing += "the PAGEMAP_SCAN ioctl on /proc/PID/pagemap, ";
-    missing.resize(missing.size() - 2);
-    return Error(Errc::kUnsupported, fmt::format("dirty tracking needs Linux 6.7; this kernel lacks {}", missing));
-  }
-  LAZYMEM_TRY(check_ranges(ranges));
-  // Before a uffd is opened: in another process, that means stopping one of its threads.
-  if (options.pid != 0 && options.pid != ::getpid()) {
-    auto alive = sys::check_process(options.pid);
-    if (!alive.ok()) return std::move(alive).error().wrap("dirty tracking");
-  }
-  LAZYMEM_TRY(check_ranges_mapped_private(options.pid, ranges));
+Result<std::unique_ptr<DirtyTracker::Impl>> start_kernel_marks(std::vector<AddressRange> ranges,
+                                                               const DirtyTrackerOptions& options) {
   LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, tracking_uffd(options));
   LAZYMEM_ASSIGN_OR_RETURN(sys::PagemapScan scan, sys::PagemapScan::open(options.pid));
   for (size_t i = 0; i < ranges.size(); ++i) {
@@ -159,44 +180,70 @@ Result<std::unique_ptr<DirtyTracker>> DirtyTracker::start(std::vector<AddressRan
       return std::move(s).error().wrap("dirty tracking");
     }
   }
-  auto impl = std::make_unique<Impl>(Impl{std::move(ranges), std::move(uffd), std::move(scan), {}});
+  return std::unique_ptr<DirtyTracker::Impl>(new KernelMarks(std::move(ranges), std::move(uffd), std::move(scan)));
+}
+
+// Which method `options` and the kernel make, or why none.
+Result<DirtyMethod> choose_method(const KernelFeatures& features, const DirtyTrackerOptions& options) {
+  if (!features.uffd_usable) return Error(Errc::kUnsupported, "dirty tracking: " + features.uffd_error);
+  const bool marks = features.has_dirty_marks(), faults = features.has_write_protect_faults();
+  auto no_marks = [&] {
+    std::string missing;
+    if (!features.has_uffd_feature(UFFD_FEATURE_WP_ASYNC)) missing += "UFFD_FEATURE_WP_ASYNC, ";
+    if (!features.has_uffd_feature(UFFD_FEATURE_WP_UNPOPULATED)) missing += "UFFD_FEATURE_WP_UNPOPULATED, ";
+    if (!features.pagemap_scan) missing += "the PAGEMAP_SCAN ioctl on /proc/PID/pagemap, ";
+    missing.resize(missing.size() - 2);
+    return missing;
+  };
+  switch (options.method) {
+    case DirtyMethod::kKernelMarks:
+      if (!marks) return Error(Errc::kUnsupported, fmt::format("dirty tracking by kernel marks needs Linux 6.7; this kernel lacks {}", no_marks()));
+      return DirtyMethod::kKernelMarks;
+    case DirtyMethod::kWriteFaults:
+      if (options.uffd >= 0) {
+        return Error(Errc::kInvalidArgument, "dirty tracking by write faults opens its own userfaultfd (its thread reads "
+                                             "the events): give no uffd, or ask for the kernel-marks method");
+      }
+      if (!faults) {
+        return Error(Errc::kUnsupported, "dirty tracking by write faults needs Linux 5.7 (userfaultfd write-protect "
+                                         "faults and its REMOVE, UNMAP and REMAP events); this kernel lacks them");
+      }
+      return DirtyMethod::kWriteFaults;
+    case DirtyMethod::kAuto:
+      if (marks || options.uffd >= 0) return choose_method(features, {options.pid, DirtyMethod::kKernelMarks, options.uffd});
+      if (faults) return DirtyMethod::kWriteFaults;
+      return Error(Errc::kUnsupported, fmt::format("dirty tracking needs Linux 5.7 (write-protect faults), and 6.7 to "
+                                                   "cost the writer least; this kernel lacks {}, and write-protect faults",
+                                                   no_marks()));
+  }
+  return Error(Errc::kInvalidArgument, "dirty tracking: unknown method");
+}
+
+}  // namespace
+
+DirtyTracker::DirtyTracker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+DirtyTracker::~DirtyTracker() = default;
+
+Result<std::unique_ptr<DirtyTracker>> DirtyTracker::start(std::vector<AddressRange> ranges,
+                                                          const KernelFeatures& features,
+                                                          const DirtyTrackerOptions& options) {
+  LAZYMEM_ASSIGN_OR_RETURN(DirtyMethod method, choose_method(features, options));
+  LAZYMEM_TRY(check_ranges(ranges));
+  // Before a uffd is opened: in another process, that means stopping one of its threads.
+  if (options.pid != 0 && options.pid != ::getpid()) {
+    auto alive = sys::check_process(options.pid);
+    if (!alive.ok()) return std::move(alive).error().wrap("dirty tracking");
+  }
+  LAZYMEM_TRY(check_ranges_mapped_private(options.pid, ranges));
+  LAZYMEM_ASSIGN_OR_RETURN(std::unique_ptr<Impl> impl, method == DirtyMethod::kKernelMarks
+                                                           ? start_kernel_marks(std::move(ranges), options)
+                                                           : start_write_fault_tracking(std::move(ranges), options.pid));
   return std::unique_ptr<DirtyTracker>(new DirtyTracker(std::move(impl)));
 }
 
-DirtyTracker::~DirtyTracker() {
-  // Unregistering drops the write-protect marks, so the process's writes stop paying for them.
-  // It fails only when the process (its mm) is gone, and then there is nothing to drop.
-  for (const AddressRange& r : impl_->ranges) (void)impl_->uffd.unregister(r.start, r.length);
-}
-
-Result<std::vector<AddressRange>> DirtyTracker::collect() {
-  Impl& im = *impl_;
-  std::vector<AddressRange> out;
-  for (const AddressRange& r : im.ranges) {
-    im.spans.clear();
-    // Written: present or swapped pages whose write-protect mark the kernel dropped at a write.
-    LAZYMEM_TRY(im.scan.take(r.start, r.end(), PAGE_IS_WRITTEN, 0, im.spans));
-    // Dropped: no page and no mark (MADV_DONTNEED on anonymous memory drops the mark with the
-    // page). Marked again here so that each such page is reported once. Kernels that count these
-    // as written have reported them above and marked them: then this finds none.
-    const size_t written = im.spans.size();
-    LAZYMEM_TRY(im.scan.take(r.start, r.end(), PAGE_IS_PRESENT | PAGE_IS_SWAPPED, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                             im.spans));
-    if (written != 0 && written != im.spans.size()) {
-      std::inplace_merge(im.spans.begin(), im.spans.begin() + static_cast<ptrdiff_t>(written), im.spans.end(),
-                         [](const auto& a, const auto& b) { return a.start < b.start; });
-    }
-    for (const sys::PageSpan& s : im.spans) {
-      if (!out.empty() && out.back().end() >= s.start) {
-        out.back().length = std::max(out.back().end(), s.end) - out.back().start;
-      } else {
-        out.push_back({s.start, s.end - s.start});
-      }
-    }
-  }
-  return out;
-}
+Result<std::vector<AddressRange>> DirtyTracker::collect() { return impl_->collect(); }
 
 const std::vector<AddressRange>& DirtyTracker::ranges() const { return impl_->ranges; }
+DirtyMethod DirtyTracker::method() const { return impl_->method; }
 
 }  // namespace lazymem

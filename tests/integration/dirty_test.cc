@@ -16,8 +16,10 @@
 #include <deque>
 #include <fstream>
 #include <random>
+#include <optional>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "agent_client/unix_channel.h"
 #include "lazymem/kernel_features.h"
@@ -29,12 +31,26 @@ namespace {
 
 constexpr size_t kPage = 4096;
 
-class DirtyTest : public ::testing::Test {
+// Each test runs with each method (DirtyMethod): the same answers are expected of both.
+class DirtyTestBase : public ::testing::Test {
  protected:
   void SetUp() override {
     kf_ = probe_kernel();
     if (!kf_.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf_.uffd_error;
-    if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
+    if (method_ == DirtyMethod::kKernelMarks && !kf_.has_dirty_marks()) {
+      GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
+    }
+    if (method_ == DirtyMethod::kWriteFaults && !kf_.has_write_protect_faults()) {
+      GTEST_SKIP() << "kernel lacks userfaultfd write-protect faults (Linux 5.7)";
+    }
+  }
+  DirtyTrackerOptions options(pid_t pid = 0) const { return {.pid = pid, .method = method_, .uffd = -1}; }
+  Result<std::unique_ptr<DirtyTracker>> track(std::vector<AddressRange> ranges) {
+    auto t = DirtyTracker::start(std::move(ranges), kf_, options());
+    if (t.ok()) {
+      EXPECT_EQ((*t)->method(), method_);
+    }
+    return t;
   }
 
   // Anonymous memory of `pages` pages; the first `touched` of every 4 are written (the rest
@@ -71,13 +87,27 @@ class DirtyTest : public ::testing::Test {
   }
 
   KernelFeatures kf_;
+  DirtyMethod method_ = DirtyMethod::kKernelMarks;
   std::vector<std::pair<std::byte*, size_t>> maps_;
 };
 
-TEST_F(DirtyTest, ReportsExactlyThePagesWrittenAndNothingRead) {
+class DirtyTest : public DirtyTestBase, public ::testing::WithParamInterface<DirtyMethod> {
+ protected:
+  void SetUp() override {
+    method_ = GetParam();
+    DirtyTestBase::SetUp();
+  }
+};
+
+std::string method_name(DirtyMethod m) { return m == DirtyMethod::kKernelMarks ? "KernelMarks" : "WriteFaults"; }
+
+INSTANTIATE_TEST_SUITE_P(Methods, DirtyTest, ::testing::Values(DirtyMethod::kKernelMarks, DirtyMethod::kWriteFaults),
+                         [](const auto& info) { return method_name(info.param); });
+
+TEST_P(DirtyTest, ReportsExactlyThePagesWrittenAndNothingRead) {
   constexpr size_t kPages = 4096;  // 16 MiB
   std::byte* m = map(kPages, 1);
-  auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage}}, kf_);
+  auto t = track({{reinterpret_cast<uintptr_t>(m), kPages * kPage}});
   ASSERT_TRUE(t.ok()) << t.error().message();
   auto none = (*t)->collect();
   ASSERT_TRUE(none.ok()) << none.error().message();
@@ -103,12 +133,37 @@ TEST_F(DirtyTest, ReportsExactlyThePagesWrittenAndNothingRead) {
   EXPECT_TRUE(after->empty());
 }
 
+// kAuto takes the kernel's marks where they are, write faults where only those are (before
+// 6.7), and says what is missing where neither is (before 5.7).
+TEST(DirtyMethodTest, AutoTakesWhatTheKernelHas) {
+  const KernelFeatures kf = probe_kernel();
+  if (!kf.has_dirty_marks()) GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
+  void* p = ::mmap(nullptr, 16 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  const std::vector<AddressRange> ranges = {{reinterpret_cast<uintptr_t>(p), 16 * kPage}};
+  auto method = [&](const KernelFeatures& k) {
+    auto t = DirtyTracker::start(ranges, k);
+    return t.ok() ? std::optional((*t)->method()) : std::nullopt;
+  };
+  EXPECT_EQ(method(kf), DirtyMethod::kKernelMarks);
+  KernelFeatures older = kf;
+  older.pagemap_scan = false;  // 6.4-6.6: WP_ASYNC perhaps, no PAGEMAP_SCAN
+  EXPECT_EQ(method(older), DirtyMethod::kWriteFaults);
+  older.uffd_features &= ~(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED);  // 5.7-6.3
+  EXPECT_EQ(method(older), DirtyMethod::kWriteFaults);
+  older.uffd_features &= ~UFFD_FEATURE_PAGEFAULT_FLAG_WP;  // before 5.7
+  auto none = DirtyTracker::start(ranges, older);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.error().message().find("needs Linux 5.7"), std::string::npos) << none.error().message();
+  ::munmap(p, 16 * kPage);
+}
+
 // MADV_DONTNEED drops a page and, on anonymous memory, its write-protect mark with it: the page
 // now reads as zeros, a change a copy must hear of although nothing was written.
-TEST_F(DirtyTest, APageTheKernelDroppedIsReportedChanged) {
+TEST_P(DirtyTest, APageTheKernelDroppedIsReportedChanged) {
   constexpr size_t kPages = 64;
   std::byte* m = map(kPages, 3);
-  auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage}}, kf_);
+  auto t = track({{reinterpret_cast<uintptr_t>(m), kPages * kPage}});
   ASSERT_TRUE(t.ok()) << t.error().message();
   ASSERT_EQ(::madvise(m + 5 * kPage, 2 * kPage, MADV_DONTNEED), 0);
   auto got = (*t)->collect();
@@ -129,7 +184,14 @@ TEST_F(DirtyTest, APageTheKernelDroppedIsReportedChanged) {
 // collect() must equal the memory once the writer stops and one last collect() is copied. A
 // write the tracker re-armed without reporting would leave the copy stale, here. (It did, in
 // nearly every run, while one PAGEMAP_SCAN call could fill the kernel's buffer: pagemap_scan.cc.)
-class DirtyRaceTest : public DirtyTest, public ::testing::WithParamInterface<int> {};
+class DirtyRaceTest : public DirtyTestBase, public ::testing::WithParamInterface<std::tuple<DirtyMethod, int>> {
+ protected:
+  void SetUp() override {
+    method_ = std::get<0>(GetParam());
+    DirtyTestBase::SetUp();
+  }
+  int advice() const { return std::get<1>(GetParam()); }
+};
 
 // This process's anonymous memory in transparent huge pages, KiB.
 size_t anon_huge_kib() {
@@ -142,13 +204,12 @@ size_t anon_huge_kib() {
 
 TEST_P(DirtyRaceTest, WritesRacingWithCollectAreNeverLost) {
   constexpr size_t kPages = 8192;  // 32 MiB
-  std::byte* m = map(kPages, 4, GetParam());
-  if (GetParam() == MADV_HUGEPAGE && anon_huge_kib() == 0) {
+  std::byte* m = map(kPages, 4, advice());
+  if (advice() == MADV_HUGEPAGE && anon_huge_kib() == 0) {
     GTEST_SKIP() << "no transparent huge pages were given (THP off, or none free): the small-page run covers the rest";
   }
-  auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage / 2},
-                                {reinterpret_cast<uintptr_t>(m) + kPages * kPage / 2, kPages * kPage / 2}},
-                               kf_);
+  auto t = track({{reinterpret_cast<uintptr_t>(m), kPages * kPage / 2},
+                  {reinterpret_cast<uintptr_t>(m) + kPages * kPage / 2, kPages * kPage / 2}});
   ASSERT_TRUE(t.ok()) << t.error().message();
   std::vector<std::byte> copy(m, m + kPages * kPage);  // round 0: everything
   std::atomic<bool> stop{false};
@@ -191,37 +252,45 @@ TEST_P(DirtyRaceTest, WritesRacingWithCollectAreNeverLost) {
 }
 
 // Small pages, and huge pages where the kernel gives them (it splits what it must to track).
-INSTANTIATE_TEST_SUITE_P(PageSizes, DirtyRaceTest, ::testing::Values(MADV_NOHUGEPAGE, MADV_HUGEPAGE),
-                         [](const auto& info) { return info.param == MADV_HUGEPAGE ? "HugePages" : "SmallPages"; });
+INSTANTIATE_TEST_SUITE_P(PageSizes, DirtyRaceTest,
+                         ::testing::Combine(::testing::Values(DirtyMethod::kKernelMarks, DirtyMethod::kWriteFaults),
+                                            ::testing::Values(MADV_NOHUGEPAGE, MADV_HUGEPAGE)),
+                         [](const auto& info) {
+                           return method_name(std::get<0>(info.param)) +
+                                  (std::get<1>(info.param) == MADV_HUGEPAGE ? "HugePages" : "SmallPages");
+                         });
 
-TEST_F(DirtyTest, SaysWhatIsWrongWithTheRangesOrTheUffd) {
+TEST_P(DirtyTest, SaysWhatIsWrongWithTheRangesOrTheUffd) {
   std::byte* m = map(16, 6);
   const auto at = reinterpret_cast<uintptr_t>(m);
-  auto msg = [&](std::vector<AddressRange> r, DirtyTrackerOptions o = {}) {
-    auto t = DirtyTracker::start(std::move(r), kf_, o);
+  auto msg = [&](std::vector<AddressRange> r, std::optional<DirtyTrackerOptions> given = std::nullopt) {
+    auto t = DirtyTracker::start(std::move(r), kf_, given.value_or(options()));
     return t.ok() ? std::string("started") : t.error().message();
   };
   EXPECT_NE(msg({}).find("no ranges"), std::string::npos);
   EXPECT_NE(msg({{at + 1, kPage}}).find("not page-aligned"), std::string::npos);
   EXPECT_NE(msg({{at, 0}}).find("empty"), std::string::npos);
   EXPECT_NE(msg({{at, 4 * kPage}, {at + kPage, kPage}}).find("overlap"), std::string::npos);
-  DirtyTrackerOptions other;
-  other.pid = 999999999;  // (a range it does not map: migrate_process_test)
-  EXPECT_NE(msg({{at, kPage}}, other).find("no process 999999999"), std::string::npos) << msg({{at, kPage}}, other);
+  EXPECT_NE(msg({{at, kPage}}, options(999999999)).find("no process 999999999"), std::string::npos)
+      << msg({{at, kPage}}, options(999999999));  // (a range it does not map: migrate_process_test)
   auto plain = sys::Uffd::open(0);  // its handshake asked for no write-protect features
   ASSERT_TRUE(plain.ok());
-  DirtyTrackerOptions given;
+  DirtyTrackerOptions given = options();
   given.uffd = plain->fd();
-  EXPECT_NE(msg({{at, kPage}}, given).find("opened without UFFD_FEATURE_WP_ASYNC"), std::string::npos);
-  given.uffd = STDIN_FILENO;
-  EXPECT_NE(msg({{at, kPage}}, given).find("is not a userfaultfd"), std::string::npos);
-  // One whose events nobody would read: madvise, munmap or fork of the memory would block.
-  auto evented = sys::Uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE,
-                                 UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE);
-  ASSERT_TRUE(evented.ok()) << evented.error().message();
-  given.uffd = evented->fd();
-  EXPECT_NE(msg({{at, kPage}}, given).find("also asks for UFFD_FEATURE_EVENT_"), std::string::npos)
-      << msg({{at, kPage}}, given);
+  if (method_ == DirtyMethod::kWriteFaults) {
+    EXPECT_NE(msg({{at, kPage}}, given).find("opens its own userfaultfd"), std::string::npos) << msg({{at, kPage}}, given);
+  } else {
+    EXPECT_NE(msg({{at, kPage}}, given).find("opened without UFFD_FEATURE_WP_ASYNC"), std::string::npos);
+    given.uffd = STDIN_FILENO;
+    EXPECT_NE(msg({{at, kPage}}, given).find("is not a userfaultfd"), std::string::npos);
+    // One whose events nobody would read: madvise, munmap or fork of the memory would block.
+    auto evented = sys::Uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE,
+                                   UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE);
+    ASSERT_TRUE(evented.ok()) << evented.error().message();
+    given.uffd = evented->fd();
+    EXPECT_NE(msg({{at, kPage}}, given).find("also asks for UFFD_FEATURE_EVENT_"), std::string::npos)
+        << msg({{at, kPage}}, given);
+  }
   // Memory not mapped, and shared memory (its pages change through its other mappings and its
   // file, which this mapping's write-protect never sees).
   void* hole = ::mmap(nullptr, 2 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -235,7 +304,7 @@ TEST_F(DirtyTest, SaysWhatIsWrongWithTheRangesOrTheUffd) {
   EXPECT_NE(msg({{reinterpret_cast<uintptr_t>(shared), 4 * kPage}}).find("is a shared mapping"), std::string::npos);
   ::munmap(shared, 4 * kPage);
   // Memory mapped afresh over a tracked range has no marks: collect() says so, not "clean".
-  auto t = DirtyTracker::start({{at, 16 * kPage}}, kf_);
+  auto t = track({{at, 16 * kPage}});
   ASSERT_TRUE(t.ok()) << t.error().message();
   ASSERT_NE(::mmap(m + 4 * kPage, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0),
             MAP_FAILED);
@@ -260,7 +329,7 @@ std::string vm_flags_at(uintptr_t addr) {
 
 // Memory a lazy restore's uffd still serves (registered for missing faults there) cannot be
 // tracked, and a failed start leaves that registration as it was.
-TEST_F(DirtyTest, MemoryAnotherUffdServesIsRefusedAndLeftAsItWas) {
+TEST_P(DirtyTest, MemoryAnotherUffdServesIsRefusedAndLeftAsItWas) {
   std::byte* m = map(16, 9);
   const auto at = reinterpret_cast<uintptr_t>(m);
   auto restore_uffd = sys::Uffd::open(0);
@@ -271,8 +340,8 @@ TEST_F(DirtyTest, MemoryAnotherUffdServesIsRefusedAndLeftAsItWas) {
   auto mine = sys::Uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
                               UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED);
   ASSERT_TRUE(mine.ok());
-  DirtyTrackerOptions o;
-  o.uffd = mine->fd();
+  DirtyTrackerOptions o = options();
+  if (method_ == DirtyMethod::kKernelMarks) o.uffd = mine->fd();  // the other opens its own
   auto t = DirtyTracker::start({{at, 8 * kPage}, {at + 8 * kPage, 8 * kPage}}, kf_, o);
   ASSERT_FALSE(t.ok());
   EXPECT_NE(t.error().message().find("registered with another userfaultfd"), std::string::npos) << t.error().message();
@@ -281,8 +350,10 @@ TEST_F(DirtyTest, MemoryAnotherUffdServesIsRefusedAndLeftAsItWas) {
 }
 
 // Another process's memory, tracked through the uffd it opened and handed over (as a workload
-// being migrated would): its writes and drops, round by round, copied with process_vm_readv.
-TEST_F(DirtyTest, AnotherProcessTrackedThroughItsUffd) {
+// being migrated would; by write faults, through one the tracker makes it open): its writes and
+// drops, round by round, copied with process_vm_readv.
+TEST_P(DirtyTest, AnotherProcessTrackedThroughItsUffd) {
+  const bool hand_over = method_ == DirtyMethod::kKernelMarks;
   constexpr size_t kPages = 4096;
   std::byte* m = map(kPages, 7);
   int sv[2], cmd[2], ack[2];
@@ -293,11 +364,12 @@ TEST_F(DirtyTest, AnotherProcessTrackedThroughItsUffd) {
   ASSERT_GE(kid, 0);
   if (kid == 0) {
     ::close(cmd[1]);  // the parent's end alone: its close is this loop's end
-    auto u = sys::Uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-                             UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED);
+    auto u = hand_over ? sys::Uffd::open(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+                                         UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
+                       : sys::Uffd::open(0);
     if (!u.ok()) _exit(2);
     const std::byte one{1};
-    if (!agent::send_with_fd(sv[1], {&one, 1}, u->fd()).ok()) _exit(3);
+    if (!agent::send_with_fd(sv[1], {&one, 1}, hand_over ? u->fd() : -1).ok()) _exit(3);
     std::mt19937_64 rng(8);
     for (char c; ::read(cmd[0], &c, 1) == 1;) {  // each command: a round of writes and drops
       for (int i = 0; i < 200; ++i) m[(rng() % kPages) * kPage + rng() % kPage] = static_cast<std::byte>(rng() | 1);
@@ -311,17 +383,21 @@ TEST_F(DirtyTest, AnotherProcessTrackedThroughItsUffd) {
   ::close(ack[1]);
   net::FrameBuffer buf;
   std::deque<sys::UniqueFd> fds;
-  while (fds.empty()) ASSERT_TRUE(agent::recv_some(sv[0], buf, fds, 10000).ok());
-  DirtyTrackerOptions o;
-  o.pid = kid;
-  o.uffd = fds.front().get();
+  if (hand_over) {
+    while (fds.empty()) ASSERT_TRUE(agent::recv_some(sv[0], buf, fds, 10000).ok());
+  } else {
+    char ready;
+    ASSERT_EQ(::read(sv[0], &ready, 1), 1);
+  }
+  DirtyTrackerOptions o = options(kid);
+  if (hand_over) o.uffd = fds.front().get();
   auto t = DirtyTracker::start({{reinterpret_cast<uintptr_t>(m), kPages * kPage}}, kf_, o);
   ASSERT_TRUE(t.ok()) << t.error().message();
   fds.clear();  // the tracker holds its own duplicate
   std::vector<std::byte> copy(kPages * kPage);
   auto read_child = [&](uintptr_t at, size_t len) {
     iovec local{copy.data() + (at - reinterpret_cast<uintptr_t>(m)), len}, remote{reinterpret_cast<void*>(at), len};
-    ASSERT_EQ(::process_vm_readv(kid, &local, 1, &remote, 1, 0), static_cast<ssize_t>(len));
+    ASSERT_EQ(::process_vm_readv(kid, &local, 1, &remote, 1, 0), static_cast<ssize_t>(len)) << strerror(errno) << " at " << at;
   };
   read_child(reinterpret_cast<uintptr_t>(m), kPages * kPage);
   for (int round = 0; round < 5; ++round) {

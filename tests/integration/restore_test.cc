@@ -27,6 +27,7 @@
 #include "lazymem/snapshot.h"
 #include "fault/fault_engine.h"
 #include "sys/uffd.h"
+#include "sys/uapi_compat.h"
 
 namespace lazymem {
 namespace {
@@ -44,6 +45,9 @@ class RestoreTest : public ::testing::Test {
 
   // Captures `len` bytes of mixed content from a fresh mapping, keeps a copy for comparison,
   // and unmaps the original so the restore can take its address.
+  // A live capture racing a writer, restored and compared with the memory as the pause found it.
+  void live_capture_holds_the_memory_as_it_was(const KernelFeatures& features);
+
   void capture(size_t len, uint64_t seed, const std::string& name, CaptureOptions opts = {}) {
     void* p = testing::map_for_capture(len, seed);
     ASSERT_NE(p, nullptr);
@@ -288,7 +292,21 @@ TEST_F(RestoreTest, AGrownMappingReadsZerosPastTheSnapshot) {
 }
 
 TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
-  if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
+  if (!kf_.has_dirty_marks()) GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
+  live_capture_holds_the_memory_as_it_was(kf_);
+}
+
+// The same on a kernel as before 6.7 (no WP_ASYNC, no PAGEMAP_SCAN): tracked by write faults.
+TEST_F(RestoreTest, LiveCaptureBeforeLinux67TracksByWriteFaults) {
+  if (!kf_.has_write_protect_faults()) GTEST_SKIP() << "kernel lacks userfaultfd write-protect faults (Linux 5.7)";
+  KernelFeatures older = kf_;
+  older.uffd_features &= ~(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED);
+  older.pagemap_scan = false;
+  ASSERT_FALSE(older.has_dirty_marks());
+  live_capture_holds_the_memory_as_it_was(older);
+}
+
+void RestoreTest::live_capture_holds_the_memory_as_it_was(const KernelFeatures& features) {
   constexpr size_t kLen = 64 * kMiB;
   void* p = testing::map_for_capture(kLen, 21);
   ASSERT_NE(p, nullptr);
@@ -323,7 +341,7 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
       wrote_behind = true;
     };
     CaptureRegion region{"heap", p, kLen, PROT_READ | PROT_WRITE};
-    auto r = capture_regions_live(location("live"), std::span(&region, 1), opts, live, kf_);
+    auto r = capture_regions_live(location("live"), std::span(&region, 1), opts, live, features);
     ASSERT_TRUE(r.ok()) << r.error().message();
     report = *r;
     expected_state = state_at_pause;
@@ -349,7 +367,7 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
 // The same with three regions given out of address order (two adjacent, one past a hole, odd
 // lengths), 4 KiB chunks and format 1: every chunk stored again lands in its own region's place.
 TEST_F(RestoreTest, LiveCaptureOfSeveralRegionsInFormatOneWithSmallChunks) {
-  if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "kernel lacks UFFD_FEATURE_WP_ASYNC or PAGEMAP_SCAN (Linux 6.7)";
+  if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.7 (userfaultfd write-protect faults)";
   constexpr size_t kA = 3 * kMiB + 12 * 1024, kB = kMiB, kHole = 64 * 1024, kC = 2 * kMiB + 4096;
   void* p = testing::map_for_capture(kA + kB + kHole + kC, 23);
   ASSERT_NE(p, nullptr);

@@ -5,11 +5,14 @@
 //   copy_everything();                   // round 0
 //   auto dirty = (*t)->collect();        // written meanwhile: copy these again, and repeat
 //
-// The kernel does the work (UFFD_FEATURE_WP_ASYNC with PAGEMAP_SCAN, Linux 6.7): the tracked
-// pages are write-protected; the first write to one is let through at once by the kernel, which
-// only notes it (no fault message, no thread of ours woken); collect() walks the page tables in
-// one ioctl, reports the pages written and write-protects them again in the same walk. A write
-// that races with collect() is reported by it or by the next one, never lost.
+// Two ways (DirtyMethod), one answer. Since Linux 6.7 the kernel does the work (kKernelMarks:
+// UFFD_FEATURE_WP_ASYNC with PAGEMAP_SCAN): the tracked pages are write-protected; the first
+// write to one is let through at once by the kernel, which only notes it (no fault message, no
+// thread of ours woken); collect() walks the page tables in one ioctl, reports the pages written
+// and write-protects them again in the same walk. Before 6.7 (from 5.7), a thread of the
+// tracker's takes each first write as a write-protect fault (kWriteFaults): the same answers,
+// but the writer waits for that thread at each first write to a page per round. Either way a
+// write that races with collect() is reported by it or by the next one, never lost.
 #pragma once
 
 #include <sys/types.h>
@@ -31,13 +34,21 @@ struct AddressRange {
   bool operator==(const AddressRange&) const = default;
 };
 
+enum class DirtyMethod {
+  kAuto,         // kKernelMarks where the kernel has them, else kWriteFaults
+  kKernelMarks,  // UFFD_FEATURE_WP_ASYNC | WP_UNPOPULATED marks read by PAGEMAP_SCAN (Linux 6.7)
+  kWriteFaults,  // write-protect faults taken by a thread of the tracker's (Linux 5.7)
+};
+
 struct DirtyTrackerOptions {
   pid_t pid = 0;  // whose memory: 0 for this process
+  DirtyMethod method = DirtyMethod::kAuto;
   // A userfaultfd of that process whose API handshake asked for UFFD_FEATURE_WP_ASYNC and
   // UFFD_FEATURE_WP_UNPOPULATED (a process hands it over with SCM_RIGHTS; the tracker takes a
   // duplicate). The ranges must not be registered for MISSING faults on it: registering them for
   // write-protect replaces that. -1: the tracker opens one; in another process, by making that
   // process open it (ptrace, x86_64: it needs ptrace rights over it, and need not cooperate).
+  // kKernelMarks only: kWriteFaults opens its own (its thread reads the uffd's events).
   int uffd = -1;
 };
 
@@ -63,6 +74,7 @@ class DirtyTracker {
   Result<std::vector<AddressRange>> collect();
 
   const std::vector<AddressRange>& ranges() const;
+  DirtyMethod method() const;  // the one in use (never kAuto)
 
   struct Impl;
 

@@ -36,8 +36,13 @@ struct KernelFeatures {
   bool has_uffd_poison() const;
   bool has_uffd_move() const;
   bool has_wp_async() const;
-  // DirtyTracker: WP_ASYNC and WP_UNPOPULATED marks, read by PAGEMAP_SCAN.
-  bool has_dirty_tracking() const;
+  // DirtyTracker by kernel marks: WP_ASYNC and WP_UNPOPULATED, read by PAGEMAP_SCAN (6.7).
+  bool has_dirty_marks() const;
+  // DirtyTracker by write faults: userfaultfd write-protect on anonymous memory, with the
+  // REMOVE, UNMAP and REMAP events (5.7).
+  bool has_write_protect_faults() const;
+  // DirtyTracker by either.
+  bool has_dirty_tracking() const { return has_dirty_marks() || has_write_protect_faults(); }
 
   // One row per feature for `lazymem-agent check`.
   struct Row {

@@ -131,8 +131,13 @@ bool KernelFeatures::has_uffd_move() const {
   return has_uffd_feature(UFFD_FEATURE_MOVE) && (uffd_ioctls & (1ULL << _UFFDIO_MOVE)) != 0;
 }
 bool KernelFeatures::has_wp_async() const { return has_uffd_feature(UFFD_FEATURE_WP_ASYNC); }
-bool KernelFeatures::has_dirty_tracking() const {
+bool KernelFeatures::has_dirty_marks() const {
   return has_uffd_feature(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED) && pagemap_scan;
+}
+bool KernelFeatures::has_write_protect_faults() const {
+  // Offered by UFFDIO_API from 5.7, when write-protect came to anonymous memory.
+  return has_uffd_feature(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP |
+                          UFFD_FEATURE_EVENT_REMAP);
 }
 
 std::vector<KernelFeatures::Row> KernelFeatures::rows() const {
@@ -149,8 +154,12 @@ std::vector<KernelFeatures::Row> KernelFeatures::rows() const {
   out.push_back({"UFFD_FEATURE_POISON (6.6)", has_uffd_poison(), "failing a fault visibly (SIGBUS)",
                  "terminate the process with a logged reason"});
   out.push_back({"UFFD_FEATURE_MOVE (6.8)", has_uffd_move(), "zero-copy install of migrated pages", "UFFDIO_COPY"});
-  out.push_back({"UFFD_FEATURE_WP_ASYNC (6.7)", has_wp_async(), "dirty-page tracking (DirtyTracker)", "none: not tracked"});
-  out.push_back({"PAGEMAP_SCAN (6.7)", pagemap_scan, "dirty-page tracking (DirtyTracker)", "none: not tracked"});
+  out.push_back({"UFFD_FEATURE_WP_ASYNC (6.7)", has_wp_async(), "dirty-page tracking by kernel marks",
+                 "tracking by write faults (the writer waits on each first write)"});
+  out.push_back({"PAGEMAP_SCAN (6.7)", pagemap_scan, "dirty-page tracking by kernel marks",
+                 "tracking by write faults (the writer waits on each first write)"});
+  out.push_back({"userfaultfd write-protect faults (5.7)", has_write_protect_faults(),
+                 "dirty-page tracking before 6.7", "none: not tracked (no live capture or migration)"});
   out.push_back({"io_uring", io_uring_usable, "page server, snapshot reader", "pread()/send() loops"});
   out.push_back({"IORING_OP_READ_FIXED", op_read_fixed, "reads into registered buffers", "IORING_OP_READ"});
   out.push_back({"IORING_OP_SEND_ZC (6.0)", op_send_zc, "page server zero-copy sends", "MSG_ZEROCOPY, then send()"});

@@ -169,16 +169,21 @@ Status Uffd::register_write_protected(uintptr_t addr, size_t len) {
   reg.mode = UFFDIO_REGISTER_MODE_WP;
   SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_REGISTER, &reg); });
   if (!r.ok()) return r.error(fmt::format("userfaultfd: register {:#x}-{:#x} for write-protect", addr, addr + len));
+  InstallResult wp = write_protect(addr, len, true);
+  if (wp.outcome != InstallOutcome::kDone) {
+    (void)unregister(addr, len);  // registered above: not left half done
+    return sys_error(fmt::format("userfaultfd: write-protect {:#x}-{:#x}", addr, addr + len), wp.err);
+  }
+  return ok_status();
+}
+
+InstallResult Uffd::write_protect(uintptr_t addr, size_t len, bool on, bool wake) {
   uffdio_writeprotect wp{};
   wp.range.start = addr;
   wp.range.len = len;
-  wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
-  r = call([&] { return ::ioctl(fd_.get(), UFFDIO_WRITEPROTECT, &wp); });
-  if (!r.ok()) {
-    (void)unregister(addr, len);  // registered above: not left half done
-    return r.error(fmt::format("userfaultfd: write-protect {:#x}-{:#x}", addr, addr + len));
-  }
-  return ok_status();
+  wp.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : (wake ? 0 : UFFDIO_WRITEPROTECT_MODE_DONTWAKE);
+  SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_WRITEPROTECT, &wp); });
+  return classify(r.value, r.err, r.ok() ? static_cast<__s64>(len) : 0, len);
 }
 
 InstallResult Uffd::copy(uintptr_t dst, const void* src, size_t len, bool wake) {

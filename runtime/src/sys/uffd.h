@@ -59,8 +59,12 @@ class Uffd {
   Status unregister(uintptr_t addr, size_t len);
   // Registers [addr, addr+len) for write-protect tracking (MODE_WP only: a range registered
   // for MISSING faults on this uffd would lose that mode), then write-protects every page of
-  // it, those never touched included (UFFD_FEATURE_WP_UNPOPULATED).
+  // it: those present, and with UFFD_FEATURE_WP_UNPOPULATED those never touched too.
   Status register_write_protected(uintptr_t addr, size_t len);
+
+  // Write-protects [addr, addr+len) (`on`) or lifts it, waking threads waiting on a write-protect
+  // fault in it with `wake` (lifting only). kDone, or why not as for an install.
+  InstallResult write_protect(uintptr_t addr, size_t len, bool on, bool wake = true);
 
   InstallResult copy(uintptr_t dst, const void* src, size_t len, bool wake = true);
   InstallResult zeropage(uintptr_t dst, size_t len, bool wake = true);
