@@ -1,18 +1,15 @@
 // Fault engine building blocks: the address map follows munmap/mremap; histogram maths; what
 // add_session refuses.
 #include <fcntl.h>
-#include <sys/wait.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "../common/manifest_source.h"
 #include "fault/address_map.h"
 #include "fault/fault_engine.h"
 #include "snapshot/chunk_source.h"
-#include "sys/before_fork.h"
 #include "sys/cpu_latency.h"
 #include "lazymem/stats.h"
 
@@ -114,37 +111,6 @@ TEST(CpuLatencyHoldTest, HeldWhileAskedAndGivenBack) {
 // A source whose manifest was never validated (or a check there that failed): a range the
 // region's length covers but its chunks do not is refused, not left for a fault to index past
 // the chunk vector.
-// Forks and waits; the child's exit status (-1 if it did not exit).
-int fork_and_wait(int (*child)()) {
-  const pid_t pid = ::fork();
-  if (pid == 0) _exit(child());
-  int status = 0;
-  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
-  return WEXITSTATUS(status);
-}
-
-std::atomic<int> g_first{0}, g_second{0};
-
-// fork() runs the live hooks first, in the parent; a destroyed handle's hook no longer runs, a
-// moved one's still does, and a child starts with none of its parent's.
-TEST(BeforeForkTest, RunsTheLiveHooksInTheParentOnly) {
-  sys::BeforeFork first([] { ++g_first; });
-  {
-    sys::BeforeFork second([] { ++g_second; });
-    EXPECT_EQ(fork_and_wait([] { return 0; }), 0);
-    EXPECT_EQ(g_first.load(), 1);
-    EXPECT_EQ(g_second.load(), 1);
-  }
-  sys::BeforeFork moved = std::move(first);
-  // The child forks too: had it kept the parent's hooks, its g_first would count that fork.
-  EXPECT_EQ(fork_and_wait([] { return fork_and_wait([] { return 0; }) == 0 && g_first.load() == 2 ? 0 : 1; }), 0);
-  EXPECT_EQ(g_first.load(), 2);
-  EXPECT_EQ(g_second.load(), 1);
-  moved.reset();
-  EXPECT_EQ(fork_and_wait([] { return 0; }), 0);
-  EXPECT_EQ(g_first.load(), 2);
-}
-
 TEST(FaultEngineTest, RangePastTheRegionsChunksIsRefused) {
   // 256 KiB of chunks for a 1 TiB region
   const Manifest m = testing::one_region_manifest("guest", RegionKind::kRawFile, uint64_t{1} << 40, 4);

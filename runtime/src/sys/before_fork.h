@@ -7,7 +7,8 @@
 //
 // The hooks run under the registry's lock, which fork() then holds across the fork: a handle
 // destroyed meanwhile waits for its hook to return, so a hook may use what its handle's owner
-// owns. A child starts with no hooks: its parent's restores are not its own.
+// owns. A child starts with no hooks: its parent's restores are not its own (a child made by a
+// raw clone() or _Fork(), which run no atfork handlers, included).
 //
 // Thread-safety: any thread. A hook must not create or destroy a BeforeFork.
 #pragma once
