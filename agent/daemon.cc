@@ -987,15 +987,15 @@ struct Daemon::Impl {
       }
       // A live peer we cannot identify is still read to the end: its uffd, once here, is
       // failed with the VM's memory; closed unread, it would leave the vCPUs waiting.
-      if (cred.ok()) hs->cred = std::move(*cred);
-      else hs->refusal = cred.error().message();
-      // Firecracker sends its message as it connects: the oldest pending peer is the likeliest
-      // to be one that never will, and refusing the newcomer would hang a VM for it.
-      if (handshakes.size() >= kMaxPendingHandshakes) {
-        auto oldest = std::min_element(handshakes.begin(), handshakes.end(),
-                                       [](const auto& a, const auto& b) { return a.second->opened < b.second->opened; });
-        refuse_handshake(*oldest->second, "refused to make room: too many handshakes pending");
+      if (cred.ok()) {
+        hs->cred = std::move(*cred);
+      } else {
+        hs->refusal = cred.error().message();
+        ucred who{};
+        socklen_t len = sizeof who;
+        if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &who, &len) == 0) hs->cred.pid = who.pid;  // for messages
       }
+      if (handshakes.size() >= kMaxPendingHandshakes) make_room();
       hs->timer.reset(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
       itimerspec its{};
       its.it_value.tv_sec = kHandshakeSeconds;
@@ -1016,6 +1016,21 @@ struct Daemon::Impl {
         return;
       }
     }
+  }
+
+  // The handshake table is full; refusing the newcomer would hang a VM for the sake of peers
+  // that may never send. Firecracker sends its message as it connects, and a burst of
+  // connections is accepted before any of them is read: what is queued on each pending one is
+  // read first, and whole messages are served, freeing their places. If none is, the oldest
+  // pending peer, the likeliest never to send, is refused (and its VM failed, if it sent a uffd).
+  void make_room() {
+    std::vector<int> pending;
+    for (const auto& [fd, hs] : handshakes) pending.push_back(fd);
+    for (int fd : pending) on_handshake_data(fd);  // ends handshakes: by fd, not by iterator
+    if (handshakes.size() < kMaxPendingHandshakes) return;
+    auto oldest = std::min_element(handshakes.begin(), handshakes.end(),
+                                   [](const auto& a, const auto& b) { return a.second->opened < b.second->opened; });
+    refuse_handshake(*oldest->second, "refused to make room: too many handshakes pending");
   }
 
   void end_handshake(int fd) {
@@ -1052,6 +1067,10 @@ struct Daemon::Impl {
       if (Status st = sys::pidfd_signal(pidfd, SIGKILL); !st.ok() && st.error().sys_errno() != ESRCH) {
         log->error("firecracker pid {}: could not kill it: {}", pid, st.error().message());
       }
+    } else if (uffd_fd.valid()) {
+      log->error("firecracker pid {}: its memory cannot be served ({}), and it can be neither poisoned (no UFFDIO_POISON "
+                 "or no guest ranges) nor killed (no pidfd of it): it may wait on its memory for good; kill it",
+                 pid, why);
     }
   }
 

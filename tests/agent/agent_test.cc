@@ -56,7 +56,8 @@ constexpr size_t kMiB = 1 << 20;
 // array of GuestRegionUffdMapping, padded past 1 KiB as with many regions) + the uffd. With
 // `split`, the message goes out in two writes (the fd with the first). Returns 0 when every
 // page equals `image`; keeps the socket open while it checks, as Firecracker does while it runs.
-int firecracker_vm(const std::string& socket_path, const std::vector<std::byte>& image, bool split) {
+// `sent_fd`, if given, gets a byte once the message is sent.
+int firecracker_vm(const std::string& socket_path, const std::vector<std::byte>& image, bool split, int sent_fd = -1) {
   size_t len = image.size(), a = len / 3 / 4096 * 4096, b = len - a;
   auto* r1 = static_cast<std::byte*>(::mmap(nullptr, a, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
   auto* r2 = static_cast<std::byte*>(::mmap(nullptr, b, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
@@ -75,6 +76,7 @@ int firecracker_vm(const std::string& socket_path, const std::vector<std::byte>&
   const size_t first = split ? bytes.size() / 2 : bytes.size();
   if (!agent::send_with_fd(sock->get(), bytes.first(first), uffd->fd()).ok()) return 5;
   if (split && !agent::send_with_fd(sock->get(), bytes.subspan(first), -1).ok()) return 5;
+  if (sent_fd >= 0 && ::write(sent_fd, "s", 1) != 1) return 8;
   for (size_t off = 0; off < a; off += 4096)
     if (std::memcmp(r1 + off, image.data() + off, 4096) != 0) return 6;
   for (size_t off = 0; off < b; off += 4096)
@@ -956,6 +958,41 @@ TEST_F(AgentTest, SilentPeersHoldingEveryHandshakeDoNotLockOutAVm) {
   char c;
   EXPECT_EQ(::recv(silent.front().get(), &c, 1, MSG_DONTWAIT), 0) << "the oldest silent peer was not the one refused";
   EXPECT_EQ(::recv(silent.back().get(), &c, 1, MSG_DONTWAIT), -1);
+}
+
+// A burst of connections is accepted before any is read: a VM whose message and uffd wait in
+// its socket, followed by 64 silent peers, was the oldest pending handshake when the table
+// filled, and was refused unread: its uffd closed, its vCPUs waiting for good (128+SIGALRM).
+// Found by review. What is queued is now read before anyone is refused.
+TEST_F(AgentTest, AVmWhoseMessageWaitsUnreadIsNotTheOneRefused) {
+  RAW_IMAGE(image, 1 * kMiB, 61, loc);
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = loc;
+  start_daemon(o);
+  ASSERT_EQ(::kill(daemon_pid_, SIGSTOP), 0);  // nothing accepted until all have connected
+  int sent[2];
+  ASSERT_EQ(::pipe2(sent, O_CLOEXEC), 0);
+  const pid_t vm = ::fork();
+  ASSERT_GE(vm, 0);
+  if (vm == 0) {
+    ::alarm(30);
+    _exit(firecracker_vm(o.firecracker_socket, image, false, sent[1]));
+  }
+  ::close(sent[1]);
+  char c;
+  ASSERT_EQ(::read(sent[0], &c, 1), 1);
+  ::close(sent[0]);
+  std::vector<sys::UniqueFd> silent;
+  for (int i = 0; i < 64; ++i) {  // the agent's kMaxPendingHandshakes
+    auto s = agent::connect_unix(o.firecracker_socket);
+    ASSERT_TRUE(s.ok());
+    silent.push_back(std::move(*s));
+  }
+  ASSERT_EQ(::kill(daemon_pid_, SIGCONT), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(vm, &status, 0), vm);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
 // Firecracker's side of a handshake the agent refuses: guest memory registered on a uffd that
