@@ -23,17 +23,18 @@ struct OpenedLocation {
   std::optional<snapshot::SnapshotFiles> files;
 };
 
-// By path: the local snapshots' files of `location` and of `base` (empty: none) opened.
-struct OpenedLocations {
-  OpenedLocation primary;
-  std::optional<OpenedLocation> base;
-};
-Result<OpenedLocations> open_locations(const std::string& location, const std::string& base, bool direct_io);
-
 // The same, from what the caller opened: nothing is opened by path (the agent opens the files
 // as the user it reads for). `base` is options.base's, opened (options.base and
 // options.token_file are not read); `token`, the page servers' (empty: none).
 Result<std::shared_ptr<snapshot::ChunkSource>> open_chunk_source(OpenedLocation primary, std::optional<OpenedLocation> base,
                                                                  const std::string& token, const RestoreOptions& options);
+
+// By path: the local snapshots' files of `location` and of `base` (empty: none) opened, for the
+// overload above.
+struct OpenedLocations {
+  OpenedLocation primary;
+  std::optional<OpenedLocation> base;
+};
+Result<OpenedLocations> open_locations(const std::string& location, const std::string& base, bool direct_io);
 
 }  // namespace lazymem

@@ -272,12 +272,6 @@ std::optional<SnapshotDirFiles> inspect_snapshot_dir(const std::string& dir) {
   return files;
 }
 
-}  // namespace
-
-bool is_snapshot_dir(const std::string& dir) { return inspect_snapshot_dir(dir).has_value(); }
-
-namespace {
-
 bool same_time(const timespec& a, const timespec& b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; }
 
 // A snapshot's summary from its manifest (`damage` set if the manifest is unreadable or fails
@@ -303,6 +297,8 @@ std::pair<SnapshotSummary, uint64_t> read_summary(const std::string& dir, const 
 }
 
 }  // namespace
+
+bool is_snapshot_dir(const std::string& dir) { return inspect_snapshot_dir(dir).has_value(); }
 
 Result<std::vector<SnapshotSummary>> list_store(const std::string& store_dir, ListingCache* cache) {
   std::error_code ec;
