@@ -22,9 +22,11 @@
 namespace lazymem {
 namespace {
 
-// The events the thread must hear: a page dropped (its contents are zeros now), memory unmapped
-// or moved (what was there is gone). Each waits in the process until the thread reads it.
-constexpr uint64_t kEvents = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+// The events the thread must hear: memory unmapped or moved (what was there is gone). Each
+// waits in the process until the thread reads it.
+constexpr uint64_t kEvents = UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+// /proc/PID/pagemap: present, swapped, and (5.13) write-protected by a uffd.
+constexpr uint64_t kPresent = uint64_t{1} << 63, kSwapped = uint64_t{1} << 62, kUffdWp = uint64_t{1} << 57;
 const uintptr_t kPage = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
 
 // One bit per tracked page.
@@ -43,23 +45,25 @@ class PageBits {
     }
     return end;
   }
-  void swap(PageBits& o) { words_.swap(o.words_); }
+  void add(const PageBits& o) {
+    for (size_t w = 0; w < words_.size(); ++w) words_[w] |= o.words_[w];
+  }
   void reset() { std::fill(words_.begin(), words_.end(), 0); }
 
  private:
   std::vector<uint64_t> words_;
 };
 
-// Calls fn(start, end) for each run of pages of `r` with nothing behind them in `pid`'s memory
-// (neither present nor swapped, from /proc/PID/pagemap: bits 63 and 62 need no privilege).
+// The pages of `r` in `pid`'s memory that are not write-protected, from /proc/PID/pagemap:
+// fn(index in r, hole) for each, `hole` when nothing is behind it. Counts the pages present or
+// swapped, and those of them protected, in `seen` and `marked`.
 template <typename Fn>
-Status each_hole(pid_t pid, const AddressRange& r, Fn&& fn) {
+Status each_unprotected(pid_t pid, const AddressRange& r, size_t& seen, size_t& marked, Fn&& fn) {
   const std::string path = pid == 0 ? "/proc/self/pagemap" : fmt::format("/proc/{}/pagemap", pid);
   sys::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) return sys_error("dirty tracking: open " + path, errno);
   std::vector<uint64_t> entries(4096);
   const size_t pages = r.length / kPage;
-  uintptr_t hole = 0;  // where the run under way began (0: none)
   for (size_t done = 0; done < pages;) {
     const size_t n = std::min(entries.size(), pages - done);
     const off_t at = static_cast<off_t>((r.start / kPage + done) * sizeof(uint64_t));
@@ -67,17 +71,16 @@ Status each_hole(pid_t pid, const AddressRange& r, Fn&& fn) {
     if (got <= 0) return sys_error("dirty tracking: read " + path, got < 0 ? errno : EIO);
     const size_t read = static_cast<size_t>(got) / sizeof(uint64_t);
     for (size_t i = 0; i < read; ++i) {
-      const uintptr_t a = r.start + (done + i) * kPage;
-      const bool empty = (entries[i] & (uint64_t{3} << 62)) == 0;
-      if (empty && hole == 0) hole = a;
-      if (!empty && hole != 0) {
-        LAZYMEM_TRY(fn(hole, a));
-        hole = 0;
+      const bool there = (entries[i] & (kPresent | kSwapped)) != 0;
+      seen += there;
+      if (entries[i] & kUffdWp) {
+        ++marked;
+        continue;
       }
+      fn(done + i, !there);
     }
     done += read;
   }
-  if (hole != 0) LAZYMEM_TRY(fn(hole, r.end()));
   return ok_status();
 }
 
@@ -89,7 +92,6 @@ class WriteFaults final : public DirtyTracker::Impl {
         uffd_(std::move(uffd)),
         stop_(std::move(stop)),
         dirty_(count_pages()),
-        dropped_(count_pages()),
         gone_(count_pages()) {
     size_t n = 0;
     for (const AddressRange& r : this->ranges) {
@@ -112,7 +114,16 @@ class WriteFaults final : public DirtyTracker::Impl {
   // write-protected, and its first write would go unseen: each gets the zero page (shared: page
   // tables are all it costs), protected like the rest. Then the thread starts.
   Status start() {
-    for (const AddressRange& r : ranges) LAZYMEM_TRY(each_hole(pid_, r, [&](uintptr_t a, uintptr_t b) { return protect_zeros(a, b); }));
+    PageBits holes(total_pages());
+    size_t seen = 0, marked = 0;
+    LAZYMEM_TRY(unprotected(nullptr, holes, seen, marked));
+    // Everything present was protected just now, and no thread lifts a protection yet.
+    if (seen > 0 && marked == 0) {
+      return Error(Errc::kUnsupported, "dirty tracking by write faults needs Linux 5.13 (the write-protect bit in "
+                                       "/proc/PID/pagemap); this kernel does not report it");
+    }
+    PageBits pages = holes;
+    LAZYMEM_TRY(protect_runs(pages, holes, nullptr, nullptr));
     try {
       thread_ = std::thread([this] { run(); });
     } catch (const std::system_error& e) {
@@ -128,30 +139,28 @@ class WriteFaults final : public DirtyTracker::Impl {
       return Error(Errc::kNotFound, fmt::format("process {} has exited", pid_ == 0 ? ::getpid() : pid_));
     }
     if (unmapped_) LAZYMEM_TRY(check_not_mapped_again());
-    PageBits taken(total_pages());
-    taken.swap(dirty_);
-    std::vector<AddressRange> out;
-    for (size_t r = 0; r < ranges.size(); ++r) {
-      const size_t end = first_[r] + ranges[r].length / kPage;
-      for (size_t i = taken.next(first_[r], end); i < end;) {
-        size_t j = i;
-        while (j < end && taken.test(j)) ++j;
-        const AddressRange run{address_of(r, i), (j - i) * kPage};
-        // Protected again before the pages are reported: a write from now on faults, and is the
-        // next collect()'s; one before this was, and the caller's copy, made after, holds it.
-        // A dropped page has nothing to protect: it gets the zero page first.
-        for (size_t k = dropped_.next(i, j); k < j;) {
-          size_t e = k;
-          while (e < j && dropped_.test(e)) dropped_.clear(e++);
-          LAZYMEM_TRY(fill_zeros(address_of(r, k), address_of(r, k) + (e - k) * kPage, lock));
-          k = dropped_.next(e, j);
-        }
-        LAZYMEM_TRY(protect_again(run, lock));
-        if (!out.empty() && out.back().end() == run.start) out.back().length += run.length;
-        else out.push_back(run);
-        i = taken.next(j, end);
-      }
+    // Besides the faults noted: every page the walk finds unprotected. A page MADV_DONTNEED
+    // dropped is a hole now (it reads as zeros: a change), or, written since, a fresh page
+    // without the mark; so is one MADV_FREE let go and the kernel reclaimed. (The REMOVE event
+    // comes before the page is zapped: a page noted from it and protected could be zapped
+    // after, and written unseen. The walk sees what is there.) Walked without the lock, which
+    // the writers' faults wait for: a page that loses its protection after the walk is the
+    // thread's to note, or the next walk's to find.
+    lock.unlock();
+    PageBits taken(total_pages()), holes(total_pages());
+    size_t seen = 0, marked = 0;
+    LAZYMEM_TRY(unprotected(&taken, holes, seen, marked));
+    lock.lock();
+    taken.add(dirty_);
+    dirty_.reset();
+    for (size_t i = gone_.next(0, total_pages()); i < total_pages(); i = gone_.next(i + 1, total_pages())) {
+      taken.clear(i);  // unmapped meanwhile
+      holes.clear(i);
     }
+    std::vector<AddressRange> out;
+    // Protected again before the pages are reported: a write from now on faults, and is the
+    // next collect()'s; one before this was, and the caller's copy, made after, holds it.
+    LAZYMEM_TRY(protect_runs(taken, holes, &lock, &out));
     return out;
   }
 
@@ -188,6 +197,50 @@ class WriteFaults final : public DirtyTracker::Impl {
     }
   }
 
+  // The tracked pages the page tables hold unprotected, into `pages` (if given) and, those with
+  // nothing behind them, into `holes`. Reads nothing the lock guards.
+  Status unprotected(PageBits* pages, PageBits& holes, size_t& seen, size_t& marked) const {
+    for (size_t r = 0; r < ranges.size(); ++r) {
+      LAZYMEM_TRY(each_unprotected(pid_, ranges[r], seen, marked, [&](size_t k, bool hole) {
+        const size_t i = first_[r] + k;
+        if (pages) pages->set(i);
+        if (hole) holes.set(i);
+      }));
+    }
+    return ok_status();
+  }
+
+  // Write-protects each run of `pages`, the `holes` in it given the zero page first, and appends
+  // the runs to `out` (if given), adjacent ones merged. A hole that is no mapping at all (unmapped,
+  // its UNMAP event not read yet) is dropped from `pages`: there is nothing there to report.
+  Status protect_runs(PageBits& pages, const PageBits& holes, std::unique_lock<std::mutex>* lock,
+                      std::vector<AddressRange>* out) {
+    for (size_t r = 0; r < ranges.size(); ++r) {
+      const size_t end = first_[r] + ranges[r].length / kPage;
+      for (size_t k = holes.next(first_[r], end); k < end;) {
+        size_t e = k;
+        while (e < end && holes.test(e)) ++e;
+        LAZYMEM_ASSIGN_OR_RETURN(bool mapped, fill_zeros(address_of(r, k), address_of(r, e - 1) + kPage, lock));
+        for (size_t g = k; !mapped && g < e; ++g) {  // page by page, then: which of them are gone
+          LAZYMEM_ASSIGN_OR_RETURN(bool there, fill_zeros(address_of(r, g), address_of(r, g) + kPage, lock));
+          if (!there) pages.clear(g);
+        }
+        k = holes.next(e, end);
+      }
+      for (size_t i = pages.next(first_[r], end); i < end;) {
+        size_t j = i;
+        while (j < end && pages.test(j)) ++j;
+        const AddressRange run{address_of(r, i), (j - i) * kPage};
+        LAZYMEM_TRY(retry_unlocked("write-protect", run.start, run.end(), lock,
+                                   [&] { return uffd_.write_protect(run.start, run.length, true); }));
+        if (out && !out->empty() && out->back().end() == run.start) out->back().length += run.length;
+        else if (out) out->push_back(run);
+        i = pages.next(j, end);
+      }
+    }
+    return ok_status();
+  }
+
   // Runs `op` (an ioctl on the uffd) until it is done. A map change the thread has not read yet
   // (EAGAIN) is waited out without `lock`, which the thread needs to take the event.
   template <typename Op>
@@ -196,12 +249,11 @@ class WriteFaults final : public DirtyTracker::Impl {
       sys::InstallResult r = op();
       switch (r.outcome) {
         case sys::InstallOutcome::kDone:
+        case sys::InstallOutcome::kExists:
         case sys::InstallOutcome::kGone:  // unmapped meanwhile: the event says so
           return ok_status();
         case sys::InstallOutcome::kExited:
           return Error(Errc::kNotFound, fmt::format("process {} has exited", pid_ == 0 ? ::getpid() : pid_));
-        case sys::InstallOutcome::kExists:
-          return ok_status();  // zero-filling: handled by the caller's op
         case sys::InstallOutcome::kAgain:
           if (tries < 10000) {
             if (lock) lock->unlock();
@@ -216,16 +268,13 @@ class WriteFaults final : public DirtyTracker::Impl {
     }
   }
 
-  Status protect_again(const AddressRange& run, std::unique_lock<std::mutex>& lock) {
-    return retry_unlocked("write-protect", run.start, run.end(), &lock,
-                          [&] { return uffd_.write_protect(run.start, run.length, true); });
-  }
-
   // The zero page at each page of [start, end) with nothing behind it (a page filled meanwhile,
-  // by the process itself, is left as it is).
-  Status fill_zeros(uintptr_t start, uintptr_t end, std::unique_lock<std::mutex>* lock) {
+  // by the process itself, is left as it is: it is protected next, and reported). False if the
+  // range is not all one registered mapping (unmapped meanwhile).
+  Result<bool> fill_zeros(uintptr_t start, uintptr_t end, std::unique_lock<std::mutex>* lock) {
     uintptr_t at = start;
-    return retry_unlocked("zero-fill", start, end, lock, [&] {
+    bool gone = false;
+    LAZYMEM_TRY(retry_unlocked("zero-fill", start, end, lock, [&] {
       for (;;) {
         sys::InstallResult r = uffd_.zeropage(at, end - at, false);
         if (r.outcome == sys::InstallOutcome::kExists || (r.outcome == sys::InstallOutcome::kAgain && r.bytes > 0)) {
@@ -234,16 +283,11 @@ class WriteFaults final : public DirtyTracker::Impl {
           continue;
         }
         if (r.outcome == sys::InstallOutcome::kDone) at = end;
+        gone = r.outcome == sys::InstallOutcome::kGone;
         return r;
       }
-    });
-  }
-  Status fill_zeros(uintptr_t start, uintptr_t end, std::unique_lock<std::mutex>& lock) { return fill_zeros(start, end, &lock); }
-
-  // At start: holes get the zero page, then the write-protect they could not take.
-  Status protect_zeros(uintptr_t start, uintptr_t end) {
-    LAZYMEM_TRY(fill_zeros(start, end, nullptr));
-    return retry_unlocked("write-protect", start, end, nullptr, [&] { return uffd_.write_protect(start, end - start, true); });
+    }));
+    return !gone;
   }
 
   // After memory was unmapped: memory mapped there again is not registered, and its writes
@@ -292,13 +336,6 @@ class WriteFaults final : public DirtyTracker::Impl {
           case UFFD_EVENT_PAGEFAULT:
             waiting.push_back({m.arg.pagefault.address & ~(kPage - 1)});
             break;
-          case UFFD_EVENT_REMOVE:  // dropped: reads as zeros now, a change
-            each_page(m.arg.remove.start, m.arg.remove.end, [&](size_t i) {
-              if (gone_.test(i)) return;
-              dirty_.set(i);
-              dropped_.set(i);
-            });
-            break;
           case UFFD_EVENT_UNMAP:
             forget(m.arg.remove.start, m.arg.remove.end);
             break;
@@ -320,7 +357,6 @@ class WriteFaults final : public DirtyTracker::Impl {
   void forget(uintptr_t start, uintptr_t end) {
     each_page(start, end, [&](size_t i) {
       dirty_.clear(i);
-      dropped_.clear(i);
       gone_.set(i);
     });
     unmapped_ = true;
@@ -354,7 +390,6 @@ class WriteFaults final : public DirtyTracker::Impl {
   std::vector<size_t> first_;  // per range: the index of its first page
   std::mutex mu_;
   PageBits dirty_;                // (mu_) written or dropped since the last collect()
-  PageBits dropped_;              // (mu_) dropped since the last collect(): nothing there to protect
   PageBits gone_;                 // (mu_) unmapped or moved away: not reported again
   bool unmapped_ = false;         // (mu_) gone_ has pages: collect() checks nothing is mapped there again
   std::optional<Error> failed_;   // (mu_)

@@ -135,9 +135,9 @@ bool KernelFeatures::has_dirty_marks() const {
   return has_uffd_feature(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED) && pagemap_scan;
 }
 bool KernelFeatures::has_write_protect_faults() const {
-  // Offered by UFFDIO_API from 5.7, when write-protect came to anonymous memory.
-  return has_uffd_feature(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP |
-                          UFFD_FEATURE_EVENT_REMAP);
+  // Offered by UFFDIO_API from 5.7, when write-protect came to anonymous memory. (The tracker
+  // also reads the write-protect bit of /proc/PID/pagemap, 5.13: start() checks it.)
+  return has_uffd_feature(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP);
 }
 
 std::vector<KernelFeatures::Row> KernelFeatures::rows() const {
