@@ -184,7 +184,7 @@ int fill(const po::variables_map& vm, bool migrating) {
   if (live_rate > 0 || migrating) {
     const auto kf = lazymem::probe_kernel();
     if (!kf.has_dirty_tracking()) {
-      std::fprintf(stderr, "live snapshot or migration skipped: this kernel cannot track dirty pages (userfaultfd write-protect faults: Linux 5.7)\n");
+      std::fprintf(stderr, "live snapshot or migration skipped: this kernel cannot track dirty pages (userfaultfd write-protect faults: Linux 5.13)\n");
       return 3;
     }
     const uint64_t before = table.header().records;

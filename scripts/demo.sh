@@ -53,7 +53,7 @@ step "1. fill a ${mib} MiB arena with a table of records and snapshot it to $wor
 "$kv" fill --mib "$mib" --snapshot "$work/store/kv"
 
 step "1b. the same table snapshotted live, while a thread keeps inserting 2000 records a second"
-# Dirty-page tracking (Linux 5.7; cheapest from 6.7) lets the table run during the capture; it is paused for the
+# Dirty-page tracking (Linux 5.13; cheapest from 6.7) lets the table run during the capture; it is paused for the
 # last pass only. Exit status 3: this kernel cannot, said above, and the demo goes on without it.
 live_rc=0
 "$kv" fill --mib "$mib" --snapshot "$work/store/kv-live" --live-inserts-per-sec 2000 || live_rc=$?
@@ -104,7 +104,7 @@ step "6. live migration: pre-copy to the page server while records are inserted,
 # The source process fills its table, pre-copies it to the page server (the destination's, on a
 # real network) as a thread keeps inserting, pauses, and serves the chunks written since from
 # its paused memory; a new process restores from the source, the pre-copy as its base.
-# Exit status 3: this kernel cannot track dirty pages (Linux 5.7), said above, and the demo ends.
+# Exit status 3: this kernel cannot track dirty pages (Linux 5.13), said above, and the demo ends.
 "$kv" migrate --mib "$mib" --snapshot "lazymem://127.0.0.1:$port/kv-migrated" --token-file "$work/token" \
     --listen 127.0.0.1:0 --live-inserts-per-sec 2000 >"$work/source.out" 2>&1 &
 source_pid=$!

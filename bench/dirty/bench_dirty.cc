@@ -278,7 +278,7 @@ static int run_bench(int argc, char** argv) {
     kf.pagemap_scan = false;
   }
   if (!kf.has_dirty_tracking()) {
-    std::fprintf(stderr, "lazymem-bench-dirty: this kernel cannot track dirty pages (userfaultfd write-protect faults: Linux 5.7)\n");
+    std::fprintf(stderr, "lazymem-bench-dirty: this kernel cannot track dirty pages (userfaultfd write-protect faults: Linux 5.13)\n");
     return 1;
   }
   const size_t len = mib << 20, pages = len / kPage;

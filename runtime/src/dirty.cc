@@ -205,14 +205,15 @@ Result<DirtyMethod> choose_method(const KernelFeatures& features, const DirtyTra
                                              "the events): give no uffd, or ask for the kernel-marks method");
       }
       if (!faults) {
-        return Error(Errc::kUnsupported, "dirty tracking by write faults needs Linux 5.7 (userfaultfd write-protect "
-                                         "faults and its REMOVE, UNMAP and REMAP events); this kernel lacks them");
+        return Error(Errc::kUnsupported, "dirty tracking by write faults needs Linux 5.13 (userfaultfd write-protect "
+                                         "faults, its UNMAP and REMAP events, and the marks in /proc/PID/pagemap); "
+                                         "this kernel lacks them");
       }
       return DirtyMethod::kWriteFaults;
     case DirtyMethod::kAuto:
       if (marks || options.uffd >= 0) return choose_method(features, {options.pid, DirtyMethod::kKernelMarks, options.uffd});
       if (faults) return DirtyMethod::kWriteFaults;
-      return Error(Errc::kUnsupported, fmt::format("dirty tracking needs Linux 5.7 (write-protect faults), and 6.7 to "
+      return Error(Errc::kUnsupported, fmt::format("dirty tracking needs Linux 5.13 (write-protect faults), and 6.7 to "
                                                    "cost the writer least; this kernel lacks {}, and write-protect faults",
                                                    no_marks()));
   }

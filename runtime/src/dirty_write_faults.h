@@ -1,5 +1,5 @@
 // Dirty-page tracking for kernels without UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN (before 6.7):
-// write-protect faults (Linux 5.7; 5.13 for the pagemap bit) taken by a tracker thread of ours.
+// write-protect faults (Linux 5.13) taken by a tracker thread of ours.
 //
 // The ranges are registered on a uffd of their process for write-protect faults and
 // protected. The first write to a protected page is a fault the thread reads: it notes the page

@@ -120,7 +120,7 @@ void skip_unless_possible(const KernelFeatures& kf) {
 #endif
   if (::geteuid() != 0) GTEST_SKIP() << "needs root (ptrace of another process)";
   if (!kf.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf.uffd_error;
-  if (!kf.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.7 (userfaultfd write-protect faults)";
+  if (!kf.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.13 (userfaultfd write-protect faults)";
 }
 
 // A forked child that does as it is told, one command at a time, blocked in read() between

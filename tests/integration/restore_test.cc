@@ -298,7 +298,7 @@ TEST_F(RestoreTest, LiveCaptureHoldsTheMemoryAsItWasDuringThePause) {
 
 // The same on a kernel as before 6.7 (no WP_ASYNC, no PAGEMAP_SCAN): tracked by write faults.
 TEST_F(RestoreTest, LiveCaptureBeforeLinux67TracksByWriteFaults) {
-  if (!kf_.has_write_protect_faults()) GTEST_SKIP() << "kernel lacks userfaultfd write-protect faults (Linux 5.7)";
+  if (!kf_.has_write_protect_faults()) GTEST_SKIP() << "kernel lacks userfaultfd write-protect faults (Linux 5.13)";
   KernelFeatures older = kf_;
   older.uffd_features &= ~(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED);
   older.pagemap_scan = false;
@@ -367,7 +367,7 @@ void RestoreTest::live_capture_holds_the_memory_as_it_was(const KernelFeatures& 
 // The same with three regions given out of address order (two adjacent, one past a hole, odd
 // lengths), 4 KiB chunks and format 1: every chunk stored again lands in its own region's place.
 TEST_F(RestoreTest, LiveCaptureOfSeveralRegionsInFormatOneWithSmallChunks) {
-  if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.7 (userfaultfd write-protect faults)";
+  if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.13 (userfaultfd write-protect faults)";
   constexpr size_t kA = 3 * kMiB + 12 * 1024, kB = kMiB, kHole = 64 * 1024, kC = 2 * kMiB + 4096;
   void* p = testing::map_for_capture(kA + kB + kHole + kC, 23);
   ASSERT_NE(p, nullptr);

@@ -150,7 +150,7 @@ class MigrateTest : public ::testing::Test {
   void SetUp() override {
     kf_ = probe_kernel();
     if (!kf_.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf_.uffd_error;
-    if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.7 (userfaultfd write-protect faults)";
+    if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.13 (userfaultfd write-protect faults)";
   }
   void TearDown() override {
     if (pid_ > 0) {

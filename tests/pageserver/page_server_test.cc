@@ -376,7 +376,7 @@ TEST_F(PageServerTest, AnUploadsCommitDoesNotHoldUpOtherClients) {
 // Captured live to a server: chunks stored again are sent after the first pass, out of order,
 // and the manifest sent at the commit points at their last versions, which the restore reads.
 TEST_F(PageServerTest, LiveCaptureUploadRestoresThePausedState) {
-  if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.7 (userfaultfd write-protect faults)";
+  if (!kf_.has_dirty_tracking()) GTEST_SKIP() << "dirty tracking needs Linux 5.13 (userfaultfd write-protect faults)";
   capture(4 * kMiB, 31);
   start_server();
   len_ = 32 * kMiB;

@@ -9,7 +9,7 @@
 // UFFD_FEATURE_WP_ASYNC with PAGEMAP_SCAN): the tracked pages are write-protected; the first
 // write to one is let through at once by the kernel, which only notes it (no fault message, no
 // thread of ours woken); collect() walks the page tables in one ioctl, reports the pages written
-// and write-protects them again in the same walk. Before 6.7 (from 5.7), a thread of the
+// and write-protects them again in the same walk. Before 6.7 (from 5.13), a thread of the
 // tracker's takes each first write as a write-protect fault (kWriteFaults): the same answers,
 // but the writer waits for that thread at each first write to a page per round. Either way a
 // write that races with collect() is reported by it or by the next one, never lost.
@@ -37,7 +37,7 @@ struct AddressRange {
 enum class DirtyMethod {
   kAuto,         // kKernelMarks where the kernel has them, else kWriteFaults
   kKernelMarks,  // UFFD_FEATURE_WP_ASYNC | WP_UNPOPULATED marks read by PAGEMAP_SCAN (Linux 6.7)
-  kWriteFaults,  // write-protect faults taken by a thread of the tracker's (Linux 5.7)
+  kWriteFaults,  // write-protect faults taken by a thread of the tracker's (Linux 5.13)
 };
 
 struct DirtyTrackerOptions {

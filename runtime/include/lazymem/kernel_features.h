@@ -16,6 +16,7 @@ struct KernelFeatures {
   uint64_t uffd_features = 0;    // UFFD_FEATURE_* bits the kernel offers
   uint64_t uffd_ioctls = 0;      // _UFFDIO_* bits supported on a registered anonymous range
   bool pagemap_scan = false;     // PAGEMAP_SCAN ioctl on /proc/PID/pagemap, Linux 6.7
+  bool pagemap_uffd_wp = false;  // /proc/PID/pagemap shows uffd write-protect marks, Linux 5.13
 
   // io_uring
   bool io_uring_usable = false;
@@ -39,7 +40,7 @@ struct KernelFeatures {
   // DirtyTracker by kernel marks: WP_ASYNC and WP_UNPOPULATED, read by PAGEMAP_SCAN (6.7).
   bool has_dirty_marks() const;
   // DirtyTracker by write faults: userfaultfd write-protect on anonymous memory, with the
-  // REMOVE, UNMAP and REMAP events (5.7).
+  // UNMAP and REMAP events, and its marks shown in /proc/PID/pagemap (5.13).
   bool has_write_protect_faults() const;
   // DirtyTracker by either.
   bool has_dirty_tracking() const { return has_dirty_marks() || has_write_protect_faults(); }

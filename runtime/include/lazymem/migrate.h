@@ -14,7 +14,7 @@
 //   lazymem::RestoreOptions o; o.base = "lazymem://dst.example:7070/app";
 //   auto r = lazymem::LazyRestore::start(location_from_source, o);
 //
-// Pre-copy: a live capture's rounds (DirtyTracker: Linux 5.7, cheapest from 6.7) store everything into `base`, a
+// Pre-copy: a live capture's rounds (DirtyTracker: Linux 5.13, cheapest from 6.7) store everything into `base`, a
 // store or page server near the destination, while the workload runs, and commit it there.
 // Switch-over: pause(); the chunks written since the last round are not stored: only their
 // checksums are taken, with the application state, into the manifest the source serves; the pause

@@ -188,7 +188,7 @@ struct LiveCaptureOptions {
 };
 
 // Captures `regions` of this process while it keeps running, as a pre-copy migration does: a
-// first pass stores everything with dirty-page tracking armed (DirtyTracker: Linux 5.7, cheapest from 6.7), each
+// first pass stores everything with dirty-page tracking armed (DirtyTracker: Linux 5.13, cheapest from 6.7), each
 // round then stores again the chunks written meanwhile, until one finds at most
 // `live.converged_bytes` or `live.max_rounds` have run; then pause(), the last chunks written,
 // resume(), commit. The process stops for that last round only. The data file keeps the older

@@ -25,6 +25,22 @@
 namespace lazymem {
 namespace {
 
+// Whether /proc/PID/pagemap shows a page's uffd write-protect mark (bit 57, Linux 5.13; a
+// kernel may also leave it out): a page of scratch memory touched, registered, protected and
+// read back.
+bool pagemap_shows_uffd_wp(sys::Uffd& uffd) {
+  auto m = sys::Mapping::anonymous(4096);
+  if (!m.ok()) return false;
+  *reinterpret_cast<volatile char*>(m->data()) = 1;  // present
+  if (!uffd.register_write_protected(m->address(), m->size()).ok()) return false;
+  sys::UniqueFd pagemap(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+  uint64_t entry = 0;
+  const bool read = pagemap.valid() && ::pread(pagemap.get(), &entry, sizeof entry,
+                                               static_cast<off_t>(m->address() / 4096 * sizeof entry)) == sizeof entry;
+  (void)uffd.unregister(m->address(), m->size());
+  return read && (entry & (uint64_t{1} << 57)) != 0;
+}
+
 void probe_uffd(KernelFeatures& kf) {
   using namespace sys;
   SysResult direct = call([] { return ::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK); });
@@ -56,6 +72,7 @@ void probe_uffd(KernelFeatures& kf) {
     if (ioctls.ok()) kf.uffd_ioctls = *ioctls;
   }
   kf.pagemap_scan = pagemap_scan_supported();
+  kf.pagemap_uffd_wp = pagemap_shows_uffd_wp(uffd);
 }
 
 void probe_uring(KernelFeatures& kf) {
@@ -135,9 +152,10 @@ bool KernelFeatures::has_dirty_marks() const {
   return has_uffd_feature(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED) && pagemap_scan;
 }
 bool KernelFeatures::has_write_protect_faults() const {
-  // Offered by UFFDIO_API from 5.7, when write-protect came to anonymous memory. (The tracker
-  // also reads the write-protect bit of /proc/PID/pagemap, 5.13: start() checks it.)
-  return has_uffd_feature(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP);
+  // Write-protect came to anonymous memory in 5.7; the tracker also reads the marks in
+  // /proc/PID/pagemap (5.13).
+  return has_uffd_feature(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP) &&
+         pagemap_uffd_wp;
 }
 
 std::vector<KernelFeatures::Row> KernelFeatures::rows() const {
@@ -158,7 +176,7 @@ std::vector<KernelFeatures::Row> KernelFeatures::rows() const {
                  "tracking by write faults (the writer waits on each first write)"});
   out.push_back({"PAGEMAP_SCAN (6.7)", pagemap_scan, "dirty-page tracking by kernel marks",
                  "tracking by write faults (the writer waits on each first write)"});
-  out.push_back({"userfaultfd write-protect faults (5.7)", has_write_protect_faults(),
+  out.push_back({"userfaultfd write-protect faults, marks in pagemap (5.13)", has_write_protect_faults(),
                  "dirty-page tracking before 6.7", "none: not tracked (no live capture or migration)"});
   out.push_back({"io_uring", io_uring_usable, "page server, snapshot reader", "pread()/send() loops"});
   out.push_back({"IORING_OP_READ_FIXED", op_read_fixed, "reads into registered buffers", "IORING_OP_READ"});

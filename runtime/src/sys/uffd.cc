@@ -100,20 +100,21 @@ bool is_userfaultfd(pid_t pid, long fd) {
   return !ec && target.string() == "anon_inode:[userfaultfd]";
 }
 
-Result<UniqueFd> open_userfaultfd_in(pid_t pid) {
+Result<UniqueFd> open_userfaultfd_in(pid_t pid, bool user_mode_only) {
   LAZYMEM_ASSIGN_OR_RETURN(RemoteSyscalls remote, RemoteSyscalls::attach(pid));
-  // User-mode only: allowed to any process (vm.unprivileged_userfaultfd governs only uffds that
-  // also catch the kernel's own accesses), and enough for write-protect tracking, whose
-  // asynchronous faults the kernel resolves itself, from kernel mode too.
-  LAZYMEM_ASSIGN_OR_RETURN(long remote_fd, remote.call(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
+  const long flags = O_CLOEXEC | O_NONBLOCK | (user_mode_only ? UFFD_USER_MODE_ONLY : 0);
+  LAZYMEM_ASSIGN_OR_RETURN(long remote_fd, remote.call(SYS_userfaultfd, flags));
   if (remote_fd < 0) {
     const int err = static_cast<int>(-remote_fd);
+    std::string hint;
+    if (err == EPERM && user_mode_only) {
+      hint = " (a seccomp filter refusing userfaultfd(2), as containers' default profiles have? allow it for that process)";
+    } else if (err == EPERM) {
+      hint = " (one that also takes the kernel's own accesses needs vm.unprivileged_userfaultfd=1 or CAP_SYS_PTRACE in "
+             "that process, and userfaultfd(2) allowed by its seccomp filter)";
+    }
     return Error(err == EPERM ? Errc::kPermission : Errc::kIo,
-                 fmt::format("process {} could not open a userfaultfd: {}{}", pid, std::strerror(err),
-                             err == EPERM ? " (a seccomp filter refusing userfaultfd(2), as containers' default "
-                                            "profiles have? allow it for that process)"
-                                          : ""),
-                 err);
+                 fmt::format("process {} could not open a userfaultfd: {}{}", pid, std::strerror(err), hint), err);
   }
   if (!is_userfaultfd(pid, remote_fd)) {
     return Error(Errc::kIo, fmt::format("process {}: descriptor {} it was given by userfaultfd(2) is no longer one "
@@ -130,11 +131,11 @@ Result<UniqueFd> open_userfaultfd_in(pid_t pid) {
 
 }  // namespace
 
-Result<Uffd> Uffd::open_in(pid_t pid, uint64_t features) {
+Result<Uffd> Uffd::open_in(pid_t pid, uint64_t features, bool user_mode_only) {
   // On a thread of its own: if the process cannot be stopped in time, that thread's exit has the
   // kernel detach it, instead of leaving it traced (and stopped, once it stops) by this one.
   Result<UniqueFd> opened = Error(Errc::kCancelled, "not run");
-  std::thread([&] { opened = open_userfaultfd_in(pid); }).join();
+  std::thread([&] { opened = open_userfaultfd_in(pid, user_mode_only); }).join();
   if (!opened.ok()) return std::move(opened).error();
   UniqueFd fd = std::move(*opened);
   uffdio_api api{};
@@ -162,13 +163,14 @@ Status Uffd::unregister(uintptr_t addr, size_t len) {
   return ok_status();
 }
 
-Status Uffd::register_write_protected(uintptr_t addr, size_t len) {
+Status Uffd::register_write_protected(uintptr_t addr, size_t len, bool protect) {
   uffdio_register reg{};
   reg.range.start = addr;
   reg.range.len = len;
   reg.mode = UFFDIO_REGISTER_MODE_WP;
   SysResult r = call([&] { return ::ioctl(fd_.get(), UFFDIO_REGISTER, &reg); });
   if (!r.ok()) return r.error(fmt::format("userfaultfd: register {:#x}-{:#x} for write-protect", addr, addr + len));
+  if (!protect) return ok_status();
   InstallResult wp = write_protect(addr, len, true);
   if (wp.outcome != InstallOutcome::kDone) {
     (void)unregister(addr, len);  // registered above: not left half done

@@ -45,8 +45,11 @@ class Uffd {
   // Opens a userfaultfd of another process, `pid`, which need not cooperate: it is made to call
   // userfaultfd(2) (sys/remote_syscall.h: ptrace, x86_64), the descriptor is taken from it and
   // closed there, and the handshake with `features` (all required) is done here. The uffd acts
-  // on that process's memory; it is user-mode only, so it needs no privilege of that process.
-  static Result<Uffd> open_in(pid_t pid, uint64_t features);
+  // on that process's memory. `user_mode_only` (UFFD_USER_MODE_ONLY) needs no privilege of that
+  // process, and is enough where the kernel resolves faults itself (WP_ASYNC); a uffd whose
+  // faults a thread of ours resolves must also take the kernel's own accesses (a read(2) into
+  // the memory), or those fail with EFAULT.
+  static Result<Uffd> open_in(pid_t pid, uint64_t features, bool user_mode_only = true);
   // Adopts an fd created elsewhere (handed over by SCM_RIGHTS) whose API handshake was done.
   static Uffd adopt(UniqueFd fd, uint64_t features) { return Uffd(std::move(fd), features); }
 
@@ -59,8 +62,9 @@ class Uffd {
   Status unregister(uintptr_t addr, size_t len);
   // Registers [addr, addr+len) for write-protect tracking (MODE_WP only: a range registered
   // for MISSING faults on this uffd would lose that mode), then write-protects every page of
-  // it: those present, and with UFFD_FEATURE_WP_UNPOPULATED those never touched too.
-  Status register_write_protected(uintptr_t addr, size_t len);
+  // it (unless not `protect`): those present, and with UFFD_FEATURE_WP_UNPOPULATED those never
+  // touched too. (Before 6.5 one protect must stay within one mapping.)
+  Status register_write_protected(uintptr_t addr, size_t len, bool protect = true);
 
   // Write-protects [addr, addr+len) (`on`) or lifts it, waking threads waiting on a write-protect
   // fault in it with `wake` (lifting only). kDone, or why not as for an install.
