@@ -219,7 +219,7 @@ TEST_P(DirtyTest, AProcessCanTrackItsOwnHeap) {
     for (std::string line; std::getline(maps, line);) {
       if (line.find("[heap]") != std::string::npos && std::sscanf(line.c_str(), "%lx-%lx", &start, &end) == 2) break;
     }
-    if (start == 0) _exit(2);
+    if (start == 0) _exit(77);  // no brk heap: a sanitizer's allocator maps its own
     auto t = DirtyTracker::start({{start, end - start}}, kf_, options());
     if (!t.ok()) _exit(3);
     for (int round = 0; round < 20; ++round) {
@@ -232,6 +232,7 @@ TEST_P(DirtyTest, AProcessCanTrackItsOwnHeap) {
   }
   int status = 0;
   ASSERT_EQ(::waitpid(kid, &status, 0), kid);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 77) GTEST_SKIP() << "no [heap] mapping (a sanitizer's allocator?)";
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
