@@ -22,8 +22,8 @@
 #include "cli/options.h"
 #include "../common/bench_util.h"
 #include "../common/loopback.h"
+#include "../common/page_server_proc.h"
 #include "net/remote.h"
-#include "page_server.h"
 #include "snapshot/chunk_source.h"
 #include "sys/clock.h"
 #include "sys/cpu_latency.h"
@@ -80,23 +80,9 @@ static int run_bench(int argc, char** argv) {
   lazymem::example::KvTable(heap.data(), len).fill(7, 0.7);
 
   // Servers first, while this process has no threads.
-  int ready[2];
-  if (::pipe(ready) != 0) return 1;
-  pid_t ps = ::fork();
-  if (ps == 0) {
-    (void)::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    pin_to(server_cpu());
-    lazymem::pageserver::ServerOptions o;
-    o.store_dir = work + "/store";
-    o.host = "127.0.0.1";
-    auto s = lazymem::pageserver::PageServer::listen(o);
-    uint16_t port = s.ok() ? (*s)->port() : 0;
-    (void)!::write(ready[1], &port, sizeof port);
-    if (s.ok()) (void)(*s)->run();
-    _exit(0);
-  }
-  uint16_t port = 0;
-  (void)!::read(ready[0], &port, sizeof port);
+  const PageServerProc server = spawn_page_server(work + "/store");
+  const pid_t ps = server.pid;
+  const uint16_t port = server.port;
   int udp = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;

@@ -19,9 +19,9 @@
 #include "cli/options.h"
 #include "../common/bench_util.h"
 #include "../common/loopback.h"
+#include "../common/page_server_proc.h"
 #include "net/client.h"
 #include "net/frame.h"
-#include "page_server.h"
 #include "wire.capnp.h"
 
 namespace po = boost::program_options;
@@ -102,22 +102,9 @@ static int run_bench(int argc, char** argv) {
   }
 
   // The server first, while this process has no threads.
-  int ready[2];
-  if (::pipe(ready) != 0) return 1;
-  pid_t ps = ::fork();
-  if (ps == 0) {
-    (void)::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    pin_to(server_cpu());
-    lazymem::pageserver::ServerOptions o;
-    o.store_dir = store;
-    auto s = lazymem::pageserver::PageServer::listen(o);
-    uint16_t port = s.ok() ? (*s)->port() : 0;
-    (void)!::write(ready[1], &port, sizeof port);
-    if (s.ok()) (void)(*s)->run();
-    _exit(0);
-  }
-  uint16_t port = 0;
-  (void)!::read(ready[0], &port, sizeof port);
+  const PageServerProc server = spawn_page_server(store);
+  const pid_t ps = server.pid;
+  const uint16_t port = server.port;
   auto stop = [&] {
     ::kill(ps, SIGKILL);
     ::waitpid(ps, nullptr, 0);
