@@ -10,12 +10,14 @@
 #include <algorithm>
 #include <cstring>
 #include <ctime>
+#include <map>
 
 #include "core/log.h"
 #include "fault/decode_pool.h"
 #include "snapshot/chunk_codec.h"
 #include "sys/clock.h"
 #include "sys/cpu_latency.h"
+#include "sys/mapping.h"
 #include "sys/syscall_result.h"
 #include "sys/uapi_compat.h"
 
@@ -30,6 +32,7 @@ constexpr uint32_t kAbsent = 0;
 constexpr uint32_t kPresent = 1;
 constexpr uint32_t kFailed = 2;
 constexpr uint32_t kZeroRetry = 3;  // a zero chunk whose install met EAGAIN: on Session::retry
+constexpr uint32_t kStaged = 4;     // huge pages: in its page's stage, the page not installed yet
 constexpr uint32_t kInFlight = 16;
 
 constexpr uint64_t kControlTag = ~uint64_t{0};
@@ -98,7 +101,28 @@ struct FaultEngine::Session {
   };
   std::vector<Retry> retry;
 
+  // Huge pages (SessionSpec::page_size over 4 KiB; 0 otherwise). The kernel installs a huge page
+  // only whole, so the chunks of one are gathered in a stage, the page installed once the last
+  // is in, and only then are they present. Keyed by region and the page's region offset, not
+  // by address: a stage moves with mremap, and installs wherever the map puts it then.
+  uint64_t huge = 0;
+  struct Stage {
+    std::unique_ptr<std::byte[]> bytes;
+    uint32_t staged = 0;    // chunks in
+    bool waiting = false;   // complete, its install met EAGAIN: done again after the events
+    uint64_t fault_ns = 0;  // the first fault on the page (0: none), for its latency
+    uint32_t faults = 0;
+  };
+  std::map<std::pair<uint32_t, uint64_t>, Stage> stages;
+  bool stages_waiting = false;
+
   uint32_t chunk_size() const { return manifest->chunk_size; }
+  // The chunks [first, end) of the huge page holding `ref` (fewer at a region's end).
+  std::pair<uint32_t, uint32_t> page_chunks(ChunkRef ref) const {
+    const uint32_t per_page = static_cast<uint32_t>(huge / chunk_size());
+    const uint32_t first = ref.chunk / per_page * per_page;
+    return {first, std::min<uint32_t>(first + per_page, static_cast<uint32_t>(state[ref.region].size()))};
+  }
 };
 
 struct FaultEngine::Pending {
@@ -147,6 +171,7 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   void deactivate(Session& s);
   void drain_uffd(Session& s);
   void on_pagefault(Session& s, uint64_t addr, uint64_t t);
+  void on_huge_fault(Session& s, const MappedRange& r, uint64_t addr, uint64_t t);
   static bool follows_last_fault(const Session& s, ChunkRef ref) {
     return s.last_fault.region == ref.region && s.last_fault.chunk + 1 == ref.chunk;
   }
@@ -169,11 +194,17 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   InstallStatus install_range(Session& s, uint32_t region, uint64_t roff, const std::byte* data, uint64_t len);
   InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
   void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
+  void stage_chunk(Session& s, ChunkRef ref, const std::byte* data, uint32_t len);
+  void install_stage(Session& s, std::pair<uint32_t, uint64_t> key);
+  void retry_stages(Session& s);
+  const std::byte* zeros(uint64_t len);
   void zero_past_snapshot(Session& s, uint64_t addr);
+  void count_prefetch_done(Session& s);
   void retry_installs(Session& s);
   void mark_present(Session& s, ChunkRef ref);
   void check_complete(Session& s);
   void fail_chunk(Session& s, ChunkRef ref, const Error& why);
+  bool mark_failed(Session& s, ChunkRef ref);
   void poison_chunk(Session& s, ChunkRef ref);
   void release_failures(Session& s);
   void retry_or_fail(size_t slot, const Error& why);
@@ -199,6 +230,7 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
     return false;
   }
   std::vector<std::byte> buf_;
+  sys::Mapping zeros_;  // read-only, never written: a huge page's worth of zeros to copy from
   std::vector<uffd_msg> msgs_ = std::vector<uffd_msg>(kEventsPerRead);
   bool more_ready_ = false;
 };
@@ -396,6 +428,10 @@ void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
     zero_past_snapshot(s, addr);
     return;
   }
+  if (s.huge) {
+    on_huge_fault(s, *r, addr, t);
+    return;
+  }
   uint64_t roff = addr - r->start + r->region_offset;
   ChunkRef ref{r->region, static_cast<uint32_t>(roff / s.chunk_size())};
   s.stats[ref.region]->add_fault();
@@ -440,6 +476,57 @@ void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
   s.prefetch_done_since_demand = 0;
 }
 
+// A fault on a huge page: every chunk of the page is needed before it can be installed. Those
+// not yet asked for are fetched as demand, those under way become demand, and the page is
+// installed when the last is in (stage_chunk); its latency counts from the first fault.
+void FaultEngine::Loop::on_huge_fault(Session& s, const MappedRange& r, uint64_t addr, uint64_t t) {
+  const uint64_t roff = (addr - r.start + r.region_offset) / s.huge * s.huge;
+  const ChunkRef first{r.region, static_cast<uint32_t>(roff / s.chunk_size())};
+  const auto [lo, hi] = s.page_chunks(first);
+  std::vector<uint32_t>& state = s.state[r.region];
+  s.stats[r.region]->add_fault();
+  for (uint32_t c = lo; c < hi; ++c) {
+    if (state[c] == kFailed) {
+      // Fail this access too: poison again (a no-op if it is) and wake, or the thread hangs.
+      fail_chunk(s, ChunkRef{r.region, c}, Error(Errc::kIo, "chunk failed earlier"));
+      return;
+    }
+  }
+  Session::Stage& stage = s.stages[{r.region, roff}];
+  if (stage.fault_ns == 0) stage.fault_ns = t;
+  ++stage.faults;
+  std::vector<ChunkRef> zero;
+  for (uint32_t c = lo; c < hi; ++c) {
+    const ChunkRef ref{r.region, c};
+    uint32_t& st = state[c];
+    if (st == kPresent) {  // the page is missing after all (fork, races): fetch it again
+      st = kAbsent;
+      s.chunks_present--;
+    }
+    if (st >= kInFlight) {
+      Pending& p = pending_[st - kInFlight];
+      if (!p.demand) {
+        p.demand = true;
+        ++demand_in_flight_;
+      }
+      if (p.fault_ns == 0) p.fault_ns = t;  // the deadline counts from here
+    } else if (st == kAbsent) {
+      if (s.manifest->regions[r.region].chunks[c].codec == Codec::kZero) {
+        zero.push_back(ref);
+      } else {
+        s.demand_q.push_back(ChunkRequest{ref, tag_of(new_pending(s, ref, true, t)), true});
+      }
+    }
+  }
+  // Last: the page may be complete with them, and its stage then gone.
+  for (ChunkRef ref : zero) install_zero_chunk(s, ref, false, 0);
+  s.hint_region = r.region;
+  s.hint_chunk = hi;
+  s.hint_valid = true;
+  if (s.prefetch_in_flight > 0) s.window = std::max<size_t>(1, s.window / 2);
+  s.prefetch_done_since_demand = 0;
+}
+
 // A fault on this uffd at an address no snapshot range holds: the process grew a mapping we
 // serve (mremap, in place or moving it: the kernel keeps the new tail registered and says
 // nothing of it). That memory is new, and the kernel would have zero-filled it. Pages that an
@@ -447,18 +534,26 @@ void FaultEngine::Loop::on_pagefault(Session& s, uint64_t addr, uint64_t t) {
 // the events of one read are applied in order, so the process cannot touch the new address
 // before the map knows it.
 void FaultEngine::Loop::zero_past_snapshot(Session& s, uint64_t addr) {
-  const uint64_t page = addr & ~uint64_t{4095};
+  const uint64_t page_size = s.huge ? s.huge : 4096;
+  const uint64_t page = addr & ~(page_size - 1);
   if (!s.grew) {
     s.grew = true;
     log_->info("session {}: fault at {:#x}, past every snapshot range (a mapping grew): zero-filled", s.name, addr);
   }
-  // 64 KiB at once where the tail allows (a tail is touched in order, like any new memory),
-  // never over a snapshot range's pages.
-  constexpr uint64_t kBlock = 64 * 1024;
-  const uint64_t lo = std::max(page & ~(kBlock - 1), s.map.end_before(page));
-  const uint64_t hi = std::min((page & ~(kBlock - 1)) + kBlock, s.map.start_after(page));
-  sys::InstallResult res = s.uffd.zeropage(lo, hi - lo);
-  if (res.outcome != sys::InstallOutcome::kDone && lo + 4096 != hi) res = s.uffd.zeropage(page, 4096);
+  sys::InstallResult res;
+  if (s.huge) {
+    // No UFFDIO_ZEROPAGE for huge pages: zeros are copied.
+    const std::byte* src = zeros(s.huge);
+    res = src ? s.uffd.copy(page, src, s.huge) : sys::InstallResult{sys::InstallOutcome::kFailed, 0, ENOMEM};
+  } else {
+    // 64 KiB at once where the tail allows (a tail is touched in order, like any new memory),
+    // never over a snapshot range's pages.
+    constexpr uint64_t kBlock = 64 * 1024;
+    const uint64_t lo = std::max(page & ~(kBlock - 1), s.map.end_before(page));
+    const uint64_t hi = std::min((page & ~(kBlock - 1)) + kBlock, s.map.start_after(page));
+    res = s.uffd.zeropage(lo, hi - lo);
+    if (res.outcome != sys::InstallOutcome::kDone && lo + 4096 != hi) res = s.uffd.zeropage(page, 4096);
+  }
   switch (res.outcome) {
     case sys::InstallOutcome::kDone:
     case sys::InstallOutcome::kExited:
@@ -466,15 +561,26 @@ void FaultEngine::Loop::zero_past_snapshot(Session& s, uint64_t addr) {
     case sys::InstallOutcome::kExists:  // in already: the thread only needs waking
     case sys::InstallOutcome::kAgain:   // a mapping change pending: the thread faults again after it
     case sys::InstallOutcome::kGone:    // unmapped meanwhile: the retried access decides
-      (void)s.uffd.wake(page, 4096);
+      (void)s.uffd.wake(page, page_size);
       return;
     case sys::InstallOutcome::kFailed:
       break;
   }
   log_->error("session {}: zero-filling {:#x} past every snapshot range failed (errno {}): poisoned", s.name, page,
               res.err);
-  if (e_.features_.has_uffd_poison()) (void)s.uffd.poison(page, 4096);
-  (void)s.uffd.wake(page, 4096);
+  if (e_.features_.has_uffd_poison()) (void)s.uffd.poison(page, page_size);
+  (void)s.uffd.wake(page, page_size);
+}
+
+// Zeros to copy a huge page from: a read-only anonymous mapping, never touched but by the
+// kernel's reads (which find the shared zero page). Null if it cannot be mapped.
+const std::byte* FaultEngine::Loop::zeros(uint64_t len) {
+  if (zeros_.size() < len) {
+    auto m = sys::Mapping::anonymous(len, PROT_READ);
+    if (!m.ok()) return nullptr;
+    zeros_ = std::move(*m);
+  }
+  return zeros_.data();
 }
 
 void FaultEngine::Loop::on_remove(Session& s, uint64_t start, uint64_t end) {
@@ -497,12 +603,13 @@ void FaultEngine::Loop::on_fork(Session& parent, int fd) {
   child->manifest = parent.manifest;
   child->dict = parent.dict;
   child->map = parent.map;
+  child->huge = parent.huge;
   child->state = parent.state;
   uint64_t present = 0;
   for (auto& region : child->state) {
     for (auto& st : region) {
-      // The parent's fetches and retries will not land in the child.
-      if (st >= kInFlight || st == kZeroRetry) st = kAbsent;
+      // The parent's fetches, retries and stages will not land in the child.
+      if (st >= kInFlight || st == kZeroRetry || st == kStaged) st = kAbsent;
       if (st == kPresent) ++present;
     }
   }
@@ -730,6 +837,14 @@ void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::s
   }
   LiveRegionStats& stats = *s.stats[ref.region];
   stats.add_fetched(stored_size, len);
+  if (s.huge) {
+    stats.add_installed(len / s.manifest->regions[ref.region].page_size, p->demand);
+    const bool was_prefetch = !p->queued_as_demand;
+    free_pending(slot);
+    if (was_prefetch) count_prefetch_done(s);
+    stage_chunk(s, ref, out.data(), len);
+    return;
+  }
   InstallStatus is = install(s, ref, out.data(), len, installed_page);
   if (is == InstallStatus::kRetry) {
     s.retry.push_back(Session::Retry{ref, tag, 0});  // fetched and installed again after the events
@@ -752,7 +867,12 @@ void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::s
   bool was_prefetch = !p->queued_as_demand;
   free_pending(slot);
   mark_present(s, ref);
-  if (was_prefetch && ++s.prefetch_done_since_demand >= s.window) {
+  if (was_prefetch) count_prefetch_done(s);
+}
+
+// Prefetches done without a fault in between widen the window.
+void FaultEngine::Loop::count_prefetch_done(Session& s) {
+  if (++s.prefetch_done_since_demand >= s.window) {
     s.window = std::min(e_.options_.prefetch_window_max, s.window * 2);
     s.prefetch_done_since_demand = 0;
   }
@@ -844,6 +964,12 @@ InstallStatus FaultEngine::Loop::install_range(Session& s, uint32_t region, uint
 void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns) {
   uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
   uint32_t& st = s.state[ref.region][ref.chunk];
+  if (s.huge) {  // into its page's stage; a fault's latency is the page's
+    if (st == kStaged || st == kPresent || st == kFailed) return;
+    s.stats[ref.region]->add_zero(len / s.manifest->regions[ref.region].page_size);
+    stage_chunk(s, ref, nullptr, len);
+    return;
+  }
   bool was_present = st == kPresent;
   InstallStatus is = install(s, ref, nullptr, len);
   if (is == InstallStatus::kRetry) {
@@ -864,9 +990,68 @@ void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fau
   }
 }
 
+// A chunk of a huge page is in (`data`, or zeros if null): into the page's stage, and the page
+// installed if it was the last.
+void FaultEngine::Loop::stage_chunk(Session& s, ChunkRef ref, const std::byte* data, uint32_t len) {
+  const auto [lo, hi] = s.page_chunks(ref);
+  const uint64_t page_off = uint64_t{lo} * s.chunk_size();
+  const std::pair<uint32_t, uint64_t> key{ref.region, page_off};
+  Session::Stage& stage = s.stages[key];
+  if (!stage.bytes) stage.bytes.reset(new std::byte[s.huge]);  // every byte is written before use
+  std::byte* at = stage.bytes.get() + (uint64_t{ref.chunk} * s.chunk_size() - page_off);
+  if (data) std::memcpy(at, data, len);
+  else std::memset(at, 0, len);
+  s.state[ref.region][ref.chunk] = kStaged;
+  if (++stage.staged == hi - lo) install_stage(s, key);
+}
+
+// Installs a complete stage wherever the map has its page (nowhere, if it was dropped or
+// unmapped meanwhile), then its chunks are present.
+void FaultEngine::Loop::install_stage(Session& s, std::pair<uint32_t, uint64_t> key) {
+  auto it = s.stages.find(key);
+  Session::Stage& stage = it->second;
+  InstallStatus result = InstallStatus::kOk;
+  s.map.for_each_span(key.first, key.second, s.huge, [&](uint64_t addr, uint64_t at, uint64_t n) {
+    if (result == InstallStatus::kOk) result = install_span(s, addr, stage.bytes.get() + (at - key.second), n, s.huge);
+  });
+  const ChunkRef first{key.first, static_cast<uint32_t>(key.second / s.chunk_size())};
+  if (result == InstallStatus::kRetry) {
+    stage.waiting = true;
+    s.stages_waiting = true;
+    return;
+  }
+  if (result == InstallStatus::kFailed) {
+    fail_chunk(s, first, Error(Errc::kIo, fmt::format("installing the huge page at offset {:#x} of region '{}' failed",
+                                                      key.second, s.manifest->regions[key.first].name)));
+    return;
+  }
+  if (stage.faults > 0) {
+    const uint64_t us = (now_ns() - stage.fault_ns) / 1000;
+    for (uint32_t i = 0; i < stage.faults; ++i) s.stats[key.first]->add_latency_us(us);
+  }
+  const auto [lo, hi] = s.page_chunks(first);
+  s.stages.erase(it);
+  for (uint32_t c = lo; c < hi; ++c) {
+    s.state[key.first][c] = kPresent;
+    ++s.chunks_present;
+  }
+  check_complete(s);
+}
+
+// Called with the session's events read, as retry_installs().
+void FaultEngine::Loop::retry_stages(Session& s) {
+  if (!s.stages_waiting) return;
+  s.stages_waiting = false;
+  std::vector<std::pair<uint32_t, uint64_t>> keys;
+  for (const auto& [key, stage] : s.stages)
+    if (stage.waiting) keys.push_back(key);
+  for (const auto& key : keys) install_stage(s, key);
+}
+
 // Called with the session's events read: the mapping changes that made these installs fail
 // with EAGAIN have been applied (a range removed or moved meanwhile is skipped by the map).
 void FaultEngine::Loop::retry_installs(Session& s) {
+  retry_stages(s);
   if (s.retry.empty()) return;
   std::vector<Session::Retry> list;
   list.swap(s.retry);
@@ -932,13 +1117,8 @@ void FaultEngine::Loop::probe_orphans() {
 }
 
 void FaultEngine::Loop::fail_chunk(Session& s, ChunkRef ref, const Error& why) {
-  uint32_t& st = s.state[ref.region][ref.chunk];
-  bool first_for_chunk = st != kFailed;
-  if (first_for_chunk) {
-    st = kFailed;
-    ++s.chunks_failed;
-    s.stats[ref.region]->add_error();
-  }
+  const bool first_for_chunk = mark_failed(s, ref);
+  if (first_for_chunk) s.stats[ref.region]->add_error();
   bool first_for_session = false;
   {
     std::lock_guard lock(e_.mu_);
@@ -959,15 +1139,37 @@ void FaultEngine::Loop::fail_chunk(Session& s, ChunkRef ref, const Error& why) {
   if (first_for_chunk) check_complete(s);
 }
 
+// False if it had failed already. A huge page fails whole: every chunk of it, those under way
+// given up on (but `ref`'s own, which its caller frees), its stage dropped.
+bool FaultEngine::Loop::mark_failed(Session& s, ChunkRef ref) {
+  std::vector<uint32_t>& state = s.state[ref.region];
+  if (state[ref.chunk] == kFailed) return false;
+  const auto [lo, hi] = s.huge ? s.page_chunks(ref) : std::pair{ref.chunk, ref.chunk + 1};
+  for (uint32_t c = lo; c < hi; ++c) {
+    uint32_t& st = state[c];
+    if (st == kFailed) continue;
+    if (st >= kInFlight && c != ref.chunk) free_pending(st - kInFlight);
+    if (st == kPresent) s.chunks_present--;
+    st = kFailed;
+    ++s.chunks_failed;
+  }
+  if (s.huge) s.stages.erase({ref.region, uint64_t{lo} * s.chunk_size()});
+  return true;
+}
+
 void FaultEngine::Loop::poison_chunk(Session& s, ChunkRef ref) {
   uint64_t off = static_cast<uint64_t>(ref.chunk) * s.chunk_size();
-  uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
+  uint64_t len = s.manifest->chunk_length(ref.region, ref.chunk);
+  if (s.huge) {  // its whole page
+    off = off / s.huge * s.huge;
+    len = s.huge;
+  }
   if (e_.features_.has_uffd_poison()) {
     // Faulting threads get SIGBUS on these pages: visible, never a hang, never a wrong page.
     s.map.for_each_span(ref.region, off, len, [&](uint64_t addr, uint64_t, uint64_t n) {
       sys::InstallResult r = s.uffd.poison(addr, n);
       if (r.outcome != sys::InstallOutcome::kDone) {
-        uint32_t page = s.manifest->regions[ref.region].page_size;
+        const uint64_t page = s.huge ? s.huge : s.manifest->regions[ref.region].page_size;
         for (uint64_t o = r.bytes / page * page; o < n; o += page) (void)s.uffd.poison(addr + o, page);
         (void)s.uffd.wake(addr, n);
       }
@@ -1014,7 +1216,7 @@ void FaultEngine::Loop::run() {
     bool retrying = false;
     for (auto& s : live_) {
       retry_installs(*s);  // events read by the last round came first
-      retrying |= !s->retry.empty();
+      retrying |= !s->retry.empty() || s->stages_waiting;
       fill_prefetch(*s);
       flush(*s);
       if (s->backlog || (s->reader && s->reader->wait_fd() < 0 && s->reader->in_flight() > 0)) sync_reader_busy = true;
@@ -1106,6 +1308,39 @@ void FaultEngine::notify() {
   (void)!::write(control_.get(), &one, sizeof one);
 }
 
+namespace {
+
+// Huge pages are installed whole, each from the chunks that make it up: chunks no larger than
+// a page, ranges on page boundaries in memory and in the snapshot.
+Status check_page_size(const SessionSpec& spec, const Manifest& m) {
+  const uint64_t page = spec.page_size;
+  if (page < 4096 || page > kMaxHugePage || (page & (page - 1)) != 0) {
+    return Error(Errc::kUnsupported, fmt::format("fault engine: page size {} is not a power of two from 4 KiB to {} MiB",
+                                                 page, kMaxHugePage >> 20));
+  }
+  if (page == 4096) return ok_status();
+  if (spec.follower) {
+    return Error(Errc::kUnsupported, "fault engine: faults on the faulting threads are served for 4 KiB pages only");
+  }
+  if (m.chunk_size > page) {
+    return Error(Errc::kUnsupported, fmt::format("fault engine: the snapshot's chunks ({} KiB) are larger than the "
+                                                 "{} KiB pages it would restore: capture it with chunks of at most "
+                                                 "the page size",
+                                                 m.chunk_size >> 10, page >> 10));
+  }
+  for (const MappedRange& r : spec.ranges) {
+    if (r.start % page != 0 || r.length % page != 0 || r.region_offset % page != 0) {
+      return Error(Errc::kInvalidArgument,
+                   fmt::format("fault engine: range {:#x}+{:#x} at snapshot offset {:#x} is not on {} KiB page "
+                               "boundaries",
+                               r.start, r.length, r.region_offset, page >> 10));
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace
+
 Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
   if (!spec.source) return Error(Errc::kInvalidArgument, "fault engine: session without a chunk source");
   auto s = std::make_shared<Session>();
@@ -1118,6 +1353,8 @@ Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
   s->source = std::move(spec.source);
   s->manifest = &s->source->manifest();
   LAZYMEM_ASSIGN_OR_RETURN(s->dict, s->source->dictionary());
+  LAZYMEM_TRY(check_page_size(spec, *s->manifest));
+  if (spec.page_size > 4096) s->huge = spec.page_size;
   for (const MappedRange& r : spec.ranges) {
     // Written so that nothing wraps: a range's region offset indexes the region's chunks.
     if (r.region >= s->manifest->regions.size() || r.length > s->manifest->regions[r.region].length ||

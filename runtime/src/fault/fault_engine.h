@@ -39,6 +39,10 @@ namespace lazymem::fault {
 
 using SessionId = uint64_t;
 
+// The largest page a session installs whole (SessionSpec::page_size): each one gathered in memory
+// of the engine's before it is installed, and each fault on one waits for all of it.
+constexpr uint64_t kMaxHugePage = uint64_t{32} << 20;
+
 struct SessionSpec {
   std::string name;                                // for logs and stats
   sys::Uffd uffd;                                  // already registered over `ranges`
@@ -46,6 +50,11 @@ struct SessionSpec {
   // read through one source (one manifest in memory).
   std::shared_ptr<snapshot::ChunkSource> source;
   std::vector<MappedRange> ranges;
+  // The page size of the served mappings. 4 KiB, or a huge page size (hugetlbfs memory, a
+  // Firecracker VM backed by huge pages): the kernel installs such a page only whole, so the
+  // engine gathers every chunk of a huge page before it installs it, and each fault waits for
+  // all of them. Ranges (start, length, region offset) are multiples of it.
+  uint64_t page_size = 4096;
   pid_t pid = 0;           // the served process (killed if a page cannot be had and POISON is missing)
   bool prefetch = true;    // fetch every chunk in the background, not just faulted ones
   // Faults resolved by the faulting threads themselves (uffd in SIGBUS mode): the engine only
