@@ -216,14 +216,23 @@ Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, SocketFi
 // Every range must lie inside the peer's own mappings: a client cannot point the agent at
 // memory it does not have (the uffd would refuse anyway; this gives a clear reason).
 // `pidfd` is the process's: alive once its maps are read, they were its (its pid not reused).
-Status check_ranges_mapped(pid_t pid, int pidfd, const std::vector<fault::MappedRange>& ranges) {
-  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
+// And mapped with the page size it said: the kernel installs a huge page only whole, and a 4 KiB
+// page not at all into huge-page memory (every install, then every poison, would fail).
+Status check_ranges_mapped(pid_t pid, int pidfd, const std::vector<fault::MappedRange>& ranges, uint64_t page_size) {
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid, true));
   pollfd exited{pidfd, POLLIN, 0};  // readable once it has exited
   if (::poll(&exited, 1, 0) != 0) return Error(Errc::kPeerGone, fmt::format("process {} has exited", pid));
   for (const auto& r : ranges) {
     const uint64_t end = r.start + r.length;  // does not wrap: check_range_table
-    if (sys::coverage(vmas, r.start, end).covered_to < end) {
+    const sys::Coverage c = sys::coverage(vmas, r.start, end);
+    if (c.covered_to < end) {
       return Error(Errc::kInvalidArgument, fmt::format("range {:#x}-{:#x} is not mapped in process {}", r.start, end, pid));
+    }
+    if (c.page_size != page_size) {
+      return Error(Errc::kInvalidArgument,
+                   fmt::format("range {:#x}-{:#x} of process {} is mapped with {} pages, not the {} KiB pages it said",
+                               r.start, end, pid, c.page_size ? fmt::format("{} KiB", c.page_size >> 10) : "mixed",
+                               page_size >> 10));
     }
   }
   return ok_status();
@@ -437,6 +446,7 @@ struct Daemon::Impl {
     std::string location, token_file;
     uint64_t version = 0;  // the manifest checksum the client read (0: not checked)
     std::vector<fault::MappedRange> ranges;
+    uint64_t page_size = 4096;  // of the memory `ranges` are in
     pid_t pid = 0;
     sys::UniqueFd pidfd;  // of `pid`, taken when it connected
     uid_t uid = 0;
@@ -448,13 +458,14 @@ struct Daemon::Impl {
 
   Result<fault::SessionId> serve(ServeRequest rq, std::shared_ptr<snapshot::ChunkSource> src) {
     if (!rq.pidfd.valid()) return Error(Errc::kInvalidArgument, fmt::format("no pidfd of process {}", rq.pid));
-    LAZYMEM_TRY(check_ranges_mapped(rq.pid, rq.pidfd.get(), rq.ranges));
+    LAZYMEM_TRY(check_ranges_mapped(rq.pid, rq.pidfd.get(), rq.ranges, rq.page_size));
     sys::UniqueFd pidfd = std::move(rq.pidfd);
     fault::SessionSpec spec;
     spec.name = rq.name;
     spec.uffd = sys::Uffd::adopt(std::move(rq.uffd), rq.features);
     spec.source = src;
     spec.ranges = std::move(rq.ranges);
+    spec.page_size = rq.page_size;
     spec.pid = rq.pid;
     spec.prefetch = rq.prefetch;
     spec.hold_failures = rq.hold_failures;
@@ -1052,9 +1063,19 @@ struct Daemon::Impl {
                const std::string& why) {
     if (kf.has_uffd_poison() && uffd_fd.valid() && !guest.empty()) {
       log->error("firecracker pid {}: its memory cannot be served ({}); its accesses fail", pid, why);
-      auto poison = [guest](sys::UniqueFd fd) {
+      // Where a range cannot be poisoned (ranges off the memory's huge page boundaries, a page
+      // present already), the VM is killed instead: it must not wait on that memory for good.
+      auto vm = std::make_shared<sys::UniqueFd>(pidfd >= 0 ? ::fcntl(pidfd, F_DUPFD_CLOEXEC, 0) : -1);
+      auto poison = [guest, vm, pid, log = log](sys::UniqueFd fd) {
         sys::Uffd uffd = sys::Uffd::adopt(std::move(fd), 0);
-        for (const auto& r : guest) (void)uffd.poison(r.start, r.length);
+        for (const auto& r : guest) {
+          const sys::InstallResult res = uffd.poison(r.start, r.length);
+          if (res.outcome == sys::InstallOutcome::kDone || res.outcome == sys::InstallOutcome::kExited) continue;
+          log->error("firecracker pid {}: poisoning {:#x}+{:#x} failed ({}); killing it rather than leave it hanging", pid,
+                     r.start + res.bytes, r.length - res.bytes, std::strerror(res.err));
+          if (vm->valid()) (void)sys::pidfd_signal(vm->get(), SIGKILL);
+          return;
+        }
       };
       auto held = std::make_shared<sys::UniqueFd>(std::move(uffd_fd));
       try {
@@ -1133,7 +1154,7 @@ struct Daemon::Impl {
     auto parsed = parse_guest_regions(hs.body);
     if (!parsed.ok()) return refuse_handshake(hs, parsed.error().message());
     if (!parsed->has_value()) return;  // the rest of the message is on its way
-    hs.ranges = **parsed;
+    hs.ranges = (*parsed)->ranges;
     if (!hs.refusal.empty()) return refuse_handshake(hs, hs.refusal);
     if (hs.fds.size() != 1) return refuse_handshake(hs, fmt::format("expected one uffd with the message, got {}", hs.fds.size()));
     if (Status is_uffd = sys::check_userfaultfd(hs.fds[0].get()); !is_uffd.ok()) {
@@ -1146,7 +1167,8 @@ struct Daemon::Impl {
     rq->uffd = std::move(hs.fds[0]);
     rq->location = hs.snapshot;
     rq->token_file = hs.token_file;
-    rq->ranges = std::move(**parsed);
+    rq->ranges = std::move((*parsed)->ranges);
+    rq->page_size = (*parsed)->page_size;
     rq->pid = hs.cred.pid;
     rq->pidfd.reset(::fcntl(hs.cred.pidfd.get(), F_DUPFD_CLOEXEC, 0));
     rq->uid = hs.cred.uid;

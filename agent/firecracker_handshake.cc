@@ -22,14 +22,40 @@ Result<uint64_t> unsigned_field(const nlohmann::json& mapping, const char* name)
   return it->get<uint64_t>();
 }
 
+// A region's page size: "page_size" in bytes, or "page_size_kib" (older Firecrackers), or
+// both (they must agree); neither is 4 KiB. 4 KiB or a huge page size the engine installs.
+Result<uint64_t> page_size_of(const nlohmann::json& r) {
+  std::optional<uint64_t> bytes, kib;
+  if (r.contains("page_size")) {
+    LAZYMEM_ASSIGN_OR_RETURN(bytes, unsigned_field(r, "page_size"));
+  }
+  if (r.contains("page_size_kib")) {
+    LAZYMEM_ASSIGN_OR_RETURN(kib, unsigned_field(r, "page_size_kib"));
+    // Checked before multiplying: 2^54 + 4 KiB would be 4096 bytes once wrapped.
+    if (*kib > fault::kMaxHugePage / 1024) {
+      return Error(Errc::kUnsupported, fmt::format("page size {} KiB is not supported (4 KiB, or huge pages up to {} "
+                                                   "MiB)", *kib, fault::kMaxHugePage >> 20));
+    }
+    if (bytes && *bytes != *kib * 1024) {
+      return Error(Errc::kProtocol, fmt::format("\"page_size\" {} and \"page_size_kib\" {} disagree", *bytes, *kib));
+    }
+  }
+  const uint64_t page = bytes ? *bytes : kib ? *kib * 1024 : 4096;
+  if (page < 4096 || page > fault::kMaxHugePage || (page & (page - 1)) != 0) {
+    return Error(Errc::kUnsupported, fmt::format("page size {} is not supported (4 KiB, or huge pages up to {} MiB)",
+                                                 page, fault::kMaxHugePage >> 20));
+  }
+  return page;
+}
+
 }  // namespace
 
-Result<std::optional<std::vector<fault::MappedRange>>> parse_guest_regions(const std::string& body) {
+Result<std::optional<GuestMemory>> parse_guest_regions(const std::string& body) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(body);
   } catch (const nlohmann::json::parse_error& e) {
-    if (e.byte >= body.size()) return std::optional<std::vector<fault::MappedRange>>();  // more to come
+    if (e.byte >= body.size()) return std::optional<GuestMemory>();  // more to come
     return Error(Errc::kProtocol, std::string("bad JSON: ") + e.what());
   } catch (const nlohmann::json::exception& e) {
     // Not only parse_error: a number past what a double holds (1e400) is out_of_range, thrown
@@ -40,23 +66,26 @@ Result<std::optional<std::vector<fault::MappedRange>>> parse_guest_regions(const
   if (j.size() > kMaxRanges) {
     return Error(Errc::kProtocol, fmt::format("{} guest regions; at most {} are served", j.size(), kMaxRanges));
   }
-  std::vector<fault::MappedRange> ranges;
+  GuestMemory guest;
   for (const auto& r : j) {
     if (!r.is_object()) return Error(Errc::kProtocol, fmt::format("a GuestRegionUffdMapping is a JSON {}, not an object", r.type_name()));
-    if (r.contains("page_size")) {
-      LAZYMEM_ASSIGN_OR_RETURN(uint64_t page, unsigned_field(r, "page_size"));
-      if (page != 4096) return Error(Errc::kUnsupported, fmt::format("page size {} is not supported (4 KiB only)", page));
-    } else if (r.contains("page_size_kib")) {  // the field older Firecrackers send
-      LAZYMEM_ASSIGN_OR_RETURN(uint64_t kib, unsigned_field(r, "page_size_kib"));
-      if (kib != 4) return Error(Errc::kUnsupported, fmt::format("page size {} KiB is not supported (4 KiB only)", kib));
+    LAZYMEM_ASSIGN_OR_RETURN(uint64_t page, page_size_of(r));
+    if (guest.ranges.empty()) guest.page_size = page;
+    if (page != guest.page_size) {
+      return Error(Errc::kUnsupported, fmt::format("guest regions of {} KiB and of {} KiB pages: one page size is served "
+                                                   "per VM", guest.page_size >> 10, page >> 10));
     }
     LAZYMEM_ASSIGN_OR_RETURN(uint64_t base, unsigned_field(r, "base_host_virt_addr"));
     LAZYMEM_ASSIGN_OR_RETURN(uint64_t size, unsigned_field(r, "size"));
     LAZYMEM_ASSIGN_OR_RETURN(uint64_t offset, unsigned_field(r, "offset"));
-    ranges.push_back(fault::MappedRange{base, size, 0, offset});
+    if (page > 4096 && (base % page != 0 || size % page != 0 || offset % page != 0)) {  // 4 KiB: check_range_table
+      return Error(Errc::kProtocol, fmt::format("guest region at {:#x} ({:#x} bytes, file offset {:#x}) is not on its {} "
+                                                "KiB page boundaries", base, size, offset, page >> 10));
+    }
+    guest.ranges.push_back(fault::MappedRange{base, size, 0, offset});
   }
-  if (Status st = check_range_table(ranges); !st.ok()) return std::move(st).error().wrap("guest regions");
-  return std::optional<std::vector<fault::MappedRange>>(std::move(ranges));
+  if (Status st = check_range_table(guest.ranges); !st.ok()) return std::move(st).error().wrap("guest regions");
+  return std::optional<GuestMemory>(std::move(guest));
 }
 
 }  // namespace lazymem::agent

@@ -15,9 +15,16 @@ namespace lazymem::agent {
 
 constexpr size_t kMaxHandshake = 1 << 20;  // Firecracker's region JSON, at most
 
+// A VM's guest memory: its regions as ranges of region 0 (the memory file), and the page size
+// they are mapped with (4 KiB, or a huge page size: hugetlbfs-backed guest memory).
+struct GuestMemory {
+  std::vector<fault::MappedRange> ranges;
+  uint64_t page_size = 4096;
+};
+
 // Parses the handshake body received so far. nullopt while the message is incomplete (it may
-// arrive in pieces when larger than a socket read); the guest regions as ranges of region 0 (the
-// memory file) once it is whole; an error saying what is wrong with it otherwise.
-Result<std::optional<std::vector<fault::MappedRange>>> parse_guest_regions(const std::string& body);
+// arrive in pieces when larger than a socket read); the guest memory once it is whole; an error
+// saying what is wrong with it otherwise.
+Result<std::optional<GuestMemory>> parse_guest_regions(const std::string& body);
 
 }  // namespace lazymem::agent

@@ -29,6 +29,7 @@
 #include <set>
 #include <thread>
 
+#include "../common/huge_pages.h"
 #include "../common/spawned_server.h"
 #include "../common/run_cli.h"
 #include "../common/test_data.h"
@@ -1032,7 +1033,7 @@ TEST_F(AgentTest, EveryRefusedHandshakeFailsTheVm) {
   start_daemon(o);
   const std::string ok_body = R"([{{"base_host_virt_addr": {}, "size": {}, "offset": 0, "page_size": 4096}}])";
   const std::string huge_pages = R"([{{"base_host_virt_addr": {}, "size": {}, "offset": 0, "page_size": 2097152}}])";
-  // Unsupported (2 MiB pages): no ranges the agent would take, so killed.
+  // 2 MiB pages over a 1 MiB range: no ranges the agent would take, so killed.
   EXPECT_EQ(in_child([&] { return refused_vm(o.firecracker_socket, huge_pages, false, false); }), 128 + SIGKILL);
   // Half a message, then the connection shut: killed.
   EXPECT_EQ(in_child([&] { return refused_vm(o.firecracker_socket, R"([{{"base_host_virt_addr": {}, "size": {})",
@@ -1082,6 +1083,77 @@ TEST_F(AgentTest, RestoreCliServesAFirecrackerVm) {
                               "/file --snapshot " + loc);
   EXPECT_NE(rc, 0);
   EXPECT_NE(out.find("not a socket"), std::string::npos) << out;
+}
+
+// A VM whose guest memory is `image`, in two regions (6 MiB, then the rest), mapped with huge
+// pages (MAP_HUGETLB, as Firecracker does for a hugetlbfs-backed VM) or with 4 KiB pages on
+// 2 MiB boundaries; its message says `page_size`, and the second region `short_by` bytes shorter
+// than it is. Returns 0 when every byte equals `image`.
+int vm_of_page_size(const std::string& socket_path, const std::vector<std::byte>& image, bool huge, uint64_t page_size,
+                    size_t short_by = 0) {
+  ::alarm(30);                // a hang ends as SIGALRM, not as the suite's timeout
+  ::signal(SIGBUS, SIG_DFL);  // sanitizers install their own handler; we want the plain death
+  const size_t a = 6 * kMiB, b = image.size() - a;
+  auto map = [&](size_t len) -> std::byte* {
+    if (huge) {
+      void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+      return p == MAP_FAILED ? nullptr : static_cast<std::byte*>(p);
+    }
+    void* p = ::mmap(nullptr, len + testing::kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return nullptr;
+    return reinterpret_cast<std::byte*>((reinterpret_cast<uintptr_t>(p) + testing::kHugePage - 1) & ~(testing::kHugePage - 1));
+  };
+  std::byte* r1 = map(a);
+  std::byte* r2 = map(b);
+  if (r1 == nullptr || r2 == nullptr) return 2;
+  auto uffd = sys::Uffd::open(UFFD_FEATURE_EVENT_REMOVE);
+  if (!uffd.ok() || !uffd->register_missing(reinterpret_cast<uintptr_t>(r1), a).ok() ||
+      !uffd->register_missing(reinterpret_cast<uintptr_t>(r2), b).ok())
+    return 3;
+  nlohmann::json regions = nlohmann::json::array(
+      {{{"base_host_virt_addr", reinterpret_cast<uintptr_t>(r1)}, {"size", a}, {"offset", 0}, {"page_size", page_size}},
+       {{"base_host_virt_addr", reinterpret_cast<uintptr_t>(r2)}, {"size", b - short_by}, {"offset", a},
+        {"page_size_kib", page_size / 1024}}});
+  const std::string body = regions.dump();
+  auto sock = agent::connect_unix(socket_path);
+  if (!sock.ok()) return 4;
+  if (!agent::send_with_fd(sock->get(), std::as_bytes(std::span(body)), uffd->fd()).ok()) return 5;
+  // Out of order, as a guest touches its memory; then all of it.
+  for (size_t page : {4, 0, 2}) (void)*reinterpret_cast<volatile char*>(r2 + page * testing::kHugePage + 4096 * page);
+  if (std::memcmp(r1, image.data(), a) != 0) return 6;
+  if (std::memcmp(r2, image.data() + a, b) != 0) return 7;
+  return 0;
+}
+
+// A Firecracker VM backed by huge pages is served, every byte: each 2 MiB page installed whole.
+TEST_F(AgentTest, FirecrackerVmOnHugePages) {
+  testing::HugePages pages(8);
+  if (!pages.unavailable().empty()) GTEST_SKIP() << pages.unavailable();
+  RAW_IMAGE(image, 16 * kMiB, 57, loc);
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = loc;
+  start_daemon(o);
+  EXPECT_EQ(in_child([&] { return vm_of_page_size(o.firecracker_socket, image, true, testing::kHugePage); }), 0);
+}
+
+// A VM whose message gives its memory the wrong page size is refused and failed (poisoned, or
+// killed), not served pages the kernel would refuse to install one by one.
+TEST_F(AgentTest, AVmWhosePagesAreNotWhatItSaidIsFailed) {
+  RAW_IMAGE(image, 16 * kMiB, 58, loc);
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = loc;
+  start_daemon(o);
+  const int failed = kf_.has_uffd_poison() ? 128 + SIGBUS : 128 + SIGKILL;
+  // 4 KiB pages said to be huge ones.
+  EXPECT_EQ(in_child([&] { return vm_of_page_size(o.firecracker_socket, image, false, testing::kHugePage); }), failed);
+  testing::HugePages pages(8);
+  if (!pages.unavailable().empty()) GTEST_SKIP() << pages.unavailable();
+  // Huge pages said to be 4 KiB ones.
+  EXPECT_EQ(in_child([&] { return vm_of_page_size(o.firecracker_socket, image, true, 4096); }), failed);
+  // And a range that ends inside a huge page, which cannot be poisoned either: killed.
+  EXPECT_EQ(in_child([&] { return vm_of_page_size(o.firecracker_socket, image, true, 4096, 4096); }), 128 + SIGKILL);
 }
 
 // `--metrics HOST:PORT` answers an HTTP GET with the counters in Prometheus text format.

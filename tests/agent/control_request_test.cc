@@ -53,7 +53,7 @@ TEST(RangeTableTest, HostileTablesAreRefusedWithTheReason) {
   EXPECT_NE(refusal({{0x10000, 0x1000, 0, 0}, {0x10000, 0x1000, 0, 0}}).find("overlap"), std::string::npos);
 }
 
-Result<std::optional<std::vector<MappedRange>>> handshake(const std::string& fields) {
+Result<std::optional<GuestMemory>> handshake(const std::string& fields) {
   return parse_guest_regions("[{" + fields + "}]");
 }
 std::string handshake_refusal(const std::string& fields) {
@@ -85,13 +85,42 @@ TEST(FirecrackerHandshakeTest, NumbersPastADoubleAreRefusedNotThrown) {
   }
 }
 
-TEST(FirecrackerHandshakeTest, PageSizesOtherThan4KiBAreRefused) {
+uint64_t page_size_of(const std::string& fields) {
+  auto r = handshake(fields);
+  return r.ok() && r->has_value() ? (*r)->page_size : 0;
+}
+
+TEST(FirecrackerHandshakeTest, PageSizes) {
   const std::string rest = R"("base_host_virt_addr": 4096, "offset": 0, "size": 8192)";
-  EXPECT_EQ(handshake_refusal(rest), "accepted");  // neither field: 4 KiB, as Firecracker's default
-  EXPECT_EQ(handshake_refusal(rest + R"(, "page_size_kib": 4)"), "accepted");
-  EXPECT_NE(handshake_refusal(rest + R"(, "page_size": 2097152)").find("not supported"), std::string::npos);
+  EXPECT_EQ(page_size_of(rest), 4096u);  // neither field: 4 KiB, as Firecracker's default
+  EXPECT_EQ(page_size_of(rest + R"(, "page_size_kib": 4)"), 4096u);
+  // Huge pages: in bytes, in KiB (older Firecrackers), or both.
+  const std::string huge = R"("base_host_virt_addr": 2097152, "offset": 4194304, "size": 6291456)";
+  EXPECT_EQ(page_size_of(huge + R"(, "page_size": 2097152)"), 2097152u);
+  EXPECT_EQ(page_size_of(huge + R"(, "page_size_kib": 2048)"), 2097152u);
+  EXPECT_EQ(page_size_of(huge + R"(, "page_size": 2097152, "page_size_kib": 2048)"), 2097152u);
+  EXPECT_NE(handshake_refusal(huge + R"(, "page_size": 2097152, "page_size_kib": 4)").find("disagree"), std::string::npos);
+  // Not on its huge pages' boundaries: the kernel would refuse every install.
+  for (const char* r : {R"("base_host_virt_addr": 4096, "offset": 0, "size": 2097152)",
+                        R"("base_host_virt_addr": 2097152, "offset": 0, "size": 4096)",
+                        R"("base_host_virt_addr": 2097152, "offset": 4096, "size": 2097152)"}) {
+    EXPECT_NE(handshake_refusal(std::string(r) + R"(, "page_size": 2097152)").find("not on its 2048 KiB page boundaries"),
+              std::string::npos)
+        << r;
+  }
+  // Not a page size, or past what is gathered whole (1 GiB pages).
+  for (const char* p : {R"("page_size": 8191)", R"("page_size": 2048)", R"("page_size_kib": 1048576)",
+                        R"("page_size": 1073741824)"}) {
+    EXPECT_NE(handshake_refusal(rest + ", " + p).find("not supported"), std::string::npos) << p;
+  }
   // 2^54 + 4 KiB is 4096 bytes once multiplied out in 64 bits: it must not pass as 4 KiB.
   EXPECT_NE(handshake_refusal(rest + R"(, "page_size_kib": 18014398509481988)").find("not supported"), std::string::npos);
+  // One page size per VM.
+  auto mixed = parse_guest_regions(R"([{"base_host_virt_addr": 4096, "offset": 0, "size": 8192},
+                                       {"base_host_virt_addr": 2097152, "offset": 2097152, "size": 2097152,
+                                        "page_size": 2097152}])");
+  ASSERT_FALSE(mixed.ok());
+  EXPECT_NE(mixed.error().message().find("one page size is served per VM"), std::string::npos) << mixed.error().message();
 }
 
 TEST(FirecrackerHandshakeTest, RegionsPassTheRangeTableChecks) {

@@ -119,8 +119,13 @@ inline uint64_t decode_handshake(std::span<const uint8_t> data) {
     auto parsed = agent::parse_guest_regions(body);
     if (!parsed.ok()) return 2 + parsed.error().message().size();
     if (!parsed->has_value()) continue;
-    for (const auto& r : **parsed) require(r.region == 0, "guest regions are ranges of region 0");
-    return walk_ranges(**parsed);
+    const agent::GuestMemory& guest = **parsed;
+    for (const auto& r : guest.ranges) {
+      require(r.region == 0, "guest regions are ranges of region 0");
+      require(r.start % guest.page_size == 0 && r.length % guest.page_size == 0 && r.region_offset % guest.page_size == 0,
+              "guest regions lie on their page boundaries");
+    }
+    return walk_ranges(guest.ranges);
   }
   return 0;
 }

@@ -9,6 +9,10 @@
 
 namespace lazymem::fault {
 
+// The largest page a session installs whole (SessionSpec::page_size): each one gathered in memory
+// of the engine's before it is installed, and each fault on one waits for all of it.
+constexpr uint64_t kMaxHugePage = uint64_t{32} << 20;
+
 struct MappedRange {
   uint64_t start = 0;          // address in the served process
   uint64_t length = 0;

@@ -39,10 +39,6 @@ namespace lazymem::fault {
 
 using SessionId = uint64_t;
 
-// The largest page a session installs whole (SessionSpec::page_size): each one gathered in memory
-// of the engine's before it is installed, and each fault on one waits for all of it.
-constexpr uint64_t kMaxHugePage = uint64_t{32} << 20;
-
 struct SessionSpec {
   std::string name;                                // for logs and stats
   sys::Uffd uffd;                                  // already registered over `ranges`

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <string>
+#include <string_view>
 
 #include "sys/unique_fd.h"
 
@@ -35,8 +36,9 @@ Status check_process(pid_t pid) {
   return ok_status();
 }
 
-Result<std::vector<Vma>> read_vmas(pid_t pid) {
-  const std::string path = pid == 0 ? "/proc/self/maps" : fmt::format("/proc/{}/maps", pid);
+Result<std::vector<Vma>> read_vmas(pid_t pid, bool page_sizes) {
+  const char* file = page_sizes ? "smaps" : "maps";
+  const std::string path = pid == 0 ? fmt::format("/proc/self/{}", file) : fmt::format("/proc/{}/{}", pid, file);
   if (UniqueFd probe(::open(path.c_str(), O_RDONLY | O_CLOEXEC)); !probe.valid()) {
     if (errno == ENOENT || errno == ESRCH) return Error(Errc::kNotFound, fmt::format("no process {}", pid), errno);
     return sys_error(fmt::format("reading {} (root, or the process's owner, may)", path), errno);
@@ -44,10 +46,16 @@ Result<std::vector<Vma>> read_vmas(pid_t pid) {
   std::ifstream in(path);
   if (!in) return Error(Errc::kNotFound, fmt::format("cannot read {}", path));
   std::vector<Vma> vmas;
+  constexpr std::string_view kPageSize = "KernelPageSize:";
   for (std::string line; std::getline(in, line);) {
     unsigned long a = 0, b = 0;
     char perms[8] = {};
-    if (std::sscanf(line.c_str(), "%lx-%lx %7s", &a, &b, perms) >= 2) vmas.push_back({a, b, perms[3] == 's'});
+    // smaps' other lines ("Size:", "AnonHugePages:") never read as "hex-hex".
+    if (std::sscanf(line.c_str(), "%lx-%lx %7s", &a, &b, perms) >= 2) {
+      vmas.push_back({a, b, perms[3] == 's', 0});
+    } else if (!vmas.empty() && line.starts_with(kPageSize)) {
+      vmas.back().page_size = std::strtoull(line.c_str() + kPageSize.size(), nullptr, 10) * 1024;  // "4 kB"
+    }
   }
   return vmas;
 }
@@ -56,8 +64,9 @@ Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end) 
   Coverage c{start, nullptr};
   // The first mapping ending past `start`, and on while the next adjoins.
   auto v = std::upper_bound(vmas.begin(), vmas.end(), start, [](uintptr_t a, const Vma& m) { return a < m.end; });
-  for (; v != vmas.end() && v->start <= c.covered_to && c.covered_to < end; ++v) {
+  for (bool first = true; v != vmas.end() && v->start <= c.covered_to && c.covered_to < end; ++v, first = false) {
     if (v->shared && c.shared == nullptr) c.shared = &*v;
+    c.page_size = first || c.page_size == v->page_size ? v->page_size : 0;
     c.covered_to = v->end;
   }
   c.covered_to = std::min(c.covered_to, end);

@@ -15,10 +15,13 @@ struct Vma {
   uintptr_t start = 0;
   uintptr_t end = 0;
   bool shared = false;  // MAP_SHARED ('s' in the permissions)
+  uint64_t page_size = 0;  // the kernel's page size for it (huge pages), if read (else 0)
 };
 
-// In address order, as the kernel lists them. pid 0: this process.
-Result<std::vector<Vma>> read_vmas(pid_t pid);
+// In address order, as the kernel lists them. pid 0: this process. With `page_sizes`, read
+// from /proc/PID/smaps, which says each mapping's page size (and costs a walk of the process's
+// page tables).
+Result<std::vector<Vma>> read_vmas(pid_t pid, bool page_sizes = false);
 
 // That `pid` names a process (not one of its threads) whose main thread has not exited (its
 // /proc/PID files, memory included, are read through that thread): else an error saying which.
@@ -26,10 +29,12 @@ Status check_process(pid_t pid);
 
 // How far the mappings cover [start, end) without a gap: `covered_to` is `end` when all of it
 // is mapped, else where the first gap begins; `shared` is the first shared mapping met before
-// that, if any. A search, not a scan: thousands of ranges may meet tens of thousands of mappings.
+// that, if any; `page_size`, the page size of the mappings met, or 0 where they differ. A
+// search, not a scan: thousands of ranges may meet tens of thousands of mappings.
 struct Coverage {
   uintptr_t covered_to = 0;
   const Vma* shared = nullptr;
+  uint64_t page_size = 0;
 };
 Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end);
 
