@@ -61,6 +61,9 @@ class DecodePool {
   size_t drain_done(const std::function<void(DecodeJob&)>& fn);
   // Readable when finished jobs are waiting.
   int done_fd() const { return done_event_.get(); }
+  // Jobs submitted and not yet handed back by drain_done(); and the worker threads.
+  size_t busy() const { return jobs_.size() - free_.size(); }
+  size_t threads() const { return threads_.size(); }
   // Grows the job buffers to hold chunks of `max_chunk` bytes (engine thread, pool idle or not).
   void reserve_chunk(uint32_t max_chunk);
 

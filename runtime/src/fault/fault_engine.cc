@@ -195,6 +195,7 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
   void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
   void stage_chunk(Session& s, ChunkRef ref, const std::byte* data, uint32_t len);
+  std::span<std::byte> stage_slot(Session& s, ChunkRef ref, uint32_t len);
   void install_stage(Session& s, std::pair<uint32_t, uint64_t> key);
   void retry_stages(Session& s);
   const std::byte* zeros(uint64_t len);
@@ -759,10 +760,14 @@ void FaultEngine::Loop::on_chunk(uint64_t tag, std::span<const std::byte> stored
   ChunkRef ref = p->ref;
   const ChunkInfo& info = s.manifest->regions[ref.region].chunks[ref.chunk];
   uint32_t len = s.manifest->chunk_length(ref.region, ref.chunk);
-  // Prefetched chunks are decoded by the pool when it has room; nobody is waiting on them.
+  // Prefetched chunks are decoded by the pool when it has room; nobody is waiting on them. A
+  // huge page's thread waits for all its chunks: they are decoded on every core, the pool's
+  // workers kept busy and this thread decoding the rest.
   const uint32_t page = s.manifest->regions[ref.region].page_size;
-  if (!p->demand && pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored)) return;
-  std::span<std::byte> out(buf_.data(), len);
+  const bool to_pool = !p->demand || (s.huge && pool_ && pool_->busy() < pool_->threads());
+  if (to_pool && pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored)) return;
+  // A huge page's chunk is decoded straight into its stage.
+  std::span<std::byte> out = s.huge ? stage_slot(s, ref, len) : std::span<std::byte>(buf_.data(), len);
   // A thread scanning memory would fault on the next page at once: give it the whole chunk in
   // one go (one fault per chunk, as in format 1). Elsewhere its page goes first.
   if (p->demand && !p->scanning && p->fault_offset != kNoFault && info.codec == Codec::kZstdPages) {
@@ -990,17 +995,23 @@ void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fau
   }
 }
 
-// A chunk of a huge page is in (`data`, or zeros if null): into the page's stage, and the page
-// installed if it was the last.
+// Where a chunk of a huge page goes in its page's stage (made if need be).
+std::span<std::byte> FaultEngine::Loop::stage_slot(Session& s, ChunkRef ref, uint32_t len) {
+  const uint64_t page_off = uint64_t{s.page_chunks(ref).first} * s.chunk_size();
+  Session::Stage& stage = s.stages[{ref.region, page_off}];
+  if (!stage.bytes) stage.bytes.reset(new std::byte[s.huge]);  // every byte is written before use
+  return {stage.bytes.get() + (uint64_t{ref.chunk} * s.chunk_size() - page_off), len};
+}
+
+// A chunk of a huge page is in (`data`, or zeros if null; decoded in place already if `data` is
+// its stage slot): into the page's stage, and the page installed if it was the last.
 void FaultEngine::Loop::stage_chunk(Session& s, ChunkRef ref, const std::byte* data, uint32_t len) {
   const auto [lo, hi] = s.page_chunks(ref);
-  const uint64_t page_off = uint64_t{lo} * s.chunk_size();
-  const std::pair<uint32_t, uint64_t> key{ref.region, page_off};
+  const std::pair<uint32_t, uint64_t> key{ref.region, uint64_t{lo} * s.chunk_size()};
+  std::byte* at = stage_slot(s, ref, len).data();
   Session::Stage& stage = s.stages[key];
-  if (!stage.bytes) stage.bytes.reset(new std::byte[s.huge]);  // every byte is written before use
-  std::byte* at = stage.bytes.get() + (uint64_t{ref.chunk} * s.chunk_size() - page_off);
-  if (data) std::memcpy(at, data, len);
-  else std::memset(at, 0, len);
+  if (data == nullptr) std::memset(at, 0, len);
+  else if (data != at) std::memcpy(at, data, len);
   s.state[ref.region][ref.chunk] = kStaged;
   if (++stage.staged == hi - lo) install_stage(s, key);
 }
