@@ -169,6 +169,8 @@ std::vector<KernelFeatures::Row> KernelFeatures::rows() const {
                  "agent: madvise/munmap/mremap during restore", "restore everything before the app runs"});
   out.push_back({"UFFD_FEATURE_EVENT_FORK", has_uffd_feature(UFFD_FEATURE_EVENT_FORK), "agent: fork during restore",
                  "child sees unrestored pages as zero"});
+  out.push_back({"UFFD_FEATURE_MISSING_HUGETLBFS", has_uffd_feature(UFFD_FEATURE_MISSING_HUGETLBFS),
+                 "VMs backed by huge pages (hugetlbfs)", "none: such a VM cannot register its memory"});
   out.push_back({"UFFD_FEATURE_POISON (6.6)", has_uffd_poison(), "failing a fault visibly (SIGBUS)",
                  "terminate the process with a logged reason"});
   out.push_back({"UFFD_FEATURE_MOVE (6.8)", has_uffd_move(), "zero-copy install of migrated pages", "UFFDIO_COPY"});
