@@ -218,8 +218,16 @@ Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, SocketFi
 // `pidfd` is the process's: alive once its maps are read, they were its (its pid not reused).
 // And mapped with the page size it said: the kernel installs a huge page only whole, and a 4 KiB
 // page not at all into huge-page memory (every install, then every poison, would fail).
+// /proc/PID/maps says the page size of anonymous memory (4 KiB); smaps, which walks the process's
+// page tables, is read only when some range lies in other memory (hugetlbfs, memfd, files).
 Status check_ranges_mapped(pid_t pid, int pidfd, const std::vector<fault::MappedRange>& ranges, uint64_t page_size) {
-  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid, true));
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
+  for (const auto& r : ranges) {
+    if (sys::coverage(vmas, r.start, r.start + r.length).page_size == 0) {
+      LAZYMEM_ASSIGN_OR_RETURN(vmas, sys::read_vmas(pid, true));
+      break;
+    }
+  }
   pollfd exited{pidfd, POLLIN, 0};  // readable once it has exited
   if (::poll(&exited, 1, 0) != 0) return Error(Errc::kPeerGone, fmt::format("process {} has exited", pid));
   for (const auto& r : ranges) {
@@ -1063,17 +1071,25 @@ struct Daemon::Impl {
                const std::string& why) {
     if (kf.has_uffd_poison() && uffd_fd.valid() && !guest.empty()) {
       log->error("firecracker pid {}: its memory cannot be served ({}); its accesses fail", pid, why);
-      // Where a range cannot be poisoned (ranges off the memory's huge page boundaries, a page
-      // present already), the VM is killed instead: it must not wait on that memory for good.
+      // Where a range cannot be poisoned whole (ranges off the memory's huge page boundaries, a
+      // page present already, a mapping change under way), the VM is killed instead: it was
+      // refused, and must not wait on that memory for good.
       auto vm = std::make_shared<sys::UniqueFd>(pidfd >= 0 ? ::fcntl(pidfd, F_DUPFD_CLOEXEC, 0) : -1);
       auto poison = [guest, vm, pid, log = log](sys::UniqueFd fd) {
         sys::Uffd uffd = sys::Uffd::adopt(std::move(fd), 0);
         for (const auto& r : guest) {
           const sys::InstallResult res = uffd.poison(r.start, r.length);
           if (res.outcome == sys::InstallOutcome::kDone || res.outcome == sys::InstallOutcome::kExited) continue;
-          log->error("firecracker pid {}: poisoning {:#x}+{:#x} failed ({}); killing it rather than leave it hanging", pid,
-                     r.start + res.bytes, r.length - res.bytes, std::strerror(res.err));
-          if (vm->valid()) (void)sys::pidfd_signal(vm->get(), SIGKILL);
+          const std::string what = fmt::format("firecracker pid {}: poisoning {:#x}+{:#x} failed ({})", pid,
+                                               r.start + res.bytes, r.length - res.bytes, std::strerror(res.err));
+          if (!vm->valid()) {
+            log->error("{}, and it cannot be killed (no pidfd of it): it may wait on its memory for good; kill it", what);
+            return;
+          }
+          log->error("{}; killing it rather than leave it hanging", what);
+          if (Status st = sys::pidfd_signal(vm->get(), SIGKILL); !st.ok() && st.error().sys_errno() != ESRCH) {
+            log->error("firecracker pid {}: could not kill it: {}", pid, st.error().message());
+          }
           return;
         }
       };

@@ -107,14 +107,16 @@ struct FaultEngine::Session {
   // by address: a stage moves with mremap, and installs wherever the map puts it then.
   uint64_t huge = 0;
   struct Stage {
-    std::unique_ptr<std::byte[]> bytes;
+    sys::Mapping bytes;     // mmap'ed: given back to the kernel when no longer kept spare
     uint32_t staged = 0;    // chunks in
+    uint32_t data_pages = 0, zero_pages = 0;  // counted in the stats once installed
     bool waiting = false;   // complete, its install met EAGAIN: done again after the events
     uint64_t fault_ns = 0;  // the first fault on the page (0: none), for its latency
     uint32_t faults = 0;
   };
   std::map<std::pair<uint32_t, uint64_t>, Stage> stages;
   bool stages_waiting = false;
+  std::atomic<uint64_t> pages_gathering{0};  // stages.size() as of the engine's last round
 
   uint32_t chunk_size() const { return manifest->chunk_size; }
   // The chunks [first, end) of the huge page holding `ref` (fewer at a region's end).
@@ -196,6 +198,8 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
   void stage_chunk(Session& s, ChunkRef ref, const std::byte* data, uint32_t len);
   std::span<std::byte> stage_slot(Session& s, ChunkRef ref, uint32_t len);
+  sys::Mapping stage_buffer(uint64_t len);
+  void spare_stage(sys::Mapping bytes);
   void install_stage(Session& s, std::pair<uint32_t, uint64_t> key);
   void retry_stages(Session& s);
   const std::byte* zeros(uint64_t len);
@@ -232,6 +236,7 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   }
   std::vector<std::byte> buf_;
   sys::Mapping zeros_;  // read-only, never written: a huge page's worth of zeros to copy from
+  std::vector<sys::Mapping> spare_stages_;  // stage buffers kept for the next pages, a few
   std::vector<uffd_msg> msgs_ = std::vector<uffd_msg>(kEventsPerRead);
   bool more_ready_ = false;
 };
@@ -606,16 +611,18 @@ void FaultEngine::Loop::on_fork(Session& parent, int fd) {
   child->map = parent.map;
   child->huge = parent.huge;
   child->state = parent.state;
-  uint64_t present = 0;
+  uint64_t present = 0, failed = 0;
   for (auto& region : child->state) {
     for (auto& st : region) {
       // The parent's fetches, retries and stages will not land in the child.
       if (st >= kInFlight || st == kZeroRetry || st == kStaged) st = kAbsent;
       if (st == kPresent) ++present;
+      if (st == kFailed) ++failed;
     }
   }
   child->chunks_total = parent.chunks_total;
   child->chunks_present = present;
+  child->chunks_failed = failed;
   for (const auto& r : parent.manifest->regions) child->stats.push_back(std::make_unique<LiveRegionStats>(r.name, r.length));
   {
     std::lock_guard lock(e_.mu_);
@@ -629,6 +636,17 @@ void FaultEngine::Loop::on_fork(Session& parent, int fd) {
 
 bool FaultEngine::Loop::next_absent(Session& s, ChunkRef& out) {
   const auto& regions = s.manifest->regions;
+  // Huge pages: the pages begun first. A fault moves the hint to the page after its own; a
+  // page the hint was filling would otherwise hold its stage until the sweep came by.
+  for (const auto& [key, stage] : s.stages) {
+    const auto [lo, hi] = s.page_chunks(ChunkRef{key.first, static_cast<uint32_t>(key.second / s.chunk_size())});
+    for (uint32_t c = lo; c < hi; ++c) {
+      if (s.state[key.first][c] == kAbsent) {
+        out = ChunkRef{key.first, c};
+        return true;
+      }
+    }
+  }
   if (s.hint_valid) {
     for (int step = 0; step < 16 && s.hint_region < regions.size(); ++step) {
       if (s.hint_chunk >= s.state[s.hint_region].size()) break;
@@ -842,8 +860,7 @@ void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::s
   }
   LiveRegionStats& stats = *s.stats[ref.region];
   stats.add_fetched(stored_size, len);
-  if (s.huge) {
-    stats.add_installed(len / s.manifest->regions[ref.region].page_size, p->demand);
+  if (s.huge) {  // counted installed with its page
     const bool was_prefetch = !p->queued_as_demand;
     free_pending(slot);
     if (was_prefetch) count_prefetch_done(s);
@@ -971,7 +988,6 @@ void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fau
   uint32_t& st = s.state[ref.region][ref.chunk];
   if (s.huge) {  // into its page's stage; a fault's latency is the page's
     if (st == kStaged || st == kPresent || st == kFailed) return;
-    s.stats[ref.region]->add_zero(len / s.manifest->regions[ref.region].page_size);
     stage_chunk(s, ref, nullptr, len);
     return;
   }
@@ -995,12 +1011,32 @@ void FaultEngine::Loop::install_zero_chunk(Session& s, ChunkRef ref, bool by_fau
   }
 }
 
+// A stage's buffer: a spare one of that size, else mapped anew. Out of memory is thrown, as any
+// allocation's in the engine.
+sys::Mapping FaultEngine::Loop::stage_buffer(uint64_t len) {
+  for (auto it = spare_stages_.begin(); it != spare_stages_.end(); ++it) {
+    if (it->size() != len) continue;
+    sys::Mapping m = std::move(*it);
+    spare_stages_.erase(it);
+    return m;
+  }
+  auto m = sys::Mapping::anonymous(len);
+  if (!m.ok()) throw std::bad_alloc();
+  return std::move(*m);
+}
+
+// Keeps a few buffers for the next pages (a scan's), and gives the rest back to the kernel.
+void FaultEngine::Loop::spare_stage(sys::Mapping bytes) {
+  constexpr size_t kSpareStages = 4;
+  if (bytes.data() && spare_stages_.size() < kSpareStages) spare_stages_.push_back(std::move(bytes));
+}
+
 // Where a chunk of a huge page goes in its page's stage (made if need be).
 std::span<std::byte> FaultEngine::Loop::stage_slot(Session& s, ChunkRef ref, uint32_t len) {
   const uint64_t page_off = uint64_t{s.page_chunks(ref).first} * s.chunk_size();
   Session::Stage& stage = s.stages[{ref.region, page_off}];
-  if (!stage.bytes) stage.bytes.reset(new std::byte[s.huge]);  // every byte is written before use
-  return {stage.bytes.get() + (uint64_t{ref.chunk} * s.chunk_size() - page_off), len};
+  if (!stage.bytes.data()) stage.bytes = stage_buffer(s.huge);  // every byte is written before use
+  return {stage.bytes.data() + (uint64_t{ref.chunk} * s.chunk_size() - page_off), len};
 }
 
 // A chunk of a huge page is in (`data`, or zeros if null; decoded in place already if `data` is
@@ -1010,8 +1046,14 @@ void FaultEngine::Loop::stage_chunk(Session& s, ChunkRef ref, const std::byte* d
   const std::pair<uint32_t, uint64_t> key{ref.region, uint64_t{lo} * s.chunk_size()};
   std::byte* at = stage_slot(s, ref, len).data();
   Session::Stage& stage = s.stages[key];
-  if (data == nullptr) std::memset(at, 0, len);
-  else if (data != at) std::memcpy(at, data, len);
+  const uint32_t pages = len / s.manifest->regions[ref.region].page_size;
+  if (data == nullptr) {
+    std::memset(at, 0, len);
+    stage.zero_pages += pages;
+  } else {
+    if (data != at) std::memcpy(at, data, len);
+    stage.data_pages += pages;
+  }
   s.state[ref.region][ref.chunk] = kStaged;
   if (++stage.staged == hi - lo) install_stage(s, key);
 }
@@ -1022,8 +1064,10 @@ void FaultEngine::Loop::install_stage(Session& s, std::pair<uint32_t, uint64_t> 
   auto it = s.stages.find(key);
   Session::Stage& stage = it->second;
   InstallStatus result = InstallStatus::kOk;
+  bool placed = false;
   s.map.for_each_span(key.first, key.second, s.huge, [&](uint64_t addr, uint64_t at, uint64_t n) {
-    if (result == InstallStatus::kOk) result = install_span(s, addr, stage.bytes.get() + (at - key.second), n, s.huge);
+    if (result == InstallStatus::kOk) result = install_span(s, addr, stage.bytes.data() + (at - key.second), n, s.huge);
+    placed = true;
   });
   const ChunkRef first{key.first, static_cast<uint32_t>(key.second / s.chunk_size())};
   if (result == InstallStatus::kRetry) {
@@ -1036,11 +1080,17 @@ void FaultEngine::Loop::install_stage(Session& s, std::pair<uint32_t, uint64_t> 
                                                       key.second, s.manifest->regions[key.first].name)));
     return;
   }
+  LiveRegionStats& stats = *s.stats[key.first];
   if (stage.faults > 0) {
     const uint64_t us = (now_ns() - stage.fault_ns) / 1000;
-    for (uint32_t i = 0; i < stage.faults; ++i) s.stats[key.first]->add_latency_us(us);
+    for (uint32_t i = 0; i < stage.faults; ++i) stats.add_latency_us(us);
+  }
+  if (placed) {
+    stats.add_installed(stage.data_pages, stage.faults > 0);
+    stats.add_zero(stage.zero_pages);
   }
   const auto [lo, hi] = s.page_chunks(first);
+  spare_stage(std::move(stage.bytes));
   s.stages.erase(it);
   for (uint32_t c = lo; c < hi; ++c) {
     s.state[key.first][c] = kPresent;
@@ -1164,7 +1214,12 @@ bool FaultEngine::Loop::mark_failed(Session& s, ChunkRef ref) {
     st = kFailed;
     ++s.chunks_failed;
   }
-  if (s.huge) s.stages.erase({ref.region, uint64_t{lo} * s.chunk_size()});
+  if (s.huge) {
+    if (auto it = s.stages.find({ref.region, uint64_t{lo} * s.chunk_size()}); it != s.stages.end()) {
+      spare_stage(std::move(it->second.bytes));
+      s.stages.erase(it);
+    }
+  }
   return true;
 }
 
@@ -1195,10 +1250,13 @@ void FaultEngine::Loop::release_failures(Session& s) {
   s.hold_failures = false;
   if (!s.held) return;
   s.held = false;
-  // The chunks failed so far, where the map puts them now (it may have changed since).
+  // The chunks failed so far, where the map puts them now (it may have changed since); a huge
+  // page once, not once per chunk.
   for (uint32_t region = 0; region < s.state.size(); ++region) {
     for (uint32_t chunk = 0; chunk < s.state[region].size(); ++chunk) {
-      if (s.state[region][chunk] == kFailed) poison_chunk(s, ChunkRef{region, chunk});
+      if (s.state[region][chunk] != kFailed) continue;
+      poison_chunk(s, ChunkRef{region, chunk});
+      if (s.huge) chunk = s.page_chunks(ChunkRef{region, chunk}).second - 1;
     }
   }
   check_complete(s);
@@ -1271,6 +1329,7 @@ void FaultEngine::Loop::run() {
       Session& s = *live_[i];
       if (s.backlog || (s.reader && s.reader->wait_fd() < 0)) poll_reader(s);
       release_reader_if_complete(s);
+      s.pages_gathering = s.stages.size();
     }
     check_deadlines();
     probe_orphans();
@@ -1333,10 +1392,10 @@ Status check_page_size(const SessionSpec& spec, const Manifest& m) {
   if (spec.follower) {
     return Error(Errc::kUnsupported, "fault engine: faults on the faulting threads are served for 4 KiB pages only");
   }
-  if (m.chunk_size > page) {
+  if (m.chunk_size == 0 || m.chunk_size > page || page % m.chunk_size != 0) {
     return Error(Errc::kUnsupported, fmt::format("fault engine: the snapshot's chunks ({} KiB) are larger than the "
-                                                 "{} KiB pages it would restore: capture it with chunks of at most "
-                                                 "the page size",
+                                                 "{} KiB pages it would restore, or do not divide them: capture it "
+                                                 "with chunks of at most the page size",
                                                  m.chunk_size >> 10, page >> 10));
   }
   for (const MappedRange& r : spec.ranges) {
@@ -1437,6 +1496,7 @@ std::optional<SessionInfo> FaultEngine::session_info(SessionId id) const {
   for (const auto& r : s.stats) info.stats.regions.push_back(r->read());
   info.chunks_total = s.chunks_total;
   info.chunks_present = s.chunks_present.load();
+  info.pages_gathering = s.pages_gathering.load();
   info.complete = s.complete.load();
   info.failed = s.failed.load();
   info.exited = s.exited.load();

@@ -70,6 +70,7 @@ struct SessionInfo {
   RestoreStats stats;
   uint64_t chunks_total = 0;
   uint64_t chunks_present = 0;
+  uint64_t pages_gathering = 0;  // huge pages with some chunks in and not yet installed
   bool complete = false;
   bool failed = false;
   bool exited = false;  // the process went away (found by the engine: forked children have no pidfd)

@@ -50,9 +50,13 @@ Result<std::vector<Vma>> read_vmas(pid_t pid, bool page_sizes) {
   for (std::string line; std::getline(in, line);) {
     unsigned long a = 0, b = 0;
     char perms[8] = {};
+    int path = 0;  // where the path begins, if any
     // smaps' other lines ("Size:", "AnonHugePages:") never read as "hex-hex".
-    if (std::sscanf(line.c_str(), "%lx-%lx %7s", &a, &b, perms) >= 2) {
-      vmas.push_back({a, b, perms[3] == 's', 0});
+    if (std::sscanf(line.c_str(), "%lx-%lx %7s %*s %*s %*s %n", &a, &b, perms, &path) >= 2) {
+      // Anonymous memory without a name ("[heap]", "[stack]" and the like are such too) has
+      // 4 KiB pages: MAP_HUGETLB memory is named "/anon_hugepage". Others are said by smaps.
+      const bool anonymous = path > 0 && (static_cast<size_t>(path) >= line.size() || line[static_cast<size_t>(path)] == '[');
+      vmas.push_back({a, b, perms[3] == 's', !page_sizes && anonymous ? uint64_t{4096} : 0});
     } else if (!vmas.empty() && line.starts_with(kPageSize)) {
       vmas.back().page_size = std::strtoull(line.c_str() + kPageSize.size(), nullptr, 10) * 1024;  // "4 kB"
     }

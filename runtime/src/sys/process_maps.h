@@ -15,12 +15,12 @@ struct Vma {
   uintptr_t start = 0;
   uintptr_t end = 0;
   bool shared = false;  // MAP_SHARED ('s' in the permissions)
-  uint64_t page_size = 0;  // the kernel's page size for it (huge pages), if read (else 0)
+  uint64_t page_size = 0;  // the kernel's page size for it (huge pages), if known (else 0)
 };
 
-// In address order, as the kernel lists them. pid 0: this process. With `page_sizes`, read
-// from /proc/PID/smaps, which says each mapping's page size (and costs a walk of the process's
-// page tables).
+// In address order, as the kernel lists them. pid 0: this process. Page sizes are known of
+// unnamed anonymous memory (4 KiB); with `page_sizes`, of all, read from /proc/PID/smaps (which
+// costs a walk of the process's page tables).
 Result<std::vector<Vma>> read_vmas(pid_t pid, bool page_sizes = false);
 
 // That `pid` names a process (not one of its threads) whose main thread has not exited (its
