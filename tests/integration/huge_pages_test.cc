@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -24,6 +25,7 @@
 #include "lazymem/kernel_features.h"
 #include "lazymem/snapshot.h"
 #include "source.h"
+#include "sys/process_maps.h"
 #include "sys/uffd.h"
 
 namespace lazymem {
@@ -288,6 +290,41 @@ TEST(HugePageSessionTest, WhatCannotBeInstalledWholeIsRefused) {
   EXPECT_FALSE(session(3000, at, kHugePage, 0, kDefaultChunkSize).ok());
   EXPECT_FALSE(session(uint64_t{1} << 30, at, uint64_t{1} << 30, 0, kDefaultChunkSize).ok());  // past the limit
   EXPECT_TRUE(session(kHugePage, at, 2 * kHugePage, kHugePage, kDefaultChunkSize).ok());
+}
+
+// The agent checks a VM's memory against the page size it said: /proc/PID/maps tells of unnamed
+// anonymous memory (4 KiB pages), smaps of the rest.
+TEST(ProcessMapsTest, PageSizesFromMapsAndSmaps) {
+  testing::ScratchDir dir;
+  const std::string path = dir.path() + "/file";
+  std::ofstream(path) << std::string(8192, 'x');
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  void* file = ::mmap(nullptr, 8192, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  void* anon = ::mmap(nullptr, 8192, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(file, MAP_FAILED);
+  ASSERT_NE(anon, MAP_FAILED);
+  testing::HugePages pages(1);
+  std::byte* huge = pages.unavailable().empty() ? map_huge(kHugePage) : nullptr;
+  auto page_size = [](const std::vector<sys::Vma>& vmas, const void* p) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    return sys::coverage(vmas, a, a + 4096).page_size;
+  };
+  auto maps = sys::read_vmas(0);
+  auto smaps = sys::read_vmas(0, true);
+  ASSERT_TRUE(maps.ok() && smaps.ok());
+  EXPECT_EQ(page_size(*maps, anon), 4096u);
+  EXPECT_EQ(page_size(*maps, file), 0u);  // not said by maps
+  EXPECT_EQ(page_size(*smaps, anon), 4096u);
+  EXPECT_EQ(page_size(*smaps, file), 4096u);
+  if (huge != nullptr) {
+    EXPECT_EQ(page_size(*maps, huge), 0u);
+    EXPECT_EQ(page_size(*smaps, huge), kHugePage);
+    ::munmap(huge, kHugePage);
+  }
+  ::munmap(file, 8192);
+  ::munmap(anon, 8192);
 }
 
 }  // namespace
