@@ -30,6 +30,8 @@ struct Run {
   double touch_all_s = 0;
   double p50_us = 0, p99_us = 0;
   double reads_s = 0;
+  uint64_t faults = 0;      // in the touch-all run
+  double blocked_s = 0;     // the faulting thread's wait, summed
   uint64_t hash = 0;
   int ok = 0;
 };
@@ -68,6 +70,12 @@ Run restore_run(const std::string& loc, size_t len, bool huge, int faults) {
   if (faults == 0) {
     (void)touch_all(p, len);
     out.touch_all_s = since(t0);
+    if (auto info = engine.session_info(*id)) {
+      for (const auto& r : info->stats.regions) {
+        out.faults += r.faults;
+        out.blocked_s += static_cast<double>(r.blocked_us) / 1e6;
+      }
+    }
   } else {
     std::mt19937_64 rng(99);
     std::vector<size_t> order(len / kHugePage);
@@ -125,7 +133,7 @@ static int run_bench(int argc, char** argv) {
   MadeSnapshot made = make_heap_snapshot(loc, len);
   if (!made.ok) return 1;
 
-  std::vector<double> all[2], p50[2], p99[2], reads[2];
+  std::vector<double> all[2], p50[2], p99[2], reads[2], nfaults[2], blocked[2];
   bool bad = false;
   for (int round = 0; round < rounds; ++round) {
     for (int mode = 0; mode < 2; ++mode) {  // 0: 4 KiB pages, 1: huge pages; interleaved
@@ -141,6 +149,8 @@ static int run_bench(int argc, char** argv) {
       p50[mode].push_back(f.p50_us);
       p99[mode].push_back(f.p99_us);
       reads[mode].push_back(a.reads_s);
+      nfaults[mode].push_back(static_cast<double>(a.faults));
+      blocked[mode].push_back(a.blocked_s);
     }
   }
   std::filesystem::remove_all(work);
@@ -148,11 +158,13 @@ static int run_bench(int argc, char** argv) {
 
   std::printf("lazymem-bench-huge: %zu MiB heap-like snapshot (zstd-1, %.2fx), median of %d runs, every byte checked\n\n",
               len >> 20, made.ratio, rounds);
-  std::printf("%-10s %16s %14s %14s %20s\n", "pages", "touch all (pf)", "fault p50", "fault p99", "random reads after");
+  std::printf("%-10s %16s %22s %14s %14s %20s\n", "pages", "touch all (pf)", "its faults (waited)", "fault p50",
+              "fault p99", "random reads after");
   const char* names[] = {"4 KiB", "2 MiB"};
   for (int m = 0; m < 2; ++m) {
-    std::printf("%-10s %13.1f ms %11.0f us %11.0f us %14.1f ns/read\n", names[m], median(all[m]) * 1e3, median(p50[m]),
-                median(p99[m]), median(reads[m]) * 1e9 / kReads);
+    std::printf("%-10s %13.1f ms %9.0f (%6.1f ms) %11.0f us %11.0f us %14.1f ns/read\n", names[m], median(all[m]) * 1e3,
+                median(nfaults[m]), median(blocked[m]) * 1e3, median(p50[m]), median(p99[m]),
+                median(reads[m]) * 1e9 / kReads);
   }
   const double touch = median(all[1]) / median(all[0]), fault = median(p50[1]) / median(p50[0]),
                after = median(reads[1]) / median(reads[0]);
@@ -165,7 +177,8 @@ static int run_bench(int argc, char** argv) {
     j["rounds"] = rounds;
     j["compression_ratio"] = made.ratio;
     for (int m = 0; m < 2; ++m) {
-      j[m ? "huge" : "small"] = {{"touch_all_s", median(all[m])}, {"fault_p50_us", median(p50[m])},
+      j[m ? "huge" : "small"] = {{"touch_all_s", median(all[m])}, {"touch_all_faults", median(nfaults[m])},
+                                 {"touch_all_waited_s", median(blocked[m])}, {"fault_p50_us", median(p50[m])},
                                  {"fault_p99_us", median(p99[m])}, {"random_read_ns", median(reads[m]) * 1e9 / kReads}};
     }
     j["touch_all_huge_vs_small"] = touch;

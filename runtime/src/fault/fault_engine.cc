@@ -205,6 +205,12 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   const std::byte* zeros(uint64_t len);
   void zero_past_snapshot(Session& s, uint64_t addr);
   void count_prefetch_done(Session& s);
+  // Huge pages: room for two pages' chunks, so the next page can be complete before a scan
+  // gets there while this one's last chunks come in.
+  size_t window_max(const Session& s) const {
+    const size_t max = e_.options_.prefetch_window_max;
+    return s.huge ? std::max(max, 2 * static_cast<size_t>(s.huge / s.chunk_size())) : max;
+  }
   void retry_installs(Session& s);
   void mark_present(Session& s, ChunkRef ref);
   void check_complete(Session& s);
@@ -529,7 +535,12 @@ void FaultEngine::Loop::on_huge_fault(Session& s, const MappedRange& r, uint64_t
   s.hint_region = r.region;
   s.hint_chunk = hi;
   s.hint_valid = true;
-  if (s.prefetch_in_flight > 0) s.window = std::max<size_t>(1, s.window / 2);
+  // A scan (the page after the last one faulted on) runs into prefetch's pages because the
+  // window is too short, not too long: it is widened then, and narrowed for faults elsewhere.
+  const bool scanning = s.last_fault.region == r.region && s.last_fault.chunk + (hi - lo) == lo;
+  s.last_fault = ChunkRef{r.region, lo};
+  if (scanning) s.window = std::min(window_max(s), s.window * 2);
+  else if (s.prefetch_in_flight > 0) s.window = std::max<size_t>(1, s.window / 2);
   s.prefetch_done_since_demand = 0;
 }
 
@@ -782,7 +793,7 @@ void FaultEngine::Loop::on_chunk(uint64_t tag, std::span<const std::byte> stored
   // huge page's thread waits for all its chunks: they are decoded on every core, the pool's
   // workers kept busy and this thread decoding the rest.
   const uint32_t page = s.manifest->regions[ref.region].page_size;
-  const bool to_pool = !p->demand || (s.huge && pool_ && pool_->busy() < pool_->threads());
+  const bool to_pool = s.huge ? pool_ && pool_->busy() < pool_->threads() : !p->demand;
   if (to_pool && pool_ && pool_->try_submit(tag, info, len, page, s.dict, stored)) return;
   // A huge page's chunk is decoded straight into its stage.
   std::span<std::byte> out = s.huge ? stage_slot(s, ref, len) : std::span<std::byte>(buf_.data(), len);
@@ -895,7 +906,7 @@ void FaultEngine::Loop::finish_fetch(uint64_t tag, const Status& decoded, std::s
 // Prefetches done without a fault in between widen the window.
 void FaultEngine::Loop::count_prefetch_done(Session& s) {
   if (++s.prefetch_done_since_demand >= s.window) {
-    s.window = std::min(e_.options_.prefetch_window_max, s.window * 2);
+    s.window = std::min(window_max(s), s.window * 2);
     s.prefetch_done_since_demand = 0;
   }
 }
