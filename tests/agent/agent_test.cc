@@ -1137,6 +1137,48 @@ TEST_F(AgentTest, FirecrackerVmOnHugePages) {
   EXPECT_EQ(in_child([&] { return vm_of_page_size(o.firecracker_socket, image, true, testing::kHugePage); }), 0);
 }
 
+// The same from a page server: a page's chunks come back in batches, out of order, and are
+// gathered all the same.
+TEST_F(AgentTest, FirecrackerVmOnHugePagesFromAPageServer) {
+  const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
+  ASSERT_NE(pageserver, nullptr) << "run through meson test";
+  testing::HugePages pages(8);
+  if (!pages.unavailable().empty()) GTEST_SKIP() << pages.unavailable();
+  std::filesystem::create_directories(dir_.path() + "/store");
+  RAW_IMAGE_AT(image, 16 * kMiB, 60, vm, dir_.path() + "/store/vm");
+  testing::SpawnedServer server(pageserver, dir_.path() + "/store", {});
+  server.start();
+  agent::DaemonOptions o;
+  o.firecracker_socket = dir_.path() + "/fc.sock";
+  o.firecracker_snapshot = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
+  start_daemon(o);
+  EXPECT_EQ(in_child([&] { return vm_of_page_size(o.firecracker_socket, image, true, testing::kHugePage); }), 0);
+}
+
+// And with the page server gone once the snapshot is open: a huge page that cannot be had fails
+// whole, visibly (SIGBUS), within the deadline, not a hang.
+TEST_F(AgentTest, HugePagesFromAPageServerThatDiesFailVisibly) {
+  const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
+  ASSERT_NE(pageserver, nullptr) << "run through meson test";
+  testing::HugePages pages(8);
+  if (!pages.unavailable().empty()) GTEST_SKIP() << pages.unavailable();
+  std::filesystem::create_directories(dir_.path() + "/store");
+  RAW_IMAGE_AT(image, 16 * kMiB, 61, vm, dir_.path() + "/store/vm");
+  testing::SpawnedServer server(pageserver, dir_.path() + "/store", {});
+  server.start();
+  agent::DaemonOptions o;
+  o.engine.demand_deadline = std::chrono::seconds(2);
+  start_daemon(o);
+  FirecrackerServeOptions f;
+  f.socket_path = dir_.path() + "/vm.sock";
+  f.snapshot = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
+  auto serve = AgentFirecrackerServe::start(socket_, f);
+  ASSERT_TRUE(serve.ok()) << serve.error().message();
+  server.kill();
+  const int status = in_child([&] { return vm_of_page_size(f.socket_path, image, true, testing::kHugePage); });
+  EXPECT_EQ(status, kf_.has_uffd_poison() ? 128 + SIGBUS : 128 + SIGKILL) << "(128+14: the VM hung)";
+}
+
 // A VM whose message gives its memory the wrong page size is refused and failed (poisoned, or
 // killed), not served pages the kernel would refuse to install one by one.
 TEST_F(AgentTest, AVmWhosePagesAreNotWhatItSaidIsFailed) {
