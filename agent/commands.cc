@@ -128,13 +128,14 @@ static void print_pass(unsigned pass, uint64_t bytes) {
 }
 
 Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                           const CaptureOptions& options, bool freeze,
+                                           const CaptureOptions& options, bool freeze, DirtyMethod tracking,
                                            std::function<bool()> interrupted) {
   LAZYMEM_TRY(check_capture_options(options));
   LAZYMEM_TRY(check_process_ranges(ranges));
   LiveCaptureOptions live;
   live.pid = pid;
   live.freeze_cgroup = freeze;
+  live.tracking = tracking;
   live.cancelled = std::move(interrupted);
   auto r = capture_regions_live(target, regions_of(ranges), options, live, probe_kernel());
   if (!r.ok()) return std::move(r).error().wrap(fmt::format("live capture of process {}", pid));
@@ -152,6 +153,7 @@ Status migrate_process(const MigrateConfig& c) {
   MigrationOptions mo = c.migration;
   mo.precopy.pid = c.pid;
   mo.precopy.freeze_cgroup = c.freeze;
+  mo.precopy.tracking = c.tracking;
   mo.precopy.cancelled = c.interrupted;
   mo.precopy.on_pass = print_pass;
   // Thawed after the kill, if this froze it, so that the cgroup is left as found.
@@ -170,9 +172,10 @@ Status migrate_process(const MigrateConfig& c) {
   std::printf("source: %s\n", (*src)->location().c_str());
   std::fflush(stdout);
   std::fprintf(stderr,
-               "pre-copy: %.1f MiB stored in %u passes, %.0f ms; process %d %s %.2f ms before serving; %llu chunks "
-               "(%.1f MiB) written since are served from here\n",
-               double(r.precopy.stored_bytes) / 1048576.0, r.precopy.rounds, r.precopy_seconds * 1e3, c.pid, paused,
+               "pre-copy: %.1f MiB stored in %u passes (writes tracked by %s), %.0f ms; process %d %s %.2f ms before "
+               "serving; %llu chunks (%.1f MiB) written since are served from here\n",
+               double(r.precopy.stored_bytes) / 1048576.0, r.precopy.rounds, dirty_method_name(r.precopy.tracking),
+               r.precopy_seconds * 1e3, c.pid, paused,
                r.switch_seconds * 1e3, static_cast<unsigned long long>(r.postcopy_chunks),
                double(r.postcopy_bytes) / 1048576.0);
   // Interrupted during the switch-over: called off before the wait, if no destination came yet.
@@ -218,6 +221,7 @@ Status migrate_process(const MigrateConfig& c) {
     nlohmann::json j{{"source", (*src)->location()},
                      {"precopy_stored_bytes", done->precopy.stored_bytes},
                      {"precopy_rounds", done->precopy.rounds},
+                     {"tracking", dirty_method_name(done->precopy.tracking)},
                      {"precopy_seconds", done->precopy_seconds},
                      {"switch_seconds", done->switch_seconds},
                      {"written_bytes", done->written_bytes},
@@ -240,7 +244,8 @@ Status migrate_process(const MigrateConfig& c) {
 std::string format_capture_table(const CaptureReport& r) {
   std::string live;
   if (r.rounds > 0) {
-    live = fmt::format("live          {} passes; paused {:.2f} ms, for the last\n", r.rounds, r.paused_seconds * 1e3);
+    live = fmt::format("live          {} passes, writes tracked by {}; paused {:.2f} ms, for the last\n", r.rounds,
+                       dirty_method_name(r.tracking), r.paused_seconds * 1e3);
   } else if (r.paused_seconds > 0) {
     live = fmt::format("paused        {:.2f} ms, while its memory was copied\n", r.paused_seconds * 1e3);
   }
@@ -262,6 +267,7 @@ std::string format_capture_json(const CaptureReport& r) {
                    {"zstd_chunks", r.zstd_chunks}, {"seconds", r.seconds}};
   if (r.rounds > 0) {
     j["rounds"] = r.rounds;
+    j["tracking"] = dirty_method_name(r.tracking);
     j["superseded_bytes"] = r.superseded_bytes;
     j["paused_seconds"] = r.paused_seconds;
   }

@@ -41,10 +41,10 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
                                       const std::function<void()>& resumed = nullptr);
 // The same while the process runs (capture_regions_live with LiveCaptureOptions::pid): its
 // writes are tracked, and it is paused only for the last round: stopped (SIGSTOP), or with
-// `freeze`, its cgroup (v2, holding it alone) frozen.
+// `freeze`, its cgroup (v2, holding it alone) frozen. Its writes are tracked as `tracking` says.
 // `interrupted` (an operator's Ctrl-C) stops it before the pause, with nothing stored.
 Result<CaptureReport> capture_process_live(pid_t pid, const std::vector<ProcessRange>& ranges, const std::string& target,
-                                           const CaptureOptions& options, bool freeze,
+                                           const CaptureOptions& options, bool freeze, DirtyMethod tracking,
                                            std::function<bool()> interrupted);
 
 std::string format_capture_table(const CaptureReport& r);
@@ -63,6 +63,7 @@ struct MigrateConfig {
   std::chrono::seconds postcopy_timeout{300};
   bool leave_stopped = false;  // after post-copy; else the process is killed (the destination runs it)
   bool freeze = false;         // paused by freezing its cgroup (v2, holding it alone), not SIGSTOP
+  DirtyMethod tracking = DirtyMethod::kAuto;  // how its writes are tracked during the pre-copy
   bool json = false;
   // An operator's Ctrl-C, asked while the process runs (pre-copy: it is never paused) and while
   // post-copy is awaited (called off and resumed if no destination has read the manifest yet).

@@ -179,12 +179,24 @@ lazymem::Result<lazymem::CaptureReport> capture_process_holding_interrupts(
                                          [stop_signals] { pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr); });
 }
 
+// --tracking NAME (lazymem::parse_dirty_method); auto without it.
+lazymem::DirtyMethod tracking_flag(const po::variables_map& vm) {
+  if (!vm.count("tracking")) return lazymem::DirtyMethod::kAuto;
+  const std::string name = vm["tracking"].as<std::string>();
+  auto m = lazymem::parse_dirty_method(name);
+  if (!m) throw std::invalid_argument("--tracking " + name + ": give auto, kernel-marks or write-faults");
+  return *m;
+}
+
 int run_snapshot(const std::vector<std::string>& args) {
   po::options_description desc("lazymem-agent snapshot [options] TARGET   (TARGET: STORE/NAME or lazymem://HOST:PORT/NAME)");
   desc.add_options()("raw", po::value<std::string>(), "capture this raw memory file (a VM's guest memory)")(
       "pid", po::value<int>(), "capture ranges of this process; it is stopped (SIGSTOP) while they are copied")(
       "live", "with --pid: capture while it runs, tracking its writes; it is stopped (SIGSTOP) for the last round only")(
       "freeze", "with --pid: pause it by freezing its cgroup (v2, holding it alone) instead of SIGSTOP; its parent sees nothing")(
+      "tracking", po::value<std::string>(),
+      "with --live: how its writes are tracked: auto (kernel-marks where the kernel has them), kernel-marks (Linux "
+      "6.7), write-faults (5.13; each first write per round waits on the agent)")(
       "region", po::value<std::vector<std::string>>(), "with --pid: START-END[=NAME] in hex, as in /proc/PID/maps; repeatable")(
       "chunk-size", po::value<uint32_t>()->default_value(lazymem::kDefaultChunkSize), "bytes per chunk")(
       "zstd-level", po::value<int>()->default_value(1), "zstd compression level")(
@@ -219,6 +231,10 @@ int run_snapshot(const std::vector<std::string>& args) {
                                 "directly, with no token");
   }
   if (vm.count("live") && !vm.count("pid")) throw std::invalid_argument("--live goes with --pid (a --raw file is not running)");
+  if (vm.count("tracking") && !vm.count("live")) {
+    throw std::invalid_argument("--tracking goes with --live (it says how a running process's writes are tracked)");
+  }
+  const lazymem::DirtyMethod tracking = tracking_flag(vm);
   if (vm.count("freeze") && !vm.count("pid")) {
     throw std::invalid_argument("--freeze goes with --pid (it says how the process is paused; a --raw file is not running)");
   }
@@ -244,7 +260,7 @@ int run_snapshot(const std::vector<std::string>& args) {
     rep = lazymem::capture_raw_file(target, vm["raw"].as<std::string>(), co);
   } else {
     rep = vm.count("live") ? lazymem::agent::capture_process_live(vm["pid"].as<int>(), ranges, target, co,
-                                                                  vm.count("freeze") > 0, catch_interrupts())
+                                                                  vm.count("freeze") > 0, tracking, catch_interrupts())
                            : capture_process_holding_interrupts(vm["pid"].as<int>(), ranges, target, co,
                                                                 vm.count("freeze") > 0);
   }
@@ -273,6 +289,9 @@ int run_migrate(const std::vector<std::string>& args) {
       "how long to wait for the destination; if none came, the migration is called off and the process continued")(
       "leave-stopped", "after the post-copy, leave the process stopped (or frozen) instead of killing it")(
       "freeze", "pause it by freezing its cgroup (v2, holding it alone) instead of SIGSTOP: its parent sees no stop")(
+      "tracking", po::value<std::string>(),
+      "how its writes are tracked during the pre-copy: auto (kernel-marks where the kernel has them), kernel-marks "
+      "(Linux 6.7), write-faults (5.13; each first write per round waits on the agent)")(
       "replace", "replace an existing snapshot of --base's name")(
       "json", "print the report as JSON");
   auto vm = lazymem::cli::parse(args, desc);
@@ -310,6 +329,7 @@ int run_migrate(const std::vector<std::string>& args) {
   c.postcopy_timeout = std::chrono::seconds(timeout);
   c.leave_stopped = vm.count("leave-stopped") > 0;
   c.freeze = vm.count("freeze") > 0;
+  c.tracking = tracking_flag(vm);
   c.json = vm.count("json") > 0;
   c.interrupted = catch_interrupts();
   lazymem::Status s = lazymem::agent::migrate_process(c);

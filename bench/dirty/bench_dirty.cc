@@ -385,7 +385,7 @@ static int run_bench(int argc, char** argv) {
       j["frozen_process_migration_pause_ms"] = live.frozen_pause_s * 1e3;
       j["frozen_vs_stopped_process_migration_pause"] = live.frozen_pause_s / live.process_pause_s;
     }
-    j["method"] = marks ? "kernel-marks" : "write-faults";
+    j["method"] = lazymem::dirty_method_name(marks ? lazymem::DirtyMethod::kKernelMarks : lazymem::DirtyMethod::kWriteFaults);
     for (const Row& r : rows) {
       j["rows"].push_back({{"fraction", r.fraction},
                            {"pages", r.changed},

@@ -157,7 +157,8 @@ Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion
   }
   // Armed before the first pass reads anything: a page written while it is being stored is
   // reported, and stored again.
-  LAZYMEM_ASSIGN_OR_RETURN(p.tracker, DirtyTracker::start(std::move(ranges), features, {.pid = live.pid, .uffd = -1}));
+  LAZYMEM_ASSIGN_OR_RETURN(p.tracker, DirtyTracker::start(std::move(ranges), features,
+                                                          {.pid = live.pid, .method = live.tracking, .uffd = -1}));
   if (p.mirror) LAZYMEM_TRY(p.mirror->fill());
   p.writer = std::make_unique<snapshot::SnapshotWriter>(std::move(sink), options);
   p.writer->stage_input();
@@ -234,6 +235,7 @@ Result<CaptureReport> capture_regions_live(const std::string& target, std::span<
   LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, p.writer->finish());
   report.rounds = p.rounds + 1;
   report.paused_seconds = paused;
+  report.tracking = p.tracker->method();
   return report;
 }
 

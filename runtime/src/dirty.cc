@@ -247,4 +247,20 @@ Result<std::vector<AddressRange>> DirtyTracker::collect() { return impl_->collec
 const std::vector<AddressRange>& DirtyTracker::ranges() const { return impl_->ranges; }
 DirtyMethod DirtyTracker::method() const { return impl_->method; }
 
+const char* dirty_method_name(DirtyMethod method) {
+  switch (method) {
+    case DirtyMethod::kAuto: return "auto";
+    case DirtyMethod::kKernelMarks: return "kernel-marks";
+    case DirtyMethod::kWriteFaults: return "write-faults";
+  }
+  return "?";
+}
+
+std::optional<DirtyMethod> parse_dirty_method(std::string_view name) {
+  for (DirtyMethod m : {DirtyMethod::kAuto, DirtyMethod::kKernelMarks, DirtyMethod::kWriteFaults}) {
+    if (name == dirty_method_name(m)) return m;
+  }
+  return std::nullopt;
+}
+
 }  // namespace lazymem

@@ -89,6 +89,7 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   if (!committed.ok()) return std::move(committed).error().wrap("migration, committing the pre-copy to " + base);
   impl->report.precopy = *committed;
   impl->report.precopy.rounds = p.rounds;
+  impl->report.precopy.tracking = p.tracker->method();
   impl->report.precopy_seconds = seconds_since(started);
 
   if (Status go_on = check_cancelled(migration.precopy); !go_on.ok()) {

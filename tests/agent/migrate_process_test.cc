@@ -564,7 +564,8 @@ TEST_F(MigrateProcessTest, SnapshotHoldsCtrlCUntilTheProcessGoesOn) {
 
 class LiveSnapshotTest : public MigrateProcessTest, public ::testing::WithParamInterface<bool> {};
 
-// With GetParam(), paused by freezing its cgroup (--freeze) rather than SIGSTOP.
+// With GetParam(), paused by freezing its cgroup (--freeze) rather than SIGSTOP; without, its
+// writes tracked by write faults (--tracking write-faults, as before Linux 6.7).
 TEST_P(LiveSnapshotTest, OfARunningProcessIsOneCut) {
   const bool freeze = GetParam();
   const std::string agent = env_or_empty("LAZYMEM_AGENT");
@@ -600,13 +601,15 @@ TEST_P(LiveSnapshotTest, OfARunningProcessIsOneCut) {
     }
   });
   auto [out, rc] = run_cli(fmt::format("{} snapshot --pid {} --live {} --region {:x}-{:x}=heap {}/live --json", agent,
-                                       child.pid(), freeze ? "--freeze" : "", at, at + kPages * kPage, dir_.path()));
+                                       child.pid(), freeze ? "--freeze" : "--tracking write-faults", at,
+                                       at + kPages * kPage, dir_.path()));
   done = true;
   writer.join();
   ASSERT_EQ(rc, 0) << out;
   auto j = nlohmann::json::parse(out, nullptr, false);
   ASSERT_FALSE(j.is_discarded()) << out;
   EXPECT_GE(j["rounds"].get<unsigned>(), 2u) << out;
+  EXPECT_EQ(j["tracking"], freeze && kf_.has_dirty_marks() ? "kernel-marks" : "write-faults") << out;
   EXPECT_GT(j["superseded_bytes"].get<uint64_t>(), 0u) << "nothing was written during the capture: " << out;
   // Asserted: the order below would wait forever on a process left paused.
   ASSERT_NE(process_state(child.pid()), 'T') << "left stopped";
@@ -891,8 +894,9 @@ TEST_F(MigrateCliTest, DestinationHoldsTheProcessMemoryAsTheStopLeftIt) {
   expect_killed_after_postcopy(agent);
 }
 
+// Its writes tracked by write faults (as before Linux 6.7), said so in the report.
 TEST_F(MigrateCliTest, LeaveStoppedLeavesItStopped) {
-  FILE* agent = start_migrate("--leave-stopped --postcopy-timeout-sec 120");
+  FILE* agent = start_migrate("--leave-stopped --tracking write-faults --postcopy-timeout-sec 120");
   ASSERT_NE(agent, nullptr);
   const std::string source = source_of(agent);
   ASSERT_FALSE(source.empty()) << stderr_text();
@@ -907,6 +911,7 @@ TEST_F(MigrateCliTest, LeaveStoppedLeavesItStopped) {
   const std::string report = rest_of(agent);
   ASSERT_EQ(exit_code(agent), 0) << report << stderr_text();
   EXPECT_NE(report.find("left stopped"), std::string::npos) << report;
+  EXPECT_NE(stderr_text().find("writes tracked by write-faults"), std::string::npos) << stderr_text();
   EXPECT_EQ(process_state(pid_), 'T');
   EXPECT_EQ(userfaultfds_of(pid_), 0);
 }

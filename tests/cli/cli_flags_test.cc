@@ -298,6 +298,13 @@ TEST_F(CliFlagsTest, AgentRefusesBadFlags) {
   expect_refused(agent("snapshot --live --raw x " + dir_.path() + "/s"), "--live goes with --pid", "lazymem-agent snapshot");
   expect_refused(agent("snapshot --freeze --raw x " + dir_.path() + "/s"), "--freeze goes with --pid",
                  "lazymem-agent snapshot");
+  expect_refused(agent("snapshot --pid 1 --tracking write-faults --region 7f0000000000-7f0000001000 " + dir_.path() + "/s"),
+                 "--tracking goes with --live", "lazymem-agent snapshot");
+  expect_refused(agent("snapshot --pid 1 --live --tracking soft-dirty --region 7f0000000000-7f0000001000 " + dir_.path() +
+                       "/s"),
+                 "--tracking soft-dirty: give auto, kernel-marks or write-faults", "lazymem-agent snapshot");
+  expect_refused(agent(mig + " --tracking often"), "--tracking often: give auto, kernel-marks or write-faults",
+                 "lazymem-agent migrate");
   for (const char* c : {"check", "run", "status", "regions", "stats", "snapshot", "migrate", "restore"}) {
     CliRun help = agent(std::string(c) + " --help");
     EXPECT_EQ(help.status, 0) << c << ": " << help.out;

@@ -20,6 +20,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <string_view>
 #include <vector>
 
 #include "lazymem/kernel_features.h"
@@ -39,6 +41,11 @@ enum class DirtyMethod {
   kKernelMarks,  // UFFD_FEATURE_WP_ASYNC | WP_UNPOPULATED marks read by PAGEMAP_SCAN (Linux 6.7)
   kWriteFaults,  // write-protect faults taken by a thread of the tracker's (Linux 5.13)
 };
+
+// "kernel-marks", "write-faults", "auto": as flags and JSON say them; and back (nullopt for
+// anything else).
+const char* dirty_method_name(DirtyMethod method);
+std::optional<DirtyMethod> parse_dirty_method(std::string_view name);
 
 struct DirtyTrackerOptions {
   pid_t pid = 0;  // whose memory: 0 for this process

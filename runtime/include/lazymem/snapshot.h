@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "lazymem/dirty.h"
 #include "lazymem/kernel_features.h"
 #include "lazymem/result.h"
 
@@ -140,6 +141,7 @@ struct CaptureReport {
   uint64_t superseded_bytes = 0;  // older versions of chunks stored again, left unreferenced in the data file
   unsigned rounds = 0;            // passes over the memory: the first, the pre-copy rounds, the paused one
   double paused_seconds = 0;      // from pause() to resume()
+  DirtyMethod tracking = DirtyMethod::kAuto;  // how writes were tracked (kAuto: they were not)
 };
 
 // What capture_regions and capture_raw_file check of `options` before any work (chunk size,
@@ -155,6 +157,9 @@ Result<CaptureReport> capture_regions(const std::string& target, std::span<const
 // A live capture's rounds and its pause (capture_regions_live).
 struct LiveCaptureOptions {
   unsigned max_rounds = 10;              // pre-copy rounds after the first pass, at most
+  // How its writes are tracked between rounds (lazymem/dirty.h): by the kernel's marks where it
+  // has them, unless told otherwise.
+  DirtyMethod tracking = DirtyMethod::kAuto;
   uint64_t converged_bytes = 8u << 20;   // pre-copying stops once a round finds this little written
   // Stop and restart the process's writers (its other threads): called once each, pause before
   // the last round, resume right after it (before the commit), also when the capture fails
