@@ -19,6 +19,9 @@ std::string format_status(const std::string& json) {
   for (const auto& s : j["sessions"]) {
     std::string state = s["failed"].get<bool>() ? "FAILED: " + s["failure"].get<std::string>()
                                                 : s.value("state", std::string("restoring"));
+    if (const uint64_t page = s.value("page_size", uint64_t{4096}); page != 4096) {
+      state += fmt::format(" ({} KiB pages)", page >> 10);
+    }
     out += fmt::format("{:>6} {:>8} {:<28} {:>10} {:>10} {}\n", s["id"].get<uint64_t>(), s["pid"].get<int>(),
                        s["source"].get<std::string>(), s["chunks_present"].get<uint64_t>(),
                        s["chunks_total"].get<uint64_t>(), state);

@@ -701,6 +701,7 @@ struct Daemon::Impl {
             {"source", info.stats.source},
             {"chunks_present", info.chunks_present},
             {"chunks_total", info.chunks_total},
+            {"page_size", info.page_size},
             {"complete", info.complete},
             {"failed", info.failed},
             {"failure", info.failure},

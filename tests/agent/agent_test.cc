@@ -1135,6 +1135,13 @@ TEST_F(AgentTest, FirecrackerVmOnHugePages) {
   o.firecracker_snapshot = loc;
   start_daemon(o);
   EXPECT_EQ(in_child([&] { return vm_of_page_size(o.firecracker_socket, image, true, testing::kHugePage); }), 0);
+  // Its session, ended, says what it was served in.
+  auto st = agent_query(socket_, false);
+  ASSERT_TRUE(st.ok()) << st.error().message();
+  auto j = nlohmann::json::parse(*st);
+  ASSERT_EQ(j["sessions"].size(), 1u) << *st;
+  EXPECT_EQ(j["sessions"][0]["page_size"], testing::kHugePage) << *st;
+  EXPECT_NE(agent::format_status(*st).find("(2048 KiB pages)"), std::string::npos) << agent::format_status(*st);
 }
 
 // The same from a page server: a page's chunks come back in batches, out of order, and are

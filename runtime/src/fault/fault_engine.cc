@@ -1508,6 +1508,7 @@ std::optional<SessionInfo> FaultEngine::session_info(SessionId id) const {
   info.chunks_total = s.chunks_total;
   info.chunks_present = s.chunks_present.load();
   info.pages_gathering = s.pages_gathering.load();
+  info.page_size = s.huge ? s.huge : 4096;
   info.complete = s.complete.load();
   info.failed = s.failed.load();
   info.exited = s.exited.load();

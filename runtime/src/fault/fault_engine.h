@@ -70,6 +70,7 @@ struct SessionInfo {
   RestoreStats stats;
   uint64_t chunks_total = 0;
   uint64_t chunks_present = 0;
+  uint64_t page_size = 4096;     // of the served memory (SessionSpec::page_size)
   uint64_t pages_gathering = 0;  // huge pages with some chunks in and not yet installed
   bool complete = false;
   bool failed = false;
