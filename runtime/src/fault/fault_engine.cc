@@ -115,7 +115,9 @@ struct FaultEngine::Session {
     uint32_t faults = 0;
   };
   std::map<std::pair<uint32_t, uint64_t>, Stage> stages;
-  bool stages_waiting = false;
+  bool stages_waiting() const {
+    return std::any_of(stages.begin(), stages.end(), [](const auto& kv) { return kv.second.waiting; });
+  }
   std::atomic<uint64_t> pages_gathering{0};  // stages.size() as of the engine's last round
 
   uint32_t chunk_size() const { return manifest->chunk_size; }
@@ -194,7 +196,8 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   InstallStatus install(Session& s, ChunkRef ref, const std::byte* data, uint32_t len,
                         uint32_t skip_page = snapshot::ChunkDecoder::kNoPage);
   InstallStatus install_range(Session& s, uint32_t region, uint64_t roff, const std::byte* data, uint64_t len);
-  InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page);
+  InstallStatus install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len, uint32_t page,
+                             bool wake = true);
   void install_zero_chunk(Session& s, ChunkRef ref, bool by_fault, uint64_t fault_ns);
   void stage_chunk(Session& s, ChunkRef ref, const std::byte* data, uint32_t len);
   std::span<std::byte> stage_slot(Session& s, ChunkRef ref, uint32_t len);
@@ -931,9 +934,10 @@ void FaultEngine::Loop::retry_or_fail(size_t slot, const Error& why) {
 
 // ---- installing ----
 
+// Without `wake`, the threads waiting on what was installed are left for the caller to wake.
 InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const std::byte* src, uint64_t len,
-                                              uint32_t page) {
-  sys::InstallResult r = src ? s.uffd.copy(addr, src, len) : s.uffd.zeropage(addr, len);
+                                              uint32_t page, bool wake) {
+  sys::InstallResult r = src ? s.uffd.copy(addr, src, len, wake) : s.uffd.zeropage(addr, len, wake);
   switch (r.outcome) {
     case sys::InstallOutcome::kDone: return InstallStatus::kOk;
     case sys::InstallOutcome::kAgain:
@@ -953,12 +957,12 @@ InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const s
   // write after fork) or part of the range is gone: go page by page from where the kernel
   // stopped, then wake whoever waits on the range.
   uint64_t done = r.bytes / page * page;
-  bool wake = false;
+  bool present = false;
   for (uint64_t off = done; off < len; off += page) {
-    sys::InstallResult p = src ? s.uffd.copy(addr + off, src + off, page) : s.uffd.zeropage(addr + off, page);
+    sys::InstallResult p = src ? s.uffd.copy(addr + off, src + off, page, wake) : s.uffd.zeropage(addr + off, page, wake);
     switch (p.outcome) {
       case sys::InstallOutcome::kDone: break;
-      case sys::InstallOutcome::kExists: wake = true; break;
+      case sys::InstallOutcome::kExists: present = true; break;
       case sys::InstallOutcome::kGone: break;
       case sys::InstallOutcome::kExited: mark_exited(s); return InstallStatus::kOk;
       case sys::InstallOutcome::kAgain: return InstallStatus::kRetry;
@@ -967,7 +971,7 @@ InstallStatus FaultEngine::Loop::install_span(Session& s, uint64_t addr, const s
         return InstallStatus::kFailed;
     }
   }
-  if (wake) (void)s.uffd.wake(addr, len);
+  if (present && wake) (void)s.uffd.wake(addr, len);
   return InstallStatus::kOk;
 }
 
@@ -1070,20 +1074,22 @@ void FaultEngine::Loop::stage_chunk(Session& s, ChunkRef ref, const std::byte* d
 }
 
 // Installs a complete stage wherever the map has its page (nowhere, if it was dropped or
-// unmapped meanwhile), then its chunks are present.
+// unmapped meanwhile), then its chunks are present, and only then are the threads waiting on it
+// woken: a thread that runs again finds its page counted. (A retry or a failure wakes them too:
+// an install that meets the page present, and a poison, wake the range.)
 void FaultEngine::Loop::install_stage(Session& s, std::pair<uint32_t, uint64_t> key) {
   auto it = s.stages.find(key);
   Session::Stage& stage = it->second;
   InstallStatus result = InstallStatus::kOk;
-  bool placed = false;
+  std::vector<std::pair<uint64_t, uint64_t>> placed;  // address, length
   s.map.for_each_span(key.first, key.second, s.huge, [&](uint64_t addr, uint64_t at, uint64_t n) {
-    if (result == InstallStatus::kOk) result = install_span(s, addr, stage.bytes.data() + (at - key.second), n, s.huge);
-    placed = true;
+    if (result != InstallStatus::kOk) return;
+    result = install_span(s, addr, stage.bytes.data() + (at - key.second), n, s.huge, false);
+    placed.emplace_back(addr, n);
   });
   const ChunkRef first{key.first, static_cast<uint32_t>(key.second / s.chunk_size())};
   if (result == InstallStatus::kRetry) {
     stage.waiting = true;
-    s.stages_waiting = true;
     return;
   }
   if (result == InstallStatus::kFailed) {
@@ -1096,7 +1102,7 @@ void FaultEngine::Loop::install_stage(Session& s, std::pair<uint32_t, uint64_t> 
     const uint64_t us = (now_ns() - stage.fault_ns) / 1000;
     for (uint32_t i = 0; i < stage.faults; ++i) stats.add_latency_us(us);
   }
-  if (placed) {
+  if (!placed.empty()) {
     stats.add_installed(stage.data_pages, stage.faults > 0);
     stats.add_zero(stage.zero_pages);
   }
@@ -1107,13 +1113,12 @@ void FaultEngine::Loop::install_stage(Session& s, std::pair<uint32_t, uint64_t> 
     s.state[key.first][c] = kPresent;
     ++s.chunks_present;
   }
+  for (const auto& [addr, n] : placed) (void)s.uffd.wake(addr, n);
   check_complete(s);
 }
 
 // Called with the session's events read, as retry_installs().
 void FaultEngine::Loop::retry_stages(Session& s) {
-  if (!s.stages_waiting) return;
-  s.stages_waiting = false;
   std::vector<std::pair<uint32_t, uint64_t>> keys;
   for (const auto& [key, stage] : s.stages)
     if (stage.waiting) keys.push_back(key);
@@ -1296,7 +1301,7 @@ void FaultEngine::Loop::run() {
     bool retrying = false;
     for (auto& s : live_) {
       retry_installs(*s);  // events read by the last round came first
-      retrying |= !s->retry.empty() || s->stages_waiting;
+      retrying |= !s->retry.empty() || s->stages_waiting();
       fill_prefetch(*s);
       flush(*s);
       if (s->backlog || (s->reader && s->reader->wait_fd() < 0 && s->reader->in_flight() > 0)) sync_reader_busy = true;
