@@ -1162,30 +1162,6 @@ TEST_F(AgentTest, FirecrackerVmOnHugePagesFromAPageServer) {
   EXPECT_EQ(in_child([&] { return vm_of_page_size(o.firecracker_socket, image, true, testing::kHugePage); }), 0);
 }
 
-// And with the page server gone once the snapshot is open: a huge page that cannot be had fails
-// whole, visibly (SIGBUS), within the deadline, not a hang.
-TEST_F(AgentTest, HugePagesFromAPageServerThatDiesFailVisibly) {
-  const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
-  ASSERT_NE(pageserver, nullptr) << "run through meson test";
-  testing::HugePages pages(8);
-  if (!pages.unavailable().empty()) GTEST_SKIP() << pages.unavailable();
-  std::filesystem::create_directories(dir_.path() + "/store");
-  RAW_IMAGE_AT(image, 16 * kMiB, 61, vm, dir_.path() + "/store/vm");
-  testing::SpawnedServer server(pageserver, dir_.path() + "/store", {});
-  server.start();
-  agent::DaemonOptions o;
-  o.engine.demand_deadline = std::chrono::seconds(2);
-  start_daemon(o);
-  FirecrackerServeOptions f;
-  f.socket_path = dir_.path() + "/vm.sock";
-  f.snapshot = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
-  auto serve = AgentFirecrackerServe::start(socket_, f);
-  ASSERT_TRUE(serve.ok()) << serve.error().message();
-  server.kill();
-  const int status = in_child([&] { return vm_of_page_size(f.socket_path, image, true, testing::kHugePage); });
-  EXPECT_EQ(status, kf_.has_uffd_poison() ? 128 + SIGBUS : 128 + SIGKILL) << "(128+14: the VM hung)";
-}
-
 // A VM whose message gives its memory the wrong page size is refused and failed (poisoned, or
 // killed), not served pages the kernel would refuse to install one by one.
 TEST_F(AgentTest, AVmWhosePagesAreNotWhatItSaidIsFailed) {
@@ -1542,28 +1518,56 @@ TEST_F(AgentTest, TokenIsNotLentToRequests) {
 // The page server is gone between a VM restore's request (its manifest read then) and the
 // VM's handshake (when the agent opens its reader): the restore fails at once, and the VM's
 // accesses fail visibly (SIGBUS), never wait forever on a session nobody reads.
-TEST_F(AgentTest, ServerGoneBeforeTheHandshakeFailsTheVmVisibly) {
-  const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
-  ASSERT_NE(pageserver, nullptr) << "run through meson test";
-  std::filesystem::create_directories(dir_.path() + "/store");
-  RAW_IMAGE_AT(image, 1 * kMiB, 59, vm, dir_.path() + "/store/vm");
-  testing::SpawnedServer server(pageserver, dir_.path() + "/store", {});
-  server.start();
-  agent::DaemonOptions o;
-  o.engine.demand_deadline = std::chrono::seconds(2);
-  start_daemon(o);
-  FirecrackerServeOptions f;
-  f.socket_path = dir_.path() + "/vm.sock";
-  f.snapshot = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
-  auto serve = AgentFirecrackerServe::start(socket_, f);
-  ASSERT_TRUE(serve.ok()) << serve.error().message();
-  server.kill();
-  const int status = in_child([&] {
+class ServerGoneTest : public AgentTest {
+ protected:
+  // `vm` (given its socket and its memory's image, `len` bytes) handshakes on a VM socket the
+  // agent made for a snapshot on a page server, killed after; returns how the VM ended.
+  int vm_with_its_server_gone(size_t len, uint64_t seed,
+                              const std::function<int(const std::string&, const std::vector<std::byte>&)>& vm) {
+    int status = -1;
+    run(len, seed, vm, status);
+    return status;
+  }
+
+ private:
+  void run(size_t len, uint64_t seed, const std::function<int(const std::string&, const std::vector<std::byte>&)>& vm,
+           int& status) {
+    const char* pageserver = std::getenv("LAZYMEM_PAGESERVER");
+    ASSERT_NE(pageserver, nullptr) << "run through meson test";
+    std::filesystem::create_directories(dir_.path() + "/store");
+    RAW_IMAGE_AT(image, len, seed, loc, dir_.path() + "/store/vm");
+    testing::SpawnedServer server(pageserver, dir_.path() + "/store", {});
+    server.start();
+    agent::DaemonOptions o;
+    o.engine.demand_deadline = std::chrono::seconds(2);
+    start_daemon(o);
+    FirecrackerServeOptions f;
+    f.socket_path = dir_.path() + "/vm.sock";
+    f.snapshot = fmt::format("lazymem://127.0.0.1:{}/vm", server.port());
+    auto serve = AgentFirecrackerServe::start(socket_, f);
+    ASSERT_TRUE(serve.ok()) << serve.error().message();
+    server.kill();
+    status = in_child([&] { return vm(f.socket_path, image); });
+  }
+};
+
+TEST_F(ServerGoneTest, BeforeTheHandshakeFailsTheVmVisibly) {
+  const int status = vm_with_its_server_gone(1 * kMiB, 59, [](const std::string& socket, const auto& image) {
     ::alarm(60);                // a hang ends as SIGALRM, not as the suite's timeout
     ::signal(SIGBUS, SIG_DFL);  // sanitizers install their own handler; we want the plain death
-    return firecracker_vm(f.socket_path, image, false);
+    return firecracker_vm(socket, image, false);
   });
   EXPECT_EQ(status, 128 + SIGBUS) << "the VM was not failed visibly (128+14: it hung)";
+}
+
+// The same for a VM on huge pages: a page that cannot be had fails whole, visibly.
+TEST_F(ServerGoneTest, HugePagesFailVisibly) {
+  testing::HugePages pages(8);
+  if (!pages.unavailable().empty()) GTEST_SKIP() << pages.unavailable();
+  const int status = vm_with_its_server_gone(16 * kMiB, 61, [](const std::string& socket, const auto& image) {
+    return vm_of_page_size(socket, image, true, testing::kHugePage);
+  });
+  EXPECT_EQ(status, kf_.has_uffd_poison() ? 128 + SIGBUS : 128 + SIGKILL) << "(128+14: the VM hung)";
 }
 
 // Opening a snapshot can wait on a page server, up to its deadline: the agent does it off its
