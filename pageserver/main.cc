@@ -185,10 +185,12 @@ int serve(const std::vector<std::string>& args) {
   std::fflush(stdout);
   Status s = (*server)->run();
   auto st = (*server)->stats();
-  log::get("pageserver")->info("stopped: {} connections, {} requests, {} chunks, {} pages, {} bytes; errors: {} protocol, "
+  log::get("pageserver")->info("stopped: {} connections, {} requests, {} chunks, {} pages, {} bytes, {} restores "
+                               "completed; errors: {} protocol, "
                                "{} auth, {} not-found, {} range, {} io, {} corrupt, {} handshake timeouts, {} stalled; datagrams: "
                                "{} page requests, {} dropped, {} replies unsent, {} over the path MTU, {} answered on the connection",
-                               st.connections, st.requests, st.chunks, st.pages, st.bytes, st.errors_protocol,
+                               st.connections, st.requests, st.chunks, st.pages, st.bytes, st.restores_completed,
+                               st.errors_protocol,
                                st.errors_auth, st.errors_not_found, st.errors_range, st.errors_io, st.errors_corrupt,
                                st.handshake_timeouts, st.connections_stalled, st.datagram_requests, st.datagrams_dropped, st.datagrams_unsent,
                                st.datagrams_over_mtu, st.datagrams_on_stream);

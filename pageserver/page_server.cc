@@ -217,7 +217,8 @@ struct PageServer::Impl {
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_proto{0}, st_auth{0},
       st_nf{0}, st_range{0}, st_io{0}, st_hs{0}, st_up{0}, st_disk{0}, st_hits{0}, st_misses{0}, st_pages{0},
       st_corrupt{0}, st_dgram_req{0}, st_dgram_drop{0}, st_dgram_unsent{0}, st_refused{0}, st_dgram_over_mtu{0},
-      st_dgram_on_stream{0}, st_retired{0}, st_retired_bytes{0}, st_stalled{0};
+      st_dgram_on_stream{0}, st_retired{0}, st_retired_bytes{0}, st_stalled{0},
+      st_completed{0};
   SendCounters sends;
   // getPage by datagram: the socket (invalid: datagrams off), the live sessions (each names its
   // connection, by fd and serial), and when the last page request came (the loop polls a while).
@@ -801,6 +802,7 @@ struct PageServer::Impl {
         o.setSnapshotsRetired(st.snapshots_retired);
         o.setSnapshotsRetiredBytes(st.snapshots_retired_bytes);
         o.setConnectionsStalled(st.connections_stalled);
+        o.setRestoresCompleted(st.restores_completed);
         o.setListings(st.listings);
         o.setListingManifestReads(st.listing_manifest_reads);
         o.setConnectionsRefused(st.connections_refused);
@@ -849,6 +851,10 @@ struct PageServer::Impl {
       }
       if (rq.isOpenDatagrams()) {
         open_datagrams(c, id);
+        return;
+      }
+      if (rq.isComplete()) {  // the restore is hanging up, done: counted, no reply
+        bump(st_completed);
         return;
       }
       bump(st_proto);
@@ -1490,6 +1496,7 @@ struct PageServer::Impl {
     st.snapshots_retired = r(st_retired);
     st.snapshots_retired_bytes = r(st_retired_bytes);
     st.connections_stalled = r(st_stalled);
+    st.restores_completed = r(st_completed);
     st.listings = listing->listings();
     st.listing_manifest_reads = listing->manifest_reads();
     return st;
@@ -1583,6 +1590,8 @@ std::string metrics_text(const ServerStats& st) {
   one("lazymem_pageserver_requests_total", "counter", "Requests, on connections and by datagram.", st.requests);
   one("lazymem_pageserver_chunks_total", "counter", "Chunks sent (getChunks, and pages sent as their whole chunk).", st.chunks);
   one("lazymem_pageserver_pages_total", "counter", "Pages sent as their own frame (getPage).", st.pages);
+  one("lazymem_pageserver_restores_completed_total", "counter", "Restores that said they hold every page they need.",
+      st.restores_completed);
   by("lazymem_pageserver_sent_bytes_total", "Chunk and page bytes sent, by how.", "how",
      {{"zerocopy", st.zerocopy_bytes}, {"plain", st.plain_bytes}});
   by("lazymem_pageserver_sends_total", "Sends of chunk and page data, by how (copied: zero-copy sends the kernel copied).", "how",

@@ -91,6 +91,7 @@ struct ServerStats {
   uint64_t datagrams_dropped = 0;  // malformed, no live session, or not from the session's peer
   uint64_t datagrams_unsent = 0;   // replies the UDP socket refused (the client asks again)
   uint64_t connections_stalled = 0;  // closed after send_stall_timeout without taking a reply
+  uint64_t restores_completed = 0;   // restores that said they hold every page (Request.complete)
   uint64_t connections_refused = 0;  // over max_connections, or no descriptor left
   uint64_t datagrams_over_mtu = 0;   // page frames over the path MTU: sent on the connection, or told to ask there
   uint64_t datagrams_on_stream = 0;  // datagram requests answered on their session's connection

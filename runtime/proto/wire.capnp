@@ -33,6 +33,11 @@ struct Request {
     getPage @10 :GetPage;         # one page for a thread waiting on it; reply: page (or error)
     openDatagrams @11 :Void;      # reply: datagrams (a session for getPage by UDP) or an error
     remove @12 :Text;             # snapshot name: removed from the store; reply ok (or notFound)
+    # Snapshot name: this restore holds every page it will ever ask for (or has given up on it,
+    # poisoned): it asks no more, on any connection. No reply. Sent once, just before a restore
+    # closes its connection, to servers whose hello reply says takesComplete. A migration source
+    # then stops serving at once rather than lingering for a reconnect that will not come.
+    complete @13 :Text;
   }
 }
 
@@ -179,12 +184,15 @@ struct ServerStats {
   connectionsStalled @31 :UInt64;    # closed after taking none of their replies for the stall timeout
   listings @32 :UInt64;              # listings of the store made for list requests (off the serving loop)
   listingManifestReads @33 :UInt64;  # manifests those listings read (only new or changed ones are)
+  restoresCompleted @34 :UInt64;     # restores that said they hold every page (Request.complete)
 }
 
 struct HelloReply {
   version @0 :UInt32;
   serverNonce @1 :Data;
   authRequired @2 :Bool;
+  takesComplete @3 :Bool;         # the server reads Request.complete (older ones would count it a
+                                  # protocol error)
 }
 
 struct ErrorReply {

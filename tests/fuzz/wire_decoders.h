@@ -42,6 +42,7 @@ inline uint64_t walk_request(proto::wire::Request::Reader r) {
     }
     case proto::wire::Request::OPEN_DATAGRAMS: break;
     case proto::wire::Request::REMOVE: acc += r.getRemove().size(); break;
+    case proto::wire::Request::COMPLETE: acc += r.getComplete().size(); break;
     case proto::wire::Request::PUT_BEGIN: acc += r.getPutBegin().getName().size() + r.getPutBegin().getReplace(); break;
     case proto::wire::Request::PUT_DATA:
     case proto::wire::Request::PUT_COMMIT:
@@ -53,7 +54,9 @@ inline uint64_t walk_request(proto::wire::Request::Reader r) {
 inline uint64_t walk_reply(proto::wire::Reply::Reader r) {
   uint64_t acc = r.getId();
   switch (r.which()) {
-    case proto::wire::Reply::HELLO: acc += r.getHello().getServerNonce().size() + r.getHello().getAuthRequired(); break;
+    case proto::wire::Reply::HELLO:
+      acc += r.getHello().getServerNonce().size() + r.getHello().getAuthRequired() + r.getHello().getTakesComplete();
+      break;
     case proto::wire::Reply::ERROR: acc += r.getError().getMessage().size() + static_cast<uint64_t>(r.getError().getCode()); break;
     case proto::wire::Reply::OK: break;
     case proto::wire::Reply::SNAPSHOTS:

@@ -13,10 +13,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <random>
+#include <thread>
+#include <vector>
 
 #include "../common/huge_pages.h"
 #include "../common/manifest_source.h"
@@ -183,6 +186,37 @@ TEST_F(HugePagesTest, AFaultBringsItsWholePageAndNoMore) {
       if (!page_matches(mem, 3)) return 34;
       for (size_t page = 0; page < kPages; ++page)
         if (!page_matches(mem, page)) return 40 + static_cast<int>(page);
+      return 0;
+    });
+  }));
+}
+
+// Threads fault on one page at once, so the engine reads their faults together; the page (all
+// zeros: installed as the first fault is handled) is installed once. The faults read with the
+// first used to find the page present and fetch it all again, each of them (for the session's
+// last page: after its reader was let go, so that the fetch never went out and failed).
+TEST_F(HugePagesTest, FaultsReadTogetherInstallTheirPageOnce) {
+  EXPECT_TRUE(exits_zero([&] {
+    return serve(false, [&](std::byte* mem, fault::FaultEngine& engine, fault::SessionId id) {
+      std::atomic<bool> go{false};
+      std::vector<std::thread> threads;
+      for (size_t i = 0; i < 8; ++i) {
+        threads.emplace_back([&, i] {
+          while (!go.load()) {
+          }
+          (void)*reinterpret_cast<volatile char*>(mem + 5 * kHugePage + 4096 * 7 * i);
+        });
+      }
+      go = true;
+      for (auto& t : threads) t.join();
+      // A fault after theirs: once it is answered, the engine has handled all of theirs.
+      (void)*reinterpret_cast<volatile char*>(mem);
+      auto info = engine.session_info(id);
+      if (!info) return 30;
+      const auto& st = info->stats.regions.at(0);
+      if (st.pages_present() != 2 * kHugePage / 4096) return 31;  // pages 5 and 0, once each
+      if (info->chunks_present != 2 * kHugePage / kDefaultChunkSize) return 32;
+      if (!page_matches(mem, 5) || !page_matches(mem, 0)) return 33;
       return 0;
     });
   }));

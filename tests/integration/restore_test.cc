@@ -26,6 +26,7 @@
 #include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 #include "fault/fault_engine.h"
+#include "source.h"
 #include "sys/uffd.h"
 #include "sys/uapi_compat.h"
 
@@ -496,6 +497,53 @@ TEST_F(RestoreTest, FinishAfterOneBadChunkRestoresEveryOtherPage) {
   }
   EXPECT_EQ(wrong, 0u) << "of " << (len_ - kDefaultChunkSize) / 4096 << " pages after the bad chunk";
   ::munmap(const_cast<std::byte*>(got), len_);
+}
+
+// A page let go with MADV_FREE and reclaimed after the restore is complete, where the uffd
+// does not ask for REMOVE events (an agent's client chooses its uffd's features): no event says
+// so, the page faults again and gets the snapshot's bytes back (design notes: "MADV_FREE"). A
+// complete session has let its reader go: the fetch used to wait for none and fail at its
+// deadline (SIGBUS). In a child: the failure poisons the page.
+TEST_F(RestoreTest, APageReclaimedAfterTheRestoreIsCompleteIsFetchedAgain) {
+  capture(4 * kMiB, 1, "reclaimed");  // seed 1: text first, no zero page there
+  ASSERT_FALSE(testing::all_zero(expected_.data() + 5 * 4096, 4096));
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    auto* p = static_cast<std::byte*>(::mmap(nullptr, len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (p == MAP_FAILED) _exit(10);
+    auto uffd = sys::Uffd::open(0);
+    if (!uffd.ok() || !uffd->register_missing(reinterpret_cast<uintptr_t>(p), len_).ok()) _exit(11);
+    auto source = open_chunk_source(location("reclaimed"), RestoreOptions{});
+    if (!source.ok()) _exit(12);
+    fault::EngineOptions eo;
+    eo.demand_deadline = std::chrono::seconds(5);
+    fault::FaultEngine engine(kf_, eo);
+    if (!engine.start().ok()) _exit(13);
+    fault::SessionSpec spec;
+    spec.name = "reclaimed";
+    spec.uffd = std::move(*uffd);
+    spec.source = std::move(*source);
+    spec.ranges = {fault::MappedRange{reinterpret_cast<uint64_t>(p), len_, 0, 0}};
+    spec.pid = ::getpid();
+    spec.prefetch = true;
+    auto id = engine.add_session(std::move(spec));
+    if (!id.ok()) _exit(14);
+    if (!engine.wait_complete(*id, std::chrono::seconds(20)).ok()) _exit(15);
+    std::byte* page = p + 5 * 4096;
+    if (::madvise(page, 4096, MADV_FREE) != 0 || ::madvise(page, 4096, MADV_PAGEOUT) != 0) _exit(16);
+    unsigned char resident = 1;
+    if (::mincore(page, 4096, &resident) != 0) _exit(17);
+    if (resident & 1) _exit(77);  // kept: nothing to test
+    if (std::memcmp(page, expected_.data() + 5 * 4096, 4096) != 0) _exit(18);
+    engine.remove_session(*id);
+    _exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child died of signal " << WTERMSIG(status);
+  if (WEXITSTATUS(status) == 77) GTEST_SKIP() << "the kernel kept the freed page (MADV_PAGEOUT)";
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 // A zero chunk's UFFDIO_ZEROPAGE meets EAGAIN while the process has a REMOVE event queued

@@ -372,6 +372,85 @@ TEST_F(MemoryServerTest, WaitDrainedWaitsForTheDestinationToHangUp) {
   EXPECT_EQ(server_->stats().distinct_chunks_sent, raw_chunks());
 }
 
+// A restore whose every page is present says so as it closes (Request.complete), and the source
+// is drained at once: with a linger no test outlasts, only that ends the wait in time. For each
+// way a restore can fetch.
+TEST_F(MemoryServerTest, ACompleteRestoreSaysSoAndTheSourceIsDrainedAtOnce) {
+  SKIP_WITHOUT_UFFD();
+  struct Way {
+    const char* name;
+    bool prefetch, fault_on_thread;
+  };
+  for (const Way& w : {Way{"prefetch", true, false}, Way{"demand only", false, false},
+                       Way{"faults on the faulting thread", false, true}}) {
+    SCOPED_TRACE(w.name);
+    if (w.fault_on_thread && !kf_.has_uffd_feature(UFFD_FEATURE_SIGBUS)) continue;
+    net::MemoryServerOptions so;
+    so.linger = std::chrono::hours(1);
+    start_server(so);
+    RestoreOptions o;
+    o.prefetch = w.prefetch;
+    o.fault_on_thread = w.fault_on_thread;
+    restore_and_compare(o);
+    Status drained = server_->wait_drained(20s);
+    EXPECT_TRUE(drained.ok()) << drained.error().message();
+    auto st = server_->stats();
+    EXPECT_EQ(st.restores_completed, 1u);
+    EXPECT_EQ(st.distinct_chunks_sent, raw_chunks());
+    EXPECT_EQ(st.errors_protocol + st.errors_auth + st.errors_range + st.errors_not_found, 0u);
+  }
+}
+
+// `complete` counts only from a peer that read this snapshot's manifest, and needs no reply.
+TEST_F(MemoryServerTest, CompleteIsTakenOnlyAfterTheManifestWasRead) {
+  net::MemoryServerOptions so;
+  so.linger = std::chrono::hours(1);
+  start_server(so);
+  RawPeer p = RawPeer::connect(server_->port());
+  ASSERT_TRUE(p.hello().ok());
+  auto h = p.recv();
+  ASSERT_TRUE(h.ok()) << h.error().message();
+  EXPECT_TRUE(h->header->root<wire::Reply>().getHello().getTakesComplete());
+  auto say = [&](const char* name) {
+    capnp::MallocMessageBuilder m;
+    auto rq = m.initRoot<wire::Request>();
+    rq.setId(p.next_id++);
+    rq.setComplete(name);
+    ASSERT_TRUE(p.send(m).ok());
+  };
+  auto refused = [&](wire::ErrorCode code) {
+    auto f = p.recv();
+    ASSERT_TRUE(f.ok()) << f.error().message();
+    auto r = f->header->root<wire::Reply>();
+    ASSERT_TRUE(r.isError());
+    EXPECT_EQ(r.getError().getCode(), code) << r.getError().getMessage().cStr();
+  };
+  say("another");
+  refused(wire::ErrorCode::NOT_FOUND);
+  say(kName);  // before any destination read the manifest
+  refused(wire::ErrorCode::BAD_REQUEST);
+  Status early = server_->wait_drained(50ms);
+  ASSERT_FALSE(early.ok());
+  EXPECT_EQ(early.error().code(), Errc::kTimeout);
+
+  capnp::MallocMessageBuilder gm;
+  auto rq = gm.initRoot<wire::Request>();
+  rq.setId(p.next_id++);
+  rq.setGetManifest(kName);
+  ASSERT_TRUE(p.send(gm).ok());
+  ASSERT_TRUE(p.recv().ok());
+  say(kName);
+  Status drained = server_->wait_drained(10s);  // the connection still open, no chunk sent
+  EXPECT_TRUE(drained.ok()) << drained.error().message();
+  auto st = server_->stats();
+  EXPECT_EQ(st.restores_completed, 1u);
+  EXPECT_EQ(st.errors_not_found, 1u);
+  EXPECT_EQ(st.errors_protocol, 1u);
+  EXPECT_EQ(st.open_connections, 1u);
+  pollfd pfd{p.fd.get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&pfd, 1, 0), 0) << "complete is not answered";
+}
+
 // Every kind of request, read back by hand: what the client relies on, field by field.
 TEST_F(MemoryServerTest, AnswersEachRequestAsThePageServerDoes) {
   start_server({}, std::make_pair(0u, 1u));  // chunk 0/1 not served

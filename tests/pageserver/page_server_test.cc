@@ -122,7 +122,12 @@ TEST_F(PageServerTest, RestoresEveryByteOverLoopback) {
   RestoreOptions demand_only;
   demand_only.prefetch = false;
   restore_and_compare(uri(), demand_only);
+  // Each said, as it closed, that it holds every page (read by the server after the close).
+  for (auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10); server_->stats().restores_completed < 2 && std::chrono::steady_clock::now() < until;) {
+    std::this_thread::yield();
+  }
   auto st = server_->stats();
+  EXPECT_EQ(st.restores_completed, 2u);
   EXPECT_GT(st.chunks, 0u);
   EXPECT_EQ(st.errors_protocol + st.errors_auth + st.errors_io, 0u);
 }

@@ -119,6 +119,10 @@ struct FaultEngine::Session {
     return std::any_of(stages.begin(), stages.end(), [](const auto& kv) { return kv.second.waiting; });
   }
   std::atomic<uint64_t> pages_gathering{0};  // stages.size() as of the engine's last round
+  // Pages installed since the uffd was last read. The kernel takes a woken fault's message off
+  // its queue, but not one read already: a fault in the same read as the fault (or prefetch)
+  // that completed its page is stale, not a page gone missing (which would fetch it all again).
+  std::vector<std::pair<uint32_t, uint64_t>> installed_since_read;
 
   uint32_t chunk_size() const { return manifest->chunk_size; }
   // The chunks [first, end) of the huge page holding `ref` (fewer at a region's end).
@@ -186,6 +190,8 @@ class FaultEngine::Loop final : public snapshot::ChunkSink {
   void flush(Session& s);
   void poll_reader(Session& s);
   void release_reader_if_complete(Session& s);
+  void say_finished(Session& s);
+  void reopen_reader(Session& s);
   void check_deadlines();
   void mark_exited(Session& s);
   void probe_orphans();
@@ -361,14 +367,32 @@ void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
 
 // A complete session fetches nothing more (a page dropped since is given back to the kernel,
 // on_remove; a forked child gets a reader of its own): its reader, and the page-server
-// connections it holds, go. A migration source waits for its destination to hang up.
+// connections it holds, go.
 void FaultEngine::Loop::release_reader_if_complete(Session& s) {
-  if (!s.complete || !s.reader || s.backlog || s.reader->in_flight() > 0) return;
+  if (!s.complete || !s.reader || s.backlog || s.reader->in_flight() > 0 || !s.demand_q.empty() ||
+      !s.prefetch_q.empty()) {
+    return;
+  }
   if (s.reader->wait_fd() >= 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, s.reader->wait_fd(), nullptr);
+  say_finished(s);
   s.reader.reset();
 }
 
+// The source is told the restore is done with it (a migration source then stops at once),
+// whether the reader goes here or with its session (removed before the loop came by), by the
+// last of the sessions reading it: a forked child still fetching from the same source would
+// otherwise lose it under its feet.
+void FaultEngine::Loop::say_finished(Session& s) {
+  if (!s.complete || !s.reader) return;
+  const bool others_read_it = std::any_of(by_id_.begin(), by_id_.end(), [&](const auto& kv) {
+    const Session& o = *kv.second;
+    return &o != &s && o.source == s.source && !o.complete && !o.exited;
+  });
+  if (!others_read_it) s.reader->finished();
+}
+
 void FaultEngine::Loop::deactivate(Session& s) {
+  say_finished(s);
   if (s.live) {
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, s.uffd.fd(), nullptr);
     if (s.reader && s.reader->wait_fd() >= 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, s.reader->wait_fd(), nullptr);
@@ -409,6 +433,7 @@ void FaultEngine::Loop::drain_uffd(Session& s) {
       return;
     }
     if (*n == 0) return;
+    s.installed_since_read.clear();
     uint64_t t = now_ns();
     last_activity_ns_ = t;
     for (size_t i = 0; i < *n; ++i) {
@@ -506,6 +531,10 @@ void FaultEngine::Loop::on_huge_fault(Session& s, const MappedRange& r, uint64_t
       fail_chunk(s, ChunkRef{r.region, c}, Error(Errc::kIo, "chunk failed earlier"));
       return;
     }
+  }
+  const std::pair<uint32_t, uint64_t> key{r.region, roff};
+  if (std::find(s.installed_since_read.begin(), s.installed_since_read.end(), key) != s.installed_since_read.end()) {
+    return;  // read before its page was installed, and woken by that install
   }
   Session::Stage& stage = s.stages[{r.region, roff}];
   if (stage.fault_ns == 0) stage.fault_ns = t;
@@ -713,6 +742,7 @@ void FaultEngine::Loop::fill_prefetch(Session& s) {
 }
 
 void FaultEngine::Loop::flush(Session& s) {
+  if (!s.reader && !s.demand_q.empty()) reopen_reader(s);
   if (!s.reader) return;
   auto submit = [&](std::vector<ChunkRequest>& q) {
     size_t room = s.reader->capacity() - s.reader->in_flight();
@@ -726,6 +756,25 @@ void FaultEngine::Loop::flush(Session& s) {
   };
   submit(s.demand_q);  // demand first
   submit(s.prefetch_q);
+}
+
+// A complete session's reader is gone (release_reader_if_complete), but a page may still go
+// missing after (MADV_FREE reclaimed, which sends no event) and fault: its chunk is fetched again.
+void FaultEngine::Loop::reopen_reader(Session& s) {
+  auto reader = s.source->open_reader();
+  if (!reader.ok()) {
+    std::vector<ChunkRequest> lost;
+    lost.swap(s.demand_q);
+    for (const ChunkRequest& rq : lost) on_chunk_error(rq.tag, reader.error());
+    return;
+  }
+  s.reader = std::move(*reader);
+  if (s.reader->wait_fd() >= 0) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = (s.id << 1) | 1;
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, s.reader->wait_fd(), &ev);
+  }
 }
 
 void FaultEngine::Loop::drain_decoded() {
@@ -1109,6 +1158,7 @@ void FaultEngine::Loop::install_stage(Session& s, std::pair<uint32_t, uint64_t> 
   const auto [lo, hi] = s.page_chunks(first);
   spare_stage(std::move(stage.bytes));
   s.stages.erase(it);
+  s.installed_since_read.push_back(key);
   for (uint32_t c = lo; c < hi; ++c) {
     s.state[key.first][c] = kPresent;
     ++s.chunks_present;

@@ -251,7 +251,8 @@ Result<std::string> server_stats_json(const SnapshotLocation& server, const std:
                             {"snapshots_retired", st.getSnapshotsRetired()},
                             {"snapshots_retired_bytes", st.getSnapshotsRetiredBytes()},
                             {"connections_stalled", st.getConnectionsStalled()},
-                            {"listings", st.getListings()}, {"listing_manifest_reads", st.getListingManifestReads()}};
+                            {"listings", st.getListings()}, {"listing_manifest_reads", st.getListingManifestReads()},
+                            {"restores_completed", st.getRestoresCompleted()}};
         return j.dump();
       });
 }
@@ -473,6 +474,22 @@ class RemoteReader final : public snapshot::ChunkReader {
   size_t in_flight() const override { return in_flight_.size(); }
   size_t capacity() const override { return opts_.reads_in_flight; }
 
+  // On the connection as it is: one small frame into a send buffer that holds nothing else
+  // (nothing is in flight), so it never waits. Without a connection, or to a server that does
+  // not read it, nothing is said (a migration source then lingers, as for a restore that died).
+  void finished() noexcept override {
+    if (link_ != Link::kReady || !takes_complete_) return;
+    takes_complete_ = false;  // said once
+    try {
+      capnp::MallocMessageBuilder m(64);
+      auto rq = m.initRoot<wire::Request>();
+      rq.setId(++next_id_);
+      rq.setComplete(loc_.name);
+      (void)send_frame(sock_.get(), m, {}, std::chrono::steady_clock::now());
+    } catch (...) {  // (allocation) nothing to tell then
+    }
+  }
+
  private:
   // kReady: requests flow. kDialing: a connection (the first, or a reconnect) is under way (its
   // socket and a deadline timer are in our epoll set, so the engine calls poll() as it moves).
@@ -596,6 +613,7 @@ class RemoteReader final : public snapshot::ChunkReader {
     next_first_ = dialer_->server() + 1;
     if (done.ok() && *done) {
       server_ = dialer_->server();
+      takes_complete_ = dialer_->takes_complete();
       sys::UniqueFd fd = dialer_->take();
       drop_dialer();
       disarm_timer();
@@ -733,6 +751,7 @@ class RemoteReader final : public snapshot::ChunkReader {
   size_t next_first_ = 0;  // where the next reconnect starts (Dialer::start)
   bool pass_over_ = false; // the connected server refused a chunk: reconnect to the next
   bool gave_up_ = false;   // the last round of attempts failed: the engine has been told
+  bool takes_complete_ = false;  // the connected server reads Request.complete
   Error last_error_{Errc::kPeerGone, "page server connection lost"};
   FrameBuffer buf_;
   std::unordered_map<uint64_t, snapshot::ChunkRequest> in_flight_;

@@ -132,6 +132,7 @@ Result<bool> Dialer::on_reply(Header& h) {
   }
   if (!reply.isHello()) return Error(Errc::kProtocol, "page server: unexpected reply to hello");
   auto hr = reply.getHello();
+  takes_complete_ = hr.getTakesComplete();
   if (!hr.getAuthRequired()) {
     if (!token_.empty()) {
       return Error(Errc::kPermission,

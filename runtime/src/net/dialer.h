@@ -52,6 +52,8 @@ class Dialer {
   // The server being dialed (connected to, once step() says so): its index in loc.servers().
   size_t server() const { return (first_server_ + next_server_ - 1) % order_.size(); }
   sys::UniqueFd take() { return std::move(fd_); }
+  // Whether the server reads Request.complete (its hello reply says so; older ones do not).
+  bool takes_complete() const { return takes_complete_; }
 
  private:
   enum class Phase { kResolving, kConnecting, kSending, kAwaitHello, kAwaitAuth, kDone };
@@ -78,6 +80,7 @@ class Dialer {
   Phase after_send_ = Phase::kDone;
   std::vector<std::byte> out_;
   size_t out_off_ = 0;
+  bool takes_complete_ = false;
   FrameBuffer in_;
   Nonce client_nonce_{};
   Nonce server_nonce_{};  // from its hello: what its proof (Reply.authenticated) is checked against

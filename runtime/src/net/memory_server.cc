@@ -128,7 +128,7 @@ struct MemoryServer::Impl {
   Clock::time_point next_warn{};
 
   std::atomic<uint64_t> st_conn{0}, st_open{0}, st_refused{0}, st_hs{0}, st_req{0}, st_chunks{0}, st_bytes{0}, st_pages{0},
-      st_distinct{0}, st_proto{0}, st_auth{0}, st_nf{0}, st_range{0};
+      st_distinct{0}, st_proto{0}, st_auth{0}, st_nf{0}, st_range{0}, st_completed{0};
   // wait_drained() sleeps on `drained`, woken whenever chunks are sent or connections come and go.
   std::mutex mu;
   std::condition_variable drained;
@@ -140,13 +140,15 @@ struct MemoryServer::Impl {
     { std::lock_guard lock(mu); }
     drained.notify_all();
   }
-  // Drained: a destination read the manifest, every chunk went out at least once, and no
-  // connection has been open for `linger` (a restore that lost its connection comes back).
-  // Without the first, a source with nothing written since pre-copy would be drained before the
-  // destination ever came, and would exit with the only copy of the manifest.
+  // Drained: a destination read the manifest, and then said it holds every page it needs
+  // (Request.complete), or every chunk went out at least once and no connection has been open
+  // for `linger` (a restore that lost its connection comes back; one from before `complete`
+  // says nothing). Without the first, a source with nothing written since pre-copy would be
+  // drained before the destination ever came, and would exit with the only copy of the manifest.
   bool is_drained(Clock::time_point now) const {
-    return manifest_state.load(std::memory_order_relaxed) == kManifestSent && st_distinct.load(std::memory_order_relaxed) == to_serve &&
-           st_open.load(std::memory_order_relaxed) == 0 &&
+    if (manifest_state.load(std::memory_order_relaxed) != kManifestSent) return false;
+    if (st_completed.load(std::memory_order_relaxed) > 0) return true;
+    return st_distinct.load(std::memory_order_relaxed) == to_serve && st_open.load(std::memory_order_relaxed) == 0 &&
            now - Clock::time_point(Clock::duration(last_close.load(std::memory_order_relaxed))) >= opt.linger;
   }
   // Whether a peer has read the manifest, or it was withdrawn (withdraw()) before any did: one
@@ -309,6 +311,7 @@ struct MemoryServer::Impl {
     o.setErrorsAuth(st.errors_auth);
     o.setErrorsNotFound(st.errors_not_found);
     o.setErrorsRange(st.errors_range);
+    o.setRestoresCompleted(st.restores_completed);
     reply(c, m);
   }
 
@@ -393,6 +396,24 @@ struct MemoryServer::Impl {
             return reply_error(c, id, wire::ErrorCode::NOT_FOUND, *why, gp.getTag());
           }
           return queue_chunk(c, id, gp.getRegion(), gp.getChunk(), gp.getTag(), gp.getPage(), true);
+        }
+        case wire::Request::COMPLETE: {  // no reply: the destination is hanging up
+          if (auto why = not_ours(c, text(rq.getComplete()))) {
+            bump(st_nf);
+            return reply_error(c, id, wire::ErrorCode::NOT_FOUND, *why);
+          }
+          if (manifest_state.load(std::memory_order_relaxed) != kManifestSent) {
+            // Nobody has read the manifest: whoever says this restores nothing from here.
+            bump(st_proto);
+            warn(c, "'complete' before any destination read the manifest");
+            return reply_error(c, id, wire::ErrorCode::BAD_REQUEST, "nothing was restored from here yet");
+          }
+          if (!st_completed.fetch_add(1, std::memory_order_relaxed)) {
+            log->info("migration source '{}': the destination holds every page it needs ({} of {} chunks sent from "
+                      "here); serving no longer",
+                      name, st_distinct.load(std::memory_order_relaxed), to_serve);
+          }
+          return changed();
         }
         case wire::Request::OPEN_DATAGRAMS:
           // Any error will do: the page fetcher then asks for its pages on the connection.
@@ -714,6 +735,7 @@ struct MemoryServer::Impl {
     st.errors_auth = r(st_auth);
     st.errors_not_found = r(st_nf);
     st.errors_range = r(st_range);
+    st.restores_completed = r(st_completed);
     return st;
   }
 };

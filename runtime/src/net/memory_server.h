@@ -85,13 +85,15 @@ class MemoryServer {
     uint64_t errors_auth = 0;           // wrong token, or requests before authenticating
     uint64_t errors_not_found = 0;      // another snapshot, or another version of this one
     uint64_t errors_range = 0;          // chunks or pages outside the snapshot or not served here
+    uint64_t restores_completed = 0;    // destinations that said they hold every page (then drained)
   };
   Stats stats() const;
 
-  // Returns once a peer has read the manifest, every chunk this server serves
-  // (Stats::chunks_to_serve) has been sent at least once, and no connection has been open for
-  // `linger`: the destination has all it needs and has hung up (a LazyRestore finish()ed, or its
-  // process gone). Else kTimeout when `timeout` passes, saying how many
+  // Returns once a peer has read the manifest and then either said it holds every page it needs
+  // (a restore whose every page is present says so as it closes: Request.complete), or every
+  // chunk this server serves (Stats::chunks_to_serve) has been sent at least once and no
+  // connection has been open for `linger` (a destination that hung up without saying so: from
+  // before `complete`, or its process gone). Else kTimeout when `timeout` passes, saying how many
   // chunks were never sent and how many connections are open; or the error that stopped the
   // serving thread. `stop`, if given, is asked every 50 ms at most: true ends the wait
   // (kCancelled).

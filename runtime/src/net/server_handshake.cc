@@ -25,6 +25,7 @@ void fill_hello_reply(wire::HelloReply::Builder reply, const Nonce& server_nonce
   reply.setVersion(wire::PROTOCOL_VERSION);
   reply.setServerNonce(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(server_nonce.data()), server_nonce.size()));
   reply.setAuthRequired(auth_required);
+  reply.setTakesComplete(true);  // both servers read Request.complete
 }
 
 bool authentic(const std::string& token, capnp::Data::Reader mac, const Nonce& server_nonce, const Nonce& client_nonce) {

@@ -56,6 +56,11 @@ class ChunkReader {
   virtual int wait_fd() const = 0;
   virtual size_t in_flight() const = 0;
   virtual size_t capacity() const = 0;
+  // The restore holds every page it will ask this source for: a page server is told so (a
+  // migration source then stops serving at once instead of lingering for a reconnect). Called
+  // at most once, with nothing in flight, just before the reader is dropped. Never waits on
+  // the peer.
+  virtual void finished() noexcept {}
 };
 
 // How long one connection to a page server is given to answer before it is dropped and made again
