@@ -21,6 +21,7 @@
 #include <thread>
 #include <tuple>
 
+#include "../common/huge_pages.h"
 #include "agent_client/unix_channel.h"
 #include "lazymem/kernel_features.h"
 #include "sys/uapi_compat.h"
@@ -403,6 +404,48 @@ std::string vm_flags_at(uintptr_t addr) {
     if (inside && line.rfind("VmFlags:", 0) == 0) return line;
   }
   return "";
+}
+
+// Huge-page memory (MAP_HUGETLB, as VMs map guest memory): the kernel's marks report a written
+// huge page whole; a range cutting through huge pages, and write-fault tracking (which lifts
+// 4 KiB pages: the kernel refused it with a bare EINVAL mid-capture), are refused up front,
+// saying what to do.
+TEST_P(DirtyTest, HugePageMemoryIsTrackedByWholePagesOrRefusedSayingWhy) {
+  testing::HugePages huge(4);
+  if (!huge.unavailable().empty()) GTEST_SKIP() << huge.unavailable();
+  const size_t len = 4 * testing::kHugePage;
+  void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+  if (p == MAP_FAILED) GTEST_SKIP() << "cannot map 4 huge pages: " << std::strerror(errno);
+  auto* m = static_cast<std::byte*>(p);
+  std::memset(m, 0x5a, len);
+  const auto at = reinterpret_cast<uintptr_t>(m);
+  if (method_ == DirtyMethod::kWriteFaults) {
+    auto t = track({{at, len}});
+    ASSERT_FALSE(t.ok());
+    EXPECT_EQ(t.error().code(), Errc::kUnsupported);
+    EXPECT_NE(t.error().message().find("huge-page memory (2048 KiB pages), which write-fault tracking does not take"),
+              std::string::npos)
+        << t.error().message();
+    EXPECT_NE(t.error().message().find("kernel-marks"), std::string::npos) << t.error().message();
+  } else {
+    auto cut = track({{at + kPage, testing::kHugePage}});
+    ASSERT_FALSE(cut.ok());
+    EXPECT_EQ(cut.error().code(), Errc::kInvalidArgument);
+    EXPECT_NE(cut.error().message().find("cuts through huge pages (2048 KiB)"), std::string::npos)
+        << cut.error().message();
+    auto t = track({{at, len}});
+    ASSERT_TRUE(t.ok()) << t.error().message();
+    auto none = (*t)->collect();
+    ASSERT_TRUE(none.ok()) << none.error().message();
+    EXPECT_TRUE(none->empty());
+    m[2 * testing::kHugePage + 12345] = std::byte{1};  // one byte of page 2
+    auto got = (*t)->collect();
+    ASSERT_TRUE(got.ok()) << got.error().message();
+    ASSERT_EQ(got->size(), 1u);
+    EXPECT_EQ((*got)[0].start, at + 2 * testing::kHugePage);
+    EXPECT_EQ((*got)[0].length, testing::kHugePage);
+  }
+  ::munmap(p, len);
 }
 
 // Memory a lazy restore's uffd still serves (registered for missing faults there) cannot be
