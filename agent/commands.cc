@@ -230,13 +230,18 @@ Status migrate_process(const MigrateConfig& c) {
                      {"served_chunks", done->served_chunks},
                      {"served_bytes", done->served_bytes},
                      {"postcopy_seconds", done->postcopy_seconds},
+                     {"destination_said_complete", done->destination_said_complete},
                      {"seconds", total},
                      {"process", outcome}};
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("post-copy: %llu chunk replies (%.1f MiB) served in %.0f ms; migration took %.0f ms in all; process %d %s\n",
+    std::printf("post-copy: %llu chunk replies (%.1f MiB) served in %.0f ms (%s); migration took %.0f ms in all; process "
+                "%d %s\n",
                 static_cast<unsigned long long>(done->served_chunks), double(done->served_bytes) / 1048576.0,
-                done->postcopy_seconds * 1e3, total * 1e3, c.pid, c.leave_stopped ? fmt::format("left {}", outcome).c_str() : outcome);
+                done->postcopy_seconds * 1e3,
+                done->destination_said_complete ? "the destination said it holds every page"
+                                                : "the destination hung up, and did not come back",
+                total * 1e3, c.pid, c.leave_stopped ? fmt::format("left {}", outcome).c_str() : outcome);
   }
   return ok_status();
 }

@@ -148,6 +148,7 @@ Result<std::unique_ptr<MigrationSource>> MigrationSource::start(const std::strin
   so.listener = std::make_shared<net::Listener>(std::move(*listener));
   so.token = token;
   so.handshake_timeout = migration.handshake_timeout;
+  so.linger = migration.linger;
   // Served from memory: the entries placed past the base's data above (called by start() only).
   auto chunk_bytes = [&](uint32_t region, uint32_t chunk) -> std::span<const std::byte> {
     const ChunkInfo& ci = m.regions[region].chunks[chunk];
@@ -208,6 +209,7 @@ Result<MigrationReport> MigrationSource::wait_postcopy(std::chrono::milliseconds
   const auto st = impl_->server->stats();
   impl_->report.served_chunks = st.chunks_sent;
   impl_->report.served_bytes = st.bytes_sent;
+  impl_->report.destination_said_complete = st.restores_completed > 0;
   if (!drained.ok()) return std::move(drained).error().wrap("migration, post-copy from " + impl_->location);
   impl_->report.postcopy_seconds = seconds_since(impl_->serving_since);
   return impl_->report;

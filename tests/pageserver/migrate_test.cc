@@ -97,6 +97,7 @@ struct SourceSpec {
   bool idle = false;                  // no writer: nothing is written after the pre-copy
   CaptureOptions capture;
   std::chrono::milliseconds postcopy_timeout{60000};
+  std::chrono::milliseconds linger{1000};  // MigrationOptions::linger
 };
 
 // The source: the child's whole life. Reads "<base>\n" (where to pre-copy, once the test has it
@@ -118,6 +119,7 @@ struct SourceSpec {
   while (!spec.idle && writer.writes() < 10000) std::this_thread::yield();
   MigrationOptions mo;
   mo.listen = spec.listen;
+  mo.linger = spec.linger;
   mo.precopy.max_rounds = 3;
   mo.precopy.pause = [&] { writer.gate.pause(); };
   mo.precopy.resume = [&] { writer.gate.resume(); };
@@ -253,7 +255,12 @@ void MigrateTest::restore_and_compare(const std::string& base, RestoreOptions ro
 }
 
 TEST_F(MigrateTest, DestinationHoldsTheSourceMemoryAsThePauseLeftIt) {
-  fork_source({});
+  // Ended by the destination saying it holds every page (through the reader that routes between
+  // base and source), not by the linger: no test outlasts this one.
+  SourceSpec spec;
+  spec.linger = std::chrono::hours(1);
+  spec.postcopy_timeout = std::chrono::seconds(30);
+  fork_source(spec);
   migrate_to(dir_.path() + "/app");
   EXPECT_GT(postcopy_chunks_, 0u) << "nothing was left at the source: the writer did not race the switch-over";
   restore_and_compare(dir_.path() + "/app");

@@ -53,6 +53,10 @@ struct MigrationOptions {
   std::string advertise;
   // A peer that has not authenticated by then is dropped.
   std::chrono::milliseconds handshake_timeout{10000};
+  // A destination that hung up without saying it holds every page (one from before that was
+  // said, a connection lost) may come back: post-copy ends only after no connection was open
+  // for this long. One that says so ends it at once.
+  std::chrono::milliseconds linger{1000};
 };
 
 struct MigrationReport {
@@ -68,6 +72,7 @@ struct MigrationReport {
   uint64_t served_chunks = 0;        // chunk replies sent (a chunk asked again counts again)
   uint64_t served_bytes = 0;
   double postcopy_seconds = 0;       // serving started to the destination holding every chunk
+  bool destination_said_complete = false;  // it said so (else: hung up, and the linger passed)
 };
 
 class MigrationSource {

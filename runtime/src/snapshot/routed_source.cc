@@ -110,6 +110,11 @@ class RoutedReader final : public ChunkReader {
   }
   // Every request may go to the same side: no more than the smaller side takes.
   size_t capacity() const override { return std::min(sides_[0].reader->capacity(), sides_[1].reader->capacity()); }
+  // Both sides are told (a migration's paused source, behind its base store, stops at once).
+  void finished() noexcept override {
+    for (Side& side : sides_)
+      if (!side.broken) side.reader->finished();
+  }
 
  private:
   static constexpr auto kBlockSlice = std::chrono::milliseconds(200);
