@@ -33,10 +33,11 @@ struct Request {
     getPage @10 :GetPage;         # one page for a thread waiting on it; reply: page (or error)
     openDatagrams @11 :Void;      # reply: datagrams (a session for getPage by UDP) or an error
     remove @12 :Text;             # snapshot name: removed from the store; reply ok (or notFound)
-    # Snapshot name: this restore holds every page it will ever ask for (or has given up on it,
-    # poisoned): it asks no more, on any connection. No reply. Sent once, just before a restore
-    # closes its connection, to servers whose hello reply says takesComplete. A migration source
-    # then stops serving at once rather than lingering for a reconnect that will not come.
+    # Snapshot name: this restore holds every page it will ever ask for: it asks no more on this
+    # connection. No reply. Sent once, just before a restore closes its connection, to servers
+    # whose hello reply says takesComplete (not by a restore with failed pages). A migration
+    # source then stops serving at once, once no other connection is reading (asked for chunks
+    # or pages and said nothing since), rather than lingering for a reconnect that will not come.
     complete @13 :Text;
   }
 }

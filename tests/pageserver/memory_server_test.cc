@@ -401,6 +401,27 @@ TEST_F(MemoryServerTest, ACompleteRestoreSaysSoAndTheSourceIsDrainedAtOnce) {
   }
 }
 
+// A restore that could not have every page (a chunk the source does not serve: poisoned) says
+// nothing: the pages it lacks may be the source's to give, and a source that waits is left
+// paused for whoever decides which copy runs, where one told "complete" would be let go.
+TEST_F(MemoryServerTest, ARestoreWithFailedPagesDoesNotSayComplete) {
+  SKIP_WITHOUT_UFFD();
+  if (!kf_.has_uffd_poison()) GTEST_SKIP() << "kernel lacks UFFDIO_POISON (Linux 6.6): the failure would kill the test";
+  net::MemoryServerOptions so;
+  so.linger = std::chrono::hours(1);
+  start_server(so, std::make_pair(0u, 1u));  // chunk 0/1 not served
+  auto r = LazyRestore::start(uri(), kf_, RestoreOptions{});
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_FALSE((*r)->finish().ok()) << "the chunk not served went unreported";
+  std::vector<RestoredRegion> regions = (*r)->regions();
+  r->reset();
+  for (const RestoredRegion& g : regions) ::munmap(g.address, g.length);
+  Status s = server_->wait_drained(300ms);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code(), Errc::kTimeout) << s.error().message();
+  EXPECT_EQ(server_->stats().restores_completed, 0u);
+}
+
 // `complete` counts only from a peer that read this snapshot's manifest, and needs no reply.
 TEST_F(MemoryServerTest, CompleteIsTakenOnlyAfterTheManifestWasRead) {
   net::MemoryServerOptions so;
@@ -425,6 +446,22 @@ TEST_F(MemoryServerTest, CompleteIsTakenOnlyAfterTheManifestWasRead) {
     ASSERT_TRUE(r.isError());
     EXPECT_EQ(r.getError().getCode(), code) << r.getError().getMessage().cStr();
   };
+  // Another connection reading (a restore's page fetchers, a second destination): the first's
+  // word does not end post-copy under it; its hanging up does, with no linger.
+  RawPeer other = RawPeer::connect(server_->port());
+  other.greet();
+  {
+    capnp::MallocMessageBuilder m;
+    auto gp = m.initRoot<wire::Request>();
+    gp.setId(other.next_id++);
+    auto g = gp.initGetPage();
+    g.setSnapshot(kName);
+    g.setRegion(0);
+    g.setChunk(0);
+    g.setTag(1);
+    ASSERT_TRUE(other.send(m).ok());
+    ASSERT_TRUE(other.recv().ok());
+  }
   say("another");
   refused(wire::ErrorCode::NOT_FOUND);
   say(kName);  // before any destination read the manifest
@@ -440,7 +477,10 @@ TEST_F(MemoryServerTest, CompleteIsTakenOnlyAfterTheManifestWasRead) {
   ASSERT_TRUE(p.send(gm).ok());
   ASSERT_TRUE(p.recv().ok());
   say(kName);
-  Status drained = server_->wait_drained(10s);  // the connection still open, no chunk sent
+  Status reading = server_->wait_drained(50ms);
+  ASSERT_FALSE(reading.ok()) << "drained while another connection was reading";
+  ::shutdown(other.fd.get(), SHUT_RDWR);
+  Status drained = server_->wait_drained(10s);  // this connection still open, one chunk sent
   EXPECT_TRUE(drained.ok()) << drained.error().message();
   auto st = server_->stats();
   EXPECT_EQ(st.restores_completed, 1u);

@@ -69,6 +69,7 @@ struct FaultEngine::Session {
   uint64_t chunks_failed = 0;
   std::atomic<bool> complete{false};
   std::atomic<bool> failed{false};
+  bool said_finished = false;  // ChunkReader::finished(), once (say_finished)
   std::atomic<bool> exited{false};  // its process is gone (ESRCH): nothing more to serve
   // Engine thread: SessionSpec::hold_failures until release_failures(); `held`: some failed
   // chunk waits for that to be poisoned (the session is not complete meanwhile).
@@ -119,10 +120,12 @@ struct FaultEngine::Session {
     return std::any_of(stages.begin(), stages.end(), [](const auto& kv) { return kv.second.waiting; });
   }
   std::atomic<uint64_t> pages_gathering{0};  // stages.size() as of the engine's last round
-  // Pages installed since the uffd was last read. The kernel takes a woken fault's message off
-  // its queue, but not one read already: a fault in the same read as the fault (or prefetch)
-  // that completed its page is stale, not a page gone missing (which would fetch it all again).
-  std::vector<std::pair<uint32_t, uint64_t>> installed_since_read;
+  // Pages installed while the faults of one read of the uffd are handled (`handling_read`). The
+  // kernel takes a woken fault's message off its queue, but not one read already: a fault in the
+  // same read as the fault that completed its page is stale, not a page gone missing (which
+  // would fetch it all again).
+  bool handling_read = false;
+  std::vector<std::pair<uint32_t, uint64_t>> installed_in_read;
 
   uint32_t chunk_size() const { return manifest->chunk_size; }
   // The chunks [first, end) of the huge page holding `ref` (fewer at a region's end).
@@ -379,16 +382,21 @@ void FaultEngine::Loop::release_reader_if_complete(Session& s) {
 }
 
 // The source is told the restore is done with it (a migration source then stops at once),
-// whether the reader goes here or with its session (removed before the loop came by), by the
-// last of the sessions reading it: a forked child still fetching from the same source would
-// otherwise lose it under its feet.
+// whether the reader goes here or with its session (removed before the loop came by), once, by
+// the last of the sessions reading it: a forked child still fetching from the same source, or a
+// complete session fetching a page again (its reader reopened), would otherwise lose it under
+// its feet. Not by a session with failed chunks: those may be the source's to give (a huge page
+// fails whole, chunks never asked for included), and a migration source that waits is left
+// paused for whoever decides which copy runs, where one told so would be killed.
 void FaultEngine::Loop::say_finished(Session& s) {
-  if (!s.complete || !s.reader) return;
+  if (!s.complete || !s.reader || s.said_finished || s.chunks_failed > 0 || s.failed) return;
   const bool others_read_it = std::any_of(by_id_.begin(), by_id_.end(), [&](const auto& kv) {
     const Session& o = *kv.second;
-    return &o != &s && o.source == s.source && !o.complete && !o.exited;
+    return &o != &s && o.source == s.source && !o.exited && (!o.complete || o.reader);
   });
-  if (!others_read_it) s.reader->finished();
+  if (others_read_it) return;
+  s.said_finished = true;
+  s.reader->finished();
 }
 
 void FaultEngine::Loop::deactivate(Session& s) {
@@ -433,7 +441,8 @@ void FaultEngine::Loop::drain_uffd(Session& s) {
       return;
     }
     if (*n == 0) return;
-    s.installed_since_read.clear();
+    s.installed_in_read.clear();
+    s.handling_read = true;
     uint64_t t = now_ns();
     last_activity_ns_ = t;
     for (size_t i = 0; i < *n; ++i) {
@@ -458,6 +467,7 @@ void FaultEngine::Loop::drain_uffd(Session& s) {
           log_->debug("session {}: ignoring uffd event {}", s.name, m.event);
       }
     }
+    s.handling_read = false;
     if (*n < msgs_.size()) return;
   }
 }
@@ -533,8 +543,12 @@ void FaultEngine::Loop::on_huge_fault(Session& s, const MappedRange& r, uint64_t
     }
   }
   const std::pair<uint32_t, uint64_t> key{r.region, roff};
-  if (std::find(s.installed_since_read.begin(), s.installed_since_read.end(), key) != s.installed_since_read.end()) {
-    return;  // read before its page was installed, and woken by that install
+  if (std::find(s.installed_in_read.begin(), s.installed_in_read.end(), key) != s.installed_in_read.end()) {
+    // Read before its page was installed, and woken by that install. Woken again all the same:
+    // where the page went elsewhere (a REMAP read with it, not applied at the install), the
+    // thread faults again, and that fault comes in a later read.
+    (void)s.uffd.wake(addr / s.huge * s.huge, s.huge);
+    return;
   }
   Session::Stage& stage = s.stages[{r.region, roff}];
   if (stage.fault_ns == 0) stage.fault_ns = t;
@@ -1158,7 +1172,7 @@ void FaultEngine::Loop::install_stage(Session& s, std::pair<uint32_t, uint64_t> 
   const auto [lo, hi] = s.page_chunks(first);
   spare_stage(std::move(stage.bytes));
   s.stages.erase(it);
-  s.installed_since_read.push_back(key);
+  if (s.handling_read) s.installed_in_read.push_back(key);
   for (uint32_t c = lo; c < hi; ++c) {
     s.state[key.first][c] = kPresent;
     ++s.chunks_present;

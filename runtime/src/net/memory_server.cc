@@ -78,6 +78,7 @@ struct Conn {
   bool prove_server = false;  // its hello asked us to prove we hold the token
   bool other_version = false;  // its hello named our snapshot at another manifest checksum
   bool closing = false;        // closed once its replies are out, or after kClosingGrace
+  bool reading = false;        // asked for chunks or pages, and has not said `complete` since
   Clock::time_point opened = Clock::now(), closing_since{};
   uint32_t events = EPOLLIN;  // what epoll watches for now
   Nonce server_nonce{}, client_nonce{};
@@ -141,13 +142,17 @@ struct MemoryServer::Impl {
     drained.notify_all();
   }
   // Drained: a destination read the manifest, and then said it holds every page it needs
-  // (Request.complete), or every chunk went out at least once and no connection has been open
-  // for `linger` (a restore that lost its connection comes back; one from before `complete`
-  // says nothing). Without the first, a source with nothing written since pre-copy would be
-  // drained before the destination ever came, and would exit with the only copy of the manifest.
+  // (Request.complete) with no connection still reading (one that asked for chunks or pages and
+  // said nothing since: a restore's page fetchers, another process's restore, a second
+  // destination), or every chunk went out at least once and no connection has been open for
+  // `linger` (a restore that lost its connection comes back; one from before `complete` says
+  // nothing). Without the first, a source with nothing written since pre-copy would be drained
+  // before the destination ever came, and would exit with the only copy of the manifest.
   bool is_drained(Clock::time_point now) const {
     if (manifest_state.load(std::memory_order_relaxed) != kManifestSent) return false;
-    if (st_completed.load(std::memory_order_relaxed) > 0) return true;
+    if (st_completed.load(std::memory_order_relaxed) > 0 && reading_conns.load(std::memory_order_relaxed) == 0) {
+      return true;
+    }
     return st_distinct.load(std::memory_order_relaxed) == to_serve && st_open.load(std::memory_order_relaxed) == 0 &&
            now - Clock::time_point(Clock::duration(last_close.load(std::memory_order_relaxed))) >= opt.linger;
   }
@@ -156,6 +161,7 @@ struct MemoryServer::Impl {
   static constexpr int kManifestOpen = 0, kManifestSent = 1, kManifestWithdrawn = 2;
   std::atomic<int> manifest_state{kManifestOpen};
   std::atomic<Clock::rep> last_close{0};
+  std::atomic<uint64_t> reading_conns{0};  // open connections with Conn::reading
 
   // Peers' misbehaviour: counted always, logged at most once a second (a flood of bad peers must
   // not flood the log of the host being migrated).
@@ -209,6 +215,10 @@ struct MemoryServer::Impl {
   // A chunk (getChunks) or a page of it (getPage, `page` set): the reply points into the memory.
   void queue_chunk(Conn& c, uint64_t id, uint32_t region, uint32_t chunk, uint64_t tag, std::optional<uint32_t> page,
                    bool demand) {
+    if (!c.reading) {
+      c.reading = true;
+      reading_conns.fetch_add(1, std::memory_order_relaxed);
+    }
     const size_t at = chunk_index(region, chunk);
     if (at == kNoChunk || bytes[at].empty()) {
       bump(st_range);
@@ -407,6 +417,10 @@ struct MemoryServer::Impl {
             bump(st_proto);
             warn(c, "'complete' before any destination read the manifest");
             return reply_error(c, id, wire::ErrorCode::BAD_REQUEST, "nothing was restored from here yet");
+          }
+          if (c.reading) {
+            c.reading = false;
+            reading_conns.fetch_sub(1, std::memory_order_relaxed);
           }
           if (!st_completed.fetch_add(1, std::memory_order_relaxed)) {
             log->info("migration source '{}': the destination holds every page it needs ({} of {} chunks sent from "
@@ -611,6 +625,7 @@ struct MemoryServer::Impl {
     auto it = conns.find(fd);
     if (it == conns.end()) return;
     ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, fd, nullptr);
+    if (it->second->reading) reading_conns.fetch_sub(1, std::memory_order_relaxed);
     conns.erase(it);
     last_close = Clock::now().time_since_epoch().count();
     st_open.fetch_sub(1, std::memory_order_relaxed);

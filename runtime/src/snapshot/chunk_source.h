@@ -58,8 +58,8 @@ class ChunkReader {
   virtual size_t capacity() const = 0;
   // The restore holds every page it will ask this source for: a page server is told so (a
   // migration source then stops serving at once instead of lingering for a reconnect). Called
-  // at most once, with nothing in flight, just before the reader is dropped. Never waits on
-  // the peer.
+  // at most once, just before the reader is dropped (requests still in flight, duplicates of
+  // what is present, are dropped with it). Never waits on the peer.
   virtual void finished() noexcept {}
 };
 
