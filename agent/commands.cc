@@ -92,7 +92,9 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
   LAZYMEM_TRY(check_process_ranges(ranges_in));
   std::vector<AddressRange> ranges;
   for (const auto& r : ranges_in) ranges.push_back({r.start, r.length});
-  // Everything that can be refused is, before the process is paused.
+  // Everything that can be refused is, before the process is paused. Its huge-page memory is
+  // recorded as such (the copy here is on ordinary pages).
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<CaptureRegion> regions, with_huge_page_sizes(regions_of(ranges_in), pid));
   LiveCaptureOptions how;
   how.pid = pid;
   how.freeze_cgroup = freeze;
@@ -115,7 +117,7 @@ Result<CaptureReport> capture_process(pid_t pid, const std::vector<ProcessRange>
   }
   const double paused = std::chrono::duration<double>(std::chrono::steady_clock::now() - paused_at).count();
   resumed_once();
-  LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, capture_regions(target, regions_of(ranges_in), options));
+  LAZYMEM_ASSIGN_OR_RETURN(CaptureReport report, capture_regions(target, regions, options));
   report.paused_seconds = paused;
   return report;
 }

@@ -36,6 +36,10 @@ struct Region {
   protection @4 :UInt32;   # PROT_* bits at capture time
   kind @5 :RegionKind;
   chunks @6 :List(Chunk);  # ceil(length / chunkSize) entries; the last may be short
+  # The memory's own page size where it was huge pages (hugetlbfs) when captured; 0: ordinary
+  # pages. Not pageSize, which is the codec's (page frames of format 2). A restore maps the
+  # region with huge pages of this size (startAddress and length are multiples of it).
+  hugePageSize @7 :UInt64;
 }
 
 struct Manifest {

@@ -10,6 +10,7 @@
 #include "lazymem/dirty.h"
 #include "lazymem/snapshot.h"
 #include "precopy.h"
+#include "sys/process_maps.h"
 #include "net/remote.h"
 #include "snapshot/manifest.h"
 #include "snapshot/snapshot_writer.h"
@@ -83,6 +84,7 @@ Status store_regions(snapshot::SnapshotWriter& writer, std::span<const CaptureRe
     meta.page_size = page;
     meta.protection = static_cast<uint32_t>(r.protection);
     meta.kind = RegionKind::kProcess;
+    meta.huge_page_size = r.huge_page_size;
     LAZYMEM_TRY(writer.add_region(std::move(meta), {static_cast<const std::byte*>(r.address), r.length}, progress));
     before += r.length;
   }
@@ -109,10 +111,39 @@ std::vector<std::vector<size_t>> chunks_touched(std::span<const CaptureRegion> r
 
 }  // namespace
 
-Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions,
+Result<std::vector<CaptureRegion>> with_huge_page_sizes(std::span<const CaptureRegion> regions, pid_t pid) {
+  std::vector<CaptureRegion> out(regions.begin(), regions.end());
+  std::vector<std::pair<uintptr_t, uintptr_t>> unknown;
+  for (const CaptureRegion& r : out) {
+    if (r.huge_page_size == 0) {
+      const auto start = reinterpret_cast<uintptr_t>(r.address);
+      unknown.emplace_back(start, start + r.length);
+    }
+  }
+  if (!unknown.empty()) {
+    auto sizes = sys::huge_page_sizes(pid, unknown);
+    if (!sizes.ok()) return std::move(sizes).error().wrap("capture");
+    size_t k = 0;
+    for (CaptureRegion& r : out)
+      if (r.huge_page_size == 0) r.huge_page_size = (*sizes)[k++];
+  }
+  for (const CaptureRegion& r : out) {
+    if (r.huge_page_size != 0 &&
+        (reinterpret_cast<uintptr_t>(r.address) % r.huge_page_size != 0 || r.length % r.huge_page_size != 0)) {
+      return Error(Errc::kInvalidArgument,
+                   fmt::format("region '{}' lies in huge-page memory ({} KiB pages) but does not begin and end on its "
+                               "pages' boundaries: give it whole huge pages",
+                               snapshot::escape_name(r.name), r.huge_page_size >> 10));
+    }
+  }
+  return out;
+}
+
+Result<CaptureReport> capture_regions(const std::string& target, std::span<const CaptureRegion> regions_in,
                                       const CaptureOptions& options) {
   const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
-  LAZYMEM_TRY(check_capture_regions(regions, options, page));  // before any work
+  LAZYMEM_TRY(check_capture_regions(regions_in, options, page));  // before any work
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<CaptureRegion> regions, with_huge_page_sizes(regions_in, 0));
   LAZYMEM_ASSIGN_OR_RETURN(auto sink, open_sink(target, options));
   snapshot::SnapshotWriter writer(std::move(sink), options);
   LAZYMEM_TRY(store_regions(writer, regions, options, page));
@@ -136,10 +167,11 @@ Status check_cancelled(const LiveCaptureOptions& live) {
   return ok_status();
 }
 
-Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion> regions, const CaptureOptions& options,
+Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion> regions_in, const CaptureOptions& options,
                         const LiveCaptureOptions& live, const KernelFeatures& features) {
   const uint32_t page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
-  LAZYMEM_TRY(check_capture_regions(regions, options, page));
+  LAZYMEM_TRY(check_capture_regions(regions_in, options, page));
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<CaptureRegion> regions, with_huge_page_sizes(regions_in, live.pid));
   if (static_cast<bool>(live.pause) != static_cast<bool>(live.resume) || (!live.pause && live.pid == 0)) {
     return Error(Errc::kInvalidArgument, "a live capture needs pause and resume (LiveCaptureOptions; for another "
                                          "process, both or neither: SIGSTOP and SIGCONT): without them the last round "

@@ -26,6 +26,12 @@ struct Precopy {
   unsigned rounds = 1;  // passes over the memory so far: the first, then the pre-copy rounds
 };
 
+// `regions` with CaptureRegion::huge_page_size filled in where it is 0, from the mappings of
+// process `pid` (0: this one) at the regions' addresses: huge-page memory is recorded as such,
+// and restored into huge pages. Refused: a region off its huge pages' boundaries, or mixing them
+// with other memory.
+Result<std::vector<CaptureRegion>> with_huge_page_sizes(std::span<const CaptureRegion> regions, pid_t pid);
+
 // Checks (as capture_regions_live), arms the tracker, stores everything into a writer to
 // `target`, then runs rounds as `live` says. Nothing is committed.
 Result<Precopy> precopy(const std::string& target, std::span<const CaptureRegion> regions, const CaptureOptions& options,

@@ -119,7 +119,9 @@ struct LazyRestore::Impl {
   std::vector<sys::Mapping> mappings;  // released to the application once restored
   std::vector<RestoredRegion> regions;
   std::unique_ptr<fault::FaultEngine> engine;
-  fault::SessionId session = 0;
+  // One per page size: the engine installs a session's pages at one size (huge pages whole).
+  std::vector<fault::SessionId> sessions;
+  std::vector<size_t> session_of_region;  // index into sessions, per manifest region
   std::shared_ptr<fault::ThreadFaults> thread_faults;  // fault_on_thread
   bool finished = false;
   // fault_on_thread: a child could not fetch its pages (the handler is ours), so fork() settles
@@ -130,8 +132,13 @@ struct LazyRestore::Impl {
   // the first failure: then no page is left that the kernel would zero-fill, were the uffd closed
   // or the memory copied into a child.
   Status settle() {
-    engine->set_prefetch(session, true);
-    return engine->wait_complete(session, std::chrono::hours(24), fault::FaultEngine::Wait::kSettled);
+    for (fault::SessionId id : sessions) engine->set_prefetch(id, true);
+    Status first = ok_status();
+    for (fault::SessionId id : sessions) {
+      Status s = engine->wait_complete(id, std::chrono::hours(24), fault::FaultEngine::Wait::kSettled);
+      if (first.ok() && !s.ok()) first = std::move(s);
+    }
+    return first;
   }
 };
 
@@ -158,8 +165,14 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
   const Manifest& m = impl->source->manifest();
   long sys_page = ::sysconf(_SC_PAGESIZE);
 
-  // Map everything first: if any range is taken, the Mapping destructors undo the rest.
-  std::vector<fault::MappedRange> ranges;
+  // Map everything first: if any range is taken, the Mapping destructors undo the rest. Regions
+  // of one page size share a uffd and an engine session.
+  struct Group {
+    uint64_t page_size;  // 0: ordinary pages
+    std::vector<fault::MappedRange> ranges;
+    std::vector<size_t> mappings;  // into impl->mappings
+  };
+  std::vector<Group> groups;
   for (size_t i = 0; i < m.regions.size(); ++i) {
     const RegionInfo& r = m.regions[i];
     if (r.kind != RegionKind::kProcess) {
@@ -172,12 +185,25 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
       return Error(Errc::kUnsupported, fmt::format("{}: region '{}' uses {}-byte pages; only {}-byte pages are supported",
                                                    location, r.name, r.page_size, sys_page));
     }
+    const uint64_t huge = options.huge_pages ? r.huge_page_size : 0;
+    if (huge != 0 && options.fault_on_thread) {
+      return Error(Errc::kUnsupported,
+                   fmt::format("{}: region '{}' was huge-page memory ({} KiB pages), which faults on the faulting "
+                               "thread do not serve: restore without fault_on_thread, or on ordinary pages "
+                               "(RestoreOptions::huge_pages = false)",
+                               location, r.name, huge >> 10));
+    }
     int prot = static_cast<int>(r.protection) & (PROT_READ | PROT_WRITE | PROT_EXEC);
     if ((prot & PROT_READ) == 0) prot |= PROT_READ;
-    auto map = sys::Mapping::anonymous_at(r.start_address, r.length, prot);
+    auto map = huge != 0 ? sys::Mapping::huge_at(r.start_address, r.length, prot, huge)
+                         : sys::Mapping::anonymous_at(r.start_address, r.length, prot);
     if (!map.ok()) return std::move(map).error().wrap(fmt::format("{}: region '{}'", location, r.name));
+    auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.page_size == huge; });
+    if (g == groups.end()) g = groups.insert(groups.end(), Group{huge, {}, {}});
     impl->regions.push_back(RestoredRegion{r.name, map->data(), r.length});
-    ranges.push_back(fault::MappedRange{r.start_address, r.length, static_cast<uint32_t>(i), 0});
+    g->ranges.push_back(fault::MappedRange{r.start_address, r.length, static_cast<uint32_t>(i), 0});
+    impl->session_of_region.push_back(static_cast<size_t>(g - groups.begin()));
+    g->mappings.push_back(impl->mappings.size());
     impl->mappings.push_back(std::move(*map));
   }
 
@@ -191,37 +217,56 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
                                        "restore without it");
     }
   }
-  LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, sys::Uffd::open((wanted & features.uffd_features) | required, required));
-  for (const auto& mp : impl->mappings) {
-    auto ioctls = uffd.register_missing(mp.address(), mp.size());
-    if (!ioctls.ok()) return std::move(ioctls).error();
-    if ((*ioctls & (1ULL << _UFFDIO_COPY)) == 0) {
-      return Error(Errc::kUnsupported, "userfaultfd: UFFDIO_COPY is not supported on anonymous memory here");
+  if (std::any_of(groups.begin(), groups.end(), [](const Group& g) { return g.page_size != 0; })) {
+    wanted |= UFFD_FEATURE_MISSING_HUGETLBFS;
+    if (!features.has_uffd_feature(UFFD_FEATURE_MISSING_HUGETLBFS)) {
+      return Error(Errc::kUnsupported, fmt::format("{}: some regions were huge-page memory, and this kernel's userfaultfd "
+                                                   "does not serve it (UFFD_FEATURE_MISSING_HUGETLBFS, Linux 4.11): "
+                                                   "restore on ordinary pages (RestoreOptions::huge_pages = false)",
+                                                   location));
     }
+  }
+  std::vector<sys::Uffd> uffds;
+  for (const Group& g : groups) {
+    LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, sys::Uffd::open((wanted & features.uffd_features) | required, required));
+    for (size_t k : g.mappings) {
+      const sys::Mapping& mp = impl->mappings[k];
+      auto ioctls = uffd.register_missing(mp.address(), mp.size());
+      if (!ioctls.ok()) return std::move(ioctls).error();
+      if ((*ioctls & (1ULL << _UFFDIO_COPY)) == 0) {
+        return Error(Errc::kUnsupported, "userfaultfd: UFFDIO_COPY is not supported on that memory here");
+      }
+    }
+    uffds.push_back(std::move(uffd));
   }
 
   fault::EngineOptions eo;
   eo.fetch_attempts = options.fetch_attempts;
   eo.demand_deadline = options.fault_deadline;
   impl->engine = std::make_unique<fault::FaultEngine>(features, eo);
-  fault::SessionSpec spec;
-  if (options.fault_on_thread) {
+  if (options.fault_on_thread) {  // one group: ordinary pages (refused above otherwise)
     fault::ThreadFaultOptions to;
     to.connections = options.fault_connections;
     to.deadline = options.fault_deadline;
     to.fetch_attempts = options.fetch_attempts;
     to.can_poison = features.has_uffd_poison();
-    LAZYMEM_ASSIGN_OR_RETURN(impl->thread_faults, fault::ThreadFaults::start(impl->source, uffd.fd(), ranges, std::move(to)));
-    spec.follower = impl->thread_faults;
+    LAZYMEM_ASSIGN_OR_RETURN(impl->thread_faults,
+                             fault::ThreadFaults::start(impl->source, uffds.front().fd(), groups.front().ranges, std::move(to)));
   }
   LAZYMEM_TRY(impl->engine->start());
-  spec.name = location;
-  spec.uffd = std::move(uffd);
-  spec.source = impl->source;
-  spec.ranges = std::move(ranges);
-  spec.pid = ::getpid();
-  spec.prefetch = options.prefetch;
-  LAZYMEM_ASSIGN_OR_RETURN(impl->session, impl->engine->add_session(std::move(spec)));
+  for (size_t k = 0; k < groups.size(); ++k) {
+    fault::SessionSpec spec;
+    spec.follower = impl->thread_faults;
+    spec.name = groups[k].page_size == 0 ? location : fmt::format("{} ({} KiB pages)", location, groups[k].page_size >> 10);
+    spec.uffd = std::move(uffds[k]);
+    spec.source = impl->source;
+    spec.ranges = std::move(groups[k].ranges);
+    spec.page_size = groups[k].page_size != 0 ? groups[k].page_size : static_cast<uint64_t>(sys_page);
+    spec.pid = ::getpid();
+    spec.prefetch = options.prefetch;
+    LAZYMEM_ASSIGN_OR_RETURN(fault::SessionId id, impl->engine->add_session(std::move(spec)));
+    impl->sessions.push_back(id);
+  }
   if (impl->thread_faults) impl->fork_hook = sys::BeforeFork([self = impl.get()] { (void)self->settle(); });
   return std::unique_ptr<LazyRestore>(new LazyRestore(std::move(impl)));
 }
@@ -237,20 +282,39 @@ const RestoredRegion* LazyRestore::region(std::string_view name) const {
 const std::vector<std::byte>& LazyRestore::app_state() const { return impl_->source->manifest().app_state; }
 
 RestoreStats LazyRestore::stats() const {
-  auto info = impl_->engine->session_info(impl_->session);
-  if (!info) return RestoreStats{};
+  // Each region's figures from the session serving it (every session lists every region).
+  RestoreStats out;
+  out.complete = true;
+  for (size_t k = 0; k < impl_->sessions.size(); ++k) {
+    auto info = impl_->engine->session_info(impl_->sessions[k]);
+    if (!info) return RestoreStats{};
+    if (k == 0) {
+      out.source = info->stats.source;
+      out.regions = info->stats.regions;
+    }
+    for (size_t i = 0; i < impl_->session_of_region.size() && i < out.regions.size(); ++i) {
+      if (impl_->session_of_region[i] == k) out.regions[i] = info->stats.regions[i];
+    }
+    out.complete = out.complete && info->stats.complete;
+    out.failed = out.failed || info->stats.failed;
+  }
   if (impl_->thread_faults) {
     std::vector<RegionStats> own = impl_->thread_faults->stats();
-    for (size_t i = 0; i < own.size() && i < info->stats.regions.size(); ++i) info->stats.regions[i].merge(own[i]);
-    if (impl_->thread_faults->failed()) info->stats.failed = true;
+    for (size_t i = 0; i < own.size() && i < out.regions.size(); ++i) out.regions[i].merge(own[i]);
+    if (impl_->thread_faults->failed()) out.failed = true;
   }
-  return info->stats;
+  return out;
 }
 
 Status LazyRestore::wait_complete(std::chrono::milliseconds timeout) {
   if (impl_->finished) return ok_status();
-  impl_->engine->set_prefetch(impl_->session, true);
-  return impl_->engine->wait_complete(impl_->session, timeout);
+  for (fault::SessionId id : impl_->sessions) impl_->engine->set_prefetch(id, true);
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  for (fault::SessionId id : impl_->sessions) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    LAZYMEM_TRY(impl_->engine->wait_complete(id, std::max(left, std::chrono::milliseconds(0))));
+  }
+  return ok_status();
 }
 
 Status LazyRestore::finish() {
@@ -266,7 +330,7 @@ Status LazyRestore::finish() {
   // Complete, or failed with every failed page poisoned: either way no page is left for the
   // kernel to zero-fill. Stop serving and give the memory to the application.
   impl_->fork_hook.reset();
-  impl_->engine->remove_session(impl_->session);
+  for (fault::SessionId id : impl_->sessions) impl_->engine->remove_session(id);
   impl_->engine->stop();
   impl_->thread_faults.reset();  // after the engine: it no longer calls the follower
   for (auto& mp : impl_->mappings) mp.release();

@@ -26,6 +26,7 @@
 #include "../common/test_data.h"
 #include "fault/fault_engine.h"
 #include "lazymem/kernel_features.h"
+#include "lazymem/restore.h"
 #include "lazymem/snapshot.h"
 #include "source.h"
 #include "sys/process_maps.h"
@@ -320,6 +321,73 @@ TEST(HugePageSessionTest, WhatCannotBeInstalledWholeIsRefused) {
   EXPECT_FALSE(session(3000, at, kHugePage, 0, kDefaultChunkSize).ok());
   EXPECT_FALSE(session(uint64_t{1} << 30, at, uint64_t{1} << 30, 0, kDefaultChunkSize).ok());  // past the limit
   EXPECT_TRUE(session(kHugePage, at, 2 * kHugePage, kHugePage, kDefaultChunkSize).ok());
+}
+
+// A process's own huge-page memory, captured beside ordinary memory: the snapshot says which
+// region was on huge pages, and a lazy restore maps that one on huge pages again (or, asked to,
+// on ordinary ones), each through a session of its page size; every byte compared. In a child:
+// the restore maps at the captured addresses.
+TEST(HugePageRestoreTest, ARegionCapturedFromHugePagesIsRestoredOntoThem) {
+  const KernelFeatures kf = probe_kernel();
+  if (!kf.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf.uffd_error;
+  if (!kf.has_uffd_feature(UFFD_FEATURE_MISSING_HUGETLBFS)) GTEST_SKIP() << "userfaultfd lacks MISSING_HUGETLBFS";
+  testing::HugePages pages(8);
+  if (!pages.unavailable().empty()) GTEST_SKIP() << pages.unavailable();
+  constexpr size_t kHugeLen = 4 * kHugePage, kSmallLen = 1 << 20;
+  for (bool huge_pages : {true, false}) {
+    SCOPED_TRACE(huge_pages ? "onto huge pages" : "onto ordinary pages");
+    auto capture_and_restore = [&] {
+      testing::ScratchDir dir;
+      // An aligned address of its own for the huge pages (mmap aligns MAP_HUGETLB memory).
+      std::byte* huge = map_huge(kHugeLen);
+      auto* small = static_cast<std::byte*>(testing::map_for_capture(kSmallLen, 44));
+      if (huge == nullptr || small == nullptr) return 20;
+      testing::fill_mixed(huge, kHugeLen, 45);
+      std::memset(huge + kHugePage, 0, kHugePage);  // a page of zeros among them
+      testing::fill_mixed(small, kSmallLen, 46);
+      const std::vector<std::byte> want_huge(huge, huge + kHugeLen), want_small(small, small + kSmallLen);
+      CaptureRegion regions[2] = {{"guest", huge, kHugeLen, PROT_READ | PROT_WRITE},
+                                  {"heap", small, kSmallLen, PROT_READ | PROT_WRITE}};
+      const std::string loc = dir.path() + "/mixed";
+      if (!capture_regions(loc, std::span(regions, 2), {}).ok()) return 21;
+      auto manifest = read_manifest(loc);
+      if (!manifest.ok() || manifest->regions.size() != 2) return 22;
+      if (manifest->regions[0].huge_page_size != kHugePage || manifest->regions[1].huge_page_size != 0) return 23;
+      ::munmap(huge, kHugeLen);
+      ::munmap(small, kSmallLen);
+      RestoreOptions o;
+      o.huge_pages = huge_pages;
+      auto r = LazyRestore::start(loc, kf, o);
+      if (!r.ok()) {
+        std::fprintf(stderr, "%s\n", r.error().message().c_str());
+        return 24;
+      }
+      const auto* got_huge = static_cast<const std::byte*>((*r)->region("guest")->address);
+      const auto* got_small = static_cast<const std::byte*>((*r)->region("heap")->address);
+      if (got_huge != huge || got_small != small) return 25;
+      // Touched out of order, then all of it.
+      for (size_t page : {3, 0, 2}) (void)*reinterpret_cast<const volatile char*>(got_huge + page * kHugePage + 777);
+      if (std::memcmp(got_huge, want_huge.data(), kHugeLen) != 0) return 26;
+      if (std::memcmp(got_small, want_small.data(), kSmallLen) != 0) return 27;
+      if (!(*r)->wait_complete(std::chrono::seconds(20)).ok()) return 28;
+      const RestoreStats st = (*r)->stats();
+      if (!st.complete || st.failed || st.regions.size() != 2 || st.regions[0].length != kHugeLen ||
+          st.regions[0].pages_present() != kHugeLen / 4096 || st.regions[1].pages_present() != kSmallLen / 4096) {
+        return 31;
+      }
+      if (!(*r)->finish().ok()) return 32;
+      auto vmas = sys::read_vmas(0, true);
+      if (!vmas.ok()) return 29;
+      const auto at = reinterpret_cast<uintptr_t>(got_huge);
+      const uint64_t size = sys::coverage(*vmas, at, at + kHugeLen).page_size;
+      if (size != (huge_pages ? kHugePage : 4096u)) {
+        std::fprintf(stderr, "restored on %llu-byte pages\n", static_cast<unsigned long long>(size));
+        return 30;
+      }
+      return 0;
+    };
+    EXPECT_TRUE(exits_zero(capture_and_restore));
+  }
 }
 
 // The agent checks a VM's memory against the page size it said: /proc/PID/maps tells of unnamed

@@ -726,5 +726,25 @@ TEST(ManifestTest, RegionTooLongForItsChunksIsRejected) {
   EXPECT_FALSE(d.ok());
 }
 
+// A region's huge page size (the memory's, for the restore) must be a power of two above 4 KiB
+// that its address and length are multiples of; read back as written.
+TEST(ManifestTest, HugePageSizeIsKeptAndChecked) {
+  Manifest m = testing::one_region_manifest("guest", RegionKind::kProcess, 4 << 20, 64);
+  m.regions[0].start_address = 0x7f0000000000;
+  m.regions[0].huge_page_size = 2 << 20;
+  auto d = snapshot::decode_manifest(snapshot::encode_manifest(m), "test");
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  EXPECT_EQ(d->regions[0].huge_page_size, uint64_t{2} << 20);
+  for (auto [size, at] : {std::pair<uint64_t, uint64_t>{3 << 20, 0x7f0000000000}, {4096, 0x7f0000000000},
+                          {2 << 20, 0x7f0000001000}, {uint64_t{2} << 30, 0x7f0000000000}}) {
+    m.regions[0].huge_page_size = size;
+    m.regions[0].start_address = at;
+    d = snapshot::decode_manifest(snapshot::encode_manifest(m), "hostile");
+    ASSERT_FALSE(d.ok()) << size << " at " << at;
+    EXPECT_EQ(d.error().code(), Errc::kCorrupt);
+    EXPECT_NE(d.error().message().find("huge page size"), std::string::npos) << d.error().message();
+  }
+}
+
 }  // namespace
 }  // namespace lazymem

@@ -44,6 +44,10 @@ struct RestoreOptions {
   // there, the rest from the snapshot's location. What a migration's destination restores with:
   // the location is the paused source (MigrationSource::location()), the base the pre-copy.
   std::string base;
+  // Regions captured from huge-page memory (RegionInfo::huge_page_size) are restored into huge
+  // pages of that size, reserved when mapped (an error says so where the pool lacks them);
+  // false: into ordinary pages.
+  bool huge_pages = true;
 };
 
 struct RestoredRegion {

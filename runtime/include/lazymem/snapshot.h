@@ -45,10 +45,13 @@ struct RegionInfo {
   std::string name;
   uint64_t start_address = 0;  // where it was mapped (kProcess); 0 for kRawFile
   uint64_t length = 0;
-  uint32_t page_size = 4096;
+  uint32_t page_size = 4096;  // the codec's page (format 2 page frames), not the memory's
   uint32_t protection = PROT_READ | PROT_WRITE;
   RegionKind kind = RegionKind::kProcess;
   std::vector<ChunkInfo> chunks;
+  // Huge-page memory (hugetlbfs) when captured: its page size, which a restore maps it with;
+  // 0: ordinary pages.
+  uint64_t huge_page_size = 0;
 };
 
 struct Manifest {
@@ -126,6 +129,10 @@ struct CaptureRegion {
   const void* address = nullptr;
   size_t length = 0;  // a multiple of the page size
   int protection = PROT_READ | PROT_WRITE;
+  // The memory's huge page size (hugetlbfs), recorded so that a restore maps huge pages; 0:
+  // looked up in this process's mappings (capture_regions; a live capture of another process
+  // looks there), where the region must not mix page sizes.
+  uint64_t huge_page_size = 0;
 };
 
 struct CaptureReport {

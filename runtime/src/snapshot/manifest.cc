@@ -232,6 +232,15 @@ Status validate_manifest(const Manifest& m) {
     if (r.kind == RegionKind::kProcess && (r.start_address % r.page_size != 0 || r.start_address + r.length < r.start_address)) {
       return bad(fmt::format("start address {:#x} is not page aligned", r.start_address));
     }
+    if (r.huge_page_size != 0) {
+      if (!is_power_of_two(r.huge_page_size) || r.huge_page_size <= 4096 || r.huge_page_size > (uint64_t{1} << 30)) {
+        return bad(fmt::format("huge page size {} is not a power of two in (4096, 1 GiB]", r.huge_page_size));
+      }
+      if (r.length % r.huge_page_size != 0 || (r.kind == RegionKind::kProcess && r.start_address % r.huge_page_size != 0)) {
+        return bad(fmt::format("start address {:#x} or length {} is not a multiple of its huge page size {}",
+                               r.start_address, r.length, r.huge_page_size));
+      }
+    }
     if (r.length > kMaxRegionLength) return bad(fmt::format("length {} is more than {}", r.length, kMaxRegionLength));
     // Not (length + chunk_size - 1) / chunk_size: that wraps for a length near 2^64 and let a
     // region of no chunks through, whose first fault indexed past them.
@@ -295,6 +304,7 @@ std::vector<std::byte> encode_manifest(const Manifest& m) {
     out.setLength(r.length);
     out.setPageSize(r.page_size);
     out.setProtection(r.protection);
+    out.setHugePageSize(r.huge_page_size);
     out.setKind(r.kind == RegionKind::kRawFile ? proto::RegionKind::RAW_FILE : proto::RegionKind::PROCESS);
     auto chunks = out.initChunks(static_cast<unsigned>(r.chunks.size()));
     for (size_t c = 0; c < r.chunks.size(); ++c) {
@@ -369,6 +379,7 @@ Result<Manifest> decode_manifest(std::span<const std::byte> bytes, const std::st
       info.length = r.getLength();
       info.page_size = r.getPageSize();
       info.protection = r.getProtection();
+      info.huge_page_size = r.getHugePageSize();
       info.kind = r.getKind() == proto::RegionKind::RAW_FILE ? RegionKind::kRawFile : RegionKind::kProcess;
       auto chunks = r.getChunks();
       info.chunks.reserve(chunks.size());

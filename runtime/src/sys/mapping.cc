@@ -23,11 +23,20 @@ Result<Mapping> Mapping::anonymous(size_t length, int prot) {
   return Mapping(p, length);
 }
 
-Result<Mapping> Mapping::anonymous_at(uintptr_t addr, size_t length, int prot) {
+namespace {
+
+Result<Mapping> map_at(uintptr_t addr, size_t length, int prot, int flags, uint64_t huge) {
   void* want = reinterpret_cast<void*>(addr);
-  void* p = ::mmap(want, length, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+  void* p = ::mmap(want, length, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | flags, -1, 0);
   if (p == MAP_FAILED) {
     int e = errno;
+    if (huge != 0 && e == ENOMEM) {
+      return Error(Errc::kUnsupported,
+                   fmt::format("{} huge pages of {} KiB for {:#x}-{:#x} are not free: raise "
+                               "/proc/sys/vm/nr_hugepages (or nr_overcommit_hugepages), or restore on ordinary pages",
+                               length / huge, huge >> 10, addr, addr + length),
+                   e);
+    }
     if (e == EEXIST) {
       return Error(Errc::kExists,
                    fmt::format("address range {:#x}-{:#x} is already mapped in this process; restore into a "
@@ -35,7 +44,9 @@ Result<Mapping> Mapping::anonymous_at(uintptr_t addr, size_t length, int prot) {
                                addr, addr + length),
                    e);
     }
-    return sys_error(fmt::format("mmap at {:#x} ({} bytes)", addr, length), e);
+    return sys_error(fmt::format("mmap at {:#x} ({} bytes{})", addr, length,
+                                 huge != 0 ? fmt::format(", {} KiB huge pages", huge >> 10) : ""),
+                     e);
   }
   if (p != want) {
     // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
@@ -44,6 +55,17 @@ Result<Mapping> Mapping::anonymous_at(uintptr_t addr, size_t length, int prot) {
                                             addr, addr + length));
   }
   return Mapping(p, length);
+}
+
+}  // namespace
+
+Result<Mapping> Mapping::anonymous_at(uintptr_t addr, size_t length, int prot) {
+  return map_at(addr, length, prot, MAP_NORESERVE, 0);
+}
+
+Result<Mapping> Mapping::huge_at(uintptr_t addr, size_t length, int prot, uint64_t page_size) {
+  const int shift = __builtin_ctzll(page_size);
+  return map_at(addr, length, prot, MAP_HUGETLB | (shift << MAP_HUGE_SHIFT), page_size);
 }
 
 Result<Mapping> Mapping::file_readonly(int fd, size_t length) {

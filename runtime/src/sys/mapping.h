@@ -33,6 +33,9 @@ class Mapping {
   static Result<Mapping> anonymous(size_t length, int prot = PROT_READ | PROT_WRITE);
   // Private anonymous memory exactly at `addr`; kExists if any of the range is already mapped.
   static Result<Mapping> anonymous_at(uintptr_t addr, size_t length, int prot);
+  // The same on huge pages of `page_size` (hugetlbfs), reserved now: kNoSpace where the pool
+  // does not hold enough (kUnsupported), rather than a SIGBUS at some later fault.
+  static Result<Mapping> huge_at(uintptr_t addr, size_t length, int prot, uint64_t page_size);
   // A read-only shared view of a file.
   static Result<Mapping> file_readonly(int fd, size_t length);
 

@@ -1,6 +1,7 @@
 #include "sys/process_maps.h"
 
 #include <fcntl.h>
+#include <unistd.h>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -75,6 +76,40 @@ Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end) 
   }
   c.covered_to = std::min(c.covered_to, end);
   return c;
+}
+
+Result<std::vector<uint64_t>> huge_page_sizes(pid_t pid, const std::vector<std::pair<uintptr_t, uintptr_t>>& ranges) {
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<Vma> vmas, read_vmas(pid));
+  const uint64_t small = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const std::string who = pid == 0 ? std::string("this process") : fmt::format("process {}", pid);
+  std::vector<Vma> sized;  // from smaps, read once if needed
+  std::vector<uint64_t> out;
+  for (const auto& [start, end] : ranges) {
+    if (coverage(vmas, start, end).page_size == small) {
+      out.push_back(0);
+      continue;
+    }
+    if (sized.empty()) {
+      LAZYMEM_ASSIGN_OR_RETURN(sized, read_vmas(pid, true));
+    }
+    const Coverage c = coverage(sized, start, end);
+    if (c.covered_to < end) {
+      return Error(Errc::kInvalidArgument, fmt::format("{:#x}-{:#x} is not mapped in {}", c.covered_to, end, who));
+    }
+    if (c.page_size == 0) {  // differing: fine only if none of them is huge
+      auto v = std::upper_bound(sized.begin(), sized.end(), start, [](uintptr_t a, const Vma& m) { return a < m.end; });
+      for (; v != sized.end() && v->start < end; ++v) {
+        if (v->page_size > small) {
+          return Error(Errc::kInvalidArgument,
+                       fmt::format("{:#x}-{:#x} of {} mixes huge pages ({} KiB, at {:#x}-{:#x}) with other memory: "
+                                   "give the huge-page memory a region of its own",
+                                   start, end, who, v->page_size >> 10, v->start, v->end));
+        }
+      }
+    }
+    out.push_back(c.page_size > small ? c.page_size : 0);
+  }
+  return out;
 }
 
 }  // namespace lazymem::sys

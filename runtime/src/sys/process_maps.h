@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "lazymem/result.h"
@@ -37,5 +38,10 @@ struct Coverage {
   uint64_t page_size = 0;
 };
 Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end);
+
+// The huge page size of the memory at each [start, end) in process `pid` (0: this one), 0 where
+// it is ordinary pages; smaps is read only if some range is not plain anonymous memory. An
+// error names a range that is not all mapped, or mixes huge pages with other memory.
+Result<std::vector<uint64_t>> huge_page_sizes(pid_t pid, const std::vector<std::pair<uintptr_t, uintptr_t>>& ranges);
 
 }  // namespace lazymem::sys
