@@ -2,10 +2,12 @@
 // pause, from two threads, user mode and kernel (read() into it), with a third blocked in a
 // system call, for the agent's `migrate --pid` to move while it runs.
 //
-//   lazymem-test-busy-writer ADDRESS MIB    maps MIB MiB at ADDRESS (hex), fills them, prints
-//                                           "ready" and writes on until killed, printing "w"
-//                                           after each 2^20 writes to its hot set (the first
-//                                           sixteenth; never waiting on a full stdout)
+//   lazymem-test-busy-writer ADDRESS MIB [huge]
+//                                           maps MIB MiB at ADDRESS (hex; with `huge`, on 2 MiB
+//                                           huge pages), fills them, prints "ready" and writes on
+//                                           until killed, printing "w" after each 2^20 writes to
+//                                           its hot set (the first sixteenth; never waiting on a
+//                                           full stdout)
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -17,14 +19,15 @@
 #include <thread>
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: lazymem-test-busy-writer ADDRESS MIB\n");
+  if (argc != 3 && !(argc == 4 && std::strcmp(argv[3], "huge") == 0)) {
+    std::fprintf(stderr, "usage: lazymem-test-busy-writer ADDRESS MIB [huge]\n");
     return 2;
   }
   const uintptr_t address = std::strtoull(argv[1], nullptr, 16);
   const size_t bytes = std::strtoull(argv[2], nullptr, 10) << 20;
+  const int huge = argc == 4 ? MAP_HUGETLB : 0;
   void* m = ::mmap(reinterpret_cast<void*>(address), bytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | huge, -1, 0);
   if (m == MAP_FAILED) {
     std::perror("mmap");
     return 1;
