@@ -131,12 +131,14 @@ struct LazyRestore::Impl {
   // Fetches the rest and waits until every chunk is present or failed (poisoned), not just until
   // the first failure: then no page is left that the kernel would zero-fill, were the uffd closed
   // or the memory copied into a child.
+  // With several sessions, a timeout wins over another's failure: finish() must not stop
+  // serving pages still missing.
   Status settle() {
     for (fault::SessionId id : sessions) engine->set_prefetch(id, true);
     Status first = ok_status();
     for (fault::SessionId id : sessions) {
       Status s = engine->wait_complete(id, std::chrono::hours(24), fault::FaultEngine::Wait::kSettled);
-      if (first.ok() && !s.ok()) first = std::move(s);
+      if (!s.ok() && (first.ok() || s.error().code() == Errc::kTimeout)) first = std::move(s);
     }
     return first;
   }
@@ -186,6 +188,13 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
                                                    location, r.name, r.page_size, sys_page));
     }
     const uint64_t huge = options.huge_pages ? r.huge_page_size : 0;
+    if (huge != 0 && (huge > fault::kMaxHugePage || m.chunk_size > huge)) {
+      return Error(Errc::kUnsupported,
+                   fmt::format("{}: region '{}' was huge-page memory ({} KiB pages), which is restored onto huge "
+                               "pages up to {} MiB gathered from chunks of at most the page size (these are {} KiB): "
+                               "restore it on ordinary pages (RestoreOptions::huge_pages = false)",
+                               location, r.name, huge >> 10, fault::kMaxHugePage >> 20, m.chunk_size >> 10));
+    }
     if (huge != 0 && options.fault_on_thread) {
       return Error(Errc::kUnsupported,
                    fmt::format("{}: region '{}' was huge-page memory ({} KiB pages), which faults on the faulting "
@@ -226,6 +235,7 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
                                                    location));
     }
   }
+  if (groups.empty()) groups.push_back(Group{0, {}, {}});  // no regions: one session all the same
   std::vector<sys::Uffd> uffds;
   for (const Group& g : groups) {
     LAZYMEM_ASSIGN_OR_RETURN(sys::Uffd uffd, sys::Uffd::open((wanted & features.uffd_features) | required, required));
@@ -261,7 +271,7 @@ Result<std::unique_ptr<LazyRestore>> LazyRestore::start(const std::string& locat
     spec.uffd = std::move(uffds[k]);
     spec.source = impl->source;
     spec.ranges = std::move(groups[k].ranges);
-    spec.page_size = groups[k].page_size != 0 ? groups[k].page_size : static_cast<uint64_t>(sys_page);
+    if (groups[k].page_size != 0) spec.page_size = groups[k].page_size;  // else the engine's ordinary pages
     spec.pid = ::getpid();
     spec.prefetch = options.prefetch;
     LAZYMEM_ASSIGN_OR_RETURN(fault::SessionId id, impl->engine->add_session(std::move(spec)));

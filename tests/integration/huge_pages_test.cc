@@ -390,6 +390,45 @@ TEST(HugePageRestoreTest, ARegionCapturedFromHugePagesIsRestoredOntoThem) {
   }
 }
 
+// Huge pages the engine cannot gather (chunks larger than the page) are refused before anything
+// is mapped, saying how to restore all the same: on ordinary pages, every byte.
+TEST(HugePageRestoreTest, WhatHugePagesCannotTakeIsRefusedSayingWhatToDo) {
+  const KernelFeatures kf = probe_kernel();
+  if (!kf.uffd_usable) GTEST_SKIP() << "userfaultfd unusable: " << kf.uffd_error;
+  testing::HugePages pages(2);
+  if (!pages.unavailable().empty()) GTEST_SKIP() << pages.unavailable();
+  auto body = [&] {
+    testing::ScratchDir dir;
+    std::byte* huge = map_huge(kHugePage);
+    if (huge == nullptr) return 20;
+    testing::fill_mixed(huge, kHugePage, 47);
+    const std::vector<std::byte> want(huge, huge + kHugePage);
+    CaptureRegion region{"guest", huge, kHugePage, PROT_READ | PROT_WRITE};
+    CaptureOptions co;
+    co.chunk_size = 4 << 20;  // larger than the page
+    const std::string loc = dir.path() + "/big-chunks";
+    if (!capture_regions(loc, std::span(&region, 1), co).ok()) return 21;
+    ::munmap(huge, kHugePage);
+    auto refused = LazyRestore::start(loc, kf, {});
+    if (refused.ok()) return 22;
+    if (refused.error().code() != Errc::kUnsupported ||
+        refused.error().message().find("huge_pages = false") == std::string::npos) {
+      std::fprintf(stderr, "%s\n", refused.error().message().c_str());
+      return 23;
+    }
+    RestoreOptions small;
+    small.huge_pages = false;
+    auto r = LazyRestore::start(loc, kf, small);  // the range was left free by the refusal
+    if (!r.ok()) {
+      std::fprintf(stderr, "%s\n", r.error().message().c_str());
+      return 24;
+    }
+    if (std::memcmp((*r)->region("guest")->address, want.data(), kHugePage) != 0) return 25;
+    return (*r)->finish().ok() ? 0 : 26;
+  };
+  EXPECT_TRUE(exits_zero(body));
+}
+
 // The agent checks a VM's memory against the page size it said: /proc/PID/maps tells of unnamed
 // anonymous memory (4 KiB pages), smaps of the rest.
 TEST(ProcessMapsTest, PageSizesFromMapsAndSmaps) {

@@ -546,6 +546,61 @@ TEST_F(RestoreTest, APageReclaimedAfterTheRestoreIsCompleteIsFetchedAgain) {
   EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
+// A session fetches only the regions its ranges map: a restore serves each page size through a
+// session of its own, and each used to fetch (and decode) the whole snapshot, the other's
+// regions landing nowhere.
+TEST_F(RestoreTest, ASessionFetchesOnlyTheRegionsItMaps) {
+  void* a = testing::map_for_capture(2 * kMiB, 14);
+  void* b = testing::map_for_capture(2 * kMiB, 15);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  testing::fill_mixed(static_cast<std::byte*>(a), 2 * kMiB, 14);
+  testing::fill_mixed(static_cast<std::byte*>(b), 2 * kMiB, 15);
+  const std::vector<std::byte> want(static_cast<std::byte*>(a), static_cast<std::byte*>(a) + 2 * kMiB);
+  CaptureRegion regions[2] = {{"a", a, 2 * kMiB, PROT_READ | PROT_WRITE}, {"b", b, 2 * kMiB, PROT_READ | PROT_WRITE}};
+  ASSERT_TRUE(capture_regions(location("two"), std::span(regions, 2), {}).ok());
+  ::munmap(a, 2 * kMiB);
+  ::munmap(b, 2 * kMiB);
+  auto* p = static_cast<std::byte*>(::mmap(nullptr, 2 * kMiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(p, MAP_FAILED);
+  auto uffd = sys::Uffd::open(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP);
+  ASSERT_TRUE(uffd.ok()) << uffd.error().message();
+  ASSERT_TRUE(uffd->register_missing(reinterpret_cast<uintptr_t>(p), 2 * kMiB).ok());
+  auto source = open_chunk_source(location("two"), RestoreOptions{});
+  ASSERT_TRUE(source.ok()) << source.error().message();
+  fault::FaultEngine engine(kf_);
+  ASSERT_TRUE(engine.start().ok());
+  fault::SessionSpec spec;
+  spec.name = "region a only";
+  spec.uffd = std::move(*uffd);
+  spec.source = std::move(*source);
+  spec.ranges = {fault::MappedRange{reinterpret_cast<uint64_t>(p), 2 * kMiB, 0, 0}};
+  spec.pid = ::getpid();
+  auto id = engine.add_session(std::move(spec));
+  ASSERT_TRUE(id.ok()) << id.error().message();
+  ASSERT_TRUE(engine.wait_complete(*id, std::chrono::seconds(20)).ok());
+  auto info = engine.session_info(*id);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_GT(info->stats.regions[0].bytes_fetched, 0u);
+  EXPECT_EQ(info->stats.regions[1].bytes_fetched, 0u) << "fetched a region no range maps";
+  EXPECT_EQ(info->stats.regions[1].pages_present(), 0u);
+  EXPECT_EQ(std::memcmp(p, want.data(), 2 * kMiB), 0);
+  engine.remove_session(*id);
+  ::munmap(p, 2 * kMiB);
+}
+
+// A snapshot of no regions restores to nothing, and is complete at once: a session with nothing
+// to fetch was never marked complete (no chunk ever came to say so), and finish() waited for
+// good.
+TEST_F(RestoreTest, ASnapshotOfNoRegionsRestoresToNothing) {
+  ASSERT_TRUE(capture_regions(location("none"), {}, {}).ok());
+  auto r = LazyRestore::start(location("none"), kf_, {});
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  EXPECT_TRUE((*r)->regions().empty());
+  EXPECT_TRUE((*r)->wait_complete(std::chrono::seconds(10)).ok());
+  EXPECT_TRUE((*r)->finish().ok());
+}
+
 // A zero chunk's UFFDIO_ZEROPAGE meets EAGAIN while the process has a REMOVE event queued
 // (madvise DONTNEED on another region). It used to be dropped: prefetch's cursor had passed it
 // and the restore never completed; a thread faulting on it slept for good.

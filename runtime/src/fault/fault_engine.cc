@@ -366,6 +366,7 @@ void FaultEngine::Loop::activate(const std::shared_ptr<Session>& s) {
     }
   }
   drain_uffd(*s);  // faults may have queued before we listened
+  check_complete(*s);  // nothing to fetch (no regions, or none mapped here): complete at once
 }
 
 // A complete session fetches nothing more (a page dropped since is given back to the kernel,
@@ -1521,10 +1522,17 @@ Result<SessionId> FaultEngine::add_session(SessionSpec spec) {
                                r.length, region.chunks.size(), r.region));
     }
   }
+  // A region no range of this session maps is another session's (a restore serves each page
+  // size through a session of its own) or nobody's: nothing of it is fetched here, its chunks
+  // counted present from the start.
+  std::vector<bool> mapped(s->manifest->regions.size(), false);
+  for (const MappedRange& r : spec.ranges) mapped[r.region] = true;
   s->map = AddressMap(std::move(spec.ranges));
-  for (const auto& r : s->manifest->regions) {
-    s->state.emplace_back(r.chunks.size(), kAbsent);
+  for (size_t i = 0; i < s->manifest->regions.size(); ++i) {
+    const RegionInfo& r = s->manifest->regions[i];
+    s->state.emplace_back(r.chunks.size(), mapped[i] ? kAbsent : kPresent);
     s->chunks_total += r.chunks.size();
+    if (!mapped[i]) s->chunks_present += r.chunks.size();
     s->stats.push_back(std::make_unique<LiveRegionStats>(r.name, r.length));
   }
   {

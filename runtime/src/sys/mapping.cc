@@ -32,9 +32,10 @@ Result<Mapping> map_at(uintptr_t addr, size_t length, int prot, int flags, uint6
     int e = errno;
     if (huge != 0 && e == ENOMEM) {
       return Error(Errc::kUnsupported,
-                   fmt::format("{} huge pages of {} KiB for {:#x}-{:#x} are not free: raise "
-                               "/proc/sys/vm/nr_hugepages (or nr_overcommit_hugepages), or restore on ordinary pages",
-                               length / huge, huge >> 10, addr, addr + length),
+                   fmt::format("{} huge pages of {} KiB for {:#x}-{:#x} are not free: raise that pool "
+                               "(/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages, or nr_overcommit_hugepages "
+                               "there), or restore on ordinary pages",
+                               length / huge, huge >> 10, addr, addr + length, huge >> 10),
                    e);
     }
     if (e == EEXIST) {
