@@ -218,16 +218,10 @@ Result<sys::UniqueFd> listen_unix(const std::string& path, gid_t group, SocketFi
 // `pidfd` is the process's: alive once its maps are read, they were its (its pid not reused).
 // And mapped with the page size it said: the kernel installs a huge page only whole, and a 4 KiB
 // page not at all into huge-page memory (every install, then every poison, would fail).
-// /proc/PID/maps says the page size of anonymous memory (4 KiB); smaps, which walks the process's
-// page tables, is read only when some range lies in other memory (hugetlbfs, memfd, files).
 Status check_ranges_mapped(pid_t pid, int pidfd, const std::vector<fault::MappedRange>& ranges, uint64_t page_size) {
-  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
-  for (const auto& r : ranges) {
-    if (sys::coverage(vmas, r.start, r.start + r.length).page_size == 0) {
-      LAZYMEM_ASSIGN_OR_RETURN(vmas, sys::read_vmas(pid, true));
-      break;
-    }
-  }
+  sys::Ranges bounds;
+  for (const auto& r : ranges) bounds.emplace_back(r.start, r.start + r.length);
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas_sized(pid, bounds));
   pollfd exited{pidfd, POLLIN, 0};  // readable once it has exited
   if (::poll(&exited, 1, 0) != 0) return Error(Errc::kPeerGone, fmt::format("process {} has exited", pid));
   for (const auto& r : ranges) {

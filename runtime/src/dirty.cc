@@ -99,9 +99,10 @@ Result<sys::Uffd> tracking_uffd(const DirtyTrackerOptions& o) {
 // registered and protected by whole pages only, and write-fault tracking lifts one 4 KiB page
 // at a write: refused there, with what to do, rather than a bare EINVAL from the kernel.
 Status check_ranges_mapped_private(pid_t pid, const std::vector<AddressRange>& ranges, DirtyMethod method) {
-  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas(pid));
+  sys::Ranges bounds;
+  for (const AddressRange& r : ranges) bounds.emplace_back(r.start, r.end());
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<sys::Vma> vmas, sys::read_vmas_sized(pid, bounds));
   const std::string who = pid == 0 ? std::string("this process") : fmt::format("process {}", pid);
-  std::vector<sys::Vma> sized;  // from smaps, read once if some range is not plain anonymous memory
   for (const AddressRange& r : ranges) {
     const sys::Coverage c = sys::coverage(vmas, r.start, r.end());
     if (c.shared != nullptr) {
@@ -116,26 +117,21 @@ Status check_ranges_mapped_private(pid_t pid, const std::vector<AddressRange>& r
                    fmt::format("dirty tracking: {:#x}-{:#x} is not mapped in {}", c.covered_to, r.end(), who));
     }
     if (c.page_size == kPage) continue;
-    if (sized.empty()) {
-      LAZYMEM_ASSIGN_OR_RETURN(sized, sys::read_vmas(pid, true));
-    }
-    auto v = std::upper_bound(sized.begin(), sized.end(), r.start, [](uintptr_t a, const sys::Vma& m) { return a < m.end; });
-    for (; v != sized.end() && v->start < r.end(); ++v) {
-      if (v->page_size <= kPage) continue;
-      const uint64_t kib = v->page_size >> 10;
+    for (const sys::Vma& v : sys::overlapping(vmas, r.start, r.end())) {
+      if (v.page_size <= kPage) continue;
+      const uint64_t kib = v.page_size >> 10;
       if (method == DirtyMethod::kWriteFaults) {
         return Error(Errc::kUnsupported,
                      fmt::format("dirty tracking: {:#x}-{:#x} is huge-page memory ({} KiB pages), which write-fault "
                                  "tracking does not take; track it with the kernel's marks (Linux 6.7; "
                                  "--tracking kernel-marks), which report a written huge page whole",
-                                 v->start, v->end, kib));
+                                 v.start, v.end, kib));
       }
-      if (std::max<uintptr_t>(r.start, v->start) % v->page_size != 0 ||
-          std::min<uintptr_t>(r.end(), v->end) % v->page_size != 0) {
+      if (std::max<uintptr_t>(r.start, v.start) % v.page_size != 0 || std::min<uintptr_t>(r.end(), v.end) % v.page_size != 0) {
         return Error(Errc::kInvalidArgument,
                      fmt::format("dirty tracking: {:#x}-{:#x} cuts through huge pages ({} KiB) of {} at {:#x}-{:#x}: "
                                  "give ranges on {} KiB boundaries there",
-                                 r.start, r.end(), kib, who, v->start, v->end, kib));
+                                 r.start, r.end(), kib, who, v.start, v.end, kib));
       }
     }
   }

@@ -65,10 +65,33 @@ Result<std::vector<Vma>> read_vmas(pid_t pid, bool page_sizes) {
   return vmas;
 }
 
+Result<std::vector<Vma>> read_vmas_sized(pid_t pid, const Ranges& ranges) {
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<Vma> vmas, read_vmas(pid));
+  for (const auto& [start, end] : ranges) {
+    if (coverage(vmas, start, end).page_size == 0) return read_vmas(pid, true);
+  }
+  return vmas;
+}
+
+namespace {
+
+// The first mapping ending past `start`.
+std::vector<Vma>::const_iterator first_past(const std::vector<Vma>& vmas, uintptr_t start) {
+  return std::upper_bound(vmas.begin(), vmas.end(), start, [](uintptr_t a, const Vma& m) { return a < m.end; });
+}
+
+}  // namespace
+
+std::span<const Vma> overlapping(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end) {
+  auto first = first_past(vmas, start), last = first;
+  while (last != vmas.end() && last->start < end) ++last;
+  return {first, last};
+}
+
 Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end) {
   Coverage c{start, nullptr};
   // The first mapping ending past `start`, and on while the next adjoins.
-  auto v = std::upper_bound(vmas.begin(), vmas.end(), start, [](uintptr_t a, const Vma& m) { return a < m.end; });
+  auto v = first_past(vmas, start);
   for (bool first = true; v != vmas.end() && v->start <= c.covered_to && c.covered_to < end; ++v, first = false) {
     if (v->shared && c.shared == nullptr) c.shared = &*v;
     c.page_size = first || c.page_size == v->page_size ? v->page_size : 0;
@@ -78,36 +101,31 @@ Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end) 
   return c;
 }
 
-Result<std::vector<uint64_t>> huge_page_sizes(pid_t pid, const std::vector<std::pair<uintptr_t, uintptr_t>>& ranges) {
-  LAZYMEM_ASSIGN_OR_RETURN(std::vector<Vma> vmas, read_vmas(pid));
+Result<std::vector<uint64_t>> huge_page_sizes(pid_t pid, const Ranges& ranges) {
+  LAZYMEM_ASSIGN_OR_RETURN(std::vector<Vma> vmas, read_vmas_sized(pid, ranges));
   const uint64_t small = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const std::string who = pid == 0 ? std::string("this process") : fmt::format("process {}", pid);
-  std::vector<Vma> sized;  // from smaps, read once if needed
   std::vector<uint64_t> out;
   for (const auto& [start, end] : ranges) {
-    if (coverage(vmas, start, end).page_size == small) {
+    const Coverage c = coverage(vmas, start, end);
+    if (c.page_size == small) {
       out.push_back(0);
       continue;
     }
-    if (sized.empty()) {
-      LAZYMEM_ASSIGN_OR_RETURN(sized, read_vmas(pid, true));
-    }
-    const Coverage c = coverage(sized, start, end);
     if (c.covered_to < end) {
       return Error(Errc::kInvalidArgument, fmt::format("{:#x}-{:#x} is not mapped in {}", c.covered_to, end, who));
     }
     if (c.page_size == 0) {  // differing: fine only if none of them is huge
-      auto v = std::upper_bound(sized.begin(), sized.end(), start, [](uintptr_t a, const Vma& m) { return a < m.end; });
-      for (; v != sized.end() && v->start < end; ++v) {
-        if (v->page_size > small) {
+      for (const Vma& v : overlapping(vmas, start, end)) {
+        if (v.page_size > small) {
           return Error(Errc::kInvalidArgument,
                        fmt::format("{:#x}-{:#x} of {} mixes huge pages ({} KiB, at {:#x}-{:#x}) with other memory: "
                                    "give the huge-page memory a region of its own",
-                                   start, end, who, v->page_size >> 10, v->start, v->end));
+                                   start, end, who, v.page_size >> 10, v.start, v.end));
         }
       }
     }
-    out.push_back(c.page_size > small ? c.page_size : 0);
+    out.push_back(c.page_size);  // huge, or 0: differing, none of them huge
   }
   return out;
 }

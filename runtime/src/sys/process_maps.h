@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -24,6 +25,14 @@ struct Vma {
 // costs a walk of the process's page tables).
 Result<std::vector<Vma>> read_vmas(pid_t pid, bool page_sizes = false);
 
+// Address ranges, [start, end).
+using Ranges = std::vector<std::pair<uintptr_t, uintptr_t>>;
+
+// The mappings, with the page size of every one the ranges meet known: /proc/PID/maps, or smaps
+// where some range lies in memory that maps cannot say the page size of (hugetlbfs, memfd,
+// files): smaps walks the process's page tables.
+Result<std::vector<Vma>> read_vmas_sized(pid_t pid, const Ranges& ranges);
+
 // That `pid` names a process (not one of its threads) whose main thread has not exited (its
 // /proc/PID files, memory included, are read through that thread): else an error saying which.
 Status check_process(pid_t pid);
@@ -39,9 +48,12 @@ struct Coverage {
 };
 Coverage coverage(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end);
 
+// The mappings that overlap [start, end), in address order (a search, as coverage()).
+std::span<const Vma> overlapping(const std::vector<Vma>& vmas, uintptr_t start, uintptr_t end);
+
 // The huge page size of the memory at each [start, end) in process `pid` (0: this one), 0 where
 // it is ordinary pages; smaps is read only if some range is not plain anonymous memory. An
 // error names a range that is not all mapped, or mixes huge pages with other memory.
-Result<std::vector<uint64_t>> huge_page_sizes(pid_t pid, const std::vector<std::pair<uintptr_t, uintptr_t>>& ranges);
+Result<std::vector<uint64_t>> huge_page_sizes(pid_t pid, const Ranges& ranges);
 
 }  // namespace lazymem::sys
