@@ -774,7 +774,8 @@ void FaultEngine::Loop::flush(Session& s) {
 }
 
 // A complete session's reader is gone (release_reader_if_complete), but a page may still go
-// missing after (MADV_FREE reclaimed, which sends no event) and fault: its chunk is fetched again.
+// missing after (reclaimed after MADV_FREE where the uffd takes no REMOVE events) and fault: its
+// chunk is fetched again.
 void FaultEngine::Loop::reopen_reader(Session& s) {
   auto reader = s.source->open_reader();
   if (!reader.ok()) {
